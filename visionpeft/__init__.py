@@ -1,0 +1,45 @@
+"""visionpeft: parameter-efficient fine-tuning for timm ViT, open_clip CLIP and diffusers U-Net / DiT backbones.
+
+Example:
+    >>> import timm, visionpeft as vp
+    >>> model = timm.create_model("vit_base_patch16_224", num_classes=100)
+    >>> model = vp.attach(model, "vpt", num_tokens=10, deep=True)
+    >>> vp.count_parameters(model)["by_group"]
+    {'vpt': 92160, 'head': 76900}
+"""
+
+__version__ = "0.1.0"
+
+from .adapter import (  # noqa: E402
+    attach,
+    attached_methods,
+    count_parameters,
+    detach,
+    merge,
+    set_train_mode,
+    trainable_parameters,
+)
+from .checkpoint import load_adapter, save_adapter  # noqa: E402
+from .errors import VisionPEFTError  # noqa: E402
+from .registry import METHODS  # noqa: E402
+
+
+def list_methods() -> list[str]:
+    """Names of the registered methods."""
+    return METHODS.names()
+
+
+__all__ = [
+    "VisionPEFTError",
+    "__version__",
+    "attach",
+    "attached_methods",
+    "count_parameters",
+    "detach",
+    "list_methods",
+    "load_adapter",
+    "merge",
+    "save_adapter",
+    "set_train_mode",
+    "trainable_parameters",
+]

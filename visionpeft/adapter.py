@@ -1,0 +1,275 @@
+"""attach / detach / merge and the bookkeeping that makes them exact.
+
+The state of an adapted model (its backbone adapter, the attached methods, the ``requires_grad`` flags it had
+before) lives in a plain attribute of the model, so it follows the model through ``copy.deepcopy``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .backbones import Backbone, get_backbone
+from .errors import ConfigError, IncompatibleMethodError
+from .methods import METHODS, Method, MethodConfig, make_config
+from .methods.base import named_base_parameters
+
+_STATE = "_visionpeft_state"
+
+MethodSpec = str | tuple[str, dict[str, Any] | MethodConfig] | MethodConfig
+
+
+@dataclass
+class AdapterState:
+    """What visionpeft keeps on an adapted model."""
+
+    backbone: Backbone
+    methods: list[Method] = field(default_factory=list)
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+
+
+def _state(model: nn.Module) -> AdapterState | None:
+    return model.__dict__.get(_STATE)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Diffusers pipelines are adapted through their U-Net / transformer."""
+    for attr in ("unet", "transformer"):
+        sub = getattr(model, attr, None)
+        if isinstance(sub, nn.Module) and not isinstance(model, nn.Module):
+            return sub
+    return model
+
+
+def _normalize(methods: MethodSpec | Sequence[MethodSpec], options: dict[str, Any]) -> list[tuple[str, MethodConfig]]:
+    if isinstance(methods, (str, MethodConfig, tuple)):
+        methods = [methods]
+    elif options:
+        raise ConfigError("keyword options apply to a single method; give a hybrid as [(name, options), ...]")
+    specs = []
+    for spec in methods:
+        if isinstance(spec, str):
+            name, opts = spec, options
+        elif isinstance(spec, MethodConfig):
+            name = next((n for n in METHODS.names() if METHODS.get(n).config_class is type(spec)), None)
+            if name is None:
+                raise ConfigError(f"{type(spec).__name__} is not the config of a registered method")
+            opts = spec
+        elif isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str):
+            name, opts = spec
+        else:
+            raise ConfigError(f"a method is a name, a (name, options) pair or a method config, got {spec!r}")
+        specs.append((name, make_config(name, opts)))
+    return specs
+
+
+def attach(model: Any, methods: MethodSpec | Sequence[MethodSpec], **options: Any) -> Any:
+    """Attaches one method, or several in order (a hybrid), to a supported backbone.
+
+    The backbone is frozen; the method's parameters and the task head (if the model has one) are trainable.
+
+    Args:
+        model: A timm VisionTransformer, an open_clip CLIP, a diffusers UNet2DConditionModel /
+            DiTTransformer2DModel, or a diffusers pipeline (its U-Net / transformer is adapted).
+        methods: A method name, a ``(name, options)`` pair, a method config, or a list of those.
+        **options: Options of a single method given by name.
+
+    Returns:
+        The same model, adapted in place.
+
+    Raises:
+        UnsupportedBackboneError: The model is not a supported backbone.
+        ConfigError: Unknown method or option, a bad value, or a method attached twice to one tower.
+        IncompatibleMethodError: The method does not fit the backbone.
+    """
+    target = _unwrap(model)
+    specs = _normalize(methods, options)
+    state = _state(target)
+    fresh = state is None
+    if fresh:
+        state = AdapterState(get_backbone(target))
+        state.requires_grad = {name: getattr(o, a).requires_grad for name, o, a in named_base_parameters(target)}
+    added: list[Method] = []
+    try:
+        for name, config in specs:
+            method = METHODS.get(name)(config, state.backbone)
+            for other in state.methods + added:
+                if other.name == name and other.tower is method.tower:
+                    raise ConfigError(f"{name} is already attached to the '{method.tower.name}' tower")
+            try:
+                method.attach()
+            except BaseException:
+                method.detach()
+                raise
+            added.append(method)
+    except BaseException:
+        for method in reversed(added):
+            method.detach()
+        raise
+    state.methods.extend(added)
+    if fresh:
+        target.__dict__[_STATE] = state
+    _apply_requires_grad(target, state)
+    return model
+
+
+def _apply_requires_grad(model: nn.Module, state: AdapterState) -> None:
+    model.requires_grad_(False)
+    head = state.backbone.head()
+    if head is not None:
+        head.requires_grad_(True)
+    for method in state.methods:
+        for param in method.parameters():
+            param.requires_grad_(True)
+
+
+def _restore_requires_grad(model: nn.Module, state: AdapterState) -> None:
+    for name, owner, attr in named_base_parameters(model):
+        getattr(owner, attr).requires_grad_(state.requires_grad.get(name, True))
+
+
+def _require_state(model: nn.Module) -> AdapterState:
+    state = _state(model)
+    if state is None:
+        raise ConfigError("no visionpeft method is attached to this model")
+    return state
+
+
+def detach(model: Any) -> Any:
+    """Removes every attached method and restores the original weights, flags and outputs exactly."""
+    target = _unwrap(model)
+    state = _require_state(target)
+    for method in reversed(state.methods):
+        method.detach()
+    _restore_requires_grad(target, state)
+    del target.__dict__[_STATE]
+    return model
+
+
+def merge(model: Any, methods: Sequence[str] | None = None) -> Any:
+    """Folds methods into the backbone weights and unloads them ("merge and unload").
+
+    Only exact merges are done: LoRA (``W += alpha/r B A``), DiffFit (gamma into the branch's output projection),
+    and the in-place baselines (already in the weights). Prompt and adapter methods change the computation, not
+    a weight, so merging them is an error.
+
+    Args:
+        model: An adapted model.
+        methods: Names of the methods to merge; all attached methods by default.
+
+    Raises:
+        IncompatibleMethodError: A selected method cannot be merged exactly (nothing is changed then).
+    """
+    target = _unwrap(model)
+    state = _require_state(target)
+    chosen = [m for m in state.methods if methods is None or m.name in methods]
+    blocked = [m.name for m in chosen if m.merge_priority is None]
+    if blocked:
+        raise IncompatibleMethodError(
+            f"{', '.join(blocked)} cannot be merged into the weights exactly (they add tokens or non-linear "
+            "modules); merge the others with merge(model, methods=[...])"
+        )
+    for method in sorted(chosen, key=lambda m: m.merge_priority):
+        method.merge()
+        method.forget()
+    state.methods = [m for m in state.methods if m not in chosen]
+    if state.methods:
+        _apply_requires_grad(target, state)
+    else:
+        _restore_requires_grad(target, state)
+        del target.__dict__[_STATE]
+    return model
+
+
+def attached_methods(model: Any) -> list[tuple[str, MethodConfig]]:
+    """The attached methods in attach order, as ``(name, config)``."""
+    state = _state(_unwrap(model))
+    return [(m.name, m.config) for m in state.methods] if state else []
+
+
+def trainable_parameters(model: Any) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every trainable parameter: what the optimizer should receive."""
+    return [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
+
+
+def count_parameters(model: Any) -> dict[str, Any]:
+    """Counts parameters.
+
+    Returns:
+        ``{"total": int, "trainable": int, "by_group": {method name: int, ..., "head": int}}``; a parameter
+        claimed by several methods (BitFit and DiffFit both train biases) counts for the first.
+    """
+    target = _unwrap(model)
+    params = list(target.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    by_group: dict[str, int] = {}
+    state = _state(target)
+    if state is not None:
+        seen: set[int] = set()
+        for method in state.methods:
+            count = 0
+            for p in method.parameters():
+                if id(p) not in seen and p.requires_grad:
+                    seen.add(id(p))
+                    count += p.numel()
+            by_group[method.name] = by_group.get(method.name, 0) + count
+        head = state.backbone.head()
+        if head is not None:
+            by_group["head"] = sum(p.numel() for p in head.parameters() if id(p) not in seen and p.requires_grad)
+    return {"total": total, "trainable": trainable, "by_group": by_group}
+
+
+def set_train_mode(model: Any, mode: bool = True) -> Any:
+    """Like ``model.train(mode)``, but keeps the frozen backbone in eval mode when a method's paper does (VPT).
+
+    Method modules (prompts, adapters, LoRA dropout) and the head follow ``mode``.
+    """
+    target = _unwrap(model)
+    target.train(mode)
+    state = _state(target)
+    if not mode or state is None or not any(m.frozen_eval for m in state.methods):
+        return model
+    keep: set[int] = set()
+    head = state.backbone.head()
+    roots = [head] if head is not None else []
+    for module in target.modules():
+        if getattr(module, "_vp_owned", False):
+            roots.append(module)
+        elif getattr(module, "_vp_wrapper", False):
+            roots.extend(child for name, child in module.named_children() if name != "base")
+    for root in roots:
+        keep.update(id(m) for m in root.modules())
+    for module in target.modules():
+        if id(module) not in keep:
+            module.training = False
+    return model
+
+
+def backbone_of(model: Any) -> Backbone:
+    """The backbone adapter of an adapted model (or a fresh one for a plain model)."""
+    target = _unwrap(model)
+    state = _state(target)
+    return state.backbone if state is not None else get_backbone(target)
+
+
+def methods_of(model: Any) -> list[Method]:
+    state = _state(_unwrap(model))
+    return list(state.methods) if state else []
+
+
+__all__ = [
+    "attach",
+    "attached_methods",
+    "backbone_of",
+    "count_parameters",
+    "detach",
+    "merge",
+    "methods_of",
+    "set_train_mode",
+    "trainable_parameters",
+    "IncompatibleMethodError",
+]

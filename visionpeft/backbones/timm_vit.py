@@ -1,0 +1,79 @@
+"""timm VisionTransformer family (vit_*, deit_*, and the CLIP / DINOv2 / register weights timm hosts)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Backbone, Block, Branch, Projection, TokenLayout, Tower
+
+
+def _to_2tuple(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def vit_tower(vit: nn.Module, prefix: str = "", owns=None, name: str = "vision") -> Tower:
+    """Describes a timm ``VisionTransformer`` as a tower.
+
+    Args:
+        vit: The timm model.
+        prefix: Canonical-name prefix. owns: Parameter-name predicate (default: every parameter but the head's).
+        name: Tower name.
+    """
+    blocks = []
+    for i, blk in enumerate(vit.blocks):
+        attn, mlp = blk.attn, blk.mlp
+        if not (hasattr(attn, "qkv") and hasattr(attn, "proj") and hasattr(mlp, "fc1") and hasattr(mlp, "fc2")):
+            raise TypeError(f"unsupported timm block layout in block {i}: {type(blk).__name__}")
+        d = attn.qkv.in_features
+        projections = {
+            f"attn.{s}": Projection("fused", attn, "qkv", slot=s, rows=(j * d, (j + 1) * d))
+            for j, s in enumerate("qkv")
+        }
+        projections["attn.o"] = Projection("linear", attn, "proj")
+        projections["mlp.fc1"] = Projection("linear", mlp, "fc1")
+        projections["mlp.fc2"] = Projection("linear", mlp, "fc2")
+        branches = {
+            "attn": Branch(attn, projections["attn.o"], blk.norm1),
+            "mlp": Branch(mlp, projections["mlp.fc2"], blk.norm2),
+        }
+        blocks.append(Block(f"{prefix}blocks.{i}", blk, branches, projections))
+    patch = vit.patch_embed
+    tokens = TokenLayout(
+        dim=vit.embed_dim,
+        num_prefix=vit.num_prefix_tokens,
+        grid=_to_2tuple(patch.grid_size),
+        patch_size=_to_2tuple(patch.patch_size)[0],
+        in_chans=patch.proj.in_channels,
+    )
+    head_prefix = "head."
+    return Tower(name, prefix, blocks, owns or (lambda n: not n.startswith(head_prefix)), tokens)
+
+
+class TimmViT(Backbone):
+    """Adapter for ``timm.models.vision_transformer.VisionTransformer`` and subclasses."""
+
+    family = "timm_vit"
+    default_tower = "vision"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.towers["vision"] = vit_tower(model)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        try:
+            from timm.models.vision_transformer import VisionTransformer
+        except ImportError:  # pragma: no cover - timm is a dependency
+            return False
+        return isinstance(model, VisionTransformer)
+
+    def head(self) -> nn.Module | None:
+        head = self.model.get_classifier()
+        return head if any(True for _ in head.parameters()) else None
+
+    def describe(self) -> dict:
+        info = super().describe()
+        m = self.model
+        info.update(dim=m.embed_dim, num_prefix_tokens=m.num_prefix_tokens, global_pool=m.global_pool)
+        info["pretrained_cfg"] = getattr(m, "pretrained_cfg", {}).get("architecture", None)
+        return info

@@ -1,0 +1,179 @@
+"""Adapter-only checkpoints: ``adapter_model.safetensors`` (canonical keys, only trained tensors) and
+``adapter_config.json`` (the methods' configs, the backbone's identity, library versions).
+
+``save_adapter(..., format="diffusers" | "peft")`` writes files those libraries load as they are
+(see :mod:`visionpeft.exporters`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .adapter import _require_state, _unwrap, attach, attached_methods, backbone_of
+from .errors import CheckpointError
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose module layout a checkpoint depends on."""
+    import importlib.metadata as md
+
+    versions = {"visionpeft": __version__, "torch": torch.__version__}
+    for dist in ("timm", "open_clip_torch", "diffusers", "transformers"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return versions
+
+
+def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """Every trained tensor of an adapted model under its canonical name (methods, then ``head.*``)."""
+    target = _unwrap(model)
+    state = _require_state(target)
+    tensors: dict[str, torch.Tensor] = {}
+    for method in state.methods:
+        for name, tensor in method.named_tensors():
+            tensors[name] = tensor
+    head = state.backbone.head()
+    if head is not None:
+        for name, tensor in head.named_parameters():
+            tensors[f"head.{name}"] = tensor
+    return tensors
+
+
+def atomic_write(path: Path, write) -> None:
+    """Calls ``write(tmp_path)`` and renames the result over ``path``, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(model: Any, directory: str | os.PathLike, format: str = "visionpeft") -> Path:
+    """Saves only what was trained.
+
+    Args:
+        model: An adapted model.
+        directory: Output folder (created if needed).
+        format: ``visionpeft`` (canonical keys, reloadable with :func:`load_adapter`), ``diffusers`` (a LoRA that
+            ``pipeline.load_lora_weights`` loads), or ``peft`` (``adapter_model.safetensors`` + ``adapter_config.json``
+            that ``peft.PeftModel.from_pretrained`` loads).
+
+    Returns:
+        The folder written.
+    """
+    directory = Path(directory)
+    if format != "visionpeft":
+        from .exporters import export
+
+        return export(model, directory, format)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    config = {
+        "format": "visionpeft",
+        "format_version": FORMAT_VERSION,
+        "methods": [{"name": name, "config": cfg.to_dict()} for name, cfg in attached_methods(model)],
+        "backbone": backbone_of(model).describe(),
+        "versions": library_versions(),
+    }
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """Reads and checks ``adapter_config.json`` of a visionpeft checkpoint folder."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"no adapter checkpoint at {directory}: {CONFIG_NAME} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    if config.get("format") != "visionpeft":
+        raise CheckpointError(f"{path} is not a visionpeft adapter config (format={config.get('format')!r})")
+    return config
+
+
+def _mismatch_message(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str | None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [
+        f"{k} {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(found))
+        if found[k].shape != expected[k].shape
+    ]
+    parts = []
+    for label, items in (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            parts.append(f"{label}: {', '.join(items[:3])}{more}")
+    return "; ".join(parts) if parts else None
+
+
+def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
+    """Loads a visionpeft adapter checkpoint into ``model``.
+
+    A plain model gets the saved methods attached first; a model that already carries methods must carry the
+    same ones. Tensors are matched by canonical name and shape.
+
+    Raises:
+        CheckpointError: Missing or corrupt files, or a checkpoint from another architecture (the message names
+            the mismatched tensors).
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    family = backbone_of(model).family
+    saved_family = config.get("backbone", {}).get("family")
+    if saved_family != family:
+        raise CheckpointError(
+            f"{directory} holds an adapter for a {saved_family} backbone ({config['backbone'].get('class')}); "
+            f"this model is {family}"
+        )
+    saved = [(m["name"], m["config"]) for m in config["methods"]]
+    current = [(name, cfg.to_dict()) for name, cfg in attached_methods(model)]
+    if not current:
+        attach(model, [(name, {k: v for k, v in cfg.items()}) for name, cfg in saved])
+    elif [(n, c) for n, c in current] != [(n, _as_config_dict(n, c)) for n, c in saved]:
+        raise CheckpointError(
+            f"{directory} holds {[n for n, _ in saved]} but the model carries {[n for n, _ in current]} "
+            "with other options; load into a plain model"
+        )
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"no adapter weights at {weights}")
+    try:
+        found = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights} is not a readable safetensors file: {err}") from None
+    expected = adapter_state_dict(model)
+    problem = _mismatch_message(expected, found)
+    if problem:
+        raise CheckpointError(f"{directory} does not fit this model ({problem})")
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(found[name].to(tensor.dtype))
+    return model
+
+
+def _as_config_dict(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    from .methods import make_config
+
+    return make_config(name, options).to_dict()

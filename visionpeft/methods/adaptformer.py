@@ -1,0 +1,67 @@
+"""AdaptFormer (Chen et al., NeurIPS 2022): a bottleneck MLP in parallel with each block's MLP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import IncompatibleMethodError
+from ..layers.adapters import Bottleneck
+from ..registry import METHODS
+from .base import Method, MethodConfig, branch_tensor, replace_branch_tensor
+
+
+@dataclass
+class AdaptFormerConfig(MethodConfig):
+    """AdaptFormer options; defaults are the official code's image recipe (ShoufaChen/AdaptFormer
+    ``main_image.py``: ``ffn_num=64``, ``ffn_adapter_scalar="0.1"``, ``ffn_option="parallel"``,
+    ``ffn_adapter_layernorm_option="none"``, ``init_option="lora"``; ``Adapter(dropout=0.1)`` in the block).
+    VTAB-1k tables use ``bottleneck=8``: 12 x (768 x 8 + 8 + 8 x 768 + 768) = 156,768 parameters on ViT-B/16.
+
+    Attributes:
+        bottleneck: Hidden width of the adapter.
+        scale: Multiplier of the adapter output.
+        dropout: Dropout after the adapter's ReLU.
+    """
+
+    bottleneck: int = 64
+    scale: float = 0.1
+    dropout: float = 0.1
+
+
+@METHODS.register("adaptformer")
+class AdaptFormer(Method):
+    name = "adaptformer"
+    config_class = AdaptFormerConfig
+
+    def check_fits(self) -> None:
+        super().check_fits()
+        for block in self.blocks():
+            branch = block.branches.get("mlp")
+            if branch is None or branch.norm is None:
+                raise IncompatibleMethodError(
+                    f"adaptformer needs pre-norm transformer blocks with an MLP branch; {block.name} of the "
+                    f"{self.backbone.family} '{self.tower.name}' tower has none"
+                )
+
+    def build(self) -> None:
+        cfg = self.config
+        self._residual: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks()):
+            branch = block.branches["mlp"]
+            dim = branch.output.base_layer().out_features
+            adapter = self.add_module(
+                block.module, f"{block.name}.mlp.adaptformer", Bottleneck(dim, cfg.bottleneck, cfg.scale, cfg.dropout)
+            )
+            # The adapter reads the residual stream (the MLP's pre-norm input) and adds to the MLP output.
+            self.hook_input(branch.norm, self._keep_residual, i)
+            self.hook_output(branch.module, self._add, i, adapter)
+
+    def _keep_residual(self, i: int, module: nn.Module, args: tuple) -> None:
+        self._residual[i] = args[0]
+
+    def _add(self, i: int, adapter: Bottleneck, module: nn.Module, args: tuple, output):
+        residual = self._residual.pop(i)
+        return replace_branch_tensor(output, branch_tensor(output) + adapter(residual))

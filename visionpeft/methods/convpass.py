@@ -1,0 +1,60 @@
+"""Convpass (Jie & Deng, 2022): convolutional bypasses beside each block's attention and MLP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..layers.adapters import ConvBypass
+from ..registry import METHODS
+from .base import Method, MethodConfig, branch_tensor, replace_branch_tensor
+
+
+@dataclass
+class ConvpassConfig(MethodConfig):
+    """Convpass options; defaults are the official code's (JieShibo/PETL-ViT ``convpass.py``:
+    ``set_Convpass(model, method, dim=8, s=1, xavier_init=False)``, ``nn.Dropout(0.1)``). The VTAB-1k configs
+    choose ``scale`` per task (CIFAR-100: 0.1). ViT-B/16 trains
+    12 x 2 x (768 x 8 + 8 + 8 x 8 x 9 + 8 + 8 x 768 + 768) = 327,552 parameters.
+
+    Attributes:
+        dim: Width of the bypass (the paper's d).
+        scale: Multiplier ``s`` of the bypass output.
+        dropout: Dropout before the up-projection.
+        xavier_init: Xavier-initialise the 3x3 conv instead of starting it at the identity.
+    """
+
+    dim: int = 8
+    scale: float = 1.0
+    dropout: float = 0.1
+    xavier_init: bool = False
+
+
+@METHODS.register("convpass")
+class Convpass(Method):
+    name = "convpass"
+    config_class = ConvpassConfig
+    needs_tokens = True
+
+    def build(self) -> None:
+        cfg, layout = self.config, self.tower.tokens
+        for block in self.blocks():
+            for branch_name in ("attn", "mlp"):
+                bypass = ConvBypass(layout.dim, cfg.dim, cfg.dropout)
+                if cfg.xavier_init:
+                    nn.init.xavier_uniform_(bypass.conv.weight)
+                self.add_module(block.module, f"{block.name}.{branch_name}.convpass", bypass)
+                # x + f(norm(x)) + s * bypass(norm(x)): the bypass sees the branch's (normalised) input
+                self.hook_output(block.branches[branch_name].module, self._add, bypass)
+
+    def _add(self, bypass: ConvBypass, module: nn.Module, args: tuple, output):
+        layout = self.tower.tokens
+        x = args[0]
+        if not layout.batch_first:
+            x = x.transpose(0, 1)
+        grid = layout.grid_for(x.shape[1] - layout.total_prefix)
+        delta = bypass(x, layout.total_prefix, grid) * self.config.scale
+        if not layout.batch_first:
+            delta = delta.transpose(0, 1)
+        return replace_branch_tensor(output, branch_tensor(output) + delta)

@@ -1,0 +1,95 @@
+"""Visual Prompt Tuning (Jia et al., ECCV 2022): learnable tokens inserted after the prefix tokens."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..registry import METHODS
+from .base import Method, MethodConfig
+
+
+@dataclass
+class VPTConfig(MethodConfig):
+    """VPT options; defaults are the official code's (KMnP/vpt ``configs/config.py``: ``PROMPT.NUM_TOKENS=5``,
+    ``DEEP=False``, ``DROPOUT=0.0``). ViT-B/16 with 10 deep tokens trains 12 x 10 x 768 = 92,160 parameters.
+
+    Attributes:
+        num_tokens: Prompt tokens per prompted layer.
+        deep: Prompt every block (a fresh set replaces the previous block's prompt outputs) instead of only the
+            input of the first block.
+        dropout: Dropout on the prompt embeddings.
+    """
+
+    num_tokens: int = 5
+    deep: bool = False
+    dropout: float = 0.0
+
+
+class PromptTokens(nn.Module):
+    """One set of prompt tokens, xavier-uniform initialised as the official code does."""
+
+    def __init__(self, num_tokens: int, dim: int, bound: float, dropout: float) -> None:
+        super().__init__()
+        self.prompt = nn.Parameter(torch.empty(num_tokens, dim).uniform_(-bound, bound))
+        self.dropout = nn.Dropout(dropout)
+
+    def expand(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.prompt.to(like.dtype)).unsqueeze(0).expand(batch, -1, -1)
+
+
+@METHODS.register("vpt")
+class VPT(Method):
+    name = "vpt"
+    config_class = VPTConfig
+    frozen_eval = True  # the official trainer keeps the frozen encoder in eval mode (ViT.train() override)
+    needs_tokens = True
+
+    def build(self) -> None:
+        cfg, layout = self.config, self.tower.tokens
+        if cfg.num_tokens <= 0:
+            raise ConfigError(f"vpt.num_tokens must be a positive integer, got {cfg.num_tokens}")
+        # val = sqrt(6 / (3 * patch * patch + prompt_dim)), the official xavier_uniform bound
+        bound = math.sqrt(6.0 / (layout.in_chans * layout.patch_size**2 + layout.dim))
+        self.offset = layout.total_prefix
+        blocks = self.blocks() if cfg.deep else self.blocks()[:1]
+        for i, block in enumerate(blocks):
+            prompts = PromptTokens(cfg.num_tokens, layout.dim, bound, cfg.dropout)
+            self.add_module(block.module, f"{block.name}.vpt", prompts)
+            self.hook_input(block.module, self._insert if i == 0 else self._replace, prompts)
+        self.hook_output(self.blocks()[-1].module, self._strip)
+        layout.extra_prefix += cfg.num_tokens
+
+    def detach(self) -> None:
+        if self.tensors:
+            self.tower.tokens.extra_prefix -= self.config.num_tokens
+        super().detach()
+
+    def forget(self) -> None:  # pragma: no cover - VPT cannot merge, so it is never forgotten
+        raise RuntimeError("VPT cannot be merged")
+
+    def _token_dim(self) -> int:
+        return 1 if self.tower.tokens.batch_first else 0
+
+    def _insert(self, prompts: PromptTokens, module: nn.Module, args: tuple) -> tuple:
+        x, dim = args[0], self._token_dim()
+        xb = x if dim == 1 else x.transpose(0, 1)
+        p = prompts.expand(xb.shape[0], xb)
+        out = torch.cat([xb[:, : self.offset], p, xb[:, self.offset :]], dim=1)
+        return (out if dim == 1 else out.transpose(0, 1), *args[1:])
+
+    def _replace(self, prompts: PromptTokens, module: nn.Module, args: tuple) -> tuple:
+        x, dim, n = args[0], self._token_dim(), self.config.num_tokens
+        xb = x if dim == 1 else x.transpose(0, 1)
+        p = prompts.expand(xb.shape[0], xb)
+        out = torch.cat([xb[:, : self.offset], p, xb[:, self.offset + n :]], dim=1)
+        return (out if dim == 1 else out.transpose(0, 1), *args[1:])
+
+    def _strip(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        dim, n = self._token_dim(), self.config.num_tokens
+        end = self.offset + n
+        return torch.cat([output.narrow(dim, 0, self.offset), output.narrow(dim, end, output.shape[dim] - end)], dim)
