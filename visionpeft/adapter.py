@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .backbones import Backbone, get_backbone
@@ -29,6 +30,7 @@ class AdapterState:
     backbone: Backbone
     methods: list[Method] = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)
+    head_original: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _state(model: nn.Module) -> AdapterState | None:
@@ -92,6 +94,9 @@ def attach(model: Any, methods: MethodSpec | Sequence[MethodSpec], **options: An
     if fresh:
         state = AdapterState(get_backbone(target))
         state.requires_grad = {name: getattr(o, a).requires_grad for name, o, a in named_base_parameters(target)}
+        head = state.backbone.head()
+        if head is not None:  # the head trains with every method; detach restores it too
+            state.head_original = {k: v.detach().clone() for k, v in head.state_dict().items()}
     added: list[Method] = []
     try:
         for name, config in specs:
@@ -144,6 +149,9 @@ def detach(model: Any) -> Any:
     state = _require_state(target)
     for method in reversed(state.methods):
         method.detach()
+    head = state.backbone.head()
+    if head is not None and state.head_original:
+        head.load_state_dict(state.head_original)
     _restore_requires_grad(target, state)
     del target.__dict__[_STATE]
     return model

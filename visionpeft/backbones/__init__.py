@@ -6,10 +6,11 @@ from torch import nn
 
 from ..errors import UnsupportedBackboneError
 from .base import Backbone, Block, Branch, Projection, TokenLayout, Tower
+from .diffusers_models import DiffusersDiT, DiffusersUNet
 from .open_clip import OpenCLIP
 from .timm_vit import TimmViT
 
-BACKBONES: list[type[Backbone]] = [TimmViT, OpenCLIP]
+BACKBONES: list[type[Backbone]] = [TimmViT, OpenCLIP, DiffusersUNet, DiffusersDiT]
 
 
 def get_backbone(model: nn.Module) -> Backbone:

@@ -183,7 +183,8 @@ class Backbone:
         name = name or self.default_tower
         if name not in self.towers:
             raise IncompatibleMethodError(
-                f"{self.family} has no '{name}' tower{did_you_mean(name, self.towers)}; it has: {', '.join(self.towers)}"
+                f"{self.family} has no '{name}' tower{did_you_mean(name, self.towers)}; "
+                f"it has: {', '.join(self.towers)}"
             )
         return self.towers[name]
 

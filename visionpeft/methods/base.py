@@ -160,6 +160,7 @@ class Method:
         ref = next((p for p in parent.parameters()), None)
         if ref is not None:
             module.to(device=ref.device, dtype=ref.dtype)
+        module.train(parent.training)
         parent.add_module(attr, module)
         self._added.append((parent, attr))
         self._register_module_tensors(canonical, module)
@@ -174,6 +175,7 @@ class Method:
     def wrap(self, parent: nn.Module, attr: str, wrapper: nn.Module, canonical_of: Callable[[str], str]) -> None:
         """Replaces ``parent.attr`` by ``wrapper`` (which keeps the original as ``wrapper.base``)."""
         original = getattr(parent, attr)
+        wrapper.train(original.training)
         setattr(parent, attr, wrapper)
         self._wrapped.append((parent, attr, original))
         for pname, _ in wrapper.named_parameters():

@@ -50,7 +50,7 @@ class LinearProbe(_InPlace):
         if self.backbone.head() is None:
             raise IncompatibleMethodError(
                 f"linear needs a classification head; the {self.backbone.family} model has none "
-                "(create it with num_classes > 0)"
+                "(for timm, create it with num_classes > 0)"
             )
 
     def build(self) -> None:

@@ -85,7 +85,7 @@ class DiffFit(Method):
         return replace_branch_tensor(output, out * gamma)
 
     def merge(self) -> None:
-        for block_name, branch_name, branch, scale in getattr(self, "_scales", []):
+        for block_name, branch_name, branch, _ in getattr(self, "_scales", []):
             if not branch.exact_scale_merge:
                 raise IncompatibleMethodError(
                     f"difffit's scale on {block_name}.{branch_name} cannot be folded into a projection exactly"

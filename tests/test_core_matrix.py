@@ -1,0 +1,131 @@
+"""The method x backbone matrix: init, gradients, merge, detach and save/load on every supported pair."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import CASES
+
+import visionpeft as vp
+from visionpeft.errors import IncompatibleMethodError
+
+ALL_LORA = {"targets": ["q", "k", "v", "o", "fc1", "fc2"], "r": 4}
+MATRIX = [
+    ("vit", "vpt", {"num_tokens": 3}),
+    ("vit", "vpt", {"num_tokens": 3, "deep": True, "dropout": 0.1}),
+    ("vit", "adaptformer", {"bottleneck": 8}),
+    ("vit", "convpass", {}),
+    ("vit", "lora", {}),
+    ("vit", "lora", ALL_LORA),
+    ("vit", "difffit", {}),
+    ("vit", "bitfit", {}),
+    ("vit", "linear", {}),
+    ("vit", "full", {}),
+    ("clip_vision", "vpt", {"num_tokens": 2, "deep": True}),
+    ("clip_vision", "adaptformer", {"bottleneck": 4}),
+    ("clip_vision", "convpass", {}),
+    ("clip_vision", "lora", {"targets": ["q", "v", "o", "fc1"]}),
+    ("clip_vision", "difffit", {}),
+    ("clip_vision", "bitfit", {}),
+    ("clip_vision_lnd", "vpt", {"num_tokens": 2, "deep": True}),
+    ("clip_vision_lnd", "convpass", {}),
+    ("clip_vision_lnd", "lora", {}),
+    ("clip_text", "lora", {"tower": "text", "targets": ["q", "k", "v", "o"]}),
+    ("clip_text", "adaptformer", {"tower": "text", "bottleneck": 4}),
+    ("clip_text", "difffit", {"tower": "text"}),
+    ("clip_text", "bitfit", {"tower": "text"}),
+    ("unet", "lora", {"targets": ["q", "k", "v", "o"], "r": 4}),
+    ("unet", "lora", {"targets": ["q", "k", "v", "o", "conv1", "conv2"], "r": 2, "dropout": 0.1}),
+    ("unet", "difffit", {}),
+    ("unet", "bitfit", {}),
+    ("unet", "full", {}),
+    ("dit", "lora", {"targets": ["q", "k", "v", "o", "fc1", "fc2"]}),
+    ("dit", "difffit", {}),
+    ("dit", "bitfit", {}),
+]
+MERGEABLE = {"lora", "difffit", "bitfit", "linear", "full"}
+IDS = [f"{c}-{m}-{'-'.join(f'{k}={v}' for k, v in o.items() if k != 'targets') or 'default'}" for c, m, o in MATRIX]
+
+
+def perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Moves every trainable tensor away from its initial value, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in vp.trainable_parameters(model):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize(("case", "method", "options"), MATRIX, ids=IDS)
+def test_init_gradients_detach(case, method, options):
+    c = CASES[case]
+    model = c.factory()
+    with torch.no_grad():
+        reference = c.run(model)
+    frozen_before = {n for n, p in model.named_parameters() if p.requires_grad}
+    vp.attach(model, method, **options)
+    if method != "vpt":  # every other method starts as the identity
+        with torch.no_grad():
+            torch.testing.assert_close(c.run(model), reference, rtol=1e-5, atol=1e-5)
+    perturb(model)
+    trainable = {n for n, _ in vp.trainable_parameters(model)}
+    assert trainable, "nothing trainable"
+    model.zero_grad(set_to_none=True)
+    vp.set_train_mode(model, True)
+    torch.manual_seed(0)
+    c.run(model).square().mean().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trainable if n.endswith(("lora_B", "prompt")))
+    model.eval()
+    vp.detach(model)
+    with torch.no_grad():
+        torch.testing.assert_close(c.run(model), reference, rtol=0, atol=0)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == frozen_before
+    assert not any(getattr(m, "_vp_owned", False) or getattr(m, "_vp_wrapper", False) for m in model.modules())
+
+
+@pytest.mark.parametrize(("case", "method", "options"), MATRIX, ids=IDS)
+def test_save_load_and_merge(case, method, options, tmp_path):
+    c = CASES[case]
+    model = vp.attach(c.factory(), method, **options)
+    perturb(model)
+    with torch.no_grad():
+        trained = c.run(model)
+    vp.save_adapter(model, tmp_path)
+    fresh = vp.load_adapter(c.factory(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(c.run(fresh), trained, rtol=0, atol=0)
+    if method not in MERGEABLE:
+        with pytest.raises(IncompatibleMethodError):
+            vp.merge(model)
+        return
+    original_keys = set(c.factory().state_dict())
+    vp.merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(c.run(model), trained, rtol=1e-5, atol=1e-5)
+    assert set(model.state_dict()) == original_keys  # plain library weights again
+    assert not vp.attached_methods(model)
+
+
+@pytest.mark.parametrize(
+    ("case", "method", "options"),
+    [
+        ("unet", "convpass", {}),
+        ("unet", "vpt", {}),
+        ("unet", "adaptformer", {}),
+        ("unet", "linear", {}),
+        ("dit", "vpt", {}),
+        ("clip_text", "vpt", {"tower": "text"}),
+        ("clip_text", "convpass", {"tower": "text"}),
+        ("clip_vision", "linear", {}),
+        ("vit", "lora", {"tower": "text"}),
+    ],
+)
+def test_method_that_does_not_fit_is_a_clear_error(case, method, options):
+    model = CASES[case].factory()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(IncompatibleMethodError) as err:
+        vp.attach(model, method, **options)
+    assert "\n" not in str(err.value)
+    assert set(model.state_dict()) == set(before)
+    assert not vp.attached_methods(model)

@@ -1,0 +1,115 @@
+"""Tiny models built from config (never downloaded) and ways to run them on fixed inputs."""
+
+from __future__ import annotations
+
+import torch
+
+VIT_KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+
+
+def tiny_vit(seed: int = 0, **overrides) -> torch.nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    return VisionTransformer(**{**VIT_KW, **overrides}).eval()
+
+
+def tiny_clip(seed: int = 0, batch_first: bool = True) -> torch.nn.Module:
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=CLIPVisionCfg(layers=2, width=32, head_width=16, patch_size=8, image_size=32),
+        text_cfg=CLIPTextCfg(context_length=16, vocab_size=1000, width=32, heads=2, layers=2),
+    )
+    if not batch_first:
+        model.visual.transformer.batch_first = False
+        model.transformer.batch_first = False
+        for blk in list(model.visual.transformer.resblocks) + list(model.transformer.resblocks):
+            blk.attn.batch_first = False
+    return model.eval()
+
+
+def tiny_unet(seed: int = 0) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+    ).eval()
+
+
+def tiny_dit(seed: int = 0) -> torch.nn.Module:
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    ).eval()
+
+
+class Case:
+    """A backbone under test: a factory and a way to run it on fixed inputs."""
+
+    def __init__(self, name, factory, run):
+        self.name, self.factory, self.run = name, factory, run
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _images(n=2, size=32):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _run_vit(model):
+    return model(_images())
+
+
+def _run_clip_vision(model):
+    return model.encode_image(_images())
+
+
+def _run_clip_text(model):
+    tokens = torch.randint(1, 999, (2, 16), generator=torch.Generator().manual_seed(2))
+    tokens[:, -1] = 999
+    return model.encode_text(tokens)
+
+
+def _run_unet(model):
+    g = torch.Generator().manual_seed(3)
+    x, enc = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g)
+    return model(x, torch.tensor([10, 500]), enc).sample
+
+
+def _run_dit(model):
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    return model(x, timestep=torch.tensor([10, 500]), class_labels=torch.tensor([1, 3])).sample
+
+
+CASES = {
+    "vit": Case("vit", tiny_vit, _run_vit),
+    "clip_vision": Case("clip_vision", tiny_clip, _run_clip_vision),
+    "clip_vision_lnd": Case("clip_vision_lnd", lambda seed=0: tiny_clip(seed, batch_first=False), _run_clip_vision),
+    "clip_text": Case("clip_text", tiny_clip, _run_clip_text),
+    "unet": Case("unet", tiny_unet, _run_unet),
+    "dit": Case("dit", tiny_dit, _run_dit),
+}

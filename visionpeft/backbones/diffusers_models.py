@@ -1,0 +1,122 @@
+"""diffusers backbones: ``UNet2DConditionModel`` (Stable Diffusion) and ``DiTTransformer2DModel`` (DiT)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Backbone, Block, Branch, Projection, Tower
+
+
+def _is_diffusers(model: nn.Module, class_name: str) -> bool:
+    if not type(model).__module__.startswith("diffusers"):
+        return False
+    return any(cls.__name__ == class_name for cls in type(model).__mro__)
+
+
+def _attention_projections(prefix: str, attn: nn.Module) -> dict[str, Projection]:
+    return {
+        f"{prefix}.q": Projection("linear", attn, "to_q"),
+        f"{prefix}.k": Projection("linear", attn, "to_k"),
+        f"{prefix}.v": Projection("linear", attn, "to_v"),
+        f"{prefix}.o": Projection("linear", attn.to_out, "0"),
+    }
+
+
+def _exact_output(attn: nn.Module) -> bool:
+    """A scale on an Attention's output folds into ``to_out[0]`` unless the module adds its input or rescales."""
+    return not getattr(attn, "residual_connection", False) and getattr(attn, "rescale_output_factor", 1.0) == 1.0
+
+
+def transformer_block(name: str, blk: nn.Module) -> Block:
+    """Describes a diffusers ``BasicTransformerBlock``: self-attention, optional cross-attention, feed-forward."""
+    projections: dict[str, Projection] = {}
+    branches: dict[str, Branch] = {}
+    norms = {"attn1": blk.norm1, "attn2": blk.norm2, "ff": blk.norm3 if blk.norm3 is not None else blk.norm2}
+    for attn_name in ("attn1", "attn2"):
+        attn = getattr(blk, attn_name, None)
+        if attn is None:
+            continue
+        projections.update(_attention_projections(attn_name, attn))
+        norm = norms[attn_name] if isinstance(norms[attn_name], nn.LayerNorm) else None
+        branches[attn_name] = Branch(attn, projections[f"{attn_name}.o"], norm, _exact_output(attn))
+    ff_in = getattr(blk.ff.net[0], "proj", None)
+    if isinstance(ff_in, nn.Linear):
+        projections["ff.fc1"] = Projection("linear", blk.ff.net[0], "proj")
+    projections["ff.fc2"] = Projection("linear", blk.ff.net, "2")
+    ff_norm = norms["ff"] if isinstance(norms["ff"], nn.LayerNorm) else None
+    branches["ff"] = Branch(blk.ff, projections["ff.fc2"], ff_norm)
+    return Block(name, blk, branches, projections)
+
+
+def _resnet_block(name: str, resnet: nn.Module) -> Block:
+    projections = {
+        "resnet.conv1": Projection("conv", resnet, "conv1"),
+        "resnet.conv2": Projection("conv", resnet, "conv2"),
+    }
+    if isinstance(getattr(resnet, "time_emb_proj", None), nn.Linear):
+        projections["resnet.time_emb"] = Projection("linear", resnet, "time_emb_proj")
+    return Block(name, resnet, {}, projections)
+
+
+def _unet_stage_blocks(stage: str, index: str, block: nn.Module) -> list[Block]:
+    blocks = []
+    for j, resnet in enumerate(getattr(block, "resnets", None) or []):
+        blocks.append(_resnet_block(f"{stage}{index}.resnet.{j}", resnet))
+    for j, transformer in enumerate(getattr(block, "attentions", None) or []):
+        for k, blk in enumerate(getattr(transformer, "transformer_blocks", [])):
+            blocks.append(transformer_block(f"{stage}{index}.attn.{j}.block.{k}", blk))
+    return blocks
+
+
+class DiffusersUNet(Backbone):
+    """Adapter for ``diffusers.UNet2DConditionModel``: every transformer block (self- and cross-attention,
+    feed-forward) of every down / mid / up block, and every resnet block (conv1, conv2, time embedding)."""
+
+    family = "diffusers_unet"
+    default_tower = "unet"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        blocks: list[Block] = []
+        for i, block in enumerate(model.down_blocks):
+            blocks += _unet_stage_blocks("down", f".{i}", block)
+        if model.mid_block is not None:
+            blocks += _unet_stage_blocks("mid", "", model.mid_block)
+        for i, block in enumerate(model.up_blocks):
+            blocks += _unet_stage_blocks("up", f".{i}", block)
+        self.towers["unet"] = Tower("unet", "", blocks, lambda name: True)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return _is_diffusers(model, "UNet2DConditionModel")
+
+    def describe(self) -> dict:
+        info = super().describe()
+        cfg = self.model.config
+        info.update(block_out_channels=list(cfg.block_out_channels), cross_attention_dim=cfg.cross_attention_dim)
+        return info
+
+
+class DiffusersDiT(Backbone):
+    """Adapter for ``diffusers.DiTTransformer2DModel``: its adaLN-Zero transformer blocks; the per-block class
+    embedders are the "class condition module" DiffFit trains."""
+
+    family = "diffusers_dit"
+    default_tower = "dit"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        blocks = [transformer_block(f"blocks.{i}", blk) for i, blk in enumerate(model.transformer_blocks)]
+        self.towers["dit"] = Tower(
+            "dit", "", blocks, lambda name: True, condition=lambda name: ".class_embedder." in name
+        )
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return _is_diffusers(model, "DiTTransformer2DModel")
+
+    def describe(self) -> dict:
+        info = super().describe()
+        cfg = self.model.config
+        info.update(num_layers=cfg.num_layers, inner_dim=cfg.num_attention_heads * cfg.attention_head_dim)
+        return info
