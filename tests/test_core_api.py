@@ -157,3 +157,12 @@ def test_multihead_attention_lora_matches_torch(batch_first):
     assert not torch.allclose(unmerged, ref)
     lora.merge(1.0)
     torch.testing.assert_close(mha(x, x, x, need_weights=False, attn_mask=mask)[0], unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_failed_load_leaves_the_model_as_it_was(tmp_path):
+    vp.save_adapter(vp.attach(tiny_vit(), "lora"), tmp_path)
+    wider = tiny_vit(embed_dim=48)
+    keys = set(wider.state_dict())
+    with pytest.raises(CheckpointError):
+        vp.load_adapter(wider, tmp_path)
+    assert set(wider.state_dict()) == keys and not vp.attached_methods(wider)

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .adapter import _require_state, _unwrap, attach, attached_methods, backbone_of
+from .adapter import _require_state, _unwrap, attach, attached_methods, backbone_of, detach
 from .errors import CheckpointError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -149,28 +149,33 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
         )
     saved = [(m["name"], m["config"]) for m in config["methods"]]
     current = [(name, cfg.to_dict()) for name, cfg in attached_methods(model)]
-    if not current:
-        attach(model, [(name, {k: v for k, v in cfg.items()}) for name, cfg in saved])
-    elif [(n, c) for n, c in current] != [(n, _as_config_dict(n, c)) for n, c in saved]:
+    if current and current != [(n, _as_config_dict(n, c)) for n, c in saved]:
         raise CheckpointError(
             f"{directory} holds {[n for n, _ in saved]} but the model carries {[n for n, _ in current]} "
             "with other options; load into a plain model"
         )
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"no adapter weights at {weights}")
-    try:
-        found = load_file(weights)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights} is not a readable safetensors file: {err}") from None
+    found = _read_weights(directory / WEIGHTS_NAME)
+    if not current:
+        attach(model, [(name, dict(cfg)) for name, cfg in saved])
     expected = adapter_state_dict(model)
     problem = _mismatch_message(expected, found)
     if problem:
+        if not current:  # leave the model as it was given
+            detach(model)
         raise CheckpointError(f"{directory} does not fit this model ({problem})")
     with torch.no_grad():
         for name, tensor in expected.items():
             tensor.copy_(found[name].to(tensor.dtype))
     return model
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"no adapter weights at {path}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
 
 
 def _as_config_dict(name: str, options: dict[str, Any]) -> dict[str, Any]:

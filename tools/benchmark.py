@@ -1,0 +1,31 @@
+"""Benchmarks that print tables: ``python tools/benchmark.py {core,demo} [options]``.
+
+core  training-step time and peak memory of every method relative to full fine-tuning (ViT-B/16), a LoRA Linear
+      against PEFT's, and a merged model's inference time against the plain model's.
+demo  the method sweep on the embedded tiny ViT and the mini tasks (results table + plot in gallery/).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+SUITES = ("core", "demo")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUITES:
+        print(__doc__.strip())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown benchmark '{argv[0]}'; choose one of: {', '.join(SUITES)}", file=sys.stderr)
+            return 2
+        return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    module = importlib.import_module(f"benchmarks.{argv[0]}")
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

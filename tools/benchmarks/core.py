@@ -1,0 +1,209 @@
+"""Core benchmark: cost of each method's training step relative to full fine-tuning, measured side by side.
+
+Every method runs in its own fresh process (so peak memory is its own), on the same model shape, batch and
+thread count; the table reports median warm step time and peak resident memory divided by full fine-tuning's.
+Memory is the process's peak RSS during training above its RSS once the model is built (activations, gradients,
+optimizer state) - the part a method can change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+METHODS: list[tuple[str, str, dict]] = [
+    ("full", "full", {}),
+    ("linear", "linear", {}),
+    ("bitfit", "bitfit", {}),
+    ("difffit", "difffit", {}),
+    ("lora r8 q,v", "lora", {"r": 8}),
+    ("adaptformer b8", "adaptformer", {"bottleneck": 8}),
+    ("convpass d8", "convpass", {"dim": 8, "scale": 0.1}),
+    ("vpt-deep 10", "vpt", {"num_tokens": 10, "deep": True}),
+    ("vpt-shallow 10", "vpt", {"num_tokens": 10}),
+]
+TARGETS = {
+    "linear": 0.35,
+    "bitfit": 0.70,
+    "difffit": 0.70,
+    "lora r8 q,v": 0.70,
+    "adaptformer b8": 0.70,
+    "convpass d8": 0.80,
+    "vpt-deep 10": 0.80,
+}
+
+
+@dataclass
+class Settings:
+    arch: str
+    batch: int
+    img: int
+    steps: int
+    warmup: int
+    threads: int
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _build(settings: Settings, num_classes: int = 100):
+    import timm
+
+    return timm.create_model(settings.arch, pretrained=False, num_classes=num_classes, img_size=settings.img)
+
+
+def _train_steps(args: tuple) -> dict:
+    """Runs in a fresh process: build, attach, time warm AdamW steps, report peak memory."""
+    settings, method, options = args
+    import torch
+    import torch.nn.functional as F
+
+    import visionpeft as vp
+
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(0)
+    model = vp.attach(_build(settings), method, **options)
+    vp.set_train_mode(model, True)
+    params = [p for _, p in vp.trainable_parameters(model)]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    x = torch.randn(settings.batch, 3, settings.img, settings.img)
+    y = torch.randint(0, 100, (settings.batch,))
+    gc.collect()
+    base = _rss_mb()
+    times = []
+    for step in range(settings.warmup + settings.steps):
+        start = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= settings.warmup:
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "time": statistics.median(times),
+        "memory": max(peak - base, 1e-6),
+        "trainable": vp.count_parameters(model)["trainable"],
+    }
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _interleaved(fns: dict, repeats: int, rounds: int = 5) -> dict[str, float]:
+    """Median time of each function, alternating between them so drifts of the machine hit all alike."""
+    results: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            results[name].append(_median_time(fn, repeats))
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def lora_vs_peft(settings: Settings, repeats: int) -> dict[str, float]:
+    """Forward + backward of one LoRA-wrapped Linear, ours against PEFT's, on the same shapes and weights."""
+    import peft
+    import torch
+
+    from visionpeft.layers.lora import LoRALinear
+
+    torch.set_num_threads(settings.threads)
+    dim, tokens = 768 if "base" in settings.arch else 192, settings.batch * (settings.img // 16) ** 2
+    base = torch.nn.Linear(dim, dim).requires_grad_(False)
+    ours = LoRALinear(base, {"main": (0, dim)}, r=8, alpha=8, dropout=0.0)
+    holder = torch.nn.Sequential(torch.nn.Linear(dim, dim)).requires_grad_(False)
+    theirs = peft.get_peft_model(holder, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["0"]))
+    x = torch.randn(tokens, dim, requires_grad=True)
+
+    def step(layer):
+        def run():
+            layer(x).sum().backward()
+
+        return run
+
+    return _interleaved({"ours": step(ours), "peft": step(theirs)}, repeats)
+
+
+def merged_inference(settings: Settings, repeats: int) -> dict[str, float]:
+    """Inference time of a model with a merged LoRA against the plain model."""
+    import torch
+
+    import visionpeft as vp
+
+    torch.set_num_threads(settings.threads)
+    plain = _build(settings).eval()
+    merged = _build(settings).eval()
+    vp.attach(merged, "lora", r=8, targets=["q", "k", "v", "o", "fc1", "fc2"])
+    vp.merge(merged)
+    x = torch.randn(settings.batch, 3, settings.img, settings.img)
+
+    def infer(model):
+        def run():
+            with torch.inference_mode():
+                model(x)
+
+        return run
+
+    return _interleaved({"plain": infer(plain), "merged": infer(merged)}, repeats)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tools/benchmark.py core", description=__doc__)
+    parser.add_argument("--arch", default="vit_base_patch16_224")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--img", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=3, help="timed warm steps per method")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per round in the micro-benchmarks")
+    parser.add_argument("--quick", action="store_true", help="a tiny ViT, for a smoke test of this script")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.arch, args.batch, args.img, args.steps, args.repeats = "vit_tiny_patch16_224", 2, 64, 1, 1
+    settings = Settings(args.arch, args.batch, args.img, args.steps, args.warmup, args.threads)
+    print(
+        f"# {settings.arch}, batch {settings.batch}, {settings.img} px, fp32, AdamW, {settings.threads} threads, "
+        f"median of {settings.steps} warm steps, one fresh process per method\n"
+    )
+    ctx = mp.get_context("spawn")
+    rows = {}
+    for label, method, options in METHODS:
+        with ctx.Pool(1) as pool:
+            rows[label] = pool.apply(_train_steps, ((settings, method, options),))
+    full = rows["full"]
+    print("| method | trainable params | step (s) | time / full | target | train memory (MB) | memory / full |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, r in rows.items():
+        target = f"<= {TARGETS[label]:.2f}" if label in TARGETS else ""
+        print(
+            f"| {label} | {r['trainable']:,} | {r['time']:.3f} | {r['time'] / full['time']:.2f} | {target} | "
+            f"{r['memory']:.0f} | {r['memory'] / full['memory']:.2f} |"
+        )
+    with ctx.Pool(1) as pool:
+        lora = pool.apply(lora_vs_peft, (settings, args.repeats))
+        merged = pool.apply(merged_inference, (settings, args.repeats))
+    print("\n| micro-benchmark | ours (ms) | reference (ms) | ratio | target |")
+    print("|---|---:|---:|---:|---:|")
+    print(
+        f"| LoRA Linear fwd+bwd vs PEFT LoRA Linear | {lora['ours'] * 1e3:.2f} | {lora['peft'] * 1e3:.2f} | "
+        f"{lora['ours'] / lora['peft']:.2f} | <= 1.00 |"
+    )
+    print(
+        f"| merged LoRA inference vs plain model | {merged['merged'] * 1e3:.1f} | {merged['plain'] * 1e3:.1f} | "
+        f"{merged['merged'] / merged['plain']:.2f} | 1.00 +- 0.03 |"
+    )
+    return 0
