@@ -166,3 +166,16 @@ def test_failed_load_leaves_the_model_as_it_was(tmp_path):
     with pytest.raises(CheckpointError):
         vp.load_adapter(wider, tmp_path)
     assert set(wider.state_dict()) == keys and not vp.attached_methods(wider)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"reg_tokens": 2, "global_pool": "avg"}])
+def test_vpt_prompts_leave_the_token_layout_after_the_last_block(overrides):
+    model = tiny_vit(**overrides)
+    x = torch.randn(2, 3, 32, 32)
+    shape = model.forward_features(x).shape
+    vp.attach(model, "vpt", num_tokens=4, deep=True)
+    seen = []
+    handle = model.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    assert model.forward_features(x).shape == shape  # pooling never sees prompt tokens
+    handle.remove()
+    assert seen == [shape[1] + 4]  # ... but every block does

@@ -32,6 +32,19 @@ def tiny_clip(seed: int = 0, batch_first: bool = True) -> torch.nn.Module:
     return model.eval()
 
 
+def tiny_clip_timm(seed: int = 0) -> torch.nn.Module:
+    """open_clip CLIP whose vision tower is a timm ViT trunk (open_clip.TimmModel)."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionCfg(
+        timm_model_name="vit_tiny_patch16_224", timm_model_pretrained=False, timm_pool="", timm_proj="linear"
+    )
+    text = CLIPTextCfg(context_length=16, vocab_size=1000, width=32, heads=2, layers=2)
+    return open_clip.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).eval()
+
+
 def tiny_unet(seed: int = 0) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
@@ -88,6 +101,10 @@ def _run_clip_vision(model):
     return model.encode_image(_images())
 
 
+def _run_clip_timm(model):
+    return model.encode_image(_images(size=224))
+
+
 def _run_clip_text(model):
     tokens = torch.randint(1, 999, (2, 16), generator=torch.Generator().manual_seed(2))
     tokens[:, -1] = 999
@@ -107,6 +124,15 @@ def _run_dit(model):
 
 CASES = {
     "vit": Case("vit", tiny_vit, _run_vit),
+    "vit_reg_avg": Case(
+        "vit_reg_avg", lambda seed=0: tiny_vit(seed, reg_tokens=2, global_pool="avg", init_values=0.1), _run_vit
+    ),
+    "vit_nocls": Case(
+        "vit_nocls",
+        lambda seed=0: tiny_vit(seed, class_token=False, global_pool="avg", no_embed_class=True, fc_norm=True),
+        _run_vit,
+    ),
+    "clip_timm": Case("clip_timm", tiny_clip_timm, _run_clip_timm),
     "clip_vision": Case("clip_vision", tiny_clip, _run_clip_vision),
     "clip_vision_lnd": Case("clip_vision_lnd", lambda seed=0: tiny_clip(seed, batch_first=False), _run_clip_vision),
     "clip_text": Case("clip_text", tiny_clip, _run_clip_text),
