@@ -200,3 +200,17 @@ def tiny_sd_pipeline(directory, seed: int = 0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_clip_bpe(seed: int = 0) -> torch.nn.Module:
+    """A tiny open_clip CLIP with the real 49,408-token BPE vocabulary (for the real tokenizer)."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=CLIPVisionCfg(layers=2, width=32, head_width=16, patch_size=8, image_size=32),
+        text_cfg=CLIPTextCfg(context_length=32, vocab_size=49408, width=32, heads=2, layers=2),
+    )
+    return model.eval()

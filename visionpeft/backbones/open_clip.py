@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+from open_clip.transformer import text_global_pool
 from torch import nn
 
 from .base import Backbone, Block, Branch, Projection, TokenLayout, Tower
@@ -76,6 +78,53 @@ class OpenCLIP(Backbone):
         except ImportError:  # pragma: no cover - open_clip is a dependency
             return False
         return isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP))
+
+    # -- text tower hooks: token embedding, the blocks from embeddings, end-of-text pooling ----------------------
+    def _text(self) -> nn.Module:
+        return self.model.text if hasattr(self.model, "text") else self.model
+
+    @property
+    def context_length(self) -> int:
+        return self.model.context_length
+
+    @property
+    def text_width(self) -> int:
+        return self._text().token_embedding.weight.shape[1]
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the joint image-text embedding space."""
+        proj = self._text().text_projection
+        return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[-1]
+
+    def token_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (batch, context) -> token embeddings (batch, context, width), before positions."""
+        return self._text().token_embedding(tokens)
+
+    def encode_text_embeddings(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Runs the text tower from token embeddings (so some of them can be learned) to projected features.
+
+        Args:
+            embeddings: (batch, context, width) token embeddings without positional embedding.
+            tokens: The (batch, context) token ids the embeddings stand for; they locate the end-of-text token.
+        """
+        text = self._text()
+        if getattr(text, "cls_emb", None) is not None:
+            raise TypeError("text towers with an appended class token (CoCa) are not supported")
+        cast = text.transformer.get_cast_dtype() if hasattr(text.transformer, "get_cast_dtype") else embeddings.dtype
+        x = embeddings.to(cast) + text.positional_embedding[: embeddings.shape[1]].to(cast)
+        x = text.transformer(x, attn_mask=text.attn_mask)
+        x = text.ln_final(x)
+        pool_type = getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax"))
+        eos = getattr(text, "text_eos_id", getattr(text, "eos_id", None))
+        x = text_global_pool(x, tokens, pool_type, eos_token_id=eos)
+        proj = text.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
 
     def describe(self) -> dict:
         info = super().describe()

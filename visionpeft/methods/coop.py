@@ -1,0 +1,192 @@
+"""CoOp (Zhou et al., IJCV 2022) and CoCoOp (Zhou et al., CVPR 2022): learned prompt context for CLIP.
+
+The prompt for class c is ``[SOS][V1..VM][CLASS c][.][EOS]`` (class token at the end; ``middle`` and ``front``
+positions as in the official code). The context vectors V replace the token embeddings of placeholder words and
+the frozen text tower encodes the result. CoCoOp adds a meta-network on the image feature that shifts the
+context per image. Both CLIP towers stay frozen; logits are ``logit_scale * cos(image, text)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, IncompatibleMethodError
+from ..registry import METHODS
+from .base import Method, MethodConfig
+
+POSITIONS = ("end", "middle", "front")
+
+
+@dataclass
+class CoOpConfig(MethodConfig):
+    """CoOp options; defaults are the official code's (KaiyangZhou/CoOp ``configs/trainers/CoOp``:
+    ``N_CTX=16``, ``CTX_INIT=""`` (N(0, 0.02) init), ``CSC=False``, ``CLASS_TOKEN_POSITION="end"``).
+
+    Attributes:
+        classnames: The class names, in label order.
+        n_ctx: Number of context vectors (ignored when ``ctx_init`` is given: its words set the count).
+        ctx_init: Words to initialise the context from, e.g. ``"a photo of a"``; empty for random init.
+        csc: Class-specific contexts (one set per class) instead of one unified context.
+        class_token_position: ``end``, ``middle`` or ``front``.
+        init_std: Standard deviation of the random context initialisation.
+    """
+
+    tower: str | None = "text"
+    classnames: tuple[str, ...] = ()
+    n_ctx: int = 16
+    ctx_init: str = ""
+    csc: bool = False
+    class_token_position: str = "end"
+    init_std: float = 0.02
+
+
+@dataclass
+class CoCoOpConfig(CoOpConfig):
+    """CoCoOp options; official defaults ``N_CTX=4``, ``CTX_INIT="a photo of a"`` and a meta-network
+    Linear(vis_dim, vis_dim // 16) - ReLU - Linear(vis_dim // 16, ctx_dim)."""
+
+    n_ctx: int = 4
+    ctx_init: str = "a photo of a"
+
+
+class PromptContext(nn.Module):
+    """Learned context vectors (and, for CoCoOp, the meta-network)."""
+
+    def __init__(self, ctx: torch.Tensor, meta_in: int | None = None) -> None:
+        super().__init__()
+        self.ctx = nn.Parameter(ctx)
+        if meta_in is not None:
+            hidden = max(1, meta_in // 16)
+            self.meta_net = nn.Sequential(
+                nn.Linear(meta_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, ctx.shape[-1])
+            )
+
+
+def clip_tokenize(texts: list[str], context_length: int) -> torch.Tensor:
+    """CLIP BPE tokenization with the vocabulary shipped in open_clip (works offline)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)(texts)
+
+
+@METHODS.register("coop")
+class CoOp(Method):
+    name = "coop"
+    config_class = CoOpConfig
+    conditional = False
+
+    def check_fits(self) -> None:
+        if self.backbone.family != "open_clip" or self.tower.name != "text":
+            raise IncompatibleMethodError(
+                f"{self.name} learns CLIP text prompts; it needs an open_clip model's text tower"
+            )
+        cfg = self.config
+        if not cfg.classnames:
+            raise ConfigError(f"{self.name} needs classnames (the class names in label order)")
+        if cfg.class_token_position not in POSITIONS:
+            raise ConfigError(f"{self.name}.class_token_position must be one of {', '.join(POSITIONS)}")
+
+    def build(self) -> None:
+        cfg, backbone = self.config, self.backbone
+        names = [n.replace("_", " ") for n in cfg.classnames]
+        ctx_init = cfg.ctx_init.replace("_", " ").strip()
+        n_ctx = len(ctx_init.split(" ")) if ctx_init else cfg.n_ctx
+        width, length = backbone.text_width, backbone.context_length
+        with torch.no_grad():
+            if ctx_init:
+                init_tokens = clip_tokenize([ctx_init], length)
+                ctx = backbone.token_embedding(init_tokens)[0, 1 : 1 + n_ctx].float().clone()
+                if cfg.csc:
+                    ctx = ctx.unsqueeze(0).repeat(len(names), 1, 1)
+                prefix = ctx_init
+            else:
+                shape = (len(names), n_ctx, width) if cfg.csc else (n_ctx, width)
+                ctx = torch.empty(shape).normal_(0, cfg.init_std)
+                prefix = " ".join(["X"] * n_ctx)
+            tokens = clip_tokenize([f"{prefix} {name}." for name in names], length)
+            embedding = backbone.token_embedding(tokens).detach()
+        self.n_ctx = n_ctx
+        self.name_lens = [len(clip_tokenize([name], length)[0].nonzero()) - 2 for name in names]
+        context = PromptContext(ctx, backbone.embed_dim if self.conditional else None)
+        # Frozen pieces of the prompts: [SOS] and [CLASS . EOS pad...], kept as non-persistent buffers.
+        context.register_buffer("tokens", tokens, persistent=False)
+        context.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)
+        context.register_buffer("token_suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False)
+        self.context = self.add_module(backbone.model, f"text.{self.name}", context)
+
+    def prompts(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of every class prompt for context ``ctx`` ((n_ctx, w) or (n_cls, n_ctx, w))."""
+        c = self.context
+        n_cls = c.token_prefix.shape[0]
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(n_cls, -1, -1)
+        ctx = ctx.to(c.token_prefix.dtype)
+        prefix, suffix = c.token_prefix, c.token_suffix
+        position = self.config.class_token_position
+        if position == "end":
+            return torch.cat([prefix, ctx, suffix], dim=1)
+        rows = []
+        half = self.n_ctx // 2
+        for i, name_len in enumerate(self.name_lens):
+            name, rest = suffix[i : i + 1, :name_len], suffix[i : i + 1, name_len:]
+            if position == "middle":
+                rows.append(torch.cat([prefix[i : i + 1], ctx[i : i + 1, :half], name, ctx[i : i + 1, half:], rest], 1))
+            else:
+                rows.append(torch.cat([prefix[i : i + 1], name, ctx[i : i + 1], rest], dim=1))
+        return torch.cat(rows)
+
+    def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised class text features (n_cls, d); CoCoOp: per image (batch, n_cls, d)."""
+        features = self.backbone.encode_text_embeddings(self.prompts(self.context.ctx), self.context.tokens)
+        return F.normalize(features, dim=-1)
+
+    def logits(self, images: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
+        """CLIP logits ``logit_scale * cos(image, class prompt)`` for a batch of images.
+
+        Args:
+            images: Preprocessed images.
+            text_features: Cached output of :meth:`text_features` (CoOp only), to skip the text tower.
+        """
+        model = self.backbone.model
+        image = F.normalize(model.encode_image(images), dim=-1)
+        text = self.text_features() if text_features is None else text_features
+        return model.logit_scale.exp() * image @ text.to(image.dtype).t()
+
+
+@METHODS.register("cocoop")
+class CoCoOp(CoOp):
+    name = "cocoop"
+    config_class = CoCoOpConfig
+    conditional = True
+
+    def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        if image_features is None:
+            raise ValueError("CoCoOp's prompts depend on the image: pass image_features")
+        bias = self.context.meta_net(image_features.to(self.context.ctx.dtype))  # (batch, ctx_dim)
+        features = []
+        for b in bias:  # one prompt set per image, as the official code (batch size 1 there)
+            shifted = self.context.ctx + b
+            out = self.backbone.encode_text_embeddings(self.prompts(shifted), self.context.tokens)
+            features.append(F.normalize(out, dim=-1))
+        return torch.stack(features)
+
+    def logits(self, images: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
+        model = self.backbone.model
+        image = model.encode_image(images)
+        text = self.text_features(image)
+        image = F.normalize(image, dim=-1)
+        return model.logit_scale.exp() * torch.einsum("bd,bcd->bc", image, text.to(image.dtype))
+
+
+def prompt_learner(model: nn.Module) -> CoOp:
+    """The CoOp / CoCoOp method attached to ``model``."""
+    from ..adapter import methods_of
+
+    for method in methods_of(model):
+        if isinstance(method, CoOp):
+            return method
+    raise ConfigError("no coop or cocoop prompt learner is attached to this model")
