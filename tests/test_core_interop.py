@@ -72,3 +72,34 @@ def test_diffusers_format_refuses_what_it_cannot_hold(tmp_path):
         vp.save_adapter(vp.attach(tiny_vit(), "lora"), tmp_path, format="diffusers")
     with pytest.raises(vp.VisionPEFTError, match="vpt cannot be exported"):
         vp.save_adapter(vp.attach(tiny_vit(), [("vpt", {}), ("lora", {})]), tmp_path, format="peft")
+
+
+def test_unet_and_text_encoder_lora_load_into_a_diffusers_pipeline(tmp_path):
+    pipe = tiny_sd_pipeline(tmp_path / "tok")
+    vp.attach(
+        pipe,
+        [
+            ("lora", {"r": 4, "targets": ["q", "k", "v", "o"]}),
+            ("lora", {"r": 4, "tower": "text_encoder", "targets": ["q", "k", "v", "o"]}),
+        ],
+    )
+    groups = vp.count_parameters(pipe)["by_group"]
+    assert groups["lora"] > 0 and set(groups) == {"lora"}
+    _randomize(pipe.unet)
+    _randomize(pipe.text_encoder, seed=1)
+
+    def sample(p):
+        return p(
+            "a photo of a dog",
+            num_inference_steps=2,
+            height=16,
+            width=16,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+
+    ours = sample(pipe)
+    vp.save_adapter(pipe, tmp_path / "lora", format="diffusers")
+    fresh = tiny_sd_pipeline(tmp_path / "tok")
+    fresh.load_lora_weights(tmp_path / "lora")
+    assert abs(sample(fresh) - ours).max() < 1e-4

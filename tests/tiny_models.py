@@ -193,7 +193,7 @@ def tiny_sd_pipeline(directory, seed: int = 0):
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=tiny_unet(seed),
-        scheduler=DDIMScheduler(num_train_timesteps=1000),
+        scheduler=DDIMScheduler(num_train_timesteps=1000, steps_offset=1, clip_sample=False),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbones import Backbone, get_backbone
+from .backbones import Backbone, get_backbone, pipeline_modules
 from .errors import ConfigError, IncompatibleMethodError
 from .methods import METHODS, Method, MethodConfig, make_config
 from .methods.base import named_base_parameters
@@ -37,13 +37,11 @@ def _state(model: nn.Module) -> AdapterState | None:
     return model.__dict__.get(_STATE)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Diffusers pipelines are adapted through their U-Net / transformer."""
-    for attr in ("unet", "transformer"):
-        sub = getattr(model, attr, None)
-        if isinstance(sub, nn.Module) and not isinstance(model, nn.Module):
-            return sub
-    return model
+def _unwrap(model: Any) -> nn.Module:
+    """Diffusers pipelines are adapted through their U-Net + text encoder (or DiT transformer)."""
+    if isinstance(model, nn.Module):
+        return model
+    return pipeline_modules(model)
 
 
 def _normalize(methods: MethodSpec | Sequence[MethodSpec], options: dict[str, Any]) -> list[tuple[str, MethodConfig]]:

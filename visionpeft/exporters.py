@@ -126,23 +126,41 @@ def export_peft(model: nn.Module, directory: Path) -> Path:
 
 
 def export_diffusers(model: nn.Module, directory: Path) -> Path:
-    """Writes ``pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights`` (U-Net LoRA)."""
+    """Writes what a Stable Diffusion pipeline loads with its own loaders.
+
+    ``pytorch_lora_weights.safetensors`` (U-Net and text-encoder LoRA) for ``pipeline.load_lora_weights`` and
+    ``learned_embeds.safetensors`` (textual inversion) for ``pipeline.load_textual_inversion``.
+    """
     state = _require_state(model)
-    if state.backbone.family != "diffusers_unet":
+    family = state.backbone.family
+    if family not in ("diffusers_unet", "diffusers_sd_pipeline"):
         raise CheckpointError(
-            f"the diffusers LoRA format is for a Stable Diffusion U-Net; this is a {state.backbone.family} model"
+            f"the diffusers LoRA format is for a Stable Diffusion U-Net or pipeline; this is {family}"
         )
     layers, skipped = lora_module_tensors(model)
-    if skipped:
-        raise CheckpointError(f"the diffusers LoRA format holds LoRA only; {', '.join(skipped)} cannot be exported")
-    unet_layers = {}
+    blocked = [name for name in skipped if name != "textual_inversion"]
+    if blocked:
+        raise CheckpointError(
+            f"the diffusers formats hold LoRA and textual inversion; {', '.join(blocked)} cannot be exported"
+        )
+    groups: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
     for path, (a, b) in layers.items():
-        unet_layers[f"{path}.lora_A.weight"] = a.to("cpu").contiguous()
-        unet_layers[f"{path}.lora_B.weight"] = b.to("cpu").contiguous()
-    from diffusers import StableDiffusionPipeline
-
+        group, local = ("unet", path) if family == "diffusers_unet" else path.split(".", 1)
+        groups[group][f"{local}.lora_A.weight"] = a.to("cpu").contiguous()
+        groups[group][f"{local}.lora_B.weight"] = b.to("cpu").contiguous()
     directory.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=unet_layers, safe_serialization=True)
+    if layers:
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(
+            directory,
+            unet_lora_layers=groups["unet"] or None,
+            text_encoder_lora_layers=groups["text_encoder"] or None,
+            safe_serialization=True,
+        )
+    for method in state.methods:
+        if method.name == "textual_inversion":
+            _write_safetensors(method.learned_embeds(), directory / "learned_embeds.safetensors")
     return directory
 
 

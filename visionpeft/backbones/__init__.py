@@ -6,11 +6,11 @@ from torch import nn
 
 from ..errors import UnsupportedBackboneError
 from .base import Backbone, Block, Branch, Projection, TokenLayout, Tower
-from .diffusers_models import DiffusersDiT, DiffusersUNet
+from .diffusers_models import DiffusersDiT, DiffusersPipeline, DiffusersUNet, pipeline_modules
 from .open_clip import OpenCLIP
 from .timm_vit import TimmViT
 
-BACKBONES: list[type[Backbone]] = [TimmViT, OpenCLIP, DiffusersUNet, DiffusersDiT]
+BACKBONES: list[type[Backbone]] = [TimmViT, OpenCLIP, DiffusersUNet, DiffusersDiT, DiffusersPipeline]
 
 
 def get_backbone(model: nn.Module) -> Backbone:
@@ -31,4 +31,14 @@ def get_backbone(model: nn.Module) -> Backbone:
     )
 
 
-__all__ = ["BACKBONES", "Backbone", "Block", "Branch", "Projection", "TokenLayout", "Tower", "get_backbone"]
+__all__ = [
+    "BACKBONES",
+    "pipeline_modules",
+    "Backbone",
+    "Block",
+    "Branch",
+    "Projection",
+    "TokenLayout",
+    "Tower",
+    "get_backbone",
+]

@@ -120,3 +120,101 @@ class DiffusersDiT(Backbone):
         cfg = self.model.config
         info.update(num_layers=cfg.num_layers, inner_dim=cfg.num_attention_heads * cfg.attention_head_dim)
         return info
+
+
+def _text_model(text_encoder: nn.Module) -> nn.Module:
+    """transformers < 5 nests the CLIP text transformer under ``text_model``; 5.x does not."""
+    return getattr(text_encoder, "text_model", text_encoder)
+
+
+def clip_text_tower(text_encoder: nn.Module, prefix: str, owns) -> Tower:
+    """Describes a transformers ``CLIPTextModel`` (a Stable Diffusion text encoder) as a tower."""
+    blocks = []
+    for i, layer in enumerate(_text_model(text_encoder).encoder.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = {
+            "attn.q": Projection("linear", attn, "q_proj"),
+            "attn.k": Projection("linear", attn, "k_proj"),
+            "attn.v": Projection("linear", attn, "v_proj"),
+            "attn.o": Projection("linear", attn, "out_proj"),
+            "mlp.fc1": Projection("linear", mlp, "fc1"),
+            "mlp.fc2": Projection("linear", mlp, "fc2"),
+        }
+        branches = {
+            "attn": Branch(attn, projections["attn.o"], layer.layer_norm1),
+            "mlp": Branch(mlp, projections["mlp.fc2"], layer.layer_norm2),
+        }
+        blocks.append(Block(f"{prefix}blocks.{i}", layer, branches, projections))
+    return Tower("text_encoder", prefix, blocks, owns)
+
+
+class PipelineModules(nn.Module):
+    """The trainable parts of a Stable Diffusion pipeline under one module (the pipeline itself is no module).
+
+    Parameters are named ``unet.*`` and ``text_encoder.*``; the tokenizer stays on the pipeline.
+    """
+
+    def __init__(self, pipeline) -> None:
+        super().__init__()
+        self.unet = pipeline.unet
+        self.text_encoder = pipeline.text_encoder
+        self.__dict__["pipeline"] = pipeline  # not a submodule
+
+    @property
+    def tokenizer(self):
+        return self.pipeline.tokenizer
+
+
+def pipeline_modules(pipeline) -> nn.Module:
+    """The module visionpeft adapts for a diffusers pipeline: the U-Net + text encoder of an SD pipeline
+    (cached on the pipeline), or the transformer of a DiT pipeline."""
+    if getattr(pipeline, "unet", None) is not None and getattr(pipeline, "text_encoder", None) is not None:
+        holder = pipeline.__dict__.get("_visionpeft_modules")
+        if holder is None or holder.unet is not pipeline.unet or holder.text_encoder is not pipeline.text_encoder:
+            holder = PipelineModules(pipeline)
+            pipeline.__dict__["_visionpeft_modules"] = holder
+        return holder
+    for attr in ("unet", "transformer"):
+        if isinstance(getattr(pipeline, attr, None), nn.Module):
+            return getattr(pipeline, attr)
+    return pipeline
+
+
+def _under(prefix: str):
+    return lambda name: name.startswith(prefix)
+
+
+class DiffusersPipeline(Backbone):
+    """Adapter for a Stable Diffusion 1.x / 2.x pipeline: the ``unet`` tower (as :class:`DiffusersUNet`) and the
+    ``text_encoder`` tower (CLIP text layers; textual inversion edits its token embedding)."""
+
+    family = "diffusers_sd_pipeline"
+    default_tower = "unet"
+
+    def __init__(self, model: PipelineModules) -> None:
+        super().__init__(model)
+        unet = DiffusersUNet(model.unet).towers["unet"]
+        self.towers["unet"] = Tower("unet", "", unet.blocks, _under("unet."))
+        self.towers["text_encoder"] = clip_text_tower(model.text_encoder, "text_encoder.", _under("text_encoder."))
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, PipelineModules)
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def token_embedding_slot(self) -> tuple[nn.Module, str]:
+        """(parent, attribute) of the text encoder's token embedding."""
+        return _text_model(self.model.text_encoder).embeddings, "token_embedding"
+
+    def describe(self) -> dict:
+        info = super().describe()
+        cfg = self.model.unet.config
+        info.update(
+            block_out_channels=list(cfg.block_out_channels),
+            cross_attention_dim=cfg.cross_attention_dim,
+            text_hidden_size=self.model.text_encoder.config.hidden_size,
+        )
+        return info

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ConfigError, did_you_mean
 from ..registry import METHODS
-from . import adaptformer, baselines, convpass, coop, difffit, lora, vpt  # noqa: F401  (registration)
+from . import adaptformer, baselines, convpass, coop, difffit, lora, textual_inversion, vpt  # noqa: F401  (registration)
 from .base import Method, MethodConfig
 
 

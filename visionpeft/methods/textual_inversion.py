@@ -1,0 +1,123 @@
+"""Textual inversion (Gal et al., ICLR 2023): new placeholder tokens whose embeddings are the only trained tensors.
+
+Follows diffusers' ``examples/textual_inversion/textual_inversion.py``: the placeholder token plus
+``num_vectors - 1`` extra tokens ``<token>_1, <token>_2, ...`` are added to the tokenizer and initialised from the
+initializer word's embedding. Instead of resizing the embedding table and restoring the old rows after every
+optimizer step, the new rows live in their own parameter appended to the frozen table, so every other row stays
+bit-identical by construction.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, IncompatibleMethodError
+from ..registry import METHODS
+from .base import Method, MethodConfig
+
+
+@dataclass
+class TextualInversionConfig(MethodConfig):
+    """Textual inversion options (diffusers' example: one vector, the initializer a single word).
+
+    Attributes:
+        token: The placeholder token used in prompts, e.g. ``<my-cat>``.
+        initializer: A word that tokenizes to one token; its embedding initialises every new vector.
+        num_vectors: Embedding vectors for the concept (tokens ``<token>``, ``<token>_1``, ...).
+    """
+
+    tower: str | None = "text_encoder"
+    token: str = "<concept>"
+    initializer: str = "object"
+    num_vectors: int = 1
+
+
+class NewTokenEmbedding(nn.Module):
+    """A frozen ``nn.Embedding`` extended by trainable rows for ids ``num_embeddings ..``."""
+
+    _vp_wrapper = True
+
+    def __init__(self, base: nn.Embedding, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.new = nn.Parameter(rows.clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self.base.weight, self.new.to(self.base.weight.dtype)])
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base.num_embeddings + self.new.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+@METHODS.register("textual_inversion")
+class TextualInversion(Method):
+    name = "textual_inversion"
+    config_class = TextualInversionConfig
+
+    def check_fits(self) -> None:
+        if not hasattr(self.backbone, "token_embedding_slot") or self.tower.name != "text_encoder":
+            raise IncompatibleMethodError(
+                "textual_inversion needs a Stable Diffusion pipeline (tokenizer + text encoder); attach it to the pipeline"
+            )
+        if self.config.num_vectors < 1:
+            raise ConfigError(f"textual_inversion.num_vectors must be >= 1, got {self.config.num_vectors}")
+
+    def placeholder_tokens(self) -> list[str]:
+        token = self.config.token
+        return [token] + [f"{token}_{i}" for i in range(1, self.config.num_vectors)]
+
+    def build(self) -> None:
+        cfg, backbone = self.config, self.backbone
+        pipeline = backbone.model.pipeline
+        tokenizer = pipeline.tokenizer
+        init_ids = tokenizer.encode(cfg.initializer, add_special_tokens=False)
+        if len(init_ids) != 1:
+            raise ConfigError(f"textual_inversion.initializer '{cfg.initializer}' must be a single token")
+        parent, attr = backbone.token_embedding_slot()
+        embedding = getattr(parent, attr)
+        tokens = self.placeholder_tokens()
+        taken = [t for t in tokens if t in tokenizer.get_vocab()]
+        if taken:
+            raise ConfigError(f"textual_inversion token {taken[0]} is already in the tokenizer's vocabulary")
+        self._tokenizer = (pipeline, tokenizer)
+        grown = copy.deepcopy(tokenizer)
+        grown.add_tokens(tokens)
+        ids = grown.convert_tokens_to_ids(tokens)
+        if ids != list(range(embedding.num_embeddings, embedding.num_embeddings + len(tokens))):
+            raise IncompatibleMethodError(
+                f"the tokenizer ({len(tokenizer)} tokens) and the text encoder's embedding table "
+                f"({embedding.num_embeddings} rows) disagree; cannot place new tokens"
+            )
+        pipeline.tokenizer = grown
+        rows = embedding.weight[init_ids[0]].detach().float().repeat(len(tokens), 1)
+        wrapper = NewTokenEmbedding(embedding, rows.to(embedding.weight.dtype))
+        self.wrap(parent, attr, wrapper, lambda pname: f"text_encoder.textual_inversion.{pname}")
+
+    def detach(self) -> None:
+        if getattr(self, "_tokenizer", None) is not None:
+            pipeline, original = self._tokenizer
+            pipeline.tokenizer = original
+            self._tokenizer = None
+        super().detach()
+
+    def forget(self) -> None:  # pragma: no cover - never merged: new tokens are not a weight update
+        raise RuntimeError("textual inversion cannot be merged")
+
+    def learned_embeds(self) -> dict[str, torch.Tensor]:
+        """``{token: (num_vectors, dim)}``, the file layout ``pipeline.load_textual_inversion`` reads."""
+        (wrapper,) = [getattr(parent, attr) for parent, attr, _ in self._wrapped]
+        return {self.config.token: wrapper.new.detach().to("cpu", torch.float32)}

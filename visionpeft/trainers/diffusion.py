@@ -1,0 +1,115 @@
+"""The denoising objective of Stable Diffusion fine-tuning, as diffusers' official training examples compute it.
+
+One function, :func:`diffusion_loss`, serves textual inversion, DreamBooth-LoRA and DiffFit: encode the images
+with the VAE, add noise at random timesteps, predict it with the U-Net conditioned on the prompts, and take the
+(optionally min-SNR weighted) mean squared error against the scheduler's target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DiffusionParts:
+    """The pieces of a Stable Diffusion pipeline a training step uses."""
+
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    scheduler: object
+
+    @classmethod
+    def from_pipeline(cls, pipeline) -> DiffusionParts:
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(
+            pipeline.scheduler.config
+        )  # training always uses the DDPM forward process
+        return cls(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, scheduler)
+
+
+def expand_placeholders(prompts: list[str], tokenizer) -> list[str]:
+    """Writes multi-vector textual-inversion tokens out (``<t>`` -> ``<t> <t>_1 <t>_2``) as diffusers' loader does."""
+    vocab = tokenizer.get_vocab()
+    out = []
+    for prompt in prompts:
+        words = []
+        for word in prompt.split(" "):
+            words.append(word)
+            i = 1
+            while f"{word}_{i}" in vocab:
+                words.append(f"{word}_{i}")
+                i += 1
+        out.append(" ".join(words))
+    return out
+
+
+def encode_prompts(parts: DiffusionParts, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder hidden states for ``prompts`` (padded to the tokenizer's model_max_length)."""
+    tokenizer = parts.tokenizer
+    ids = tokenizer(
+        expand_placeholders(prompts, tokenizer),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(next(parts.text_encoder.parameters()).device)
+    return parts.text_encoder(ids)[0]
+
+
+def diffusion_loss(
+    parts: DiffusionParts,
+    pixel_values: torch.Tensor,
+    prompts: list[str],
+    generator: torch.Generator | None = None,
+    noise_offset: float = 0.0,
+    snr_gamma: float | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The denoising loss of one batch.
+
+    Args:
+        parts: U-Net, VAE, text encoder, tokenizer and a DDPM noise scheduler.
+        pixel_values: Images in [-1, 1], (batch, 3, H, W).
+        prompts: One prompt per image.
+        generator: Random source for latents, noise and timesteps (reproducible runs).
+        noise_offset: Offset noise scale (Guttenberg 2023), 0 to disable.
+        snr_gamma: Min-SNR-gamma weighting (Hang et al. 2023; 5.0 recommended), None to disable.
+        reduction: ``mean`` over the batch or ``none`` for per-sample losses (prior preservation splits them).
+    """
+    vae, scheduler = parts.vae, parts.scheduler
+    device = pixel_values.device
+    with torch.no_grad():
+        latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device, dtype=latents.dtype
+        )
+    steps = scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device="cpu").to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    hidden = encode_prompts(parts, prompts)
+    prediction = parts.unet(noisy, timesteps, hidden.to(parts.unet.dtype)).sample.float()
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction type {scheduler.config.prediction_type}")
+    per_sample = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(scheduler, timesteps)
+        weight = torch.clamp(snr, max=snr_gamma) / snr
+        if scheduler.config.prediction_type == "v_prediction":
+            weight = torch.clamp(snr, max=snr_gamma) / (snr + 1)
+        per_sample = per_sample * weight
+    return per_sample if reduction == "none" else per_sample.mean()
