@@ -71,7 +71,8 @@ class TextualInversion(Method):
     def check_fits(self) -> None:
         if not hasattr(self.backbone, "token_embedding_slot") or self.tower.name != "text_encoder":
             raise IncompatibleMethodError(
-                "textual_inversion needs a Stable Diffusion pipeline (tokenizer + text encoder); attach it to the pipeline"
+                "textual_inversion needs a Stable Diffusion pipeline (tokenizer + text encoder); "
+                "attach it to the pipeline"
             )
         if self.config.num_vectors < 1:
             raise ConfigError(f"textual_inversion.num_vectors must be >= 1, got {self.config.num_vectors}")
