@@ -7,6 +7,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 from .base import Backbone, Block, Branch, Projection, TokenLayout, Tower
+from .clip_classifier import CLIPClassifier
 from .timm_vit import _to_2tuple, vit_tower
 
 
@@ -42,11 +43,18 @@ class OpenCLIP(Backbone):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        visual = model.visual
+        wrapped = isinstance(model, CLIPClassifier)
+        self.clip = clip = model.clip if wrapped else model
+        pre = "clip." if wrapped else ""
+
+        def owned(*names: str):
+            return _prefixed(*(pre + n for n in names))
+
+        visual = clip.visual
         if hasattr(visual, "trunk"):  # open_clip.TimmModel wraps a timm model
             if not hasattr(visual.trunk, "blocks"):
                 raise TypeError(f"unsupported timm trunk in open_clip: {type(visual.trunk).__name__}")
-            self.towers["vision"] = vit_tower(visual.trunk, owns=_prefixed("visual"))
+            self.towers["vision"] = vit_tower(visual.trunk, owns=owned("visual"))
         elif hasattr(visual, "transformer"):
             transformer = visual.transformer
             grid = _to_2tuple(visual.grid_size)
@@ -58,17 +66,17 @@ class OpenCLIP(Backbone):
                 in_chans=visual.conv1.in_channels,
                 batch_first=getattr(transformer, "batch_first", True),
             )
-            self.towers["vision"] = Tower("vision", "", _residual_blocks(transformer, ""), _prefixed("visual"), tokens)
+            self.towers["vision"] = Tower("vision", "", _residual_blocks(transformer, ""), owned("visual"), tokens)
         else:
             raise TypeError(f"unsupported open_clip vision tower: {type(visual).__name__}")
-        if hasattr(model, "text"):  # CustomTextCLIP
-            text = model.text
+        if hasattr(clip, "text"):  # CustomTextCLIP
+            text = clip.text
             if not hasattr(text, "transformer"):
                 raise TypeError(f"unsupported open_clip text tower: {type(text).__name__}")
-            transformer, owns = text.transformer, _prefixed("text")
+            transformer, owns = text.transformer, owned("text")
         else:
-            transformer = model.transformer
-            owns = _prefixed("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection")
+            transformer = clip.transformer
+            owns = owned("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection")
         self.towers["text"] = Tower("text", "text.", _residual_blocks(transformer, "text."), owns)
 
     @classmethod
@@ -77,15 +85,18 @@ class OpenCLIP(Backbone):
             import open_clip
         except ImportError:  # pragma: no cover - open_clip is a dependency
             return False
-        return isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP))
+        return isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP, CLIPClassifier))
+
+    def head(self) -> nn.Module | None:
+        return getattr(self.model, "head", None) if isinstance(self.model, CLIPClassifier) else None
 
     # -- text tower hooks: token embedding, the blocks from embeddings, end-of-text pooling ----------------------
     def _text(self) -> nn.Module:
-        return self.model.text if hasattr(self.model, "text") else self.model
+        return self.clip.text if hasattr(self.clip, "text") else self.clip
 
     @property
     def context_length(self) -> int:
-        return self.model.context_length
+        return self.clip.context_length
 
     @property
     def text_width(self) -> int:
@@ -124,9 +135,9 @@ class OpenCLIP(Backbone):
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images)
+        return self.clip.encode_image(images)
 
     def describe(self) -> dict:
         info = super().describe()
-        info["embed_dim"] = self.model.text_projection.shape[-1] if hasattr(self.model, "text_projection") else None
+        info["embed_dim"] = self.embed_dim
         return info

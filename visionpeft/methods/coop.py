@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones.clip_classifier import clip_tokenize
 from ..errors import ConfigError, IncompatibleMethodError
 from ..registry import METHODS
 from .base import Method, MethodConfig
@@ -64,13 +65,6 @@ class PromptContext(nn.Module):
             self.meta_net = nn.Sequential(
                 nn.Linear(meta_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, ctx.shape[-1])
             )
-
-
-def clip_tokenize(texts: list[str], context_length: int) -> torch.Tensor:
-    """CLIP BPE tokenization with the vocabulary shipped in open_clip (works offline)."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer(context_length=context_length)(texts)
 
 
 @METHODS.register("coop")
@@ -151,10 +145,13 @@ class CoOp(Method):
             images: Preprocessed images.
             text_features: Cached output of :meth:`text_features` (CoOp only), to skip the text tower.
         """
-        model = self.backbone.model
-        image = F.normalize(model.encode_image(images), dim=-1)
+        image = F.normalize(self.backbone.clip.encode_image(images), dim=-1)
+        return self.logits_from_features(image, text_features)
+
+    def logits_from_features(self, image: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for L2-normalised image features."""
         text = self.text_features() if text_features is None else text_features
-        return model.logit_scale.exp() * image @ text.to(image.dtype).t()
+        return self.backbone.clip.logit_scale.exp() * image @ text.to(image.dtype).t()
 
 
 @METHODS.register("cocoop")
@@ -175,11 +172,11 @@ class CoCoOp(CoOp):
         return torch.stack(features)
 
     def logits(self, images: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
-        model = self.backbone.model
-        image = model.encode_image(images)
+        return self.logits_from_features(F.normalize(self.backbone.clip.encode_image(images), dim=-1))
+
+    def logits_from_features(self, image: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
         text = self.text_features(image)
-        image = F.normalize(image, dim=-1)
-        return model.logit_scale.exp() * torch.einsum("bd,bcd->bc", image, text.to(image.dtype))
+        return self.backbone.clip.logit_scale.exp() * torch.einsum("bd,bcd->bc", image, text.to(image.dtype))
 
 
 def prompt_learner(model: nn.Module) -> CoOp:

@@ -1,0 +1,117 @@
+"""An image classifier made of an open_clip model and class names.
+
+Three ways to turn CLIP into a classifier, one module:
+
+* zero-shot: logits are ``logit_scale * cos(image, text)`` against hand-written prompts (one template or an
+  ensemble, features averaged as in CLIP's ImageNet evaluation);
+* learned prompts: with CoOp / CoCoOp attached to the text tower, the class text comes from the prompt learner;
+* a linear head (``head=True``) initialised from the class-name text embeddings (times the logit scale, bias 0),
+  so it starts as exactly the zero-shot classifier; methods on the vision tower (LoRA, VPT, AdaptFormer) train
+  with it.
+
+Class text features are computed once and cached whenever they cannot change (eval mode or no gradient), so
+learned-prompt inference costs what zero-shot CLIP costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SINGLE_TEMPLATE = ("a photo of a {}.",)
+
+
+def clip_tokenize(texts: list[str], context_length: int) -> torch.Tensor:
+    """CLIP BPE tokenization with the vocabulary shipped in open_clip (works offline)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)(texts)
+
+
+class CLIPClassifier(nn.Module):
+    """CLIP as a classifier over ``classnames``.
+
+    Args:
+        clip: An open_clip ``CLIP`` / ``CustomTextCLIP``.
+        classnames: Class names in label order.
+        templates: Prompt templates with one ``{}`` (the 80 ImageNet templates for an ensemble).
+        head: Add a trainable linear head initialised from the zero-shot text embeddings.
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        classnames: Sequence[str],
+        templates: Sequence[str] = SINGLE_TEMPLATE,
+        head: bool = False,
+    ) -> None:
+        super().__init__()
+        self.clip = clip
+        self.classnames = [c.replace("_", " ") for c in classnames]
+        self.templates = list(templates)
+        self._cache: torch.Tensor | None = None
+        self.head: nn.Linear | None = None
+        if head:
+            with torch.no_grad():
+                text = self.zero_shot_text_features()
+                scale = clip.logit_scale.exp()
+            self.head = nn.Linear(text.shape[1], text.shape[0]).to(text.device)
+            with torch.no_grad():
+                self.head.weight.copy_(text * scale)
+                self.head.bias.zero_()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def train(self, mode: bool = True) -> CLIPClassifier:
+        self._cache = None
+        return super().train(mode)
+
+    def zero_shot_text_features(self) -> torch.Tensor:
+        """Normalised class embeddings from the hand-written templates (template ensemble averaged)."""
+        length = self.clip.context_length
+        device = self.clip.logit_scale.device
+        features = []
+        for name in self.classnames:
+            tokens = clip_tokenize([t.format(name) for t in self.templates], length).to(device)
+            emb = F.normalize(self.clip.encode_text(tokens), dim=-1).mean(dim=0)
+            features.append(F.normalize(emb, dim=-1))
+        return torch.stack(features)
+
+    def _prompt_learner(self):
+        from ..methods.coop import CoOp
+
+        for method in _attached(self):
+            if isinstance(method, CoOp):
+                return method
+        return None
+
+    def class_text_features(self) -> torch.Tensor:
+        """The current class text features (learned prompts if a prompt learner is attached), cached if fixed."""
+        if self._cache is not None:
+            return self._cache
+        learner = self._prompt_learner()
+        features = learner.text_features() if learner is not None else self.zero_shot_text_features()
+        text_trains = torch.is_grad_enabled() and self.training
+        if not text_trains:
+            self._cache = features.detach()
+        return features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        image = F.normalize(self.clip.encode_image(images), dim=-1)
+        if self.head is not None:
+            return self.head(image)
+        learner = self._prompt_learner()
+        if learner is not None and learner.conditional:
+            return learner.logits_from_features(image)
+        return self.clip.logit_scale.exp() * image @ self.class_text_features().to(image.dtype).t()
+
+
+def _attached(model: nn.Module):
+    from ..adapter import methods_of
+
+    return methods_of(model)
