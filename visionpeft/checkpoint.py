@@ -18,8 +18,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .adapter import _require_state, _unwrap, attach, attached_methods, backbone_of, detach
-from .errors import CheckpointError
+from .adapter import (
+    _apply_requires_grad,
+    _require_state,
+    _unwrap,
+    attach,
+    attached_methods,
+    backbone_of,
+    detach,
+    methods_of,
+)
+from .errors import CheckpointError, VisionPEFTError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -131,8 +140,9 @@ def _mismatch_message(expected: dict[str, torch.Tensor], found: dict[str, torch.
 def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
     """Loads a visionpeft adapter checkpoint into ``model``.
 
-    A plain model gets the saved methods attached first; a model that already carries methods must carry the
-    same ones. Tensors are matched by canonical name and shape.
+    The saved methods are attached first unless the model already carries exactly them; a model carrying other
+    methods gets these added (stacking, e.g. textual inversion + LoRA from two runs). Tensors are matched by
+    canonical name and shape. On any error the model is left as it was given.
 
     Raises:
         CheckpointError: Missing or corrupt files, or a checkpoint from another architecture (the message names
@@ -147,26 +157,41 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
             f"{directory} holds an adapter for a {saved_family} backbone ({config['backbone'].get('class')}); "
             f"this model is {family}"
         )
-    saved = [(m["name"], m["config"]) for m in config["methods"]]
+    saved = [(m["name"], _as_config_dict(m["name"], m["config"])) for m in config["methods"]]
     current = [(name, cfg.to_dict()) for name, cfg in attached_methods(model)]
-    if current and current != [(n, _as_config_dict(n, c)) for n, c in saved]:
-        raise CheckpointError(
-            f"{directory} holds {[n for n, _ in saved]} but the model carries {[n for n, _ in current]} "
-            "with other options; load into a plain model"
-        )
     found = _read_weights(directory / WEIGHTS_NAME)
-    if not current:
-        attach(model, [(name, dict(cfg)) for name, cfg in saved])
-    expected = adapter_state_dict(model)
+    before = methods_of(model)
+    if current != saved:
+        try:
+            attach(model, saved)
+        except VisionPEFTError as err:
+            raise CheckpointError(f"cannot add the methods of {directory} to this model: {err}") from None
+    added = [m for m in methods_of(model) if m not in before]
+    everything = adapter_state_dict(model)
+    expected = everything if not added else {k: t for m in added for k, t in m.named_tensors()}
+    expected.update({k: t for k, t in everything.items() if k.startswith("head.") and k in found})
     problem = _mismatch_message(expected, found)
     if problem:
-        if not current:  # leave the model as it was given
-            detach(model)
+        _undo(model, added, before)
         raise CheckpointError(f"{directory} does not fit this model ({problem})")
     with torch.no_grad():
         for name, tensor in expected.items():
             tensor.copy_(found[name].to(tensor.dtype))
     return model
+
+
+def _undo(model: Any, added: list, before: list) -> None:
+    """Removes the methods a failed load attached."""
+    if not added:
+        return
+    if not before:
+        detach(model)
+        return
+    state = _require_state(_unwrap(model))
+    for method in reversed(added):
+        method.detach()
+    state.methods = [m for m in state.methods if m not in added]
+    _apply_requires_grad(_unwrap(model), state)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,74 @@
+"""Loading diffusers pipelines from a local folder or the hub, failing in one line when neither works."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+
+
+def load_pipeline(name_or_path: str, torch_dtype: torch.dtype | None = None):
+    """Loads any diffusers pipeline (Stable Diffusion 1.x / 2.x, DiT, ...).
+
+    A local folder (written by ``save_pretrained``) is read directly; a hub id is looked up in the local cache
+    first and downloaded only when the hub is reachable.
+
+    Raises:
+        ModelLoadError: Nothing loadable under that name, said in one line with how to point at local files.
+    """
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # the hub's retry chatter would bury the one line that matters
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch_dtype vs dtype naming across versions
+            return _load(name_or_path, torch_dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _load(name_or_path: str, torch_dtype: torch.dtype | None):
+    from diffusers import DiffusionPipeline
+
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and _looks_like_path(name_or_path):
+        raise ModelLoadError(f"pipeline folder {path} does not exist")
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        try:
+            return DiffusionPipeline.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"could not load the pipeline in {path}: {_first_line(err)}") from None
+    try:
+        return DiffusionPipeline.from_pretrained(name_or_path, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ModelLoadError(
+            f"pipeline '{name_or_path}' is not in the local cache and HF_HUB_OFFLINE is set; "
+            "pass a local folder written by save_pretrained"
+        )
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    try:
+        return DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
+    except Exception as err:  # any hub / network failure becomes one line
+        raise ModelLoadError(
+            f"could not load pipeline '{name_or_path}' (not cached locally, and the download failed: "
+            f"{_first_line(err)}); pass a local folder written by save_pretrained"
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
