@@ -141,29 +141,12 @@ CASES = {
 }
 
 
-def clip_tokenizer(directory):
-    """A transformers ``CLIPTokenizer`` built offline from the CLIP BPE vocabulary that ships with open_clip."""
-    import json
-    from pathlib import Path
-
-    from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPTokenizer
-
-    simple = SimpleTokenizer()
-    vocab = {k: v for k, v in simple.encoder.items() if k not in ("<start_of_text>", "<end_of_text>")}
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
-
-
 def tiny_sd_pipeline(directory, seed: int = 0):
     """A complete Stable Diffusion pipeline with tiny U-Net, VAE and CLIP text encoder (random weights)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from visionpeft.data.clip_vocab import clip_tokenizer
 
     tokenizer = clip_tokenizer(directory)
     torch.manual_seed(seed)
