@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from .hub import offline_unless_reachable
 
 
 def load_pipeline(name_or_path: str, torch_dtype: torch.dtype | None = None):
@@ -54,19 +55,19 @@ def _load(name_or_path: str, torch_dtype: torch.dtype | None):
         return DiffusionPipeline.from_pretrained(name_or_path, local_files_only=True, **kwargs)
     except (OSError, ValueError):
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise ModelLoadError(
-            f"pipeline '{name_or_path}' is not in the local cache and HF_HUB_OFFLINE is set; "
-            "pass a local folder written by save_pretrained"
-        )
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
-    try:
-        return DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
-    except Exception as err:  # any hub / network failure becomes one line
-        raise ModelLoadError(
-            f"could not load pipeline '{name_or_path}' (not cached locally, and the download failed: "
-            f"{_first_line(err)}); pass a local folder written by save_pretrained"
-        ) from None
+    with offline_unless_reachable() as online:
+        if not online:
+            raise ModelLoadError(
+                f"pipeline '{name_or_path}' is not in the local cache and the hub cannot be reached; "
+                "pass a local folder written by save_pretrained"
+            )
+        try:
+            return DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
+        except Exception as err:  # any hub / network failure becomes one line
+            raise ModelLoadError(
+                f"could not load pipeline '{name_or_path}' (not cached locally, and the download failed: "
+                f"{_first_line(err)}); pass a local folder written by save_pretrained"
+            ) from None
 
 
 def _first_line(err: BaseException) -> str:

@@ -1,0 +1,120 @@
+"""Model creation for the trainers: timm models and open_clip models from a pretrained tag or a local file.
+
+Downloads go through the libraries' own loaders (timm / open_clip pretrained tags on the Hugging Face hub). When
+they fail (no network, unknown tag) the error is one line saying how to point at a local file instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ModelLoadError, did_you_mean
+from .hub import offline_unless_reachable
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Reads a weights file: safetensors, or a PyTorch pickle loaded with ``weights_only=True`` (never arbitrary
+    objects). Nested ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoints are unwrapped."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt or foreign files: one line, whatever the loader raised
+        raise ModelLoadError(f"cannot read checkpoint {path}: {str(err).splitlines()[0][:160]}") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"checkpoint {path} does not hold a state dict of tensors")
+    return state
+
+
+def load_timm_weights(model: nn.Module, path: str | Path) -> None:
+    """Loads a local timm checkpoint, adapting position embeddings and dropping a head of another size."""
+    if Path(path).suffix == ".npz":  # original JAX ViT checkpoints
+        model.load_pretrained(str(path))
+        return
+    state = read_state_dict(path)
+    filter_fn = getattr(__import__(type(model).__module__, fromlist=["x"]), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    own = model.state_dict()
+    head = {k for k in state if k.startswith("head.") and (k not in own or own[k].shape != state[k].shape)}
+    state = {k: v for k, v in state.items() if k not in head}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    shapes = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        detail = (missing or unexpected or shapes)[:3]
+        raise ModelLoadError(f"checkpoint {path} does not fit {type(model).__name__}: e.g. {', '.join(detail)}")
+
+
+def create_timm(cfg: Any, num_classes: int) -> nn.Module:
+    import timm
+
+    base = cfg.name.split(".")[0]
+    if not timm.is_model(base):
+        raise ConfigError(f"unknown timm model '{cfg.name}'{did_you_mean(base, timm.list_models())}")
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": cfg.drop_path_rate}
+    if cfg.img_size:
+        kwargs["img_size"] = cfg.img_size
+    if cfg.checkpoint:
+        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+        load_timm_weights(model, cfg.checkpoint)
+        return model
+    if not cfg.pretrained:
+        return timm.create_model(cfg.name, pretrained=False, **kwargs)
+    with offline_unless_reachable() as online:
+        try:
+            return timm.create_model(cfg.name, pretrained=True, **kwargs)
+        except Exception as err:  # hub / network failures of any kind
+            reason = str(err).splitlines()[0][:120] if online else "no network, and not in the local cache"
+            raise ModelLoadError(
+                f"could not fetch pretrained weights for '{cfg.name}' ({reason}); download them elsewhere and set "
+                "model.checkpoint=/path/to/weights.safetensors, or model.pretrained=false"
+            ) from None
+
+
+def create_open_clip(cfg: Any) -> nn.Module:
+    import open_clip
+
+    if cfg.name not in open_clip.list_models():
+        raise ConfigError(f"unknown open_clip model '{cfg.name}'{did_you_mean(cfg.name, open_clip.list_models())}")
+    pretrained = cfg.checkpoint or (cfg.pretrained_tag if cfg.pretrained else None)
+    if cfg.checkpoint and not Path(cfg.checkpoint).expanduser().is_file():
+        raise ModelLoadError(f"checkpoint {cfg.checkpoint} does not exist")
+    with offline_unless_reachable() as online:
+        try:
+            return open_clip.create_model(cfg.name, pretrained=pretrained)
+        except Exception as err:
+            reason = str(err).splitlines()[0][:120] if online or cfg.checkpoint else "no network, not in the cache"
+            raise ModelLoadError(
+                f"could not load open_clip '{cfg.name}' with pretrained={pretrained!r} ({reason}); "
+                "set model.checkpoint=/path/to/open_clip_weights.bin"
+            ) from None
+
+
+def create_model(cfg: Any, num_classes: int, classnames: list[str] | None = None) -> nn.Module:
+    """The classifier of an experiment (``cfg`` is the ``model`` section of the config).
+
+    open_clip models become a :class:`CLIPClassifier` over ``classnames``: with a linear head initialised from the
+    class-name text embeddings (``clip_head: linear``) or classifying by class text features (``prompts``).
+    """
+    if cfg.library == "timm":
+        return create_timm(cfg, num_classes)
+    from .clip_classifier import CLIPClassifier
+
+    clip = create_open_clip(cfg)
+    if not classnames:
+        raise ConfigError("an open_clip classifier needs the dataset's class names")
+    return CLIPClassifier(clip, classnames, head=cfg.clip_head == "linear")
