@@ -30,6 +30,7 @@ class ModelConfig:
     drop_path_rate: Stochastic depth (timm).
     clip_head: For open_clip: ``linear`` (head initialised from class-name text embeddings) or ``prompts``
         (class text features: zero-shot templates or an attached CoOp / CoCoOp).
+    kwargs: Extra keyword arguments for ``timm.create_model`` (architecture overrides such as ``embed_dim``).
     """
 
     library: str = "timm"
@@ -40,6 +41,7 @@ class ModelConfig:
     img_size: int | None = None
     drop_path_rate: float = 0.0
     clip_head: str = "linear"
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -65,7 +65,7 @@ def create_timm(cfg: Any, num_classes: int) -> nn.Module:
     base = cfg.name.split(".")[0]
     if not timm.is_model(base):
         raise ConfigError(f"unknown timm model '{cfg.name}'{did_you_mean(base, timm.list_models())}")
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": cfg.drop_path_rate}
+    kwargs: dict[str, Any] = {**cfg.kwargs, "num_classes": num_classes, "drop_path_rate": cfg.drop_path_rate}
     if cfg.img_size:
         kwargs["img_size"] = cfg.img_size
     if cfg.checkpoint:

@@ -1,0 +1,62 @@
+"""Helpers for the classification tests: a local "pretrained" tiny ViT and tiny CIFAR-format data."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import save_file
+from tiny_models import tiny_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_tiny_cifar10(root: Path, train_per_class: int = 8, test_per_class: int = 4, seed: int = 0) -> Path:
+    """Writes ``root/cifar-10-batches-py`` in torchvision's pickle layout: class-coloured noisy 32x32 images."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = rng.integers(0, 256, (10, 3))
+
+    def batch(per_class: int) -> dict:
+        labels = np.repeat(np.arange(10), per_class)
+        rng.shuffle(labels)
+        images = np.clip(colours[labels][:, :, None, None] + rng.normal(0, 40, (len(labels), 3, 32, 32)), 0, 255)
+        return {"data": images.astype(np.uint8).reshape(len(labels), -1), "labels": labels.tolist()}
+
+    for i in range(1, 6):  # torchvision reads all five training batches
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch(max(1, train_per_class // 5)), f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(batch(test_per_class), f)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names}, f)
+    return root
+
+
+def write_pretrained_vit(path: Path) -> Path:
+    """The tiny ViT saved as a local "pretrained" checkpoint (safetensors)."""
+    save_file({k: v.contiguous() for k, v in tiny_vit(seed=123).state_dict().items()}, path)
+    return path
+
+
+def tiny_config(tmp: Path, checkpoint: Path, data_root: Path) -> Path:
+    """A complete experiment YAML for the tiny ViT and tiny CIFAR-10."""
+    config = tmp / "tiny.yaml"
+    config.write_text(
+        f"""
+model:
+  library: timm
+  name: vit_tiny_patch16_224
+  checkpoint: {checkpoint}
+  img_size: 32
+  kwargs: {{patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}}
+method: {{name: vpt, num_tokens: 2}}
+data: {{name: cifar10, root: {data_root}, batch_size: 8, eval_batch_size: 20, num_workers: 0, img_size: 32}}
+optim: {{name: adamw, lr: 0.01, epochs: 3, warmup_epochs: 1, weight_decay: 0.0}}
+train: {{seed: 0, output_dir: {tmp / "runs"}, log_every: 1}}
+"""
+    )
+    return config

@@ -1,0 +1,225 @@
+"""The one training loop, on Hugging Face accelerate: devices, processes, mixed precision, accumulation.
+
+Task-agnostic: a :class:`Task` turns a batch into a loss and evaluates a model; the loop handles everything else:
+only trainable parameters in the optimizer, warmup + cosine schedule, progress bars, TensorBoard and
+``metrics.jsonl``, atomic ``last`` / ``best`` adapter checkpoints, and exact resume (optimizer, scheduler and
+RNG states at epoch boundaries, a seeded per-epoch data order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import visionpeft as vp
+
+from ..checkpoint import atomic_write
+
+
+@dataclass
+class LoopConfig:
+    """Attributes mirror the ``optim`` and ``train`` config sections."""
+
+    epochs: int
+    warmup_epochs: int = 0
+    min_lr_ratio: float = 0.0
+    grad_accum: int = 1
+    clip_grad: float | None = None
+    mixed_precision: str = "no"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 1
+
+
+class Task(Protocol):
+    """What the loop needs from a task."""
+
+    metric: str  # key of the metric that selects the best checkpoint (higher is better)
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]: ...
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup from 0, then cosine decay to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def make_accelerator(cfg: LoopConfig, cpu: bool = False) -> Accelerator:
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        cpu=cpu,
+    )
+
+
+class Loop:
+    """Trains ``model`` on ``task`` and keeps the run folder up to date.
+
+    Args:
+        model: The adapted model (its trainable parameters are exactly what the optimizer receives).
+        task: The task.
+        optimizer: Built over ``vp.trainable_parameters(model)``.
+        train_loader / eval_loader: Data (the eval loader may be None).
+        run_dir: The run folder.
+        cfg: Loop settings.
+        accelerator: Shared with the caller (who may have used it already).
+        select_best: Keep a ``best`` adapter by the eval metric (only when evaluating on a validation split:
+            choosing a checkpoint on the test split would overstate its accuracy).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        optimizer: torch.optim.Optimizer,
+        train_loader: DataLoader,
+        eval_loader: DataLoader | None,
+        run_dir: Path,
+        cfg: LoopConfig,
+        accelerator: Accelerator,
+        select_best: bool = True,
+    ) -> None:
+        self.task, self.cfg, self.run_dir, self.accelerator = task, cfg, Path(run_dir), accelerator
+        self.select_best = select_best
+        # Scheduler units: accelerate steps a prepared scheduler once per process per optimizer step, so an epoch is
+        # len(loader before sharding) / grad_accum units whatever the number of processes.
+        steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
+        self.total_steps = steps_per_epoch * cfg.epochs
+        schedule = warmup_cosine(self.total_steps, steps_per_epoch * cfg.warmup_epochs, cfg.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        prepared = accelerator.prepare(model, optimizer, train_loader, scheduler)
+        self.model, self.optimizer, self.train_loader, self.scheduler = prepared
+        self.eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
+        self.epoch, self.step, self.best = 0, 0, -math.inf
+        self._writer = None
+
+    # -- bookkeeping --------------------------------------------------------------------------------------------
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        for key, value in record.items():
+            if key not in ("epoch", "step") and isinstance(value, (int, float)):
+                self._writer.add_scalar(key, value, record.get("step", self.step))
+
+    def save_state(self) -> None:
+        """Writes the resumable state and the ``last`` adapter; replaces the previous ones only when complete."""
+        self.accelerator.wait_for_everyone()
+        tmp = self.run_dir / "state.tmp"
+        if self.accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        if self.accelerator.is_main_process:
+            progress = {"epoch": self.epoch, "step": self.step, "best": self.best}
+            (tmp / "progress.json").write_text(json.dumps(progress))
+            vp.save_adapter(self.unwrapped, self.run_dir / "last")
+            final, old = self.run_dir / "state", self.run_dir / "state.old"
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def load_state(self) -> None:
+        """Restores the state of the last completed epoch and trims later records from ``metrics.jsonl``."""
+        state = self.run_dir / "state"
+        self.accelerator.load_state(str(state))
+        progress = json.loads((state / "progress.json").read_text())
+        self.epoch, self.step, self.best = progress["epoch"], progress["step"], progress["best"]
+        log = self.run_dir / "metrics.jsonl"
+        if self.accelerator.is_main_process and log.exists():
+            kept = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= self.epoch]
+            atomic_write(log, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def train_epoch(self) -> float:
+        accelerator, cfg = self.accelerator, self.cfg
+        vp.set_train_mode(self.model, True)
+        self.train_loader.set_epoch(self.epoch)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        total, count = 0.0, 0
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not accelerator.is_local_main_process)  # fmt: skip
+        for batch in bar:
+            with accelerator.accumulate(self.model):
+                loss = self.task.loss(self.model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.clip_grad:
+                    accelerator.clip_grad_norm_(params, cfg.clip_grad)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            value = accelerator.gather(loss.detach().float().reshape(1)).mean().item()
+            total, count = total + value, count + 1
+            if accelerator.sync_gradients:
+                self.step += 1
+                if self.step % cfg.log_every == 0:
+                    lr = self.scheduler.get_last_lr()[0]
+                    self._log({"epoch": self.epoch + 1, "step": self.step, "train/loss": value, "lr": lr})
+                bar.set_postfix(loss=f"{value:.4f}")
+        return total / max(1, count)
+
+    def evaluate(self, loader: DataLoader | None = None) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad():
+            return self.task.evaluate(self.model, loader or self.eval_loader, self.accelerator)
+
+    def fit(self, stop_after: int | None = None) -> dict[str, float]:
+        """Trains until ``cfg.epochs`` (or ``stop_after`` more epochs); returns the last evaluation."""
+        last_metrics: dict[str, float] = {}
+        done_now = 0
+        while self.epoch < self.cfg.epochs and (stop_after is None or done_now < stop_after):
+            train_loss = self.train_epoch()
+            self.epoch += 1
+            done_now += 1
+            record: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "train/epoch_loss": train_loss}
+            if self.eval_loader is not None and (
+                self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs
+            ):
+                last_metrics = self.evaluate()
+                record.update({f"eval/{k}": v for k, v in last_metrics.items()})
+                score = last_metrics[self.task.metric]
+                if self.select_best and score > self.best:
+                    self.best = score
+                    if self.accelerator.is_main_process:
+                        vp.save_adapter(self.unwrapped, self.run_dir / "best")
+            self._log(record)
+            if self.accelerator.is_main_process:
+                summary = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "step"))
+                tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs}: {summary}")
+            self.save_state()
+        if self._writer is not None:
+            self._writer.flush()
+        return last_metrics
