@@ -166,7 +166,8 @@ class Loop:
     # -- training -----------------------------------------------------------------------------------------------
     def train_epoch(self) -> float:
         accelerator, cfg = self.accelerator, self.cfg
-        vp.set_train_mode(self.model, True)
+        self.model.train()  # the DDP wrapper, if any
+        vp.set_train_mode(self.unwrapped, True)
         self.train_loader.set_epoch(self.epoch)
         params = [p for p in self.model.parameters() if p.requires_grad]
         total, count = 0.0, 0
