@@ -150,10 +150,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return _deep_merge(merged, data)
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
+ATOMIC_KEYS = ("method",)  # replaced whole by a later file or override: options of one method never leak into another
+
+
+def _deep_merge(base: dict, top: dict, atomic: tuple[str, ...] = ATOMIC_KEYS) -> dict:
     out = dict(base)
     for key, value in top.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict) and key not in atomic
+        out[key] = _deep_merge(out[key], value, ()) if nested else value
     return out
 
 
@@ -211,7 +215,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value")
         try:
-            config = OmegaConf.merge(config, OmegaConf.from_dotlist([item]))
+            top = OmegaConf.from_dotlist([item])
+            if item.split("=", 1)[0].strip() in ATOMIC_KEYS:
+                config = OmegaConf.merge(config, {"method": None})
+            config = OmegaConf.merge(config, top)
         except OmegaConfBaseException as err:
             raise _translate(err, schema, f"override '{item}'") from None
     method = config.method

@@ -86,7 +86,10 @@ class Method:
     def __init__(self, config: MethodConfig, backbone: Backbone) -> None:
         self.config = config
         self.backbone = backbone
-        self.tower: Tower = backbone.tower(config.tower)
+        try:
+            self.tower: Tower = backbone.tower(config.tower)
+        except IncompatibleMethodError as err:
+            raise IncompatibleMethodError(f"{self.name} cannot attach to this model: {err}") from None
         self.tensors: dict[str, tuple[nn.Module, str]] = {}
         self._hooks: list[RemovableHandle] = []
         self._added: list[tuple[nn.Module, str]] = []

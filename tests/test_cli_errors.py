@@ -1,0 +1,76 @@
+"""Bad input to the command-line tools: one clear line, a non-zero exit, no traceback, nothing lost."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from _classify_utils import ROOT, tiny_config, write_pretrained_vit, write_tiny_cifar10
+
+sys.path.insert(0, str(ROOT / "tools"))
+import train as train_tool  # noqa: E402
+from _cli import run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    return tiny_config(tmp, write_pretrained_vit(tmp / "vit.safetensors"), write_tiny_cifar10(tmp / "data"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.lrr=0.1"], "unknown config key 'optim.lrr' in override 'optim.lrr=0.1' (did you mean 'optim.lr'?)"),
+        (
+            ["data.batch_size=many"],
+            "config key 'data.batch_size' in override 'data.batch_size=many' has the wrong type",
+        ),
+        (["method=vtp"], "unknown method 'vtp' (did you mean 'vpt'?)"),
+        (["method.num_token=3"], "unknown option 'num_token' for method 'vpt' (did you mean 'num_tokens'?)"),
+        (["data.root=/nowhere/cifar"], "cifar10 not found under /nowhere/cifar (expected cifar-10-batches-py/)"),
+        (
+            ["method=textual_inversion"],
+            "textual_inversion cannot attach to this model: timm_vit has no 'text_encoder' tower",
+        ),
+        (["model.checkpoint=/nowhere/vit.safetensors"], "checkpoint /nowhere/vit.safetensors does not exist"),
+        (["model.name=vit_tiniest"], "unknown timm model 'vit_tiniest'"),
+        (["optim.name=adam"], "config key 'optim.name' must be one of sgd, adamw, got 'adam'"),
+    ],
+)
+def test_bad_config_is_one_line(config, overrides, message, capsys):
+    assert run(train_tool.main, [str(config), *overrides, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_missing_config_file_exits_nonzero_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), str(tmp_path / "nope.yaml")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: config file {tmp_path / 'nope.yaml'} does not exist"
+
+
+def test_existing_run_is_not_overwritten(config, capsys):
+    assert run(train_tool.main, [str(config), "optim.epochs=1", "train.run_name=keep"]) == 0
+    run_dir = config.parent / "runs" / "keep"
+    before = (run_dir / "metrics.jsonl").read_text()
+    assert run(train_tool.main, [str(config), "optim.epochs=1", "train.run_name=keep"]) == 2
+    assert "already holds a run; use --resume" in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_corrupt_image_in_an_image_folder_is_named(tmp_path, capsys):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            folder = tmp_path / "imgs" / split / cls
+            folder.mkdir(parents=True)
+            Image.new("RGB", (32, 32), (200 if cls == "a" else 10, 0, 0)).save(folder / "0.png")
+    (tmp_path / "imgs" / "train" / "a" / "1.png").write_bytes(b"not a png")
+    cfg = tiny_config(tmp_path, write_pretrained_vit(tmp_path / "v.safetensors"), tmp_path / "imgs")
+    args = [str(cfg), "data.name=imagefolder", "optim.epochs=1"]
+    assert run(train_tool.main, args) == 2
+    assert "1.png is not a readable image" in capsys.readouterr().err
