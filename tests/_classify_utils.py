@@ -60,3 +60,18 @@ train: {{seed: 0, output_dir: {tmp / "runs"}, log_every: 1}}
 """
     )
     return config
+
+
+def write_tiny_cifar100(root: Path, per_class: int = 1, seed: int = 0) -> Path:
+    """Writes ``root/cifar-100-python`` (train, test, meta) in torchvision's layout, ``per_class`` images each."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "test"):
+        labels = np.repeat(np.arange(100), per_class)
+        data = rng.integers(0, 256, (len(labels), 3 * 32 * 32), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "fine_labels": labels.tolist(), "coarse_labels": (labels // 5).tolist()}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"class_{i}" for i in range(100)]}, f)
+    return root
