@@ -137,12 +137,18 @@ def _mismatch_message(expected: dict[str, torch.Tensor], found: dict[str, torch.
     return "; ".join(parts) if parts else None
 
 
-def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
+def load_adapter(model: Any, directory: str | os.PathLike, options: dict[str, dict[str, Any]] | None = None) -> Any:
     """Loads a visionpeft adapter checkpoint into ``model``.
 
     The saved methods are attached first unless the model already carries exactly them; a model carrying other
     methods gets these added (stacking, e.g. textual inversion + LoRA from two runs). Tensors are matched by
     canonical name and shape. On any error the model is left as it was given.
+
+    Args:
+        model: The model (or pipeline) to load into.
+        directory: A folder written by :func:`save_adapter`.
+        options: Per-method option overrides applied before attaching, e.g.
+            ``{"coop": {"classnames": new_classes}}`` to evaluate learned prompts on other classes.
 
     Raises:
         CheckpointError: Missing or corrupt files, or a checkpoint from another architecture (the message names
@@ -157,7 +163,11 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
             f"{directory} holds an adapter for a {saved_family} backbone ({config['backbone'].get('class')}); "
             f"this model is {family}"
         )
-    saved = [(m["name"], _as_config_dict(m["name"], m["config"])) for m in config["methods"]]
+    options = options or {}
+    saved = [
+        (m["name"], _as_config_dict(m["name"], {**m["config"], **options.get(m["name"], {})}))
+        for m in config["methods"]
+    ]
     current = [(name, cfg.to_dict()) for name, cfg in attached_methods(model)]
     found = _read_weights(directory / WEIGHTS_NAME)
     before = methods_of(model)

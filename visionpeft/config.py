@@ -57,6 +57,7 @@ class DataConfig:
     img_size: Input resolution.
     augment: ``none`` (resize only, the VTAB protocol) or ``crop_flip`` (random resized crop + flip).
     shots: Few-shot: this many training images per class (None for all).
+    class_split: ``base`` or ``new`` half of the classes (CoCoOp's base-to-new protocol), None for all.
     options: Extra keyword arguments for the dataset builder.
     """
 
@@ -72,6 +73,7 @@ class DataConfig:
     img_size: int = 224
     augment: str = "none"
     shots: int | None = None
+    class_split: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -236,6 +238,7 @@ def _check_choices(config: DictConfig) -> None:
         "model.library": ("timm", "open_clip"),
         "model.clip_head": ("linear", "prompts"),
         "data.augment": ("none", "crop_flip"),
+        "data.class_split": (None, "base", "new"),
         "optim.name": ("sgd", "adamw"),
         "train.mixed_precision": ("no", "fp16", "bf16"),
     }

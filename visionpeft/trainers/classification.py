@@ -20,7 +20,7 @@ import visionpeft as vp
 from ..backbones.factory import create_model
 from ..config import methods_of_config, save_config
 from ..data import transforms as T
-from ..data.fewshot import few_shot
+from ..data.fewshot import base_new_split, few_shot
 from ..errors import ConfigError, DataError
 from ..registry import DATASETS, TRAINERS
 from .loop import Loop, LoopConfig, make_accelerator
@@ -93,7 +93,7 @@ def _dataset(config: DictConfig, split: str | None) -> Dataset | None:
     dataset = DATASETS.get(data.name)(split, root=data.root, transform=None, **options)
     if not hasattr(dataset, "classes"):
         raise DataError(f"dataset '{data.name}' does not say its classes")
-    return dataset
+    return base_new_split(dataset, data.class_split) if data.class_split else dataset
 
 
 def build_experiment(config: DictConfig) -> Experiment:
@@ -209,7 +209,7 @@ def run(
     if resume:
         loop.load_state()
     last = loop.fit(stop_after=stop_after)
-    results: dict[str, Any] = {"eval": last}
+    results: dict[str, Any] = {"eval": last, "parameters": vp.count_parameters(loop.unwrapped)}
     if loop.epoch >= config.optim.epochs and exp.test is not None:
         if exp.val is not None and (run_dir / "best").exists():
             vp.load_adapter(loop.unwrapped, run_dir / "best")  # test the checkpoint chosen on val

@@ -1,0 +1,117 @@
+"""Real small image tasks that ship inside installed packages (no download), for the embedded demo.
+
+* ``digits``: scikit-learn's handwritten digits (1,797 images, 8 x 8, 10 classes), upsampled to RGB.
+* ``textures``: six texture classes tiled from scikit-image's sample photos (brick, grass, gravel, lunar surface,
+  deep-field stars, stained tissue); 64 x 64 tiles in grayscale, the tiles of a split never overlap another's.
+* ``faces``: scikit-image's LFW subset (200 images, 25 x 25): 100 faces vs 100 non-face patches - a binary task,
+  since that is what the packaged subset holds (no identities).
+
+Splits are fixed and seeded (60 / 20 / 20, stratified), so every run sees the same train / val / test images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from ..registry import DATASETS
+
+SPLITS = ("train", "val", "test")
+FRACTIONS = (0.6, 0.2, 0.2)
+
+
+class ArrayImages(Dataset):
+    """Images held as a uint8 array (N, H, W) or (N, H, W, 3) with labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], transform=None) -> None:
+        self.images, self.targets, self.classes, self.transform = images, [int(y) for y in labels], classes, transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.images[index]).convert("RGB")
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+
+def stratified_split(labels: np.ndarray, split: str, seed: int) -> np.ndarray:
+    """Indices of ``split`` in a seeded, per-class 60 / 20 / 20 split."""
+    if split not in SPLITS:
+        raise DataError(f"the mini tasks have the splits {', '.join(SPLITS)}, not '{split}'")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        items = rng.permutation(np.flatnonzero(labels == label))
+        cuts = np.cumsum([round(f * len(items)) for f in FRACTIONS[:-1]])
+        chosen.append(np.split(items, cuts)[SPLITS.index(split)])
+    return np.sort(np.concatenate(chosen))
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    image = image.astype(np.float64)
+    lo, hi = image.min(), image.max()
+    return ((image - lo) / max(hi - lo, 1e-8) * 255).round().astype(np.uint8)
+
+
+@DATASETS.register("digits")
+def digits(split: str, root: str | None = None, transform=None, seed: int = 0, size: int = 32, **_):
+    """scikit-learn's handwritten digits, upsampled from 8 x 8 to ``size`` x ``size``."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    index = stratified_split(data.target, split, seed)
+    images = np.stack(
+        [np.asarray(Image.fromarray(_to_uint8(data.images[i])).resize((size, size), Image.BILINEAR)) for i in index]
+    )
+    return ArrayImages(images, data.target[index], [str(d) for d in range(10)], transform)
+
+
+TEXTURES = {
+    "brick": "brick",
+    "grass": "grass",
+    "gravel": "gravel",
+    "lunar_surface": "moon",
+    "stars": "hubble_deep_field",
+    "stained_tissue": "immunohistochemistry",
+}
+
+
+def _tiles(image: np.ndarray, tile: int) -> np.ndarray:
+    if image.ndim == 3:
+        image = image[..., :3].mean(axis=-1)
+    rows, cols = image.shape[0] // tile, image.shape[1] // tile
+    grid = image[: rows * tile, : cols * tile].reshape(rows, tile, cols, tile).swapaxes(1, 2)
+    return grid.reshape(-1, tile, tile)
+
+
+@DATASETS.register("textures")
+def textures(split: str, root: str | None = None, transform=None, seed: int = 0, tile: int = 64,
+             per_class: int = 64, **_):  # fmt: skip
+    """Non-overlapping ``tile`` x ``tile`` grayscale tiles, ``per_class`` per texture, split per class."""
+    import skimage.data
+
+    images, labels = [], []
+    rng = np.random.default_rng(seed)
+    for label, source in enumerate(TEXTURES.values()):
+        tiles = _tiles(getattr(skimage.data, source)(), tile)
+        tiles = tiles[rng.permutation(len(tiles))[:per_class]]
+        images += [_to_uint8(t) for t in tiles]
+        labels += [label] * len(tiles)
+    labels_arr = np.array(labels)
+    index = stratified_split(labels_arr, split, seed)
+    return ArrayImages(np.stack(images)[index], labels_arr[index], list(TEXTURES), transform)
+
+
+@DATASETS.register("faces")
+def faces(split: str, root: str | None = None, transform=None, seed: int = 0, **_):
+    """scikit-image's LFW subset: the first 100 images are faces, the last 100 are not."""
+    import skimage.data
+
+    images = skimage.data.lfw_subset()
+    labels = np.array([0] * 100 + [1] * 100)
+    index = stratified_split(labels, split, seed)
+    return ArrayImages(
+        np.stack([_to_uint8(im) for im in images[index]]), labels[index], ["face", "non_face"], transform
+    )
