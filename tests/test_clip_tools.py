@@ -51,8 +51,8 @@ def test_coop_trains_few_shot_and_the_tool_compares_it_with_zero_shot(tmp_path, 
     config = _config(tmp_path, tiny_clip_file, "train.run_name=coop")
     results = train(config, tmp_path / "runs" / "coop", cpu=True)
     assert results["parameters"]["by_group"] == {"coop": 4 * 32}
-    losses = [json.loads(x)["train/epoch_loss"] for x in (tmp_path / "runs" / "coop" / "metrics.jsonl").read_text().splitlines()
-              if "train/epoch_loss" in x]  # fmt: skip
+    records = (tmp_path / "runs" / "coop" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(x)["train/epoch_loss"] for x in records if "train/epoch_loss" in x]
     assert losses[-1] < losses[0]
     capsys.readouterr()
     args = ["--model", "tiny-clip-test", "--pretrained", str(tiny_clip_file), "--dataset", "digits", "--limit", "64",
