@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="build model, method and data; print the summary")
     parser.add_argument("--stop-after", type=int, help="train at most this many epochs now (resume later)")
     parser.add_argument("--cpu", action="store_true", help="force the CPU even when a GPU is present")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from visionpeft.config import load_config
     from visionpeft.errors import ConfigError

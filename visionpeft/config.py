@@ -204,9 +204,15 @@ def normalize_methods(method: Any) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> DictConfig:
-    """Builds the resolved, validated config: dataclass defaults <- YAML (with ``_base_``) <- overrides."""
-    schema = OmegaConf.structured(ExperimentConfig)
+def load_config(path: str | Path | None, overrides: list[str] | None = None, schema_class: type = None) -> DictConfig:
+    """Builds the resolved, validated config: dataclass defaults <- YAML (with ``_base_``) <- overrides.
+
+    Args:
+        path: The YAML file (None: defaults and overrides only).
+        overrides: ``key=value`` strings (dotted keys).
+        schema_class: The dataclass tree to validate against (default: :class:`ExperimentConfig`).
+    """
+    schema = OmegaConf.structured(schema_class or ExperimentConfig)
     config = schema
     if path is not None:
         try:
@@ -243,8 +249,8 @@ def _check_choices(config: DictConfig) -> None:
         "train.mixed_precision": ("no", "fp16", "bf16"),
     }
     for key, allowed in choices.items():
-        value = OmegaConf.select(config, key)
-        if value not in allowed:
+        value = OmegaConf.select(config, key, default="<absent>")
+        if value != "<absent>" and value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {value!r}")
 
 

@@ -87,6 +87,7 @@ class Loop:
         accelerator: Shared with the caller (who may have used it already).
         select_best: Keep a ``best`` adapter by the eval metric (only when evaluating on a validation split:
             choosing a checkpoint on the test split would overstate its accuracy).
+        adapted: The module carrying the visionpeft methods, when ``model`` wraps it (default: ``model``).
     """
 
     def __init__(
@@ -100,9 +101,11 @@ class Loop:
         cfg: LoopConfig,
         accelerator: Accelerator,
         select_best: bool = True,
+        adapted: nn.Module | None = None,
     ) -> None:
         self.task, self.cfg, self.run_dir, self.accelerator = task, cfg, Path(run_dir), accelerator
         self.select_best = select_best
+        self._adapted = adapted
         # Scheduler units: accelerate steps a prepared scheduler once per process per optimizer step, so an epoch is
         # len(loader before sharding) / grad_accum units whatever the number of processes.
         steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
@@ -118,7 +121,8 @@ class Loop:
     # -- bookkeeping --------------------------------------------------------------------------------------------
     @property
     def unwrapped(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        """The model carrying the methods, without accelerate's wrappers."""
+        return self._adapted if self._adapted is not None else self.accelerator.unwrap_model(self.model)
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
@@ -211,8 +215,8 @@ class Loop:
             ):
                 last_metrics = self.evaluate()
                 record.update({f"eval/{k}": v for k, v in last_metrics.items()})
-                score = last_metrics[self.task.metric]
-                if self.select_best and score > self.best:
+                if self.select_best and last_metrics[self.task.metric] > self.best:
+                    score = last_metrics[self.task.metric]
                     self.best = score
                     if self.accelerator.is_main_process:
                         vp.save_adapter(self.unwrapped, self.run_dir / "best")
