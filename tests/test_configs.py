@@ -13,7 +13,9 @@ EXPERIMENTS = [p for p in CONFIGS if "_base_" not in p.parts]
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_config_loads(path):
-    config = load_config(path)
+    from visionpeft.trainers.personalization import PersonalizeConfig
+
+    config = load_config(path, schema_class=PersonalizeConfig if "personalize" in path.parts else None)
     assert config.train.run_name == path.stem
 
 
