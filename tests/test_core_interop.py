@@ -5,7 +5,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from tiny_models import _run_vit, tiny_sd_pipeline, tiny_vit
+from tiny_models import _run_vit, sample_images, tiny_sd_pipeline, tiny_vit
 
 import visionpeft as vp
 
@@ -48,14 +48,7 @@ def test_unet_lora_loads_into_a_diffusers_pipeline(tmp_path):
     _randomize(pipe.unet)
 
     def sample(p):
-        return p(
-            "a photo of a cat",
-            num_inference_steps=2,
-            height=16,
-            width=16,
-            output_type="np",
-            generator=torch.Generator().manual_seed(0),
-        ).images
+        return sample_images(p, "a photo of a cat")
 
     ours = sample(pipe)
     vp.save_adapter(pipe, tmp_path / "lora", format="diffusers")
@@ -89,14 +82,7 @@ def test_unet_and_text_encoder_lora_load_into_a_diffusers_pipeline(tmp_path):
     _randomize(pipe.text_encoder, seed=1)
 
     def sample(p):
-        return p(
-            "a photo of a dog",
-            num_inference_steps=2,
-            height=16,
-            width=16,
-            output_type="np",
-            generator=torch.Generator().manual_seed(0),
-        ).images
+        return sample_images(p, "a photo of a dog")
 
     ours = sample(pipe)
     vp.save_adapter(pipe, tmp_path / "lora", format="diffusers")

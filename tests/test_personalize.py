@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import tiny_sd_pipeline
+from tiny_models import sample_images, tiny_sd_pipeline
 
 import visionpeft as vp
 from visionpeft.backbones.diffusers_loading import load_pipeline
@@ -33,9 +33,7 @@ def setup(tmp_path_factory):
     return tmp
 
 
-def _sample(pipe, prompt):
-    return pipe(prompt, num_inference_steps=2, height=16, width=16, output_type="np",
-                generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+_sample = sample_images
 
 
 def fixed_loss(pipe, images_dir, prompt, size=16, draws=8) -> float:

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_sd_pipeline
+from tiny_models import sample_images, tiny_sd_pipeline
 
 import visionpeft as vp
 from visionpeft.errors import ConfigError, IncompatibleMethodError
 from visionpeft.trainers.diffusion import DiffusionParts, diffusion_loss, encode_prompts
 
-
-def _sample(pipe, prompt):
-    return pipe(
-        prompt, num_inference_steps=2, height=16, width=16, output_type="np", generator=torch.Generator().manual_seed(0)
-    ).images
+_sample = sample_images
 
 
 def test_textual_inversion_trains_new_rows_only_and_diffusers_loads_it(tmp_path):

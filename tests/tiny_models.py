@@ -197,3 +197,9 @@ def tiny_clip_bpe(seed: int = 0) -> torch.nn.Module:
         text_cfg=CLIPTextCfg(context_length=32, vocab_size=49408, width=32, heads=2, layers=2),
     )
     return model.eval()
+
+
+def sample_images(pipe, prompt: str):
+    """Two denoising steps at 16 px with a fixed seed: a cheap, deterministic picture of a pipeline's behaviour."""
+    return pipe(prompt, num_inference_steps=2, height=16, width=16, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images  # fmt: skip

@@ -45,7 +45,26 @@ class LoRAUpdate(nn.Module):
         return delta.view(self.lora_B.shape[0], *self.lora_A.shape[1:])
 
 
-class LoRALinear(nn.Module):
+class _WrappedLayer(nn.Module):
+    """A layer around a frozen ``base``: code that reads ``.weight`` / ``.bias`` of the wrapped layer keeps working."""
+
+    _vp_wrapper = True
+
+    def _setup(self, base: nn.Module, dropout: float) -> None:
+        self.base = base
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+
+class LoRALinear(_WrappedLayer):
     """A frozen Linear plus low-rank updates on named output slices.
 
     Args:
@@ -54,26 +73,14 @@ class LoRALinear(nn.Module):
         r: Rank. alpha: Scaling numerator. dropout: Dropout on the LoRA input.
     """
 
-    _vp_wrapper = True
-
     def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], r: int, alpha: float, dropout: float):
         super().__init__()
-        self.base = base
+        self._setup(base, dropout)
         self.slices = dict(slices)
         self.updates = nn.ModuleDict(
             {name: LoRAUpdate(base.in_features, stop - start, r, alpha) for name, (start, stop) in slices.items()}
         )
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
         self.to(device=base.weight.device, dtype=base.weight.dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:  # code that reads `.weight` of the wrapped layer keeps working
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -96,29 +103,17 @@ class LoRALinear(nn.Module):
         self.merged = sign > 0
 
 
-class LoRAConv2d(nn.Module):
+class LoRAConv2d(_WrappedLayer):
     """A frozen Conv2d plus a low-rank update: A is a conv with the base's geometry and r outputs, B a 1x1 conv."""
-
-    _vp_wrapper = True
 
     def __init__(self, base: nn.Conv2d, r: int, alpha: float, dropout: float) -> None:
         super().__init__()
         if base.groups != 1:
             raise ValueError("LoRA on grouped convolutions is not supported")
-        self.base = base
+        self._setup(base, dropout)
         k = tuple(base.kernel_size)
         self.update = LoRAUpdate(base.in_channels * math.prod(k), base.out_channels, r, alpha, kernel_size=k)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
         self.to(device=base.weight.device, dtype=base.weight.dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
