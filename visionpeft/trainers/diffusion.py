@@ -36,7 +36,7 @@ class DiffusionParts:
 
 def expand_placeholders(prompts: list[str], tokenizer) -> list[str]:
     """Writes multi-vector textual-inversion tokens out (``<t>`` -> ``<t> <t>_1 <t>_2``) as diffusers' loader does."""
-    vocab = tokenizer.get_vocab()
+    vocab = tokenizer.get_added_vocab()  # placeholder tokens are always added tokens (and this dict is small)
     out = []
     for prompt in prompts:
         words = []
