@@ -14,7 +14,9 @@ def tiny_vit(seed: int = 0, **overrides) -> torch.nn.Module:
     return VisionTransformer(**{**VIT_KW, **overrides}).eval()
 
 
-def tiny_clip(seed: int = 0, batch_first: bool = True) -> torch.nn.Module:
+def tiny_clip(
+    seed: int = 0, batch_first: bool = True, vocab_size: int = 1000, context_length: int = 16
+) -> torch.nn.Module:
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
@@ -22,7 +24,7 @@ def tiny_clip(seed: int = 0, batch_first: bool = True) -> torch.nn.Module:
     model = open_clip.CLIP(
         embed_dim=16,
         vision_cfg=CLIPVisionCfg(layers=2, width=32, head_width=16, patch_size=8, image_size=32),
-        text_cfg=CLIPTextCfg(context_length=16, vocab_size=1000, width=32, heads=2, layers=2),
+        text_cfg=CLIPTextCfg(context_length=context_length, vocab_size=vocab_size, width=32, heads=2, layers=2),
     )
     if not batch_first:
         model.visual.transformer.batch_first = False
@@ -187,16 +189,7 @@ def tiny_sd_pipeline(directory, seed: int = 0):
 
 def tiny_clip_bpe(seed: int = 0) -> torch.nn.Module:
     """A tiny open_clip CLIP with the real 49,408-token BPE vocabulary (for the real tokenizer)."""
-    import open_clip
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(
-        embed_dim=16,
-        vision_cfg=CLIPVisionCfg(layers=2, width=32, head_width=16, patch_size=8, image_size=32),
-        text_cfg=CLIPTextCfg(context_length=32, vocab_size=49408, width=32, heads=2, layers=2),
-    )
-    return model.eval()
+    return tiny_clip(seed, vocab_size=49408, context_length=32)
 
 
 def sample_images(pipe, prompt: str):
