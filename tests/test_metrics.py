@@ -47,3 +47,34 @@ def test_dino_similarity():
     a = _images(3, 2)
     assert dino_similarity(model, preprocess, a[:1], a[:1]) == pytest.approx(1.0, abs=1e-5)
     assert dino_similarity(model, preprocess, a, _images(4, 2)) < 1.0
+
+
+def test_eval_personalization_tool_prints_the_table(tmp_path, capsys):
+    import json
+    import sys
+
+    import torch
+    from _classify_utils import ROOT
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import eval_personalization as tool
+    from _cli import run
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}  # fmt: skip
+    (tmp_path / "tiny-eval-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "tiny-eval-clip.json")
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("tiny-eval-clip").state_dict(), tmp_path / "clip.pt")
+    for folder, seed in (("gen", 0), ("ref", 1)):
+        (tmp_path / folder).mkdir()
+        for i, image in enumerate(_images(seed, 2)):
+            image.save(tmp_path / folder / f"{i}.png")
+    args = ["--images", str(tmp_path / "gen"), "--references", str(tmp_path / "ref"), "--prompts", "a photo of a dog",
+            "--clip-model", "tiny-eval-clip", "--clip-pretrained", str(tmp_path / "clip.pt")]  # fmt: skip
+    assert run(tool.main, args) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("| metric (2 images, 2 references)") and out[2].startswith("| CLIP-T |")
+    assert out[3].startswith("| CLIP-I |") and len(out) == 4
+    assert run(tool.main, [*args, "--prompts", "one", "two", "three"]) == 2
+    assert "2 images but 3 prompts" in capsys.readouterr().err
