@@ -60,8 +60,9 @@ def test_eval_personalization_tool_prints_the_table(tmp_path, capsys):
     import eval_personalization as tool
     from _cli import run
 
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}  # fmt: skip
+    vision = {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16}
+    text = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
+    cfg = {"embed_dim": 16, "vision_cfg": vision, "text_cfg": text}
     (tmp_path / "tiny-eval-clip.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(tmp_path / "tiny-eval-clip.json")
     torch.manual_seed(0)
