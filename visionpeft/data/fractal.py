@@ -1,13 +1,23 @@
-"""FractalDB-style formula-driven images (Kataoka et al., ACCV 2020), generated deterministically on the fly.
+"""FractalDB-style formula-driven images, generated deterministically on the fly.
 
-Each category is an iterated function system (IFS): 2-4 random contractive affine maps, drawn from a seeded
-generator and kept only if its attractor covers enough of the canvas (FractalDB's "filling rate" test, here at
-least 8% of a 64 x 64 render). An instance re-weights the category's parameters slightly (FractalDB's
-intra-category variation), flips it at random and colours it, then renders it with the chaos game, many walkers
-in parallel. Nothing is downloaded; the same (category, instance) always gives the same image.
+After Kataoka et al., "Pre-training without Natural Images", ACCV 2020 (FractalDB): a category is an iterated
+function system (IFS) of 2-4 random affine maps ``(x, y) -> (a x + b y + e, c x + d y + f)`` with parameters drawn
+uniformly from [-1, 1] and a map chosen with probability proportional to ``|det|``. A drawn system is kept only if
+its attractor covers enough of the canvas - FractalDB's *filling rate* test, which rejects systems that collapse to
+a point or a line. An instance varies its category (FractalDB's intra-category augmentation): the parameters are
+re-weighted by factors in [0.9, 1.1], the image is flipped at random and drawn in a random colour on black.
+Rendering is the chaos game with many walkers in parallel. Nothing is downloaded; the same ``(seed, category,
+instance)`` always gives the same image.
+
+Scaled down for a 2-core CPU, with one honest difference from the official search: FractalDB renders 100,000 points
+into 512 x 512 pixels and keeps a system at a filling rate of at least 0.2; here ~10,000 points are rendered into
+64 x 64 pixels and the threshold is 0.08 (a segment covers about 0.02 of that canvas, a point far less), since
+filling rates depend on the point count and resolution. See ``datasets/fractaldb.md``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -18,11 +28,26 @@ from ..registry import DATASETS
 
 FILL_SIZE = 64
 MIN_FILL = 0.08
+MAX_TRIES = 1000
 
 
-def _render(maps: np.ndarray, probs: np.ndarray, size: int, rng: np.random.Generator, walkers: int = 256,
-            steps: int = 48, burn_in: int = 8) -> np.ndarray:  # fmt: skip
-    """Chaos game: ``walkers`` independent chains of ``steps`` random map applications; returns (n, 2) points."""
+def chaos_game(
+    maps: np.ndarray, probs: np.ndarray, rng: np.random.Generator, walkers: int = 256, steps: int = 48,
+    burn_in: int = 8,
+) -> np.ndarray:  # fmt: skip
+    """Points of an IFS attractor.
+
+    Args:
+        maps: (n, 6) affine maps as ``a, b, c, d, e, f``.
+        probs: Probability of each map.
+        rng: Source of the walkers' starts and map choices.
+        walkers: Independent chains run in parallel.
+        steps: Map applications per chain.
+        burn_in: Leading steps dropped while the chains converge onto the attractor.
+
+    Returns:
+        (walkers * (steps - burn_in), 2) points.
+    """
     points = rng.uniform(-1, 1, (walkers, 2))
     out = []
     for step in range(steps):
@@ -37,7 +62,8 @@ def _render(maps: np.ndarray, probs: np.ndarray, size: int, rng: np.random.Gener
     return np.concatenate(out)
 
 
-def _rasterize(points: np.ndarray, size: int) -> np.ndarray:
+def rasterize(points: np.ndarray, size: int) -> np.ndarray:
+    """A ``size`` x ``size`` boolean canvas with the points scaled to fit, aspect kept, centred."""
     finite = points[np.isfinite(points).all(axis=1)]
     if len(finite) == 0:
         return np.zeros((size, size), dtype=bool)
@@ -50,8 +76,8 @@ def _rasterize(points: np.ndarray, size: int) -> np.ndarray:
     return canvas
 
 
-def _contract(maps: np.ndarray) -> np.ndarray:
-    """Rescales each map's linear part so its largest singular value is below 1 (a contraction)."""
+def contract(maps: np.ndarray) -> np.ndarray:
+    """A copy whose maps' linear parts have largest singular value at most 0.95, so every map contracts."""
     out = maps.copy()
     for m in out:
         s = np.linalg.svd(m[:4].reshape(2, 2), compute_uv=False)[0]
@@ -60,46 +86,57 @@ def _contract(maps: np.ndarray) -> np.ndarray:
     return out
 
 
+def filling_rate(maps: np.ndarray, probs: np.ndarray, rng: np.random.Generator) -> float:
+    """Fraction of a ``FILL_SIZE`` x ``FILL_SIZE`` canvas the attractor covers (FractalDB's category test)."""
+    return float(rasterize(chaos_game(maps, probs, rng), FILL_SIZE).mean())
+
+
 def category_system(category: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The IFS of a category: (maps (n, 6) as a, b, c, d, e, f; probabilities proportional to |det|)."""
+    """The IFS of a category: the first seeded draw whose filling rate reaches ``MIN_FILL``.
+
+    Returns:
+        (maps (n, 6) as ``a, b, c, d, e, f``; probabilities proportional to ``|det|``).
+    """
     rng = np.random.default_rng([seed, category])
-    for _ in range(1000):
+    for _ in range(MAX_TRIES):
         n = int(rng.integers(2, 5))
-        maps = _contract(rng.uniform(-1, 1, (n, 6)))
+        maps = contract(rng.uniform(-1, 1, (n, 6)))
         dets = np.abs(maps[:, 0] * maps[:, 3] - maps[:, 1] * maps[:, 2]) + 1e-3
         probs = dets / dets.sum()
-        fill = _rasterize(_render(maps, probs, FILL_SIZE, rng), FILL_SIZE).mean()
-        if fill >= MIN_FILL:
+        if filling_rate(maps, probs, rng) >= MIN_FILL:
             return maps, probs
-    raise RuntimeError(f"no IFS with filling rate >= {MIN_FILL} found for category {category}")
+    raise DataError(f"no IFS with filling rate >= {MIN_FILL} in {MAX_TRIES} draws for fractal category {category}")
 
 
-def render_instance(maps: np.ndarray, probs: np.ndarray, instance: int, category: int, size: int, seed: int = 0):
-    """One image of a category: jittered parameters, random flip, a random colour on black."""
+def render_instance(
+    maps: np.ndarray, probs: np.ndarray, instance: int, category: int, size: int, seed: int = 0
+) -> Image.Image:
+    """One image of a category: parameters re-weighted by [0.9, 1.1], a random flip, a random colour on black."""
     rng = np.random.default_rng([seed, category, instance, 1])
-    jittered = _contract(maps * rng.uniform(0.9, 1.1, maps.shape))
-    canvas = _rasterize(_render(jittered, probs, size, rng, walkers=192, steps=40), size)
+    jittered = contract(maps * rng.uniform(0.9, 1.1, maps.shape))
+    canvas = rasterize(chaos_game(jittered, probs, rng, walkers=192, steps=40), size)
     if rng.random() < 0.5:
         canvas = canvas[:, ::-1]
     colour = rng.uniform(0.4, 1.0, 3)
-    image = (canvas[..., None] * colour * 255).astype(np.uint8)
-    return Image.fromarray(image)
+    return Image.fromarray((canvas[..., None] * colour * 255).astype(np.uint8))
 
 
 class FractalDB(Dataset):
-    """``categories`` x ``instances`` fractal images, rendered on first access and cached.
+    """``categories`` x ``instances`` fractal images; each is rendered on first access and cached in the process.
 
     Args:
         categories: Number of IFS categories (FractalDB-1k has 1,000).
         instances: Images per category.
         size: Image side in pixels.
-        seed: Seed of the category systems.
+        seed: Seed of the category systems and of the instances.
         transform: Applied to the PIL image.
-        first_instance: Index of the first instance (disjoint train / val sets use different ranges).
+        first_instance: Index of the first instance; disjoint train / val sets use disjoint ranges.
     """
 
-    def __init__(self, categories: int = 100, instances: int = 100, size: int = 32, seed: int = 0,
-                 transform=None, first_instance: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self, categories: int = 100, instances: int = 100, size: int = 32, seed: int = 0,
+        transform: Callable | None = None, first_instance: int = 0,
+    ) -> None:  # fmt: skip
         self.categories, self.instances, self.size, self.seed = categories, instances, size, seed
         self.first_instance, self.transform = first_instance, transform
         self.classes = [f"fractal_{c:04d}" for c in range(categories)]
@@ -110,24 +147,40 @@ class FractalDB(Dataset):
     def __len__(self) -> int:
         return self.categories * self.instances
 
+    def system(self, category: int) -> tuple[np.ndarray, np.ndarray]:
+        """The category's IFS (maps, probabilities), searched once per process."""
+        if category not in self._systems:
+            self._systems[category] = category_system(category, self.seed)
+        return self._systems[category]
+
     def __getitem__(self, index: int):
         category, instance = divmod(index, self.instances)
         image = self._cache.get(index)
         if image is None:
-            if category not in self._systems:
-                self._systems[category] = category_system(category, self.seed)
-            maps, probs = self._systems[category]
+            maps, probs = self.system(category)
             image = render_instance(maps, probs, self.first_instance + instance, category, self.size, self.seed)
             self._cache[index] = image
         return (self.transform(image) if self.transform else image), category
 
 
 @DATASETS.register("fractaldb")
-def fractaldb(split: str, root: str | None = None, transform=None, categories: int = 100,
-              instances: int = 100, size: int = 32, seed: int = 0, val_instances: int = 10, **_):  # fmt: skip
-    """FractalDB-style data; ``train`` uses instances [0, instances), ``val`` the next ``val_instances``."""
+def fractaldb(
+    split: str, root: str | None = None, transform: Callable | None = None, categories: int = 100,
+    instances: int = 100, size: int = 32, seed: int = 0, val_instances: int = 10, **_,
+) -> FractalDB:  # fmt: skip
+    """FractalDB-style data (Kataoka et al., ACCV 2020), generated on the fly; ``root`` is unused.
+
+    Args:
+        split: ``train`` uses instances [0, instances) of every category; ``val`` (also served as ``test``) the
+            next ``val_instances``, so held-out images are new variations of the training categories.
+        categories: Number of IFS categories.
+        instances: Training images per category.
+        size: Image side in pixels.
+        seed: Seed of the whole set.
+        val_instances: Held-out images per category.
+    """
     if split == "train":
         return FractalDB(categories, instances, size, seed, transform)
     if split in ("val", "test"):
         return FractalDB(categories, val_instances, size, seed, transform, first_instance=instances)
-    raise DataError(f"fractaldb has the splits train and val, not '{split}'")
+    raise DataError(f"fractaldb has the splits train and val (also served as test), not '{split}'")
