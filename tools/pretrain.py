@@ -40,6 +40,7 @@ def main(argv: list[str]) -> int:
     import visionpeft as vp
     from visionpeft.checkpoint import atomic_write
     from visionpeft.config import load_config
+    from visionpeft.trainers.classification import build_experiment
     from visionpeft.trainers.classification import run as train
 
     config = load_config(args.config, args.overrides)
@@ -47,8 +48,6 @@ def main(argv: list[str]) -> int:
     start = time.time()
     results = train(config, run_dir)
     minutes = (time.time() - start) / 60
-    from visionpeft.trainers.classification import build_experiment
-
     model = build_experiment(config).model
     vp.detach(model)
     vp.load_adapter(model, run_dir / "best")
@@ -61,6 +60,7 @@ def main(argv: list[str]) -> int:
         json.loads(line).get("eval/top1", 0) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
     )
     params = sum(v.numel() for v in state.values())
+    size = config.model.img_size
     command = " ".join(["python tools/pretrain.py", args.config, *args.overrides])
     card = f"""# {name}
 
@@ -68,7 +68,7 @@ A tiny Vision Transformer pretrained by visionpeft on formula-driven synthetic i
 adapts a *pretrained* backbone with no download.
 
 - **Architecture**: timm `{config.model.name}` with `img_size={config.model.img_size}`, {dict(config.model.kwargs)}:
-  {params:,} parameters, 32 x 32 RGB input, {config.data.options.categories}-way fractal classifier head.
+  {params:,} parameters, {size} x {size} RGB input, {config.data.options.categories}-way fractal classifier head.
 - **Data**: {config.data.options.categories} FractalDB-style IFS categories x {config.data.options.instances} instances
   (Kataoka et al., ACCV 2020), rendered on the fly by `visionpeft/data/fractal.py` (seed {config.data.options.seed});
   no natural image was seen.
@@ -86,7 +86,7 @@ What it is not: a strong feature extractor - it has only seen synthetic shapes, 
 """
     atomic_write(args.out / f"{name}.md", lambda tmp: Path(tmp).write_text(card))
     print(f"wrote {weights} and {args.out / (name + '.md')} (best held-out top-1 {100 * accuracy:.2f}%)")
-    return 0 if results is not None else 1
+    return 0 if results.get("eval") is not None else 1
 
 
 if __name__ == "__main__":
