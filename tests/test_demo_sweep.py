@@ -36,3 +36,12 @@ def test_committed_gallery_names_the_command_that_made_it():
     assert f"`{made['command']}`" in (ROOT / "gallery" / "demo_results.md").read_text()
     assert {r["method"] for r in made["runs"]} == set(demo.RUNS)
     assert (ROOT / "gallery" / "demo_accuracy_vs_params.png").is_file()
+
+
+def test_report_is_redrawn_from_saved_runs_without_training(tmp_path):
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps({"command": "python tools/benchmark.py demo --epochs 8", "runs": _rows()}))
+    assert demo.main(["--from-json", str(saved), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "demo_results.md").read_text()
+    assert "`python tools/benchmark.py demo --epochs 8`" in text and "seeds 0, 1" in text
+    assert json.loads((tmp_path / "out" / "demo_results.json").read_text())["runs"] == _rows()
