@@ -75,3 +75,26 @@ def write_tiny_cifar100(root: Path, per_class: int = 1, seed: int = 0) -> Path:
     with open(folder / "meta", "wb") as f:
         pickle.dump({"fine_label_names": [f"class_{i}" for i in range(100)]}, f)
     return root
+
+
+def write_tiny_vtab(root: Path, task: str, num_classes: int, train_per_class: int = 4, test_per_class: int = 2) -> Path:
+    """Writes ``root/<task>/`` in the VPT / NOAH VTAB-1k layout: PNG images and the four list files."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = root / task
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    colours = rng.integers(0, 256, (num_classes, 3))
+    lists: dict[str, list[str]] = {"train800": [], "val200": [], "test": []}
+    counts = {"train800": train_per_class, "val200": max(1, train_per_class // 2), "test": test_per_class}
+    for split, per_class in counts.items():
+        for label in range(num_classes):
+            for i in range(per_class):
+                pixels = np.clip(colours[label] + rng.normal(0, 30, (24, 40, 3)), 0, 255).astype(np.uint8)
+                name = f"images/{split}_{label}_{i}.png"
+                Image.fromarray(pixels).save(folder / name)  # not square: the protocol's resize must handle it
+                lists[split].append(f"{name} {label}")
+    lists["train800val200"] = lists["train800"] + lists["val200"]
+    for split, lines in lists.items():
+        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root

@@ -9,10 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from _classify_utils import ROOT, tiny_config, write_pretrained_vit, write_tiny_cifar10
+from safetensors.torch import load_file
 
+import visionpeft as vp
 from visionpeft.config import load_config
+from visionpeft.errors import ConfigError
+from visionpeft.trainers import classification
 from visionpeft.trainers.classification import run
+from visionpeft.trainers.loop import Loop
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +27,27 @@ def setup(tmp_path_factory):
     data = write_tiny_cifar10(tmp / "data")
     checkpoint = write_pretrained_vit(tmp / "vit.safetensors")
     return tmp, tiny_config(tmp, checkpoint, data)
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """What a run builds (experiment, optimizer) and, per training forward, the modes of a frozen block and the head."""
+    seen: dict = {"modes": []}
+    build_experiment, build_optimizer = classification.build_experiment, classification.build_optimizer
+
+    def record(module, args):
+        if torch.is_grad_enabled():  # training forwards only
+            model = seen["exp"].model
+            seen["modes"].append((model.blocks[0].attn.training, model.head.training))
+
+    def build_and_watch(config):
+        seen["exp"] = build_experiment(config)
+        seen["exp"].model.blocks[0].register_forward_pre_hook(record)
+        return seen["exp"]
+
+    monkeypatch.setattr(classification, "build_experiment", build_and_watch)
+    monkeypatch.setattr(classification, "build_optimizer", lambda c, m: seen.setdefault("opt", build_optimizer(c, m)))
+    return seen
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -49,13 +76,33 @@ def test_methods_train_and_the_loss_goes_down(setup, method):
     assert not (run_dir / "best").exists()  # no validation split: no checkpoint is chosen on the test set
 
 
-def test_resume_continues_exactly(setup):
+def _tensorboard_steps(run_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_resume_continues_exactly(setup, monkeypatch):
+    """Stopped after epoch 1, crashed while saving epoch 2, resumed twice: the same run as an uninterrupted one."""
     tmp, config_path = setup
     straight = load_config(config_path, ["train.run_name=straight", "optim.epochs=3"])
     run(straight, tmp / "runs" / "straight", cpu=True)
     split = load_config(config_path, ["train.run_name=split", "optim.epochs=3"])
     run(split, tmp / "runs" / "split", stop_after=1, cpu=True)
     assert len(_epoch_losses(tmp / "runs" / "split")) == 1
+
+    save_state = Loop.save_state
+
+    def crash(self):
+        raise KeyboardInterrupt  # after epoch 2 was logged, before its state exists
+
+    monkeypatch.setattr(Loop, "save_state", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(split, tmp / "runs" / "split", resume=True, cpu=True)
+    assert len(_epoch_losses(tmp / "runs" / "split")) == 2
+    monkeypatch.setattr(Loop, "save_state", save_state)
     run(split, tmp / "runs" / "split", resume=True, cpu=True)
 
     def steps(name):
@@ -63,6 +110,8 @@ def test_resume_continues_exactly(setup):
 
     assert steps("split") == steps("straight")  # identical losses, step by step
     assert _epoch_losses(tmp / "runs" / "split") == _epoch_losses(tmp / "runs" / "straight")
+    for tag in ("train/loss", "train/epoch_loss"):  # the crashed epoch's TensorBoard events were purged
+        assert _tensorboard_steps(tmp / "runs" / "split", tag) == _tensorboard_steps(tmp / "runs" / "straight", tag)
 
 
 def test_two_processes_match_one_with_the_same_global_batch(setup):
@@ -81,3 +130,38 @@ def test_two_processes_match_one_with_the_same_global_batch(setup):
     assert test_one["test/top1"] == test_two["test/top1"]
     assert test_one["test/loss"] == pytest.approx(test_two["test/loss"], rel=1e-3)
     assert _epoch_losses(tmp / "runs" / "procs1") == pytest.approx(_epoch_losses(tmp / "runs" / "procs2"), rel=1e-3)
+
+
+def test_only_method_and_head_train_and_vpt_keeps_the_backbone_in_eval_mode(setup, captured):
+    tmp, config_path = setup
+    config = load_config(config_path, ["train.run_name=frozen", "optim.epochs=2", "method.dropout=0.1"])
+    run(config, tmp / "runs" / "frozen", cpu=True)
+    model, optimizer = captured["exp"].model, captured["opt"]
+    assert captured["modes"] and set(captured["modes"]) == {(False, True)}  # VPT: frozen encoder in eval mode
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for _, p in vp.trainable_parameters(model)}
+    assert set(vp.count_parameters(model)["by_group"]) == {"vpt", "head"}
+    vp.detach(model)  # the original model: every pretrained weight but the new head untouched
+    pretrained = load_file(config.model.checkpoint)
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(tensor, pretrained[name]), name
+
+
+def test_accumulation_keeps_the_batch_per_step_and_bf16_trains(setup):
+    """data.batch_size is the batch per optimizer step: 2 micro-batches of 5 equal 1 batch of 10."""
+    tmp, config_path = setup
+    base = ["optim.epochs=2", "data.batch_size=10", "optim.name=sgd", "optim.lr=0.05"]
+    results = {}
+    for name, extra in (("accum1", []), ("accum2", ["optim.grad_accum=2"]), ("bf16", ["train.mixed_precision=bf16"])):
+        config = load_config(config_path, [*base, *extra, f"train.run_name={name}"])
+        results[name] = run(config, tmp / "runs" / name, cpu=True)
+    one, two = _records(tmp / "runs" / "accum1"), _records(tmp / "runs" / "accum2")
+    assert [r["step"] for r in one if "train/loss" in r] == [r["step"] for r in two if "train/loss" in r]
+    assert [r["lr"] for r in one if "lr" in r] == pytest.approx([r["lr"] for r in two if "lr" in r])
+    assert _epoch_losses(tmp / "runs" / "accum1") == pytest.approx(_epoch_losses(tmp / "runs" / "accum2"), rel=1e-4)
+    assert results["accum1"]["test"]["loss"] == pytest.approx(results["accum2"]["test"]["loss"], rel=1e-4)
+    bf16 = _epoch_losses(tmp / "runs" / "bf16")
+    assert bf16 == pytest.approx(_epoch_losses(tmp / "runs" / "accum1"), rel=0.05) and bf16[-1] < bf16[0]
+    with pytest.raises(ConfigError, match=r"batch_size 10 is not divisible by 1 process\(es\) x optim.grad_accum 3"):
+        run(load_config(config_path, [*base, "optim.grad_accum=3", "train.run_name=bad"]), tmp / "bad", cpu=True)

@@ -51,8 +51,9 @@ class DataConfig:
     root: Where the data lives (or goes, with ``download``).
     download: Let torchvision download when ``root`` lacks the files.
     train_split / val_split / test_split: Split names passed to the dataset (None skips that split).
-    batch_size: Global batch size (split over processes; see ``optim.grad_accum``).
-    eval_batch_size: Batch size for evaluation.
+    batch_size: Images per optimizer step (the recipe's batch), whatever the hardware: each of P processes
+        loads ``batch_size / (P * optim.grad_accum)`` images per micro-batch.
+    eval_batch_size: Batch size for evaluation, per process.
     num_workers: DataLoader workers.
     img_size: Input resolution.
     augment: ``none`` (resize only, the VTAB protocol) or ``crop_flip`` (random resized crop + flip).
@@ -86,7 +87,7 @@ class OptimConfig:
     weight_decay / momentum: Optimizer settings.
     epochs / warmup_epochs: Schedule length; linear warmup then cosine decay to ``min_lr``.
     label_smoothing: Cross-entropy label smoothing.
-    grad_accum: Gradient accumulation steps.
+    grad_accum: Micro-batches accumulated per optimizer step (``data.batch_size`` stays the batch per step).
     clip_grad: Max gradient norm (None: no clipping).
     """
 
@@ -252,6 +253,35 @@ def _check_choices(config: DictConfig) -> None:
         value = OmegaConf.select(config, key, default="<absent>")
         if value != "<absent>" and value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {value!r}")
+    at_least = {
+        "data.batch_size": 1,
+        "data.eval_batch_size": 1,
+        "data.num_workers": 0,
+        "data.img_size": 1,
+        "data.shots": 1,
+        "optim.lr": 0,
+        "optim.weight_decay": 0,
+        "optim.epochs": 1,
+        "optim.warmup_epochs": 0,
+        "optim.grad_accum": 1,
+        "optim.clip_grad": 0,
+        "optim.label_smoothing": 0,
+        "train.eval_every": 1,
+        "train.log_every": 1,
+    }
+    for key, low in at_least.items():
+        value = OmegaConf.select(config, key, default=None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+            raise ConfigError(f"config key '{key}' must be at least {low}, got {value!r}")
+    epochs, warmup = (OmegaConf.select(config, f"optim.{k}", default=None) for k in ("epochs", "warmup_epochs"))
+    if isinstance(epochs, int) and isinstance(warmup, int) and warmup > epochs:
+        raise ConfigError(
+            f"optim.warmup_epochs ({warmup}) exceeds optim.epochs ({epochs}), so the learning rate would never reach "
+            "its peak; lower optim.warmup_epochs too"
+        )
+    smoothing = OmegaConf.select(config, "optim.label_smoothing", default=None)
+    if isinstance(smoothing, float) and smoothing >= 1:
+        raise ConfigError(f"config key 'optim.label_smoothing' must be below 1, got {smoothing!r}")
 
 
 def save_config(config: DictConfig, path: Path) -> None:

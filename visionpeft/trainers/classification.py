@@ -192,10 +192,14 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process and not resume:
         save_config(config, run_dir / "config.yaml")
-    per_process = config.data.batch_size // accelerator.num_processes
-    if per_process * accelerator.num_processes != config.data.batch_size:
+    # data.batch_size is the recipe's batch per optimizer step, whatever the hardware: each process loads
+    # batch_size / (processes x grad_accum) images per micro-batch.
+    shards = accelerator.num_processes * config.optim.grad_accum
+    per_process = config.data.batch_size // shards
+    if per_process * shards != config.data.batch_size:
         raise ConfigError(
-            f"data.batch_size {config.data.batch_size} is not divisible by {accelerator.num_processes} processes"
+            f"data.batch_size {config.data.batch_size} is not divisible by {accelerator.num_processes} process(es) "
+            f"x optim.grad_accum {config.optim.grad_accum}"
         )
     seed = config.train.seed
     data = config.data

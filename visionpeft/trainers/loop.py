@@ -66,6 +66,14 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Call
 
 
 def make_accelerator(cfg: LoopConfig, cpu: bool = False) -> Accelerator:
+    """An accelerator for one run; several runs with different precisions may share a process (sweeps, notebooks)."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and (shared.get("_mixed_precision"), shared.get("_cpu")) != (cfg.mixed_precision, cpu):
+        # accelerate keeps one process-wide state and refuses a second precision; the distributed set-up (the
+        # PartialState) is kept, only the per-run settings are dropped.
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -117,6 +125,7 @@ class Loop:
         self.eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
         self.epoch, self.step, self.best = 0, 0, -math.inf
         self._writer = None
+        self._purge_step: int | None = None  # on resume: TensorBoard drops events logged after the saved state
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
     @property
@@ -132,7 +141,7 @@ class Loop:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
         for key, value in record.items():
             if key not in ("epoch", "step") and isinstance(value, (int, float)):
                 self._writer.add_scalar(key, value, record.get("step", self.step))
@@ -162,6 +171,7 @@ class Loop:
         self.accelerator.load_state(str(state))
         progress = json.loads((state / "progress.json").read_text())
         self.epoch, self.step, self.best = progress["epoch"], progress["step"], progress["best"]
+        self._purge_step = self.step + 1
         log = self.run_dir / "metrics.jsonl"
         if self.accelerator.is_main_process and log.exists():
             kept = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= self.epoch]
