@@ -45,3 +45,10 @@ def test_report_is_redrawn_from_saved_runs_without_training(tmp_path):
     text = (tmp_path / "out" / "demo_results.md").read_text()
     assert "`python tools/benchmark.py demo --epochs 8`" in text and "seeds 0, 1" in text
     assert json.loads((tmp_path / "out" / "demo_results.json").read_text())["runs"] == _rows()
+
+
+def test_readme_shows_the_committed_gallery_table():
+    gallery = (ROOT / "gallery" / "demo_results.md").read_text()
+    rows = [line for line in gallery.splitlines() if line.startswith("| ")]
+    readme = (ROOT / "README.md").read_text()
+    assert rows and all(row in readme for row in rows)
