@@ -106,10 +106,11 @@ def test_dreambooth_lora_with_prior_preservation(setup):
     assert abs(_sample(ours, "a photo of sks box") - _sample(theirs, "a photo of sks box")).max() < 1e-4
 
 
-def test_difffit_run_writes_plain_merged_unet(setup):
+def test_difffit_run_with_ema_writes_plain_merged_unet(setup):
     from diffusers import UNet2DConditionModel
 
-    run_dir, losses = _train(setup, "difffit_sd15", "token=sks box", "optim.lr=0.01", "train.validation_prompts=[]")
+    run_dir, losses = _train(setup, "difffit_sd15", "token=sks box", "optim.lr=0.01", "train.validation_prompts=[]",
+                             "train.ema_decay=0.9")  # fmt: skip
     before, after = _before_after(setup, run_dir, "a photo of sks box", "difffit")
     assert after < before
     ours = vp.load_adapter(load_pipeline(str(setup / "pipe")), run_dir / "adapter")

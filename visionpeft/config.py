@@ -268,6 +268,13 @@ def _check_choices(config: DictConfig) -> None:
         "optim.label_smoothing": 0,
         "train.eval_every": 1,
         "train.log_every": 1,
+        "train.ema_decay": 0,
+        # the diffusion trainers' keys
+        "data.size": 1,
+        "data.repeats": 1,
+        "optim.steps": 1,
+        "optim.batch_size": 1,
+        "train.validation_every": 1,
     }
     for key, low in at_least.items():
         value = OmegaConf.select(config, key, default=None)
@@ -279,6 +286,9 @@ def _check_choices(config: DictConfig) -> None:
             f"optim.warmup_epochs ({warmup}) exceeds optim.epochs ({epochs}), so the learning rate would never reach "
             "its peak; lower optim.warmup_epochs too"
         )
+    decay = OmegaConf.select(config, "train.ema_decay", default=None)
+    if isinstance(decay, float) and decay > 1:
+        raise ConfigError(f"config key 'train.ema_decay' must be at most 1, got {decay!r}")
     smoothing = OmegaConf.select(config, "optim.label_smoothing", default=None)
     if isinstance(smoothing, float) and smoothing >= 1:
         raise ConfigError(f"config key 'optim.label_smoothing' must be below 1, got {smoothing!r}")

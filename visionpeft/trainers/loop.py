@@ -8,10 +8,11 @@ RNG states at epoch boundaries, a seeded per-epoch data order).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +31,12 @@ from ..checkpoint import atomic_write
 
 @dataclass
 class LoopConfig:
-    """Attributes mirror the ``optim`` and ``train`` config sections."""
+    """Attributes mirror the ``optim`` and ``train`` config sections.
+
+    ``ema_decay``: keep an exponential moving average of the trained parameters (diffusers' ``EMAModel``, with its
+    ``(1 + step) / (10 + step)`` ramp capped at ``ema_decay``); evaluation and the weights a finished run leaves
+    in the model are the average. None: no EMA.
+    """
 
     epochs: int
     warmup_epochs: int = 0
@@ -41,6 +47,7 @@ class LoopConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 1
+    ema_decay: float | None = None
 
 
 class Task(Protocol):
@@ -126,6 +133,13 @@ class Loop:
         self.epoch, self.step, self.best = 0, 0, -math.inf
         self._writer = None
         self._purge_step: int | None = None  # on resume: TensorBoard drops events logged after the saved state
+        self._trained = [p for _, p in vp.trainable_parameters(self.unwrapped)]
+        self.ema = None
+        if cfg.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self._trained, decay=cfg.ema_decay)
+            accelerator.register_for_checkpointing(self.ema)  # resumes with the average, not a fresh copy
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
     @property
@@ -177,6 +191,19 @@ class Loop:
             kept = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= self.epoch]
             atomic_write(log, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
 
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Within the block the model carries the EMA weights (if any); the trained ones come back after."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self._trained)
+        self.ema.copy_to(self._trained)
+        try:
+            yield
+        finally:
+            self.ema.restore(self._trained)
+
     # -- training -----------------------------------------------------------------------------------------------
     def train_epoch(self) -> float:
         accelerator, cfg = self.accelerator, self.cfg
@@ -200,6 +227,8 @@ class Loop:
             total, count = total + value, count + 1
             if accelerator.sync_gradients:
                 self.step += 1
+                if self.ema is not None:
+                    self.ema.step(self._trained)
                 if self.step % cfg.log_every == 0:
                     lr = self.scheduler.get_last_lr()[0]
                     self._log({"epoch": self.epoch + 1, "step": self.step, "train/loss": value, "lr": lr})
@@ -223,18 +252,20 @@ class Loop:
             if self.eval_loader is not None and (
                 self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs
             ):
-                last_metrics = self.evaluate()
-                record.update({f"eval/{k}": v for k, v in last_metrics.items()})
-                if self.select_best and last_metrics[self.task.metric] > self.best:
-                    score = last_metrics[self.task.metric]
-                    self.best = score
-                    if self.accelerator.is_main_process:
-                        vp.save_adapter(self.unwrapped, self.run_dir / "best")
+                with self.ema_weights():
+                    last_metrics = self.evaluate()
+                    record.update({f"eval/{k}": v for k, v in last_metrics.items()})
+                    if self.select_best and last_metrics[self.task.metric] > self.best:
+                        self.best = last_metrics[self.task.metric]
+                        if self.accelerator.is_main_process:
+                            vp.save_adapter(self.unwrapped, self.run_dir / "best")
             self._log(record)
             if self.accelerator.is_main_process:
                 summary = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "step"))
                 tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs}: {summary}")
             self.save_state()
+        if self.ema is not None and self.epoch == self.cfg.epochs:
+            self.ema.copy_to(self._trained)  # a finished run leaves the average in the model
         if self._writer is not None:
             self._writer.flush()
         return last_metrics

@@ -85,10 +85,14 @@ class PersonalizeOptim:
 
 @dataclass
 class PersonalizeTrain:
+    """Run settings. ``ema_decay``: keep an EMA of the trained weights (diffusers' ``--use_ema`` uses 0.9999);
+    validation images and the saved files then use the average. None (default): no EMA."""
+
     seed: int = 0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     xformers: bool = False
+    ema_decay: float | None = None
     validation_prompts: list[str] = field(default_factory=list)
     validation_every: int = 500
     validation_images: int = 2
@@ -245,7 +249,7 @@ def run(config: DictConfig, run_dir: Path, resume: bool = False, cpu: bool = Fal
     optim = config.optim
     loop_cfg = LoopConfig(epochs=1, grad_accum=optim.grad_accum, clip_grad=optim.clip_grad,
                           mixed_precision=config.train.mixed_precision, seed=config.train.seed,
-                          log_every=config.train.log_every)  # fmt: skip
+                          log_every=config.train.log_every, ema_decay=config.train.ema_decay)  # fmt: skip
     accelerator = make_accelerator(loop_cfg, cpu=cpu)
     batch = optim.batch_size
     steps_per_epoch = math.ceil(len(dataset) / (batch * accelerator.num_processes) / optim.grad_accum)

@@ -1,0 +1,75 @@
+"""The training loop's EMA: the finished model holds diffusers' EMAModel average of the trained weights, evaluation
+sees the average, and a resumed run continues the average exactly."""
+
+from __future__ import annotations
+
+import torch
+from tiny_models import tiny_vit
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import visionpeft as vp
+from visionpeft.trainers.loop import Loop, LoopConfig, make_accelerator
+
+
+class Regression:
+    metric = "neg_loss"
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(model(x), y)
+
+    def evaluate(self, model: nn.Module, loader, accelerator) -> dict[str, float]:
+        self.seen.append(model.head.weight.detach().clone())  # the weights evaluation ran with
+        return {"neg_loss": -sum(self.loss(model, b).item() for b in loader)}
+
+
+def _loop(run_dir, decay, epochs=3, seed=0):
+    model = vp.attach(tiny_vit(), "linear")  # a linear probe: the head is what trains
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 3, 32, 32, generator=generator)
+    data = TensorDataset(x, torch.randn(16, model.head.out_features, generator=generator))
+    loader = DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = LoopConfig(epochs=epochs, ema_decay=decay, log_every=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    return Loop(model, Regression(), optimizer, loader, DataLoader(data, batch_size=8), run_dir, cfg,
+                make_accelerator(cfg, cpu=True), select_best=False)  # fmt: skip
+
+
+def test_finished_model_holds_the_ema_of_every_step(tmp_path):
+    loop = _loop(tmp_path / "ema", decay=0.8)
+    trajectory = [loop.unwrapped.head.weight.detach().clone()]
+    loop.optimizer.step = _recording(loop.optimizer.step, loop.unwrapped, trajectory)
+    loop.fit()
+    expected = trajectory[0]
+    for step, weight in enumerate(trajectory[1:], start=1):  # EMAModel: decay 0 at step 1, then (1+s)/(10+s) <= 0.8
+        decay = 0.0 if step == 1 else min(0.8, step / (9 + step))
+        expected = decay * expected + (1 - decay) * weight
+    torch.testing.assert_close(loop.unwrapped.head.weight.detach(), expected)
+    assert not torch.allclose(expected, trajectory[-1])  # the average is not the last step
+    torch.testing.assert_close(loop.task.seen[-1], expected)  # evaluation used the average too
+
+
+def _recording(step, model, trajectory):
+    def wrapped(*args, **kwargs):
+        out = step(*args, **kwargs)
+        trajectory.append(model.head.weight.detach().clone())
+        return out
+
+    return wrapped
+
+
+def test_resumed_run_continues_the_average_exactly(tmp_path):
+    straight = _loop(tmp_path / "straight", decay=0.9)
+    straight.fit()
+    first = _loop(tmp_path / "split", decay=0.9)
+    first.fit(stop_after=1)
+    resumed = _loop(tmp_path / "split", decay=0.9)
+    resumed.load_state()
+    assert resumed.ema.optimization_step == first.ema.optimization_step == 4
+    resumed.fit()
+    torch.testing.assert_close(resumed.unwrapped.head.weight, straight.unwrapped.head.weight, rtol=0, atol=0)
