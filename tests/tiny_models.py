@@ -69,7 +69,7 @@ def tiny_dit(seed: int = 0) -> torch.nn.Module:
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)
-    return DiTTransformer2DModel(
+    model = DiTTransformer2DModel(
         num_attention_heads=2,
         attention_head_dim=8,
         in_channels=4,
@@ -79,6 +79,9 @@ def tiny_dit(seed: int = 0) -> torch.nn.Module:
         patch_size=2,
         num_embeds_ada_norm=10,
     ).eval()
+    for block in model.transformer_blocks[1:]:  # as in converted DiT checkpoints: one embedder, copied per block
+        block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
+    return model
 
 
 class Case:

@@ -111,6 +111,8 @@ def attach(model: Any, methods: MethodSpec | Sequence[MethodSpec], **options: An
     except BaseException:
         for method in reversed(added):
             method.detach()
+        if fresh:
+            state.backbone.release()
         raise
     state.methods.extend(added)
     if fresh:
@@ -151,6 +153,7 @@ def detach(model: Any) -> Any:
     if head is not None and state.head_original:
         head.load_state_dict(state.head_original)
     _restore_requires_grad(target, state)
+    state.backbone.release()
     del target.__dict__[_STATE]
     return model
 
@@ -186,6 +189,7 @@ def merge(model: Any, methods: Sequence[str] | None = None) -> Any:
         _apply_requires_grad(target, state)
     else:
         _restore_requires_grad(target, state)
+        state.backbone.release()
         del target.__dict__[_STATE]
     return model
 

@@ -192,6 +192,10 @@ class Backbone:
         """The task head trained with every method (a classifier), or None."""
         return None
 
+    def release(self) -> None:
+        """Undoes what the adapter changed in the model's structure on construction (nothing, by default);
+        called when the last method is detached or merged."""
+
     def head_name(self) -> str:
         """Model-relative module path of the head."""
         for name, module in self.model.named_modules():

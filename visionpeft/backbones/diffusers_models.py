@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from torch import nn
 
 from .base import Backbone, Block, Branch, Projection, Tower
@@ -98,14 +101,21 @@ class DiffusersUNet(Backbone):
 
 
 class DiffusersDiT(Backbone):
-    """Adapter for ``diffusers.DiTTransformer2DModel``: its adaLN-Zero transformer blocks; the per-block class
-    embedders are the "class condition module" DiffFit trains."""
+    """Adapter for ``diffusers.DiTTransformer2DModel``: its adaLN-Zero transformer blocks.
+
+    The original DiT has one timestep embedder and one class-label table; diffusers' conversion copies them into
+    every block (``transformer_blocks.i.norm1.emb``, and the final layer reads block 0's). While methods are
+    attached, identical copies are shared as the one module they were, so DiffFit trains the paper's single
+    "class condition module" (and one set of timestep-embedder biases), not 28 diverging copies. Outputs do not
+    change; :meth:`release` gives every block its own copy again (what ``save_pretrained`` needs).
+    """
 
     family = "diffusers_dit"
     default_tower = "dit"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
+        self.shared_condition = _share_condition_embedders(model)
         blocks = [transformer_block(f"blocks.{i}", blk) for i, blk in enumerate(model.transformer_blocks)]
         self.towers["dit"] = Tower(
             "dit", "", blocks, lambda name: True, condition=lambda name: ".class_embedder." in name
@@ -115,11 +125,50 @@ class DiffusersDiT(Backbone):
     def matches(cls, model: nn.Module) -> bool:
         return _is_diffusers(model, "DiTTransformer2DModel")
 
+    def class_table(self) -> nn.Embedding:
+        """The class-label embedding table (``num_embeds_ada_norm`` classes + the null class of guidance)."""
+        return self.model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+
+    def label_embedders(self) -> list[nn.Module]:
+        """The distinct modules embedding class labels (in train mode each drops labels to the null class)."""
+        found = {id(b.norm1.emb.class_embedder): b.norm1.emb.class_embedder for b in self.model.transformer_blocks}
+        return list(found.values())
+
+    def release(self) -> None:
+        if self.shared_condition:
+            for block in self.model.transformer_blocks[1:]:
+                block.norm1.emb = copy.deepcopy(block.norm1.emb)
+            self.shared_condition = False
+
     def describe(self) -> dict:
         info = super().describe()
         cfg = self.model.config
         info.update(num_layers=cfg.num_layers, inner_dim=cfg.num_attention_heads * cfg.attention_head_dim)
         return info
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.is_meta or b.is_meta:  # no values to compare: a meta model (parameter counting) is shared by shape
+        return a.shape == b.shape
+    return torch.equal(a, b)
+
+
+def _share_condition_embedders(model: nn.Module) -> bool:
+    """Makes every block use block 0's timestep + class embedder when all copies are equal; says if it did."""
+    embedders = [getattr(getattr(b, "norm1", None), "emb", None) for b in model.transformer_blocks]
+    if len(embedders) < 2 or any(e is None for e in embedders):
+        return False
+    first = embedders[0]
+    if all(e is first for e in embedders):
+        return True
+    reference = first.state_dict()
+    for other in embedders[1:]:
+        state = other.state_dict()
+        if state.keys() != reference.keys() or not all(_same(state[k], reference[k]) for k in reference):
+            return False
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb = first
+    return True
 
 
 def _text_model(text_encoder: nn.Module) -> nn.Module:
