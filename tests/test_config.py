@@ -111,3 +111,10 @@ def test_base_cycle_is_an_error(tmp_path):
     _write(tmp_path / "b.yaml", "_base_: a.yaml\n")
     with pytest.raises(ConfigError, match="includes itself through _base_"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_mixed_precision_no_survives_yaml_booleans(tmp_path):
+    path = _write(tmp_path / "run.yaml", "train: {mixed_precision: no}\n")  # YAML 1.1: `no` is false
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(path, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"

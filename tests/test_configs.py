@@ -13,9 +13,11 @@ EXPERIMENTS = [p for p in CONFIGS if "_base_" not in p.parts]
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_config_loads(path):
+    from visionpeft.trainers.class_conditional import ClassConditionalConfig
     from visionpeft.trainers.personalization import PersonalizeConfig
 
-    config = load_config(path, schema_class=PersonalizeConfig if "personalize" in path.parts else None)
+    schemas = {"personalize": PersonalizeConfig, "class_conditional": ClassConditionalConfig}
+    config = load_config(path, schema_class=next((schemas[p] for p in path.parts if p in schemas), None))
     assert config.train.run_name == path.stem
 
 

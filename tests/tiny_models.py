@@ -65,7 +65,7 @@ def tiny_unet(seed: int = 0) -> torch.nn.Module:
     ).eval()
 
 
-def tiny_dit(seed: int = 0) -> torch.nn.Module:
+def tiny_dit(seed: int = 0, num_classes: int = 10) -> torch.nn.Module:
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)
@@ -77,7 +77,7 @@ def tiny_dit(seed: int = 0) -> torch.nn.Module:
         num_layers=2,
         sample_size=8,
         patch_size=2,
-        num_embeds_ada_norm=10,
+        num_embeds_ada_norm=num_classes,
     ).eval()
     for block in model.transformer_blocks[1:]:  # as in converted DiT checkpoints: one embedder, copied per block
         block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
@@ -146,9 +146,35 @@ CASES = {
 }
 
 
+def tiny_vae():
+    """A 2-level KL autoencoder: 4 latent channels at half the image size."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+
+
+def tiny_dit_pipeline(seed: int = 0):
+    """A DiTPipeline with a tiny ImageNet-shaped DiT (1000 classes + the null class, learned sigma) at 16 px."""
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    pipe = DiTPipeline(transformer=tiny_dit(seed, num_classes=1000), vae=tiny_vae(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_sd_pipeline(directory, seed: int = 0):
     """A complete Stable Diffusion pipeline with tiny U-Net, VAE and CLIP text encoder (random weights)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from visionpeft.data.clip_vocab import clip_tokenizer
@@ -166,18 +192,8 @@ def tiny_sd_pipeline(directory, seed: int = 0):
             projection_dim=16,
         )
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
     pipe = StableDiffusionPipeline(
-        vae=vae,
+        vae=tiny_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=tiny_unet(seed),

@@ -11,34 +11,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from _cli import run
+from _cli import add_run_arguments, resolve_run, run
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?")
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--resume", type=Path)
-    parser.add_argument("--stop-after", type=int, help="train at most this many epochs now")
-    parser.add_argument("--cpu", action="store_true")
+    add_run_arguments(parser)
     args = parser.parse_intermixed_args(argv)
 
-    from visionpeft.config import load_config
-    from visionpeft.errors import ConfigError
     from visionpeft.trainers.personalization import PersonalizeConfig
     from visionpeft.trainers.personalization import run as personalize
 
-    if args.resume:
-        config, run_dir = load_config(args.resume / "config.yaml", schema_class=PersonalizeConfig), args.resume
-    elif not args.config:
-        parser.error("a config file is required (or --resume RUN_DIR)")
-    else:
-        config = load_config(args.config, args.overrides, schema_class=PersonalizeConfig)
-        run_dir = Path(config.train.output_dir) / config.train.run_name
-        if (run_dir / "state").exists():
-            raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another train.run_name")
+    config, run_dir = resolve_run(args, parser, PersonalizeConfig)
     result = personalize(config, run_dir, resume=args.resume is not None, cpu=args.cpu, stop_after=args.stop_after)
     for path in result["outputs"]:
         print(f"wrote {path}")

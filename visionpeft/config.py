@@ -235,6 +235,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, sch
     normalize_methods(plain)
     if config.train.run_name is None and path is not None:
         config.train.run_name = Path(path).stem
+    if config.train.mixed_precision == "False":  # YAML reads a bare `no` as false; accelerate's spelling is "no"
+        config.train.mixed_precision = "no"
     _check_choices(config)
     OmegaConf.set_readonly(config, True)
     return config
@@ -246,6 +248,7 @@ def _check_choices(config: DictConfig) -> None:
         "model.clip_head": ("linear", "prompts"),
         "data.augment": ("none", "crop_flip"),
         "data.class_split": (None, "base", "new"),
+        "data.class_init": ("normal", "keep"),
         "optim.name": ("sgd", "adamw"),
         "train.mixed_precision": ("no", "fp16", "bf16"),
     }
@@ -275,6 +278,8 @@ def _check_choices(config: DictConfig) -> None:
         "optim.steps": 1,
         "optim.batch_size": 1,
         "train.validation_every": 1,
+        "train.validation_images": 1,
+        "train.class_dropout": 0,
     }
     for key, low in at_least.items():
         value = OmegaConf.select(config, key, default=None)

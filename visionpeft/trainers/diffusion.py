@@ -26,12 +26,41 @@ class DiffusionParts:
 
     @classmethod
     def from_pipeline(cls, pipeline) -> DiffusionParts:
-        from diffusers import DDPMScheduler
+        return cls(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, training_scheduler(pipeline))
 
-        scheduler = DDPMScheduler.from_config(
-            pipeline.scheduler.config
-        )  # training always uses the DDPM forward process
-        return cls(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, scheduler)
+
+def training_scheduler(pipeline):
+    """A DDPM scheduler with the pipeline's noise schedule: training always uses the DDPM forward process,
+    whatever sampler the pipeline ships with."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipeline.scheduler.config)
+
+
+@dataclass
+class Noised:
+    """One batch taken through the forward process."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    noisy: torch.Tensor
+
+
+def noise_latents(vae: nn.Module, scheduler, pixel_values: torch.Tensor, generator: torch.Generator | None = None,
+                  noise_offset: float = 0.0) -> Noised:  # fmt: skip
+    """VAE latents of the images (scaled by the VAE's factor), noise (optionally offset), uniform timesteps."""
+    device = pixel_values.device
+    with torch.no_grad():
+        latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device, dtype=latents.dtype
+        )
+    steps = scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device="cpu").to(device)
+    return Noised(latents, noise, timesteps, scheduler.add_noise(latents, noise, timesteps))
 
 
 def expand_placeholders(prompts: list[str], tokenizer) -> list[str]:
@@ -83,33 +112,35 @@ def diffusion_loss(
         snr_gamma: Min-SNR-gamma weighting (Hang et al. 2023; 5.0 recommended), None to disable.
         reduction: ``mean`` over the batch or ``none`` for per-sample losses (prior preservation splits them).
     """
-    vae, scheduler = parts.vae, parts.scheduler
-    device = pixel_values.device
-    with torch.no_grad():
-        latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn(
-            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device, dtype=latents.dtype
-        )
-    steps = scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device="cpu").to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    scheduler = parts.scheduler
+    batch = noise_latents(parts.vae, scheduler, pixel_values, generator, noise_offset)
     hidden = encode_prompts(parts, prompts)
-    prediction = parts.unet(noisy, timesteps, hidden.to(parts.unet.dtype)).sample.float()
+    prediction = parts.unet(batch.noisy, batch.timesteps, hidden.to(parts.unet.dtype)).sample.float()
     if scheduler.config.prediction_type == "epsilon":
-        target = noise
+        target = batch.noise
     elif scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
+        target = scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
     else:
         raise ValueError(f"unsupported prediction type {scheduler.config.prediction_type}")
     per_sample = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         from diffusers.training_utils import compute_snr
 
-        snr = compute_snr(scheduler, timesteps)
+        snr = compute_snr(scheduler, batch.timesteps)
         weight = torch.clamp(snr, max=snr_gamma) / snr
         if scheduler.config.prediction_type == "v_prediction":
             weight = torch.clamp(snr, max=snr_gamma) / (snr + 1)
         per_sample = per_sample * weight
     return per_sample if reduction == "none" else per_sample.mean()
+
+
+def freeze_in_precision(modules: list[nn.Module], mixed_precision: str) -> None:
+    """Under fp16 / bf16 mixed precision, stores the frozen weights in half precision and keeps the trained ones
+    in fp32 (the optimizer then never sees half-precision parameters: no "unscale FP16 gradients" errors)."""
+    if mixed_precision == "no":
+        return
+    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+    for module in modules:
+        for p in module.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)

@@ -29,7 +29,7 @@ from ..config import methods_of_config, save_config
 from ..data.few_images import FewImages, load_images
 from ..errors import ConfigError
 from ..registry import TRAINERS
-from .diffusion import DiffusionParts, diffusion_loss
+from .diffusion import DiffusionParts, diffusion_loss, freeze_in_precision
 from .loop import Loop, LoopConfig, make_accelerator
 
 
@@ -259,12 +259,7 @@ def run(config: DictConfig, run_dir: Path, resume: bool = False, cpu: bool = Fal
     lr = optim.lr * (batch * optim.grad_accum * accelerator.num_processes if optim.scale_lr else 1)
     params = [p for _, p in vp.trainable_parameters(adapted)]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=optim.weight_decay)
-    if config.train.mixed_precision != "no":  # frozen weights in half precision, trained ones kept in fp32
-        dtype = torch.float16 if config.train.mixed_precision == "fp16" else torch.bfloat16
-        for module in (pipeline.unet, pipeline.text_encoder, pipeline.vae):
-            for p in module.parameters():
-                if not p.requires_grad:
-                    p.data = p.data.to(dtype)
+    freeze_in_precision([pipeline.unet, pipeline.text_encoder, pipeline.vae], config.train.mixed_precision)
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=0,
                         generator=torch.Generator().manual_seed(config.train.seed))  # fmt: skip
     prompts = DataLoader(list(config.train.validation_prompts) or [""], batch_size=1)

@@ -1,0 +1,287 @@
+"""Class-conditional fine-tuning of a DiT pipeline on a labelled image dataset: DiffFit's setting.
+
+DiffFit (Xie et al., ICCV 2023) adapts an ImageNet DiT-XL/2 to a new dataset (Food101, Stanford Cars, ...) by
+training biases, norms, per-branch scales and the class-condition embedding. Here any diffusers ``DiTPipeline``
+(hub id or local folder) trains on any dataset of the toolkit (an ImageFolder tree, CIFAR, ...) with DiT's own
+objective (noise MSE + the variational-bound term for the learned variance, labels dropped to the null class with
+probability 0.1 for classifier-free guidance), EMA weights, validation grids every N steps, and resumable runs.
+
+The new dataset's classes take label ids 0..N-1 of the pretrained class table, whose size and null class (the last
+row, id 1000 for ImageNet DiTs, which ``DiTPipeline`` hard-codes) stay as they are, so the merged model loads in
+``DiTPipeline`` unchanged; ``data.class_init=normal`` re-initialises those N rows as DiT initialises its table
+(N(0, 0.02)), ``keep`` starts from the pretrained classes' rows. Outputs: ``adapter/`` (visionpeft) and, for
+methods that merge exactly, ``merged/``: a complete ``DiTPipeline`` folder whose ``id2label`` names the new classes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
+
+import visionpeft as vp
+
+from .. import data  # noqa: F401  (importing visionpeft.data registers the datasets)
+from ..adapter import backbone_of
+from ..backbones.diffusers_loading import load_pipeline
+from ..config import methods_of_config, save_config
+from ..errors import ConfigError, DataError, IncompatibleMethodError
+from ..registry import DATASETS, TRAINERS
+from .diffusion import freeze_in_precision, training_scheduler
+from .dit_loss import class_conditional_loss
+from .loop import Loop, LoopConfig, make_accelerator
+
+
+@dataclass
+class DiTPipelineSection:
+    """Attributes: name_or_path: hub id or local folder of a diffusers ``DiTPipeline``."""
+
+    name_or_path: str = "facebook/DiT-XL-2-256"
+
+
+@dataclass
+class ClassData:
+    """The labelled images: a dataset of the toolkit by name (``imagefolder`` reads ``root/<split>/<class>/``).
+
+    Attributes:
+        size: Training resolution (None: the pipeline's native one, ``sample_size`` x the VAE's factor).
+        flip: Random horizontal flips (DiT's only augmentation).
+        class_init: ``normal`` re-initialises the class rows the dataset uses (N(0, 0.02)); ``keep`` does not.
+    """
+
+    name: str = "imagefolder"
+    root: str | None = None
+    split: str = "train"
+    options: dict[str, Any] = field(default_factory=dict)
+    size: int | None = None
+    flip: bool = True
+    class_init: str = "normal"
+
+
+@dataclass
+class ClassOptim:
+    """AdamW without weight decay as DiT. DiffFit trains at 10x DiT's learning rate (1e-4 -> 1e-3); 24k steps with
+    batch 64 is the DiffFit setting as re-run by Diff-Tuning (Zhong et al., NeurIPS 2024) on the same benchmarks."""
+
+    lr: float = 1e-3
+    steps: int = 24000
+    batch_size: int = 64
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    clip_grad: float | None = None
+
+
+@dataclass
+class ClassTrain:
+    """Run settings. DiT keeps an EMA of its weights at 0.9999 and samples with it; ``class_dropout`` is DiT's
+    label-dropout rate for classifier-free guidance; ``learn_sigma`` adds the variational-bound term;
+    ``validation_every`` (steps) is rounded down to whole epochs, and the last step always validates."""
+
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = 0.9999
+    class_dropout: float = 0.1
+    learn_sigma: bool = True
+    validation_classes: list[str] = field(default_factory=list)
+    validation_every: int = 1000
+    validation_images: int = 4
+    validation_steps: int = 50
+    guidance_scale: float = 4.0
+    output_dir: str = "runs/class_conditional"
+    run_name: str | None = None
+    log_every: int = 10
+
+
+@dataclass
+class ClassConditionalConfig:
+    pipeline: DiTPipelineSection = field(default_factory=DiTPipelineSection)
+    method: Any = "difffit"
+    data: ClassData = field(default_factory=ClassData)
+    optim: ClassOptim = field(default_factory=ClassOptim)
+    train: ClassTrain = field(default_factory=ClassTrain)
+
+
+class Labelled(Dataset):
+    """(image in [-1, 1], label) pairs with DiT's preprocessing: resize the short side, centre crop, flip."""
+
+    def __init__(self, dataset: Dataset, size: int, flip: bool) -> None:
+        self.dataset = dataset
+        steps = [T.RGB(), T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(size)]
+        steps += [T.RandomHorizontalFlip()] if flip else []
+        to_tensor = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize([0.5] * 3, [0.5] * 3)]
+        self.transform = T.Compose([*steps, *to_tensor])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), int(label)
+
+
+class ClassDenoiser(nn.Module):
+    """The adapted transformer plus the frozen VAE, with DiT's loss as forward (what accelerate wraps)."""
+
+    def __init__(self, pipeline, cfg: DictConfig) -> None:
+        super().__init__()
+        self.transformer, self.vae = pipeline.transformer, pipeline.vae
+        self.__dict__["scheduler"] = training_scheduler(pipeline)
+        backbone = backbone_of(pipeline.transformer)
+        self.__dict__["label_embedders"] = backbone.label_embedders()
+        self.null_class = backbone.class_table().num_embeddings - 1
+        self.cfg = cfg
+
+    def forward(self, batch) -> torch.Tensor:
+        images, labels = batch
+        for embedder in self.label_embedders:  # labels are dropped here, once per sample, not once per block
+            embedder.eval()
+        drop = torch.rand(labels.shape[0], device=labels.device) < self.cfg.train.class_dropout
+        labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        losses = class_conditional_loss(self.transformer, self.vae, self.scheduler, images, labels,
+                                        learn_sigma=self.cfg.train.learn_sigma)  # fmt: skip
+        return losses.mean()
+
+
+class ClassValidation:
+    """ "Evaluation" samples ``validation_images`` per validation class with the pipeline and writes a grid."""
+
+    metric = "none"
+
+    def __init__(self, pipeline, cfg: DictConfig, run_dir: Path, label_ids: list[int]) -> None:
+        self.pipeline, self.cfg, self.run_dir, self.label_ids = pipeline, cfg, run_dir, label_ids
+        self.calls = 0
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        return model(batch)
+
+    def evaluate(self, model: nn.Module, loader, accelerator) -> dict[str, float]:
+        from diffusers.utils import make_image_grid
+
+        self.calls += 1
+        if not accelerator.is_main_process or not self.label_ids:
+            return {}
+        train, per_class = self.cfg.train, self.cfg.train.validation_images
+        generator = torch.Generator(device="cpu").manual_seed(train.seed)
+        self.pipeline.set_progress_bar_config(disable=True)
+        labels = [label for label in self.label_ids for _ in range(per_class)]
+        with accelerator.autocast():
+            images = self.pipeline(labels, guidance_scale=train.guidance_scale, generator=generator,
+                                   num_inference_steps=train.validation_steps).images  # fmt: skip
+        folder = self.run_dir / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        make_image_grid(images, rows=len(self.label_ids), cols=per_class).save(folder / f"{self.calls:03d}.png")
+        return {}
+
+
+def _dataset(cfg: DictConfig) -> Dataset:
+    dataset = DATASETS.get(cfg.data.name)(cfg.data.split, root=cfg.data.root, transform=None, **dict(cfg.data.options))
+    if not hasattr(dataset, "classes"):
+        raise DataError(f"dataset '{cfg.data.name}' does not say its classes")
+    if len(dataset) == 0:
+        raise DataError(f"dataset '{cfg.data.name}' split '{cfg.data.split}' is empty")
+    return dataset
+
+
+def _prepare_class_table(pipeline, cfg: DictConfig, classes: list[str]) -> None:
+    """Checks the classes fit the pretrained table, re-initialises their rows (``class_init=normal``)."""
+    backbone = backbone_of(pipeline.transformer)
+    table = backbone.class_table()
+    capacity = table.num_embeddings - 1
+    if len(classes) > capacity:
+        raise ConfigError(f"the dataset has {len(classes)} classes but the DiT's class table holds {capacity}")
+    if cfg.train.guidance_scale > 1 and cfg.train.validation_classes and capacity != 1000:
+        raise ConfigError(
+            f"DiTPipeline uses class id 1000 as the null class for guidance, but this DiT's null class is {capacity}; "
+            "set train.guidance_scale=1"
+        )
+    if cfg.data.class_init == "normal":
+        if not table.weight.requires_grad:
+            names = ", ".join(name for name, _ in vp.attached_methods(pipeline))
+            raise IncompatibleMethodError(
+                f"data.class_init=normal re-initialises the class rows, but {names} does not train the class "
+                "table; use data.class_init=keep"
+            )
+        with torch.no_grad():
+            table.weight[: len(classes)].normal_(0.0, 0.02)
+
+
+def save_outputs(pipeline, run_dir: Path, classes: list[str]) -> list[Path]:
+    """Writes the adapter and, when every method merges exactly, a complete ``DiTPipeline`` folder."""
+    import copy
+
+    written = [vp.save_adapter(pipeline.transformer, run_dir / "adapter")]
+    names = [n for n, _ in vp.attached_methods(pipeline.transformer)]
+    if set(names) <= {"difffit", "bitfit", "full", "lora"}:
+        transformer = vp.merge(copy.deepcopy(pipeline.transformer))
+        merged = type(pipeline)(transformer=transformer, vae=pipeline.vae, scheduler=pipeline.scheduler)
+        merged.save_pretrained(run_dir / "merged")
+        index = run_dir / "merged" / "model_index.json"
+        config = json.loads(index.read_text())
+        config["id2label"] = {str(i): name for i, name in enumerate(classes)}  # DiTPipeline reads it back
+        index.write_text(json.dumps(config, indent=2) + "\n")
+        written.append(run_dir / "merged")
+    return written
+
+
+@TRAINERS.register("class_conditional")
+def run(config: DictConfig, run_dir: Path, resume: bool = False, cpu: bool = False,
+        stop_after: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Trains; returns ``{"outputs": [paths], "steps": int, "classes": [...]}``."""
+    dataset = _dataset(config)  # fails early on a missing or corrupt dataset
+    classes = list(dataset.classes)
+    unknown = [c for c in config.train.validation_classes if c not in classes]
+    if unknown:
+        raise ConfigError(f"train.validation_classes {unknown} are not classes of the dataset ({', '.join(classes)})")
+    set_seed(config.train.seed)
+    pipeline = load_pipeline(config.pipeline.name_or_path)
+    if not hasattr(pipeline, "transformer") or not hasattr(pipeline, "get_label_ids"):
+        raise ConfigError(f"{config.pipeline.name_or_path} is not a class-conditional DiT pipeline")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_config(config, run_dir / "config.yaml")
+    vp.attach(pipeline, methods_of_config(config))
+    _prepare_class_table(pipeline, config, classes)
+    if config.train.gradient_checkpointing:
+        pipeline.transformer.enable_gradient_checkpointing()
+    vae_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    size = config.data.size or pipeline.transformer.config.sample_size * vae_factor
+    counts = vp.count_parameters(pipeline.transformer)
+    print(f"{len(dataset)} images, {len(classes)} classes; trainable {counts['trainable']:,} of {counts['total']:,}")
+    optim = config.optim
+    loop_cfg = LoopConfig(epochs=1, grad_accum=optim.grad_accum, clip_grad=optim.clip_grad,
+                          mixed_precision=config.train.mixed_precision, seed=config.train.seed,
+                          log_every=config.train.log_every, ema_decay=config.train.ema_decay)  # fmt: skip
+    accelerator = make_accelerator(loop_cfg, cpu=cpu)
+    shards = accelerator.num_processes * optim.grad_accum
+    if optim.batch_size % shards:
+        raise ConfigError(f"optim.batch_size {optim.batch_size} is not divisible by {shards} (processes x grad_accum)")
+    loader = DataLoader(Labelled(dataset, size, config.data.flip), batch_size=optim.batch_size // shards,
+                        shuffle=True, drop_last=len(dataset) >= optim.batch_size, num_workers=0,
+                        generator=torch.Generator().manual_seed(config.train.seed))  # fmt: skip
+    steps_per_epoch = max(1, math.ceil(len(loader) / optim.grad_accum))
+    loop_cfg.epochs = max(1, math.ceil(optim.steps / steps_per_epoch))
+    loop_cfg.eval_every = max(1, config.train.validation_every // steps_per_epoch)
+    params = [p for _, p in vp.trainable_parameters(pipeline.transformer)]
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    freeze_in_precision([pipeline.transformer, pipeline.vae], config.train.mixed_precision)
+    label_ids = [classes.index(c) for c in config.train.validation_classes]
+    task = ClassValidation(pipeline, config, run_dir, label_ids)
+    denoiser = ClassDenoiser(pipeline, config)
+    loop = Loop(denoiser, task, optimizer, loader, DataLoader([0]), run_dir, loop_cfg, accelerator,
+                select_best=False, adapted=pipeline.transformer)  # fmt: skip
+    if resume:
+        loop.load_state()
+    loop.fit(stop_after=stop_after)
+    outputs = save_outputs(pipeline, run_dir, classes) if accelerator.is_main_process else []
+    accelerator.end_training()
+    return {"outputs": outputs, "steps": loop.step, "classes": classes}
