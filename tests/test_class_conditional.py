@@ -150,3 +150,16 @@ def test_mistakes_are_one_line(setup, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert _finetune(setup, "bad4", "data.class_init=fresh") == 2
     assert "data.class_init' must be one of normal, keep" in capsys.readouterr().err
+
+
+def test_resumed_run_repeats_the_uninterrupted_one(setup):
+    def losses(name):
+        lines = (setup / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["train/loss"] for x in lines if "train/loss" in x]
+
+    short = ["optim.steps=8", "train.validation_classes=[]"]
+    assert _finetune(setup, "straight", *short) == 0
+    assert _finetune(setup, "split", *short, "--stop-after", "2") == 0
+    assert len(losses("split")) == 4
+    assert run(tool.main, ["--resume", str(setup / "runs" / "split"), "--cpu"]) == 0
+    assert losses("split") == losses("straight")

@@ -1,9 +1,10 @@
-"""The training loop's EMA: the finished model holds diffusers' EMAModel average of the trained weights, evaluation
-sees the average, and a resumed run continues the average exactly."""
+"""The training loop's EMA and state: the finished model holds diffusers' EMAModel average of the trained weights,
+evaluation sees the average, and a resumed run (whose state holds only trained tensors) continues it exactly."""
 
 from __future__ import annotations
 
 import torch
+from safetensors.torch import load_file
 from tiny_models import tiny_vit
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -68,6 +69,8 @@ def test_resumed_run_continues_the_average_exactly(tmp_path):
     straight.fit()
     first = _loop(tmp_path / "split", decay=0.9)
     first.fit(stop_after=1)
+    saved = load_file(tmp_path / "split" / "state" / "model.safetensors")
+    assert set(saved) == {"head.weight", "head.bias"}  # the trained tensors only, not the frozen backbone
     resumed = _loop(tmp_path / "split", decay=0.9)
     resumed.load_state()
     assert resumed.ema.optimization_step == first.ema.optimization_step == 4
