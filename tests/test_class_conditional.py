@@ -163,3 +163,13 @@ def test_resumed_run_repeats_the_uninterrupted_one(setup):
     assert len(losses("split")) == 4
     assert run(tool.main, ["--resume", str(setup / "runs" / "split"), "--cpu"]) == 0
     assert losses("split") == losses("straight")
+
+
+def test_bf16_mixed_precision_keeps_trained_weights_in_fp32(setup):
+    assert _finetune(setup, "bf16", "train.mixed_precision=bf16", "optim.steps=4", "train.validation_every=4") == 0
+    run_dir = setup / "runs" / "bf16"
+    assert len(list((run_dir / "validation").glob("*.png"))) == 1  # sampled under autocast with bf16 frozen weights
+    from safetensors.torch import load_file
+
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())

@@ -171,9 +171,10 @@ class PersonalizationTask:
         generator = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed)
         self.pipeline.set_progress_bar_config(disable=True)
         for p, prompt in enumerate(self.cfg.train.validation_prompts):
-            images = self.pipeline(prompt, num_inference_steps=self.cfg.train.validation_steps, generator=generator,
-                                   num_images_per_prompt=self.cfg.train.validation_images,
-                                   height=self.cfg.data.size, width=self.cfg.data.size).images  # fmt: skip
+            with accelerator.autocast():  # frozen weights may be half precision, trained ones fp32
+                images = self.pipeline(prompt, num_inference_steps=self.cfg.train.validation_steps,
+                                       generator=generator, num_images_per_prompt=self.cfg.train.validation_images,
+                                       height=self.cfg.data.size, width=self.cfg.data.size).images  # fmt: skip
             for i, image in enumerate(images):
                 image.save(folder / f"{p:02d}_{i}.png")
         return {}
