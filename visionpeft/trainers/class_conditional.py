@@ -153,7 +153,7 @@ class ClassDenoiser(nn.Module):
 
 
 class ClassValidation:
-    """ "Evaluation" samples ``validation_images`` per validation class with the pipeline and writes a grid."""
+    """Validation instead of a metric: samples ``validation_images`` per validation class, writes one grid."""
 
     metric = "none"
 
