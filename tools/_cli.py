@@ -52,3 +52,17 @@ def resolve_run(args, parser, schema_class=None, dry_run: bool = False):
     if not dry_run and (run_dir / "state").exists():
         raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another train.run_name")
     return config, run_dir
+
+
+def run_trainer(argv: list[str], doc: str, schema_class, trainer) -> int:
+    """The whole of a diffusion training tool: parse, resolve the run, train, list what was written."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    args = parser.parse_intermixed_args(argv)
+    config, run_dir = resolve_run(args, parser, schema_class)
+    result = trainer(config, run_dir, resume=args.resume is not None, cpu=args.cpu, stop_after=args.stop_after)
+    for path in result["outputs"]:
+        print(f"wrote {path}")
+    return 0

@@ -9,25 +9,16 @@ The run folder receives config.yaml, metrics.jsonl, validation images, ``adapter
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from _cli import add_run_arguments, resolve_run, run
+from _cli import run, run_trainer
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(parser)
-    args = parser.parse_intermixed_args(argv)
-
     from visionpeft.trainers.personalization import PersonalizeConfig
     from visionpeft.trainers.personalization import run as personalize
 
-    config, run_dir = resolve_run(args, parser, PersonalizeConfig)
-    result = personalize(config, run_dir, resume=args.resume is not None, cpu=args.cpu, stop_after=args.stop_after)
-    for path in result["outputs"]:
-        print(f"wrote {path}")
-    return 0
+    return run_trainer(argv, __doc__, PersonalizeConfig, personalize)
 
 
 if __name__ == "__main__":

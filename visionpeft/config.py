@@ -105,21 +105,29 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Attributes:
-    seed: Seed of everything (data order, init, dropout).
-    mixed_precision: ``no``, ``fp16`` or ``bf16`` (accelerate).
-    output_dir: Parent of run folders. run_name: The run folder's name (default: the config file's stem).
-    eval_every: Evaluate every N epochs (and after the last).
-    log_every: Log the training loss every N optimizer steps.
+class RunSettings:
+    """The ``train`` settings every trainer has.
+
+    Attributes:
+        seed: Seed of everything (data order, init, dropout, noise).
+        mixed_precision: ``no``, ``fp16`` or ``bf16`` (accelerate).
+        output_dir: Parent of run folders. run_name: The run folder's name (default: the config file's stem).
+        log_every: Log the training loss every N optimizer steps.
     """
 
     seed: int = 0
     mixed_precision: str = "no"
     output_dir: str = "runs"
     run_name: str | None = None
-    eval_every: int = 1
     log_every: int = 10
+
+
+@dataclass
+class TrainConfig(RunSettings):
+    """Classification run settings (see :class:`RunSettings`); eval_every: evaluate every N epochs (and after the
+    last)."""
+
+    eval_every: int = 1
 
 
 @dataclass

@@ -36,9 +36,9 @@ from ..backbones.diffusers_loading import load_pipeline
 from ..config import methods_of_config, save_config
 from ..errors import ConfigError, DataError, IncompatibleMethodError
 from ..registry import DATASETS, TRAINERS
-from .diffusion import freeze_in_precision, training_scheduler
+from .diffusion import DiffusionTrain, freeze_in_precision, step_loop_config, training_scheduler
 from .dit_loss import class_conditional_loss
-from .loop import Loop, LoopConfig, make_accelerator
+from .loop import Loop, make_accelerator
 
 
 @dataclass
@@ -69,7 +69,8 @@ class ClassData:
 
 @dataclass
 class ClassOptim:
-    """AdamW without weight decay as DiT. DiffFit trains at 10x DiT's learning rate (1e-4 -> 1e-3); 24k steps with
+    """AdamW without weight decay as DiT; ``batch_size`` is the batch per optimizer step (split over processes
+    and accumulation, as in classification). DiffFit trains at 10x DiT's learning rate (1e-4 -> 1e-3); 24k steps with
     batch 64 is the DiffFit setting as re-run by Diff-Tuning (Zhong et al., NeurIPS 2024) on the same benchmarks."""
 
     lr: float = 1e-3
@@ -81,25 +82,21 @@ class ClassOptim:
 
 
 @dataclass
-class ClassTrain:
-    """Run settings. DiT keeps an EMA of its weights at 0.9999 and samples with it; ``class_dropout`` is DiT's
-    label-dropout rate for classifier-free guidance; ``learn_sigma`` adds the variational-bound term;
-    ``validation_every`` (steps) is rounded down to whole epochs, and the last step always validates."""
+class ClassTrain(DiffusionTrain):
+    """Run settings (see :class:`DiffusionTrain`). DiT keeps an EMA of its weights at 0.9999 and samples with it;
+    ``class_dropout`` is DiT's label-dropout rate for classifier-free guidance; ``learn_sigma`` adds the
+    variational-bound term; validation samples ``validation_images`` per ``validation_classes`` entry with
+    ``DiTPipeline`` (50 steps, guidance 4.0: its defaults)."""
 
-    seed: int = 0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
+    output_dir: str = "runs/class_conditional"
     ema_decay: float | None = 0.9999
-    class_dropout: float = 0.1
-    learn_sigma: bool = True
-    validation_classes: list[str] = field(default_factory=list)
     validation_every: int = 1000
     validation_images: int = 4
     validation_steps: int = 50
+    class_dropout: float = 0.1
+    learn_sigma: bool = True
+    validation_classes: list[str] = field(default_factory=list)
     guidance_scale: float = 4.0
-    output_dir: str = "runs/class_conditional"
-    run_name: str | None = None
-    log_every: int = 10
 
 
 @dataclass
@@ -258,19 +255,15 @@ def run(config: DictConfig, run_dir: Path, resume: bool = False, cpu: bool = Fal
     counts = vp.count_parameters(pipeline.transformer)
     print(f"{len(dataset)} images, {len(classes)} classes; trainable {counts['trainable']:,} of {counts['total']:,}")
     optim = config.optim
-    loop_cfg = LoopConfig(epochs=1, grad_accum=optim.grad_accum, clip_grad=optim.clip_grad,
-                          mixed_precision=config.train.mixed_precision, seed=config.train.seed,
-                          log_every=config.train.log_every, ema_decay=config.train.ema_decay)  # fmt: skip
-    accelerator = make_accelerator(loop_cfg, cpu=cpu)
+    # the accelerator reads only the precision and the accumulation; the loader needs its process count
+    accelerator = make_accelerator(step_loop_config(config.train, optim, steps_per_epoch=1), cpu=cpu)
     shards = accelerator.num_processes * optim.grad_accum
     if optim.batch_size % shards:
         raise ConfigError(f"optim.batch_size {optim.batch_size} is not divisible by {shards} (processes x grad_accum)")
     loader = DataLoader(Labelled(dataset, size, config.data.flip), batch_size=optim.batch_size // shards,
                         shuffle=True, drop_last=len(dataset) >= optim.batch_size, num_workers=0,
                         generator=torch.Generator().manual_seed(config.train.seed))  # fmt: skip
-    steps_per_epoch = max(1, math.ceil(len(loader) / optim.grad_accum))
-    loop_cfg.epochs = max(1, math.ceil(optim.steps / steps_per_epoch))
-    loop_cfg.eval_every = max(1, config.train.validation_every // steps_per_epoch)
+    loop_cfg = step_loop_config(config.train, optim, steps_per_epoch=max(1, math.ceil(len(loader) / optim.grad_accum)))
     params = [p for _, p in vp.trainable_parameters(pipeline.transformer)]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
     freeze_in_precision([pipeline.transformer, pipeline.vae], config.train.mixed_precision)

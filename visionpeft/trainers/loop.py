@@ -218,7 +218,6 @@ class Loop:
         self.model.train()  # the DDP wrapper, if any
         vp.set_train_mode(self.unwrapped, True)
         self.train_loader.set_epoch(self.epoch)
-        params = [p for p in self.model.parameters() if p.requires_grad]
         total, count = 0.0, 0
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not accelerator.is_local_main_process)  # fmt: skip
@@ -227,7 +226,7 @@ class Loop:
                 loss = self.task.loss(self.model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.clip_grad:
-                    accelerator.clip_grad_norm_(params, cfg.clip_grad)
+                    accelerator.clip_grad_norm_(self._trained, cfg.clip_grad)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)

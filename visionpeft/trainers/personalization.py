@@ -29,8 +29,8 @@ from ..config import methods_of_config, save_config
 from ..data.few_images import FewImages, load_images
 from ..errors import ConfigError
 from ..registry import TRAINERS
-from .diffusion import DiffusionParts, diffusion_loss, freeze_in_precision
-from .loop import Loop, LoopConfig, make_accelerator
+from .diffusion import DiffusionParts, DiffusionTrain, diffusion_loss, freeze_in_precision, step_loop_config
+from .loop import Loop, make_accelerator
 
 
 @dataclass
@@ -84,22 +84,13 @@ class PersonalizeOptim:
 
 
 @dataclass
-class PersonalizeTrain:
-    """Run settings. ``ema_decay``: keep an EMA of the trained weights (diffusers' ``--use_ema`` uses 0.9999);
-    validation images and the saved files then use the average. None (default): no EMA."""
+class PersonalizeTrain(DiffusionTrain):
+    """Run settings (see :class:`DiffusionTrain`); xformers: use xformers attention (PyTorch SDPA otherwise);
+    validation_prompts: prompts sampled at each validation (none: no validation images)."""
 
-    seed: int = 0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    xformers: bool = False
-    ema_decay: float | None = None
-    validation_prompts: list[str] = field(default_factory=list)
-    validation_every: int = 500
-    validation_images: int = 2
-    validation_steps: int = 25
     output_dir: str = "runs/personalize"
-    run_name: str | None = None
-    log_every: int = 10
+    xformers: bool = False
+    validation_prompts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -248,15 +239,11 @@ def run(config: DictConfig, run_dir: Path, resume: bool = False, cpu: bool = Fal
         f"{len(images)} images; " + ", ".join(f"{k} {v:,}" for k, v in vp.count_parameters(adapted)["by_group"].items())
     )
     optim = config.optim
-    loop_cfg = LoopConfig(epochs=1, grad_accum=optim.grad_accum, clip_grad=optim.clip_grad,
-                          mixed_precision=config.train.mixed_precision, seed=config.train.seed,
-                          log_every=config.train.log_every, ema_decay=config.train.ema_decay)  # fmt: skip
-    accelerator = make_accelerator(loop_cfg, cpu=cpu)
+    # the accelerator reads only the precision and the accumulation; the schedule needs its process count
+    accelerator = make_accelerator(step_loop_config(config.train, optim, steps_per_epoch=1), cpu=cpu)
     batch = optim.batch_size
     steps_per_epoch = math.ceil(len(dataset) / (batch * accelerator.num_processes) / optim.grad_accum)
-    loop_cfg.epochs = max(1, math.ceil(optim.steps / steps_per_epoch))
-    loop_cfg.warmup_epochs = 0
-    loop_cfg.eval_every = max(1, config.train.validation_every // steps_per_epoch)
+    loop_cfg = step_loop_config(config.train, optim, steps_per_epoch)
     lr = optim.lr * (batch * optim.grad_accum * accelerator.num_processes if optim.scale_lr else 1)
     params = [p for _, p in vp.trainable_parameters(adapted)]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=optim.weight_decay)
