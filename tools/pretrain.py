@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from _cli import run
+from visionpeft.cli.common import run
 
 
 def sha256(path: Path) -> str:

@@ -6,40 +6,54 @@ Example:
     >>> model = vp.attach(model, "vpt", num_tokens=10, deep=True)
     >>> vp.count_parameters(model)["by_group"]
     {'vpt': 92160, 'head': 76900}
+
+The public names load on first use (PEP 562), so ``import visionpeft`` (and the command-line tools' argument and
+config checking) cost almost nothing; torch loads with the first adapter call, timm / open_clip / diffusers when a
+model of theirs is built.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .adapter import (  # noqa: E402
-    attach,
-    attached_methods,
-    count_parameters,
-    detach,
-    merge,
-    set_train_mode,
-    trainable_parameters,
-)
-from .checkpoint import load_adapter, save_adapter  # noqa: E402
-from .errors import VisionPEFTError  # noqa: E402
-from .registry import METHODS  # noqa: E402
+#: public name -> the module defining it
+_EXPORTS = {
+    "attach": "adapter",
+    "attached_methods": "adapter",
+    "count_parameters": "adapter",
+    "detach": "adapter",
+    "merge": "adapter",
+    "set_train_mode": "adapter",
+    "trainable_buffers": "adapter",
+    "trainable_parameters": "adapter",
+    "load_adapter": "checkpoint",
+    "save_adapter": "checkpoint",
+    "VisionPEFTError": "errors",
+    "METHODS": "registry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'visionpeft' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
 def list_methods() -> list[str]:
     """Names of the registered methods."""
+    from .methods import METHODS
+
     return METHODS.names()
 
 
-__all__ = [
-    "VisionPEFTError",
-    "__version__",
-    "attach",
-    "attached_methods",
-    "count_parameters",
-    "detach",
-    "list_methods",
-    "load_adapter",
-    "merge",
-    "save_adapter",
-    "set_train_mode",
-    "trainable_parameters",
-]
+__all__ = ["__version__", "list_methods", *_EXPORTS]

@@ -205,6 +205,16 @@ def trainable_parameters(model: Any) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
 
 
+def trainable_buffers(model):
+    """Persistent buffers of method-added modules and of the head, named relative to ``model``."""
+    out = []
+    for prefix, module in model.named_modules():
+        if getattr(module, "_vp_owned", False) or getattr(module, "_vp_head", False):
+            for name, buf in module.named_buffers(prefix=prefix):
+                out.append((name, buf))
+    return out
+
+
 def count_parameters(model: Any) -> dict[str, Any]:
     """Counts parameters.
 

@@ -54,4 +54,4 @@ class Registry(Generic[T]):
 
 METHODS: Registry = Registry("method")
 DATASETS: Registry = Registry("dataset")
-TRAINERS: Registry = Registry("trainer")
+TRAINERS: Registry = Registry("task")  # task name -> config.tasks.TaskSpec (schema + trainer)

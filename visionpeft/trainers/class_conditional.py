@@ -16,16 +16,13 @@ methods that merge exactly, ``merged/``: a complete ``DiTPipeline`` folder whose
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
 import visionpeft as vp
@@ -33,79 +30,12 @@ import visionpeft as vp
 from .. import data  # noqa: F401  (importing visionpeft.data registers the datasets)
 from ..adapter import backbone_of
 from ..backbones.diffusers_loading import load_pipeline
-from ..config import methods_of_config, save_config
+from ..config import methods_of_config
 from ..errors import ConfigError, DataError, IncompatibleMethodError
-from ..registry import DATASETS, TRAINERS
-from .diffusion import DiffusionTrain, freeze_in_precision, step_loop_config, training_scheduler
+from ..registry import DATASETS
+from .diffusion import training_scheduler
 from .dit_loss import class_conditional_loss
-from .loop import Loop, make_accelerator
-
-
-@dataclass
-class DiTPipelineSection:
-    """Attributes: name_or_path: hub id or local folder of a diffusers ``DiTPipeline``."""
-
-    name_or_path: str = "facebook/DiT-XL-2-256"
-
-
-@dataclass
-class ClassData:
-    """The labelled images: a dataset of the toolkit by name (``imagefolder`` reads ``root/<split>/<class>/``).
-
-    Attributes:
-        size: Training resolution (None: the pipeline's native one, ``sample_size`` x the VAE's factor).
-        flip: Random horizontal flips (DiT's only augmentation).
-        class_init: ``normal`` re-initialises the class rows the dataset uses (N(0, 0.02)); ``keep`` does not.
-    """
-
-    name: str = "imagefolder"
-    root: str | None = None
-    split: str = "train"
-    options: dict[str, Any] = field(default_factory=dict)
-    size: int | None = None
-    flip: bool = True
-    class_init: str = "normal"
-
-
-@dataclass
-class ClassOptim:
-    """AdamW without weight decay as DiT; ``batch_size`` is the batch per optimizer step (split over processes
-    and accumulation, as in classification). DiffFit trains at 10x DiT's learning rate (1e-4 -> 1e-3); 24k steps with
-    batch 64 is the DiffFit setting as re-run by Diff-Tuning (Zhong et al., NeurIPS 2024) on the same benchmarks."""
-
-    lr: float = 1e-3
-    steps: int = 24000
-    batch_size: int = 64
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    clip_grad: float | None = None
-
-
-@dataclass
-class ClassTrain(DiffusionTrain):
-    """Run settings (see :class:`DiffusionTrain`). DiT keeps an EMA of its weights at 0.9999 and samples with it;
-    ``class_dropout`` is DiT's label-dropout rate for classifier-free guidance; ``learn_sigma`` adds the
-    variational-bound term; validation samples ``validation_images`` per ``validation_classes`` entry with
-    ``DiTPipeline`` (50 steps, guidance 4.0: its defaults)."""
-
-    output_dir: str = "runs/class_conditional"
-    ema_decay: float | None = 0.9999
-    validation_every: int = 1000
-    validation_images: int = 4
-    validation_steps: int = 50
-    class_dropout: float = 0.1
-    learn_sigma: bool = True
-    validation_classes: list[str] = field(default_factory=list)
-    guidance_scale: float = 4.0
-
-
-@dataclass
-class ClassConditionalConfig:
-    pipeline: DiTPipelineSection = field(default_factory=DiTPipelineSection)
-    method: Any = "difffit"
-    data: ClassData = field(default_factory=ClassData)
-    optim: ClassOptim = field(default_factory=ClassOptim)
-    train: ClassTrain = field(default_factory=ClassTrain)
+from .run import Setup, run_task
 
 
 class Labelled(Dataset):
@@ -161,7 +91,7 @@ class ClassValidation:
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         return model(batch)
 
-    def evaluate(self, model: nn.Module, loader, accelerator) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, accelerator) -> dict[str, float]:
         from diffusers.utils import make_image_grid
 
         self.calls += 1
@@ -230,51 +160,43 @@ def save_outputs(pipeline, run_dir: Path, classes: list[str]) -> list[Path]:
     return written
 
 
-@TRAINERS.register("class_conditional")
-def run(config: DictConfig, run_dir: Path, resume: bool = False, cpu: bool = False,
-        stop_after: int | None = None) -> dict[str, Any]:  # fmt: skip
-    """Trains; returns ``{"outputs": [paths], "steps": int, "classes": [...]}``."""
-    dataset = _dataset(config)  # fails early on a missing or corrupt dataset
-    classes = list(dataset.classes)
-    unknown = [c for c in config.train.validation_classes if c not in classes]
-    if unknown:
-        raise ConfigError(f"train.validation_classes {unknown} are not classes of the dataset ({', '.join(classes)})")
-    set_seed(config.train.seed)
-    pipeline = load_pipeline(config.pipeline.name_or_path)
-    if not hasattr(pipeline, "transformer") or not hasattr(pipeline, "get_label_ids"):
-        raise ConfigError(f"{config.pipeline.name_or_path} is not a class-conditional DiT pipeline")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        save_config(config, run_dir / "config.yaml")
-    vp.attach(pipeline, methods_of_config(config))
-    _prepare_class_table(pipeline, config, classes)
-    if config.train.gradient_checkpointing:
-        pipeline.transformer.enable_gradient_checkpointing()
-    vae_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    size = config.data.size or pipeline.transformer.config.sample_size * vae_factor
-    counts = vp.count_parameters(pipeline.transformer)
-    print(f"{len(dataset)} images, {len(classes)} classes; trainable {counts['trainable']:,} of {counts['total']:,}")
-    optim = config.optim
-    # the accelerator reads only the precision and the accumulation; the loader needs its process count
-    accelerator = make_accelerator(step_loop_config(config.train, optim, steps_per_epoch=1), cpu=cpu)
-    shards = accelerator.num_processes * optim.grad_accum
-    if optim.batch_size % shards:
-        raise ConfigError(f"optim.batch_size {optim.batch_size} is not divisible by {shards} (processes x grad_accum)")
-    loader = DataLoader(Labelled(dataset, size, config.data.flip), batch_size=optim.batch_size // shards,
-                        shuffle=True, drop_last=len(dataset) >= optim.batch_size, num_workers=0,
-                        generator=torch.Generator().manual_seed(config.train.seed))  # fmt: skip
-    loop_cfg = step_loop_config(config.train, optim, steps_per_epoch=max(1, math.ceil(len(loader) / optim.grad_accum)))
-    params = [p for _, p in vp.trainable_parameters(pipeline.transformer)]
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
-    freeze_in_precision([pipeline.transformer, pipeline.vae], config.train.mixed_precision)
-    label_ids = [classes.index(c) for c in config.train.validation_classes]
-    task = ClassValidation(pipeline, config, run_dir, label_ids)
-    denoiser = ClassDenoiser(pipeline, config)
-    loop = Loop(denoiser, task, optimizer, loader, DataLoader([0]), run_dir, loop_cfg, accelerator,
-                select_best=False, adapted=pipeline.transformer)  # fmt: skip
-    if resume:
-        loop.load_state()
-    loop.fit(stop_after=stop_after)
-    outputs = save_outputs(pipeline, run_dir, classes) if accelerator.is_main_process else []
-    accelerator.end_training()
-    return {"outputs": outputs, "steps": loop.step, "classes": classes}
+class ClassConditionalTrainer:
+    """Checks the dataset against the DiT's class table, attaches the method(s); after training, writes the adapter
+    and (exact merges) a complete ``DiTPipeline`` folder that knows the new class names."""
+
+    def build(self, config: DictConfig, accelerator, run_dir: Path) -> Setup:
+        dataset = _dataset(config)  # fails early on a missing or corrupt dataset
+        classes = list(dataset.classes)
+        unknown = [c for c in config.train.validation_classes if c not in classes]
+        if unknown:
+            raise ConfigError(
+                f"train.validation_classes {unknown} are not classes of the dataset ({', '.join(classes)})"
+            )
+        pipeline = load_pipeline(config.model.name)
+        if not hasattr(pipeline, "transformer") or not hasattr(pipeline, "get_label_ids"):
+            raise ConfigError(f"{config.model.name} is not a class-conditional DiT pipeline")
+        vp.attach(pipeline, methods_of_config(config))
+        _prepare_class_table(pipeline, config, classes)
+        if config.train.gradient_checkpointing:
+            pipeline.transformer.enable_gradient_checkpointing()
+        vae_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        size = config.data.size or pipeline.transformer.config.sample_size * vae_factor
+        label_ids = [classes.index(c) for c in config.train.validation_classes]
+        task = ClassValidation(pipeline, config, run_dir, label_ids)
+        images = Labelled(dataset, size, config.data.flip)
+        drop_last = len(dataset) >= config.data.batch_size
+        return Setup(ClassDenoiser(pipeline, config), pipeline.transformer, task, images,
+                     frozen=[pipeline.transformer, pipeline.vae], loader={"drop_last": drop_last},
+                     summary=[f"{len(dataset)} images, {len(classes)} classes, {size} px"],
+                     state={"pipeline": pipeline, "classes": classes})  # fmt: skip
+
+    def finish(self, config: DictConfig, loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
+        classes = setup.state["classes"]
+        if not loop.accelerator.is_main_process:
+            return {"outputs": [], "classes": classes}
+        return {"outputs": save_outputs(setup.state["pipeline"], run_dir, classes), "classes": classes}
+
+
+def run(config: DictConfig, run_dir: Path, **options: Any) -> dict[str, Any]:
+    """Trains (see :func:`~.run.run_task` for the options); returns ``{"outputs": [paths], "steps": n, "classes"}``."""
+    return run_task(ClassConditionalTrainer(), config, run_dir, **options)

@@ -7,15 +7,11 @@ with the VAE, add noise at random timesteps, predict it with the U-Net condition
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from ..config import RunSettings
-from .loop import LoopConfig
 
 
 @dataclass
@@ -136,49 +132,3 @@ def diffusion_loss(
             weight = torch.clamp(snr, max=snr_gamma) / (snr + 1)
         per_sample = per_sample * weight
     return per_sample if reduction == "none" else per_sample.mean()
-
-
-def freeze_in_precision(modules: list[nn.Module], mixed_precision: str) -> None:
-    """Under fp16 / bf16 mixed precision, stores the frozen weights in half precision and keeps the trained ones
-    in fp32 (the optimizer then never sees half-precision parameters: no "unscale FP16 gradients" errors)."""
-    if mixed_precision == "no":
-        return
-    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
-    for module in modules:
-        for p in module.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(dtype)
-
-
-@dataclass
-class DiffusionTrain(RunSettings):
-    """The ``train`` settings of the diffusion trainers (beyond :class:`~visionpeft.config.RunSettings`).
-
-    Attributes:
-        gradient_checkpointing: Recompute activations in the backward pass.
-        ema_decay: Keep an EMA of the trained weights (diffusers' ``--use_ema`` uses 0.9999); validation and the
-            saved files then use the average. None: no EMA.
-        validation_every: Validate every N optimizer steps, rounded down to whole epochs (and after the last).
-        validation_images: Images per validation prompt / class. validation_steps: Sampling steps.
-    """
-
-    gradient_checkpointing: bool = False
-    ema_decay: float | None = None
-    validation_every: int = 500
-    validation_images: int = 2
-    validation_steps: int = 25
-
-
-def step_loop_config(train: DiffusionTrain, optim, steps_per_epoch: int) -> LoopConfig:
-    """A loop config for a run counted in optimizer steps (``optim.steps``): whole epochs covering them, no
-    warmup, validation every ``train.validation_every`` steps rounded down to epochs."""
-    return LoopConfig(
-        epochs=max(1, math.ceil(optim.steps / steps_per_epoch)),
-        grad_accum=optim.grad_accum,
-        clip_grad=optim.clip_grad,
-        mixed_precision=train.mixed_precision,
-        seed=train.seed,
-        log_every=train.log_every,
-        eval_every=max(1, train.validation_every // steps_per_epoch),
-        ema_decay=train.ema_decay,
-    )

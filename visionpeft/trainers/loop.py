@@ -1,9 +1,11 @@
 """The one training loop, on Hugging Face accelerate: devices, processes, mixed precision, accumulation.
 
-Task-agnostic: a :class:`Task` turns a batch into a loss and evaluates a model; the loop handles everything else:
-only trainable parameters in the optimizer, warmup + cosine schedule, progress bars, TensorBoard and
-``metrics.jsonl``, atomic ``last`` / ``best`` adapter checkpoints, and exact resume (optimizer, scheduler and
-RNG states at epoch boundaries, a seeded per-epoch data order).
+Task-agnostic and counted in optimizer steps: a :class:`Task` turns a batch into a loss and evaluates a model (it
+holds whatever evaluation data it needs); the loop handles everything else: only trainable parameters in the
+optimizer, a schedule from transformers' ``get_scheduler`` with warmup, evaluation every N steps exactly, a
+progress bar, TensorBoard and ``metrics.jsonl``, atomic ``last`` / ``best`` adapter checkpoints, and exact resume
+(optimizer, scheduler, RNG, EMA, trained tensors and the buffers of trained modules, at any step, mid-epoch
+included: the seeded per-epoch data order is replayed and the batches already seen are skipped).
 """
 
 from __future__ import annotations
@@ -12,42 +14,73 @@ import contextlib
 import json
 import math
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, skip_first_batches
+from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-import visionpeft as vp
+from ..adapter import trainable_buffers, trainable_parameters
+from ..checkpoint import save_adapter
+from ..io import atomic_write
 
-from ..checkpoint import atomic_write
+logger = get_logger(__name__)
 
 
 @dataclass
 class LoopConfig:
-    """Attributes mirror the ``optim`` and ``train`` config sections.
+    """How long and how to train; built from a run config's ``optim`` and ``train`` sections by :meth:`from_config`.
 
-    ``ema_decay``: keep an exponential moving average of the trained parameters (diffusers' ``EMAModel``, with its
-    ``(1 + step) / (10 + step)`` ramp capped at ``ema_decay``); evaluation and the weights a finished run leaves
-    in the model are the average. None: no EMA.
+    ``epochs`` / ``steps``: the run length (exactly one); ``warmup_epochs`` / ``warmup_steps`` likewise (at most one).
+    ``eval_every`` counts in the run's unit (epochs or optimizer steps); None evaluates at the end only.
+    ``ema_decay``: keep diffusers' ``EMAModel`` of the trained parameters (evaluation and the finished model use it).
     """
 
-    epochs: int
-    warmup_epochs: int = 0
+    epochs: int | None = None
+    steps: int | None = None
+    warmup_epochs: int | None = None
+    warmup_steps: int | None = None
+    schedule: str = "cosine"
     min_lr_ratio: float = 0.0
+    power: float = 1.0
     grad_accum: int = 1
     clip_grad: float | None = None
     mixed_precision: str = "no"
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 1
+    eval_every: int | None = None
     ema_decay: float | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> LoopConfig:
+        optim, train = config.optim, config.train
+        return cls(
+            epochs=optim.epochs,
+            steps=optim.steps,
+            warmup_epochs=optim.warmup_epochs,
+            warmup_steps=optim.warmup_steps,
+            schedule=optim.schedule,
+            min_lr_ratio=optim.min_lr / optim.lr if optim.lr else 0.0,
+            power=optim.power,
+            grad_accum=optim.grad_accum,
+            clip_grad=optim.clip_grad,
+            mixed_precision=train.mixed_precision,
+            seed=train.seed,
+            log_every=train.log_every,
+            eval_every=train.eval_every,
+            ema_decay=train.ema_decay,
+        )
+
+    def in_steps(self, count: int | None, steps_per_epoch: int) -> int | None:
+        """``count`` in the run's unit (epochs for an epoch run) as optimizer steps."""
+        return None if count is None else count * (steps_per_epoch if self.steps is None else 1)
 
 
 class Task(Protocol):
@@ -57,19 +90,22 @@ class Task(Protocol):
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
 
-    def evaluate(self, model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]: ...
+    def evaluate(self, model: nn.Module, accelerator: Accelerator) -> dict[str, float]: ...
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warmup from 0, then cosine decay to ``min_ratio``."""
+def build_scheduler(cfg: LoopConfig, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                    processes: int) -> torch.optim.lr_scheduler.LRScheduler:  # fmt: skip
+    """The learning-rate schedule from transformers' ``get_scheduler``, in scheduler units: accelerate steps a
+    prepared scheduler once per process per optimizer step, so the lengths are multiplied by the process count."""
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+    name, kwargs = cfg.schedule, {}
+    if name == "cosine":
+        name, kwargs = "cosine_with_min_lr", {"min_lr_rate": cfg.min_lr_ratio}
+    elif name == "polynomial":
+        kwargs = {"power": cfg.power, "lr_end": cfg.min_lr_ratio * optimizer.defaults["lr"]}
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps * processes,
+                         num_training_steps=total_steps * processes, scheduler_specific_kwargs=kwargs)  # fmt: skip
 
 
 def make_accelerator(cfg: LoopConfig, cpu: bool = False) -> Accelerator:
@@ -89,21 +125,23 @@ def make_accelerator(cfg: LoopConfig, cpu: bool = False) -> Accelerator:
     )
 
 
-def _only_trained_weights(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
-    """accelerate save-state hook: the resumable state keeps the trained tensors, not the frozen backbone (which
-    the run rebuilds from its pretrained source); an SD U-Net is 3.4 GB, its LoRA a few MB."""
+def _only_trained_tensors(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
+    """accelerate save-state hook: the resumable state keeps the trained tensors and the buffers of trained modules
+    (a decode head's BatchNorm statistics), not the frozen backbone (which the run rebuilds from its pretrained
+    source); an SD U-Net is 3.4 GB, its LoRA a few MB."""
     for i, model in enumerate(models):
         weights[i] = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+        weights[i].update({name: b.detach() for name, b in trainable_buffers(model)})
 
 
 class Loop:
     """Trains ``model`` on ``task`` and keeps the run folder up to date.
 
     Args:
-        model: The adapted model (its trainable parameters are exactly what the optimizer receives).
+        model: The module trained (the adapted model, or a wrapper whose forward computes the loss).
         task: The task.
-        optimizer: Built over ``vp.trainable_parameters(model)``.
-        train_loader / eval_loader: Data (the eval loader may be None).
+        optimizer: Built over the trainable parameters.
+        train_loader: Training data (the loop prepares it).
         run_dir: The run folder.
         cfg: Loop settings.
         accelerator: Shared with the caller (who may have used it already).
@@ -118,7 +156,6 @@ class Loop:
         task: Task,
         optimizer: torch.optim.Optimizer,
         train_loader: DataLoader,
-        eval_loader: DataLoader | None,
         run_dir: Path,
         cfg: LoopConfig,
         accelerator: Accelerator,
@@ -128,20 +165,21 @@ class Loop:
         self.task, self.cfg, self.run_dir, self.accelerator = task, cfg, Path(run_dir), accelerator
         self.select_best = select_best
         self._adapted = adapted
-        # Scheduler units: accelerate steps a prepared scheduler once per process per optimizer step, so an epoch is
-        # len(loader before sharding) / grad_accum units whatever the number of processes.
-        steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
-        self.total_steps = steps_per_epoch * cfg.epochs
-        schedule = warmup_cosine(self.total_steps, steps_per_epoch * cfg.warmup_epochs, cfg.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        prepared = accelerator.prepare(model, optimizer, train_loader, scheduler)
-        self.model, self.optimizer, self.train_loader, self.scheduler = prepared
-        self.eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
+        self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / cfg.grad_accum))
+        self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else (cfg.warmup_epochs or 0) * self.steps_per_epoch
+        self.warmup_steps = min(warmup, self.total_steps)
+        self.eval_every = cfg.in_steps(cfg.eval_every, self.steps_per_epoch)
+        scheduler = build_scheduler(cfg, self.optimizer.optimizer, self.total_steps, self.warmup_steps,
+                                    accelerator.num_processes)  # fmt: skip
+        self.scheduler = accelerator.prepare(scheduler)
         self.epoch, self.step, self.best = 0, 0, -math.inf
+        self.batch_in_epoch, self.epoch_loss = 0, [0.0, 0]  # progress inside the current epoch (sum, batches)
         self._writer = None
         self._purge_step: int | None = None  # on resume: TensorBoard drops events logged after the saved state
-        self._trained = [p for _, p in vp.trainable_parameters(self.unwrapped)]
-        accelerator.register_save_state_pre_hook(_only_trained_weights)
+        self._trained = [p for _, p in trainable_parameters(self.unwrapped)]
+        accelerator.register_save_state_pre_hook(_only_trained_tensors)
         self.ema = None
         if cfg.ema_decay is not None:
             from diffusers.training_utils import EMAModel
@@ -155,9 +193,16 @@ class Loop:
         """The model carrying the methods, without accelerate's wrappers."""
         return self._adapted if self._adapted is not None else self.accelerator.unwrap_model(self.model)
 
-    def _log(self, record: dict[str, Any]) -> None:
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Appends ``record`` (with the current epoch and step) to ``metrics.jsonl`` and TensorBoard."""
         if not self.accelerator.is_main_process:
             return
+        epoch = self.epoch + (1 if self.batch_in_epoch else 0)  # the epoch the step belongs to (1-based)
+        record = {"epoch": epoch, "step": self.step, **record}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._writer is None:
@@ -166,7 +211,7 @@ class Loop:
             self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
         for key, value in record.items():
             if key not in ("epoch", "step") and isinstance(value, (int, float)):
-                self._writer.add_scalar(key, value, record.get("step", self.step))
+                self._writer.add_scalar(key, value, record["step"])
 
     def save_state(self) -> None:
         """Writes the resumable state and the ``last`` adapter; replaces the previous ones only when complete."""
@@ -177,9 +222,10 @@ class Loop:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
         if self.accelerator.is_main_process:
-            progress = {"epoch": self.epoch, "step": self.step, "best": self.best}
+            progress = {"epoch": self.epoch, "step": self.step, "best": self.best,
+                        "batch_in_epoch": self.batch_in_epoch, "epoch_loss": self.epoch_loss}  # fmt: skip
             (tmp / "progress.json").write_text(json.dumps(progress))
-            vp.save_adapter(self.unwrapped, self.run_dir / "last")
+            save_adapter(self.unwrapped, self.run_dir / "last")
             final, old = self.run_dir / "state", self.run_dir / "state.old"
             if final.exists():
                 final.rename(old)
@@ -188,15 +234,16 @@ class Loop:
         self.accelerator.wait_for_everyone()
 
     def load_state(self) -> None:
-        """Restores the state of the last completed epoch and trims later records from ``metrics.jsonl``."""
+        """Restores the saved state and trims records logged after it from ``metrics.jsonl``."""
         state = self.run_dir / "state"
         self.accelerator.load_state(str(state), strict=False)  # the state holds the trained tensors only
         progress = json.loads((state / "progress.json").read_text())
         self.epoch, self.step, self.best = progress["epoch"], progress["step"], progress["best"]
+        self.batch_in_epoch, self.epoch_loss = progress["batch_in_epoch"], progress["epoch_loss"]
         self._purge_step = self.step + 1
         log = self.run_dir / "metrics.jsonl"
         if self.accelerator.is_main_process and log.exists():
-            kept = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= self.epoch]
+            kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
             atomic_write(log, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
 
     @contextlib.contextmanager
@@ -213,66 +260,94 @@ class Loop:
             self.ema.restore(self._trained)
 
     # -- training -----------------------------------------------------------------------------------------------
-    def train_epoch(self) -> float:
-        accelerator, cfg = self.accelerator, self.cfg
-        self.model.train()  # the DDP wrapper, if any
-        vp.set_train_mode(self.unwrapped, True)
-        self.train_loader.set_epoch(self.epoch)
-        total, count = 0.0, 0
-        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not accelerator.is_local_main_process)  # fmt: skip
-        for batch in bar:
-            with accelerator.accumulate(self.model):
-                loss = self.task.loss(self.model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.clip_grad:
-                    accelerator.clip_grad_norm_(self._trained, cfg.clip_grad)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            value = accelerator.gather(loss.detach().float().reshape(1)).mean().item()
-            total, count = total + value, count + 1
-            if accelerator.sync_gradients:
-                self.step += 1
-                if self.ema is not None:
-                    self.ema.step(self._trained)
-                if self.step % cfg.log_every == 0:
-                    lr = self.scheduler.get_last_lr()[0]
-                    self._log({"epoch": self.epoch + 1, "step": self.step, "train/loss": value, "lr": lr})
-                bar.set_postfix(loss=f"{value:.4f}")
-        return total / max(1, count)
-
-    def evaluate(self, loader: DataLoader | None = None) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
+        """Runs the task's evaluation (with the EMA weights, if any); the model is back in train mode after."""
         self.model.eval()
-        with torch.no_grad():
-            return self.task.evaluate(self.model, loader or self.eval_loader, self.accelerator)
+        with torch.no_grad(), self.ema_weights():
+            metrics = self.task.evaluate(self.model, self.accelerator)
+            if self.select_best and metrics and metrics[self.task.metric] > self.best:
+                self.best = metrics[self.task.metric]
+                if self.accelerator.is_main_process:
+                    save_adapter(self.unwrapped, self.run_dir / "best")
+        return metrics
+
+    def _train_mode(self) -> None:
+        from ..adapter import set_train_mode
+
+        self.model.train()  # the DDP wrapper, if any
+        set_train_mode(self.unwrapped, True)
+
+    def _batches(self) -> Iterator[Any]:
+        """The current epoch's batches in its seeded order, without those already trained on (after a resume)."""
+        self.train_loader.set_epoch(self.epoch)
+        if self.batch_in_epoch:
+            return iter(skip_first_batches(self.train_loader, self.batch_in_epoch))
+        return iter(self.train_loader)
+
+    def _optimizer_step(self, batch: Any) -> float:
+        accelerator, cfg = self.accelerator, self.cfg
+        with accelerator.accumulate(self.model):
+            loss = self.task.loss(self.model, batch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.clip_grad:
+                accelerator.clip_grad_norm_(self._trained, cfg.clip_grad)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return accelerator.gather(loss.detach().float().reshape(1)).mean().item()
+
+    def _end_epoch(self) -> None:
+        total, count = self.epoch_loss
+        self.epoch += 1
+        self.batch_in_epoch, self.epoch_loss = 0, [0.0, 0]
+        self.log({"train/epoch_loss": total / max(1, count)})
 
     def fit(self, stop_after: int | None = None) -> dict[str, float]:
-        """Trains until ``cfg.epochs`` (or ``stop_after`` more epochs); returns the last evaluation."""
-        last_metrics: dict[str, float] = {}
-        done_now = 0
-        while self.epoch < self.cfg.epochs and (stop_after is None or done_now < stop_after):
-            train_loss = self.train_epoch()
-            self.epoch += 1
-            done_now += 1
-            record: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "train/epoch_loss": train_loss}
-            if self.eval_loader is not None and (
-                self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs
-            ):
-                with self.ema_weights():
-                    last_metrics = self.evaluate()
-                    record.update({f"eval/{k}": v for k, v in last_metrics.items()})
-                    if self.select_best and last_metrics[self.task.metric] > self.best:
-                        self.best = last_metrics[self.task.metric]
-                        if self.accelerator.is_main_process:
-                            vp.save_adapter(self.unwrapped, self.run_dir / "best")
-            self._log(record)
-            if self.accelerator.is_main_process:
-                summary = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "step"))
-                tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs}: {summary}")
-            self.save_state()
-        if self.ema is not None and self.epoch == self.cfg.epochs:
+        """Trains until the run's last step (or ``stop_after`` more optimizer steps); returns the last evaluation.
+
+        The state is saved after each evaluation, at the end of each epoch and when training stops.
+        """
+        last: dict[str, float] = {}
+        stop = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not self.accelerator.is_local_main_process)  # fmt: skip
+        self._train_mode()
+        while self.step < stop:
+            for batch in self._batches():
+                value = self._optimizer_step(batch)
+                self.batch_in_epoch += 1
+                self.epoch_loss = [self.epoch_loss[0] + value, self.epoch_loss[1] + 1]
+                if not self.accelerator.sync_gradients:
+                    continue
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(epoch=self.epoch + 1, loss=f"{value:.4f}")
+                if self.ema is not None:
+                    self.ema.step(self._trained)
+                if self.step % self.cfg.log_every == 0:
+                    self.log({"train/loss": value, "lr": self.scheduler.get_last_lr()[0]})
+                epoch_done = self.batch_in_epoch == len(self.train_loader)
+                if epoch_done:
+                    self._end_epoch()
+                evaluate = self.step == self.total_steps or bool(self.eval_every and self.step % self.eval_every == 0)
+                if evaluate:
+                    last = self._evaluate_and_log()
+                if evaluate or epoch_done or self.step >= stop:
+                    self.save_state()
+                if self.step >= stop:
+                    break
+        bar.close()
+        if self.ema is not None and self.finished:
             self.ema.copy_to(self._trained)  # a finished run leaves the average in the model
         if self._writer is not None:
             self._writer.flush()
-        return last_metrics
+        return last
+
+    def _evaluate_and_log(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        self._train_mode()
+        if metrics:
+            self.log({f"eval/{k}": v for k, v in metrics.items()})
+            summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            logger.info(f"step {self.step}/{self.total_steps} (epoch {self.epoch}): {summary}")
+        return metrics

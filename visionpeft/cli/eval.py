@@ -1,0 +1,59 @@
+"""Evaluate a trained adapter: ``python tools/eval.py RUN_DIR [--checkpoint best|last] [--split test]``.
+
+Rebuilds the model from the run's ``config.yaml`` (same pretrained weights), loads the saved adapter and prints
+top-1 / top-5 accuracy on the chosen split.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import configure_logging
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--checkpoint", default=None, help="best or last (default: best if present)")
+    parser.add_argument("--split", default=None, help="dataset split (default: the config's test split)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import visionpeft as vp
+    from visionpeft.config import load_config
+    from visionpeft.errors import CheckpointError
+    from visionpeft.trainers.classification import ClassificationTask, Transformed, _dataset, build_experiment, loader
+    from visionpeft.trainers.loop import LoopConfig, make_accelerator
+
+    configure_logging()
+
+    config_path = args.run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise CheckpointError(f"{args.run_dir} is not a run folder (no config.yaml)")
+    config = load_config(config_path)
+    name = args.checkpoint or ("best" if (args.run_dir / "best").exists() else "last")
+    exp = build_experiment(config)
+    vp.detach(exp.model)  # a plain model: the checkpoint brings its own methods
+    vp.load_adapter(exp.model, args.run_dir / name)
+    split = args.split or config.data.test_split
+    dataset = exp.test if split == config.data.test_split else None
+    if dataset is None:
+        from visionpeft.data import transforms as T
+
+        mean, std = T.normalization_of(exp.model)
+        tf = T.build_transform(config.data.img_size, mean, std, train=False, augment=config.data.augment)
+        raw = _dataset(config, split)
+        dataset = Transformed(raw, tf)
+    accelerator = make_accelerator(LoopConfig())
+    data_loader = accelerator.prepare(loader(dataset, args.batch_size or config.data.eval_batch_size,
+                                             config.data.num_workers))  # fmt: skip
+    model = accelerator.prepare(exp.model).eval()
+    with torch.no_grad():
+        metrics = ClassificationTask(len(exp.classes), data_loader).evaluate(model, accelerator)
+    shown = ", ".join(f"{k} {100 * v:.2f}%" if k != "loss" else f"{k} {v:.4f}" for k, v in metrics.items())
+    print(f"{args.run_dir} [{name}] {split}: {shown}")
+    return 0
+

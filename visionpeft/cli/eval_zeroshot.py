@@ -1,0 +1,122 @@
+"""Zero-shot CLIP with hand-written prompts against learned prompts (CoOp / CoCoOp), in one table.
+
+    python tools/eval_zeroshot.py --model ViT-B-32 --pretrained openai --dataset cifar100 --data-root data \\
+        [--prompts runs/coop-16shot ...] [--base-to-new] [--split test] [--limit N]
+
+Rows: the single template "a photo of a {}.", the 80-template OpenAI ensemble, then each run folder given with
+``--prompts`` (its ``best`` or ``last`` adapter). ``--base-to-new`` reports accuracy on the base half of the
+classes, the new half, and their harmonic mean (CoCoOp's protocol; learned contexts are re-used on new classes).
+``--pretrained`` takes an open_clip tag or a local weights file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def evaluate(model, loader) -> tuple[float, float]:
+    """(top-1 accuracy, images per second)."""
+    import torch
+
+    correct = total = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for images, labels in loader:
+            correct += int((model(images).argmax(-1) == labels).sum())
+            total += labels.numel()
+    return correct / max(1, total), total / (time.perf_counter() - start)
+
+
+def prompt_classifier(clip, classes: list[str], run_dir: Path):
+    """A CLIPClassifier carrying the learned prompts of ``run_dir`` for ``classes``."""
+    import visionpeft as vp
+    from visionpeft.backbones.clip_classifier import CLIPClassifier
+    from visionpeft.checkpoint import read_adapter_config
+    from visionpeft.errors import CheckpointError
+
+    folder = (
+        run_dir / "best"
+        if (run_dir / "best").exists()
+        else run_dir / "last"
+        if (run_dir / "last").exists()
+        else run_dir
+    )
+    methods = [m["name"] for m in read_adapter_config(folder)["methods"]]
+    if not any(m in ("coop", "cocoop") for m in methods):
+        raise CheckpointError(f"{folder} holds {methods}, not learned prompts (coop / cocoop)")
+    classifier = CLIPClassifier(clip, classes)
+    vp.load_adapter(classifier, folder, options={m: {"classnames": classes} for m in ("coop", "cocoop")})
+    return classifier.eval()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32")
+    parser.add_argument("--pretrained", default=None, help="open_clip tag (openai, laion2b_s34b_b79k) or a file")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--prompts", type=Path, nargs="*", default=[], help="run folders with learned prompts")
+    parser.add_argument("--base-to-new", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
+    args = parser.parse_args(argv)
+
+    import open_clip
+    import torch
+    from omegaconf import OmegaConf
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    from torch.utils.data import DataLoader, Subset
+
+    import visionpeft.data  # noqa: F401  (dataset registration)
+    from visionpeft.backbones.clip_classifier import SINGLE_TEMPLATE, CLIPClassifier
+    from visionpeft.backbones.factory import create_open_clip
+    from visionpeft.config import ModelConfig
+    from visionpeft.data.fewshot import base_new_split
+    from visionpeft.registry import DATASETS
+    from visionpeft.trainers.classification import Transformed
+
+    is_file = args.pretrained is not None and Path(args.pretrained).expanduser().exists()
+    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {
+        "library": "open_clip", "name": args.model, "pretrained": args.pretrained is not None,
+        "pretrained_tag": None if is_file else args.pretrained, "checkpoint": args.pretrained if is_file else None,
+    })  # fmt: skip
+    clip = create_open_clip(cfg).eval()
+    visual = clip.visual
+    preprocess = open_clip.image_transform(visual.image_size, is_train=False, mean=getattr(visual, "image_mean", None),
+                                           std=getattr(visual, "image_std", None))  # fmt: skip
+    raw = DATASETS.get(args.dataset)(args.split, root=args.data_root, transform=None)
+    parts = {"all": raw} if not args.base_to_new else {p: base_new_split(raw, p) for p in ("base", "new")}
+    ensemble = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    rows: dict[str, dict[str, tuple[float, float]]] = {}
+    for part, dataset in parts.items():
+        classes = list(dataset.classes)
+        data = Transformed(dataset, preprocess)
+        if args.limit:
+            data = Subset(data, range(min(args.limit, len(data))))
+        loader = DataLoader(data, batch_size=args.batch_size, num_workers=2)
+        classifiers = {
+            'zero-shot "a photo of a {}."': CLIPClassifier(clip, classes, SINGLE_TEMPLATE).eval(),
+            f"zero-shot, {len(ensemble)}-template ensemble": CLIPClassifier(clip, classes, ensemble).eval(),
+        }
+        for run_dir in args.prompts:
+            classifiers[f"learned: {run_dir}"] = prompt_classifier(clip, classes, run_dir)
+        for label, classifier in classifiers.items():
+            rows.setdefault(label, {})[part] = evaluate(classifier, loader)
+    torch.set_printoptions(precision=4)
+    if args.base_to_new:
+        print("| prompts | base | new | HM | images/s |")
+        print("|---|---:|---:|---:|---:|")
+        for label, r in rows.items():
+            base, new = 100 * r["base"][0], 100 * r["new"][0]
+            hm = 2 * base * new / (base + new) if base + new else 0.0
+            print(f"| {label} | {base:.2f} | {new:.2f} | {hm:.2f} | {r['base'][1]:.1f} |")
+    else:
+        print(f"| prompts ({args.dataset} {args.split}, {len(parts['all'])} images) | top-1 | images/s |")
+        print("|---|---:|---:|")
+        for label, r in rows.items():
+            print(f"| {label} | {100 * r['all'][0]:.2f} | {r['all'][1]:.1f} |")
+    return 0
+

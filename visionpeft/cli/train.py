@@ -1,0 +1,53 @@
+"""Train any task: image classification, personalization, class-conditional DiT fine-tuning.
+
+    visionpeft train CONFIG [key=value ...] [--dry-run] [--print-config] [--stop-after N]
+    visionpeft train --resume RUN_DIR
+    accelerate launch --num_processes 2 -m visionpeft train CONFIG ...     # several GPUs / processes
+
+(``python tools/train.py`` is the same command.) CONFIG is a YAML file (``_base_`` inheritance) whose ``task:`` key
+(default ``classification``) picks the trainer; ``key=value`` overrides any entry (``optim.lr=0.01``,
+``method.num_tokens=10``). ``--print-config`` shows the resolved config with each field's meaning. The run folder
+(``train.output_dir/train.run_name``) receives the resolved ``config.yaml``, ``metrics.jsonl``, TensorBoard logs,
+the ``last`` / ``best`` adapters, the resumable state and the task's outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .common import add_run_arguments, configure_logging, resolve_run
+
+
+def report(results: dict[str, Any]) -> None:
+    """Prints what a run produced: test accuracy, written files."""
+    test = results.get("test")
+    if test:
+        top5 = f", top5 {100 * test['top5']:.2f}%" if "top5" in test else ""
+        print(f"test: top1 {100 * test['top1']:.2f}%{top5}")
+    for path in results.get("outputs", []):
+        print(f"wrote {path}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="visionpeft train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_run_arguments(parser)
+    parser.add_argument("--dry-run", action="store_true", help="build model, method(s) and data; print the summary")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config with field help")
+    args = parser.parse_intermixed_args(argv)
+    config, run_dir = resolve_run(args, parser, dry_run=args.dry_run or args.print_config)
+    if args.print_config:
+        from ..config import describe_config
+
+        print(describe_config(config), end="")
+        return 0
+    from ..config import task_spec
+
+    configure_logging()
+    train = task_spec(config.task).trainer()
+    results = train(config, run_dir, resume=args.resume is not None, dry_run=args.dry_run,
+                    stop_after=args.stop_after, cpu=args.cpu)  # fmt: skip
+    report(results)
+    return 0
+

@@ -1,0 +1,199 @@
+"""Run configs: schema defaults <- YAML files (with ``_base_`` inheritance) <- ``key=value`` overrides.
+
+The ``task:`` key picks the schema (a tree of dataclasses declared with :func:`~.fields.setting`, which says
+each field's meaning, choices and range) and the trainer. OmegaConf merges and type-checks; every mistake becomes
+a one-line :class:`ConfigError` naming the key: an unknown key (with the closest known one), a wrong type, a value
+out of its choices or range, an unknown task or schedule, a method that needs an input the task does not give.
+Nothing here imports torch except the method-option check, which runs after every other check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from ..errors import ConfigError, did_you_mean
+from .fields import check_fields, describe
+from .tasks import TaskSpec, task_spec
+
+DEFAULT_TASK = "classification"
+ATOMIC_KEYS = ("method",)  # replaced whole by a later file or override: options of one method never leak into another
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Reads a YAML file, merging its ``_base_`` files (paths relative to it) underneath."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path} includes itself through _base_")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    bases = data.pop("_base_", [])
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _deep_merge(merged, _read_yaml(path.parent / base, (*seen, path)))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(base: dict, top: dict, atomic: tuple[str, ...] = ATOMIC_KEYS) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict) and key not in atomic
+        out[key] = _deep_merge(out[key], value, ()) if nested else value
+    return out
+
+
+def _schema_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            keys.append(f"{prefix}{key}")
+            keys += _schema_keys(node._get_node(key), f"{prefix}{key}.")
+    return keys
+
+
+def _translate(err: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        known = _schema_keys(schema)
+        return ConfigError(f"unknown config key '{key}' in {source}{did_you_mean(key, known)}")
+    if isinstance(err, ValidationError):
+        value = getattr(err, "msg", str(err)).splitlines()[0]
+        return ConfigError(f"config key '{key}' in {source} has the wrong type: {value}")
+    return ConfigError(f"invalid config ({source}): {str(err).splitlines()[0]}")
+
+
+def normalize_methods(method: Any) -> list[tuple[str, dict[str, Any]]]:
+    """``"vpt"``, ``{name: vpt, num_tokens: 10}`` or a list of those -> ``[(name, options)]``, validated."""
+    from ..methods import make_config
+
+    entries = method if isinstance(method, (list, tuple)) else [method]
+    out = []
+    for entry in entries:
+        if isinstance(entry, str):
+            name, options = entry, {}
+        elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            options = {k: v for k, v in entry.items() if k != "name"}
+            name = entry["name"]
+        else:
+            raise ConfigError(f"config key 'method' must be a method name or {{name: ..., options}}, got {entry!r}")
+        make_config(name, options)
+        out.append((name, options))
+    if not out:
+        raise ConfigError("config key 'method' is empty")
+    return out
+
+
+def _task_of(raw: dict, overrides: list[str]) -> TaskSpec:
+    name = raw.get("task", DEFAULT_TASK)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "task":
+            name = value.strip()
+    if not isinstance(name, str):
+        raise ConfigError(f"config key 'task' must be a task name, got {name!r}")
+    return task_spec(name)
+
+
+def _check_run_length(config: DictConfig) -> None:
+    """One run length and one warmup, in whichever unit the recipe counts; a schedule that can warm up."""
+    optim = config.optim
+    if (optim.epochs is None) == (optim.steps is None):
+        if optim.epochs is None:
+            raise ConfigError("set the run length: optim.epochs or optim.steps")
+        raise ConfigError(
+            f"optim.epochs ({optim.epochs}) and optim.steps ({optim.steps}) are both set; set one of them to null"
+        )
+    if optim.warmup_epochs is not None and optim.warmup_steps is not None:
+        raise ConfigError(
+            f"optim.warmup_epochs ({optim.warmup_epochs}) and optim.warmup_steps ({optim.warmup_steps}) are both "
+            "set; set one of them to null"
+        )
+    for unit in ("epochs", "steps"):
+        length, warmup = optim[unit], optim[f"warmup_{unit}"]
+        if length is not None and warmup is not None and warmup > length:
+            raise ConfigError(
+                f"optim.warmup_{unit} ({warmup}) exceeds optim.{unit} ({length}), so the learning rate would never "
+                f"reach its peak; lower optim.warmup_{unit} too"
+            )
+    if optim.schedule == "constant" and (optim.warmup_epochs or optim.warmup_steps):
+        raise ConfigError("optim.schedule=constant has no warmup; use optim.schedule=constant_with_warmup")
+
+
+def check_methods(config: DictConfig, spec: TaskSpec) -> list[tuple[str, dict[str, Any]]]:
+    """The config's methods, validated against their option schemas and against what the task gives them."""
+    methods = methods_of_config(config)
+    return methods
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> DictConfig:
+    """Builds the resolved, validated config: schema defaults <- YAML (with ``_base_``) <- overrides.
+
+    Args:
+        path: The YAML file (None: the classification defaults and the overrides only).
+        overrides: ``key=value`` strings (dotted keys); ``task=NAME`` picks another task.
+    """
+    overrides = list(overrides or [])
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    spec = _task_of(raw, overrides)
+    schema = OmegaConf.structured(spec.schema)
+    config = schema
+    try:
+        config = OmegaConf.merge(config, OmegaConf.create(raw))
+    except OmegaConfBaseException as err:
+        raise _translate(err, schema, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value")
+        try:
+            top = OmegaConf.from_dotlist([item])
+            if item.split("=", 1)[0].strip() in ATOMIC_KEYS:
+                config = OmegaConf.merge(config, {"method": None})
+            config = OmegaConf.merge(config, top)
+        except OmegaConfBaseException as err:
+            raise _translate(err, schema, f"override '{item}'") from None
+    if config.train.run_name is None and path is not None:
+        config.train.run_name = Path(path).stem
+    if config.train.mixed_precision == "False":  # YAML reads a bare `no` as false; accelerate's spelling is "no"
+        config.train.mixed_precision = "no"
+    check_fields(spec.schema, config)
+    _check_run_length(config)
+    check_methods(config, spec)  # the only check that imports the methods (and torch)
+    OmegaConf.set_readonly(config, True)
+    return config
+
+
+def schema_of(config: DictConfig) -> type:
+    return task_spec(config.task).schema
+
+
+def describe_config(config: DictConfig) -> str:
+    """The resolved config as YAML with each field's help as a comment (``--print-config``)."""
+    values = OmegaConf.to_container(config)
+    return "\n".join(describe(schema_of(config), values)) + "\n"
+
+
+def save_config(config: DictConfig, path: Path) -> None:
+    """Writes the resolved config (what the run really used) as YAML."""
+    from ..checkpoint import atomic_write
+
+    text = OmegaConf.to_yaml(config)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def methods_of_config(config: DictConfig) -> list[tuple[str, dict[str, Any]]]:
+    method = config.method
+    return normalize_methods(OmegaConf.to_container(method) if isinstance(method, (DictConfig, ListConfig)) else method)
+
+
+__all__ = ["ConfigError", "TaskSpec", "describe_config", "load_config", "methods_of_config", "save_config",
+           "task_spec"]  # fmt: skip

@@ -1,0 +1,73 @@
+"""The config sections every task shares: ``optim`` (optimizer, run length and schedule) and ``train`` (run
+settings). Tasks subclass them to change defaults or add task-specific fields; the names mean the same thing in
+every task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .fields import setting
+
+#: Learning-rate schedules (built by transformers' ``get_scheduler``); warmup is linear from 0 in every one.
+SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, run length and learning-rate schedule. The run is counted in optimizer steps: ``epochs`` (whole
+    passes over the training set) or ``steps``, exactly one of them; warmup likewise in ``warmup_epochs`` or
+    ``warmup_steps``."""
+
+    name: str = setting("adamw", "optimizer", choices=("sgd", "adamw"))
+    lr: float = setting(1e-3, "peak learning rate (see lr_scale_batch)", min=0)
+    lr_scale_batch: int | None = setting(
+        None, "if set, lr is multiplied by data.batch_size / lr_scale_batch (linear scaling rule)", min=1
+    )
+    weight_decay: float = setting(0.0, "weight decay (AdamW: decoupled)", min=0)
+    bias_decay: bool = setting(False, "apply weight decay to biases and norm weights (1-D tensors) too")
+    momentum: float = setting(0.9, "SGD momentum", min=0, max=1)
+    schedule: str = setting("cosine", "learning-rate schedule after warmup", choices=SCHEDULES)
+    epochs: int | None = setting(None, "run length in passes over the training set (or set steps)", min=1)
+    steps: int | None = setting(None, "run length in optimizer steps (or set epochs)", min=1)
+    warmup_epochs: int | None = setting(None, "linear warmup from 0, in epochs (or set warmup_steps)", min=0)
+    warmup_steps: int | None = setting(None, "linear warmup from 0, in optimizer steps (or warmup_epochs)", min=0)
+    min_lr: float = setting(0.0, "learning rate at the end of cosine / polynomial decay", min=0)
+    power: float = setting(1.0, "power of the polynomial schedule (mmseg's poly: 1.0 or 0.9)", min=0)
+    grad_accum: int = setting(1, "micro-batches accumulated per optimizer step", min=1)
+    clip_grad: float | None = setting(None, "max gradient norm (null: no clipping)", min=0)
+
+
+@dataclass
+class RunSettings:
+    """The ``train`` settings every task has."""
+
+    seed: int = setting(0, "seed of everything: data order, initialisation, dropout, noise")
+    mixed_precision: str = setting("no", "accelerate mixed precision", choices=PRECISIONS)
+    output_dir: str = setting("runs", "parent folder of run folders")
+    run_name: str | None = setting(None, "the run folder's name (default: the config file's stem)")
+    log_every: int = setting(10, "log the training loss every N optimizer steps", min=1)
+    eval_every: int | None = setting(
+        None, "evaluate / validate every N epochs (epoch runs) or N optimizer steps (step runs), and at the end",
+        min=1,
+    )
+    ema_decay: float | None = setting(
+        None, "keep an EMA of the trained weights (evaluation and the saved files use it); null: none", min=0, max=1
+    )
+
+
+@dataclass
+class DiffusionTrain(RunSettings):
+    """The ``train`` settings of the diffusion tasks."""
+
+    eval_every: int | None = setting(500, "validate every N optimizer steps (and at the end)", min=1)
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass")
+    validation_images: int = setting(2, "images per validation prompt / class", min=1)
+    validation_steps: int = setting(25, "sampling steps of validation images", min=1)
+
+
+@dataclass
+class DiffusersModel:
+    """``model``: a diffusers pipeline."""
+
+    name: str = setting("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local folder of the pipeline")

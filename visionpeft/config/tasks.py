@@ -1,0 +1,54 @@
+"""The tasks ``tools/train.py`` can run: the config's ``task:`` key picks a schema and a trainer here.
+
+Registering a task names its schema, the trainer function (imported only when a run starts, so that
+``--help`` and config errors answer without loading torch), and the inputs the task gives methods: values of
+method options it fills in (``task_inputs``: class names, a placeholder token) and per-call inputs it passes
+through the conditioning channel (``call_inputs``: a condition image).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..registry import TRAINERS
+from .class_conditional import ClassConditionalConfig
+from .classification import ClassificationConfig
+from .personalization import PersonalizationConfig
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A trainable task.
+
+    Attributes:
+        name: The ``task:`` value. schema: Its config dataclass. runner: ``module:function`` of the trainer.
+        task_inputs: Method options the task fills in. call_inputs: Per-call inputs the task provides.
+    """
+
+    name: str
+    schema: type
+    runner: str
+    task_inputs: frozenset[str] = frozenset()
+    call_inputs: frozenset[str] = frozenset()
+
+    def trainer(self) -> Callable:
+        module, _, function = self.runner.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+def register(spec: TaskSpec) -> TaskSpec:
+    return TRAINERS.register(spec.name)(spec)
+
+
+register(TaskSpec("classification", ClassificationConfig, "visionpeft.trainers.classification:run",
+                  task_inputs=frozenset({"classnames"})))  # fmt: skip
+register(TaskSpec("personalization", PersonalizationConfig, "visionpeft.trainers.personalization:run",
+                  task_inputs=frozenset({"token"})))  # fmt: skip
+register(TaskSpec("class_conditional", ClassConditionalConfig, "visionpeft.trainers.class_conditional:run"))
+
+
+def task_spec(name: str) -> TaskSpec:
+    """The registered task ``name`` (a :class:`ConfigError` with a suggestion otherwise)."""
+    return TRAINERS.get(name)

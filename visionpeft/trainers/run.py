@@ -1,0 +1,147 @@
+"""The run skeleton every task shares: seed, accelerator, build, summary, run folder, loader, optimizer, loop.
+
+A task supplies a :class:`Trainer`: ``build`` makes the model, its methods, the training set and the evaluation
+(a :class:`~.loop.Task`); ``finish`` does what follows a completed run (test evaluation, exported files). The
+skeleton does the rest the same way for every task: ``data.batch_size`` is the batch per optimizer step whatever
+the number of processes and the accumulation, the optimizer holds the trainable parameters only, frozen weights
+go to half precision under mixed precision, and the run folder never overwrites another run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..adapter import count_parameters, trainable_parameters
+from ..config import save_config
+from ..errors import ConfigError
+from .loop import Loop, LoopConfig, Task, make_accelerator
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class Setup:
+    """What a task builds for one run.
+
+    Attributes:
+        model: The module the loop trains (the adapted model, or a wrapper whose forward is the loss).
+        adapted: The module carrying the methods (what checkpoints save).
+        task: Loss and evaluation.
+        train_set: The training data.
+        select_best: Keep a ``best`` adapter by the task's metric (a validation split exists).
+        frozen: Modules whose frozen weights are stored in half precision under mixed precision.
+        loader: Extra DataLoader options (``num_workers``, ``drop_last``, ``collate_fn``).
+        summary: Lines describing the data, logged before training.
+        state: Anything the task's ``finish`` needs.
+    """
+
+    model: nn.Module
+    adapted: nn.Module
+    task: Task
+    train_set: Dataset
+    select_best: bool = False
+    frozen: list[nn.Module] = field(default_factory=list)
+    loader: dict[str, Any] = field(default_factory=dict)
+    summary: list[str] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer(Protocol):
+    def build(self, config: DictConfig, accelerator: Accelerator, run_dir: Path) -> Setup: ...
+
+    def finish(self, config: DictConfig, loop: Loop, setup: Setup, run_dir: Path) -> dict[str, Any]: ...
+
+
+def parameter_summary(model: nn.Module) -> list[str]:
+    counts = count_parameters(model)
+    lines = [
+        f"total parameters:     {counts['total']:>14,}",
+        f"trainable parameters: {counts['trainable']:>14,} "
+        f"({100 * counts['trainable'] / max(1, counts['total']):.3f}%)",
+    ]
+    return lines + [f"  {group:<20}{n:>14,}" for group, n in counts["by_group"].items()]
+
+
+def micro_batch(batch_size: int, processes: int, grad_accum: int) -> int:
+    """The per-process micro-batch of a ``batch_size`` per optimizer step."""
+    shards = processes * grad_accum
+    if batch_size % shards:
+        raise ConfigError(
+            f"data.batch_size {batch_size} is not divisible by {processes} process(es) x optim.grad_accum {grad_accum}"
+        )
+    return batch_size // shards
+
+
+def build_optimizer(optim: DictConfig, model: nn.Module, batch_size: int) -> torch.optim.Optimizer:
+    """SGD (momentum) or AdamW over the trainable parameters only; biases and norms (1-D tensors) without weight
+    decay unless ``optim.bias_decay``; lr scaled by ``batch_size / optim.lr_scale_batch`` when that is set."""
+    lr = optim.lr * (batch_size / optim.lr_scale_batch if optim.lr_scale_batch else 1.0)
+    decay, no_decay = [], []
+    for name, param in trainable_parameters(model):
+        exempt = not optim.bias_decay and (param.ndim <= 1 or name.endswith(".bias"))
+        (no_decay if exempt else decay).append(param)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ConfigError("the method leaves nothing to train")
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def freeze_in_precision(modules: list[nn.Module], mixed_precision: str) -> None:
+    """Under fp16 / bf16 mixed precision, stores the frozen weights in half precision and keeps the trained ones
+    in fp32 (the optimizer then never sees half-precision parameters: no "unscale FP16 gradients" errors)."""
+    if mixed_precision == "no":
+        return
+    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+    for module in modules:
+        for p in module.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
+
+
+def run_task(trainer: Trainer, config: DictConfig, run_dir: Path, *, resume: bool = False, dry_run: bool = False,
+             stop_after: int | None = None, cpu: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Builds, trains and finishes one run of ``trainer``; returns the task's results plus ``parameters``."""
+    loop_cfg = LoopConfig.from_config(config)
+    accelerator = make_accelerator(loop_cfg, cpu=cpu)
+    set_seed(config.train.seed)
+    setup = trainer.build(config, accelerator, run_dir)
+    for line in [*parameter_summary(setup.adapted), *setup.summary]:
+        logger.info(line)
+    results: dict[str, Any] = {"parameters": count_parameters(setup.adapted)}
+    if dry_run:
+        return results
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process and not resume:
+        save_config(config, run_dir / "config.yaml")
+    batch = config.data.batch_size
+    per_process = micro_batch(batch, accelerator.num_processes, config.optim.grad_accum)
+    options = {"num_workers": 0, **setup.loader}
+    options["persistent_workers"] = options["num_workers"] > 0
+    generator = torch.Generator().manual_seed(config.train.seed)
+    loader = DataLoader(setup.train_set, batch_size=per_process, shuffle=True, generator=generator, **options)
+    optimizer = build_optimizer(config.optim, setup.adapted, batch)
+    freeze_in_precision(setup.frozen, config.train.mixed_precision)
+    loop = Loop(setup.model, setup.task, optimizer, loader, run_dir, loop_cfg, accelerator,
+                select_best=setup.select_best, adapted=setup.adapted)  # fmt: skip
+    if resume:
+        loop.load_state()
+    results["eval"] = loop.fit(stop_after=stop_after)
+    results["steps"] = loop.step
+    if loop.finished:
+        results.update(trainer.finish(config, loop, setup, run_dir))
+    results["parameters"] = count_parameters(loop.unwrapped)
+    accelerator.end_training()
+    return results
