@@ -19,8 +19,8 @@ from visionpeft.trainers.diffusion import training_scheduler
 from visionpeft.trainers.dit_loss import class_conditional_loss, variational_bound
 
 sys.path.insert(0, str(ROOT / "tools"))
-import finetune_dit as tool  # noqa: E402
-from _cli import run  # noqa: E402
+import train as tool  # noqa: E402
+from visionpeft.cli.common import run  # noqa: E402
 
 COLOURS = {"blue": (20, 40, 220), "red": (230, 30, 20)}
 
@@ -55,10 +55,10 @@ def fixed_loss(pipe, images, labels, draws=6) -> float:
 
 
 def _finetune(setup, name, *overrides):
-    args = ["configs/class_conditional/difffit_dit_xl2_256.yaml", f"pipeline.name_or_path={setup / 'pipe'}",
-            f"data.root={setup / 'data'}", "data.size=null", "optim.steps=30", "optim.batch_size=4", "optim.lr=0.02",
+    args = ["configs/class_conditional/difffit_dit_xl2_256.yaml", f"model.name={setup / 'pipe'}",
+            f"data.root={setup / 'data'}", "data.size=null", "optim.steps=30", "data.batch_size=4", "optim.lr=0.02",
             "train.mixed_precision=no", "train.ema_decay=0.5", "train.validation_classes=[red, blue]",
-            "train.validation_every=16", "train.validation_steps=2", "train.validation_images=2", "train.log_every=1",
+            "train.eval_every=16", "train.validation_steps=2", "train.validation_images=2", "train.log_every=1",
             f"train.output_dir={setup / 'runs'}", f"train.run_name={name}", "--cpu", *overrides]  # fmt: skip
     return run(tool.main, args)
 
@@ -96,7 +96,8 @@ def test_difffit_finetunes_new_classes_and_the_merged_pipeline_loads_in_diffuser
 def test_labels_are_dropped_once_per_sample_not_per_block(setup):
     from omegaconf import OmegaConf
 
-    from visionpeft.trainers.class_conditional import ClassConditionalConfig, ClassDenoiser
+    from visionpeft.config.class_conditional import ClassConditionalConfig
+    from visionpeft.trainers.class_conditional import ClassDenoiser
 
     pipe = vp.attach(load_pipeline(str(setup / "pipe")), "difffit")
     cfg = OmegaConf.merge(OmegaConf.structured(ClassConditionalConfig), {"train": {"class_dropout": 0.0}})
@@ -166,7 +167,7 @@ def test_resumed_run_repeats_the_uninterrupted_one(setup):
 
 
 def test_bf16_mixed_precision_keeps_trained_weights_in_fp32(setup):
-    assert _finetune(setup, "bf16", "train.mixed_precision=bf16", "optim.steps=4", "train.validation_every=4") == 0
+    assert _finetune(setup, "bf16", "train.mixed_precision=bf16", "optim.steps=4", "train.eval_every=4") == 0
     run_dir = setup / "runs" / "bf16"
     assert len(list((run_dir / "validation").glob("*.png"))) == 1  # sampled under autocast with bf16 frozen weights
     from safetensors.torch import load_file

@@ -10,7 +10,7 @@ from _classify_utils import ROOT, tiny_config, write_pretrained_vit, write_tiny_
 
 sys.path.insert(0, str(ROOT / "tools"))
 import train as train_tool  # noqa: E402
-from _cli import run  # noqa: E402
+from visionpeft.cli.common import run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,15 @@ def config(tmp_path_factory):
         (["model.checkpoint=/nowhere/vit.safetensors"], "checkpoint /nowhere/vit.safetensors does not exist"),
         (["model.name=vit_tiniest"], "unknown timm model 'vit_tiniest'"),
         (["optim.name=adam"], "config key 'optim.name' must be one of sgd, adamw, got 'adam'"),
+        (["task=clasification"], "unknown task 'clasification' (did you mean 'classification'?)"),
+        (
+            ["optim.schedule=cosin"],
+            "config key 'optim.schedule' must be one of constant, constant_with_warmup, cosine, linear, polynomial",
+        ),
+        (["optim.steps=50"], "optim.epochs (3) and optim.steps (50) are both set; set one of them to null"),
+        (["optim.schedule=constant"], "optim.schedule=constant has no warmup; use optim.schedule=constant_with_warmup"),
+        (["optim.warmup_steps=5"], "optim.warmup_epochs (1) and optim.warmup_steps (5) are both set"),
+        (["train.ema_decay=1.5"], "config key 'train.ema_decay' must be at most 1, got 1.5"),
     ],
 )
 def test_bad_config_is_one_line(config, overrides, message, capsys):
@@ -74,3 +83,17 @@ def test_corrupt_image_in_an_image_folder_is_named(tmp_path, capsys):
     args = [str(cfg), "data.name=imagefolder", "optim.epochs=1"]
     assert run(train_tool.main, args) == 2
     assert "1.png is not a readable image" in capsys.readouterr().err
+
+
+def test_help_and_config_errors_answer_without_importing_torch(config):
+    """The command parses and validates before anything heavy loads (the latency table is tools/benchmark.py cli)."""
+    probe = (
+        "import sys; from visionpeft.cli.common import run; from visionpeft.cli.train import main; "
+        "code = run(main, sys.argv[1:]); print(code, 'torch' in sys.modules, 'timm' in sys.modules)"
+    )
+    for args in ([str(config), "optim.lrr=1"], [str(config), "optim.schedule=cosin"], ["/nowhere/x.yaml"]):
+        result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        assert result.stdout.split() == ["2", "False", "False"], (args, result.stdout, result.stderr)
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--help"], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0 and "task:" in result.stdout

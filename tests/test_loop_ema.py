@@ -16,16 +16,17 @@ from visionpeft.trainers.loop import Loop, LoopConfig, make_accelerator
 class Regression:
     metric = "neg_loss"
 
-    def __init__(self) -> None:
+    def __init__(self, loader) -> None:
+        self.loader = loader
         self.seen: list[torch.Tensor] = []
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
         return nn.functional.mse_loss(model(x), y)
 
-    def evaluate(self, model: nn.Module, loader, accelerator) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, accelerator) -> dict[str, float]:
         self.seen.append(model.head.weight.detach().clone())  # the weights evaluation ran with
-        return {"neg_loss": -sum(self.loss(model, b).item() for b in loader)}
+        return {"neg_loss": -sum(self.loss(model, b).item() for b in self.loader)}
 
 
 def _loop(run_dir, decay, epochs=3, seed=0):
@@ -37,7 +38,7 @@ def _loop(run_dir, decay, epochs=3, seed=0):
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = LoopConfig(epochs=epochs, ema_decay=decay, log_every=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    return Loop(model, Regression(), optimizer, loader, DataLoader(data, batch_size=8), run_dir, cfg,
+    return Loop(model, Regression(DataLoader(data, batch_size=8)), optimizer, loader, run_dir, cfg,
                 make_accelerator(cfg, cpu=True), select_best=False)  # fmt: skip
 
 

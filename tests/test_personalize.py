@@ -16,8 +16,8 @@ import visionpeft as vp
 from visionpeft.backbones.diffusers_loading import load_pipeline
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tools"))
-import personalize as tool  # noqa: E402
-from _cli import run  # noqa: E402
+import train as tool  # noqa: E402
+from visionpeft.cli.common import run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +65,9 @@ def _before_after(tmp, run_dir, prompt, *attach):
 
 
 def _train(tmp, config_name, *overrides):
-    args = [f"configs/personalize/{config_name}.yaml", f"pipeline.name_or_path={tmp / 'pipe'}",
+    args = [f"configs/personalize/{config_name}.yaml", f"model.name={tmp / 'pipe'}",
             f"data.images={tmp / 'images'}", "data.size=16", "data.repeats=4", "optim.steps=24",
-            "optim.batch_size=2", "optim.grad_accum=1", "train.validation_every=12", "train.validation_steps=2",
+            "data.batch_size=2", "optim.grad_accum=1", "train.eval_every=12", "train.validation_steps=2",
             "train.validation_images=1", f"train.output_dir={tmp / 'runs'}", f"train.run_name={config_name}",
             "train.log_every=1",
             "--cpu", *overrides]  # fmt: skip
@@ -122,7 +122,7 @@ def test_difffit_run_with_ema_writes_plain_merged_unet(setup):
 
 
 def test_missing_and_corrupt_image_folders(setup, capsys):
-    base = ["configs/personalize/textual_inversion_sd15.yaml", f"pipeline.name_or_path={setup / 'pipe'}", "--cpu"]
+    base = ["configs/personalize/textual_inversion_sd15.yaml", f"model.name={setup / 'pipe'}", "--cpu"]
     assert run(tool.main, [*base, f"data.images={setup / 'nowhere'}"]) == 2
     assert f"image folder {setup / 'nowhere'} does not exist" in capsys.readouterr().err
     bad = setup / "bad_images"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import visionpeft as vp
 from visionpeft.config import load_config
 from visionpeft.errors import ConfigError
 from visionpeft.trainers import classification
+from visionpeft.trainers import run as run_module
 from visionpeft.trainers.classification import run
 from visionpeft.trainers.loop import Loop
 
@@ -33,7 +35,7 @@ def setup(tmp_path_factory):
 def captured(monkeypatch):
     """What a run builds (experiment, optimizer) and, per training forward, the modes of a frozen block and the head."""
     seen: dict = {"modes": []}
-    build_experiment, build_optimizer = classification.build_experiment, classification.build_optimizer
+    build_experiment, build_optimizer = classification.build_experiment, run_module.build_optimizer
 
     def record(module, args):
         if torch.is_grad_enabled():  # training forwards only
@@ -46,7 +48,7 @@ def captured(monkeypatch):
         return seen["exp"]
 
     monkeypatch.setattr(classification, "build_experiment", build_and_watch)
-    monkeypatch.setattr(classification, "build_optimizer", lambda c, m: seen.setdefault("opt", build_optimizer(c, m)))
+    monkeypatch.setattr(run_module, "build_optimizer", lambda *a: seen.setdefault("opt", build_optimizer(*a)))
     return seen
 
 
@@ -99,10 +101,12 @@ def test_resume_continues_exactly(setup, monkeypatch):
         raise KeyboardInterrupt  # after epoch 2 was logged, before its state exists
 
     monkeypatch.setattr(Loop, "save_state", crash)
+    time.sleep(1.1)  # TensorBoard orders event files by their name, whose time stamp counts whole seconds
     with pytest.raises(KeyboardInterrupt):
         run(split, tmp / "runs" / "split", resume=True, cpu=True)
     assert len(_epoch_losses(tmp / "runs" / "split")) == 2
     monkeypatch.setattr(Loop, "save_state", save_state)
+    time.sleep(1.1)
     run(split, tmp / "runs" / "split", resume=True, cpu=True)
 
     def steps(name):

@@ -19,7 +19,7 @@ from visionpeft.registry import DATASETS
 from visionpeft.trainers.classification import run
 
 sys.path.insert(0, str(ROOT / "tools"))
-from _cli import run as run_cli  # noqa: E402
+from visionpeft.cli.common import run as run_cli  # noqa: E402
 
 
 def test_cifar10_files_are_read_by_torchvision(tmp_path):

@@ -1,10 +1,11 @@
-"""Benchmarks that print tables: ``python tools/benchmark.py {core,demo} [options]``.
+"""Benchmarks that print tables: ``python tools/benchmark.py {core,demo,clip,personalize,cli} [options]``.
 
 core  training-step time and peak memory of every method relative to full fine-tuning (ViT-B/16), a LoRA Linear
       against PEFT's, and a merged model's inference time against the plain model's.
 demo  the method sweep on the embedded tiny ViT and the mini tasks (results table + plot in gallery/).
 clip  learned-prompt (CoOp) inference throughput against zero-shot CLIP.
 personalize  one training step of textual inversion / DreamBooth-LoRA against a bare diffusers reference step.
+cli   how fast the commands answer (--help, config errors) and import visionpeft, against import torch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import importlib
 import sys
 from pathlib import Path
 
-SUITES = ("core", "demo", "clip", "personalize")
+SUITES = ("core", "demo", "clip", "personalize", "cli")
 
 
 def main(argv: list[str] | None = None) -> int:

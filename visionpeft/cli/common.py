@@ -42,7 +42,7 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("config", nargs="?", help="run config (YAML; its task: key picks the trainer)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys, e.g. optim.lr=0.01)")
     parser.add_argument("--resume", type=Path, help="continue the run in this folder from its saved state")
-    parser.add_argument("--stop-after", type=int, help="train at most this many more optimizer steps (resume later)")
+    parser.add_argument("--stop-after", type=int, help="stop after this many more epochs (resume later)")
     parser.add_argument("--cpu", action="store_true", help="force the CPU even when a GPU is present")
 
 

@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from visionpeft.backbones.factory import create_open_clip, create_timm
-    from visionpeft.config import ModelConfig
+    from visionpeft.config.classification import ModelConfig
     from visionpeft.data.few_images import load_images
     from visionpeft.errors import ConfigError
     from visionpeft.metrics import ClipScorer, dino_similarity

@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
     import visionpeft.data  # noqa: F401  (dataset registration)
     from visionpeft.backbones.clip_classifier import SINGLE_TEMPLATE, CLIPClassifier
     from visionpeft.backbones.factory import create_open_clip
-    from visionpeft.config import ModelConfig
+    from visionpeft.config.classification import ModelConfig
     from visionpeft.data.fewshot import base_new_split
     from visionpeft.registry import DATASETS
     from visionpeft.trainers.classification import Transformed

@@ -4,8 +4,8 @@ Task-agnostic and counted in optimizer steps: a :class:`Task` turns a batch into
 holds whatever evaluation data it needs); the loop handles everything else: only trainable parameters in the
 optimizer, a schedule from transformers' ``get_scheduler`` with warmup, evaluation every N steps exactly, a
 progress bar, TensorBoard and ``metrics.jsonl``, atomic ``last`` / ``best`` adapter checkpoints, and exact resume
-(optimizer, scheduler, RNG, EMA, trained tensors and the buffers of trained modules, at any step, mid-epoch
-included: the seeded per-epoch data order is replayed and the batches already seen are skipped).
+(optimizer, scheduler, RNG, EMA, trained tensors and the buffers of trained modules, at epoch boundaries, with a
+seeded per-epoch data order).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from accelerate import Accelerator, skip_first_batches
+from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration
 from torch import nn
@@ -278,10 +278,8 @@ class Loop:
         set_train_mode(self.unwrapped, True)
 
     def _batches(self) -> Iterator[Any]:
-        """The current epoch's batches in its seeded order, without those already trained on (after a resume)."""
+        """The current epoch's batches, in its seeded order."""
         self.train_loader.set_epoch(self.epoch)
-        if self.batch_in_epoch:
-            return iter(skip_first_batches(self.train_loader, self.batch_in_epoch))
         return iter(self.train_loader)
 
     def _optimizer_step(self, batch: Any) -> float:
@@ -303,16 +301,19 @@ class Loop:
         self.log({"train/epoch_loss": total / max(1, count)})
 
     def fit(self, stop_after: int | None = None) -> dict[str, float]:
-        """Trains until the run's last step (or ``stop_after`` more optimizer steps); returns the last evaluation.
+        """Trains until the run's last step (or for ``stop_after`` more epochs); returns the last evaluation.
 
-        The state is saved after each evaluation, at the end of each epoch and when training stops.
+        Evaluation runs every ``eval_every`` optimizer steps exactly and after the last step. The resumable state is
+        saved at the end of every epoch and of the run: a resumed run then repeats an uninterrupted one exactly
+        (the data loader reads a batch ahead, so the random state of a mid-epoch point would not replay its
+        augmentation; epoch boundaries are where data order and random state both restart cleanly).
         """
         last: dict[str, float] = {}
-        stop = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
+        stop_epoch = None if stop_after is None else self.epoch + stop_after
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not self.accelerator.is_local_main_process)  # fmt: skip
         self._train_mode()
-        while self.step < stop:
+        while not self.finished and (stop_epoch is None or self.epoch < stop_epoch):
             for batch in self._batches():
                 value = self._optimizer_step(batch)
                 self.batch_in_epoch += 1
@@ -329,12 +330,11 @@ class Loop:
                 epoch_done = self.batch_in_epoch == len(self.train_loader)
                 if epoch_done:
                     self._end_epoch()
-                evaluate = self.step == self.total_steps or bool(self.eval_every and self.step % self.eval_every == 0)
-                if evaluate:
+                if self.finished or bool(self.eval_every and self.step % self.eval_every == 0):
                     last = self._evaluate_and_log()
-                if evaluate or epoch_done or self.step >= stop:
+                if epoch_done or self.finished:
                     self.save_state()
-                if self.step >= stop:
+                if self.finished:
                     break
         bar.close()
         if self.ema is not None and self.finished:
