@@ -8,20 +8,24 @@ Example:
     {'vpt': 92160, 'head': 76900}
 """
 
-__version__ = "0.1.0"
-
-from .adapter import (  # noqa: E402
+from .adapter import (
     attach,
     attached_methods,
+    can_export,
+    can_merge,
+    conditioning,
     count_parameters,
     detach,
+    features,
     merge,
     set_train_mode,
+    trainable_buffers,
     trainable_parameters,
 )
-from .checkpoint import load_adapter, save_adapter  # noqa: E402
-from .errors import VisionPEFTError  # noqa: E402
-from .registry import METHODS  # noqa: E402
+from .checkpoint import load_adapter, save_adapter
+from .errors import VisionPEFTError
+from .registry import METHODS
+from .version import __version__
 
 
 def list_methods() -> list[str]:
@@ -34,12 +38,17 @@ __all__ = [
     "__version__",
     "attach",
     "attached_methods",
+    "can_export",
+    "can_merge",
+    "conditioning",
     "count_parameters",
     "detach",
+    "features",
     "list_methods",
     "load_adapter",
     "merge",
     "save_adapter",
     "set_train_mode",
+    "trainable_buffers",
     "trainable_parameters",
 ]

@@ -309,7 +309,7 @@ def _check_choices(config: DictConfig) -> None:
 
 def save_config(config: DictConfig, path: Path) -> None:
     """Writes the resolved config (what the run really used) as YAML."""
-    from .checkpoint import atomic_write
+    from .io import atomic_write
 
     text = OmegaConf.to_yaml(config)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

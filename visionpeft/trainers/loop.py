@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import visionpeft as vp
 
-from ..checkpoint import atomic_write
+from ..io import atomic_write
 
 
 @dataclass
