@@ -71,11 +71,12 @@ def _normalize(methods: MethodSpec | Sequence[MethodSpec], options: dict[str, An
 def attach(model: Any, methods: MethodSpec | Sequence[MethodSpec], **options: Any) -> Any:
     """Attaches one method, or several in order (a hybrid), to a supported backbone.
 
-    The backbone is frozen; the method's parameters and the task head (if the model has one) are trainable.
+    The backbone is frozen; the method's parameters and the task heads (if the model has any) are trainable.
 
     Args:
         model: A timm VisionTransformer, an open_clip CLIP, a diffusers UNet2DConditionModel /
-            DiTTransformer2DModel, or a diffusers pipeline (its U-Net / transformer is adapted).
+            DiTTransformer2DModel, a diffusers pipeline (its U-Net / transformer is adapted), or a task model
+            holding one of those (``backbones.TaskModel``: its library model is adapted, its heads train).
         methods: A method name, a ``(name, options)`` pair, a method config, or a list of those.
         **options: Options of a single method given by name.
 
