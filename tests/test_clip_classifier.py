@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from tiny_models import tiny_clip_bpe
 
 import visionpeft as vp
-from visionpeft.backbones.clip_classifier import CLIPClassifier, clip_tokenize
+from visionpeft.backbones.open_clip import clip_tokenize
+from visionpeft.tasks import CLIPClassifier
 
 NAMES = ("golden retriever", "tabby cat", "fire truck")
 IMAGES = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from tiny_models import tiny_clip_bpe, tiny_vit
 
 import visionpeft as vp
-from visionpeft.backbones.clip_classifier import clip_tokenize
+from visionpeft.backbones.open_clip import clip_tokenize
 from visionpeft.errors import ConfigError, IncompatibleMethodError
-from visionpeft.methods.coop import prompt_learner
+from visionpeft.tasks import prompt_learner
 
 NAMES = ("golden retriever", "tabby cat", "fire truck")
 

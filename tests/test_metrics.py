@@ -9,7 +9,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from tiny_models import tiny_clip_bpe, tiny_vit
 
-from visionpeft.backbones.clip_classifier import clip_tokenize
+from visionpeft.backbones.open_clip import clip_tokenize
 from visionpeft.metrics import ClipScorer, dino_similarity
 
 

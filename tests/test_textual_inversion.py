@@ -41,6 +41,7 @@ def test_textual_inversion_trains_new_rows_only_and_diffusers_loads_it(tmp_path)
     assert torch.equal(pipe.text_encoder.get_input_embeddings().base.weight, table)  # every old row bit-identical
 
     ours = _sample(pipe, "a photo of a <my-cat>")
+    assert vp.can_export(pipe, "diffusers") and not vp.can_export(pipe, "peft")
     vp.save_adapter(pipe, tmp_path / "ti", format="diffusers")
     fresh = tiny_sd_pipeline(tmp_path / "tok")
     fresh.load_textual_inversion(tmp_path / "ti" / "learned_embeds.safetensors")

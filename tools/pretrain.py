@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     from safetensors.torch import save_file
 
     import visionpeft as vp
-    from visionpeft.checkpoint import atomic_write
+    from visionpeft.io import atomic_write
     from visionpeft.config import load_config
     from visionpeft.trainers.classification import build_experiment
     from visionpeft.trainers.classification import run as train

@@ -17,18 +17,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 #: public name -> the module defining it
 _EXPORTS = {
-    "attach": "adapter",
-    "attached_methods": "adapter",
-    "count_parameters": "adapter",
-    "detach": "adapter",
-    "merge": "adapter",
-    "set_train_mode": "adapter",
-    "trainable_buffers": "adapter",
-    "trainable_parameters": "adapter",
+    **dict.fromkeys(
+        ("attach", "attached_methods", "can_export", "can_merge", "conditioning", "count_parameters", "detach",
+         "features", "merge", "set_train_mode", "trainable_buffers", "trainable_parameters"),
+        "adapter",
+    ),  # fmt: skip
     "load_adapter": "checkpoint",
     "save_adapter": "checkpoint",
     "VisionPEFTError": "errors",

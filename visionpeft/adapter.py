@@ -1,4 +1,5 @@
-"""attach / detach / merge and the bookkeeping that makes them exact.
+"""attach / detach / merge and the bookkeeping that makes them exact; what an adapted model can do (merge,
+export), its trained buffers, patch-grid features and the conditioning channel.
 
 The state of an adapted model (its backbone adapter, the attached methods, the ``requires_grad`` flags it had
 before) lives in a plain attribute of the model, so it follows the model through ``copy.deepcopy``.
@@ -6,7 +7,8 @@ before) lives in a plain attribute of the model, so it follows the model through
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,9 +16,9 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, get_backbone, pipeline_modules
-from .errors import ConfigError, IncompatibleMethodError
+from .errors import CheckpointError, ConfigError, IncompatibleMethodError
 from .methods import METHODS, Method, MethodConfig, make_config
-from .methods.base import named_base_parameters
+from .methods.base import named_base_parameters, named_persistent_buffers
 
 _STATE = "_visionpeft_state"
 
@@ -30,7 +32,7 @@ class AdapterState:
     backbone: Backbone
     methods: list[Method] = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)
-    head_original: dict[str, torch.Tensor] = field(default_factory=dict)
+    head_original: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def _state(model: nn.Module) -> AdapterState | None:
@@ -69,11 +71,12 @@ def _normalize(methods: MethodSpec | Sequence[MethodSpec], options: dict[str, An
 def attach(model: Any, methods: MethodSpec | Sequence[MethodSpec], **options: Any) -> Any:
     """Attaches one method, or several in order (a hybrid), to a supported backbone.
 
-    The backbone is frozen; the method's parameters and the task head (if the model has one) are trainable.
+    The backbone is frozen; the method's parameters and the task heads (if the model has any) are trainable.
 
     Args:
         model: A timm VisionTransformer, an open_clip CLIP, a diffusers UNet2DConditionModel /
-            DiTTransformer2DModel, or a diffusers pipeline (its U-Net / transformer is adapted).
+            DiTTransformer2DModel, a diffusers pipeline (its U-Net / transformer is adapted), or a task model
+            holding one of those (``backbones.TaskModel``: its library model is adapted, its heads train).
         methods: A method name, a ``(name, options)`` pair, a method config, or a list of those.
         **options: Options of a single method given by name.
 
@@ -92,9 +95,10 @@ def attach(model: Any, methods: MethodSpec | Sequence[MethodSpec], **options: An
     if fresh:
         state = AdapterState(get_backbone(target))
         state.requires_grad = {name: getattr(o, a).requires_grad for name, o, a in named_base_parameters(target)}
-        head = state.backbone.head()
-        if head is not None:  # the head trains with every method; detach restores it too
-            state.head_original = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        for name, head in state.backbone.heads().items():  # heads train with every method; detach restores them
+            state.head_original[name] = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            head._vp_head = True
+        state.backbone.install_hooks()
     added: list[Method] = []
     try:
         for name, config in specs:
@@ -112,7 +116,7 @@ def attach(model: Any, methods: MethodSpec | Sequence[MethodSpec], **options: An
         for method in reversed(added):
             method.detach()
         if fresh:
-            state.backbone.release()
+            _release(state)
         raise
     state.methods.extend(added)
     if fresh:
@@ -121,10 +125,15 @@ def attach(model: Any, methods: MethodSpec | Sequence[MethodSpec], **options: An
     return model
 
 
+def _release(state: AdapterState) -> None:
+    for head in state.backbone.heads().values():
+        head.__dict__.pop("_vp_head", None)
+    state.backbone.release()
+
+
 def _apply_requires_grad(model: nn.Module, state: AdapterState) -> None:
     model.requires_grad_(False)
-    head = state.backbone.head()
-    if head is not None:
+    for head in state.backbone.heads().values():
         head.requires_grad_(True)
     for method in state.methods:
         for param in method.parameters():
@@ -149,11 +158,11 @@ def detach(model: Any) -> Any:
     state = _require_state(target)
     for method in reversed(state.methods):
         method.detach()
-    head = state.backbone.head()
-    if head is not None and state.head_original:
-        head.load_state_dict(state.head_original)
+    for name, head in state.backbone.heads().items():
+        if name in state.head_original:
+            head.load_state_dict(state.head_original[name])
     _restore_requires_grad(target, state)
-    state.backbone.release()
+    _release(state)
     del target.__dict__[_STATE]
     return model
 
@@ -175,7 +184,7 @@ def merge(model: Any, methods: Sequence[str] | None = None) -> Any:
     target = _unwrap(model)
     state = _require_state(target)
     chosen = [m for m in state.methods if methods is None or m.name in methods]
-    blocked = [m.name for m in chosen if m.merge_priority is None]
+    blocked = [m.name for m in chosen if not m.merges_exactly]
     if blocked:
         raise IncompatibleMethodError(
             f"{', '.join(blocked)} cannot be merged into the weights exactly (they add tokens or non-linear "
@@ -189,7 +198,7 @@ def merge(model: Any, methods: Sequence[str] | None = None) -> Any:
         _apply_requires_grad(target, state)
     else:
         _restore_requires_grad(target, state)
-        state.backbone.release()
+        _release(state)
         del target.__dict__[_STATE]
     return model
 
@@ -205,22 +214,12 @@ def trainable_parameters(model: Any) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
 
 
-def trainable_buffers(model):
-    """Persistent buffers of method-added modules and of the head, named relative to ``model``."""
-    out = []
-    for prefix, module in model.named_modules():
-        if getattr(module, "_vp_owned", False) or getattr(module, "_vp_head", False):
-            for name, buf in module.named_buffers(prefix=prefix):
-                out.append((name, buf))
-    return out
-
-
 def count_parameters(model: Any) -> dict[str, Any]:
     """Counts parameters.
 
     Returns:
-        ``{"total": int, "trainable": int, "by_group": {method name: int, ..., "head": int}}``; a parameter
-        claimed by several methods (BitFit and DiffFit both train biases) counts for the first.
+        ``{"total": int, "trainable": int, "by_group": {method name: int, ..., "head": int}}`` (a group per task
+        head); a parameter claimed by several methods (BitFit and DiffFit both train biases) counts for the first.
     """
     target = _unwrap(model)
     params = list(target.parameters())
@@ -237,9 +236,8 @@ def count_parameters(model: Any) -> dict[str, Any]:
                     seen.add(id(p))
                     count += p.numel()
             by_group[method.name] = by_group.get(method.name, 0) + count
-        head = state.backbone.head()
-        if head is not None:
-            by_group["head"] = sum(p.numel() for p in head.parameters() if id(p) not in seen and p.requires_grad)
+        for name, head in state.backbone.heads().items():
+            by_group[name] = sum(p.numel() for p in head.parameters() if id(p) not in seen and p.requires_grad)
     return {"total": total, "trainable": trainable, "by_group": by_group}
 
 
@@ -254,8 +252,7 @@ def set_train_mode(model: Any, mode: bool = True) -> Any:
     if not mode or state is None or not any(m.frozen_eval for m in state.methods):
         return model
     keep: set[int] = set()
-    head = state.backbone.head()
-    roots = [head] if head is not None else []
+    roots = list(state.backbone.heads().values())
     for module in target.modules():
         if getattr(module, "_vp_owned", False):
             roots.append(module)
@@ -267,6 +264,86 @@ def set_train_mode(model: Any, mode: bool = True) -> Any:
         if id(module) not in keep:
             module.training = False
     return model
+
+
+def can_merge(model: Any) -> bool:
+    """Whether :func:`merge` can fold every attached method into the weights (each one merges exactly)."""
+    methods = methods_of(model)
+    return bool(methods) and all(m.merges_exactly for m in methods)
+
+
+def can_export(model: Any, format: str) -> bool:
+    """Whether ``save_adapter(model, ..., format=format)`` can write the attached methods: every one lists the
+    format and at least one contributes to it (a linear probe alone makes no diffusers file)."""
+    methods = methods_of(model)
+    if not methods:
+        return False
+    if format == "visionpeft":
+        return True
+    if any(format not in m.export_formats for m in methods):
+        return False
+    try:
+        return any(m.export_parts(format).contributes for m in methods)
+    except CheckpointError:
+        return False
+
+
+def trainable_buffers(model: Any) -> list[tuple[str, torch.Tensor]]:
+    """``(name, buffer)`` of the persistent buffers that train with the methods: those of modules and towers the
+    methods added and of the task heads (a BatchNorm's running statistics), named relative to ``model``, which may
+    be any module holding the adapted model."""
+    found: list[tuple[str, torch.Tensor]] = []
+    seen: set[int] = set()
+    for path, module in _unwrap(model).named_modules():
+        if getattr(module, "_vp_owned", False) or getattr(module, "_vp_head", False):
+            for name, owner, attr in named_persistent_buffers(module):
+                buffer = owner._buffers[attr]
+                if id(buffer) not in seen:
+                    seen.add(id(buffer))
+                    found.append((f"{path}.{name}" if path else name, buffer))
+    return found
+
+
+def features(model: Any, x: torch.Tensor, indices: Sequence[int], tower: str | None = None) -> list[torch.Tensor]:
+    """Patch-grid feature maps ``(batch, dim, h, w)`` of the chosen blocks on the grid of the actual input, class /
+    register / prompt tokens removed; with or without methods attached (see :meth:`Backbone.features`)."""
+    return backbone_of(model).features(x, indices, tower)
+
+
+@contextlib.contextmanager
+def conditioning(model: Any, **inputs: Any) -> Iterator[Any]:
+    """Makes per-call inputs (a control image) available to the attached methods that read them, for the forward
+    passes inside the ``with`` block; they are cleared afterwards.
+
+    Example:
+        >>> with vp.conditioning(model, control_image=edges):
+        ...     out = model(noisy, t, text)
+
+    Args:
+        model: An adapted model, a pipeline or task model, or any module holding adapted models.
+        **inputs: Name -> value; each name must be read by some attached method (its ``call_inputs``).
+
+    Raises:
+        ConfigError: No method is attached, or no attached method reads one of the inputs.
+    """
+    root = _unwrap(model)
+    states = {id(s): s for m in root.modules() if (s := _state(m)) is not None}
+    if not states:
+        raise ConfigError("no visionpeft method is attached to this model")
+    declared = sorted({k for s in states.values() for m in s.methods for k in m.call_inputs})
+    unknown = sorted(set(inputs) - set(declared))
+    if unknown:
+        reads = ", ".join(declared) or "none"
+        raise ConfigError(f"no attached method reads a per-call {unknown[0]} (the per-call inputs they read: {reads})")
+    saved = [(s.backbone.call_inputs, dict(s.backbone.call_inputs)) for s in states.values()]
+    for channel, _ in saved:
+        channel.update(inputs)
+    try:
+        yield model
+    finally:
+        for channel, previous in saved:
+            channel.clear()
+            channel.update(previous)
 
 
 def backbone_of(model: Any) -> Backbone:
@@ -285,11 +362,16 @@ __all__ = [
     "attach",
     "attached_methods",
     "backbone_of",
+    "can_export",
+    "can_merge",
+    "conditioning",
     "count_parameters",
     "detach",
+    "features",
     "merge",
     "methods_of",
     "set_train_mode",
+    "trainable_buffers",
     "trainable_parameters",
     "IncompatibleMethodError",
 ]

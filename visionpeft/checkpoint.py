@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
 from .adapter import (
     _apply_requires_grad,
     _require_state,
@@ -29,6 +27,11 @@ from .adapter import (
     methods_of,
 )
 from .errors import CheckpointError, VisionPEFTError
+from .exporters import export
+from .io import atomic_write
+from .methods import make_config
+from .methods.base import named_persistent_buffers
+from .version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -48,35 +51,28 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """Every trained tensor of an adapted model under its canonical name (methods, then ``head.*``)."""
-    target = _unwrap(model)
-    state = _require_state(target)
+def head_state(model: Any) -> dict[str, torch.Tensor]:
+    """The task heads' parameters and persistent buffers under canonical names (``head.weight``,
+    ``head.bn.running_mean``)."""
     tensors: dict[str, torch.Tensor] = {}
-    for method in state.methods:
-        for name, tensor in method.named_tensors():
-            tensors[name] = tensor
-    head = state.backbone.head()
-    if head is not None:
+    for head_name, head in _require_state(_unwrap(model)).backbone.heads().items():
         for name, tensor in head.named_parameters():
-            tensors[f"head.{name}"] = tensor
+            tensors[f"{head_name}.{name}"] = tensor
+        for name, owner, attr in named_persistent_buffers(head):
+            tensors[f"{head_name}.{name}"] = owner._buffers[attr]
     return tensors
 
 
-def atomic_write(path: Path, write) -> None:
-    """Calls ``write(tmp_path)`` and renames the result over ``path``, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result should be an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """Every trained tensor of an adapted model under its canonical name: the methods' parameters and buffers, then
+    the heads'."""
+    state = _require_state(_unwrap(model))
+    tensors: dict[str, torch.Tensor] = {}
+    for method in state.methods:
+        for name, tensor in method.named_state():
+            tensors[name] = tensor
+    tensors.update(head_state(model))
+    return tensors
 
 
 def save_adapter(model: Any, directory: str | os.PathLike, format: str = "visionpeft") -> Path:
@@ -94,8 +90,6 @@ def save_adapter(model: Any, directory: str | os.PathLike, format: str = "vision
     """
     directory = Path(directory)
     if format != "visionpeft":
-        from .exporters import export
-
         return export(model, directory, format)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     config = {
@@ -181,8 +175,8 @@ def load_adapter(model: Any, directory: str | os.PathLike, options: dict[str, di
             raise CheckpointError(f"cannot add the methods of {directory} to this model: {err}") from None
     added = [m for m in methods_of(model) if m not in before]
     everything = adapter_state_dict(model)
-    expected = everything if not added else {k: t for m in added for k, t in m.named_tensors()}
-    expected.update({k: t for k, t in everything.items() if k.startswith("head.") and k in found})
+    expected = everything if not added else {k: t for m in added for k, t in m.named_state()}
+    expected.update({k: t for k, t in head_state(model).items() if k in found})
     problem = _mismatch_message(expected, found)
     if problem:
         _undo(model, added, before)
@@ -217,6 +211,4 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _as_config_dict(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    from .methods import make_config
-
     return make_config(name, options).to_dict()

@@ -1,10 +1,10 @@
-"""Exporters: write a visionpeft LoRA in the formats of PEFT and diffusers, loadable by those libraries as is.
+"""Exporters: write an adapted model in the file formats of PEFT and diffusers, loadable by those libraries as is.
 
-Both formats name tensors by module path and scale each update by ``lora_alpha / r`` of the module. The export
-folds visionpeft's scale into ``lora_B`` and writes ``lora_alpha = r`` (scale 1), so the file means the same
-thing whatever defaults the loader assumes. A LoRA on some slices of a fused projection (Q and V of timm's
-``qkv``) is written exactly as one LoRA of rank ``slices x r`` on the whole projection: A stacks the slices'
-A matrices and B is block-diagonal, zero on the rows of the slices without an update.
+Methods say which formats can hold them (``Method.export_formats``) and hand over their part
+(``Method.export_parts``): low-rank updates ``(A, B)`` by module path, whole files, or "the heads". This module only
+combines the parts into each library's layout. Both LoRA formats name tensors by module path and scale each update
+by ``lora_alpha / r`` of the module; the parts fold visionpeft's scale into ``lora_B`` and the files say
+``lora_alpha = r`` (scale 1), so a file means the same thing whatever defaults the loader assumes.
 """
 
 from __future__ import annotations
@@ -17,79 +17,51 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapter import _require_state, _unwrap
+from .adapter import AdapterState, _require_state, _unwrap
 from .errors import CheckpointError
-from .layers.lora import LoRAConv2d, LoRALinear, LoRAMultiheadAttention
-from .methods.base import named_base_parameters
+from .io import atomic_write
+from .methods import METHODS, ExportParts
 
-
-def _module_paths(model: nn.Module) -> dict[int, str]:
-    """id(library module) -> its path in the model as it was before wrapping."""
-    paths: dict[int, str] = {}
-    for name, owner, _ in named_base_parameters(model):
-        paths.setdefault(id(owner), name.rpartition(".")[0])
-    return paths
-
-
-def lora_module_tensors(model: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
-    """Returns ``{module path: (A, B)}`` with the scale folded into B, and the names of methods not exported.
-
-    Raises:
-        CheckpointError: A LoRA on ``nn.MultiheadAttention``, which these formats cannot express.
-    """
-    state = _require_state(model)
-    paths = _module_paths(model)
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    skipped = []
-    for method in state.methods:
-        if method.name != "lora":
-            skipped.append(method.name)
-            continue
-        for wrapper in method.wrappers():
-            path = paths[id(wrapper.base)]
-            if isinstance(wrapper, LoRAMultiheadAttention):
-                raise CheckpointError(
-                    f"{path}: a LoRA on nn.MultiheadAttention (open_clip) has no PEFT / diffusers file layout; "
-                    "save it with format='visionpeft'"
-                )
-            if isinstance(wrapper, LoRAConv2d):
-                u = wrapper.update
-                layers[path] = (u.lora_A.detach(), u.lora_B.detach() * u.scale)
-            elif isinstance(wrapper, LoRALinear):
-                layers[path] = _stack_slices(wrapper)
-    return layers, skipped
-
-
-def _stack_slices(wrapper: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
-    updates = [(wrapper.slices[name], u) for name, u in wrapper.updates.items()]
-    a = torch.cat([u.lora_A.detach() for _, u in updates])
-    b = a.new_zeros(wrapper.base.out_features, a.shape[0])
-    col = 0
-    for (start, stop), u in updates:
-        b[start:stop, col : col + u.r] = u.lora_B.detach() * u.scale
-        col += u.r
-    return a, b
+FORMATS = ("peft", "diffusers")
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from .checkpoint import atomic_write
-
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(clean, tmp, metadata={"format": "pt"}))
 
 
-def export_peft(model: nn.Module, directory: Path) -> Path:
-    """Writes ``adapter_model.safetensors`` + ``adapter_config.json`` for ``peft.PeftModel.from_pretrained``."""
-    from .checkpoint import atomic_write
+def collect_parts(state: AdapterState, format: str) -> ExportParts:
+    """Combines the attached methods' parts of ``format``.
 
-    layers, skipped = lora_module_tensors(model)
-    state = _require_state(model)
-    head = state.backbone.head()
-    blocked = [name for name in skipped if name != "linear"]
+    Raises:
+        CheckpointError: A method the format cannot hold, a method refusing, or nothing to export.
+    """
+    blocked = [m.name for m in state.methods if format not in m.export_formats]
     if blocked:
-        raise CheckpointError(f"the PEFT format holds LoRA (+ head) only; {', '.join(blocked)} cannot be exported")
-    if not layers and head is None:
-        raise CheckpointError("nothing to export: no LoRA is attached")
+        holders = ", ".join(n for n in METHODS.names() if format in METHODS.get(n).export_formats)
+        raise CheckpointError(
+            f"the {format} format holds {holders} only; {', '.join(blocked)} cannot be exported "
+            "(save with format='visionpeft')"
+        )
+    combined = ExportParts()
+    for method in state.methods:
+        part = method.export_parts(format)
+        combined.lora_layers.update(part.lora_layers)
+        for filename, tensors in part.files.items():
+            if filename in combined.files:
+                raise CheckpointError(f"two attached methods both write {filename}; export them one at a time")
+            combined.files[filename] = tensors
+        combined.head = combined.head or part.head
+    if not combined.contributes:
+        raise CheckpointError(f"nothing to export in the {format} format")
+    return combined
+
+
+def export_peft(model: nn.Module, directory: Path) -> Path:
+    """Writes ``adapter_model.safetensors`` + ``adapter_config.json`` for ``peft.PeftModel.from_pretrained``: the
+    LoRA layers, and the task heads as ``modules_to_save``."""
+    state = _require_state(model)
+    layers = collect_parts(state, "peft").lora_layers
     tensors: dict[str, torch.Tensor] = {}
     ranks = {}
     for path, (a, b) in layers.items():
@@ -97,11 +69,11 @@ def export_peft(model: nn.Module, directory: Path) -> Path:
         tensors[f"base_model.model.{path}.lora_B.weight"] = b
         ranks[path] = a.shape[0]
     modules_to_save = []
-    if head is not None:
-        head_path = state.backbone.head_name()
-        modules_to_save.append(head_path)
-        for name, tensor in head.named_parameters():
-            tensors[f"base_model.model.{head_path}.{name}"] = tensor
+    heads = state.backbone.heads()
+    for name, path in state.backbone.head_paths().items():
+        modules_to_save.append(path)
+        for key, tensor in heads[name].state_dict(keep_vars=True).items():
+            tensors[f"base_model.model.{path}.{key}"] = tensor
     base_rank = min(ranks.values()) if ranks else 8
     pattern = {path: r for path, r in ranks.items() if r != base_rank}
     config: dict[str, Any] = {
@@ -126,30 +98,17 @@ def export_peft(model: nn.Module, directory: Path) -> Path:
 
 
 def export_diffusers(model: nn.Module, directory: Path) -> Path:
-    """Writes what a Stable Diffusion pipeline loads with its own loaders.
-
-    ``pytorch_lora_weights.safetensors`` (U-Net and text-encoder LoRA) for ``pipeline.load_lora_weights`` and
-    ``learned_embeds.safetensors`` (textual inversion) for ``pipeline.load_textual_inversion``.
-    """
-    state = _require_state(model)
-    family = state.backbone.family
-    if family not in ("diffusers_unet", "diffusers_sd_pipeline"):
-        raise CheckpointError(
-            f"the diffusers LoRA format is for a Stable Diffusion U-Net or pipeline; this is {family}"
-        )
-    layers, skipped = lora_module_tensors(model)
-    blocked = [name for name in skipped if name != "textual_inversion"]
-    if blocked:
-        raise CheckpointError(
-            f"the diffusers formats hold LoRA and textual inversion; {', '.join(blocked)} cannot be exported"
-        )
+    """Writes what a Stable Diffusion pipeline loads with its own loaders: ``pytorch_lora_weights.safetensors``
+    (U-Net and text-encoder LoRA) for ``pipeline.load_lora_weights`` and the methods' own files (textual
+    inversion's ``learned_embeds.safetensors`` for ``pipeline.load_textual_inversion``)."""
+    parts = collect_parts(_require_state(model), "diffusers")
     groups: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
-    for path, (a, b) in layers.items():
-        group, local = ("unet", path) if family == "diffusers_unet" else path.split(".", 1)
+    for path, (a, b) in parts.lora_layers.items():
+        group, _, local = path.partition(".")
         groups[group][f"{local}.lora_A.weight"] = a.to("cpu").contiguous()
         groups[group][f"{local}.lora_B.weight"] = b.to("cpu").contiguous()
     directory.mkdir(parents=True, exist_ok=True)
-    if layers:
+    if parts.lora_layers:
         from diffusers import StableDiffusionPipeline
 
         StableDiffusionPipeline.save_lora_weights(
@@ -158,13 +117,13 @@ def export_diffusers(model: nn.Module, directory: Path) -> Path:
             text_encoder_lora_layers=groups["text_encoder"] or None,
             safe_serialization=True,
         )
-    for method in state.methods:
-        if method.name == "textual_inversion":
-            _write_safetensors(method.learned_embeds(), directory / "learned_embeds.safetensors")
+    for filename, tensors in parts.files.items():
+        _write_safetensors(tensors, directory / filename)
     return directory
 
 
 def export(model: Any, directory: Path, format: str) -> Path:
+    """Writes ``model``'s adapter to ``directory`` in ``format`` (``peft`` or ``diffusers``)."""
     target = _unwrap(model)
     if format == "peft":
         return export_peft(target, directory)

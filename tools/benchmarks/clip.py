@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     import visionpeft as vp
-    from visionpeft.backbones.clip_classifier import CLIPClassifier
+    from visionpeft.tasks.clip_classifier import CLIPClassifier
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedBackboneError
-from .base import Backbone, Block, Branch, Projection, TokenLayout, Tower
+from .base import Backbone, Block, Branch, Projection, TaskModel, TokenLayout, Tower
 from .diffusers_models import DiffusersDiT, DiffusersPipeline, DiffusersUNet, pipeline_modules
 from .open_clip import OpenCLIP
 from .timm_vit import TimmViT
@@ -13,12 +13,7 @@ from .timm_vit import TimmViT
 BACKBONES: list[type[Backbone]] = [TimmViT, OpenCLIP, DiffusersUNet, DiffusersDiT, DiffusersPipeline]
 
 
-def get_backbone(model: nn.Module) -> Backbone:
-    """Returns the adapter describing ``model``.
-
-    Raises:
-        UnsupportedBackboneError: For any object that is not a supported model.
-    """
+def _library_backbone(model: nn.Module) -> Backbone:
     for cls in BACKBONES:
         if cls.matches(model):
             try:
@@ -31,6 +26,26 @@ def get_backbone(model: nn.Module) -> Backbone:
     )
 
 
+def get_backbone(model: nn.Module) -> Backbone:
+    """Returns the adapter describing ``model``: a library model, or a task model (:class:`TaskModel`) whose
+    library model is described with names relative to the task model and whose heads are the task's.
+
+    Raises:
+        UnsupportedBackboneError: For any object that is not a supported model.
+    """
+    if isinstance(model, nn.Module) and isinstance(model, TaskModel):
+        inner = model.inner_model()
+        path = next((name for name, m in model.named_modules() if m is inner and name), None)
+        if path is None:
+            raise UnsupportedBackboneError(
+                f"{type(model).__name__}.inner_model() must return one of its submodules, got {type(inner).__name__}"
+            )
+        backbone = _library_backbone(inner)
+        backbone.bind_task(model, path + ".", model.task_heads())
+        return backbone
+    return _library_backbone(model)
+
+
 __all__ = [
     "BACKBONES",
     "pipeline_modules",
@@ -38,6 +53,7 @@ __all__ = [
     "Block",
     "Branch",
     "Projection",
+    "TaskModel",
     "TokenLayout",
     "Tower",
     "get_backbone",

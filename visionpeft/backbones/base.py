@@ -4,20 +4,44 @@ A :class:`Backbone` describes a model as towers (``vision``, ``text``, ``unet``,
 Each :class:`Block` names its residual branches (``attn``, ``mlp``; ``attn1``, ``attn2``, ``ff`` in diffusers) and
 its projections (``attn.q``, ``attn.k``, ``attn.v``, ``attn.o``, ``mlp.fc1``, ``mlp.fc2``, ...). A
 :class:`Projection` says how a projection is stored (its own Linear, a row slice of a fused Linear, a slot of
-``nn.MultiheadAttention``, a Conv2d), so methods never touch library module names.
+``nn.MultiheadAttention``, a Conv2d), so methods never touch library module names. A tower also names its stage
+modules (``embed``, ``norm``; a U-Net's ``conv_in``, ``time_embedding``, ``down.i``, ``mid``, ``up.i``, ``conv_out``)
+and the capabilities it offers to methods (``tokens``: a ViT token sequence on a patch grid, ``text_prompts``,
+``new_tokens``).
+
+A task model (a classifier, a segmenter, a control holder) wraps a library model and owns heads; it says so through
+the :class:`TaskModel` protocol, and the adapter of its library model is bound to it (:meth:`Backbone.bind_task`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from functools import partial
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..errors import ConfigError, IncompatibleMethodError, did_you_mean
 
 ProjectionKind = Literal["linear", "fused", "mha", "conv"]
+
+
+@runtime_checkable
+class TaskModel(Protocol):
+    """A module that wraps a library model and owns task heads (CLIP classifier, segmenter, control holder).
+
+    ``attach`` adapts the library model returned by :meth:`inner_model` (which must be a submodule) and trains the
+    modules returned by :meth:`task_heads` with every method; canonical checkpoint names of a head are
+    ``<head name>.<parameter>``.
+    """
+
+    def inner_model(self) -> nn.Module: ...
+
+    def task_heads(self) -> dict[str, nn.Module | None]: ...
 
 
 @dataclass
@@ -114,6 +138,9 @@ class TokenLayout:
         in_chans: Image channels.
         batch_first: Whether block inputs are (batch, tokens, dim) rather than (tokens, batch, dim).
         extra_prefix: Prompt tokens currently inserted after the prefix by attached methods.
+        patch_hw: Patch (height, width) when not square; None means ``patch_size`` both ways.
+        pad: Whether the patch embedding pads images to a multiple of the patch (timm ``dynamic_img_pad``).
+        input_grid: The patch grid of the latest input, recorded while methods are attached.
     """
 
     dim: int
@@ -123,15 +150,27 @@ class TokenLayout:
     in_chans: int = 3
     batch_first: bool = True
     extra_prefix: int = 0
+    patch_hw: tuple[int, int] | None = None
+    pad: bool = False
+    input_grid: tuple[int, int] | None = None
 
     @property
     def total_prefix(self) -> int:
         return self.num_prefix + self.extra_prefix
 
+    def image_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The patch grid of an image of ``height`` x ``width`` pixels."""
+        ph, pw = self.patch_hw or (self.patch_size, self.patch_size)
+        if self.pad:
+            return math.ceil(height / ph), math.ceil(width / pw)
+        return height // ph, width // pw
+
     def grid_for(self, num_patches: int) -> tuple[int, int]:
-        """The patch grid for a sequence of ``num_patches`` patch tokens (other input sizes are square)."""
-        if num_patches == self.grid[0] * self.grid[1]:
-            return self.grid
+        """The patch grid of a sequence of ``num_patches`` patch tokens: the recorded grid of the current input,
+        else the default grid, else a square one."""
+        for grid in (self.input_grid, self.grid):
+            if grid is not None and grid[0] * grid[1] == num_patches:
+                return grid
         side = math.isqrt(num_patches)
         if side * side != num_patches:
             raise ValueError(f"cannot infer a patch grid for {num_patches} tokens")
@@ -149,6 +188,10 @@ class Tower:
         owns: Predicate on a model-relative parameter name: does the parameter belong to this tower?
         tokens: The token layout for ViT-style towers (VPT, Convpass need it), else None.
         condition: Predicate selecting the class-condition embedding's parameters (DiT), else None.
+        stages: Named stage modules methods may hook like blocks (``embed`` takes the image of a ViT tower;
+            a U-Net has ``conv_in``, ``time_embedding``, ``down.i``, ``mid``, ``up.i``, ``conv_out``).
+        capabilities: What the tower offers to methods; ``tokens`` is added when ``tokens`` is set.
+        forward: Runs the tower on an image (for :meth:`Backbone.features`), for ViT-style towers.
     """
 
     name: str
@@ -157,13 +200,46 @@ class Tower:
     owns: Callable[[str], bool]
     tokens: TokenLayout | None = None
     condition: Callable[[str], bool] | None = None
+    stages: dict[str, nn.Module] = field(default_factory=dict)
+    capabilities: frozenset[str] = frozenset()
+    forward: Callable[[torch.Tensor], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None:
+            self.capabilities = self.capabilities | {"tokens"}
+
+
+class CallInputs(dict):
+    """The per-call inputs of the conditioning channel (``vp.conditioning``). A deep copy of an adapted model
+    starts without any: they belong to one call, not to the model."""
+
+    def __deepcopy__(self, memo: dict) -> CallInputs:
+        return type(self)()
+
+
+class _StopForward(Exception):
+    """Ends a forward pass once :meth:`Backbone.features` has every block output it asked for."""
+
+
+def _within(prefix: str, predicate: Callable[[str], bool]) -> Callable[[str], bool]:
+    return lambda name: name.startswith(prefix) and predicate(name[len(prefix) :])
+
+
+def _has_parameters(module: nn.Module | None) -> bool:
+    return module is not None and any(True for _ in module.parameters())
 
 
 class Backbone:
-    """Base class of backbone adapters. Subclasses fill ``towers`` and may override ``head``.
+    """Base class of backbone adapters. Subclasses fill ``towers`` and may override :meth:`library_heads`.
 
     Args:
         model: The library model.
+
+    Attributes:
+        model: The module that is adapted and carries the adapter state: the library model itself, or the task
+            model holding it (after :meth:`bind_task`). Parameter names and ``owns`` predicates are relative to it.
+        inner: The library model.
+        call_inputs: Per-call inputs of the conditioning channel.
     """
 
     family: str = ""
@@ -171,15 +247,31 @@ class Backbone:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.inner = model
         self.towers: dict[str, Tower] = {}
+        self.call_inputs = CallInputs()
+        self._task_heads: dict[str, nn.Module | None] | None = None
+        self._handles: list[RemovableHandle] = []
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         raise NotImplementedError
 
-    def tower(self, name: str | None) -> Tower:
-        from ..errors import IncompatibleMethodError, did_you_mean
+    def bind_task(self, root: nn.Module, prefix: str, heads: dict[str, nn.Module | None]) -> None:
+        """Makes this adapter of a library model describe the task model ``root`` that holds it.
 
+        Args:
+            root: The task model. prefix: Path of the library model in ``root`` plus a dot (``clip.``).
+            heads: The task model's heads, name -> module.
+        """
+        self.model = root
+        self._task_heads = dict(heads)
+        for tower in self.towers.values():
+            tower.owns = _within(prefix, tower.owns)
+            if tower.condition is not None:
+                tower.condition = _within(prefix, tower.condition)
+
+    def tower(self, name: str | None) -> Tower:
         name = name or self.default_tower
         if name not in self.towers:
             raise IncompatibleMethodError(
@@ -188,20 +280,94 @@ class Backbone:
             )
         return self.towers[name]
 
-    def head(self) -> nn.Module | None:
-        """The task head trained with every method (a classifier), or None."""
-        return None
+    # -- heads -----------------------------------------------------------------------------------------------
+    def library_heads(self) -> dict[str, nn.Module | None]:
+        """Heads the library model itself has (a timm classifier), name -> module."""
+        return {}
+
+    def heads(self) -> dict[str, nn.Module]:
+        """The task heads trained with every method (those with parameters), name -> module."""
+        heads = self._task_heads if self._task_heads is not None else self.library_heads()
+        return {name: head for name, head in heads.items() if _has_parameters(head)}
+
+    def head_paths(self) -> dict[str, str]:
+        """Head name -> module path of the head in :attr:`model`."""
+        ids = {id(head): name for name, head in self.heads().items()}
+        return {ids[id(module)]: path for path, module in self.model.named_modules() if id(module) in ids}
+
+    # -- hooks the adapter keeps while methods are attached -----------------------------------------------------
+    def install_hooks(self) -> None:
+        """Starts recording the patch grid of every input (called when the first method is attached)."""
+        for tower in self.towers.values():
+            embed = tower.stages.get("embed")
+            if tower.tokens is not None and embed is not None:
+                self._handles.append(embed.register_forward_pre_hook(partial(self._record_grid, tower.name)))
+
+    def _record_grid(self, tower: str, module: nn.Module, args: tuple) -> None:
+        layout = self.towers[tower].tokens
+        layout.input_grid = layout.image_grid(*args[0].shape[-2:])
 
     def release(self) -> None:
-        """Undoes what the adapter changed in the model's structure on construction (nothing, by default);
-        called when the last method is detached or merged."""
+        """Undoes what the adapter changed in the model (its hooks; structure in subclasses); called when the last
+        method is detached or merged."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for tower in self.towers.values():
+            if tower.tokens is not None:
+                tower.tokens.input_grid = None
 
-    def head_name(self) -> str:
-        """Model-relative module path of the head."""
-        for name, module in self.model.named_modules():
-            if module is self.head():
-                return name
-        raise LookupError("head not found")
+    # -- features ----------------------------------------------------------------------------------------------
+    def features(self, x: torch.Tensor, indices: Sequence[int], tower: str | None = None) -> list[torch.Tensor]:
+        """Patch-grid feature maps of chosen blocks on the grid of the actual input.
+
+        Class, register and prompt tokens are dropped (patch tokens are always the last ``h * w`` tokens); the
+        forward pass stops after the deepest chosen block.
+
+        Args:
+            x: Images (batch, channels, height, width).
+            indices: Block indices, 0-based; negative ones count from the end.
+            tower: A ViT-style tower; the main tower by default.
+
+        Returns:
+            One ``(batch, dim, h, w)`` map per index, in the order given.
+        """
+        t = self.tower(tower)
+        if t.tokens is None or t.forward is None:
+            raise IncompatibleMethodError(f"the {self.family} '{t.name}' tower has no patch-grid features")
+        n = len(t.blocks)
+        chosen = []
+        for i in indices:
+            if not -n <= i < n:
+                raise ConfigError(f"block index {i} is out of range for the {n} blocks of the '{t.name}' tower")
+            chosen.append(i % n)
+        if not chosen:
+            return []
+        h, w = t.tokens.image_grid(*x.shape[-2:])
+        captured: dict[int, torch.Tensor] = {}
+        last = max(chosen)
+        handles = [
+            t.blocks[i].module.register_forward_hook(partial(_capture, captured, i, i == last)) for i in set(chosen)
+        ]
+        try:
+            t.forward(x)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        maps = []
+        for i in chosen:
+            tokens = captured[i] if t.tokens.batch_first else captured[i].transpose(0, 1)
+            patches = tokens[:, tokens.shape[1] - h * w :]
+            maps.append(patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w))
+        return maps
+
+    # -- identity and file layouts -----------------------------------------------------------------------------
+    def diffusers_lora_group(self, path: str) -> tuple[str, str] | None:
+        """The (component, module path inside it) of a model-relative module path in diffusers' LoRA files
+        (``unet`` / ``text_encoder``), or None when the model is no part of a Stable Diffusion pipeline."""
+        return None
 
     def describe(self) -> dict:
         """Identity written into adapter checkpoints."""
@@ -210,6 +376,12 @@ class Backbone:
             "class": type(self.model).__name__,
             "towers": {name: len(t.blocks) for name, t in self.towers.items()},
         }
+
+
+def _capture(store: dict, index: int, stop: bool, module: nn.Module, args: tuple, output: Any) -> None:
+    store[index] = output[0] if isinstance(output, tuple) else output
+    if stop:
+        raise _StopForward
 
 
 def iter_block_projections(block: Block, targets: list[str]) -> Iterator[tuple[str, Projection]]:

@@ -61,6 +61,24 @@ def _resnet_block(name: str, resnet: nn.Module) -> Block:
     return Block(name, resnet, {}, projections)
 
 
+def _unet_stages(model: nn.Module) -> dict[str, nn.Module]:
+    """The U-Net's stage modules in forward order: ``conv_in``, ``time_embedding``, ``down.i``, ``mid``, ``up.i``,
+    ``conv_out``."""
+    stages = {"conv_in": model.conv_in, "time_embedding": model.time_embedding}
+    stages.update({f"down.{i}": block for i, block in enumerate(model.down_blocks)})
+    if model.mid_block is not None:
+        stages["mid"] = model.mid_block
+    stages.update({f"up.{i}": block for i, block in enumerate(model.up_blocks)})
+    stages["conv_out"] = model.conv_out
+    return stages
+
+
+def _dit_stages(model: nn.Module) -> dict[str, nn.Module]:
+    """The DiT's modules around its blocks: patch + position embedding, final norm and output projections."""
+    names = ("pos_embed", "norm_out", "proj_out_1", "proj_out_2")
+    return {name: getattr(model, name) for name in names if isinstance(getattr(model, name, None), nn.Module)}
+
+
 def _unet_stage_blocks(stage: str, index: str, block: nn.Module) -> list[Block]:
     blocks = []
     for j, resnet in enumerate(getattr(block, "resnets", None) or []):
@@ -87,15 +105,18 @@ class DiffusersUNet(Backbone):
             blocks += _unet_stage_blocks("mid", "", model.mid_block)
         for i, block in enumerate(model.up_blocks):
             blocks += _unet_stage_blocks("up", f".{i}", block)
-        self.towers["unet"] = Tower("unet", "", blocks, lambda name: True)
+        self.towers["unet"] = Tower("unet", "", blocks, lambda name: True, stages=_unet_stages(model))
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return _is_diffusers(model, "UNet2DConditionModel")
 
+    def diffusers_lora_group(self, path: str) -> tuple[str, str] | None:
+        return "unet", path
+
     def describe(self) -> dict:
         info = super().describe()
-        cfg = self.model.config
+        cfg = self.inner.config
         info.update(block_out_channels=list(cfg.block_out_channels), cross_attention_dim=cfg.cross_attention_dim)
         return info
 
@@ -118,7 +139,12 @@ class DiffusersDiT(Backbone):
         self.shared_condition = _share_condition_embedders(model)
         blocks = [transformer_block(f"blocks.{i}", blk) for i, blk in enumerate(model.transformer_blocks)]
         self.towers["dit"] = Tower(
-            "dit", "", blocks, lambda name: True, condition=lambda name: ".class_embedder." in name
+            "dit",
+            "",
+            blocks,
+            lambda name: True,
+            condition=lambda name: ".class_embedder." in name,
+            stages=_dit_stages(model),
         )
 
     @classmethod
@@ -127,22 +153,23 @@ class DiffusersDiT(Backbone):
 
     def class_table(self) -> nn.Embedding:
         """The class-label embedding table (``num_embeds_ada_norm`` classes + the null class of guidance)."""
-        return self.model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+        return self.inner.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
 
     def label_embedders(self) -> list[nn.Module]:
         """The distinct modules embedding class labels (in train mode each drops labels to the null class)."""
-        found = {id(b.norm1.emb.class_embedder): b.norm1.emb.class_embedder for b in self.model.transformer_blocks}
+        found = {id(b.norm1.emb.class_embedder): b.norm1.emb.class_embedder for b in self.inner.transformer_blocks}
         return list(found.values())
 
     def release(self) -> None:
+        super().release()
         if self.shared_condition:
-            for block in self.model.transformer_blocks[1:]:
+            for block in self.inner.transformer_blocks[1:]:
                 block.norm1.emb = copy.deepcopy(block.norm1.emb)
             self.shared_condition = False
 
     def describe(self) -> dict:
         info = super().describe()
-        cfg = self.model.config
+        cfg = self.inner.config
         info.update(num_layers=cfg.num_layers, inner_dim=cfg.num_attention_heads * cfg.attention_head_dim)
         return info
 
@@ -243,8 +270,10 @@ class DiffusersPipeline(Backbone):
     def __init__(self, model: PipelineModules) -> None:
         super().__init__(model)
         unet = DiffusersUNet(model.unet).towers["unet"]
-        self.towers["unet"] = Tower("unet", "", unet.blocks, _under("unet."))
-        self.towers["text_encoder"] = clip_text_tower(model.text_encoder, "text_encoder.", _under("text_encoder."))
+        self.towers["unet"] = Tower("unet", "", unet.blocks, _under("unet."), stages=unet.stages)
+        text = clip_text_tower(model.text_encoder, "text_encoder.", _under("text_encoder."))
+        text.capabilities = frozenset({"new_tokens"})  # the pipeline's tokenizer can grow with the embedding table
+        self.towers["text_encoder"] = text
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -252,18 +281,26 @@ class DiffusersPipeline(Backbone):
 
     @property
     def tokenizer(self):
-        return self.model.tokenizer
+        return self.inner.tokenizer
+
+    def replace_tokenizer(self, tokenizer) -> None:
+        """Gives the pipeline another tokenizer (one with new tokens, or the original back)."""
+        self.inner.pipeline.tokenizer = tokenizer
 
     def token_embedding_slot(self) -> tuple[nn.Module, str]:
         """(parent, attribute) of the text encoder's token embedding."""
-        return _text_model(self.model.text_encoder).embeddings, "token_embedding"
+        return _text_model(self.inner.text_encoder).embeddings, "token_embedding"
+
+    def diffusers_lora_group(self, path: str) -> tuple[str, str] | None:
+        group, _, local = path.partition(".")
+        return group, local
 
     def describe(self) -> dict:
         info = super().describe()
-        cfg = self.model.unet.config
+        cfg = self.inner.unet.config
         info.update(
             block_out_channels=list(cfg.block_out_channels),
             cross_attention_dim=cfg.cross_attention_dim,
-            text_hidden_size=self.model.text_encoder.config.hidden_size,
+            text_hidden_size=self.inner.text_encoder.config.hidden_size,
         )
         return info

@@ -112,7 +112,7 @@ def create_model(cfg: Any, num_classes: int, classnames: list[str] | None = None
     """
     if cfg.library == "timm":
         return create_timm(cfg, num_classes)
-    from .clip_classifier import CLIPClassifier
+    from ..tasks.clip_classifier import CLIPClassifier
 
     clip = create_open_clip(cfg)
     if not classnames:

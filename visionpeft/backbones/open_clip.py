@@ -1,14 +1,25 @@
-"""open_clip CLIP models: the vision tower (open_clip's own transformer or a timm trunk) and the text tower."""
+"""open_clip CLIP models: the vision tower (open_clip's own transformer or a timm trunk) and the text tower.
+
+The text tower offers ``text_prompts``: tokenization with the CLIP vocabulary shipped in open_clip, token embeddings
+and the tower run from embeddings, so methods can learn prompt context (CoOp, CoCoOp).
+"""
 
 from __future__ import annotations
 
+import sys
+
 import torch
-from open_clip.transformer import text_global_pool
 from torch import nn
 
 from .base import Backbone, Block, Branch, Projection, TokenLayout, Tower
-from .clip_classifier import CLIPClassifier
 from .timm_vit import _to_2tuple, vit_tower
+
+
+def clip_tokenize(texts: list[str], context_length: int) -> torch.Tensor:
+    """CLIP BPE tokenization with the vocabulary shipped in open_clip (works offline)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)(texts)
 
 
 def _residual_blocks(transformer: nn.Module, prefix: str) -> list[Block]:
@@ -43,52 +54,45 @@ class OpenCLIP(Backbone):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        wrapped = isinstance(model, CLIPClassifier)
-        self.clip = clip = model.clip if wrapped else model
-        pre = "clip." if wrapped else ""
-
-        def owned(*names: str):
-            return _prefixed(*(pre + n for n in names))
-
+        self.clip = clip = model
         visual = clip.visual
         if hasattr(visual, "trunk"):  # open_clip.TimmModel wraps a timm model
             if not hasattr(visual.trunk, "blocks"):
                 raise TypeError(f"unsupported timm trunk in open_clip: {type(visual.trunk).__name__}")
-            self.towers["vision"] = vit_tower(visual.trunk, owns=owned("visual"))
+            self.towers["vision"] = vit_tower(visual.trunk, owns=_prefixed("visual"), forward=visual)
         elif hasattr(visual, "transformer"):
             transformer = visual.transformer
-            grid = _to_2tuple(visual.grid_size)
             tokens = TokenLayout(
                 dim=transformer.width,
                 num_prefix=1,
-                grid=grid,
+                grid=_to_2tuple(visual.grid_size),
                 patch_size=_to_2tuple(visual.patch_size)[0],
                 in_chans=visual.conv1.in_channels,
                 batch_first=getattr(transformer, "batch_first", True),
             )
-            self.towers["vision"] = Tower("vision", "", _residual_blocks(transformer, ""), owned("visual"), tokens)
+            stages = {"embed": visual.conv1, "norm": visual.ln_post}
+            blocks = _residual_blocks(transformer, "")
+            self.towers["vision"] = Tower(
+                "vision", "", blocks, _prefixed("visual"), tokens, stages=stages, forward=visual
+            )
         else:
             raise TypeError(f"unsupported open_clip vision tower: {type(visual).__name__}")
         if hasattr(clip, "text"):  # CustomTextCLIP
             text = clip.text
             if not hasattr(text, "transformer"):
                 raise TypeError(f"unsupported open_clip text tower: {type(text).__name__}")
-            transformer, owns = text.transformer, owned("text")
+            transformer, owns = text.transformer, _prefixed("text")
         else:
             transformer = clip.transformer
-            owns = owned("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection")
-        self.towers["text"] = Tower("text", "text.", _residual_blocks(transformer, "text."), owns)
+            owns = _prefixed("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection")
+        self.towers["text"] = Tower(
+            "text", "text.", _residual_blocks(transformer, "text."), owns, capabilities=frozenset({"text_prompts"})
+        )
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        try:
-            import open_clip
-        except ImportError:  # pragma: no cover - open_clip is a dependency
-            return False
-        return isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP, CLIPClassifier))
-
-    def head(self) -> nn.Module | None:
-        return getattr(self.model, "head", None) if isinstance(self.model, CLIPClassifier) else None
+        module = sys.modules.get("open_clip.model")  # never imported: cannot be an open_clip model
+        return module is not None and isinstance(model, (module.CLIP, module.CustomTextCLIP))
 
     # -- text tower hooks: token embedding, the blocks from embeddings, end-of-text pooling ----------------------
     def _text(self) -> nn.Module:
@@ -108,6 +112,15 @@ class OpenCLIP(Backbone):
         proj = self._text().text_projection
         return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[-1]
 
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """CLIP's learned temperature (log scale) of image-text logits."""
+        return self.clip.logit_scale
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids (len(texts), context) with the CLIP vocabulary."""
+        return clip_tokenize(texts, self.context_length)
+
     def token_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (batch, context) -> token embeddings (batch, context, width), before positions."""
         return self._text().token_embedding(tokens)
@@ -119,6 +132,8 @@ class OpenCLIP(Backbone):
             embeddings: (batch, context, width) token embeddings without positional embedding.
             tokens: The (batch, context) token ids the embeddings stand for; they locate the end-of-text token.
         """
+        from open_clip.transformer import text_global_pool
+
         text = self._text()
         if getattr(text, "cls_emb", None) is not None:
             raise TypeError("text towers with an appended class token (CoCa) are not supported")

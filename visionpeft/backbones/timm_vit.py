@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 from torch import nn
 
 from .base import Backbone, Block, Branch, Projection, TokenLayout, Tower
@@ -11,13 +14,15 @@ def _to_2tuple(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-def vit_tower(vit: nn.Module, prefix: str = "", owns=None, name: str = "vision") -> Tower:
+def vit_tower(
+    vit: nn.Module, prefix: str = "", owns=None, name: str = "vision", forward: Callable | None = None
+) -> Tower:
     """Describes a timm ``VisionTransformer`` as a tower.
 
     Args:
         vit: The timm model.
         prefix: Canonical-name prefix. owns: Parameter-name predicate (default: every parameter but the head's).
-        name: Tower name.
+        name: Tower name. forward: Runs the tower on images (default: ``vit.forward_features``).
     """
     blocks = []
     for i, blk in enumerate(vit.blocks):
@@ -38,15 +43,26 @@ def vit_tower(vit: nn.Module, prefix: str = "", owns=None, name: str = "vision")
         }
         blocks.append(Block(f"{prefix}blocks.{i}", blk, branches, projections))
     patch = vit.patch_embed
+    patch_hw = _to_2tuple(patch.patch_size)
     tokens = TokenLayout(
         dim=vit.embed_dim,
         num_prefix=vit.num_prefix_tokens,
         grid=_to_2tuple(patch.grid_size),
-        patch_size=_to_2tuple(patch.patch_size)[0],
+        patch_size=patch_hw[0],
         in_chans=patch.proj.in_channels,
+        patch_hw=patch_hw if patch_hw[0] != patch_hw[1] else None,
+        pad=bool(getattr(patch, "dynamic_img_pad", False)),
     )
     head_prefix = "head."
-    return Tower(name, prefix, blocks, owns or (lambda n: not n.startswith(head_prefix)), tokens)
+    return Tower(
+        name,
+        prefix,
+        blocks,
+        owns or (lambda n: not n.startswith(head_prefix)),
+        tokens,
+        stages={"embed": patch, "norm": vit.norm},
+        forward=forward or vit.forward_features,
+    )
 
 
 class TimmViT(Backbone):
@@ -61,19 +77,15 @@ class TimmViT(Backbone):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        try:
-            from timm.models.vision_transformer import VisionTransformer
-        except ImportError:  # pragma: no cover - timm is a dependency
-            return False
-        return isinstance(model, VisionTransformer)
+        module = sys.modules.get("timm.models.vision_transformer")  # never imported: cannot be a timm ViT
+        return module is not None and isinstance(model, module.VisionTransformer)
 
-    def head(self) -> nn.Module | None:
-        head = self.model.get_classifier()
-        return head if any(True for _ in head.parameters()) else None
+    def library_heads(self) -> dict[str, nn.Module | None]:
+        return {"head": self.inner.get_classifier()}
 
     def describe(self) -> dict:
         info = super().describe()
-        m = self.model
+        m = self.inner
         info.update(dim=m.embed_dim, num_prefix_tokens=m.num_prefix_tokens, global_pool=m.global_pool)
         info["pretrained_cfg"] = getattr(m, "pretrained_cfg", {}).get("architecture", None)
         return info

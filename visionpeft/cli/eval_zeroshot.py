@@ -32,7 +32,7 @@ def evaluate(model, loader) -> tuple[float, float]:
 def prompt_classifier(clip, classes: list[str], run_dir: Path):
     """A CLIPClassifier carrying the learned prompts of ``run_dir`` for ``classes``."""
     import visionpeft as vp
-    from visionpeft.backbones.clip_classifier import CLIPClassifier
+    from visionpeft.tasks.clip_classifier import CLIPClassifier
     from visionpeft.checkpoint import read_adapter_config
     from visionpeft.errors import CheckpointError
 
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     from torch.utils.data import DataLoader, Subset
 
     import visionpeft.data  # noqa: F401  (dataset registration)
-    from visionpeft.backbones.clip_classifier import SINGLE_TEMPLATE, CLIPClassifier
+    from visionpeft.tasks.clip_classifier import SINGLE_TEMPLATE, CLIPClassifier
     from visionpeft.backbones.factory import create_open_clip
     from visionpeft.config.classification import ModelConfig
     from visionpeft.data.fewshot import base_new_split

@@ -184,7 +184,7 @@ def describe_config(config: DictConfig) -> str:
 
 def save_config(config: DictConfig, path: Path) -> None:
     """Writes the resolved config (what the run really used) as YAML."""
-    from ..checkpoint import atomic_write
+    from ..io import atomic_write
 
     text = OmegaConf.to_yaml(config)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -1,16 +1,24 @@
-"""Methods: each module registers a Method subclass and its config dataclass in ``METHODS``."""
+"""Methods: each module registers a Method subclass and its config dataclass in ``METHODS``.
+
+Every module of this package except ``base`` is imported here, so adding a method touches only its own file.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 import types
 import typing
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
 from ..registry import METHODS
-from . import adaptformer, baselines, convpass, coop, difffit, lora, textual_inversion, vpt  # noqa: F401  (registration)
-from .base import Method, MethodConfig
+from .base import ExportParts, Method, MethodConfig
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def _type_name(tp: Any) -> str:
@@ -84,4 +92,48 @@ def make_config(name: str, options: dict[str, Any] | MethodConfig | None = None)
     return cls(**values)
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "make_config"]
+def fill_task_inputs(specs: list[tuple[str, dict]], provided: dict[str, Any], task: str) -> list[tuple[str, dict]]:
+    """Fills in the options each method takes from the task (``task_inputs``) where the user gave none.
+
+    Args:
+        specs: ``(method name, options)`` pairs, before any model is built.
+        provided: What the task provides, e.g. ``{"classnames": [...]}``.
+        task: The task's name, for the error message.
+
+    Raises:
+        ConfigError: A method needs an input the user did not give and the task does not provide.
+    """
+    filled = []
+    for name, options in specs:
+        options = dict(options)
+        for key in METHODS.get(name).task_inputs:
+            if key in options:
+                continue
+            if key not in provided:
+                raise ConfigError(f"method '{name}' needs {key}, which the {task} task does not provide")
+            options[key] = provided[key]
+        filled.append((name, options))
+    return filled
+
+
+def check_call_inputs(specs: list[tuple[str, dict]], available: set[str], task: str) -> None:
+    """Checks that the task passes every per-call input the methods read (``call_inputs``).
+
+    Raises:
+        ConfigError: A method reads a per-call input the task does not provide.
+    """
+    for name, _ in specs:
+        for key in METHODS.get(name).call_inputs:
+            if key not in available:
+                raise ConfigError(f"method '{name}' needs a per-call {key}, which the {task} task does not provide")
+
+
+__all__ = [
+    "METHODS",
+    "ExportParts",
+    "Method",
+    "MethodConfig",
+    "check_call_inputs",
+    "fill_task_inputs",
+    "make_config",
+]

@@ -1,16 +1,21 @@
 """The method interface: a config dataclass plus a :class:`Method` that attaches to a backbone.
 
-A method owns everything it adds (modules, forward hooks, wrappers) and records the tensors it trains under
-canonical names (``blocks.3.attn.q.lora_A``), so checkpoints say what they change and not where a library keeps
-it. Parameters of the backbone itself that a method trains in place (BitFit's biases, DiffFit's norms) are named
-``base.<module path>`` and their original values are kept so that ``detach`` can restore the model exactly.
+A method owns everything it adds (modules, side towers, forward hooks, wrappers) and records the tensors it trains
+under canonical names (``blocks.3.attn.q.lora_A``), so checkpoints say what they change and not where a library
+keeps it. Parameters of the backbone itself that a method trains in place (BitFit's biases, DiffFit's norms) are
+named ``base.<module path>`` and their original values are kept so that ``detach`` can restore the model exactly.
+
+A method also declares what it can do and what it needs, so the code around it never names a method:
+``merges_exactly``, ``export_formats`` (+ :meth:`Method.export_parts`), ``task_inputs`` (options a task fills in),
+``call_inputs`` (per-call inputs read through the conditioning channel), ``requires`` (tower capabilities) and
+``provides`` (capabilities task models ask for, such as ``class_text_features``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, ClassVar
 
@@ -19,7 +24,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..backbones.base import Backbone, Block, Tower
-from ..errors import IncompatibleMethodError
+from ..errors import ConfigError, IncompatibleMethodError
 
 
 @dataclass
@@ -34,6 +39,26 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class ExportParts:
+    """What one method contributes to a file format of another library.
+
+    Attributes:
+        lora_layers: Model-relative module path -> ``(A, B)`` of a low-rank update, its scale folded into B. For the
+            ``diffusers`` format the path starts with the pipeline component (``unet.``, ``text_encoder.``).
+        files: File name -> tensors, for files the method's result fills alone (``learned_embeds.safetensors``).
+        head: The method's result lives in the task heads (a linear probe), which the format stores.
+    """
+
+    lora_layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    head: bool = False
+
+    @property
+    def contributes(self) -> bool:
+        return bool(self.lora_layers or self.files or self.head)
 
 
 def named_base_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
@@ -57,6 +82,25 @@ def named_base_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, st
     yield from walk(model, "")
 
 
+def base_module_paths(model: nn.Module) -> dict[int, str]:
+    """id(library module with parameters) -> its path in the model as it was before wrapping."""
+    paths: dict[int, str] = {}
+    for name, owner, _ in named_base_parameters(model):
+        paths.setdefault(id(owner), name.rpartition(".")[0])
+    return paths
+
+
+def named_persistent_buffers(module: nn.Module, skip: str | None = None) -> Iterator[tuple[str, nn.Module, str]]:
+    """Yields ``(path, owner, attr)`` of the buffers a ``state_dict`` of ``module`` holds (non-persistent ones and
+    ``None`` slots left out); children named ``skip`` (a wrapper's ``base``) are not entered."""
+    for path, owner in module.named_modules():
+        if skip is not None and (path == skip or path.startswith(skip + ".")):
+            continue
+        for attr, buffer in owner._buffers.items():
+            if buffer is not None and attr not in owner._non_persistent_buffers_set:
+                yield f"{path}.{attr}" if path else attr, owner, attr
+
+
 def branch_tensor(output: Any) -> torch.Tensor:
     """The tensor of a branch output (``nn.MultiheadAttention`` returns ``(output, weights)``)."""
     return output[0] if isinstance(output, tuple) else output
@@ -78,10 +122,21 @@ class Method:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     #: The paper keeps the frozen backbone in eval mode during training (VPT).
     frozen_eval: ClassVar[bool] = False
-    #: Merge order among mergeable methods: additive weight updates (0) fold in before output scales (1).
-    merge_priority: ClassVar[int | None] = None
-    #: Needs a ViT-style token sequence (prefix tokens + patch grid).
-    needs_tokens: ClassVar[bool] = False
+    #: ``merge`` folds the method into the backbone weights exactly.
+    merges_exactly: ClassVar[bool] = False
+    #: Merge order among merged methods: additive weight updates (0) fold in before output scales (1).
+    merge_priority: ClassVar[int] = 0
+    #: Tower capability -> what the method needs, in words (the error message when the tower lacks it).
+    requires: ClassVar[dict[str, str]] = {}
+    #: Capabilities task models may ask for, each a method of the same name (``class_text_features()``,
+    #: ``image_logits(image_features)``).
+    provides: ClassVar[frozenset[str]] = frozenset()
+    #: Formats of other libraries whose files can hold this method (:meth:`export_parts` writes its part).
+    export_formats: ClassVar[frozenset[str]] = frozenset()
+    #: Config options a task fills in when the user did not give them (class names, a placeholder token).
+    task_inputs: ClassVar[tuple[str, ...]] = ()
+    #: Per-call inputs read through the conditioning channel (:meth:`call_input`), e.g. a control image.
+    call_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig, backbone: Backbone) -> None:
         self.config = config
@@ -91,6 +146,7 @@ class Method:
         except IncompatibleMethodError as err:
             raise IncompatibleMethodError(f"{self.name} cannot attach to this model: {err}") from None
         self.tensors: dict[str, tuple[nn.Module, str]] = {}
+        self.buffers: dict[str, tuple[nn.Module, str]] = {}
         self._hooks: list[RemovableHandle] = []
         self._added: list[tuple[nn.Module, str]] = []
         self._wrapped: list[tuple[nn.Module, str, nn.Module]] = []
@@ -99,11 +155,11 @@ class Method:
     # -- lifecycle -------------------------------------------------------------------------------------------
     def check_fits(self) -> None:
         """Raises :class:`IncompatibleMethodError` if the method cannot adapt this tower."""
-        if self.needs_tokens and self.tower.tokens is None:
-            raise IncompatibleMethodError(
-                f"{self.name} needs a ViT-style token sequence with a patch grid; the {self.backbone.family} "
-                f"'{self.tower.name}' tower has none"
-            )
+        for capability, needed in self.requires.items():
+            if capability not in self.tower.capabilities:
+                raise IncompatibleMethodError(
+                    f"{self.name} needs {needed}; the {self.backbone.family} '{self.tower.name}' tower has none"
+                )
 
     def build(self) -> None:
         """Adds the method's modules and hooks. Called once by :meth:`attach`."""
@@ -126,7 +182,7 @@ class Method:
                 module, attr = self.tensors[name]
                 getattr(module, attr).copy_(original)
         self._hooks, self._wrapped, self._added, self._originals = [], [], [], {}
-        self.tensors = {}
+        self.tensors, self.buffers = {}, {}
 
     def merge(self) -> None:
         """Folds the method into the backbone weights; afterwards :meth:`forget` drops it."""
@@ -141,12 +197,32 @@ class Method:
             setattr(parent, attr, wrapper.base)
         for parent, attr in self._added:
             delattr(parent, attr)
-        self._hooks, self._wrapped, self._added, self._originals, self.tensors = [], [], [], {}, {}
+        self._hooks, self._wrapped, self._added, self._originals = [], [], [], {}
+        self.tensors, self.buffers = {}, {}
+
+    def export_parts(self, format: str) -> ExportParts:
+        """The method's part of a file in ``format`` (one of :attr:`export_formats`).
+
+        Raises:
+            CheckpointError: The format cannot hold this particular adaptation.
+        """
+        return ExportParts()
 
     # -- tensors ---------------------------------------------------------------------------------------------
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The trained parameters under their canonical names."""
         for name, (module, attr) in self.tensors.items():
             yield name, getattr(module, attr)
+
+    def named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Persistent buffers of the modules and towers the method added (running statistics), canonical names."""
+        for name, (module, attr) in self.buffers.items():
+            yield name, getattr(module, attr)
+
+    def named_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Everything a checkpoint of the method holds: trained parameters, then buffers."""
+        yield from self.named_tensors()
+        yield from self.named_buffers()
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for _, tensor in self.named_tensors():
@@ -169,11 +245,32 @@ class Method:
         self._register_module_tensors(canonical, module)
         return module
 
+    def add_tower(self, name: str, module: nn.Module) -> nn.Module:
+        """Adds a side network (a ControlNet built from the U-Net, say) to the adapted model as attribute ``name``.
+
+        ``.to()``, DDP and ``state_dict`` see it; its parameters train and, with its persistent buffers, are saved
+        as ``<name>.<path>``; detach removes it. The module keeps its dtype and moves to the model's device.
+        """
+        root = self.backbone.model
+        if hasattr(root, name):
+            raise IncompatibleMethodError(f"{self.name} cannot add a tower '{name}': the model already has one")
+        module._vp_owned = True
+        ref = next((p for p in root.parameters()), None)
+        if ref is not None:
+            module.to(device=ref.device)
+        module.train(root.training)
+        root.add_module(name, module)
+        self._added.append((root, name))
+        self._register_module_tensors(name, module)
+        return module
+
     def _register_module_tensors(self, canonical: str, module: nn.Module) -> None:
         for pname, _ in module.named_parameters():
             owner_path, _, attr = pname.rpartition(".")
             owner = module.get_submodule(owner_path) if owner_path else module
             self.tensors[f"{canonical}.{pname}"] = (owner, attr)
+        for path, owner, attr in named_persistent_buffers(module):
+            self.buffers[f"{canonical}.{path}"] = (owner, attr)
 
     def wrap(self, parent: nn.Module, attr: str, wrapper: nn.Module, canonical_of: Callable[[str], str]) -> None:
         """Replaces ``parent.attr`` by ``wrapper`` (which keeps the original as ``wrapper.base``)."""
@@ -186,6 +283,8 @@ class Method:
                 continue
             owner_path, _, pattr = pname.rpartition(".")
             self.tensors[canonical_of(pname)] = (wrapper.get_submodule(owner_path), pattr)
+        for path, owner, battr in named_persistent_buffers(wrapper, skip="base"):
+            self.buffers[canonical_of(path)] = (owner, battr)
 
     def train_in_place(self, name: str, owner: nn.Module, attr: str) -> None:
         """Marks a backbone parameter as trained by this method, keeping its original value for detach."""
@@ -196,19 +295,61 @@ class Method:
         self._originals[canonical] = getattr(owner, attr).detach().clone()
 
     def tower_parameters(self) -> Iterator[tuple[str, nn.Module, str]]:
-        """The tower's own parameters, excluding the head's."""
-        head = self.backbone.head()
-        head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+        """The tower's own parameters, excluding the heads'."""
+        head_ids = {id(p) for head in self.backbone.heads().values() for p in head.parameters()}
         for name, owner, attr in named_base_parameters(self.backbone.model):
             if self.tower.owns(name) and id(getattr(owner, attr)) not in head_ids:
                 yield name, owner, attr
 
-    def hook_output(self, module: nn.Module, fn: Callable, *args: Any) -> None:
-        """Registers ``fn(*args, module, inputs, output)`` as a forward hook (kept picklable and copyable)."""
-        self._hooks.append(module.register_forward_hook(partial(fn, *args)))
+    def hook_output(self, module: nn.Module, fn: Callable, *args: Any, with_kwargs: bool = False) -> None:
+        """Registers ``fn(*args, module, inputs, output)`` as a forward hook (kept picklable and copyable); with
+        ``with_kwargs``, ``fn(*args, module, inputs, kwargs, output)``."""
+        self._hooks.append(module.register_forward_hook(partial(fn, *args), with_kwargs=with_kwargs))
 
-    def hook_input(self, module: nn.Module, fn: Callable, *args: Any) -> None:
-        self._hooks.append(module.register_forward_pre_hook(partial(fn, *args)))
+    def hook_input(self, module: nn.Module, fn: Callable, *args: Any, with_kwargs: bool = False) -> None:
+        """Registers ``fn(*args, module, inputs)`` as a forward pre-hook; with ``with_kwargs``,
+        ``fn(*args, module, inputs, kwargs)``, which returns None or new ``(inputs, kwargs)``."""
+        self._hooks.append(module.register_forward_pre_hook(partial(fn, *args), with_kwargs=with_kwargs))
+
+    def hook_tokens_input(self, module: nn.Module, fn: Callable, *args: Any) -> None:
+        """Replaces the token sequence ``module`` receives first by ``fn(*args, tokens)``; ``tokens`` is
+        (batch, tokens, dim) whatever the library's layout (open_clip may run sequence-first)."""
+        self.hook_input(module, self._tokens_in, fn, args)
+
+    def hook_tokens_output(self, module: nn.Module, fn: Callable, *args: Any) -> None:
+        """Replaces the token output of ``module`` by ``fn(*args, inputs, output)``, both (batch, tokens, dim):
+        ``inputs`` is the module's first input, ``output`` its output tensor (a tuple output keeps its rest)."""
+        self.hook_output(module, self._tokens_out, fn, args)
+
+    def _sequence_first(self) -> bool:
+        layout = self.tower.tokens
+        return layout is not None and not layout.batch_first
+
+    def _tokens_in(self, fn: Callable, args: tuple, module: nn.Module, inputs: tuple) -> tuple:
+        flip = self._sequence_first()
+        x = inputs[0].transpose(0, 1) if flip else inputs[0]
+        out = fn(*args, x)
+        return (out.transpose(0, 1) if flip else out, *inputs[1:])
+
+    def _tokens_out(self, fn: Callable, args: tuple, module: nn.Module, inputs: tuple, output: Any) -> Any:
+        flip = self._sequence_first()
+        x = inputs[0] if inputs else None
+        y = branch_tensor(output)
+        if flip:
+            x, y = (x.transpose(0, 1) if x is not None else None), y.transpose(0, 1)
+        out = fn(*args, x, y)
+        return replace_branch_tensor(output, out.transpose(0, 1) if flip else out)
+
+    def call_input(self, name: str) -> Any:
+        """The per-call input ``name`` given by ``vp.conditioning`` (declared in :attr:`call_inputs`)."""
+        if name not in self.call_inputs:
+            raise ValueError(f"{self.name} reads the call input '{name}' without declaring it in call_inputs")
+        try:
+            return self.backbone.call_inputs[name]
+        except KeyError:
+            raise ConfigError(
+                f"{self.name} needs a per-call {name}; run the model inside vp.conditioning(model, {name}=...)"
+            ) from None
 
     def blocks(self) -> list[Block]:
         return self.tower.blocks

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 from ..errors import IncompatibleMethodError
 from ..registry import METHODS
-from .base import Method, MethodConfig
+from .base import ExportParts, Method, MethodConfig
 
 
 class _InPlace(Method):
     """A method training backbone parameters in place; merging it is a no-op (the weights already hold it)."""
 
+    merges_exactly = True
     merge_priority = 0
 
     def merge(self) -> None:
@@ -44,10 +45,11 @@ class LinearConfig(MethodConfig):
 class LinearProbe(_InPlace):
     name = "linear"
     config_class = LinearConfig
+    export_formats = frozenset({"peft"})  # as the head, PEFT's modules_to_save
 
     def check_fits(self) -> None:
         super().check_fits()
-        if self.backbone.head() is None:
+        if not self.backbone.heads():
             raise IncompatibleMethodError(
                 f"linear needs a classification head; the {self.backbone.family} model has none "
                 "(for timm, create it with num_classes > 0)"
@@ -55,6 +57,9 @@ class LinearProbe(_InPlace):
 
     def build(self) -> None:
         """Nothing to add: the head is trainable with every method."""
+
+    def export_parts(self, format: str) -> ExportParts:
+        return ExportParts(head=True)
 
 
 @dataclass

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..layers.adapters import ConvBypass
 from ..registry import METHODS
-from .base import Method, MethodConfig, branch_tensor, replace_branch_tensor
+from .base import Method, MethodConfig
 
 
 @dataclass
@@ -35,7 +36,7 @@ class ConvpassConfig(MethodConfig):
 class Convpass(Method):
     name = "convpass"
     config_class = ConvpassConfig
-    needs_tokens = True
+    requires = {"tokens": "a ViT-style token sequence with a patch grid"}
 
     def build(self) -> None:
         cfg, layout = self.config, self.tower.tokens
@@ -46,15 +47,9 @@ class Convpass(Method):
                     nn.init.xavier_uniform_(bypass.conv.weight)
                 self.add_module(block.module, f"{block.name}.{branch_name}.convpass", bypass)
                 # x + f(norm(x)) + s * bypass(norm(x)): the bypass sees the branch's (normalised) input
-                self.hook_output(block.branches[branch_name].module, self._add, bypass)
+                self.hook_tokens_output(block.branches[branch_name].module, self._add, bypass)
 
-    def _add(self, bypass: ConvBypass, module: nn.Module, args: tuple, output):
+    def _add(self, bypass: ConvBypass, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         layout = self.tower.tokens
-        x = args[0]
-        if not layout.batch_first:
-            x = x.transpose(0, 1)
-        grid = layout.grid_for(x.shape[1] - layout.total_prefix)
-        delta = bypass(x, layout.total_prefix, grid) * self.config.scale
-        if not layout.batch_first:
-            delta = delta.transpose(0, 1)
-        return replace_branch_tensor(output, branch_tensor(output) + delta)
+        grid = layout.grid_for(x.shape[1] - layout.total_prefix)  # the recorded grid of the actual input
+        return output + bypass(x, layout.total_prefix, grid) * self.config.scale

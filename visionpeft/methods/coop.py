@@ -4,6 +4,9 @@ The prompt for class c is ``[SOS][V1..VM][CLASS c][.][EOS]`` (class token at the
 positions as in the official code). The context vectors V replace the token embeddings of placeholder words and
 the frozen text tower encodes the result. CoCoOp adds a meta-network on the image feature that shifts the
 context per image. Both CLIP towers stay frozen; logits are ``logit_scale * cos(image, text)``.
+
+Task models ask for the learned prompts by capability: CoOp provides ``class_text_features()``, CoCoOp (whose
+prompts depend on the image) ``image_logits(image_features)``.
 """
 
 from __future__ import annotations
@@ -14,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.clip_classifier import clip_tokenize
-from ..errors import ConfigError, IncompatibleMethodError
+from ..errors import ConfigError
 from ..registry import METHODS
 from .base import Method, MethodConfig
 
@@ -71,13 +73,13 @@ class PromptContext(nn.Module):
 class CoOp(Method):
     name = "coop"
     config_class = CoOpConfig
+    requires = {"text_prompts": "an open_clip model's text tower (it learns CLIP text prompts)"}
+    provides = frozenset({"class_text_features"})
+    task_inputs = ("classnames",)
     conditional = False
 
     def check_fits(self) -> None:
-        if self.backbone.family != "open_clip" or self.tower.name != "text":
-            raise IncompatibleMethodError(
-                f"{self.name} learns CLIP text prompts; it needs an open_clip model's text tower"
-            )
+        super().check_fits()
         cfg = self.config
         if not cfg.classnames:
             raise ConfigError(f"{self.name} needs classnames (the class names in label order)")
@@ -89,10 +91,10 @@ class CoOp(Method):
         names = [n.replace("_", " ") for n in cfg.classnames]
         ctx_init = cfg.ctx_init.replace("_", " ").strip()
         n_ctx = len(ctx_init.split(" ")) if ctx_init else cfg.n_ctx
-        width, length = backbone.text_width, backbone.context_length
+        width = backbone.text_width
         with torch.no_grad():
             if ctx_init:
-                init_tokens = clip_tokenize([ctx_init], length)
+                init_tokens = backbone.tokenize([ctx_init])
                 ctx = backbone.token_embedding(init_tokens)[0, 1 : 1 + n_ctx].float().clone()
                 if cfg.csc:
                     ctx = ctx.unsqueeze(0).repeat(len(names), 1, 1)
@@ -101,10 +103,10 @@ class CoOp(Method):
                 shape = (len(names), n_ctx, width) if cfg.csc else (n_ctx, width)
                 ctx = torch.empty(shape).normal_(0, cfg.init_std)
                 prefix = " ".join(["X"] * n_ctx)
-            tokens = clip_tokenize([f"{prefix} {name}." for name in names], length)
+            tokens = backbone.tokenize([f"{prefix} {name}." for name in names])
             embedding = backbone.token_embedding(tokens).detach()
         self.n_ctx = n_ctx
-        self.name_lens = [len(clip_tokenize([name], length)[0].nonzero()) - 2 for name in names]
+        self.name_lens = [len(backbone.tokenize([name])[0].nonzero()) - 2 for name in names]
         context = PromptContext(ctx, backbone.embed_dim if self.conditional else None)
         # Frozen pieces of the prompts: [SOS] and [CLASS . EOS pad...], kept as non-persistent buffers.
         context.register_buffer("tokens", tokens, persistent=False)
@@ -138,6 +140,10 @@ class CoOp(Method):
         features = self.backbone.encode_text_embeddings(self.prompts(self.context.ctx), self.context.tokens)
         return F.normalize(features, dim=-1)
 
+    def class_text_features(self) -> torch.Tensor:
+        """The ``class_text_features`` capability: L2-normalised features of every class prompt (n_cls, d)."""
+        return self.text_features()
+
     def logits(self, images: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
         """CLIP logits ``logit_scale * cos(image, class prompt)`` for a batch of images.
 
@@ -145,19 +151,20 @@ class CoOp(Method):
             images: Preprocessed images.
             text_features: Cached output of :meth:`text_features` (CoOp only), to skip the text tower.
         """
-        image = F.normalize(self.backbone.clip.encode_image(images), dim=-1)
+        image = F.normalize(self.backbone.encode_image(images), dim=-1)
         return self.logits_from_features(image, text_features)
 
     def logits_from_features(self, image: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for L2-normalised image features."""
         text = self.text_features() if text_features is None else text_features
-        return self.backbone.clip.logit_scale.exp() * image @ text.to(image.dtype).t()
+        return self.backbone.logit_scale.exp() * image @ text.to(image.dtype).t()
 
 
 @METHODS.register("cocoop")
 class CoCoOp(CoOp):
     name = "cocoop"
     config_class = CoCoOpConfig
+    provides = frozenset({"image_logits"})
     conditional = True
 
     def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,18 +179,12 @@ class CoCoOp(CoOp):
         return torch.stack(features)
 
     def logits(self, images: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
-        return self.logits_from_features(F.normalize(self.backbone.clip.encode_image(images), dim=-1))
+        return self.logits_from_features(F.normalize(self.backbone.encode_image(images), dim=-1))
 
     def logits_from_features(self, image: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
         text = self.text_features(image)
-        return self.backbone.clip.logit_scale.exp() * torch.einsum("bd,bcd->bc", image, text.to(image.dtype))
+        return self.backbone.logit_scale.exp() * torch.einsum("bd,bcd->bc", image, text.to(image.dtype))
 
-
-def prompt_learner(model: nn.Module) -> CoOp:
-    """The CoOp / CoCoOp method attached to ``model``."""
-    from ..adapter import methods_of
-
-    for method in methods_of(model):
-        if isinstance(method, CoOp):
-            return method
-    raise ConfigError("no coop or cocoop prompt learner is attached to this model")
+    def image_logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        """The ``image_logits`` capability: logits for L2-normalised image features, prompts conditioned on them."""
+        return self.logits_from_features(image_features)

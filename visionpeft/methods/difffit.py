@@ -45,6 +45,7 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm)
 class DiffFit(Method):
     name = "difffit"
     config_class = DiffFitConfig
+    merges_exactly = True
     merge_priority = 1  # scales fold in after additive updates to the same projection
 
     def build(self) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ..errors import ConfigError, IncompatibleMethodError, did_you_mean
+import torch
+
+from ..errors import CheckpointError, ConfigError, IncompatibleMethodError, did_you_mean
 from ..layers.lora import LoRAConv2d, LoRALinear, LoRAMultiheadAttention
 from ..registry import METHODS
-from .base import Method, MethodConfig
+from .base import ExportParts, Method, MethodConfig, base_module_paths
 
 
 @dataclass
@@ -37,7 +39,9 @@ class LoRAConfig(MethodConfig):
 class LoRA(Method):
     name = "lora"
     config_class = LoRAConfig
+    merges_exactly = True
     merge_priority = 0
+    export_formats = frozenset({"peft", "diffusers"})
 
     def check_fits(self) -> None:
         super().check_fits()
@@ -102,3 +106,49 @@ class LoRA(Method):
     def merge(self) -> None:
         for wrapper in self.wrappers():
             wrapper.merge(1.0)
+
+    def export_parts(self, format: str) -> ExportParts:
+        """Each adapted library module's update as one LoRA ``(A, B)``, the scale folded into B.
+
+        A LoRA on some slices of a fused projection (Q and V of timm's ``qkv``) is exactly one LoRA of rank
+        ``slices x r`` on the whole projection: A stacks the slices' A matrices and B is block-diagonal, zero on the
+        rows of the slices without an update.
+
+        Raises:
+            CheckpointError: A LoRA on ``nn.MultiheadAttention`` (no file layout expresses it), or the diffusers
+                format for a model that is no Stable Diffusion U-Net or pipeline.
+        """
+        paths = base_module_paths(self.backbone.model)
+        layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for wrapper in self.wrappers():
+            path = paths[id(wrapper.base)]
+            if isinstance(wrapper, LoRAMultiheadAttention):
+                raise CheckpointError(
+                    f"{path}: a LoRA on nn.MultiheadAttention (open_clip) has no PEFT / diffusers file layout; "
+                    "save it with format='visionpeft'"
+                )
+            if format == "diffusers":
+                group = self.backbone.diffusers_lora_group(path)
+                if group is None:
+                    raise CheckpointError(
+                        "the diffusers LoRA format is for a Stable Diffusion U-Net or pipeline; "
+                        f"this is {self.backbone.family}"
+                    )
+                path = ".".join(group)
+            if isinstance(wrapper, LoRAConv2d):
+                u = wrapper.update
+                layers[path] = (u.lora_A.detach(), u.lora_B.detach() * u.scale)
+            else:
+                layers[path] = _stack_slices(wrapper)
+        return ExportParts(lora_layers=layers)
+
+
+def _stack_slices(wrapper: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
+    updates = [(wrapper.slices[name], u) for name, u in wrapper.updates.items()]
+    a = torch.cat([u.lora_A.detach() for _, u in updates])
+    b = a.new_zeros(wrapper.base.out_features, a.shape[0])
+    col = 0
+    for (start, stop), u in updates:
+        b[start:stop, col : col + u.r] = u.lora_B.detach() * u.scale
+        col += u.r
+    return a, b

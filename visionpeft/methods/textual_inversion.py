@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError, IncompatibleMethodError
 from ..registry import METHODS
-from .base import Method, MethodConfig
+from .base import ExportParts, Method, MethodConfig
 
 
 @dataclass
@@ -67,13 +67,12 @@ class NewTokenEmbedding(nn.Module):
 class TextualInversion(Method):
     name = "textual_inversion"
     config_class = TextualInversionConfig
+    requires = {"new_tokens": "a Stable Diffusion pipeline's tokenizer and text encoder (attach it to the pipeline)"}
+    export_formats = frozenset({"diffusers"})
+    task_inputs = ("token",)
 
     def check_fits(self) -> None:
-        if not hasattr(self.backbone, "token_embedding_slot") or self.tower.name != "text_encoder":
-            raise IncompatibleMethodError(
-                "textual_inversion needs a Stable Diffusion pipeline (tokenizer + text encoder); "
-                "attach it to the pipeline"
-            )
+        super().check_fits()
         if self.config.num_vectors < 1:
             raise ConfigError(f"textual_inversion.num_vectors must be >= 1, got {self.config.num_vectors}")
 
@@ -83,8 +82,7 @@ class TextualInversion(Method):
 
     def build(self) -> None:
         cfg, backbone = self.config, self.backbone
-        pipeline = backbone.model.pipeline
-        tokenizer = pipeline.tokenizer
+        tokenizer = backbone.tokenizer
         init_ids = tokenizer.encode(cfg.initializer, add_special_tokens=False)
         if len(init_ids) != 1:
             raise ConfigError(f"textual_inversion.initializer '{cfg.initializer}' must be a single token")
@@ -94,7 +92,7 @@ class TextualInversion(Method):
         taken = [t for t in tokens if t in tokenizer.get_vocab()]
         if taken:
             raise ConfigError(f"textual_inversion token {taken[0]} is already in the tokenizer's vocabulary")
-        self._tokenizer = (pipeline, tokenizer)
+        self._tokenizer = tokenizer
         grown = copy.deepcopy(tokenizer)
         grown.add_tokens(tokens)
         ids = grown.convert_tokens_to_ids(tokens)
@@ -103,15 +101,14 @@ class TextualInversion(Method):
                 f"the tokenizer ({len(tokenizer)} tokens) and the text encoder's embedding table "
                 f"({embedding.num_embeddings} rows) disagree; cannot place new tokens"
             )
-        pipeline.tokenizer = grown
+        backbone.replace_tokenizer(grown)
         rows = embedding.weight[init_ids[0]].detach().float().repeat(len(tokens), 1)
         wrapper = NewTokenEmbedding(embedding, rows.to(embedding.weight.dtype))
         self.wrap(parent, attr, wrapper, lambda pname: f"text_encoder.textual_inversion.{pname}")
 
     def detach(self) -> None:
         if getattr(self, "_tokenizer", None) is not None:
-            pipeline, original = self._tokenizer
-            pipeline.tokenizer = original
+            self.backbone.replace_tokenizer(self._tokenizer)
             self._tokenizer = None
         super().detach()
 
@@ -122,3 +119,6 @@ class TextualInversion(Method):
         """``{token: (num_vectors, dim)}``, the file layout ``pipeline.load_textual_inversion`` reads."""
         (wrapper,) = [getattr(parent, attr) for parent, attr, _ in self._wrapped]
         return {self.config.token: wrapper.new.detach().to("cpu", torch.float32)}
+
+    def export_parts(self, format: str) -> ExportParts:
+        return ExportParts(files={"learned_embeds.safetensors": self.learned_embeds()})

@@ -47,7 +47,7 @@ class VPT(Method):
     name = "vpt"
     config_class = VPTConfig
     frozen_eval = True  # the official trainer keeps the frozen encoder in eval mode (ViT.train() override)
-    needs_tokens = True
+    requires = {"tokens": "a ViT-style token sequence with a patch grid"}
 
     def build(self) -> None:
         cfg, layout = self.config, self.tower.tokens
@@ -60,8 +60,8 @@ class VPT(Method):
         for i, block in enumerate(blocks):
             prompts = PromptTokens(cfg.num_tokens, layout.dim, bound, cfg.dropout)
             self.add_module(block.module, f"{block.name}.vpt", prompts)
-            self.hook_input(block.module, self._insert if i == 0 else self._replace, prompts)
-        self.hook_output(self.blocks()[-1].module, self._strip)
+            self.hook_tokens_input(block.module, self._insert if i == 0 else self._replace, prompts)
+        self.hook_tokens_output(self.blocks()[-1].module, self._strip)
         layout.extra_prefix += cfg.num_tokens
 
     def detach(self) -> None:
@@ -72,24 +72,13 @@ class VPT(Method):
     def forget(self) -> None:  # pragma: no cover - VPT cannot merge, so it is never forgotten
         raise RuntimeError("VPT cannot be merged")
 
-    def _token_dim(self) -> int:
-        return 1 if self.tower.tokens.batch_first else 0
+    def _insert(self, prompts: PromptTokens, x: torch.Tensor) -> torch.Tensor:
+        p = prompts.expand(x.shape[0], x)
+        return torch.cat([x[:, : self.offset], p, x[:, self.offset :]], dim=1)
 
-    def _insert(self, prompts: PromptTokens, module: nn.Module, args: tuple) -> tuple:
-        x, dim = args[0], self._token_dim()
-        xb = x if dim == 1 else x.transpose(0, 1)
-        p = prompts.expand(xb.shape[0], xb)
-        out = torch.cat([xb[:, : self.offset], p, xb[:, self.offset :]], dim=1)
-        return (out if dim == 1 else out.transpose(0, 1), *args[1:])
+    def _replace(self, prompts: PromptTokens, x: torch.Tensor) -> torch.Tensor:
+        p = prompts.expand(x.shape[0], x)
+        return torch.cat([x[:, : self.offset], p, x[:, self.offset + self.config.num_tokens :]], dim=1)
 
-    def _replace(self, prompts: PromptTokens, module: nn.Module, args: tuple) -> tuple:
-        x, dim, n = args[0], self._token_dim(), self.config.num_tokens
-        xb = x if dim == 1 else x.transpose(0, 1)
-        p = prompts.expand(xb.shape[0], xb)
-        out = torch.cat([xb[:, : self.offset], p, xb[:, self.offset + n :]], dim=1)
-        return (out if dim == 1 else out.transpose(0, 1), *args[1:])
-
-    def _strip(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        dim, n = self._token_dim(), self.config.num_tokens
-        end = self.offset + n
-        return torch.cat([output.narrow(dim, 0, self.offset), output.narrow(dim, end, output.shape[dim] - end)], dim)
+    def _strip(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        return torch.cat([output[:, : self.offset], output[:, self.offset + self.config.num_tokens :]], dim=1)

@@ -4,31 +4,34 @@ Three ways to turn CLIP into a classifier, one module:
 
 * zero-shot: logits are ``logit_scale * cos(image, text)`` against hand-written prompts (one template or an
   ensemble, features averaged as in CLIP's ImageNet evaluation);
-* learned prompts: with CoOp / CoCoOp attached to the text tower, the class text comes from the prompt learner;
+* learned prompts: with a method attached that provides ``class_text_features`` (CoOp) or ``image_logits``
+  (CoCoOp), the class text (or the logits) come from it;
 * a linear head (``head=True``) initialised from the class-name text embeddings (times the logit scale, bias 0),
   so it starts as exactly the zero-shot classifier; methods on the vision tower (LoRA, VPT, AdaptFormer) train
   with it.
 
 Class text features are computed once and cached whenever they cannot change (eval mode or no gradient), so
-learned-prompt inference costs what zero-shot CLIP costs.
+learned-prompt inference costs what zero-shot CLIP costs. The classifier is a task model: ``attach`` adapts its
+CLIP (parameter names start with ``clip.``) and trains its head.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapter import methods_of
+from ..backbones.open_clip import clip_tokenize
+from ..errors import ConfigError
+from ..methods import METHODS
+
 SINGLE_TEMPLATE = ("a photo of a {}.",)
-
-
-def clip_tokenize(texts: list[str], context_length: int) -> torch.Tensor:
-    """CLIP BPE tokenization with the vocabulary shipped in open_clip (works offline)."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer(context_length=context_length)(texts)
+#: Capabilities of methods that replace the hand-written class prompts.
+PROMPT_CAPABILITIES = ("class_text_features", "image_logits")
 
 
 class CLIPClassifier(nn.Module):
@@ -67,6 +70,14 @@ class CLIPClassifier(nn.Module):
     def num_classes(self) -> int:
         return len(self.classnames)
 
+    def inner_model(self) -> nn.Module:
+        """The task-model protocol: the library model methods adapt."""
+        return self.clip
+
+    def task_heads(self) -> dict[str, nn.Module | None]:
+        """The task-model protocol: the linear head, if there is one."""
+        return {"head": self.head}
+
     def train(self, mode: bool = True) -> CLIPClassifier:
         self._cache = None
         return super().train(mode)
@@ -82,20 +93,15 @@ class CLIPClassifier(nn.Module):
             features.append(F.normalize(emb, dim=-1))
         return torch.stack(features)
 
-    def _prompt_learner(self):
-        from ..methods.coop import CoOp
-
-        for method in _attached(self):
-            if isinstance(method, CoOp):
-                return method
-        return None
+    def _provider(self, capability: str) -> Any:
+        return next((m for m in methods_of(self) if capability in m.provides), None)
 
     def class_text_features(self) -> torch.Tensor:
-        """The current class text features (learned prompts if a prompt learner is attached), cached if fixed."""
+        """The current class text features (from a method providing them, else zero-shot), cached if fixed."""
         if self._cache is not None:
             return self._cache
-        learner = self._prompt_learner()
-        features = learner.text_features() if learner is not None else self.zero_shot_text_features()
+        learner = self._provider("class_text_features")
+        features = learner.class_text_features() if learner is not None else self.zero_shot_text_features()
         text_trains = torch.is_grad_enabled() and self.training
         if not text_trains:
             self._cache = features.detach()
@@ -105,13 +111,16 @@ class CLIPClassifier(nn.Module):
         image = F.normalize(self.clip.encode_image(images), dim=-1)
         if self.head is not None:
             return self.head(image)
-        learner = self._prompt_learner()
-        if learner is not None and learner.conditional:
-            return learner.logits_from_features(image)
+        conditional = self._provider("image_logits")
+        if conditional is not None:
+            return conditional.image_logits(image)
         return self.clip.logit_scale.exp() * image @ self.class_text_features().to(image.dtype).t()
 
 
-def _attached(model: nn.Module):
-    from ..adapter import methods_of
-
-    return methods_of(model)
+def prompt_learner(model: Any) -> Any:
+    """The attached method that learns class prompts (CoOp / CoCoOp) of ``model`` (a CLIP or a classifier)."""
+    for method in methods_of(model):
+        if any(c in method.provides for c in PROMPT_CAPABILITIES):
+            return method
+    learners = [n for n in METHODS.names() if any(c in METHODS.get(n).provides for c in PROMPT_CAPABILITIES)]
+    raise ConfigError(f"no prompt-learning method ({', '.join(learners)}) is attached to this model")

@@ -1,0 +1,161 @@
+"""The floors hold: no import cycle among visionpeft's modules (function-level imports included), and
+``import visionpeft`` stays light (no timm, open_clip, diffusers or transformers)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "visionpeft"
+HEAVY = ("timm", "open_clip", "diffusers", "transformers")
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name -> file; a package is named by its ``__init__.py``."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+class _Imports(ast.NodeVisitor):
+    """Collects the modules a file imports, at any depth, except under ``if TYPE_CHECKING:``."""
+
+    def __init__(self, name: str, is_package: bool, modules: dict[str, Path]) -> None:
+        self.package = name if is_package else name.rpartition(".")[0]
+        self.modules = modules
+        self.targets: set[str] = set()
+
+    def _nearest(self, dotted: str) -> str | None:
+        while dotted and dotted not in self.modules:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+
+    def visit_If(self, node: ast.If) -> None:
+        if _is_type_checking(node):
+            for child in node.orelse:
+                self.visit(child)
+        else:
+            self.generic_visit(node)
+
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            if alias.name.split(".")[0] == "visionpeft":
+                self.targets.add(self._nearest(alias.name))
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        if node.level:
+            base = self.package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            base = f"{base}.{node.module}" if node.module else base
+        else:
+            base = node.module or ""
+        if base.split(".")[0] != "visionpeft":
+            return
+        for alias in node.names:
+            submodule = f"{base}.{alias.name}"
+            self.targets.add(submodule if submodule in self.modules else self._nearest(base))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the visionpeft modules it imports. A package whose ``__init__`` discovers its modules with
+    ``pkgutil`` imports each of them."""
+    modules = _modules()
+    graph = {}
+    for name, path in modules.items():
+        source = path.read_text()
+        visitor = _Imports(name, path.name == "__init__.py", modules)
+        visitor.visit(ast.parse(source, str(path)))
+        edges = {t for t in visitor.targets if t is not None}
+        if path.name == "__init__.py" and "pkgutil.iter_modules" in source:
+            edges |= {m for m in modules if m.rpartition(".")[0] == name}
+        graph[name] = edges
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (as a path ``a -> b -> ... -> a``) per strongly connected component with a cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[set[str]] = []
+
+    def connect(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in graph[v]:
+                components.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    cycles = []
+    for component in components:
+        start = min(component)
+        path, seen = [start], {start}
+        while True:  # walk inside the component until a module repeats
+            nxt = min(w for w in graph[path[-1]] if w in component)
+            if nxt in seen:
+                cycles.append(path[path.index(nxt) :] + [nxt])
+                break
+            path.append(nxt)
+            seen.add(nxt)
+    return cycles
+
+
+def test_the_graph_sees_function_level_and_discovered_imports():
+    graph = import_graph()
+    assert "visionpeft.adapter" in graph["visionpeft"]
+    assert "visionpeft.tasks.clip_classifier" in graph["visionpeft.backbones.factory"]  # inside a function
+    assert "visionpeft.methods.coop" in graph["visionpeft.methods"]  # found by pkgutil
+    assert "visionpeft" in graph["visionpeft.trainers.loop"]  # import visionpeft as vp
+
+
+def test_cycles_are_found():
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"a"}}) == [["a", "a"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    cycles = find_cycles(import_graph())
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+@pytest.mark.parametrize("module", ["visionpeft", "visionpeft.tasks", "visionpeft.checkpoint"])
+def test_importing_the_library_leaves_the_model_libraries_out(module):
+    code = f"import sys, {module}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
