@@ -20,6 +20,7 @@ from visionpeft.trainers.dit_loss import class_conditional_loss, variational_bou
 
 sys.path.insert(0, str(ROOT / "tools"))
 import train as tool  # noqa: E402
+
 from visionpeft.cli.common import run  # noqa: E402
 
 COLOURS = {"blue": (20, 40, 220), "red": (230, 30, 20)}

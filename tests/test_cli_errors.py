@@ -10,6 +10,7 @@ from _classify_utils import ROOT, tiny_config, write_pretrained_vit, write_tiny_
 
 sys.path.insert(0, str(ROOT / "tools"))
 import train as train_tool  # noqa: E402
+
 from visionpeft.cli.common import run  # noqa: E402
 
 

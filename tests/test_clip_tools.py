@@ -12,8 +12,8 @@ from _classify_utils import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 import eval_zeroshot  # noqa: E402
-from visionpeft.cli.common import run  # noqa: E402
 
+from visionpeft.cli.common import run  # noqa: E402
 from visionpeft.config import load_config  # noqa: E402
 from visionpeft.trainers.classification import run as train  # noqa: E402
 

@@ -44,6 +44,7 @@ def test_vpt_vitb_cifar_dry_run_builds_vpt_deep_with_the_paper_count(tmp_path, c
 
     sys.path.insert(0, str(ROOT / "tools"))
     import train as train_tool
+
     from visionpeft.cli.common import run
 
     root = write_tiny_cifar100(tmp_path)

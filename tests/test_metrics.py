@@ -58,6 +58,7 @@ def test_eval_personalization_tool_prints_the_table(tmp_path, capsys):
 
     sys.path.insert(0, str(ROOT / "tools"))
     import eval_personalization as tool
+
     from visionpeft.cli.common import run
 
     vision = {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16}

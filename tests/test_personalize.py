@@ -17,6 +17,7 @@ from visionpeft.backbones.diffusers_loading import load_pipeline
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tools"))
 import train as tool  # noqa: E402
+
 from visionpeft.cli.common import run  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Evaluate a trained adapter: ``python tools/eval.py RUN_DIR [--checkpoint best|last] [--split test]``.
 
-The same command as ``visionpeft eval`` (code in ``visionpeft/cli/eval.py``); run ``--help`` for its options.
+The same command as ``visionpeft eval`` (code: ``visionpeft/cli/eval.py``); ``--help`` lists its options.
 """
 
 import sys

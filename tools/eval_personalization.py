@@ -1,6 +1,7 @@
 """Score personalization results: CLIP-T, CLIP-I and DINO, as a table.
 
-The same command as ``visionpeft eval-personalization`` (code in ``visionpeft/cli/eval_personalization.py``); run ``--help`` for its options.
+The same command as ``visionpeft eval-personalization`` (code: ``visionpeft/cli/eval_personalization.py``);
+``--help`` lists its options.
 """
 
 import sys

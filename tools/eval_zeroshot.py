@@ -1,6 +1,7 @@
 """Zero-shot CLIP with hand-written prompts against learned prompts (CoOp / CoCoOp).
 
-The same command as ``visionpeft eval-zeroshot`` (code in ``visionpeft/cli/eval_zeroshot.py``); run ``--help`` for its options.
+The same command as ``visionpeft eval-zeroshot`` (code: ``visionpeft/cli/eval_zeroshot.py``);
+``--help`` lists its options.
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Sample a prompt x seed grid from a diffusers pipeline with any combination of saved adapters.
 
-The same command as ``visionpeft generate`` (code in ``visionpeft/cli/generate.py``); run ``--help`` for its options.
+The same command as ``visionpeft generate`` (code: ``visionpeft/cli/generate.py``); ``--help`` lists its options.
 """
 
 import sys

@@ -38,8 +38,8 @@ def main(argv: list[str]) -> int:
     from safetensors.torch import save_file
 
     import visionpeft as vp
-    from visionpeft.io import atomic_write
     from visionpeft.config import load_config
+    from visionpeft.io import atomic_write
     from visionpeft.trainers.classification import build_experiment
     from visionpeft.trainers.classification import run as train
 

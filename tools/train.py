@@ -1,6 +1,6 @@
 """Train any task: image classification, personalization, class-conditional DiT fine-tuning.
 
-The same command as ``visionpeft train`` (code in ``visionpeft/cli/train.py``); run ``--help`` for its options.
+The same command as ``visionpeft train`` (code: ``visionpeft/cli/train.py``); ``--help`` lists its options.
 """
 
 import sys

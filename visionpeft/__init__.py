@@ -22,8 +22,20 @@ from .version import __version__
 #: public name -> the module defining it
 _EXPORTS = {
     **dict.fromkeys(
-        ("attach", "attached_methods", "can_export", "can_merge", "conditioning", "count_parameters", "detach",
-         "features", "merge", "set_train_mode", "trainable_buffers", "trainable_parameters"),
+        (
+            "attach",
+            "attached_methods",
+            "can_export",
+            "can_merge",
+            "conditioning",
+            "count_parameters",
+            "detach",
+            "features",
+            "merge",
+            "set_train_mode",
+            "trainable_buffers",
+            "trainable_parameters",
+        ),
         "adapter",
     ),  # fmt: skip
     "load_adapter": "checkpoint",

@@ -50,10 +50,11 @@ def main(argv: list[str]) -> int:
         rows = cases(str(Path(tmp) / "missing.yaml"))
         times: dict[str, list[float]] = {name: [] for name, _, _ in rows}
         for r in range(args.rounds):
-            for name, command, _ in rows[r % len(rows):] + rows[: r % len(rows)]:
+            for name, command, _ in rows[r % len(rows) :] + rows[: r % len(rows)]:
                 times[name].append(timed(command))
     torch = statistics.median(times["import torch"])
-    print(f"# {args.rounds} rounds, rotated order, median wall time of a fresh process (python {sys.version.split()[0]})")
+    version = sys.version.split()[0]
+    print(f"# {args.rounds} rounds, rotated order, median wall time of a fresh process (python {version})")
     print()
     print("| command | wall (s) | vs import torch | target |")
     print("|---|---:|---:|---|")

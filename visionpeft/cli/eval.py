@@ -56,4 +56,3 @@ def main(argv: list[str]) -> int:
     shown = ", ".join(f"{k} {100 * v:.2f}%" if k != "loss" else f"{k} {v:.4f}" for k, v in metrics.items())
     print(f"{args.run_dir} [{name}] {split}: {shown}")
     return 0
-

@@ -60,4 +60,3 @@ def main(argv: list[str]) -> int:
     for name, value in rows:
         print(f"| {name} | {value:.4f} |")
     return 0
-

@@ -32,9 +32,9 @@ def evaluate(model, loader) -> tuple[float, float]:
 def prompt_classifier(clip, classes: list[str], run_dir: Path):
     """A CLIPClassifier carrying the learned prompts of ``run_dir`` for ``classes``."""
     import visionpeft as vp
-    from visionpeft.tasks.clip_classifier import CLIPClassifier
     from visionpeft.checkpoint import read_adapter_config
     from visionpeft.errors import CheckpointError
+    from visionpeft.tasks.clip_classifier import CLIPClassifier
 
     folder = (
         run_dir / "best"
@@ -71,11 +71,11 @@ def main(argv: list[str]) -> int:
     from torch.utils.data import DataLoader, Subset
 
     import visionpeft.data  # noqa: F401  (dataset registration)
-    from visionpeft.tasks.clip_classifier import SINGLE_TEMPLATE, CLIPClassifier
     from visionpeft.backbones.factory import create_open_clip
     from visionpeft.config.classification import ModelConfig
     from visionpeft.data.fewshot import base_new_split
     from visionpeft.registry import DATASETS
+    from visionpeft.tasks.clip_classifier import SINGLE_TEMPLATE, CLIPClassifier
     from visionpeft.trainers.classification import Transformed
 
     is_file = args.pretrained is not None and Path(args.pretrained).expanduser().exists()
@@ -119,4 +119,3 @@ def main(argv: list[str]) -> int:
         for label, r in rows.items():
             print(f"| {label} | {100 * r['all'][0]:.2f} | {r['all'][1]:.1f} |")
     return 0
-

@@ -80,4 +80,3 @@ def main(argv: list[str]) -> int:
     grid.save(args.out)
     print(f"wrote {args.out} ({len(args.prompt)} prompts x {len(args.seeds)} seeds, {grid.size[0]}x{grid.size[1]} px)")
     return 0
-

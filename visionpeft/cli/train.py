@@ -50,4 +50,3 @@ def main(argv: list[str]) -> int:
                     stop_after=args.stop_after, cpu=args.cpu)  # fmt: skip
     report(results)
     return 0
-

@@ -131,7 +131,11 @@ def _check_run_length(config: DictConfig) -> None:
 
 def check_methods(config: DictConfig, spec: TaskSpec) -> list[tuple[str, dict[str, Any]]]:
     """The config's methods, validated against their option schemas and against what the task gives them."""
+    from ..methods import check_call_inputs, fill_task_inputs
+
     methods = methods_of_config(config)
+    fill_task_inputs(methods, dict.fromkeys(spec.task_inputs), spec.name)  # the values come when the run starts
+    check_call_inputs(methods, set(spec.call_inputs), spec.name)
     return methods
 
 

@@ -21,7 +21,8 @@ class ModelConfig:
     img_size: int | None = setting(None, "input size override (timm); null: the model's own", min=1)
     drop_path_rate: float = setting(0.0, "stochastic depth (timm)", min=0, below=1)
     clip_head: str = setting(
-        "linear", "open_clip: linear head from class-name text embeddings, or prompts (zero-shot / CoOp)",
+        "linear",
+        "open_clip: linear head from class-name text embeddings, or prompts (zero-shot / CoOp)",
         choices=("linear", "prompts"),
     )
     kwargs: dict[str, Any] = setting({}, "extra timm.create_model arguments (e.g. embed_dim)")

@@ -48,7 +48,8 @@ class RunSettings:
     run_name: str | None = setting(None, "the run folder's name (default: the config file's stem)")
     log_every: int = setting(10, "log the training loss every N optimizer steps", min=1)
     eval_every: int | None = setting(
-        None, "evaluate / validate every N epochs (epoch runs) or N optimizer steps (step runs), and at the end",
+        None,
+        "evaluate / validate every N epochs (epoch runs) or N optimizer steps (step runs), and at the end",
         min=1,
     )
     ema_decay: float | None = setting(

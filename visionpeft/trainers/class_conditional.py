@@ -147,8 +147,7 @@ def save_outputs(pipeline, run_dir: Path, classes: list[str]) -> list[Path]:
     import copy
 
     written = [vp.save_adapter(pipeline.transformer, run_dir / "adapter")]
-    names = [n for n, _ in vp.attached_methods(pipeline.transformer)]
-    if set(names) <= {"difffit", "bitfit", "full", "lora"}:
+    if vp.can_merge(pipeline.transformer):
         transformer = vp.merge(copy.deepcopy(pipeline.transformer))
         merged = type(pipeline)(transformer=transformer, vae=pipeline.vae, scheduler=pipeline.scheduler)
         merged.save_pretrained(run_dir / "merged")

@@ -22,6 +22,7 @@ from ..config import methods_of_config
 from ..data import transforms as T
 from ..data.fewshot import base_new_split, few_shot
 from ..errors import DataError
+from ..methods import fill_task_inputs
 from ..registry import DATASETS
 from .loop import Loop
 from .run import Setup, run_task
@@ -108,9 +109,7 @@ def build_experiment(config: DictConfig) -> Experiment:
     if config.data.shots:
         train = few_shot(train, config.data.shots, seed=config.train.seed)
     model = create_model(config.model, len(classes), classes)
-    methods = [(n, {**o, "classnames": classes} if n in ("coop", "cocoop") and "classnames" not in o else o)
-               for n, o in methods_of_config(config)]  # fmt: skip
-    vp.attach(model, methods)
+    vp.attach(model, fill_task_inputs(methods_of_config(config), {"classnames": classes}, "classification"))
     mean, std = T.normalization_of(model)
     size, augment = config.data.img_size, config.data.augment
     train_tf = T.build_transform(size, mean, std, train=True, augment=augment)

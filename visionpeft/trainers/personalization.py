@@ -25,6 +25,7 @@ from ..backbones.diffusers_loading import load_pipeline
 from ..config import methods_of_config
 from ..data.few_images import FewImages, load_images
 from ..errors import ConfigError
+from ..methods import fill_task_inputs
 from .diffusion import DiffusionParts, diffusion_loss
 from .run import Setup, run_task
 
@@ -110,22 +111,12 @@ def _class_images(pipeline, cfg: DictConfig, run_dir: Path) -> Path:
     return folder
 
 
-def _method_specs(cfg: DictConfig) -> list[tuple[str, dict]]:
-    specs = []
-    for name, options in methods_of_config(cfg):
-        if name == "textual_inversion":
-            options = {"token": cfg.token, **options}
-        specs.append((name, options))
-    return specs
-
-
 def save_outputs(pipeline, adapted: nn.Module, run_dir: Path) -> list[Path]:
     """Writes the adapter in visionpeft and diffusers formats, and merged U-Net weights where that is exact."""
     written = [vp.save_adapter(adapted, run_dir / "adapter")]
-    names = [n for n, _ in vp.attached_methods(adapted)]
-    if any(n in ("lora", "textual_inversion") for n in names) and set(names) <= {"lora", "textual_inversion"}:
+    if vp.can_export(pipeline, "diffusers"):
         written.append(vp.save_adapter(pipeline, run_dir / "diffusers", format="diffusers"))
-    if set(names) <= {"difffit", "bitfit", "full", "lora"} and "lora" not in names:
+    elif vp.can_merge(adapted):  # what diffusers' files cannot hold but merges exactly: plain U-Net weights
         merged = copy.deepcopy(adapted)
         vp.merge(merged)
         merged.unet.save_pretrained(run_dir / "merged" / "unet")
@@ -150,7 +141,7 @@ class PersonalizationTrainer:
             prior = FewImages(folder, config.token, data.size, "fixed", config.prior.class_prompt, 1,
                               data.center_crop, data.flip, config.train.seed)  # fmt: skip
             dataset = PairedPrior(dataset, prior)
-        vp.attach(pipeline, _method_specs(config))
+        vp.attach(pipeline, fill_task_inputs(methods_of_config(config), {"token": config.token}, "personalization"))
         adapted = pipeline_modules(pipeline)
         if config.train.gradient_checkpointing:
             pipeline.unet.enable_gradient_checkpointing()
@@ -158,9 +149,15 @@ class PersonalizationTrainer:
         if config.train.xformers:
             pipeline.unet.enable_xformers_memory_efficient_attention()
         task = PersonalizationTask(pipeline, config, run_dir)
-        return Setup(Denoiser(adapted, pipeline, config), adapted, task, dataset,
-                     frozen=[pipeline.unet, pipeline.text_encoder, pipeline.vae],
-                     summary=[f"{len(images)} images, {len(dataset)} training items"], state={"pipeline": pipeline})
+        return Setup(
+            Denoiser(adapted, pipeline, config),
+            adapted,
+            task,
+            dataset,
+            frozen=[pipeline.unet, pipeline.text_encoder, pipeline.vae],
+            summary=[f"{len(images)} images, {len(dataset)} training items"],
+            state={"pipeline": pipeline},
+        )
 
     def finish(self, config: DictConfig, loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
         if not loop.accelerator.is_main_process:
