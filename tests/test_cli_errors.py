@@ -31,8 +31,9 @@ def config(tmp_path_factory):
         (["method=vtp"], "unknown method 'vtp' (did you mean 'vpt'?)"),
         (["method.num_token=3"], "unknown option 'num_token' for method 'vpt' (did you mean 'num_tokens'?)"),
         (["data.root=/nowhere/cifar"], "cifar10 not found under /nowhere/cifar (expected cifar-10-batches-py/)"),
+        (["method=textual_inversion"], "method 'textual_inversion' needs token, which the classification task does not"),
         (
-            ["method=textual_inversion"],
+            ["method={name: textual_inversion, token: x}"],
             "textual_inversion cannot attach to this model: timm_vit has no 'text_encoder' tower",
         ),
         (["model.checkpoint=/nowhere/vit.safetensors"], "checkpoint /nowhere/vit.safetensors does not exist"),
@@ -98,3 +99,35 @@ def test_help_and_config_errors_answer_without_importing_torch(config):
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--help"], capture_output=True,
                             text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0 and "task:" in result.stdout
+
+
+def test_a_method_needing_an_input_the_task_does_not_give_is_refused_before_any_model(config, capsys, monkeypatch):
+    """A control-style method (it reads a per-call condition image) in a classification run, and a method whose
+    option the task cannot fill in: one line, exit 2, nothing built or written."""
+    from dataclasses import dataclass
+
+    from visionpeft.methods import METHODS, Method, MethodConfig
+
+    @dataclass
+    class NeedsConfig(MethodConfig):
+        prompt: str = ""
+
+    class NeedsControl(Method):
+        name, config_class, call_inputs = "test_needs_control", NeedsConfig, ("control_image",)
+
+    class NeedsPrompt(Method):
+        name, config_class, task_inputs = "test_needs_prompt", NeedsConfig, ("prompt",)
+
+    for cls in (NeedsControl, NeedsPrompt):
+        monkeypatch.setitem(METHODS._items, cls.name, cls)
+    built = []
+    monkeypatch.setattr("visionpeft.trainers.classification.create_model", lambda *a: built.append(a))
+    cases = {
+        "test_needs_control": "method 'test_needs_control' needs a per-call control_image, which the classification "
+        "task does not provide",
+        "test_needs_prompt": "method 'test_needs_prompt' needs prompt, which the classification task does not provide",
+    }
+    for method, message in cases.items():
+        assert run(train_tool.main, [str(config), f"method={method}", "train.run_name=refused"]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert built == [] and not (config.parent / "runs" / "refused").exists()
