@@ -25,19 +25,20 @@ class Regression:
         return nn.functional.mse_loss(model(x), y)
 
     def evaluate(self, model: nn.Module, accelerator) -> dict[str, float]:
-        self.seen.append(model.head.weight.detach().clone())  # the weights evaluation ran with
+        linear = model.head if isinstance(model.head, nn.Linear) else model.head[-1]
+        self.seen.append(linear.weight.detach().clone())  # the weights evaluation ran with
         return {"neg_loss": -sum(self.loss(model, b).item() for b in self.loader)}
 
 
-def _loop(run_dir, decay, epochs=3, seed=0):
-    model = vp.attach(tiny_vit(), "linear")  # a linear probe: the head is what trains
+def _loop(run_dir, decay, epochs=3, seed=0, model=None):
+    model = model if model is not None else vp.attach(tiny_vit(), "linear")  # a linear probe: the head trains
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(16, 3, 32, 32, generator=generator)
-    data = TensorDataset(x, torch.randn(16, model.head.out_features, generator=generator))
+    data = TensorDataset(x, torch.randn(16, 10, generator=generator))  # the tiny ViT has 10 classes
     loader = DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(seed))
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = LoopConfig(epochs=epochs, ema_decay=decay, log_every=1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    optimizer = torch.optim.SGD([p for _, p in vp.trainable_parameters(model)], lr=0.05)
     return Loop(model, Regression(DataLoader(data, batch_size=8)), optimizer, loader, run_dir, cfg,
                 make_accelerator(cfg, cpu=True), select_best=False)  # fmt: skip
 
@@ -77,3 +78,25 @@ def test_resumed_run_continues_the_average_exactly(tmp_path):
     assert resumed.ema.optimization_step == first.ema.optimization_step == 4
     resumed.fit()
     torch.testing.assert_close(resumed.unwrapped.head.weight, straight.unwrapped.head.weight, rtol=0, atol=0)
+
+
+def test_resume_restores_the_buffers_of_trained_modules(tmp_path):
+    """A head with BatchNorm: its running statistics are part of the resumable state, so a resumed run ends with
+    the same statistics (and weights) as an uninterrupted one."""
+    from test_core_buffers import bn_head_vit
+
+    def bn_loop(name):
+        return _loop(tmp_path / name, decay=None, model=vp.attach(bn_head_vit(), "vpt", num_tokens=2))
+
+    straight = bn_loop("straight")
+    straight.fit()
+    first = bn_loop("split")
+    first.fit(stop_after=1)
+    saved = load_file(tmp_path / "split" / "state" / "model.safetensors")
+    assert {"head.0.running_mean", "head.0.running_var", "head.0.num_batches_tracked"} <= set(saved)
+    assert int(saved["head.0.num_batches_tracked"]) == 4  # one epoch of 4 training batches
+    resumed = bn_loop("split")
+    resumed.load_state()
+    resumed.fit()
+    for name, tensor in straight.unwrapped.head.state_dict().items():
+        torch.testing.assert_close(resumed.unwrapped.head.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
