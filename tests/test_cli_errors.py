@@ -31,7 +31,7 @@ def config(tmp_path_factory):
         (["method=vtp"], "unknown method 'vtp' (did you mean 'vpt'?)"),
         (["method.num_token=3"], "unknown option 'num_token' for method 'vpt' (did you mean 'num_tokens'?)"),
         (["data.root=/nowhere/cifar"], "cifar10 not found under /nowhere/cifar (expected cifar-10-batches-py/)"),
-        (["method=textual_inversion"], "method 'textual_inversion' needs token, which the classification task does not"),
+        (["method=textual_inversion"], "method 'textual_inversion' needs token, which the classification task"),
         (
             ["method={name: textual_inversion, token: x}"],
             "textual_inversion cannot attach to this model: timm_vit has no 'text_encoder' tower",
