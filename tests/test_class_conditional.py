@@ -1,5 +1,5 @@
-"""tools/finetune_dit.py on a tiny DiTPipeline: DiffFit fine-tunes the DiT to new labelled classes with DiT's own
-objective, and the merged folder loads in DiTPipeline with the new class names."""
+"""tools/train.py (task class_conditional) on a tiny DiTPipeline: DiffFit fine-tunes the DiT to new labelled
+classes with DiT's own objective, and the merged folder loads in DiTPipeline with the new class names."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""tools/personalize.py on a tiny Stable Diffusion pipeline: each method trains, the saved files load through
-diffusers' own loaders and reproduce the toolkit's output."""
+"""tools/train.py (task personalization) on a tiny Stable Diffusion pipeline: each method trains, the saved files
+load through diffusers' own loaders and reproduce the toolkit's output."""
 
 from __future__ import annotations
 
