@@ -131,3 +131,13 @@ def test_a_method_needing_an_input_the_task_does_not_give_is_refused_before_any_
         assert run(train_tool.main, [str(config), f"method={method}", "train.run_name=refused"]) == 2
         assert capsys.readouterr().err.strip() == f"error: {message}"
     assert built == [] and not (config.parent / "runs" / "refused").exists()
+
+
+def test_the_visionpeft_command_lists_its_subcommands_and_names_a_typo():
+    listing = subprocess.run([sys.executable, "-m", "visionpeft"], capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0 and all(c in listing.stdout for c in ("train", "eval", "generate"))
+    typo = subprocess.run([sys.executable, "-m", "visionpeft", "trian"], capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 2 and typo.stderr.strip() == "error: unknown command 'trian' (did you mean 'train'?)"
+    helped = subprocess.run([sys.executable, "-m", "visionpeft", "train", "--help"], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert helped.returncode == 0 and "--print-config" in helped.stdout
