@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ..errors import ConfigError, did_you_mean
-from .fields import check_fields, describe
+from ..schema import check_fields, describe
 from .tasks import TaskSpec, task_spec
 
 DEFAULT_TASK = "classification"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .fields import section, setting
+from ..schema import section, setting
 from .sections import DiffusersModel, DiffusionTrain, OptimConfig
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .fields import setting
+from ..schema import setting
 
 #: Learning-rate schedules (built by transformers' ``get_scheduler``); warmup is linear from 0 in every one.
 SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")

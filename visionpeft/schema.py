@@ -14,7 +14,7 @@ import typing
 from dataclasses import MISSING, field
 from typing import Any
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 
 def setting(default: Any = MISSING, help: str = "", *, choices: tuple | None = None, min: float | None = None,
