@@ -47,21 +47,23 @@ def add_run_arguments(parser) -> None:
 
 
 def resolve_run(args, parser, dry_run: bool = False):
-    """(config, run folder) from the parsed arguments: a new run (never over an existing one) or a resumed one."""
+    """(config, run folder) from the parsed arguments: a new run (never in a folder holding another run) or a
+    resumed one (the folder's newest complete state)."""
     from ..config import load_config
     from ..errors import ConfigError
+    from ..trainers import run_state
 
     if args.resume:
         if args.config or args.overrides:
             raise ConfigError("--resume takes the run's own config.yaml; give no config or overrides")
         config_path = args.resume / "config.yaml"
-        if not (args.resume / "state").is_dir() or not config_path.is_file():
+        if run_state.newest_state(args.resume) is None or not config_path.is_file():
             raise ConfigError(f"{args.resume} is not a run folder with a saved state (config.yaml + state/)")
         return load_config(config_path), args.resume
     if not args.config:
         parser.error("a config file is required (or --resume RUN_DIR)")
     config = load_config(args.config, args.overrides)
     run_dir = Path(config.train.output_dir) / config.train.run_name
-    if not dry_run and (run_dir / "state").exists():
+    if not dry_run and run_state.holds_run(run_dir):
         raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another train.run_name")
     return config, run_dir

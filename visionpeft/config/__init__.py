@@ -104,6 +104,15 @@ def _task_of(raw: dict, overrides: list[str]) -> TaskSpec:
     return task_spec(name)
 
 
+def _check_run_name(name: str | None) -> None:
+    """A run folder lives inside ``train.output_dir``: its name is one folder name."""
+    if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
+        raise ConfigError(
+            f"train.run_name {name!r} must be a folder name inside train.output_dir (no '/', no '..'); "
+            "set train.output_dir to choose where runs go"
+        )
+
+
 def _check_run_length(config: DictConfig) -> None:
     """One run length and one warmup, in whichever unit the recipe counts; a schedule that can warm up."""
     optim = config.optim
@@ -170,6 +179,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if config.train.mixed_precision == "False":  # YAML reads a bare `no` as false; accelerate's spelling is "no"
         config.train.mixed_precision = "no"
     check_fields(spec.schema, config)
+    _check_run_name(config.train.run_name)
     _check_run_length(config)
     check_methods(config, spec)  # the only check that imports the methods (and torch)
     OmegaConf.set_readonly(config, True)

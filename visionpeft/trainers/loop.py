@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pickle
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,13 +24,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..adapter import trainable_buffers, trainable_parameters
 from ..checkpoint import save_adapter
-from ..io import atomic_write
+from ..errors import CheckpointError
+from . import run_state
 
 logger = get_logger(__name__)
 
@@ -184,8 +187,8 @@ class Loop:
         if cfg.ema_decay is not None:
             from diffusers.training_utils import EMAModel
 
+            # saved by save_state as safetensors (accelerate's register_for_checkpointing would unpickle it on resume)
             self.ema = EMAModel(self._trained, decay=cfg.ema_decay)
-            accelerator.register_for_checkpointing(self.ema)  # resumes with the average, not a fresh copy
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
     @property
@@ -214,37 +217,63 @@ class Loop:
                 self._writer.add_scalar(key, value, record["step"])
 
     def save_state(self) -> None:
-        """Writes the resumable state and the ``last`` adapter; replaces the previous ones only when complete."""
-        self.accelerator.wait_for_everyone()
-        tmp = self.run_dir / "state.tmp"
-        if self.accelerator.is_main_process and tmp.exists():
+        """Writes the resumable state and the ``last`` adapter; the previous state stays until the new one is
+        complete (see :mod:`.run_state`). A failed save (a full disk) keeps the previous state and says so."""
+        accelerator, main = self.accelerator, self.accelerator.is_main_process
+        accelerator.wait_for_everyone()
+        tmp = self.run_dir / run_state.TMP
+        if main and tmp.exists():
             shutil.rmtree(tmp)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        if self.accelerator.is_main_process:
-            progress = {"epoch": self.epoch, "step": self.step, "best": self.best,
-                        "batch_in_epoch": self.batch_in_epoch, "epoch_loss": self.epoch_loss}  # fmt: skip
-            (tmp / "progress.json").write_text(json.dumps(progress))
-            save_adapter(self.unwrapped, self.run_dir / "last")
-            final, old = self.run_dir / "state", self.run_dir / "state.old"
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()
+        progress = {"epoch": self.epoch, "step": self.step, "best": self.best, "batch_in_epoch": self.batch_in_epoch,
+                    "epoch_loss": self.epoch_loss, "rng": run_state.rng_digest()}  # fmt: skip
+        try:
+            accelerator.save_state(str(tmp))
+            if main:
+                if self.ema is not None:
+                    progress["ema"] = run_state.save_ema(self.ema, tmp)
+                save_adapter(self.unwrapped, self.run_dir / "last")
+                run_state.write_progress(tmp, progress)  # last: it marks the state complete
+                run_state.commit_state(self.run_dir)
+        except (OSError, RuntimeError) as err:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.run_dir / run_state.STATE
+            kept = (f"the state of step {run_state.read_progress(previous)['step']} is kept in {previous}"
+                    if run_state.is_complete(previous) else "no earlier state exists")  # fmt: skip
+            text = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip()
+            reason = text.splitlines()[0] if text else type(err).__name__
+            raise CheckpointError(f"could not save the run state at step {self.step} ({reason}); {kept}") from None
+        accelerator.wait_for_everyone()
 
     def load_state(self) -> None:
-        """Restores the saved state and trims records logged after it from ``metrics.jsonl``."""
-        state = self.run_dir / "state"
-        self.accelerator.load_state(str(state), strict=False)  # the state holds the trained tensors only
-        progress = json.loads((state / "progress.json").read_text())
+        """Restores the newest complete state (finishing or rolling back an interrupted save first) and trims the
+        records logged after it. Nothing in the folder is unpickled beyond what ``weights_only`` allows."""
+        if self.accelerator.is_main_process:
+            run_state.recover_state(self.run_dir)
+        self.accelerator.wait_for_everyone()
+        state = self.run_dir / run_state.STATE
+        if not run_state.is_complete(state):
+            raise CheckpointError(f"{self.run_dir} holds no complete saved state to resume from")
+        progress = run_state.read_progress(state)
+        try:
+            self.accelerator.load_state(str(state), strict=False)  # the state holds the trained tensors only
+        except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, KeyError, OSError, EOFError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise CheckpointError(
+                f"{state} cannot be resumed: a file in it is damaged or was not written by visionpeft "
+                f"({type(err).__name__}{': ' + reason[:160] if reason else ''})"
+            ) from None
+        if self.ema is not None:
+            run_state.load_ema(self.ema, state, progress.get("ema"))
+        if progress.get("rng") != run_state.rng_digest():
+            logger.warning(f"the random state saved in {state} could not be restored: the resumed run will not "
+                           "repeat an uninterrupted one exactly")  # fmt: skip
         self.epoch, self.step, self.best = progress["epoch"], progress["step"], progress["best"]
         self.batch_in_epoch, self.epoch_loss = progress["batch_in_epoch"], progress["epoch_loss"]
         self._purge_step = self.step + 1
-        log = self.run_dir / "metrics.jsonl"
-        if self.accelerator.is_main_process and log.exists():
-            kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            atomic_write(log, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
+        if self.accelerator.is_main_process:
+            run_state.trim_metrics(self.run_dir / "metrics.jsonl", self.step)
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
@@ -310,38 +339,42 @@ class Loop:
         """
         last: dict[str, float] = {}
         stop_epoch = None if stop_after is None else self.epoch + stop_after
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                   disable=not self.accelerator.is_local_main_process)  # fmt: skip
-        self._train_mode()
-        while not self.finished and (stop_epoch is None or self.epoch < stop_epoch):
-            for batch in self._batches():
-                value = self._optimizer_step(batch)
-                self.batch_in_epoch += 1
-                self.epoch_loss = [self.epoch_loss[0] + value, self.epoch_loss[1] + 1]
-                if not self.accelerator.sync_gradients:
-                    continue
-                self.step += 1
-                bar.update(1)
-                bar.set_postfix(epoch=self.epoch + 1, loss=f"{value:.4f}")
-                if self.ema is not None:
-                    self.ema.step(self._trained)
-                if self.step % self.cfg.log_every == 0:
-                    self.log({"train/loss": value, "lr": self.scheduler.get_last_lr()[0]})
-                epoch_done = self.batch_in_epoch == len(self.train_loader)
-                if epoch_done:
-                    self._end_epoch()
-                if self.finished or bool(self.eval_every and self.step % self.eval_every == 0):
-                    last = self._evaluate_and_log()
-                if epoch_done or self.finished:
-                    self.save_state()
-                if self.finished:
-                    break
-        bar.close()
+        with tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                  disable=not self.accelerator.is_local_main_process) as bar:  # fmt: skip
+            self._train_mode()
+            while not self.finished and (stop_epoch is None or self.epoch < stop_epoch):
+                for batch in self._batches():
+                    value = self._optimizer_step(batch)
+                    self.batch_in_epoch += 1
+                    self.epoch_loss = [self.epoch_loss[0] + value, self.epoch_loss[1] + 1]
+                    if self.accelerator.sync_gradients:
+                        last = self._after_optimizer_step(value, bar) or last
+                        if self.finished:
+                            break
         if self.ema is not None and self.finished:
             self.ema.copy_to(self._trained)  # a finished run leaves the average in the model
         if self._writer is not None:
             self._writer.flush()
         return last
+
+    def _after_optimizer_step(self, value: float, bar: tqdm) -> dict[str, float] | None:
+        """Bookkeeping of one optimizer step: EMA, logs, epoch end, evaluation when due, the resumable state."""
+        self.step += 1
+        bar.update(1)
+        bar.set_postfix(epoch=self.epoch + 1, loss=f"{value:.4f}")
+        if self.ema is not None:
+            self.ema.step(self._trained)
+        if self.step % self.cfg.log_every == 0:
+            self.log({"train/loss": value, "lr": self.scheduler.get_last_lr()[0]})
+        epoch_done = self.batch_in_epoch == len(self.train_loader)
+        if epoch_done:
+            self._end_epoch()
+        metrics = None
+        if self.finished or bool(self.eval_every and self.step % self.eval_every == 0):
+            metrics = self._evaluate_and_log()
+        if epoch_done or self.finished:
+            self.save_state()
+        return metrics
 
     def _evaluate_and_log(self) -> dict[str, float]:
         metrics = self.evaluate()

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..adapter import count_parameters, trainable_parameters
 from ..config import save_config
 from ..errors import ConfigError
+from . import run_state
 from .loop import Loop, LoopConfig, Task, make_accelerator
 
 logger = get_logger(__name__)
@@ -116,6 +117,10 @@ def run_task(trainer: Trainer, config: DictConfig, run_dir: Path, *, resume: boo
     """Builds, trains and finishes one run of ``trainer``; returns the task's results plus ``parameters``."""
     loop_cfg = LoopConfig.from_config(config)
     accelerator = make_accelerator(loop_cfg, cpu=cpu)
+    batch = config.data.batch_size
+    per_process = micro_batch(batch, accelerator.num_processes, config.optim.grad_accum)
+    if not dry_run:
+        run_state.check_writable(run_dir)
     set_seed(config.train.seed)
     setup = trainer.build(config, accelerator, run_dir)
     for line in [*parameter_summary(setup.adapted), *setup.summary]:
@@ -126,8 +131,6 @@ def run_task(trainer: Trainer, config: DictConfig, run_dir: Path, *, resume: boo
     run_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process and not resume:
         save_config(config, run_dir / "config.yaml")
-    batch = config.data.batch_size
-    per_process = micro_batch(batch, accelerator.num_processes, config.optim.grad_accum)
     options = {"num_workers": 0, **setup.loader}
     options["persistent_workers"] = options["num_workers"] > 0
     generator = torch.Generator().manual_seed(config.train.seed)

@@ -1,0 +1,168 @@
+"""A run folder is safe to resume and hard to lose: nothing in it runs code, a crash at any moment of a save leaves a
+resumable state, a torn metrics line does not block resume, a failed save keeps the last state, and a new run never
+writes into another run's folder or outside ``train.output_dir``."""
+
+from __future__ import annotations
+
+import errno
+import json
+import pickle
+import shutil
+import sys
+
+import pytest
+from _classify_utils import ROOT, tiny_config, write_pretrained_vit, write_tiny_cifar10
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(ROOT / "tools"))
+import train as train_tool  # noqa: E402
+
+from visionpeft.cli.common import run  # noqa: E402
+from visionpeft.trainers import run_state  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("folder")
+    return tiny_config(tmp, write_pretrained_vit(tmp / "vit.safetensors"), write_tiny_cifar10(tmp / "data"))
+
+
+class Hostile:
+    """A pickle that creates ``marker`` when it is loaded."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _train(config, name, *args):
+    return run(train_tool.main, [str(config), f"train.run_name={name}", "train.ema_decay=0.8", "--cpu", *args])
+
+
+def _resume(config, name):
+    return run(train_tool.main, ["--resume", str(config.parent / "runs" / name), "--cpu"])
+
+
+def _losses(config, name):
+    lines = (config.parent / "runs" / name / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["train/loss"] for x in lines if "train/loss" in x]
+
+
+@pytest.fixture(scope="module")
+def straight(config):
+    assert _train(config, "straight") == 0
+    return config.parent / "runs" / "straight"
+
+
+def test_resume_unpickles_nothing_that_can_run_code_and_keeps_the_ema(config, straight, tmp_path, capsys):
+    assert _train(config, "hostile", "--stop-after", "1") == 0
+    state = config.parent / "runs" / "hostile" / "state"
+    assert (state / "ema.safetensors").is_file() and not list(state.glob("custom_checkpoint*"))
+    marker = tmp_path / "ran"
+    planted = state / "custom_checkpoint_0.pkl"  # where accelerate would keep (and unpickle) a registered EMA
+    planted.write_bytes(pickle.dumps(Hostile(marker)))
+    capsys.readouterr()
+    assert _resume(config, "hostile") == 2
+    assert "cannot be resumed: a file in it is damaged or was not written by visionpeft" in capsys.readouterr().err
+    planted.unlink()
+    (state / "random_states_0.pkl").write_bytes(pickle.dumps(Hostile(marker)))  # a replaced RNG state
+    assert _resume(config, "hostile") == 0
+    assert not marker.exists()
+    assert "could not be restored" in capsys.readouterr().out  # the RNG state was refused: the run says so
+    assert set(load_file(state / "ema.safetensors")) == {"shadow.0", "shadow.1", "shadow.2"}  # prompts, head W, b
+
+
+def test_a_damaged_state_file_is_one_line_and_runs_nothing(config, tmp_path, capsys):
+    assert _train(config, "damaged", "--stop-after", "1") == 0
+    marker = tmp_path / "ran"
+    (config.parent / "runs" / "damaged" / "state" / "optimizer.bin").write_bytes(pickle.dumps(Hostile(marker)))
+    capsys.readouterr()
+    assert _resume(config, "damaged") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be resumed: a file in it is damaged or was not written by visionpeft" in err[0]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("moment", ["tmp_written", "between_renames", "before_cleanup"])
+def test_a_crash_at_any_moment_of_a_save_resumes_like_an_uninterrupted_run(config, straight, monkeypatch, moment):
+    name = f"crash_{moment}"
+    assert _train(config, name, "--stop-after", "1") == 0
+    commit = run_state.commit_state
+
+    def crash(run_dir):
+        final, tmp, old = run_dir / "state", run_dir / "state.tmp", run_dir / "state.old"
+        if moment != "tmp_written":
+            final.rename(old)
+            if moment == "before_cleanup":
+                tmp.rename(final)
+        raise KeyboardInterrupt  # killed
+
+    monkeypatch.setattr(run_state, "commit_state", crash)
+    assert _resume(config, name) == 130
+    monkeypatch.setattr(run_state, "commit_state", commit)
+    run_dir = config.parent / "runs" / name
+    assert run_state.newest_state(run_dir) is not None
+    assert _train(config, name) == 2  # the same command again refuses and deletes nothing
+    assert run_state.newest_state(run_dir) is not None
+    assert _resume(config, name) == 0
+    assert _losses(config, name) == _losses(config, "straight")
+    assert sorted(p.name for p in run_dir.glob("state*")) == ["state"]
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_one_is_named(config, straight, capsys):
+    assert _train(config, "torn", "--stop-after", "1") == 0
+    log = config.parent / "runs" / "torn" / "metrics.jsonl"
+    with open(log, "a") as f:
+        f.write('{"epoch": 2, "st')  # killed while appending
+    capsys.readouterr()
+    assert _resume(config, "torn") == 0
+    assert "dropped a torn last line" in capsys.readouterr().out
+    assert _losses(config, "torn") == _losses(config, "straight")
+    assert _train(config, "bad_line", "--stop-after", "1") == 0
+    log = config.parent / "runs" / "bad_line" / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    capsys.readouterr()
+    assert _resume(config, "bad_line") == 2
+    assert capsys.readouterr().err.strip() == f"error: {log} line 2 is not a JSON record; fix or delete that line"
+
+
+def test_a_failed_save_keeps_the_last_state_and_says_so(config, straight, monkeypatch, capsys):
+    from accelerate import Accelerator
+
+    save, calls = Accelerator.save_state, []
+
+    def disk_full_on_the_second_save(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", disk_full_on_the_second_save)
+    assert _train(config, "full_disk") == 2
+    run_dir = config.parent / "runs" / "full_disk"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (  # after the progress bar
+        f"error: could not save the run state at step 14 (No space left on device); the state of step 7 is kept in "
+        f"{run_dir / 'state'}"
+    )
+    assert not (run_dir / "state.tmp").exists()
+    monkeypatch.setattr(Accelerator, "save_state", save)
+    assert _resume(config, "full_disk") == 0
+    assert _losses(config, "full_disk") == _losses(config, "straight")
+
+
+def test_an_unwritable_output_folder_is_one_line_before_any_model(config, capsys):
+    blocker = config.parent / "a_file"
+    blocker.write_text("not a folder")
+    assert _train(config, "nowhere", f"train.output_dir={blocker / 'runs'}") == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: cannot write the run folder {blocker / 'runs'}")
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/escaped", "a/b", ".."])
+def test_run_name_cannot_leave_the_output_folder(config, name, capsys):
+    assert run(train_tool.main, [str(config), f"train.run_name={name}", "--dry-run"]) == 2
+    assert "must be a folder name inside train.output_dir" in capsys.readouterr().err
+    assert not (config.parent / "escaped").exists()
+    shutil.rmtree("/tmp/escaped", ignore_errors=True)
