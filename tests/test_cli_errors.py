@@ -31,7 +31,10 @@ def config(tmp_path_factory):
         (["method=vtp"], "unknown method 'vtp' (did you mean 'vpt'?)"),
         (["method.num_token=3"], "unknown option 'num_token' for method 'vpt' (did you mean 'num_tokens'?)"),
         (["data.root=/nowhere/cifar"], "cifar10 not found under /nowhere/cifar (expected cifar-10-batches-py/)"),
-        (["method=textual_inversion"], "method 'textual_inversion' needs token, which the classification task"),
+        (
+            ["method=textual_inversion"],
+            "method 'textual_inversion' needs token, which the classification task does not provide",
+        ),
         (
             ["method={name: textual_inversion, token: x}"],
             "textual_inversion cannot attach to this model: timm_vit has no 'text_encoder' tower",
@@ -46,7 +49,10 @@ def config(tmp_path_factory):
         ),
         (["optim.steps=50"], "optim.epochs (3) and optim.steps (50) are both set; set one of them to null"),
         (["optim.schedule=constant"], "optim.schedule=constant has no warmup; use optim.schedule=constant_with_warmup"),
-        (["optim.warmup_steps=5"], "optim.warmup_epochs (1) and optim.warmup_steps (5) are both set"),
+        (
+            ["optim.warmup_steps=5"],
+            "optim.warmup_epochs (1) and optim.warmup_steps (5) are both set; set one of them to null",
+        ),
         (["train.ema_decay=1.5"], "config key 'train.ema_decay' must be at most 1, got 1.5"),
     ],
 )

@@ -57,6 +57,9 @@ def straight(config):
 
 
 def test_resume_unpickles_nothing_that_can_run_code_and_keeps_the_ema(config, straight, tmp_path, capsys):
+    """A pickle planted in a run's state (where accelerate would keep a registered EMA) is refused in one line and
+    never loaded; a replaced random state is refused by the weights-only loader and the resume says it will not be
+    exact; the EMA lives in safetensors."""
     assert _train(config, "hostile", "--stop-after", "1") == 0
     state = config.parent / "runs" / "hostile" / "state"
     assert (state / "ema.safetensors").is_file() and not list(state.glob("custom_checkpoint*"))
@@ -75,6 +78,7 @@ def test_resume_unpickles_nothing_that_can_run_code_and_keeps_the_ema(config, st
 
 
 def test_a_damaged_state_file_is_one_line_and_runs_nothing(config, tmp_path, capsys):
+    """A hostile or damaged optimizer state: one line naming the state folder, nothing in it runs."""
     assert _train(config, "damaged", "--stop-after", "1") == 0
     marker = tmp_path / "ran"
     (config.parent / "runs" / "damaged" / "state" / "optimizer.bin").write_bytes(pickle.dumps(Hostile(marker)))
@@ -87,6 +91,9 @@ def test_a_damaged_state_file_is_one_line_and_runs_nothing(config, tmp_path, cap
 
 @pytest.mark.parametrize("moment", ["tmp_written", "between_renames", "before_cleanup"])
 def test_a_crash_at_any_moment_of_a_save_resumes_like_an_uninterrupted_run(config, straight, monkeypatch, moment):
+    """Killed after the new state was written, between the two renames, or before the old state was deleted:
+    `--resume` finds the newest complete state and repeats the uninterrupted run exactly; the same training command
+    run again refuses the folder and deletes nothing."""
     name = f"crash_{moment}"
     assert _train(config, name, "--stop-after", "1") == 0
     commit = run_state.commit_state
@@ -112,6 +119,8 @@ def test_a_crash_at_any_moment_of_a_save_resumes_like_an_uninterrupted_run(confi
 
 
 def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_one_is_named(config, straight, capsys):
+    """Killed while appending to metrics.jsonl: the torn last line is dropped with a warning and the resume is
+    exact; a damaged line elsewhere is one line naming the file and line number."""
     assert _train(config, "torn", "--stop-after", "1") == 0
     log = config.parent / "runs" / "torn" / "metrics.jsonl"
     with open(log, "a") as f:
@@ -130,6 +139,8 @@ def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_one_is_named(config, 
 
 
 def test_a_failed_save_keeps_the_last_state_and_says_so(config, straight, monkeypatch, capsys):
+    """A full disk while saving: one line saying which step's state is kept, no half-written state left; the run
+    resumes from it exactly."""
     from accelerate import Accelerator
 
     save, calls = Accelerator.save_state, []
@@ -154,6 +165,7 @@ def test_a_failed_save_keeps_the_last_state_and_says_so(config, straight, monkey
 
 
 def test_an_unwritable_output_folder_is_one_line_before_any_model(config, capsys):
+    """An output folder that cannot be created or written: one line before any model is built."""
     blocker = config.parent / "a_file"
     blocker.write_text("not a folder")
     assert _train(config, "nowhere", f"train.output_dir={blocker / 'runs'}") == 2
@@ -162,6 +174,7 @@ def test_an_unwritable_output_folder_is_one_line_before_any_model(config, capsys
 
 @pytest.mark.parametrize("name", ["../escaped", "/tmp/escaped", "a/b", ".."])
 def test_run_name_cannot_leave_the_output_folder(config, name, capsys):
+    """`train.run_name` with `/` or `..` (or absolute): one line; nothing is written outside `train.output_dir`."""
     assert run(train_tool.main, [str(config), f"train.run_name={name}", "--dry-run"]) == 2
     assert "must be a folder name inside train.output_dir" in capsys.readouterr().err
     assert not (config.parent / "escaped").exists()

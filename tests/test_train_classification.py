@@ -118,22 +118,38 @@ def test_resume_continues_exactly(setup, monkeypatch):
         assert _tensorboard_steps(tmp / "runs" / "split", tag) == _tensorboard_steps(tmp / "runs" / "straight", tag)
 
 
-def test_two_processes_match_one_with_the_same_global_batch(setup):
+def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(setup):
+    """accelerate launch --cpu with 2 processes and gradient accumulation (several optimizer steps per epoch): the
+    same epoch losses and test result as 1 process; a 2-process run stopped after an epoch and resumed in 2
+    processes repeats the uninterrupted 2-process run exactly."""
     tmp, config_path = setup
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    base = [str(config_path), "optim.epochs=2", "data.batch_size=8", "optim.name=sgd", "optim.lr=0.05"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes"]
-    for procs in (1, 2):
-        cmd = [*launch, str(procs), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(ROOT / "tools" / "train.py"), *base, f"train.run_name=procs{procs}"]  # fmt: skip
+    base = [str(config_path), "optim.epochs=2", "data.batch_size=8", "optim.grad_accum=2", "optim.name=sgd",
+            "optim.lr=0.05"]  # fmt: skip
+
+    def launch(procs, *args):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(procs),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "tools" / "train.py"), *args]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
         assert result.returncode == 0, result.stderr[-2000:]
+
+    for procs in (1, 2):
+        launch(procs, *base, f"train.run_name=procs{procs}")
+    launch(2, *base, "train.run_name=procs2split", "--stop-after", "1")
+    launch(2, "--resume", str(tmp / "runs" / "procs2split"))
     one, two = _records(tmp / "runs" / "procs1"), _records(tmp / "runs" / "procs2")
+    assert [r["step"] for r in one if "train/epoch_loss" in r] == [7, 14]  # 13 micro-batches of 4: 7 steps / epoch
     test_one = [r for r in one if "test/top1" in r][0]
     test_two = [r for r in two if "test/top1" in r][0]
     assert test_one["test/top1"] == test_two["test/top1"]
     assert test_one["test/loss"] == pytest.approx(test_two["test/loss"], rel=1e-3)
     assert _epoch_losses(tmp / "runs" / "procs1") == pytest.approx(_epoch_losses(tmp / "runs" / "procs2"), rel=1e-3)
+    split = _records(tmp / "runs" / "procs2split")
+    assert [(r["step"], r["train/loss"]) for r in split if "train/loss" in r] == [
+        (r["step"], r["train/loss"]) for r in two if "train/loss" in r
+    ]
+    assert [r for r in split if "test/top1" in r][0]["test/top1"] == test_two["test/top1"]
 
 
 def test_only_method_and_head_train_and_vpt_keeps_the_backbone_in_eval_mode(setup, captured):
