@@ -179,3 +179,12 @@ def test_run_name_cannot_leave_the_output_folder(config, name, capsys):
     assert "must be a folder name inside train.output_dir" in capsys.readouterr().err
     assert not (config.parent / "escaped").exists()
     shutil.rmtree("/tmp/escaped", ignore_errors=True)
+
+
+def test_a_batch_that_does_not_split_leaves_no_folder_behind(config, capsys):
+    """`data.batch_size` not divisible by processes x `optim.grad_accum`: one line before the run folder exists."""
+    assert _train(config, "indivisible", "optim.grad_accum=3") == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: data.batch_size 8 is not divisible by 1 process(es) x optim.grad_accum 3"
+    )
+    assert not (config.parent / "runs" / "indivisible").exists()
