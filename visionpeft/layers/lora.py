@@ -90,10 +90,29 @@ class LoRALinear(_WrappedLayer):
         if len(self.slices) == 1 and next(iter(self.slices.values())) == (0, self.base.out_features):
             update = next(iter(self.updates.values()))
             return out + F.linear(F.linear(x, update.lora_A), update.lora_B) * update.scale
-        for name, (start, stop) in self.slices.items():
-            update = self.updates[name]
-            out[..., start:stop] += F.linear(F.linear(x, update.lora_A), update.lora_B) * update.scale
-        return out
+        # Several slices (Q and V of a fused qkv): one low-rank product of rank sum(r) with a block-structured B,
+        # added out of place - two chains with in-place slice adds cost more kernels and copies in backward.
+        a, b = self.stacked()
+        return out + F.linear(F.linear(x, a), b)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All slices' updates as one LoRA on the whole layer: ``(A, B)`` with A the slices' A matrices stacked and B
+        ``(out_features, sum(r))`` holding each slice's ``scale * B`` in its rows and columns, zero elsewhere."""
+        updates = list(self.updates.items())
+        a = torch.cat([u.lora_A for _, u in updates]) if len(updates) > 1 else updates[0][1].lora_A
+        rank, columns, col = a.shape[0], {}, 0
+        for name, u in updates:
+            columns[name], col = col, col + u.r
+        rows, end = [], 0
+        for name, (start, stop) in sorted(self.slices.items(), key=lambda item: item[1][0]):
+            u = self.updates[name]
+            if start > end:
+                rows.append(a.new_zeros(start - end, rank))
+            rows.append(F.pad(u.lora_B * u.scale, (columns[name], rank - columns[name] - u.r)))
+            end = stop
+        if end < self.base.out_features:
+            rows.append(a.new_zeros(self.base.out_features - end, rank))
+        return a, torch.cat(rows)
 
     @torch.no_grad()
     def merge(self, sign: float = 1.0) -> None:

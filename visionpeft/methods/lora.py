@@ -139,16 +139,5 @@ class LoRA(Method):
                 u = wrapper.update
                 layers[path] = (u.lora_A.detach(), u.lora_B.detach() * u.scale)
             else:
-                layers[path] = _stack_slices(wrapper)
+                layers[path] = tuple(t.detach() for t in wrapper.stacked())
         return ExportParts(lora_layers=layers)
-
-
-def _stack_slices(wrapper: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
-    updates = [(wrapper.slices[name], u) for name, u in wrapper.updates.items()]
-    a = torch.cat([u.lora_A.detach() for _, u in updates])
-    b = a.new_zeros(wrapper.base.out_features, a.shape[0])
-    col = 0
-    for (start, stop), u in updates:
-        b[start:stop, col : col + u.r] = u.lora_B.detach() * u.scale
-        col += u.r
-    return a, b
