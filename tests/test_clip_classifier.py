@@ -84,3 +84,27 @@ def test_text_tower_lora_trains_through_the_class_prompts():
     losses = _train(model, lr=0.1)
     assert losses[-1] < losses[0]
     assert all(p.grad is not None for n, p in vp.trainable_parameters(model))
+
+
+def test_class_text_features_are_computed_once_while_the_text_side_is_frozen(monkeypatch):
+    """Vision-tower LoRA trains against fixed class text: one text encoding for many training steps; with CoOp the
+    text side trains, so every step encodes its prompts again."""
+    for method, options, expected in (("lora", {"r": 2}, 1), ("coop", {"classnames": NAMES}, 3)):
+        model = vp.attach(CLIPClassifier(tiny_clip_bpe(), NAMES), method, **options)
+        calls = []
+        monkeypatch.setattr(model, "zero_shot_text_features", _counting(model.zero_shot_text_features, calls))
+        learner = getattr(model, "_provider")("class_text_features")
+        if learner is not None:  # CoOp's class text comes from its learned prompts
+            monkeypatch.setattr(learner, "class_text_features", _counting(learner.class_text_features, calls))
+        vp.set_train_mode(model, True)
+        for _ in range(3):
+            model(IMAGES).sum().backward()
+        assert len(calls) == expected, method
+
+
+def _counting(fn, calls):
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapped

@@ -102,8 +102,7 @@ class CLIPClassifier(nn.Module):
             return self._cache
         learner = self._provider("class_text_features")
         features = learner.class_text_features() if learner is not None else self.zero_shot_text_features()
-        text_trains = torch.is_grad_enabled() and self.training
-        if not text_trains:
+        if not features.requires_grad:  # nothing trainable on the text side (frozen tower, no learned prompt)
             self._cache = features.detach()
         return features
 
