@@ -93,7 +93,7 @@ def test_class_text_features_are_computed_once_while_the_text_side_is_frozen(mon
         model = vp.attach(CLIPClassifier(tiny_clip_bpe(), NAMES), method, **options)
         calls = []
         monkeypatch.setattr(model, "zero_shot_text_features", _counting(model.zero_shot_text_features, calls))
-        learner = getattr(model, "_provider")("class_text_features")
+        learner = model._provider("class_text_features")
         if learner is not None:  # CoOp's class text comes from its learned prompts
             monkeypatch.setattr(learner, "class_text_features", _counting(learner.class_text_features, calls))
         vp.set_train_mode(model, True)
