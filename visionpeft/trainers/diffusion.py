@@ -23,10 +23,17 @@ class DiffusionParts:
     text_encoder: nn.Module
     tokenizer: object
     scheduler: object
+    #: prompt batch -> hidden states, kept while nothing on the text side trains (None: no caching)
+    prompt_cache: dict[tuple[str, ...], torch.Tensor] | None = None
 
     @classmethod
-    def from_pipeline(cls, pipeline) -> DiffusionParts:
-        return cls(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, training_scheduler(pipeline))
+    def from_pipeline(cls, pipeline, cache_prompts: bool = False) -> DiffusionParts:
+        """The parts of ``pipeline``; ``cache_prompts`` keeps the text encoder's output per prompt batch whenever it
+        cannot change (diffusers' ``--pre_compute_text_embeddings``, found rather than configured: a frozen text
+        encoder and fixed prompts, as in DreamBooth-LoRA, encode once; textual inversion never caches)."""
+        cache = {} if cache_prompts else None
+        return cls(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, training_scheduler(pipeline),
+                   cache)  # fmt: skip
 
 
 def training_scheduler(pipeline):
@@ -80,7 +87,18 @@ def expand_placeholders(prompts: list[str], tokenizer) -> list[str]:
 
 
 def encode_prompts(parts: DiffusionParts, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states for ``prompts`` (padded to the tokenizer's model_max_length)."""
+    """Text-encoder hidden states for ``prompts`` (padded to the tokenizer's model_max_length), from the cache when
+    the text side is frozen (see :meth:`DiffusionParts.from_pipeline`)."""
+    key = tuple(prompts)
+    if parts.prompt_cache is not None and key in parts.prompt_cache:
+        return parts.prompt_cache[key]
+    hidden = _encode(parts, prompts)
+    if parts.prompt_cache is not None and torch.is_grad_enabled() and not hidden.requires_grad:
+        parts.prompt_cache[key] = hidden  # computed with gradients on, yet nothing trainable fed it: it is fixed
+    return hidden
+
+
+def _encode(parts: DiffusionParts, prompts: list[str]) -> torch.Tensor:
     tokenizer = parts.tokenizer
     ids = tokenizer(
         expand_placeholders(prompts, tokenizer),

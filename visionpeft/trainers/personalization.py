@@ -50,7 +50,7 @@ class Denoiser(nn.Module):
     def __init__(self, adapted: nn.Module, pipeline, cfg: DictConfig) -> None:
         super().__init__()
         self.adapted, self.vae = adapted, pipeline.vae
-        self.__dict__["parts"] = DiffusionParts.from_pipeline(pipeline)
+        self.__dict__["parts"] = DiffusionParts.from_pipeline(pipeline, cache_prompts=True)
         self.cfg = cfg
 
     def forward(self, batch: dict) -> torch.Tensor:
