@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
 from ..errors import DataError
-from .images import ItemError, load_rgb
+from .images import ItemError, load_rgb, unreadable
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +97,8 @@ def load_images(folder: str | Path, skip_bad_images: bool = False) -> list[Image
             images.append(load_rgb(path))
         except ItemError as err:
             bad.append(str(err))
-    if bad and not images:
-        raise DataError(f"none of the {len(paths)} images in {folder} is readable: {bad[0]}")
-    if bad and not skip_bad_images:
-        raise DataError(f"{bad[0]}; {len(bad)} of {len(paths)} images in {folder} are unreadable")
+    if bad and (not images or not skip_bad_images):
+        raise DataError(unreadable(bad[0], len(bad), len(paths), str(folder)))
     if bad:
         logger.warning("skipped %d unreadable image%s of %d in %s (first: %s)", len(bad), "" if len(bad) == 1 else "s",
                        len(paths), folder, bad[0])  # fmt: skip

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import DataError
@@ -49,7 +49,18 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, FileNotFoundError):
         return "missing"
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:80]}" if text else type(err).__name__
+    if isinstance(err, UnidentifiedImageError) or not text:  # its text only repeats the path
+        return type(err).__name__
+    return f"{type(err).__name__}: {text[0][:80]}"
+
+
+def unreadable(first: str, bad: int, total: int, where: str, hint: str | None = None) -> str:
+    """The message for ``bad`` unreadable images of ``total`` in ``where``; ``first`` says what is wrong with the
+    first one; ``hint`` how to leave them out (when some are readable)."""
+    if bad == total:
+        return first if total == 1 else f"{first}; none of the {total} images in {where} is readable"
+    leave = f" ({hint} to leave {'it' if bad == 1 else 'them'} out)" if hint else ""
+    return f"{first}; {bad} of {total} images in {where} are unreadable{leave}"
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -91,11 +102,8 @@ def screen_images(paths: Sequence[str | Path], where: str, skip: bool, hint: str
     if not bad:
         return list(range(len(paths)))
     first = f"{paths[bad[0]]} is not a readable image ({problems[bad[0]]})"
-    if len(bad) == len(paths):
-        raise DataError(f"none of the {len(paths)} images in {where} is readable: {first}")
-    if not skip:
-        raise DataError(f"{first}; {len(bad)} of {len(paths)} images in {where} are unreadable ({hint} to leave "
-                        f"{'it' if len(bad) == 1 else 'them'} out)")  # fmt: skip
+    if len(bad) == len(paths) or not skip:
+        raise DataError(unreadable(first, len(bad), len(paths), where, hint))
     logger.warning("skipped %d unreadable image%s of %d in %s (first: %s)", len(bad), "" if len(bad) == 1 else "s",
                    len(paths), where, first)  # fmt: skip
     skipped = set(bad)
