@@ -26,7 +26,7 @@ from .adapter import (
     detach,
     methods_of,
 )
-from .errors import CheckpointError, VisionPEFTError
+from .errors import CheckpointError, ConfigError, VisionPEFTError
 from .exporters import export
 from .io import atomic_write
 from .methods import make_config
@@ -36,6 +36,7 @@ from .version import __version__
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 1
+METHOD_ENTRY = '{"name": ..., "config": {...}}'  # one element of the config's "methods" list
 
 
 def library_versions() -> dict[str, str]:
@@ -113,8 +114,19 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a visionpeft adapter config (not a JSON object)")
     if config.get("format") != "visionpeft":
         raise CheckpointError(f"{path} is not a visionpeft adapter config (format={config.get('format')!r})")
+    methods = config.get("methods")
+    if not isinstance(methods, list):
+        raise CheckpointError(f"{path} has no 'methods' list (of {METHOD_ENTRY})")
+    for i, entry in enumerate(methods):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                and isinstance(entry.get("config", {}), dict)):  # fmt: skip
+            raise CheckpointError(f"{path}: methods[{i}] is not {METHOD_ENTRY}: {json.dumps(entry)[:80]}")
+    if not isinstance(config.get("backbone", {}), dict):
+        raise CheckpointError(f"{path}: 'backbone' is not an object")
     return config
 
 
@@ -161,10 +173,13 @@ def load_adapter(model: Any, directory: str | os.PathLike, options: dict[str, di
             f"this model is {family}"
         )
     options = options or {}
-    saved = [
-        (m["name"], _as_config_dict(m["name"], {**m["config"], **options.get(m["name"], {})}))
-        for m in config["methods"]
-    ]
+    try:
+        saved = [
+            (m["name"], _as_config_dict(m["name"], {**m.get("config", {}), **options.get(m["name"], {})}))
+            for m in config["methods"]
+        ]
+    except ConfigError as err:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from None
     current = [(name, cfg.to_dict()) for name, cfg in attached_methods(model)]
     found = _read_weights(directory / WEIGHTS_NAME)
     before = methods_of(model)

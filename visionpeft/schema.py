@@ -1,16 +1,19 @@
 """The schema is the documentation: config fields declared with their help, choices and ranges.
 
-``setting(default, help, choices=..., min=..., max=..., below=...)`` declares a dataclass field whose metadata
-says what it means and which values it takes; :func:`check_fields` validates a resolved config against those
-declarations and :func:`describe` prints a config with each field's help (``--print-config``). OmegaConf
-checks the types; this module checks what a type cannot say.
+``setting(default, help, choices=..., min=..., max=..., below=..., above=..., nonempty=...)`` declares a dataclass
+field whose metadata says what it means and which values it takes; :func:`check_fields` validates a resolved run
+config or a method config against those declarations and :func:`describe` prints a config with each field's help
+(``--print-config``). OmegaConf (run configs) or ``methods.make_config`` (method options) checks the types; this
+module checks what a type cannot say.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import typing
+from collections.abc import Mapping, Sized
 from dataclasses import MISSING, field
 from typing import Any
 
@@ -18,15 +21,18 @@ from .errors import ConfigError
 
 
 def setting(default: Any = MISSING, help: str = "", *, choices: tuple | None = None, min: float | None = None,
-            max: float | None = None, below: float | None = None) -> Any:  # fmt: skip
+            max: float | None = None, below: float | None = None, above: float | None = None,
+            nonempty: bool = False) -> Any:  # fmt: skip
     """A dataclass field with its documentation and constraints.
 
     Args:
         default: The default value (lists and dicts are copied per instance).
         help: One line saying what the field means (shown by ``--print-config``).
-        choices: The allowed values. min / max: Inclusive bounds. below: Exclusive upper bound.
+        choices: The allowed values. min / max: Inclusive bounds. below / above: Exclusive upper / lower bounds.
+        nonempty: The value (a string, list or tuple) must hold something.
     """
-    metadata = {"help": help, "choices": choices, "min": min, "max": max, "below": below}
+    metadata = {"help": help, "choices": choices, "min": min, "max": max, "below": below, "above": above,
+                "nonempty": nonempty}  # fmt: skip
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     if dataclasses.is_dataclass(default):
@@ -44,27 +50,52 @@ def _sections(schema: type) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(schema) if dataclasses.is_dataclass(hints[f.name])}
 
 
-def check_fields(schema: type, node: Any, prefix: str = "") -> None:
-    """Raises :class:`ConfigError` for the first value outside its declared choices or range."""
+def problem(meta: Mapping[str, Any], value: Any) -> str | None:
+    """What is wrong with ``value`` under a field's declared choices and range (``"must be at least 1, got 0"``),
+    or None when nothing is."""
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        shown = ", ".join("null" if c is None else str(c) for c in choices)
+        return f"must be one of {shown}, got {value!r}"
+    if meta.get("nonempty") and isinstance(value, Sized) and len(value) == 0:
+        return f"must not be empty, got {value!r}"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    bounds = [meta.get(k) for k in ("min", "max", "below", "above")]
+    if isinstance(value, float) and math.isnan(value) and any(b is not None for b in bounds):
+        return "must be a number, got nan"
+    low, high, below, above = bounds
+    if low is not None and value < low:
+        return f"must be at least {low}, got {value!r}"
+    if high is not None and value > high:
+        return f"must be at most {high}, got {value!r}"
+    if below is not None and value >= below:
+        return f"must be below {below}, got {value!r}"
+    if above is not None and value <= above:
+        return f"must be above {above}, got {value!r}"
+    return None
+
+
+def check_fields(schema: type, node: Any, prefix: str = "", subject: str = "config key") -> None:
+    """Raises :class:`ConfigError` for the first value outside its declared choices or range.
+
+    Args:
+        schema: The dataclass declaring the fields (nested sections are checked too).
+        node: The values: a mapping (a resolved ``DictConfig``, a dict) or an instance of ``schema``.
+        prefix: Prepended to the field names in the message (``optim.``).
+        subject: What a field is called in the message: ``config key 'optim.lr' must be ...``,
+            ``method 'lora' option 'r' must be ...``.
+    """
     nested = _sections(schema)
     for f in dataclasses.fields(schema):
-        key, value = f"{prefix}{f.name}", node[f.name]
+        key = f"{prefix}{f.name}"
+        value = getattr(node, f.name) if dataclasses.is_dataclass(node) else node[f.name]
         if f.name in nested:
-            check_fields(nested[f.name], value, f"{key}.")
+            check_fields(nested[f.name], value, f"{key}.", subject)
             continue
-        meta = f.metadata
-        choices = meta.get("choices")
-        if choices is not None and value not in choices:
-            shown = ", ".join("null" if c is None else str(c) for c in choices)
-            raise ConfigError(f"config key '{key}' must be one of {shown}, got {value!r}")
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        if meta.get("min") is not None and value < meta["min"]:
-            raise ConfigError(f"config key '{key}' must be at least {meta['min']}, got {value!r}")
-        if meta.get("max") is not None and value > meta["max"]:
-            raise ConfigError(f"config key '{key}' must be at most {meta['max']}, got {value!r}")
-        if meta.get("below") is not None and value >= meta["below"]:
-            raise ConfigError(f"config key '{key}' must be below {meta['below']}, got {value!r}")
+        wrong = problem(f.metadata, value)
+        if wrong is not None:
+            raise ConfigError(f"{subject} '{key}' {wrong}")
 
 
 def _flow(value: Any) -> str:

@@ -6,13 +6,17 @@ they fail (no network, unknown tag) the error is one line saying how to point at
 
 from __future__ import annotations
 
+import inspect
+import re
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelLoadError, did_you_mean
+from ..errors import ConfigError, ModelLoadError, VisionPEFTError, did_you_mean
 from .hub import offline_unless_reachable
 
 
@@ -59,6 +63,39 @@ def load_timm_weights(model: nn.Module, path: str | Path) -> None:
         raise ModelLoadError(f"checkpoint {path} does not fit {type(model).__name__}: e.g. {', '.join(detail)}")
 
 
+_UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
+
+
+def _timm_arguments(name: str) -> list[str]:
+    """Keyword arguments of the model classes in the module defining timm model ``name`` (for suggestions)."""
+    import timm
+
+    module = sys.modules[timm.models.model_entrypoint(name.split(".")[0]).__module__]
+    names: set[str] = set()
+    for obj in vars(module).values():
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__:
+            params = inspect.signature(obj.__init__).parameters
+            if "num_classes" in params:
+                names.update(p for p in params if p != "self")
+    return sorted(names)
+
+
+def _timm_create(name: str, pretrained: bool, kwargs: dict[str, Any], user_keys: Iterable[str]) -> nn.Module:
+    """``timm.create_model``; an argument of ``model.kwargs`` the model class does not take is a ConfigError."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as err:
+        match = _UNEXPECTED.search(str(err))
+        if match is None or match.group(1) not in user_keys:
+            raise
+        key = match.group(1)
+        raise ConfigError(
+            f"model.kwargs.{key} is not an argument of timm model '{name}'{did_you_mean(key, _timm_arguments(name))}"
+        ) from None
+
+
 def create_timm(cfg: Any, num_classes: int) -> nn.Module:
     import timm
 
@@ -68,15 +105,18 @@ def create_timm(cfg: Any, num_classes: int) -> nn.Module:
     kwargs: dict[str, Any] = {**cfg.kwargs, "num_classes": num_classes, "drop_path_rate": cfg.drop_path_rate}
     if cfg.img_size:
         kwargs["img_size"] = cfg.img_size
+    user_keys = list(cfg.kwargs)
     if cfg.checkpoint:
-        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+        model = _timm_create(cfg.name, False, kwargs, user_keys)
         load_timm_weights(model, cfg.checkpoint)
         return model
     if not cfg.pretrained:
-        return timm.create_model(cfg.name, pretrained=False, **kwargs)
+        return _timm_create(cfg.name, False, kwargs, user_keys)
     with offline_unless_reachable() as online:
         try:
-            return timm.create_model(cfg.name, pretrained=True, **kwargs)
+            return _timm_create(cfg.name, True, kwargs, user_keys)
+        except VisionPEFTError:
+            raise
         except Exception as err:  # hub / network failures of any kind
             reason = str(err).splitlines()[0][:120] if online else "no network, and not in the local cache"
             raise ModelLoadError(
@@ -102,6 +142,22 @@ def create_open_clip(cfg: Any) -> nn.Module:
                 f"could not load open_clip '{cfg.name}' with pretrained={pretrained!r} ({reason}); "
                 "set model.checkpoint=/path/to/open_clip_weights.bin"
             ) from None
+
+
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The (height, width) a classifier from :func:`create_model` requires, or None when it takes any size (a timm
+    model built with ``dynamic_img_size``)."""
+    inner = model.inner_model() if hasattr(model, "inner_model") else model
+    visual = getattr(inner, "visual", inner)
+    trunk = getattr(visual, "trunk", visual)  # open_clip's TimmModel keeps the timm model as its trunk
+    patch = getattr(trunk, "patch_embed", None)
+    if patch is not None:
+        size = getattr(patch, "img_size", None)
+        return tuple(size) if size is not None and getattr(patch, "strict_img_size", False) else None
+    size = getattr(visual, "image_size", None)  # open_clip's VisionTransformer: fixed position embeddings
+    if size is not None and hasattr(visual, "positional_embedding"):
+        return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    return None
 
 
 def create_model(cfg: Any, num_classes: int, classnames: list[str] | None = None) -> nn.Module:

@@ -7,9 +7,21 @@ top-1 / top-5 accuracy on the chosen split.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .common import configure_logging
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def main(argv: list[str]) -> int:
@@ -17,13 +29,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--checkpoint", default=None, help="best or last (default: best if present)")
     parser.add_argument("--split", default=None, help="dataset split (default: the config's test split)")
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="default: the config's eval_batch_size")
     args = parser.parse_args(argv)
 
     import torch
 
     import visionpeft as vp
-    from visionpeft.config import load_config
+    from visionpeft.config import load_config, methods_of_config
     from visionpeft.errors import CheckpointError
     from visionpeft.trainers.classification import ClassificationTask, Transformed, _dataset, build_experiment, loader
     from visionpeft.trainers.loop import LoopConfig, make_accelerator
@@ -38,15 +50,21 @@ def main(argv: list[str]) -> int:
     exp = build_experiment(config)
     vp.detach(exp.model)  # a plain model: the checkpoint brings its own methods
     vp.load_adapter(exp.model, args.run_dir / name)
+    loaded = [m for m, _ in vp.attached_methods(exp.model)]
+    configured = [m for m, _ in methods_of_config(config)]
+    if loaded != configured:
+        print(f"warning: {args.run_dir / name} holds {' + '.join(loaded) or 'no method'}, not the run config's "
+              f"{' + '.join(configured)}; evaluating what was loaded", file=sys.stderr)  # fmt: skip
     split = args.split or config.data.test_split
     dataset = exp.test if split == config.data.test_split else None
     if dataset is None:
         from visionpeft.data import transforms as T
+        from visionpeft.data.images import WorkerSafe
 
         mean, std = T.normalization_of(exp.model)
         tf = T.build_transform(config.data.img_size, mean, std, train=False, augment=config.data.augment)
         raw = _dataset(config, split)
-        dataset = Transformed(raw, tf)
+        dataset = WorkerSafe(Transformed(raw, tf))
     accelerator = make_accelerator(LoopConfig())
     data_loader = accelerator.prepare(loader(dataset, args.batch_size or config.data.eval_batch_size,
                                              config.data.num_workers))  # fmt: skip

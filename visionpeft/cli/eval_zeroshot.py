@@ -15,6 +15,8 @@ import argparse
 import time
 from pathlib import Path
 
+from .eval import positive_int
+
 
 def evaluate(model, loader) -> tuple[float, float]:
     """(top-1 accuracy, images per second)."""
@@ -60,8 +62,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--prompts", type=Path, nargs="*", default=[], help="run folders with learned prompts")
     parser.add_argument("--base-to-new", action="store_true")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate on the first N images only")
     args = parser.parse_args(argv)
 
     import open_clip
@@ -83,12 +85,12 @@ def main(argv: list[str]) -> int:
         "library": "open_clip", "name": args.model, "pretrained": args.pretrained is not None,
         "pretrained_tag": None if is_file else args.pretrained, "checkpoint": args.pretrained if is_file else None,
     })  # fmt: skip
+    raw = DATASETS.get(args.dataset)(args.split, root=args.data_root, transform=None)  # data errors before the model
+    parts = {"all": raw} if not args.base_to_new else {p: base_new_split(raw, p) for p in ("base", "new")}
     clip = create_open_clip(cfg).eval()
     visual = clip.visual
     preprocess = open_clip.image_transform(visual.image_size, is_train=False, mean=getattr(visual, "image_mean", None),
                                            std=getattr(visual, "image_std", None))  # fmt: skip
-    raw = DATASETS.get(args.dataset)(args.split, root=args.data_root, transform=None)
-    parts = {"all": raw} if not args.base_to_new else {p: base_new_split(raw, p) for p in ("base", "new")}
     ensemble = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     rows: dict[str, dict[str, tuple[float, float]]] = {}
     for part, dataset in parts.items():

@@ -42,7 +42,7 @@ class OptimConfig:
 class RunSettings:
     """The ``train`` settings every task has."""
 
-    seed: int = setting(0, "seed of everything: data order, initialisation, dropout, noise")
+    seed: int = setting(0, "seed of everything: data order, initialisation, dropout, noise", min=0, max=2**32 - 1)
     mixed_precision: str = setting("no", "accelerate mixed precision", choices=PRECISIONS)
     output_dir: str = setting("runs", "parent folder of run folders")
     run_name: str | None = setting(None, "the run folder's name (default: the config file's stem)")

@@ -6,15 +6,19 @@ captions ("a photo of a {}") for subjects and style captions ("a painting in the
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
 from ..errors import DataError
+from .images import ItemError, load_rgb, unreadable
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -70,11 +74,16 @@ STYLE_TEMPLATES = (
 )
 
 
-def load_images(folder: str | Path) -> list[Image.Image]:
+def load_images(folder: str | Path, skip_bad_images: bool = False) -> list[Image.Image]:
     """All images of a folder as RGB, sorted by file name.
 
+    Args:
+        folder: The image folder.
+        skip_bad_images: Leave files that cannot be decoded out (logging how many) instead of failing.
+
     Raises:
-        DataError: The folder is missing, holds no image, or an image cannot be decoded.
+        DataError: The folder is missing or holds no readable image, or an image cannot be decoded (the message names
+            the first such file and how many there are).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -82,13 +91,17 @@ def load_images(folder: str | Path) -> list[Image.Image]:
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    images = []
+    images, bad = [], []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"{path} is not a readable image ({err.__class__.__name__})") from None
+            images.append(load_rgb(path))
+        except ItemError as err:
+            bad.append(str(err))
+    if bad and (not images or not skip_bad_images):
+        raise DataError(unreadable(bad[0], len(bad), len(paths), str(folder)))
+    if bad:
+        logger.warning("skipped %d unreadable image%s of %d in %s (first: %s)", len(bad), "" if len(bad) == 1 else "s",
+                       len(paths), folder, bad[0])  # fmt: skip
     return images
 
 
@@ -105,6 +118,7 @@ class FewImages(Dataset):
         center_crop: Center instead of random crops.
         flip: Probability of a horizontal flip.
         seed: Seed of the caption choice (the transforms use torch's global generator).
+        skip_bad_images: Leave images that cannot be decoded out instead of failing.
     """
 
     def __init__(
@@ -118,10 +132,11 @@ class FewImages(Dataset):
         center_crop: bool = False,
         flip: float = 0.5,
         seed: int = 0,
+        skip_bad_images: bool = False,
     ) -> None:
         if kind not in ("object", "style", "fixed"):
             raise DataError(f"unknown caption kind '{kind}'; choose object, style or fixed")
-        self.images = load_images(folder)
+        self.images = load_images(folder, skip_bad_images)
         self.placeholder, self.kind, self.prompt, self.repeats = placeholder, kind, prompt, repeats
         self.rng = random.Random(seed)
         crop = T.CenterCrop(size) if center_crop else T.RandomCrop(size)

@@ -62,6 +62,8 @@ def base_new_split(dataset: Dataset, part: str) -> Subset:
     """The ``base`` (first half of the classes, rounded up) or ``new`` (the rest) subset, labels renumbered from 0,
     as in CoCoOp's base-to-new generalisation protocol."""
     classes = list(dataset.classes)
+    if len(classes) < 2:
+        raise DataError(f"the base-to-new class split needs at least 2 classes; the dataset has {len(classes)}")
     half = (len(classes) + 1) // 2
     if part == "base":
         kept = list(range(half))

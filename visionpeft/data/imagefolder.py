@@ -4,31 +4,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
 from torchvision import datasets
 
 from ..errors import DataError
 from ..registry import DATASETS
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Opens an image as RGB; a corrupt file is a :class:`DataError` naming it."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{path} is not a readable image ({err.__class__.__name__})") from None
+from .images import load_rgb, screen_images
 
 
 @DATASETS.register("imagefolder")
-def imagefolder(split: str, root: str | None = None, transform=None, **_):
-    """``root/<split>/<class>/*.jpg`` (classes sorted by folder name)."""
+def imagefolder(split: str, root: str | None = None, transform=None, skip_bad_images: bool = False, **_):
+    """``root/<split>/<class>/*.jpg`` (classes sorted by folder name). Every file is checked when the dataset is
+    built: an unreadable one is a :class:`DataError`, or, with ``skip_bad_images``, left out."""
     if root is None:
         raise DataError("imagefolder needs data.root (a folder with one sub-folder per split)")
     folder = Path(root).expanduser() / split
     if not folder.is_dir():
         raise DataError(f"image folder split {folder} does not exist")
     try:
-        return datasets.ImageFolder(str(folder), transform=transform, loader=load_rgb)
+        dataset = datasets.ImageFolder(str(folder), transform=transform, loader=load_rgb)
     except (FileNotFoundError, OSError) as err:
         raise DataError(f"{folder}: {str(err).splitlines()[0]}") from None
+    keep = screen_images([path for path, _ in dataset.samples], str(folder), bool(skip_bad_images))
+    if len(keep) < len(dataset.samples):
+        dataset.samples = [dataset.samples[i] for i in keep]
+        dataset.imgs = dataset.samples
+        dataset.targets = [label for _, label in dataset.samples]
+    return dataset

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from ..registry import DATASETS
-from .imagefolder import load_rgb
+from .images import load_rgb, screen_images
 
 # task -> number of classes (NOAH's get_classes_num); groups as in the VTAB paper
 VTAB_TASKS: dict[str, int] = {
@@ -44,9 +44,10 @@ SPLITS = ("train800", "val200", "train800val200", "test")
 
 
 class VTAB1k(Dataset):
-    """One VTAB-1k task read from its list files."""
+    """One VTAB-1k task read from its list files. The listed images are checked when it is built: a missing or
+    unreadable one is a :class:`DataError`, or, with ``skip_bad_images``, left out."""
 
-    def __init__(self, task: str, split: str, root: str, transform=None) -> None:
+    def __init__(self, task: str, split: str, root: str, transform=None, skip_bad_images: bool = False) -> None:
         if split not in SPLITS:
             raise DataError(f"VTAB-1k splits are {', '.join(SPLITS)}, not '{split}'")
         self.folder = Path(root).expanduser() / task
@@ -62,10 +63,12 @@ class VTAB1k(Dataset):
                 raise DataError(f"{listing}:{number} is not '<image path> <label>': {line!r}")
             self.samples.append((parts[0], int(parts[1])))
         self.classes = [str(i) for i in range(VTAB_TASKS[task])]
-        self.targets = [label for _, label in self.samples]
-        bad = [y for y in self.targets if not 0 <= y < len(self.classes)]
+        bad = [y for _, y in self.samples if not 0 <= y < len(self.classes)]
         if bad:
             raise DataError(f"{listing} has label {bad[0]} outside 0..{len(self.classes) - 1}")
+        keep = screen_images([self.folder / path for path, _ in self.samples], str(listing), skip_bad_images)
+        self.samples = [self.samples[i] for i in keep]
+        self.targets = [label for _, label in self.samples]
         self.transform = transform
 
     def __len__(self) -> int:
@@ -73,15 +76,15 @@ class VTAB1k(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        image = load_rgb(str(self.folder / path))
+        image = load_rgb(self.folder / path)
         return (self.transform(image) if self.transform else image), label
 
 
 def _builder(task: str):
-    def build(split: str, root: str | None = None, transform=None, **_):
+    def build(split: str, root: str | None = None, transform=None, skip_bad_images: bool = False, **_):
         if root is None:
             raise DataError(f"vtab-{task} needs data.root (the folder holding {task}/)")
-        return VTAB1k(task, split, root, transform)
+        return VTAB1k(task, split, root, transform, bool(skip_bad_images))
 
     build.__doc__ = f"VTAB-1k {task} ({VTAB_TASKS[task]} classes)."
     return build

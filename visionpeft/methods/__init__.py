@@ -10,10 +10,12 @@ import importlib
 import pkgutil
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
 from ..registry import METHODS
+from ..schema import check_fields
 from .base import ExportParts, Method, MethodConfig
 
 for _module in pkgutil.iter_modules(__path__):
@@ -68,16 +70,20 @@ def make_config(name: str, options: dict[str, Any] | MethodConfig | None = None)
 
     Args:
         name: A registered method name.
-        options: Option overrides (or an already-built config, returned as is).
+        options: Option overrides (or an already-built config, checked and returned as is).
 
     Raises:
-        ConfigError: Unknown method, unknown option (with a suggestion) or a value of the wrong type.
+        ConfigError: Unknown method, unknown option (with a suggestion), a value of the wrong type, or a value
+            outside the choices or range its field declares (``method 'lora' option 'r' must be at least 1, got 0``).
     """
     cls = METHODS.get(name).config_class
     if isinstance(options, MethodConfig):
         if not isinstance(options, cls):
             raise ConfigError(f"method '{name}' expects a {cls.__name__}, got {type(options).__name__}")
+        check_fields(cls, options, subject=f"method '{name}' option")
         return options
+    if options is not None and not isinstance(options, Mapping):
+        raise ConfigError(f"the options of method '{name}' must be a mapping of option -> value, got {options!r}")
     options = dict(options or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -89,7 +95,9 @@ def make_config(name: str, options: dict[str, Any] | MethodConfig | None = None)
                 f"options: {', '.join(sorted(fields))}"
             )
         values[key] = _coerce(name, key, value, hints[key])
-    return cls(**values)
+    config = cls(**values)
+    check_fields(cls, config, subject=f"method '{name}' option")
+    return config
 
 
 def fill_task_inputs(specs: list[tuple[str, dict]], provided: dict[str, Any], task: str) -> list[tuple[str, dict]]:

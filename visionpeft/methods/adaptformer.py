@@ -10,6 +10,7 @@ from torch import nn
 from ..errors import IncompatibleMethodError
 from ..layers.adapters import Bottleneck
 from ..registry import METHODS
+from ..schema import setting
 from .base import Method, MethodConfig, branch_tensor, replace_branch_tensor
 
 
@@ -26,9 +27,9 @@ class AdaptFormerConfig(MethodConfig):
         dropout: Dropout after the adapter's ReLU.
     """
 
-    bottleneck: int = 64
-    scale: float = 0.1
-    dropout: float = 0.1
+    bottleneck: int = setting(64, "hidden width of the adapter", min=1)
+    scale: float = setting(0.1, "multiplier of the adapter output (the paper's s)", above=0)
+    dropout: float = setting(0.1, "dropout after the adapter's ReLU", min=0, below=1)
 
 
 @METHODS.register("adaptformer")

@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..backbones.base import Backbone, Block, Tower
 from ..errors import ConfigError, IncompatibleMethodError
+from ..schema import setting
 
 
 @dataclass
@@ -35,7 +36,7 @@ class MethodConfig:
         tower: Which tower to adapt (``vision``/``text`` on CLIP); None means the backbone's main tower.
     """
 
-    tower: str | None = None
+    tower: str | None = setting(None, "the tower to adapt (vision / text on CLIP); null: the main one")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

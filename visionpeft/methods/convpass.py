@@ -9,6 +9,7 @@ from torch import nn
 
 from ..layers.adapters import ConvBypass
 from ..registry import METHODS
+from ..schema import setting
 from .base import Method, MethodConfig
 
 
@@ -26,10 +27,10 @@ class ConvpassConfig(MethodConfig):
         xavier_init: Xavier-initialise the 3x3 conv instead of starting it at the identity.
     """
 
-    dim: int = 8
-    scale: float = 1.0
-    dropout: float = 0.1
-    xavier_init: bool = False
+    dim: int = setting(8, "width of the bypass (the paper's d)", min=1)
+    scale: float = setting(1.0, "multiplier s of the bypass output", above=0)
+    dropout: float = setting(0.1, "dropout before the up-projection", min=0, below=1)
+    xavier_init: bool = setting(False, "xavier-initialise the 3x3 conv instead of starting at the identity")
 
 
 @METHODS.register("convpass")

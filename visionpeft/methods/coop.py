@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import METHODS
+from ..schema import setting
 from .base import Method, MethodConfig
 
 POSITIONS = ("end", "middle", "front")
@@ -38,13 +39,13 @@ class CoOpConfig(MethodConfig):
         init_std: Standard deviation of the random context initialisation.
     """
 
-    tower: str | None = "text"
-    classnames: tuple[str, ...] = ()
-    n_ctx: int = 16
-    ctx_init: str = ""
-    csc: bool = False
-    class_token_position: str = "end"
-    init_std: float = 0.02
+    tower: str | None = setting("text", "the tower whose prompts are learned")
+    classnames: tuple[str, ...] = setting((), "the class names, in label order (the task fills them in)")
+    n_ctx: int = setting(16, "number of context vectors (ignored when ctx_init is given)", min=1)
+    ctx_init: str = setting("", "words to initialise the context from; empty: random init")
+    csc: bool = setting(False, "class-specific contexts instead of one unified context")
+    class_token_position: str = setting("end", "where the class token goes", choices=POSITIONS)
+    init_std: float = setting(0.02, "standard deviation of the random context initialisation", min=0)
 
 
 @dataclass
@@ -52,8 +53,8 @@ class CoCoOpConfig(CoOpConfig):
     """CoCoOp options; official defaults ``N_CTX=4``, ``CTX_INIT="a photo of a"`` and a meta-network
     Linear(vis_dim, vis_dim // 16) - ReLU - Linear(vis_dim // 16, ctx_dim)."""
 
-    n_ctx: int = 4
-    ctx_init: str = "a photo of a"
+    n_ctx: int = setting(4, "number of context vectors (ignored when ctx_init is given)", min=1)
+    ctx_init: str = setting("a photo of a", "words to initialise the context from; empty: random init")
 
 
 class PromptContext(nn.Module):
@@ -83,8 +84,6 @@ class CoOp(Method):
         cfg = self.config
         if not cfg.classnames:
             raise ConfigError(f"{self.name} needs classnames (the class names in label order)")
-        if cfg.class_token_position not in POSITIONS:
-            raise ConfigError(f"{self.name}.class_token_position must be one of {', '.join(POSITIONS)}")
 
     def build(self) -> None:
         cfg, backbone = self.config, self.backbone

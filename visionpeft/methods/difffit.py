@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import IncompatibleMethodError
 from ..registry import METHODS
+from ..schema import setting
 from .base import Method, MethodConfig, branch_tensor, replace_branch_tensor
 
 
@@ -25,9 +26,9 @@ class DiffFitConfig(MethodConfig):
         condition: Train the class-condition embedding of a DiT (the paper's "class condition module").
     """
 
-    scales: bool = True
-    norms: bool = True
-    condition: bool = True
+    scales: bool = setting(True, "add the per-channel gamma on residual branches")
+    norms: bool = setting(True, "train the normalisation layers' affine parameters")
+    condition: bool = setting(True, "train a DiT's class-condition embedding")
 
 
 class ChannelScale(nn.Module):

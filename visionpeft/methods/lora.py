@@ -10,6 +10,7 @@ import torch
 from ..errors import CheckpointError, ConfigError, IncompatibleMethodError, did_you_mean
 from ..layers.lora import LoRAConv2d, LoRALinear, LoRAMultiheadAttention
 from ..registry import METHODS
+from ..schema import setting
 from .base import ExportParts, Method, MethodConfig, base_module_paths
 
 
@@ -29,10 +30,10 @@ class LoRAConfig(MethodConfig):
             ``conv1``, ``conv2`` (resnet convs) and block-specific names such as ``attn2.k``.
     """
 
-    r: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("q", "v")
+    r: int = setting(8, "rank of the update", min=1)
+    alpha: float = setting(8.0, "the update is scaled by alpha / r", above=0)
+    dropout: float = setting(0.0, "dropout on the LoRA branch input", min=0, below=1)
+    targets: tuple[str, ...] = setting(("q", "v"), "projections to adapt (q, k, v, o, fc1, fc2, ...)", nonempty=True)
 
 
 @METHODS.register("lora")
@@ -46,10 +47,6 @@ class LoRA(Method):
     def check_fits(self) -> None:
         super().check_fits()
         cfg = self.config
-        if cfg.r <= 0:
-            raise ConfigError(f"lora.r must be a positive integer, got {cfg.r}")
-        if not cfg.targets:
-            raise ConfigError("lora.targets is empty; choose some of q, k, v, o, fc1, fc2")
         available = {n for b in self.blocks() for n in b.projections}
         short = {n.rpartition(".")[2] for n in available}
         for t in cfg.targets:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError, IncompatibleMethodError
 from ..registry import METHODS
+from ..schema import setting
 from .base import ExportParts, Method, MethodConfig
 
 
@@ -31,10 +32,11 @@ class TextualInversionConfig(MethodConfig):
         num_vectors: Embedding vectors for the concept (tokens ``<token>``, ``<token>_1``, ...).
     """
 
-    tower: str | None = "text_encoder"
-    token: str = "<concept>"
-    initializer: str = "object"
-    num_vectors: int = 1
+    tower: str | None = setting("text_encoder", "the pipeline component holding the token embeddings")
+    token: str = setting("<concept>", "the placeholder token used in prompts", nonempty=True)
+    initializer: str = setting("object", "a one-token word whose embedding initialises the new vectors",
+                               nonempty=True)  # fmt: skip
+    num_vectors: int = setting(1, "embedding vectors for the concept", min=1)
 
 
 class NewTokenEmbedding(nn.Module):
@@ -70,11 +72,6 @@ class TextualInversion(Method):
     requires = {"new_tokens": "a Stable Diffusion pipeline's tokenizer and text encoder (attach it to the pipeline)"}
     export_formats = frozenset({"diffusers"})
     task_inputs = ("token",)
-
-    def check_fits(self) -> None:
-        super().check_fits()
-        if self.config.num_vectors < 1:
-            raise ConfigError(f"textual_inversion.num_vectors must be >= 1, got {self.config.num_vectors}")
 
     def placeholder_tokens(self) -> list[str]:
         token = self.config.token

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from ..registry import METHODS
+from ..schema import setting
 from .base import Method, MethodConfig
 
 
@@ -25,9 +25,9 @@ class VPTConfig(MethodConfig):
         dropout: Dropout on the prompt embeddings.
     """
 
-    num_tokens: int = 5
-    deep: bool = False
-    dropout: float = 0.0
+    num_tokens: int = setting(5, "prompt tokens per prompted layer", min=1)
+    deep: bool = setting(False, "prompt every block instead of the first block's input only")
+    dropout: float = setting(0.0, "dropout on the prompt embeddings", min=0, below=1)
 
 
 class PromptTokens(nn.Module):
@@ -51,8 +51,6 @@ class VPT(Method):
 
     def build(self) -> None:
         cfg, layout = self.config, self.tower.tokens
-        if cfg.num_tokens <= 0:
-            raise ConfigError(f"vpt.num_tokens must be a positive integer, got {cfg.num_tokens}")
         # val = sqrt(6 / (3 * patch * patch + prompt_dim)), the official xavier_uniform bound
         bound = math.sqrt(6.0 / (layout.in_chans * layout.patch_size**2 + layout.dim))
         self.offset = layout.total_prefix

@@ -17,11 +17,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import visionpeft as vp
 
-from ..backbones.factory import create_model
+from ..backbones.factory import create_model, fixed_input_size
 from ..config import methods_of_config
 from ..data import transforms as T
 from ..data.fewshot import base_new_split, few_shot
-from ..errors import DataError
+from ..data.images import WorkerSafe
+from ..errors import ConfigError, DataError
 from ..methods import fill_task_inputs
 from ..registry import DATASETS
 from .loop import Loop
@@ -101,25 +102,47 @@ def _dataset(config: DictConfig, split: str | None) -> Dataset | None:
     return base_new_split(dataset, data.class_split) if data.class_split else dataset
 
 
+def _check_input_size(config: DictConfig, model: nn.Module) -> None:
+    """A model with fixed position embeddings takes only its own input size: say so before any image reaches it."""
+    fixed, size = fixed_input_size(model), config.data.img_size
+    if fixed is None or fixed == (size, size):
+        return
+    if config.model.library == "timm":
+        fix = f"set model.img_size={size} (timm resizes the position embeddings) or model.kwargs.dynamic_img_size=true"
+    else:
+        fix = f"set data.img_size={fixed[0]}"
+    raise ConfigError(
+        f"data.img_size={size} does not fit model '{config.model.name}', built for {fixed[0]}x{fixed[1]} px inputs; "
+        + fix
+    )
+
+
 def build_experiment(config: DictConfig) -> Experiment:
     """Datasets, the model and its methods, as the config says (seeded)."""
     set_seed(config.train.seed)
     train = _dataset(config, config.data.train_split)
     classes = list(train.classes)
+    if len(classes) < 2:
+        raise DataError(
+            f"dataset '{config.data.name}' split '{config.data.train_split}' has {len(classes)} class"
+            f"{'' if len(classes) == 1 else 'es'} ({', '.join(map(str, classes)) or 'none'}); "
+            "classification needs at least 2"
+        )
     if config.data.shots:
         train = few_shot(train, config.data.shots, seed=config.train.seed)
     model = create_model(config.model, len(classes), classes)
+    _check_input_size(config, model)
     vp.attach(model, fill_task_inputs(methods_of_config(config), {"classnames": classes}, "classification"))
     mean, std = T.normalization_of(model)
     size, augment = config.data.img_size, config.data.augment
     train_tf = T.build_transform(size, mean, std, train=True, augment=augment)
     eval_tf = T.build_transform(size, mean, std, train=False, augment=augment)
     val, test = _dataset(config, config.data.val_split), _dataset(config, config.data.test_split)
-    return Experiment(
+    return Experiment(  # WorkerSafe: an unreadable item is one line even when a DataLoader worker reads it
         model,
-        Transformed(train, train_tf),
-        Transformed(val, eval_tf) if val is not None else None,
-        Transformed(test, eval_tf) if test is not None else None,
+        WorkerSafe(Transformed(train, train_tf)),
+        WorkerSafe(Transformed(val, eval_tf)) if val is not None else None,
+        WorkerSafe(Transformed(test, eval_tf)) if test is not None else None,
         classes,
     )
 

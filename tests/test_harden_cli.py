@@ -1,0 +1,105 @@
+"""tools/eval.py, tools/eval_zeroshot.py and load_adapter: bad arguments and malformed checkpoints are one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from _classify_utils import ROOT, tiny_config, write_pretrained_vit, write_tiny_cifar10
+from PIL import Image
+
+import visionpeft as vp
+from visionpeft.cli.common import run
+from visionpeft.cli.eval import main as eval_main
+from visionpeft.cli.eval_zeroshot import main as zeroshot_main
+from visionpeft.config import load_config, save_config
+from visionpeft.errors import CheckpointError
+from visionpeft.trainers.classification import build_experiment
+
+
+def _tool(name, *args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+@pytest.mark.parametrize("tool", ["eval.py", "eval_zeroshot.py"])
+def test_batch_size_zero_is_an_argument_error(tool, tmp_path):
+    args = [tmp_path] if tool == "eval.py" else ["--model", "ViT-B-32", "--dataset", "cifar10"]
+    result = _tool(tool, *args, "--batch-size", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("argument --batch-size: must be a positive integer, got 0")
+
+
+def test_base_to_new_on_one_class_is_one_line(tmp_path, capsys):
+    (tmp_path / "test" / "only").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "test" / "only" / "0.png")
+    args = ["--model", "ViT-B-32", "--dataset", "imagefolder", "--data-root", str(tmp_path), "--base-to-new"]
+    assert run(zeroshot_main, args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: the base-to-new class split needs at least 2 classes; the dataset has 1"
+    ]
+
+
+@pytest.fixture(scope="module")
+def vpt_run(tmp_path_factory):
+    """A run folder whose config is VPT; its `lora` folder holds a LoRA adapter of the same model."""
+    tmp = tmp_path_factory.mktemp("evalrun")
+    config = load_config(tiny_config(tmp, write_pretrained_vit(tmp / "vit.safetensors"), write_tiny_cifar10(tmp / "d")))
+    run_dir = tmp / "run"
+    run_dir.mkdir()
+    save_config(config, run_dir / "config.yaml")
+    exp = build_experiment(config)
+    vp.save_adapter(exp.model, run_dir / "last")
+    vp.detach(exp.model)
+    vp.save_adapter(vp.attach(exp.model, "lora", r=2), run_dir / "lora")
+    return run_dir
+
+
+def test_evaluating_an_adapter_of_another_method_says_so(vpt_run, capsys):
+    assert run(eval_main, [str(vpt_run), "--checkpoint", "lora"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"warning: {vpt_run / 'lora'} holds lora, not the run config's vpt; evaluating what was loaded"
+    ]
+    assert "top1" in captured.out
+    assert run(eval_main, [str(vpt_run), "--checkpoint", "last"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"format": "visionpeft"}, "has no 'methods' list"),
+        ({"format": "visionpeft", "methods": {"name": "lora"}}, "has no 'methods' list"),
+        ({"format": "visionpeft", "methods": [{"config": {}}]}, 'methods[0] is not {"name": ..., "config": {...}}'),
+        ({"format": "visionpeft", "methods": ["lora"]}, 'methods[0] is not {"name": ..., "config": {...}}'),
+        ({"format": "visionpeft", "methods": [{"name": "lora", "config": 3}]}, "methods[0] is not"),
+        ({"format": "visionpeft", "methods": [], "backbone": "vit"}, "'backbone' is not an object"),
+        ([1, 2], "is not a visionpeft adapter config (not a JSON object)"),
+    ],
+)
+def test_malformed_adapter_config_is_a_checkpoint_error(vit, tmp_path, config, message):
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as info:
+        vp.load_adapter(vit, tmp_path)
+    assert message in str(info.value) and "adapter_config.json" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"name": "lora", "config": {"r": 0}}, "method 'lora' option 'r' must be at least 1, got 0"),
+        ({"name": "lorra", "config": {}}, "unknown method 'lorra'"),
+        ({"name": "lora", "config": {"rank": 2}}, "unknown option 'rank' for method 'lora'"),
+    ],
+)
+def test_adapter_config_with_bad_method_entries_is_a_checkpoint_error(vit, tmp_path, entry, message):
+    saved = json.loads((vp.save_adapter(vp.attach(vit, "lora", r=2), tmp_path) / "adapter_config.json").read_text())
+    vp.detach(vit)
+    saved["methods"] = [entry]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match="adapter_config.json: ") as info:
+        vp.load_adapter(vit, tmp_path)
+    assert message in str(info.value)

@@ -1,0 +1,94 @@
+"""Model and data values that used to reach timm / torch unchecked are one line before training (`--dry-run`)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from _classify_utils import ROOT, tiny_config, write_pretrained_vit, write_tiny_cifar10
+from PIL import Image
+from tiny_models import tiny_clip
+
+from visionpeft.backbones.factory import fixed_input_size
+from visionpeft.data.fewshot import base_new_split
+from visionpeft.errors import DataError
+from visionpeft.tasks.clip_classifier import CLIPClassifier
+
+sys.path.insert(0, str(ROOT / "tools"))
+import train as train_tool  # noqa: E402
+
+from visionpeft.cli.common import run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("experiment")
+    return tiny_config(tmp, write_pretrained_vit(tmp / "vit.safetensors"), write_tiny_cifar10(tmp / "data"))
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_unknown_timm_kwarg_is_named_with_a_suggestion(config, capsys):
+    assert run(train_tool.main, [str(config), "model.kwargs.embed_dimm=32", "--dry-run"]) == 2
+    assert _one_line(capsys) == (
+        "error: model.kwargs.embed_dimm is not an argument of timm model 'vit_tiny_patch16_224' (did you mean "
+        "'embed_dim'?)"
+    )
+
+
+def test_unknown_timm_kwarg_is_not_reported_as_a_download_failure(config, capsys):
+    """With pretrained weights asked for, the same mistake is still named (not "could not fetch weights")."""
+    args = [str(config), "model.checkpoint=null", "model.pretrained=true", "model.kwargs.embed_dimm=32", "--dry-run"]
+    assert run(train_tool.main, args) == 2
+    assert "model.kwargs.embed_dimm is not an argument" in _one_line(capsys)
+
+
+def test_image_size_that_the_model_cannot_take_names_both_sizes_and_the_fix(config, capsys):
+    assert run(train_tool.main, [str(config), "data.img_size=48", "--dry-run"]) == 2
+    assert _one_line(capsys) == (
+        "error: data.img_size=48 does not fit model 'vit_tiny_patch16_224', built for 32x32 px inputs; set "
+        "model.img_size=48 (timm resizes the position embeddings) or model.kwargs.dynamic_img_size=true"
+    )
+    for fix in ("model.img_size=48", "model.kwargs.dynamic_img_size=true"):
+        assert run(train_tool.main, [str(config), "data.img_size=48", fix, "--dry-run"]) == 0
+
+
+def test_fixed_input_size_of_an_open_clip_classifier():
+    assert fixed_input_size(CLIPClassifier(tiny_clip(), ["a", "b"])) == (32, 32)
+
+
+def _image_tree(root, classes):
+    for split in ("train", "test"):
+        for i, cls in enumerate(classes):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(folder / "0.png")
+    return root
+
+
+def test_a_single_class_dataset_is_refused_before_training(config, tmp_path, capsys):
+    data = _image_tree(tmp_path / "imgs", ["only"])
+    assert run(train_tool.main, [str(config), "data.name=imagefolder", f"data.root={data}", "--dry-run"]) == 2
+    assert _one_line(capsys) == (
+        "error: dataset 'imagefolder' split 'train' has 1 class (only); classification needs at least 2"
+    )
+
+
+def test_a_class_split_that_leaves_one_class_is_refused(config, tmp_path, capsys):
+    data = _image_tree(tmp_path / "imgs", ["a", "b"])
+    args = [str(config), "data.name=imagefolder", f"data.root={data}", "data.class_split=new", "--dry-run"]
+    assert run(train_tool.main, args) == 2
+    assert "has 1 class (b); classification needs at least 2" in _one_line(capsys)
+
+
+def test_base_to_new_split_needs_two_classes(tmp_path):
+    class One:
+        classes = ["a"]
+        targets = [0, 0]
+
+    with pytest.raises(DataError, match="the base-to-new class split needs at least 2 classes; the dataset has 1"):
+        base_new_split(One(), "base")
