@@ -4,6 +4,7 @@ load through diffusers' own loaders and reproduce the toolkit's output."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -131,3 +132,16 @@ def test_missing_and_corrupt_image_folders(setup, capsys):
     (bad / "0.jpg").write_bytes(b"\x00not an image")
     assert run(tool.main, [*base, f"data.images={bad}"]) == 2
     assert capsys.readouterr().err.strip() == f"error: {bad / '0.jpg'} is not a readable image (UnidentifiedImageError)"
+
+
+def test_unreadable_images_can_be_left_out(setup, capsys):
+    """data.skip_bad_images=true trains on the readable images and says how many files it left out."""
+    mixed = setup / "mixed_images"
+    shutil.copytree(setup / "images", mixed)
+    (mixed / "9.jpg").write_bytes(b"\x00not an image")
+    args = ["configs/personalize/textual_inversion_sd15.yaml", f"model.name={setup / 'pipe'}", f"data.images={mixed}",
+            "data.skip_bad_images=true", "data.size=16", "data.repeats=1", "data.batch_size=1", "optim.grad_accum=1",
+            "optim.steps=1", "train.validation_prompts=[]", f"train.output_dir={setup / 'runs'}",
+            "train.run_name=skipped", "--cpu"]  # fmt: skip
+    assert run(tool.main, args) == 0
+    assert "3 images, 3 training items" in capsys.readouterr().out

@@ -22,6 +22,7 @@ class PersonalizeData:
     center_crop: bool = setting(False, "centre crop instead of a random crop")
     flip: float = setting(0.5, "horizontal flip probability", min=0, max=1)
     batch_size: int = setting(4, "images per optimizer step (micro-batch x grad_accum x processes)", min=1)
+    skip_bad_images: bool = setting(False, "leave unreadable image files out (logged) instead of stopping")
 
 
 @dataclass

@@ -131,15 +131,16 @@ class PersonalizationTrainer:
     def build(self, config: DictConfig, accelerator, run_dir: Path) -> Setup:
         if not config.data.images:
             raise ConfigError("data.images is required: the folder with the subject or style images")
-        images = load_images(config.data.images)  # fails early on a missing folder or a corrupt image
+        skip = config.data.skip_bad_images
+        images = load_images(config.data.images, skip)  # fails early on a missing folder or a corrupt image
         pipeline = load_pipeline(config.model.name)
         data = config.data
         dataset: Dataset = FewImages(data.images, config.token, data.size, data.kind, data.prompt, data.repeats,
-                                     data.center_crop, data.flip, config.train.seed)  # fmt: skip
+                                     data.center_crop, data.flip, config.train.seed, skip)  # fmt: skip
         if config.prior.enabled:
             folder = _class_images(pipeline, config, run_dir)
             prior = FewImages(folder, config.token, data.size, "fixed", config.prior.class_prompt, 1,
-                              data.center_crop, data.flip, config.train.seed)  # fmt: skip
+                              data.center_crop, data.flip, config.train.seed, skip)  # fmt: skip
             dataset = PairedPrior(dataset, prior)
         vp.attach(pipeline, fill_task_inputs(methods_of_config(config), {"token": config.token}, "personalization"))
         adapted = pipeline_modules(pipeline)

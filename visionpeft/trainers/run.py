@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..adapter import count_parameters, trainable_parameters
 from ..config import save_config
+from ..data.images import WorkerSafe
 from ..errors import ConfigError
 from . import run_state
 from .loop import Loop, LoopConfig, Task, make_accelerator
@@ -134,7 +135,9 @@ def run_task(trainer: Trainer, config: DictConfig, run_dir: Path, *, resume: boo
     options = {"num_workers": 0, **setup.loader}
     options["persistent_workers"] = options["num_workers"] > 0
     generator = torch.Generator().manual_seed(config.train.seed)
-    loader = DataLoader(setup.train_set, batch_size=per_process, shuffle=True, generator=generator, **options)
+    # an unreadable item stays one line even when a loader worker re-raises it
+    loader = DataLoader(WorkerSafe(setup.train_set), batch_size=per_process, shuffle=True, generator=generator,
+                        **options)  # fmt: skip
     optimizer = build_optimizer(config.optim, setup.adapted, batch)
     freeze_in_precision(setup.frozen, config.train.mixed_precision)
     loop = Loop(setup.model, setup.task, optimizer, loader, run_dir, loop_cfg, accelerator,
