@@ -66,3 +66,30 @@ def test_textual_inversion_errors(tmp_path):
     with pytest.raises(IncompatibleMethodError, match="needs a Stable Diffusion pipeline"):
         vp.attach(pipe.unet, "textual_inversion", tower="unet")
     assert not vp.attached_methods(pipe)
+
+
+def test_the_new_rows_are_looked_up_without_touching_the_whole_table():
+    """Same values and gradients as a lookup in the concatenated table, but the autograd graph holds no
+    table-sized step: no concatenation of the table, and the only embedding backward is over the new rows."""
+    from torch import nn
+
+    from visionpeft.methods.textual_inversion import NewTokenEmbedding
+
+    base = nn.Embedding(1000, 16).requires_grad_(False)
+    layer = NewTokenEmbedding(base, torch.randn(3, 16))
+    ids = torch.tensor([[5, 1000, 7, 1002], [1001, 999, 0, 1000]])
+    out = layer(ids)
+    reference_rows = layer.new.detach().clone().requires_grad_(True)
+    reference = torch.nn.functional.embedding(ids, torch.cat([base.weight, reference_rows]))
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    nodes, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in nodes:
+            nodes.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    names = sorted(type(node).__name__ for node in nodes)
+    assert "CatBackward0" not in names and names.count("EmbeddingBackward0") == 1, names
+    out.square().sum().backward()
+    reference.square().sum().backward()
+    torch.testing.assert_close(layer.new.grad, reference_rows.grad, rtol=0, atol=0)
