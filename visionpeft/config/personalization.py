@@ -61,6 +61,7 @@ class PersonalizeOptim(OptimConfig):
 class PersonalizeTrain(DiffusionTrain):
     output_dir: str = setting("runs/personalize", "parent folder of run folders")
     xformers: bool = setting(False, "xformers attention (PyTorch SDPA otherwise)")
+    cache_latents: bool = setting(False, "encode each image once (needs data.center_crop=true, data.flip=0)")
     validation_prompts: list[str] = setting([], "prompts sampled at each validation (none: no images)")
 
 

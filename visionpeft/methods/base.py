@@ -287,13 +287,15 @@ class Method:
         for path, owner, battr in named_persistent_buffers(wrapper, skip="base"):
             self.buffers[canonical_of(path)] = (owner, battr)
 
-    def train_in_place(self, name: str, owner: nn.Module, attr: str) -> None:
-        """Marks a backbone parameter as trained by this method, keeping its original value for detach."""
+    def train_in_place(self, name: str, owner: nn.Module, attr: str, keep_original: bool = True) -> None:
+        """Marks a backbone parameter as trained by this method, keeping its original value for detach (unless
+        ``keep_original`` is False: then detach leaves the trained value)."""
         canonical = f"base.{name}"
         if canonical in self.tensors:
             return
         self.tensors[canonical] = (owner, attr)
-        self._originals[canonical] = getattr(owner, attr).detach().clone()
+        if keep_original:
+            self._originals[canonical] = getattr(owner, attr).detach().clone()
 
     def tower_parameters(self) -> Iterator[tuple[str, nn.Module, str]]:
         """The tower's own parameters, excluding the heads'."""

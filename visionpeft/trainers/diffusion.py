@@ -7,6 +7,7 @@ with the VAE, add noise at random timesteps, predict it with the U-Net condition
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -25,15 +26,22 @@ class DiffusionParts:
     scheduler: object
     #: prompt batch -> hidden states, kept while nothing on the text side trains (None: no caching)
     prompt_cache: dict[tuple[str, ...], torch.Tensor] | None = None
+    #: image content hash -> the VAE's latent distribution parameters (None: no caching)
+    latent_cache: dict[str, torch.Tensor] | None = None
 
     @classmethod
-    def from_pipeline(cls, pipeline, cache_prompts: bool = False) -> DiffusionParts:
-        """The parts of ``pipeline``; ``cache_prompts`` keeps the text encoder's output per prompt batch whenever it
-        cannot change (diffusers' ``--pre_compute_text_embeddings``, found rather than configured: a frozen text
-        encoder and fixed prompts, as in DreamBooth-LoRA, encode once; textual inversion never caches)."""
-        cache = {} if cache_prompts else None
+    def from_pipeline(cls, pipeline, cache_prompts: bool = False, cache_latents: bool = False) -> DiffusionParts:
+        """The parts of ``pipeline``.
+
+        Args:
+            cache_prompts: Keep the text encoder's output per prompt batch whenever it cannot change (diffusers'
+                ``--pre_compute_text_embeddings``, found rather than configured: a frozen text encoder and fixed
+                prompts, as in DreamBooth-LoRA, encode once; textual inversion never caches).
+            cache_latents: Encode each distinct image once and keep the VAE's latent distribution (for image sets
+                without random augmentation); latents are still sampled from it every step.
+        """
         return cls(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, training_scheduler(pipeline),
-                   cache)  # fmt: skip
+                   {} if cache_prompts else None, {} if cache_latents else None)  # fmt: skip
 
 
 def training_scheduler(pipeline):
@@ -54,12 +62,27 @@ class Noised:
     noisy: torch.Tensor
 
 
+def latent_distribution(vae: nn.Module, pixel_values: torch.Tensor, cache: dict[str, torch.Tensor] | None = None):
+    """The VAE's latent distribution of the images; with a ``cache``, only images never seen before are encoded."""
+    if cache is None:
+        return vae.encode(pixel_values.to(vae.dtype)).latent_dist
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    keys = [hashlib.sha1(row.detach().cpu().numpy().tobytes()).hexdigest() for row in pixel_values]
+    missing = list({key: i for i, key in enumerate(keys) if key not in cache}.values())
+    if missing:
+        moments = vae.encode(pixel_values[missing].to(vae.dtype)).latent_dist.parameters
+        cache.update({keys[i]: row for i, row in zip(missing, moments)})
+    return DiagonalGaussianDistribution(torch.stack([cache[key] for key in keys]))
+
+
 def noise_latents(vae: nn.Module, scheduler, pixel_values: torch.Tensor, generator: torch.Generator | None = None,
-                  noise_offset: float = 0.0) -> Noised:  # fmt: skip
+                  noise_offset: float = 0.0, latent_cache: dict | None = None) -> Noised:  # fmt: skip
     """VAE latents of the images (scaled by the VAE's factor), noise (optionally offset), uniform timesteps."""
     device = pixel_values.device
     with torch.no_grad():
-        latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor
+        distribution = latent_distribution(vae, pixel_values, latent_cache)
+        latents = distribution.sample(generator) * vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
     if noise_offset:
         noise = noise + noise_offset * torch.randn(
@@ -131,7 +154,7 @@ def diffusion_loss(
         reduction: ``mean`` over the batch or ``none`` for per-sample losses (prior preservation splits them).
     """
     scheduler = parts.scheduler
-    batch = noise_latents(parts.vae, scheduler, pixel_values, generator, noise_offset)
+    batch = noise_latents(parts.vae, scheduler, pixel_values, generator, noise_offset, parts.latent_cache)
     hidden = encode_prompts(parts, prompts)
     prediction = parts.unet(batch.noisy, batch.timesteps, hidden.to(parts.unet.dtype)).sample.float()
     if scheduler.config.prediction_type == "epsilon":

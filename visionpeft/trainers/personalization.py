@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.logging import get_logger
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset
@@ -28,6 +29,8 @@ from ..errors import ConfigError
 from ..methods import fill_task_inputs
 from .diffusion import DiffusionParts, diffusion_loss
 from .run import Setup, run_task
+
+logger = get_logger(__name__)
 
 
 class PairedPrior(Dataset):
@@ -47,10 +50,11 @@ class PairedPrior(Dataset):
 class Denoiser(nn.Module):
     """The trained modules plus the frozen VAE, with the denoising loss as forward (what accelerate wraps)."""
 
-    def __init__(self, adapted: nn.Module, pipeline, cfg: DictConfig) -> None:
+    def __init__(self, adapted: nn.Module, pipeline, cfg: DictConfig, cache_latents: bool = False) -> None:
         super().__init__()
         self.adapted, self.vae = adapted, pipeline.vae
-        self.__dict__["parts"] = DiffusionParts.from_pipeline(pipeline, cache_prompts=True)
+        parts = DiffusionParts.from_pipeline(pipeline, cache_prompts=True, cache_latents=cache_latents)
+        self.__dict__["parts"] = parts
         self.cfg = cfg
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -150,8 +154,15 @@ class PersonalizationTrainer:
         if config.train.xformers:
             pipeline.unet.enable_xformers_memory_efficient_attention()
         task = PersonalizationTask(pipeline, config, run_dir)
+        cache = config.train.cache_latents
+        if cache and (data.flip > 0 or not data.center_crop):
+            logger.info(
+                "train.cache_latents is off: random crops / flips change the images every epoch "
+                "(set data.center_crop=true data.flip=0 to cache)"
+            )
+            cache = False
         return Setup(
-            Denoiser(adapted, pipeline, config),
+            Denoiser(adapted, pipeline, config, cache),
             adapted,
             task,
             dataset,
