@@ -24,6 +24,7 @@ METHODS: list[tuple[str, str, dict]] = [
     ("bitfit", "bitfit", {}),
     ("difffit", "difffit", {}),
     ("lora r8 q,v", "lora", {"r": 8}),
+    ("peft lora r8 qkv (peer)", "peft_lora", {"r": 8}),
     ("adaptformer b8", "adaptformer", {"bottleneck": 8}),
     ("convpass d8", "convpass", {"dim": 8, "scale": 0.1}),
     ("vpt-deep 10", "vpt", {"num_tokens": 10, "deep": True}),
@@ -71,9 +72,20 @@ def _train_steps(args: tuple) -> dict:
 
     torch.set_num_threads(settings.threads)
     torch.manual_seed(0)
-    model = vp.attach(_build(settings), method, **options)
-    vp.set_train_mode(model, True)
-    params = [p for _, p in vp.trainable_parameters(model)]
+    if method == "peft_lora":  # the peer: PEFT's LoRA on timm's fused qkv (+ the head), as PEFT users write it
+        import peft
+
+        config = peft.LoraConfig(r=options["r"], lora_alpha=options["r"], target_modules=["qkv"],
+                                 modules_to_save=["head"])  # fmt: skip
+        model = peft.get_peft_model(_build(settings), config)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        trainable = sum(p.numel() for p in params)
+    else:
+        model = vp.attach(_build(settings), method, **options)
+        vp.set_train_mode(model, True)
+        params = [p for _, p in vp.trainable_parameters(model)]
+        trainable = vp.count_parameters(model)["trainable"]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     x = torch.randn(settings.batch, 3, settings.img, settings.img)
     y = torch.randint(0, 100, (settings.batch,))
@@ -94,7 +106,7 @@ def _train_steps(args: tuple) -> dict:
         "time": statistics.median(times),
         "cpu": statistics.median(cpu_times),
         "memory": max(peak - base, 1e-6),
-        "trainable": vp.count_parameters(model)["trainable"],
+        "trainable": trainable,
     }
 
 
@@ -142,6 +154,31 @@ def lora_vs_peft(settings: Settings, repeats: int) -> dict[str, float]:
     return _interleaved({"ours": step(ours), "peft": step(theirs)}, repeats)
 
 
+def qv_lora_vs_peft(settings: Settings, repeats: int) -> dict[str, float]:
+    """Forward + backward of the path the configs use, Q/V LoRA (r 8 each) inside timm's fused ``qkv``, against
+    PEFT's LoRA r 8 on the whole ``qkv`` (PEFT cannot place a LoRA on part of a fused projection)."""
+    import peft
+    import torch
+
+    from visionpeft.layers.lora import LoRALinear
+
+    torch.set_num_threads(settings.threads)
+    dim, tokens = 768 if "base" in settings.arch else 384, settings.batch * (settings.img // 16) ** 2
+    base = torch.nn.Linear(dim, 3 * dim).requires_grad_(False)
+    ours = LoRALinear(base, {"q": (0, dim), "v": (2 * dim, 3 * dim)}, r=8, alpha=8, dropout=0.0)
+    holder = torch.nn.Sequential(torch.nn.Linear(dim, 3 * dim)).requires_grad_(False)
+    theirs = peft.get_peft_model(holder, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["0"]))
+    x = torch.randn(tokens, dim, requires_grad=True)
+
+    def step(layer):
+        def run():
+            layer(x).sum().backward()
+
+        return run
+
+    return _interleaved({"ours": step(ours), "peft": step(theirs)}, repeats)
+
+
 def merged_inference(settings: Settings, repeats: int) -> dict[str, float]:
     """Inference time of a model with a merged LoRA against the plain model."""
     import torch
@@ -165,6 +202,31 @@ def merged_inference(settings: Settings, repeats: int) -> dict[str, float]:
     return _interleaved({"plain": infer(plain), "merged": infer(merged)}, repeats)
 
 
+def lora_scaling(args) -> int:
+    """LoRA r 8 on Q/V (ours) against PEFT's LoRA r 8 on qkv and against full fine-tuning, per model and batch, each
+    in a fresh process, ``--rounds`` rotated rounds, medians."""
+    trio = [("full", "full", {}), ("lora", "lora", {"r": 8}), ("peft", "peft_lora", {"r": 8})]
+    print(f"# {args.img} px, fp32, AdamW, {args.threads} threads, median of {args.steps} warm steps x {args.rounds} "
+          "rounds, one fresh process per run\n")  # fmt: skip
+    print("| model | batch | full step CPU (s) | lora / full | lora / peft (time) | lora / peft (memory) | target |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    ctx = mp.get_context("spawn")
+    for arch in args.archs:
+        for batch in args.batches:
+            settings = Settings(arch, batch, args.img, args.steps, args.warmup, args.threads)
+            runs: dict[str, list[dict]] = {label: [] for label, _, _ in trio}
+            for round_index in range(args.rounds):
+                shift = round_index % len(trio)
+                for label, method, options in trio[shift:] + trio[:shift]:
+                    with ctx.Pool(1) as pool:
+                        runs[label].append(pool.apply(_train_steps, ((settings, method, options),)))
+            r = {k: {key: statistics.median(x[key] for x in v) for key in v[0]} for k, v in runs.items()}
+            print(f"| {arch} | {batch} | {r['full']['cpu']:.2f} | {r['lora']['cpu'] / r['full']['cpu']:.2f} | "
+                  f"{r['lora']['cpu'] / r['peft']['cpu']:.2f} | {r['lora']['memory'] / r['peft']['memory']:.2f} | "
+                  "<= 1.00 vs peft |")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tools/benchmark.py core", description=__doc__)
     parser.add_argument("--arch", default="vit_base_patch16_224")
@@ -176,7 +238,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="runs per round in the micro-benchmarks")
     parser.add_argument("--rounds", type=int, default=2, help="repeats of the whole method table")
     parser.add_argument("--quick", action="store_true", help="a tiny ViT, for a smoke test of this script")
+    parser.add_argument("--lora-scaling", action="store_true",
+                        help="only the table of LoRA (Q/V) vs PEFT LoRA and vs full, --archs x --batches")  # fmt: skip
+    parser.add_argument("--archs", nargs="+", default=["vit_tiny_patch16_224", "vit_small_patch16_224",
+                                                       "vit_base_patch16_224"])  # fmt: skip
+    parser.add_argument("--batches", nargs="+", type=int, default=[8, 32])
     args = parser.parse_args(argv)
+    if args.lora_scaling:
+        return lora_scaling(args)
     if args.quick:
         args.arch, args.batch, args.img, args.steps, args.repeats, args.rounds = "vit_tiny_patch16_224", 2, 64, 1, 1, 1
     settings = Settings(args.arch, args.batch, args.img, args.steps, args.warmup, args.threads)
@@ -209,12 +278,17 @@ def main(argv: list[str]) -> int:
         )
     with ctx.Pool(1) as pool:
         lora = pool.apply(lora_vs_peft, (settings, args.repeats))
+        qv = pool.apply(qv_lora_vs_peft, (settings, args.repeats))
         merged = pool.apply(merged_inference, (settings, args.repeats))
     print("\n| micro-benchmark | ours (ms) | reference (ms) | ratio | target |")
     print("|---|---:|---:|---:|---:|")
     print(
         f"| LoRA Linear fwd+bwd vs PEFT LoRA Linear | {lora['ours'] * 1e3:.2f} | {lora['peft'] * 1e3:.2f} | "
         f"{lora['ours'] / lora['peft']:.2f} | <= 1.00 |"
+    )
+    print(
+        f"| Q/V LoRA in fused qkv fwd+bwd vs PEFT LoRA on qkv | {qv['ours'] * 1e3:.2f} | {qv['peft'] * 1e3:.2f} | "
+        f"{qv['ours'] / qv['peft']:.2f} | <= 1.00 |"
     )
     print(
         f"| merged LoRA inference vs plain model | {merged['merged'] * 1e3:.1f} | {merged['plain'] * 1e3:.1f} | "
