@@ -130,43 +130,25 @@ def _interleaved(fns: dict, repeats: int, rounds: int = 5) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in results.items()}
 
 
-def lora_vs_peft(settings: Settings, repeats: int) -> dict[str, float]:
-    """Forward + backward of one LoRA-wrapped Linear, ours against PEFT's, on the same shapes and weights."""
+def lora_vs_peft(settings: Settings, repeats: int, fused_qv: bool = False) -> dict[str, float]:
+    """Forward + backward of one LoRA-wrapped Linear, ours against PEFT's, on the same shapes and weights.
+
+    ``fused_qv``: the path the configs use, Q/V LoRA (r 8 each) inside timm's fused ``qkv``, against PEFT's LoRA r 8
+    on the whole ``qkv`` (PEFT cannot place a LoRA on part of a fused projection).
+    """
     import peft
     import torch
 
     from visionpeft.layers.lora import LoRALinear
 
     torch.set_num_threads(settings.threads)
-    dim, tokens = 768 if "base" in settings.arch else 192, settings.batch * (settings.img // 16) ** 2
-    base = torch.nn.Linear(dim, dim).requires_grad_(False)
-    ours = LoRALinear(base, {"main": (0, dim)}, r=8, alpha=8, dropout=0.0)
-    holder = torch.nn.Sequential(torch.nn.Linear(dim, dim)).requires_grad_(False)
-    theirs = peft.get_peft_model(holder, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["0"]))
-    x = torch.randn(tokens, dim, requires_grad=True)
-
-    def step(layer):
-        def run():
-            layer(x).sum().backward()
-
-        return run
-
-    return _interleaved({"ours": step(ours), "peft": step(theirs)}, repeats)
-
-
-def qv_lora_vs_peft(settings: Settings, repeats: int) -> dict[str, float]:
-    """Forward + backward of the path the configs use, Q/V LoRA (r 8 each) inside timm's fused ``qkv``, against
-    PEFT's LoRA r 8 on the whole ``qkv`` (PEFT cannot place a LoRA on part of a fused projection)."""
-    import peft
-    import torch
-
-    from visionpeft.layers.lora import LoRALinear
-
-    torch.set_num_threads(settings.threads)
-    dim, tokens = 768 if "base" in settings.arch else 384, settings.batch * (settings.img // 16) ** 2
-    base = torch.nn.Linear(dim, 3 * dim).requires_grad_(False)
-    ours = LoRALinear(base, {"q": (0, dim), "v": (2 * dim, 3 * dim)}, r=8, alpha=8, dropout=0.0)
-    holder = torch.nn.Sequential(torch.nn.Linear(dim, 3 * dim)).requires_grad_(False)
+    widths = {"base": 768, "small": 384}
+    dim = next((w for key, w in widths.items() if key in settings.arch), 192)
+    tokens = settings.batch * (settings.img // 16) ** 2
+    out = 3 * dim if fused_qv else dim
+    slices = {"q": (0, dim), "v": (2 * dim, 3 * dim)} if fused_qv else {"main": (0, dim)}
+    ours = LoRALinear(torch.nn.Linear(dim, out).requires_grad_(False), slices, r=8, alpha=8, dropout=0.0)
+    holder = torch.nn.Sequential(torch.nn.Linear(dim, out)).requires_grad_(False)
     theirs = peft.get_peft_model(holder, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["0"]))
     x = torch.randn(tokens, dim, requires_grad=True)
 
@@ -278,7 +260,7 @@ def main(argv: list[str]) -> int:
         )
     with ctx.Pool(1) as pool:
         lora = pool.apply(lora_vs_peft, (settings, args.repeats))
-        qv = pool.apply(qv_lora_vs_peft, (settings, args.repeats))
+        qv = pool.apply(lora_vs_peft, (settings, args.repeats, True))
         merged = pool.apply(merged_inference, (settings, args.repeats))
     print("\n| micro-benchmark | ours (ms) | reference (ms) | ratio | target |")
     print("|---|---:|---:|---:|---:|")

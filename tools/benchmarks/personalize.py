@@ -177,7 +177,7 @@ def _measure(args: tuple) -> dict:
     }
 
 
-def ti_lookup(threads: int, repeats: int = 20) -> dict[str, float]:
+def ti_lookup(threads: int, repeats: int = 5) -> dict[str, float]:
     """Forward + backward of the textual-inversion embedding on an SD 1.5-sized table (49,408 x 768, 2 prompts of
     77 tokens, 2 new rows): visionpeft's lookup against a lookup in the concatenated table (what the method did
     before, and what a resized embedding trained whole costs at least)."""
@@ -193,19 +193,15 @@ def ti_lookup(threads: int, repeats: int = 20) -> dict[str, float]:
     ids = torch.randint(0, 49408, (2, 77))
     ids[:, 5] = 49408
 
-    def time_of(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    from .core import _interleaved
 
-    return {
-        "ours": time_of(lambda: ours(ids).sum().backward()),
-        "concatenated": time_of(lambda: F.embedding(ids, torch.cat([base.weight, rows])).sum().backward()),
-    }
+    return _interleaved(
+        {
+            "ours": lambda: ours(ids).sum().backward(),
+            "concatenated": lambda: F.embedding(ids, torch.cat([base.weight, rows])).sum().backward(),
+        },
+        repeats,
+    )
 
 
 def main(argv: list[str]) -> int:
