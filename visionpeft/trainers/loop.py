@@ -22,7 +22,6 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration
 from safetensors import SafetensorError
 from torch import nn
@@ -33,6 +32,7 @@ from ..adapter import trainable_buffers, trainable_parameters
 from ..checkpoint import save_adapter
 from ..errors import CheckpointError
 from . import run_state
+from .logs import get_logger
 
 logger = get_logger(__name__)
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.logging import get_logger
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset
@@ -28,6 +27,7 @@ from ..data.few_images import FewImages, load_images
 from ..errors import ConfigError
 from ..methods import fill_task_inputs
 from .diffusion import DiffusionParts, diffusion_loss
+from .logs import get_logger
 from .run import Setup, run_task
 
 logger = get_logger(__name__)

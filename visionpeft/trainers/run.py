@@ -15,7 +15,6 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from torch import nn
@@ -26,6 +25,7 @@ from ..config import save_config
 from ..data.images import WorkerSafe
 from ..errors import ConfigError
 from . import run_state
+from .logs import get_logger
 from .loop import Loop, LoopConfig, Task, make_accelerator
 
 logger = get_logger(__name__)
