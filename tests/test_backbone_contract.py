@@ -129,7 +129,8 @@ def test_open_clip_timm_trunk_features():
 def test_stage_modules_of_unet_and_dit():
     unet = tiny_unet()
     stages = backbone_of(unet).towers["unet"].stages
-    assert list(stages) == ["conv_in", "time_embedding", "down.0", "down.1", "mid", "up.0", "up.1", "conv_out"]
+    assert list(stages) == ["model", "conv_in", "time_embedding", "down.0", "down.1", "mid", "up.0", "up.1", "conv_out"]
+    assert stages["model"] is unet
     assert stages["mid"] is unet.mid_block and stages["up.1"] is unet.up_blocks[1]
     dit = backbone_of(tiny_dit()).towers["dit"].stages
     assert {"pos_embed", "proj_out_1", "proj_out_2"} <= set(dit)

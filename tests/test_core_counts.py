@@ -56,3 +56,14 @@ def test_hybrid_counts_add_up(vitb_factory):
     counts = vp.count_parameters(model)
     assert counts["by_group"] == {"vpt": 92_160, "lora": 294_912, "head": 76_900}
     assert counts["trainable"] == 92_160 + 294_912 + 76_900
+
+
+def test_controlnet_on_the_sd15_unet_trains_the_published_361m():
+    """ControlNet for SD 1.5 (the encoder copy, hint encoder and zero convs): 361,279,120 parameters, as
+    diffusers' ControlNetModel.from_unet builds it (1.45 GB in fp32, the size of the released SD 1.5 ControlNets)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                    block_out_channels=(320, 640, 1280, 1280))  # fmt: skip
+    assert vp.count_parameters(vp.attach(unet, "controlnet"))["by_group"] == {"controlnet": 361_279_120}

@@ -62,9 +62,10 @@ def _resnet_block(name: str, resnet: nn.Module) -> Block:
 
 
 def _unet_stages(model: nn.Module) -> dict[str, nn.Module]:
-    """The U-Net's stage modules in forward order: ``conv_in``, ``time_embedding``, ``down.i``, ``mid``, ``up.i``,
+    """The U-Net's stage modules: ``model`` (the whole U-Net: a hook on it sees every call's arguments, e.g. to pass
+    ControlNet residuals), then in forward order ``conv_in``, ``time_embedding``, ``down.i``, ``mid``, ``up.i``,
     ``conv_out``."""
-    stages = {"conv_in": model.conv_in, "time_embedding": model.time_embedding}
+    stages = {"model": model, "conv_in": model.conv_in, "time_embedding": model.time_embedding}
     stages.update({f"down.{i}": block for i, block in enumerate(model.down_blocks)})
     if model.mid_block is not None:
         stages["mid"] = model.mid_block
@@ -105,7 +106,8 @@ class DiffusersUNet(Backbone):
             blocks += _unet_stage_blocks("mid", "", model.mid_block)
         for i, block in enumerate(model.up_blocks):
             blocks += _unet_stage_blocks("up", f".{i}", block)
-        self.towers["unet"] = Tower("unet", "", blocks, lambda name: True, stages=_unet_stages(model))
+        self.towers["unet"] = Tower("unet", "", blocks, lambda name: True, stages=_unet_stages(model),
+                                    capabilities=frozenset({"unet"}))  # fmt: skip
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -270,7 +272,8 @@ class DiffusersPipeline(Backbone):
     def __init__(self, model: PipelineModules) -> None:
         super().__init__(model)
         unet = DiffusersUNet(model.unet).towers["unet"]
-        self.towers["unet"] = Tower("unet", "", unet.blocks, _under("unet."), stages=unet.stages)
+        self.towers["unet"] = Tower("unet", "", unet.blocks, _under("unet."), stages=unet.stages,
+                                    capabilities=unet.capabilities)  # fmt: skip
         text = clip_text_tower(model.text_encoder, "text_encoder.", _under("text_encoder."))
         text.capabilities = frozenset({"new_tokens"})  # the pipeline's tokenizer can grow with the embedding table
         self.towers["text_encoder"] = text

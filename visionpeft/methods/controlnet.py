@@ -1,0 +1,106 @@
+"""ControlNet (Zhang et al., ICCV 2023): a trainable copy of the U-Net's encoder, fed a condition image through a small
+hint encoder, whose zero-initialised 1x1 convolutions add residuals to the frozen U-Net's skip connections.
+
+Built with diffusers' own ``ControlNetModel.from_unet`` (encoder and mid block copied from the U-Net, hint encoder
+with ``conditioning_embedding_out_channels``, zero convs per down-block residual and for the mid block), so what a
+run trains is exactly the module ``StableDiffusionControlNetPipeline`` loads. The ControlNet is a side tower of the
+adapted model; each U-Net call made inside ``vp.conditioning(model, control_image=...)`` runs it on that call's
+noisy latents, timestep and text states and passes its residuals to the U-Net (added to any another control gave).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DataError
+from ..registry import METHODS
+from ..schema import setting
+from .base import Method, MethodConfig
+
+
+@dataclass
+class ControlNetConfig(MethodConfig):
+    """ControlNet options; defaults are diffusers' (``ControlNetModel``, ``train_controlnet.py``).
+
+    Attributes:
+        conditioning_scale: Multiplier of the residuals (``controlnet_conditioning_scale``).
+        guess_mode: diffusers' guess mode (residuals scaled from 0.1 to 1.0 from the shallowest block to the mid).
+        conditioning_channels: Channels of the condition image.
+        hint_channels: Widths of the hint encoder's stages; its downsampling (2 ** (stages - 1)) must equal the VAE's
+            scale factor (8 for Stable Diffusion: four stages), so the hint lands on the latent grid.
+    """
+
+    conditioning_scale: float = setting(1.0, "multiplier of the ControlNet residuals", min=0)
+    guess_mode: bool = setting(False, "diffusers' guess mode (residual scales 0.1 ... 1.0)")
+    conditioning_channels: int = setting(3, "channels of the condition image", min=1)
+    hint_channels: tuple[int, ...] = setting((16, 32, 96, 256), "hint encoder widths (4 stages: x8 down)",
+                                             nonempty=True)  # fmt: skip
+
+
+@METHODS.register("controlnet")
+class ControlNet(Method):
+    name = "controlnet"
+    config_class = ControlNetConfig
+    requires = {"unet": "a diffusers UNet2DConditionModel (or a Stable Diffusion pipeline's unet)"}
+    call_inputs = ("control_image",)
+
+    def build(self) -> None:
+        from diffusers import ControlNetModel
+
+        cfg = self.config
+        unet = self.tower.stages["model"]
+        with torch.device(unet.device):  # built where the U-Net is (a GPU, or the meta device for counting)
+            controlnet = ControlNetModel.from_unet(
+                unet,
+                conditioning_embedding_out_channels=tuple(cfg.hint_channels),
+                conditioning_channels=cfg.conditioning_channels,
+            )
+        self.controlnet = self.add_tower("controlnet", controlnet)  # fp32 whatever the U-Net: it trains
+        self.factor = 2 ** (len(cfg.hint_channels) - 1)
+        self.hook_input(unet, self._add_residuals, with_kwargs=True)
+
+    def _control_image(self, sample: torch.Tensor) -> torch.Tensor:
+        """The call's condition image, checked against the latent grid and repeated for a doubled
+        (classifier-free guidance) batch."""
+        image = self.call_input("control_image")
+        expected = (sample.shape[-2] * self.factor, sample.shape[-1] * self.factor)
+        if (
+            image.ndim != 4
+            or tuple(image.shape[-2:]) != expected
+            or image.shape[1] != self.config.conditioning_channels
+        ):
+            raise DataError(
+                f"the control image has shape {tuple(image.shape)}; this ControlNet needs (batch, "
+                f"{self.config.conditioning_channels}, {expected[0]}, {expected[1]}) for latents of "
+                f"{tuple(sample.shape[-2:])} (its hint encoder downsamples by {self.factor})"
+            )
+        if image.shape[0] != sample.shape[0]:
+            if sample.shape[0] % image.shape[0]:
+                raise DataError(f"{image.shape[0]} control images for a batch of {sample.shape[0]}")
+            image = image.repeat(sample.shape[0] // image.shape[0], 1, 1, 1)
+        return image.to(device=sample.device, dtype=self.controlnet.dtype)
+
+    def _add_residuals(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        names = ("sample", "timestep", "encoder_hidden_states")
+        given = {name: args[i] if len(args) > i else kwargs.get(name) for i, name in enumerate(names)}
+        sample = given["sample"]
+        down, mid = self.controlnet(
+            sample.to(self.controlnet.dtype), given["timestep"],
+            encoder_hidden_states=given["encoder_hidden_states"].to(self.controlnet.dtype),
+            controlnet_cond=self._control_image(sample), conditioning_scale=self.config.conditioning_scale,
+            guess_mode=self.config.guess_mode, return_dict=False,
+        )  # fmt: skip
+        down = [d.to(sample.dtype) for d in down]
+        mid = mid.to(sample.dtype)
+        kwargs = dict(kwargs)
+        previous = kwargs.get("down_block_additional_residuals")
+        kwargs["down_block_additional_residuals"] = (
+            down if previous is None else [a + b for a, b in zip(previous, down)]
+        )
+        previous = kwargs.get("mid_block_additional_residual")
+        kwargs["mid_block_additional_residual"] = mid if previous is None else previous + mid
+        return args, kwargs
