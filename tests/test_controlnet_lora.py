@@ -1,0 +1,61 @@
+"""`controlnet_lora`: the ControlNet copy frozen with LoRA on its linear layers, zero convs / hint encoder / norms
+trained in full; the checkpoint holds only those, the copy is rebuilt from the U-Net on load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_controlnet import HINT, LATENTS, STEPS, TEXT, _run
+from tiny_models import tiny_unet
+from torch import nn
+
+import visionpeft as vp
+from visionpeft.errors import ConfigError
+
+OPTIONS = {**HINT, "r": 4}
+
+
+def test_only_the_lora_factors_and_the_parts_a_fresh_controlnet_needs_train():
+    from diffusers import ControlNetModel
+
+    unet = vp.attach(tiny_unet(), "controlnet_lora", **OPTIONS)
+    net = ControlNetModel.from_unet(tiny_unet(), conditioning_embedding_out_channels=(16, 32))
+    in_full = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")
+    full = sum(p.numel() for name, p in net.named_parameters() if name.startswith(in_full))
+    norms = sum(p.numel() for m in net.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for p in m.parameters())
+    lora = sum(4 * (m.in_features + m.out_features) for name, m in net.named_modules()
+               if isinstance(m, nn.Linear) and name.endswith(("to_q", "to_k", "to_v", "to_out.0")))  # fmt: skip
+    assert vp.count_parameters(unet)["by_group"] == {"controlnet_lora": full + norms + lora}
+    assert lora > 0 and full + norms + lora < sum(p.numel() for p in net.parameters()) / 4
+
+
+def test_fresh_it_changes_nothing_and_only_the_zero_convs_get_a_gradient():
+    plain = tiny_unet()(LATENTS, STEPS, encoder_hidden_states=TEXT).sample
+    unet = vp.attach(tiny_unet(), "controlnet_lora", **OPTIONS)
+    out = _run(unet)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    out.square().mean().backward()
+    moved = {name for name, p in vp.trainable_parameters(unet) if p.grad is not None and p.grad.abs().sum() > 0}
+    assert moved and all(".controlnet_down_blocks." in n or ".controlnet_mid_block." in n for n in moved), moved
+
+
+def test_the_checkpoint_holds_no_frozen_weight_and_reloads_exactly(tmp_path):
+    unet = vp.attach(tiny_unet(), "controlnet_lora", **OPTIONS)
+    with torch.no_grad():
+        for _, p in vp.trainable_parameters(unet):
+            p.add_(0.05 * torch.randn_like(p))
+    expected = _run(unet)
+    vp.save_adapter(unet, tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert "controlnet.conv_in.weight" not in saved and any(k.endswith("to_q.lora_A") for k in saved)
+    fresh = vp.load_adapter(tiny_unet(), tmp_path)
+    torch.testing.assert_close(_run(fresh), expected, rtol=0, atol=0)
+    vp.detach(fresh)
+    for (name, a), (_, b) in zip(fresh.state_dict().items(), tiny_unet().state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_frozen_zero_convs_are_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="zero convs block every gradient upstream of them"):
+        vp.attach(tiny_unet(), "controlnet_lora", **OPTIONS, train_full=["hint_encoder", "norms"])
