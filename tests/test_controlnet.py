@@ -115,3 +115,47 @@ def test_on_a_pipeline_the_control_reaches_every_denoising_call(tmp_path):
         for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
             conv.weight.normal_(0, 0.1)
     assert not torch.allclose(torch.from_numpy(sample(pipe, control)), torch.from_numpy(plain))
+
+
+SAMPLE = """
+import sys, numpy as np, torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+pipe = StableDiffusionControlNetPipeline.from_pretrained(sys.argv[1], controlnet=ControlNetModel.from_pretrained(sys.argv[2]),
+                                                         safety_checker=None, requires_safety_checker=False)
+control = torch.load(sys.argv[3])
+images = pipe("a photo", image=control, num_inference_steps=2, height=16, width=16, output_type="np",
+              generator=torch.Generator().manual_seed(0)).images
+np.save(sys.argv[4], images)
+"""
+
+
+@pytest.mark.parametrize("method", ["controlnet", "controlnet_lora"])
+def test_the_exported_controlnet_loads_in_diffusers_control_pipeline_in_a_new_process(tmp_path, method):
+    """`save_adapter(format="diffusers")` writes `controlnet/` (for ControlNet-LoRA: the copy with its LoRA merged);
+    diffusers' StableDiffusionControlNetPipeline, with no visionpeft import, draws the image visionpeft draws."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from tiny_models import tiny_sd_pipeline
+
+    base = tmp_path / "base"
+    tiny_sd_pipeline(tmp_path / "tok").save_pretrained(base)
+    from visionpeft.backbones.diffusers_loading import load_pipeline
+
+    pipe = vp.attach(load_pipeline(str(base)), method, **HINT)
+    with torch.no_grad():
+        for _, p in vp.trainable_parameters(pipe):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    control = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with vp.conditioning(pipe, control_image=control):
+        ours = pipe("a photo", num_inference_steps=2, height=16, width=16, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert vp.can_export(pipe, "diffusers")
+    vp.save_adapter(pipe, tmp_path / "out", format="diffusers")
+    torch.save(control, tmp_path / "control.pt")
+    args = [sys.executable, "-c", SAMPLE, str(base), str(tmp_path / "out" / "controlnet"), str(tmp_path / "control.pt"),
+            str(tmp_path / "theirs.npy")]  # fmt: skip
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "theirs.npy"), ours, rtol=0, atol=1e-5)

@@ -52,6 +52,10 @@ def collect_parts(state: AdapterState, format: str) -> ExportParts:
                 raise CheckpointError(f"two attached methods both write {filename}; export them one at a time")
             combined.files[filename] = tensors
         combined.head = combined.head or part.head
+        for folder, build in part.models.items():
+            if folder in combined.models:
+                raise CheckpointError(f"two attached methods both write {folder}/; export them one at a time")
+            combined.models[folder] = build
     if not combined.contributes:
         raise CheckpointError(f"nothing to export in the {format} format")
     return combined
@@ -99,8 +103,9 @@ def export_peft(model: nn.Module, directory: Path) -> Path:
 
 def export_diffusers(model: nn.Module, directory: Path) -> Path:
     """Writes what a Stable Diffusion pipeline loads with its own loaders: ``pytorch_lora_weights.safetensors``
-    (U-Net and text-encoder LoRA) for ``pipeline.load_lora_weights`` and the methods' own files (textual
-    inversion's ``learned_embeds.safetensors`` for ``pipeline.load_textual_inversion``)."""
+    (U-Net and text-encoder LoRA) for ``pipeline.load_lora_weights``, the methods' own files (textual
+    inversion's ``learned_embeds.safetensors`` for ``pipeline.load_textual_inversion``) and model folders
+    (``controlnet/`` for ``ControlNetModel.from_pretrained``)."""
     parts = collect_parts(_require_state(model), "diffusers")
     groups: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
     for path, (a, b) in parts.lora_layers.items():
@@ -119,6 +124,8 @@ def export_diffusers(model: nn.Module, directory: Path) -> Path:
         )
     for filename, tensors in parts.files.items():
         _write_safetensors(tensors, directory / filename)
+    for folder, build in parts.models.items():
+        build().save_pretrained(directory / folder, safe_serialization=True)
     return directory
 
 

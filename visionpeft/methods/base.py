@@ -51,15 +51,18 @@ class ExportParts:
             ``diffusers`` format the path starts with the pipeline component (``unet.``, ``text_encoder.``).
         files: File name -> tensors, for files the method's result fills alone (``learned_embeds.safetensors``).
         head: The method's result lives in the task heads (a linear probe), which the format stores.
+        models: Folder name -> a function returning a model of the library to write with its ``save_pretrained``
+            (a ControlNet: ``ControlNetModel.from_pretrained`` reads the folder); built only when written.
     """
 
     lora_layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     head: bool = False
+    models: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)
 
     @property
     def contributes(self) -> bool:
-        return bool(self.lora_layers or self.files or self.head)
+        return bool(self.lora_layers or self.files or self.head or self.models)
 
 
 def named_base_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import DataError
 from ..registry import METHODS
 from ..schema import setting
-from .base import Method, MethodConfig
+from .base import ExportParts, Method, MethodConfig
 
 
 @dataclass
@@ -47,6 +47,7 @@ class ControlNet(Method):
     config_class = ControlNetConfig
     requires = {"unet": "a diffusers UNet2DConditionModel (or a Stable Diffusion pipeline's unet)"}
     call_inputs = ("control_image",)
+    export_formats = frozenset({"diffusers"})  # controlnet/: what ControlNetModel.from_pretrained reads
 
     def build(self) -> None:
         from diffusers import ControlNetModel
@@ -62,6 +63,13 @@ class ControlNet(Method):
         self.controlnet = self.add_tower("controlnet", controlnet)  # fp32 whatever the U-Net: it trains
         self.factor = 2 ** (len(cfg.hint_channels) - 1)
         self.hook_input(unet, self._add_residuals, with_kwargs=True)
+
+    def export_parts(self, format: str) -> ExportParts:
+        return ExportParts(models={"controlnet": self.diffusers_controlnet})
+
+    def diffusers_controlnet(self) -> nn.Module:
+        """The trained ControlNet as a plain diffusers ``ControlNetModel``."""
+        return self.controlnet
 
     def _control_image(self, sample: torch.Tensor) -> torch.Tensor:
         """The call's condition image, checked against the latent grid and repeated for a doubled

@@ -8,6 +8,7 @@ and the fully trained parts (a few percent of a ControlNet).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from torch import nn
@@ -73,6 +74,16 @@ class ControlNetLoRA(ControlNet):
         for path, module in list(net.named_modules()):
             if isinstance(module, nn.Linear) and (everything or any(path.endswith(s) for s in suffixes)):
                 self._add_lora(net, path, module)
+
+    def diffusers_controlnet(self) -> nn.Module:
+        """A copy of the ControlNet with every LoRA folded into its Linear layers: a plain ``ControlNetModel``."""
+        merged = copy.deepcopy(self.controlnet)
+        for path, module in list(merged.named_modules()):
+            if isinstance(module, LoRALinear):
+                module.merge()
+                parent_path, _, attr = path.rpartition(".")
+                setattr(merged.get_submodule(parent_path) if parent_path else merged, attr, module.base)
+        return merged
 
     def _trained_in_full(self, net: nn.Module) -> list[str]:
         """Names (inside the ControlNet) of the parameters trained in full."""
