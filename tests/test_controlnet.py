@@ -120,8 +120,9 @@ def test_on_a_pipeline_the_control_reaches_every_denoising_call(tmp_path):
 SAMPLE = """
 import sys, numpy as np, torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-pipe = StableDiffusionControlNetPipeline.from_pretrained(sys.argv[1], controlnet=ControlNetModel.from_pretrained(sys.argv[2]),
-                                                         safety_checker=None, requires_safety_checker=False)
+controlnet = ControlNetModel.from_pretrained(sys.argv[2])
+pipe = StableDiffusionControlNetPipeline.from_pretrained(sys.argv[1], controlnet=controlnet, safety_checker=None,
+                                                         requires_safety_checker=False)
 control = torch.load(sys.argv[3])
 images = pipe("a photo", image=control, num_inference_steps=2, height=16, width=16, output_type="np",
               generator=torch.Generator().manual_seed(0)).images
