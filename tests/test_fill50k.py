@@ -1,0 +1,53 @@
+"""The offline fill50k generator: deterministic, captions in words, and a fill metric that tells a filled disc
+from a wrong colour."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import numpy as np
+from _classify_utils import ROOT
+from PIL import Image
+
+from visionpeft.data.fill50k import colour_words, fill_iou, make_fill50k
+
+
+def _digest(folder) -> str:
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())).hexdigest()
+
+
+def test_same_seed_same_bytes_and_captions_in_words(tmp_path):
+    a, b, c = (make_fill50k(tmp_path / name, n=6, size=64, seed=seed) for name, seed in (("a", 0), ("b", 0), ("c", 1)))
+    assert _digest(a) == _digest(b) != _digest(c)
+    records = [json.loads(line) for line in (a / "metadata.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all(r["text"].endswith(" background") for r in records)
+    assert (a / records[0]["conditioning_image"]).is_file() and (a / records[0]["image"]).is_file()
+    assert colour_words("palegoldenrod") == "pale golden rod" and colour_words("burlywood") == "burly wood"
+    assert colour_words("gainsboro") == "gainsboro"
+
+
+def test_fill_iou_is_one_on_the_target_and_zero_on_the_wrong_colour(tmp_path):
+    folder = make_fill50k(tmp_path / "f", n=3, size=64, seed=0)
+    for record in (json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()):
+        target = Image.open(folder / record["image"])
+        assert fill_iou(target, record) > 0.95  # edge pixels of the drawn disc round either way
+        assert fill_iou(target.resize((32, 32), Image.NEAREST), record) > 0.85  # half size: a 5-px disc, coarse edges
+        wrong = tuple(255 - c for c in record["fill"])
+        assert fill_iou(Image.new("RGB", (64, 64), wrong), record) < 0.05
+        assert fill_iou(Image.fromarray(np.zeros((64, 64, 3), np.uint8) + np.array(record["background"], np.uint8)),
+                        record) < 0.05  # fmt: skip
+
+
+def test_the_tool_refuses_a_non_empty_folder(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import make_fill50k as tool
+
+    from visionpeft.cli.common import run
+
+    assert run(tool.main, ["--out", str(tmp_path / "d"), "--n", "2", "--size", "32"]) == 0
+    before = _digest(tmp_path / "d")
+    assert run(tool.main, ["--out", str(tmp_path / "d"), "--n", "2", "--size", "32"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'd'} is not empty; give a new folder"
+    assert _digest(tmp_path / "d") == before

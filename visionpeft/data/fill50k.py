@@ -1,0 +1,91 @@
+"""Fill50k, the ControlNet tutorial's toy task, generated offline: a circle's outline is the condition, the same
+circle filled with one colour on a background of another is the target, and the caption names both colours
+("pale golden rod circle with old lace background"). A model that learned the control fills the outlined disc.
+
+Deterministic for a seed (same arguments, same bytes). Written in diffusers' ``metadata.jsonl`` layout
+(``image``, ``conditioning_image``, ``text``, plus the circle and colours a fill metric needs) with a card of the
+generator's parameters. :func:`fill_iou` scores a generated image against its pair.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+#: the words CSS4 colour names are made of, so "burlywood" reads "burly wood" in a caption
+COLOUR_WORDS = frozenset(
+    """alice blue antique white aqua marine azure beige bisque black blanched almond violet brown burly wood cadet
+    chartreuse chocolate coral corn flower silk crimson cyan dark golden rod gray grey green khaki magenta olive orange
+    orchid red salmon sea slate turquoise deep pink sky dim dodger fire brick floral forest fuchsia gainsboro ghost gold
+    honey dew hot indian indigo ivory lavender blush lawn lemon chiffon light yellow lime linen maroon medium midnight
+    mint cream misty rose moccasin navajo navy old lace drab pale papaya whip peach puff peru plum powder purple rebecca
+    rosy royal saddle sandy shell sienna silver snow spring steel tan teal thistle tomato wheat smoke""".split()
+)
+
+
+def colour_words(name: str) -> str:
+    """A CSS4 colour name as words, fewest words first: ``palegoldenrod`` -> ``pale golden rod``."""
+    best: dict[int, list[str]] = {0: []}
+    for end in range(1, len(name) + 1):
+        for start in range(end):
+            if start in best and name[start:end] in COLOUR_WORDS:
+                candidate = best[start] + [name[start:end]]
+                if end not in best or len(candidate) < len(best[end]):
+                    best[end] = candidate
+    return " ".join(best.get(len(name), [name]))
+
+
+def _colours() -> dict[str, tuple[int, int, int]]:
+    from matplotlib.colors import CSS4_COLORS, to_rgb
+
+    return {name: tuple(round(255 * c) for c in to_rgb(value)) for name, value in sorted(CSS4_COLORS.items())}
+
+
+def make_fill50k(out: str | Path, n: int = 50000, size: int = 512, seed: int = 0) -> Path:
+    """Writes ``n`` pairs into ``out`` (``source/``, ``target/``, ``metadata.jsonl``, ``card.json``)."""
+    out = Path(out)
+    (out / "source").mkdir(parents=True, exist_ok=True)
+    (out / "target").mkdir(parents=True, exist_ok=True)
+    colours = _colours()
+    names = list(colours)
+    rng = np.random.default_rng(seed)
+    width = max(1, size // 64)
+    lines = []
+    for i in range(n):
+        fill, background = (names[j] for j in rng.choice(len(names), size=2, replace=False))
+        radius = int(rng.integers(size // 10, size // 3))
+        cx, cy = (int(rng.integers(radius, size - radius)) for _ in range(2))
+        box = (cx - radius, cy - radius, cx + radius, cy + radius)
+        source = Image.new("RGB", (size, size), (0, 0, 0))
+        ImageDraw.Draw(source).ellipse(box, outline=(255, 255, 255), width=width)
+        target = Image.new("RGB", (size, size), colours[background])
+        ImageDraw.Draw(target).ellipse(box, fill=colours[fill])
+        source.save(out / "source" / f"{i}.png")
+        target.save(out / "target" / f"{i}.png")
+        text = f"{colour_words(fill)} circle with {colour_words(background)} background"
+        lines.append({"image": f"target/{i}.png", "conditioning_image": f"source/{i}.png", "text": text,
+                      "size": size, "circle": [cx, cy, radius], "fill": list(colours[fill]),
+                      "background": list(colours[background])})  # fmt: skip
+    (out / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    card = {"dataset": "fill50k (generated)", "generator": "visionpeft.data.fill50k.make_fill50k", "n": n,
+            "size": size, "seed": seed, "colours": "matplotlib CSS4 (148 names, two distinct per pair)",
+            "radius": [size // 10, size // 3], "outline_width": width}  # fmt: skip
+    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return out
+
+
+def fill_iou(image: Image.Image, record: dict, tolerance: float = 60.0) -> float:
+    """IoU of the pair's disc and the pixels of ``image`` within ``tolerance`` (RGB distance) of the fill colour,
+    at ``image``'s resolution (1.0: the right colour exactly inside the circle)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    h, w = pixels.shape[:2]
+    # PIL's ellipse covers the pixels cx - r .. cx + r inclusive: a disc of radius r + 1/2 around pixel cx's centre
+    cx, cy, radius = ((v + 0.5) * w / record["size"] for v in record["circle"])
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
+    filled = np.linalg.norm(pixels - np.asarray(record["fill"], dtype=np.float32), axis=-1) <= tolerance
+    union = np.logical_or(disc, filled).sum()
+    return float(np.logical_and(disc, filled).sum() / union) if union else 0.0
