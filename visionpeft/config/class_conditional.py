@@ -60,7 +60,7 @@ class ClassTrain(DiffusionTrain):
 class ClassConditionalConfig:
     """A class-conditional DiT run."""
 
-    task: str = setting("class_conditional", "the trainer: classification, personalization, class_conditional")
+    task: str = setting("class_conditional", "the trainer: classification, personalization, class_conditional, control")
     model: DiTModel = section(DiTModel, "the DiT pipeline")
     method: Any = setting("difffit", "a method name, {name: ..., options}, or a list of those")
     data: ClassData = section(ClassData, "the labelled images")

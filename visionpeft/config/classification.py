@@ -71,7 +71,7 @@ class ClassificationTrain(RunSettings):
 class ClassificationConfig:
     """An image-classification run: model, method(s), data, optimizer, run settings."""
 
-    task: str = setting("classification", "the trainer: classification, personalization, class_conditional")
+    task: str = setting("classification", "the trainer: classification, personalization, class_conditional, control")
     model: ModelConfig = section(ModelConfig, "the backbone")
     method: Any = setting("linear", "a method name, {name: ..., options}, or a list of those (a hybrid)")
     data: DataConfig = section(DataConfig, "the dataset")

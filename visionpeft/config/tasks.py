@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..registry import TRAINERS
 from .class_conditional import ClassConditionalConfig
 from .classification import ClassificationConfig
+from .control import ControlConfig
 from .personalization import PersonalizationConfig
 
 
@@ -47,6 +48,9 @@ register(TaskSpec("classification", ClassificationConfig, "visionpeft.trainers.c
 register(TaskSpec("personalization", PersonalizationConfig, "visionpeft.trainers.personalization:run",
                   task_inputs=frozenset({"token"})))  # fmt: skip
 register(TaskSpec("class_conditional", ClassConditionalConfig, "visionpeft.trainers.class_conditional:run"))
+register(
+    TaskSpec("control", ControlConfig, "visionpeft.trainers.control:run", call_inputs=frozenset({"control_image"}))
+)
 
 
 def task_spec(name: str) -> TaskSpec:

@@ -1,0 +1,53 @@
+"""The ``control`` task's config: ControlNet / ControlNet-LoRA / T2I-Adapter on a Stable Diffusion pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..schema import section, setting
+from .sections import SCHEDULES, DiffusersModel, DiffusionTrain, OptimConfig
+
+
+@dataclass
+class ControlData:
+    """``data``: (image, condition, caption) triples: ``metadata.jsonl`` or fill50k's ``prompt.json``."""
+
+    root: str | None = setting(None, "the data folder (required): metadata.jsonl or prompt.json + images")
+    size: int = setting(512, "training resolution (the condition too)", min=8)
+    proportion_empty_prompts: float = setting(0.0, "share of captions replaced by an empty prompt", min=0, max=1)
+    batch_size: int = setting(4, "images per optimizer step, whatever the number of processes and grad_accum", min=1)
+    num_workers: int = setting(0, "DataLoader workers", min=0)
+
+
+@dataclass
+class ControlOptim(OptimConfig):
+    """diffusers' ``train_controlnet.py``: AdamW, weight decay 1e-2 on every tensor, constant schedule, max grad
+    norm 1; lr 1e-5 as its README commands."""
+
+    lr: float = setting(1e-5, "peak learning rate (see lr_scale_batch)", min=0)
+    weight_decay: float = setting(1e-2, "weight decay (AdamW: decoupled)", min=0)
+    bias_decay: bool = setting(True, "apply weight decay to biases and norm weights (1-D tensors) too")
+    schedule: str = setting("constant", "learning-rate schedule after warmup", choices=SCHEDULES)
+    steps: int | None = setting(10000, "run length in optimizer steps (or set epochs)", min=1)
+    warmup_steps: int | None = setting(0, "linear warmup from 0, in optimizer steps (or warmup_epochs)", min=0)
+    clip_grad: float | None = setting(1.0, "max gradient norm (null: no clipping)", min=0)
+
+
+@dataclass
+class ControlTrain(DiffusionTrain):
+    output_dir: str = setting("runs/control", "parent folder of run folders")
+    validation_pairs: int = setting(2, "training pairs sampled at each validation (prompt + condition)", min=0)
+    guidance_scale: float = setting(7.5, "classifier-free guidance of validation samples", min=0)
+
+
+@dataclass
+class ControlConfig:
+    """A control run on a Stable Diffusion 1.x / 2.x pipeline."""
+
+    task: str = setting("control", "the trainer: classification, personalization, class_conditional, control")
+    model: DiffusersModel = section(DiffusersModel, "the Stable Diffusion pipeline")
+    method: Any = setting("controlnet", "a method name, {name: ..., options}, or a list of those")
+    data: ControlData = section(ControlData, "the (image, condition, caption) triples")
+    optim: ControlOptim = section(ControlOptim, "optimizer and schedule")
+    train: ControlTrain = section(ControlTrain, "run settings")

@@ -1,0 +1,121 @@
+"""Conditional control of a Stable Diffusion pipeline: ControlNet, ControlNet-LoRA, T2I-Adapter - one trainer.
+
+Loads any SD 1.x / 2.x pipeline, attaches the control method(s) (with other methods if asked: a DreamBooth-LoRA on
+the U-Net trains jointly), and trains on (image, condition, caption) triples with the denoising loss; each batch's
+condition images reach the methods through ``vp.conditioning``. Validation samples training pairs with the
+pipeline (image grids in the run folder) and, for fill50k data, logs the fill IoU. The run folder receives
+``adapter/`` (visionpeft) and what diffusers loads as it is: ``controlnet/`` (``ControlNetModel.from_pretrained``;
+for ControlNet-LoRA the copy with its LoRA merged) or the other methods' diffusers files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from ..adapter import attach, can_export, conditioning
+from ..backbones import pipeline_modules
+from ..backbones.diffusers_loading import load_pipeline
+from ..checkpoint import save_adapter
+from ..config import methods_of_config
+from ..data.control_pairs import ControlPairs
+from ..data.fill50k import fill_iou
+from .diffusion import DiffusionParts, diffusion_loss
+from .run import Setup, run_task
+
+
+class ControlDenoiser(nn.Module):
+    """The adapted pipeline modules plus the frozen VAE, with the denoising loss under the batch's conditions."""
+
+    def __init__(self, adapted: nn.Module, pipeline) -> None:
+        super().__init__()
+        self.adapted, self.vae = adapted, pipeline.vae
+        self.__dict__["parts"] = DiffusionParts.from_pipeline(pipeline, cache_prompts=True)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        with conditioning(self.adapted, control_image=batch["conditioning_pixel_values"]):
+            return diffusion_loss(self.parts, batch["pixel_values"], list(batch["prompt"]))
+
+
+class ControlValidation:
+    """Samples the first ``train.validation_pairs`` training pairs; their grid (condition | sample | target per
+    row) goes to ``validation/NNN.png``; fill50k pairs also give the mean fill IoU."""
+
+    metric = "fill_iou"
+
+    def __init__(self, pipeline, cfg: DictConfig, run_dir: Path, pairs: ControlPairs) -> None:
+        self.pipeline, self.cfg, self.run_dir, self.pairs = pipeline, cfg, run_dir, pairs
+        self.calls = 0
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(batch)
+
+    def evaluate(self, model: nn.Module, accelerator) -> dict[str, float]:
+        from diffusers.utils import make_image_grid
+
+        self.calls += 1
+        count = min(self.cfg.train.validation_pairs, len(self.pairs))
+        if not accelerator.is_main_process or count == 0:
+            return {}
+        size, rows, scores = self.cfg.data.size, [], []
+        self.pipeline.set_progress_bar_config(disable=True)
+        for index in range(count):
+            item, record = self.pairs[index], self.pairs.records[index]
+            generator = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed)
+            condition = item["conditioning_pixel_values"][None]
+            with accelerator.autocast(), conditioning(self.pipeline, control_image=condition):
+                image = self.pipeline(record["text"], num_inference_steps=self.cfg.train.validation_steps,
+                                      guidance_scale=self.cfg.train.guidance_scale, generator=generator,
+                                      height=size, width=size).images[0]  # fmt: skip
+            rows += [_to_pil(item["conditioning_pixel_values"]), image, _to_pil(item["pixel_values"] * 0.5 + 0.5)]
+            if "circle" in record:
+                scores.append(fill_iou(image, record))
+        folder = self.run_dir / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        make_image_grid(rows, rows=count, cols=3).save(folder / f"{self.calls:03d}.png")
+        return {"fill_iou": float(np.mean(scores))} if scores else {}
+
+
+def _to_pil(tensor: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray((tensor.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+
+
+class ControlTrainer:
+    def build(self, config: DictConfig, accelerator, run_dir: Path) -> Setup:
+        from ..errors import ConfigError
+
+        if not config.data.root:
+            raise ConfigError("data.root is required: the folder with metadata.jsonl (or fill50k's prompt.json)")
+        pairs = ControlPairs(config.data.root, config.data.size, config.data.proportion_empty_prompts)
+        pipeline = load_pipeline(config.model.name)
+        attach(pipeline, methods_of_config(config))
+        adapted = pipeline_modules(pipeline)
+        if config.train.gradient_checkpointing:
+            pipeline.unet.enable_gradient_checkpointing()
+        task = ControlValidation(pipeline, config, run_dir, pairs)
+        return Setup(ControlDenoiser(adapted, pipeline), adapted, task, pairs,
+                     frozen=[pipeline.unet, pipeline.text_encoder, pipeline.vae],
+                     loader={"num_workers": config.data.num_workers},
+                     summary=[f"{len(pairs)} (image, condition, caption) triples from {config.data.root}"],
+                     state={"pipeline": pipeline})  # fmt: skip
+
+    def finish(self, config: DictConfig, loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
+        if not loop.accelerator.is_main_process:
+            return {"outputs": []}
+        pipeline = setup.state["pipeline"]
+        outputs = [save_adapter(setup.adapted, run_dir / "adapter")]
+        if can_export(pipeline, "diffusers"):  # controlnet/ (and the other methods' diffusers files) in the run
+            outputs.append(save_adapter(pipeline, run_dir, format="diffusers"))
+        return {"outputs": outputs}
+
+
+def run(config: DictConfig, run_dir: Path, **options: Any) -> dict[str, Any]:
+    """Trains (see :func:`~.run.run_task` for the options); returns ``{"outputs": [paths], "steps": n, ...}``."""
+    return run_task(ControlTrainer(), config, run_dir, **options)
