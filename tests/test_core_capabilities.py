@@ -57,7 +57,8 @@ def test_declarations_of_the_methods():
     assert formats["linear"] == {"peft"} and not formats["vpt"]
     assert METHODS.get("coop").task_inputs == ("classnames",) == METHODS.get("cocoop").task_inputs
     assert METHODS.get("textual_inversion").task_inputs == ("token",)
-    assert all(not METHODS.get(n).call_inputs for n in METHODS.names())
+    reading = {n: METHODS.get(n).call_inputs for n in METHODS.names() if METHODS.get(n).call_inputs}
+    assert reading == {"controlnet": ("control_image",), "t2i_adapter": ("control_image",)}
     merging = {n for n in METHODS.names() if METHODS.get(n).merges_exactly}
     assert merging == {"lora", "difffit", "bitfit", "linear", "full"}
 
