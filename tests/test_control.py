@@ -70,3 +70,25 @@ def test_a_control_method_in_a_classification_run_is_refused(capsys):
     assert capsys.readouterr().err.strip() == (
         "error: method 'controlnet' needs a per-call control_image, which the classification task does not provide"
     )
+
+
+def test_cubic_timesteps_lean_to_the_noisy_end_and_the_t2i_recipe_uses_them(setup):
+    from visionpeft.config import load_config
+    from visionpeft.trainers.diffusion import sample_timesteps
+
+    uniform = sample_timesteps(20000, 1000, "uniform", torch.Generator().manual_seed(0)).float()
+    cubic = sample_timesteps(20000, 1000, "cubic", torch.Generator().manual_seed(0)).float()
+    assert abs(uniform.mean().item() - 499.5) < 10 and abs(cubic.mean().item() - 749.5) < 10  # E[1 - u^3] = 3/4
+    assert cubic.min() >= 0 and cubic.max() <= 999
+    assert load_config(ROOT / "configs" / "control" / "t2i_adapter_sd15_fill.yaml").train.timesteps == "cubic"
+
+
+def test_a_t2i_adapter_run_trains_with_cubic_timesteps(setup):
+    args = ["configs/control/t2i_adapter_sd15_fill.yaml", f"model.name={setup / 'pipe'}", f"data.root={setup / 'fill'}",
+            "data.size=16", "data.batch_size=2", "optim.steps=4", "optim.lr=1e-3", "train.mixed_precision=no",
+            "train.eval_every=4", "train.validation_steps=2", "train.log_every=1",
+            f"train.output_dir={setup / 'runs'}", "train.run_name=t2i", "--cpu",
+            "method={name: t2i_adapter, downscale_factor: 2}"]  # the tiny pipeline's VAE downsamples by 2  # fmt: skip
+    assert run(tool.main, args) == 0
+    lines = (setup / "runs" / "t2i" / "metrics.jsonl").read_text().splitlines()
+    assert len([x for x in lines if "train/loss" in x]) == 4 and any("eval/fill_iou" in x for x in lines)

@@ -58,7 +58,7 @@ def test_declarations_of_the_methods():
     assert METHODS.get("coop").task_inputs == ("classnames",) == METHODS.get("cocoop").task_inputs
     assert METHODS.get("textual_inversion").task_inputs == ("token",)
     reading = {n: METHODS.get(n).call_inputs for n in METHODS.names() if METHODS.get(n).call_inputs}
-    assert reading == {"controlnet": ("control_image",), "t2i_adapter": ("control_image",)}
+    assert reading == {name: ("control_image",) for name in ("controlnet", "controlnet_lora", "t2i_adapter")}
     merging = {n for n in METHODS.names() if METHODS.get(n).merges_exactly}
     assert merging == {"lora", "difffit", "bitfit", "linear", "full"}
 

@@ -39,6 +39,8 @@ class ControlTrain(DiffusionTrain):
     output_dir: str = setting("runs/control", "parent folder of run folders")
     validation_pairs: int = setting(2, "training pairs sampled at each validation (prompt + condition)", min=0)
     guidance_scale: float = setting(7.5, "classifier-free guidance of validation samples", min=0)
+    timesteps: str = setting("uniform", "training timesteps: uniform, or cubic (T2I-Adapter's (1 - u^3) T)",
+                             choices=("uniform", "cubic"))  # fmt: skip
 
 
 @dataclass

@@ -32,14 +32,15 @@ from .run import Setup, run_task
 class ControlDenoiser(nn.Module):
     """The adapted pipeline modules plus the frozen VAE, with the denoising loss under the batch's conditions."""
 
-    def __init__(self, adapted: nn.Module, pipeline) -> None:
+    def __init__(self, adapted: nn.Module, pipeline, timestep_sampling: str = "uniform") -> None:
         super().__init__()
-        self.adapted, self.vae = adapted, pipeline.vae
+        self.adapted, self.vae, self.timestep_sampling = adapted, pipeline.vae, timestep_sampling
         self.__dict__["parts"] = DiffusionParts.from_pipeline(pipeline, cache_prompts=True)
 
     def forward(self, batch: dict) -> torch.Tensor:
         with conditioning(self.adapted, control_image=batch["conditioning_pixel_values"]):
-            return diffusion_loss(self.parts, batch["pixel_values"], list(batch["prompt"]))
+            return diffusion_loss(self.parts, batch["pixel_values"], list(batch["prompt"]),
+                                  timestep_sampling=self.timestep_sampling)  # fmt: skip
 
 
 class ControlValidation:
@@ -100,7 +101,7 @@ class ControlTrainer:
         if config.train.gradient_checkpointing:
             pipeline.unet.enable_gradient_checkpointing()
         task = ControlValidation(pipeline, config, run_dir, pairs)
-        return Setup(ControlDenoiser(adapted, pipeline), adapted, task, pairs,
+        return Setup(ControlDenoiser(adapted, pipeline, config.train.timesteps), adapted, task, pairs,
                      frozen=[pipeline.unet, pipeline.text_encoder, pipeline.vae],
                      loader={"num_workers": config.data.num_workers},
                      summary=[f"{len(pairs)} (image, condition, caption) triples from {config.data.root}"],

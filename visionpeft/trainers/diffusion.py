@@ -77,7 +77,8 @@ def latent_distribution(vae: nn.Module, pixel_values: torch.Tensor, cache: dict[
 
 
 def noise_latents(vae: nn.Module, scheduler, pixel_values: torch.Tensor, generator: torch.Generator | None = None,
-                  noise_offset: float = 0.0, latent_cache: dict | None = None) -> Noised:  # fmt: skip
+                  noise_offset: float = 0.0, latent_cache: dict | None = None,
+                  timestep_sampling: str = "uniform") -> Noised:  # fmt: skip
     """VAE latents of the images (scaled by the VAE's factor), noise (optionally offset), uniform timesteps."""
     device = pixel_values.device
     with torch.no_grad():
@@ -89,8 +90,19 @@ def noise_latents(vae: nn.Module, scheduler, pixel_values: torch.Tensor, generat
             (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device, dtype=latents.dtype
         )
     steps = scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device="cpu").to(device)
+    timesteps = sample_timesteps(latents.shape[0], steps, timestep_sampling, generator).to(device)
     return Noised(latents, noise, timesteps, scheduler.add_noise(latents, noise, timesteps))
+
+
+def sample_timesteps(count: int, steps: int, kind: str = "uniform", generator: torch.Generator | None = None):
+    """Training timesteps: ``uniform`` over ``[0, steps)``, or ``cubic`` (T2I-Adapter's sampling, ``(1 - u^3) T``,
+    weighted towards the noisy early steps where the structure of the image is decided)."""
+    if kind == "uniform":
+        return torch.randint(0, steps, (count,), generator=generator, device="cpu")
+    if kind == "cubic":
+        u = torch.rand((count,), generator=generator, device="cpu")
+        return ((1 - u**3) * steps).long().clamp(0, steps - 1)
+    raise ValueError(f"unknown timestep sampling {kind!r}")
 
 
 def expand_placeholders(prompts: list[str], tokenizer) -> list[str]:
@@ -141,6 +153,7 @@ def diffusion_loss(
     noise_offset: float = 0.0,
     snr_gamma: float | None = None,
     reduction: str = "mean",
+    timestep_sampling: str = "uniform",
 ) -> torch.Tensor:
     """The denoising loss of one batch.
 
@@ -152,9 +165,11 @@ def diffusion_loss(
         noise_offset: Offset noise scale (Guttenberg 2023), 0 to disable.
         snr_gamma: Min-SNR-gamma weighting (Hang et al. 2023; 5.0 recommended), None to disable.
         reduction: ``mean`` over the batch or ``none`` for per-sample losses (prior preservation splits them).
+        timestep_sampling: ``uniform`` or ``cubic`` (see :func:`sample_timesteps`).
     """
     scheduler = parts.scheduler
-    batch = noise_latents(parts.vae, scheduler, pixel_values, generator, noise_offset, parts.latent_cache)
+    batch = noise_latents(parts.vae, scheduler, pixel_values, generator, noise_offset, parts.latent_cache,
+                          timestep_sampling)  # fmt: skip
     hidden = encode_prompts(parts, prompts)
     prediction = parts.unet(batch.noisy, batch.timesteps, hidden.to(parts.unet.dtype)).sample.float()
     if scheduler.config.prediction_type == "epsilon":
