@@ -92,3 +92,28 @@ def test_a_t2i_adapter_run_trains_with_cubic_timesteps(setup):
     assert run(tool.main, args) == 0
     lines = (setup / "runs" / "t2i" / "metrics.jsonl").read_text().splitlines()
     assert len([x for x in lines if "train/loss" in x]) == 4 and any("eval/fill_iou" in x for x in lines)
+
+
+def test_canny_conditions_from_captioned_images(setup, tmp_path):
+    """data.conditioning=canny on a folder of images with .txt captions: edges made on the fly (white on black,
+    fixed thresholds for validation, drawn ones in training); a missing caption is one line."""
+    from PIL import Image
+
+    from visionpeft.data.control_pairs import ControlPairs
+    from visionpeft.errors import DataError
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):  # a dark square on a light ground: edges any threshold finds
+        image = Image.new("RGB", (16, 16), (230, 230, 230))
+        image.paste((20, 20, 20), (4 + i, 4, 12, 12))
+        image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a dark square")
+    shown = ControlPairs(folder, 16, condition="canny", train=False)
+    item = shown[0]
+    edges = item["conditioning_pixel_values"]
+    assert edges.shape == (3, 16, 16) and set(edges.unique().tolist()) <= {0.0, 1.0} and edges.sum() > 0
+    torch.testing.assert_close(shown[0]["conditioning_pixel_values"], edges)  # validation: the same every time
+    (folder / "0.txt").unlink()
+    with pytest.raises(DataError, match=r"0.png has no caption file 0.txt"):
+        ControlPairs(folder, 16, condition="canny")

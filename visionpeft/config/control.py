@@ -16,6 +16,8 @@ class ControlData:
     root: str | None = setting(None, "the data folder (required): metadata.jsonl or prompt.json + images")
     size: int = setting(512, "training resolution (the condition too)", min=8)
     proportion_empty_prompts: float = setting(0.0, "share of captions replaced by an empty prompt", min=0, max=1)
+    conditioning: str = setting("none", "none (the pairs' condition images) or computed from each image",
+                                choices=("none", "canny", "grayscale", "blur"))  # fmt: skip
     batch_size: int = setting(4, "images per optimizer step, whatever the number of processes and grad_accum", min=1)
     num_workers: int = setting(0, "DataLoader workers", min=0)
 

@@ -17,20 +17,28 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
 from ..errors import DataError
+from .conditions import make_condition
 from .images import load_rgb
 
 LAYOUTS = {"metadata.jsonl": ("image", "conditioning_image", "text"), "prompt.json": ("target", "source", "prompt")}
 
 
-def read_pairs(root: str | Path) -> list[dict]:
-    """The records of a control data folder (keys ``image``, ``conditioning_image``, ``text`` + any extra ones)."""
+def read_pairs(root: str | Path, computed: bool = False) -> list[dict]:
+    """The records of a control data folder (keys ``image``, ``conditioning_image``, ``text`` + any extra ones).
+
+    With ``computed`` (the condition is made from the image) the condition column may be absent, and a folder of
+    images with a same-named ``.txt`` caption each is a data set too.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"control data folder {root} does not exist")
     name = next((n for n in LAYOUTS if (root / n).is_file()), None)
+    if name is None and computed:
+        return _captioned_images(root)
     if name is None:
         raise DataError(f"{root} holds neither metadata.jsonl (image, conditioning_image, text) nor prompt.json")
     image, condition, text = LAYOUTS[name]
+    required = (image, text) if computed else (image, condition, text)
     records = []
     for number, line in enumerate((root / name).read_text().splitlines(), start=1):
         if not line.strip():
@@ -39,17 +47,28 @@ def read_pairs(root: str | Path) -> list[dict]:
             raw = json.loads(line)
         except ValueError:
             raise DataError(f"{root / name} line {number} is not a JSON object") from None
-        missing = [key for key in (image, condition, text) if not isinstance(raw.get(key), str)]
+        missing = [key for key in required if not isinstance(raw.get(key), str)]
         if missing:
             raise DataError(f"{root / name} line {number} has no {', '.join(missing)}")
-        record = {**raw, "image": raw[image], "conditioning_image": raw[condition], "text": raw[text]}
+        record = {**raw, "image": raw[image], "conditioning_image": raw.get(condition), "text": raw[text]}
         for key in ("image", "conditioning_image"):
-            if not (root / record[key]).is_file():
+            if record[key] is not None and not (root / record[key]).is_file():
                 raise DataError(f"{root / name} line {number}: {root / record[key]} does not exist")
         records.append(record)
     if not records:
         raise DataError(f"{root / name} lists no pairs")
     return records
+
+
+def _captioned_images(root: Path) -> list[dict]:
+    images = sorted(p for p in root.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+    if not images:
+        raise DataError(f"{root} holds no metadata.jsonl, prompt.json or images with .txt captions")
+    missing = [p for p in images if not p.with_suffix(".txt").is_file()]
+    if missing:
+        raise DataError(f"{missing[0]} has no caption file {missing[0].with_suffix('.txt').name}")
+    return [{"image": p.name, "conditioning_image": None, "text": p.with_suffix(".txt").read_text().strip()}
+            for p in images]  # fmt: skip
 
 
 class ControlPairs(Dataset):
@@ -59,11 +78,14 @@ class ControlPairs(Dataset):
         root: The data folder. size: Training resolution.
         proportion_empty_prompts: Share of captions replaced by "" (diffusers' option; the control alone must
             carry the image then).
+        condition: ``none`` (the pairs' condition images) or a condition computed from each image (``canny``,
+            ``grayscale``, ``blur``: :mod:`.conditions`), with random settings unless ``train`` is False.
     """
 
-    def __init__(self, root: str | Path, size: int, proportion_empty_prompts: float = 0.0) -> None:
-        self.root, self.records = Path(root), read_pairs(root)
-        self.proportion_empty_prompts = proportion_empty_prompts
+    def __init__(self, root: str | Path, size: int, proportion_empty_prompts: float = 0.0, condition: str = "none",
+                 train: bool = True) -> None:  # fmt: skip
+        self.root, self.records = Path(root), read_pairs(root, computed=condition != "none")
+        self.proportion_empty_prompts, self.condition_kind, self.train = proportion_empty_prompts, condition, train
         resize = [T.Resize(size, interpolation=T.InterpolationMode.BILINEAR, antialias=True), T.CenterCrop(size)]
         self.condition = T.Compose([T.ToImage(), *resize, T.ToDtype(torch.float32, scale=True)])  # [0, 1]
         self.image = T.Compose([self.condition, T.Normalize([0.5] * 3, [0.5] * 3)])  # [-1, 1]
@@ -74,8 +96,13 @@ class ControlPairs(Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         empty = self.proportion_empty_prompts and torch.rand(()) < self.proportion_empty_prompts
+        image = load_rgb(self.root / record["image"])
+        if self.condition_kind == "none":
+            condition = load_rgb(self.root / record["conditioning_image"])
+        else:
+            condition = make_condition(image, self.condition_kind, self.train)
         return {
-            "pixel_values": self.image(load_rgb(self.root / record["image"])),
-            "conditioning_pixel_values": self.condition(load_rgb(self.root / record["conditioning_image"])),
+            "pixel_values": self.image(image),
+            "conditioning_pixel_values": self.condition(condition),
             "prompt": "" if empty else record["text"],
         }

@@ -94,17 +94,19 @@ class ControlTrainer:
 
         if not config.data.root:
             raise ConfigError("data.root is required: the folder with metadata.jsonl (or fill50k's prompt.json)")
-        pairs = ControlPairs(config.data.root, config.data.size, config.data.proportion_empty_prompts)
+        data = config.data
+        pairs = ControlPairs(data.root, data.size, data.proportion_empty_prompts, data.conditioning)
+        shown = ControlPairs(data.root, data.size, 0.0, data.conditioning, train=False)  # fixed validation conditions
         pipeline = load_pipeline(config.model.name)
         attach(pipeline, methods_of_config(config))
         adapted = pipeline_modules(pipeline)
         if config.train.gradient_checkpointing:
             pipeline.unet.enable_gradient_checkpointing()
-        task = ControlValidation(pipeline, config, run_dir, pairs)
+        task = ControlValidation(pipeline, config, run_dir, shown)
         return Setup(ControlDenoiser(adapted, pipeline, config.train.timesteps), adapted, task, pairs,
                      frozen=[pipeline.unet, pipeline.text_encoder, pipeline.vae],
-                     loader={"num_workers": config.data.num_workers},
-                     summary=[f"{len(pairs)} (image, condition, caption) triples from {config.data.root}"],
+                     loader={"num_workers": data.num_workers},
+                     summary=[f"{len(pairs)} (image, condition, caption) triples from {data.root}"],
                      state={"pipeline": pipeline})  # fmt: skip
 
     def finish(self, config: DictConfig, loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
