@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 from _classify_utils import ROOT
@@ -117,3 +118,32 @@ def test_canny_conditions_from_captioned_images(setup, tmp_path):
     (folder / "0.txt").unlink()
     with pytest.raises(DataError, match=r"0.png has no caption file 0.txt"):
         ControlPairs(folder, 16, condition="canny")
+
+
+def test_generate_draws_with_the_run_s_controlnet_folder_or_its_adapter(setup, tmp_path, capsys):
+    """tools/generate.py --control RUN/controlnet --control-image: the diffusers folder and the visionpeft adapter of
+    the same run draw the same grid; a control without its image is one line."""
+    import generate as generate_tool
+    from PIL import Image
+
+    if not (setup / "runs" / "controlnet_sd15_fill" / "controlnet").exists():
+        assert _train(setup, "controlnet_sd15_fill", "controlnet_sd15_fill") == 0
+    run_dir = setup / "runs" / "controlnet_sd15_fill"
+    base = ["--model", str(setup / "pipe"), "--prompt", "red circle with blue background", "--seeds", "0",
+            "--steps", "2", "--size", "16", "--control-image", str(setup / "fill" / "source" / "0.png")]  # fmt: skip
+    assert (
+        run(generate_tool.main, [*base, "--control", str(run_dir / "controlnet"), "--out", str(tmp_path / "a.png")])
+        == 0
+    )
+    assert (
+        run(generate_tool.main, [*base, "--adapter", str(run_dir / "adapter"), "--out", str(tmp_path / "b.png")]) == 0
+    )
+    a, b = (np.asarray(Image.open(tmp_path / name)) for name in ("a.png", "b.png"))
+    np.testing.assert_array_equal(a, b)
+    capsys.readouterr()
+    args = ["--model", str(setup / "pipe"), "--prompt", "x", "--adapter", str(run_dir / "adapter"),
+            "--out", str(tmp_path / "c.png")]  # fmt: skip
+    assert run(generate_tool.main, args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: the loaded adapters read control_image: give --control-image"
+    )

@@ -1,4 +1,4 @@
-"""Sample a prompt x seed grid from a diffusers pipeline with any combination of saved adapters.
+"""Sample a prompt x seed grid from a diffusers pipeline with any combination of saved adapters and controls.
 
     python tools/generate.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --adapter runs/ti-cat/adapter --adapter runs/lora-cat/diffusers \\
@@ -6,12 +6,14 @@
 
 An adapter is a visionpeft adapter folder (``adapter_config.json``), or a folder / file in diffusers' formats:
 ``pytorch_lora_weights.safetensors`` (``load_lora_weights``) and ``learned_embeds.safetensors``
-(``load_textual_inversion``).
+(``load_textual_inversion``), or a ``ControlNetModel`` / ``T2IAdapter`` folder (``--control RUN/controlnet``, with
+``--control-image edges.png``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import warnings
@@ -57,6 +59,8 @@ def apply_adapter(pipe, path: Path) -> str:
     if path.is_dir() and (path / "adapter_config.json").is_file():
         vp.load_adapter(pipe, path)
         return "visionpeft"
+    if path.is_dir() and (path / "config.json").is_file():
+        return load_control_folder(pipe, path)
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not files:
         raise CheckpointError(f"no adapter at {path}")
@@ -74,6 +78,67 @@ def apply_adapter(pipe, path: Path) -> str:
             raise CheckpointError(f"{file} cannot be loaded as a {kind} into this pipeline: {reason}") from None
         kinds.append(kind)
     return " + ".join(kinds)
+
+
+#: diffusers model class in a save_pretrained folder -> (visionpeft method, its options from the folder's config)
+CONTROL_CLASSES = {
+    "ControlNetModel": ("controlnet", lambda c: {"hint_channels": c["conditioning_embedding_out_channels"],
+                                                 "conditioning_channels": c.get("conditioning_channels", 3)}),
+    "T2IAdapter": ("t2i_adapter", lambda c: {key: c[key] for key in ("adapter_type", "channels", "num_res_blocks",
+                                                                    "downscale_factor", "in_channels") if key in c}),
+}  # fmt: skip
+
+
+def load_control_folder(pipe, path: Path) -> str:
+    """A diffusers ``ControlNetModel`` / ``T2IAdapter`` folder (``save_pretrained``: this toolkit's ``RUN/controlnet``
+    or any released one), attached as the matching method with the folder's weights."""
+    import json
+
+    import diffusers
+
+    import visionpeft as vp
+    from visionpeft.adapter import backbone_of
+    from visionpeft.errors import CheckpointError
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({err})") from None
+    name = config.get("_class_name")
+    if name not in CONTROL_CLASSES:
+        raise CheckpointError(
+            f"{path} holds a {name}; --adapter / --control read ControlNetModel or T2IAdapter folders"
+        )
+    method, options = CONTROL_CLASSES[name]
+    try:
+        loaded = getattr(diffusers, name).from_pretrained(path)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path} cannot be loaded as a {name}: {str(err).splitlines()[0][:160]}") from None
+    vp.attach(pipe, method, **options(config))
+    tower = getattr(backbone_of(pipe).model, "controlnet" if method == "controlnet" else "t2i_adapter")
+    tower.load_state_dict(loaded.state_dict())
+    return f"{method} ({name})"
+
+
+def control_inputs(pipe, image_path: Path | None, side: int) -> dict:
+    """``{"control_image": tensor}`` when an attached method reads one (the image resized to ``side``, in [0, 1])."""
+    from visionpeft.adapter import methods_of
+    from visionpeft.data.images import load_rgb
+    from visionpeft.errors import ConfigError
+
+    reads = {name for method in methods_of(pipe) for name in method.call_inputs}
+    if not reads:
+        if image_path is not None:
+            raise ConfigError("--control-image given, but no loaded adapter reads a control image")
+        return {}
+    if image_path is None:
+        raise ConfigError(f"the loaded adapters read {', '.join(sorted(reads))}: give --control-image")
+    import numpy as np
+    import torch
+
+    image = load_rgb(image_path).resize((side, side))
+    tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return {"control_image": tensor.to(pipe.device)}
 
 
 def check_out(out: Path) -> None:
@@ -107,12 +172,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", type=Path, default=Path("grid.png"))
+    parser.add_argument(
+        "--control",
+        action="append",
+        default=[],
+        type=Path,
+        help="a ControlNet / T2I-Adapter: diffusers folder (RUN/controlnet) or visionpeft adapter",
+    )
+    parser.add_argument("--control-image", type=Path, help="the condition image (edges, a fill50k outline, ...)")
     args = parser.parse_args(argv)
+    if args.control and args.control_image is None:
+        parser.error("--control needs --control-image")
     check_out(args.out)
 
     import torch
     from diffusers.utils import make_image_grid
 
+    import visionpeft as vp
     from visionpeft.backbones.diffusers_loading import load_pipeline
     from visionpeft.errors import ConfigError
 
@@ -125,21 +201,24 @@ def main(argv: list[str]) -> int:
             f"try --size {max(factor, args.size // factor * factor)}"
         )
     pipe.set_progress_bar_config(disable=True)
-    for adapter in args.adapter:
+    for adapter in [*args.adapter, *args.control]:
         print(f"adapter {adapter}: {apply_adapter(pipe, adapter)}")
     size = {"height": args.size, "width": args.size} if args.size else {}
+    side = args.size or pipe.unet.config.sample_size * factor
+    inputs = control_inputs(pipe, args.control_image, side)
     images = []
     for prompt in args.prompt:
         for seed in args.seeds:
             generator = torch.Generator(device="cpu").manual_seed(seed)
-            images += pipe(
-                prompt,
-                negative_prompt=args.negative_prompt,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                generator=generator,
-                **size,
-            ).images
+            with vp.conditioning(pipe, **inputs) if inputs else contextlib.nullcontext():
+                images += pipe(
+                    prompt,
+                    negative_prompt=args.negative_prompt,
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.guidance,
+                    generator=generator,
+                    **size,
+                ).images
     grid = make_image_grid(images, rows=len(args.prompt), cols=len(args.seeds))
     try:
         grid.save(args.out)
