@@ -45,6 +45,8 @@ def test_a_control_run_validates_and_leaves_a_controlnet_diffusers_loads(setup, 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if "train/loss" in r]) == 6
     assert [r["step"] for r in records if "eval/fill_iou" in r] == [3, 6]
+    norms = [r for r in records if any(k.endswith("residual_norm/mid") for k in r)]
+    assert len(norms) == 2 and all(v > 0 for r in norms for k, v in r.items() if "residual_norm" in k)
     assert sorted(p.name for p in (run_dir / "validation").glob("*.png")) == ["001.png", "002.png"]
     loaded = ControlNetModel.from_pretrained(run_dir / "controlnet")
     assert sum(p.numel() for p in loaded.parameters()) > 0

@@ -204,6 +204,10 @@ class Method:
         self._hooks, self._wrapped, self._added, self._originals = [], [], [], {}
         self.tensors, self.buffers = {}, {}
 
+    def diagnostics(self) -> dict[str, float]:
+        """Numbers worth logging about the method's last forward (a control's residual norms); none by default."""
+        return {}
+
     def export_parts(self, format: str) -> ExportParts:
         """The method's part of a file in ``format`` (one of :attr:`export_formats`).
 

@@ -67,6 +67,10 @@ class ControlNet(Method):
     def export_parts(self, format: str) -> ExportParts:
         return ExportParts(models={"controlnet": self.diffusers_controlnet})
 
+    def diagnostics(self) -> dict[str, float]:
+        """The norms of the residuals the last U-Net call received, per down-block residual and mid block."""
+        return {f"{self.name}/residual_norm/{key}": value for key, value in getattr(self, "_norms", {}).items()}
+
     def diffusers_controlnet(self) -> nn.Module:
         """The trained ControlNet as a plain diffusers ``ControlNetModel``."""
         return self.controlnet
@@ -104,6 +108,9 @@ class ControlNet(Method):
         )  # fmt: skip
         down = [d.to(sample.dtype) for d in down]
         mid = mid.to(sample.dtype)
+        with torch.no_grad():  # "the condition is ignored" shows as residual norms that stay at zero
+            self._norms = {f"down.{i}": float(d.float().norm()) for i, d in enumerate(down)}
+            self._norms["mid"] = float(mid.float().norm())
         kwargs = dict(kwargs)
         previous = kwargs.get("down_block_additional_residuals")
         kwargs["down_block_additional_residuals"] = (

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ..adapter import attach, can_export, conditioning
+from ..adapter import attach, can_export, conditioning, methods_of
 from ..backbones import pipeline_modules
 from ..backbones.diffusers_loading import load_pipeline
 from ..checkpoint import save_adapter
@@ -60,9 +60,11 @@ class ControlValidation:
         from diffusers.utils import make_image_grid
 
         self.calls += 1
+        # the methods' numbers from the last training step, before sampling changes them
+        diagnostics = {key: value for m in methods_of(self.pipeline) for key, value in m.diagnostics().items()}
         count = min(self.cfg.train.validation_pairs, len(self.pairs))
         if not accelerator.is_main_process or count == 0:
-            return {}
+            return diagnostics
         size, rows, scores = self.cfg.data.size, [], []
         self.pipeline.set_progress_bar_config(disable=True)
         for index in range(count):
@@ -79,7 +81,7 @@ class ControlValidation:
         folder = self.run_dir / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         make_image_grid(rows, rows=count, cols=3).save(folder / f"{self.calls:03d}.png")
-        return {"fill_iou": float(np.mean(scores))} if scores else {}
+        return {**diagnostics, **({"fill_iou": float(np.mean(scores))} if scores else {})}
 
 
 def _to_pil(tensor: torch.Tensor):
