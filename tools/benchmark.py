@@ -1,4 +1,4 @@
-"""Benchmarks that print tables: ``python tools/benchmark.py {core,demo,clip,personalize,cli} [options]``.
+"""Benchmarks that print tables: ``python tools/benchmark.py {core,demo,clip,personalize,cli,control} [options]``.
 
 core  training-step time and peak memory of every method relative to full fine-tuning (ViT-B/16), a LoRA Linear
       against PEFT's, and a merged model's inference time against the plain model's.
@@ -6,6 +6,7 @@ demo  the method sweep on the embedded tiny ViT and the mini tasks (results tabl
 clip  learned-prompt (CoOp) inference throughput against zero-shot CLIP.
 personalize  one training step of textual inversion / DreamBooth-LoRA against a bare diffusers reference step.
 cli   how fast the commands answer (--help, config errors) and import visionpeft, against import torch.
+control  a ControlNet training step against diffusers' train_controlnet.py step; ControlNet-LoRA / T2I-Adapter.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import importlib
 import sys
 from pathlib import Path
 
-SUITES = ("core", "demo", "clip", "personalize", "cli")
+SUITES = ("core", "demo", "clip", "personalize", "cli", "control")
 
 
 def main(argv: list[str] | None = None) -> int:
