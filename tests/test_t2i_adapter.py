@@ -11,6 +11,7 @@ import torch
 from tiny_models import tiny_unet, tiny_vit
 
 import visionpeft as vp
+from visionpeft.adapter import backbone_of
 from visionpeft.errors import ConfigError, DataError, IncompatibleMethodError
 
 FIT = {"downscale_factor": 2}  # the tiny pipelines' VAE downsamples by 2: 16 px images, 8 x 8 latents
@@ -236,3 +237,24 @@ def test_on_the_sd15_unet_it_trains_tencentarcs_77m():
     vp.detach(unet)
     light = vp.attach(unet, "t2i_adapter", adapter_type="light_adapter", num_res_blocks=4)
     assert vp.count_parameters(light)["by_group"] == {"t2i_adapter": 18_689_200}
+
+
+def test_while_sampling_the_adapter_runs_once_per_condition_image():
+    """Under no_grad (sampling), repeated U-Net calls with the same condition image reuse the adapter's states; a new
+    image, or training, computes them again."""
+    unet = vp.attach(tiny_unet(), "t2i_adapter", downscale_factor=2)
+    calls = []
+    adapter = backbone_of(unet).model.t2i_adapter
+    adapter.register_forward_hook(lambda *args: calls.append(1))
+    latents, text, control = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 16), torch.rand(1, 3, 16, 16)
+    with torch.no_grad(), vp.conditioning(unet, control_image=control):
+        first = unet(latents, 10, encoder_hidden_states=text).sample
+        again = unet(latents, 500, encoder_hidden_states=text).sample
+    assert len(calls) == 1 and not torch.equal(first, again)
+    with torch.no_grad(), vp.conditioning(unet, control_image=torch.rand(1, 3, 16, 16)):
+        unet(latents, 10, encoder_hidden_states=text)
+    assert len(calls) == 2
+    with vp.conditioning(unet, control_image=control):
+        unet(latents, 10, encoder_hidden_states=text)
+        unet(latents, 10, encoder_hidden_states=text)
+    assert len(calls) == 4
