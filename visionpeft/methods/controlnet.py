@@ -22,6 +22,25 @@ from ..schema import setting
 from .base import ExportParts, Method, MethodConfig
 
 
+def fit_control_image(image, sample: torch.Tensor, factor: int, channels: int, dtype: torch.dtype, who: str):
+    """A call's condition image checked against the latent grid (``factor`` x the latents' size, ``channels``),
+    repeated for a batch that classifier-free guidance doubled, moved to the latents' device in ``dtype``."""
+    expected = (sample.shape[-2] * factor, sample.shape[-1] * factor)
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or tuple(image.shape[-2:]) != expected or (
+        image.shape[1] != channels
+    ):  # fmt: skip
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise DataError(
+            f"the control image has shape {shape}; {who} needs (batch, {channels}, {expected[0]}, {expected[1]}) "
+            f"for latents of {tuple(sample.shape[-2:])}"
+        )
+    if image.shape[0] != sample.shape[0]:
+        if sample.shape[0] % image.shape[0]:
+            raise DataError(f"{image.shape[0]} control images for a batch of {sample.shape[0]}")
+        image = image.repeat(sample.shape[0] // image.shape[0], 1, 1, 1)
+    return image.to(device=sample.device, dtype=dtype)
+
+
 @dataclass
 class ControlNetConfig(MethodConfig):
     """ControlNet options; defaults are diffusers' (``ControlNetModel``, ``train_controlnet.py``).
@@ -76,25 +95,10 @@ class ControlNet(Method):
         return self.controlnet
 
     def _control_image(self, sample: torch.Tensor) -> torch.Tensor:
-        """The call's condition image, checked against the latent grid and repeated for a doubled
-        (classifier-free guidance) batch."""
+        cfg = self.config
         image = self.call_input("control_image")
-        expected = (sample.shape[-2] * self.factor, sample.shape[-1] * self.factor)
-        if (
-            image.ndim != 4
-            or tuple(image.shape[-2:]) != expected
-            or image.shape[1] != self.config.conditioning_channels
-        ):
-            raise DataError(
-                f"the control image has shape {tuple(image.shape)}; this ControlNet needs (batch, "
-                f"{self.config.conditioning_channels}, {expected[0]}, {expected[1]}) for latents of "
-                f"{tuple(sample.shape[-2:])} (its hint encoder downsamples by {self.factor})"
-            )
-        if image.shape[0] != sample.shape[0]:
-            if sample.shape[0] % image.shape[0]:
-                raise DataError(f"{image.shape[0]} control images for a batch of {sample.shape[0]}")
-            image = image.repeat(sample.shape[0] // image.shape[0], 1, 1, 1)
-        return image.to(device=sample.device, dtype=self.controlnet.dtype)
+        return fit_control_image(image, sample, self.factor, cfg.conditioning_channels, self.controlnet.dtype,
+                                 f"this ControlNet (its hint encoder downsamples by {self.factor})")  # fmt: skip
 
     def _add_residuals(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
         names = ("sample", "timestep", "encoder_hidden_states")

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, DataError, IncompatibleMethodError
+from ..errors import ConfigError, IncompatibleMethodError
 from ..registry import METHODS
 from ..schema import setting
 from .base import Method, MethodConfig
+from .controlnet import fit_control_image
 
 
 @dataclass
@@ -110,24 +111,10 @@ class T2IAdapterMethod(Method):
         self.hook_input(unet, self._add_states, with_kwargs=True)
 
     def _control_image(self, sample: torch.Tensor) -> torch.Tensor:
-        """The call's condition image, checked against the latent grid and repeated for a doubled
-        (classifier-free guidance) batch."""
+        cfg = self.config
+        who = f"this T2I-Adapter (its pixel unshuffle downscales by {cfg.downscale_factor})"
         image = self.call_input("control_image")
-        factor, channels = self.config.downscale_factor, self.config.in_channels
-        expected = (sample.shape[-2] * factor, sample.shape[-1] * factor)
-        if not isinstance(image, torch.Tensor) or image.ndim != 4 or tuple(image.shape[-2:]) != expected or (
-            image.shape[1] != channels
-        ):  # fmt: skip
-            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-            raise DataError(
-                f"the control image has shape {shape}; this T2I-Adapter needs (batch, {channels}, {expected[0]}, "
-                f"{expected[1]}) for latents of {tuple(sample.shape[-2:])} (its pixel unshuffle downscales by {factor})"
-            )
-        if image.shape[0] != sample.shape[0]:
-            if sample.shape[0] % image.shape[0]:
-                raise DataError(f"{image.shape[0]} control images for a batch of {sample.shape[0]}")
-            image = image.repeat(sample.shape[0] // image.shape[0], 1, 1, 1)
-        return image.to(device=sample.device, dtype=self.adapter.dtype)
+        return fit_control_image(image, sample, cfg.downscale_factor, cfg.in_channels, self.adapter.dtype, who)
 
     def _states(self, sample: torch.Tensor) -> list[torch.Tensor]:
         """The adapter's states for this call. They depend on the condition image alone, so while nothing trains
