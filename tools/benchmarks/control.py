@@ -17,6 +17,8 @@ import resource
 import statistics
 import time
 
+from .stats import ratio_spread
+
 HINT = {"hint_channels": [16, 32]}
 VARIANTS = {
     "reference": ("diffusers' train_controlnet.py step (ControlNetModel)", None, {}),
@@ -175,13 +177,16 @@ def main(argv: list[str]) -> int:
         sampling = pool.apply(_sampling, ((args.size, args.threads),))
     print(f"# scaled-down SD pipeline, batch {args.batch}, {args.size} px, fp32, AdamW, {args.threads} threads, "
           f"median of {args.steps} steps x {args.rounds} rounds, fresh process per run\n")  # fmt: skip
-    print("| variant | step (s) | vs reference | peak memory (MB) | vs reference | trainable | AdamW state (MB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| variant | step (s) | vs reference | min / median / max over rounds | peak memory (MB) | vs reference "
+          "| trainable | AdamW state (MB) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     ref = med["reference"]
     for name, (label, _, _) in VARIANTS.items():
         r = med[name]
         memory_ratio = r["memory"] / max(ref["memory"], 1e-6)
-        print(f"| {label} | {r['time']:.3f} | {r['time'] / ref['time']:.2f} | {r['memory']:.0f} | {memory_ratio:.2f} | "
+        spread = ratio_spread(runs[name], runs["reference"], "time")
+        print(f"| {label} | {r['time']:.3f} | {r['time'] / ref['time']:.2f} | {spread} | {r['memory']:.0f} | "
+              f"{memory_ratio:.2f} | "
               f"{int(r['trainable']):,} | {r['state_mb']:.1f} |")  # fmt: skip
     cn, lora, t2i = med["controlnet"], med["controlnet_lora"], med["t2i_adapter"]
     print("\n| ratio | value | target |")

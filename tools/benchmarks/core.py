@@ -18,6 +18,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from .stats import ratio_spread
+
 METHODS: list[tuple[str, str, dict]] = [
     ("full", "full", {}),
     ("linear", "linear", {}),
@@ -190,8 +192,9 @@ def lora_scaling(args) -> int:
     trio = [("full", "full", {}), ("lora", "lora", {"r": 8}), ("peft", "peft_lora", {"r": 8})]
     print(f"# {args.img} px, fp32, AdamW, {args.threads} threads, median of {args.steps} warm steps x {args.rounds} "
           "rounds, one fresh process per run\n")  # fmt: skip
-    print("| model | batch | full step CPU (s) | lora / full | lora / peft (time) | lora / peft (memory) | target |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| model | batch | full step CPU (s) | lora / full | lora / peft (time) | min / median / max over rounds "
+          "| lora / peft (memory) | target |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     ctx = mp.get_context("spawn")
     for arch in args.archs:
         for batch in args.batches:
@@ -204,7 +207,8 @@ def lora_scaling(args) -> int:
                         runs[label].append(pool.apply(_train_steps, ((settings, method, options),)))
             r = {k: {key: statistics.median(x[key] for x in v) for key in v[0]} for k, v in runs.items()}
             print(f"| {arch} | {batch} | {r['full']['cpu']:.2f} | {r['lora']['cpu'] / r['full']['cpu']:.2f} | "
-                  f"{r['lora']['cpu'] / r['peft']['cpu']:.2f} | {r['lora']['memory'] / r['peft']['memory']:.2f} | "
+                  f"{r['lora']['cpu'] / r['peft']['cpu']:.2f} | {ratio_spread(runs['lora'], runs['peft'], 'cpu')} | "
+                  f"{r['lora']['memory'] / r['peft']['memory']:.2f} | "
                   "<= 1.00 vs peft |")  # fmt: skip
     return 0
 

@@ -16,6 +16,8 @@ import resource
 import statistics
 import time
 
+from .stats import ratio_spread
+
 
 def build_pipeline(seed: int = 0):
     """A scaled-down Stable Diffusion pipeline (SD layout, smaller widths) with the real CLIP tokenizer."""
@@ -226,15 +228,16 @@ def main(argv: list[str]) -> int:
         f"median of {args.steps} steps x {args.rounds} rounds, fresh process per run\n"
     )
     print(
-        "| method | reference step (s) | visionpeft step (s) | time ratio | target | reference mem (MB) "
-        "| visionpeft mem (MB) | memory ratio | target |"
+        "| method | reference step (s) | visionpeft step (s) | time ratio | min / median / max over rounds | target "
+        "| reference mem (MB) | visionpeft mem (MB) | memory ratio | target |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     targets = {"textual_inversion": "<= 1.05", "dreambooth_lora": "<= 0.90"}  # DreamBooth: prompt states cached
     for variant in ("textual_inversion", "dreambooth_lora"):
         ref, ours = med[(variant, "reference")], med[(variant, "visionpeft")]
         print(
             f"| {variant} | {ref['time']:.3f} | {ours['time']:.3f} | {ours['time'] / ref['time']:.2f} | "
+            f"{ratio_spread(runs[(variant, 'visionpeft')], runs[(variant, 'reference')], 'time')} | "
             f"{targets[variant]} | {ref['memory']:.0f} | {ours['memory']:.0f} | "
             f"{ours['memory'] / max(ref['memory'], 1e-6):.2f} | <= 1.00 |"
         )
