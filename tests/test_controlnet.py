@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_unet, tiny_vit
+from tiny_models import assert_same_state, tiny_unet, tiny_vit
 
 import visionpeft as vp
 from visionpeft.adapter import backbone_of
@@ -75,9 +75,7 @@ def test_save_load_and_detach(tmp_path):
     torch.testing.assert_close(_run(fresh), expected, rtol=0, atol=0)
     vp.detach(fresh)
     assert not hasattr(fresh, "controlnet")
-    plain = tiny_unet()
-    for (name, a), (_, b) in zip(fresh.state_dict().items(), plain.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert_same_state(fresh, tiny_unet())
     with pytest.raises(IncompatibleMethodError, match="cannot be merged"):
         vp.merge(vp.attach(tiny_unet(), "controlnet", **HINT))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_controlnet import HINT, LATENTS, STEPS, TEXT, _run
-from tiny_models import tiny_unet
+from tiny_models import assert_same_state, tiny_unet
 from torch import nn
 
 import visionpeft as vp
@@ -52,8 +52,7 @@ def test_the_checkpoint_holds_no_frozen_weight_and_reloads_exactly(tmp_path):
     fresh = vp.load_adapter(tiny_unet(), tmp_path)
     torch.testing.assert_close(_run(fresh), expected, rtol=0, atol=0)
     vp.detach(fresh)
-    for (name, a), (_, b) in zip(fresh.state_dict().items(), tiny_unet().state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert_same_state(fresh, tiny_unet())
 
 
 def test_frozen_zero_convs_are_refused_with_the_reason():

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import tiny_unet, tiny_vit
+from tiny_models import assert_same_state, tiny_unet, tiny_vit
 
 import visionpeft as vp
 from visionpeft.adapter import backbone_of
@@ -138,10 +138,7 @@ def test_save_load_and_detach(tmp_path):
     torch.testing.assert_close(_run(fresh), expected, rtol=0, atol=0)
     vp.detach(fresh)
     assert not hasattr(fresh, "t2i_adapter")
-    plain = tiny_unet()
-    assert fresh.state_dict().keys() == plain.state_dict().keys()
-    for (name, a), (_, b) in zip(fresh.state_dict().items(), plain.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert_same_state(fresh, tiny_unet())
     torch.testing.assert_close(_plain(fresh), _plain(), rtol=0, atol=0)
     assert not vp.can_merge(unet)
     with pytest.raises(IncompatibleMethodError, match="cannot be merged"):

@@ -215,3 +215,11 @@ def sample_images(pipe, prompt: str):
     """Two denoising steps at 16 px with a fixed seed: a cheap, deterministic picture of a pipeline's behaviour."""
     return pipe(prompt, num_inference_steps=2, height=16, width=16, output_type="np",
                 generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+
+def assert_same_state(model: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """The two state dicts hold the same names and bit-identical tensors (a detached model is back to its original)."""
+    state, expected = model.state_dict(), reference.state_dict()
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)

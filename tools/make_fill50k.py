@@ -13,21 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from visionpeft.cli.common import run
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+from visionpeft.cli.common import positive_int, run
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--n", type=positive, default=50000)
-    parser.add_argument("--size", type=positive, default=512)
+    parser.add_argument("--n", type=positive_int, default=50000)
+    parser.add_argument("--size", type=positive_int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from visionpeft.data.fill50k import make_fill50k

@@ -10,18 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import configure_logging
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+from .common import configure_logging, positive_int
 
 
 def main(argv: list[str]) -> int:

@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .eval import positive_int
+from .common import positive_int
 
 
 def evaluate(model, loader) -> tuple[float, float]:

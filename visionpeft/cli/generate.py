@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .eval import positive_int
+from .common import positive_int
 
 
 def read_weights(file: Path) -> dict[str, Any]:

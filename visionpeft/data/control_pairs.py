@@ -9,6 +9,7 @@ training starts. Transforms follow diffusers' ``train_controlnet.py``: resize th
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -89,6 +90,12 @@ class ControlPairs(Dataset):
         resize = [T.Resize(size, interpolation=T.InterpolationMode.BILINEAR, antialias=True), T.CenterCrop(size)]
         self.condition = T.Compose([T.ToImage(), *resize, T.ToDtype(torch.float32, scale=True)])  # [0, 1]
         self.image = T.Compose([self.condition, T.Normalize([0.5] * 3, [0.5] * 3)])  # [-1, 1]
+
+    def for_validation(self) -> ControlPairs:
+        """The same pairs with fixed conditions and every caption kept (the records are shared, not read again)."""
+        shown = copy.copy(self)
+        shown.train, shown.proportion_empty_prompts = False, 0.0
+        return shown
 
     def __len__(self) -> int:
         return len(self.records)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DataError
+from ..errors import DataError, IncompatibleMethodError
 from ..registry import METHODS
 from ..schema import setting
 from .base import ExportParts, Method, MethodConfig
@@ -39,6 +39,19 @@ def fit_control_image(image, sample: torch.Tensor, factor: int, channels: int, d
             raise DataError(f"{image.shape[0]} control images for a batch of {sample.shape[0]}")
         image = image.repeat(sample.shape[0] // image.shape[0], 1, 1, 1)
     return image.to(device=sample.device, dtype=dtype)
+
+
+def add_to_call(kwargs: dict[str, Any], key: str, states: list[torch.Tensor], who: str) -> dict[str, Any]:
+    """New U-Net keyword arguments with ``states`` added to whatever another control already put under ``key``
+    (two controls at once); a new list, since the U-Net pops from it."""
+    kwargs = dict(kwargs)
+    previous = kwargs.get(key)
+    if previous is not None:
+        if len(previous) != len(states):
+            raise IncompatibleMethodError(f"another control gave {len(previous)} {key}; {who} gives {len(states)}")
+        states = [a + b for a, b in zip(previous, states)]
+    kwargs[key] = list(states)
+    return kwargs
 
 
 @dataclass
@@ -115,11 +128,7 @@ class ControlNet(Method):
         with torch.no_grad():  # "the condition is ignored" shows as residual norms that stay at zero
             self._norms = {f"down.{i}": float(d.float().norm()) for i, d in enumerate(down)}
             self._norms["mid"] = float(mid.float().norm())
-        kwargs = dict(kwargs)
-        previous = kwargs.get("down_block_additional_residuals")
-        kwargs["down_block_additional_residuals"] = (
-            down if previous is None else [a + b for a, b in zip(previous, down)]
-        )
+        kwargs = add_to_call(kwargs, "down_block_additional_residuals", down, self.name)
         previous = kwargs.get("mid_block_additional_residual")
         kwargs["mid_block_additional_residual"] = mid if previous is None else previous + mid
         return args, kwargs

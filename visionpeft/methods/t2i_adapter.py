@@ -23,7 +23,7 @@ from ..errors import ConfigError, IncompatibleMethodError
 from ..registry import METHODS
 from ..schema import setting
 from .base import Method, MethodConfig
-from .controlnet import fit_control_image
+from .controlnet import add_to_call, fit_control_image
 
 
 @dataclass
@@ -133,14 +133,4 @@ class T2IAdapterMethod(Method):
         sample = args[0] if args else kwargs["sample"]
         scale = self.config.conditioning_scale
         states = [(state * scale).to(sample.dtype) for state in self._states(sample)]
-        kwargs = dict(kwargs)
-        previous = kwargs.get("down_intrablock_additional_residuals")
-        if previous is not None:
-            if len(previous) != len(states):
-                raise IncompatibleMethodError(
-                    f"another control gave {len(previous)} down_intrablock_additional_residuals; t2i_adapter gives "
-                    f"{len(states)}"
-                )
-            states = [a + b for a, b in zip(previous, states)]
-        kwargs["down_intrablock_additional_residuals"] = states  # a new list: the U-Net pops from it
-        return args, kwargs
+        return args, add_to_call(kwargs, "down_intrablock_additional_residuals", states, self.name)

@@ -98,7 +98,7 @@ class ControlTrainer:
             raise ConfigError("data.root is required: the folder with metadata.jsonl (or fill50k's prompt.json)")
         data = config.data
         pairs = ControlPairs(data.root, data.size, data.proportion_empty_prompts, data.conditioning)
-        shown = ControlPairs(data.root, data.size, 0.0, data.conditioning, train=False)  # fixed validation conditions
+        shown = pairs.for_validation()
         pipeline = load_pipeline(config.model.name)
         attach(pipeline, methods_of_config(config))
         adapted = pipeline_modules(pipeline)
