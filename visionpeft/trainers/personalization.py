@@ -23,7 +23,7 @@ import visionpeft as vp
 from ..backbones import pipeline_modules
 from ..backbones.diffusers_loading import load_pipeline
 from ..config import methods_of_config
-from ..data.few_images import FewImages, load_images
+from ..data.few_images import FewImages
 from ..errors import ConfigError
 from ..methods import fill_task_inputs
 from .diffusion import DiffusionParts, diffusion_loss
@@ -135,12 +135,12 @@ class PersonalizationTrainer:
     def build(self, config: DictConfig, accelerator, run_dir: Path) -> Setup:
         if not config.data.images:
             raise ConfigError("data.images is required: the folder with the subject or style images")
-        skip = config.data.skip_bad_images
-        images = load_images(config.data.images, skip)  # fails early on a missing folder or a corrupt image
+        data, skip = config.data, config.data.skip_bad_images
+        # read (and checked: a missing folder or a corrupt image fails here) before the pipeline loads
+        subject = FewImages(data.images, config.token, data.size, data.kind, data.prompt, data.repeats,
+                            data.center_crop, data.flip, config.train.seed, skip)  # fmt: skip
         pipeline = load_pipeline(config.model.name)
-        data = config.data
-        dataset: Dataset = FewImages(data.images, config.token, data.size, data.kind, data.prompt, data.repeats,
-                                     data.center_crop, data.flip, config.train.seed, skip)  # fmt: skip
+        dataset: Dataset = subject
         if config.prior.enabled:
             folder = _class_images(pipeline, config, run_dir)
             prior = FewImages(folder, config.token, data.size, "fixed", config.prior.class_prompt, 1,
@@ -167,7 +167,7 @@ class PersonalizationTrainer:
             task,
             dataset,
             frozen=[pipeline.unet, pipeline.text_encoder, pipeline.vae],
-            summary=[f"{len(images)} images, {len(dataset)} training items"],
+            summary=[f"{len(subject.images)} images, {len(dataset)} training items"],
             state={"pipeline": pipeline},
         )
 
