@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backbones.base import iter_block_projections
 from ..errors import CheckpointError, ConfigError, IncompatibleMethodError, did_you_mean
 from ..layers.lora import LoRAConv2d, LoRALinear, LoRAMultiheadAttention
 from ..registry import METHODS
@@ -60,9 +61,8 @@ class LoRA(Method):
         cfg = self.config
         for block in self.blocks():
             groups: dict[tuple[int, str], list] = defaultdict(list)
-            for pname, proj in block.projections.items():
-                if any(pname == t or pname.endswith("." + t) for t in cfg.targets):
-                    groups[(id(proj.parent), proj.attr)].append((pname, proj))
+            for pname, proj in iter_block_projections(block, list(cfg.targets)):
+                groups[(id(proj.parent), proj.attr)].append((pname, proj))
             for members in groups.values():
                 self._wrap_group(block.name, members)
 
