@@ -48,9 +48,9 @@ def newest_state(run_dir: Path) -> Path | None:
     return None
 
 
-def recover_state(run_dir: Path) -> Path | None:
-    """Finishes a save that completed ``state.tmp`` or rolls back one that did not; returns ``state/`` if a
-    complete state exists afterwards (main process only: it renames and deletes folders)."""
+def recover_state(run_dir: Path) -> None:
+    """Finishes a save that completed ``state.tmp`` or rolls back one that did not, so that ``state/`` is the newest
+    complete state if there is one (main process only: it renames and deletes folders)."""
     final, tmp, old = run_dir / STATE, run_dir / TMP, run_dir / OLD
     if is_complete(tmp):
         if final.exists():
@@ -63,7 +63,6 @@ def recover_state(run_dir: Path) -> Path | None:
         old.rename(final)
     if old.exists():
         shutil.rmtree(old)
-    return final if is_complete(final) else None
 
 
 def commit_state(run_dir: Path) -> None:
