@@ -43,9 +43,13 @@ _EXPORTS = {
     "VisionPEFTError": "errors",
     "METHODS": "registry",
 }
+#: public submodules (``vp.segmentation.build``), imported on first use
+_SUBMODULES = ("segmentation",)
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'visionpeft' has no attribute '{name}'")
@@ -55,7 +59,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted([*globals(), *_EXPORTS, *_SUBMODULES])
 
 
 def list_methods() -> list[str]:
@@ -65,4 +69,4 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
-__all__ = ["__version__", "list_methods", *_EXPORTS]
+__all__ = ["__version__", "list_methods", *_EXPORTS, *_SUBMODULES]

@@ -1,5 +1,6 @@
 """Adapter-only checkpoints: ``adapter_model.safetensors`` (canonical keys, only trained tensors) and
-``adapter_config.json`` (the methods' configs, the backbone's identity, library versions).
+``adapter_config.json`` (the methods' configs, the backbone's identity, library versions and, for a task model
+that has a ``task_metadata()``, its record under ``task``).
 
 ``save_adapter(..., format="diffusers" | "peft")`` writes files those libraries load as they are
 (see :mod:`visionpeft.exporters`).
@@ -100,6 +101,9 @@ def save_adapter(model: Any, directory: str | os.PathLike, format: str = "vision
         "backbone": backbone_of(model).describe(),
         "versions": library_versions(),
     }
+    metadata = getattr(_unwrap(model), "task_metadata", None)
+    if callable(metadata):  # a task model's own record (a segmenter's head, id2label, palette)
+        config["task"] = metadata()
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return directory
