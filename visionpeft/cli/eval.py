@@ -1,7 +1,8 @@
 """Evaluate a trained adapter: ``python tools/eval.py RUN_DIR [--checkpoint best|last] [--split test]``.
 
 Rebuilds the model from the run's ``config.yaml`` (same pretrained weights), loads the saved adapter and prints
-top-1 / top-5 accuracy on the chosen split.
+top-1 / top-5 accuracy on the chosen split; for a segmentation run mIoU / aAcc / mAcc and the per-class IoU table
+(``--mode whole|slide`` overrides the run's inference mode).
 """
 
 from __future__ import annotations
@@ -19,13 +20,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", default=None, help="best or last (default: best if present)")
     parser.add_argument("--split", default=None, help="dataset split (default: the config's test split)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="default: the config's eval_batch_size")
+    parser.add_argument(
+        "--mode",
+        choices=("whole", "slide"),
+        default=None,
+        help="segmentation: whole-image or sliding-window inference (default: the config's eval.mode)",
+    )
+    parser.add_argument("--cpu", action="store_true", help="force the CPU even when a GPU is present")
     args = parser.parse_args(argv)
 
     import torch
 
     import visionpeft as vp
     from visionpeft.config import load_config, methods_of_config
-    from visionpeft.errors import CheckpointError
+    from visionpeft.errors import CheckpointError, ConfigError
     from visionpeft.trainers.classification import ClassificationTask, Transformed, _dataset, build_experiment, loader
     from visionpeft.trainers.loop import LoopConfig, make_accelerator
 
@@ -36,6 +44,10 @@ def main(argv: list[str]) -> int:
         raise CheckpointError(f"{args.run_dir} is not a run folder (no config.yaml)")
     config = load_config(config_path)
     name = args.checkpoint or ("best" if (args.run_dir / "best").exists() else "last")
+    if config.task == "segmentation":
+        return evaluate_segmentation(config, args, name)
+    if args.mode:
+        raise ConfigError("--mode (whole / slide inference) applies to segmentation runs only")
     exp = build_experiment(config)
     vp.detach(exp.model)  # a plain model: the checkpoint brings its own methods
     vp.load_adapter(exp.model, args.run_dir / name)
@@ -62,4 +74,18 @@ def main(argv: list[str]) -> int:
         metrics = ClassificationTask(len(exp.classes), data_loader).evaluate(model, accelerator)
     shown = ", ".join(f"{k} {100 * v:.2f}%" if k != "loss" else f"{k} {v:.4f}" for k, v in metrics.items())
     print(f"{args.run_dir} [{name}] {split}: {shown}")
+    return 0
+
+
+def evaluate_segmentation(config, args, name: str) -> int:
+    """The segmentation branch of ``eval``: whole-split mIoU / aAcc / mAcc and the per-class table."""
+    from visionpeft.seg_metrics import per_class_table
+    from visionpeft.trainers.segmentation import evaluate_saved
+
+    split = args.split or config.data.test_split
+    result, classes = evaluate_saved(config, args.run_dir / name, split, args.mode, args.batch_size, cpu=args.cpu)
+    mode = args.mode or config.eval.mode
+    print(per_class_table(result, classes), end="")
+    print(f"{args.run_dir} [{name}] {split} ({mode}): " + ", ".join(f"{k} {result[k]:.2f}%" for k in
+                                                                   ("mIoU", "aAcc", "mAcc")))  # fmt: skip
     return 0

@@ -1,4 +1,4 @@
-"""Train any task: image classification, personalization, class-conditional DiT fine-tuning.
+"""Train any task: image classification, semantic segmentation, personalization, class-conditional DiT fine-tuning.
 
     visionpeft train CONFIG [key=value ...] [--dry-run] [--print-config] [--stop-after N]
     visionpeft train --resume RUN_DIR
@@ -22,9 +22,11 @@ from .common import add_run_arguments, configure_logging, resolve_run
 def report(results: dict[str, Any]) -> None:
     """Prints what a run produced: test accuracy, written files."""
     test = results.get("test")
-    if test:
+    if test and "top1" in test:
         top5 = f", top5 {100 * test['top5']:.2f}%" if "top5" in test else ""
         print(f"test: top1 {100 * test['top1']:.2f}%{top5}")
+    elif test:  # segmentation: mIoU / aAcc / mAcc, already in percent
+        print("test: " + ", ".join(f"{k} {v:.2f}%" for k, v in test.items()))
     for path in results.get("outputs", []):
         print(f"wrote {path}")
 

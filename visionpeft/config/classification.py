@@ -6,26 +6,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..schema import section, setting
-from .sections import OptimConfig, RunSettings
+from .sections import OptimConfig, RunSettings, VisionModel
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(VisionModel):
     """``model``: a timm ViT or an open_clip CLIP."""
 
-    library: str = setting("timm", "model library", choices=("timm", "open_clip"))
-    name: str = setting("vit_base_patch16_224.augreg_in21k", "timm model name (with tag) or open_clip architecture")
-    pretrained: bool = setting(True, "load pretrained weights (timm tag / open_clip pretrained_tag)")
-    checkpoint: str | None = setting(None, "a local weights file (.safetensors, .pth, .bin) used instead")
-    pretrained_tag: str | None = setting(None, "open_clip's pretrained tag (e.g. openai)")
-    img_size: int | None = setting(None, "input size override (timm); null: the model's own", min=1)
-    drop_path_rate: float = setting(0.0, "stochastic depth (timm)", min=0, below=1)
     clip_head: str = setting(
         "linear",
         "open_clip: linear head from class-name text embeddings, or prompts (zero-shot / CoOp)",
         choices=("linear", "prompts"),
     )
-    kwargs: dict[str, Any] = setting({}, "extra timm.create_model arguments (e.g. embed_dim)")
 
 
 @dataclass

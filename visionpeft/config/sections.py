@@ -5,12 +5,27 @@ every task."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..schema import setting
 
 #: Learning-rate schedules (built by transformers' ``get_scheduler``); warmup is linear from 0 in every one.
 SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
+
+
+@dataclass
+class VisionModel:
+    """``model``: a timm ViT or an open_clip CLIP (the image tasks' backbone)."""
+
+    library: str = setting("timm", "model library", choices=("timm", "open_clip"))
+    name: str = setting("vit_base_patch16_224.augreg_in21k", "timm model name (with tag) or open_clip architecture")
+    pretrained: bool = setting(True, "load pretrained weights (timm tag / open_clip pretrained_tag)")
+    checkpoint: str | None = setting(None, "a local weights file (.safetensors, .pth, .bin) used instead")
+    pretrained_tag: str | None = setting(None, "open_clip's pretrained tag (e.g. openai)")
+    img_size: int | None = setting(None, "input size override (timm); null: the model's own", min=1)
+    drop_path_rate: float = setting(0.0, "stochastic depth (timm)", min=0, below=1)
+    kwargs: dict[str, Any] = setting({}, "extra timm.create_model arguments (e.g. embed_dim, dynamic_img_size)")
 
 
 @dataclass

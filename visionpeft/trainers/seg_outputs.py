@@ -1,0 +1,86 @@
+"""What a segmentation run leaves besides the shared outputs: colour masks, the prediction grid (image | truth |
+prediction of fixed evaluation images, in the run folder and TensorBoard) and the per-class IoU table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..data.segmentation import SegmentationTransform
+from ..data.segmentation.classes import default_palette
+from ..data.transforms import normalization_of
+from ..seg_metrics import per_class_table
+from ..tasks.seg_inference import predict_labels
+
+#: Colour of ignored pixels in pictures.
+IGNORED = (224, 224, 192)  # VOC's colour of void pixels
+#: Tiles of the grid are enlarged (nearest) to at least this height, so small demo images stay readable.
+MIN_TILE = 128
+
+
+def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]] | None, ignore_index: int = 255) -> Image.Image:
+    """A label map as an RGB picture: class ``i`` in ``palette[i]`` (a default palette when None), ignored pixels
+    in VOC's void colour."""
+    colours = np.array(list(palette) if palette else default_palette(int(labels.max(initial=0)) + 1), np.uint8)
+    table = np.zeros((256, 3), np.uint8)
+    table[: min(256, len(colours))] = colours[:256]
+    table[ignore_index] = IGNORED
+    return Image.fromarray(table[np.asarray(labels, dtype=np.uint8)], "RGB")
+
+
+def _tile(image: Image.Image) -> Image.Image:
+    factor = max(1, -(-MIN_TILE // image.height))
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
+
+
+@torch.no_grad()
+def prediction_grid(model: nn.Module, dataset: Dataset, config: Any, palette: Sequence | None) -> Image.Image:
+    """Rows image | truth | prediction of the first ``eval.grid_images`` items of ``dataset`` (PIL items)."""
+    mean, std = normalization_of(model.inner_model())
+    ignore = int(getattr(dataset, "ignore_index", 255))
+    transform = SegmentationTransform(False, scale=tuple(config.data.scale), mean=mean, std=std, ignore_index=ignore)
+    device = next(model.parameters()).device
+    cfg = config.eval
+    rows = []
+    for index in range(min(cfg.grid_images, len(dataset))):
+        image, mask = dataset[index]
+        tensor, target = transform(image, mask)
+        pred = predict_labels(model, [tensor.to(device)], [target.shape[-2:]], cfg.mode, tuple(cfg.crop),
+                              tuple(cfg.stride))[0]  # fmt: skip
+        tiles = [image.convert("RGB"), colorize(target.numpy(), palette, ignore), colorize(pred.cpu().numpy(), palette)]
+        rows.append([_tile(t) for t in tiles])
+    width = max(sum(t.width for t in row) for row in rows)
+    grid = Image.new("RGB", (width, sum(row[0].height for row in rows)), (255, 255, 255))
+    top = 0
+    for row in rows:
+        left = 0
+        for tile in row:
+            grid.paste(tile, (left, top))
+            left += tile.width
+        top += row[0].height
+    return grid
+
+
+def write_outputs(run_dir: Path, last: dict, classes: list[str], grid: Image.Image | None, step: int) -> list[Path]:
+    """Writes ``per_class_iou.md`` (from the latest evaluation) and ``predictions.png`` (also to TensorBoard)."""
+    written = []
+    if last:
+        path = run_dir / "per_class_iou.md"
+        path.write_text(per_class_table(last, classes))
+        written.append(path)
+    if grid is not None:
+        path = run_dir / "predictions.png"
+        grid.save(path)
+        written.append(path)
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+            writer.add_image("eval/predictions", np.asarray(grid), step, dataformats="HWC")
+    return written
