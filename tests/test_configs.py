@@ -15,7 +15,12 @@ EXPERIMENTS = [p for p in CONFIGS if "_base_" not in p.parts]
 def test_every_config_loads(path):
     config = load_config(path)
     assert config.train.run_name == path.stem
-    tasks = {"personalize": "personalization", "class_conditional": "class_conditional", "control": "control"}
+    tasks = {
+        "personalize": "personalization",
+        "class_conditional": "class_conditional",
+        "control": "control",
+        "segmentation": "segmentation",
+    }
     assert config.task == next((tasks[p] for p in path.parts if p in tasks), "classification")
 
 
