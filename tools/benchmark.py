@@ -1,4 +1,5 @@
-"""Benchmarks that print tables: ``python tools/benchmark.py {core,demo,clip,personalize,cli,control} [options]``.
+"""Benchmarks that print tables: ``python tools/benchmark.py {core,demo,clip,personalize,cli,control,segment,
+segment-demo} [options]``.
 
 core  training-step time and peak memory of every method relative to full fine-tuning (ViT-B/16), a LoRA Linear
       against PEFT's, and a merged model's inference time against the plain model's.
@@ -7,6 +8,9 @@ clip  learned-prompt (CoOp) inference throughput against zero-shot CLIP.
 personalize  one training step of textual inversion / DreamBooth-LoRA against a bare diffusers reference step.
 cli   how fast the commands answer (--help, config errors) and import visionpeft, against import torch.
 control  a ControlNet training step against diffusers' train_controlnet.py step; ControlNet-LoRA / T2I-Adapter.
+segment  segmentation training-step time and memory of every method relative to full fine-tuning; sliding-window
+      inference throughput relative to whole-image.
+segment-demo  every method on the tiny ViT and the texture mosaic (mIoU table + prediction picture in gallery/).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import importlib
 import sys
 from pathlib import Path
 
-SUITES = ("core", "demo", "clip", "personalize", "cli", "control")
+SUITES = ("core", "demo", "clip", "personalize", "cli", "control", "segment", "segment-demo")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    module = importlib.import_module(f"benchmarks.{argv[0]}")
+    module = importlib.import_module(f"benchmarks.{argv[0].replace('-', '_')}")
     return module.main(argv[1:]) or 0
 
 
