@@ -90,6 +90,13 @@ def test_non_square_crops_and_default_blocks():
     maps = _head_inputs(seg, _images((24, 64)))
     assert [tuple(m.shape[-2:]) for m in maps] == [(3, 8)] * 4
     assert seg(_images((24, 64))).shape == (2, 4, 24, 64)
+    images = _images((30, 45))  # not a multiple of the 8 px patch: padded to 32 x 48, logits cut back
+    maps = _head_inputs(seg, images)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(4, 6)] * 4
+    logits = seg(images)
+    assert logits.shape == (2, 4, 30, 45)
+    padded = torch.nn.functional.pad(images, (0, 3, 0, 2))
+    torch.testing.assert_close(logits, seg(padded)[..., :30, :45])
     assert vp.segmentation.default_indices("upernet", 12) == [2, 5, 8, 11]
     assert vp.segmentation.default_indices("linear4", 12) == [8, 9, 10, 11]
     assert vp.segmentation.build(vit(depth=6), head="linear").indices == [5]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..adapter import backbone_of, features, methods_of
@@ -32,12 +33,16 @@ class Segmenter(nn.Module):
             inference).
         tower: The backbone tower the features come from (the vision tower by default).
         metadata: What a saved adapter records about the task (head, classes, palette), see :meth:`task_metadata`.
+        pad_to: Pad images (bottom / right, zeros) to a multiple of this (height, width) before the backbone and cut
+            the logits back (mmseg's ``size_divisor``): the patch size of a backbone that does not pad itself, so
+            whole images of any size can be segmented.
     """
 
     def __init__(self, model: nn.Module, head: nn.Module, indices: Sequence[int],
                  aux_heads: nn.ModuleList | None = None, aux_indices: Sequence[int] = (), tower: str | None = None,
-                 metadata: dict[str, Any] | None = None) -> None:  # fmt: skip
+                 metadata: dict[str, Any] | None = None, pad_to: tuple[int, int] | None = None) -> None:  # fmt: skip
         super().__init__()
+        self.pad_to = pad_to
         self.model = model
         self.head = head
         self.aux_head = aux_heads if aux_heads is not None and len(aux_heads) else None
@@ -64,13 +69,18 @@ class Segmenter(nn.Module):
 
     def forward(self, images: torch.Tensor, with_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, list]:
         """Logits at the input resolution; with ``with_aux`` also the auxiliary heads' logits (a list)."""
+        height, width = images.shape[-2:]
+        if self.pad_to is not None:
+            images = F.pad(images, (0, -width % self.pad_to[1], 0, -height % self.pad_to[0]))
         wanted = sorted({*self.indices, *self.aux_indices})
         maps = dict(zip(wanted, features(self, images, wanted, self.tower)))
         size = images.shape[-2:]
-        logits = resize_to(self.head([maps[i] for i in self.indices]), size)
+        logits = resize_to(self.head([maps[i] for i in self.indices]), size)[..., :height, :width]
         if not with_aux:
             return logits
-        aux = [resize_to(h([maps[i]]), size) for h, i in zip(self.aux_head or [], self.aux_indices)]
+        aux = [
+            resize_to(h([maps[i]]), size)[..., :height, :width] for h, i in zip(self.aux_head or [], self.aux_indices)
+        ]
         return logits, aux
 
 
@@ -141,7 +151,8 @@ def build(model: nn.Module, head: str = "upernet", num_classes: int = 150, indic
     if palette is not None:
         metadata["palette"] = [[int(v) for v in colour] for colour in palette]
     device = next(model.parameters()).device
-    segmenter = Segmenter(model, decode, main, aux_heads, aux_indices, tower, metadata)
+    pad_to = None if t.tokens.pad else (t.tokens.patch_hw or (patch, patch))
+    segmenter = Segmenter(model, decode, main, aux_heads, aux_indices, tower, metadata, pad_to)
     segmenter.head.to(device)
     if segmenter.aux_head is not None:
         segmenter.aux_head.to(device)
