@@ -130,6 +130,12 @@ def picture(maps: dict[str, list], methods: list[str], path: Path) -> None:
     canvas.save(path)
 
 
+def save(out: Path, command: str, results: list[dict], maps: dict) -> None:
+    """Writes ``segment_results.json``: the command, every run's row and the first seed's label maps."""
+    record = {"command": command, "runs": results, "predictions": maps}
+    (out / "segment_results.json").write_text(json.dumps(record) + "\n")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tools/benchmark.py segment-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -148,20 +154,21 @@ def main(argv: list[str]) -> int:
         methods, seeds = (list(dict.fromkeys(r[k] for r in results)) for k in ("method", "seed"))
     else:
         methods, seeds, results, maps = args.methods, args.seeds, [], {}
+        command = " ".join(["python tools/benchmark.py segment-demo --steps", str(args.steps), "--batch",
+                            str(args.batch), "--seeds", *map(str, seeds)]
+                           + (["--methods", *methods] if methods != METHODS else []))  # fmt: skip
+        args.out.mkdir(parents=True, exist_ok=True)
         for seed in seeds:
             for label in methods:
                 row, labels = run_one(label, seed, args.steps, args.batch, args.runs)
                 results.append(row)
                 maps.setdefault(label, labels)
                 print(json.dumps(row), flush=True)
-        command = " ".join(["python tools/benchmark.py segment-demo --steps", str(args.steps), "--batch",
-                            str(args.batch), "--seeds", *map(str, seeds)]
-                           + (["--methods", *methods] if methods != METHODS else []))  # fmt: skip
+                save(args.out, command, results, maps)  # every finished run is kept, even if a later one fails
     args.out.mkdir(parents=True, exist_ok=True)
+    save(args.out, command, results, maps)
     text = table(results, methods, seeds, command)
     (args.out / "segment_results.md").write_text(text)
-    record = {"command": command, "runs": results, "predictions": maps}
-    (args.out / "segment_results.json").write_text(json.dumps(record) + "\n")
     picture(maps, methods, args.out / "segment_predictions.png")
     print(text)
     return 0
