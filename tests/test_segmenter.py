@@ -204,3 +204,16 @@ def test_bad_arguments_are_one_clear_error():
         vp.segmentation.build(vit(), head="linear", num_classes=3, classes=["a", "b"])
     with pytest.raises(IncompatibleMethodError, match="attach methods to the segmenter"):
         vp.segmentation.build(vp.attach(vit(), "lora"), head="linear")
+
+
+def test_head_sizes_match_the_published_ones():
+    """ViT-L/16 SETR-PUP with its three auxiliary heads: the VPT paper's head-only run trains 13.2 M parameters;
+    DINOv2's linear head on ViT-B (768 channels, 150 classes): 0.12 M."""
+    from visionpeft.tasks.seg_heads import build_aux_heads, build_head
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    setr = count(build_head("setr_pup", 1024, 150, 1, 16)) + count(build_aux_heads(1024, 150, 3, 16))
+    assert 12.9e6 < setr < 13.3e6
+    assert round(count(build_head("linear", 768, 150, 1, 16)) / 1e6, 2) == 0.12
