@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from ...errors import DataError
 from ...registry import SEGMENTATION_DATASETS
-from . import mosaic  # noqa: F401  (registration)
+from . import benchmarks, folder, mosaic  # noqa: F401  (registration)
 from .transforms import SegmentationTransform, collate_eval
 
 __all__ = ["SEGMENTATION_DATASETS", "SegmentationTransform", "build_segmentation_dataset", "collate_eval"]
@@ -43,7 +43,7 @@ def build_segmentation_dataset(
     num_classes = options.pop("num_classes", None)
     dataset = builder(split, root=root, transform=transform, **options)
     if num_classes is not None and int(num_classes) != len(dataset.classes):
-        where = f"{name} at {root}" if root else name
+        where = getattr(dataset, "classes_file", None) or (f"{name} at {root}" if root else name)
         raise DataError(
             f"num_classes is {num_classes} but {where} has {len(dataset.classes)} classes "
             f"({', '.join(dataset.classes[:5])}{', ...' if len(dataset.classes) > 5 else ''})"
