@@ -155,3 +155,28 @@ def test_per_class_table():
     assert "| **mean** | **70.83** | **87.50** |" in table and "| aAcc | 83.33 | |" in table
     with pytest.raises(ValueError, match="2 class names for 3"):
         per_class_table(result, ["sky", "tree"])
+
+
+def _evaluate_shard(rank: int, world: int, init_file: str, results) -> None:
+    """One process of a 2-process gloo group: updates with its own images, computes the global metrics."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        preds, targets = toy()
+        metric = SegmentationMetrics(NUM_CLASSES)
+        metric.update(preds[rank::world], targets[rank::world])
+        results.put((rank, metric.compute()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_compute_the_metrics_of_all_their_images(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.get_context("fork").SimpleQueue()
+    mp.start_processes(_evaluate_shard, args=(2, str(tmp_path / "init"), results), nprocs=2, start_method="fork")
+    per_process = dict(results.get() for _ in range(2))
+    preds, targets = toy()
+    assert_same(per_process[0], computed(preds, targets))  # images 0, 2 on one process, 1 on the other
+    assert_same(per_process[1], per_process[0])

@@ -22,7 +22,7 @@ Agreement with torchmetrics (tested on a toy with an absent class, a predicted-b
 
 Distributed evaluation: the confusion matrix is a torchmetrics state declared with ``dist_reduce_fx="sum"``, so
 ``compute()`` first sums it over all processes (each process updates with its own images), then derives the
-metrics from the global matrix.
+metrics from the global matrix (tested with a two-process gloo group).
 """
 
 from __future__ import annotations
