@@ -203,7 +203,9 @@ def test_voc_palette_pngs_are_read_as_indices_with_255_kept(tmp_path):
 def test_voc_augmented_training_set(tmp_path):
     root = voc_root(tmp_path, ["a", "b", "c"], [0, 3], masks="SegmentationClassAug")
     lists = root / "ImageSets" / "Segmentation"
-    write_list(lists / "train_aug.txt", ["a", "b", "c"])
+    write_list(
+        lists / "train_aug.txt", [f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png" for i in "abc"]
+    )  # DeepLab
     write_list(lists / "train.txt", ["a"])
     with pytest.raises(DataError, match=r"SegmentationClass/a\.png does not exist"):
         build_segmentation_dataset("voc2012", "train", root=str(root))  # plain VOC masks are missing
@@ -377,6 +379,7 @@ def test_a_bad_label_read_in_a_loader_worker_stays_one_line(tmp_path):
 
     root = ade_root(tmp_path, [0, 151])
     data = WorkerSafe(build_segmentation_dataset("ade20k", "train", root=str(root), reduce_zero_label=False))
+    assert len(data.palette) == len(data.classes) == 150 and data.ignore_index == 255 and len(data.files) == 2
     loader = DataLoader(data, batch_size=1, num_workers=1, collate_fn=lambda batch: batch)
     with pytest.raises(DataError) as caught:
         next(iter(loader))

@@ -109,7 +109,8 @@ def voc2012(
     masks = folder / ("SegmentationClassAug" if augmented else "SegmentationClass")
     if augmented and not masks.is_dir():
         raise DataError(f"aug=true needs the SBD masks in {masks} (see datasets/segmentation.md)")
-    ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+    # an id per line (VOC, mmseg's aug.txt) or "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png" (DeepLab's)
+    ids = [Path(line.split()[0]).stem for line in listing.read_text().splitlines() if line.strip()]
     images = [folder / "JPEGImages" / f"{image_id}.jpg" for image_id in ids]
     missing = [image for image in images if not image.is_file()]
     if missing:

@@ -83,7 +83,10 @@ class SegmentationFiles(Dataset):
         name: The dataset's name, for messages.
         ignore_index: The train id of ignored pixels.
         rgb_masks: Hand ``decode`` the masks' colours (H, W, 3), palette PNGs included, instead of stored values.
+        classes_file: The file the class names come from, when they come from one (named in messages).
     """
+
+    classes_file: Path | None
 
     def __init__(
         self,
@@ -95,11 +98,12 @@ class SegmentationFiles(Dataset):
         name: str = "dataset",
         ignore_index: int = 255,
         rgb_masks: bool = False,
+        classes_file: Path | None = None,
     ) -> None:
         self.files = list(files)
         self.classes, self.palette = list(classes), [tuple(colour) for colour in palette]
         self.decode, self.transform, self.name, self.ignore_index = decode, transform, name, ignore_index
-        self.rgb_masks = rgb_masks
+        self.rgb_masks, self.classes_file = rgb_masks, classes_file
 
     def __len__(self) -> int:
         return len(self.files)
@@ -192,7 +196,7 @@ def check_pairs(pairs: Sequence[Pair], where: str, skip_bad_images: bool = False
     """
     keep = screen_images([image for image, _ in pairs], where, skip_bad_images)
     pairs = [pairs[i] for i in keep]
-    keep = screen_images([mask for _, mask in pairs], where, skip_bad_images)
+    keep = screen_images([mask for _, mask in pairs], str(pairs[0][1].parent) if pairs else where, skip_bad_images)
     pairs = [pairs[i] for i in keep]
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         sizes = list(pool.map(lambda pair: (_header_size(pair[0]), _header_size(pair[1])), pairs))

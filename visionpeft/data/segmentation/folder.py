@@ -158,8 +158,8 @@ def imagefolder_seg(
         transform,
         name=str(classes_file),
         rgb_masks=mask_format == "color",
+        classes_file=classes_file,
     )
-    dataset.classes_file = classes_file
     if check_labels:
         dataset.check_all_labels()
     return dataset
