@@ -70,8 +70,10 @@ def test_hybrid_method_list(tree):
 def test_saved_resolved_config_reloads_identically(tree, tmp_path):
     config = load_config(tree, ["optim.epochs=20", "method={name: lora, r: 4, targets: [q, v]}"])
     save_config(config, tmp_path / "out" / "config.yaml")
-    again = load_config(tmp_path / "out" / "config.yaml")
-    assert OmegaConf.to_container(again) == OmegaConf.to_container(config)  # run_name "run" kept, not "config"
+    again = OmegaConf.to_container(load_config(tmp_path / "out" / "config.yaml"))
+    expected = OmegaConf.to_container(config)
+    expected["train"]["output_dir"] = str(Path(expected["train"]["output_dir"]).resolve())  # paths made absolute
+    assert again == expected  # run_name "run" kept, not "config"
     assert "_base_" not in (tmp_path / "out" / "config.yaml").read_text()
 
 

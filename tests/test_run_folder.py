@@ -188,3 +188,31 @@ def test_a_batch_that_does_not_split_leaves_no_folder_behind(config, capsys):
         "error: data.batch_size 8 is not divisible by 1 process(es) x optim.grad_accum 3"
     )
     assert not (config.parent / "runs" / "indivisible").exists()
+
+
+def test_a_run_made_with_relative_paths_evaluates_from_another_directory(tmp_path, monkeypatch):
+    import subprocess
+
+    work = tmp_path / "work"
+    work.mkdir()
+    write_pretrained_vit(work / "vit.safetensors")
+    write_tiny_cifar10(work / "data")
+    text = tiny_config(work, work / "vit.safetensors", work / "data").read_text()
+    text = text.replace(str(work / "vit.safetensors"), "vit.safetensors").replace(str(work / "data"), "data")
+    text = text.replace(str(work / "runs"), "runs").replace(
+        "epochs: 3, warmup_epochs: 1", "epochs: 1, warmup_epochs: 0"
+    )
+    (work / "tiny.yaml").write_text(text)
+    monkeypatch.chdir(work)
+    assert run(train_tool.main, ["tiny.yaml", "optim.warmup_epochs=0", "--cpu"]) == 0
+    saved = (work / "runs" / "tiny" / "config.yaml").read_text()
+    assert f"root: {work / 'data'}" in saved and f"checkpoint: {work / 'vit.safetensors'}" in saved
+    assert saved.startswith("# made by visionpeft") and saved.splitlines()[0].endswith(
+        "visionpeft train tiny.yaml --cpu"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), str(work / "runs" / "tiny")],
+                            cwd=elsewhere, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "top1" in result.stdout

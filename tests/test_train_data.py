@@ -91,7 +91,7 @@ def test_vtab_run_selects_best_on_val_and_eval_tool_reproduces_the_test_accuracy
     results = run(config, run_dir, cpu=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r["eval/top1"] for r in records if "eval/top1" in r]
-    assert len(val) == 3 and (run_dir / "best" / "adapter_model.safetensors").is_file()
+    assert len(val) == 3 and (run_dir / "best" / "visionpeft_adapter.safetensors").is_file()
     test = [r for r in records if "test/top1" in r]
     assert len(test) == 1 and test[0]["test/top1"] == results["test"]["top1"]
     capsys.readouterr()

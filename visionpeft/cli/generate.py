@@ -4,7 +4,7 @@
         --adapter runs/ti-cat/adapter --adapter runs/lora-cat/diffusers \\
         --prompt "a photo of <my-cat> on a beach" --prompt "<my-cat> in the snow" --seeds 0 1 2 --out grid.png
 
-An adapter is a visionpeft adapter folder (``adapter_config.json``), or a folder / file in diffusers' formats:
+An adapter is a visionpeft adapter folder (``visionpeft_config.json``), or a folder / file in diffusers' formats:
 ``pytorch_lora_weights.safetensors`` (``load_lora_weights``) and ``learned_embeds.safetensors``
 (``load_textual_inversion``), or a ``ControlNetModel`` / ``T2IAdapter`` folder (``--control RUN/controlnet``, with
 ``--control-image edges.png``).
@@ -54,9 +54,10 @@ def read_weights(file: Path) -> dict[str, Any]:
 def apply_adapter(pipe, path: Path) -> str:
     """Loads one adapter into ``pipe``; returns how it was loaded."""
     import visionpeft as vp
+    from visionpeft.checkpoint import adapter_config_path
     from visionpeft.errors import CheckpointError
 
-    if path.is_dir() and (path / "adapter_config.json").is_file():
+    if path.is_dir() and adapter_config_path(path) is not None:
         vp.load_adapter(pipe, path)
         return "visionpeft"
     if path.is_dir() and (path / "config.json").is_file():

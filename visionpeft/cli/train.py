@@ -42,8 +42,9 @@ def main(argv: list[str]) -> int:
 
         print(describe_config(config), end="")
         return 0
-    from ..config import task_spec
+    from ..config import RUN_COMMAND, task_spec
 
+    RUN_COMMAND.set(["visionpeft", "train", *argv])
     configure_logging()
     train = task_spec(config.task).trainer()
     results = train(config, run_dir, resume=args.resume is not None, dry_run=args.dry_run,

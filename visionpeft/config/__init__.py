@@ -9,6 +9,7 @@ Nothing here imports torch except the method-option check, which runs after ever
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ..errors import ConfigError, did_you_mean
-from ..schema import check_fields, describe
+from ..schema import absolute_paths, check_fields, describe
 from .tasks import TaskSpec, task_spec
 
 DEFAULT_TASK = "classification"
@@ -196,11 +197,27 @@ def describe_config(config: DictConfig) -> str:
     return "\n".join(describe(schema_of(config), values)) + "\n"
 
 
-def save_config(config: DictConfig, path: Path) -> None:
-    """Writes the resolved config (what the run really used) as YAML."""
-    from ..io import atomic_write
+#: The command line a run folder records (set by the command that starts the run; default: ``sys.argv``).
+RUN_COMMAND: ContextVar[list[str] | None] = ContextVar("RUN_COMMAND", default=None)
 
-    text = OmegaConf.to_yaml(config)
+
+def save_config(config: DictConfig, path: Path) -> None:
+    """Writes the resolved config (what the run really used) as YAML, with its path fields made absolute (the run
+    folder is read from any directory: ``visionpeft eval RUN``) and, as comments, the command that made it and its
+    working directory."""
+    import os
+    import shlex
+    import sys
+
+    from ..io import atomic_write
+    from ..version import __version__
+
+    values = OmegaConf.to_container(config, resolve=True)
+    absolute_paths(schema_of(config), values)
+    command = RUN_COMMAND.get() or [Path(sys.argv[0]).name, *sys.argv[1:]]
+    header = (f"# made by visionpeft {__version__}: {shlex.join(command)}\n"
+              f"# working directory: {os.getcwd()} (relative paths below are made absolute)\n")  # fmt: skip
+    text = header + OmegaConf.to_yaml(OmegaConf.create(values))
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 

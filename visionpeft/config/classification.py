@@ -16,7 +16,7 @@ class ModelConfig:
     library: str = setting("timm", "model library", choices=("timm", "open_clip"))
     name: str = setting("vit_base_patch16_224.augreg_in21k", "timm model name (with tag) or open_clip architecture")
     pretrained: bool = setting(True, "load pretrained weights (timm tag / open_clip pretrained_tag)")
-    checkpoint: str | None = setting(None, "a local weights file (.safetensors, .pth, .bin) used instead")
+    checkpoint: str | None = setting(None, "a local weights file (.safetensors, .pth, .bin) used instead", path=True)
     pretrained_tag: str | None = setting(None, "open_clip's pretrained tag (e.g. openai)")
     img_size: int | None = setting(None, "input size override (timm); null: the model's own", min=1)
     drop_path_rate: float = setting(0.0, "stochastic depth (timm)", min=0, below=1)
@@ -33,7 +33,7 @@ class DataConfig:
     """``data``: a registered dataset and its loaders."""
 
     name: str = setting("cifar100", "a registered dataset (cifar10, cifar100, imagefolder, vtab-<task>, ...)")
-    root: str | None = setting(None, "where the data lives (or goes, with download)")
+    root: str | None = setting(None, "where the data lives (or goes, with download)", path=True)
     download: bool = setting(False, "let torchvision download when root lacks the files")
     train_split: str = setting("train", "training split")
     val_split: str | None = setting(None, "validation split (selects the best checkpoint); null: none")

@@ -44,7 +44,7 @@ class RunSettings:
 
     seed: int = setting(0, "seed of everything: data order, initialisation, dropout, noise", min=0, max=2**32 - 1)
     mixed_precision: str = setting("no", "accelerate mixed precision", choices=PRECISIONS)
-    output_dir: str = setting("runs", "parent folder of run folders")
+    output_dir: str = setting("runs", "parent folder of run folders", path=True)
     run_name: str | None = setting(None, "the run folder's name (default: the config file's stem)")
     log_every: int = setting(10, "log the training loss every N optimizer steps", min=1)
     eval_every: int | None = setting(
@@ -71,4 +71,6 @@ class DiffusionTrain(RunSettings):
 class DiffusersModel:
     """``model``: a diffusers pipeline."""
 
-    name: str = setting("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local folder of the pipeline")
+    name: str = setting(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local folder of the pipeline", path="or_id"
+    )

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..adapter import count_parameters, trainable_parameters
+from ..base_weights import frozen_weights_sha256
 from ..config import save_config
 from ..data.images import WorkerSafe
 from ..errors import ConfigError
@@ -139,6 +140,7 @@ def run_task(trainer: Trainer, config: DictConfig, run_dir: Path, *, resume: boo
     loader = DataLoader(WorkerSafe(setup.train_set), batch_size=per_process, shuffle=True, generator=generator,
                         **options)  # fmt: skip
     optimizer = build_optimizer(config.optim, setup.adapted, batch)
+    frozen_weights_sha256(setup.adapted)  # recorded in checkpoints: hash the weights before a half-precision cast
     freeze_in_precision(setup.frozen, config.train.mixed_precision)
     loop = Loop(setup.model, setup.task, optimizer, loader, run_dir, loop_cfg, accelerator,
                 select_best=setup.select_best, adapted=setup.adapted)  # fmt: skip

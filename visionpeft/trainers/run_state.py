@@ -39,6 +39,13 @@ def holds_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in RUN_FILES)
 
 
+def delete_run(run_dir: Path) -> None:
+    """Deletes the run folder ``run_dir`` (``--overwrite``); refuses a folder that holds no run."""
+    if not holds_run(run_dir) or run_dir.resolve() == Path.cwd().resolve():
+        raise ConfigError(f"{run_dir} holds no run; --overwrite deletes run folders only")
+    shutil.rmtree(run_dir)
+
+
 def newest_state(run_dir: Path) -> Path | None:
     """The complete state a resume would use, without changing anything (``state.tmp`` wins when a save finished
     writing it but died before renaming)."""
