@@ -100,3 +100,10 @@ def test_legacy_peft_names_with_a_foreign_schema_are_not_ours(tmp_path):
     (tmp_path / LEGACY_NAMES[1]).write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(CheckpointError, match="PEFT adapter"):
         vp.load_adapter(tiny_vit(), tmp_path)
+
+
+def test_bfloat16_weights_cannot_be_checked_and_say_so(tmp_path, caplog):
+    vp.save_adapter(_trained(vp.attach(tiny_vit(), "lora", r=2)), tmp_path)
+    with caplog.at_level("WARNING", logger="visionpeft.checkpoint"):
+        vp.load_adapter(tiny_vit(seed=1).to(torch.bfloat16), tmp_path)
+    assert "cannot check the base weights" in caplog.text and "bfloat16" in caplog.text

@@ -8,7 +8,8 @@ refuses other weights unless asked.
 
 The hash covers the parameters that do not train (``requires_grad`` false) with the methods attached, in module
 order, each cast to float16 first, so the same checkpoint loaded in float32 or float16 hashes the same
-(bfloat16 rounds differently: loading a float32-trained adapter onto bfloat16 weights needs ``check_base=False``).
+(bfloat16 keeps other bits: when exactly one side is bfloat16 the check cannot tell, and ``load_adapter`` says so in a
+warning instead of refusing).
 Tensors trained in place (BitFit biases, full fine-tuning) are part of the adapter, not of the base. The hash is
 computed once per set of attached methods and cached on the model (frozen weights do not change while training;
 trainers compute it before casting frozen weights to the mixed-precision dtype).
@@ -64,9 +65,18 @@ def frozen_weights_sha256(model: Any) -> str:
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     value = digest.hexdigest()
     module.__dict__["_visionpeft_base_sha256"] = (key, value)
+    # the dtype hashed, kept past a later half-precision cast
+    module.__dict__["_visionpeft_base_dtype"] = str(frozen[0].dtype).removeprefix("torch.") if frozen else None
     return value
+
+
+def frozen_dtype(model: Any) -> str | None:
+    """The dtype the frozen weights were hashed in (``float32``, ``bfloat16``, ...), or None when nothing is frozen."""
+    frozen_weights_sha256(model)
+    return _unwrap(model).__dict__["_visionpeft_base_dtype"]
 
 
 def describe_base(model: Any) -> dict[str, Any]:
     """The ``base_model`` entry of an adapter config."""
-    return {"source": weights_source(model), "sha256": frozen_weights_sha256(model), "hashed_as": HASHED_AS}
+    sha256 = frozen_weights_sha256(model)
+    return {"source": weights_source(model), "sha256": sha256, "hashed_as": HASHED_AS, "dtype": frozen_dtype(model)}

@@ -15,6 +15,7 @@ schema under PEFT's names) still load.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from .adapter import (
     detach,
     methods_of,
 )
-from .base_weights import describe_base, frozen_weights_sha256
+from .base_weights import describe_base, frozen_dtype, frozen_weights_sha256
 from .errors import CheckpointError, ConfigError, VisionPEFTError
 from .exporters import export
 from .io import atomic_write
@@ -47,6 +48,7 @@ CONFIG_NAME = "visionpeft_config.json"
 #: Names visionpeft used before it stopped sharing PEFT's file names (read, never written).
 LEGACY_NAMES = ("adapter_model.safetensors", "adapter_config.json")
 FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
 METHOD_ENTRY = '{"name": ..., "config": {...}}'  # one element of the config's "methods" list
 
 
@@ -263,6 +265,15 @@ def _base_mismatch(model: Any, recorded: Any) -> str | None:
     if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
         return None  # written before visionpeft recorded the base weights
     if recorded["sha256"] == frozen_weights_sha256(model):
+        return None
+    ours = frozen_dtype(model)
+    if (recorded.get("dtype") == "bfloat16") != (ours == "bfloat16"):
+        logger.warning(
+            "cannot check the base weights of this adapter: it was trained on %s weights and this model holds %s "
+            "(bfloat16 rounds differently); make sure they are the same checkpoint",
+            recorded.get("dtype"),
+            ours,
+        )
         return None
     source = recorded.get("source") or "unnamed weights"
     return (

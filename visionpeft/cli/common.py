@@ -49,6 +49,12 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_base_check_argument(parser) -> None:
+    """``--ignore-base-mismatch``: load an adapter onto other base weights than those it was trained on."""
+    parser.add_argument("--ignore-base-mismatch", action="store_true",
+                        help="load adapters even onto other base weights than they were trained on")  # fmt: skip
+
+
 def add_run_arguments(parser) -> None:
     """The arguments of a training command: CONFIG [key=value ...] | --resume RUN_DIR, --stop-after, --cpu."""
     parser.add_argument("config", nargs="?", help="run config (YAML; its task: key picks the trainer)")

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import configure_logging, positive_int
+from .common import add_base_check_argument, configure_logging, positive_int
 
 
 def main(argv: list[str]) -> int:
@@ -19,6 +19,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", default=None, help="best or last (default: best if present)")
     parser.add_argument("--split", default=None, help="dataset split (default: the config's test split)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="default: the config's eval_batch_size")
+    add_base_check_argument(parser)
     args = parser.parse_args(argv)
 
     import torch
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> int:
     name = args.checkpoint or ("best" if (args.run_dir / "best").exists() else "last")
     exp = build_experiment(config)
     vp.detach(exp.model)  # a plain model: the checkpoint brings its own methods
-    vp.load_adapter(exp.model, args.run_dir / name)
+    vp.load_adapter(exp.model, args.run_dir / name, check_base=not args.ignore_base_mismatch)
     loaded = [m for m, _ in vp.attached_methods(exp.model)]
     configured = [m for m, _ in methods_of_config(config)]
     if loaded != configured:
