@@ -93,7 +93,7 @@ def test_a_damaged_state_file_is_one_line_and_runs_nothing(config, tmp_path, cap
 def test_a_crash_at_any_moment_of_a_save_resumes_like_an_uninterrupted_run(config, straight, monkeypatch, moment):
     """Killed after the new state was written, between the two renames, or before the old state was deleted:
     `--resume` finds the newest complete state and repeats the uninterrupted run exactly; the same training command
-    run again refuses the folder and deletes nothing."""
+    run again leaves the folder alone (its run goes to a numbered folder)."""
     name = f"crash_{moment}"
     assert _train(config, name, "--stop-after", "1") == 0
     commit = run_state.commit_state
@@ -111,8 +111,8 @@ def test_a_crash_at_any_moment_of_a_save_resumes_like_an_uninterrupted_run(confi
     monkeypatch.setattr(run_state, "commit_state", commit)
     run_dir = config.parent / "runs" / name
     assert run_state.newest_state(run_dir) is not None
-    assert _train(config, name) == 2  # the same command again refuses and deletes nothing
-    assert run_state.newest_state(run_dir) is not None
+    assert _train(config, name, "--stop-after", "1") == 0  # the same command again keeps this run, starts NAME-2
+    assert run_state.newest_state(run_dir) is not None and (run_dir.parent / f"{name}-2" / "config.yaml").is_file()
     assert _resume(config, name) == 0
     assert _losses(config, name) == _losses(config, "straight")
     assert sorted(p.name for p in run_dir.glob("state*")) == ["state"]
@@ -208,7 +208,7 @@ def test_a_run_made_with_relative_paths_evaluates_from_another_directory(tmp_pat
     saved = (work / "runs" / "tiny" / "config.yaml").read_text()
     assert f"root: {work / 'data'}" in saved and f"checkpoint: {work / 'vit.safetensors'}" in saved
     assert saved.startswith("# made by visionpeft") and saved.splitlines()[0].endswith(
-        "visionpeft train tiny.yaml --cpu"
+        "visionpeft train tiny.yaml optim.warmup_epochs=0 --cpu"
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -216,3 +216,13 @@ def test_a_run_made_with_relative_paths_evaluates_from_another_directory(tmp_pat
                             cwd=elsewhere, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "top1" in result.stdout
+
+
+def test_a_finished_run_leaves_a_model_card_the_hub_parses(straight):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(straight / "README.md")
+    assert card.data.pipeline_tag == "image-classification" and card.data.library_name == "visionpeft"
+    assert card.data.base_model == str((straight.parent.parent / "vit.safetensors").resolve())
+    assert "vpt" in card.data.tags
+    assert "| vpt | 64 |" in card.text and "test/top1" in card.text and "visionpeft train" in card.text

@@ -28,13 +28,17 @@ HASHED_AS = "float16"
 
 
 def weights_source(model: Any) -> str | None:
-    """The name the weights were loaded by, when the model records it: a diffusers ``_name_or_path``, a timm
-    ``hf_hub_id`` / ``architecture.tag``, an open_clip ``pretrained`` tag."""
+    """The name the weights were loaded by, when the model records it: what visionpeft's model factory loaded (a
+    timm name with tag, an open_clip model / tag, a local file), a diffusers ``_name_or_path``, a timm
+    ``hf_hub_id`` / ``architecture.tag``."""
     candidates = [model, _unwrap(model)]
     inner = getattr(_unwrap(model), "inner_model", None)
     if callable(inner):
         candidates.append(inner())
     for obj in candidates:
+        tag = getattr(obj, "_visionpeft_source", None)  # set by visionpeft's model factory
+        if isinstance(tag, str):
+            return tag
         config = getattr(obj, "config", None)
         name = getattr(config, "_name_or_path", None) or getattr(obj, "name_or_path", None)
         if isinstance(name, str) and name:
@@ -43,9 +47,6 @@ def weights_source(model: Any) -> str | None:
         if isinstance(pretrained, dict) and (pretrained.get("hf_hub_id") or pretrained.get("architecture")):
             tag = pretrained.get("tag")
             return pretrained.get("hf_hub_id") or pretrained["architecture"] + (f".{tag}" if tag else "")
-        tag = getattr(obj, "_visionpeft_source", None)
-        if isinstance(tag, str):
-            return tag
     return None
 
 

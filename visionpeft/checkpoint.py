@@ -32,12 +32,14 @@ from .adapter import (
     attached_methods,
     backbone_of,
     can_export,
+    count_parameters,
     detach,
     methods_of,
 )
-from .base_weights import describe_base, frozen_dtype, frozen_weights_sha256
+from .base_weights import describe_base, frozen_dtype, frozen_weights_sha256, weights_source
 from .errors import CheckpointError, ConfigError, VisionPEFTError
 from .exporters import export
+from .hub_io import build_model_card, download_adapter, library_name, looks_like_repo_id, push_folder
 from .io import atomic_write
 from .methods import make_config
 from .methods.base import named_persistent_buffers
@@ -89,7 +91,9 @@ def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_adapter(model: Any, directory: str | os.PathLike, format: str = "visionpeft") -> Path:
+def save_adapter(
+    model: Any, directory: str | os.PathLike, format: str = "visionpeft", push_to_hub: str | None = None
+) -> Path:
     """Saves only what was trained.
 
     Args:
@@ -99,13 +103,52 @@ def save_adapter(model: Any, directory: str | os.PathLike, format: str = "vision
             representable in PEFT the folder also holds PEFT's files), ``diffusers`` (a LoRA that
             ``pipeline.load_lora_weights`` loads), or ``peft`` (``adapter_model.safetensors`` + ``adapter_config.json``
             that ``peft.PeftModel.from_pretrained`` loads).
+        push_to_hub: A hub model repo (``user/name``) to upload the folder to, with a model card
+            (``README.md``) when the folder has none.
 
     Returns:
         The folder written.
     """
     directory = Path(directory)
     if format != "visionpeft":
-        return export(model, directory, format)
+        export(model, directory, format)
+    else:
+        _save_visionpeft(model, directory)
+    if push_to_hub:
+        if not (directory / "README.md").is_file():
+            write_model_card(model, directory)
+        push_folder(directory, push_to_hub, ignore=())
+    return directory
+
+
+def write_model_card(model: Any, directory: Path, **details: Any) -> Path:
+    """Writes ``directory/README.md`` describing the adapter of ``model`` (``details``: the keyword arguments of
+    :func:`visionpeft.hub_io.build_model_card`, e.g. metrics, data, command, images)."""
+    library = library_name(directory)
+    source = weights_source(model)
+    options = {
+        "title": f"{' + '.join(name for name, _ in attached_methods(model))} adapter",
+        "base_model": source,
+        "methods": [(name, cfg.to_dict()) for name, cfg in attached_methods(model)],
+        "parameters": count_parameters(model),
+        "library": library,
+        "how_to_load": LOADING[library].format(base=source or "BASE"),
+        **details,
+    }
+    card = build_model_card(**options)
+    atomic_write(directory / "README.md", lambda tmp: Path(tmp).write_text(str(card)))
+    return directory / "README.md"
+
+
+LOADING = {
+    "visionpeft": "import visionpeft as vp\n\nmodel = ...  # the base model: {base}\nvp.load_adapter(model, FOLDER)",
+    "peft": "from peft import PeftModel\n\nmodel = PeftModel.from_pretrained(base_model, FOLDER)  # base: {base}",
+    "diffusers": 'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{base}")\n'
+    "pipe.load_lora_weights(FOLDER)",
+}
+
+
+def _save_visionpeft(model: Any, directory: Path) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     config = {
         "format": "visionpeft",
@@ -119,7 +162,6 @@ def save_adapter(model: Any, directory: str | os.PathLike, format: str = "vision
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     if peft_representable(model):
         export(model, directory, "peft")
-    return directory
 
 
 def peft_representable(model: Any) -> bool:
@@ -205,7 +247,7 @@ def load_adapter(
 
     Args:
         model: The model (or pipeline) to load into.
-        directory: A folder written by :func:`save_adapter`.
+        directory: A folder written by :func:`save_adapter`, or a hub repo id (``user/name``) holding one.
         options: Per-method option overrides applied before attaching, e.g.
             ``{"coop": {"classnames": new_classes}}`` to evaluate learned prompts on other classes.
         check_base: Refuse a checkpoint trained on other base weights (its recorded ``base_model.sha256``
@@ -215,6 +257,8 @@ def load_adapter(
         CheckpointError: Missing or corrupt files, a checkpoint from another architecture (the message names
             the mismatched tensors), or trained on other weights.
     """
+    if looks_like_repo_id(directory):
+        directory = download_adapter(str(directory))
     directory = Path(directory)
     config = read_adapter_config(directory)
     family = backbone_of(model).family

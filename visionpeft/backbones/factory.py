@@ -166,11 +166,20 @@ def create_model(cfg: Any, num_classes: int, classnames: list[str] | None = None
     open_clip models become a :class:`CLIPClassifier` over ``classnames``: with a linear head initialised from the
     class-name text embeddings (``clip_head: linear``) or classifying by class text features (``prompts``).
     """
+    if cfg.checkpoint:
+        source = str(Path(cfg.checkpoint).expanduser().resolve())
+    elif not cfg.pretrained:
+        source = f"{cfg.name} (random init)"
+    else:
+        source = cfg.name if cfg.library == "timm" else f"{cfg.name}/{cfg.pretrained_tag}"
     if cfg.library == "timm":
-        return create_timm(cfg, num_classes)
-    from ..tasks.clip_classifier import CLIPClassifier
+        model = create_timm(cfg, num_classes)
+    else:
+        from ..tasks.clip_classifier import CLIPClassifier
 
-    clip = create_open_clip(cfg)
-    if not classnames:
-        raise ConfigError("an open_clip classifier needs the dataset's class names")
-    return CLIPClassifier(clip, classnames, head=cfg.clip_head == "linear")
+        clip = create_open_clip(cfg)
+        if not classnames:
+            raise ConfigError("an open_clip classifier needs the dataset's class names")
+        model = CLIPClassifier(clip, classnames, head=cfg.clip_head == "linear")
+    model.__dict__["_visionpeft_source"] = source  # what adapter checkpoints and model cards name as the base
+    return model

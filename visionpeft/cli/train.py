@@ -35,7 +35,15 @@ def main(argv: list[str]) -> int:
     add_run_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="build model, method(s) and data; print the summary")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config with field help")
+    parser.add_argument("--push-to-hub", metavar="USER/REPO",
+                        help="upload the finished run (adapters, exported files, model card, pictures) to this hub "
+                             "model repo")  # fmt: skip
     args = parser.parse_intermixed_args(argv)
+    if args.push_to_hub:
+        from ..hub_io import is_repo_id
+
+        if not is_repo_id(args.push_to_hub):
+            parser.error(f"--push-to-hub takes a hub repo id USER/REPO, got {args.push_to_hub!r}")
     config, run_dir = resolve_run(args, parser, dry_run=args.dry_run or args.print_config)
     if args.print_config:
         from ..config import describe_config
@@ -50,4 +58,8 @@ def main(argv: list[str]) -> int:
     results = train(config, run_dir, resume=args.resume is not None, dry_run=args.dry_run,
                     stop_after=args.stop_after, cpu=args.cpu)  # fmt: skip
     report(results)
+    if args.push_to_hub and not args.dry_run and (run_dir / "README.md").is_file():
+        from ..trainers.run_card import push_run
+
+        print(f"pushed {run_dir} to {args.push_to_hub}: {push_run(run_dir, args.push_to_hub)}")
     return 0

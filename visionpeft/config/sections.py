@@ -55,6 +55,7 @@ class RunSettings:
     ema_decay: float | None = setting(
         None, "keep an EMA of the trained weights (evaluation and the saved files use it); null: none", min=0, max=1
     )
+    license: str | None = setting(None, "license in the run's model card metadata (the base model's terms apply)")
 
 
 @dataclass

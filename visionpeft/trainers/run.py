@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from . import run_state
 from .logs import get_logger
 from .loop import Loop, LoopConfig, Task, make_accelerator
+from .run_card import write_run_card
 
 logger = get_logger(__name__)
 
@@ -151,5 +152,7 @@ def run_task(trainer: Trainer, config: DictConfig, run_dir: Path, *, resume: boo
     if loop.finished:
         results.update(trainer.finish(config, loop, setup, run_dir))
     results["parameters"] = count_parameters(loop.unwrapped)
+    if loop.finished and accelerator.is_main_process:
+        results.setdefault("outputs", []).append(write_run_card(config, setup.adapted, results, setup.summary, run_dir))
     accelerator.end_training()
     return results
