@@ -1,4 +1,4 @@
-"""Name -> object registries for methods, backbones, datasets and trainers."""
+"""Name -> object registries for methods, backbones, datasets (classification and segmentation) and trainers."""
 
 from __future__ import annotations
 
@@ -54,4 +54,5 @@ class Registry(Generic[T]):
 
 METHODS: Registry = Registry("method")
 DATASETS: Registry = Registry("dataset")
+SEGMENTATION_DATASETS: Registry = Registry("segmentation dataset")  # name -> fn(split, root, transform, **options)
 TRAINERS: Registry = Registry("task")  # task name -> config.tasks.TaskSpec (schema + trainer)

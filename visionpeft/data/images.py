@@ -113,11 +113,12 @@ def screen_images(paths: Sequence[str | Path], where: str, skip: bool, hint: str
 class WorkerSafe(Dataset):
     """Wraps a dataset so that an item's read error (a :class:`DataError` or ``OSError``) is an :class:`ItemError`,
     which stays one line when a ``DataLoader`` worker re-raises it in the main process. ``classes`` and ``targets``
-    of the wrapped dataset are passed through."""
+    of the wrapped dataset are passed through, and a segmentation dataset's ``palette``, ``ignore_index`` and
+    ``files``."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
-        for attr in ("classes", "targets"):
+        for attr in ("classes", "targets", "palette", "ignore_index", "files"):
             if hasattr(dataset, attr):
                 setattr(self, attr, getattr(dataset, attr))
 

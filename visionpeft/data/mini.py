@@ -12,6 +12,7 @@ digits 1,078 / 359 / 360, textures 228 / 78 / 78, faces 120 / 40 / 40. Notes in 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -86,10 +87,21 @@ TEXTURES = {
 }
 
 
-def _tiles(image: np.ndarray, tile: int) -> np.ndarray:
-    """Non-overlapping ``tile`` x ``tile`` squares of a photo, in grayscale: (n, tile, tile)."""
+@functools.cache
+def texture_photo(name: str) -> np.ndarray:
+    """The photograph of texture ``name`` (a key of :data:`TEXTURES`) in grayscale (the mean of its colour
+    channels, float64, unscaled), read from scikit-image's data once per process; read-only."""
+    import skimage.data
+
+    image = getattr(skimage.data, TEXTURES[name])().astype(np.float64)
     if image.ndim == 3:
         image = image[..., :3].mean(axis=-1)
+    image.setflags(write=False)
+    return image
+
+
+def _tiles(image: np.ndarray, tile: int) -> np.ndarray:
+    """Non-overlapping ``tile`` x ``tile`` squares of a grayscale photo: (n, tile, tile)."""
     rows, cols = image.shape[0] // tile, image.shape[1] // tile
     grid = image[: rows * tile, : cols * tile].reshape(rows, tile, cols, tile).swapaxes(1, 2)
     return grid.reshape(-1, tile, tile)
@@ -101,12 +113,10 @@ def textures(
     per_class: int = 64, **_,
 ) -> ArrayImages:  # fmt: skip
     """Non-overlapping ``tile`` x ``tile`` grayscale tiles, ``per_class`` per texture, split per class."""
-    import skimage.data
-
     images, labels = [], []
     rng = np.random.default_rng(seed)
-    for label, source in enumerate(TEXTURES.values()):
-        tiles = _tiles(getattr(skimage.data, source)(), tile)
+    for label, name in enumerate(TEXTURES):
+        tiles = _tiles(texture_photo(name), tile)
         tiles = tiles[rng.permutation(len(tiles))[:per_class]]
         images += [_to_uint8(t) for t in tiles]
         labels += [label] * len(tiles)
