@@ -13,6 +13,7 @@ from tiny_models import _run_vit, tiny_unet, tiny_vit
 from torch import nn
 
 import visionpeft as vp
+from visionpeft.adapter import backbone_of
 from visionpeft.errors import ConfigError, IncompatibleMethodError
 from visionpeft.methods import METHODS, Method, MethodConfig, check_call_inputs
 
@@ -220,5 +221,5 @@ def test_a_distilled_deit_takes_token_methods_and_trains_both_heads():
         assert set(vp.count_parameters(model)["by_group"]) == {method, "head", "head_dist"}
         vp.detach(model)
     vp.attach(model, "vpt", num_tokens=3)
-    assert vp.backbone_of(model).tower(None).tokens.num_prefix == 2  # prompts go after the class + distillation tokens
+    assert backbone_of(model).tower(None).tokens.num_prefix == 2  # prompts go after the class + distillation tokens
     assert model(x).shape == (2, 5)
