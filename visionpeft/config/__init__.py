@@ -168,10 +168,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value")
+        key = item.split("=", 1)[0].strip()
         try:
             top = OmegaConf.from_dotlist([item])
-            if item.split("=", 1)[0].strip() in ATOMIC_KEYS:
+            if key in ATOMIC_KEYS:
                 config = OmegaConf.merge(config, {"method": None})
+                if isinstance(top.method, str):  # method=lora: that method with its defaults; method.r=4 may follow
+                    top = OmegaConf.create({"method": {"name": top.method}})
+            elif key == "method.name":
+                _check_method_switch(config.method, top.method.name, item)
             config = OmegaConf.merge(config, top)
         except OmegaConfBaseException as err:
             raise _translate(err, schema, f"override '{item}'") from None
@@ -185,6 +190,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     check_methods(config, spec)  # the only check that imports the methods (and torch)
     OmegaConf.set_readonly(config, True)
     return config
+
+
+def _check_method_switch(current: Any, name: Any, item: str) -> None:
+    """``method.name=OTHER`` keeps the options written for the current method: say so instead of letting them
+    reach the other method."""
+    if not isinstance(current, DictConfig) or "name" not in current or current.name == name:
+        return
+    foreign = sorted(k for k in current if k != "name")
+    if foreign:
+        raise ConfigError(
+            f"override '{item}' switches the method from {current.name} to {name}, but the options "
+            f"{', '.join(foreign)} were written for {current.name}; use method={name} (its defaults) and then "
+            f"method.KEY=VALUE for its options"
+        )
 
 
 def schema_of(config: DictConfig) -> type:
