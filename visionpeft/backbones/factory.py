@@ -135,13 +135,19 @@ def create_open_clip(cfg: Any) -> nn.Module:
         raise ModelLoadError(f"checkpoint {cfg.checkpoint} does not exist")
     with offline_unless_reachable() as online:
         try:
-            return open_clip.create_model(cfg.name, pretrained=pretrained)
+            model = open_clip.create_model(cfg.name, pretrained=pretrained)
         except Exception as err:
             reason = str(err).splitlines()[0][:120] if online or cfg.checkpoint else "no network, not in the cache"
             raise ModelLoadError(
                 f"could not load open_clip '{cfg.name}' with pretrained={pretrained!r} ({reason}); "
                 "set model.checkpoint=/path/to/open_clip_weights.bin"
             ) from None
+        try:  # the model's own tokenizer (CLIP BPE ships with open_clip; SigLIP's comes from the hub)
+            model.__dict__["_visionpeft_tokenizer"] = open_clip.get_tokenizer(cfg.name)
+        except Exception as err:
+            reason = str(err).splitlines()[0][:120] if online else "no network, not in the cache"
+            raise ModelLoadError(f"could not load the tokenizer of open_clip '{cfg.name}' ({reason})") from None
+    return model
 
 
 def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:

@@ -51,8 +51,8 @@ def main(argv: list[str]) -> int:
         from visionpeft.data import transforms as T
         from visionpeft.data.images import WorkerSafe
 
-        mean, std = T.normalization_of(exp.model)
-        tf = T.build_transform(config.data.img_size, mean, std, train=False, augment=config.data.augment)
+        data_cfg = T.data_config_of(exp.model)
+        tf = T.build_transform(config.data.img_size, data_cfg, train=False, augment=config.data.augment)
         raw = _dataset(config, split)
         dataset = WorkerSafe(Transformed(raw, tf))
     accelerator = make_accelerator(LoopConfig())
