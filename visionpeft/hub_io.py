@@ -67,7 +67,7 @@ def build_model_card(
     if library != "visionpeft":
         tags.insert(0, library)
     card_data = ModelCardData(
-        base_model=base_model or None,
+        base_model=base_model if base_model and is_repo_id(base_model) else None,  # the hub takes repo ids only
         library_name=library,
         tags=tags,
         license=license or None,

@@ -177,7 +177,7 @@ def create_model(cfg: Any, num_classes: int, classnames: list[str] | None = None
     elif not cfg.pretrained:
         source = f"{cfg.name} (random init)"
     else:
-        source = cfg.name if cfg.library == "timm" else f"{cfg.name}/{cfg.pretrained_tag}"
+        source = f"timm/{cfg.name}" if cfg.library == "timm" else f"{cfg.name}/{cfg.pretrained_tag}"  # hub ids
     if cfg.library == "timm":
         model = create_timm(cfg, num_classes)
     else:

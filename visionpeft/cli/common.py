@@ -62,6 +62,8 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--resume", type=Path, help="continue the run in this folder from its saved state")
     parser.add_argument("--stop-after", type=int, help="stop after this many more epochs (resume later)")
     parser.add_argument("--cpu", action="store_true", help="force the CPU even when a GPU is present")
+    parser.add_argument("--report-to", choices=("tensorboard", "wandb", "none"),
+                        help="experiment tracker (same as train.report_to=...)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an earlier run in the run folder and start over there (default: keep it and "
                              "number the new run's folder: NAME-2, NAME-3, ...)")  # fmt: skip
@@ -84,7 +86,8 @@ def resolve_run(args, parser, dry_run: bool = False):
         return load_config(config_path), args.resume
     if not args.config:
         parser.error("a config file is required (or --resume RUN_DIR)")
-    config = load_config(args.config, args.overrides)
+    report = [f"train.report_to={args.report_to}"] if getattr(args, "report_to", None) else []
+    config = load_config(args.config, [*args.overrides, *report])
     run_dir = Path(config.train.output_dir) / config.train.run_name
     if dry_run or not run_state.holds_run(run_dir):
         return config, run_dir

@@ -56,6 +56,8 @@ class RunSettings:
         None, "keep an EMA of the trained weights (evaluation and the saved files use it); null: none", min=0, max=1
     )
     license: str | None = setting(None, "license in the run's model card metadata (the base model's terms apply)")
+    report_to: str = setting("tensorboard", "experiment tracker (accelerate's): scalars and validation images",
+                             choices=("tensorboard", "wandb", "none"))  # fmt: skip
 
 
 @dataclass

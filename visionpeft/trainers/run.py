@@ -29,6 +29,7 @@ from . import run_state
 from .logs import get_logger
 from .loop import Loop, LoopConfig, Task, make_accelerator
 from .run_card import write_run_card
+from .trackers import check_report_to
 
 logger = get_logger(__name__)
 
@@ -119,7 +120,8 @@ def run_task(trainer: Trainer, config: DictConfig, run_dir: Path, *, resume: boo
              stop_after: int | None = None, cpu: bool = False) -> dict[str, Any]:  # fmt: skip
     """Builds, trains and finishes one run of ``trainer``; returns the task's results plus ``parameters``."""
     loop_cfg = LoopConfig.from_config(config)
-    accelerator = make_accelerator(loop_cfg, cpu=cpu)
+    check_report_to(loop_cfg.report_to)
+    accelerator = make_accelerator(loop_cfg, cpu=cpu, run_dir=None if dry_run else run_dir)
     batch = config.data.batch_size
     per_process = micro_batch(batch, accelerator.num_processes, config.optim.grad_accum)
     if not dry_run:
