@@ -106,7 +106,11 @@ def build_optimizer(optim: DictConfig, model: nn.Module, batch_size: int) -> tor
 
 def freeze_in_precision(modules: list[nn.Module], mixed_precision: str) -> None:
     """Under fp16 / bf16 mixed precision, stores the frozen weights in half precision and keeps the trained ones
-    in fp32 (the optimizer then never sees half-precision parameters: no "unscale FP16 gradients" errors)."""
+    in fp32 (the optimizer then never sees half-precision parameters: no "unscale FP16 gradients" errors).
+
+    diffusers' scripts cast the whole model to half precision and then the trained parameters back with
+    ``cast_training_params``; casting only the frozen ones gives the same result without sending the trained
+    weights' initial values (a LoRA's A, DiffFit's scales) through half precision and back."""
     if mixed_precision == "no":
         return
     dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
