@@ -227,3 +227,24 @@ def test_a_finished_run_leaves_a_model_card_the_hub_parses(straight):
     assert str((straight.parent.parent / "vit.safetensors").resolve()) in card.text
     assert "vpt" in card.data.tags
     assert "| vpt | 64 |" in card.text and "test/top1" in card.text and "visionpeft train" in card.text
+
+
+def test_step_checkpoints_resume_inside_an_epoch_and_keep_only_the_newest(config, straight, monkeypatch):
+    """Killed right after the step-10 checkpoint (inside epoch 2 of 7-step epochs): the resume skips the batches
+    epoch 2 had used and repeats the uninterrupted run's losses (no random augmentation here)."""
+    keep = run_state.keep_step_checkpoint
+
+    def killed_at_ten(run_dir, step, limit):
+        keep(run_dir, step, limit)
+        if step == 10:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_state, "keep_step_checkpoint", killed_at_ten)
+    args = ["train.checkpoint_every=5", "train.checkpoints_total_limit=2"]
+    assert _train(config, "steps", *args) == 130
+    run_dir = config.parent / "runs" / "steps"
+    assert run_state.read_progress(run_dir / "state")["step"] == 10
+    monkeypatch.setattr(run_state, "keep_step_checkpoint", keep)
+    assert _resume(config, "steps") == 0
+    assert _losses(config, "steps") == _losses(config, "straight")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000015", "step-0000020"]

@@ -56,6 +56,10 @@ class RunSettings:
         None, "keep an EMA of the trained weights (evaluation and the saved files use it); null: none", min=0, max=1
     )
     license: str | None = setting(None, "license in the run's model card metadata (the base model's terms apply)")
+    checkpoint_every: int | None = setting(
+        None, "also save the resumable state every N optimizer steps (+ RUN/checkpoints/step-N adapters)", min=1
+    )
+    checkpoints_total_limit: int | None = setting(None, "keep only the newest N step checkpoints", min=1)
     report_to: str = setting("tensorboard", "experiment tracker (accelerate's): scalars and validation images",
                              choices=("tensorboard", "wandb", "none"))  # fmt: skip
 

@@ -62,6 +62,8 @@ class LoopConfig:
     eval_every: int | None = None
     ema_decay: float | None = None
     report_to: str = "tensorboard"
+    checkpoint_every: int | None = None
+    checkpoints_total_limit: int | None = None
 
     @classmethod
     def from_config(cls, config: Any) -> LoopConfig:
@@ -82,6 +84,8 @@ class LoopConfig:
             eval_every=train.eval_every,
             ema_decay=train.ema_decay,
             report_to=train.get("report_to", "tensorboard"),
+            checkpoint_every=train.get("checkpoint_every"),
+            checkpoints_total_limit=train.get("checkpoints_total_limit"),
         )
 
     def in_steps(self, count: int | None, steps_per_epoch: int) -> int | None:
@@ -273,6 +277,9 @@ class Loop:
         self.epoch, self.step, self.best = progress["epoch"], progress["step"], progress["best"]
         self.batch_in_epoch, self.epoch_loss = progress["batch_in_epoch"], progress["epoch_loss"]
         self.trackers.purge_step = self.step + 1  # TensorBoard drops the events logged after the saved state
+        if self.batch_in_epoch:
+            logger.info(f"resuming inside epoch {self.epoch + 1} at step {self.step}: the data order is the "
+                        "uninterrupted run's; random augmentation of its remaining batches may differ")  # fmt: skip
         if self.accelerator.is_main_process:
             run_state.trim_metrics(self.run_dir / "metrics.jsonl", self.step)
 
@@ -308,8 +315,11 @@ class Loop:
         set_train_mode(self.unwrapped, True)
 
     def _batches(self) -> Iterator[Any]:
-        """The current epoch's batches, in its seeded order."""
+        """The current epoch's batches, in its seeded order (after a resume from a step checkpoint, without the
+        batches the epoch had already used)."""
         self.train_loader.set_epoch(self.epoch)
+        if self.batch_in_epoch:
+            return iter(self.accelerator.skip_first_batches(self.train_loader, self.batch_in_epoch))
         return iter(self.train_loader)
 
     def _optimizer_step(self, batch: Any) -> float:
@@ -334,9 +344,10 @@ class Loop:
         """Trains until the run's last step (or for ``stop_after`` more epochs); returns the last evaluation.
 
         Evaluation runs every ``eval_every`` optimizer steps exactly and after the last step. The resumable state is
-        saved at the end of every epoch and of the run: a resumed run then repeats an uninterrupted one exactly
-        (the data loader reads a batch ahead, so the random state of a mid-epoch point would not replay its
-        augmentation; epoch boundaries are where data order and random state both restart cleanly).
+        saved at the end of every epoch and of the run (a resumed run then repeats an uninterrupted one exactly),
+        and every ``checkpoint_every`` optimizer steps (step checkpoints: the resumed run skips the batches the
+        epoch had used, in the same order; the data loader reads a batch ahead, so random augmentation of the
+        rest of that epoch may differ from the uninterrupted run's).
         """
         last: dict[str, float] = {}
         stop_epoch = None if stop_after is None else self.epoch + stop_after
@@ -372,8 +383,11 @@ class Loop:
         metrics = None
         if self.finished or bool(self.eval_every and self.step % self.eval_every == 0):
             metrics = self._evaluate_and_log()
-        if epoch_done or self.finished:
+        step_checkpoint = bool(self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0)
+        if epoch_done or self.finished or step_checkpoint:
             self.save_state()
+        if step_checkpoint and self.accelerator.is_main_process:
+            run_state.keep_step_checkpoint(self.run_dir, self.step, self.cfg.checkpoints_total_limit)
         return metrics
 
     def _evaluate_and_log(self) -> dict[str, float]:
