@@ -173,5 +173,5 @@ def test_bf16_mixed_precision_keeps_trained_weights_in_fp32(setup):
     assert len(list((run_dir / "validation").glob("*.png"))) == 1  # sampled under autocast with bf16 frozen weights
     from safetensors.torch import load_file
 
-    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    saved = load_file(run_dir / "adapter" / "visionpeft_adapter.safetensors")
     assert saved and all(t.dtype == torch.float32 for t in saved.values())

@@ -69,13 +69,21 @@ def test_missing_config_file_exits_nonzero_without_traceback(tmp_path):
     assert result.stderr.strip() == f"error: config file {tmp_path / 'nope.yaml'} does not exist"
 
 
-def test_existing_run_is_not_overwritten(config, capsys):
-    assert run(train_tool.main, [str(config), "optim.epochs=1", "train.run_name=keep"]) == 0
+def test_rerunning_a_command_keeps_both_runs(config, capsys):
+    args = [str(config), "optim.epochs=1", "train.run_name=keep"]
+    assert run(train_tool.main, args) == 0
     run_dir = config.parent / "runs" / "keep"
     before = (run_dir / "metrics.jsonl").read_text()
-    assert run(train_tool.main, [str(config), "optim.epochs=1", "train.run_name=keep"]) == 2
-    assert "already holds a run; use --resume" in capsys.readouterr().err
+    assert run(train_tool.main, args) == 0
+    assert "holds an earlier run (kept" in capsys.readouterr().err
     assert (run_dir / "metrics.jsonl").read_text() == before
+    second = config.parent / "runs" / "keep-2"
+    assert (second / "metrics.jsonl").is_file()
+    assert "run_name: keep-2" in (second / "config.yaml").read_text()
+    (run_dir / "last" / "marker").write_text("from the earlier run")
+    assert run(train_tool.main, [*args, "--overwrite"]) == 0  # the explicit word deletes the earlier run
+    assert not (run_dir / "last" / "marker").exists() and (run_dir / "metrics.jsonl").is_file()
+    assert not (config.parent / "runs" / "keep-3").exists()
 
 
 def test_corrupt_image_in_an_image_folder_is_named(tmp_path, capsys):

@@ -108,3 +108,18 @@ def _counting(fn, calls):
         return fn(*args, **kwargs)
 
     return wrapped
+
+
+def test_class_prompts_use_the_tokenizer_the_model_was_created_with():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    seen = []
+
+    def tokenizer(texts, context_length):
+        seen.extend(texts)
+        return SimpleTokenizer(context_length=context_length)(texts)
+
+    clip = tiny_clip_bpe()
+    clip.__dict__["_visionpeft_tokenizer"] = tokenizer  # what the model factory records (open_clip.get_tokenizer)
+    CLIPClassifier(clip, ["cat", "dog"]).zero_shot_text_features()
+    assert seen == ["a photo of a cat.", "a photo of a dog."]

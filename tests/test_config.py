@@ -70,8 +70,10 @@ def test_hybrid_method_list(tree):
 def test_saved_resolved_config_reloads_identically(tree, tmp_path):
     config = load_config(tree, ["optim.epochs=20", "method={name: lora, r: 4, targets: [q, v]}"])
     save_config(config, tmp_path / "out" / "config.yaml")
-    again = load_config(tmp_path / "out" / "config.yaml")
-    assert OmegaConf.to_container(again) == OmegaConf.to_container(config)  # run_name "run" kept, not "config"
+    again = OmegaConf.to_container(load_config(tmp_path / "out" / "config.yaml"))
+    expected = OmegaConf.to_container(config)
+    expected["train"]["output_dir"] = str(Path(expected["train"]["output_dir"]).resolve())  # paths made absolute
+    assert again == expected  # run_name "run" kept, not "config"
     assert "_base_" not in (tmp_path / "out" / "config.yaml").read_text()
 
 
@@ -118,3 +120,15 @@ def test_mixed_precision_no_survives_yaml_booleans(tmp_path):
     assert load_config(path).train.mixed_precision == "no"
     assert load_config(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     assert load_config(path, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+
+
+def test_method_name_on_the_command_line_switches_to_that_methods_defaults(tree):
+    config = load_config(tree, ["method=lora", "method.r=4"])
+    assert OmegaConf.to_container(config.method) == {"name": "lora", "r": 4}  # nothing of vpt's options left
+    assert OmegaConf.to_container(load_config(tree, ["method=lora"]).method) == {"name": "lora"}
+
+
+def test_switching_only_method_name_names_the_options_of_the_old_method(tree):
+    with pytest.raises(ConfigError, match="from vpt to lora, but the options deep, num_tokens were written for vpt"):
+        load_config(tree, ["method.name=lora"])
+    assert load_config(tree, ["method.name=vpt", "method.num_tokens=5"]).method.num_tokens == 5

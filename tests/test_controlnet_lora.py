@@ -47,7 +47,7 @@ def test_the_checkpoint_holds_no_frozen_weight_and_reloads_exactly(tmp_path):
             p.add_(0.05 * torch.randn_like(p))
     expected = _run(unet)
     vp.save_adapter(unet, tmp_path)
-    saved = load_file(tmp_path / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "visionpeft_adapter.safetensors")
     assert "controlnet.conv_in.weight" not in saved and any(k.endswith("to_q.lora_A") for k in saved)
     fresh = vp.load_adapter(tiny_unet(), tmp_path)
     torch.testing.assert_close(_run(fresh), expected, rtol=0, atol=0)

@@ -65,7 +65,7 @@ def test_hybrid_vpt_lora_convpass_trains_and_round_trips(tmp_path):
             p.add_(0.05 * torch.randn_like(p))
     out = _run_vit(model)
     vp.save_adapter(model, tmp_path)
-    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    saved = json.loads((tmp_path / "visionpeft_config.json").read_text())
     assert [m["name"] for m in saved["methods"]] == ["vpt", "lora", "convpass"]
     assert {"torch", "timm", "visionpeft"} <= set(saved["versions"])
     torch.testing.assert_close(_run_vit(vp.load_adapter(tiny_vit(), tmp_path)), out, rtol=0, atol=0)
@@ -114,10 +114,10 @@ def test_checkpoint_from_another_architecture_names_the_tensors(tmp_path):
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path):
-    with pytest.raises(CheckpointError, match="adapter_config.json is missing"):
+    with pytest.raises(CheckpointError, match="visionpeft_config.json is missing"):
         vp.load_adapter(tiny_vit(), tmp_path)
     vp.save_adapter(vp.attach(tiny_vit(), "lora"), tmp_path)
-    (tmp_path / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "visionpeft_adapter.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         vp.load_adapter(tiny_vit(), tmp_path)
 

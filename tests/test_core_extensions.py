@@ -13,6 +13,7 @@ from tiny_models import _run_vit, tiny_unet, tiny_vit
 from torch import nn
 
 import visionpeft as vp
+from visionpeft.adapter import backbone_of
 from visionpeft.errors import ConfigError, IncompatibleMethodError
 from visionpeft.methods import METHODS, Method, MethodConfig, check_call_inputs
 
@@ -205,3 +206,20 @@ def _perturb(model):
     with torch.no_grad():
         for _, p in vp.trainable_parameters(model):
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_a_distilled_deit_takes_token_methods_and_trains_both_heads():
+    import timm
+
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              embed_dim=32, depth=2, num_heads=2, num_classes=5).eval()  # fmt: skip
+    x = torch.randn(2, 3, 32, 32)
+    reference = model(x)
+    for method in ("adaptformer", "convpass", "lora"):
+        vp.attach(model, method)
+        torch.testing.assert_close(model(x), reference)  # zero-initialised branches: unchanged at initialisation
+        assert set(vp.count_parameters(model)["by_group"]) == {method, "head", "head_dist"}
+        vp.detach(model)
+    vp.attach(model, "vpt", num_tokens=3)
+    assert backbone_of(model).tower(None).tokens.num_prefix == 2  # prompts go after the class + distillation tokens
+    assert model(x).shape == (2, 5)

@@ -81,10 +81,10 @@ def test_evaluating_an_adapter_of_another_method_says_so(vpt_run, capsys):
     ],
 )
 def test_malformed_adapter_config_is_a_checkpoint_error(vit, tmp_path, config, message):
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "visionpeft_config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError) as info:
         vp.load_adapter(vit, tmp_path)
-    assert message in str(info.value) and "adapter_config.json" in str(info.value)
+    assert message in str(info.value) and "visionpeft_config.json" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -96,10 +96,10 @@ def test_malformed_adapter_config_is_a_checkpoint_error(vit, tmp_path, config, m
     ],
 )
 def test_adapter_config_with_bad_method_entries_is_a_checkpoint_error(vit, tmp_path, entry, message):
-    saved = json.loads((vp.save_adapter(vp.attach(vit, "lora", r=2), tmp_path) / "adapter_config.json").read_text())
+    saved = json.loads((vp.save_adapter(vp.attach(vit, "lora", r=2), tmp_path) / "visionpeft_config.json").read_text())
     vp.detach(vit)
     saved["methods"] = [entry]
-    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
-    with pytest.raises(CheckpointError, match="adapter_config.json: ") as info:
+    (tmp_path / "visionpeft_config.json").write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match="visionpeft_config.json: ") as info:
         vp.load_adapter(vit, tmp_path)
     assert message in str(info.value)

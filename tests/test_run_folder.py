@@ -93,7 +93,7 @@ def test_a_damaged_state_file_is_one_line_and_runs_nothing(config, tmp_path, cap
 def test_a_crash_at_any_moment_of_a_save_resumes_like_an_uninterrupted_run(config, straight, monkeypatch, moment):
     """Killed after the new state was written, between the two renames, or before the old state was deleted:
     `--resume` finds the newest complete state and repeats the uninterrupted run exactly; the same training command
-    run again refuses the folder and deletes nothing."""
+    run again leaves the folder alone (its run goes to a numbered folder)."""
     name = f"crash_{moment}"
     assert _train(config, name, "--stop-after", "1") == 0
     commit = run_state.commit_state
@@ -111,8 +111,8 @@ def test_a_crash_at_any_moment_of_a_save_resumes_like_an_uninterrupted_run(confi
     monkeypatch.setattr(run_state, "commit_state", commit)
     run_dir = config.parent / "runs" / name
     assert run_state.newest_state(run_dir) is not None
-    assert _train(config, name) == 2  # the same command again refuses and deletes nothing
-    assert run_state.newest_state(run_dir) is not None
+    assert _train(config, name, "--stop-after", "1") == 0  # the same command again keeps this run, starts NAME-2
+    assert run_state.newest_state(run_dir) is not None and (run_dir.parent / f"{name}-2" / "config.yaml").is_file()
     assert _resume(config, name) == 0
     assert _losses(config, name) == _losses(config, "straight")
     assert sorted(p.name for p in run_dir.glob("state*")) == ["state"]
@@ -188,3 +188,63 @@ def test_a_batch_that_does_not_split_leaves_no_folder_behind(config, capsys):
         "error: data.batch_size 8 is not divisible by 1 process(es) x optim.grad_accum 3"
     )
     assert not (config.parent / "runs" / "indivisible").exists()
+
+
+def test_a_run_made_with_relative_paths_evaluates_from_another_directory(tmp_path, monkeypatch):
+    import subprocess
+
+    work = tmp_path / "work"
+    work.mkdir()
+    write_pretrained_vit(work / "vit.safetensors")
+    write_tiny_cifar10(work / "data")
+    text = tiny_config(work, work / "vit.safetensors", work / "data").read_text()
+    text = text.replace(str(work / "vit.safetensors"), "vit.safetensors").replace(str(work / "data"), "data")
+    text = text.replace(str(work / "runs"), "runs").replace(
+        "epochs: 3, warmup_epochs: 1", "epochs: 1, warmup_epochs: 0"
+    )
+    (work / "tiny.yaml").write_text(text)
+    monkeypatch.chdir(work)
+    assert run(train_tool.main, ["tiny.yaml", "optim.warmup_epochs=0", "--cpu"]) == 0
+    saved = (work / "runs" / "tiny" / "config.yaml").read_text()
+    assert f"root: {work / 'data'}" in saved and f"checkpoint: {work / 'vit.safetensors'}" in saved
+    assert saved.startswith("# made by visionpeft") and saved.splitlines()[0].endswith(
+        "visionpeft train tiny.yaml optim.warmup_epochs=0 --cpu"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), str(work / "runs" / "tiny")],
+                            cwd=elsewhere, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "top1" in result.stdout
+
+
+def test_a_finished_run_leaves_a_model_card_the_hub_parses(straight):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(straight / "README.md")
+    assert card.data.pipeline_tag == "image-classification" and card.data.library_name == "visionpeft"
+    assert card.data.base_model is None  # a local file is named in the text; the metadata takes hub ids only
+    assert str((straight.parent.parent / "vit.safetensors").resolve()) in card.text
+    assert "vpt" in card.data.tags
+    assert "| vpt | 64 |" in card.text and "test/top1" in card.text and "visionpeft train" in card.text
+
+
+def test_step_checkpoints_resume_inside_an_epoch_and_keep_only_the_newest(config, straight, monkeypatch):
+    """Killed right after the step-10 checkpoint (inside epoch 2 of 7-step epochs): the resume skips the batches
+    epoch 2 had used and repeats the uninterrupted run's losses (no random augmentation here)."""
+    keep = run_state.keep_step_checkpoint
+
+    def killed_at_ten(run_dir, step, limit):
+        keep(run_dir, step, limit)
+        if step == 10:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_state, "keep_step_checkpoint", killed_at_ten)
+    args = ["train.checkpoint_every=5", "train.checkpoints_total_limit=2"]
+    assert _train(config, "steps", *args) == 130
+    run_dir = config.parent / "runs" / "steps"
+    assert run_state.read_progress(run_dir / "state")["step"] == 10
+    monkeypatch.setattr(run_state, "keep_step_checkpoint", keep)
+    assert _resume(config, "steps") == 0
+    assert _losses(config, "steps") == _losses(config, "straight")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000015", "step-0000020"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from visionpeft.checkpoint import CONFIG_NAME
 from visionpeft.cli.common import run as run_cli
 from visionpeft.cli.eval import main as eval_main
 from visionpeft.cli.predict import main as predict_main
@@ -54,7 +55,7 @@ def test_the_run_folder_holds_the_table_the_grid_and_the_labels(trained):
     assert all(name in table for name in ("brick", "grass", "stars"))
     grid = Image.open(run_dir / "predictions.png")
     assert grid.size == (3 * 128, 2 * 128)  # 2 rows of image | truth | prediction, 32 px tiles enlarged to 128
-    task = json.loads((run_dir / "last" / "adapter_config.json").read_text())["task"]
+    task = json.loads((run_dir / "last" / CONFIG_NAME).read_text())["task"]
     assert task["id2label"]["0"] == "brick" and len(task["palette"]) == 6
     assert any((run_dir / "tensorboard").iterdir())
     assert {str(p) for p in results["outputs"]} == {str(run_dir / "per_class_iou.md"), str(run_dir / "predictions.png")}

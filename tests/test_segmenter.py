@@ -15,6 +15,7 @@ from tiny_models import tiny_clip, tiny_vit
 from torch import nn
 
 import visionpeft as vp
+from visionpeft.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from visionpeft.errors import ConfigError, IncompatibleMethodError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,9 +181,9 @@ def test_adapter_and_head_round_trip_in_a_new_process(tmp_path):
             p.add_(0.05 * torch.randn_like(p))
     expected = seg(_images((32, 40)))
     vp.save_adapter(seg, tmp_path / "adapter")
-    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "adapter" / WEIGHTS_NAME)
     assert "head.stages.0.0.1.running_mean" in saved and any(k.startswith("aux_head.") for k in saved)
-    task = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["task"]
+    task = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())["task"]
     assert task["id2label"] == {"0": "a", "1": "b", "2": "c"} and task["head"] == "setr_pup"
     script = RELOAD.format(tests=str(ROOT / "tests"), adapter=str(tmp_path / "adapter"), out=str(tmp_path / "out.pt"))
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,

@@ -255,3 +255,24 @@ def test_while_sampling_the_adapter_runs_once_per_condition_image():
         unet(latents, 10, encoder_hidden_states=text)
         unet(latents, 10, encoder_hidden_states=text)
     assert len(calls) == 4
+
+
+def test_each_control_takes_its_own_condition_image():
+    """control_image={"controlnet": edges, "t2i_adapter": depth}: each side tower reads its own image."""
+    torch.manual_seed(5)
+    unet = _trained(vp.attach(tiny_unet(), [("controlnet", {"hint_channels": [16, 32]}), ("t2i_adapter", FIT)]))
+    other = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        for conv in [*unet.controlnet.controlnet_down_blocks, unet.controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.1)
+        out = _run(unet, control={"controlnet": CONTROL, "t2i_adapter": other})
+        down, mid = unet.controlnet(LATENTS, STEPS, encoder_hidden_states=TEXT, controlnet_cond=CONTROL,
+                                    return_dict=False)  # fmt: skip
+        expected = _plain(down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                          down_intrablock_additional_residuals=list(unet.t2i_adapter(other)))  # fmt: skip
+        torch.testing.assert_close(out, expected)
+        assert not torch.allclose(out, _run(unet))  # not the shared image
+    with pytest.raises(ConfigError, match="names lora, which is not an attached method that reads it"):
+        _run(unet, control={"controlnet": CONTROL, "lora": other})
+    with pytest.raises(ConfigError, match="names controlnet but not t2i_adapter, which reads it"):
+        _run(unet, control={"controlnet": CONTROL})

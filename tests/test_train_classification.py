@@ -73,7 +73,7 @@ def test_methods_train_and_the_loss_goes_down(setup, method):
     losses = _epoch_losses(run_dir)
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert results["test"]["top1"] > 0.2  # 10 classes: chance is 0.1
-    for item in ("config.yaml", "last/adapter_model.safetensors", "state/progress.json", "tensorboard"):
+    for item in ("config.yaml", "last/visionpeft_adapter.safetensors", "state/progress.json", "tensorboard"):
         assert (run_dir / item).exists(), item
     assert not (run_dir / "best").exists()  # no validation split: no checkpoint is chosen on the test set
 

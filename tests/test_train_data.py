@@ -70,15 +70,31 @@ def test_transforms_resize_without_augmentation_and_use_the_model_normalisation(
     from visionpeft.data import transforms as T
 
     model = timm.create_model("vit_tiny_patch16_224.augreg_in21k", pretrained=False, depth=1)
-    mean, std = T.normalization_of(model)
-    assert mean == std == (0.5, 0.5, 0.5)  # timm's pretrained_cfg of the in21k ViTs
-    transform = T.build_transform(224, mean, std, train=True, augment="none")
+    data = T.data_config_of(model)
+    assert data.mean == data.std == (0.5, 0.5, 0.5)  # timm's pretrained_cfg of the in21k ViTs
+    transform = T.build_transform(224, data, train=True, augment="none")
     image = Image.new("RGB", (50, 30), (255, 0, 0))
     first, second = transform(image), transform(image)
     assert first.shape == (3, 224, 224) and torch.equal(first, second)  # VTAB protocol: deterministic resize
     assert first[0].max() == pytest.approx(1.0) and first[1].min() == pytest.approx(-1.0)
-    crop = T.build_transform(32, mean, std, train=True, augment="crop_flip")(image)
+    crop = T.build_transform(32, data, train=True, augment="crop_flip")(image)
     assert crop.shape == (3, 32, 32)
+
+
+def test_test_time_crop_and_interpolation_follow_the_models_data_config():
+    import timm
+    from torchvision.transforms import v2
+
+    from visionpeft.data import transforms as T
+
+    model = timm.create_model("vit_tiny_patch16_224.augreg_in21k", pretrained=False, depth=1)
+    data = T.data_config_of(model)
+    assert (data.crop_pct, data.interpolation) == (0.9, "bicubic")  # augreg's pretrained_cfg, not a fixed 0.875
+    resize = next(t for t in T.build_transform(224, data, train=False, augment="crop_flip").transforms
+                  if isinstance(t, v2.Resize))  # fmt: skip
+    assert resize.size == [248] and resize.interpolation == v2.InterpolationMode.BICUBIC
+    clip = T.data_config_of(timm.create_model("vit_base_patch16_clip_224.openai", pretrained=False, depth=1))
+    assert clip.mean == (0.48145466, 0.4578275, 0.40821073)  # CLIP statistics from timm's pretrained_cfg
 
 
 def test_vtab_run_selects_best_on_val_and_eval_tool_reproduces_the_test_accuracy(tmp_path, capsys):
@@ -91,7 +107,7 @@ def test_vtab_run_selects_best_on_val_and_eval_tool_reproduces_the_test_accuracy
     results = run(config, run_dir, cpu=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r["eval/top1"] for r in records if "eval/top1" in r]
-    assert len(val) == 3 and (run_dir / "best" / "adapter_model.safetensors").is_file()
+    assert len(val) == 3 and (run_dir / "best" / "visionpeft_adapter.safetensors").is_file()
     test = [r for r in records if "test/top1" in r]
     assert len(test) == 1 and test[0]["test/top1"] == results["test"]["top1"]
     capsys.readouterr()

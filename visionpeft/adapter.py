@@ -321,7 +321,8 @@ def conditioning(model: Any, **inputs: Any) -> Iterator[Any]:
 
     Args:
         model: An adapted model, a pipeline or task model, or any module holding adapted models.
-        **inputs: Name -> value; each name must be read by some attached method (its ``call_inputs``).
+        **inputs: Name -> value; each name must be read by some attached method (its ``call_inputs``). A dict
+            value gives each method its own (``control_image={"controlnet": edges, "t2i_adapter": depth}``).
 
     Raises:
         ConfigError: No method is attached, or no attached method reads one of the inputs.
@@ -335,6 +336,13 @@ def conditioning(model: Any, **inputs: Any) -> Iterator[Any]:
     if unknown:
         reads = ", ".join(declared) or "none"
         raise ConfigError(f"no attached method reads a per-call {unknown[0]} (the per-call inputs they read: {reads})")
+    for key, value in inputs.items():
+        if isinstance(value, dict):  # one value per method name
+            readers = sorted({m.name for s in states.values() for m in s.methods if key in m.call_inputs})
+            stray = sorted(set(value) - set(readers))
+            if stray:
+                raise ConfigError(f"vp.conditioning's {key} names {stray[0]}, which is not an attached method that "
+                                  f"reads it ({', '.join(readers)} do)")  # fmt: skip
     saved = [(s.backbone.call_inputs, dict(s.backbone.call_inputs)) for s in states.values()]
     for channel, _ in saved:
         channel.update(inputs)

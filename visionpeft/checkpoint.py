@@ -1,14 +1,21 @@
-"""Adapter-only checkpoints: ``adapter_model.safetensors`` (canonical keys, only trained tensors) and
-``adapter_config.json`` (the methods' configs, the backbone's identity, library versions and, for a task model
-that has a ``task_metadata()``, its record under ``task``).
+"""Adapter-only checkpoints: ``visionpeft_adapter.safetensors`` (canonical keys, only trained tensors) and
+``visionpeft_config.json`` (the methods' configs, the backbone's identity, the base weights it was trained on,
+library versions and, for a task model with a ``task_metadata()``, its record under ``task``).
 
-``save_adapter(..., format="diffusers" | "peft")`` writes files those libraries load as they are
+The names differ from PEFT's on purpose: a folder holding ``adapter_config.json`` is read by
+``peft.PeftModel.from_pretrained``, so that name is kept for a file PEFT really loads. Whenever the adapter is
+representable in PEFT (LoRA layers, plus task heads as ``modules_to_save``) the default folder also holds
+PEFT's ``adapter_model.safetensors`` + ``adapter_config.json``; folders written before this change (visionpeft's
+schema under PEFT's names) still load.
+
+``save_adapter(..., format="diffusers" | "peft")`` writes only the files those libraries load as they are
 (see :mod:`visionpeft.exporters`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -24,19 +31,26 @@ from .adapter import (
     attach,
     attached_methods,
     backbone_of,
+    can_export,
+    count_parameters,
     detach,
     methods_of,
 )
+from .base_weights import describe_base, frozen_dtype, frozen_weights_sha256, weights_source
 from .errors import CheckpointError, ConfigError, VisionPEFTError
 from .exporters import export
+from .hub_io import build_model_card, download_adapter, library_name, looks_like_repo_id, push_folder
 from .io import atomic_write
 from .methods import make_config
 from .methods.base import named_persistent_buffers
 from .version import __version__
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "visionpeft_adapter.safetensors"
+CONFIG_NAME = "visionpeft_config.json"
+#: Names visionpeft used before it stopped sharing PEFT's file names (read, never written).
+LEGACY_NAMES = ("adapter_model.safetensors", "adapter_config.json")
 FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
 METHOD_ENTRY = '{"name": ..., "config": {...}}'  # one element of the config's "methods" list
 
 
@@ -77,28 +91,71 @@ def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_adapter(model: Any, directory: str | os.PathLike, format: str = "visionpeft") -> Path:
+def save_adapter(
+    model: Any, directory: str | os.PathLike, format: str = "visionpeft", push_to_hub: str | None = None
+) -> Path:
     """Saves only what was trained.
 
     Args:
         model: An adapted model.
         directory: Output folder (created if needed).
-        format: ``visionpeft`` (canonical keys, reloadable with :func:`load_adapter`), ``diffusers`` (a LoRA that
+        format: ``visionpeft`` (canonical keys, reloadable with :func:`load_adapter`; when the adapter is
+            representable in PEFT the folder also holds PEFT's files), ``diffusers`` (a LoRA that
             ``pipeline.load_lora_weights`` loads), or ``peft`` (``adapter_model.safetensors`` + ``adapter_config.json``
             that ``peft.PeftModel.from_pretrained`` loads).
+        push_to_hub: A hub model repo (``user/name``) to upload the folder to, with a model card
+            (``README.md``) when the folder has none.
 
     Returns:
         The folder written.
     """
     directory = Path(directory)
     if format != "visionpeft":
-        return export(model, directory, format)
+        export(model, directory, format)
+    else:
+        _save_visionpeft(model, directory)
+    if push_to_hub:
+        if not (directory / "README.md").is_file():
+            write_model_card(model, directory)
+        push_folder(directory, push_to_hub, ignore=())
+    return directory
+
+
+def write_model_card(model: Any, directory: Path, **details: Any) -> Path:
+    """Writes ``directory/README.md`` describing the adapter of ``model`` (``details``: the keyword arguments of
+    :func:`visionpeft.hub_io.build_model_card`, e.g. metrics, data, command, images)."""
+    library = library_name(directory)
+    source = weights_source(model)
+    options = {
+        "title": f"{' + '.join(name for name, _ in attached_methods(model))} adapter",
+        "base_model": source,
+        "methods": [(name, cfg.to_dict()) for name, cfg in attached_methods(model)],
+        "parameters": count_parameters(model),
+        "library": library,
+        "how_to_load": LOADING[library].format(base=source or "BASE"),
+        **details,
+    }
+    card = build_model_card(**options)
+    atomic_write(directory / "README.md", lambda tmp: Path(tmp).write_text(str(card)))
+    return directory / "README.md"
+
+
+LOADING = {
+    "visionpeft": "import visionpeft as vp\n\nmodel = ...  # the base model: {base}\nvp.load_adapter(model, FOLDER)",
+    "peft": "from peft import PeftModel\n\nmodel = PeftModel.from_pretrained(base_model, FOLDER)  # base: {base}",
+    "diffusers": 'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{base}")\n'
+    "pipe.load_lora_weights(FOLDER)",
+}
+
+
+def _save_visionpeft(model: Any, directory: Path) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     config = {
         "format": "visionpeft",
         "format_version": FORMAT_VERSION,
         "methods": [{"name": name, "config": cfg.to_dict()} for name, cfg in attached_methods(model)],
         "backbone": backbone_of(model).describe(),
+        "base_model": describe_base(model),
         "versions": library_versions(),
     }
     metadata = getattr(_unwrap(model), "task_metadata", None)
@@ -106,13 +163,42 @@ def save_adapter(model: Any, directory: str | os.PathLike, format: str = "vision
         config["task"] = metadata()
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
-    return directory
+    if peft_representable(model):
+        export(model, directory, "peft")
+
+
+def peft_representable(model: Any) -> bool:
+    """Whether PEFT can load this adapter as it is: a plain module (not a pipeline) whose methods all export to
+    PEFT and add at least one LoRA layer (PEFT has no adapter made of ``modules_to_save`` alone)."""
+    if not isinstance(model, torch.nn.Module) or not can_export(model, "peft"):
+        return False
+    return any(m.export_parts("peft").lora_layers for m in methods_of(model))
+
+
+def adapter_config_path(directory: str | os.PathLike) -> Path | None:
+    """The visionpeft config of a checkpoint folder (current or legacy name), or None."""
+    directory = Path(directory)
+    if (directory / CONFIG_NAME).is_file():
+        return directory / CONFIG_NAME
+    legacy = directory / LEGACY_NAMES[1]
+    if legacy.is_file():
+        try:
+            if json.loads(legacy.read_text()).get("format") == "visionpeft":
+                return legacy
+        except (OSError, ValueError, AttributeError):
+            return None
+    return None
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """Reads and checks ``adapter_config.json`` of a visionpeft checkpoint folder."""
-    path = Path(directory) / CONFIG_NAME
+    """Reads and checks the config of a visionpeft checkpoint folder."""
+    path = adapter_config_path(directory) or Path(directory) / CONFIG_NAME
     if not path.is_file():
+        if (Path(directory) / LEGACY_NAMES[1]).is_file():
+            raise CheckpointError(
+                f"{directory} holds a PEFT adapter, not a visionpeft one ({CONFIG_NAME} is missing); "
+                "load it with peft.PeftModel.from_pretrained"
+            )
         raise CheckpointError(f"no adapter checkpoint at {directory}: {CONFIG_NAME} is missing")
     try:
         config = json.loads(path.read_text())
@@ -150,7 +236,12 @@ def _mismatch_message(expected: dict[str, torch.Tensor], found: dict[str, torch.
     return "; ".join(parts) if parts else None
 
 
-def load_adapter(model: Any, directory: str | os.PathLike, options: dict[str, dict[str, Any]] | None = None) -> Any:
+def load_adapter(
+    model: Any,
+    directory: str | os.PathLike,
+    options: dict[str, dict[str, Any]] | None = None,
+    check_base: bool = True,
+) -> Any:
     """Loads a visionpeft adapter checkpoint into ``model``.
 
     The saved methods are attached first unless the model already carries exactly them; a model carrying other
@@ -159,14 +250,18 @@ def load_adapter(model: Any, directory: str | os.PathLike, options: dict[str, di
 
     Args:
         model: The model (or pipeline) to load into.
-        directory: A folder written by :func:`save_adapter`.
+        directory: A folder written by :func:`save_adapter`, or a hub repo id (``user/name``) holding one.
         options: Per-method option overrides applied before attaching, e.g.
             ``{"coop": {"classnames": new_classes}}`` to evaluate learned prompts on other classes.
+        check_base: Refuse a checkpoint trained on other base weights (its recorded ``base_model.sha256``
+            differs from this model's frozen weights); False loads it anyway.
 
     Raises:
-        CheckpointError: Missing or corrupt files, or a checkpoint from another architecture (the message names
-            the mismatched tensors).
+        CheckpointError: Missing or corrupt files, a checkpoint from another architecture (the message names
+            the mismatched tensors), or trained on other weights.
     """
+    if looks_like_repo_id(directory):
+        directory = download_adapter(str(directory))
     directory = Path(directory)
     config = read_adapter_config(directory)
     family = backbone_of(model).family
@@ -185,7 +280,9 @@ def load_adapter(model: Any, directory: str | os.PathLike, options: dict[str, di
     except ConfigError as err:
         raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from None
     current = [(name, cfg.to_dict()) for name, cfg in attached_methods(model)]
-    found = _read_weights(directory / WEIGHTS_NAME)
+    config_path = adapter_config_path(directory)
+    weights_name = WEIGHTS_NAME if config_path.name == CONFIG_NAME else LEGACY_NAMES[0]
+    found = _read_weights(directory / weights_name)
     before = methods_of(model)
     if current != saved:
         try:
@@ -200,10 +297,37 @@ def load_adapter(model: Any, directory: str | os.PathLike, options: dict[str, di
     if problem:
         _undo(model, added, before)
         raise CheckpointError(f"{directory} does not fit this model ({problem})")
+    problem = _base_mismatch(model, config.get("base_model")) if check_base else None
+    if problem:
+        _undo(model, added, before)
+        raise CheckpointError(f"{directory} {problem}")
     with torch.no_grad():
         for name, tensor in expected.items():
             tensor.copy_(found[name].to(tensor.dtype))
     return model
+
+
+def _base_mismatch(model: Any, recorded: Any) -> str | None:
+    """Why the recorded base weights are not this model's (None when they are, or nothing was recorded)."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
+        return None  # written before visionpeft recorded the base weights
+    if recorded["sha256"] == frozen_weights_sha256(model):
+        return None
+    ours = frozen_dtype(model)
+    if (recorded.get("dtype") == "bfloat16") != (ours == "bfloat16"):
+        logger.warning(
+            "cannot check the base weights of this adapter: it was trained on %s weights and this model holds %s "
+            "(bfloat16 rounds differently); make sure they are the same checkpoint",
+            recorded.get("dtype"),
+            ours,
+        )
+        return None
+    source = recorded.get("source") or "unnamed weights"
+    return (
+        f"was trained on other base weights ({source}, frozen-weights sha256 {recorded['sha256'][:12]}); "
+        "this model's differ. Load the weights it was trained on, or pass check_base=False "
+        "(command line: --ignore-base-mismatch) to load it anyway"
+    )
 
 
 def _undo(model: Any, added: list, before: list) -> None:

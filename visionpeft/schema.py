@@ -15,6 +15,7 @@ import math
 import typing
 from collections.abc import Mapping, Sized
 from dataclasses import MISSING, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -22,7 +23,7 @@ from .errors import ConfigError
 
 def setting(default: Any = MISSING, help: str = "", *, choices: tuple | None = None, min: float | None = None,
             max: float | None = None, below: float | None = None, above: float | None = None,
-            nonempty: bool = False) -> Any:  # fmt: skip
+            nonempty: bool = False, path: bool | str = False) -> Any:  # fmt: skip
     """A dataclass field with its documentation and constraints.
 
     Args:
@@ -30,9 +31,11 @@ def setting(default: Any = MISSING, help: str = "", *, choices: tuple | None = N
         help: One line saying what the field means (shown by ``--print-config``).
         choices: The allowed values. min / max: Inclusive bounds. below / above: Exclusive upper / lower bounds.
         nonempty: The value (a string, list or tuple) must hold something.
+        path: The value is a local path (``True``) or a hub id or local path (``"or_id"``); saved run configs
+            hold it as an absolute path (see :func:`absolute_paths`).
     """
     metadata = {"help": help, "choices": choices, "min": min, "max": max, "below": below, "above": above,
-                "nonempty": nonempty}  # fmt: skip
+                "nonempty": nonempty, "path": path}  # fmt: skip
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     if dataclasses.is_dataclass(default):
@@ -96,6 +99,22 @@ def check_fields(schema: type, node: Any, prefix: str = "", subject: str = "conf
         wrong = problem(f.metadata, value)
         if wrong is not None:
             raise ConfigError(f"{subject} '{key}' {wrong}")
+
+
+def absolute_paths(schema: type, values: dict, base: Path | None = None) -> None:
+    """Makes the path fields of ``values`` (plain containers) absolute, relative to ``base`` (the working
+    directory), so that a saved run config works from any directory. A field that may also be a hub id
+    (``path="or_id"``) changes only when such a local path exists."""
+    base = base or Path.cwd()
+    nested = _sections(schema)
+    for f in dataclasses.fields(schema):
+        value = values.get(f.name)
+        if f.name in nested and isinstance(value, dict):
+            absolute_paths(nested[f.name], value, base)
+        elif f.metadata.get("path") and isinstance(value, str) and value and not Path(value).is_absolute():
+            local = (base / value).expanduser()
+            if f.metadata["path"] is True or local.exists():
+                values[f.name] = str(local.resolve())
 
 
 def _flow(value: Any) -> str:

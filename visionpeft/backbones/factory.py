@@ -135,13 +135,19 @@ def create_open_clip(cfg: Any) -> nn.Module:
         raise ModelLoadError(f"checkpoint {cfg.checkpoint} does not exist")
     with offline_unless_reachable() as online:
         try:
-            return open_clip.create_model(cfg.name, pretrained=pretrained)
+            model = open_clip.create_model(cfg.name, pretrained=pretrained)
         except Exception as err:
             reason = str(err).splitlines()[0][:120] if online or cfg.checkpoint else "no network, not in the cache"
             raise ModelLoadError(
                 f"could not load open_clip '{cfg.name}' with pretrained={pretrained!r} ({reason}); "
                 "set model.checkpoint=/path/to/open_clip_weights.bin"
             ) from None
+        try:  # the model's own tokenizer (CLIP BPE ships with open_clip; SigLIP's comes from the hub)
+            model.__dict__["_visionpeft_tokenizer"] = open_clip.get_tokenizer(cfg.name)
+        except Exception as err:
+            reason = str(err).splitlines()[0][:120] if online else "no network, not in the cache"
+            raise ModelLoadError(f"could not load the tokenizer of open_clip '{cfg.name}' ({reason})") from None
+    return model
 
 
 def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
@@ -166,11 +172,20 @@ def create_model(cfg: Any, num_classes: int, classnames: list[str] | None = None
     open_clip models become a :class:`CLIPClassifier` over ``classnames``: with a linear head initialised from the
     class-name text embeddings (``clip_head: linear``) or classifying by class text features (``prompts``).
     """
+    if cfg.checkpoint:
+        source = str(Path(cfg.checkpoint).expanduser().resolve())
+    elif not cfg.pretrained:
+        source = f"{cfg.name} (random init)"
+    else:
+        source = f"timm/{cfg.name}" if cfg.library == "timm" else f"{cfg.name}/{cfg.pretrained_tag}"  # hub ids
     if cfg.library == "timm":
-        return create_timm(cfg, num_classes)
-    from ..tasks.clip_classifier import CLIPClassifier
+        model = create_timm(cfg, num_classes)
+    else:
+        from ..tasks.clip_classifier import CLIPClassifier
 
-    clip = create_open_clip(cfg)
-    if not classnames:
-        raise ConfigError("an open_clip classifier needs the dataset's class names")
-    return CLIPClassifier(clip, classnames, head=cfg.clip_head == "linear")
+        clip = create_open_clip(cfg)
+        if not classnames:
+            raise ConfigError("an open_clip classifier needs the dataset's class names")
+        model = CLIPClassifier(clip, classnames, head=cfg.clip_head == "linear")
+    model.__dict__["_visionpeft_source"] = source  # what adapter checkpoints and model cards name as the base
+    return model

@@ -15,8 +15,13 @@ from .base import Backbone, Block, Branch, Projection, TokenLayout, Tower
 from .timm_vit import _to_2tuple, vit_tower
 
 
-def clip_tokenize(texts: list[str], context_length: int) -> torch.Tensor:
-    """CLIP BPE tokenization with the vocabulary shipped in open_clip (works offline)."""
+def clip_tokenize(texts: list[str], context_length: int, clip: nn.Module | None = None) -> torch.Tensor:
+    """Token ids of ``texts``: with the tokenizer the model was created with (``open_clip.get_tokenizer(name)``,
+    recorded by visionpeft's model factory: SigLIP and others do not use CLIP's BPE), else CLIP BPE with the
+    vocabulary shipped in open_clip (works offline)."""
+    tokenizer = getattr(clip, "_visionpeft_tokenizer", None) if clip is not None else None
+    if tokenizer is not None:
+        return tokenizer(texts, context_length=context_length)
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer(context_length=context_length)(texts)
@@ -119,7 +124,7 @@ class OpenCLIP(Backbone):
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Token ids (len(texts), context) with the CLIP vocabulary."""
-        return clip_tokenize(texts, self.context_length)
+        return clip_tokenize(texts, self.context_length, self.clip)
 
     def token_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (batch, context) -> token embeddings (batch, context, width), before positions."""

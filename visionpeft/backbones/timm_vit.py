@@ -53,12 +53,12 @@ def vit_tower(
         patch_hw=patch_hw if patch_hw[0] != patch_hw[1] else None,
         pad=bool(getattr(patch, "dynamic_img_pad", False)),
     )
-    head_prefix = "head."
+    head_prefixes = ("head.", "head_dist.")  # DeiT's distilled models have a second classifier
     return Tower(
         name,
         prefix,
         blocks,
-        owns or (lambda n: not n.startswith(head_prefix)),
+        owns or (lambda n: not n.startswith(head_prefixes)),
         tokens,
         stages={"embed": patch, "norm": vit.norm},
         forward=forward or vit.forward_features,
@@ -81,7 +81,10 @@ class TimmViT(Backbone):
         return module is not None and isinstance(model, module.VisionTransformer)
 
     def library_heads(self) -> dict[str, nn.Module | None]:
-        return {"head": self.inner.get_classifier()}
+        classifier = self.inner.get_classifier()
+        if isinstance(classifier, tuple):  # DeiT distilled: (class-token head, distillation-token head)
+            return dict(zip(("head", "head_dist"), classifier))
+        return {"head": classifier}
 
     def describe(self) -> dict:
         info = super().describe()

@@ -49,6 +49,12 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_base_check_argument(parser) -> None:
+    """``--ignore-base-mismatch``: load an adapter onto other base weights than those it was trained on."""
+    parser.add_argument("--ignore-base-mismatch", action="store_true",
+                        help="load adapters even onto other base weights than they were trained on")  # fmt: skip
+
+
 def add_run_arguments(parser) -> None:
     """The arguments of a training command: CONFIG [key=value ...] | --resume RUN_DIR, --stop-after, --cpu."""
     parser.add_argument("config", nargs="?", help="run config (YAML; its task: key picks the trainer)")
@@ -56,26 +62,47 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--resume", type=Path, help="continue the run in this folder from its saved state")
     parser.add_argument("--stop-after", type=int, help="stop after this many more epochs (resume later)")
     parser.add_argument("--cpu", action="store_true", help="force the CPU even when a GPU is present")
+    parser.add_argument("--report-to", choices=("tensorboard", "wandb", "none"),
+                        help="experiment tracker (same as train.report_to=...)")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an earlier run in the run folder and start over there (default: keep it and "
+                             "number the new run's folder: NAME-2, NAME-3, ...)")  # fmt: skip
 
 
 def resolve_run(args, parser, dry_run: bool = False):
-    """(config, run folder) from the parsed arguments: a new run (never in a folder holding another run) or a
-    resumed one (the folder's newest complete state)."""
+    """(config, run folder) from the parsed arguments: a resumed run (the folder's newest complete state) or a new
+    one. A new run never writes into a folder holding another run: it gets the next free numbered folder
+    (``NAME-2``, ``NAME-3``, ...), or, with ``--overwrite``, the earlier run is deleted first."""
     from ..config import load_config
     from ..errors import ConfigError
     from ..trainers import run_state
 
     if args.resume:
-        if args.config or args.overrides:
-            raise ConfigError("--resume takes the run's own config.yaml; give no config or overrides")
+        if args.config or args.overrides or getattr(args, "overwrite", False):
+            raise ConfigError("--resume takes the run's own config.yaml; give no config, overrides or --overwrite")
         config_path = args.resume / "config.yaml"
         if run_state.newest_state(args.resume) is None or not config_path.is_file():
             raise ConfigError(f"{args.resume} is not a run folder with a saved state (config.yaml + state/)")
         return load_config(config_path), args.resume
     if not args.config:
         parser.error("a config file is required (or --resume RUN_DIR)")
-    config = load_config(args.config, args.overrides)
+    report = [f"train.report_to={args.report_to}"] if getattr(args, "report_to", None) else []
+    config = load_config(args.config, [*args.overrides, *report])
     run_dir = Path(config.train.output_dir) / config.train.run_name
-    if not dry_run and run_state.holds_run(run_dir):
-        raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another train.run_name")
-    return config, run_dir
+    if dry_run or not run_state.holds_run(run_dir):
+        return config, run_dir
+    if getattr(args, "overwrite", False):
+        run_state.delete_run(run_dir)
+        print(f"--overwrite: deleted the earlier run in {run_dir}", file=sys.stderr)
+        return config, run_dir
+    name = config.train.run_name
+    number = 2
+    while run_state.holds_run(run_dir.parent / f"{name}-{number}"):
+        number += 1
+    from omegaconf import read_write
+
+    with read_write(config):
+        config.train.run_name = f"{name}-{number}"
+    print(f"{run_dir} holds an earlier run (kept; --resume {run_dir} continues it); "
+          f"this run goes to {run_dir.parent / config.train.run_name}", file=sys.stderr)  # fmt: skip
+    return config, run_dir.parent / config.train.run_name

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import configure_logging, positive_int
+from .common import add_base_check_argument, configure_logging, positive_int
 
 
 def main(argv: list[str]) -> int:
@@ -27,6 +27,7 @@ def main(argv: list[str]) -> int:
         help="segmentation: whole-image or sliding-window inference (default: the config's eval.mode)",
     )
     parser.add_argument("--cpu", action="store_true", help="force the CPU even when a GPU is present")
+    add_base_check_argument(parser)
     args = parser.parse_args(argv)
 
     import torch
@@ -50,7 +51,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--mode (whole / slide inference) applies to segmentation runs only")
     exp = build_experiment(config)
     vp.detach(exp.model)  # a plain model: the checkpoint brings its own methods
-    vp.load_adapter(exp.model, args.run_dir / name)
+    vp.load_adapter(exp.model, args.run_dir / name, check_base=not args.ignore_base_mismatch)
     loaded = [m for m, _ in vp.attached_methods(exp.model)]
     configured = [m for m, _ in methods_of_config(config)]
     if loaded != configured:
@@ -62,11 +63,11 @@ def main(argv: list[str]) -> int:
         from visionpeft.data import transforms as T
         from visionpeft.data.images import WorkerSafe
 
-        mean, std = T.normalization_of(exp.model)
-        tf = T.build_transform(config.data.img_size, mean, std, train=False, augment=config.data.augment)
+        data_cfg = T.data_config_of(exp.model)
+        tf = T.build_transform(config.data.img_size, data_cfg, train=False, augment=config.data.augment)
         raw = _dataset(config, split)
         dataset = WorkerSafe(Transformed(raw, tf))
-    accelerator = make_accelerator(LoopConfig())
+    accelerator = make_accelerator(LoopConfig(), cpu=args.cpu)
     data_loader = accelerator.prepare(loader(dataset, args.batch_size or config.data.eval_batch_size,
                                              config.data.num_workers))  # fmt: skip
     model = accelerator.prepare(exp.model).eval()
@@ -83,7 +84,8 @@ def evaluate_segmentation(config, args, name: str) -> int:
     from visionpeft.trainers.segmentation import evaluate_saved
 
     split = args.split or config.data.test_split
-    result, classes = evaluate_saved(config, args.run_dir / name, split, args.mode, args.batch_size, cpu=args.cpu)
+    result, classes = evaluate_saved(config, args.run_dir / name, split, args.mode, args.batch_size, cpu=args.cpu,
+                                     check_base=not args.ignore_base_mismatch)  # fmt: skip
     mode = args.mode or config.eval.mode
     print(per_class_table(result, classes), end="")
     print(f"{args.run_dir} [{name}] {split} ({mode}): " + ", ".join(f"{k} {result[k]:.2f}%" for k in

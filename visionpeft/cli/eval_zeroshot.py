@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .common import positive_int
+from .common import add_base_check_argument, positive_int
 
 
 def evaluate(model, loader) -> tuple[float, float]:
@@ -31,7 +31,7 @@ def evaluate(model, loader) -> tuple[float, float]:
     return correct / max(1, total), total / (time.perf_counter() - start)
 
 
-def prompt_classifier(clip, classes: list[str], run_dir: Path):
+def prompt_classifier(clip, classes: list[str], run_dir: Path, check_base: bool = True):
     """A CLIPClassifier carrying the learned prompts of ``run_dir`` for ``classes``."""
     import visionpeft as vp
     from visionpeft.checkpoint import read_adapter_config
@@ -49,7 +49,8 @@ def prompt_classifier(clip, classes: list[str], run_dir: Path):
     if not any(m in ("coop", "cocoop") for m in methods):
         raise CheckpointError(f"{folder} holds {methods}, not learned prompts (coop / cocoop)")
     classifier = CLIPClassifier(clip, classes)
-    vp.load_adapter(classifier, folder, options={m: {"classnames": classes} for m in ("coop", "cocoop")})
+    options = {m: {"classnames": classes} for m in ("coop", "cocoop")}
+    vp.load_adapter(classifier, folder, options=options, check_base=check_base)
     return classifier.eval()
 
 
@@ -64,6 +65,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--base-to-new", action="store_true")
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate on the first N images only")
+    add_base_check_argument(parser)
     args = parser.parse_args(argv)
 
     import open_clip
@@ -104,7 +106,9 @@ def main(argv: list[str]) -> int:
             f"zero-shot, {len(ensemble)}-template ensemble": CLIPClassifier(clip, classes, ensemble).eval(),
         }
         for run_dir in args.prompts:
-            classifiers[f"learned: {run_dir}"] = prompt_classifier(clip, classes, run_dir)
+            classifiers[f"learned: {run_dir}"] = prompt_classifier(
+                clip, classes, run_dir, not args.ignore_base_mismatch
+            )
         for label, classifier in classifiers.items():
             rows.setdefault(label, {})[part] = evaluate(classifier, loader)
     torch.set_printoptions(precision=4)

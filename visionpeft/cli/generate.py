@@ -4,7 +4,7 @@
         --adapter runs/ti-cat/adapter --adapter runs/lora-cat/diffusers \\
         --prompt "a photo of <my-cat> on a beach" --prompt "<my-cat> in the snow" --seeds 0 1 2 --out grid.png
 
-An adapter is a visionpeft adapter folder (``adapter_config.json``), or a folder / file in diffusers' formats:
+An adapter is a visionpeft adapter folder (``visionpeft_config.json``), or a folder / file in diffusers' formats:
 ``pytorch_lora_weights.safetensors`` (``load_lora_weights``) and ``learned_embeds.safetensors``
 (``load_textual_inversion``), or a ``ControlNetModel`` / ``T2IAdapter`` folder (``--control RUN/controlnet``, with
 ``--control-image edges.png``).
@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .common import positive_int
+from .common import add_base_check_argument, positive_int
 
 
 def read_weights(file: Path) -> dict[str, Any]:
@@ -51,13 +51,14 @@ def read_weights(file: Path) -> dict[str, Any]:
     return state
 
 
-def apply_adapter(pipe, path: Path) -> str:
+def apply_adapter(pipe, path: Path, check_base: bool = True) -> str:
     """Loads one adapter into ``pipe``; returns how it was loaded."""
     import visionpeft as vp
+    from visionpeft.checkpoint import adapter_config_path
     from visionpeft.errors import CheckpointError
 
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        vp.load_adapter(pipe, path)
+    if path.is_dir() and adapter_config_path(path) is not None:
+        vp.load_adapter(pipe, path, check_base=check_base)
         return "visionpeft"
     if path.is_dir() and (path / "config.json").is_file():
         return load_control_folder(pipe, path)
@@ -180,6 +181,7 @@ def main(argv: list[str]) -> int:
         help="a ControlNet / T2I-Adapter: diffusers folder (RUN/controlnet) or visionpeft adapter",
     )
     parser.add_argument("--control-image", type=Path, help="the condition image (edges, a fill50k outline, ...)")
+    add_base_check_argument(parser)
     args = parser.parse_args(argv)
     if args.control and args.control_image is None:
         parser.error("--control needs --control-image")
@@ -202,7 +204,7 @@ def main(argv: list[str]) -> int:
         )
     pipe.set_progress_bar_config(disable=True)
     for adapter in [*args.adapter, *args.control]:
-        print(f"adapter {adapter}: {apply_adapter(pipe, adapter)}")
+        print(f"adapter {adapter}: {apply_adapter(pipe, adapter, not args.ignore_base_mismatch)}")
     size = {"height": args.size, "width": args.size} if args.size else {}
     side = args.size or pipe.unet.config.sample_size * factor
     inputs = control_inputs(pipe, args.control_image, side)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .common import add_base_check_argument
+
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="visionpeft predict", description=__doc__,
@@ -22,6 +24,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", default=None, help="best or last (default: best if present)")
     parser.add_argument("--mode", choices=("whole", "slide"), default=None, help="default: the run's eval.mode")
     parser.add_argument("--cpu", action="store_true", help="force the CPU even when a GPU is present")
+    add_base_check_argument(parser)
     args = parser.parse_args(argv)
 
     from visionpeft.config import load_config
@@ -52,7 +55,7 @@ def main(argv: list[str]) -> int:
     from visionpeft.trainers.seg_outputs import colorize
     from visionpeft.trainers.segmentation import load_segmenter
 
-    seg = load_segmenter(config, args.run_dir / name)
+    seg = load_segmenter(config, args.run_dir / name, check_base=not args.ignore_base_mismatch)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     seg.to(device)
     mean, std = normalization_of(seg.inner_model())

@@ -9,6 +9,7 @@ Nothing here imports torch except the method-option check, which runs after ever
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ..errors import ConfigError, did_you_mean
-from ..schema import check_fields, describe
+from ..schema import absolute_paths, check_fields, describe
 from .tasks import TaskSpec, task_spec
 
 DEFAULT_TASK = "classification"
@@ -167,10 +168,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value")
+        key = item.split("=", 1)[0].strip()
         try:
             top = OmegaConf.from_dotlist([item])
-            if item.split("=", 1)[0].strip() in ATOMIC_KEYS:
+            if key in ATOMIC_KEYS:
                 config = OmegaConf.merge(config, {"method": None})
+                if isinstance(top.method, str):  # method=lora: that method with its defaults; method.r=4 may follow
+                    top = OmegaConf.create({"method": {"name": top.method}})
+            elif key == "method.name":
+                _check_method_switch(config.method, top.method.name, item)
             config = OmegaConf.merge(config, top)
         except OmegaConfBaseException as err:
             raise _translate(err, schema, f"override '{item}'") from None
@@ -186,6 +192,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config
 
 
+def _check_method_switch(current: Any, name: Any, item: str) -> None:
+    """``method.name=OTHER`` keeps the options written for the current method: say so instead of letting them
+    reach the other method."""
+    if not isinstance(current, DictConfig) or "name" not in current or current.name == name:
+        return
+    foreign = sorted(k for k in current if k != "name")
+    if foreign:
+        raise ConfigError(
+            f"override '{item}' switches the method from {current.name} to {name}, but the options "
+            f"{', '.join(foreign)} were written for {current.name}; use method={name} (its defaults) and then "
+            f"method.KEY=VALUE for its options"
+        )
+
+
 def schema_of(config: DictConfig) -> type:
     return task_spec(config.task).schema
 
@@ -196,11 +216,27 @@ def describe_config(config: DictConfig) -> str:
     return "\n".join(describe(schema_of(config), values)) + "\n"
 
 
-def save_config(config: DictConfig, path: Path) -> None:
-    """Writes the resolved config (what the run really used) as YAML."""
-    from ..io import atomic_write
+#: The command line a run folder records (set by the command that starts the run; default: ``sys.argv``).
+RUN_COMMAND: ContextVar[list[str] | None] = ContextVar("RUN_COMMAND", default=None)
 
-    text = OmegaConf.to_yaml(config)
+
+def save_config(config: DictConfig, path: Path) -> None:
+    """Writes the resolved config (what the run really used) as YAML, with its path fields made absolute (the run
+    folder is read from any directory: ``visionpeft eval RUN``) and, as comments, the command that made it and its
+    working directory."""
+    import os
+    import shlex
+    import sys
+
+    from ..io import atomic_write
+    from ..version import __version__
+
+    values = OmegaConf.to_container(config, resolve=True)
+    absolute_paths(schema_of(config), values)
+    command = RUN_COMMAND.get() or [Path(sys.argv[0]).name, *sys.argv[1:]]
+    header = (f"# made by visionpeft {__version__}: {shlex.join(command)}\n"
+              f"# working directory: {os.getcwd()} (relative paths below are made absolute)\n")  # fmt: skip
+    text = header + OmegaConf.to_yaml(OmegaConf.create(values))
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 

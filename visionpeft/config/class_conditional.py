@@ -11,7 +11,7 @@ from .sections import DiffusersModel, DiffusionTrain, OptimConfig
 
 @dataclass
 class DiTModel(DiffusersModel):
-    name: str = setting("facebook/DiT-XL-2-256", "hub id or local folder of a diffusers DiTPipeline")
+    name: str = setting("facebook/DiT-XL-2-256", "hub id or local folder of a diffusers DiTPipeline", path="or_id")
 
 
 @dataclass
@@ -19,7 +19,7 @@ class ClassData:
     """``data``: a dataset of the toolkit by name (``imagefolder`` reads ``root/<split>/<class>/``)."""
 
     name: str = setting("imagefolder", "a registered dataset")
-    root: str | None = setting(None, "where the data lives")
+    root: str | None = setting(None, "where the data lives", path=True)
     split: str = setting("train", "the training split")
     options: dict[str, Any] = setting({}, "extra keyword arguments of the dataset builder")
     size: int | None = setting(None, "training resolution (null: the pipeline's native one)", min=1)
@@ -45,7 +45,7 @@ class ClassOptim(OptimConfig):
 class ClassTrain(DiffusionTrain):
     """DiT keeps an EMA at 0.9999 and samples with it; label dropout for classifier-free guidance."""
 
-    output_dir: str = setting("runs/class_conditional", "parent folder of run folders")
+    output_dir: str = setting("runs/class_conditional", "parent folder of run folders", path=True)
     ema_decay: float | None = setting(0.9999, "EMA of the trained weights (DiT: 0.9999); null: none", min=0, max=1)
     eval_every: int | None = setting(1000, "validate every N optimizer steps (and at the end)", min=1)
     validation_images: int = setting(4, "images per validation class", min=1)

@@ -21,7 +21,7 @@ class VisionModel:
     library: str = setting("timm", "model library", choices=("timm", "open_clip"))
     name: str = setting("vit_base_patch16_224.augreg_in21k", "timm model name (with tag) or open_clip architecture")
     pretrained: bool = setting(True, "load pretrained weights (timm tag / open_clip pretrained_tag)")
-    checkpoint: str | None = setting(None, "a local weights file (.safetensors, .pth, .bin) used instead")
+    checkpoint: str | None = setting(None, "a local weights file (.safetensors, .pth, .bin) used instead", path=True)
     pretrained_tag: str | None = setting(None, "open_clip's pretrained tag (e.g. openai)")
     img_size: int | None = setting(None, "input size override (timm); null: the model's own", min=1)
     drop_path_rate: float = setting(0.0, "stochastic depth (timm)", min=0, below=1)
@@ -59,7 +59,7 @@ class RunSettings:
 
     seed: int = setting(0, "seed of everything: data order, initialisation, dropout, noise", min=0, max=2**32 - 1)
     mixed_precision: str = setting("no", "accelerate mixed precision", choices=PRECISIONS)
-    output_dir: str = setting("runs", "parent folder of run folders")
+    output_dir: str = setting("runs", "parent folder of run folders", path=True)
     run_name: str | None = setting(None, "the run folder's name (default: the config file's stem)")
     log_every: int = setting(10, "log the training loss every N optimizer steps", min=1)
     eval_every: int | None = setting(
@@ -70,6 +70,13 @@ class RunSettings:
     ema_decay: float | None = setting(
         None, "keep an EMA of the trained weights (evaluation and the saved files use it); null: none", min=0, max=1
     )
+    license: str | None = setting(None, "license in the run's model card metadata (the base model's terms apply)")
+    checkpoint_every: int | None = setting(
+        None, "also save the resumable state every N optimizer steps (+ RUN/checkpoints/step-N adapters)", min=1
+    )
+    checkpoints_total_limit: int | None = setting(None, "keep only the newest N step checkpoints", min=1)
+    report_to: str = setting("tensorboard", "experiment tracker (accelerate's): scalars and validation images",
+                             choices=("tensorboard", "wandb", "none"))  # fmt: skip
 
 
 @dataclass
@@ -86,4 +93,6 @@ class DiffusionTrain(RunSettings):
 class DiffusersModel:
     """``model``: a diffusers pipeline."""
 
-    name: str = setting("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local folder of the pipeline")
+    name: str = setting(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local folder of the pipeline", path="or_id"
+    )

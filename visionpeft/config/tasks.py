@@ -27,6 +27,7 @@ class TaskSpec:
     Attributes:
         name: The ``task:`` value. schema: Its config dataclass. runner: ``module:function`` of the trainer.
         task_inputs: Method options the task fills in. call_inputs: Per-call inputs the task provides.
+        pipeline_tag: The hub's task name for the run's model card (``image-classification``, ...).
     """
 
     name: str
@@ -34,6 +35,7 @@ class TaskSpec:
     runner: str
     task_inputs: frozenset[str] = frozenset()
     call_inputs: frozenset[str] = frozenset()
+    pipeline_tag: str | None = None
 
     def trainer(self) -> Callable:
         module, _, function = self.runner.partition(":")
@@ -45,13 +47,13 @@ def register(spec: TaskSpec) -> TaskSpec:
 
 
 register(TaskSpec("classification", ClassificationConfig, "visionpeft.trainers.classification:run",
-                  task_inputs=frozenset({"classnames"})))  # fmt: skip
+                  task_inputs=frozenset({"classnames"}), pipeline_tag="image-classification"))  # fmt: skip
 register(TaskSpec("personalization", PersonalizationConfig, "visionpeft.trainers.personalization:run",
-                  task_inputs=frozenset({"token"})))  # fmt: skip
-register(TaskSpec("class_conditional", ClassConditionalConfig, "visionpeft.trainers.class_conditional:run"))
-register(
-    TaskSpec("control", ControlConfig, "visionpeft.trainers.control:run", call_inputs=frozenset({"control_image"}))
-)
+                  task_inputs=frozenset({"token"}), pipeline_tag="text-to-image"))  # fmt: skip
+register(TaskSpec("class_conditional", ClassConditionalConfig, "visionpeft.trainers.class_conditional:run",
+                  pipeline_tag="unconditional-image-generation"))  # fmt: skip
+register(TaskSpec("control", ControlConfig, "visionpeft.trainers.control:run", call_inputs=frozenset({"control_image"}),
+                  pipeline_tag="text-to-image"))  # fmt: skip
 
 
 register(TaskSpec("segmentation", SegmentationConfig, "visionpeft.trainers.segmentation:run"))

@@ -1,18 +1,45 @@
 """Image transforms of the recipes: VTAB (resize to the input size, no augmentation) and crop + flip training.
 
-Normalisation comes from the model's pretrained config (timm's ``pretrained_cfg`` / open_clip's preprocess), so
-an in21k ViT gets mean = std = 0.5 and a CLIP model CLIP's statistics.
+The model's data config decides normalisation, test-time crop and interpolation: timm's ``resolve_data_config``
+for timm models (an in21k ViT gets mean = std = 0.5, its ``crop_pct`` and bicubic resizing), open_clip's
+``preprocess_cfg`` for CLIP (CLIP's statistics, a center crop of the resized image).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torchvision.transforms import v2 as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How a model's pretraining read images: normalisation, test-time crop fraction, resize interpolation."""
+
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+
+
+def data_config_of(model: torch.nn.Module) -> DataConfig:
+    """The :class:`DataConfig` of a timm model (``timm.data.resolve_data_config``), an open_clip CLIP or a
+    classifier wrapping one (its ``preprocess_cfg``; crop 1.0 = resize the short side, center crop), else
+    ImageNet's defaults."""
+    if getattr(model, "pretrained_cfg", None):
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=model)
+        return DataConfig(tuple(cfg["mean"]), tuple(cfg["std"]), cfg["crop_pct"], cfg["interpolation"])
+    mean, std = normalization_of(model)
+    visual = getattr(getattr(model, "clip", model), "visual", None)
+    interpolation = (getattr(visual, "preprocess_cfg", None) or {}).get("interpolation", "bicubic")
+    return DataConfig(mean, std, 1.0, interpolation) if visual is not None else DataConfig(mean, std)
 
 
 def normalization_of(model: torch.nn.Module) -> tuple[Sequence[float], Sequence[float]]:
@@ -31,19 +58,22 @@ def normalization_of(model: torch.nn.Module) -> tuple[Sequence[float], Sequence[
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def build_transform(
-    img_size: int, mean: Sequence[float], std: Sequence[float], train: bool, augment: str = "none"
-) -> Callable:
+def build_transform(img_size: int, data: DataConfig, train: bool, augment: str = "none") -> Callable:
     """The recipe's transform for PIL images.
 
     Args:
+        data: The model's :class:`DataConfig` (:func:`data_config_of`).
         augment: ``none`` resizes to ``img_size`` x ``img_size`` (VTAB-1k protocol of VPT / NOAH, train and test);
-            ``crop_flip`` trains on random resized crops with horizontal flips and tests on resize + center crop.
+            ``crop_flip`` trains on random resized crops with horizontal flips and tests on a resize to
+            ``img_size / crop_pct`` + center crop, with the model's interpolation.
     """
-    to_tensor = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+    to_tensor = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(data.mean, data.std)]
     rgb = T.RGB()
     if augment == "none":
         return T.Compose([rgb, T.Resize((img_size, img_size), antialias=True), *to_tensor])
+    mode = T.InterpolationMode(data.interpolation)
     if train:
-        return T.Compose([rgb, T.RandomResizedCrop(img_size, antialias=True), T.RandomHorizontalFlip(), *to_tensor])
-    return T.Compose([rgb, T.Resize(int(img_size / 0.875), antialias=True), T.CenterCrop(img_size), *to_tensor])
+        crop = T.RandomResizedCrop(img_size, interpolation=mode, antialias=True)
+        return T.Compose([rgb, crop, T.RandomHorizontalFlip(), *to_tensor])
+    resize = T.Resize(int(img_size / data.crop_pct), interpolation=mode, antialias=True)
+    return T.Compose([rgb, resize, T.CenterCrop(img_size), *to_tensor])

@@ -351,15 +351,24 @@ class Method:
         return replace_branch_tensor(output, out.transpose(0, 1) if flip else out)
 
     def call_input(self, name: str) -> Any:
-        """The per-call input ``name`` given by ``vp.conditioning`` (declared in :attr:`call_inputs`)."""
+        """The per-call input ``name`` given by ``vp.conditioning`` (declared in :attr:`call_inputs`): one value for
+        every method that reads it, or a dict method name -> value (a ControlNet on edges and a T2I-Adapter on
+        depth in one call)."""
         if name not in self.call_inputs:
             raise ValueError(f"{self.name} reads the call input '{name}' without declaring it in call_inputs")
         try:
-            return self.backbone.call_inputs[name]
+            value = self.backbone.call_inputs[name]
         except KeyError:
             raise ConfigError(
                 f"{self.name} needs a per-call {name}; run the model inside vp.conditioning(model, {name}=...)"
             ) from None
+        if isinstance(value, dict):
+            if self.name not in value:
+                raise ConfigError(
+                    f"vp.conditioning's {name} names {', '.join(value)} but not {self.name}, which reads it"
+                )
+            return value[self.name]
+        return value
 
     def blocks(self) -> list[Block]:
         return self.tower.blocks

@@ -88,7 +88,7 @@ class CLIPClassifier(nn.Module):
         device = self.clip.logit_scale.device
         features = []
         for name in self.classnames:
-            tokens = clip_tokenize([t.format(name) for t in self.templates], length).to(device)
+            tokens = clip_tokenize([t.format(name) for t in self.templates], length, self.clip).to(device)
             emb = F.normalize(self.clip.encode_text(tokens), dim=-1).mean(dim=0)
             features.append(F.normalize(emb, dim=-1))
         return torch.stack(features)

@@ -107,6 +107,7 @@ class ClassValidation:
         folder = self.run_dir / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         make_image_grid(images, rows=len(self.label_ids), cols=per_class).save(folder / f"{self.calls:03d}.png")
+        self.last_images = {"validation/samples": images}
         return {}
 
 

@@ -133,10 +133,10 @@ def build_experiment(config: DictConfig) -> Experiment:
     model = create_model(config.model, len(classes), classes)
     _check_input_size(config, model)
     vp.attach(model, fill_task_inputs(methods_of_config(config), {"classnames": classes}, "classification"))
-    mean, std = T.normalization_of(model)
+    data_cfg = T.data_config_of(model)
     size, augment = config.data.img_size, config.data.augment
-    train_tf = T.build_transform(size, mean, std, train=True, augment=augment)
-    eval_tf = T.build_transform(size, mean, std, train=False, augment=augment)
+    train_tf = T.build_transform(size, data_cfg, train=True, augment=augment)
+    eval_tf = T.build_transform(size, data_cfg, train=False, augment=augment)
     val, test = _dataset(config, config.data.val_split), _dataset(config, config.data.test_split)
     return Experiment(  # WorkerSafe: an unreadable item is one line even when a DataLoader worker reads it
         model,

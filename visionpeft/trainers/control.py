@@ -80,7 +80,9 @@ class ControlValidation:
                 scores.append(fill_iou(image, record))
         folder = self.run_dir / "validation"
         folder.mkdir(parents=True, exist_ok=True)
-        make_image_grid(rows, rows=count, cols=3).save(folder / f"{self.calls:03d}.png")
+        grid = make_image_grid(rows, rows=count, cols=3)
+        grid.save(folder / f"{self.calls:03d}.png")
+        self.last_images = {"validation/condition | sample | target": [grid]}
         return {**diagnostics, **({"fill_iou": float(np.mean(scores))} if scores else {})}
 
 

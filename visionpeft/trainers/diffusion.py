@@ -106,19 +106,11 @@ def sample_timesteps(count: int, steps: int, kind: str = "uniform", generator: t
 
 
 def expand_placeholders(prompts: list[str], tokenizer) -> list[str]:
-    """Writes multi-vector textual-inversion tokens out (``<t>`` -> ``<t> <t>_1 <t>_2``) as diffusers' loader does."""
-    vocab = tokenizer.get_added_vocab()  # placeholder tokens are always added tokens (and this dict is small)
-    out = []
-    for prompt in prompts:
-        words = []
-        for word in prompt.split(" "):
-            words.append(word)
-            i = 1
-            while f"{word}_{i}" in vocab:
-                words.append(f"{word}_{i}")
-                i += 1
-        out.append(" ".join(words))
-    return out
+    """Writes multi-vector textual-inversion tokens out (``<t>`` -> ``<t> <t>_1 <t>_2``) with diffusers' own
+    ``maybe_convert_prompt`` (what its pipelines do at inference), so training sees the prompts inference sees."""
+    from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
+
+    return TextualInversionLoaderMixin().maybe_convert_prompt(list(prompts), tokenizer)
 
 
 def encode_prompts(parts: DiffusionParts, prompts: list[str]) -> torch.Tensor:

@@ -33,6 +33,7 @@ from ..checkpoint import save_adapter
 from ..errors import CheckpointError
 from . import run_state
 from .logs import get_logger
+from .trackers import RunTrackers, tracker_arguments
 
 logger = get_logger(__name__)
 
@@ -60,6 +61,9 @@ class LoopConfig:
     log_every: int = 10
     eval_every: int | None = None
     ema_decay: float | None = None
+    report_to: str = "tensorboard"
+    checkpoint_every: int | None = None
+    checkpoints_total_limit: int | None = None
 
     @classmethod
     def from_config(cls, config: Any) -> LoopConfig:
@@ -79,6 +83,9 @@ class LoopConfig:
             log_every=train.log_every,
             eval_every=train.eval_every,
             ema_decay=train.ema_decay,
+            report_to=train.get("report_to", "tensorboard"),
+            checkpoint_every=train.get("checkpoint_every"),
+            checkpoints_total_limit=train.get("checkpoints_total_limit"),
         )
 
     def in_steps(self, count: int | None, steps_per_epoch: int) -> int | None:
@@ -94,6 +101,8 @@ class Task(Protocol):
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
 
     def evaluate(self, model: nn.Module, accelerator: Accelerator) -> dict[str, float]: ...
+
+    # optional: ``last_images`` ({panel name: [PIL images]}) made by the latest evaluate, logged to the trackers
 
 
 def build_scheduler(cfg: LoopConfig, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
@@ -111,8 +120,9 @@ def build_scheduler(cfg: LoopConfig, optimizer: torch.optim.Optimizer, total_ste
                          num_training_steps=total_steps * processes, scheduler_specific_kwargs=kwargs)  # fmt: skip
 
 
-def make_accelerator(cfg: LoopConfig, cpu: bool = False) -> Accelerator:
-    """An accelerator for one run; several runs with different precisions may share a process (sweeps, notebooks)."""
+def make_accelerator(cfg: LoopConfig, cpu: bool = False, run_dir: Path | None = None) -> Accelerator:
+    """An accelerator for one run (with ``cfg.report_to``'s tracker when ``run_dir`` is given); several runs with
+    different precisions may share a process (sweeps, notebooks)."""
     from accelerate.state import AcceleratorState
 
     shared = AcceleratorState._shared_state
@@ -125,6 +135,7 @@ def make_accelerator(cfg: LoopConfig, cpu: bool = False) -> Accelerator:
         gradient_accumulation_steps=cfg.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         cpu=cpu,
+        **tracker_arguments(cfg.report_to, run_dir),
     )
 
 
@@ -179,8 +190,7 @@ class Loop:
         self.scheduler = accelerator.prepare(scheduler)
         self.epoch, self.step, self.best = 0, 0, -math.inf
         self.batch_in_epoch, self.epoch_loss = 0, [0.0, 0]  # progress inside the current epoch (sum, batches)
-        self._writer = None
-        self._purge_step: int | None = None  # on resume: TensorBoard drops events logged after the saved state
+        self.trackers = RunTrackers(accelerator, self.run_dir, cfg.report_to)
         self._trained = [p for _, p in trainable_parameters(self.unwrapped)]
         accelerator.register_save_state_pre_hook(_only_trained_tensors)
         self.ema = None
@@ -201,20 +211,15 @@ class Loop:
         return self.step >= self.total_steps
 
     def log(self, record: dict[str, Any]) -> None:
-        """Appends ``record`` (with the current epoch and step) to ``metrics.jsonl`` and TensorBoard."""
+        """Appends ``record`` (with the current epoch and step) to ``metrics.jsonl`` and the trackers."""
         if not self.accelerator.is_main_process:
             return
         epoch = self.epoch + (1 if self.batch_in_epoch else 0)  # the epoch the step belongs to (1-based)
         record = {"epoch": epoch, "step": self.step, **record}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
-        for key, value in record.items():
-            if key not in ("epoch", "step") and isinstance(value, (int, float)):
-                self._writer.add_scalar(key, value, record["step"])
+        scalars = {k: v for k, v in record.items() if k not in ("epoch", "step") and isinstance(v, (int, float))}
+        self.trackers.log(scalars, self.step)
 
     def save_state(self) -> None:
         """Writes the resumable state and the ``last`` adapter; the previous state stays until the new one is
@@ -271,7 +276,10 @@ class Loop:
                            "repeat an uninterrupted one exactly")  # fmt: skip
         self.epoch, self.step, self.best = progress["epoch"], progress["step"], progress["best"]
         self.batch_in_epoch, self.epoch_loss = progress["batch_in_epoch"], progress["epoch_loss"]
-        self._purge_step = self.step + 1
+        self.trackers.purge_step = self.step + 1  # TensorBoard drops the events logged after the saved state
+        if self.batch_in_epoch:
+            logger.info(f"resuming inside epoch {self.epoch + 1} at step {self.step}: the data order is the "
+                        "uninterrupted run's; random augmentation of its remaining batches may differ")  # fmt: skip
         if self.accelerator.is_main_process:
             run_state.trim_metrics(self.run_dir / "metrics.jsonl", self.step)
 
@@ -307,8 +315,11 @@ class Loop:
         set_train_mode(self.unwrapped, True)
 
     def _batches(self) -> Iterator[Any]:
-        """The current epoch's batches, in its seeded order."""
+        """The current epoch's batches, in its seeded order (after a resume from a step checkpoint, without the
+        batches the epoch had already used)."""
         self.train_loader.set_epoch(self.epoch)
+        if self.batch_in_epoch:
+            return iter(self.accelerator.skip_first_batches(self.train_loader, self.batch_in_epoch))
         return iter(self.train_loader)
 
     def _optimizer_step(self, batch: Any) -> float:
@@ -333,9 +344,10 @@ class Loop:
         """Trains until the run's last step (or for ``stop_after`` more epochs); returns the last evaluation.
 
         Evaluation runs every ``eval_every`` optimizer steps exactly and after the last step. The resumable state is
-        saved at the end of every epoch and of the run: a resumed run then repeats an uninterrupted one exactly
-        (the data loader reads a batch ahead, so the random state of a mid-epoch point would not replay its
-        augmentation; epoch boundaries are where data order and random state both restart cleanly).
+        saved at the end of every epoch and of the run (a resumed run then repeats an uninterrupted one exactly),
+        and every ``checkpoint_every`` optimizer steps (step checkpoints: the resumed run skips the batches the
+        epoch had used, in the same order; the data loader reads a batch ahead, so random augmentation of the
+        rest of that epoch may differ from the uninterrupted run's).
         """
         last: dict[str, float] = {}
         stop_epoch = None if stop_after is None else self.epoch + stop_after
@@ -353,15 +365,14 @@ class Loop:
                             break
         if self.ema is not None and self.finished:
             self.ema.copy_to(self._trained)  # a finished run leaves the average in the model
-        if self._writer is not None:
-            self._writer.flush()
+        self.trackers.flush()
         return last
 
     def _after_optimizer_step(self, value: float, bar: tqdm) -> dict[str, float] | None:
         """Bookkeeping of one optimizer step: EMA, logs, epoch end, evaluation when due, the resumable state."""
         self.step += 1
         bar.update(1)
-        bar.set_postfix(epoch=self.epoch + 1, loss=f"{value:.4f}")
+        bar.set_postfix(epoch=self.epoch + 1, loss=f"{value:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         if self.ema is not None:
             self.ema.step(self._trained)
         if self.step % self.cfg.log_every == 0:
@@ -372,13 +383,19 @@ class Loop:
         metrics = None
         if self.finished or bool(self.eval_every and self.step % self.eval_every == 0):
             metrics = self._evaluate_and_log()
-        if epoch_done or self.finished:
+        step_checkpoint = bool(self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0)
+        if epoch_done or self.finished or step_checkpoint:
             self.save_state()
+        if step_checkpoint and self.accelerator.is_main_process:
+            run_state.keep_step_checkpoint(self.run_dir, self.step, self.cfg.checkpoints_total_limit)
         return metrics
 
     def _evaluate_and_log(self) -> dict[str, float]:
         metrics = self.evaluate()
         self._train_mode()
+        if self.accelerator.is_main_process:
+            for name, images in (getattr(self.task, "last_images", None) or {}).items():
+                self.trackers.log_images(name, images, self.step)
         if metrics:
             self.log({f"eval/{k}": v for k, v in metrics.items()})
             summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())

@@ -91,6 +91,7 @@ class PersonalizationTask:
         folder.mkdir(parents=True, exist_ok=True)
         generator = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed)
         self.pipeline.set_progress_bar_config(disable=True)
+        self.last_images = {}
         for p, prompt in enumerate(self.cfg.train.validation_prompts):
             with accelerator.autocast():  # frozen weights may be half precision, trained ones fp32
                 images = self.pipeline(prompt, num_inference_steps=self.cfg.train.validation_steps,
@@ -98,6 +99,7 @@ class PersonalizationTask:
                                        height=self.cfg.data.size, width=self.cfg.data.size).images  # fmt: skip
             for i, image in enumerate(images):
                 image.save(folder / f"{p:02d}_{i}.png")
+            self.last_images[f"validation/{p:02d} {prompt}"] = images
         return {}
 
 

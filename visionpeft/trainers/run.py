@@ -21,12 +21,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..adapter import count_parameters, trainable_parameters
+from ..base_weights import frozen_weights_sha256
 from ..config import save_config
 from ..data.images import WorkerSafe
 from ..errors import ConfigError
 from . import run_state
 from .logs import get_logger
 from .loop import Loop, LoopConfig, Task, make_accelerator
+from .run_card import write_run_card
+from .trackers import check_report_to
 
 logger = get_logger(__name__)
 
@@ -115,7 +118,11 @@ def build_optimizer(optim: DictConfig, model: nn.Module, batch_size: int,
 
 def freeze_in_precision(modules: list[nn.Module], mixed_precision: str) -> None:
     """Under fp16 / bf16 mixed precision, stores the frozen weights in half precision and keeps the trained ones
-    in fp32 (the optimizer then never sees half-precision parameters: no "unscale FP16 gradients" errors)."""
+    in fp32 (the optimizer then never sees half-precision parameters: no "unscale FP16 gradients" errors).
+
+    diffusers' scripts cast the whole model to half precision and then the trained parameters back with
+    ``cast_training_params``; casting only the frozen ones gives the same result without sending the trained
+    weights' initial values (a LoRA's A, DiffFit's scales) through half precision and back."""
     if mixed_precision == "no":
         return
     dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
@@ -129,7 +136,8 @@ def run_task(trainer: Trainer, config: DictConfig, run_dir: Path, *, resume: boo
              stop_after: int | None = None, cpu: bool = False) -> dict[str, Any]:  # fmt: skip
     """Builds, trains and finishes one run of ``trainer``; returns the task's results plus ``parameters``."""
     loop_cfg = LoopConfig.from_config(config)
-    accelerator = make_accelerator(loop_cfg, cpu=cpu)
+    check_report_to(loop_cfg.report_to)
+    accelerator = make_accelerator(loop_cfg, cpu=cpu, run_dir=None if dry_run else run_dir)
     batch = config.data.batch_size
     per_process = micro_batch(batch, accelerator.num_processes, config.optim.grad_accum)
     if not dry_run:
@@ -151,6 +159,7 @@ def run_task(trainer: Trainer, config: DictConfig, run_dir: Path, *, resume: boo
     loader = DataLoader(WorkerSafe(setup.train_set), batch_size=per_process, shuffle=True, generator=generator,
                         **options)  # fmt: skip
     optimizer = build_optimizer(config.optim, setup.adapted, batch, setup.lr_multipliers)
+    frozen_weights_sha256(setup.adapted)  # recorded in checkpoints: hash the weights before a half-precision cast
     freeze_in_precision(setup.frozen, config.train.mixed_precision)
     loop = Loop(setup.model, setup.task, optimizer, loader, run_dir, loop_cfg, accelerator,
                 select_best=setup.select_best, adapted=setup.adapted)  # fmt: skip
@@ -161,5 +170,7 @@ def run_task(trainer: Trainer, config: DictConfig, run_dir: Path, *, resume: boo
     if loop.finished:
         results.update(trainer.finish(config, loop, setup, run_dir))
     results["parameters"] = count_parameters(loop.unwrapped)
+    if loop.finished and accelerator.is_main_process:
+        results.setdefault("outputs", []).append(write_run_card(config, setup.adapted, results, setup.summary, run_dir))
     accelerator.end_training()
     return results

@@ -39,6 +39,31 @@ def holds_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in RUN_FILES)
 
 
+CHECKPOINTS = "checkpoints"
+
+
+def keep_step_checkpoint(run_dir: Path, step: int, limit: int | None) -> Path:
+    """Copies the adapter just saved in ``last/`` to ``checkpoints/step-NNNNNNN/`` and deletes the oldest step
+    checkpoints beyond ``limit`` (diffusers' ``checkpoints_total_limit``); the resumable state is ``state/``."""
+    folder = run_dir / CHECKPOINTS / f"step-{step:07d}"
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run_dir / "last", tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    kept = sorted(p for p in folder.parent.glob("step-*") if not p.name.endswith(".tmp"))
+    for old in kept[: max(0, len(kept) - limit)] if limit else []:
+        shutil.rmtree(old)
+    return folder
+
+
+def delete_run(run_dir: Path) -> None:
+    """Deletes the run folder ``run_dir`` (``--overwrite``); refuses a folder that holds no run."""
+    if not holds_run(run_dir) or run_dir.resolve() == Path.cwd().resolve():
+        raise ConfigError(f"{run_dir} holds no run; --overwrite deletes run folders only")
+    shutil.rmtree(run_dir)
+
+
 def newest_state(run_dir: Path) -> Path | None:
     """The complete state a resume would use, without changing anything (``state.tmp`` wins when a save finished
     writing it but died before renaming)."""

@@ -235,7 +235,7 @@ class SegmentationTrainer:
         return results
 
 
-def load_segmenter(config: DictConfig, adapter_dir: Path) -> Segmenter:
+def load_segmenter(config: DictConfig, adapter_dir: Path, check_base: bool = True) -> Segmenter:
     """The segmenter of a run rebuilt from its config (same pretrained weights) with a saved adapter loaded; the
     classes and palette come from the adapter's record, so no dataset is read."""
     from ..checkpoint import read_adapter_config
@@ -247,18 +247,19 @@ def load_segmenter(config: DictConfig, adapter_dir: Path) -> Segmenter:
         raise CheckpointError(f"{adapter_dir} holds no segmentation adapter (no task record with id2label)")
     classes = [id2label[str(i)] for i in range(len(id2label))]
     seg = build_segmenter(config, classes, task.get("palette"))
-    vp.load_adapter(seg, adapter_dir)
+    vp.load_adapter(seg, adapter_dir, check_base=check_base)
     return seg.eval()
 
 
 def evaluate_saved(config: DictConfig, adapter_dir: Path, split: str, mode: str | None = None,
-                   batch_size: int | None = None, cpu: bool = False) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+                   batch_size: int | None = None, cpu: bool = False,
+                   check_base: bool = True) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
     """mIoU / aAcc / mAcc (and per-class values) of a saved adapter on ``split``; returns them and the classes."""
     from .loop import LoopConfig, make_accelerator
 
     check_sizes(config)
     dataset = raw_dataset(config, split)
-    seg = load_segmenter(config, adapter_dir)
+    seg = load_segmenter(config, adapter_dir, check_base)
     classes = [str(c) for c in dataset.classes]
     if len(classes) != seg.num_classes:
         raise DataError(f"{adapter_dir} predicts {seg.num_classes} classes; split '{split}' has {len(classes)}")

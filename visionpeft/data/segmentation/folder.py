@@ -27,7 +27,15 @@ import numpy as np
 from ...errors import DataError
 from ...registry import SEGMENTATION_DATASETS
 from .classes import default_palette
-from .files import MaskDecoder, SegmentationFiles, check_pairs, files_with_suffix, identity_table, pair_up
+from .files import (
+    MaskDecoder,
+    SegmentationFiles,
+    check_pairs,
+    files_with_suffix,
+    identity_table,
+    lookup_decoder,
+    pair_up,
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MASK_FORMATS = ("auto", "index", "color")
@@ -86,7 +94,7 @@ def mask_decoder(
     ignore_index: int = 255,
 ) -> MaskDecoder:
     """Turns index or colour masks into train ids, as ``mask_format`` says (see the module docstring)."""
-    table = identity_table()
+    from_indices = lookup_decoder(identity_table())
     colours = np.array([], np.int64) if palette is None else _pack(np.array(palette))
     order = np.argsort(colours)
     sorted_colours, sorted_labels = colours[order], order.astype(np.uint8)
@@ -110,13 +118,7 @@ def mask_decoder(
         colour = values.ndim == 3
         if mask_format == "index" and colour:
             raise DataError(f"{path} is a colour mask but mask_format is 'index' (one channel of class indices)")
-        if colour:
-            return from_colours(values, path)
-        if values.dtype != np.uint8:
-            if values.size and (values.min() < 0 or values.max() > 255):
-                raise DataError(f"{path} holds values outside 0..255 ({values.min()}..{values.max()})")
-            values = values.astype(np.uint8)
-        return table[values]
+        return from_colours(values, path) if colour else from_indices(values, path)
 
     return decode
 
