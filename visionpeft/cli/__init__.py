@@ -10,7 +10,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("train", "train any task from a config (classification, personalization, class_conditional)"),
+    "train": ("train", "train any task from a config (classification, segmentation, personalization, ...)"),
     "eval": ("eval", "evaluate a classification or segmentation run's saved adapter"),
     "predict": ("predict", "segment new images with a segmentation run (label + colour masks)"),
     "generate": ("generate", "sample a prompt x seed grid from a pipeline with saved adapters"),
