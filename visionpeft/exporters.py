@@ -47,6 +47,7 @@ def collect_parts(state: AdapterState, format: str) -> ExportParts:
     for method in state.methods:
         part = method.export_parts(format)
         combined.lora_layers.update(part.lora_layers)
+        combined.magnitudes.update(part.magnitudes)
         for filename, tensors in part.files.items():
             if filename in combined.files:
                 raise CheckpointError(f"two attached methods both write {filename}; export them one at a time")
@@ -58,6 +59,12 @@ def collect_parts(state: AdapterState, format: str) -> ExportParts:
             combined.models[folder] = build
     if not combined.contributes:
         raise CheckpointError(f"nothing to export in the {format} format")
+    if combined.magnitudes and len(combined.magnitudes) != len(combined.lora_layers):
+        plain = sorted(set(combined.lora_layers) - set(combined.magnitudes))
+        raise CheckpointError(
+            f"the {format} format has one use_dora switch for all LoRA layers, but {plain[0]} is plain LoRA and "
+            "others DoRA; save with format='visionpeft'"
+        )
     return combined
 
 
@@ -65,12 +72,15 @@ def export_peft(model: nn.Module, directory: Path) -> Path:
     """Writes ``adapter_model.safetensors`` + ``adapter_config.json`` for ``peft.PeftModel.from_pretrained``: the
     LoRA layers, and the task heads as ``modules_to_save``."""
     state = _require_state(model)
-    layers = collect_parts(state, "peft").lora_layers
+    parts = collect_parts(state, "peft")
+    layers = parts.lora_layers
     tensors: dict[str, torch.Tensor] = {}
     ranks = {}
     for path, (a, b) in layers.items():
         tensors[f"base_model.model.{path}.lora_A.weight"] = a
         tensors[f"base_model.model.{path}.lora_B.weight"] = b
+        if path in parts.magnitudes:
+            tensors[f"base_model.model.{path}.lora_magnitude_vector"] = parts.magnitudes[path]
         ranks[path] = a.shape[0]
     modules_to_save = []
     heads = state.backbone.heads()
@@ -91,6 +101,7 @@ def export_peft(model: nn.Module, directory: Path) -> Path:
         "target_modules": sorted(layers),
         "modules_to_save": modules_to_save or None,
         "bias": "none",
+        "use_dora": bool(parts.magnitudes),
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -112,6 +123,8 @@ def export_diffusers(model: nn.Module, directory: Path) -> Path:
         group, _, local = path.partition(".")
         groups[group][f"{local}.lora_A.weight"] = a.to("cpu").contiguous()
         groups[group][f"{local}.lora_B.weight"] = b.to("cpu").contiguous()
+        if path in parts.magnitudes:
+            groups[group][f"{local}.lora_magnitude_vector"] = parts.magnitudes[path].to("cpu").contiguous()
     directory.mkdir(parents=True, exist_ok=True)
     if parts.lora_layers:
         from diffusers import StableDiffusionPipeline

@@ -49,6 +49,8 @@ class ExportParts:
     Attributes:
         lora_layers: Model-relative module path -> ``(A, B)`` of a low-rank update, its scale folded into B. For the
             ``diffusers`` format the path starts with the pipeline component (``unet.``, ``text_encoder.``).
+        magnitudes: Module path -> DoRA magnitude vector of a layer in ``lora_layers`` (PEFT's
+            ``lora_magnitude_vector``, in PEFT's shape); layers without one are plain LoRA.
         files: File name -> tensors, for files the method's result fills alone (``learned_embeds.safetensors``).
         head: The method's result lives in the task heads (a linear probe), which the format stores.
         models: Folder name -> a function returning a model of the library to write with its ``save_pretrained``
@@ -56,6 +58,7 @@ class ExportParts:
     """
 
     lora_layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
     files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     head: bool = False
     models: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)

@@ -1,11 +1,10 @@
-"""LoRA (Hu et al., ICLR 2022) on any projection of any backbone, including Q/V-only inside a fused qkv."""
+"""LoRA (Hu et al., ICLR 2022) on any projection of any backbone, including Q/V-only inside a fused qkv, and DoRA
+(Liu et al., ICML 2024) as its ``use_dora`` option."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-
-import torch
 
 from ..backbones.base import iter_block_projections
 from ..errors import CheckpointError, ConfigError, IncompatibleMethodError, did_you_mean
@@ -27,6 +26,9 @@ class LoRAConfig(MethodConfig):
         r: Rank of the update.
         alpha: The update is scaled by ``alpha / r``.
         dropout: Dropout on the LoRA branch input (not available on ``nn.MultiheadAttention``).
+        use_dora: DoRA (weight-decomposed LoRA, arXiv 2402.09353; PEFT's option name): each adapted projection also
+            trains a magnitude per output row (``out_features`` parameters; a fused-qkv slice: its rows), the
+            weight norm detached in the backward pass as in the paper (sec. 4.3) and PEFT.
         targets: Projections to adapt: any of ``q``, ``k``, ``v``, ``o``, ``fc1``, ``fc2``; on a U-Net also
             ``conv1``, ``conv2`` (resnet convs) and block-specific names such as ``attn2.k``.
     """
@@ -34,6 +36,7 @@ class LoRAConfig(MethodConfig):
     r: int = setting(8, "rank of the update", min=1)
     alpha: float = setting(8.0, "the update is scaled by alpha / r", above=0)
     dropout: float = setting(0.0, "dropout on the LoRA branch input", min=0, below=1)
+    use_dora: bool = setting(False, "DoRA: also train a magnitude per output row (weight-decomposed LoRA)")
     targets: tuple[str, ...] = setting(("q", "v"), "projections to adapt (q, k, v, o, fc1, fc2, ...)", nonempty=True)
 
 
@@ -78,16 +81,17 @@ class LoRA(Method):
                     "lora dropout is not supported on nn.MultiheadAttention (open_clip towers); set lora.dropout=0"
                 )
             slot_names = {p.slot: n for n, p in members}
-            wrapper = LoRAMultiheadAttention(layer, tuple(slot_names), cfg.r, cfg.alpha)
+            wrapper = LoRAMultiheadAttention(layer, tuple(slot_names), cfg.r, cfg.alpha, cfg.use_dora)
         elif proj.kind == "conv":
             slot_names = {"update": members[0][0]}
-            wrapper = LoRAConv2d(layer, cfg.r, cfg.alpha, cfg.dropout)
+            wrapper = LoRAConv2d(layer, cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora)
         elif proj.kind == "fused":
             slot_names = {p.slot: n for n, p in members}
-            wrapper = LoRALinear(layer, {p.slot: p.rows for _, p in members}, cfg.r, cfg.alpha, cfg.dropout)
+            rows = {p.slot: p.rows for _, p in members}
+            wrapper = LoRALinear(layer, rows, cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora)
         else:
             slot_names = {"main": members[0][0]}
-            wrapper = LoRALinear(layer, {"main": (0, layer.out_features)}, cfg.r, cfg.alpha, cfg.dropout)
+            wrapper = LoRALinear(layer, {"main": (0, layer.out_features)}, cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora)
 
         def canonical(pname: str) -> str:
             # updates.<slot>.lora_A (Linear / MHA) or update.lora_A (Conv2d)
@@ -105,18 +109,19 @@ class LoRA(Method):
             wrapper.merge(1.0)
 
     def export_parts(self, format: str) -> ExportParts:
-        """Each adapted library module's update as one LoRA ``(A, B)``, the scale folded into B.
+        """Each adapted library module's update as one LoRA ``(A, B)``, the scale folded into B; with DoRA also its
+        magnitude vector in PEFT's ``lora_magnitude_vector`` shape.
 
         A LoRA on some slices of a fused projection (Q and V of timm's ``qkv``) is exactly one LoRA of rank
         ``slices x r`` on the whole projection: A stacks the slices' A matrices and B is block-diagonal, zero on the
-        rows of the slices without an update.
+        rows of the slices without an update (with DoRA their magnitude is their norm: scale 1, as here).
 
         Raises:
             CheckpointError: A LoRA on ``nn.MultiheadAttention`` (no file layout expresses it), or the diffusers
                 format for a model that is no Stable Diffusion U-Net or pipeline.
         """
         paths = base_module_paths(self.backbone.model)
-        layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        parts = ExportParts()
         for wrapper in self.wrappers():
             path = paths[id(wrapper.base)]
             if isinstance(wrapper, LoRAMultiheadAttention):
@@ -134,7 +139,11 @@ class LoRA(Method):
                 path = ".".join(group)
             if isinstance(wrapper, LoRAConv2d):
                 u = wrapper.update
-                layers[path] = (u.lora_A.detach(), u.lora_B.detach() * u.scale)
+                parts.lora_layers[path] = (u.lora_A.detach(), u.lora_B.detach() * u.scale)
+                if wrapper.dora:  # PEFT keeps a conv's magnitude as (1, out_channels, 1, 1)
+                    parts.magnitudes[path] = u.magnitude.detach().view(1, -1, 1, 1)
             else:
-                layers[path] = tuple(t.detach() for t in wrapper.stacked())
-        return ExportParts(lora_layers=layers)
+                parts.lora_layers[path] = tuple(t.detach() for t in wrapper.stacked())
+                if wrapper.dora:
+                    parts.magnitudes[path] = wrapper.magnitude_vector()
+        return parts
