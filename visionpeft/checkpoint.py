@@ -283,7 +283,7 @@ def load_adapter(
     before = methods_of(model)
     if current != saved:
         try:
-            attach(model, saved)
+            attach(model, saved, modules_to_save=config.get("backbone", {}).get("modules_to_save"))
         except VisionPEFTError as err:
             raise CheckpointError(f"cannot add the methods of {directory} to this model: {err}") from None
     added = [m for m in methods_of(model) if m not in before]

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..backbones.base import Backbone, Block, Tower
+from ..backbones.module_paths import TargetSpec, find_modules, library_modules
 from ..errors import ConfigError, IncompatibleMethodError
 from ..schema import setting
 
@@ -313,6 +314,24 @@ class Method:
         for name, owner, attr in named_base_parameters(self.backbone.model):
             if self.tower.owns(name) and id(getattr(owner, attr)) not in head_ids:
                 yield name, owner, attr
+
+    def modules_by_path(
+        self, spec: TargetSpec, kinds: tuple[type[nn.Module], ...] | None = None
+    ) -> list[tuple[str, nn.Module, str, nn.Module]]:
+        """The tower's library modules that ``spec`` (``target_modules``: path suffixes or one regex) selects, as
+        ``(path, parent, attr, module)`` with paths relative to the adapted model; heads are never selected.
+
+        Raises:
+            ConfigError: Nothing selected (naming existing paths), or a selected module not of ``kinds``.
+        """
+        head_ids = {id(m) for head in self.backbone.heads().values() for m in head.modules()}
+        candidates = [
+            entry
+            for entry in library_modules(self.backbone.model)
+            if id(entry[3]) not in head_ids
+            and any(self.tower.owns(f"{entry[0]}.{name}") for name, _ in entry[3].named_parameters())
+        ]
+        return find_modules(candidates, spec, f"{self.name} target_modules", kinds)
 
     def hook_output(self, module: nn.Module, fn: Callable, *args: Any, with_kwargs: bool = False) -> None:
         """Registers ``fn(*args, module, inputs, output)`` as a forward hook (kept picklable and copyable); with

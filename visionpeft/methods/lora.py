@@ -6,7 +6,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ..backbones.base import iter_block_projections
+from torch import nn
+
+from ..backbones.base import Projection, iter_block_projections
+from ..backbones.module_paths import library_modules
 from ..errors import CheckpointError, ConfigError, IncompatibleMethodError, did_you_mean
 from ..layers.lora import LoRAConv2d, LoRALinear, LoRAMultiheadAttention
 from ..registry import METHODS
@@ -31,6 +34,9 @@ class LoRAConfig(MethodConfig):
             weight norm detached in the backward pass as in the paper (sec. 4.3) and PEFT.
         targets: Projections to adapt: any of ``q``, ``k``, ``v``, ``o``, ``fc1``, ``fc2``; on a U-Net also
             ``conv1``, ``conv2`` (resnet convs) and block-specific names such as ``attn2.k``.
+        target_modules: Library modules to adapt instead, on any model, by PEFT's rule: a list of module-path
+            suffixes (``["query", "value"]``) or one regex over the whole path. Each selected nn.Linear, nn.Conv2d
+            or nn.MultiheadAttention (all four projections) gets one update; canonical names are module paths.
     """
 
     r: int = setting(8, "rank of the update", min=1)
@@ -38,6 +44,13 @@ class LoRAConfig(MethodConfig):
     dropout: float = setting(0.0, "dropout on the LoRA branch input", min=0, below=1)
     use_dora: bool = setting(False, "DoRA: also train a magnitude per output row (weight-decomposed LoRA)")
     targets: tuple[str, ...] = setting(("q", "v"), "projections to adapt (q, k, v, o, fc1, fc2, ...)", nonempty=True)
+    target_modules: str | tuple[str, ...] | None = setting(
+        None, "module paths to adapt instead of targets, on any model: path suffixes, or one regex (PEFT's rule)"
+    )
+
+
+#: Library modules a LoRA can wrap when chosen by module path.
+LORA_MODULES = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
 
 
 @METHODS.register("lora")
@@ -51,6 +64,15 @@ class LoRA(Method):
     def check_fits(self) -> None:
         super().check_fits()
         cfg = self.config
+        if cfg.target_modules is not None:
+            self.modules_by_path(cfg.target_modules, LORA_MODULES)
+            return
+        if not self.blocks():
+            linear = [p for p, _, _, m in library_modules(self.backbone.model) if isinstance(m, nn.Linear)]
+            raise ConfigError(
+                f"lora on a {type(self.backbone.inner).__name__} (no described projections) needs target_modules: "
+                f"module-path suffixes or one regex, e.g. Linear layers {', '.join(linear[:3]) or 'none found'}"
+            )
         available = {n for b in self.blocks() for n in b.projections}
         short = {n.rpartition(".")[2] for n in available}
         for t in cfg.targets:
@@ -62,19 +84,30 @@ class LoRA(Method):
 
     def build(self) -> None:
         cfg = self.config
+        if cfg.target_modules is not None:
+            for path, parent, attr, module in self.modules_by_path(cfg.target_modules, LORA_MODULES):
+                if isinstance(module, nn.MultiheadAttention):
+                    members = [(f"{path}.{s}", Projection("mha", parent, attr, slot=s)) for s in "qkvo"]
+                else:
+                    members = [(path, Projection("conv" if isinstance(module, nn.Conv2d) else "linear", parent, attr))]
+                self._wrap_group(members)
+            return
         for block in self.blocks():
             groups: dict[tuple[int, str], list] = defaultdict(list)
             for pname, proj in iter_block_projections(block, list(cfg.targets)):
-                groups[(id(proj.parent), proj.attr)].append((pname, proj))
+                groups[(id(proj.parent), proj.attr)].append((f"{block.name}.{pname}", proj))
             for members in groups.values():
-                self._wrap_group(block.name, members)
+                self._wrap_group(members)
 
-    def _wrap_group(self, block_name: str, members: list) -> None:
+    def _wrap_group(self, members: list[tuple[str, Projection]]) -> None:
+        """Wraps the one library layer that ``members`` (canonical name, projection) are parts of."""
         cfg = self.config
         proj = members[0][1]
         layer = proj.layer
         if getattr(layer, "_vp_wrapper", False):
-            raise IncompatibleMethodError(f"{block_name}.{members[0][0]} already carries a LoRA")
+            raise IncompatibleMethodError(f"{members[0][0]} already carries a LoRA")
+        if proj.kind == "conv" and layer.groups != 1:
+            raise IncompatibleMethodError(f"{members[0][0]} is a grouped convolution; LoRA adapts groups=1 only")
         if proj.kind == "mha":
             if cfg.dropout > 0:
                 raise IncompatibleMethodError(
@@ -97,7 +130,7 @@ class LoRA(Method):
             # updates.<slot>.lora_A (Linear / MHA) or update.lora_A (Conv2d)
             parts = pname.split(".")
             slot = parts[1] if parts[0] == "updates" else "update"
-            return f"{block_name}.{slot_names[slot]}.{parts[-1]}"
+            return f"{slot_names[slot]}.{parts[-1]}"
 
         self.wrap(proj.parent, proj.attr, wrapper, canonical)
 
