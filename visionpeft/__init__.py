@@ -39,6 +39,8 @@ _EXPORTS = {
         "adapter",
     ),  # fmt: skip
     "load_adapter": "checkpoint",
+    "import_lora": "conversions",
+    "export_merged": "conversions",
     "save_adapter": "checkpoint",
     "VisionPEFTError": "errors",
     "METHODS": "registry",

@@ -22,7 +22,9 @@ from .errors import CheckpointError
 from .io import atomic_write
 from .methods import METHODS, ExportParts
 
-FORMATS = ("peft", "diffusers")
+FORMATS = ("peft", "diffusers", "kohya")
+#: The one file ``save_adapter(..., format="kohya")`` writes (A1111 / ComfyUI / sd-scripts read it as it is).
+KOHYA_NAME = "lora_kohya.safetensors"
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -142,11 +144,56 @@ def export_diffusers(model: nn.Module, directory: Path) -> Path:
     return directory
 
 
+def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The U-Net / text-encoder LoRA of ``model`` in the kohya / A1111 layout (``lora_unet_<path>.lora_down.weight``,
+    ``.lora_up.weight``, ``.alpha``), converted by diffusers' ``convert_state_dict_to_kohya``.
+
+    Two renames that converter does not do for Stable Diffusion 1.x / 2.x: the single text encoder is ``lora_te_``
+    in sd-scripts and A1111 (diffusers writes SDXL's ``lora_te1_``), and its modules are named under ``text_model.``
+    as in transformers 4 (transformers 5's ``CLIPTextModel`` dropped that level; the kohya layout kept it).
+
+    Raises:
+        CheckpointError: DoRA (diffusers' Stable Diffusion loader drops kohya ``dora_scale`` keys), or methods the
+            kohya layout cannot hold (textual inversion, ControlNet).
+    """
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    parts = collect_parts(_require_state(model), "kohya")
+    if parts.magnitudes:
+        raise CheckpointError(
+            "DoRA has no kohya file diffusers loads (its Stable Diffusion loader drops dora_scale keys); "
+            "save with format='diffusers'"
+        )
+    peft_layout: dict[str, torch.Tensor] = {}
+    for path, (a, b) in parts.lora_layers.items():
+        group, _, local = path.partition(".")
+        if group == "text_encoder" and not local.startswith("text_model."):
+            local = "text_model." + local
+        peft_layout[f"{group}.{local}.lora_A.weight"] = a
+        peft_layout[f"{group}.{local}.lora_B.weight"] = b
+    converted = convert_state_dict_to_kohya(peft_layout)
+    renamed = {
+        (("lora_te_" + k[len("lora_te1_") :]) if k.startswith("lora_te1_") else k): v for k, v in converted.items()
+    }
+    # diffusers' converter writes alpha = rank as an integer tensor; the parts fold the scale into B (scale 1)
+    return {k: v.float() if k.endswith(".alpha") else v for k, v in renamed.items()}
+
+
+def export_kohya(model: nn.Module, directory: Path) -> Path:
+    """Writes one ``lora_kohya.safetensors`` in the kohya / A1111 layout (see :func:`kohya_state_dict`)."""
+    tensors = kohya_state_dict(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(tensors, directory / KOHYA_NAME)
+    return directory
+
+
 def export(model: Any, directory: Path, format: str) -> Path:
-    """Writes ``model``'s adapter to ``directory`` in ``format`` (``peft`` or ``diffusers``)."""
+    """Writes ``model``'s adapter to ``directory`` in ``format`` (``peft``, ``diffusers`` or ``kohya``)."""
     target = _unwrap(model)
     if format == "peft":
         return export_peft(target, directory)
     if format == "diffusers":
         return export_diffusers(target, directory)
-    raise CheckpointError(f"unknown adapter format '{format}'; choose visionpeft, diffusers or peft")
+    if format == "kohya":
+        return export_kohya(target, directory)
+    raise CheckpointError(f"unknown adapter format '{format}'; choose visionpeft, diffusers, peft or kohya")

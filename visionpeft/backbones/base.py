@@ -384,6 +384,11 @@ class Backbone:
         (``unet`` / ``text_encoder``), or None when the model is no part of a Stable Diffusion pipeline."""
         return None
 
+    def diffusers_component(self, component: str) -> tuple[str, str] | None:
+        """The (tower, model-relative path prefix) holding a component of diffusers' LoRA files (``unet``,
+        ``text_encoder``), or None when this model has no such component."""
+        return None
+
     def describe(self) -> dict:
         """Identity written into adapter checkpoints."""
         info = {

@@ -59,7 +59,7 @@ class LoRA(Method):
     config_class = LoRAConfig
     merges_exactly = True
     merge_priority = 0
-    export_formats = frozenset({"peft", "diffusers"})
+    export_formats = frozenset({"peft", "diffusers", "kohya"})
 
     def check_fits(self) -> None:
         super().check_fits()
@@ -162,11 +162,11 @@ class LoRA(Method):
                     f"{path}: a LoRA on nn.MultiheadAttention (open_clip) has no PEFT / diffusers file layout; "
                     "save it with format='visionpeft'"
                 )
-            if format == "diffusers":
+            if format in ("diffusers", "kohya"):  # kohya: the diffusers layers, renamed by diffusers' converter
                 group = self.backbone.diffusers_lora_group(path)
                 if group is None:
                     raise CheckpointError(
-                        "the diffusers LoRA format is for a Stable Diffusion U-Net or pipeline; "
+                        f"the {format} LoRA format is for a Stable Diffusion U-Net or pipeline; "
                         f"this is {self.backbone.family}"
                     )
                 path = ".".join(group)
