@@ -9,9 +9,10 @@ from .base import Backbone, Block, Branch, Projection, TaskModel, TokenLayout, T
 from .diffusers_models import DiffusersDiT, DiffusersPipeline, DiffusersUNet, pipeline_modules
 from .generic import GenericBackbone
 from .open_clip import OpenCLIP
+from .timm_eva import TimmEva
 from .timm_vit import TimmViT
 
-BACKBONES: list[type[Backbone]] = [TimmViT, OpenCLIP, DiffusersUNet, DiffusersDiT, DiffusersPipeline]
+BACKBONES: list[type[Backbone]] = [TimmViT, TimmEva, OpenCLIP, DiffusersUNet, DiffusersDiT, DiffusersPipeline]
 
 
 def _library_backbone(model: nn.Module) -> Backbone:

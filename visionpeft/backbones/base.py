@@ -384,6 +384,11 @@ class Backbone:
         (``unet`` / ``text_encoder``), or None when the model is no part of a Stable Diffusion pipeline."""
         return None
 
+    def export_problem(self, path: str, format: str) -> str | None:
+        """Why an update of the module at ``path`` cannot be written in another library's ``format`` for this model
+        (that library would load it somewhere the model never uses), or None."""
+        return None
+
     def diffusers_component(self, component: str) -> tuple[str, str] | None:
         """The (tower, model-relative path prefix) holding a component of diffusers' LoRA files (``unet``,
         ``text_encoder``), or None when this model has no such component."""

@@ -157,6 +157,9 @@ class LoRA(Method):
         parts = ExportParts()
         for wrapper in self.wrappers():
             path = paths[id(wrapper.base)]
+            problem = self.backbone.export_problem(path, format)
+            if problem:
+                raise CheckpointError(problem)
             if isinstance(wrapper, LoRAMultiheadAttention):
                 raise CheckpointError(
                     f"{path}: a LoRA on nn.MultiheadAttention (open_clip) has no PEFT / diffusers file layout; "
