@@ -24,6 +24,25 @@ def hf_vit(seed=0):
     return ViTForImageClassification(config).eval()
 
 
+def dinov2(seed=0):
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=32, patch_size=8, num_labels=10)  # fmt: skip
+    return Dinov2ForImageClassification(config).eval()
+
+
+def siglip(seed=0):
+    from transformers import SiglipConfig, SiglipForImageClassification
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                  patch_size=8)  # fmt: skip
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    return SiglipForImageClassification(SiglipConfig(vision_config=vision, text_config=text, num_labels=10)).eval()
+
+
 def swin(seed=0):
     import timm
 
@@ -76,6 +95,8 @@ def _lora_count(model, names, r):
 
 CASES = {
     "hf_vit": (hf_vit, ["q_proj", "v_proj"], "classifier"),
+    "dinov2": (dinov2, ["q_proj", "v_proj", "fc1"], "classifier"),
+    "siglip": (siglip, ["q_proj", "v_proj"], "classifier"),
     "swin": (swin, ["qkv", "fc2"], "head.fc"),
     "convnext": (convnext, ["fc1"], "head.fc"),
     "resnet": (resnet, r"layer\d\.\d\.conv\d", "fc"),  # a regex: resnet10t's stem conv1 is a Sequential

@@ -71,9 +71,10 @@ def test_dora_parameter_counts_are_exact():
     assert vp.count_parameters(unet)["by_group"]["lora"] == expected
 
 
-def _peft_dora_vit(ours):
+def _peft_dora_vit(ours, dropout=0.0):
     """PEFT's DoRA on the same separate Linear layers, with our weights copied in."""
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["attn.proj", "mlp.fc1"], use_dora=True)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["attn.proj", "mlp.fc1"], use_dora=True,
+                             lora_dropout=dropout)  # fmt: skip
     theirs = peft.get_peft_model(tiny_vit(), config)
     state = adapter_state_dict(ours)
     with torch.no_grad():
@@ -168,3 +169,15 @@ def test_dora_unet_loads_into_a_diffusers_pipeline(tmp_path):
 def test_dora_option_name_suggests_use_dora():
     with pytest.raises(vp.VisionPEFTError, match="did you mean 'use_dora'"):
         vp.attach(tiny_vit(), "lora", dora=True)
+
+
+def test_dora_with_dropout_in_training_equals_peft():
+    """With LoRA dropout active, PEFT rescales the base output recomputed on the dropped-out input; so does this."""
+    ours = vp.attach(tiny_vit(), "lora", r=4, alpha=8, targets=["o", "fc1"], use_dora=True, dropout=0.5)
+    _randomize(ours)
+    theirs = _peft_dora_vit(ours, dropout=0.5)
+    ours.train(), theirs.train()
+    torch.manual_seed(5)
+    out_ours = _run_vit(ours)
+    torch.manual_seed(5)
+    torch.testing.assert_close(out_ours, _run_vit(theirs), rtol=1e-5, atol=1e-5)
