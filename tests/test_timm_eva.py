@@ -75,3 +75,16 @@ def test_eva02_separate_projections_export_to_peft(tmp_path):
     vp.save_adapter(model, tmp_path)
     loaded = peft.PeftModel.from_pretrained(factory(), tmp_path).eval()
     torch.testing.assert_close(loaded(IMAGES), model(IMAGES), rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapted_eva_copies_and_exports_merged(tmp_path):
+    from safetensors.torch import load_file
+
+    model = vp.attach(eva(), [("lora", {"r": 4, "targets": ["q", "v"]}), ("bitfit", {})])
+    _randomize(model)
+    expected = model(IMAGES)
+    path = vp.export_merged(model, tmp_path / "eva.safetensors")  # merges a deep copy
+    fresh = eva(seed=1)
+    fresh.load_state_dict(load_file(path))
+    torch.testing.assert_close(fresh(IMAGES), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model(IMAGES), expected, rtol=0, atol=0)  # the original stays adapted

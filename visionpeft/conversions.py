@@ -90,6 +90,10 @@ def import_lora(model: Any, file: str | os.PathLike) -> Any:
         by_component[component][module][kind.split(".")[0]] = tensor
     specs, locate = [], {}
     for component, modules in by_component.items():
+        broken = next((m for m, parts in modules.items() if set(parts) != {"A", "B"}), None)
+        if broken is not None:
+            found = ", ".join(sorted(modules[broken]))
+            raise CheckpointError(f"{path}: {component}.{broken} has LoRA parts {found}; import_lora reads A and B")
         where = backbone.diffusers_component(component)
         if where is None:
             raise CheckpointError(f"{path} holds a {component} LoRA; this {backbone.family} model has no {component}")

@@ -1,5 +1,6 @@
-"""Any other torch model (Hugging Face transformers ViT / DeiT / DINOv2 / SigLIP, timm Swin / EVA / ConvNeXt /
-ResNet, a user's own network): one tower ``model`` with no described blocks, adapted by module path.
+"""Any other torch model (Hugging Face transformers ViT / DeiT / DINOv2 / SigLIP, timm Swin / ConvNeXt / ResNet,
+a user's own network; timm EVA has its own token tower, ``timm_eva.py``): one tower ``model`` with no described
+blocks, adapted by module path.
 
 Methods that only need projections, biases or heads (LoRA / DoRA with ``target_modules``, BitFit, full, linear
 probe) select library modules with PEFT's ``target_modules`` rule (:func:`matches_target`); methods that need a

@@ -91,11 +91,11 @@ class TimmEva(Backbone):
         super().install_hooks()
         for block in self.towers["vision"].blocks:
             attn = block.module.attn
-            self._attention_defaults.append((attn, attn.num_prefix_tokens, attn.qkv_bias_separate))
-            self._handles.append(attn.register_forward_pre_hook(partial(self._prepare_attention, attn)))
+            defaults = (attn.num_prefix_tokens, attn.qkv_bias_separate)
+            self._attention_defaults.append((attn, *defaults))
+            self._handles.append(attn.register_forward_pre_hook(partial(self._prepare_attention, *defaults)))
 
-    def _prepare_attention(self, attn: nn.Module, module: nn.Module, args: tuple) -> None:
-        base_prefix, separate = next((p, s) for a, p, s in self._attention_defaults if a is attn)
+    def _prepare_attention(self, base_prefix: int, separate: bool, attn: nn.Module, args: tuple) -> None:
         attn.num_prefix_tokens = base_prefix + self.towers["vision"].tokens.extra_prefix
         attn.qkv_bias_separate = separate or getattr(attn.qkv, "_vp_wrapper", False)
 

@@ -8,8 +8,8 @@ follows the reference ``loralib``: A kaiming-uniform (a=sqrt(5)), B zero, so the
 DoRA (Liu et al., ICML 2024, arXiv 2402.09353) is an option of every layer here (``enable_dora``): each updated
 output row ``i`` of the weight becomes ``m_i * (W + scale B A)_i / ||(W + scale B A)_i||``, with a trainable
 magnitude ``m`` initialised to the row norms of ``W`` (so the model still starts unchanged). As the paper suggests
-(sec. 4.3) and PEFT and the official NVlabs/DoRA code do by default, the norm is treated as a constant in the backward
-pass (detached): ``m`` and ``B A`` get gradients, the norm does not. Rows outside the updated slices keep scale 1.
+(sec. 4.3) and PEFT does (its only behaviour), the norm is treated as a constant in the backward pass (detached): ``m``
+and ``B A`` get gradients, the norm does not. Rows outside the updated slices keep scale 1.
 """
 
 from __future__ import annotations
