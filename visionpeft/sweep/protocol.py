@@ -96,12 +96,17 @@ def choose(spec: SweepSpec, root: Path, task: str, label: str) -> tuple[Point | 
     return (best if unfinished == 0 else None), unfinished
 
 
+def final_points(spec: SweepSpec, root: Path, task: str, label: str) -> list[Point]:
+    """The points stage 2 trains for ``(task, label)``: every point without a select stage in the protocol, else
+    the chosen one once stage 1 has chosen (none before)."""
+    if PROTOCOLS[spec.protocol].select is None:
+        return spec.points(label)
+    point, _ = choose(spec, root, task, label)
+    return [] if point is None else [point]
+
+
 def final_runs(spec: SweepSpec, root: Path) -> list[RunSpec]:
-    """Stage 2: the chosen point of every ``(task, label)`` whose choice is made, for every seed."""
-    runs = []
-    for task in spec.tasks:
-        for label in spec.grids:
-            point, _ = choose(spec, root, task, label)
-            if point is not None:
-                runs += [make_run(spec, root, task, label, point, "final", seed) for seed in spec.seeds]
-    return runs
+    """Stage 2: the final points of every ``(task, label)``, for every seed."""
+    return [make_run(spec, root, task, label, point, "final", seed)
+            for task in spec.tasks for label in spec.grids for point in final_points(spec, root, task, label)
+            for seed in spec.seeds]  # fmt: skip

@@ -13,7 +13,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .protocol import choose, has_select_stage, make_run
+from .grid import Point
+from .protocol import PROTOCOLS, choose, has_select_stage, make_run
 from .published import published
 from .runs import read_error, read_result, status
 from .spec import SweepSpec
@@ -22,10 +23,12 @@ from .tasks import VTAB_GROUPS, VTAB_TASKS
 
 @dataclass
 class Cell:
-    """One (task, grid label): the chosen point and the final stage's results so far."""
+    """One (task, row): the chosen point and the final stage's results so far. A row is a grid (its label), or one
+    point of a grid under a protocol that chooses nothing."""
 
     task: str
     label: str
+    row: str
     top1: list[float] = field(default_factory=list)  # percent, one per finished seed
     trainable: int | None = None
     head: int = 0
@@ -38,22 +41,35 @@ class Cell:
         return statistics.fmean(self.top1) if self.top1 else None
 
 
+def rows(spec: SweepSpec) -> list[tuple[str, str, Point | None]]:
+    """``(row name, grid label, point)`` of the report: a grid per row whose point stage 1 chooses (point None), or
+    a row per point of a grid when the protocol chooses nothing."""
+    if PROTOCOLS[spec.protocol].select is not None:
+        return [(label, label, None) for label in spec.grids]
+    out = []
+    for label in spec.grids:
+        points = spec.points(label)
+        out += [(label if len(points) == 1 else f"{label} [{p.describe()}]", label, p) for p in points]
+    return out
+
+
 def collect(spec: SweepSpec, root: Path) -> list[Cell]:
-    """The cells of every (task, label), in the spec's order."""
+    """The cells of every (row, task), in the spec's order."""
     table = published()
     cells = []
-    for label in spec.grids:
+    for row, label, point in rows(spec):
         for task in spec.tasks:
-            cell = Cell(task, label, published=table.get((label, task)))
-            point, pending = choose(spec, root, task, label)
+            cell = Cell(task, label, row, published=table.get((label, task)))
             if point is None:
-                cell.state = f"selecting ({pending} pending)" if pending else "no stage-1 run succeeded"
-                cells.append(cell)
-                continue
-            cell.chosen = point.describe() if has_select_stage(spec, label) else ""
+                point_of_task, pending = choose(spec, root, task, label)
+                if point_of_task is None:
+                    cell.state = f"selecting ({pending} pending)" if pending else "no stage-1 run succeeded"
+                    cells.append(cell)
+                    continue
+                cell.chosen = point_of_task.describe() if has_select_stage(spec, label) else ""
             failed = 0
             for seed in spec.seeds:
-                run = make_run(spec, root, task, label, point, "final", seed)
+                run = make_run(spec, root, task, label, point or point_of_task, "final", seed)
                 result = read_result(run.path)
                 failed += status(run.path) == "failed"
                 if result is not None and "top1" in (result.get("test") or {}):
@@ -64,6 +80,10 @@ def collect(spec: SweepSpec, root: Path) -> list[Cell]:
                 cell.state = f"{len(cell.top1)}/{len(spec.seeds)} seeds" + (f", {failed} failed" if failed else "")
             cells.append(cell)
     return cells
+
+
+def _row_names(cells: list[Cell]) -> list[str]:
+    return list(dict.fromkeys(c.row for c in cells))
 
 
 def group_means(values: dict[str, float]) -> dict[str, float]:
@@ -132,8 +152,8 @@ def markdown(spec: SweepSpec, root: Path, cells: list[Cell]) -> str:
         "| method | params (M) | " + " | ".join([*spec.tasks, *summaries]) + " |",
         "|---|---:|" + "---:|" * (len(spec.tasks) + len(summaries)),
     ]
-    for label in spec.grids:
-        row = [c for c in cells if c.label == label]
+    for name in _row_names(cells):
+        row = [c for c in cells if c.row == name]
         ours = summary_values(spec, {c.task: c.mean for c in row if c.mean is not None and not c.state})
         theirs = summary_values(spec, {c.task: c.published["top1"] for c in row if c.published})
         extra = []
@@ -142,14 +162,14 @@ def markdown(spec: SweepSpec, root: Path, cells: list[Cell]) -> str:
             if name in theirs:
                 text += f" [{theirs[name]:.1f}" + (f", {ours[name] - theirs[name]:+.1f}]" if name in ours else "]")
             extra.append(text)
-        lines.append(f"| {label} | {_params(row)} | " + " | ".join([*map(_cell_text, row), *extra]) + " |")
+        lines.append(f"| {name} | {_params(row)} | " + " | ".join([*map(_cell_text, row), *extra]) + " |")
     chosen = [c for c in cells if c.chosen]
     if chosen:
         lines += ["", "## Chosen hyper-parameters (stage select)", "", "| method | task | chosen | published choice |",
                   "|---|---|---|---|"]  # fmt: skip
         for c in chosen:
             theirs = ", ".join(f"{k}={v}" for k, v in (c.published or {}).get("best_tune", {}).items())
-            lines.append(f"| {c.label} | {c.task} | {c.chosen} | {theirs or '-'} |")
+            lines.append(f"| {c.row} | {c.task} | {c.chosen} | {theirs or '-'} |")
     failed = [p for p, s in zip(runs, states) if s == "failed"]
     if failed:
         lines += ["", "## Failed runs", ""]
@@ -164,26 +184,26 @@ def write_csv(spec: SweepSpec, cells: list[Cell], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
-        for label in spec.grids:
-            row = [c for c in cells if c.label == label]
+        for name in _row_names(cells):
+            row = [c for c in cells if c.row == name]
             for c in row:
                 pub = c.published["top1"] if c.published else None
                 std = statistics.stdev(c.top1) if len(c.top1) > 1 else None
                 own = None if c.trainable is None else c.trainable - c.head
                 writer.writerow({
-                    "method": label, "task": c.task, "seeds": len(c.top1), "top1_mean": _round(c.mean),
+                    "method": name, "task": c.task, "seeds": len(c.top1), "top1_mean": _round(c.mean),
                     "top1_std": _round(std), "published": pub,
                     "difference": _round(c.mean - pub if c.mean is not None and pub is not None else None),
                     "trainable": c.trainable, "trainable_without_head": own, "chosen": c.chosen, "state": c.state,
                 })  # fmt: skip
             ours = summary_values(spec, {c.task: c.mean for c in row if c.mean is not None and not c.state})
             theirs = summary_values(spec, {c.task: c.published["top1"] for c in row if c.published})
-            for name in dict.fromkeys([*ours, *theirs]):
-                mine, pub = ours.get(name), theirs.get(name)
+            for summary in dict.fromkeys([*ours, *theirs]):
+                mine, pub = ours.get(summary), theirs.get(summary)
                 writer.writerow(
                     {
-                        "method": label,
-                        "task": name,
+                        "method": name,
+                        "task": summary,
                         "top1_mean": _round(mine),
                         "published": _round(pub),
                         "difference": _round(mine - pub if mine is not None and pub is not None else None),
@@ -209,15 +229,15 @@ def plot(spec: SweepSpec, cells: list[Cell], path: Path) -> bool:
     panels = spec.tasks if len(spec.tasks) <= 4 else ["mean over tasks"]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        for label in spec.grids:
-            row = [c for c in finished if c.label == label and panel in (c.task, "mean over tasks")]
+        for name in _row_names(cells):
+            row = [c for c in finished if c.row == name and panel in (c.task, "mean over tasks")]
             if not row:
                 continue
             x = statistics.fmean(max(1, c.trainable - c.head) for c in row)
             y = statistics.fmean(c.mean for c in row)
             spread = [v for c in row for v in c.top1] if len(row) == 1 else [c.mean for c in row]
             ax.errorbar(x, y, yerr=[[y - min(spread)], [max(spread) - y]], fmt="o", capsize=3)
-            ax.annotate(label, (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+            ax.annotate(name, (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
             pubs = [c.published for c in row if c.published and c.published.get("params")]
             if pubs:
                 ax.plot(statistics.fmean(p["params"] for p in pubs), statistics.fmean(p["top1"] for p in pubs),
