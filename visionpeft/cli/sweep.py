@@ -99,7 +99,7 @@ def _resolve(args, parser):
     if specs.is_spec_file(source):
         if args.grid:
             raise ConfigError(f"{source} is a sweep spec: its grids are in the file; give no --grid")
-        spec = specs.load_spec_file(source, **given, overrides=args.overrides or None)
+        spec = specs.load_spec_file(source, args.overrides, **given)
         name = source.stem
     else:
         spec = specs.make_spec(source, specs.grids_from_files(args.grid), args.tasks, args.seeds or [0],

@@ -55,7 +55,8 @@ def stage_overrides(spec: SweepSpec, stage: str) -> list[str]:
 
 
 def make_run(spec: SweepSpec, root: Path, task: str, label: str, point: Point, stage: str, seed: int) -> RunSpec:
-    overrides = [task_override(task), *point.overrides, *spec.overrides, *stage_overrides(spec, stage),
+    # the grid wins over the sweep's overrides (a grid key is what the sweep varies); the protocol wins over both
+    overrides = [task_override(task), *spec.overrides, *point.overrides, *stage_overrides(spec, stage),
                  f"train.seed={seed}"]  # fmt: skip
     digest = run_hash(spec.digest, overrides, seed, stage)
     folder = root / "runs" / task / label / f"{stage}-s{seed}-{digest}"

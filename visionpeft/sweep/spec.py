@@ -41,7 +41,8 @@ class SweepSpec:
         grids: Label -> grid mapping (a label is a row of the report: a method with its grid).
         tasks: Task names (see :mod:`.tasks`). seeds: The seeds of the final stage (the select stage uses the first).
         protocol: A name of :data:`.protocol.PROTOCOLS`. select: Stage-1 score: the ``final`` or ``best`` val top-1.
-        overrides: ``key=value`` overrides of every run (after the grid point's, before the protocol's splits).
+        overrides: ``key=value`` overrides of every run (before the grid point's: a grid key wins; the protocol's
+            splits and the seed come last).
     """
 
     config: str
@@ -114,17 +115,18 @@ def is_spec_file(path: Path) -> bool:
     return isinstance(data, dict) and "grids" in data and "config" in data
 
 
-def load_spec_file(path: Path, **given: Any) -> SweepSpec:
-    """A spec file; entries in ``given`` that are not None replace the file's."""
+def load_spec_file(path: Path, overrides: list[str] | None = None, **given: Any) -> SweepSpec:
+    """A spec file; entries in ``given`` that are not None replace the file's, ``overrides`` follow the file's."""
     data = yaml.safe_load(path.read_text()) or {}
     unknown = [k for k in data if k not in SPEC_KEYS]
     if unknown:
         raise ConfigError(f"unknown sweep spec key '{unknown[0]}' in {path}{did_you_mean(unknown[0], SPEC_KEYS)}")
     data.update({k: v for k, v in given.items() if v is not None})
+    data["overrides"] = [*(data.get("overrides") or []), *(overrides or [])]
     here = path.parent
     grids = {label: here / g if isinstance(g, str) else g for label, g in (data.get("grids") or {}).items()}
     return make_spec(here / data["config"], grids, data.get("tasks"), data.get("seeds", [0]),
-                     data.get("protocol", "none"), data.get("select", "final"), data.get("overrides", []))  # fmt: skip
+                     data.get("protocol", "none"), data.get("select", "final"), data["overrides"])  # fmt: skip
 
 
 def save_spec(spec: SweepSpec, folder: Path) -> None:
