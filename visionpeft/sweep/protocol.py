@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .grid import Point
 from .runs import RunSpec, read_result, run_hash, status
-from .spec import SweepSpec
 from .tasks import task_override
+
+if TYPE_CHECKING:  # spec.py checks protocol names against PROTOCOLS
+    from .spec import SweepSpec
 
 EVAL_AT_END = "train.eval_every=1000000000"  # longer than any run: evaluate after the last step only
 
