@@ -8,6 +8,7 @@ import json
 import pytest
 from _sweep_utils import DIGITS, FAST, sweep, write_grid
 
+from visionpeft.sweep import executors
 from visionpeft.sweep.protocol import select_runs
 from visionpeft.sweep.runs import execute, status
 from visionpeft.sweep.spec import load_saved_spec
@@ -22,8 +23,10 @@ def finished(tmp_path_factory):
     from visionpeft.cli.sweep import main
 
     out = tmp / "sweep"
-    code = run(main, [str(DIGITS), *FAST, "--grid", str(grid), "--protocol", "holdout", "--workers", "2",
-                      "--out", str(out)])  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:  # as if this machine had GPUs 4 and 7: one per worker
+        patch.setattr(executors, "_visible_gpus", lambda: ["4", "7"])
+        code = run(main, [str(DIGITS), *FAST, "--grid", str(grid), "--protocol", "holdout", "--workers", "2",
+                          "--out", str(out)])  # fmt: skip
     return code, out
 
 
@@ -36,6 +39,7 @@ def test_two_by_two_sweep_on_two_workers_chooses_the_best_val_point(finished):
     assert code == 0
     select, final = _results(out, "select"), _results(out, "final")
     assert len(select) == 4 and len(final) == 1
+    assert {r["gpus"] for r in [*select.values(), *final.values()]} <= {"4", "7"}  # CUDA_VISIBLE_DEVICES per worker
     best = max(select.values(), key=lambda r: r["val"]["top1"])
     (chosen,) = final.values()
     assert chosen["choices"] == best["choices"] and chosen["seed"] == 0

@@ -85,14 +85,18 @@ class LocalExecutor:
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                  initargs=(devices, threads)) as pool:  # fmt: skip
             futures = {pool.submit(execute, asdict(run)): run for run in runs}
-            for future in as_completed(futures):
-                run = futures[future]
-                try:
-                    record = future.result()
-                except Exception as err:  # the worker process died (killed, out of memory)
-                    record = _lost(run, err)
-                on_done(run, record)
-                records.append(record)
+            try:
+                for future in as_completed(futures):
+                    run = futures[future]
+                    try:
+                        record = future.result()
+                    except Exception as err:  # the worker process died (killed, out of memory)
+                        record = _lost(run, err)
+                    on_done(run, record)
+                    records.append(record)
+            except KeyboardInterrupt:  # stop now: runs not started stay pending, the next start runs them
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
         return records
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 import traceback
@@ -162,6 +163,7 @@ def execute(run: RunSpec | dict[str, Any]) -> dict[str, Any]:
         "trainable": counts.get("trainable"),
         "head": counts.get("by_group", {}).get("head", 0),
         "seconds": round(time.time() - start, 2),
+        "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),  # what the executor gave the worker
     }
     _write_json(folder / RESULT, record)  # last: the marker of a finished run
     return {**record, "status": "done"}
