@@ -82,3 +82,27 @@ def test_a_task_with_a_missing_seed_shows_it_and_leaves_its_group_mean_out(sweep
     finally:
         (tmp_path / "kept.json").rename(run.path / "result.json")
         write_report(spec, root)
+
+
+def _small_spec(select: str):
+    from _sweep_utils import DIGITS
+
+    return make_spec(DIGITS, {"vpt": {"optim.lr": [0.1, 0.01, 0.001]}}, ["digits"], [0], "holdout", select, [])
+
+
+@pytest.mark.parametrize(("select", "chosen"), [("final", "optim.lr=0.01"), ("best", "optim.lr=0.1")])
+def test_selection_by_final_or_best_val_top1_and_failed_points_are_never_chosen(tmp_path, select, chosen):
+    from visionpeft.sweep.protocol import choose
+
+    spec = _small_spec(select)
+    first, second, third = select_runs(spec, tmp_path)
+    _fake(first.path, {"val": {"top1": 0.5}, "best_val_top1": 0.95})  # peaked early, ended low
+    _fake(second.path, {"val": {"top1": 0.7}, "best_val_top1": 0.7})
+    assert choose(spec, tmp_path, "digits", "vpt") == (None, 1)  # one point still pending: no choice yet
+    assert final_runs(spec, tmp_path) == []
+    third.path.mkdir(parents=True)
+    (third.path / "error.txt").write_text("RuntimeError: out of memory\n")  # failed: not a candidate
+    point, pending = choose(spec, tmp_path, "digits", "vpt")
+    assert pending == 0 and point.describe() == chosen
+    (run,) = final_runs(spec, tmp_path)
+    assert run.stage == "final" and "data.train_split=trainval" in run.overrides and run.choices == point.choices
