@@ -66,7 +66,7 @@ def test_a_sweep_stopped_after_stage_1_runs_only_stage_2_when_started_again(fini
     code, text, _ = sweep([out], capsys)  # finished: nothing runs
     assert code == 0 and "stage final: 1 runs, 1 finished before, 0 to run" in text
     code, text, _ = sweep([out, "--report"], capsys)  # the report alone, from the folder
-    assert code == 0 and f"wrote {out / 'summary.md'}" in text and "| vpt | " in text and "stage" not in text
+    assert code == 0 and f"wrote {out / 'summary.md'}" in text and "| vpt | " in text and "to run" not in text
 
 
 def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
