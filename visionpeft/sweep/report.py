@@ -136,7 +136,8 @@ def markdown(spec: SweepSpec, root: Path, cells: list[Cell]) -> str:
     summaries = _summaries(spec)
     runs = [p for p in root.glob("runs/*/*/*") if p.is_dir()]
     states = [status(p) for p in runs]
-    grids = ", ".join(f"{g} ({len(spec.points(g))} points)" for g in spec.grids)
+    sizes = {g: len(spec.points(g)) for g in spec.grids}
+    grids = ", ".join(f"{g} ({n} point{'s' if n > 1 else ''})" for g, n in sizes.items())
     lines = [
         f"# Sweep report: {root.name}",
         "",
