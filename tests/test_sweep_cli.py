@@ -44,6 +44,8 @@ def test_a_one_point_grid_skips_selection(tmp_path, capsys):
         ("optim.lr: [0.1]\n", ["--tasks", "digit"], "error: unknown task 'digit' (did you mean 'digits'?)"),
         ("optim.lr: [0.1]\n", ["--tasks", "vtab", "dmlabb"], "error: unknown task 'dmlabb' (did you mean 'dmlab'?)"),
         ("optim.lr: [0.1]\n", ["--seeds", "1", "1"], "error: seeds must be distinct"),
+        ("optim.lr: [0.1]\n", ["optim.lrr=0.1"],
+         "error: unknown config key 'optim.lrr' in override 'optim.lrr=0.1' (did you mean 'optim.lr'?)"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_2_before_any_run(tmp_path, capsys, grid, args, message):

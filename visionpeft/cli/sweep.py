@@ -77,7 +77,8 @@ def _executor_options(args) -> dict:
 
 
 def _resolve(args, parser):
-    """(spec, sweep folder, whether the folder already held this sweep) from the arguments."""
+    """(spec, sweep folder) from the arguments: a folder's own spec, or a new one (refused by a folder that holds
+    another sweep)."""
     from ..errors import ConfigError
     from ..sweep import spec as specs
 
@@ -91,7 +92,7 @@ def _resolve(args, parser):
         if not args.report and Path(spec.config).is_file() and specs.digest_of(spec.config) != spec.digest:
             raise ConfigError(f"the config {spec.config} changed since this sweep began, so its runs would not be "
                               "this sweep's; start a new sweep with --out")  # fmt: skip
-        return spec, source, True
+        return spec, source
     if args.report:
         parser.error("--report takes a sweep folder")
     if not source.is_file():
@@ -106,10 +107,9 @@ def _resolve(args, parser):
                                args.protocol or "none", args.select or "final", args.overrides)  # fmt: skip
         name = "-".join(spec.grids) + ("" if spec.protocol == "none" else f"-{spec.protocol}")
     out = args.out or DEFAULT_ROOT / name
-    held = (out / specs.SPEC_FILE).is_file()
-    if held and asdict(specs.load_saved_spec(out)) != asdict(spec):
+    if (out / specs.SPEC_FILE).is_file() and asdict(specs.load_saved_spec(out)) != asdict(spec):
         raise ConfigError(f"{out} holds another sweep; resume it with 'visionpeft sweep {out}' or choose --out")
-    return spec, out, held
+    return spec, out
 
 
 def main(argv: list[str]) -> int:
@@ -120,7 +120,7 @@ def main(argv: list[str]) -> int:
     from ..sweep.report import write_report
     from ..sweep.spec import save_spec
 
-    spec, out, _ = _resolve(args, parser)
+    spec, out = _resolve(args, parser)
     if args.report:
         for path in write_report(spec, out):
             print(f"wrote {path}")

@@ -20,6 +20,7 @@ def check_configs(spec: SweepSpec, root: Path) -> None:
     so a grid key that is not a config key, a bad value or a bad option stops the sweep before any run."""
     from ..config import load_config
 
+    load_config(spec.config, list(spec.overrides))  # a bad override of the command line is named as such
     stages = ["select", "final"] if PROTOCOLS[spec.protocol].select is not None else ["final"]
     for label in spec.grids:
         for point in spec.points(label):
