@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import types
 
 import pytest
 import torch
@@ -35,7 +36,9 @@ def test_unknown_lora_target_suggests_one(vit):
 
 
 def test_unsupported_object_is_a_clear_error():
-    with pytest.raises(UnsupportedBackboneError, match="cannot adapt a torch.nn.modules.linear.Linear"):
+    with pytest.raises(UnsupportedBackboneError, match="cannot adapt a types.SimpleNamespace"):
+        vp.attach(types.SimpleNamespace(), "lora")
+    with pytest.raises(ConfigError, match="lora on a Linear .* needs target_modules"):  # any module: by path
         vp.attach(torch.nn.Linear(3, 3), "lora")
 
 

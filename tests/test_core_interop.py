@@ -8,6 +8,7 @@ import torch
 from tiny_models import _run_vit, sample_images, tiny_sd_pipeline, tiny_vit
 
 import visionpeft as vp
+from visionpeft.checkpoint import adapter_state_dict
 
 
 def _randomize(model, seed=0):
@@ -27,7 +28,7 @@ def test_lora_matches_peft_with_the_same_weights():
         for i in range(2):
             for module_path, canonical in names.items():
                 layer = theirs.base_model.model.get_submodule(f"blocks.{i}.{module_path}")
-                update = dict(vp.checkpoint.adapter_state_dict(ours))
+                update = dict(adapter_state_dict(ours))
                 layer.lora_A["default"].weight.copy_(update[f"blocks.{i}.{canonical}.lora_A"])
                 layer.lora_B["default"].weight.copy_(update[f"blocks.{i}.{canonical}.lora_B"])
         theirs.base_model.model.head.load_state_dict(ours.head.state_dict())

@@ -1,4 +1,4 @@
-"""The demo sweep's report: table and plot from run rows, and the committed gallery says how it was made."""
+"""The demo benchmark is a sweep spec (grids/demo.yaml) run by the sweep tool; the gallery is its report."""
 
 from __future__ import annotations
 
@@ -6,45 +6,47 @@ import json
 import sys
 
 from _demo_utils import ROOT
+from _sweep_utils import sweep
+
+from visionpeft.sweep.spec import load_spec_file
 
 sys.path.insert(0, str(ROOT / "tools"))
 from benchmarks import demo  # noqa: E402
 
-
-def _rows() -> list[dict]:
-    rows = []
-    for seed, (full, scratch, linear) in enumerate([(0.9, 0.5, 0.7), (0.8, 0.6, 0.7)]):
-        for method, top1, trainable in (("full", full, 1010), ("scratch", scratch, 1010), ("linear", linear, 10)):
-            rows.append({"task": "digits", "method": method, "seed": seed, "top1": top1, "trainable": trainable,
-                         "head": 10, "seconds": 30.0})  # fmt: skip
-    return rows
+SUMMARY = "# Sweep report: demo\n\nConfig ...\n\n| method | params (M) | digits |\n|---|---:|---:|\n"
+SUMMARY += "| lora | 0.037 | 94.0 |\n"
 
 
-def test_table_reports_mean_and_std_over_seeds_and_the_scratch_control(tmp_path):
-    text = demo.table(_rows(), ["digits"], ["linear", "full", "scratch"], [0, 1], "python tools/benchmark.py demo")
-    assert "`python tools/benchmark.py demo`" in text and "seeds 0, 1" in text
-    assert "| linear (linear probe) | 0 | 70.0 ± 0.0 | 0.5 |" in text  # head excluded; 30 s a run
-    assert "| full (full fine-tuning) | 1,000 | 85.0 ± 7.1 | 0.5 |" in text
-    assert "scratch: digits +30.0 points" in text and "Best pretrained method per task: digits full" in text
-    demo.plot(_rows(), ["digits"], ["linear", "full", "scratch"], tmp_path / "plot.png")
-    assert (tmp_path / "plot.png").stat().st_size > 1000
+def test_the_demo_spec_checks_and_plans_every_method_on_every_mini_task(tmp_path, capsys):
+    code, text, _ = sweep([demo.SPEC, "--out", tmp_path / "demo", "--dry-run"], capsys)
+    assert code == 0
+    assert text.startswith("stage select (48 runs, seed 0):")  # 8 methods x 2 learning rates x 3 tasks
+    assert text.count("pending faces/scratch final seed 0") == 1  # one point: nothing to choose
+    assert "+ 24 runs once stage select has chosen the point of 24 task x grid pairs" in text
 
 
-def test_committed_gallery_names_the_command_that_made_it():
+def test_gallery_is_the_sweep_report_with_the_command(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "summary.md").write_text(SUMMARY)
+    (sweep_dir / "summary.csv").write_text("method,task,top1_mean\nlora,digits,94.0\n")
+    text = demo.write_gallery(sweep_dir, tmp_path / "gallery", "python tools/benchmark.py demo --seeds 0")
+    assert text.startswith("# Demo sweep: the FractalDB-pretrained tiny ViT on the mini tasks\n")
+    assert "Made by `python tools/benchmark.py demo --seeds 0`" in text and "# Sweep report" not in text
+    assert "| lora | 0.037 | 94.0 |" in text
+    saved = json.loads((tmp_path / "gallery" / "demo_results.json").read_text())
+    assert saved == {"command": "python tools/benchmark.py demo --seeds 0",
+                     "rows": [{"method": "lora", "task": "digits", "top1_mean": "94.0"}]}  # fmt: skip
+
+
+def test_committed_gallery_names_the_command_that_made_it_and_the_spec_s_methods():
     made = json.loads((ROOT / "gallery" / "demo_results.json").read_text())
     assert made["command"].startswith("python tools/benchmark.py demo")
-    assert f"`{made['command']}`" in (ROOT / "gallery" / "demo_results.md").read_text()
-    assert {r["method"] for r in made["runs"]} == set(demo.RUNS)
+    gallery = (ROOT / "gallery" / "demo_results.md").read_text()
+    assert f"`{made['command']}`" in gallery
+    rows = [line.split("|")[1].split()[0] for line in gallery.splitlines() if line.startswith("| ")][1:]
+    assert rows == list(load_spec_file(demo.SPEC).grids)
     assert (ROOT / "gallery" / "demo_accuracy_vs_params.png").is_file()
-
-
-def test_report_is_redrawn_from_saved_runs_without_training(tmp_path):
-    saved = tmp_path / "saved.json"
-    saved.write_text(json.dumps({"command": "python tools/benchmark.py demo --epochs 8", "runs": _rows()}))
-    assert demo.main(["--from-json", str(saved), "--out", str(tmp_path / "out")]) == 0
-    text = (tmp_path / "out" / "demo_results.md").read_text()
-    assert "`python tools/benchmark.py demo --epochs 8`" in text and "seeds 0, 1" in text
-    assert json.loads((tmp_path / "out" / "demo_results.json").read_text())["runs"] == _rows()
 
 
 def test_readme_shows_the_committed_gallery_table():

@@ -3,7 +3,8 @@ segment-demo} [options]``.
 
 core  training-step time and peak memory of every method relative to full fine-tuning (ViT-B/16), a LoRA Linear
       against PEFT's, and a merged model's inference time against the plain model's.
-demo  the method sweep on the embedded tiny ViT and the mini tasks (results table + plot in gallery/).
+demo  the sweep spec grids/demo.yaml (every method on the tiny ViT and the mini tasks) run by tools/sweep.py;
+      the report goes to gallery/.
 clip  learned-prompt (CoOp) inference throughput against zero-shot CLIP.
 personalize  one training step of textual inversion / DreamBooth-LoRA against a bare diffusers reference step.
 cli   how fast the commands answer (--help, config errors) and import visionpeft, against import torch.

@@ -15,6 +15,7 @@ model of theirs is built.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 from .version import __version__
@@ -39,6 +40,8 @@ _EXPORTS = {
         "adapter",
     ),  # fmt: skip
     "load_adapter": "checkpoint",
+    "import_lora": "conversions",
+    "export_merged": "conversions",
     "save_adapter": "checkpoint",
     "VisionPEFTError": "errors",
     "METHODS": "registry",
@@ -52,6 +55,8 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)  # a submodule: vp.checkpoint, vp.conversions
         raise AttributeError(f"module 'visionpeft' has no attribute '{name}'")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value

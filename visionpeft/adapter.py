@@ -68,7 +68,12 @@ def _normalize(methods: MethodSpec | Sequence[MethodSpec], options: dict[str, An
     return specs
 
 
-def attach(model: Any, methods: MethodSpec | Sequence[MethodSpec], **options: Any) -> Any:
+def attach(
+    model: Any,
+    methods: MethodSpec | Sequence[MethodSpec],
+    modules_to_save: str | Sequence[str] | None = None,
+    **options: Any,
+) -> Any:
     """Attaches one method, or several in order (a hybrid), to a supported backbone.
 
     The backbone is frozen; the method's parameters and the task heads (if the model has any) are trainable.
@@ -78,6 +83,9 @@ def attach(model: Any, methods: MethodSpec | Sequence[MethodSpec], **options: An
             DiTTransformer2DModel, a diffusers pipeline (its U-Net / transformer is adapted), or a task model
             holding one of those (``backbones.TaskModel``: its library model is adapted, its heads train).
         methods: A method name, a ``(name, options)`` pair, a method config, or a list of those.
+        modules_to_save: The task heads, trained in full with every method, as module paths (suffixes or one
+            regex, PEFT's rule; ``[]``: none), instead of the library's convention (timm ``get_classifier()``,
+            transformers ``classifier``, a task model's heads). Fixed by the first ``attach``.
         **options: Options of a single method given by name.
 
     Returns:
@@ -94,11 +102,15 @@ def attach(model: Any, methods: MethodSpec | Sequence[MethodSpec], **options: An
     fresh = state is None
     if fresh:
         state = AdapterState(get_backbone(target))
+        if modules_to_save is not None:
+            state.backbone.set_heads(modules_to_save)
         state.requires_grad = {name: getattr(o, a).requires_grad for name, o, a in named_base_parameters(target)}
         for name, head in state.backbone.heads().items():  # heads train with every method; detach restores them
             state.head_original[name] = {k: v.detach().clone() for k, v in head.state_dict().items()}
             head._vp_head = True
         state.backbone.install_hooks()
+    elif modules_to_save is not None and _as_spec(modules_to_save) != state.backbone.modules_to_save:
+        raise ConfigError("modules_to_save is fixed when the first method is attached; detach to change the heads")
     added: list[Method] = []
     try:
         for name, config in specs:
@@ -123,6 +135,10 @@ def attach(model: Any, methods: MethodSpec | Sequence[MethodSpec], **options: An
         target.__dict__[_STATE] = state
     _apply_requires_grad(target, state)
     return model
+
+
+def _as_spec(spec: str | Sequence[str]) -> str | list[str]:
+    return spec if isinstance(spec, str) else list(spec)
 
 
 def _release(state: AdapterState) -> None:

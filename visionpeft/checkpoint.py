@@ -8,8 +8,9 @@ representable in PEFT (LoRA layers, plus task heads as ``modules_to_save``) the 
 PEFT's ``adapter_model.safetensors`` + ``adapter_config.json``; folders written before this change (visionpeft's
 schema under PEFT's names) still load.
 
-``save_adapter(..., format="diffusers" | "peft")`` writes only the files those libraries load as they are
-(see :mod:`visionpeft.exporters`).
+``save_adapter(..., format="diffusers" | "peft" | "kohya")`` writes only the files those libraries (or A1111 /
+ComfyUI) load as they are (see :mod:`visionpeft.exporters`); ``load_adapter`` on a single ``.safetensors`` LoRA
+file imports it (:func:`visionpeft.conversions.import_lora`).
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def save_adapter(
         format: ``visionpeft`` (canonical keys, reloadable with :func:`load_adapter`; when the adapter is
             representable in PEFT the folder also holds PEFT's files), ``diffusers`` (a LoRA that
             ``pipeline.load_lora_weights`` loads), or ``peft`` (``adapter_model.safetensors`` + ``adapter_config.json``
-            that ``peft.PeftModel.from_pretrained`` loads).
+            that ``peft.PeftModel.from_pretrained`` loads), or ``kohya`` (one ``lora_kohya.safetensors`` with
+            ``lora_unet_...`` / ``lora_te_...`` keys for A1111 / ComfyUI / ``load_lora_weights``).
         push_to_hub: A hub model repo (``user/name``) to upload the folder to, with a model card
             (``README.md``) when the folder has none.
 
@@ -250,7 +252,8 @@ def load_adapter(
 
     Args:
         model: The model (or pipeline) to load into.
-        directory: A folder written by :func:`save_adapter`, or a hub repo id (``user/name``) holding one.
+        directory: A folder written by :func:`save_adapter`, a hub repo id (``user/name``) holding one, or a
+            single-file Stable Diffusion LoRA (``.safetensors``, kohya / A1111 or diffusers keys).
         options: Per-method option overrides applied before attaching, e.g.
             ``{"coop": {"classnames": new_classes}}`` to evaluate learned prompts on other classes.
         check_base: Refuse a checkpoint trained on other base weights (its recorded ``base_model.sha256``
@@ -263,6 +266,10 @@ def load_adapter(
     if looks_like_repo_id(directory):
         directory = download_adapter(str(directory))
     directory = Path(directory)
+    if directory.suffix == ".safetensors" and directory.is_file():  # a kohya / diffusers single-file LoRA
+        from .conversions import import_lora
+
+        return import_lora(model, directory)
     config = read_adapter_config(directory)
     family = backbone_of(model).family
     saved_family = config.get("backbone", {}).get("family")
@@ -286,7 +293,7 @@ def load_adapter(
     before = methods_of(model)
     if current != saved:
         try:
-            attach(model, saved)
+            attach(model, saved, modules_to_save=config.get("backbone", {}).get("modules_to_save"))
         except VisionPEFTError as err:
             raise CheckpointError(f"cannot add the methods of {directory} to this model: {err}") from None
     added = [m for m in methods_of(model) if m not in before]

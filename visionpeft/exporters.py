@@ -22,7 +22,9 @@ from .errors import CheckpointError
 from .io import atomic_write
 from .methods import METHODS, ExportParts
 
-FORMATS = ("peft", "diffusers")
+FORMATS = ("peft", "diffusers", "kohya")
+#: The one file ``save_adapter(..., format="kohya")`` writes (A1111 / ComfyUI / sd-scripts read it as it is).
+KOHYA_NAME = "lora_kohya.safetensors"
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -47,6 +49,7 @@ def collect_parts(state: AdapterState, format: str) -> ExportParts:
     for method in state.methods:
         part = method.export_parts(format)
         combined.lora_layers.update(part.lora_layers)
+        combined.magnitudes.update(part.magnitudes)
         for filename, tensors in part.files.items():
             if filename in combined.files:
                 raise CheckpointError(f"two attached methods both write {filename}; export them one at a time")
@@ -58,6 +61,12 @@ def collect_parts(state: AdapterState, format: str) -> ExportParts:
             combined.models[folder] = build
     if not combined.contributes:
         raise CheckpointError(f"nothing to export in the {format} format")
+    if combined.magnitudes and len(combined.magnitudes) != len(combined.lora_layers):
+        plain = sorted(set(combined.lora_layers) - set(combined.magnitudes))
+        raise CheckpointError(
+            f"the {format} format has one use_dora switch for all LoRA layers, but {plain[0]} is plain LoRA and "
+            "others DoRA; save with format='visionpeft'"
+        )
     return combined
 
 
@@ -65,12 +74,15 @@ def export_peft(model: nn.Module, directory: Path) -> Path:
     """Writes ``adapter_model.safetensors`` + ``adapter_config.json`` for ``peft.PeftModel.from_pretrained``: the
     LoRA layers, and the task heads as ``modules_to_save``."""
     state = _require_state(model)
-    layers = collect_parts(state, "peft").lora_layers
+    parts = collect_parts(state, "peft")
+    layers = parts.lora_layers
     tensors: dict[str, torch.Tensor] = {}
     ranks = {}
     for path, (a, b) in layers.items():
         tensors[f"base_model.model.{path}.lora_A.weight"] = a
         tensors[f"base_model.model.{path}.lora_B.weight"] = b
+        if path in parts.magnitudes:
+            tensors[f"base_model.model.{path}.lora_magnitude_vector"] = parts.magnitudes[path]
         ranks[path] = a.shape[0]
     modules_to_save = []
     heads = state.backbone.heads()
@@ -91,6 +103,7 @@ def export_peft(model: nn.Module, directory: Path) -> Path:
         "target_modules": sorted(layers),
         "modules_to_save": modules_to_save or None,
         "bias": "none",
+        "use_dora": bool(parts.magnitudes),
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -112,6 +125,8 @@ def export_diffusers(model: nn.Module, directory: Path) -> Path:
         group, _, local = path.partition(".")
         groups[group][f"{local}.lora_A.weight"] = a.to("cpu").contiguous()
         groups[group][f"{local}.lora_B.weight"] = b.to("cpu").contiguous()
+        if path in parts.magnitudes:
+            groups[group][f"{local}.lora_magnitude_vector"] = parts.magnitudes[path].to("cpu").contiguous()
     directory.mkdir(parents=True, exist_ok=True)
     if parts.lora_layers:
         from diffusers import StableDiffusionPipeline
@@ -129,11 +144,56 @@ def export_diffusers(model: nn.Module, directory: Path) -> Path:
     return directory
 
 
+def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The U-Net / text-encoder LoRA of ``model`` in the kohya / A1111 layout (``lora_unet_<path>.lora_down.weight``,
+    ``.lora_up.weight``, ``.alpha``), converted by diffusers' ``convert_state_dict_to_kohya``.
+
+    Two renames that converter does not do for Stable Diffusion 1.x / 2.x: the single text encoder is ``lora_te_``
+    in sd-scripts and A1111 (diffusers writes SDXL's ``lora_te1_``), and its modules are named under ``text_model.``
+    as in transformers 4 (transformers 5's ``CLIPTextModel`` dropped that level; the kohya layout kept it).
+
+    Raises:
+        CheckpointError: DoRA (diffusers' Stable Diffusion loader drops kohya ``dora_scale`` keys), or methods the
+            kohya layout cannot hold (textual inversion, ControlNet).
+    """
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    parts = collect_parts(_require_state(model), "kohya")
+    if parts.magnitudes:
+        raise CheckpointError(
+            "DoRA has no kohya file diffusers loads (its Stable Diffusion loader drops dora_scale keys); "
+            "save with format='diffusers'"
+        )
+    peft_layout: dict[str, torch.Tensor] = {}
+    for path, (a, b) in parts.lora_layers.items():
+        group, _, local = path.partition(".")
+        if group == "text_encoder" and not local.startswith("text_model."):
+            local = "text_model." + local
+        peft_layout[f"{group}.{local}.lora_A.weight"] = a
+        peft_layout[f"{group}.{local}.lora_B.weight"] = b
+    converted = convert_state_dict_to_kohya(peft_layout)
+    renamed = {
+        (("lora_te_" + k[len("lora_te1_") :]) if k.startswith("lora_te1_") else k): v for k, v in converted.items()
+    }
+    # diffusers' converter writes alpha = rank as an integer tensor; the parts fold the scale into B (scale 1)
+    return {k: v.float() if k.endswith(".alpha") else v for k, v in renamed.items()}
+
+
+def export_kohya(model: nn.Module, directory: Path) -> Path:
+    """Writes one ``lora_kohya.safetensors`` in the kohya / A1111 layout (see :func:`kohya_state_dict`)."""
+    tensors = kohya_state_dict(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(tensors, directory / KOHYA_NAME)
+    return directory
+
+
 def export(model: Any, directory: Path, format: str) -> Path:
-    """Writes ``model``'s adapter to ``directory`` in ``format`` (``peft`` or ``diffusers``)."""
+    """Writes ``model``'s adapter to ``directory`` in ``format`` (``peft``, ``diffusers`` or ``kohya``)."""
     target = _unwrap(model)
     if format == "peft":
         return export_peft(target, directory)
     if format == "diffusers":
         return export_diffusers(target, directory)
-    raise CheckpointError(f"unknown adapter format '{format}'; choose visionpeft, diffusers or peft")
+    if format == "kohya":
+        return export_kohya(target, directory)
+    raise CheckpointError(f"unknown adapter format '{format}'; choose visionpeft, diffusers, peft or kohya")

@@ -30,8 +30,9 @@ def is_repo_id(text: str) -> bool:
 
 
 def looks_like_repo_id(text: str | os.PathLike) -> bool:
-    """``user/repo`` that is not an existing local path."""
-    return isinstance(text, str) and bool(_REPO_ID.match(text)) and not Path(text).exists()
+    """``user/repo`` that is not an existing local path (nor a missing weights file)."""
+    return (isinstance(text, str) and bool(_REPO_ID.match(text)) and not Path(text).exists()
+            and Path(text).suffix not in (".safetensors", ".bin", ".pt", ".json"))  # fmt: skip
 
 
 def library_name(folder: Path) -> str:

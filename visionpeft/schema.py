@@ -117,7 +117,8 @@ def absolute_paths(schema: type, values: dict, base: Path | None = None) -> None
                 values[f.name] = str(local.resolve())
 
 
-def _flow(value: Any) -> str:
+def flow_yaml(value: Any) -> str:
+    """``value`` as one line of YAML flow style (``{name: lora, r: 8}``, ``0.001``, ``null``)."""
     import yaml
 
     text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
@@ -136,6 +137,6 @@ def describe(schema: type, values: dict, indent: int = 0, column: int = 52) -> l
                                               if help_text else ""))  # fmt: skip
             lines += describe(nested[f.name], values[f.name], indent + 1, column)
             continue
-        text = f"{pad}{f.name}: {_flow(values[f.name])}"
+        text = f"{pad}{f.name}: {flow_yaml(values[f.name])}"
         lines.append(f"{text}{' ' * max(1, column - len(text))}# {help_text}" if help_text else text)
     return lines

@@ -7,10 +7,12 @@ from torch import nn
 from ..errors import UnsupportedBackboneError
 from .base import Backbone, Block, Branch, Projection, TaskModel, TokenLayout, Tower
 from .diffusers_models import DiffusersDiT, DiffusersPipeline, DiffusersUNet, pipeline_modules
+from .generic import GenericBackbone
 from .open_clip import OpenCLIP
+from .timm_eva import TimmEva
 from .timm_vit import TimmViT
 
-BACKBONES: list[type[Backbone]] = [TimmViT, OpenCLIP, DiffusersUNet, DiffusersDiT, DiffusersPipeline]
+BACKBONES: list[type[Backbone]] = [TimmViT, TimmEva, OpenCLIP, DiffusersUNet, DiffusersDiT, DiffusersPipeline]
 
 
 def _library_backbone(model: nn.Module) -> Backbone:
@@ -20,9 +22,11 @@ def _library_backbone(model: nn.Module) -> Backbone:
                 return cls(model)
             except TypeError as err:
                 raise UnsupportedBackboneError(f"{type(model).__name__}: {err}") from None
+    if GenericBackbone.matches(model):  # any other torch model: adapted by module path
+        return GenericBackbone(model)
     raise UnsupportedBackboneError(
-        f"visionpeft cannot adapt a {type(model).__module__}.{type(model).__name__}; supported: timm "
-        "VisionTransformer, open_clip CLIP, diffusers UNet2DConditionModel / DiTTransformer2DModel (or a pipeline)"
+        f"visionpeft cannot adapt a {type(model).__module__}.{type(model).__name__}; it adapts torch modules "
+        "(timm, open_clip, transformers, diffusers models or pipelines, any nn.Module by module path)"
     )
 
 
@@ -48,6 +52,7 @@ def get_backbone(model: nn.Module) -> Backbone:
 
 __all__ = [
     "BACKBONES",
+    "GenericBackbone",
     "pipeline_modules",
     "Backbone",
     "Block",

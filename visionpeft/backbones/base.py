@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import ConfigError, IncompatibleMethodError, did_you_mean
+from .module_paths import TargetSpec, find_modules, library_modules
 
 ProjectionKind = Literal["linear", "fused", "mha", "conv"]
 
@@ -252,6 +253,7 @@ class Backbone:
         self.call_inputs = CallInputs()
         self._task_heads: dict[str, nn.Module | None] | None = None
         self._handles: list[RemovableHandle] = []
+        self.modules_to_save: TargetSpec | None = None
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -284,6 +286,19 @@ class Backbone:
     def library_heads(self) -> dict[str, nn.Module | None]:
         """Heads the library model itself has (a timm classifier), name -> module."""
         return {}
+
+    def set_heads(self, modules_to_save: TargetSpec) -> None:
+        """Makes the modules ``modules_to_save`` selects (module-path suffixes or one regex, PEFT's rule) the heads
+        that train in full with every method, instead of the library's convention; their canonical names are
+        their module paths. ``[]`` means no head."""
+        self.modules_to_save = list(modules_to_save) if not isinstance(modules_to_save, str) else modules_to_save
+        found = []
+        if modules_to_save:
+            found = find_modules(list(library_modules(self.model)), modules_to_save, "modules_to_save")
+        selected = {id(module): path for path, _, _, module in found}
+        # a selected module inside another selected one is already trained with it
+        nested = {id(m) for path, _, _, module in found for n, m in module.named_modules() if n and id(m) in selected}
+        self._task_heads = {path: module for path, _, _, module in found if id(module) not in nested}
 
     def heads(self) -> dict[str, nn.Module]:
         """The task heads trained with every method (those with parameters), name -> module."""
@@ -369,13 +384,26 @@ class Backbone:
         (``unet`` / ``text_encoder``), or None when the model is no part of a Stable Diffusion pipeline."""
         return None
 
+    def export_problem(self, path: str, format: str) -> str | None:
+        """Why an update of the module at ``path`` cannot be written in another library's ``format`` for this model
+        (that library would load it somewhere the model never uses), or None."""
+        return None
+
+    def diffusers_component(self, component: str) -> tuple[str, str] | None:
+        """The (tower, model-relative path prefix) holding a component of diffusers' LoRA files (``unet``,
+        ``text_encoder``), or None when this model has no such component."""
+        return None
+
     def describe(self) -> dict:
         """Identity written into adapter checkpoints."""
-        return {
+        info = {
             "family": self.family,
             "class": type(self.model).__name__,
             "towers": {name: len(t.blocks) for name, t in self.towers.items()},
         }
+        if self.modules_to_save is not None:
+            info["modules_to_save"] = self.modules_to_save
+        return info
 
 
 def _capture(store: dict, index: int, stop: bool, module: nn.Module, args: tuple, output: Any) -> None:

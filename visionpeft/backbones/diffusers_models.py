@@ -116,6 +116,9 @@ class DiffusersUNet(Backbone):
     def diffusers_lora_group(self, path: str) -> tuple[str, str] | None:
         return "unet", path
 
+    def diffusers_component(self, component: str) -> tuple[str, str] | None:
+        return ("unet", "") if component == "unet" else None
+
     def describe(self) -> dict:
         info = super().describe()
         cfg = self.inner.config
@@ -297,6 +300,9 @@ class DiffusersPipeline(Backbone):
     def diffusers_lora_group(self, path: str) -> tuple[str, str] | None:
         group, _, local = path.partition(".")
         return group, local
+
+    def diffusers_component(self, component: str) -> tuple[str, str] | None:
+        return (component, component + ".") if component in self.towers else None
 
     def describe(self) -> dict:
         info = super().describe()

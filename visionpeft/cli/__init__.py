@@ -1,4 +1,4 @@
-"""The ``visionpeft`` command: ``visionpeft train|eval|predict|generate|eval-zeroshot|eval-personalization ...``.
+"""The ``visionpeft`` command: ``visionpeft train|sweep|eval|predict|generate|eval-zeroshot|eval-personalization``.
 
 Each subcommand is a module of this package with a ``main(argv)``; ``tools/*.py`` are the same commands run from a
 checkout. Arguments are parsed before anything heavy is imported, so ``--help`` and config mistakes answer at once.
@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = {
     "train": ("train", "train any task from a config (classification, segmentation, personalization, ...)"),
+    "sweep": ("sweep", "hyper-parameter grids and the VTAB-1k protocol, locally or on Slurm / Ray, with a report"),
     "eval": ("eval", "evaluate a classification or segmentation run's saved adapter"),
     "predict": ("predict", "segment new images with a segmentation run (label + colour masks)"),
     "generate": ("generate", "sample a prompt x seed grid from a pipeline with saved adapters"),

@@ -45,6 +45,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return _deep_merge(merged, data)
 
 
+def read_config_file(path: str | Path) -> dict:
+    """A config file's own content with its ``_base_`` files merged in (no schema, no overrides): what a sweep
+    hashes to name its runs."""
+    return _read_yaml(Path(path))
+
+
 def _deep_merge(base: dict, top: dict, atomic: tuple[str, ...] = ATOMIC_KEYS) -> dict:
     out = dict(base)
     for key, value in top.items():
@@ -245,5 +251,5 @@ def methods_of_config(config: DictConfig) -> list[tuple[str, dict[str, Any]]]:
     return normalize_methods(OmegaConf.to_container(method) if isinstance(method, (DictConfig, ListConfig)) else method)
 
 
-__all__ = ["ConfigError", "TaskSpec", "describe_config", "load_config", "methods_of_config", "save_config",
-           "task_spec"]  # fmt: skip
+__all__ = ["ConfigError", "TaskSpec", "describe_config", "load_config", "methods_of_config", "read_config_file",
+           "save_config", "task_spec"]  # fmt: skip

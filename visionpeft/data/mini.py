@@ -7,7 +7,8 @@
   since that is what the packaged subset holds (no identities).
 
 Splits are fixed and seeded (60 / 20 / 20 per class), so every run sees the same train / val / test images:
-digits 1,078 / 359 / 360, textures 228 / 78 / 78, faces 120 / 40 / 40. Notes in ``datasets/mini_tasks.md``.
+digits 1,078 / 359 / 360, textures 228 / 78 / 78, faces 120 / 40 / 40; ``trainval`` is train + val. Notes in
+``datasets/mini_tasks.md``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from ..registry import DATASETS
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "trainval")  # trainval: train + val (the final stage of a sweep protocol)
 FRACTIONS = (0.6, 0.2, 0.2)
 
 
@@ -43,7 +44,7 @@ class ArrayImages(Dataset):
 
 
 def stratified_split(labels: np.ndarray, split: str, seed: int) -> np.ndarray:
-    """Indices of ``split`` in a seeded, per-class 60 / 20 / 20 split."""
+    """Indices of ``split`` in a seeded, per-class 60 / 20 / 20 split (``trainval``: the first two parts)."""
     if split not in SPLITS:
         raise DataError(f"the mini tasks have the splits {', '.join(SPLITS)}, not '{split}'")
     rng = np.random.default_rng(seed)
@@ -51,7 +52,8 @@ def stratified_split(labels: np.ndarray, split: str, seed: int) -> np.ndarray:
     for label in np.unique(labels):
         items = rng.permutation(np.flatnonzero(labels == label))
         cuts = np.cumsum([round(f * len(items)) for f in FRACTIONS[:-1]])
-        chosen.append(np.split(items, cuts)[SPLITS.index(split)])
+        parts = np.split(items, cuts)
+        chosen.append(np.concatenate(parts[:2]) if split == "trainval" else parts[SPLITS.index(split)])
     return np.sort(np.concatenate(chosen))
 
 

@@ -4,6 +4,12 @@ Each layer wraps a frozen ``base`` module and adds ``scale * B @ A`` to some of 
 named row range of the base weight: a plain Linear has one slice covering all rows, timm's fused ``qkv`` Linear
 has the slices ``q``, ``k`` and ``v``, so a LoRA on Q and V only is two slices of one layer. Initialisation
 follows the reference ``loralib``: A kaiming-uniform (a=sqrt(5)), B zero, so the wrapped model starts unchanged.
+
+DoRA (Liu et al., ICML 2024, arXiv 2402.09353) is an option of every layer here (``enable_dora``): each updated
+output row ``i`` of the weight becomes ``m_i * (W + scale B A)_i / ||(W + scale B A)_i||``, with a trainable
+magnitude ``m`` initialised to the row norms of ``W`` (so the model still starts unchanged). As the paper suggests
+(sec. 4.3) and PEFT does (its only behaviour), the norm is treated as a constant in the backward pass (detached): ``m``
+and ``B A`` get gradients, the norm does not. Rows outside the updated slices keep scale 1.
 """
 
 from __future__ import annotations
@@ -13,6 +19,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def row_norms(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each output row of ``weight + delta`` (a conv weight's row is one output channel's kernel).
+
+    The one formula for DoRA's magnitude at initialisation and its norm in every forward, so that at initialisation
+    (``delta`` exactly zero) ``magnitude / norm`` is exactly 1 and the output exactly the base layer's."""
+    return torch.linalg.vector_norm((weight + delta).flatten(1), dim=1)
 
 
 class LoRAUpdate(nn.Module):
@@ -37,6 +51,18 @@ class LoRAUpdate(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(a_shape))
         self.lora_B = nn.Parameter(torch.zeros(b_shape))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.register_parameter("magnitude", None)  # DoRA's, see enable_dora
+
+    def enable_dora(self, weight: torch.Tensor) -> None:
+        """Adds DoRA's magnitude vector, one entry per output row of ``weight`` (the rows this update changes)."""
+        with torch.no_grad():
+            self.magnitude = nn.Parameter(row_norms(weight, self.delta_weight().to(weight.dtype)))
+
+    def dora_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """``magnitude / ||W + delta W||`` per output row, the norm detached (DoRA sec. 4.3)."""
+        with torch.no_grad():
+            norm = row_norms(weight, self.delta_weight().to(weight.dtype))
+        return self.magnitude / norm
 
     def delta_weight(self) -> torch.Tensor:
         """Returns ``scale * B @ A`` shaped like the slice of the base weight it updates."""
@@ -54,6 +80,15 @@ class _WrappedLayer(nn.Module):
         self.base = base
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.dora = False  # set by the subclasses: the updates are DoRA ones (each has a magnitude vector)
+        self._merge_scales: dict[str, torch.Tensor] = {}
+
+    def _base_without_bias(self, x: torch.Tensor, out: torch.Tensor, bias_shape: tuple, fn) -> torch.Tensor:
+        """The base layer's output without its bias, on the (dropped-out) LoRA input ``x``: DoRA rescales it. With
+        no dropout active this is ``out - bias`` (no second product), as in PEFT's DoRA layers."""
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            return out - self.base.bias.view(bias_shape) if self.base.bias is not None else out
+        return fn(x)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -64,16 +99,42 @@ class _WrappedLayer(nn.Module):
         return self.base.bias
 
 
+def merge_update(weight: torch.Tensor, update: LoRAUpdate, sign: float, scales: dict, key: str) -> None:
+    """Folds ``update`` into (``sign=1``) or out of (``sign=-1``) the base weight rows ``weight``, in place.
+
+    LoRA adds ``delta W``. DoRA sets the rows to ``m / ||W + delta W|| * (W + delta W)``; the scale used is kept in
+    ``scales[key]`` because the merged weight alone no longer says what the norm was, and unmerging divides by it."""
+    delta = update.delta_weight().to(weight.dtype)
+    if update.magnitude is None:
+        weight += sign * delta
+        return
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    if sign > 0:
+        scales[key] = scale = update.dora_scale(weight).detach().to(weight.dtype)
+        weight.copy_(scale.view(shape) * (weight + delta))
+    else:
+        weight.copy_(weight / scales.pop(key).view(shape) - delta)
+
+
 class LoRALinear(_WrappedLayer):
-    """A frozen Linear plus low-rank updates on named output slices.
+    """A frozen Linear plus low-rank (optionally DoRA) updates on named output slices.
 
     Args:
         base: The Linear to adapt.
         slices: Slice name -> (start, stop) output rows, e.g. ``{"q": (0, 768), "v": (1536, 2304)}``.
         r: Rank. alpha: Scaling numerator. dropout: Dropout on the LoRA input.
+        dora: Make every update a DoRA one (a magnitude per row of its slice).
     """
 
-    def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], r: int, alpha: float, dropout: float):
+    def __init__(
+        self,
+        base: nn.Linear,
+        slices: dict[str, tuple[int, int]],
+        r: int,
+        alpha: float,
+        dropout: float,
+        dora: bool = False,
+    ):
         super().__init__()
         self._setup(base, dropout)
         self.slices = dict(slices)
@@ -81,6 +142,10 @@ class LoRALinear(_WrappedLayer):
             {name: LoRAUpdate(base.in_features, stop - start, r, alpha) for name, (start, stop) in slices.items()}
         )
         self.to(device=base.weight.device, dtype=base.weight.dtype)
+        self.dora = dora
+        if dora:
+            for name, (start, stop) in self.slices.items():
+                self.updates[name].enable_dora(base.weight[start:stop])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -89,11 +154,43 @@ class LoRALinear(_WrappedLayer):
         x = self.dropout(x)
         if len(self.slices) == 1 and next(iter(self.slices.values())) == (0, self.base.out_features):
             update = next(iter(self.updates.values()))
-            return out + F.linear(F.linear(x, update.lora_A), update.lora_B) * update.scale
-        # Several slices (Q and V of a fused qkv): one low-rank product of rank sum(r) with a block-structured B,
-        # added out of place - two chains with in-place slice adds cost more kernels and copies in backward.
-        a, b = self.stacked()
-        return out + F.linear(F.linear(x, a), b)
+            low_rank = F.linear(F.linear(x, update.lora_A), update.lora_B) * update.scale
+        else:
+            # Several slices (Q and V of a fused qkv): one low-rank product of rank sum(r) with a block-structured
+            # B, added out of place - two chains with in-place slice adds cost more kernels and copies in backward.
+            a, b = self.stacked()
+            low_rank = F.linear(F.linear(x, a), b)
+        if not self.dora:
+            return out + low_rank
+        # DoRA: g (W x + delta W x) + bias = out + (g - 1) W x + g delta W x, with g = m / ||W + delta W||.
+        scale = self.dora_scales()
+        plain = self._base_without_bias(x, out, (-1,), lambda x: F.linear(x, self.base.weight))
+        return out + (scale - 1) * plain + scale * low_rank
+
+    def dora_scales(self) -> torch.Tensor:
+        """DoRA's ``magnitude / norm`` for every output row of the layer: 1 on rows outside the updated slices."""
+        weight, parts, end = self.base.weight, [], 0
+        for name, (start, stop) in sorted(self.slices.items(), key=lambda item: item[1][0]):
+            if start > end:
+                parts.append(weight.new_ones(start - end))
+            parts.append(self.updates[name].dora_scale(weight[start:stop]))
+            end = stop
+        if end < self.base.out_features:
+            parts.append(weight.new_ones(self.base.out_features - end))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def magnitude_vector(self) -> torch.Tensor:
+        """The DoRA magnitude of every output row (PEFT's ``lora_magnitude_vector`` of the whole layer): the
+        slices' magnitudes, and on other rows their norm, which makes PEFT's scale 1 there as here."""
+        weight, parts, end = self.base.weight.detach(), [], 0
+        for name, (start, stop) in sorted(self.slices.items(), key=lambda item: item[1][0]):
+            if start > end:
+                parts.append(row_norms(weight[end:start], torch.zeros_like(weight[end:start])))
+            parts.append(self.updates[name].magnitude.detach())
+            end = stop
+        if end < self.base.out_features:
+            parts.append(row_norms(weight[end:], torch.zeros_like(weight[end:])))
+        return torch.cat(parts)
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All slices' updates as one LoRA on the whole layer: ``(A, B)`` with A the slices' A matrices stacked and B
@@ -118,14 +215,15 @@ class LoRALinear(_WrappedLayer):
     def merge(self, sign: float = 1.0) -> None:
         """Adds (``sign=1``) or removes (``sign=-1``) the updates to / from the base weight."""
         for name, (start, stop) in self.slices.items():
-            self.base.weight[start:stop] += sign * self.updates[name].delta_weight().to(self.base.weight.dtype)
+            merge_update(self.base.weight[start:stop], self.updates[name], sign, self._merge_scales, name)
         self.merged = sign > 0
 
 
 class LoRAConv2d(_WrappedLayer):
-    """A frozen Conv2d plus a low-rank update: A is a conv with the base's geometry and r outputs, B a 1x1 conv."""
+    """A frozen Conv2d plus a low-rank (optionally DoRA, one magnitude per output channel) update: A is a conv with
+    the base's geometry and r outputs, B a 1x1 conv."""
 
-    def __init__(self, base: nn.Conv2d, r: int, alpha: float, dropout: float) -> None:
+    def __init__(self, base: nn.Conv2d, r: int, alpha: float, dropout: float, dora: bool = False) -> None:
         super().__init__()
         if base.groups != 1:
             raise ValueError("LoRA on grouped convolutions is not supported")
@@ -133,18 +231,30 @@ class LoRAConv2d(_WrappedLayer):
         k = tuple(base.kernel_size)
         self.update = LoRAUpdate(base.in_channels * math.prod(k), base.out_channels, r, alpha, kernel_size=k)
         self.to(device=base.weight.device, dtype=base.weight.dtype)
+        self.dora = dora
+        if dora:
+            self.update.enable_dora(base.weight)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        return F.conv2d(x, weight, None, b.stride, b.padding, b.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.merged:
             return out
-        b = self.base
-        low = F.conv2d(self.dropout(x), self.update.lora_A, None, b.stride, b.padding, b.dilation)
-        return out + F.conv2d(low, self.update.lora_B) * self.update.scale
+        u = self.update
+        x = self.dropout(x)
+        low_rank = F.conv2d(self._conv(x, u.lora_A), u.lora_B) * u.scale
+        if not self.dora:
+            return out + low_rank
+        scale = u.dora_scale(self.base.weight).view(1, -1, 1, 1)
+        plain = self._base_without_bias(x, out, (1, -1, 1, 1), lambda x: self._conv(x, self.base.weight))
+        return out + (scale - 1) * plain + scale * low_rank
 
     @torch.no_grad()
     def merge(self, sign: float = 1.0) -> None:
-        self.base.weight += sign * self.update.delta_weight().to(self.base.weight.dtype)
+        merge_update(self.base.weight, self.update, sign, self._merge_scales, "update")
         self.merged = sign > 0
 
 
@@ -159,7 +269,9 @@ class LoRAMultiheadAttention(nn.Module):
 
     _vp_wrapper = True
 
-    def __init__(self, base: nn.MultiheadAttention, slots: tuple[str, ...], r: int, alpha: float) -> None:
+    def __init__(
+        self, base: nn.MultiheadAttention, slots: tuple[str, ...], r: int, alpha: float, dora: bool = False
+    ) -> None:
         super().__init__()
         if not base._qkv_same_embed_dim:
             raise ValueError("LoRA needs nn.MultiheadAttention with equal q/k/v embedding sizes")
@@ -167,7 +279,24 @@ class LoRAMultiheadAttention(nn.Module):
         d = base.embed_dim
         self.updates = nn.ModuleDict({slot: LoRAUpdate(d, d, r, alpha) for slot in slots})
         self.merged = False
+        self._merge_scales: dict[str, torch.Tensor] = {}
         self.to(device=base.in_proj_weight.device, dtype=base.in_proj_weight.dtype)
+        if dora:
+            for slot in slots:
+                self.updates[slot].enable_dora(self._slot_weight(slot))
+
+    def _slot_weight(self, slot: str) -> torch.Tensor:
+        """The base weight rows of one of the ``q``, ``k``, ``v``, ``o`` projections (a view)."""
+        if slot == "o":
+            return self.base.out_proj.weight
+        d, i = self.base.embed_dim, "qkv".index(slot)
+        return self.base.in_proj_weight[i * d : (i + 1) * d]
+
+    def _updated(self, slot: str) -> torch.Tensor:
+        """A projection's weight with its update: ``W + delta W``, or with DoRA ``g (W + delta W)``."""
+        weight, update = self._slot_weight(slot), self.updates[slot]
+        new = weight + update.delta_weight()
+        return new if update.magnitude is None else update.dora_scale(weight)[:, None] * new
 
     def __getattr__(self, name: str):
         try:
@@ -179,14 +308,8 @@ class LoRAMultiheadAttention(nn.Module):
         in_w, out_w = self.base.in_proj_weight, self.base.out_proj.weight
         if self.merged:
             return in_w, out_w
-        d = self.base.embed_dim
-        parts = []
-        for i, slot in enumerate(("q", "k", "v")):
-            w = in_w[i * d : (i + 1) * d]
-            parts.append(w + self.updates[slot].delta_weight() if slot in self.updates else w)
-        if "o" in self.updates:
-            out_w = out_w + self.updates["o"].delta_weight()
-        return torch.cat(parts), out_w
+        parts = [self._updated(slot) if slot in self.updates else self._slot_weight(slot) for slot in "qkv"]
+        return torch.cat(parts), self._updated("o") if "o" in self.updates else out_w
 
     def forward(
         self,
@@ -228,10 +351,6 @@ class LoRAMultiheadAttention(nn.Module):
 
     @torch.no_grad()
     def merge(self, sign: float = 1.0) -> None:
-        d = self.base.embed_dim
-        for i, slot in enumerate(("q", "k", "v")):
-            if slot in self.updates:
-                self.base.in_proj_weight[i * d : (i + 1) * d] += sign * self.updates[slot].delta_weight()
-        if "o" in self.updates:
-            self.base.out_proj.weight += sign * self.updates["o"].delta_weight()
+        for slot, update in self.updates.items():
+            merge_update(self._slot_weight(slot), update, sign, self._merge_scales, slot)
         self.merged = sign > 0

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..backbones.base import Backbone, Block, Tower
+from ..backbones.module_paths import TargetSpec, find_modules, library_modules
 from ..errors import ConfigError, IncompatibleMethodError
 from ..schema import setting
 
@@ -49,6 +50,8 @@ class ExportParts:
     Attributes:
         lora_layers: Model-relative module path -> ``(A, B)`` of a low-rank update, its scale folded into B. For the
             ``diffusers`` format the path starts with the pipeline component (``unet.``, ``text_encoder.``).
+        magnitudes: Module path -> DoRA magnitude vector of a layer in ``lora_layers`` (PEFT's
+            ``lora_magnitude_vector``, in PEFT's shape); layers without one are plain LoRA.
         files: File name -> tensors, for files the method's result fills alone (``learned_embeds.safetensors``).
         head: The method's result lives in the task heads (a linear probe), which the format stores.
         models: Folder name -> a function returning a model of the library to write with its ``save_pretrained``
@@ -56,6 +59,7 @@ class ExportParts:
     """
 
     lora_layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
     files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     head: bool = False
     models: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)
@@ -310,6 +314,24 @@ class Method:
         for name, owner, attr in named_base_parameters(self.backbone.model):
             if self.tower.owns(name) and id(getattr(owner, attr)) not in head_ids:
                 yield name, owner, attr
+
+    def modules_by_path(
+        self, spec: TargetSpec, kinds: tuple[type[nn.Module], ...] | None = None
+    ) -> list[tuple[str, nn.Module, str, nn.Module]]:
+        """The tower's library modules that ``spec`` (``target_modules``: path suffixes or one regex) selects, as
+        ``(path, parent, attr, module)`` with paths relative to the adapted model; heads are never selected.
+
+        Raises:
+            ConfigError: Nothing selected (naming existing paths), or a selected module not of ``kinds``.
+        """
+        head_ids = {id(m) for head in self.backbone.heads().values() for m in head.modules()}
+        candidates = [
+            entry
+            for entry in library_modules(self.backbone.model)
+            if id(entry[3]) not in head_ids
+            and any(self.tower.owns(f"{entry[0]}.{name}") for name, _ in entry[3].named_parameters())
+        ]
+        return find_modules(candidates, spec, f"{self.name} target_modules", kinds)
 
     def hook_output(self, module: nn.Module, fn: Callable, *args: Any, with_kwargs: bool = False) -> None:
         """Registers ``fn(*args, module, inputs, output)`` as a forward hook (kept picklable and copyable); with

@@ -22,11 +22,31 @@ class _InPlace(Method):
     def merge(self) -> None:
         self._originals = {}
 
+    def selected_parameters(self):
+        """The tower's parameters, only those inside the modules ``target_modules`` selects when it is set."""
+        spec = getattr(self.config, "target_modules", None)
+        if spec is None:
+            yield from self.tower_parameters()
+            return
+        prefixes = tuple(path + "." for path, *_ in self.modules_by_path(spec))
+        for name, owner, attr in self.tower_parameters():
+            if name.startswith(prefixes):
+                yield name, owner, attr
+
+
+TARGET_MODULES_HELP = "only inside these modules: path suffixes or one regex (PEFT's target_modules rule); null: all"
+
 
 @dataclass
 class BitFitConfig(MethodConfig):
     """BitFit (Ben Zaken et al., ACL 2022): every bias term of the tower (LayerNorm biases included, as the
-    reference code selects all parameters named ``*bias``). ViT-B/16: 102,912 parameters."""
+    reference code selects all parameters named ``*bias``). ViT-B/16: 102,912 parameters.
+
+    Attributes:
+        target_modules: Train only the biases inside these modules (any model; module-path suffixes or a regex).
+    """
+
+    target_modules: str | tuple[str, ...] | None = setting(None, TARGET_MODULES_HELP)
 
 
 @METHODS.register("bitfit")
@@ -35,7 +55,7 @@ class BitFit(_InPlace):
     config_class = BitFitConfig
 
     def build(self) -> None:
-        for name, owner, attr in self.tower_parameters():
+        for name, owner, attr in self.selected_parameters():
             if attr.endswith("bias"):
                 self.train_in_place(name, owner, attr)
 
@@ -74,9 +94,11 @@ class FullConfig(MethodConfig):
         keep_original: Keep a copy of the pretrained tower so that ``detach`` restores it bit for bit. Off by
             default: the copy is a second model in memory (0.34 GB for ViT-B, 3.4 GB for an SD U-Net), and a fully
             fine-tuned model is rarely detached; without it ``detach`` leaves the trained weights and says so.
+        target_modules: Train only the parameters inside these modules (module-path suffixes or a regex).
     """
 
     keep_original: bool = setting(False, "keep a copy of the pretrained tower so detach restores it (a 2nd model)")
+    target_modules: str | tuple[str, ...] | None = setting(None, TARGET_MODULES_HELP)
 
 
 @METHODS.register("full")
@@ -85,7 +107,7 @@ class FullFineTuning(_InPlace):
     config_class = FullConfig
 
     def build(self) -> None:
-        for name, owner, attr in self.tower_parameters():
+        for name, owner, attr in self.selected_parameters():
             self.train_in_place(name, owner, attr, keep_original=self.config.keep_original)
 
     def detach(self) -> None:

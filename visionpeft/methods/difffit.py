@@ -49,6 +49,14 @@ class DiffFit(Method):
     merges_exactly = True
     merge_priority = 1  # scales fold in after additive updates to the same projection
 
+    def check_fits(self) -> None:
+        super().check_fits()
+        if self.config.scales and not self.blocks():
+            raise IncompatibleMethodError(
+                f"difffit's scales need residual blocks; visionpeft describes none in a "
+                f"{type(self.backbone.inner).__name__} (set difffit.scales=false to train biases and norms only)"
+            )
+
     def build(self) -> None:
         cfg = self.config
         model = self.backbone.model

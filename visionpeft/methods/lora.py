@@ -1,13 +1,15 @@
-"""LoRA (Hu et al., ICLR 2022) on any projection of any backbone, including Q/V-only inside a fused qkv."""
+"""LoRA (Hu et al., ICLR 2022) on any projection of any backbone, including Q/V-only inside a fused qkv, and DoRA
+(Liu et al., ICML 2024) as its ``use_dora`` option."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
 
-import torch
+from torch import nn
 
-from ..backbones.base import iter_block_projections
+from ..backbones.base import Projection, iter_block_projections
+from ..backbones.module_paths import library_modules
 from ..errors import CheckpointError, ConfigError, IncompatibleMethodError, did_you_mean
 from ..layers.lora import LoRAConv2d, LoRALinear, LoRAMultiheadAttention
 from ..registry import METHODS
@@ -27,14 +29,28 @@ class LoRAConfig(MethodConfig):
         r: Rank of the update.
         alpha: The update is scaled by ``alpha / r``.
         dropout: Dropout on the LoRA branch input (not available on ``nn.MultiheadAttention``).
+        use_dora: DoRA (weight-decomposed LoRA, arXiv 2402.09353; PEFT's option name): each adapted projection also
+            trains a magnitude per output row (``out_features`` parameters; a fused-qkv slice: its rows), the
+            weight norm detached in the backward pass as in the paper (sec. 4.3) and PEFT.
         targets: Projections to adapt: any of ``q``, ``k``, ``v``, ``o``, ``fc1``, ``fc2``; on a U-Net also
             ``conv1``, ``conv2`` (resnet convs) and block-specific names such as ``attn2.k``.
+        target_modules: Library modules to adapt instead, on any model, by PEFT's rule: a list of module-path
+            suffixes (``["query", "value"]``) or one regex over the whole path. Each selected nn.Linear, nn.Conv2d
+            or nn.MultiheadAttention (all four projections) gets one update; canonical names are module paths.
     """
 
     r: int = setting(8, "rank of the update", min=1)
     alpha: float = setting(8.0, "the update is scaled by alpha / r", above=0)
     dropout: float = setting(0.0, "dropout on the LoRA branch input", min=0, below=1)
+    use_dora: bool = setting(False, "DoRA: also train a magnitude per output row (weight-decomposed LoRA)")
     targets: tuple[str, ...] = setting(("q", "v"), "projections to adapt (q, k, v, o, fc1, fc2, ...)", nonempty=True)
+    target_modules: str | tuple[str, ...] | None = setting(
+        None, "module paths to adapt instead of targets, on any model: path suffixes, or one regex (PEFT's rule)"
+    )
+
+
+#: Library modules a LoRA can wrap when chosen by module path.
+LORA_MODULES = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
 
 
 @METHODS.register("lora")
@@ -43,11 +59,20 @@ class LoRA(Method):
     config_class = LoRAConfig
     merges_exactly = True
     merge_priority = 0
-    export_formats = frozenset({"peft", "diffusers"})
+    export_formats = frozenset({"peft", "diffusers", "kohya"})
 
     def check_fits(self) -> None:
         super().check_fits()
         cfg = self.config
+        if cfg.target_modules is not None:
+            self.modules_by_path(cfg.target_modules, LORA_MODULES)
+            return
+        if not self.blocks():
+            linear = [p for p, _, _, m in library_modules(self.backbone.model) if isinstance(m, nn.Linear)]
+            raise ConfigError(
+                f"lora on a {type(self.backbone.inner).__name__} (no described projections) needs target_modules: "
+                f"module-path suffixes or one regex, e.g. Linear layers {', '.join(linear[:3]) or 'none found'}"
+            )
         available = {n for b in self.blocks() for n in b.projections}
         short = {n.rpartition(".")[2] for n in available}
         for t in cfg.targets:
@@ -59,41 +84,53 @@ class LoRA(Method):
 
     def build(self) -> None:
         cfg = self.config
+        if cfg.target_modules is not None:
+            for path, parent, attr, module in self.modules_by_path(cfg.target_modules, LORA_MODULES):
+                if isinstance(module, nn.MultiheadAttention):
+                    members = [(f"{path}.{s}", Projection("mha", parent, attr, slot=s)) for s in "qkvo"]
+                else:
+                    members = [(path, Projection("conv" if isinstance(module, nn.Conv2d) else "linear", parent, attr))]
+                self._wrap_group(members)
+            return
         for block in self.blocks():
             groups: dict[tuple[int, str], list] = defaultdict(list)
             for pname, proj in iter_block_projections(block, list(cfg.targets)):
-                groups[(id(proj.parent), proj.attr)].append((pname, proj))
+                groups[(id(proj.parent), proj.attr)].append((f"{block.name}.{pname}", proj))
             for members in groups.values():
-                self._wrap_group(block.name, members)
+                self._wrap_group(members)
 
-    def _wrap_group(self, block_name: str, members: list) -> None:
+    def _wrap_group(self, members: list[tuple[str, Projection]]) -> None:
+        """Wraps the one library layer that ``members`` (canonical name, projection) are parts of."""
         cfg = self.config
         proj = members[0][1]
         layer = proj.layer
         if getattr(layer, "_vp_wrapper", False):
-            raise IncompatibleMethodError(f"{block_name}.{members[0][0]} already carries a LoRA")
+            raise IncompatibleMethodError(f"{members[0][0]} already carries a LoRA")
+        if proj.kind == "conv" and layer.groups != 1:
+            raise IncompatibleMethodError(f"{members[0][0]} is a grouped convolution; LoRA adapts groups=1 only")
         if proj.kind == "mha":
             if cfg.dropout > 0:
                 raise IncompatibleMethodError(
                     "lora dropout is not supported on nn.MultiheadAttention (open_clip towers); set lora.dropout=0"
                 )
             slot_names = {p.slot: n for n, p in members}
-            wrapper = LoRAMultiheadAttention(layer, tuple(slot_names), cfg.r, cfg.alpha)
+            wrapper = LoRAMultiheadAttention(layer, tuple(slot_names), cfg.r, cfg.alpha, cfg.use_dora)
         elif proj.kind == "conv":
             slot_names = {"update": members[0][0]}
-            wrapper = LoRAConv2d(layer, cfg.r, cfg.alpha, cfg.dropout)
+            wrapper = LoRAConv2d(layer, cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora)
         elif proj.kind == "fused":
             slot_names = {p.slot: n for n, p in members}
-            wrapper = LoRALinear(layer, {p.slot: p.rows for _, p in members}, cfg.r, cfg.alpha, cfg.dropout)
+            rows = {p.slot: p.rows for _, p in members}
+            wrapper = LoRALinear(layer, rows, cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora)
         else:
             slot_names = {"main": members[0][0]}
-            wrapper = LoRALinear(layer, {"main": (0, layer.out_features)}, cfg.r, cfg.alpha, cfg.dropout)
+            wrapper = LoRALinear(layer, {"main": (0, layer.out_features)}, cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora)
 
         def canonical(pname: str) -> str:
             # updates.<slot>.lora_A (Linear / MHA) or update.lora_A (Conv2d)
             parts = pname.split(".")
             slot = parts[1] if parts[0] == "updates" else "update"
-            return f"{block_name}.{slot_names[slot]}.{parts[-1]}"
+            return f"{slot_names[slot]}.{parts[-1]}"
 
         self.wrap(proj.parent, proj.attr, wrapper, canonical)
 
@@ -105,36 +142,44 @@ class LoRA(Method):
             wrapper.merge(1.0)
 
     def export_parts(self, format: str) -> ExportParts:
-        """Each adapted library module's update as one LoRA ``(A, B)``, the scale folded into B.
+        """Each adapted library module's update as one LoRA ``(A, B)``, the scale folded into B; with DoRA also its
+        magnitude vector in PEFT's ``lora_magnitude_vector`` shape.
 
         A LoRA on some slices of a fused projection (Q and V of timm's ``qkv``) is exactly one LoRA of rank
         ``slices x r`` on the whole projection: A stacks the slices' A matrices and B is block-diagonal, zero on the
-        rows of the slices without an update.
+        rows of the slices without an update (with DoRA their magnitude is their norm: scale 1, as here).
 
         Raises:
             CheckpointError: A LoRA on ``nn.MultiheadAttention`` (no file layout expresses it), or the diffusers
                 format for a model that is no Stable Diffusion U-Net or pipeline.
         """
         paths = base_module_paths(self.backbone.model)
-        layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        parts = ExportParts()
         for wrapper in self.wrappers():
             path = paths[id(wrapper.base)]
+            problem = self.backbone.export_problem(path, format)
+            if problem:
+                raise CheckpointError(problem)
             if isinstance(wrapper, LoRAMultiheadAttention):
                 raise CheckpointError(
                     f"{path}: a LoRA on nn.MultiheadAttention (open_clip) has no PEFT / diffusers file layout; "
                     "save it with format='visionpeft'"
                 )
-            if format == "diffusers":
+            if format in ("diffusers", "kohya"):  # kohya: the diffusers layers, renamed by diffusers' converter
                 group = self.backbone.diffusers_lora_group(path)
                 if group is None:
                     raise CheckpointError(
-                        "the diffusers LoRA format is for a Stable Diffusion U-Net or pipeline; "
+                        f"the {format} LoRA format is for a Stable Diffusion U-Net or pipeline; "
                         f"this is {self.backbone.family}"
                     )
                 path = ".".join(group)
             if isinstance(wrapper, LoRAConv2d):
                 u = wrapper.update
-                layers[path] = (u.lora_A.detach(), u.lora_B.detach() * u.scale)
+                parts.lora_layers[path] = (u.lora_A.detach(), u.lora_B.detach() * u.scale)
+                if wrapper.dora:  # PEFT keeps a conv's magnitude as (1, out_channels, 1, 1)
+                    parts.magnitudes[path] = u.magnitude.detach().view(1, -1, 1, 1)
             else:
-                layers[path] = tuple(t.detach() for t in wrapper.stacked())
-        return ExportParts(lora_layers=layers)
+                parts.lora_layers[path] = tuple(t.detach() for t in wrapper.stacked())
+                if wrapper.dora:
+                    parts.magnitudes[path] = wrapper.magnitude_vector()
+        return parts

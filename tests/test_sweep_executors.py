@@ -1,0 +1,57 @@
+"""The cluster executors run the same pending list as a plain in-process loop, with the same results: submitit (its
+local executor: one process per job) and Ray (a local cluster started by the test). Each test skips cleanly when
+its extra (``[slurm]``, ``[ray]``) is not installed."""
+
+from __future__ import annotations
+
+import pytest
+from _sweep_utils import DIGITS, FAST
+
+from visionpeft.sweep.executors import RayExecutor, SubmititExecutor
+from visionpeft.sweep.protocol import final_runs
+from visionpeft.sweep.runs import execute, read_result
+from visionpeft.sweep.spec import make_spec
+
+
+def _pending(root):
+    """Two runs of the digits demo (two steps each): one per learning rate."""
+    spec = make_spec(DIGITS, {"vpt": {"optim.lr": [0.02, 0.001]}}, ["digits"], [0], "none", "final", FAST)
+    return final_runs(spec, root)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, float]:
+    """Test top-1 of each run, trained in this process one after the other."""
+    runs = _pending(tmp_path_factory.mktemp("reference"))
+    return {run.path.name: execute(run)["test"]["top1"] for run in runs}
+
+
+def _check(executor, root, reference: dict[str, float]) -> None:
+    runs = _pending(root)
+    seen = []
+    records = executor.run(runs, lambda run, record: seen.append(run.path.name))
+    assert sorted(seen) == sorted(reference)  # the same runs: the same names under another sweep folder
+    assert [r["status"] for r in records] == ["done", "done"]
+    for run in runs:
+        result = read_result(run.path)
+        assert result["trainable"] == 11_146
+        # the same training; CPU thread counts differ between engines, so one prediction in 360 may flip
+        assert result["test"]["top1"] == pytest.approx(reference[run.path.name], abs=0.01)
+    assert all(r.get("skipped") for r in executor.run(runs, lambda run, record: None))  # finished: not redone
+
+
+def test_submitit_runs_the_pending_list(tmp_path, reference):
+    pytest.importorskip("submitit", reason='needs pip install "visionpeft[slurm]"')
+    executor = SubmititExecutor(tmp_path / "submitit", workers=2, cluster="local", cpus_per_job=1, gpus_per_job=0,
+                                timeout_min=10)  # fmt: skip
+    _check(executor, tmp_path / "sweep", reference)
+    assert list((tmp_path / "submitit").glob("*_log.out"))  # the jobs went through submitit
+
+
+def test_ray_runs_the_pending_list(tmp_path, reference):
+    ray = pytest.importorskip("ray", reason='needs pip install "visionpeft[ray]"')
+    try:
+        _check(RayExecutor(workers=2), tmp_path / "sweep", reference)
+        assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 2  # the local cluster the executor started
+    finally:
+        ray.shutdown()

@@ -1,0 +1,108 @@
+"""The report, on a faked VTAB-1k result set: chosen points, group means, published numbers side by side."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from _sweep_utils import ROOT, VTAB_CONFIG
+
+from visionpeft.sweep.protocol import final_runs, select_runs
+from visionpeft.sweep.report import write_report
+from visionpeft.sweep.spec import make_spec
+from visionpeft.sweep.tasks import VTAB_GROUPS
+
+WINNER = 5  # the grid point every task's stage 1 makes best
+# stage 2 test top-1 per group, for seeds 0 and 1: Natural 85 +- 7.1, Specialized 60, Structured 45
+TOP1 = {"Natural": (0.80, 0.90), "Specialized": (0.60, 0.60), "Structured": (0.40, 0.50)}
+
+
+def _fake(folder, record: dict) -> None:
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"trainable": 1_179_648 + 768, "head": 768, **record}))
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vtab")
+    spec = make_spec(VTAB_CONFIG, {"lora": ROOT / "grids" / "lora.yaml"}, ["vtab"], [0, 1], "vtab1k", "final", [])
+    for index, run in enumerate(select_runs(spec, root)):
+        _fake(run.path, {"val": {"top1": 0.9 if index % 16 == WINNER else 0.5}, "test": {}})
+    group = {task: name for name, tasks in VTAB_GROUPS.items() for task in tasks}
+    for run in final_runs(spec, root):
+        _fake(run.path, {"test": {"top1": TOP1[group[run.task]][run.seed]}})
+    write_report(spec, root)
+    return spec, root
+
+
+def test_group_means_and_the_19_task_mean(sweep_dir):
+    _, root = sweep_dir
+    rows = {r["task"]: r for r in csv.DictReader(open(root / "summary.csv"))}
+    assert float(rows["caltech101"]["top1_mean"]) == 85.0 and float(rows["caltech101"]["top1_std"]) == 7.07
+    assert float(rows["Natural"]["top1_mean"]) == 85.0
+    assert float(rows["Specialized"]["top1_mean"]) == 60.0
+    assert float(rows["Structured"]["top1_mean"]) == 45.0
+    assert float(rows["group mean"]["top1_mean"]) == pytest.approx((85 + 60 + 45) / 3, abs=0.01)
+    assert float(rows["mean"]["top1_mean"]) == pytest.approx((7 * 85 + 4 * 60 + 8 * 45) / 19, abs=0.01)
+
+
+def test_published_numbers_sit_beside_ours_with_the_difference(sweep_dir):
+    _, root = sweep_dir
+    rows = {r["task"]: r for r in csv.DictReader(open(root / "summary.csv"))}
+    assert float(rows["caltech101"]["published"]) == 91.4  # PETL_Vision's final_result.json for caltech101 LoRA
+    assert float(rows["caltech101"]["difference"]) == pytest.approx(85.0 - 91.4)
+    assert float(rows["mean"]["published"]) == pytest.approx(72.91, abs=0.01)  # their 19-task LoRA mean
+    text = (root / "summary.md").read_text()
+    assert "85.0 ± 7.1 [91.4, -6.4]" in text and "62.9 [72.9, -10.0]" in text
+
+
+def test_the_chosen_point_is_the_best_on_val_and_is_reported_per_task(sweep_dir):
+    spec, root = sweep_dir
+    chosen = spec.points("lora")[WINNER].describe()
+    assert chosen == (  # point 5 of 4 (lr x wd) x 4 (rank): lr 0.001, wd 0.001, rank 8
+        "optim.lr=0.001, optim.weight_decay=0.001, "
+        "method={alpha: 8, dropout: 0.1, name: lora, r: 8, targets: [q, k, v]}"
+    )
+    text = (root / "summary.md").read_text()
+    assert text.count(f"| {chosen} |") == 19
+    assert "| lora | caltech101 | " + chosen + " | lora_bottleneck=32, lr=0.001, wd=0.001 |" in text  # their choice
+
+
+def test_a_task_with_a_missing_seed_shows_it_and_leaves_its_group_mean_out(sweep_dir, tmp_path):
+    spec, root = sweep_dir
+    run = next(r for r in final_runs(spec, root) if r.task == "dmlab" and r.seed == 1)
+    (run.path / "result.json").rename(tmp_path / "kept.json")
+    try:
+        write_report(spec, root)
+        rows = {r["task"]: r for r in csv.DictReader(open(root / "summary.csv"))}
+        assert rows["dmlab"]["state"] == "1/2 seeds" and float(rows["dmlab"]["top1_mean"]) == 40.0
+        assert rows["Structured"]["top1_mean"] == "" and rows["mean"]["top1_mean"] == ""
+        assert float(rows["Natural"]["top1_mean"]) == 85.0
+    finally:
+        (tmp_path / "kept.json").rename(run.path / "result.json")
+        write_report(spec, root)
+
+
+def _small_spec(select: str):
+    from _sweep_utils import DIGITS
+
+    return make_spec(DIGITS, {"vpt": {"optim.lr": [0.1, 0.01, 0.001]}}, ["digits"], [0], "holdout", select, [])
+
+
+@pytest.mark.parametrize(("select", "chosen"), [("final", "optim.lr=0.01"), ("best", "optim.lr=0.1")])
+def test_selection_by_final_or_best_val_top1_and_failed_points_are_never_chosen(tmp_path, select, chosen):
+    from visionpeft.sweep.protocol import choose
+
+    spec = _small_spec(select)
+    first, second, third = select_runs(spec, tmp_path)
+    _fake(first.path, {"val": {"top1": 0.5}, "best_val_top1": 0.95})  # peaked early, ended low
+    _fake(second.path, {"val": {"top1": 0.7}, "best_val_top1": 0.7})
+    assert choose(spec, tmp_path, "digits", "vpt") == (None, 1)  # one point still pending: no choice yet
+    assert final_runs(spec, tmp_path) == []
+    third.path.mkdir(parents=True)
+    (third.path / "error.txt").write_text("RuntimeError: out of memory\n")  # failed: not a candidate
+    point, pending = choose(spec, tmp_path, "digits", "vpt")
+    assert pending == 0 and point.describe() == chosen
+    (run,) = final_runs(spec, tmp_path)
+    assert run.stage == "final" and "data.train_split=trainval" in run.overrides and run.choices == point.choices

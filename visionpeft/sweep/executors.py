@@ -1,0 +1,190 @@
+"""Executors: run a list of :class:`~.runs.RunSpec` with an existing engine, each run through :func:`~.runs.execute`.
+
+* ``local``: a process pool (``concurrent.futures`` with spawned processes); each worker sees one GPU through
+  ``CUDA_VISIBLE_DEVICES`` when there are GPUs, else the CPU threads are shared out between the workers.
+* ``slurm``: submitit, one job array with at most ``workers`` jobs running at once (``cluster: local`` / ``debug``
+  run submitit's local or in-process executors, for tests and debugging).
+* ``ray``: Ray core tasks on the cluster at ``address`` (none: a local cluster), one GPU each when asked.
+
+An executor's ``run(runs, on_done)`` blocks until every run has finished or failed, calls ``on_done(run, record)``
+as each one does, and returns the records. A run's failure is its record (``status: failed``), never an exception.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .runs import ERROR, RunSpec, execute, read_result
+
+OnDone = Callable[[RunSpec, dict[str, Any]], None]
+#: executor -> (module it needs, the pyproject extra that installs it)
+EXTRAS = {"slurm": ("submitit", "slurm"), "ray": ("ray", "ray")}
+
+
+def require_extra(executor: str) -> None:
+    """A :class:`ConfigError` naming the ``pip install`` line when the executor's engine is not installed."""
+    if executor in EXTRAS:
+        module, extra = EXTRAS[executor]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f'the {executor} executor needs {module}: pip install "visionpeft[{extra}]"')
+
+
+def _lost(run: RunSpec, err: BaseException) -> dict[str, Any]:
+    """The record of a run whose worker died or whose job was lost (the run's own failures are caught inside)."""
+    result = read_result(run.path)
+    if result is not None:
+        return {**result, "status": "done"}
+    message = f"the worker running it was lost: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    run.path.mkdir(parents=True, exist_ok=True)
+    (run.path / ERROR).write_text(message + "\n")
+    return {"status": "failed", "error": message}
+
+
+def _visible_gpus() -> list[str]:
+    """The GPUs this process may use (``CUDA_VISIBLE_DEVICES`` order), none without CUDA."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    listed = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return (listed or [str(i) for i in range(count)])[:count]
+
+
+def _init_worker(devices, threads: int) -> None:
+    """Runs first in each local worker: claim a GPU (before torch sees CUDA) or a share of the CPU threads."""
+    device = devices.get()
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class LocalExecutor:
+    """``workers`` spawned processes on this machine (default: one per GPU, or one)."""
+
+    workers: int | None = None
+
+    def run(self, runs: list[RunSpec], on_done: OnDone) -> list[dict[str, Any]]:
+        gpus = _visible_gpus()
+        workers = min(self.workers or max(1, len(gpus)), max(1, len(runs)))
+        context = multiprocessing.get_context("spawn")
+        devices = context.Queue()
+        for index in range(workers):
+            devices.put(gpus[index % len(gpus)] if gpus else None)
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        records = []
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(devices, threads)) as pool:  # fmt: skip
+            futures = {pool.submit(execute, asdict(run)): run for run in runs}
+            try:
+                for future in as_completed(futures):
+                    run = futures[future]
+                    try:
+                        record = future.result()
+                    except Exception as err:  # the worker process died (killed, out of memory)
+                        record = _lost(run, err)
+                    on_done(run, record)
+                    records.append(record)
+            except KeyboardInterrupt:  # stop now: runs not started stay pending, the next start runs them
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+        return records
+
+
+@dataclass
+class SubmititExecutor:
+    """A submitit job array: one job per run, at most ``workers`` at once.
+
+    Attributes:
+        folder: Where submitit keeps its job files and logs. cluster: ``None`` (detect Slurm), ``slurm``, ``local``
+            or ``debug``. partition: The Slurm partition. gpus_per_job / cpus_per_job / mem_gb / timeout_min:
+            Each job's resources.
+    """
+
+    folder: Path
+    workers: int | None = None
+    cluster: str | None = None
+    partition: str | None = None
+    gpus_per_job: int = 1
+    cpus_per_job: int = 8
+    mem_gb: int | None = None
+    timeout_min: int = 24 * 60
+
+    def run(self, runs: list[RunSpec], on_done: OnDone) -> list[dict[str, Any]]:
+        import submitit
+
+        executor = submitit.AutoExecutor(folder=str(self.folder), cluster=self.cluster)
+        params: dict[str, Any] = {"timeout_min": self.timeout_min, "gpus_per_node": self.gpus_per_job,
+                                  "cpus_per_task": self.cpus_per_job, "name": "visionpeft-sweep"}  # fmt: skip
+        if self.mem_gb:
+            params["mem_gb"] = self.mem_gb
+        if self.partition:
+            params["slurm_partition"] = self.partition
+        if self.workers:
+            params["slurm_array_parallelism"] = self.workers
+        executor.update_parameters(**params)
+        jobs = executor.map_array(execute, [asdict(run) for run in runs])
+        records = []
+        for job, run in zip(jobs, runs):
+            try:
+                record = job.result()
+            except Exception as err:  # the job failed outside the run (preempted, timed out, node lost)
+                record = _lost(run, err)
+            on_done(run, record)
+            records.append(record)
+        return records
+
+
+@dataclass
+class RayExecutor:
+    """Ray core tasks: ``address`` of a running cluster (``auto``) or None to start a local one (with ``workers``
+    CPUs, so that at most that many runs go at once)."""
+
+    workers: int | None = None
+    address: str | None = None
+    gpus_per_run: float = 0
+    cpus_per_run: float = 1
+
+    def run(self, runs: list[RunSpec], on_done: OnDone) -> list[dict[str, Any]]:
+        import ray
+
+        if not ray.is_initialized():
+            env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}} if os.environ.get("PYTHONPATH") else None
+            cpus = self.workers * self.cpus_per_run if self.workers and self.address is None else None
+            ray.init(address=self.address, num_cpus=cpus, runtime_env=env, include_dashboard=False,
+                     log_to_driver=False)  # fmt: skip
+        remote = ray.remote(num_gpus=self.gpus_per_run, num_cpus=self.cpus_per_run, max_retries=0)(execute)
+        pending = {remote.remote(asdict(run)): run for run in runs}
+        records = []
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            run = pending.pop(ref)
+            try:
+                record = ray.get(ref)
+            except Exception as err:  # the worker or its node died
+                record = _lost(run, err)
+            on_done(run, record)
+            records.append(record)
+        return records
+
+
+EXECUTORS = ("local", "slurm", "ray")
+
+
+def make_executor(name: str, workers: int | None, folder: Path, options: dict[str, Any]):
+    """The executor ``name`` with its ``--slurm.*`` / ``--ray.*`` options (its extra checked first)."""
+    require_extra(name)
+    if name == "local":
+        return LocalExecutor(workers)
+    if name == "slurm":
+        return SubmititExecutor(folder / "submitit", workers, **options)
+    return RayExecutor(workers, **options)

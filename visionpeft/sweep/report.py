@@ -1,0 +1,266 @@
+"""The sweep report, from whatever has finished: ``summary.md``, ``summary.csv`` and ``accuracy_vs_params.png``.
+
+Each cell is the final stage's test top-1 (%), mean +- std over the finished seeds, with the published number and
+the difference beside it where one exists (:mod:`.published`). For VTAB-1k tasks the Natural / Specialized /
+Structured means (each over its tasks), the group mean (mean of the three) and the mean over the 19 tasks follow;
+a mean is shown only when all of its tasks have a result.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .grid import Point
+from .protocol import PROTOCOLS, choose, has_select_stage, make_run
+from .published import published
+from .runs import read_error, read_result, status
+from .spec import SweepSpec
+from .tasks import VTAB_GROUPS, VTAB_TASKS
+
+
+@dataclass
+class Cell:
+    """One (task, row): the chosen point and the final stage's results so far. A row is a grid (its label), or one
+    point of a grid under a protocol that chooses nothing."""
+
+    task: str
+    label: str
+    row: str
+    top1: list[float] = field(default_factory=list)  # percent, one per finished seed
+    trainable: int | None = None
+    head: int = 0
+    chosen: str = ""
+    state: str = ""  # what is missing, if anything
+    published: dict | None = None
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.top1) if self.top1 else None
+
+
+def rows(spec: SweepSpec) -> list[tuple[str, str, Point | None]]:
+    """``(row name, grid label, point)`` of the report: a grid per row whose point stage 1 chooses (point None), or
+    a row per point of a grid when the protocol chooses nothing."""
+    if PROTOCOLS[spec.protocol].select is not None:
+        return [(label, label, None) for label in spec.grids]
+    out = []
+    for label in spec.grids:
+        points = spec.points(label)
+        out += [(label if len(points) == 1 else f"{label} [{p.describe()}]", label, p) for p in points]
+    return out
+
+
+def collect(spec: SweepSpec, root: Path) -> list[Cell]:
+    """The cells of every (row, task), in the spec's order."""
+    table = published()
+    cells = []
+    for row, label, point in rows(spec):
+        for task in spec.tasks:
+            cell = Cell(task, label, row, published=table.get((label, task)))
+            if point is None:
+                point_of_task, pending = choose(spec, root, task, label)
+                if point_of_task is None:
+                    cell.state = f"selecting ({pending} pending)" if pending else "no stage-1 run succeeded"
+                    cells.append(cell)
+                    continue
+                cell.chosen = point_of_task.describe() if has_select_stage(spec, label) else ""
+            failed = 0
+            for seed in spec.seeds:
+                run = make_run(spec, root, task, label, point or point_of_task, "final", seed)
+                result = read_result(run.path)
+                failed += status(run.path) == "failed"
+                if result is not None and "top1" in (result.get("test") or {}):
+                    cell.top1.append(100 * result["test"]["top1"])
+                    cell.trainable, cell.head = result.get("trainable"), result.get("head") or 0
+            missing = len(spec.seeds) - len(cell.top1)
+            if missing:
+                cell.state = f"{len(cell.top1)}/{len(spec.seeds)} seeds" + (f", {failed} failed" if failed else "")
+            cells.append(cell)
+    return cells
+
+
+def _row_names(cells: list[Cell]) -> list[str]:
+    return list(dict.fromkeys(c.row for c in cells))
+
+
+def group_means(values: dict[str, float]) -> dict[str, float]:
+    """Natural / Specialized / Structured means, ``group mean`` (of the three) and ``mean`` (of the 19 tasks), for
+    those whose tasks all have a value."""
+    out = {}
+    for group, tasks in VTAB_GROUPS.items():
+        if all(t in values for t in tasks):
+            out[group] = statistics.fmean(values[t] for t in tasks)
+    if len(out) == len(VTAB_GROUPS):
+        out["group mean"] = statistics.fmean(out[g] for g in VTAB_GROUPS)
+    if all(t in values for t in VTAB_TASKS):
+        out["mean"] = statistics.fmean(values[t] for t in VTAB_TASKS)
+    return out
+
+
+def _summaries(spec: SweepSpec) -> list[str]:
+    """The summary columns this sweep can fill: VTAB groups when it has VTAB tasks, else the mean over its tasks."""
+    if any(t in VTAB_TASKS for t in spec.tasks):
+        return [*VTAB_GROUPS, "group mean", "mean"]
+    return ["mean"] if len(spec.tasks) > 1 else []
+
+
+def summary_values(spec: SweepSpec, values: dict[str, float]) -> dict[str, float]:
+    if any(t in VTAB_TASKS for t in spec.tasks):
+        return group_means(values)
+    if len(spec.tasks) > 1 and all(t in values for t in spec.tasks):
+        return {"mean": statistics.fmean(values[t] for t in spec.tasks)}
+    return {}
+
+
+def _cell_text(cell: Cell) -> str:
+    if not cell.top1:
+        text = cell.state or "-"
+    else:
+        text = f"{cell.mean:.1f}" + (f" ± {statistics.stdev(cell.top1):.1f}" if len(cell.top1) > 1 else "")
+        text += f" ({cell.state})" if cell.state else ""
+    if cell.published:
+        pub = cell.published["top1"]
+        text += f" [{pub:.1f}" + (f", {cell.mean - pub:+.1f}]" if cell.mean is not None else "]")
+    return text
+
+
+def _params(cells: list[Cell]) -> str:
+    counts = [c.trainable - c.head for c in cells if c.trainable is not None]
+    return f"{statistics.fmean(counts) / 1e6:.3f}" if counts else "-"
+
+
+def markdown(spec: SweepSpec, root: Path, cells: list[Cell]) -> str:
+    summaries = _summaries(spec)
+    runs = [p for p in root.glob("runs/*/*/*") if p.is_dir()]
+    states = [status(p) for p in runs]
+    sizes = {g: len(spec.points(g)) for g in spec.grids}
+    grids = ", ".join(f"{g} ({n} point{'s' if n > 1 else ''})" for g, n in sizes.items())
+    lines = [
+        f"# Sweep report: {root.name}",
+        "",
+        f"Config `{spec.config}`; protocol `{spec.protocol}` (select by the {spec.select} val top-1); seeds "
+        f"{', '.join(map(str, spec.seeds))}; grids {grids}.",
+        f"Run folders: {states.count('done')} finished, {states.count('failed')} failed, "
+        f"{states.count('pending')} started and unfinished.",
+        "",
+        "Test top-1 (%) of the final stage, mean ± std over the finished seeds; [published, difference] where a "
+        "published number exists (PETL_Vision's re-tuned VTAB-1k runs, see `visionpeft/sweep/published_vtab1k.csv`). "
+        "Params: trainable parameters without the task head, in millions.",
+        "",
+        "| method | params (M) | " + " | ".join([*spec.tasks, *summaries]) + " |",
+        "|---|---:|" + "---:|" * (len(spec.tasks) + len(summaries)),
+    ]
+    for name in _row_names(cells):
+        row = [c for c in cells if c.row == name]
+        ours = summary_values(spec, {c.task: c.mean for c in row if c.mean is not None and not c.state})
+        theirs = summary_values(spec, {c.task: c.published["top1"] for c in row if c.published})
+        extra = []
+        for name in summaries:
+            text = f"{ours[name]:.1f}" if name in ours else "-"
+            if name in theirs:
+                text += f" [{theirs[name]:.1f}" + (f", {ours[name] - theirs[name]:+.1f}]" if name in ours else "]")
+            extra.append(text)
+        lines.append(f"| {name} | {_params(row)} | " + " | ".join([*map(_cell_text, row), *extra]) + " |")
+    chosen = [c for c in cells if c.chosen]
+    if chosen:
+        lines += ["", "## Chosen hyper-parameters (stage select)", "", "| method | task | chosen | published choice |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for c in chosen:
+            theirs = ", ".join(f"{k}={v}" for k, v in (c.published or {}).get("best_tune", {}).items())
+            lines.append(f"| {c.row} | {c.task} | {c.chosen} | {theirs or '-'} |")
+    failed = [p for p, s in zip(runs, states) if s == "failed"]
+    if failed:
+        lines += ["", "## Failed runs", ""]
+        lines += [f"- `{p.relative_to(root)}`: {read_error(p)}" for p in failed]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(spec: SweepSpec, cells: list[Cell], path: Path) -> None:
+    """One row per (task, label) and per summary: our mean / std / seeds, the published number, the difference."""
+    fields = ["method", "task", "seeds", "top1_mean", "top1_std", "published", "difference", "trainable",
+              "trainable_without_head", "chosen", "state"]  # fmt: skip
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        for name in _row_names(cells):
+            row = [c for c in cells if c.row == name]
+            for c in row:
+                pub = c.published["top1"] if c.published else None
+                std = statistics.stdev(c.top1) if len(c.top1) > 1 else None
+                own = None if c.trainable is None else c.trainable - c.head
+                writer.writerow({
+                    "method": name, "task": c.task, "seeds": len(c.top1), "top1_mean": _round(c.mean),
+                    "top1_std": _round(std), "published": pub,
+                    "difference": _round(c.mean - pub if c.mean is not None and pub is not None else None),
+                    "trainable": c.trainable, "trainable_without_head": own, "chosen": c.chosen, "state": c.state,
+                })  # fmt: skip
+            ours = summary_values(spec, {c.task: c.mean for c in row if c.mean is not None and not c.state})
+            theirs = summary_values(spec, {c.task: c.published["top1"] for c in row if c.published})
+            for summary in dict.fromkeys([*ours, *theirs]):
+                mine, pub = ours.get(summary), theirs.get(summary)
+                writer.writerow(
+                    {
+                        "method": name,
+                        "task": summary,
+                        "top1_mean": _round(mine),
+                        "published": _round(pub),
+                        "difference": _round(mine - pub if mine is not None and pub is not None else None),
+                    }
+                )
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def plot(spec: SweepSpec, cells: list[Cell], path: Path) -> bool:
+    """Test top-1 against trainable parameters (head excluded): a panel per task for up to four tasks, else one
+    panel of the mean over the tasks; published points hollow. Returns False when nothing has finished."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finished = [c for c in cells if c.mean is not None and c.trainable is not None]
+    if not finished:
+        return False
+    panels = spec.tasks if len(spec.tasks) <= 4 else ["mean over tasks"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for name in _row_names(cells):
+            row = [c for c in finished if c.row == name and panel in (c.task, "mean over tasks")]
+            if not row:
+                continue
+            x = statistics.fmean(max(1, c.trainable - c.head) for c in row)
+            y = statistics.fmean(c.mean for c in row)
+            spread = [v for c in row for v in c.top1] if len(row) == 1 else [c.mean for c in row]
+            ax.errorbar(x, y, yerr=[[y - min(spread)], [max(spread) - y]], fmt="o", capsize=3)
+            ax.annotate(name, (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+            pubs = [c.published for c in row if c.published and c.published.get("params")]
+            if pubs:
+                ax.plot(statistics.fmean(p["params"] for p in pubs), statistics.fmean(p["top1"] for p in pubs),
+                        "o", mfc="none", color="grey")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (without head)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title(panel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{spec.protocol} sweep: accuracy vs trainable parameters (hollow: published)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(spec: SweepSpec, root: Path) -> list[Path]:
+    """Writes the report files into the sweep folder; returns their paths."""
+    cells = collect(spec, root)
+    (root / "summary.md").write_text(markdown(spec, root, cells))
+    write_csv(spec, cells, root / "summary.csv")
+    written = [root / "summary.md", root / "summary.csv"]
+    if plot(spec, cells, root / "accuracy_vs_params.png"):
+        written.append(root / "accuracy_vs_params.png")
+    return written

@@ -1,0 +1,169 @@
+"""One run of a sweep: what it trains, the folder its identity names, its status, and the worker entry.
+
+A run is identified by a stable hash of the sweep's base config content, its overrides, its seed and its stage; its
+folder ``runs/<task>/<label>/<stage>-s<seed>-<hash>/`` holds ``run.json`` (what it is), ``log.txt``, the trainer's
+run folder ``train/`` and, written last, ``result.json``: a folder with ``result.json`` is finished and is never run
+again. A failed run leaves ``error.txt`` (one line) and ``traceback.txt``; it runs again the next time the sweep
+does (the failure may have been the machine's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write
+
+RESULT, ERROR, TRACEBACK, SPEC, LOG, TRAIN = "result.json", "error.txt", "traceback.txt", "run.json", "log.txt", "train"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a worker needs to train one run (plain values: it crosses process and machine boundaries).
+
+    Attributes:
+        config: The base config file (absolute path). overrides: ``key=value`` strings applied to it, in order.
+        task, label, stage, seed: Where the run sits in the sweep (label: the grid's name, a report row).
+        choices: ``[key, value]`` pairs of the grid point (reports show them). folder: The run's folder.
+    """
+
+    config: str
+    overrides: tuple[str, ...]
+    task: str
+    label: str
+    stage: str
+    seed: int
+    choices: tuple[tuple[str, str], ...]
+    folder: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder)
+
+    def name(self) -> str:
+        point = ", ".join(f"{k}={v}" for k, v in self.choices)
+        return f"{self.task}/{self.label} {self.stage} seed {self.seed}" + (f" [{point}]" if point else "")
+
+
+def run_hash(config_digest: str, overrides: list[str] | tuple[str, ...], seed: int, stage: str) -> str:
+    """12 hex digits naming a run: the same inputs give the same name on any machine, in any order of planning."""
+    identity = json.dumps({"config": config_digest, "overrides": list(overrides), "seed": seed, "stage": stage})
+    return hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
+def config_digest(content: dict[str, Any]) -> str:
+    """A digest of a config file's content (its ``_base_`` files merged in)."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_result(folder: Path) -> dict[str, Any] | None:
+    """The finished run's result, or None when it has not finished."""
+    try:
+        return json.loads((folder / RESULT).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_error(folder: Path) -> str | None:
+    """The one-line error of a failed run (None: it has not failed, or it was run again since)."""
+    try:
+        return (folder / ERROR).read_text().strip()
+    except OSError:
+        return None
+
+
+def status(folder: Path) -> str:
+    """``done``, ``failed`` or ``pending``."""
+    if (folder / RESULT).is_file():
+        return "done"
+    return "failed" if (folder / ERROR).is_file() else "pending"
+
+
+def _best_eval(log: Path, metric: str = "top1") -> float | None:
+    """The best ``eval/<metric>`` in a run's ``metrics.jsonl``."""
+    if not log.is_file():
+        return None
+    values = [json.loads(line).get(f"eval/{metric}") for line in log.read_text().splitlines() if line.strip()]
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
+
+
+def _train(spec: RunSpec, log_file) -> tuple[dict[str, Any], bool]:
+    """Loads the run's config and calls its task's in-process trainer ``run(config, run_dir)``; returns its results
+    and whether it evaluated on a validation split."""
+    import contextlib
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from ..config import load_config, task_spec
+
+    config = load_config(spec.config, list(spec.overrides))
+    validated = OmegaConf.select(config, "data.val_split") is not None
+    handler = logging.StreamHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("visionpeft")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
+            return task_spec(config.task).trainer()(config, spec.path / TRAIN), validated
+    finally:
+        logger.removeHandler(handler)
+
+
+def execute(run: RunSpec | dict[str, Any]) -> dict[str, Any]:
+    """Trains one run unless it has finished; returns its record (``status`` done / failed, metrics, seconds).
+
+    The worker entry of every executor. A failure is recorded in the run's folder and returned, never raised, so
+    the rest of the sweep goes on. An unfinished run's partial folder is cleared and the run starts over.
+    """
+    spec = run if isinstance(run, RunSpec) else RunSpec(**run)
+    folder = spec.path
+    done = read_result(folder)
+    if done is not None:
+        return {**done, "status": "done", "skipped": True}
+    for name in (ERROR, TRACEBACK, TRAIN, LOG):
+        target = folder / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / SPEC, asdict(spec))
+    start = time.time()
+    try:
+        with open(folder / LOG, "w", buffering=1) as log_file:
+            results, validated = _train(spec, log_file)
+    except BaseException as err:  # a run's failure, whatever it is, is the run's result
+        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+        (folder / TRACEBACK).write_text(traceback.format_exc())
+        (folder / ERROR).write_text(message + "\n")
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        return {"status": "failed", "error": message, "seconds": time.time() - start}
+    counts = results.get("parameters", {})
+    record = {
+        "task": spec.task,
+        "label": spec.label,
+        "stage": spec.stage,
+        "seed": spec.seed,
+        "choices": [list(c) for c in spec.choices],
+        "val": results.get("eval", {}) if validated else {},  # without a val split the loop evaluated on test
+        "best_val_top1": _best_eval(folder / TRAIN / "metrics.jsonl") if validated else None,
+        "test": results.get("test", {}),
+        "trainable": counts.get("trainable"),
+        "head": counts.get("by_group", {}).get("head", 0),
+        "seconds": round(time.time() - start, 2),
+        "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),  # what the executor gave the worker
+    }
+    _write_json(folder / RESULT, record)  # last: the marker of a finished run
+    return {**record, "status": "done"}
