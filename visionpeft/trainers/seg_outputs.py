@@ -68,8 +68,8 @@ def prediction_grid(model: nn.Module, dataset: Dataset, config: Any, palette: Se
     return grid
 
 
-def write_outputs(run_dir: Path, last: dict, classes: list[str], grid: Image.Image | None, step: int) -> list[Path]:
-    """Writes ``per_class_iou.md`` (from the latest evaluation) and ``predictions.png`` (also to TensorBoard)."""
+def write_outputs(run_dir: Path, last: dict, classes: list[str], grid: Image.Image | None) -> list[Path]:
+    """Writes ``per_class_iou.md`` (from the latest evaluation) and ``predictions.png``."""
     written = []
     if last:
         path = run_dir / "per_class_iou.md"
@@ -79,8 +79,4 @@ def write_outputs(run_dir: Path, last: dict, classes: list[str], grid: Image.Ima
         path = run_dir / "predictions.png"
         grid.save(path)
         written.append(path)
-        from torch.utils.tensorboard import SummaryWriter
-
-        with SummaryWriter(str(run_dir / "tensorboard")) as writer:
-            writer.add_image("eval/predictions", np.asarray(grid), step, dataformats="HWC")
     return written

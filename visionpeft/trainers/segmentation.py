@@ -231,7 +231,8 @@ class SegmentationTrainer:
             grid = None
             if config.eval.grid_images:
                 grid = prediction_grid(loop.unwrapped, exp.raw_eval, config, exp.palette)
-            results["outputs"] = write_outputs(run_dir, task.last, exp.classes, grid, loop.step)
+                loop.trackers.log_images("eval/predictions", [grid], loop.step)  # train.report_to's tracker
+            results["outputs"] = write_outputs(run_dir, task.last, exp.classes, grid)
         return results
 
 
