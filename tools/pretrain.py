@@ -1,10 +1,16 @@
-"""Pretrain the project's tiny ViT and export it as a checkpoint with a model card.
+"""Pretrain one of the project's embedded models and export it as a checkpoint with a model card.
 
     python tools/pretrain.py configs/pretrain/tiny_vit_fractal.yaml [key=value ...] [--out checkpoints]
+    python tools/pretrain.py configs/pretrain/tiny_sd.yaml [key=value ...] [--out checkpoints] [--resume]
 
-Training is the ordinary classification trainer (method ``full`` from scratch on FractalDB-style images); this
-tool then writes ``<out>/<run name>.safetensors`` (fp16 weights of the whole model) and ``<out>/<run name>.md``,
-a model card with the command, the accuracy on held-out fractal instances, the training time and the sha256.
+The config's ``task`` picks what is made. ``pretrain_text_to_image`` (the tiny text-to-image pipeline) writes
+``<out>/<run name>/``, a ``StableDiffusionPipeline`` folder with its model card ``README.md`` (see
+``visionpeft/trainers/tiny_sd_card.py``); ``--resume`` continues an interrupted run from its saved state.
+
+For the tiny ViT, training is the ordinary classification trainer (method ``full`` from scratch on FractalDB-style
+images); this tool then writes ``<out>/<run name>.safetensors`` (fp16 weights of the whole model) and
+``<out>/<run name>.md``, a model card with the command, the accuracy on held-out fractal instances, the training
+time and the sha256.
 """
 
 from __future__ import annotations
@@ -32,18 +38,46 @@ def main(argv: list[str]) -> int:
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--out", type=Path, default=Path("checkpoints"))
+    parser.add_argument("--resume", action="store_true", help="continue the run from its saved state")
     args = parser.parse_args(argv)
+    from visionpeft.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    command = " ".join(["python tools/pretrain.py", args.config, *args.overrides])
+    if config.task == "pretrain_text_to_image":
+        return text_to_image(config, args, command)
+    return tiny_vit(config, args, command)
+
+
+def text_to_image(config, args: argparse.Namespace, command: str) -> int:
+    """Pretrains the tiny text-to-image pipeline and copies it with its model card into ``<out>/<run name>``."""
+    from visionpeft.cli.common import configure_logging
+    from visionpeft.trainers.pretrain_sd import run as train
+    from visionpeft.trainers.tiny_sd_card import export_pipeline
+
+    configure_logging()
+    run_dir = Path(config.train.output_dir) / config.train.run_name
+    start = time.time()
+    results = train(config, run_dir, resume=args.resume)
+    if "outputs" not in results:
+        print(f"stopped before the last step; continue with --resume ({run_dir})")
+        return 1
+    target = export_pipeline(config, run_dir, args.out / config.train.run_name, command, (time.time() - start) / 60)
+    print(f"wrote {target} (model card {target / 'README.md'})")
+    return 0
+
+
+def tiny_vit(config, args: argparse.Namespace, command: str) -> int:
+    """Pretrains the tiny ViT on FractalDB-style images; writes fp16 weights and a model card."""
 
     import torch
     from safetensors.torch import save_file
 
     import visionpeft as vp
-    from visionpeft.config import load_config
     from visionpeft.io import atomic_write
     from visionpeft.trainers.classification import build_experiment
     from visionpeft.trainers.classification import run as train
 
-    config = load_config(args.config, args.overrides)
     run_dir = Path(config.train.output_dir) / config.train.run_name
     start = time.time()
     results = train(config, run_dir)
@@ -61,7 +95,6 @@ def main(argv: list[str]) -> int:
     )
     params = sum(v.numel() for v in state.values())
     size = config.model.img_size
-    command = " ".join(["python tools/pretrain.py", args.config, *args.overrides])
     card = f"""# {name}
 
 A tiny Vision Transformer pretrained by visionpeft on formula-driven synthetic images, so that the embedded demo

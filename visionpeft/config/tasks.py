@@ -17,6 +17,7 @@ from .class_conditional import ClassConditionalConfig
 from .classification import ClassificationConfig
 from .control import ControlConfig
 from .personalization import PersonalizationConfig
+from .pretrain_text_to_image import PretrainTextToImageConfig
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ register(TaskSpec("class_conditional", ClassConditionalConfig, "visionpeft.train
 register(
     TaskSpec("control", ControlConfig, "visionpeft.trainers.control:run", call_inputs=frozenset({"control_image"}))
 )
+register(TaskSpec("pretrain_text_to_image", PretrainTextToImageConfig, "visionpeft.trainers.pretrain_sd:run"))
 
 
 def task_spec(name: str) -> TaskSpec:
