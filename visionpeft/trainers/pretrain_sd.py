@@ -6,7 +6,8 @@ Diffusion (:func:`~.diffusion.diffusion_loss`: DDPM forward process, epsilon tar
 shared loop (progress, resume, EMA, ``metrics.jsonl``). Captions are dropped to ``""`` at ``caption_dropout`` so
 that classifier-free guidance works. The text encoder trains with the U-Net (method ``full`` on both towers) unless
 ``model.train_text_encoder=false``. Validation writes a grid of sample images per prompt family; ``finish`` writes
-``RUN/pipeline``, a ``StableDiffusionPipeline`` folder (fp16) that diffusers loads alone.
+``RUN/pipeline``, a ``StableDiffusionPipeline`` folder (fp32) that diffusers loads alone; ``tools/pretrain.py``
+ships it with U-Net and VAE in fp16 (:func:`~.tiny_sd_card.export_pipeline`).
 """
 
 from __future__ import annotations
@@ -154,8 +155,7 @@ class PretrainTextToImageTrainer:
         if not loop.accelerator.is_main_process:
             return result
         vp.merge(pipeline_modules(pipeline))  # full training: the weights are the model
-        pipeline.to(torch.float16).save_pretrained(run_dir / "pipeline")
-        pipeline.to(torch.float32)
+        pipeline.save_pretrained(run_dir / "pipeline")
         record = {**result, "steps": loop.step}
         (run_dir / "pipeline" / "training.json").write_text(json.dumps(record, indent=2) + "\n")
         return {**result, "outputs": [run_dir / "pipeline"]}
