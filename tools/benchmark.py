@@ -7,6 +7,9 @@ clip  learned-prompt (CoOp) inference throughput against zero-shot CLIP.
 personalize  one training step of textual inversion / DreamBooth-LoRA against a bare diffusers reference step.
 cli   how fast the commands answer (--help, config errors) and import visionpeft, against import torch.
 control  a ControlNet training step against diffusers' train_controlnet.py step; ControlNet-LoRA / T2I-Adapter.
+diffusion-demo  the embedded tiny text-to-image pipeline: base samples judged, personalization before / after
+      (gallery/diffusion/).
+tiny-sd  the tiny pipeline's sampling speed, and its personalization step against the bare diffusers + peft step.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import importlib
 import sys
 from pathlib import Path
 
-SUITES = ("core", "demo", "clip", "personalize", "cli", "control")
+SUITES = ("core", "demo", "clip", "personalize", "cli", "control", "diffusion-demo", "tiny-sd")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    module = importlib.import_module(f"benchmarks.{argv[0]}")
+    module = importlib.import_module(f"benchmarks.{argv[0].replace('-', '_')}")
     return module.main(argv[1:]) or 0
 
 

@@ -181,8 +181,10 @@ def _circles(split: str, size: int, seed: int, count: int):
 
 
 def captioned_mix(split: str = "all", size: int = 32, seed: int = 0, exclude: Iterable[str] = HELD_OUT,
-                  per_texture: int = 160, per_photo: int = 80, circles: int = 800) -> CaptionedImages:  # fmt: skip
-    """The captioned images of ``split`` without the ``exclude``d subjects (default: the held-out ones)."""
+                  per_texture: int = 160, per_photo: int = 80, circles: int = 800,
+                  max_per_subject: int | None = None) -> CaptionedImages:  # fmt: skip
+    """The captioned images of ``split`` without the ``exclude``d subjects (default: the held-out ones); at most
+    ``max_per_subject`` images of each subject (the first ones) when set (small test runs)."""
     if split not in ALL_SPLITS:
         raise DataError(f"the captioned mix has the splits {', '.join(ALL_SPLITS)}, not '{split}'")
     exclude = set(exclude)
@@ -193,9 +195,11 @@ def captioned_mix(split: str = "all", size: int = 32, seed: int = 0, exclude: It
     sources = [digits, _textures(split, size, seed, per_texture), _faces(split, size, seed),
                _photos(split, size, seed, per_photo), _circles(split, size, seed, circles)]  # fmt: skip
     images, captions, labels = [], [], []
+    counts: dict[str, int] = {}
     for source in sources:
         for image, caption, subject in source:
-            if subject not in exclude:
+            counts[subject] = counts.get(subject, 0) + 1
+            if subject not in exclude and (max_per_subject is None or counts[subject] <= max_per_subject):
                 images.append(image)
                 captions.append(caption)
                 labels.append(SUBJECTS.index(subject))
