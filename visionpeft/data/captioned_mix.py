@@ -19,6 +19,7 @@ horizontal bands of each photo (60 / 20 / 20 of its height), photos and circles 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -191,19 +192,26 @@ def captioned_mix(split: str = "all", size: int = 32, seed: int = 0, exclude: It
     unknown = exclude - set(SUBJECTS)
     if unknown:
         raise DataError(f"unknown subject(s) {sorted(unknown)}; the subjects are {', '.join(SUBJECTS)}")
+    images, captions, labels = _all_subjects(split, size, seed, per_texture, per_photo, circles)
+    keep, counts = [], {}
+    for i, label in enumerate(labels):
+        counts[label] = counts.get(label, 0) + 1
+        if SUBJECTS[label] not in exclude and (max_per_subject is None or counts[label] <= max_per_subject):
+            keep.append(i)
+    return CaptionedImages(images[keep], [captions[i] for i in keep], [labels[i] for i in keep])
+
+
+@functools.lru_cache(maxsize=8)
+def _all_subjects(split: str, size: int, seed: int, per_texture: int, per_photo: int,
+                  circles: int) -> tuple[np.ndarray, tuple[str, ...], tuple[int, ...]]:  # fmt: skip
+    """Every subject's images of a split (built once per process: the builders decode and resize photos)."""
     digits = [x for s in SPLITS for x in _digits(s, size, seed)] if split == "all" else _digits(split, size, seed)
     sources = [digits, _textures(split, size, seed, per_texture), _faces(split, size, seed),
                _photos(split, size, seed, per_photo), _circles(split, size, seed, circles)]  # fmt: skip
-    images, captions, labels = [], [], []
-    counts: dict[str, int] = {}
-    for source in sources:
-        for image, caption, subject in source:
-            counts[subject] = counts.get(subject, 0) + 1
-            if subject not in exclude and (max_per_subject is None or counts[subject] <= max_per_subject):
-                images.append(image)
-                captions.append(caption)
-                labels.append(SUBJECTS.index(subject))
-    return CaptionedImages(np.stack(images), captions, labels)
+    items = [item for source in sources for item in source]
+    images = np.stack([image for image, _, _ in items])
+    images.setflags(write=False)  # shared by every caller
+    return images, tuple(c for _, c, _ in items), tuple(SUBJECTS.index(s) for _, _, s in items)
 
 
 @DATASETS.register("captioned_mix")
