@@ -38,8 +38,13 @@ def _parameters(module: torch.nn.Module) -> int:
 
 
 def export_pipeline(config, run_dir: Path, target: Path, command: str) -> Path:
-    """Writes ``target``: the pipeline (U-Net / VAE fp16, text encoder fp32), a sample grid and ``README.md``."""
+    """Writes ``target``: the pipeline (U-Net / VAE fp16, text encoder fp32), a sample grid and ``README.md``;
+    the card describes the run as it was configured (``RUN/config.yaml``), whatever ``config`` says now."""
     from diffusers import StableDiffusionPipeline
+    from omegaconf import OmegaConf
+
+    if (run_dir / "config.yaml").is_file():
+        config = OmegaConf.load(run_dir / "config.yaml")
 
     pipeline = StableDiffusionPipeline.from_pretrained(run_dir / "pipeline", torch_dtype=torch.float32)
     if target.exists():
