@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = {"textual_inversion": "textual inversion", "dreambooth_lora": "DreamBooth-LoRA", "difffit": "DiffFit"}
@@ -47,7 +51,6 @@ def family_prompts() -> dict[str, list[tuple[str, str]]]:
 
 def sample(pipe, prompt: str, count: int, seed: int, steps: int):
     """``count`` uint8 images (N, 32, 32, 3) of one prompt, reproducible by ``seed``."""
-    import numpy as np
     import torch
 
     images = pipe([prompt] * count, num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="np",
@@ -57,7 +60,6 @@ def sample(pipe, prompt: str, count: int, seed: int, steps: int):
 
 def grid(rows: list, path: Path, scale: int = 3, cols: int = 8) -> None:
     """Saves rows of uint8 images as one picture (each image ``scale`` x upsampled, nearest)."""
-    import numpy as np
     from PIL import Image
 
     pad = lambda im: np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255)  # noqa: E731
@@ -68,8 +70,6 @@ def grid(rows: list, path: Path, scale: int = 3, cols: int = 8) -> None:
 
 def base_samples(pipe, judge, out: Path, count: int, steps: int) -> dict:
     """Grids per family, the judge's recognition rate per prompt, KID against real test images."""
-    import numpy as np
-
     from visionpeft.data.captioned_mix import HELD_OUT, SUBJECTS, captioned_mix
     from visionpeft.judge import kid
 
@@ -118,25 +118,40 @@ def subject_images(folder: Path, count: int = 5) -> list:
     return chosen
 
 
-def personalize(method: str, seed: int, images: Path, runs: Path, train_steps: int | None) -> dict:
-    """One personalization run with the project's trainer; returns its run folder, token, parameters, minutes."""
-    from visionpeft.config import load_config
-    from visionpeft.trainers.personalization import run
-
+def launch(method: str, seed: int, images: Path, runs: Path, pipeline: Path, train_steps: int | None):
+    """Starts one personalization run, ``python tools/train.py configs/personalize/<method>_tiny_sd.yaml ...``."""
     config_path = ROOT / "configs" / "personalize" / f"{method}_tiny_sd.yaml"
     name = f"{method}-seed{seed}"
     overrides = [f"data.images={images}", f"train.seed={seed}", f"train.run_name={name}",
-                 f"train.output_dir={runs}", f"model.name={ROOT / 'checkpoints' / 'tiny_sd'}"]  # fmt: skip
+                 f"train.output_dir={runs}", f"model.name={pipeline}"]  # fmt: skip
     if train_steps:
         overrides += [f"optim.steps={train_steps}", f"train.eval_every={train_steps}"]
-    config = load_config(config_path, overrides)
-    run_dir = runs / name
-    shutil.rmtree(run_dir, ignore_errors=True)
-    start = time.time()
-    result = run(config, run_dir)
-    return {"run_dir": str(run_dir), "token": config.token, "prompt": config.data.prompt.format(config.token),
-            "trainable": result["parameters"]["trainable"], "minutes": (time.time() - start) / 60,
-            "steps": result["steps"]}  # fmt: skip
+    shutil.rmtree(runs / name, ignore_errors=True)
+    runs.mkdir(parents=True, exist_ok=True)
+    log = open(runs / f"{name}.log", "w")  # noqa: SIM115  (closed by finish)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "tools" / "train.py"), str(config_path), *overrides]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return {"process": process, "log": log, "run_dir": runs / name, "start": time.time(), "method": method}
+
+
+def finish(job: dict) -> dict:
+    """Waits for a launched run; returns its folder, prompt, trained parameters, steps and minutes."""
+    from safetensors import safe_open
+
+    from visionpeft.config import load_config
+
+    code = job["process"].wait()
+    job["log"].close()
+    minutes = (time.time() - job["start"]) / 60
+    if code != 0:
+        tail = (job["run_dir"].parent / f"{job['run_dir'].name}.log").read_text().strip().splitlines()[-3:]
+        raise RuntimeError(f"{job['method']} failed ({code}): {' | '.join(tail)}")
+    config = load_config(job["run_dir"] / "config.yaml")
+    with safe_open(str(job["run_dir"] / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        trainable = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    return {"run_dir": str(job["run_dir"]), "prompt": config.data.prompt.format(config.token),
+            "trainable": trainable, "steps": config.optim.steps, "minutes": minutes}  # fmt: skip
 
 
 def load_pipe(path: Path):
@@ -148,24 +163,22 @@ def load_pipe(path: Path):
     return pipe
 
 
-def personalization(judge, out: Path, runs: Path, methods: list[str], seeds: list[int], count: int, steps: int,
-                    train_steps: int | None) -> dict:  # fmt: skip
-    """Every (method, seed): train, then sample before / after with the same seeds; the judge counts 7s."""
-    import numpy as np
-
+def personalization(judge, out: Path, runs: Path, pipeline: Path, methods: list[str], seeds: list[int], count: int,
+                    steps: int, train_steps: int | None) -> dict:  # fmt: skip
+    """Every (method, seed): train (the methods of a seed run in parallel processes), then sample before / after
+    with the same sampling seeds; the judge counts 7s."""
     from visionpeft.cli.generate import apply_adapter
 
-    base_path = ROOT / "checkpoints" / "tiny_sd"
-    base = load_pipe(base_path)
+    base = load_pipe(pipeline)
     chosen = subject_images(out / "subject")
     grid([chosen], out / "subject.png", scale=4, cols=len(chosen))
     results = {}
-    for method in methods:
-        rows = []
-        for seed in seeds:
-            info = personalize(method, seed, out / "subject", runs, train_steps)
+    for seed in seeds:
+        jobs = [launch(method, seed, out / "subject", runs, pipeline, train_steps) for method in methods]
+        for method, job in zip(methods, jobs):
+            info = finish(job)
             before = sample(base, info["prompt"], count, seed=seed, steps=steps)
-            tuned = load_pipe(base_path)
+            tuned = load_pipe(pipeline)
             apply_adapter(tuned, Path(info["run_dir"]) / "adapter")
             after = sample(tuned, info["prompt"], count, seed=seed, steps=steps)
             info["before"] = float(np.mean([p == SUBJECT for p in judge.predict(before)]))
@@ -174,8 +187,7 @@ def personalization(judge, out: Path, runs: Path, methods: list[str], seeds: lis
                   f"{100 * info['after']:.0f}% after ({info['minutes']:.1f} min)", flush=True)  # fmt: skip
             results.setdefault(method, []).append(info)
             if seed == seeds[0]:
-                rows = [before, after]
-        grid(rows, out / f"personalize_{method}.png")
+                grid([before, after], out / f"personalize_{method}.png")
     return results
 
 
@@ -255,6 +267,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--train-steps", type=int, default=None, help="personalization steps (default: configs')")
     parser.add_argument("--skip-personalization", action="store_true")
+    parser.add_argument("--pipeline", type=Path, default=ROOT / "checkpoints" / "tiny_sd")
     parser.add_argument("--out", type=Path, default=ROOT / "gallery" / "diffusion")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "diffusion_demo")
     parser.add_argument("--from-json", type=Path, default=None, help="rewrite README.md from a results.json")
@@ -263,23 +276,32 @@ def main(argv: list[str]) -> int:
         results = json.loads(args.from_json.read_text())
         write_readme(results, args.from_json.parent)
         return 0
-    if not (ROOT / "checkpoints" / "tiny_sd" / "model_index.json").is_file():
-        print("error: checkpoints/tiny_sd is missing; make it with python tools/pretrain.py configs/pretrain/"
-              "tiny_sd.yaml", file=sys.stderr)  # fmt: skip
+    if not (args.pipeline / "model_index.json").is_file():
+        print(f"error: {args.pipeline} is no pipeline folder; make checkpoints/tiny_sd with python tools/pretrain.py "
+              "configs/pretrain/tiny_sd.yaml", file=sys.stderr)  # fmt: skip
         return 2
     from visionpeft.judge import Judge
 
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     judge = Judge.load()
-    base = base_samples(load_pipe(ROOT / "checkpoints" / "tiny_sd"), judge, args.out, args.samples, args.steps)
+    base = base_samples(load_pipe(args.pipeline), judge, args.out, args.samples, args.steps)
     results = {"command": "python tools/benchmark.py diffusion-demo " + " ".join(argv), "steps": args.steps,
                "seeds": args.seeds, "base": base,
                "not_done": "Control on fill50k (ControlNet / ControlNet-LoRA / T2I-Adapter at 32 px) is not part of "
                            "this run."}  # fmt: skip
     if not args.skip_personalization:
-        results["personalization"] = personalization(judge, args.out, args.runs, args.methods, args.seeds,
-                                                     args.samples, args.steps, args.train_steps)  # fmt: skip
+        results["personalization"] = personalization(
+            judge,
+            args.out,
+            args.runs,
+            args.pipeline,
+            args.methods,
+            args.seeds,
+            args.samples,
+            args.steps,
+            args.train_steps,
+        )
     results["minutes"] = (time.time() - start) / 60
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_readme(results, args.out)
