@@ -231,10 +231,11 @@ def write_readme(results: dict, out: Path) -> None:
         note = " (held out)" if r["held_out"] else ""
         lines.append(f"| {prompt}{note} | {100 * r['rate']:.0f} |")
     lines += ["", "KID on the judge's pre-logit features (torchmetrics `KernelInceptionDistance` with the judge as its"
-              " feature module; lower is closer; x 1000):", "", "| sets | KID x 1000 (mean ± std over subsets) |",
-              "|---|---:|"]  # fmt: skip
+              " feature module, cubic polynomial kernel; lower is closer; the judge's 192-d features are unnormalised,"
+              " so the scale is its own - compare rows, not other papers' KID):", "",
+              "| sets | KID (mean ± std over subsets) |", "|---|---:|"]  # fmt: skip
     for name, (m, s) in base["kid"].items():
-        lines.append(f"| {name} | {1000 * m:.1f} ± {1000 * s:.1f} |")
+        lines.append(f"| {name} | {m:.3f} ± {s:.3f} |")
     if pers:
         lines += ["", "## Personalization of a held-out subject (digit 7, 5 real images)", "",
                   "The 5 training images: ![subject](subject.png)", "",
