@@ -64,21 +64,25 @@ def text_to_image(config, args: argparse.Namespace, command: str) -> int:
     run_dir = Path(config.train.output_dir) / config.train.run_name
     start = time.time()
     if not args.export_only:
+        trains_vae = not (run_dir / "vae" / "training.json").exists()
         results = train(config, run_dir, resume=args.resume)
+        add_minutes(run_dir, (time.time() - start) / 60, includes_vae=trains_vae)
         if "outputs" not in results:
             print(f"stopped before the last step; continue with --resume ({run_dir})")
             return 1
-        add_minutes(run_dir, (time.time() - start) / 60)
     target = export_pipeline(config, run_dir, args.out / config.train.run_name, command)
     print(f"wrote {target} (model card {target / 'README.md'})")
     return 0
 
 
-def add_minutes(run_dir: Path, minutes: float) -> float:
-    """Adds this session's wall time to the run's total (a resumed run is timed over all its sessions)."""
+def add_minutes(run_dir: Path, minutes: float, includes_vae: bool = False) -> float:
+    """Adds this session's wall time to the run's total (a resumed run is timed over all its sessions);
+    ``includes_vae``: this session trained the VAE stage (otherwise its time is only in ``vae/training.json``)."""
     record = run_dir / "wall_minutes.json"
-    total = (json.loads(record.read_text())["minutes"] if record.exists() else 0.0) + minutes
-    record.write_text(json.dumps({"minutes": total}) + "\n")
+    old = json.loads(record.read_text()) if record.exists() else {"minutes": 0.0}
+    total = old["minutes"] + minutes
+    flag = bool(old.get("includes_vae")) or includes_vae
+    record.write_text(json.dumps({"minutes": total, "includes_vae": flag}) + "\n")
     return total
 
 

@@ -56,7 +56,8 @@ def export_pipeline(config, run_dir: Path, target: Path, command: str) -> Path:
     if grids:
         shutil.copyfile(grids[-1], target / "samples.png")
     vae = json.loads((run_dir / "vae" / "training.json").read_text())
-    minutes = json.loads((run_dir / "wall_minutes.json").read_text())["minutes"]
+    wall = json.loads((run_dir / "wall_minutes.json").read_text())
+    minutes = wall["minutes"] + (0.0 if wall.get("includes_vae") else vae["minutes"])
     first, last, steps = _losses(run_dir)
     images = captioned_mix("all", size=config.model.image_size, seed=config.train.seed,
                            exclude=list(config.data.exclude), **dict(config.data.options))  # fmt: skip
