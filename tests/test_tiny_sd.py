@@ -33,6 +33,11 @@ print(json.dumps({"mean": float(out.mean()), "corner": out[0, :2, :2, 0].round(4
 """
 
 
+#: what GENERATE printed for the shipped checkpoint when it was exported (a changed checkpoint, loader or sampler
+#: moves these numbers)
+REFERENCE = {"mean": 0.38868549, "corner": [[0.1336, 0.1545], [0.1297, 0.1069]]}
+
+
 def _generate(folder: Path) -> dict:
     done = subprocess.run([sys.executable, "-c", GENERATE, str(folder)], capture_output=True, text=True, env=ENV,
                           timeout=120)  # fmt: skip
@@ -41,7 +46,7 @@ def _generate(folder: Path) -> dict:
 
 
 def test_shipped_pipeline_loads_with_diffusers_alone_and_is_deterministic():
-    reference = json.loads((PIPELINE / "reference_sample.json").read_text())
+    reference = REFERENCE
     first = _generate(PIPELINE)
     assert first["visionpeft"] is False  # diffusers alone
     assert first["shape"] == [2, 32, 32, 3]
