@@ -255,6 +255,8 @@ def write_readme(results: dict, out: Path) -> None:
             lines.append(f"{METHODS[method]} (top: before, bottom: after, seed {results['seeds'][0]}): "
                          f"![{method}](personalize_{method}.png)")  # fmt: skip
             lines.append("")
+    if results.get("notes"):
+        lines += ["## Reading the numbers", "", results["notes"], ""]
     lines += ["## Not measured here", "", results.get("not_done", "")]
     (out / "README.md").write_text("\n".join(lines).rstrip() + "\n")
 
