@@ -73,7 +73,7 @@ def export_pipeline(config, run_dir: Path, target: Path, command: str) -> Path:
 
 A tiny text-to-image latent diffusion model in diffusers' `StableDiffusionPipeline` layout, pretrained from scratch
 by visionpeft on this machine's CPU on {len(images):,} captioned 32 px images whose pixels ship inside scikit-learn and
-scikit-image - so that personalization and control can be shown to *learn*, offline, with no hub model.
+scikit-image - so that personalization (and later control) can be shown to *learn*, offline, with no hub model.
 
 ```python
 import torch
@@ -106,6 +106,7 @@ Rows of `samples.png`: {", ".join(f'"{p}"' for p in _validation_prompts())}.
 - Text encoder: {text}. Why: its 2 small layers cost little next to the U-Net, and a trained encoder gives each
   caption word (digit names, colours, nouns) an embedding the U-Net's cross-attention can read apart; words never
   seen in pretraining (`seven`, `brick`) keep their random embeddings, which is what textual inversion starts from.
+  Not measured against a frozen random encoder (no CPU time for a second pretraining run).
 
 ## Data (`visionpeft/data/captioned_mix.py`, split `all`)
 | family | images | captions |
