@@ -12,6 +12,9 @@ control  a ControlNet training step against diffusers' train_controlnet.py step;
 segment  segmentation training-step time and memory of every method relative to full fine-tuning; sliding-window
       inference throughput relative to whole-image.
 segment-demo  every method on the tiny ViT and the texture mosaic (mIoU table + prediction picture in gallery/).
+diffusion-demo  the embedded tiny text-to-image pipeline: base samples judged, personalization before / after
+      (gallery/diffusion/).
+tiny-sd  the tiny pipeline's sampling speed, and its personalization step against the bare diffusers + peft step.
 """
 
 from __future__ import annotations
@@ -20,7 +23,18 @@ import importlib
 import sys
 from pathlib import Path
 
-SUITES = ("core", "demo", "clip", "personalize", "cli", "control", "segment", "segment-demo")
+SUITES = (
+    "core",
+    "demo",
+    "clip",
+    "personalize",
+    "cli",
+    "control",
+    "segment",
+    "segment-demo",
+    "diffusion-demo",
+    "tiny-sd",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,11 +158,17 @@ def _visionpeft_step_fn(pipe, variant: str):
 
 
 def _measure(args: tuple) -> dict:
-    side, variant, batch, size, steps, threads = args
+    """(side, variant, batch, size, steps, threads[, pipeline folder]) -> median step time and peak memory."""
+    side, variant, batch, size, steps, threads, *model = args
     import torch
 
     torch.set_num_threads(threads)
-    pipe = build_pipeline()
+    if model:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(model[0], torch_dtype=torch.float32)
+    else:
+        pipe = build_pipeline()
     step = (_reference_step_fn if side == "reference" else _visionpeft_step_fn)(pipe, variant)
     pixels = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     gc.collect()

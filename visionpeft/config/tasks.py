@@ -17,6 +17,7 @@ from .class_conditional import ClassConditionalConfig
 from .classification import ClassificationConfig
 from .control import ControlConfig
 from .personalization import PersonalizationConfig
+from .pretrain_text_to_image import PretrainTextToImageConfig
 from .segmentation import SegmentationConfig
 
 
@@ -56,7 +57,10 @@ register(TaskSpec("control", ControlConfig, "visionpeft.trainers.control:run", c
                   pipeline_tag="text-to-image"))  # fmt: skip
 
 
-register(TaskSpec("segmentation", SegmentationConfig, "visionpeft.trainers.segmentation:run"))
+register(TaskSpec("segmentation", SegmentationConfig, "visionpeft.trainers.segmentation:run",
+                  pipeline_tag="image-segmentation"))  # fmt: skip
+register(TaskSpec("pretrain_text_to_image", PretrainTextToImageConfig, "visionpeft.trainers.pretrain_sd:run",
+                  pipeline_tag="text-to-image"))  # fmt: skip
 
 
 def task_spec(name: str) -> TaskSpec:

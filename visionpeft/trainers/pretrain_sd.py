@@ -1,0 +1,166 @@
+"""Pretraining of the tiny text-to-image pipeline: the VAE, then the U-Net (+ text encoder) on the captioned mix.
+
+The VAE trains first in its own short loop (:func:`~.tiny_sd_parts.vae_stage`, saved in ``RUN/vae``); its
+latents of every image are then cached (the VAE is frozen) and the U-Net learns the denoising loss of Stable
+Diffusion (:func:`~.diffusion.diffusion_loss`: DDPM forward process, epsilon target, min-SNR weighting) with the
+shared loop (progress, resume, EMA, ``metrics.jsonl``). Captions are dropped to ``""`` at ``caption_dropout`` so
+that classifier-free guidance works. The text encoder trains with the U-Net (method ``full`` on both towers) unless
+``model.train_text_encoder=false``. Validation writes a grid of sample images per prompt family; ``finish`` writes
+``RUN/pipeline``, a ``StableDiffusionPipeline`` folder (fp32) that diffusers loads alone; ``tools/pretrain.py``
+ships it with U-Net and VAE in fp16 (:func:`~.tiny_sd_card.export_pipeline`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import Dataset
+
+import visionpeft as vp
+
+from ..backbones import pipeline_modules
+from ..data.captioned_mix import CaptionedImages, captioned_mix
+from .diffusion import DiffusionParts, diffusion_loss
+from .logs import get_logger
+from .run import Setup, run_task
+from .tiny_sd_parts import (
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    sampling_scheduler,
+    to_pixels,
+    training_noise_scheduler,
+    vae_stage,
+)
+
+logger = get_logger(__name__)
+
+#: one validation row per family; digit 7 is held out, so its row shows what the model cannot draw
+VALIDATION_PROMPTS = (
+    "a handwritten digit three", "a handwritten digit seven", "a photo of gravel", "a photo of a face",
+    "a photo of a cat", "red circle with blue background",
+)  # fmt: skip
+
+
+class CaptionedPixels(Dataset):
+    """``{"pixel_values": (3, S, S) in [-1, 1], "prompt": caption}`` items of a :class:`CaptionedImages`."""
+
+    def __init__(self, images: CaptionedImages) -> None:
+        self.pixels, self.captions = to_pixels(images.images), images.captions
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"pixel_values": self.pixels[index], "prompt": self.captions[index]}
+
+
+class TextToImageDenoiser(nn.Module):
+    """The trained modules plus the frozen VAE; forward is the denoising loss of a batch (what accelerate wraps)."""
+
+    def __init__(self, adapted: nn.Module, pipeline, cfg: DictConfig) -> None:
+        super().__init__()
+        self.adapted, self.vae = adapted, pipeline.vae
+        frozen_text = not cfg.model.train_text_encoder
+        # the VAE is frozen: each image's latent distribution is computed once (latents are still sampled per step)
+        parts = DiffusionParts(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
+                               training_noise_scheduler(), {} if frozen_text else None, {})  # fmt: skip
+        self.__dict__["parts"] = parts
+        self.cfg = cfg
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        prompts = list(batch["prompt"])
+        drop = torch.rand(len(prompts)) < self.cfg.data.caption_dropout
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        return diffusion_loss(self.parts, batch["pixel_values"], prompts, snr_gamma=self.cfg.optim.snr_gamma)
+
+
+class SampleGrids:
+    """Validation: a grid of ``validation_images`` samples per prompt of :data:`VALIDATION_PROMPTS`."""
+
+    metric = "none"
+
+    def __init__(self, pipeline, cfg: DictConfig, run_dir: Path) -> None:
+        self.pipeline, self.cfg, self.run_dir = pipeline, cfg, run_dir
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        return model(batch)
+
+    def evaluate(self, model: nn.Module, accelerator) -> dict[str, float]:
+        from diffusers.utils import make_image_grid
+
+        if not accelerator.is_main_process:
+            return {}
+        train, per_prompt = self.cfg.train, self.cfg.train.validation_images
+        self.pipeline.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(train.seed)
+        prompts = [p for p in VALIDATION_PROMPTS for _ in range(per_prompt)]
+        images = self.pipeline(prompts, num_inference_steps=train.validation_steps, generator=generator,
+                               guidance_scale=train.guidance_scale).images  # fmt: skip
+        folder = self.run_dir / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        step = len(list(folder.glob("*.png")))
+        make_image_grid(images, rows=len(VALIDATION_PROMPTS), cols=per_prompt).save(folder / f"{step:03d}.png")
+        return {}
+
+
+def build_pipeline(cfg: DictConfig, vae):
+    """A ``StableDiffusionPipeline`` around the trained VAE and a fresh U-Net, text encoder and tokenizer."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = build_tokenizer(cfg.model)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=build_text_encoder(cfg.model, tokenizer), tokenizer=tokenizer,
+        unet=build_unet(cfg.model), scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+
+
+class PretrainTextToImageTrainer:
+    """VAE stage, then the U-Net (+ text encoder) with the shared loop; writes ``RUN/pipeline`` at the end."""
+
+    def build(self, config: DictConfig, accelerator, run_dir: Path) -> Setup:
+        images = captioned_mix("all", size=config.model.image_size, seed=config.train.seed,
+                               exclude=list(config.data.exclude), **dict(config.data.options))  # fmt: skip
+        run_dir.mkdir(parents=True, exist_ok=True)
+        vae, vae_record = vae_stage(config.model, config.vae, images.images, config.train.seed, run_dir)
+        torch.manual_seed(config.train.seed)
+        pipeline = build_pipeline(config, vae)
+        towers = ["unet", "text_encoder"] if config.model.train_text_encoder else ["unet"]
+        vp.attach(pipeline, [("full", {"tower": tower}) for tower in towers])
+        if not config.model.train_text_encoder:
+            pipeline.text_encoder.requires_grad_(False)
+        adapted = pipeline_modules(pipeline)
+        subjects = sorted(images.subjects())
+        held_out = ", ".join(config.data.exclude) or "none"
+        mse = vae_record["reconstruction_mse"]
+        summary = [
+            f"{len(images)} captioned images of {len(subjects)} subjects at {config.model.image_size} px; "
+            f"held out: {held_out}",
+            f"vae: {vae_record['steps']} steps, reconstruction mse {mse:.4f}",
+        ]
+        return Setup(TextToImageDenoiser(adapted, pipeline, config), adapted, SampleGrids(pipeline, config, run_dir),
+                     CaptionedPixels(images), frozen=[vae], loader={"drop_last": True}, summary=summary,
+                     state={"pipeline": pipeline, "vae": vae_record, "images": len(images),
+                            "subjects": subjects})  # fmt: skip
+
+    def finish(self, config: DictConfig, loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
+        pipeline = setup.state["pipeline"]
+        result = {"vae": setup.state["vae"], "images": setup.state["images"], "subjects": setup.state["subjects"]}
+        if not loop.accelerator.is_main_process:
+            return result
+        vp.merge(pipeline_modules(pipeline))  # full training: the weights are the model
+        pipeline.save_pretrained(run_dir / "pipeline")
+        record = {**result, "steps": loop.step}
+        (run_dir / "pipeline" / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        return {**result, "outputs": [run_dir / "pipeline"]}
+
+
+def run(config: DictConfig, run_dir: Path, **options: Any) -> dict[str, Any]:
+    """Pretrains (see :func:`~.run.run_task` for the options); returns ``{"outputs": [RUN/pipeline], "vae", ...}``."""
+    return run_task(PretrainTextToImageTrainer(), config, run_dir, **options)

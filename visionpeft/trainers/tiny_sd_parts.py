@@ -1,0 +1,151 @@
+"""The parts of the tiny text-to-image pipeline, built from scratch with diffusers' / transformers' own classes, and
+the VAE's training stage.
+
+Everything is a stock class (``AutoencoderKL``, ``UNet2DConditionModel``, ``CLIPTextModel``, ``CLIPTokenizer``
+from open_clip's vocabulary, ``DDPMScheduler`` / ``DDIMScheduler``), so the saved folder loads with
+``StableDiffusionPipeline.from_pretrained`` and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from ..data.clip_vocab import clip_tokenizer
+from .logs import get_logger
+
+logger = get_logger(__name__)
+
+#: Stable Diffusion's noise schedule (scaled linear betas, 1000 steps, epsilon prediction)
+NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}  # fmt: skip
+
+
+def build_vae(model: DictConfig):
+    from diffusers import AutoencoderKL
+
+    blocks = len(model.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=model.latent_channels,
+        block_out_channels=tuple(model.vae_channels), layers_per_block=model.layers_per_block,
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        norm_num_groups=min(16, model.vae_channels[0]), sample_size=model.image_size,
+    )  # fmt: skip
+
+
+def latent_size(model: DictConfig) -> int:
+    """The latent side: diffusers derives the VAE scale factor as 2 ** (len(block_out_channels) - 1)."""
+    return model.image_size // 2 ** (len(model.vae_channels) - 1)
+
+
+def build_unet(model: DictConfig):
+    from diffusers import UNet2DConditionModel
+
+    blocks = len(model.unet_channels)
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (blocks - 1)
+    up = ("CrossAttnUpBlock2D",) * (blocks - 1) + ("UpBlock2D",)
+    return UNet2DConditionModel(
+        sample_size=latent_size(model), in_channels=model.latent_channels, out_channels=model.latent_channels,
+        block_out_channels=tuple(model.unet_channels), layers_per_block=model.layers_per_block,
+        down_block_types=down, up_block_types=up, cross_attention_dim=model.text_width,
+        attention_head_dim=model.attention_head_dim, norm_num_groups=min(16, model.unet_channels[0]),
+    )  # fmt: skip
+
+
+def build_text_encoder(model: DictConfig, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=model.text_width, intermediate_size=4 * model.text_width,
+        num_hidden_layers=model.text_layers, num_attention_heads=model.text_heads,
+        max_position_embeddings=model.max_tokens, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return CLIPTextModel(config)
+
+
+def build_tokenizer(model: DictConfig):
+    """open_clip's BPE vocabulary as a ``CLIPTokenizer`` (files written to a temporary folder, then held in memory)."""
+    with tempfile.TemporaryDirectory() as folder:
+        return clip_tokenizer(folder, model_max_length=model.max_tokens)
+
+
+def training_noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**NOISE_SCHEDULE, clip_sample=False)
+
+
+def sampling_scheduler():
+    """DDIM over the same noise schedule, as Stable Diffusion ships it (20 steps are enough at this size)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def train_vae(vae, images: np.ndarray, stage: DictConfig, seed: int, folder: Path) -> dict:
+    """Trains ``vae`` on the images (pixel MSE + ``kl_weight`` x KL, AdamW with cosine decay), sets its
+    ``scaling_factor`` from the measured latent std, saves it into ``folder`` with ``training.json``."""
+    pixels = to_pixels(images)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=stage.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, stage.steps) / stage.steps))
+    )
+    start, recent = time.time(), []
+    vae.train()
+    for step in range(1, stage.steps + 1):
+        batch = pixels[torch.randint(0, len(pixels), (stage.batch_size,), generator=generator)]
+        distribution = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(distribution.sample(generator)).sample
+        mse = F.mse_loss(reconstruction, batch)
+        loss = mse + stage.kl_weight * distribution.kl().mean()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        recent = (recent + [mse.item()])[-50:]
+        if step % 50 == 0 or step == stage.steps:
+            logger.info(f"vae step {step}/{stage.steps}: reconstruction mse {np.mean(recent):.4f}")
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mode() for i in range(0, len(pixels), 256)])
+        std = latents.std().item()
+        check = pixels[:: max(1, len(pixels) // 512)]
+        reconstruction_mse = F.mse_loss(vae.decode(vae.encode(check).latent_dist.mode()).sample, check).item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.requires_grad_(False)
+    record = {"steps": stage.steps, "final_train_mse": float(np.mean(recent)), "reconstruction_mse": reconstruction_mse,
+              "latent_std": std, "scaling_factor": 1.0 / std, "minutes": (time.time() - start) / 60}  # fmt: skip
+    vae.save_pretrained(folder)
+    (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")  # last: marks the stage complete
+    logger.info(f"vae: reconstruction mse {reconstruction_mse:.4f}, latent std {std:.3f} -> scaling {1 / std:.3f}")
+    return record
+
+
+def vae_stage(model: DictConfig, stage: DictConfig, images: np.ndarray, seed: int, run_dir: Path):
+    """The trained VAE of the run: loaded from ``RUN/vae`` when that stage finished before, trained otherwise."""
+    from diffusers import AutoencoderKL
+
+    folder = run_dir / "vae"
+    if (folder / "training.json").exists():
+        logger.info(f"vae: reusing the stage finished in {folder}")
+        vae = AutoencoderKL.from_pretrained(folder)
+        return vae.requires_grad_(False).eval(), json.loads((folder / "training.json").read_text())
+    torch.manual_seed(seed)
+    vae = build_vae(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    return vae, train_vae(vae, images, stage, seed, folder)
