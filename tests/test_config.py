@@ -132,3 +132,10 @@ def test_switching_only_method_name_names_the_options_of_the_old_method(tree):
     with pytest.raises(ConfigError, match="from vpt to lora, but the options deep, num_tokens were written for vpt"):
         load_config(tree, ["method.name=lora"])
     assert load_config(tree, ["method.name=vpt", "method.num_tokens=5"]).method.num_tokens == 5
+
+
+def test_the_task_fields_help_names_every_registered_task():
+    from visionpeft.config.sections import TASK_HELP
+    from visionpeft.registry import TRAINERS
+
+    assert set(TASK_HELP.split(": ", 1)[1].split(", ")) == set(TRAINERS.names())

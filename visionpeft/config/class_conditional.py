@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..schema import section, setting
-from .sections import DiffusersModel, DiffusionTrain, OptimConfig
+from .sections import TASK_HELP, DiffusersModel, DiffusionTrain, OptimConfig
 
 
 @dataclass
@@ -60,7 +60,7 @@ class ClassTrain(DiffusionTrain):
 class ClassConditionalConfig:
     """A class-conditional DiT run."""
 
-    task: str = setting("class_conditional", "the trainer: classification, personalization, class_conditional, control")
+    task: str = setting("class_conditional", TASK_HELP)
     model: DiTModel = section(DiTModel, "the DiT pipeline")
     method: Any = setting("difffit", "a method name, {name: ..., options}, or a list of those")
     data: ClassData = section(ClassData, "the labelled images")

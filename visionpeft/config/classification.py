@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..schema import section, setting
-from .sections import OptimConfig, RunSettings, VisionModel
+from .sections import TASK_HELP, OptimConfig, RunSettings, VisionModel
 
 
 @dataclass
@@ -63,7 +63,7 @@ class ClassificationTrain(RunSettings):
 class ClassificationConfig:
     """An image-classification run: model, method(s), data, optimizer, run settings."""
 
-    task: str = setting("classification", "the trainer: classification, personalization, class_conditional, control")
+    task: str = setting("classification", TASK_HELP)
     model: ModelConfig = section(ModelConfig, "the backbone")
     method: Any = setting("linear", "a method name, {name: ..., options}, or a list of those (a hybrid)")
     data: DataConfig = section(DataConfig, "the dataset")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..schema import section, setting
-from .sections import SCHEDULES, DiffusersModel, DiffusionTrain, OptimConfig
+from .sections import SCHEDULES, TASK_HELP, DiffusersModel, DiffusionTrain, OptimConfig
 
 
 @dataclass
@@ -49,7 +49,7 @@ class ControlTrain(DiffusionTrain):
 class ControlConfig:
     """A control run on a Stable Diffusion 1.x / 2.x pipeline."""
 
-    task: str = setting("control", "the trainer: classification, personalization, class_conditional, control")
+    task: str = setting("control", TASK_HELP)
     model: DiffusersModel = section(DiffusersModel, "the Stable Diffusion pipeline")
     method: Any = setting("controlnet", "a method name, {name: ..., options}, or a list of those")
     data: ControlData = section(ControlData, "the (image, condition, caption) triples")

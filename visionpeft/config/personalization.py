@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..schema import section, setting
-from .sections import DiffusersModel, DiffusionTrain, OptimConfig
+from .sections import TASK_HELP, DiffusersModel, DiffusionTrain, OptimConfig
 
 
 @dataclass
@@ -69,7 +69,7 @@ class PersonalizeTrain(DiffusionTrain):
 class PersonalizationConfig:
     """A personalization run on a Stable Diffusion 1.x / 2.x pipeline."""
 
-    task: str = setting("personalization", "the trainer: classification, personalization, class_conditional, control")
+    task: str = setting("personalization", TASK_HELP)
     model: DiffusersModel = section(DiffusersModel, "the Stable Diffusion pipeline")
     method: Any = setting("textual_inversion", "a method name, {name: ..., options}, or a list of those")
     token: str = setting("<concept>", "the placeholder token / the subject's words in the prompts")

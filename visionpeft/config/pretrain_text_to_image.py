@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..schema import section, setting
-from .sections import SCHEDULES, DiffusionTrain, OptimConfig
+from .sections import SCHEDULES, TASK_HELP, DiffusionTrain, OptimConfig
 
 
 @dataclass
@@ -74,7 +74,7 @@ class PretrainTrain(DiffusionTrain):
 class PretrainTextToImageConfig:
     """Pretraining of the tiny text-to-image pipeline."""
 
-    task: str = setting("pretrain_text_to_image", "the trainer")
+    task: str = setting("pretrain_text_to_image", TASK_HELP)
     model: TinySDModel = section(TinySDModel, "the pipeline's widths")
     method: Any = setting("full", "what trains: full (every weight of the U-Net / text encoder)",
                           choices=("full",))  # fmt: skip

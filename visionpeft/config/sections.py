@@ -14,6 +14,12 @@ SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial
 PRECISIONS = ("no", "fp16", "bf16")
 
 
+#: The ``task:`` field's help, shared by every task schema.
+TASK_HELP = (
+    "the trainer: classification, segmentation, personalization, class_conditional, control, pretrain_text_to_image"
+)
+
+
 @dataclass
 class VisionModel:
     """``model``: a timm ViT or an open_clip CLIP (the image tasks' backbone)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..schema import section, setting
-from .sections import SCHEDULES, OptimConfig, RunSettings, VisionModel
+from .sections import SCHEDULES, TASK_HELP, OptimConfig, RunSettings, VisionModel
 
 #: The decode heads (``visionpeft.tasks.seg_heads.HEADS``; repeated here so config checks load no torch).
 HEAD_NAMES = ("linear", "linear4", "setr_pup", "upernet")
@@ -79,7 +79,7 @@ class SegmentationTrain(RunSettings):
 class SegmentationConfig:
     """A semantic-segmentation run: backbone, method(s), decode head, data, evaluation, optimizer, run settings."""
 
-    task: str = setting("segmentation", "the trainer")
+    task: str = setting("segmentation", TASK_HELP)
     model: VisionModel = section(VisionModel, "the backbone")
     method: Any = setting("linear", "a method name, {name: ..., options}, or a list of those (a hybrid)")
     head: HeadConfig = section(HeadConfig, "the decode head")
