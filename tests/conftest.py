@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from tiny_models import tiny_vit
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# pytest-xdist workers (pyproject's addopts): one torch thread each, so workers do not oversubscribe the cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
 
 
 @pytest.fixture

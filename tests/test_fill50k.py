@@ -51,3 +51,17 @@ def test_the_tool_refuses_a_non_empty_folder(tmp_path, capsys):
     assert run(tool.main, ["--out", str(tmp_path / "d"), "--n", "2", "--size", "32"]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'd'} is not empty; give a new folder"
     assert _digest(tmp_path / "d") == before
+
+
+def test_a_palette_restricts_the_colours_and_a_bad_one_is_one_line(tmp_path, capsys):
+    make_fill50k(tmp_path / "small", n=30, size=32, seed=0, palette=["red", "blue", "yellow"])
+    records = [json.loads(line) for line in (tmp_path / "small" / "metadata.jsonl").read_text().splitlines()]
+    words = {word for r in records for word in r["text"].replace(" circle with ", " ").split()} - {"background"}
+    assert words == {"red", "blue", "yellow"}
+    sys.path.insert(0, str(ROOT / "tools"))
+    import make_fill50k as tool
+
+    from visionpeft.cli.common import run
+
+    assert run(tool.main, ["--out", str(tmp_path / "bad"), "--n", "2", "--size", "32", "--palette", "red", "blu"]) == 2
+    assert "unknown: ['blu']" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -1,5 +1,4 @@
-"""Benchmarks that print tables: ``python tools/benchmark.py {core,demo,clip,personalize,cli,control,segment,
-segment-demo} [options]``.
+"""Benchmarks that print tables: ``python tools/benchmark.py SUITE [options]``, SUITE one of those below.
 
 core  training-step time and peak memory of every method relative to full fine-tuning (ViT-B/16), a LoRA Linear
       against PEFT's, and a merged model's inference time against the plain model's.
@@ -15,6 +14,8 @@ segment-demo  every method on the tiny ViT and the texture mosaic (mIoU table + 
 diffusion-demo  the embedded tiny text-to-image pipeline: base samples judged, personalization before / after
       (gallery/diffusion/).
 tiny-sd  the tiny pipeline's sampling speed, and its personalization step against the bare diffusers + peft step.
+control-demo  ControlNet / ControlNet-LoRA on the tiny pipeline and 32 px fill50k: held-out fill IoU over training
+      steps against the base pipeline, sample grids (gallery/control/).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ SUITES = (
     "segment-demo",
     "diffusion-demo",
     "tiny-sd",
+    "control-demo",
 )
 
 

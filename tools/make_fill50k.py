@@ -22,6 +22,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--n", type=positive_int, default=50000)
     parser.add_argument("--size", type=positive_int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--palette", nargs="+", metavar="COLOUR",
+                        help="only these matplotlib CSS4 colour names (e.g. the tiny pipeline's: red green blue "
+                             "yellow white black orange purple); default: all 148")  # fmt: skip
     args = parser.parse_args(argv)
     from visionpeft.data.fill50k import make_fill50k
     from visionpeft.errors import DataError
@@ -30,7 +33,10 @@ def main(argv: list[str]) -> int:
         raise DataError(f"{args.out} is not empty; give a new folder")
     if args.size < 32:
         raise DataError(f"--size {args.size} is too small for a circle and its outline; use 32 or more")
-    make_fill50k(args.out, args.n, args.size, args.seed)
+    try:
+        make_fill50k(args.out, args.n, args.size, args.seed, palette=args.palette)
+    except ValueError as err:
+        raise DataError(f"--palette: {err}") from None
     print(f"wrote {args.n} pairs to {args.out}")
     return 0
 

@@ -10,6 +10,7 @@ generator's parameters. :func:`fill_iou` scores a generated image against its pa
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +45,18 @@ def _colours() -> dict[str, tuple[int, int, int]]:
     return {name: tuple(round(255 * c) for c in to_rgb(value)) for name, value in sorted(CSS4_COLORS.items())}
 
 
-def make_fill50k(out: str | Path, n: int = 50000, size: int = 512, seed: int = 0) -> Path:
-    """Writes ``n`` pairs into ``out`` (``source/``, ``target/``, ``metadata.jsonl``, ``card.json``)."""
+def make_fill50k(out: str | Path, n: int = 50000, size: int = 512, seed: int = 0,
+                 palette: Sequence[str] | None = None) -> Path:  # fmt: skip
+    """Writes ``n`` pairs into ``out`` (``source/``, ``target/``, ``metadata.jsonl``, ``card.json``); ``palette``
+    restricts the colours to those CSS4 names (the tiny pipeline's eight, say), else all 148."""
     out = Path(out)
+    colours = _colours()
+    unknown = [name for name in palette or () if name not in colours]
+    if unknown or (palette is not None and len(set(palette)) < 2):
+        raise ValueError(f"a palette needs two or more matplotlib CSS4 colour names; unknown: {unknown}")
     (out / "source").mkdir(parents=True, exist_ok=True)
     (out / "target").mkdir(parents=True, exist_ok=True)
-    colours = _colours()
-    names = list(colours)
+    names = sorted(set(palette)) if palette else list(colours)
     rng = np.random.default_rng(seed)
     width = max(1, size // 64)
     lines = []
@@ -71,7 +77,8 @@ def make_fill50k(out: str | Path, n: int = 50000, size: int = 512, seed: int = 0
                       "background": list(colours[background])})  # fmt: skip
     (out / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     card = {"dataset": "fill50k (generated)", "generator": "visionpeft.data.fill50k.make_fill50k", "n": n,
-            "size": size, "seed": seed, "colours": "matplotlib CSS4 (148 names, two distinct per pair)",
+            "size": size, "seed": seed,
+            "colours": f"matplotlib CSS4 ({', '.join(names) if palette else '148 names'}; two distinct per pair)",
             "radius": [size // 10, size // 3], "outline_width": width}  # fmt: skip
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return out
