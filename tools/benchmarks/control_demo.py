@@ -166,7 +166,7 @@ def main(argv: list[str]) -> int:
     pipe = StableDiffusionPipeline.from_pretrained(ROOT / "checkpoints" / "tiny_sd", torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     base_scores, base_images = score(pipe, test_data, None)
-    results = {"command": "python tools/benchmark.py control-demo " + " ".join(argv), "steps": args.steps,
+    results = {"command": " ".join(["python tools/benchmark.py control-demo", *argv]), "steps": args.steps,
                "seed": args.seed, "train_pairs": 2000, "test_pairs": TEST_PAIRS,
                "base_iou": statistics.mean(base_scores), "methods": {}}  # fmt: skip
     curves = {}
