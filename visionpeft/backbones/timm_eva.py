@@ -19,8 +19,8 @@ from functools import partial
 
 from torch import nn
 
-from .base import Backbone, Block, Branch, Projection, TokenLayout, Tower
-from .timm_vit import _to_2tuple
+from .base import Backbone, Block, Branch, Projection, Tower
+from .timm_vit import timm_token_layout
 
 
 def _mlp_projections(mlp: nn.Module) -> dict[str, Projection]:
@@ -61,18 +61,8 @@ class TimmEva(Backbone):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         blocks = [eva_block(f"blocks.{i}", blk) for i, blk in enumerate(model.blocks)]
-        patch = model.patch_embed
-        patch_hw = _to_2tuple(patch.patch_size)
-        tokens = TokenLayout(
-            dim=model.embed_dim,
-            num_prefix=model.num_prefix_tokens,
-            grid=_to_2tuple(patch.grid_size),
-            patch_size=patch_hw[0],
-            in_chans=patch.proj.in_channels,
-            patch_hw=patch_hw if patch_hw[0] != patch_hw[1] else None,
-            pad=bool(getattr(patch, "dynamic_img_pad", False)),
-        )
-        stages = {"embed": patch, "norm": model.norm}
+        tokens = timm_token_layout(model)
+        stages = {"embed": model.patch_embed, "norm": model.norm}
         owns = lambda name: not name.startswith("head.")  # noqa: E731
         self.towers["vision"] = Tower("vision", "", blocks, owns, tokens, stages=stages, forward=model.forward_features)
         self._attention_defaults: list[tuple[nn.Module, int, bool]] = []

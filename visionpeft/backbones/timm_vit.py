@@ -14,6 +14,22 @@ def _to_2tuple(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
+def timm_token_layout(model: nn.Module) -> TokenLayout:
+    """The token layout of a timm ViT-style model (``VisionTransformer``, ``Eva``): width, prefix tokens, the patch
+    embedding's grid, patch size and padding."""
+    patch = model.patch_embed
+    patch_hw = _to_2tuple(patch.patch_size)
+    return TokenLayout(
+        dim=model.embed_dim,
+        num_prefix=model.num_prefix_tokens,
+        grid=_to_2tuple(patch.grid_size),
+        patch_size=patch_hw[0],
+        in_chans=patch.proj.in_channels,
+        patch_hw=patch_hw if patch_hw[0] != patch_hw[1] else None,
+        pad=bool(getattr(patch, "dynamic_img_pad", False)),
+    )
+
+
 def vit_tower(
     vit: nn.Module, prefix: str = "", owns=None, name: str = "vision", forward: Callable | None = None
 ) -> Tower:
@@ -43,16 +59,7 @@ def vit_tower(
         }
         blocks.append(Block(f"{prefix}blocks.{i}", blk, branches, projections))
     patch = vit.patch_embed
-    patch_hw = _to_2tuple(patch.patch_size)
-    tokens = TokenLayout(
-        dim=vit.embed_dim,
-        num_prefix=vit.num_prefix_tokens,
-        grid=_to_2tuple(patch.grid_size),
-        patch_size=patch_hw[0],
-        in_chans=patch.proj.in_channels,
-        patch_hw=patch_hw if patch_hw[0] != patch_hw[1] else None,
-        pad=bool(getattr(patch, "dynamic_img_pad", False)),
-    )
+    tokens = timm_token_layout(vit)
     head_prefixes = ("head.", "head_dist.")  # DeiT's distilled models have a second classifier
     return Tower(
         name,
