@@ -62,8 +62,11 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return [(int(p.name.split("-")[1]), p) for p in sorted((run_dir / "checkpoints").glob("step-*"))]
 
 
-def score(pipe, test: Path, adapter: Path | None) -> tuple[list[float], list]:
-    """Fill IoU of every held-out pair's sample (seed = pair index), with the adapter loaded or the base pipeline."""
+def score(pipe, test: Path, adapter: Path | None) -> tuple[list[float], list, int]:
+    """Fill IoU of every held-out pair's sample (seed = pair index), with the adapter loaded or the base pipeline;
+    also the adapter's trainable parameter count (0 for the base pipeline)."""
+    import contextlib
+
     import numpy as np
     import torch
     from PIL import Image
@@ -72,24 +75,21 @@ def score(pipe, test: Path, adapter: Path | None) -> tuple[list[float], list]:
     from visionpeft.data.fill50k import fill_iou
 
     records = [json.loads(line) for line in (test / "metadata.jsonl").read_text().splitlines()]
-    if adapter is not None:
-        vp.load_adapter(pipe, adapter)
+    trainable = vp.count_parameters(vp.load_adapter(pipe, adapter))["trainable"] if adapter is not None else 0
     scores, images = [], []
     for index, record in enumerate(records):
         condition = Image.open(test / record["conditioning_image"]).convert("RGB")
         tensor = torch.from_numpy(np.asarray(condition)).permute(2, 0, 1)[None].float() / 255
         generator = torch.Generator().manual_seed(index)
-        options = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generator, height=32, width=32)
-        if adapter is not None:
-            with vp.conditioning(pipe, control_image=tensor):
-                image = pipe(record["text"], **options).images[0]
-        else:
-            image = pipe(record["text"], **options).images[0]
+        control = vp.conditioning(pipe, control_image=tensor) if adapter is not None else contextlib.nullcontext()
+        with control:
+            image = pipe(record["text"], num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generator,
+                         height=32, width=32).images[0]  # fmt: skip
         scores.append(fill_iou(image, record))
         images.append(image)
     if adapter is not None:
         vp.detach(pipe)
-    return scores, images
+    return scores, images, trainable
 
 
 def picture(test: Path, rows: dict[str, list], path: Path) -> None:
@@ -159,13 +159,11 @@ def main(argv: list[str]) -> int:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    import visionpeft as vp
-
     torch.set_num_threads(2)
     train_data, test_data = make_data(args.work)
     pipe = StableDiffusionPipeline.from_pretrained(ROOT / "checkpoints" / "tiny_sd", torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    base_scores, base_images = score(pipe, test_data, None)
+    base_scores, base_images, _ = score(pipe, test_data, None)
     results = {"command": " ".join(["python tools/benchmark.py control-demo", *argv]), "steps": args.steps,
                "seed": args.seed, "train_pairs": 2000, "test_pairs": TEST_PAIRS,
                "base_iou": statistics.mean(base_scores), "methods": {}}  # fmt: skip
@@ -174,13 +172,9 @@ def main(argv: list[str]) -> int:
         run_dir, minutes = train(method, train_data, args.work, args.steps, args.seed)
         curves[method] = [(step, statistics.mean(score(pipe, test_data, folder)[0]))
                           for step, folder in checkpoints(run_dir) if step < args.steps]  # fmt: skip
-        scores, images = score(pipe, test_data, run_dir / "last")
+        scores, images, trainable = score(pipe, test_data, run_dir / "last")
         curves[method].append((args.steps, statistics.mean(scores)))
         picture(test_data, {"base": base_images, "controlled": images}, args.out / f"samples_{method}.png")
-        config = json.loads((run_dir / "last" / "visionpeft_config.json").read_text())
-        vp.attach(pipe, [(m["name"], m["config"]) for m in config["methods"]])
-        trainable = vp.count_parameters(pipe)["trainable"]
-        vp.detach(pipe)
         results["methods"][method] = {
             "iou": statistics.mean(scores), "improved": sum(s > b for s, b in zip(scores, base_scores)),
             "trainable": trainable, "minutes": minutes, "curve": curves[method]}  # fmt: skip

@@ -78,7 +78,7 @@ def resolve_run(args, parser, dry_run: bool = False):
     from ..trainers import run_state
 
     if args.resume:
-        if args.config or args.overrides or getattr(args, "overwrite", False):
+        if args.config or args.overrides or args.overwrite:
             raise ConfigError("--resume takes the run's own config.yaml; give no config, overrides or --overwrite")
         config_path = args.resume / "config.yaml"
         if run_state.newest_state(args.resume) is None or not config_path.is_file():
@@ -86,12 +86,12 @@ def resolve_run(args, parser, dry_run: bool = False):
         return load_config(config_path), args.resume
     if not args.config:
         parser.error("a config file is required (or --resume RUN_DIR)")
-    report = [f"train.report_to={args.report_to}"] if getattr(args, "report_to", None) else []
+    report = [f"train.report_to={args.report_to}"] if args.report_to else []
     config = load_config(args.config, [*args.overrides, *report])
     run_dir = Path(config.train.output_dir) / config.train.run_name
     if dry_run or not run_state.holds_run(run_dir):
         return config, run_dir
-    if getattr(args, "overwrite", False):
+    if args.overwrite:
         run_state.delete_run(run_dir)
         print(f"--overwrite: deleted the earlier run in {run_dir}", file=sys.stderr)
         return config, run_dir

@@ -226,21 +226,26 @@ def describe_config(config: DictConfig) -> str:
 RUN_COMMAND: ContextVar[list[str] | None] = ContextVar("RUN_COMMAND", default=None)
 
 
+def run_command() -> list[str]:
+    """The command line that started this run (what run folders and model cards record)."""
+    import sys
+
+    return RUN_COMMAND.get() or [Path(sys.argv[0]).name, *sys.argv[1:]]
+
+
 def save_config(config: DictConfig, path: Path) -> None:
     """Writes the resolved config (what the run really used) as YAML, with its path fields made absolute (the run
     folder is read from any directory: ``visionpeft eval RUN``) and, as comments, the command that made it and its
     working directory."""
     import os
     import shlex
-    import sys
 
     from ..io import atomic_write
     from ..version import __version__
 
     values = OmegaConf.to_container(config, resolve=True)
     absolute_paths(schema_of(config), values)
-    command = RUN_COMMAND.get() or [Path(sys.argv[0]).name, *sys.argv[1:]]
-    header = (f"# made by visionpeft {__version__}: {shlex.join(command)}\n"
+    header = (f"# made by visionpeft {__version__}: {shlex.join(run_command())}\n"
               f"# working directory: {os.getcwd()} (relative paths below are made absolute)\n")  # fmt: skip
     text = header + OmegaConf.to_yaml(OmegaConf.create(values))
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ from omegaconf import DictConfig
 
 from ..adapter import attached_methods
 from ..base_weights import weights_source
-from ..config import RUN_COMMAND, task_spec
+from ..config import run_command, task_spec
 from ..hub_io import build_model_card, push_folder
 from ..io import atomic_write
 
@@ -43,7 +42,6 @@ def write_run_card(
 ) -> Path:
     """Writes ``run_dir/README.md``: hub metadata, methods, trainable parameters, data, results, the command and
     the pictures of the run."""
-    command = RUN_COMMAND.get() or [Path(sys.argv[0]).name, *sys.argv[1:]]
     card = build_model_card(
         title=f"{run_dir.name}: {' + '.join(name for name, _ in attached_methods(adapted))} ({config.task})",
         base_model=weights_source(adapted) or config.model.get("name"),
@@ -53,7 +51,7 @@ def write_run_card(
         license=config.train.get("license"),
         data="\n".join(f"- {line}" for line in summary) or None,
         metrics=numeric_results(results),
-        command=shlex.join(command),
+        command=shlex.join(run_command()),
         images=run_pictures(run_dir),
         how_to_load="import visionpeft as vp\n\n"
         "vp.load_adapter(model, RUN_FOLDER / 'best' or 'last')  # model: the base model named above",
