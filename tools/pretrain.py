@@ -64,7 +64,7 @@ def text_to_image(config, args: argparse.Namespace, command: str) -> int:
     run_dir = Path(config.train.output_dir) / config.train.run_name
     start = time.time()
     if not args.export_only:
-        trains_vae = not (run_dir / "vae" / "training.json").exists()
+        trains_vae = not config.model.init_from and not (run_dir / "vae" / "training.json").exists()
         results = train(config, run_dir, resume=args.resume)
         add_minutes(run_dir, (time.time() - start) / 60, includes_vae=trains_vae)
         if "outputs" not in results:

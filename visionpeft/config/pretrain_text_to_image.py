@@ -1,7 +1,8 @@
 """The ``pretrain_text_to_image`` task's config: a tiny latent diffusion pipeline made from scratch.
 
 Two stages in one run: the VAE (``vae``: its own short loop, saved in ``RUN/vae``, skipped on resume once saved),
-then the U-Net (+ the text encoder, unless frozen) with the shared loop on the denoising loss.
+then the U-Net (+ the text encoder, unless frozen) with the shared loop on the denoising loss. With
+``model.init_from`` a run continues an exported pipeline instead (no VAE stage; its record carries the earlier ones).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class TinySDModel:
     text_heads: int = setting(4, "CLIP text encoder heads", min=1)
     max_tokens: int = setting(16, "tokenizer model_max_length (= text positions)", min=4)
     train_text_encoder: bool = setting(True, "train the text encoder with the U-Net (false: frozen random)")
+    init_from: str | None = setting(None, "continue from a pipeline folder this tool exported (its VAE, U-Net, text "
+                                    "encoder and tokenizer; the widths above are then the folder's and the VAE stage "
+                                    "is skipped); null: from scratch", path=True)  # fmt: skip
 
 
 @dataclass

@@ -5,9 +5,10 @@ latents of every image are then cached (the VAE is frozen) and the U-Net learns 
 Diffusion (:func:`~.diffusion.diffusion_loss`: DDPM forward process, epsilon target, min-SNR weighting) with the
 shared loop (progress, resume, EMA, ``metrics.jsonl``). Captions are dropped to ``""`` at ``caption_dropout`` so
 that classifier-free guidance works. The text encoder trains with the U-Net (method ``full`` on both towers) unless
-``model.train_text_encoder=false``. Validation writes a grid of sample images per prompt family; ``finish`` writes
-``RUN/pipeline``, a ``StableDiffusionPipeline`` folder (fp32) that diffusers loads alone; ``tools/pretrain.py``
-ships it with U-Net and VAE in fp16 (:func:`~.tiny_sd_card.export_pipeline`).
+``model.train_text_encoder=false``. ``model.init_from`` continues an exported pipeline instead of building one
+(no VAE stage; the earlier record goes to ``RUN/earlier_training.json``). Validation writes a grid of sample images
+per prompt family; ``finish`` writes ``RUN/pipeline``, a ``StableDiffusionPipeline`` folder (fp32) that diffusers
+loads alone; ``tools/pretrain.py`` ships it with U-Net and VAE in fp16 (:func:`~.tiny_sd_card.export_pipeline`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .tiny_sd_parts import (
     build_text_encoder,
     build_tokenizer,
     build_unet,
+    continued_pipeline,
     sampling_scheduler,
     to_pixels,
     training_noise_scheduler,
@@ -39,6 +41,9 @@ from .tiny_sd_parts import (
 )
 
 logger = get_logger(__name__)
+
+#: ``RUN/<this>``: the training record of the pipeline a ``model.init_from`` run continues (for its model card)
+EARLIER_RECORD = "earlier_training.json"
 
 #: one validation row per family; digit 7 is held out, so its row shows what the model cannot draw
 VALIDATION_PROMPTS = (
@@ -128,9 +133,16 @@ class PretrainTextToImageTrainer:
         images = captioned_mix("all", size=config.model.image_size, seed=config.train.seed,
                                exclude=list(config.data.exclude), **dict(config.data.options))  # fmt: skip
         run_dir.mkdir(parents=True, exist_ok=True)
-        vae, vae_record = vae_stage(config.model, config.vae, images.images, config.train.seed, run_dir)
-        torch.manual_seed(config.train.seed)
-        pipeline = build_pipeline(config, vae)
+        if config.model.init_from:
+            pipeline, earlier = continued_pipeline(config.model.init_from, list(config.data.exclude))
+            vae, vae_record = pipeline.vae, earlier["vae"]
+            earlier = {**earlier, "init_from": str(config.model.init_from)}
+            (run_dir / EARLIER_RECORD).write_text(json.dumps(earlier, indent=2) + "\n")
+            torch.manual_seed(config.train.seed)
+        else:
+            vae, vae_record = vae_stage(config.model, config.vae, images.images, config.train.seed, run_dir)
+            torch.manual_seed(config.train.seed)
+            pipeline = build_pipeline(config, vae)
         towers = ["unet", "text_encoder"] if config.model.train_text_encoder else ["unet"]
         vp.attach(pipeline, [("full", {"tower": tower}) for tower in towers])
         if not config.model.train_text_encoder:
@@ -142,7 +154,8 @@ class PretrainTextToImageTrainer:
         summary = [
             f"{len(images)} captioned images of {len(subjects)} subjects at {config.model.image_size} px; "
             f"held out: {held_out}",
-            f"vae: {vae_record['steps']} steps, reconstruction mse {mse:.4f}",
+            f"vae: {vae_record['steps']} steps, reconstruction mse {mse:.4f}"
+            + (f" (continuing {config.model.init_from})" if config.model.init_from else ""),
         ]
         return Setup(TextToImageDenoiser(adapted, pipeline, config), adapted, SampleGrids(pipeline, config, run_dir),
                      CaptionedPixels(images), frozen=[vae], loader={"drop_last": True}, summary=summary,

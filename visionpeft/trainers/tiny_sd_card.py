@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from ..data.captioned_mix import SUBJECTS, captioned_mix
+from .tiny_sd_parts import TRAINING_RECORD
 
 CARD_LIMITS = """\
 What it can draw: the families it saw, at 32 px, roughly - handwritten digits (blurry, as the 8 x 8 originals
@@ -34,6 +36,66 @@ def _losses(run_dir: Path) -> tuple[float | None, float | None, int]:
         return None, None, 0
     values = [v for _, v in losses]
     return sum(values[:5]) / len(values[:5]), sum(values[-5:]) / len(values[-5:]), losses[-1][0]
+
+
+def training_record(config, run_dir: Path, command: str) -> dict:
+    """The exported folder's ``training.json``: the VAE stage, every U-Net stage (the earlier ones of the pipeline
+    a ``model.init_from`` run continued, then this run's), the held-out subjects and the minutes of all of them."""
+    from .pretrain_sd import EARLIER_RECORD
+
+    earlier = json.loads((run_dir / EARLIER_RECORD).read_text()) if (run_dir / EARLIER_RECORD).is_file() else None
+    if earlier:
+        vae = earlier["vae"]
+    else:  # the settings with the numbers, so that a continued run's card can state them
+        vae = {"batch_size": config.vae.batch_size, "lr": config.vae.lr, "kl_weight": config.vae.kl_weight,
+               **json.loads((run_dir / "vae" / "training.json").read_text())}  # fmt: skip
+    wall = json.loads((run_dir / "wall_minutes.json").read_text())
+    first, last, steps = _losses(run_dir)
+    o = config.optim
+    stage = {
+        "command": command, "init_from": config.model.init_from, "steps": steps, "batch_size": config.data.batch_size,
+        "lr": o.lr, "schedule": o.schedule, "warmup_steps": o.warmup_steps, "weight_decay": o.weight_decay,
+        "clip_grad": o.clip_grad, "snr_gamma": o.snr_gamma, "caption_dropout": config.data.caption_dropout,
+        "ema_decay": config.train.ema_decay, "train_text_encoder": config.model.train_text_encoder,
+        "first_loss": first, "last_loss": last, "threads": torch.get_num_threads(),
+        "minutes": wall["minutes"] - (vae["minutes"] if wall.get("includes_vae") else 0.0),
+    }  # fmt: skip
+    stages = (earlier["stages"] if earlier else []) + [stage]
+    return {"vae": vae, "stages": stages, "held_out": sorted(config.data.exclude),
+            "minutes": vae["minutes"] + sum(s["minutes"] for s in stages)}  # fmt: skip
+
+
+def _stage_lines(stages: list[dict]) -> str:
+    """One card bullet per U-Net stage."""
+    lines = []
+    for i, s in enumerate(stages, 1):
+        towers = "U-Net + text encoder" if s["train_text_encoder"] else "U-Net (text encoder frozen)"
+        start = f"continuing `{_shown(s['init_from'])}`, " if s.get("init_from") else ""
+        lines.append(
+            f"- {towers}, stage {i} ({start}`{s['command']}`): {s['steps']} steps, batch {s['batch_size']}, AdamW lr "
+            f"{s['lr']} ({s['schedule']}, {s['warmup_steps']} warmup), weight decay {s['weight_decay']}, grad clip "
+            f"{s['clip_grad']}, min-SNR gamma {s['snr_gamma']}, caption dropout {s['caption_dropout']} "
+            f"(classifier-free guidance), EMA {s['ema_decay']} (shipped); loss (min-SNR weighted epsilon MSE) "
+            f"{s['first_loss']:.4f} over the first logged steps -> {s['last_loss']:.4f} over the last; "
+            f"{s['minutes']:.1f} minutes on {s.get('threads', '?')} CPU thread(s)."
+        )
+    return "\n".join(lines)
+
+
+def _shown(path: str) -> str:
+    """A path as the card shows it: relative to the working directory when it lies inside it."""
+    return os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd()) else path
+
+
+def _architecture(pipeline) -> dict:
+    """The widths the card states, read from the saved modules' configs (not from the run's config)."""
+    vae, unet, text = pipeline.vae.config, pipeline.unet.config, pipeline.text_encoder.config
+    factor = 2 ** (len(vae.block_out_channels) - 1)
+    return {"vae_channels": list(vae.block_out_channels), "latent_channels": vae.latent_channels,
+            "vae_scale_factor": factor, "image_size": unet.sample_size * factor, "sample_size": unet.sample_size,
+            "unet_channels": list(unet.block_out_channels), "layers_per_block": unet.layers_per_block,
+            "text_width": text.hidden_size, "text_layers": text.num_hidden_layers,
+            "text_heads": text.num_attention_heads, "max_tokens": text.max_position_embeddings}  # fmt: skip
 
 
 def _parameters(module: torch.nn.Module) -> int:
@@ -58,17 +120,17 @@ def export_pipeline(config, run_dir: Path, target: Path, command: str) -> Path:
     grids = sorted((run_dir / "validation").glob("*.png"))
     if grids:
         shutil.copyfile(grids[-1], target / "samples.png")
-    vae = json.loads((run_dir / "vae" / "training.json").read_text())
-    wall = json.loads((run_dir / "wall_minutes.json").read_text())
-    minutes = wall["minutes"] + (0.0 if wall.get("includes_vae") else vae["minutes"])
-    first, last, steps = _losses(run_dir)
+    record = training_record(config, run_dir, command)
+    (target / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    vae = record["vae"]
     images = captioned_mix("all", size=config.model.image_size, seed=config.train.seed,
                            exclude=list(config.data.exclude), **dict(config.data.options))  # fmt: skip
     families = collections.Counter(SUBJECTS[label].split(" ")[0] for label in images.targets)
     size_mb = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
-    m, o = config.model, config.optim
-    text = "trained jointly with the U-Net" if m.train_text_encoder else "frozen at its random initialisation"
-    latent = m.image_size // 2 ** (len(m.vae_channels) - 1)
+    a = _architecture(pipeline)
+    text = ("trained jointly with the U-Net" if all(s["train_text_encoder"] for s in record["stages"])
+            else "frozen at its random initialisation in at least one stage")  # fmt: skip
+    latent = a["sample_size"]
     card = f"""# tiny_sd
 
 A tiny text-to-image latent diffusion model in diffusers' `StableDiffusionPipeline` layout, pretrained from scratch
@@ -89,23 +151,25 @@ image = pipe("a handwritten digit three", num_inference_steps=20, guidance_scale
 Rows of `samples.png`: {", ".join(f'"{p}"' for p in _validation_prompts())}.
 
 ## Architecture ({size_mb:.1f} MB on disk)
-- `AutoencoderKL`: block widths {list(m.vae_channels)}, {m.latent_channels} latent channels: 32 px ->
-  {latent} x {latent} x {m.latent_channels} latents (vae_scale_factor {2 ** (len(m.vae_channels) - 1)});
+- `AutoencoderKL`: block widths {a["vae_channels"]}, {a["latent_channels"]} latent channels: {a["image_size"]} px ->
+  {latent} x {latent} x {a["latent_channels"]} latents (vae_scale_factor {a["vae_scale_factor"]});
   `scaling_factor` {vae["scaling_factor"]:.4f} = 1 / the measured latent std;
   {_parameters(pipeline.vae):,} parameters (fp16 file).
-- `UNet2DConditionModel`: block widths {list(m.unet_channels)} (cross-attention in all but the first),
-  {m.layers_per_block} resnet per block, `sample_size` {latent} (the pipeline draws 32 px by default),
-  `cross_attention_dim` {m.text_width}; {_parameters(pipeline.unet):,} parameters (fp16 file).
-- `CLIPTextModel`: width {m.text_width}, {m.text_layers} layers, {m.text_heads} heads, {m.max_tokens} positions;
-  {_parameters(pipeline.text_encoder):,} parameters, of which the 49,408-token embedding table is
-  {49408 * m.text_width:,} (fp32 file: transformers keeps a checkpoint's dtype, and textual inversion trains it).
+- `UNet2DConditionModel`: block widths {a["unet_channels"]} (cross-attention in all but the first),
+  {a["layers_per_block"]} resnet per block, `sample_size` {latent} (the pipeline draws 32 px by default),
+  `cross_attention_dim` {a["text_width"]}; {_parameters(pipeline.unet):,} parameters (fp16 file).
+- `CLIPTextModel`: width {a["text_width"]}, {a["text_layers"]} layers, {a["text_heads"]} heads,
+  {a["max_tokens"]} positions; {_parameters(pipeline.text_encoder):,} parameters, of which the 49,408-token embedding
+  table is {49408 * a["text_width"]:,} (fp32 file: transformers keeps a checkpoint's dtype, and textual inversion
+  trains it).
 - `CLIPTokenizer`: the CLIP BPE vocabulary shipped in open_clip (`visionpeft/data/clip_vocab.py`), model_max_length
-  {m.max_tokens}.
+  {a["max_tokens"]}.
 - Scheduler: DDPM training (1000 steps, scaled-linear betas 0.00085-0.012 as Stable Diffusion, epsilon prediction);
   the folder ships a `DDIMScheduler` over the same schedule (20 steps are enough).
-- Text encoder: {text}. Why: its 2 small layers cost little next to the U-Net, and a trained encoder gives each
-  caption word (digit names, colours, nouns) an embedding the U-Net's cross-attention can read apart; words never
-  seen in pretraining (`seven`, `brick`) keep their random embeddings, which is what textual inversion starts from.
+- Text encoder: {text}. Why: its {a["text_layers"]} small layers cost little next to the U-Net, and a trained
+  encoder gives each caption word (digit names, colours, nouns) an embedding the U-Net's cross-attention can read
+  apart; words never seen in pretraining (`seven`, `brick`) keep their random embeddings, which is what textual
+  inversion starts from.
   Not measured against a frozen random encoder (no CPU time for a second pretraining run).
 
 ## Data (`visionpeft/data/captioned_mix.py`, split `all`)
@@ -121,16 +185,13 @@ Rows of `samples.png`: {", ".join(f'"{p}"' for p in _validation_prompts())}.
 `tests/test_tiny_sd.py` checks the data builder leaves them out.
 
 ## Training
-- VAE: {vae["steps"]} steps, batch {config.vae.batch_size}, AdamW lr {config.vae.lr} (cosine), pixel MSE +
-  {config.vae.kl_weight} x KL; final train MSE {vae["final_train_mse"]:.4f}, reconstruction MSE (images in [-1, 1])
+- VAE: {vae["steps"]} steps, batch {vae["batch_size"]}, AdamW lr {vae["lr"]} (cosine), pixel MSE +
+  {vae["kl_weight"]} x KL; final train MSE {vae["final_train_mse"]:.4f}, reconstruction MSE (images in [-1, 1])
   {vae["reconstruction_mse"]:.4f}; {vae["minutes"]:.1f} minutes.
-- U-Net + text encoder: {steps} steps, batch {config.data.batch_size}, AdamW lr {o.lr} ({o.schedule}, {o.warmup_steps}
-  warmup), weight decay {o.weight_decay}, grad clip {o.clip_grad}, min-SNR gamma {o.snr_gamma}, caption dropout
-  {config.data.caption_dropout} (classifier-free guidance), EMA {config.train.ema_decay} (shipped); loss (min-SNR
-  weighted epsilon MSE) {first:.4f} over the first logged steps -> {last:.4f} over the last.
-- **Wall time: {minutes:.1f} minutes** all in (both stages, validation grids, saves), one thread on a 2-core CPU shared
+{_stage_lines(record["stages"])}
+- **Wall time: {record["minutes"]:.1f} minutes** all in (every stage, validation grids, saves) on a 2-core CPU shared
   with other jobs.
-- Command: `{command}` (`--resume` continues an interrupted run; `--export-only` rewrites this folder).
+- `--resume` continues an interrupted run; `--export-only` rewrites this folder; `training.json` holds this record.
 
 ## Limits
 {CARD_LIMITS}

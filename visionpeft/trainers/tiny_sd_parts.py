@@ -149,3 +149,34 @@ def vae_stage(model: DictConfig, stage: DictConfig, images: np.ndarray, seed: in
     vae = build_vae(model)
     folder.mkdir(parents=True, exist_ok=True)
     return vae, train_vae(vae, images, stage, seed, folder)
+
+
+#: the record an exported pipeline folder carries: VAE stage, U-Net stages, held-out subjects, minutes
+TRAINING_RECORD = "training.json"
+
+
+def continued_pipeline(folder: str | Path, held_out: list[str]):
+    """``(pipeline, record)``: the exported pipeline a run continues (``model.init_from``) and its training record.
+
+    The record is required: it is what lets the new model card say which subjects no stage ever saw; a held-out
+    subject that an earlier stage trained on is refused (continuing cannot make it unseen again).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from ..errors import ConfigError, ModelLoadError
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"model.init_from: {folder} is no pipeline folder (no model_index.json)")
+    if not (folder / TRAINING_RECORD).is_file():
+        raise ModelLoadError(f"model.init_from: {folder} has no {TRAINING_RECORD}; continue only from a folder "
+                             "tools/pretrain.py exported (its record says what the earlier stages saw)")  # fmt: skip
+    record = json.loads((folder / TRAINING_RECORD).read_text())
+    seen = sorted(set(held_out) - set(record["held_out"]))
+    if seen:
+        raise ConfigError(f"data.exclude: {seen} were trained on by the earlier stages of {folder}; a continued run "
+                          "cannot hold them out")  # fmt: skip
+    pipeline = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+    pipeline.scheduler = sampling_scheduler()
+    pipeline.vae.requires_grad_(False).eval()
+    return pipeline, record
