@@ -40,15 +40,68 @@ def _quick_gelu(x):
     return x * torch.sigmoid(1.702 * x)
 
 
+def _residual_terms(method: str, branch: str, **options):
+    """Per sample of a 64-image batch through block 1 of a tiny ViT (drop path 0.5 there) with ``method``: the
+    branch's own term f, the method's term g (both from an eval pass) and the train-mode sum added to the stream."""
+    model = vp.attach(tiny_vit(drop_path_rate=0.5), method, dropout=0.0, **options)  # rates 0 and 0.5
+    _perturb(model)
+    block, images = model.blocks[1], torch.randn(64, 3, 32, 32)
+    if branch == "mlp":  # the MLP's input must not depend on the attention's drop path
+        block.drop_path1 = torch.nn.Identity()
+    inner, residual = (block.attn, block.drop_path1) if branch == "attn" else (block.mlp, block.drop_path2)
+    assert residual.drop_prob == 0.5
+    seen = {}
+    handles = [inner.register_forward_hook(lambda m, a, o: seen.update(f=o)),
+               residual.register_forward_hook(lambda m, a, o: seen.update(total=o))]  # fmt: skip
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model(images)  # eval: no drop path
+        f, g = seen["f"], seen["total"] - seen["f"]
+        model.train()(images)  # block 0 has rate 0, so block 1 sees the same input
+    for handle in handles:
+        handle.remove()
+    return f, g, seen["total"]
+
+
+def _kept(term: torch.Tensor, total: torch.Tensor, candidates) -> list[tuple[bool, bool]]:
+    """Which (f kept, g kept) combination of ``candidates`` explains each sample of ``total``."""
+    found = []
+    for i in range(total.shape[0]):
+        match = [k for k, value in candidates.items() if torch.allclose(total[i], value[i], atol=1e-5)]
+        assert len(match) == 1, f"sample {i} is no combination of the terms"
+        found.append(match[0])
+    return found
+
+
+def test_convpass_bypass_gets_a_drop_path_mask_of_its_own():
+    # the official block: x + dp(attn(norm1(x))) + dp(bypass(norm1(x))) * s, two independent masks at rate p
+    f, g, total = _residual_terms("convpass", "attn")
+    assert g.abs().mean() > 1e-3
+    keep = 2.0  # 1 / (1 - p)
+    cases = {(True, True): keep * (f + g), (True, False): keep * f, (False, True): keep * g, (False, False): 0 * f}
+    found = set(_kept(f, total, cases))
+    assert {(True, False), (False, True)} <= found  # a mask shared with the branch would give neither
+
+
+def test_adaptformer_adapter_adds_past_the_drop_path_without_one():
+    # the official block: x = x + dp(mlp(norm2(x))) + adapt_x, the adapter never dropped
+    f, g, total = _residual_terms("adaptformer", "mlp", bottleneck=4)
+    assert g.abs().mean() > 1e-3
+    found = set(_kept(f, total, {(True, True): 2.0 * f + g, (False, True): g}))
+    assert found == {(True, True), (False, True)}
+
+
 def test_convpass_uses_the_grid_of_a_non_square_input():
     model = vp.attach(tiny_vit(dynamic_img_size=True), "convpass", dropout=0.0)
     _perturb(model)
     block = model.blocks[0]
     seen = {}
-    handle = block.attn.register_forward_hook(lambda m, a, o: seen.update(x=a[0], out=o))
+    handles = [block.attn.register_forward_hook(lambda m, a, o: seen.update(x=a[0])),
+               block.drop_path1.register_forward_hook(lambda m, a, o: seen.update(out=o))]  # fmt: skip
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 64))  # a 4 x 8 patch grid: 32 tokens, no square grid fits
-    handle.remove()
+    for handle in handles:
+        handle.remove()
     assert backbone_of(model).towers["vision"].tokens.input_grid == (4, 8)
     x = seen["x"]
     bypass = next(m for n, m in block.named_children() if n.startswith("vp_convpass"))  # the attention's bypass
@@ -60,7 +113,8 @@ def test_convpass_uses_the_grid_of_a_non_square_input():
         expected = block.attn.forward(x) + bypass.up(_quick_gelu(torch.cat([cls, conv], 1)))
     torch.testing.assert_close(seen["out"], expected, rtol=1e-5, atol=1e-6)
     vp.detach(model)
-    assert not block.attn._forward_hooks and not model.patch_embed._forward_pre_hooks
+    assert not block.attn._forward_pre_hooks and not block.drop_path1._forward_hooks
+    assert not model.patch_embed._forward_pre_hooks
 
 
 @pytest.mark.parametrize("size", [(32, 32), (48, 80)])

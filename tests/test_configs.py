@@ -14,14 +14,15 @@ EXPERIMENTS = [p for p in CONFIGS if "_base_" not in p.parts]
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_config_loads(path):
     config = load_config(path)
-    assert config.train.run_name == path.stem
+    assert config.train.run_name == {"tiny_sd_continue.yaml": "tiny_sd"}.get(path.name, path.stem)
     tasks = {
         "personalize": "personalization",
         "class_conditional": "class_conditional",
         "control": "control",
         "segmentation": "segmentation",
     }
-    by_file = {"tiny_sd.yaml": "pretrain_text_to_image"}  # configs/pretrain/ holds several tasks
+    # configs/pretrain/ holds several tasks
+    by_file = {"tiny_sd.yaml": "pretrain_text_to_image", "tiny_sd_continue.yaml": "pretrain_text_to_image"}
     expected = by_file.get(path.name) or next((tasks[p] for p in path.parts if p in tasks), "classification")
     assert config.task == expected
 
@@ -44,6 +45,20 @@ def test_every_schema_field_says_what_it_means():
 
 def test_vtab_covers_the_19_tasks():
     assert len(list((ROOT / "configs" / "vtab").glob("*.yaml"))) == 19
+
+
+def test_convpass_vtab_configs_follow_the_official_per_task_choices():
+    from visionpeft.sweep.tasks import VTAB_TASKS
+
+    folder = ROOT / "configs" / "vtab" / "convpass"
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(VTAB_TASKS)
+    # JieShibo/PETL-ViT convpass/vtab/configs/convpass/*.yaml: (scale, xavier_init) per task, a few of them
+    official = {"cifar": (0.1, False), "dsprites_loc": (100, True), "dtd": (0.01, True), "eurosat": (10, False)}
+    for task, (scale, xavier) in official.items():
+        config = load_config(folder / f"{task}.yaml")
+        assert config.data.name == f"vtab-{task}" and config.method.name == "convpass"
+        assert (config.method.scale, config.method.xavier_init, config.method.dim) == (scale, xavier, 8)
+        assert config.model.drop_path_rate == 0.1 and config.optim.min_lr == 1e-5  # convpass/vtab/train.py
 
 
 def test_vpt_vitb_cifar_dry_run_builds_vpt_deep_with_the_paper_count(tmp_path, capsys):

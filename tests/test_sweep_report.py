@@ -62,7 +62,7 @@ def test_the_chosen_point_is_the_best_on_val_and_is_reported_per_task(sweep_dir)
     chosen = spec.points("lora")[WINNER].describe()
     assert chosen == (  # point 5 of 4 (lr x wd) x 4 (rank): lr 0.001, wd 0.001, rank 8
         "optim.lr=0.001, optim.weight_decay=0.001, "
-        "method={alpha: 8, dropout: 0.1, name: lora, r: 8, targets: [q, k, v]}"
+        "method={alpha: 8, dropout: 0.1, name: lora, r: 8, target_modules: [qkv]}"
     )
     text = (root / "summary.md").read_text()
     assert text.count(f"| {chosen} |") == 19

@@ -185,3 +185,30 @@ def test_accumulation_keeps_the_batch_per_step_and_bf16_trains(setup):
     assert bf16 == pytest.approx(_epoch_losses(tmp / "runs" / "accum1"), rel=0.05) and bf16[-1] < bf16[0]
     with pytest.raises(ConfigError, match=r"batch_size 10 is not divisible by 1 process\(es\) x optim.grad_accum 3"):
         run(load_config(config_path, [*base, "optim.grad_accum=3", "train.run_name=bad"]), tmp / "bad", cpu=True)
+
+
+def test_adaptformer_image_recipe_head_trains_and_reloads_with_its_batchnorm_statistics(setup):
+    # AdaptFormer's main_image.py: trunc_normal(0.01) classifier, zero bias, BatchNorm1d(affine=False) in front
+    tmp, config_path = setup
+    overrides = ["method={name: adaptformer, bottleneck: 4}", "model.head_norm=batchnorm", "model.head_init_std=0.01",
+                 "train.run_name=bn_head", "optim.epochs=2"]  # fmt: skip
+    config = load_config(config_path, overrides)
+    fresh = classification.build_experiment(config).model
+    norm, linear = fresh.head
+    assert isinstance(norm, torch.nn.BatchNorm1d) and not norm.affine and norm.eps == 1e-6
+    assert 0.005 < linear.weight.std().item() < 0.015 and not linear.bias.any()
+    run_dir = Path(config.train.output_dir) / "bn_head"
+    results = run(config, run_dir, cpu=True)
+    saved = load_file(run_dir / "last" / "visionpeft_adapter.safetensors")
+    assert saved["head.0.running_mean"].abs().sum() > 0  # the statistics the head was trained with travel along
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), str(run_dir), "--cpu"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{100 * results['test']['top1']:.2f}" in result.stdout or f"{results['test']['top1']:.4f}" in result.stdout
+
+
+def test_recipe_head_options_refuse_a_model_without_a_linear_head(setup):
+    tmp, config_path = setup
+    config = load_config(config_path, ["model.head_norm=batchnorm", "model.library=open_clip", "model.name=ViT-B-32"])
+    with pytest.raises(ConfigError, match="apply to timm classifiers"):
+        classification.build_experiment(config)

@@ -102,12 +102,16 @@ class Branch:
         norm: The pre-norm feeding ``module``, whose input is the residual stream (None if there is none).
         exact_scale_merge: Whether ``module``'s output is exactly ``output``'s output (up to eval-mode dropout),
             so a per-channel scale on the branch folds into ``output`` exactly.
+        residual: The outermost module between ``module`` and the residual add (timm's drop path, open_clip's
+            layer scale): a method adding to its output adds past the branch's layer scale and drop path, as the
+            official Convpass / AdaptFormer blocks do (None: there is none; add to ``module``'s output).
     """
 
     module: nn.Module
     output: Projection | None = None
     norm: nn.Module | None = None
     exact_scale_merge: bool = True
+    residual: nn.Module | None = None
 
 
 @dataclass

@@ -166,6 +166,24 @@ def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _recipe_head(model: nn.Module, norm: str, init_std: float | None) -> None:
+    """The classifier as a recipe asks: ``trunc_normal(init_std)`` weights and zero bias (MoCo v3 / AdaptFormer's
+    ``main_image.py``), a ``BatchNorm1d(affine=False, eps=1e-6)`` in front (``norm="batchnorm"``, the same file)."""
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Linear):
+        if norm != "none" or init_std is not None:
+            raise ConfigError(f"model.head_norm / model.head_init_std need a linear classifier 'head'; "
+                              f"{type(model).__name__} has {type(head).__name__}")  # fmt: skip
+        return
+    if init_std is not None:
+        from timm.layers import trunc_normal_
+
+        trunc_normal_(head.weight, std=init_std)
+        nn.init.zeros_(head.bias)
+    if norm == "batchnorm":
+        model.head = nn.Sequential(nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6), head)
+
+
 def create_model(cfg: Any, num_classes: int, classnames: list[str] | None = None) -> nn.Module:
     """The classifier of an experiment (``cfg`` is the ``model`` section of the config).
 
@@ -178,8 +196,13 @@ def create_model(cfg: Any, num_classes: int, classnames: list[str] | None = None
         source = f"{cfg.name} (random init)"
     else:
         source = f"timm/{cfg.name}" if cfg.library == "timm" else f"{cfg.name}/{cfg.pretrained_tag}"  # hub ids
+    head_norm, head_init_std = getattr(cfg, "head_norm", "none"), getattr(cfg, "head_init_std", None)
+    if cfg.library != "timm" and (head_norm != "none" or head_init_std is not None):
+        raise ConfigError("model.head_norm / model.head_init_std apply to timm classifiers; an open_clip "
+                          "classifier's head starts from the class-name text embeddings")  # fmt: skip
     if cfg.library == "timm":
         model = create_timm(cfg, num_classes)
+        _recipe_head(model, head_norm, head_init_std)
     else:
         from ..tasks.clip_classifier import CLIPClassifier
 

@@ -40,8 +40,8 @@ def _residual_blocks(transformer: nn.Module, prefix: str) -> list[Block]:
         projections["mlp.fc1"] = Projection("linear", blk.mlp, "c_fc")
         projections["mlp.fc2"] = Projection("linear", blk.mlp, "c_proj")
         branches = {
-            "attn": Branch(attn, projections["attn.o"], blk.ln_1),
-            "mlp": Branch(blk.mlp, projections["mlp.fc2"], blk.ln_2),
+            "attn": Branch(attn, projections["attn.o"], blk.ln_1, residual=getattr(blk, "ls_1", None)),
+            "mlp": Branch(blk.mlp, projections["mlp.fc2"], blk.ln_2, residual=getattr(blk, "ls_2", None)),
         }
         blocks.append(Block(f"{prefix}blocks.{i}", blk, branches, projections))
     return blocks

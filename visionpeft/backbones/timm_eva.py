@@ -45,8 +45,8 @@ def eva_block(name: str, blk: nn.Module) -> Block:
     projections["attn.o"] = Projection("linear", attn, "proj")
     projections.update(_mlp_projections(blk.mlp))
     branches = {
-        "attn": Branch(attn, projections["attn.o"], blk.norm1),
-        "mlp": Branch(blk.mlp, projections.get("mlp.fc2"), blk.norm2),
+        "attn": Branch(attn, projections["attn.o"], blk.norm1, residual=getattr(blk, "drop_path1", None)),
+        "mlp": Branch(blk.mlp, projections.get("mlp.fc2"), blk.norm2, residual=getattr(blk, "drop_path2", None)),
     }
     return Block(name, blk, branches, projections)
 

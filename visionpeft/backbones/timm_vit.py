@@ -54,8 +54,8 @@ def vit_tower(
         projections["mlp.fc1"] = Projection("linear", mlp, "fc1")
         projections["mlp.fc2"] = Projection("linear", mlp, "fc2")
         branches = {
-            "attn": Branch(attn, projections["attn.o"], blk.norm1),
-            "mlp": Branch(mlp, projections["mlp.fc2"], blk.norm2),
+            "attn": Branch(attn, projections["attn.o"], blk.norm1, residual=getattr(blk, "drop_path1", None)),
+            "mlp": Branch(mlp, projections["mlp.fc2"], blk.norm2, residual=getattr(blk, "drop_path2", None)),
         }
         blocks.append(Block(f"{prefix}blocks.{i}", blk, branches, projections))
     patch = vit.patch_embed

@@ -18,6 +18,16 @@ class ModelConfig(VisionModel):
         "open_clip: linear head from class-name text embeddings, or prompts (zero-shot / CoOp)",
         choices=("linear", "prompts"),
     )
+    head_norm: str = setting(
+        "none",
+        "timm: before the classifier, none or batchnorm (BatchNorm1d(affine=False, eps=1e-6): AdaptFormer's "
+        "main_image.py, after MAE's linear probing)",
+        choices=("none", "batchnorm"),
+    )
+    head_init_std: float | None = setting(
+        None, "timm: re-initialise the classifier weight with trunc_normal(std), bias 0 (AdaptFormer: 0.01); "
+        "null: timm's init", above=0,
+    )  # fmt: skip
 
 
 @dataclass

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
 from ..errors import IncompatibleMethodError
 from ..layers.adapters import Bottleneck
 from ..registry import METHODS
 from ..schema import setting
-from .base import Method, MethodConfig, branch_tensor, replace_branch_tensor
+from .base import Method, MethodConfig
 
 
 @dataclass
@@ -49,20 +46,12 @@ class AdaptFormer(Method):
 
     def build(self) -> None:
         cfg = self.config
-        self._residual: dict[int, torch.Tensor] = {}
-        for i, block in enumerate(self.blocks()):
+        for block in self.blocks():
             branch = block.branches["mlp"]
             dim = branch.output.base_layer().out_features
             adapter = self.add_module(
                 block.module, f"{block.name}.mlp.adaptformer", Bottleneck(dim, cfg.bottleneck, cfg.scale, cfg.dropout)
             )
-            # The adapter reads the residual stream (the MLP's pre-norm input) and adds to the MLP output.
-            self.hook_input(branch.norm, self._keep_residual, i)
-            self.hook_output(branch.module, self._add, i, adapter)
-
-    def _keep_residual(self, i: int, module: nn.Module, args: tuple) -> None:
-        self._residual[i] = args[0]
-
-    def _add(self, i: int, adapter: Bottleneck, module: nn.Module, args: tuple, output):
-        residual = self._residual.pop(i)
-        return replace_branch_tensor(output, branch_tensor(output) + adapter(residual))
+            # The adapter reads the residual stream (the MLP's pre-norm input) and adds past the MLP's layer scale
+            # and drop path, with no drop path of its own (the official Block: x = x + dp(mlp(norm2(x))) + adapt_x).
+            self.hook_past_branch(branch, branch.norm, adapter)

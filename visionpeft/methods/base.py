@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..backbones.base import Backbone, Block, Tower
+from ..backbones.base import Backbone, Block, Branch, Tower
 from ..backbones.module_paths import TargetSpec, find_modules, library_modules
 from ..errors import ConfigError, IncompatibleMethodError
 from ..schema import setting
@@ -96,6 +96,11 @@ def base_module_paths(model: nn.Module) -> dict[int, str]:
     for name, owner, _ in named_base_parameters(model):
         paths.setdefault(id(owner), name.rpartition(".")[0])
     return paths
+
+
+def _remember(seen: list, tokens: torch.Tensor) -> torch.Tensor:
+    seen[:] = [tokens]
+    return tokens
 
 
 def named_persistent_buffers(module: nn.Module, skip: str | None = None) -> Iterator[tuple[str, nn.Module, str]]:
@@ -352,6 +357,30 @@ class Method:
         """Replaces the token output of ``module`` by ``fn(*args, inputs, output)``, both (batch, tokens, dim):
         ``inputs`` is the module's first input, ``output`` its output tensor (a tuple output keeps its rest)."""
         self.hook_output(module, self._tokens_out, fn, args)
+
+    def hook_past_branch(self, branch: Branch, source: nn.Module, fn: Callable, *args: Any,
+                         drop_path: bool = False) -> None:  # fmt: skip
+        """Adds ``fn(*args, tokens)`` to what ``branch`` adds to the residual stream, past its layer scale and drop
+        path (:attr:`Branch.residual`), ``tokens`` being the first input of ``source`` (batch, tokens, dim).
+
+        ``drop_path``: the added value gets a drop-path mask of its own at the branch's rate (the official Convpass
+        block, ``x + dp(f(x)) + dp(bypass(x)) * s``); otherwise none (AdaptFormer's adapter skips drop path).
+        """
+        seen: list[torch.Tensor] = []  # the latest input of source, taken by the residual hook of the same call
+        self.hook_tokens_input(source, _remember, seen)
+        target = branch.residual if branch.residual is not None else branch.module
+        self.hook_tokens_output(target, self._add_past_branch, seen, target, drop_path, fn, args)
+
+    @staticmethod
+    def _add_past_branch(seen: list, target: nn.Module, drop_path: bool, fn: Callable, args: tuple,
+                         inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        value = fn(*args, seen.pop())
+        rate = getattr(target, "drop_prob", 0.0) if drop_path else 0.0
+        if rate and target.training:
+            from timm.layers import drop_path as sample_drop_path
+
+            value = sample_drop_path(value, rate, True, getattr(target, "scale_by_keep", True))
+        return output + value
 
     def _sequence_first(self) -> bool:
         layout = self.tower.tokens

@@ -16,8 +16,10 @@ from .base import Method, MethodConfig
 @dataclass
 class ConvpassConfig(MethodConfig):
     """Convpass options; defaults are the official code's (JieShibo/PETL-ViT ``convpass.py``:
-    ``set_Convpass(model, method, dim=8, s=1, xavier_init=False)``, ``nn.Dropout(0.1)``). The VTAB-1k configs
-    choose ``scale`` per task (CIFAR-100: 0.1). ViT-B/16 trains
+    ``set_Convpass(model, method, dim=8, s=1, xavier_init=False)``, ``nn.Dropout(0.1)``). The bypasses add past the
+    block's layer scale and drop path, each with a drop-path mask of its own at the block's rate (``forward_block``:
+    ``x + dp(attn(norm1(x))) + dp(adapter_attn(norm1(x))) * s``). ``configs/vtab/convpass/<task>.yaml`` hold the
+    official per-task ``scale`` / ``xavier_init`` (CIFAR-100: 0.1, no xavier). ViT-B/16 trains
     12 x 2 x (768 x 8 + 8 + 8 x 8 x 9 + 8 + 8 x 768 + 768) = 327,552 parameters.
 
     Attributes:
@@ -47,10 +49,11 @@ class Convpass(Method):
                 if cfg.xavier_init:
                     nn.init.xavier_uniform_(bypass.conv.weight)
                 self.add_module(block.module, f"{block.name}.{branch_name}.convpass", bypass)
-                # x + f(norm(x)) + s * bypass(norm(x)): the bypass sees the branch's (normalised) input
-                self.hook_tokens_output(block.branches[branch_name].module, self._add, bypass)
+                # the official block: x + dp(f(norm(x))) + dp'(bypass(norm(x))) * s, dp' a drop-path mask of its own
+                branch = block.branches[branch_name]
+                self.hook_past_branch(branch, branch.module, self._bypass, bypass, drop_path=True)
 
-    def _add(self, bypass: ConvBypass, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    def _bypass(self, bypass: ConvBypass, x: torch.Tensor) -> torch.Tensor:
         layout = self.tower.tokens
         grid = layout.grid_for(x.shape[1] - layout.total_prefix)  # the recorded grid of the actual input
-        return output + bypass(x, layout.total_prefix, grid) * self.config.scale
+        return bypass(x, layout.total_prefix, grid) * self.config.scale
