@@ -69,6 +69,17 @@ def test_held_out_subjects_are_absent_from_the_pretraining_data():
     assert len(held) > 100 and not _fingerprints(held) & _fingerprints(pretraining.images)
 
 
+def test_the_pretraining_split_holds_each_digit_once():
+    # "all" holds the digits of train + val + test; the sweep's "trainval" split must not add train and val again
+    from visionpeft.data.captioned_mix import SUBJECTS
+
+    def digits(images):
+        return sum(SUBJECTS[t].startswith("digit") for t in images.targets)
+
+    parts = [captioned_mix(split) for split in ("train", "val", "test")]
+    assert digits(captioned_mix("all")) == sum(digits(part) for part in parts) == 1618
+
+
 def test_pretraining_config_holds_the_subjects_out():
     from visionpeft.config import load_config
 

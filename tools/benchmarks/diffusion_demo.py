@@ -207,8 +207,9 @@ def write_readme(results: dict, out: Path) -> None:
         "# Diffusion, offline: the embedded tiny pipeline",
         "",
         f"Made by `{results['command']}` on a 2-core CPU shared with other jobs ({results['minutes']:.1f} minutes).",
-        "The pipeline is `checkpoints/tiny_sd` (pretrained by `python tools/pretrain.py configs/pretrain/tiny_sd.yaml`,"
-        " see its model card); images are judged by `checkpoints/tiny_sd_judge.safetensors`, a classifier of the 24"
+        "The pipeline is `checkpoints/tiny_sd` (pretrained by `python tools/pretrain.py configs/pretrain/tiny_sd.yaml`"
+        " then `configs/pretrain/tiny_sd_continue.yaml`, see its model card); images are judged by"
+        " `checkpoints/tiny_sd_judge.safetensors`, a classifier of the 24"
         " subjects trained by the project on real images (`checkpoints/tiny_sd_judge.md`).",
         f"Sampling: DDIM, {results['steps']} steps, guidance {GUIDANCE}, 32 px.",
         "",
@@ -291,8 +292,9 @@ def main(argv: list[str]) -> int:
     base = base_samples(load_pipe(args.pipeline), judge, args.out, args.samples, args.steps)
     results = {"command": "python tools/benchmark.py diffusion-demo " + " ".join(argv), "steps": args.steps,
                "seeds": args.seeds, "base": base,
-               "not_done": "Control on fill50k (ControlNet / ControlNet-LoRA / T2I-Adapter at 32 px) is not part of "
-                           "this run."}  # fmt: skip
+               "not_done": "Control on fill50k is its own run: `python tools/benchmark.py control-demo` -> "
+                           "`gallery/control/` (ControlNet / ControlNet-LoRA; T2I-Adapter's layout does not fit this "
+                           "U-Net)."}  # fmt: skip
     if not args.skip_personalization:
         results["personalization"] = personalization(
             judge,

@@ -205,7 +205,8 @@ def captioned_mix(split: str = "all", size: int = 32, seed: int = 0, exclude: It
 def _all_subjects(split: str, size: int, seed: int, per_texture: int, per_photo: int,
                   circles: int) -> tuple[np.ndarray, tuple[str, ...], tuple[int, ...]]:  # fmt: skip
     """Every subject's images of a split (built once per process: the builders decode and resize photos)."""
-    digits = [x for s in SPLITS for x in _digits(s, size, seed)] if split == "all" else _digits(split, size, seed)
+    parts = ("train", "val", "test")  # the disjoint splits ("trainval" repeats two of them)
+    digits = [x for s in parts for x in _digits(s, size, seed)] if split == "all" else _digits(split, size, seed)
     sources = [digits, _textures(split, size, seed, per_texture), _faces(split, size, seed),
                _photos(split, size, seed, per_photo), _circles(split, size, seed, circles)]  # fmt: skip
     items = [item for source in sources for item in source]
