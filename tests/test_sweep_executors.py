@@ -48,6 +48,18 @@ def test_submitit_runs_the_pending_list(tmp_path, reference):
     assert list((tmp_path / "submitit").glob("*_log.out"))  # the jobs went through submitit
 
 
+def test_a_multi_gpu_slurm_job_trains_its_run_in_one_process_per_gpu(tmp_path, reference):
+    # gpus_per_job=2: accelerate launch inside the job (here: 2 gloo CPU processes, no GPU), the same global batch
+    pytest.importorskip("submitit", reason='needs pip install "visionpeft[slurm]"')
+    executor = SubmititExecutor(tmp_path / "submitit", cluster="debug", gpus_per_job=2, timeout_min=10)
+    runs = _pending(tmp_path / "sweep")[:1]
+    (record,) = executor.run(runs, lambda run, record: None)
+    assert record["status"] == "done", record
+    result = read_result(runs[0].path)
+    assert result["processes"] == 2 and result["trainable"] == 11_146  # the world size the processes saw
+    assert result["test"]["top1"] == pytest.approx(reference[runs[0].path.name], abs=0.02)
+
+
 def test_ray_runs_the_pending_list(tmp_path, reference):
     ray = pytest.importorskip("ray", reason='needs pip install "visionpeft[ray]"')
     try:

@@ -45,7 +45,9 @@ def train(method: str, data: Path, work: Path, steps: int, seed: int) -> tuple[P
     """One run through the training command; returns its folder and minutes."""
     run_name = f"{method}-seed{seed}"
     run_dir = work / run_name
-    if not (run_dir / "README.md").is_file():  # finished runs are kept (the card is written last)
+    base = pipeline_digest()
+    finished = (run_dir / "README.md").is_file() and (run_dir / "base.txt").is_file()  # the card is written last
+    if not finished or (run_dir / "base.txt").read_text().strip() != base:  # kept only on the same base weights
         config = ROOT / "configs" / "control" / f"{method}_tiny_sd_fill.yaml"
         command = [sys.executable, str(ROOT / "tools" / "train.py"), str(config),
                    f"data.root={data}", f"optim.steps={steps}", f"train.seed={seed}", f"train.output_dir={work}",
@@ -54,7 +56,18 @@ def train(method: str, data: Path, work: Path, steps: int, seed: int) -> tuple[P
         start = time.time()
         subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         (run_dir / "minutes.txt").write_text(f"{(time.time() - start) / 60:.2f}\n")
+        (run_dir / "base.txt").write_text(base + "\n")
     return run_dir, float((run_dir / "minutes.txt").read_text())
+
+
+def pipeline_digest() -> str:
+    """sha256 of the shipped pipeline's weight files: a finished run is reused only on the weights it trained on."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "checkpoints" / "tiny_sd").rglob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

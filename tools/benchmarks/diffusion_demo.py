@@ -139,6 +139,7 @@ def finish(job: dict) -> dict:
     """Waits for a launched run; returns its folder, prompt, trained parameters, steps and minutes."""
     from safetensors import safe_open
 
+    from visionpeft.checkpoint import WEIGHTS_NAME
     from visionpeft.config import load_config
 
     code = job["process"].wait()
@@ -148,7 +149,7 @@ def finish(job: dict) -> dict:
         tail = (job["run_dir"].parent / f"{job['run_dir'].name}.log").read_text().strip().splitlines()[-3:]
         raise RuntimeError(f"{job['method']} failed ({code}): {' | '.join(tail)}")
     config = load_config(job["run_dir"] / "config.yaml")
-    with safe_open(str(job["run_dir"] / "adapter" / "adapter_model.safetensors"), "pt") as f:
+    with safe_open(str(job["run_dir"] / "adapter" / WEIGHTS_NAME), "pt") as f:
         trainable = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
     return {"run_dir": str(job["run_dir"]), "prompt": config.data.prompt.format(config.token),
             "trainable": trainable, "steps": config.optim.steps, "minutes": minutes}  # fmt: skip

@@ -2,8 +2,9 @@
 
 * ``local``: a process pool (``concurrent.futures`` with spawned processes); each worker sees one GPU through
   ``CUDA_VISIBLE_DEVICES`` when there are GPUs, else the CPU threads are shared out between the workers.
-* ``slurm``: submitit, one job array with at most ``workers`` jobs running at once (``cluster: local`` / ``debug``
-  run submitit's local or in-process executors, for tests and debugging).
+* ``slurm``: submitit, one job array with at most ``workers`` jobs running at once, a multi-GPU job training its
+  run with ``accelerate launch`` over the job's GPUs (``cluster: local`` / ``debug`` run submitit's local or
+  in-process executors, for tests and debugging).
 * ``ray``: Ray core tasks on the cluster at ``address`` (none: a local cluster), one GPU each when asked.
 
 An executor's ``run(runs, on_done)`` blocks until every run has finished or failed, calls ``on_done(run, record)``
@@ -107,7 +108,8 @@ class SubmititExecutor:
     Attributes:
         folder: Where submitit keeps its job files and logs. cluster: ``None`` (detect Slurm), ``slurm``, ``local``
             or ``debug``. partition: The Slurm partition. gpus_per_job / cpus_per_job / mem_gb / timeout_min:
-            Each job's resources.
+            Each job's resources; with ``gpus_per_job`` > 1 the run trains in that many processes inside the job
+            (``accelerate launch``, see :func:`~.runs.execute`).
     """
 
     folder: Path
@@ -132,7 +134,9 @@ class SubmititExecutor:
         if self.workers:
             params["slurm_array_parallelism"] = self.workers
         executor.update_parameters(**params)
-        jobs = executor.map_array(execute, [asdict(run) for run in runs])
+        # a job with several GPUs trains its run on all of them: accelerate launch inside the job, one process each
+        processes = max(1, self.gpus_per_job)
+        jobs = executor.map_array(execute, [{**asdict(run), "processes": processes} for run in runs])
         records = []
         for job, run in zip(jobs, runs):
             try:

@@ -22,6 +22,8 @@ from typing import Any
 from ..io import atomic_write
 
 RESULT, ERROR, TRACEBACK, SPEC, LOG, TRAIN = "result.json", "error.txt", "traceback.txt", "run.json", "log.txt", "train"
+#: the trainer's results, written by the main process of a launched (multi-process) run
+LAUNCHED = "launched_results.json"
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class RunSpec:
         config: The base config file (absolute path). overrides: ``key=value`` strings applied to it, in order.
         task, label, stage, seed: Where the run sits in the sweep (label: the grid's name, a report row).
         choices: ``[key, value]`` pairs of the grid point (reports show them). folder: The run's folder.
+        processes: Processes the run trains in (one per GPU of a multi-GPU Slurm job): more than one launches
+            the trainer with ``accelerate launch`` (CPU processes on gloo when there is no GPU). Not part of the
+            run's identity: the same run on 1 or 8 GPUs has the same folder.
     """
 
     config: str
@@ -42,6 +47,7 @@ class RunSpec:
     seed: int
     choices: tuple[tuple[str, str], ...]
     folder: str
+    processes: int = 1
 
     @property
     def path(self) -> Path:
@@ -111,6 +117,8 @@ def _train(spec: RunSpec, log_file) -> tuple[dict[str, Any], bool]:
 
     config = load_config(spec.config, list(spec.overrides))
     validated = OmegaConf.select(config, "data.val_split") is not None
+    if spec.processes > 1:
+        return _launch(spec, log_file), validated
     handler = logging.StreamHandler(log_file)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("visionpeft")
@@ -164,6 +172,54 @@ def execute(run: RunSpec | dict[str, Any]) -> dict[str, Any]:
         "head": counts.get("by_group", {}).get("head", 0),
         "seconds": round(time.time() - start, 2),
         "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),  # what the executor gave the worker
+        "processes": results.get("world_size", 1),  # as the launched processes saw their group
     }
     _write_json(folder / RESULT, record)  # last: the marker of a finished run
     return {**record, "status": "done"}
+
+
+def _launch(spec: RunSpec, log_file) -> dict[str, Any]:
+    """Trains the run in ``spec.processes`` processes with ``accelerate launch`` (over the job's GPUs, or gloo CPU
+    processes without one) running :func:`train_launched`; returns the main process's results."""
+    import subprocess
+    import sys
+
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < gpus < spec.processes:
+        raise RuntimeError(f"the run asks for {spec.processes} processes but the job sees {gpus} GPU(s)")
+    # --multi_gpu is accelerate's torch.distributed.run launcher: one process per GPU, or gloo CPU processes on a
+    # machine without one (its --cpu flag would start a single process)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(spec.processes), "--num_machines", "1", "--dynamo_backend", "no",
+               "-m", "visionpeft.sweep.runs", str(spec.path)]  # fmt: skip
+    (spec.path / LAUNCHED).unlink(missing_ok=True)
+    done = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"accelerate launch with {spec.processes} processes exited with {done.returncode} "
+                           f"(see {spec.path / LOG})")  # fmt: skip
+    return json.loads((spec.path / LAUNCHED).read_text())
+
+
+def train_launched(folder: str | Path) -> None:
+    """The entry of each process of a launched run: trains the run whose ``run.json`` is in ``folder`` (accelerate
+    reads the process group from the launcher's environment); the main process writes the results."""
+    from accelerate import PartialState
+
+    from ..config import load_config, task_spec
+
+    spec = RunSpec(**json.loads((Path(folder) / SPEC).read_text()))
+    config = load_config(spec.config, list(spec.overrides))
+    results = task_spec(config.task).trainer()(config, spec.path / TRAIN)
+    state = PartialState()  # the process group the trainer's Accelerator joined
+    if state.is_main_process:
+        results = {**results, "world_size": state.num_processes}
+        text = json.dumps(results, indent=1, default=str) + "\n"
+        atomic_write(spec.path / LAUNCHED, lambda tmp: Path(tmp).write_text(text))
+
+
+if __name__ == "__main__":  # python -m visionpeft.sweep.runs RUN_FOLDER (what accelerate launch starts)
+    import sys
+
+    train_launched(sys.argv[1])

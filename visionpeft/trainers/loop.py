@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import pickle
 import shutil
 from collections.abc import Iterator
@@ -125,6 +126,10 @@ def make_accelerator(cfg: LoopConfig, cpu: bool = False, run_dir: Path | None = 
     different precisions may share a process (sweeps, notebooks)."""
     from accelerate.state import AcceleratorState
 
+    if not cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        # launched processes on a machine without an accelerator: accelerate joins them into one gloo group only
+        # when told they run on the CPU; otherwise each would silently train alone as the main process
+        cpu = True
     shared = AcceleratorState._shared_state
     if shared and (shared.get("_mixed_precision"), shared.get("_cpu")) != (cfg.mixed_precision, cpu):
         # accelerate keeps one process-wide state and refuses a second precision; the distributed set-up (the

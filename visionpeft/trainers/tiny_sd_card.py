@@ -19,10 +19,9 @@ from ..data.captioned_mix import SUBJECTS, captioned_mix
 from .tiny_sd_parts import TRAINING_RECORD
 
 CARD_LIMITS = """\
-What it can draw: the families it saw, at 32 px, roughly - handwritten digits (blurry, as the 8 x 8 originals
-upsampled; some digits much more reliably than others), grey textures, a disc of roughly the prompted placement with
-the background colour more often right than the fill colour, faces as face-like blobs, photo crops as colour
-layouts (coins and the clock come out best), all with washed-out colours.
+What it can draw: the families it saw, at 32 px - handwritten digits (blurry, as the 8 x 8 originals upsampled,
+but each of the nine clearly), grey textures, discs in some of the prompted colourings, faces as face-like blobs,
+photo crops as colour layouts (coins, the rocket and the clock come out best), all with washed-out colours.
 What it cannot draw: anything outside the 22 pretraining subjects - the held-out digit 7 and brick texture
 included (that is the point: personalization has to teach them), legible text, fine detail, compositions of
 several subjects, resolutions other than 32 px (the U-Net runs at other sizes, without having learned them)."""
