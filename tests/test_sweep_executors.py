@@ -67,3 +67,40 @@ def test_ray_runs_the_pending_list(tmp_path, reference):
         assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 2  # the local cluster the executor started
     finally:
         ray.shutdown()
+
+
+def test_killing_the_sweep_ends_its_local_workers(tmp_path):
+    # an orphaned worker would go on training in a run folder that the next start of the sweep clears
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    psutil = pytest.importorskip("psutil")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    tests = Path(__file__).resolve().parent
+    script = f"""
+import sys
+sys.path.insert(0, {str(tests)!r})
+from _sweep_utils import DIGITS, FAST
+from visionpeft.sweep.executors import LocalExecutor
+from visionpeft.sweep.protocol import final_runs
+from visionpeft.sweep.spec import make_spec
+spec = make_spec(DIGITS, {{"vpt": {{"optim.lr": [0.01]}}}}, ["digits"], [0], "none", "final", [*FAST, "optim.steps=100000"])
+from pathlib import Path
+LocalExecutor(1).run(final_runs(spec, Path({str(tmp_path)!r})), lambda run, record: None)
+"""
+    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not list(tmp_path.rglob("log.txt")) and time.time() < deadline:  # the worker has started its run
+            assert driver.poll() is None, driver.stderr.read().decode()[-1500:]
+            time.sleep(0.5)
+        workers = psutil.Process(driver.pid).children(recursive=True)
+        assert workers
+    finally:
+        driver.kill()
+        driver.wait()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, [p.pid for p in alive]

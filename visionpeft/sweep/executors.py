@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -58,8 +59,21 @@ def _visible_gpus() -> list[str]:
     return (listed or [str(i) for i in range(count)])[:count]
 
 
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to end this worker when the sweep process dies (``kill``, a preempted job), so no
+    orphan keeps training in a run folder that the next start of the sweep clears (``prctl(PR_SET_PDEATHSIG)``; the
+    standard library has no wrapper). Elsewhere a no-op: Ctrl-C reaches the whole process group anyway."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _init_worker(devices, threads: int) -> None:
     """Runs first in each local worker: claim a GPU (before torch sees CUDA) or a share of the CPU threads."""
+    _die_with_parent()
     device = devices.get()
     if device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device
