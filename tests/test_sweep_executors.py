@@ -87,8 +87,9 @@ from _sweep_utils import DIGITS, FAST
 from visionpeft.sweep.executors import LocalExecutor
 from visionpeft.sweep.protocol import final_runs
 from visionpeft.sweep.spec import make_spec
-spec = make_spec(DIGITS, {{"vpt": {{"optim.lr": [0.01]}}}}, ["digits"], [0], "none", "final", [*FAST, "optim.steps=100000"])
 from pathlib import Path
+long_run = [*FAST, "optim.steps=100000"]
+spec = make_spec(DIGITS, {{"vpt": {{"optim.lr": [0.01]}}}}, ["digits"], [0], "none", "final", long_run)
 LocalExecutor(1).run(final_runs(spec, Path({str(tmp_path)!r})), lambda run, record: None)
 """
     driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
