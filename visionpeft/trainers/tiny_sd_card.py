@@ -130,6 +130,7 @@ def export_pipeline(config, run_dir: Path, target: Path, command: str) -> Path:
     text = ("trained jointly with the U-Net" if all(s["train_text_encoder"] for s in record["stages"])
             else "frozen at its random initialisation in at least one stage")  # fmt: skip
     latent = a["sample_size"]
+    guidance = config.train.guidance_scale
     card = f"""# tiny_sd
 
 A tiny text-to-image latent diffusion model in diffusers' `StableDiffusionPipeline` layout, pretrained from scratch
@@ -141,8 +142,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained("checkpoints/tiny_sd", torch_dtype=torch.float32)
-image = pipe("a handwritten digit three", num_inference_steps=20, guidance_scale={config.train.guidance_scale},
-             generator=torch.Generator().manual_seed(0)).images[0]  # 32 x 32
+generator = torch.Generator().manual_seed(0)
+image = pipe("a handwritten digit three", num_inference_steps=20, guidance_scale={guidance}, generator=generator)
+image = image.images[0]  # 32 x 32
 ```
 
 ![samples](samples.png)
