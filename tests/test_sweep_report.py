@@ -55,6 +55,8 @@ def test_published_numbers_sit_beside_ours_with_the_difference(sweep_dir):
     assert float(rows["mean"]["published"]) == pytest.approx(72.91, abs=0.01)  # their 19-task LoRA mean
     text = (root / "summary.md").read_text()
     assert "85.0 ± 7.1 [91.4, -6.4]" in text and "62.9 [72.9, -10.0]" in text
+    row = next(line for line in text.splitlines() if "85.0 ± 7.1" in line)
+    assert row.startswith("| lora | ")  # the grid's label, not the last summary column's name
 
 
 def test_the_chosen_point_is_the_best_on_val_and_is_reported_per_task(sweep_dir):

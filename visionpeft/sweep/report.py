@@ -86,6 +86,12 @@ def _row_names(cells: list[Cell]) -> list[str]:
     return list(dict.fromkeys(c.row for c in cells))
 
 
+def _shown(path: str) -> str:
+    """A path as a report shows it: relative to the working directory when inside it (no machine's home)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else path
+
+
 def group_means(values: dict[str, float]) -> dict[str, float]:
     """Natural / Specialized / Structured means, ``group mean`` (of the three) and ``mean`` (of the 19 tasks), for
     those whose tasks all have a value."""
@@ -141,7 +147,7 @@ def markdown(spec: SweepSpec, root: Path, cells: list[Cell]) -> str:
     lines = [
         f"# Sweep report: {root.name}",
         "",
-        f"Config `{spec.config}`; protocol `{spec.protocol}` (select by the {spec.select} val top-1); seeds "
+        f"Config `{_shown(spec.config)}`; protocol `{spec.protocol}` (select by the {spec.select} val top-1); seeds "
         f"{', '.join(map(str, spec.seeds))}; grids {grids}.",
         f"Run folders: {states.count('done')} finished, {states.count('failed')} failed, "
         f"{states.count('pending')} started and unfinished.",
@@ -158,10 +164,11 @@ def markdown(spec: SweepSpec, root: Path, cells: list[Cell]) -> str:
         ours = summary_values(spec, {c.task: c.mean for c in row if c.mean is not None and not c.state})
         theirs = summary_values(spec, {c.task: c.published["top1"] for c in row if c.published})
         extra = []
-        for name in summaries:
-            text = f"{ours[name]:.1f}" if name in ours else "-"
-            if name in theirs:
-                text += f" [{theirs[name]:.1f}" + (f", {ours[name] - theirs[name]:+.1f}]" if name in ours else "]")
+        for column in summaries:
+            text = f"{ours[column]:.1f}" if column in ours else "-"
+            if column in theirs:
+                difference = f", {ours[column] - theirs[column]:+.1f}" if column in ours else ""
+                text += f" [{theirs[column]:.1f}{difference}]"
             extra.append(text)
         lines.append(f"| {name} | {_params(row)} | " + " | ".join([*map(_cell_text, row), *extra]) + " |")
     chosen = [c for c in cells if c.chosen]
