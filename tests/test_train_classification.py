@@ -155,6 +155,10 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(s
         (r["step"], r["train/loss"]) for r in two if "train/loss" in r
     ]
     assert [r for r in split if "test/top1" in r][0]["test/top1"] == test_two["test/top1"]
+    # the same command again: the main process picks the numbered folder and the other follows it
+    launch(2, *base, "train.run_name=procs2", "optim.epochs=1")
+    assert [r["step"] for r in _records(tmp / "runs" / "procs2-2") if "train/loss" in r] == list(range(1, 6))
+    assert not (tmp / "runs" / "procs2-3").exists()
 
 
 def test_only_method_and_head_train_and_vpt_keeps_the_backbone_in_eval_mode(setup, captured):

@@ -76,6 +76,7 @@ def resolve_run(args, parser, dry_run: bool = False):
     from ..config import load_config
     from ..errors import ConfigError
     from ..trainers import run_state
+    from ..trainers.loop import launched
 
     if args.resume:
         if args.config or args.overrides or args.overwrite:
@@ -89,9 +90,33 @@ def resolve_run(args, parser, dry_run: bool = False):
     report = [f"train.report_to={args.report_to}"] if args.report_to else []
     config = load_config(args.config, [*args.overrides, *report])
     run_dir = Path(config.train.output_dir) / config.train.run_name
-    if dry_run or not run_state.holds_run(run_dir):
+    if dry_run:
         return config, run_dir
-    if args.overwrite:
+    several, cpu = launched(getattr(args, "cpu", False))
+    if not several:
+        return _new_run_folder(config, run_dir, args.overwrite)
+    # launched processes: the main one decides (a folder the others would see half-made), the others follow it
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+    from omegaconf import read_write
+
+    decided = [None]
+    if PartialState(cpu=cpu).is_main_process:
+        decided = [_new_run_folder(config, run_dir, args.overwrite)[0].train.run_name]
+    broadcast_object_list(decided)
+    with read_write(config):
+        config.train.run_name = decided[0]
+    return config, run_dir.parent / decided[0]
+
+
+def _new_run_folder(config, run_dir: Path, overwrite: bool):
+    """(config, run folder) of a new run: ``run_dir``, or ``run_dir`` emptied by ``--overwrite``, or the next free
+    numbered folder beside it."""
+    from ..trainers import run_state
+
+    if not run_state.holds_run(run_dir):
+        return config, run_dir
+    if overwrite:
         run_state.delete_run(run_dir)
         print(f"--overwrite: deleted the earlier run in {run_dir}", file=sys.stderr)
         return config, run_dir

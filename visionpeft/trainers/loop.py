@@ -121,15 +121,20 @@ def build_scheduler(cfg: LoopConfig, optimizer: torch.optim.Optimizer, total_ste
                          num_training_steps=total_steps * processes, scheduler_specific_kwargs=kwargs)  # fmt: skip
 
 
+def launched(cpu: bool = False) -> tuple[bool, bool]:
+    """``(launched, cpu)``: whether this process is one of several that a launcher started (``WORLD_SIZE`` > 1), and
+    the ``cpu`` flag its accelerate state needs: launched processes on a machine without an accelerator join one
+    gloo group only when accelerate is told they run on the CPU; otherwise each would train alone as the main one."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return several, cpu or (several and not torch.accelerator.is_available())
+
+
 def make_accelerator(cfg: LoopConfig, cpu: bool = False, run_dir: Path | None = None) -> Accelerator:
     """An accelerator for one run (with ``cfg.report_to``'s tracker when ``run_dir`` is given); several runs with
     different precisions may share a process (sweeps, notebooks)."""
     from accelerate.state import AcceleratorState
 
-    if not cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-        # launched processes on a machine without an accelerator: accelerate joins them into one gloo group only
-        # when told they run on the CPU; otherwise each would silently train alone as the main process
-        cpu = True
+    cpu = launched(cpu)[1]
     shared = AcceleratorState._shared_state
     if shared and (shared.get("_mixed_precision"), shared.get("_cpu")) != (cfg.mixed_precision, cpu):
         # accelerate keeps one process-wide state and refuses a second precision; the distributed set-up (the
