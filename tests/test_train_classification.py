@@ -131,12 +131,16 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(s
 
     def launch(procs, *args):
         # --multi_gpu: accelerate's torch.distributed.run launcher, gloo CPU processes here (--cpu starts only one)
-        mode = ["--multi_gpu"] if procs > 1 else ["--cpu"]
+        from visionpeft.sweep.runs import free_port
+
+        # a port of its own: another test may launch processes at the same time (pytest-xdist)
+        mode = ["--multi_gpu", "--main_process_port", str(free_port())] if procs > 1 else ["--cpu"]
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(procs),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(ROOT / "tools" / "train.py"), *args]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
-        assert result.returncode == 0, result.stderr[-2000:]
+        errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+        assert result.returncode == 0, "\n".join(errors[:20]) + result.stderr[-1000:]
 
     for procs in (1, 2):
         launch(procs, *base, f"train.run_name=procs{procs}")

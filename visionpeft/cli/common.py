@@ -76,7 +76,6 @@ def resolve_run(args, parser, dry_run: bool = False):
     from ..config import load_config
     from ..errors import ConfigError
     from ..trainers import run_state
-    from ..trainers.loop import launched
 
     if args.resume:
         if args.config or args.overrides or args.overwrite:
@@ -92,6 +91,8 @@ def resolve_run(args, parser, dry_run: bool = False):
     run_dir = Path(config.train.output_dir) / config.train.run_name
     if dry_run:
         return config, run_dir
+    from ..trainers.loop import launched  # imports torch: not before the config has been checked
+
     several, cpu = launched(getattr(args, "cpu", False))
     if not several:
         return _new_run_folder(config, run_dir, args.overwrite)

@@ -191,15 +191,25 @@ def _launch(spec: RunSpec, log_file) -> dict[str, Any]:
         raise RuntimeError(f"the run asks for {spec.processes} processes but the job sees {gpus} GPU(s)")
     # --multi_gpu is accelerate's torch.distributed.run launcher: one process per GPU, or gloo CPU processes on a
     # machine without one (its --cpu flag would start a single process)
+    # a port of its own: two jobs on one node (or two launches at once) must not meet at the default 29500
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(spec.processes), "--num_machines", "1", "--dynamo_backend", "no",
-               "-m", "visionpeft.sweep.runs", str(spec.path)]  # fmt: skip
+               str(spec.processes), "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port",
+               str(free_port()), "-m", "visionpeft.sweep.runs", str(spec.path)]  # fmt: skip
     (spec.path / LAUNCHED).unlink(missing_ok=True)
     done = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"accelerate launch with {spec.processes} processes exited with {done.returncode} "
                            f"(see {spec.path / LOG})")  # fmt: skip
     return json.loads((spec.path / LAUNCHED).read_text())
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the kernel's pick)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def train_launched(folder: str | Path) -> None:
