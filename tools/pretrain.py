@@ -78,11 +78,14 @@ def text_to_image(config, args: argparse.Namespace, command: str) -> int:
 def add_minutes(run_dir: Path, minutes: float, includes_vae: bool = False) -> float:
     """Adds this session's wall time to the run's total (a resumed run is timed over all its sessions);
     ``includes_vae``: this session trained the VAE stage (otherwise its time is only in ``vae/training.json``)."""
+    import torch
+
     record = run_dir / "wall_minutes.json"
     old = json.loads(record.read_text()) if record.exists() else {"minutes": 0.0}
     total = old["minutes"] + minutes
     flag = bool(old.get("includes_vae")) or includes_vae
-    record.write_text(json.dumps({"minutes": total, "includes_vae": flag}) + "\n")
+    # the CPU threads of the training process (an --export-only process may have others)
+    record.write_text(json.dumps({"minutes": total, "includes_vae": flag, "threads": torch.get_num_threads()}) + "\n")
     return total
 
 

@@ -1,4 +1,4 @@
-"""File writing shared by checkpoints, exports, configs and the training loop."""
+"""File writing shared by checkpoints, exports, configs and the training loop; paths as committed files show them."""
 
 from __future__ import annotations
 
@@ -22,3 +22,10 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def shown_path(path: str | Path) -> str:
+    """A path as reports and cards show it: relative to the working directory when it lies inside it (no machine's
+    home folder in a committed file), as given otherwise."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(path)

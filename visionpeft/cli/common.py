@@ -93,7 +93,7 @@ def resolve_run(args, parser, dry_run: bool = False):
         return config, run_dir
     from ..trainers.loop import launched  # imports torch: not before the config has been checked
 
-    several, cpu = launched(getattr(args, "cpu", False))
+    several, cpu = launched(args.cpu)
     if not several:
         return _new_run_folder(config, run_dir, args.overwrite)
     # launched processes: the main one decides (a folder the others would see half-made), the others follow it

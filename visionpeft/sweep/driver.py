@@ -82,8 +82,9 @@ def run_sweep(spec: SweepSpec, root: Path, executor: Any, out: Print = print) ->
     first = select_runs(spec, root)
     if first:
         failed += _wave(executor, first, "stage select", out)
-    failed += _wave(executor, final_runs(spec, root), "stage final", out)
-    for run in [*first, *final_runs(spec, root)]:
+    second = final_runs(spec, root)  # planned from stage 1's results on disk
+    failed += _wave(executor, second, "stage final", out)
+    for run in [*first, *second]:
         if status(run.path) == "failed":
             out(f"failed: {run.name()}: {read_error(run.path)} (traceback in {run.path / 'traceback.txt'})")
     return failed

@@ -13,6 +13,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..io import shown_path
 from .grid import Point
 from .protocol import PROTOCOLS, choose, has_select_stage, make_run
 from .published import published
@@ -86,12 +87,6 @@ def _row_names(cells: list[Cell]) -> list[str]:
     return list(dict.fromkeys(c.row for c in cells))
 
 
-def _shown(path: str) -> str:
-    """A path as a report shows it: relative to the working directory when inside it (no machine's home)."""
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else path
-
-
 def group_means(values: dict[str, float]) -> dict[str, float]:
     """Natural / Specialized / Structured means, ``group mean`` (of the three) and ``mean`` (of the 19 tasks), for
     those whose tasks all have a value."""
@@ -147,8 +142,8 @@ def markdown(spec: SweepSpec, root: Path, cells: list[Cell]) -> str:
     lines = [
         f"# Sweep report: {root.name}",
         "",
-        f"Config `{_shown(spec.config)}`; protocol `{spec.protocol}` (select by the {spec.select} val top-1); seeds "
-        f"{', '.join(map(str, spec.seeds))}; grids {grids}.",
+        f"Config `{shown_path(spec.config)}`; protocol `{spec.protocol}` (select by the {spec.select} val top-1); "
+        f"seeds {', '.join(map(str, spec.seeds))}; grids {grids}.",
         f"Run folders: {states.count('done')} finished, {states.count('failed')} failed, "
         f"{states.count('pending')} started and unfinished.",
         "",

@@ -102,7 +102,16 @@ def _best_eval(log: Path, metric: str = "top1") -> float | None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
+    text = json.dumps(data, indent=1, default=str) + "\n"  # default=str: a trainer's results hold output paths
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _trainer(spec: RunSpec):
+    """``(config, trainer)``: the run's config and its task's in-process ``run(config, run_dir)``."""
+    from ..config import load_config, task_spec
+
+    config = load_config(spec.config, list(spec.overrides))
+    return config, task_spec(config.task).trainer()
 
 
 def _train(spec: RunSpec, log_file) -> tuple[dict[str, Any], bool]:
@@ -113,9 +122,7 @@ def _train(spec: RunSpec, log_file) -> tuple[dict[str, Any], bool]:
 
     from omegaconf import OmegaConf
 
-    from ..config import load_config, task_spec
-
-    config = load_config(spec.config, list(spec.overrides))
+    config, trainer = _trainer(spec)
     validated = OmegaConf.select(config, "data.val_split") is not None
     if spec.processes > 1:
         return _launch(spec, log_file), validated
@@ -126,7 +133,7 @@ def _train(spec: RunSpec, log_file) -> tuple[dict[str, Any], bool]:
     logger.setLevel(logging.INFO)
     try:
         with contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
-            return task_spec(config.task).trainer()(config, spec.path / TRAIN), validated
+            return trainer(config, spec.path / TRAIN), validated
     finally:
         logger.removeHandler(handler)
 
@@ -217,16 +224,12 @@ def train_launched(folder: str | Path) -> None:
     reads the process group from the launcher's environment); the main process writes the results."""
     from accelerate import PartialState
 
-    from ..config import load_config, task_spec
-
     spec = RunSpec(**json.loads((Path(folder) / SPEC).read_text()))
-    config = load_config(spec.config, list(spec.overrides))
-    results = task_spec(config.task).trainer()(config, spec.path / TRAIN)
+    config, trainer = _trainer(spec)
+    results = trainer(config, spec.path / TRAIN)
     state = PartialState()  # the process group the trainer's Accelerator joined
     if state.is_main_process:
-        results = {**results, "world_size": state.num_processes}
-        text = json.dumps(results, indent=1, default=str) + "\n"
-        atomic_write(spec.path / LAUNCHED, lambda tmp: Path(tmp).write_text(text))
+        _write_json(spec.path / LAUNCHED, {**results, "world_size": state.num_processes})
 
 
 if __name__ == "__main__":  # python -m visionpeft.sweep.runs RUN_FOLDER (what accelerate launch starts)

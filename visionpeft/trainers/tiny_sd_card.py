@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from ..data.captioned_mix import SUBJECTS, captioned_mix
+from ..io import shown_path
 from .tiny_sd_parts import TRAINING_RECORD
 
 CARD_LIMITS = """\
@@ -56,7 +56,7 @@ def training_record(config, run_dir: Path, command: str) -> dict:
         "lr": o.lr, "schedule": o.schedule, "warmup_steps": o.warmup_steps, "weight_decay": o.weight_decay,
         "clip_grad": o.clip_grad, "snr_gamma": o.snr_gamma, "caption_dropout": config.data.caption_dropout,
         "ema_decay": config.train.ema_decay, "train_text_encoder": config.model.train_text_encoder,
-        "first_loss": first, "last_loss": last, "threads": torch.get_num_threads(),
+        "first_loss": first, "last_loss": last, "threads": wall.get("threads"),
         "minutes": wall["minutes"] - (vae["minutes"] if wall.get("includes_vae") else 0.0),
     }  # fmt: skip
     stages = (earlier["stages"] if earlier else []) + [stage]
@@ -69,21 +69,16 @@ def _stage_lines(stages: list[dict]) -> str:
     lines = []
     for i, s in enumerate(stages, 1):
         towers = "U-Net + text encoder" if s["train_text_encoder"] else "U-Net (text encoder frozen)"
-        start = f"continuing `{_shown(s['init_from'])}`, " if s.get("init_from") else ""
+        start = f"continuing `{shown_path(s['init_from'])}`, " if s.get("init_from") else ""
         lines.append(
             f"- {towers}, stage {i} ({start}`{s['command']}`): {s['steps']} steps, batch {s['batch_size']}, AdamW lr "
             f"{s['lr']} ({s['schedule']}, {s['warmup_steps']} warmup), weight decay {s['weight_decay']}, grad clip "
             f"{s['clip_grad']}, min-SNR gamma {s['snr_gamma']}, caption dropout {s['caption_dropout']} "
             f"(classifier-free guidance), EMA {s['ema_decay']} (shipped); loss (min-SNR weighted epsilon MSE) "
             f"{s['first_loss']:.4f} over the first logged steps -> {s['last_loss']:.4f} over the last; "
-            f"{s['minutes']:.1f} minutes on {s.get('threads', '?')} CPU thread(s)."
+            f"{s['minutes']:.1f} minutes on {s.get('threads') or '?'} CPU thread(s)."
         )
     return "\n".join(lines)
-
-
-def _shown(path: str) -> str:
-    """A path as the card shows it: relative to the working directory when it lies inside it."""
-    return os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd()) else path
 
 
 def _architecture(pipeline) -> dict:
