@@ -144,6 +144,9 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(s
 
     for procs in (1, 2):
         launch(procs, *base, f"train.run_name=procs{procs}")
+    # each process's random state is in the committed state (the main process waits for the other's file)
+    assert sorted(p.name for p in (tmp / "runs" / "procs2" / "state").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]  # fmt: skip
     launch(2, *base, "train.run_name=procs2split", "--stop-after", "1")
     launch(2, "--resume", str(tmp / "runs" / "procs2split"))
     one, two = _records(tmp / "runs" / "procs1"), _records(tmp / "runs" / "procs2")

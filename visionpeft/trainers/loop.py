@@ -244,6 +244,8 @@ class Loop:
                     "epoch_loss": self.epoch_loss, "rng": run_state.rng_digest()}  # fmt: skip
         try:
             accelerator.save_state(str(tmp))
+            # every process writes its own random state into tmp: none may be renamed away before all are written
+            accelerator.wait_for_everyone()
             if main:
                 if self.ema is not None:
                     progress["ema"] = run_state.save_ema(self.ema, tmp)
