@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from tiny_models import _run_vit, tiny_vit
+from tiny_models import _run_vit, tiny_sd_pipeline, tiny_vit
 
 import visionpeft as vp
 from visionpeft.errors import CheckpointError
@@ -61,6 +61,14 @@ def test_push_then_load_by_repo_id(local_hub, tmp_path):
     assert "| lora | 512 |" in card.text
     loaded = vp.load_adapter(tiny_vit(), "someone/tiny-lora")
     torch.testing.assert_close(_run_vit(loaded), _run_vit(model))
+
+
+def test_a_kohya_file_is_carded_for_diffusers_with_its_weight_name(local_hub, tmp_path):
+    pipe = vp.attach(tiny_sd_pipeline(tmp_path / "tok"), "lora", r=2)
+    vp.save_adapter(pipe, tmp_path / "out", format="kohya", push_to_hub="someone/tiny-kohya")
+    card = ModelCard.load(local_hub.root / "someone/tiny-kohya" / "README.md")
+    assert card.data.library_name == "diffusers"
+    assert 'pipe.load_lora_weights(FOLDER, weight_name="lora_kohya.safetensors")' in card.text
 
 
 def test_offline_upload_and_download_are_one_line(tmp_path, monkeypatch):

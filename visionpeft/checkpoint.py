@@ -39,7 +39,7 @@ from .adapter import (
 )
 from .base_weights import describe_base, frozen_dtype, frozen_weights_sha256, weights_source
 from .errors import CheckpointError, ConfigError, VisionPEFTError
-from .exporters import export
+from .exporters import KOHYA_NAME, export
 from .hub_io import build_model_card, download_adapter, library_name, looks_like_repo_id, push_folder
 from .io import atomic_write
 from .methods import make_config
@@ -134,7 +134,7 @@ def write_model_card(model: Any, directory: Path, **details: Any) -> Path:
         "methods": [(name, cfg.to_dict()) for name, cfg in attached_methods(model)],
         "parameters": count_parameters(model),
         "library": library,
-        "how_to_load": LOADING[library].format(base=source or "BASE"),
+        "how_to_load": LOADING[library].format(base=source or "BASE", weight=_weight_name(directory)),
         **details,
     }
     card = build_model_card(**options)
@@ -146,8 +146,13 @@ LOADING = {
     "visionpeft": "import visionpeft as vp\n\nmodel = ...  # the base model: {base}\nvp.load_adapter(model, FOLDER)",
     "peft": "from peft import PeftModel\n\nmodel = PeftModel.from_pretrained(base_model, FOLDER)  # base: {base}",
     "diffusers": 'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{base}")\n'
-    "pipe.load_lora_weights(FOLDER)",
+    "pipe.load_lora_weights(FOLDER{weight})",
 }
+
+
+def _weight_name(directory: Path) -> str:
+    """The ``weight_name`` argument diffusers needs for a LoRA file of another name than its own."""
+    return f', weight_name="{KOHYA_NAME}"' if (directory / KOHYA_NAME).is_file() else ""
 
 
 def _save_visionpeft(model: Any, directory: Path) -> None:
@@ -194,6 +199,11 @@ def adapter_config_path(directory: str | os.PathLike) -> Path | None:
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     """Reads and checks the config of a visionpeft checkpoint folder."""
+    return _checked_config(directory)[1]
+
+
+def _checked_config(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """(the config file found, current or legacy name; its checked contents)."""
     path = adapter_config_path(directory) or Path(directory) / CONFIG_NAME
     if not path.is_file():
         if (Path(directory) / LEGACY_NAMES[1]).is_file():
@@ -219,7 +229,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"{path}: methods[{i}] is not {METHOD_ENTRY}: {json.dumps(entry)[:80]}")
     if not isinstance(config.get("backbone", {}), dict):
         raise CheckpointError(f"{path}: 'backbone' is not an object")
-    return config
+    return path, config
 
 
 def _mismatch_message(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str | None:
@@ -270,7 +280,7 @@ def load_adapter(
         from .conversions import import_lora
 
         return import_lora(model, directory)
-    config = read_adapter_config(directory)
+    config_path, config = _checked_config(directory)
     family = backbone_of(model).family
     saved_family = config.get("backbone", {}).get("family")
     if saved_family != family:
@@ -285,9 +295,8 @@ def load_adapter(
             for m in config["methods"]
         ]
     except ConfigError as err:
-        raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from None
+        raise CheckpointError(f"{config_path}: {err}") from None
     current = [(name, cfg.to_dict()) for name, cfg in attached_methods(model)]
-    config_path = adapter_config_path(directory)
     weights_name = WEIGHTS_NAME if config_path.name == CONFIG_NAME else LEGACY_NAMES[0]
     found = _read_weights(directory / weights_name)
     before = methods_of(model)

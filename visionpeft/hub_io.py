@@ -37,10 +37,13 @@ def looks_like_repo_id(text: str | os.PathLike) -> bool:
 
 def library_name(folder: Path) -> str:
     """The library that loads ``folder`` as it is: ``peft`` (PEFT's files), ``diffusers`` (LoRA / model
-    folders diffusers reads) or ``visionpeft``."""
+    folders diffusers reads, kohya single files included) or ``visionpeft``."""
+    from .exporters import KOHYA_NAME
+
     if (folder / "adapter_config.json").is_file():
         return "peft"
-    if (folder / "pytorch_lora_weights.safetensors").is_file() or any(folder.glob("*/config.json")):
+    lora_files = ("pytorch_lora_weights.safetensors", KOHYA_NAME)
+    if any((folder / name).is_file() for name in lora_files) or any(folder.glob("*/config.json")):
         return "diffusers"
     return "visionpeft"
 

@@ -170,12 +170,12 @@ def main(argv: list[str]) -> int:
         write_readme(json.loads(args.from_json.read_text()), args.out)
         return 0
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    from .diffusion_demo import load_pipe
 
     torch.set_num_threads(2)
     train_data, test_data = make_data(args.work)
-    pipe = StableDiffusionPipeline.from_pretrained(ROOT / "checkpoints" / "tiny_sd", torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipe(ROOT / "checkpoints" / "tiny_sd")
     base_scores, base_images, _ = score(pipe, test_data, None)
     results = {"command": " ".join(["python tools/benchmark.py control-demo", *argv]), "steps": args.steps,
                "seed": args.seed, "train_pairs": 2000, "test_pairs": TEST_PAIRS,

@@ -64,30 +64,34 @@ def _build(settings: Settings, num_classes: int = 100):
     return timm.create_model(settings.arch, pretrained=False, num_classes=num_classes, img_size=settings.img)
 
 
+def prepare(model, method: str, options: dict):
+    """``model`` with ``method`` attached (``peft_lora``: the peer, PEFT's LoRA on timm's fused qkv plus the head, as
+    PEFT users write it), in training mode -> (model, trained parameters, trainable count)."""
+    import visionpeft as vp
+
+    if method == "peft_lora":
+        import peft
+
+        config = peft.LoraConfig(r=options["r"], lora_alpha=options["r"], target_modules=["qkv"],
+                                 modules_to_save=["head"])  # fmt: skip
+        model = peft.get_peft_model(model, config)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        return model, params, sum(p.numel() for p in params)
+    model = vp.attach(model, method, **options)
+    vp.set_train_mode(model, True)
+    return model, [p for _, p in vp.trainable_parameters(model)], vp.count_parameters(model)["trainable"]
+
+
 def _train_steps(args: tuple) -> dict:
     """Runs in a fresh process: build, attach, time warm AdamW steps, report peak memory."""
     settings, method, options = args
     import torch
     import torch.nn.functional as F
 
-    import visionpeft as vp
-
     torch.set_num_threads(settings.threads)
     torch.manual_seed(0)
-    if method == "peft_lora":  # the peer: PEFT's LoRA on timm's fused qkv (+ the head), as PEFT users write it
-        import peft
-
-        config = peft.LoraConfig(r=options["r"], lora_alpha=options["r"], target_modules=["qkv"],
-                                 modules_to_save=["head"])  # fmt: skip
-        model = peft.get_peft_model(_build(settings), config)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        trainable = sum(p.numel() for p in params)
-    else:
-        model = vp.attach(_build(settings), method, **options)
-        vp.set_train_mode(model, True)
-        params = [p for _, p in vp.trainable_parameters(model)]
-        trainable = vp.count_parameters(model)["trainable"]
+    model, params, trainable = prepare(_build(settings), method, options)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     x = torch.randn(settings.batch, 3, settings.img, settings.img)
     y = torch.randint(0, 100, (settings.batch,))

@@ -1,0 +1,65 @@
+"""The benchmark tools measure what their tables say: the SD 1.5 layout is SD 1.5's, the mixed-precision steps step,
+and the GPU suite runs end to end (on CPU, tiny models) and refuses a missing CUDA device in one line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from benchmarks.amp import Amp  # noqa: E402
+from benchmarks.personalize import pipeline_parts  # noqa: E402
+
+
+def test_sd15_layout_has_stable_diffusion_1_5s_parameter_counts():
+    """The published sizes: U-Net 859,520,964, VAE 83,653,863, CLIP ViT-L/14 text encoder 123,060,480."""
+    with torch.device("meta"):
+        parts = pipeline_parts("sd15")
+    assert [sum(p.numel() for p in m.parameters()) for m in parts] == [859_520_964, 83_653_863, 123_060_480]
+    with pytest.raises(ValueError, match="layout must be one of"):
+        pipeline_parts("sdxl")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_amp_steps_the_optimizer_under_half_precision(precision):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    before = layer.weight.detach().clone()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    amp = Amp("cpu", precision)
+    with amp.autocast():
+        out = layer(torch.randn(8, 4))
+        assert out.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    amp.step(out.float().pow(2).mean(), optimizer)
+    assert not torch.equal(layer.weight, before) and layer.weight.grad is None
+    assert (amp.scaler is not None) == (precision == "fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Amp("cpu", "fp8")
+
+
+def _gpu_suite(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "gpu", *args], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)  # fmt: skip
+
+
+def test_gpu_suite_runs_every_row_on_cpu_and_compares_with_the_peers():
+    result = _gpu_suite("--device", "cpu", "--quick", "--precisions", "bf16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    for row in ("plain full fine-tuning", "visionpeft lora r8 q,v", "peft lora r8 qkv (peer)", "visionpeft vpt-deep 10",
+                "| textual_inversion |", "| dreambooth_lora |", "| dreambooth_lora, latents cached |"):  # fmt: skip
+        assert row in out, row
+    assert "x peft lora r8 qkv (peer)" in out and "bf16 autocast, sdpa attention" in out
+    assert "Traceback" not in result.stderr and "deprecat" not in out.lower()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without CUDA")
+def test_gpu_suite_without_cuda_is_one_line():
+    result = _gpu_suite("--tables", "vit")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
+    assert result.stderr.startswith("error: no CUDA device here")
