@@ -85,3 +85,23 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     assert "## Failed runs" in (out / "summary.md").read_text()
     record = execute(json.loads((failed / "run.json").read_text()))  # run again: it fails again, the same way
     assert record["status"] == "failed" and record["error"] == error.strip()
+
+
+def test_more_seeds_extend_a_finished_sweep_and_reuse_its_runs(finished, tmp_path, capsys):
+    import shutil
+
+    _, done = finished
+    out = tmp_path / "sweep"
+    shutil.copytree(done, out)
+    grid = done.parent / "vpt.yaml"
+    args = [DIGITS, *FAST, "--grid", grid, "--protocol", "holdout", "--out", out]
+    code, _, err = sweep([*args, "--seeds", "1", "0"], capsys)  # the select stage's seed would change
+    assert code == 2 and "holds another sweep" in err and "extend it with more seeds (after its own)" in err
+    before = {p.name for p in out.glob("runs/digits/vpt/*")}
+    code, text, _ = sweep([*args, "--seeds", "0", "1", "--executor", "slurm", "--slurm.cluster", "debug"], capsys)
+    assert code == 0 and "extending the sweep in" in text and "seeds [0] -> [0, 1]" in text
+    assert "stage select: 4 runs, 4 finished before, 0 to run" in text
+    assert "stage final: 2 runs, 1 finished before, 1 to run" in text
+    finals = sorted(json.loads(p.read_text())["seed"] for p in out.glob("runs/digits/vpt/final-*/result.json"))
+    assert finals == [0, 1] and before < {p.name for p in out.glob("runs/digits/vpt/*")}
+    assert load_saved_spec(out).seeds == [0, 1]

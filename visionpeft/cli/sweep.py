@@ -107,8 +107,14 @@ def _resolve(args, parser):
                                args.protocol or "none", args.select or "final", args.overrides)  # fmt: skip
         name = "-".join(spec.grids) + ("" if spec.protocol == "none" else f"-{spec.protocol}")
     out = args.out or DEFAULT_ROOT / name
-    if (out / specs.SPEC_FILE).is_file() and asdict(specs.load_saved_spec(out)) != asdict(spec):
-        raise ConfigError(f"{out} holds another sweep; resume it with 'visionpeft sweep {out}' or choose --out")
+    if (out / specs.SPEC_FILE).is_file():
+        saved = specs.load_saved_spec(out)
+        if asdict(saved) != asdict(spec) and not specs.extends(spec, saved):
+            raise ConfigError(f"{out} holds another sweep; resume it with 'visionpeft sweep {out}', extend it with "
+                              "more seeds (after its own) or tasks, or choose --out")  # fmt: skip
+        if asdict(saved) != asdict(spec):
+            print(f"extending the sweep in {out}: seeds {saved.seeds} -> {spec.seeds}, tasks {saved.tasks} -> "
+                  f"{spec.tasks}; its finished runs are kept")  # fmt: skip
     return spec, out
 
 

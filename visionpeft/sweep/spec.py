@@ -58,6 +58,15 @@ class SweepSpec:
         return expand(self.grids[label], f"grid '{label}'")
 
 
+def extends(new: SweepSpec, old: SweepSpec) -> bool:
+    """Whether ``new`` is ``old`` with seeds appended (the select stage's seed, the first, stays) and / or tasks
+    added: every run of ``old`` is then a run of ``new`` (run names hash the spec's config, point, seed and stage)."""
+    rest = {"seeds", "tasks"}
+    same = {k: v for k, v in asdict(new).items() if k not in rest} == {k: v for k, v in asdict(old).items()
+                                                                       if k not in rest}  # fmt: skip
+    return same and new.seeds[: len(old.seeds)] == old.seeds and set(old.tasks) <= set(new.tasks)
+
+
 def digest_of(config: str | Path) -> str:
     return config_digest(read_config_file(config))
 
