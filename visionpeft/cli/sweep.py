@@ -113,8 +113,9 @@ def _resolve(args, parser):
             raise ConfigError(f"{out} holds another sweep; resume it with 'visionpeft sweep {out}', extend it with "
                               "more seeds (after its own) or tasks, or choose --out")  # fmt: skip
         if asdict(saved) != asdict(spec):
-            print(f"extending the sweep in {out}: seeds {saved.seeds} -> {spec.seeds}, tasks {saved.tasks} -> "
-                  f"{spec.tasks}; its finished runs are kept")  # fmt: skip
+            pairs = (("seeds", saved.seeds, spec.seeds), ("tasks", saved.tasks, spec.tasks))
+            grown = [f"{name} {before} -> {after}" for name, before, after in pairs if before != after]
+            print(f"extending the sweep in {out}: {', '.join(grown)}; its finished runs are kept")
     return spec, out
 
 
