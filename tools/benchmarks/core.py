@@ -167,6 +167,40 @@ def lora_vs_peft(settings: Settings, repeats: int, fused_qv: bool = False) -> di
     return _interleaved({"ours": step(ours), "peft": step(theirs)}, repeats)
 
 
+def bias_steps(settings: Settings, repeats: int) -> dict[str, float]:
+    """Whole training steps in one process, interleaved: visionpeft's BitFit and DiffFit against the same step
+    written with plain ``requires_grad`` flags (biases + head) and against full fine-tuning, so a bias method's
+    ratio to full can be told apart from overhead of its own."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(0)
+    x = torch.randn(settings.batch, 3, settings.img, settings.img)
+    y = torch.randint(0, 100, (settings.batch,))
+
+    def training_step(kind):
+        model = _build(settings)
+        if kind == "plain bias-only":
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.endswith("bias") or name.startswith("head."))
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+        else:
+            model, params, _ = prepare(model, kind, {})
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+        def run():
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return run
+
+    kinds = ("full", "plain bias-only", "bitfit", "difffit")
+    return _interleaved({kind: training_step(kind) for kind in kinds}, 1, rounds=repeats)
+
+
 def merged_inference(settings: Settings, repeats: int) -> dict[str, float]:
     """Inference time of a model with a merged LoRA against the plain model."""
     import torch
@@ -270,6 +304,7 @@ def main(argv: list[str]) -> int:
         lora = pool.apply(lora_vs_peft, (settings, args.repeats))
         qv = pool.apply(lora_vs_peft, (settings, args.repeats, True))
         merged = pool.apply(merged_inference, (settings, args.repeats))
+        biases = pool.apply(bias_steps, (settings, args.repeats))
     print("\n| micro-benchmark | ours (ms) | reference (ms) | ratio | target |")
     print("|---|---:|---:|---:|---:|")
     print(
@@ -284,4 +319,9 @@ def main(argv: list[str]) -> int:
         f"| merged LoRA inference vs plain model | {merged['merged'] * 1e3:.1f} | {merged['plain'] * 1e3:.1f} | "
         f"{merged['merged'] / merged['plain']:.2f} | 1.00 +- 0.03 |"
     )
+    print("\n| whole step, one process, interleaved | step (s) | vs full | vs plain bias-only |")
+    print("|---|---:|---:|---:|")
+    for kind, seconds in biases.items():
+        print(f"| {kind} | {seconds:.2f} | {seconds / biases['full']:.2f} | "
+              f"{seconds / biases['plain bias-only']:.2f} |")  # fmt: skip
     return 0
