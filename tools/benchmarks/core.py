@@ -64,17 +64,27 @@ def _build(settings: Settings, num_classes: int = 100):
     return timm.create_model(settings.arch, pretrained=False, num_classes=num_classes, img_size=settings.img)
 
 
+#: peers written with plain PyTorch ``requires_grad`` flags: every parameter trained (full fine-tuning without
+#: visionpeft), or the biases and the head (BitFit without visionpeft)
+PLAIN = {"plain": lambda name: True, "plain_bias": lambda name: name.endswith("bias") or name.startswith("head.")}
+
+
 def prepare(model, method: str, options: dict):
-    """``model`` with ``method`` attached (``peft_lora``: the peer, PEFT's LoRA on timm's fused qkv plus the head, as
-    PEFT users write it), in training mode -> (model, trained parameters, trainable count)."""
+    """``model`` with ``method`` attached, in training mode -> (model, trained parameters, trainable count).
+    ``peft_lora`` is the peer PEFT users write (LoRA on timm's fused qkv plus the head); :data:`PLAIN` names the
+    plain-PyTorch peers."""
     import visionpeft as vp
 
-    if method == "peft_lora":
-        import peft
+    if method in PLAIN or method == "peft_lora":
+        if method == "peft_lora":
+            import peft
 
-        config = peft.LoraConfig(r=options["r"], lora_alpha=options["r"], target_modules=["qkv"],
-                                 modules_to_save=["head"])  # fmt: skip
-        model = peft.get_peft_model(model, config)
+            config = peft.LoraConfig(r=options["r"], lora_alpha=options["r"], target_modules=["qkv"],
+                                     modules_to_save=["head"])  # fmt: skip
+            model = peft.get_peft_model(model, config)
+        else:
+            for name, p in model.named_parameters():
+                p.requires_grad_(PLAIN[method](name))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         return model, params, sum(p.numel() for p in params)
@@ -83,27 +93,41 @@ def prepare(model, method: str, options: dict):
     return model, [p for _, p in vp.trainable_parameters(model)], vp.count_parameters(model)["trainable"]
 
 
+def training_step(model, params, x, y, amp=None):
+    """One AdamW step of cross-entropy on ``(x, y)``, as a closure (``amp``: mixed precision, default none)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .amp import Amp
+
+    amp = amp or Amp(x.device)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        with amp.autocast():
+            loss = F.cross_entropy(model(x), y)
+        amp.step(loss, optimizer)
+
+    return step
+
+
 def _train_steps(args: tuple) -> dict:
     """Runs in a fresh process: build, attach, time warm AdamW steps, report peak memory."""
     settings, method, options = args
     import torch
-    import torch.nn.functional as F
 
     torch.set_num_threads(settings.threads)
     torch.manual_seed(0)
     model, params, trainable = prepare(_build(settings), method, options)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
     x = torch.randn(settings.batch, 3, settings.img, settings.img)
     y = torch.randint(0, 100, (settings.batch,))
+    step_once = training_step(model, params, x, y)
     gc.collect()
     base = _rss_mb()
     times, cpu_times = [], []
     for step in range(settings.warmup + settings.steps):
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_once()
         if step >= settings.warmup:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
@@ -172,33 +196,17 @@ def bias_steps(settings: Settings, repeats: int) -> dict[str, float]:
     written with plain ``requires_grad`` flags (biases + head) and against full fine-tuning, so a bias method's
     ratio to full can be told apart from overhead of its own."""
     import torch
-    import torch.nn.functional as F
 
     torch.set_num_threads(settings.threads)
     torch.manual_seed(0)
     x = torch.randn(settings.batch, 3, settings.img, settings.img)
     y = torch.randint(0, 100, (settings.batch,))
-
-    def training_step(kind):
-        model = _build(settings)
-        if kind == "plain bias-only":
-            for name, p in model.named_parameters():
-                p.requires_grad_(name.endswith("bias") or name.startswith("head."))
-            model.train()
-            params = [p for p in model.parameters() if p.requires_grad]
-        else:
-            model, params, _ = prepare(model, kind, {})
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-
-        def run():
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return run
-
-    kinds = ("full", "plain bias-only", "bitfit", "difffit")
-    return _interleaved({kind: training_step(kind) for kind in kinds}, 1, rounds=repeats)
+    rows = {"full": "full", "plain bias-only": "plain_bias", "bitfit": "bitfit", "difffit": "difffit"}
+    steps = {}
+    for label, method in rows.items():
+        model, params, _ = prepare(_build(settings), method, {})
+        steps[label] = training_step(model, params, x, y)
+    return _interleaved(steps, 1, rounds=repeats)
 
 
 def merged_inference(settings: Settings, repeats: int) -> dict[str, float]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from .stats import ratio_spread
 
-#: (row, method, options): ``plain`` is full fine-tuning without visionpeft; ``peft_lora`` the peer
+#: (row, method, options): ``plain`` is full fine-tuning without visionpeft, ``peft_lora`` the peer (``core.prepare``)
 VIT_ROWS = (
     ("plain full fine-tuning", "plain", {}),
     ("visionpeft full", "full", {}),
@@ -87,34 +87,22 @@ def _release() -> None:
 def vit_row(settings: Settings, method: str, options: dict, precision: str) -> dict[str, float]:
     import timm
     import torch
-    import torch.nn.functional as F
 
     from visionpeft.trainers.run import freeze_in_precision
 
     from .amp import Amp
-    from .core import prepare
+    from .core import prepare, training_step
 
     device = settings.device
     torch.manual_seed(0)
     with torch.device(device):
         model = timm.create_model(settings.vit_arch, pretrained=False, num_classes=100, img_size=settings.vit_img)
-    if method == "plain":
-        model.train()
-        params = list(model.parameters())
-    else:
-        model, params, _ = prepare(model, method, options)
+    model, params, _ = prepare(model, method, options)
     if method != "peft_lora":
         freeze_in_precision([model], precision)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    amp = Amp(device, precision)
     x = torch.randn(settings.vit_batch, 3, settings.vit_img, settings.vit_img, device=device)
     y = torch.randint(0, 100, (settings.vit_batch,), device=device)
-
-    def step():
-        with amp.autocast():
-            loss = F.cross_entropy(model(x), y)
-        amp.step(loss, optimizer)
-
+    step = training_step(model, params, x, y, Amp(device, precision))
     return _timed(step, device, settings.warmup, settings.steps)
 
 

@@ -109,10 +109,10 @@ def _resolve(args, parser):
     out = args.out or DEFAULT_ROOT / name
     if (out / specs.SPEC_FILE).is_file():
         saved = specs.load_saved_spec(out)
-        if asdict(saved) != asdict(spec) and not specs.extends(spec, saved):
-            raise ConfigError(f"{out} holds another sweep; resume it with 'visionpeft sweep {out}', extend it with "
-                              "more seeds (after its own) or tasks, or choose --out")  # fmt: skip
         if asdict(saved) != asdict(spec):
+            if not specs.extends(spec, saved):
+                raise ConfigError(f"{out} holds another sweep; resume it with 'visionpeft sweep {out}', extend it "
+                                  "with more seeds (after its own) or tasks, or choose --out")  # fmt: skip
             pairs = (("seeds", saved.seeds, spec.seeds), ("tasks", saved.tasks, spec.tasks))
             grown = [f"{name} {before} -> {after}" for name, before, after in pairs if before != after]
             print(f"extending the sweep in {out}: {', '.join(grown)}; its finished runs are kept")

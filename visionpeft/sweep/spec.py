@@ -17,7 +17,7 @@ reported from its folder alone.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +61,7 @@ class SweepSpec:
 def extends(new: SweepSpec, old: SweepSpec) -> bool:
     """Whether ``new`` is ``old`` with seeds appended (the select stage's seed, the first, stays) and / or tasks
     added: every run of ``old`` is then a run of ``new`` (run names hash the spec's config, point, seed and stage)."""
-    rest = {"seeds", "tasks"}
-    same = {k: v for k, v in asdict(new).items() if k not in rest} == {k: v for k, v in asdict(old).items()
-                                                                       if k not in rest}  # fmt: skip
+    same = asdict(replace(new, seeds=old.seeds, tasks=old.tasks)) == asdict(old)
     return same and new.seeds[: len(old.seeds)] == old.seeds and set(old.tasks) <= set(new.tasks)
 
 
