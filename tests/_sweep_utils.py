@@ -7,8 +7,13 @@ from pathlib import Path
 from _demo_utils import CHECKPOINT, MAIN_CONFIG, ROOT
 
 #: two optimizer steps of the digits demo: a run takes seconds, not minutes
-FAST = [f"model.checkpoint={CHECKPOINT}", "optim.epochs=null", "optim.warmup_epochs=null", "optim.steps=2",
-        "data.batch_size=32"]  # fmt: skip
+FAST = [
+    f"model.checkpoint={CHECKPOINT}",
+    "optim.epochs=null",
+    "optim.warmup_epochs=null",
+    "optim.steps=2",
+    "data.batch_size=32",
+]
 DIGITS = MAIN_CONFIG
 VTAB_CONFIG = ROOT / "configs" / "vtab" / "caltech101.yaml"
 

@@ -19,8 +19,15 @@ def hf_vit(seed=0):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       image_size=32, patch_size=8, num_labels=10)  # fmt: skip
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+    )
     return ViTForImageClassification(config).eval()
 
 
@@ -28,8 +35,15 @@ def dinov2(seed=0):
     from transformers import Dinov2Config, Dinov2ForImageClassification
 
     torch.manual_seed(seed)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          image_size=32, patch_size=8, num_labels=10)  # fmt: skip
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+    )
     return Dinov2ForImageClassification(config).eval()
 
 
@@ -37,8 +51,9 @@ def siglip(seed=0):
     from transformers import SiglipConfig, SiglipForImageClassification
 
     torch.manual_seed(seed)
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-                  patch_size=8)  # fmt: skip
+    vision = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
     text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
     return SiglipForImageClassification(SiglipConfig(vision_config=vision, text_config=text, num_labels=10)).eval()
 
@@ -47,16 +62,25 @@ def swin(seed=0):
     import timm
 
     torch.manual_seed(seed)
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16, depths=(1, 1),
-                             num_heads=(1, 2), img_size=32, window_size=4, num_classes=10).eval()  # fmt: skip
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        embed_dim=16,
+        depths=(1, 1),
+        num_heads=(1, 2),
+        img_size=32,
+        window_size=4,
+        num_classes=10,
+    ).eval()
 
 
 def convnext(seed=0):
     import timm
 
     torch.manual_seed(seed)
-    return timm.create_model("convnext_atto", pretrained=False, dims=(8, 16, 32, 64), depths=(1, 1, 1, 1),
-                             num_classes=10).eval()  # fmt: skip
+    return timm.create_model(
+        "convnext_atto", pretrained=False, dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_classes=10
+    ).eval()
 
 
 def resnet(seed=0):

@@ -51,8 +51,10 @@ def _residual_terms(method: str, branch: str, **options):
     inner, residual = (block.attn, block.drop_path1) if branch == "attn" else (block.mlp, block.drop_path2)
     assert residual.drop_prob == 0.5
     seen = {}
-    handles = [inner.register_forward_hook(lambda m, a, o: seen.update(f=o)),
-               residual.register_forward_hook(lambda m, a, o: seen.update(total=o))]  # fmt: skip
+    handles = [
+        inner.register_forward_hook(lambda m, a, o: seen.update(f=o)),
+        residual.register_forward_hook(lambda m, a, o: seen.update(total=o)),
+    ]
     torch.manual_seed(0)
     with torch.no_grad():
         model(images)  # eval: no drop path
@@ -96,8 +98,10 @@ def test_convpass_uses_the_grid_of_a_non_square_input():
     _perturb(model)
     block = model.blocks[0]
     seen = {}
-    handles = [block.attn.register_forward_hook(lambda m, a, o: seen.update(x=a[0])),
-               block.drop_path1.register_forward_hook(lambda m, a, o: seen.update(out=o))]  # fmt: skip
+    handles = [
+        block.attn.register_forward_hook(lambda m, a, o: seen.update(x=a[0])),
+        block.drop_path1.register_forward_hook(lambda m, a, o: seen.update(out=o)),
+    ]
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 64))  # a 4 x 8 patch grid: 32 tokens, no square grid fits
     for handle in handles:

@@ -42,16 +42,28 @@ def test_amp_steps_the_optimizer_under_half_precision(precision):
 
 
 def _gpu_suite(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "gpu", *args], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "benchmark.py"), "gpu", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
 
 
 def test_gpu_suite_runs_every_row_on_cpu_and_compares_with_the_peers():
     result = _gpu_suite("--device", "cpu", "--quick", "--precisions", "bf16")
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    for row in ("plain full fine-tuning", "visionpeft lora r8 q,v", "peft lora r8 qkv (peer)", "visionpeft vpt-deep 10",
-                "| textual_inversion |", "| dreambooth_lora |", "| dreambooth_lora, latents cached |"):  # fmt: skip
+    for row in (
+        "plain full fine-tuning",
+        "visionpeft lora r8 q,v",
+        "peft lora r8 qkv (peer)",
+        "visionpeft vpt-deep 10",
+        "| textual_inversion |",
+        "| dreambooth_lora |",
+        "| dreambooth_lora, latents cached |",
+    ):
         assert row in out, row
     assert "x peft lora r8 qkv (peer)" in out and "bf16 autocast, sdpa attention" in out
     assert "Traceback" not in result.stderr and "deprecat" not in out.lower()

@@ -50,17 +50,46 @@ def _batch(setup):
 def fixed_loss(pipe, images, labels, draws=6) -> float:
     scheduler = training_scheduler(pipe)
     with torch.no_grad():
-        return float(np.mean([class_conditional_loss(pipe.transformer, pipe.vae, scheduler, images, labels,
-                                                     generator=torch.Generator().manual_seed(d)).mean().item()
-                              for d in range(draws)]))  # fmt: skip
+        return float(
+            np.mean(
+                [
+                    class_conditional_loss(
+                        pipe.transformer,
+                        pipe.vae,
+                        scheduler,
+                        images,
+                        labels,
+                        generator=torch.Generator().manual_seed(d),
+                    )
+                    .mean()
+                    .item()
+                    for d in range(draws)
+                ]
+            )
+        )
 
 
 def _finetune(setup, name, *overrides):
-    args = ["configs/class_conditional/difffit_dit_xl2_256.yaml", f"model.name={setup / 'pipe'}",
-            f"data.root={setup / 'data'}", "data.size=null", "optim.steps=30", "data.batch_size=4", "optim.lr=0.02",
-            "train.mixed_precision=no", "train.ema_decay=0.5", "train.validation_classes=[red, blue]",
-            "train.eval_every=16", "train.validation_steps=2", "train.validation_images=2", "train.log_every=1",
-            f"train.output_dir={setup / 'runs'}", f"train.run_name={name}", "--cpu", *overrides]  # fmt: skip
+    args = [
+        "configs/class_conditional/difffit_dit_xl2_256.yaml",
+        f"model.name={setup / 'pipe'}",
+        f"data.root={setup / 'data'}",
+        "data.size=null",
+        "optim.steps=30",
+        "data.batch_size=4",
+        "optim.lr=0.02",
+        "train.mixed_precision=no",
+        "train.ema_decay=0.5",
+        "train.validation_classes=[red, blue]",
+        "train.eval_every=16",
+        "train.validation_steps=2",
+        "train.validation_images=2",
+        "train.log_every=1",
+        f"train.output_dir={setup / 'runs'}",
+        f"train.run_name={name}",
+        "--cpu",
+        *overrides,
+    ]
     return run(tool.main, args)
 
 
@@ -69,8 +98,9 @@ def test_difffit_finetunes_new_classes_and_the_merged_pipeline_loads_in_diffuser
 
     assert _finetune(setup, "difffit") == 0
     run_dir = setup / "runs" / "difffit"
-    losses = [json.loads(x)["train/loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if "train/loss" in x]  # fmt: skip
+    losses = [
+        json.loads(x)["train/loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "train/loss" in x
+    ]
     assert len(losses) == 30
     assert len(list((run_dir / "validation").glob("*.png"))) == 2  # after 16 and 30 steps, one row per class
 
@@ -85,8 +115,9 @@ def test_difffit_finetunes_new_classes_and_the_merged_pipeline_loads_in_diffuser
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500])
     with torch.no_grad():
         expected = ours.transformer(x, timestep=t, class_labels=labels[:2]).sample
-        torch.testing.assert_close(merged.transformer(x, timestep=t, class_labels=labels[:2]).sample, expected,
-                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            merged.transformer(x, timestep=t, class_labels=labels[:2]).sample, expected, rtol=1e-4, atol=1e-5
+        )
     table = merged.transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.weight
     before = pretrained.transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.weight
     assert not torch.equal(table[:2], before[:2])  # the new classes' rows were re-initialised and trained

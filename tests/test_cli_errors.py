@@ -63,8 +63,12 @@ def test_bad_config_is_one_line(config, overrides, message, capsys):
 
 
 def test_missing_config_file_exits_nonzero_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), str(tmp_path / "nope.yaml")],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train.py"), str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: config file {tmp_path / 'nope.yaml'} does not exist"
 
@@ -110,8 +114,9 @@ def test_help_and_config_errors_answer_without_importing_torch(config):
     for args in ([str(config), "optim.lrr=1"], [str(config), "optim.schedule=cosin"], ["/nowhere/x.yaml"]):
         result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
         assert result.stdout.split() == ["2", "False", "False"], (args, result.stdout, result.stderr)
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--help"], capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "task:" in result.stdout
 
 
@@ -152,6 +157,7 @@ def test_the_visionpeft_command_lists_its_subcommands_and_names_a_typo():
     assert listing.returncode == 0 and all(c in listing.stdout for c in ("train", "eval", "generate"))
     typo = subprocess.run([sys.executable, "-m", "visionpeft", "trian"], capture_output=True, text=True, timeout=120)
     assert typo.returncode == 2 and typo.stderr.strip() == "error: unknown command 'trian' (did you mean 'train'?)"
-    helped = subprocess.run([sys.executable, "-m", "visionpeft", "train", "--help"], capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
+    helped = subprocess.run(
+        [sys.executable, "-m", "visionpeft", "train", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert helped.returncode == 0 and "--print-config" in helped.stdout

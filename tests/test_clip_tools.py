@@ -55,8 +55,18 @@ def test_coop_trains_few_shot_and_the_tool_compares_it_with_zero_shot(tmp_path, 
     losses = [json.loads(x)["train/epoch_loss"] for x in records if "train/epoch_loss" in x]
     assert losses[-1] < losses[0]
     capsys.readouterr()
-    args = ["--model", "tiny-clip-test", "--pretrained", str(tiny_clip_file), "--dataset", "digits", "--limit", "64",
-            "--prompts", str(tmp_path / "runs" / "coop")]  # fmt: skip
+    args = [
+        "--model",
+        "tiny-clip-test",
+        "--pretrained",
+        str(tiny_clip_file),
+        "--dataset",
+        "digits",
+        "--limit",
+        "64",
+        "--prompts",
+        str(tmp_path / "runs" / "coop"),
+    ]
     assert run(eval_zeroshot.main, args) == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert table[0].startswith("| prompts (digits test") and len(table) == 5
@@ -68,8 +78,14 @@ def test_coop_trains_few_shot_and_the_tool_compares_it_with_zero_shot(tmp_path, 
 
 
 def test_vision_lora_with_a_text_initialised_head(tmp_path, tiny_clip_file):
-    config = _config(tmp_path, tiny_clip_file, "train.run_name=lora", "model.clip_head=linear",
-                     "method={name: lora, r: 2}", "data.class_split=base")  # fmt: skip
+    config = _config(
+        tmp_path,
+        tiny_clip_file,
+        "train.run_name=lora",
+        "model.clip_head=linear",
+        "method={name: lora, r: 2}",
+        "data.class_split=base",
+    )
     results = train(config, tmp_path / "runs" / "lora", cpu=True)
     assert set(results["parameters"]["by_group"]) == {"lora", "head"}
     assert results["parameters"]["by_group"]["head"] == 5 * 16 + 5  # the 5 base classes of digits
@@ -81,7 +97,17 @@ def test_wrong_prompt_folder_is_one_line(tmp_path, tiny_clip_file, capsys):
     import visionpeft as vp
 
     vp.save_adapter(vp.attach(tiny_vit(), "lora"), tmp_path / "lora")
-    args = ["--model", "tiny-clip-test", "--pretrained", str(tiny_clip_file), "--dataset", "digits", "--limit", "8",
-            "--prompts", str(tmp_path / "lora")]  # fmt: skip
+    args = [
+        "--model",
+        "tiny-clip-test",
+        "--pretrained",
+        str(tiny_clip_file),
+        "--dataset",
+        "digits",
+        "--limit",
+        "8",
+        "--prompts",
+        str(tmp_path / "lora"),
+    ]
     assert run(eval_zeroshot.main, args) == 2
     assert "holds ['lora'], not learned prompts" in capsys.readouterr().err

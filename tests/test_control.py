@@ -29,10 +29,24 @@ def setup(tmp_path_factory):
 
 
 def _train(setup, config, name, *overrides):
-    args = [f"configs/control/{config}.yaml", f"model.name={setup / 'pipe'}", f"data.root={setup / 'fill'}",
-            "data.size=16", "data.batch_size=2", "optim.steps=6", "optim.lr=1e-3", "train.mixed_precision=no",
-            "train.eval_every=3", "train.validation_steps=2", "train.log_every=1", "method.hint_channels=[16, 32]",
-            f"train.output_dir={setup / 'runs'}", f"train.run_name={name}", "--cpu", *overrides]  # fmt: skip
+    args = [
+        f"configs/control/{config}.yaml",
+        f"model.name={setup / 'pipe'}",
+        f"data.root={setup / 'fill'}",
+        "data.size=16",
+        "data.batch_size=2",
+        "optim.steps=6",
+        "optim.lr=1e-3",
+        "train.mixed_precision=no",
+        "train.eval_every=3",
+        "train.validation_steps=2",
+        "train.log_every=1",
+        "method.hint_channels=[16, 32]",
+        f"train.output_dir={setup / 'runs'}",
+        f"train.run_name={name}",
+        "--cpu",
+        *overrides,
+    ]
     return run(tool.main, args)
 
 
@@ -87,11 +101,23 @@ def test_cubic_timesteps_lean_to_the_noisy_end_and_the_t2i_recipe_uses_them(setu
 
 
 def test_a_t2i_adapter_run_trains_with_cubic_timesteps(setup):
-    args = ["configs/control/t2i_adapter_sd15_fill.yaml", f"model.name={setup / 'pipe'}", f"data.root={setup / 'fill'}",
-            "data.size=16", "data.batch_size=2", "optim.steps=4", "optim.lr=1e-3", "train.mixed_precision=no",
-            "train.eval_every=4", "train.validation_steps=2", "train.log_every=1",
-            f"train.output_dir={setup / 'runs'}", "train.run_name=t2i", "--cpu",
-            "method={name: t2i_adapter, downscale_factor: 2}"]  # the tiny pipeline's VAE downsamples by 2  # fmt: skip
+    args = [
+        "configs/control/t2i_adapter_sd15_fill.yaml",
+        f"model.name={setup / 'pipe'}",
+        f"data.root={setup / 'fill'}",
+        "data.size=16",
+        "data.batch_size=2",
+        "optim.steps=4",
+        "optim.lr=1e-3",
+        "train.mixed_precision=no",
+        "train.eval_every=4",
+        "train.validation_steps=2",
+        "train.log_every=1",
+        f"train.output_dir={setup / 'runs'}",
+        "train.run_name=t2i",
+        "--cpu",
+        "method={name: t2i_adapter, downscale_factor: 2}",
+    ]  # the tiny pipeline's VAE downsamples by 2
     assert run(tool.main, args) == 0
     lines = (setup / "runs" / "t2i" / "metrics.jsonl").read_text().splitlines()
     assert len([x for x in lines if "train/loss" in x]) == 4 and any("eval/fill_iou" in x for x in lines)
@@ -131,8 +157,20 @@ def test_generate_draws_with_the_run_s_controlnet_folder_or_its_adapter(setup, t
     if not (setup / "runs" / "controlnet_sd15_fill" / "controlnet").exists():
         assert _train(setup, "controlnet_sd15_fill", "controlnet_sd15_fill") == 0
     run_dir = setup / "runs" / "controlnet_sd15_fill"
-    base = ["--model", str(setup / "pipe"), "--prompt", "red circle with blue background", "--seeds", "0",
-            "--steps", "2", "--size", "16", "--control-image", str(setup / "fill" / "source" / "0.png")]  # fmt: skip
+    base = [
+        "--model",
+        str(setup / "pipe"),
+        "--prompt",
+        "red circle with blue background",
+        "--seeds",
+        "0",
+        "--steps",
+        "2",
+        "--size",
+        "16",
+        "--control-image",
+        str(setup / "fill" / "source" / "0.png"),
+    ]
     assert (
         run(generate_tool.main, [*base, "--control", str(run_dir / "controlnet"), "--out", str(tmp_path / "a.png")])
         == 0
@@ -143,8 +181,16 @@ def test_generate_draws_with_the_run_s_controlnet_folder_or_its_adapter(setup, t
     a, b = (np.asarray(Image.open(tmp_path / name)) for name in ("a.png", "b.png"))
     np.testing.assert_array_equal(a, b)
     capsys.readouterr()
-    args = ["--model", str(setup / "pipe"), "--prompt", "x", "--adapter", str(run_dir / "adapter"),
-            "--out", str(tmp_path / "c.png")]  # fmt: skip
+    args = [
+        "--model",
+        str(setup / "pipe"),
+        "--prompt",
+        "x",
+        "--adapter",
+        str(run_dir / "adapter"),
+        "--out",
+        str(tmp_path / "c.png"),
+    ]
     assert run(generate_tool.main, args) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: the loaded adapters read control_image: give --control-image"

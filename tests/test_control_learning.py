@@ -30,8 +30,11 @@ def _held_out_loss(pipe, folder, condition: str) -> float:
     from diffusers import DDPMScheduler
 
     records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
-    load = lambda name: torch.from_numpy(np.stack([np.asarray(Image.open(folder / r[name]).convert("RGB"))  # noqa: E731
-                                                   for r in records])).permute(0, 3, 1, 2).float() / 255  # fmt: skip
+
+    def load(name):
+        arrays = [np.asarray(Image.open(folder / r[name]).convert("RGB")) for r in records]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
     images, outlines = load("image"), load("conditioning_image")
     scheduler = DDPMScheduler.from_pretrained(PIPELINE, subfolder="scheduler")
     generator = torch.Generator().manual_seed(0)
@@ -40,8 +43,13 @@ def _held_out_loss(pipe, folder, condition: str) -> float:
         noise = torch.randn(latents.shape, generator=generator)
         # high noise levels: where the outline decides where the fill goes (at low noise the image itself shows it)
         steps = torch.randint(600, scheduler.config.num_train_timesteps, (len(records),), generator=generator)
-        tokens = pipe.tokenizer([r["text"] for r in records], padding="max_length", truncation=True,
-                                max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
+        tokens = pipe.tokenizer(
+            [r["text"] for r in records],
+            padding="max_length",
+            truncation=True,
+            max_length=pipe.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
         text = pipe.text_encoder(tokens)[0]
         control = outlines if condition == "outline" else torch.zeros_like(outlines)
         with vp.conditioning(pipe, control_image=control):
@@ -54,10 +62,18 @@ def test_a_short_controlnet_lora_run_uses_the_condition(tmp_path):
 
     make_fill50k(tmp_path / "train", n=400, size=32, seed=0, palette=CIRCLE_COLOURS)
     make_fill50k(tmp_path / "test", n=48, size=32, seed=1, palette=CIRCLE_COLOURS)
-    args = ["configs/control/controlnet_lora_tiny_sd_fill.yaml", f"data.root={tmp_path / 'train'}", "optim.steps=100",
-            "train.eval_every=100", "train.validation_pairs=1", "train.validation_steps=2",
-            f"train.output_dir={tmp_path / 'runs'}", "train.run_name=learn", "train.report_to=none",
-            "--cpu"]  # fmt: skip
+    args = [
+        "configs/control/controlnet_lora_tiny_sd_fill.yaml",
+        f"data.root={tmp_path / 'train'}",
+        "optim.steps=100",
+        "train.eval_every=100",
+        "train.validation_pairs=1",
+        "train.validation_steps=2",
+        f"train.output_dir={tmp_path / 'runs'}",
+        "train.run_name=learn",
+        "train.report_to=none",
+        "--cpu",
+    ]
     assert run(tool.main, args) == 0
     pipe = StableDiffusionPipeline.from_pretrained(PIPELINE, torch_dtype=torch.float32)
     vp.attach(pipe, "controlnet_lora", hint_channels=[16, 32], r=8, alpha=8, targets=["q", "k", "v", "o"])

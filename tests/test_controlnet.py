@@ -97,12 +97,24 @@ def test_on_a_pipeline_the_control_reaches_every_denoising_call(tmp_path):
 
     def sample(pipe, control):
         with vp.conditioning(pipe, control_image=control):
-            return pipe("a photo", num_inference_steps=2, height=16, width=16, output_type="np",
-                        generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+            return pipe(
+                "a photo",
+                num_inference_steps=2,
+                height=16,
+                width=16,
+                output_type="np",
+                generator=torch.Generator().manual_seed(0),
+            ).images
 
     base = tiny_sd_pipeline(tmp_path / "tok")
-    plain = base("a photo", num_inference_steps=2, height=16, width=16, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    plain = base(
+        "a photo",
+        num_inference_steps=2,
+        height=16,
+        width=16,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     control = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     pipe = vp.attach(tiny_sd_pipeline(tmp_path / "tok2"), "controlnet", **HINT, conditioning_scale=0.0)
     torch.testing.assert_close(torch.from_numpy(sample(pipe, control)), torch.from_numpy(plain))
@@ -148,13 +160,26 @@ def test_the_exported_controlnet_loads_in_diffusers_control_pipeline_in_a_new_pr
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     control = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     with vp.conditioning(pipe, control_image=control):
-        ours = pipe("a photo", num_inference_steps=2, height=16, width=16, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+        ours = pipe(
+            "a photo",
+            num_inference_steps=2,
+            height=16,
+            width=16,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
     assert vp.can_export(pipe, "diffusers")
     vp.save_adapter(pipe, tmp_path / "out", format="diffusers")
     torch.save(control, tmp_path / "control.pt")
-    args = [sys.executable, "-c", SAMPLE, str(base), str(tmp_path / "out" / "controlnet"), str(tmp_path / "control.pt"),
-            str(tmp_path / "theirs.npy")]  # fmt: skip
+    args = [
+        sys.executable,
+        "-c",
+        SAMPLE,
+        str(base),
+        str(tmp_path / "out" / "controlnet"),
+        str(tmp_path / "control.pt"),
+        str(tmp_path / "theirs.npy"),
+    ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "theirs.npy"), ours, rtol=0, atol=1e-5)

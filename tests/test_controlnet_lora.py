@@ -24,8 +24,11 @@ def test_only_the_lora_factors_and_the_parts_a_fresh_controlnet_needs_train():
     in_full = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")
     full = sum(p.numel() for name, p in net.named_parameters() if name.startswith(in_full))
     norms = sum(p.numel() for m in net.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for p in m.parameters())
-    lora = sum(4 * (m.in_features + m.out_features) for name, m in net.named_modules()
-               if isinstance(m, nn.Linear) and name.endswith(("to_q", "to_k", "to_v", "to_out.0")))  # fmt: skip
+    lora = sum(
+        4 * (m.in_features + m.out_features)
+        for name, m in net.named_modules()
+        if isinstance(m, nn.Linear) and name.endswith(("to_q", "to_k", "to_v", "to_out.0"))
+    )
     assert vp.count_parameters(unet)["by_group"] == {"controlnet_lora": full + norms + lora}
     assert lora > 0 and full + norms + lora < sum(p.numel() for p in net.parameters()) / 4
 

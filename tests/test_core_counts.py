@@ -64,6 +64,7 @@ def test_controlnet_on_the_sd15_unet_trains_the_published_361m():
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                                    block_out_channels=(320, 640, 1280, 1280))  # fmt: skip
+        unet = UNet2DConditionModel(
+            sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280)
+        )
     assert vp.count_parameters(vp.attach(unet, "controlnet"))["by_group"] == {"controlnet": 361_279_120}

@@ -211,8 +211,16 @@ def _perturb(model):
 def test_a_distilled_deit_takes_token_methods_and_trains_both_heads():
     import timm
 
-    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                              embed_dim=32, depth=2, num_heads=2, num_classes=5).eval()  # fmt: skip
+    model = timm.create_model(
+        "deit_tiny_distilled_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=5,
+    ).eval()
     x = torch.randn(2, 3, 32, 32)
     reference = model(x)
     for method in ("adaptformer", "convpass", "lora"):

@@ -35,8 +35,10 @@ def test_gallery_is_the_sweep_report_with_the_command(tmp_path):
     assert "Made by `python tools/benchmark.py demo --seeds 0`" in text and "# Sweep report" not in text
     assert "| lora | 0.037 | 94.0 |" in text
     saved = json.loads((tmp_path / "gallery" / "demo_results.json").read_text())
-    assert saved == {"command": "python tools/benchmark.py demo --seeds 0",
-                     "rows": [{"method": "lora", "task": "digits", "top1_mean": "94.0"}]}  # fmt: skip
+    assert saved == {
+        "command": "python tools/benchmark.py demo --seeds 0",
+        "rows": [{"method": "lora", "task": "digits", "top1_mean": "94.0"}],
+    }
 
 
 def test_committed_gallery_names_the_command_that_made_it_and_the_spec_s_methods():

@@ -18,9 +18,15 @@ def test_difffit_on_dit_xl2_counts_one_condition_module():
 
     with torch.device("meta"):  # DiT-XL/2 at 256 px: 28 blocks of width 1152, patch 2, 1000 classes
         model = DiTTransformer2DModel(
-            num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-            sample_size=32, patch_size=2, num_embeds_ada_norm=1000,
-        )  # fmt: skip
+            num_attention_heads=16,
+            attention_head_dim=72,
+            in_channels=4,
+            out_channels=8,
+            num_layers=28,
+            sample_size=32,
+            patch_size=2,
+            num_embeds_ada_norm=1000,
+        )
     d, blocks = 1152, 28
     per_block = 4 * d + 4 * d + d + 6 * d + 2 * d  # q/k/v/out, fc1, fc2, adaLN biases; two branch scales
     shared = 2 * d + 1001 * d  # timestep-MLP biases and the class table (1000 classes + the null class)

@@ -71,8 +71,9 @@ def test_dora_parameter_counts_are_exact():
 
 def _peft_dora_vit(ours, dropout=0.0):
     """PEFT's DoRA on the same separate Linear layers, with our weights copied in."""
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["attn.proj", "mlp.fc1"], use_dora=True,
-                             lora_dropout=dropout)  # fmt: skip
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["attn.proj", "mlp.fc1"], use_dora=True, lora_dropout=dropout
+    )
     theirs = peft.get_peft_model(tiny_vit(), config)
     state = adapter_state_dict(ours)
     with torch.no_grad():
@@ -107,8 +108,9 @@ def test_dora_equals_peft_dora_in_outputs_and_gradients():
 def test_dora_equals_peft_dora_on_a_conv():
     ours = vp.attach(tiny_unet(), "lora", r=4, alpha=4, targets=["conv1"], use_dora=True)
     _randomize(ours)
-    theirs = peft.get_peft_model(tiny_unet(), peft.LoraConfig(r=4, lora_alpha=4, target_modules=["conv1"],
-                                                              use_dora=True))  # fmt: skip
+    theirs = peft.get_peft_model(
+        tiny_unet(), peft.LoraConfig(r=4, lora_alpha=4, target_modules=["conv1"], use_dora=True)
+    )
     copied = 0
     with torch.no_grad():
         for path, module in theirs.base_model.model.named_modules():

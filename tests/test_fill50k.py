@@ -36,8 +36,12 @@ def test_fill_iou_is_one_on_the_target_and_zero_on_the_wrong_colour(tmp_path):
         assert fill_iou(target.resize((32, 32), Image.NEAREST), record) > 0.85  # half size: a 5-px disc, coarse edges
         wrong = tuple(255 - c for c in record["fill"])
         assert fill_iou(Image.new("RGB", (64, 64), wrong), record) < 0.05
-        assert fill_iou(Image.fromarray(np.zeros((64, 64, 3), np.uint8) + np.array(record["background"], np.uint8)),
-                        record) < 0.05  # fmt: skip
+        assert (
+            fill_iou(
+                Image.fromarray(np.zeros((64, 64, 3), np.uint8) + np.array(record["background"], np.uint8)), record
+            )
+            < 0.05
+        )
 
 
 def test_the_tool_refuses_a_non_empty_folder(tmp_path, capsys):

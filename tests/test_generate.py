@@ -32,10 +32,27 @@ def test_generate_grid_with_textual_inversion_and_lora(tmp_path):
             p.add_(0.1)
     vp.save_adapter(lora, tmp_path / "lora", format="diffusers")
     result = _run(
-        "--model", tmp_path / "pipe", "--adapter", tmp_path / "ti", "--adapter", tmp_path / "lora",
-        "--prompt", "a photo of <cat>", "--prompt", "<cat> on a beach", "--seeds", 0, 1, 2,
-        "--steps", 2, "--size", 16, "--out", tmp_path / "grid.png",
-    )  # fmt: skip
+        "--model",
+        tmp_path / "pipe",
+        "--adapter",
+        tmp_path / "ti",
+        "--adapter",
+        tmp_path / "lora",
+        "--prompt",
+        "a photo of <cat>",
+        "--prompt",
+        "<cat> on a beach",
+        "--seeds",
+        0,
+        1,
+        2,
+        "--steps",
+        2,
+        "--size",
+        16,
+        "--out",
+        tmp_path / "grid.png",
+    )
     assert result.returncode == 0, result.stderr
     assert "adapter" in result.stdout and "lora" in result.stdout
     assert Image.open(tmp_path / "grid.png").size == (3 * 16, 2 * 16)

@@ -20,8 +20,9 @@ from visionpeft.trainers.classification import build_experiment
 
 
 def _tool(name, *args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize("tool", ["eval.py", "eval_zeroshot.py"])

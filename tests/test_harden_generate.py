@@ -29,8 +29,24 @@ def pipe_dir(tmp_path_factory):
 def _generate(pipe_dir, capsys, *args, out=None):
     """(exit code, stderr lines other than the progress bars of diffusers' and transformers' loaders)."""
     out = out if out is not None else pipe_dir / "grid.png"
-    code = run(main, ["--model", str(pipe_dir / "pipe"), "--prompt", "x", "--seeds", "0", "--steps", "1",
-                      "--size", "16", "--out", str(out), *map(str, args)])  # fmt: skip
+    code = run(
+        main,
+        [
+            "--model",
+            str(pipe_dir / "pipe"),
+            "--prompt",
+            "x",
+            "--seeds",
+            "0",
+            "--steps",
+            "1",
+            "--size",
+            "16",
+            "--out",
+            str(out),
+            *map(str, args),
+        ],
+    )
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = (line.replace("\x1b[A", "").strip() for line in re.split(r"[\r\n]+", err))
@@ -80,8 +96,11 @@ def test_arguments_are_checked_before_sampling(pipe_dir, capsys, tmp_path):
     assert code == 2 and err == ["error: --size 7 is not a multiple of the VAE's factor 2; try --size 6"]
     (tmp_path / "file.txt").write_text("")
     code, err = _generate(pipe_dir, capsys, out=tmp_path / "file.txt" / "grid.png")
-    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --out {tmp_path / 'file.txt' / 'grid.png'}: "
-                                                              "cannot create its folder"), err  # fmt: skip
+    assert (
+        code == 2
+        and len(err) == 1
+        and err[0].startswith(f"error: --out {tmp_path / 'file.txt' / 'grid.png'}: cannot create its folder")
+    ), err
     code, err = _generate(pipe_dir, capsys, out=tmp_path)
     assert code == 2 and err == [f"error: --out {tmp_path} is a folder; give a file name such as {tmp_path}/grid.png"]
     code, err = _generate(pipe_dir, capsys, out=tmp_path / "grid.pngg")

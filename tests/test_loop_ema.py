@@ -39,8 +39,16 @@ def _loop(run_dir, decay, epochs=3, seed=0, model=None):
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = LoopConfig(epochs=epochs, ema_decay=decay, log_every=1)
     optimizer = torch.optim.SGD([p for _, p in vp.trainable_parameters(model)], lr=0.05)
-    return Loop(model, Regression(DataLoader(data, batch_size=8)), optimizer, loader, run_dir, cfg,
-                make_accelerator(cfg, cpu=True), select_best=False)  # fmt: skip
+    return Loop(
+        model,
+        Regression(DataLoader(data, batch_size=8)),
+        optimizer,
+        loader,
+        run_dir,
+        cfg,
+        make_accelerator(cfg, cpu=True),
+        select_best=False,
+    )
 
 
 def test_finished_model_holds_the_ema_of_every_step(tmp_path):

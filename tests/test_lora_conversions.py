@@ -25,8 +25,13 @@ def kohya_file(tmp_path_factory):
     """A U-Net (attention + resnet convs) and text-encoder LoRA written in the kohya layout, with its U-Net output."""
     root = tmp_path_factory.mktemp("kohya")
     pipe = tiny_sd_pipeline(root / "tok")
-    vp.attach(pipe, [("lora", {"r": 4, "alpha": 2, "targets": ["q", "v", "o", "conv1"]}),
-                     ("lora", {"r": 2, "tower": "text_encoder", "targets": ["q", "fc1"]})])  # fmt: skip
+    vp.attach(
+        pipe,
+        [
+            ("lora", {"r": 4, "alpha": 2, "targets": ["q", "v", "o", "conv1"]}),
+            ("lora", {"r": 2, "tower": "text_encoder", "targets": ["q", "fc1"]}),
+        ],
+    )
     _randomize(pipe)
     vp.save_adapter(pipe, root / "out", format="kohya")
     return root, root / "out" / KOHYA_NAME, _run_unet(pipe.unet), _run_text(pipe)

@@ -72,8 +72,18 @@ def test_eval_personalization_tool_prints_the_table(tmp_path, capsys):
         (tmp_path / folder).mkdir()
         for i, image in enumerate(_images(seed, 2)):
             image.save(tmp_path / folder / f"{i}.png")
-    args = ["--images", str(tmp_path / "gen"), "--references", str(tmp_path / "ref"), "--prompts", "a photo of a dog",
-            "--clip-model", "tiny-eval-clip", "--clip-pretrained", str(tmp_path / "clip.pt")]  # fmt: skip
+    args = [
+        "--images",
+        str(tmp_path / "gen"),
+        "--references",
+        str(tmp_path / "ref"),
+        "--prompts",
+        "a photo of a dog",
+        "--clip-model",
+        "tiny-eval-clip",
+        "--clip-pretrained",
+        str(tmp_path / "clip.pt"),
+    ]
     assert run(tool.main, args) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0].startswith("| metric (2 images, 2 references)") and out[2].startswith("| CLIP-T |")

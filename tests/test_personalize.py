@@ -67,25 +67,45 @@ def _before_after(tmp, run_dir, prompt, *attach):
 
 
 def _train(tmp, config_name, *overrides):
-    args = [f"configs/personalize/{config_name}.yaml", f"model.name={tmp / 'pipe'}",
-            f"data.images={tmp / 'images'}", "data.size=16", "data.repeats=4", "optim.steps=24",
-            "data.batch_size=2", "optim.grad_accum=1", "train.eval_every=12", "train.validation_steps=2",
-            "train.validation_images=1", f"train.output_dir={tmp / 'runs'}", f"train.run_name={config_name}",
-            "train.log_every=1",
-            "--cpu", *overrides]  # fmt: skip
+    args = [
+        f"configs/personalize/{config_name}.yaml",
+        f"model.name={tmp / 'pipe'}",
+        f"data.images={tmp / 'images'}",
+        "data.size=16",
+        "data.repeats=4",
+        "optim.steps=24",
+        "data.batch_size=2",
+        "optim.grad_accum=1",
+        "train.eval_every=12",
+        "train.validation_steps=2",
+        "train.validation_images=1",
+        f"train.output_dir={tmp / 'runs'}",
+        f"train.run_name={config_name}",
+        "train.log_every=1",
+        "--cpu",
+        *overrides,
+    ]
     assert run(tool.main, args) == 0
     run_dir = tmp / "runs" / config_name
-    losses = [json.loads(x)["train/loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if "train/loss" in x]  # fmt: skip
+    losses = [
+        json.loads(x)["train/loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "train/loss" in x
+    ]
     return run_dir, losses
 
 
 def test_textual_inversion_run(setup):
-    run_dir, losses = _train(setup, "textual_inversion_sd15", "token=<red-box>", "method.initializer=red",
-                             "optim.lr=0.02", "train.validation_prompts=[a photo of <red-box>]")  # fmt: skip
+    run_dir, losses = _train(
+        setup,
+        "textual_inversion_sd15",
+        "token=<red-box>",
+        "method.initializer=red",
+        "optim.lr=0.02",
+        "train.validation_prompts=[a photo of <red-box>]",
+    )
     assert len(losses) == 24
-    before, after = _before_after(setup, run_dir, "a photo of <red-box>",
-                                  [("textual_inversion", {"token": "<red-box>", "initializer": "red"})])  # fmt: skip
+    before, after = _before_after(
+        setup, run_dir, "a photo of <red-box>", [("textual_inversion", {"token": "<red-box>", "initializer": "red"})]
+    )
     assert after < before
     assert len(list((run_dir / "validation").rglob("*.png"))) == 2  # after 12 and 24 steps
     ours = vp.load_adapter(load_pipeline(str(setup / "pipe")), run_dir / "adapter")
@@ -95,12 +115,21 @@ def test_textual_inversion_run(setup):
 
 
 def test_dreambooth_lora_with_prior_preservation(setup):
-    run_dir, losses = _train(setup, "dreambooth_lora_sd15", "token=sks box", "prior.enabled=true",
-                             "prior.num_images=2", "prior.sample_steps=2", "prior.class_prompt=a photo of a box",
-                             "optim.lr=0.01", "train.validation_prompts=[]")  # fmt: skip
+    run_dir, losses = _train(
+        setup,
+        "dreambooth_lora_sd15",
+        "token=sks box",
+        "prior.enabled=true",
+        "prior.num_images=2",
+        "prior.sample_steps=2",
+        "prior.class_prompt=a photo of a box",
+        "optim.lr=0.01",
+        "train.validation_prompts=[]",
+    )
     assert len(list((run_dir / "class_images").glob("*.png"))) == 2
-    before, after = _before_after(setup, run_dir, "a photo of sks box", [("lora", {"r": 4, "alpha": 4,
-                                  "targets": ["q", "k", "v", "o"]})])  # fmt: skip
+    before, after = _before_after(
+        setup, run_dir, "a photo of sks box", [("lora", {"r": 4, "alpha": 4, "targets": ["q", "k", "v", "o"]})]
+    )
     assert after < before
     ours = vp.load_adapter(load_pipeline(str(setup / "pipe")), run_dir / "adapter")
     theirs = load_pipeline(str(setup / "pipe"))
@@ -111,8 +140,9 @@ def test_dreambooth_lora_with_prior_preservation(setup):
 def test_difffit_run_with_ema_writes_plain_merged_unet(setup):
     from diffusers import UNet2DConditionModel
 
-    run_dir, losses = _train(setup, "difffit_sd15", "token=sks box", "optim.lr=0.01", "train.validation_prompts=[]",
-                             "train.ema_decay=0.9")  # fmt: skip
+    run_dir, losses = _train(
+        setup, "difffit_sd15", "token=sks box", "optim.lr=0.01", "train.validation_prompts=[]", "train.ema_decay=0.9"
+    )
     before, after = _before_after(setup, run_dir, "a photo of sks box", "difffit")
     assert after < before
     ours = vp.load_adapter(load_pipeline(str(setup / "pipe")), run_dir / "adapter")
@@ -139,9 +169,20 @@ def test_unreadable_images_can_be_left_out(setup, capsys):
     mixed = setup / "mixed_images"
     shutil.copytree(setup / "images", mixed)
     (mixed / "9.jpg").write_bytes(b"\x00not an image")
-    args = ["configs/personalize/textual_inversion_sd15.yaml", f"model.name={setup / 'pipe'}", f"data.images={mixed}",
-            "data.skip_bad_images=true", "data.size=16", "data.repeats=1", "data.batch_size=1", "optim.grad_accum=1",
-            "optim.steps=1", "train.validation_prompts=[]", f"train.output_dir={setup / 'runs'}",
-            "train.run_name=skipped", "--cpu"]  # fmt: skip
+    args = [
+        "configs/personalize/textual_inversion_sd15.yaml",
+        f"model.name={setup / 'pipe'}",
+        f"data.images={mixed}",
+        "data.skip_bad_images=true",
+        "data.size=16",
+        "data.repeats=1",
+        "data.batch_size=1",
+        "optim.grad_accum=1",
+        "optim.steps=1",
+        "train.validation_prompts=[]",
+        f"train.output_dir={setup / 'runs'}",
+        "train.run_name=skipped",
+        "--cpu",
+    ]
     assert run(tool.main, args) == 0
     assert "3 images, 3 training items" in capsys.readouterr().out

@@ -9,6 +9,7 @@ from _classify_utils import ROOT
 
 
 def test_reliability_table_is_up_to_date():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "reliability.py"), "--check"], capture_output=True,
-                            text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "reliability.py"), "--check"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr

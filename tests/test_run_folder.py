@@ -212,8 +212,13 @@ def test_a_run_made_with_relative_paths_evaluates_from_another_directory(tmp_pat
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), str(work / "runs" / "tiny")],
-                            cwd=elsewhere, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "eval.py"), str(work / "runs" / "tiny")],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "top1" in result.stdout
 

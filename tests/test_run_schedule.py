@@ -22,8 +22,15 @@ def config_path(tmp_path_factory):
 
 
 def _run(config_path, name, *overrides):
-    base = [f"train.run_name={name}", f"optim.lr={LR}", "optim.epochs=null", f"optim.steps={STEPS}",
-            "optim.warmup_epochs=null", "train.eval_every=4", "data.val_split=null"]  # fmt: skip
+    base = [
+        f"train.run_name={name}",
+        f"optim.lr={LR}",
+        "optim.epochs=null",
+        f"optim.steps={STEPS}",
+        "optim.warmup_epochs=null",
+        "train.eval_every=4",
+        "data.val_split=null",
+    ]
     config = load_config(config_path, [*base, *overrides])
     run_dir = config_path.parent / "runs" / name
     results = run(config, run_dir, cpu=True)
@@ -41,15 +48,21 @@ def _lrs(records):
         (["optim.schedule=constant"], lambda k: LR),
         (["optim.schedule=constant_with_warmup", "optim.warmup_steps=4"], lambda k: LR * min(1.0, k / 4)),
         (["optim.schedule=linear"], lambda k: LR * (1 - k / STEPS)),
-        (["optim.schedule=cosine", "optim.min_lr=0.001"],
-         lambda k: 0.001 + (LR - 0.001) * 0.5 * (1 + math.cos(math.pi * k / STEPS))),
-        (["optim.schedule=polynomial", "optim.power=2.0", "optim.warmup_steps=2"],
-         lambda k: LR * k / 2 if k < 2 else LR * (1 - (k - 2) / (STEPS - 2)) ** 2),
-        (["optim.schedule=cosine", "optim.warmup_epochs=1"],  # warmup in epochs: 7 steps
-         lambda k: LR * k / 7 if k < 7 else LR * 0.5 * (1 + math.cos(math.pi * (k - 7) / (STEPS - 7)))),
+        (
+            ["optim.schedule=cosine", "optim.min_lr=0.001"],
+            lambda k: 0.001 + (LR - 0.001) * 0.5 * (1 + math.cos(math.pi * k / STEPS)),
+        ),
+        (
+            ["optim.schedule=polynomial", "optim.power=2.0", "optim.warmup_steps=2"],
+            lambda k: LR * k / 2 if k < 2 else LR * (1 - (k - 2) / (STEPS - 2)) ** 2,
+        ),
+        (
+            ["optim.schedule=cosine", "optim.warmup_epochs=1"],  # warmup in epochs: 7 steps
+            lambda k: LR * k / 7 if k < 7 else LR * 0.5 * (1 + math.cos(math.pi * (k - 7) / (STEPS - 7))),
+        ),
     ],
     ids=["constant", "constant_with_warmup", "linear", "cosine_min_lr", "polynomial", "warmup_epochs"],
-)  # fmt: skip
+)
 def test_each_schedule_follows_its_formula_step_by_step(config_path, overrides, expected):
     _, records = _run(config_path, "sched_" + "_".join(o.split("=")[1] for o in overrides), *overrides)
     assert _lrs(records) == pytest.approx([expected(k) for k in range(1, STEPS + 1)], rel=1e-6, abs=1e-12)

@@ -40,9 +40,12 @@ def reference(preds: list[torch.Tensor], targets: list[torch.Tensor], num_classe
         iou = np.diag(matrix) / (matrix.sum(0) + matrix.sum(1) - np.diag(matrix))
         acc = np.diag(matrix) / matrix.sum(1)
     return {
-        "mIoU": np.nanmean(iou) * 100, "aAcc": np.diag(matrix).sum() / matrix.sum() * 100,
-        "mAcc": np.nanmean(acc) * 100, "per_class_iou": iou * 100, "per_class_acc": acc * 100,
-    }  # fmt: skip
+        "mIoU": np.nanmean(iou) * 100,
+        "aAcc": np.diag(matrix).sum() / matrix.sum() * 100,
+        "mAcc": np.nanmean(acc) * 100,
+        "per_class_iou": iou * 100,
+        "per_class_acc": acc * 100,
+    }
 
 
 def assert_same(result: dict, expected: dict) -> None:

@@ -230,8 +230,10 @@ def cityscapes_root(tmp_path: Path, masks: bool = True) -> Path:
         write_image(root / "leftImg8bit" / "train" / city / f"{stem}_leftImg8bit.png", seed=i)
         write_mask(root / "gtFine" / "train" / city / f"{stem}_gtFine_labelIds.png", labels_of((20, 16), [7, 8]))
         if masks:
-            write_mask(root / "gtFine" / "train" / city / f"{stem}_gtFine_labelTrainIds.png",
-                       labels_of((20, 16), [0, 1, 18, 255]))  # fmt: skip
+            write_mask(
+                root / "gtFine" / "train" / city / f"{stem}_gtFine_labelTrainIds.png",
+                labels_of((20, 16), [0, 1, 18, 255]),
+            )
     return root
 
 
@@ -273,8 +275,11 @@ def test_imagefolder_seg_index_masks(tmp_path):
 
 
 def test_imagefolder_seg_colour_masks_through_the_palette(tmp_path):
-    spec = {"classes": ["sky", "tree", "road"], "palette": [[0, 0, 255], [0, 255, 0], [128, 64, 128]],
-            "ignore_color": [255, 255, 255]}  # fmt: skip
+    spec = {
+        "classes": ["sky", "tree", "road"],
+        "palette": [[0, 0, 255], [0, 255, 0], [128, 64, 128]],
+        "ignore_color": [255, 255, 255],
+    }
     root = folder_root(tmp_path, spec, mode="RGB", values=(2, 0, 3, 1))  # 3: the ignore colour
     data = build_segmentation_dataset("imagefolder-seg", "train", root=str(root))
     assert data.palette == [(0, 0, 255), (0, 255, 0), (128, 64, 128)]
@@ -302,9 +307,14 @@ def test_imagefolder_seg_colour_masks_need_a_palette(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("{", "is not valid JSON"), ("[]", "non-empty list"), ('["a", "a"]', "repeat"),
-     ('{"classes": ["a"], "palette": [[1, 2]]}', "three integers"), ('{"names": []}', "'classes'")],
-)  # fmt: skip
+    [
+        ("{", "is not valid JSON"),
+        ("[]", "non-empty list"),
+        ('["a", "a"]', "repeat"),
+        ('{"classes": ["a"], "palette": [[1, 2]]}', "three integers"),
+        ('{"names": []}', "'classes'"),
+    ],
+)
 def test_imagefolder_seg_bad_classes_file(tmp_path, content, message):
     root = folder_root(tmp_path, ["a", "b", "c"])
     (root / "classes.json").write_text(content)

@@ -20,10 +20,22 @@ from visionpeft.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "segmentation" / "lora_tiny_mosaic.yaml"
 # 32 px mosaics (the tiny ViT's own size: 8 x 8 patches), 64 images per split: a run of seconds
-SMALL = ["data.options={size: 32, n: 128}", "model.img_size=32", "data.crop_size=[32,32]", "data.scale=[32,32]",
-         "eval.crop=[32,32]", "eval.stride=[21,21]", "data.batch_size=8", "data.eval_batch_size=64",
-         "optim.steps=40", "optim.warmup_steps=2", "optim.lr=0.01", "train.eval_every=40", "train.log_every=5",
-         "eval.grid_images=2"]  # fmt: skip
+SMALL = [
+    "data.options={size: 32, n: 128}",
+    "model.img_size=32",
+    "data.crop_size=[32,32]",
+    "data.scale=[32,32]",
+    "eval.crop=[32,32]",
+    "eval.stride=[21,21]",
+    "data.batch_size=8",
+    "data.eval_batch_size=64",
+    "optim.steps=40",
+    "optim.warmup_steps=2",
+    "optim.lr=0.01",
+    "train.eval_every=40",
+    "train.log_every=5",
+    "eval.grid_images=2",
+]
 
 
 def small_config(tmp: Path, *extra: str):
@@ -41,8 +53,11 @@ def trained(tmp_path_factory):
 
 def test_a_short_run_lowers_the_loss_and_beats_chance_widely(trained):
     run_dir, results = trained
-    losses = [r["train/loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-              if "train/loss" in r]  # fmt: skip
+    losses = [
+        r["train/loss"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if "train/loss" in r
+    ]
     assert len(losses) == 8 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:2]) / 2
     test = results["test"]
     assert test["aAcc"] > 40 and test["mIoU"] > 20  # chance: 1 / 6 of the pixels (16.7 %)

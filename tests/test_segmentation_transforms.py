@@ -83,10 +83,28 @@ def test_train_transform_keeps_image_and_mask_aligned():
 def test_photometric_distortion_changes_only_the_image():
     labels = blocks(64, 64, 16, seed=2)
     image, mask = coloured(labels)
-    plain = SegmentationTransform(True, crop_size=(64, 64), scale=(64, 64), ratio_range=(1, 1), cat_max_ratio=1,
-                                  flip_prob=0, photometric=False, mean=MEAN, std=STD)  # fmt: skip
-    distorted = SegmentationTransform(True, crop_size=(64, 64), scale=(64, 64), ratio_range=(1, 1), cat_max_ratio=1,
-                                      flip_prob=0, photometric=True, mean=MEAN, std=STD)  # fmt: skip
+    plain = SegmentationTransform(
+        True,
+        crop_size=(64, 64),
+        scale=(64, 64),
+        ratio_range=(1, 1),
+        cat_max_ratio=1,
+        flip_prob=0,
+        photometric=False,
+        mean=MEAN,
+        std=STD,
+    )
+    distorted = SegmentationTransform(
+        True,
+        crop_size=(64, 64),
+        scale=(64, 64),
+        ratio_range=(1, 1),
+        cat_max_ratio=1,
+        flip_prob=0,
+        photometric=True,
+        mean=MEAN,
+        std=STD,
+    )
     changed = 0
     for seed in range(10):
         torch.manual_seed(seed)
@@ -127,8 +145,9 @@ def test_cat_max_ratio_leaves_ignored_pixels_out():
 def test_small_images_are_padded_with_zero_and_the_ignore_index():
     labels = blocks(30, 40, 8, seed=3)
     image, mask = coloured(labels)
-    transform = SegmentationTransform(True, crop_size=(64, 64), scale=(40, 30), ratio_range=(1, 1),
-                                      flip_prob=0, photometric=False, mean=MEAN, std=STD)  # fmt: skip
+    transform = SegmentationTransform(
+        True, crop_size=(64, 64), scale=(40, 30), ratio_range=(1, 1), flip_prob=0, photometric=False, mean=MEAN, std=STD
+    )
     x, y = transform(image, mask)
     assert x.shape == (3, 64, 64) and y.shape == (64, 64)
     assert torch.equal(y[:30, :40], torch.from_numpy(labels).long())

@@ -72,7 +72,7 @@ def test_the_head_reads_patch_tokens_only_on_the_crop_grid(backbone):
     handles = [
         b.module.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o), prepend=True)
         for i, b in enumerate(blocks)
-    ]  # fmt: skip  (prepend: the raw output, before VPT's own hooks)
+    ]  # prepend: the raw output, before VPT's own hooks
     images = _images(size)
     maps = _head_inputs(seg, images)
     for h in handles:
@@ -172,8 +172,15 @@ torch.save(seg(images), {out!r})
 
 
 def test_adapter_and_head_round_trip_in_a_new_process(tmp_path):
-    seg = vp.segmentation.build(vit(), head="setr_pup", num_classes=3, aux=True, classes=["a", "b", "c"],
-                                palette=[[0, 0, 0], [255, 0, 0], [0, 255, 0]], **SMALL).eval()  # fmt: skip
+    seg = vp.segmentation.build(
+        vit(),
+        head="setr_pup",
+        num_classes=3,
+        aux=True,
+        classes=["a", "b", "c"],
+        palette=[[0, 0, 0], [255, 0, 0], [0, 255, 0]],
+        **SMALL,
+    ).eval()
     vp.attach(seg, "adaptformer", bottleneck=4)
     _trained_batchnorm(seg)
     with torch.no_grad():
@@ -186,8 +193,9 @@ def test_adapter_and_head_round_trip_in_a_new_process(tmp_path):
     task = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())["task"]
     assert task["id2label"] == {"0": "a", "1": "b", "2": "c"} and task["head"] == "setr_pup"
     script = RELOAD.format(tests=str(ROOT / "tests"), adapter=str(tmp_path / "adapter"), out=str(tmp_path / "out.pt"))
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                            timeout=120, cwd=ROOT)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=0)
 

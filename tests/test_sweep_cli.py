@@ -13,8 +13,9 @@ GRID = "optim.lr: [0.01, 0.005]\nmethod.num_tokens: [2, 4]\n"
 def test_dry_run_lists_every_run_and_writes_nothing(tmp_path, capsys):
     grid = write_grid(tmp_path, "vpt", GRID)
     out = tmp_path / "sweep"
-    code, text, _ = sweep([DIGITS, *FAST, "--grid", grid, "--protocol", "holdout", "--seeds", "0", "1",
-                           "--out", out, "--dry-run"], capsys)  # fmt: skip
+    code, text, _ = sweep(
+        [DIGITS, *FAST, "--grid", grid, "--protocol", "holdout", "--seeds", "0", "1", "--out", out, "--dry-run"], capsys
+    )
     assert code == 0
     lines = text.splitlines()
     assert lines[0] == "stage select (4 runs, seed 0):"
@@ -27,8 +28,23 @@ def test_dry_run_lists_every_run_and_writes_nothing(tmp_path, capsys):
 
 def test_a_one_point_grid_skips_selection(tmp_path, capsys):
     grid = write_grid(tmp_path, "vpt", "optim.lr: 0.01\n")
-    code, text, _ = sweep([DIGITS, *FAST, "--grid", grid, "--protocol", "holdout", "--seeds", "0", "1",
-                           "--out", tmp_path / "sweep", "--dry-run"], capsys)  # fmt: skip
+    code, text, _ = sweep(
+        [
+            DIGITS,
+            *FAST,
+            "--grid",
+            grid,
+            "--protocol",
+            "holdout",
+            "--seeds",
+            "0",
+            "1",
+            "--out",
+            tmp_path / "sweep",
+            "--dry-run",
+        ],
+        capsys,
+    )
     assert code == 0 and "stage select" not in text
     assert text.count("pending digits/vpt final seed ") == 2
 
@@ -36,18 +52,24 @@ def test_a_one_point_grid_skips_selection(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("grid", "args", "message"),
     [
-        ("optim.lrr: [0.1, 0.01]\n", [],
-         "error: grid 'g': unknown config key 'optim.lrr' in override 'optim.lrr=0.1' (did you mean 'optim.lr'?)"),
+        (
+            "optim.lrr: [0.1, 0.01]\n",
+            [],
+            "error: grid 'g': unknown config key 'optim.lrr' in override 'optim.lrr=0.1' (did you mean 'optim.lr'?)",
+        ),
         ("method.num_tokenz: [2, 4]\n", [], "did you mean 'num_tokens'?"),
         ("optim.lr: [0.1, -1.0]\n", [], "error: grid 'g': config key 'optim.lr' must be at least 0, got -1.0"),
         ("optim.lr: []\n", [], "error: grid 'g': axis 'optim.lr' is empty; give it at least one value"),
         ("optim.lr: [0.1]\n", ["--tasks", "digit"], "error: unknown task 'digit' (did you mean 'digits'?)"),
         ("optim.lr: [0.1]\n", ["--tasks", "vtab", "dmlabb"], "error: unknown task 'dmlabb' (did you mean 'dmlab'?)"),
         ("optim.lr: [0.1]\n", ["--seeds", "1", "1"], "error: seeds must be distinct"),
-        ("optim.lr: [0.1]\n", ["optim.lrr=0.1"],
-         "error: unknown config key 'optim.lrr' in override 'optim.lrr=0.1' (did you mean 'optim.lr'?)"),
+        (
+            "optim.lr: [0.1]\n",
+            ["optim.lrr=0.1"],
+            "error: unknown config key 'optim.lrr' in override 'optim.lrr=0.1' (did you mean 'optim.lr'?)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_one_line_and_exit_2_before_any_run(tmp_path, capsys, grid, args, message):
     out = tmp_path / "sweep"
     path = write_grid(tmp_path, "g", grid)

@@ -42,8 +42,9 @@ def _check(executor, root, reference: dict[str, float]) -> None:
 
 def test_submitit_runs_the_pending_list(tmp_path, reference):
     pytest.importorskip("submitit", reason='needs pip install "visionpeft[slurm]"')
-    executor = SubmititExecutor(tmp_path / "submitit", workers=2, cluster="local", cpus_per_job=1, gpus_per_job=0,
-                                timeout_min=10)  # fmt: skip
+    executor = SubmititExecutor(
+        tmp_path / "submitit", workers=2, cluster="local", cpus_per_job=1, gpus_per_job=0, timeout_min=10
+    )
     _check(executor, tmp_path / "sweep", reference)
     assert list((tmp_path / "submitit").glob("*_log.out"))  # the jobs went through submitit
 

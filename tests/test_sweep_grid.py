@@ -40,8 +40,10 @@ def test_the_whole_method_goes_before_its_options_wherever_it_is_written():
 
 def test_an_axis_of_mappings_moves_keys_together():
     linked = expand({"method": [{"name": "lora", "r": 1, "alpha": 1}, {"name": "lora", "r": 8, "alpha": 8}]})
-    assert [p.overrides for p in linked] == [("method={alpha: 1, name: lora, r: 1}",),
-                                             ("method={alpha: 8, name: lora, r: 8}",)]  # fmt: skip
+    assert [p.overrides for p in linked] == [
+        ("method={alpha: 1, name: lora, r: 1}",),
+        ("method={alpha: 8, name: lora, r: 8}",),
+    ]
     bundles = expand({"optim": [{"lr": 0.1, "weight_decay": 0.01}, {"lr": 0.2, "weight_decay": 0.0}]})
     assert bundles[1].overrides == ("optim.lr=0.2", "optim.weight_decay=0.0")
 
@@ -58,16 +60,27 @@ def test_empty_axis_is_an_error_naming_it():
 
 def test_the_shipped_grids_have_petl_visions_sizes():
     sizes = {path.stem: len(expand(read_grid(path))) for path in (ROOT / "grids").glob("*.yaml") if path.stem != "demo"}
-    assert sizes == {"lora": 16, "vpt_deep": 16, "vpt_shallow": 20, "adaptformer": 36, "convpass": 80, "bitfit": 4,
-                     "difffit": 4, "full": 4, "linear": 4}  # fmt: skip
+    assert sizes == {
+        "lora": 16,
+        "vpt_deep": 16,
+        "vpt_shallow": 20,
+        "adaptformer": 36,
+        "convpass": 80,
+        "bitfit": 4,
+        "difffit": 4,
+        "full": 4,
+        "linear": 4,
+    }
 
 
 def test_run_names_are_stable_and_change_with_any_input():
     name = run_hash("abc", ["optim.lr=0.1", "train.seed=0"], 0, "select")
     assert name == run_hash("abc", ("optim.lr=0.1", "train.seed=0"), 0, "select")
     assert name == "e10545517065"  # the same on every machine and Python version: a sweep resumes anywhere
-    others = {run_hash("abd", ["optim.lr=0.1", "train.seed=0"], 0, "select"),
-              run_hash("abc", ["optim.lr=0.2", "train.seed=0"], 0, "select"),
-              run_hash("abc", ["optim.lr=0.1", "train.seed=0"], 1, "select"),
-              run_hash("abc", ["optim.lr=0.1", "train.seed=0"], 0, "final")}  # fmt: skip
+    others = {
+        run_hash("abd", ["optim.lr=0.1", "train.seed=0"], 0, "select"),
+        run_hash("abc", ["optim.lr=0.2", "train.seed=0"], 0, "select"),
+        run_hash("abc", ["optim.lr=0.1", "train.seed=0"], 1, "select"),
+        run_hash("abc", ["optim.lr=0.1", "train.seed=0"], 0, "final"),
+    }
     assert len(others) == 4 and name not in others

@@ -25,8 +25,10 @@ def finished(tmp_path_factory):
     out = tmp / "sweep"
     with pytest.MonkeyPatch.context() as patch:  # as if this machine had GPUs 4 and 7: one per worker
         patch.setattr(executors, "_visible_gpus", lambda: ["4", "7"])
-        code = run(main, [str(DIGITS), *FAST, "--grid", str(grid), "--protocol", "holdout", "--workers", "2",
-                          "--out", str(out)])  # fmt: skip
+        code = run(
+            main,
+            [str(DIGITS), *FAST, "--grid", str(grid), "--protocol", "holdout", "--workers", "2", "--out", str(out)],
+        )
     return code, out
 
 
@@ -72,8 +74,9 @@ def test_a_sweep_stopped_after_stage_1_runs_only_stage_2_when_started_again(fini
 def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     grid = write_grid(tmp_path, "vpt", "data.name: [digits, vtab-dtd]\n")  # VTAB data needs data.root: it fails
     out = tmp_path / "sweep"
-    code, text, _ = sweep([DIGITS, *FAST, "--grid", grid, "--executor", "slurm", "--slurm.cluster", "debug",
-                           "--out", out], capsys)  # fmt: skip
+    code, text, _ = sweep(
+        [DIGITS, *FAST, "--grid", grid, "--executor", "slurm", "--slurm.cluster", "debug", "--out", out], capsys
+    )
     assert code == 1  # the sweep finished; one run failed
     assert select_runs(load_saved_spec(out), out) == []  # protocol none: no selection
     assert sorted(status(p) for p in out.glob("runs/digits/vpt/final-*")) == ["done", "failed"]

@@ -27,9 +27,18 @@ def _three_block_unet(seed: int = 0, down=("CrossAttnDownBlock2D", "CrossAttnDow
 
     torch.manual_seed(seed)
     up = tuple("UpBlock2D" if d == "DownBlock2D" else "CrossAttnUpBlock2D" for d in reversed(down))
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(16, 32, 32), norm_num_groups=8, down_block_types=down,
-                                up_block_types=up, cross_attention_dim=16, attention_head_dim=4).eval()  # fmt: skip
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32, 32),
+        norm_num_groups=8,
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=16,
+        attention_head_dim=4,
+    ).eval()
 
 
 def _run(unet, control=CONTROL, **kwargs):
@@ -61,8 +70,13 @@ def test_the_tower_is_diffusers_t2i_adapter_and_its_states_fit_the_down_blocks(m
     unet = vp.attach(make_unet(), "t2i_adapter", **FIT, **options)
     channels = [16, 32]  # light: the U-Net's widths but the last, which its extra block repeats
     make_unet()  # the same random stream as the attach above
-    reference = T2IAdapter(in_channels=3, channels=channels, num_res_blocks=options.get("num_res_blocks", 2),
-                           downscale_factor=2, adapter_type=options.get("adapter_type", "full_adapter"))  # fmt: skip
+    reference = T2IAdapter(
+        in_channels=3,
+        channels=channels,
+        num_res_blocks=options.get("num_res_blocks", 2),
+        downscale_factor=2,
+        adapter_type=options.get("adapter_type", "full_adapter"),
+    )
     ours = unet.t2i_adapter.state_dict()
     assert ours.keys() == reference.state_dict().keys()
     for name, tensor in reference.state_dict().items():
@@ -113,11 +127,15 @@ def test_states_add_to_another_controls():
         for conv in [*unet.controlnet.controlnet_down_blocks, unet.controlnet.controlnet_mid_block]:
             conv.weight.normal_(0, 0.1)
         out = _run(unet, down_intrablock_additional_residuals=list(extra))
-        down, mid = unet.controlnet(LATENTS, STEPS, encoder_hidden_states=TEXT, controlnet_cond=CONTROL,
-                                    return_dict=False)  # fmt: skip
+        down, mid = unet.controlnet(
+            LATENTS, STEPS, encoder_hidden_states=TEXT, controlnet_cond=CONTROL, return_dict=False
+        )
         states = [e + s for e, s in zip(extra, unet.t2i_adapter(CONTROL))]
-        expected = _plain(down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                          down_intrablock_additional_residuals=states)  # fmt: skip
+        expected = _plain(
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            down_intrablock_additional_residuals=states,
+        )
     torch.testing.assert_close(out, expected)
     assert not torch.allclose(out, _plain(down_block_additional_residuals=down, mid_block_additional_residual=mid))
 
@@ -151,8 +169,14 @@ def test_on_a_pipeline_the_control_reaches_every_guided_denoising_call(tmp_path)
     from tiny_models import tiny_sd_pipeline
 
     def sample(pipe, control=None):
-        args = dict(num_inference_steps=2, height=16, width=16, output_type="np", guidance_scale=7.5,
-                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+        args = dict(
+            num_inference_steps=2,
+            height=16,
+            width=16,
+            output_type="np",
+            guidance_scale=7.5,
+            generator=torch.Generator().manual_seed(0),
+        )
         if control is None:
             return torch.from_numpy(pipe("a photo", **args).images)
         with vp.conditioning(pipe, control_image=control):
@@ -193,15 +217,22 @@ def test_bad_inputs_are_one_line():
 @pytest.mark.parametrize(
     ("make_unet", "options", "message"),
     [
-        (tiny_unet, {"channels": [16, 64]}, r"gives states of widths \[16, 64\]; the U-Net's 2 down blocks take "
-                                            r"\[16, 32\]"),
+        (
+            tiny_unet,
+            {"channels": [16, 64]},
+            r"gives states of widths \[16, 64\]; the U-Net's 2 down blocks take "
+            r"\[16, 32\]",
+        ),
         (tiny_unet, {"channels": [16, 32, 64]}, r"widths \[16, 32, 64\]; the U-Net's 2 down blocks"),
         (tiny_unet, {"adapter_type": "light_adapter"}, r"widths \[16, 16\].*light_adapter repeats its last width"),
-        (lambda: _three_block_unet(down=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")), {},
-         r"down block 0 \(DownBlock2D\): the U-Net adds its state after the block's downsampler"),
+        (
+            lambda: _three_block_unet(down=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")),
+            {},
+            r"down block 0 \(DownBlock2D\): the U-Net adds its state after the block's downsampler",
+        ),
     ],
     ids=["widths", "count", "light_on_unequal_last_blocks", "sdxl_layout"],
-)  # fmt: skip
+)
 def test_an_adapter_that_does_not_fit_the_unet_is_refused_at_attach(make_unet, options, message):
     unet = make_unet()
     with pytest.raises(IncompatibleMethodError, match=message) as err:
@@ -228,8 +259,9 @@ def test_on_the_sd15_unet_it_trains_tencentarcs_77m():
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                                    block_out_channels=(320, 640, 1280, 1280))  # fmt: skip
+        unet = UNet2DConditionModel(
+            sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280)
+        )
     assert vp.count_parameters(vp.attach(unet, "t2i_adapter"))["by_group"] == {"t2i_adapter": 77_369_280}
     vp.detach(unet)
     light = vp.attach(unet, "t2i_adapter", adapter_type="light_adapter", num_res_blocks=4)
@@ -266,10 +298,14 @@ def test_each_control_takes_its_own_condition_image():
         for conv in [*unet.controlnet.controlnet_down_blocks, unet.controlnet.controlnet_mid_block]:
             conv.weight.normal_(0, 0.1)
         out = _run(unet, control={"controlnet": CONTROL, "t2i_adapter": other})
-        down, mid = unet.controlnet(LATENTS, STEPS, encoder_hidden_states=TEXT, controlnet_cond=CONTROL,
-                                    return_dict=False)  # fmt: skip
-        expected = _plain(down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                          down_intrablock_additional_residuals=list(unet.t2i_adapter(other)))  # fmt: skip
+        down, mid = unet.controlnet(
+            LATENTS, STEPS, encoder_hidden_states=TEXT, controlnet_cond=CONTROL, return_dict=False
+        )
+        expected = _plain(
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            down_intrablock_additional_residuals=list(unet.t2i_adapter(other)),
+        )
         torch.testing.assert_close(out, expected)
         assert not torch.allclose(out, _run(unet))  # not the shared image
     with pytest.raises(ConfigError, match="names lora, which is not an attached method that reads it"):

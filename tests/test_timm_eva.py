@@ -18,8 +18,18 @@ def eva(seed=0, **overrides):
     from timm.models.eva import Eva
 
     torch.manual_seed(seed)
-    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, qkv_bias=True,
-              use_rot_pos_emb=True, ref_feat_shape=(4, 4), init_values=0.1)  # fmt: skip
+    kw = dict(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+        qkv_bias=True,
+        use_rot_pos_emb=True,
+        ref_feat_shape=(4, 4),
+        init_values=0.1,
+    )
     return Eva(**{**kw, **overrides}).eval()
 
 

@@ -39,8 +39,9 @@ REFERENCE = {"mean": 0.30248907, "corner": [[0.0545, 0.1086], [0.0487, 0.0644]]}
 
 
 def _generate(folder: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", GENERATE, str(folder)], capture_output=True, text=True, env=ENV,
-                          timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", GENERATE, str(folder)], capture_output=True, text=True, env=ENV, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -115,14 +116,34 @@ def test_kid_separates_real_from_noise():
 
 def test_pretrain_command_lowers_the_loss_and_saves_a_loadable_pipeline(tmp_path):
     overrides = [
-        "model.vae_channels=[8,16]", "model.unet_channels=[8,16,16]", "model.text_width=16", "model.text_layers=1",
-        "model.text_heads=2", "model.max_tokens=8", "vae.steps=5", "vae.batch_size=8",
-        "data.options={max_per_subject: 4}", "data.batch_size=8", "optim.steps=40", "optim.warmup_steps=0",
-        "optim.lr=1e-2", "train.log_every=1", "train.eval_every=40", "train.validation_images=1",
-        "train.validation_steps=2", "train.ema_decay=null", f"train.output_dir={tmp_path / 'runs'}",
-    ]  # fmt: skip
-    command = [sys.executable, str(ROOT / "tools" / "pretrain.py"), str(ROOT / "configs" / "pretrain" / "tiny_sd.yaml"),
-               *overrides, "--out", str(tmp_path / "out")]  # fmt: skip
+        "model.vae_channels=[8,16]",
+        "model.unet_channels=[8,16,16]",
+        "model.text_width=16",
+        "model.text_layers=1",
+        "model.text_heads=2",
+        "model.max_tokens=8",
+        "vae.steps=5",
+        "vae.batch_size=8",
+        "data.options={max_per_subject: 4}",
+        "data.batch_size=8",
+        "optim.steps=40",
+        "optim.warmup_steps=0",
+        "optim.lr=1e-2",
+        "train.log_every=1",
+        "train.eval_every=40",
+        "train.validation_images=1",
+        "train.validation_steps=2",
+        "train.ema_decay=null",
+        f"train.output_dir={tmp_path / 'runs'}",
+    ]
+    command = [
+        sys.executable,
+        str(ROOT / "tools" / "pretrain.py"),
+        str(ROOT / "configs" / "pretrain" / "tiny_sd.yaml"),
+        *overrides,
+        "--out",
+        str(tmp_path / "out"),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
     records = [json.loads(line) for line in (tmp_path / "runs" / "tiny_sd" / "metrics.jsonl").read_text().splitlines()]

@@ -42,7 +42,10 @@ def test_a_resumed_run_purges_the_events_after_its_state(tmp_path):
     resumed.log({"train/loss": 30.0}, step=3)
     again.end_training()
     assert [(e.step, e.value) for e in _events(tmp_path / "tensorboard").Scalars("train/loss")] == [
-        (1, 1.0), (2, 2.0), (3, 30.0)]  # fmt: skip
+        (1, 1.0),
+        (2, 2.0),
+        (3, 30.0),
+    ]
 
 
 def test_none_writes_no_tracker_files(tmp_path):

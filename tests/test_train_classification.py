@@ -126,8 +126,14 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(s
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     # 50 training images in global batches of 10: no padded last batch (accelerate would repeat samples to even
     # out the processes' shares, and the runs would differ by those); 1 process: micro-batches of 2, 2: of 1 each
-    base = [str(config_path), "optim.epochs=2", "data.batch_size=10", "optim.grad_accum=5", "optim.name=sgd",
-            "optim.lr=0.05"]  # fmt: skip
+    base = [
+        str(config_path),
+        "optim.epochs=2",
+        "data.batch_size=10",
+        "optim.grad_accum=5",
+        "optim.name=sgd",
+        "optim.lr=0.05",
+    ]
 
     def launch(procs, *args):
         # --multi_gpu: accelerate's torch.distributed.run launcher, gloo CPU processes here (--cpu starts only one)
@@ -135,9 +141,22 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(s
 
         # a port of its own: another test may launch processes at the same time (pytest-xdist)
         mode = ["--multi_gpu", "--main_process_port", str(free_port())] if procs > 1 else ["--cpu"]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(procs),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(ROOT / "tools" / "train.py"), *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            *mode,
+            "--num_processes",
+            str(procs),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(ROOT / "tools" / "train.py"),
+            *args,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
         errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
         assert result.returncode == 0, "\n".join(errors[:20]) + result.stderr[-1000:]
@@ -146,7 +165,9 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(s
         launch(procs, *base, f"train.run_name=procs{procs}")
     # each process's random state is in the committed state (the main process waits for the other's file)
     assert sorted(p.name for p in (tmp / "runs" / "procs2" / "state").glob("random_states_*")) == [
-        "random_states_0.pkl", "random_states_1.pkl"]  # fmt: skip
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
     launch(2, *base, "train.run_name=procs2split", "--stop-after", "1")
     launch(2, "--resume", str(tmp / "runs" / "procs2split"))
     one, two = _records(tmp / "runs" / "procs1"), _records(tmp / "runs" / "procs2")
@@ -206,8 +227,13 @@ def test_accumulation_keeps_the_batch_per_step_and_bf16_trains(setup):
 def test_adaptformer_image_recipe_head_trains_and_reloads_with_its_batchnorm_statistics(setup):
     # AdaptFormer's main_image.py: trunc_normal(0.01) classifier, zero bias, BatchNorm1d(affine=False) in front
     tmp, config_path = setup
-    overrides = ["method={name: adaptformer, bottleneck: 4}", "model.head_norm=batchnorm", "model.head_init_std=0.01",
-                 "train.run_name=bn_head", "optim.epochs=2"]  # fmt: skip
+    overrides = [
+        "method={name: adaptformer, bottleneck: 4}",
+        "model.head_norm=batchnorm",
+        "model.head_init_std=0.01",
+        "train.run_name=bn_head",
+        "optim.epochs=2",
+    ]
     config = load_config(config_path, overrides)
     fresh = classification.build_experiment(config).model
     norm, linear = fresh.head
@@ -217,8 +243,12 @@ def test_adaptformer_image_recipe_head_trains_and_reloads_with_its_batchnorm_sta
     results = run(config, run_dir, cpu=True)
     saved = load_file(run_dir / "last" / "visionpeft_adapter.safetensors")
     assert saved["head.0.running_mean"].abs().sum() > 0  # the statistics the head was trained with travel along
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), str(run_dir), "--cpu"],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "eval.py"), str(run_dir), "--cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"{100 * results['test']['top1']:.2f}" in result.stdout or f"{results['test']['top1']:.4f}" in result.stdout
 

@@ -90,8 +90,9 @@ def test_test_time_crop_and_interpolation_follow_the_models_data_config():
     model = timm.create_model("vit_tiny_patch16_224.augreg_in21k", pretrained=False, depth=1)
     data = T.data_config_of(model)
     assert (data.crop_pct, data.interpolation) == (0.9, "bicubic")  # augreg's pretrained_cfg, not a fixed 0.875
-    resize = next(t for t in T.build_transform(224, data, train=False, augment="crop_flip").transforms
-                  if isinstance(t, v2.Resize))  # fmt: skip
+    resize = next(
+        t for t in T.build_transform(224, data, train=False, augment="crop_flip").transforms if isinstance(t, v2.Resize)
+    )
     assert resize.size == [248] and resize.interpolation == v2.InterpolationMode.BICUBIC
     clip = T.data_config_of(timm.create_model("vit_base_patch16_clip_224.openai", pretrained=False, depth=1))
     assert clip.mean == (0.48145466, 0.4578275, 0.40821073)  # CLIP statistics from timm's pretrained_cfg
@@ -100,8 +101,13 @@ def test_test_time_crop_and_interpolation_follow_the_models_data_config():
 def test_vtab_run_selects_best_on_val_and_eval_tool_reproduces_the_test_accuracy(tmp_path, capsys):
     root = write_tiny_vtab(tmp_path / "vtab", "eurosat", 10)
     config_path = tiny_config(tmp_path, write_pretrained_vit(tmp_path / "vit.safetensors"), root)
-    overrides = ["data.name=vtab-eurosat", "data.train_split=train800", "data.val_split=val200", "optim.epochs=3",
-                 "train.run_name=eurosat"]  # fmt: skip
+    overrides = [
+        "data.name=vtab-eurosat",
+        "data.train_split=train800",
+        "data.val_split=val200",
+        "optim.epochs=3",
+        "train.run_name=eurosat",
+    ]
     config = load_config(config_path, overrides)
     run_dir = tmp_path / "runs" / "eurosat"
     results = run(config, run_dir, cpu=True)

@@ -213,8 +213,9 @@ def tiny_clip_bpe(seed: int = 0) -> torch.nn.Module:
 
 def sample_images(pipe, prompt: str):
     """Two denoising steps at 16 px with a fixed seed: a cheap, deterministic picture of a pipeline's behaviour."""
-    return pipe(prompt, num_inference_steps=2, height=16, width=16, output_type="np",
-                generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    return pipe(
+        prompt, num_inference_steps=2, height=16, width=16, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images
 
 
 def assert_same_state(model: torch.nn.Module, reference: torch.nn.Module) -> None:

@@ -22,9 +22,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--n", type=positive_int, default=50000)
     parser.add_argument("--size", type=positive_int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--palette", nargs="+", metavar="COLOUR",
-                        help="only these matplotlib CSS4 colour names (e.g. the tiny pipeline's: red green blue "
-                             "yellow white black orange purple); default: all 148")  # fmt: skip
+    parser.add_argument(
+        "--palette",
+        nargs="+",
+        metavar="COLOUR",
+        help="only these matplotlib CSS4 colour names (e.g. the tiny pipeline's: red green blue "
+        "yellow white black orange purple); default: all 148",
+    )
     args = parser.parse_args(argv)
     from visionpeft.data.fill50k import make_fill50k
     from visionpeft.errors import DataError

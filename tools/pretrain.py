@@ -119,8 +119,13 @@ def judge(config, args: argparse.Namespace, command: str) -> int:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     mean, std = normalization_of(model)
     arch = {"name": config.model.name, "img_size": config.model.img_size, "kwargs": dict(config.model.kwargs)}
-    metadata = {"format": "pt", "classes": json.dumps(experiment.classes), "model": json.dumps(arch),
-                "mean": json.dumps(list(mean)), "std": json.dumps(list(std))}  # fmt: skip
+    metadata = {
+        "format": "pt",
+        "classes": json.dumps(experiment.classes),
+        "model": json.dumps(arch),
+        "mean": json.dumps(list(mean)),
+        "std": json.dumps(list(std)),
+    }
     name = config.train.run_name
     weights = args.out / f"{name}.safetensors"
     atomic_write(weights, lambda tmp: save_file(state, tmp, metadata=metadata))

@@ -38,7 +38,7 @@ _EXPORTS = {
             "trainable_parameters",
         ),
         "adapter",
-    ),  # fmt: skip
+    ),
     "load_adapter": "checkpoint",
     "import_lora": "conversions",
     "export_merged": "conversions",

@@ -357,8 +357,10 @@ def conditioning(model: Any, **inputs: Any) -> Iterator[Any]:
             readers = sorted({m.name for s in states.values() for m in s.methods if key in m.call_inputs})
             stray = sorted(set(value) - set(readers))
             if stray:
-                raise ConfigError(f"vp.conditioning's {key} names {stray[0]}, which is not an attached method that "
-                                  f"reads it ({', '.join(readers)} do)")  # fmt: skip
+                raise ConfigError(
+                    f"vp.conditioning's {key} names {stray[0]}, which is not an attached method that "
+                    f"reads it ({', '.join(readers)} do)"
+                )
     saved = [(s.backbone.call_inputs, dict(s.backbone.call_inputs)) for s in states.values()]
     for channel, _ in saved:
         channel.update(inputs)

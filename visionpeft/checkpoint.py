@@ -224,8 +224,9 @@ def _checked_config(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]
     if not isinstance(methods, list):
         raise CheckpointError(f"{path} has no 'methods' list (of {METHOD_ENTRY})")
     for i, entry in enumerate(methods):
-        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
-                and isinstance(entry.get("config", {}), dict)):  # fmt: skip
+        if not (
+            isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("config", {}), dict)
+        ):
             raise CheckpointError(f"{path}: methods[{i}] is not {METHOD_ENTRY}: {json.dumps(entry)[:80]}")
     if not isinstance(config.get("backbone", {}), dict):
         raise CheckpointError(f"{path}: 'backbone' is not an object")

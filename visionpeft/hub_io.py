@@ -31,8 +31,12 @@ def is_repo_id(text: str) -> bool:
 
 def looks_like_repo_id(text: str | os.PathLike) -> bool:
     """``user/repo`` that is not an existing local path (nor a missing weights file)."""
-    return (isinstance(text, str) and bool(_REPO_ID.match(text)) and not Path(text).exists()
-            and Path(text).suffix not in (".safetensors", ".bin", ".pt", ".json"))  # fmt: skip
+    return (
+        isinstance(text, str)
+        and bool(_REPO_ID.match(text))
+        and not Path(text).exists()
+        and Path(text).suffix not in (".safetensors", ".bin", ".pt", ".json")
+    )
 
 
 def library_name(folder: Path) -> str:
@@ -122,8 +126,9 @@ def push_folder(folder: Path, repo_id: str, ignore: Iterable[str] = RUN_IGNORE, 
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, ignore_patterns=list(ignore),
-                                 commit_message="Upload with visionpeft")  # fmt: skip
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, ignore_patterns=list(ignore), commit_message="Upload with visionpeft"
+        )
     except Exception as err:  # the hub client raises many kinds (HTTP, offline, auth): all are one line here
         raise CheckpointError(f"cannot upload {folder} to the hub repo {repo_id}: {_reason(err)}") from None
     return str(getattr(info, "commit_url", info))

@@ -25,8 +25,9 @@ JUDGE_FILE = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny_sd_judg
 class Judge(nn.Module):
     """A timm ViT classifier with its classes and input normalisation; inputs are uint8 images."""
 
-    def __init__(self, model: nn.Module, classes: list[str], mean: Sequence[float], std: Sequence[float],
-                 size: int) -> None:  # fmt: skip
+    def __init__(
+        self, model: nn.Module, classes: list[str], mean: Sequence[float], std: Sequence[float], size: int
+    ) -> None:
         super().__init__()
         self.model, self.classes, self.size = model.eval(), list(classes), size
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -42,8 +43,9 @@ class Judge(nn.Module):
             meta = f.metadata()
             state = {k: f.get_tensor(k).float() for k in f.keys()}
         classes, arch = json.loads(meta["classes"]), json.loads(meta["model"])
-        model = timm.create_model(arch["name"], pretrained=False, num_classes=len(classes), img_size=arch["img_size"],
-                                  **arch["kwargs"])  # fmt: skip
+        model = timm.create_model(
+            arch["name"], pretrained=False, num_classes=len(classes), img_size=arch["img_size"], **arch["kwargs"]
+        )
         model.load_state_dict(state)
         return cls(model, classes, json.loads(meta["mean"]), json.loads(meta["std"]), arch["img_size"])
 
@@ -53,8 +55,9 @@ class Judge(nn.Module):
             x = images.float() / 255
         else:
             if not isinstance(images, np.ndarray):
-                images = np.stack([np.asarray(im.convert("RGB").resize((self.size, self.size), Image.BICUBIC))
-                                   for im in images])  # fmt: skip
+                images = np.stack(
+                    [np.asarray(im.convert("RGB").resize((self.size, self.size), Image.BICUBIC)) for im in images]
+                )
             x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
         if x.shape[-1] != self.size:
             x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
@@ -76,8 +79,9 @@ class Judge(nn.Module):
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
 
-def kid(judge: Judge, real: np.ndarray, generated: np.ndarray, subset_size: int = 50, subsets: int = 50,
-        seed: int = 0) -> tuple[float, float]:  # fmt: skip
+def kid(
+    judge: Judge, real: np.ndarray, generated: np.ndarray, subset_size: int = 50, subsets: int = 50, seed: int = 0
+) -> tuple[float, float]:
     """KID (mean, std over subsets) between two uint8 image sets (N, H, W, 3) on the judge's features, with
     torchmetrics' ``KernelInceptionDistance`` (cubic polynomial kernel); ``subset_size`` is capped by the sets."""
     from torchmetrics.image.kid import KernelInceptionDistance

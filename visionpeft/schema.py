@@ -21,9 +21,18 @@ from typing import Any
 from .errors import ConfigError
 
 
-def setting(default: Any = MISSING, help: str = "", *, choices: tuple | None = None, min: float | None = None,
-            max: float | None = None, below: float | None = None, above: float | None = None,
-            nonempty: bool = False, path: bool | str = False) -> Any:  # fmt: skip
+def setting(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    choices: tuple | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    below: float | None = None,
+    above: float | None = None,
+    nonempty: bool = False,
+    path: bool | str = False,
+) -> Any:
     """A dataclass field with its documentation and constraints.
 
     Args:
@@ -34,8 +43,16 @@ def setting(default: Any = MISSING, help: str = "", *, choices: tuple | None = N
         path: The value is a local path (``True``) or a hub id or local path (``"or_id"``); saved run configs
             hold it as an absolute path (see :func:`absolute_paths`).
     """
-    metadata = {"help": help, "choices": choices, "min": min, "max": max, "below": below, "above": above,
-                "nonempty": nonempty, "path": path}  # fmt: skip
+    metadata = {
+        "help": help,
+        "choices": choices,
+        "min": min,
+        "max": max,
+        "below": below,
+        "above": above,
+        "nonempty": nonempty,
+        "path": path,
+    }
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     if dataclasses.is_dataclass(default):
@@ -133,8 +150,10 @@ def describe(schema: type, values: dict, indent: int = 0, column: int = 52) -> l
     for f in dataclasses.fields(schema):
         help_text = f.metadata.get("help", "")
         if f.name in nested:
-            lines.append(f"{pad}{f.name}:" + (f"{' ' * max(1, column - len(pad) - len(f.name) - 1)}# {help_text}"
-                                              if help_text else ""))  # fmt: skip
+            lines.append(
+                f"{pad}{f.name}:"
+                + (f"{' ' * max(1, column - len(pad) - len(f.name) - 1)}# {help_text}" if help_text else "")
+            )
             lines += describe(nested[f.name], values[f.name], indent + 1, column)
             continue
         text = f"{pad}{f.name}: {flow_yaml(values[f.name])}"

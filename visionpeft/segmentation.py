@@ -13,5 +13,15 @@ from .tasks.seg_heads import AUX_WEIGHT, HEADS, default_indices
 from .tasks.seg_inference import MODES, predict_labels, predict_logits, slide_logits, window_grid
 from .tasks.segmenter import Segmenter, build
 
-__all__ = ["AUX_WEIGHT", "HEADS", "MODES", "Segmenter", "build", "default_indices", "predict_labels",
-           "predict_logits", "slide_logits", "window_grid"]  # fmt: skip
+__all__ = [
+    "AUX_WEIGHT",
+    "HEADS",
+    "MODES",
+    "Segmenter",
+    "build",
+    "default_indices",
+    "predict_labels",
+    "predict_logits",
+    "slide_logits",
+    "window_grid",
+]

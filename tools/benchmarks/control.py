@@ -45,8 +45,13 @@ def _reference_step(pipe, batch: dict):
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
     controlnet.train()
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-5)
-    ids = pipe.tokenizer(batch["prompt"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids  # fmt: skip
+    ids = pipe.tokenizer(
+        batch["prompt"],
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
     def step(generator):
         with torch.no_grad():
@@ -55,10 +60,16 @@ def _reference_step(pipe, batch: dict):
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         hidden = text_encoder(ids)[0]
-        down, mid = controlnet(noisy, timesteps, encoder_hidden_states=hidden, controlnet_cond=batch["condition"],
-                               return_dict=False)  # fmt: skip
-        pred = unet(noisy, timesteps, encoder_hidden_states=hidden, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid).sample  # fmt: skip
+        down, mid = controlnet(
+            noisy, timesteps, encoder_hidden_states=hidden, controlnet_cond=batch["condition"], return_dict=False
+        )
+        pred = unet(
+            noisy,
+            timesteps,
+            encoder_hidden_states=hidden,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
         F.mse_loss(pred.float(), noise.float()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -96,9 +107,11 @@ def _measure(args: tuple) -> dict:
     torch.set_num_threads(threads)
     pipe = build_pipeline()
     generator = torch.Generator().manual_seed(0)
-    batch = {"pixels": torch.rand(batch_size, 3, size, size, generator=generator) * 2 - 1,
-             "condition": torch.rand(batch_size, 3, size, size, generator=generator),
-             "prompt": ["red circle with blue background"] * batch_size}  # fmt: skip
+    batch = {
+        "pixels": torch.rand(batch_size, 3, size, size, generator=generator) * 2 - 1,
+        "condition": torch.rand(batch_size, 3, size, size, generator=generator),
+        "prompt": ["red circle with blue background"] * batch_size,
+    }
     _, method, options = VARIANTS[variant]
     step, optimizer = _reference_step(pipe, batch) if method is None else _visionpeft_step(pipe, batch, method, options)
     gc.collect()
@@ -134,8 +147,14 @@ def _sampling(args: tuple) -> dict:
     control = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
 
     def sample():
-        return pipe("a photo", num_inference_steps=4, height=size, width=size, output_type="np",
-                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+        return pipe(
+            "a photo",
+            num_inference_steps=4,
+            height=size,
+            width=size,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        )
 
     def timed(fn, repeats=3):
         fn()
@@ -175,19 +194,25 @@ def main(argv: list[str]) -> int:
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
     with ctx.Pool(1) as pool:
         sampling = pool.apply(_sampling, ((args.size, args.threads),))
-    print(f"# scaled-down SD pipeline, batch {args.batch}, {args.size} px, fp32, AdamW, {args.threads} threads, "
-          f"median of {args.steps} steps x {args.rounds} rounds, fresh process per run\n")  # fmt: skip
-    print("| variant | step (s) | vs reference | min / median / max over rounds | peak memory (MB) | vs reference "
-          "| trainable | AdamW state (MB) |")  # fmt: skip
+    print(
+        f"# scaled-down SD pipeline, batch {args.batch}, {args.size} px, fp32, AdamW, {args.threads} threads, "
+        f"median of {args.steps} steps x {args.rounds} rounds, fresh process per run\n"
+    )
+    print(
+        "| variant | step (s) | vs reference | min / median / max over rounds | peak memory (MB) | vs reference "
+        "| trainable | AdamW state (MB) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     ref = med["reference"]
     for name, (label, _, _) in VARIANTS.items():
         r = med[name]
         memory_ratio = r["memory"] / max(ref["memory"], 1e-6)
         spread = ratio_spread(runs[name], runs["reference"], "time")
-        print(f"| {label} | {r['time']:.3f} | {r['time'] / ref['time']:.2f} | {spread} | {r['memory']:.0f} | "
-              f"{memory_ratio:.2f} | "
-              f"{int(r['trainable']):,} | {r['state_mb']:.1f} |")  # fmt: skip
+        print(
+            f"| {label} | {r['time']:.3f} | {r['time'] / ref['time']:.2f} | {spread} | {r['memory']:.0f} | "
+            f"{memory_ratio:.2f} | "
+            f"{int(r['trainable']):,} | {r['state_mb']:.1f} |"
+        )
     cn, lora, t2i = med["controlnet"], med["controlnet_lora"], med["t2i_adapter"]
     print("\n| ratio | value | target |")
     print("|---|---:|---|")

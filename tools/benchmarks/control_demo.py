@@ -49,10 +49,18 @@ def train(method: str, data: Path, work: Path, steps: int, seed: int) -> tuple[P
     finished = (run_dir / "README.md").is_file() and (run_dir / "base.txt").is_file()  # the card is written last
     if not finished or (run_dir / "base.txt").read_text().strip() != base:  # kept only on the same base weights
         config = ROOT / "configs" / "control" / f"{method}_tiny_sd_fill.yaml"
-        command = [sys.executable, str(ROOT / "tools" / "train.py"), str(config),
-                   f"data.root={data}", f"optim.steps={steps}", f"train.seed={seed}", f"train.output_dir={work}",
-                   f"train.run_name={run_name}", f"train.checkpoint_every={max(1, steps // 4)}",
-                   "--overwrite"]  # fmt: skip
+        command = [
+            sys.executable,
+            str(ROOT / "tools" / "train.py"),
+            str(config),
+            f"data.root={data}",
+            f"optim.steps={steps}",
+            f"train.seed={seed}",
+            f"train.output_dir={work}",
+            f"train.run_name={run_name}",
+            f"train.checkpoint_every={max(1, steps // 4)}",
+            "--overwrite",
+        ]
         start = time.time()
         subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         (run_dir / "minutes.txt").write_text(f"{(time.time() - start) / 60:.2f}\n")
@@ -96,8 +104,14 @@ def score(pipe, test: Path, adapter: Path | None) -> tuple[list[float], list, in
         generator = torch.Generator().manual_seed(index)
         control = vp.conditioning(pipe, control_image=tensor) if adapter is not None else contextlib.nullcontext()
         with control:
-            image = pipe(record["text"], num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generator,
-                         height=32, width=32).images[0]  # fmt: skip
+            image = pipe(
+                record["text"],
+                num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE,
+                generator=generator,
+                height=32,
+                width=32,
+            ).images[0]
         scores.append(fill_iou(image, record))
         images.append(image)
     if adapter is not None:
@@ -110,8 +124,12 @@ def picture(test: Path, rows: dict[str, list], path: Path) -> None:
     from PIL import Image
 
     records = [json.loads(line) for line in (test / "metadata.jsonl").read_text().splitlines()][:SHOWN]
-    tiles = [[Image.open(test / r["conditioning_image"]).convert("RGB") for r in records], rows["base"][:SHOWN],
-             rows["controlled"][:SHOWN], [Image.open(test / r["image"]).convert("RGB") for r in records]]  # fmt: skip
+    tiles = [
+        [Image.open(test / r["conditioning_image"]).convert("RGB") for r in records],
+        rows["base"][:SHOWN],
+        rows["controlled"][:SHOWN],
+        [Image.open(test / r["image"]).convert("RGB") for r in records],
+    ]
     sheet = Image.new("RGB", (34 * SHOWN, 34 * len(tiles)), (255, 255, 255))
     for r, row in enumerate(tiles):
         for c, tile in enumerate(row):
@@ -138,21 +156,29 @@ def plot(curves: dict[str, list], base: float, path: Path) -> None:
 
 def write_readme(results: dict, out: Path) -> None:
     lines = [
-        "# Control on the embedded tiny pipeline", "",
+        "# Control on the embedded tiny pipeline",
+        "",
         f"Made by `{results['command']}` on a 2-core CPU. Training: {results['train_pairs']:,} fill50k pairs at 32 px "
         f"in the tiny pipeline's eight colours, batch 16, {results['steps']} steps, seed {results['seed']}. "
         f"Score: fill IoU on {results['test_pairs']} held-out pairs (another generator seed), {STEPS} DDIM steps, "
-        f"guidance {GUIDANCE}, sample seed = pair index, the same for base and controlled.", "",
+        f"guidance {GUIDANCE}, sample seed = pair index, the same for base and controlled.",
+        "",
         "| method | trainable params | fill IoU, base pipeline | fill IoU, with control | pairs improved | minutes |",
         "|---|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
+    ]
     for method, row in results["methods"].items():
-        lines.append(f"| {METHODS[method]} | {row['trainable']:,} | {results['base_iou']:.3f} | {row['iou']:.3f} | "
-                     f"{row['improved']}/{results['test_pairs']} | {row['minutes']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {METHODS[method]} | {row['trainable']:,} | {results['base_iou']:.3f} | {row['iou']:.3f} | "
+            f"{row['improved']}/{results['test_pairs']} | {row['minutes']:.1f} |"
+        )
     lines += ["", "![held-out fill IoU over training](fill_iou.png)", ""]
     for method in results["methods"]:
-        lines += [f"{METHODS[method]}: condition | base pipeline | with control | target (held-out pairs)", "",
-                  f"![{method}](samples_{method}.png)", ""]  # fmt: skip
+        lines += [
+            f"{METHODS[method]}: condition | base pipeline | with control | target (held-out pairs)",
+            "",
+            f"![{method}](samples_{method}.png)",
+            "",
+        ]
     (out / "README.md").write_text("\n".join(lines))
 
 
@@ -177,20 +203,33 @@ def main(argv: list[str]) -> int:
     train_data, test_data = make_data(args.work)
     pipe = load_pipe(ROOT / "checkpoints" / "tiny_sd")
     base_scores, base_images, _ = score(pipe, test_data, None)
-    results = {"command": " ".join(["python tools/benchmark.py control-demo", *argv]), "steps": args.steps,
-               "seed": args.seed, "train_pairs": 2000, "test_pairs": TEST_PAIRS,
-               "base_iou": statistics.mean(base_scores), "methods": {}}  # fmt: skip
+    results = {
+        "command": " ".join(["python tools/benchmark.py control-demo", *argv]),
+        "steps": args.steps,
+        "seed": args.seed,
+        "train_pairs": 2000,
+        "test_pairs": TEST_PAIRS,
+        "base_iou": statistics.mean(base_scores),
+        "methods": {},
+    }
     curves = {}
     for method in args.methods:
         run_dir, minutes = train(method, train_data, args.work, args.steps, args.seed)
-        curves[method] = [(step, statistics.mean(score(pipe, test_data, folder)[0]))
-                          for step, folder in checkpoints(run_dir) if step < args.steps]  # fmt: skip
+        curves[method] = [
+            (step, statistics.mean(score(pipe, test_data, folder)[0]))
+            for step, folder in checkpoints(run_dir)
+            if step < args.steps
+        ]
         scores, images, trainable = score(pipe, test_data, run_dir / "last")
         curves[method].append((args.steps, statistics.mean(scores)))
         picture(test_data, {"base": base_images, "controlled": images}, args.out / f"samples_{method}.png")
         results["methods"][method] = {
-            "iou": statistics.mean(scores), "improved": sum(s > b for s, b in zip(scores, base_scores)),
-            "trainable": trainable, "minutes": minutes, "curve": curves[method]}  # fmt: skip
+            "iou": statistics.mean(scores),
+            "improved": sum(s > b for s, b in zip(scores, base_scores)),
+            "trainable": trainable,
+            "minutes": minutes,
+            "curve": curves[method],
+        }
         print(f"{method}: fill IoU {results['base_iou']:.3f} -> {results['methods'][method]['iou']:.3f}")
     plot(curves, results["base_iou"], args.out / "fill_iou.png")
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

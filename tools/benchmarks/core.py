@@ -79,8 +79,9 @@ def prepare(model, method: str, options: dict):
         if method == "peft_lora":
             import peft
 
-            config = peft.LoraConfig(r=options["r"], lora_alpha=options["r"], target_modules=["qkv"],
-                                     modules_to_save=["head"])  # fmt: skip
+            config = peft.LoraConfig(
+                r=options["r"], lora_alpha=options["r"], target_modules=["qkv"], modules_to_save=["head"]
+            )
             model = peft.get_peft_model(model, config)
         else:
             for name, p in model.named_parameters():
@@ -236,10 +237,14 @@ def lora_scaling(args) -> int:
     """LoRA r 8 on Q/V (ours) against PEFT's LoRA r 8 on qkv and against full fine-tuning, per model and batch, each
     in a fresh process, ``--rounds`` rotated rounds, medians."""
     trio = [("full", "full", {}), ("lora", "lora", {"r": 8}), ("peft", "peft_lora", {"r": 8})]
-    print(f"# {args.img} px, fp32, AdamW, {args.threads} threads, median of {args.steps} warm steps x {args.rounds} "
-          "rounds, one fresh process per run\n")  # fmt: skip
-    print("| model | batch | full step CPU (s) | lora / full | lora / peft (time) | min / median / max over rounds "
-          "| lora / peft (memory) | target |")  # fmt: skip
+    print(
+        f"# {args.img} px, fp32, AdamW, {args.threads} threads, median of {args.steps} warm steps x {args.rounds} "
+        "rounds, one fresh process per run\n"
+    )
+    print(
+        "| model | batch | full step CPU (s) | lora / full | lora / peft (time) | min / median / max over rounds "
+        "| lora / peft (memory) | target |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     ctx = mp.get_context("spawn")
     for arch in args.archs:
@@ -252,10 +257,12 @@ def lora_scaling(args) -> int:
                     with ctx.Pool(1) as pool:
                         runs[label].append(pool.apply(_train_steps, ((settings, method, options),)))
             r = {k: {key: statistics.median(x[key] for x in v) for key in v[0]} for k, v in runs.items()}
-            print(f"| {arch} | {batch} | {r['full']['cpu']:.2f} | {r['lora']['cpu'] / r['full']['cpu']:.2f} | "
-                  f"{r['lora']['cpu'] / r['peft']['cpu']:.2f} | {ratio_spread(runs['lora'], runs['peft'], 'cpu')} | "
-                  f"{r['lora']['memory'] / r['peft']['memory']:.2f} | "
-                  "<= 1.00 vs peft |")  # fmt: skip
+            print(
+                f"| {arch} | {batch} | {r['full']['cpu']:.2f} | {r['lora']['cpu'] / r['full']['cpu']:.2f} | "
+                f"{r['lora']['cpu'] / r['peft']['cpu']:.2f} | {ratio_spread(runs['lora'], runs['peft'], 'cpu')} | "
+                f"{r['lora']['memory'] / r['peft']['memory']:.2f} | "
+                "<= 1.00 vs peft |"
+            )
     return 0
 
 
@@ -270,10 +277,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="runs per round in the micro-benchmarks")
     parser.add_argument("--rounds", type=int, default=2, help="repeats of the whole method table")
     parser.add_argument("--quick", action="store_true", help="a tiny ViT, for a smoke test of this script")
-    parser.add_argument("--lora-scaling", action="store_true",
-                        help="only the table of LoRA (Q/V) vs PEFT LoRA and vs full, --archs x --batches")  # fmt: skip
-    parser.add_argument("--archs", nargs="+", default=["vit_tiny_patch16_224", "vit_small_patch16_224",
-                                                       "vit_base_patch16_224"])  # fmt: skip
+    parser.add_argument(
+        "--lora-scaling",
+        action="store_true",
+        help="only the table of LoRA (Q/V) vs PEFT LoRA and vs full, --archs x --batches",
+    )
+    parser.add_argument(
+        "--archs", nargs="+", default=["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
+    )
     parser.add_argument("--batches", nargs="+", type=int, default=[8, 32])
     args = parser.parse_args(argv)
     if args.lora_scaling:
@@ -330,6 +341,7 @@ def main(argv: list[str]) -> int:
     print("\n| whole step, one process, interleaved | step (s) | vs full | vs plain bias-only |")
     print("|---|---:|---:|---:|")
     for kind, seconds in biases.items():
-        print(f"| {kind} | {seconds:.2f} | {seconds / biases['full']:.2f} | "
-              f"{seconds / biases['plain bias-only']:.2f} |")  # fmt: skip
+        print(
+            f"| {kind} | {seconds:.2f} | {seconds / biases['full']:.2f} | {seconds / biases['plain bias-only']:.2f} |"
+        )
     return 0

@@ -55,8 +55,9 @@ def main(argv: list[str]) -> int:
     from visionpeft.cli.common import run
     from visionpeft.cli.sweep import main as sweep
 
-    parser = argparse.ArgumentParser(prog="tools/benchmark.py demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="tools/benchmark.py demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tasks", nargs="+", default=["digits", "textures", "faces"])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -66,8 +67,22 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     checkpoint = f"model.checkpoint={ROOT / 'checkpoints' / 'tiny_vit_fractal.safetensors'}"  # from any folder
-    code = run(sweep, [str(SPEC), f"optim.epochs={args.epochs}", checkpoint, "--tasks", *args.tasks, "--seeds",
-                       *map(str, args.seeds), "--workers", str(args.workers), "--out", str(args.runs)])  # fmt: skip
+    code = run(
+        sweep,
+        [
+            str(SPEC),
+            f"optim.epochs={args.epochs}",
+            checkpoint,
+            "--tasks",
+            *args.tasks,
+            "--seeds",
+            *map(str, args.seeds),
+            "--workers",
+            str(args.workers),
+            "--out",
+            str(args.runs),
+        ],
+    )
     if code == 2:
         return code
     print(write_gallery(args.runs, args.out, command_line(args)))

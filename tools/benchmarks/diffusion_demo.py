@@ -43,18 +43,31 @@ def family_prompts() -> dict[str, list[tuple[str, str]]]:
         "digits": [(digit_prompt(d), f"digit {d}") for d in range(10)],
         "textures": [(f"a photo of {t}", f"texture {t}") for t in TEXTURES],
         "photos": [("a photo of a face", "face")] + [(f"a photo of {p}", f"photo {p}") for p in PHOTOS],
-        "circles": [(f"{a} circle with {b} background", "circle") for a, b in
-                    [("red", "blue"), ("yellow", "black"), ("white", "green"), ("blue", "orange"),
-                     ("purple", "white"), ("green", "red")]],
-    }  # fmt: skip
+        "circles": [
+            (f"{a} circle with {b} background", "circle")
+            for a, b in [
+                ("red", "blue"),
+                ("yellow", "black"),
+                ("white", "green"),
+                ("blue", "orange"),
+                ("purple", "white"),
+                ("green", "red"),
+            ]
+        ],
+    }
 
 
 def sample(pipe, prompt: str, count: int, seed: int, steps: int):
     """``count`` uint8 images (N, 32, 32, 3) of one prompt, reproducible by ``seed``."""
     import torch
 
-    images = pipe([prompt] * count, num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="np",
-                  generator=torch.Generator().manual_seed(seed)).images  # fmt: skip
+    images = pipe(
+        [prompt] * count,
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -81,8 +94,12 @@ def base_samples(pipe, judge, out: Path, count: int, steps: int) -> dict:
             n = count if family == "digits" else 8
             images = sample(pipe, prompt, n, seed=1000 + i, steps=steps)
             named = judge.predict(images)
-            rates[prompt] = {"subject": subject, "rate": float(np.mean([p == subject for p in named])), "n": n,
-                             "held_out": subject in HELD_OUT}  # fmt: skip
+            rates[prompt] = {
+                "subject": subject,
+                "rate": float(np.mean([p == subject for p in named])),
+                "n": n,
+                "held_out": subject in HELD_OUT,
+            }
             generated.setdefault(family, []).append(images)
             rows.append(images)
         grid(rows, out / f"base_{family}.png")
@@ -90,12 +107,14 @@ def base_samples(pipe, judge, out: Path, count: int, steps: int) -> dict:
     real = captioned_mix("test", exclude=())
     seen = np.array([SUBJECTS[t] not in HELD_OUT for t in real.targets])
     digit = np.array([SUBJECTS[t].startswith("digit") for t in real.targets])
-    gen_digits = np.concatenate([g for g, (_, s) in zip(generated["digits"], family_prompts()["digits"])
-                                 if s not in HELD_OUT])  # fmt: skip
+    gen_digits = np.concatenate(
+        [g for g, (_, s) in zip(generated["digits"], family_prompts()["digits"]) if s not in HELD_OUT]
+    )
     gen_all = np.concatenate([gen_digits] + [np.concatenate(v) for k, v in generated.items() if k != "digits"])
     train = captioned_mix("train", exclude=())
-    train_digits = train.images[np.array([SUBJECTS[t].startswith("digit") and SUBJECTS[t] not in HELD_OUT
-                                          for t in train.targets])]  # fmt: skip
+    train_digits = train.images[
+        np.array([SUBJECTS[t].startswith("digit") and SUBJECTS[t] not in HELD_OUT for t in train.targets])
+    ]
     kids = {
         "digits: generated vs real test": kid(judge, real.images[seen & digit], gen_digits),
         "digits: real train vs real test (floor)": kid(judge, real.images[seen & digit], train_digits),
@@ -122,8 +141,13 @@ def launch(method: str, seed: int, images: Path, runs: Path, pipeline: Path, tra
     """Starts one personalization run, ``python tools/train.py configs/personalize/<method>_tiny_sd.yaml ...``."""
     config_path = ROOT / "configs" / "personalize" / f"{method}_tiny_sd.yaml"
     name = f"{method}-seed{seed}"
-    overrides = [f"data.images={images}", f"train.seed={seed}", f"train.run_name={name}",
-                 f"train.output_dir={runs}", f"model.name={pipeline}"]  # fmt: skip
+    overrides = [
+        f"data.images={images}",
+        f"train.seed={seed}",
+        f"train.run_name={name}",
+        f"train.output_dir={runs}",
+        f"model.name={pipeline}",
+    ]
     if train_steps:
         overrides += [f"optim.steps={train_steps}", f"train.eval_every={train_steps}"]
     shutil.rmtree(runs / name, ignore_errors=True)
@@ -151,8 +175,13 @@ def finish(job: dict) -> dict:
     config = load_config(job["run_dir"] / "config.yaml")
     with safe_open(str(job["run_dir"] / "adapter" / WEIGHTS_NAME), "pt") as f:
         trainable = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
-    return {"run_dir": str(job["run_dir"]), "prompt": config.data.prompt.format(config.token),
-            "trainable": trainable, "steps": config.optim.steps, "minutes": minutes}  # fmt: skip
+    return {
+        "run_dir": str(job["run_dir"]),
+        "prompt": config.data.prompt.format(config.token),
+        "trainable": trainable,
+        "steps": config.optim.steps,
+        "minutes": minutes,
+    }
 
 
 def load_pipe(path: Path):
@@ -164,8 +193,17 @@ def load_pipe(path: Path):
     return pipe
 
 
-def personalization(judge, out: Path, runs: Path, pipeline: Path, methods: list[str], seeds: list[int], count: int,
-                    steps: int, train_steps: int | None) -> dict:  # fmt: skip
+def personalization(
+    judge,
+    out: Path,
+    runs: Path,
+    pipeline: Path,
+    methods: list[str],
+    seeds: list[int],
+    count: int,
+    steps: int,
+    train_steps: int | None,
+) -> dict:
     """Every (method, seed): train (the methods of a seed run in parallel processes), then sample before / after
     with the same sampling seeds; the judge counts 7s."""
     from visionpeft.cli.generate import apply_adapter
@@ -184,8 +222,11 @@ def personalization(judge, out: Path, runs: Path, pipeline: Path, methods: list[
             after = sample(tuned, info["prompt"], count, seed=seed, steps=steps)
             info["before"] = float(np.mean([p == SUBJECT for p in judge.predict(before)]))
             info["after"] = float(np.mean([p == SUBJECT for p in judge.predict(after)]))
-            print(f"{method} seed {seed}: judge sees a 7 in {100 * info['before']:.0f}% before, "
-                  f"{100 * info['after']:.0f}% after ({info['minutes']:.1f} min)", flush=True)  # fmt: skip
+            print(
+                f"{method} seed {seed}: judge sees a 7 in {100 * info['before']:.0f}% before, "
+                f"{100 * info['after']:.0f}% after ({info['minutes']:.1f} min)",
+                flush=True,
+            )
             results.setdefault(method, []).append(info)
             if seed == seeds[0]:
                 grid([before, after], out / f"personalize_{method}.png")
@@ -232,30 +273,45 @@ def write_readme(results: dict, out: Path) -> None:
     for prompt, r in base["rates"].items():
         note = " (held out)" if r["held_out"] else ""
         lines.append(f"| {prompt}{note} | {100 * r['rate']:.0f} |")
-    lines += ["", "KID on the judge's pre-logit features (torchmetrics `KernelInceptionDistance` with the judge as its"
-              " feature module, cubic polynomial kernel; lower is closer; the judge's 192-d features are unnormalised,"
-              " so the scale is its own - compare rows, not other papers' KID):", "",
-              "| sets | KID (mean ± std over subsets) |", "|---|---:|"]  # fmt: skip
+    lines += [
+        "",
+        "KID on the judge's pre-logit features (torchmetrics `KernelInceptionDistance` with the judge as its"
+        " feature module, cubic polynomial kernel; lower is closer; the judge's 192-d features are unnormalised,"
+        " so the scale is its own - compare rows, not other papers' KID):",
+        "",
+        "| sets | KID (mean ± std over subsets) |",
+        "|---|---:|",
+    ]
     for name, (m, s) in base["kid"].items():
         lines.append(f"| {name} | {m:.3f} ± {s:.3f} |")
     if pers:
-        lines += ["", "## Personalization of a held-out subject (digit 7, 5 real images)", "",
-                  "The 5 training images: ![subject](subject.png)", "",
-                  "Each method trains with `python tools/train.py configs/personalize/<method>_tiny_sd.yaml "
-                  "data.images=gallery/diffusion/subject`; the judge counts how many samples of the method's prompt"
-                  f" it calls a 7, before (the base pipeline, same prompt, same sampling seeds) and after; mean ±"
-                  f" std over training seeds {results['seeds']}.", "",
-                  "| method | prompt | trainable params | steps | before (%) | after (%) | minutes per run |",
-                  "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            "",
+            "## Personalization of a held-out subject (digit 7, 5 real images)",
+            "",
+            "The 5 training images: ![subject](subject.png)",
+            "",
+            "Each method trains with `python tools/train.py configs/personalize/<method>_tiny_sd.yaml "
+            "data.images=gallery/diffusion/subject`; the judge counts how many samples of the method's prompt"
+            f" it calls a 7, before (the base pipeline, same prompt, same sampling seeds) and after; mean ±"
+            f" std over training seeds {results['seeds']}.",
+            "",
+            "| method | prompt | trainable params | steps | before (%) | after (%) | minutes per run |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
         for method, runs in pers.items():
             r0 = runs[0]
-            lines.append(f"| {METHODS[method]} | `{r0['prompt']}` | {r0['trainable']:,} | {r0['steps']} | "
-                         f"{mean_std([r['before'] for r in runs])} | {mean_std([r['after'] for r in runs])} | "
-                         f"{statistics.mean(r['minutes'] for r in runs):.1f} |")  # fmt: skip
+            lines.append(
+                f"| {METHODS[method]} | `{r0['prompt']}` | {r0['trainable']:,} | {r0['steps']} | "
+                f"{mean_std([r['before'] for r in runs])} | {mean_std([r['after'] for r in runs])} | "
+                f"{statistics.mean(r['minutes'] for r in runs):.1f} |"
+            )
         lines.append("")
         for method in pers:
-            lines.append(f"{METHODS[method]} (top: before, bottom: after, seed {results['seeds'][0]}): "
-                         f"![{method}](personalize_{method}.png)")  # fmt: skip
+            lines.append(
+                f"{METHODS[method]} (top: before, bottom: after, seed {results['seeds'][0]}): "
+                f"![{method}](personalize_{method}.png)"
+            )
             lines.append("")
     if results.get("notes"):
         lines += ["## Reading the numbers", "", results["notes"], ""]
@@ -264,8 +320,11 @@ def write_readme(results: dict, out: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tools/benchmark.py diffusion-demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="tools/benchmark.py diffusion-demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=20, help="samples per digit prompt and per personalization")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
@@ -282,8 +341,11 @@ def main(argv: list[str]) -> int:
         write_readme(results, args.from_json.parent)
         return 0
     if not (args.pipeline / "model_index.json").is_file():
-        print(f"error: {args.pipeline} is no pipeline folder; make checkpoints/tiny_sd with python tools/pretrain.py "
-              "configs/pretrain/tiny_sd.yaml", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {args.pipeline} is no pipeline folder; make checkpoints/tiny_sd with python tools/pretrain.py "
+            "configs/pretrain/tiny_sd.yaml",
+            file=sys.stderr,
+        )
         return 2
     from visionpeft.judge import Judge
 
@@ -291,11 +353,15 @@ def main(argv: list[str]) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     judge = Judge.load()
     base = base_samples(load_pipe(args.pipeline), judge, args.out, args.samples, args.steps)
-    results = {"command": "python tools/benchmark.py diffusion-demo " + " ".join(argv), "steps": args.steps,
-               "seeds": args.seeds, "base": base,
-               "not_done": "Control on fill50k is its own run: `python tools/benchmark.py control-demo` -> "
-                           "`gallery/control/` (ControlNet / ControlNet-LoRA; T2I-Adapter's layout does not fit this "
-                           "U-Net)."}  # fmt: skip
+    results = {
+        "command": "python tools/benchmark.py diffusion-demo " + " ".join(argv),
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "base": base,
+        "not_done": "Control on fill50k is its own run: `python tools/benchmark.py control-demo` -> "
+        "`gallery/control/` (ControlNet / ControlNet-LoRA; T2I-Adapter's layout does not fit this "
+        "U-Net).",
+    }
     if not args.skip_personalization:
         results["personalization"] = personalization(
             judge,

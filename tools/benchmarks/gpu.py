@@ -141,8 +141,10 @@ def _median(results: list[dict], key: str) -> float:
 def vit_table(settings: Settings, precision: str, rounds: int) -> None:
     runs = _rounds(list(VIT_ROWS), rounds, lambda row: vit_row(settings, row[1], row[2], precision))
     print(f"\n{settings.vit_arch}, batch {settings.vit_batch}, {settings.vit_img} px, {precision} autocast, SDPA\n")
-    print("| method | images / s | step (ms) | vs peer (time) | min / median / max over rounds | peak training "
-          "memory (MB) | vs peer (memory) |")  # fmt: skip
+    print(
+        "| method | images / s | step (ms) | vs peer (time) | min / median / max over rounds | peak training "
+        "memory (MB) | vs peer (memory) |"
+    )
     print("|---|---:|---:|---|---:|---:|---:|")
     for row, results in runs.items():
         step = _median(results, "time")
@@ -152,8 +154,10 @@ def vit_table(settings: Settings, precision: str, rounds: int) -> None:
             versus = f"{step / _median(runs[peer], 'time'):.2f} x {peer}"
             spread = ratio_spread(results, runs[peer], "time")
             memory_ratio = f"{_median(results, 'memory') / max(_median(runs[peer], 'memory'), 1e-6):.2f}"
-        print(f"| {row} | {settings.vit_batch / step:.1f} | {step * 1e3:.1f} | {versus} | {spread} | "
-              f"{_median(results, 'memory'):.0f} | {memory_ratio} |")  # fmt: skip
+        print(
+            f"| {row} | {settings.vit_batch / step:.1f} | {step * 1e3:.1f} | {versus} | {spread} | "
+            f"{_median(results, 'memory'):.0f} | {memory_ratio} |"
+        )
 
 
 def sd_table(settings: Settings, precision: str, attention: str, rounds: int) -> None:
@@ -161,19 +165,25 @@ def sd_table(settings: Settings, precision: str, attention: str, rounds: int) ->
 
     rows = [(f"{row}/{side}", variant, side, options) for row, variant, side, options in ROWS]
     runs = _rounds(rows, rounds, lambda r: sd_row(settings, r[2], r[1], r[3], precision, attention))
-    print(f"\n{settings.sd_layout} layout, batch {settings.sd_batch}, {settings.sd_img} px, {precision} autocast, "
-          f"{attention} attention\n")  # fmt: skip
-    print("| step | diffusers' example loop: images / s | visionpeft: images / s | time ratio | min / median / max "
-          "over rounds | peak memory (MB), diffusers / visionpeft |")  # fmt: skip
+    print(
+        f"\n{settings.sd_layout} layout, batch {settings.sd_batch}, {settings.sd_img} px, {precision} autocast, "
+        f"{attention} attention\n"
+    )
+    print(
+        "| step | diffusers' example loop: images / s | visionpeft: images / s | time ratio | min / median / max "
+        "over rounds | peak memory (MB), diffusers / visionpeft |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for row, variant, side, _ in ROWS:
         if side == "reference":
             continue
         ours, ref = runs[f"{row}/visionpeft"], runs[f"{variant}/reference"]
         ref_time, our_time = _median(ref, "time"), _median(ours, "time")
-        print(f"| {row} | {settings.sd_batch / ref_time:.2f} | {settings.sd_batch / our_time:.2f} | "
-              f"{our_time / ref_time:.2f} | {ratio_spread(ours, ref, 'time')} | "
-              f"{_median(ref, 'memory'):.0f} / {_median(ours, 'memory'):.0f} |")  # fmt: skip
+        print(
+            f"| {row} | {settings.sd_batch / ref_time:.2f} | {settings.sd_batch / our_time:.2f} | "
+            f"{our_time / ref_time:.2f} | {ratio_spread(ours, ref, 'time')} | "
+            f"{_median(ref, 'memory'):.0f} / {_median(ours, 'memory'):.0f} |"
+        )
 
 
 def attentions() -> list[str]:
@@ -202,13 +212,16 @@ def _header(settings: Settings) -> str:
     import torch
 
     device = torch.cuda.get_device_name() if torch.device(settings.device).type == "cuda" else "CPU"
-    return (f"# {device}; torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, "
-            f"timm {timm.__version__}; {settings.warmup} warm-up + {settings.steps} timed steps per row")  # fmt: skip
+    return (
+        f"# {device}; torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, "
+        f"timm {timm.__version__}; {settings.warmup} warm-up + {settings.steps} timed steps per row"
+    )
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tools/benchmark.py gpu", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="tools/benchmark.py gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp16"], choices=["no", "bf16", "fp16"])
     parser.add_argument("--tables", nargs="+", default=["vit", "sd"], choices=["vit", "sd"])
@@ -218,17 +231,29 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny models, 32 px, batch 1, 1 step: a smoke test of this script")  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny models, 32 px, batch 1, 1 step: a smoke test of this script"
+    )
     args = parser.parse_args(argv)
     import torch
 
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA device here; this suite times GPU steps (--device cpu --quick runs it on tiny models)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "error: no CUDA device here; this suite times GPU steps (--device cpu --quick runs it on tiny models)",
+            file=sys.stderr,
+        )
         return 2
-    settings = Settings(args.device, "vit_base_patch16_224", args.vit_batch, 224, "sd15", args.sd_batch, args.sd_img,
-                        args.warmup, args.steps)  # fmt: skip
+    settings = Settings(
+        args.device,
+        "vit_base_patch16_224",
+        args.vit_batch,
+        224,
+        "sd15",
+        args.sd_batch,
+        args.sd_img,
+        args.warmup,
+        args.steps,
+    )
     if args.quick:
         settings = Settings(args.device, "vit_tiny_patch16_224", 1, 32, "scaled", 1, 32, 1, 1)
         args.rounds = 1

@@ -30,16 +30,34 @@ def pipeline_parts(layout: str = "scaled", vocab_size: int = 49408):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if layout == "sd15":  # the config.json files of stable-diffusion-v1-5/stable-diffusion-v1-5
-        text = CLIPTextConfig(vocab_size=vocab_size, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                              num_attention_heads=12, max_position_embeddings=77, projection_dim=768)  # fmt: skip
+        text = CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            projection_dim=768,
+        )
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # otherwise diffusers' defaults = SD 1.5
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, sample_size=512)  # fmt: skip
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            sample_size=512,
+        )
         return unet, vae, CLIPTextModel(text)
     if layout != "scaled":
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
-    text = CLIPTextConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                          num_attention_heads=4, max_position_embeddings=77)  # fmt: skip
+    text = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+    )
     unet = UNet2DConditionModel(
         sample_size=8,
         block_out_channels=(64, 128, 128),
@@ -143,8 +161,9 @@ def _reference_step_fn(pipe, variant: str, device: str = "cpu", precision: str =
                 latents = vae.encode(pixel_values.to(weight_dtype)).latent_dist.sample(generator)
                 latents = latents * vae.config.scaling_factor
             noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                      generator=generator, device=latents.device)  # fmt: skip
+            timesteps = torch.randint(
+                0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
+            )
             noisy = scheduler.add_noise(latents, noise, timesteps)
             ids = tokenizer(
                 [prompt] * latents.shape[0],
@@ -298,16 +317,21 @@ def step_flops(layout: str = "sd15", resolution: int = 512) -> dict[str, float]:
 def print_shares(layout: str = "sd15", resolution: int = 512) -> None:
     parts = step_flops(layout, resolution)
     total = sum(parts.values())
-    print(f"\n| part of a DreamBooth-LoRA step, {layout} layout, {resolution} px, per image | TFLOP | share of the "
-          "step |")  # fmt: skip
+    print(
+        f"\n| part of a DreamBooth-LoRA step, {layout} layout, {resolution} px, per image | TFLOP | share of the step |"
+    )
     print("|---|---:|---:|")
     for name, value in parts.items():
         print(f"| {name} | {value:.4f} | {value / total:.3f} |")
     prompts = (total - parts["text encoder"]) / total
-    print(f"| step with prompts cached / diffusers' loop (FLOP ratio) | {total - parts['text encoder']:.4f} | "
-          f"{prompts:.3f} |")  # fmt: skip
-    print(f"| step with prompts and latents cached / diffusers' loop (FLOP ratio) | "
-          f"{parts['u-net forward + backward']:.4f} | {parts['u-net forward + backward'] / total:.3f} |")  # fmt: skip
+    print(
+        f"| step with prompts cached / diffusers' loop (FLOP ratio) | {total - parts['text encoder']:.4f} | "
+        f"{prompts:.3f} |"
+    )
+    print(
+        f"| step with prompts and latents cached / diffusers' loop (FLOP ratio) | "
+        f"{parts['u-net forward + backward']:.4f} | {parts['u-net forward + backward'] / total:.3f} |"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -317,12 +341,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--layout", choices=LAYOUTS, default="scaled",
-                        help="the pipeline's layout (sd15: Stable Diffusion 1.5's sizes, random weights)")  # fmt: skip
-    parser.add_argument("--methods", nargs="+", choices=["textual_inversion", "dreambooth_lora"],
-                        default=["textual_inversion", "dreambooth_lora"])  # fmt: skip
-    parser.add_argument("--shares", action="store_true",
-                        help="only the FLOP shares of a DreamBooth-LoRA step on --layout at --size")  # fmt: skip
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="scaled",
+        help="the pipeline's layout (sd15: Stable Diffusion 1.5's sizes, random weights)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=["textual_inversion", "dreambooth_lora"],
+        default=["textual_inversion", "dreambooth_lora"],
+    )
+    parser.add_argument(
+        "--shares", action="store_true", help="only the FLOP shares of a DreamBooth-LoRA step on --layout at --size"
+    )
     args = parser.parse_args(argv)
     if args.shares:
         print_shares(args.layout, args.size)
@@ -349,8 +382,11 @@ def main(argv: list[str]) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     # DreamBooth-LoRA: diffusers' loop encodes the prompts and the images every step; the target asks for 0.90 with
     # the caches (the latent cache needs a fixed image set: no random crop or flip)
-    targets = {"textual_inversion": "<= 1.05", "dreambooth_lora": "<= 0.90",
-               "dreambooth_lora, latents cached": "<= 0.90"}  # fmt: skip
+    targets = {
+        "textual_inversion": "<= 1.05",
+        "dreambooth_lora": "<= 0.90",
+        "dreambooth_lora, latents cached": "<= 0.90",
+    }
     for row, variant, side, _ in rows:
         if side == "reference":
             continue
@@ -368,11 +404,15 @@ def main(argv: list[str]) -> int:
     lookup = ti_lookup(args.threads)
     print("\n| hot path | visionpeft | peer | ratio | target |")
     print("|---|---:|---:|---|---|")
-    print(f"| textual-inversion step vs DreamBooth-LoRA step (s) | {ti['time']:.3f} | {db['time']:.3f} | "
-          f"{ti['time'] / db['time']:.2f} | <= 1.10 |")  # fmt: skip
-    print(f"| TI embedding fwd+bwd, 49,408 x 768 table, vs a concatenated-table lookup (ms) | "
-          f"{lookup['ours'] * 1e3:.2f} | {lookup['concatenated'] * 1e3:.2f} | "
-          f"{lookup['ours'] / lookup['concatenated']:.3f} | <= 2 ms |")  # fmt: skip
+    print(
+        f"| textual-inversion step vs DreamBooth-LoRA step (s) | {ti['time']:.3f} | {db['time']:.3f} | "
+        f"{ti['time'] / db['time']:.2f} | <= 1.10 |"
+    )
+    print(
+        f"| TI embedding fwd+bwd, 49,408 x 768 table, vs a concatenated-table lookup (ms) | "
+        f"{lookup['ours'] * 1e3:.2f} | {lookup['concatenated'] * 1e3:.2f} | "
+        f"{lookup['ours'] / lookup['concatenated']:.3f} | <= 2 ms |"
+    )
     print_shares(args.layout, args.size)
     print_shares("sd15", 512)
     return 0

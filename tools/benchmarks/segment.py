@@ -54,8 +54,7 @@ def _segmenter(settings: Settings, device):
 
     import visionpeft as vp
 
-    model = timm.create_model(settings.arch, pretrained=False, num_classes=0, dynamic_img_size=True,
-                              **settings.kwargs)  # fmt: skip
+    model = timm.create_model(settings.arch, pretrained=False, num_classes=0, dynamic_img_size=True, **settings.kwargs)
     return vp.segmentation.build(model, head=settings.head, num_classes=150, aux=settings.head == "setr_pup").to(device)
 
 
@@ -98,9 +97,14 @@ def _train_steps(args: tuple) -> dict:
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
     counts = vp.count_parameters(seg)
-    return {"time": statistics.median(times), "cpu": statistics.median(cpu_times), "memory": max(memory, 1e-6),
-            "trainable": counts["trainable"], "head": counts["by_group"].get("head", 0)
-            + counts["by_group"].get("aux_head", 0), "device": device.type}  # fmt: skip
+    return {
+        "time": statistics.median(times),
+        "cpu": statistics.median(cpu_times),
+        "memory": max(memory, 1e-6),
+        "trainable": counts["trainable"],
+        "head": counts["by_group"].get("head", 0) + counts["by_group"].get("aux_head", 0),
+        "device": device.type,
+    }
 
 
 def _throughput(args: tuple) -> dict:
@@ -129,8 +133,9 @@ def _throughput(args: tuple) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tools/benchmark.py segment", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="tools/benchmark.py segment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", default="vit_base_patch16_224")
     parser.add_argument("--head", default="setr_pup", choices=("linear", "linear4", "setr_pup", "upernet"))
     parser.add_argument("--crop", type=int, default=512)
@@ -145,8 +150,14 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     kwargs = {}
     if args.quick:
-        args.arch, args.crop, args.batch, args.steps, args.stride, args.eval_size = "vit_tiny_patch16_224", 64, 2, 1, \
-            43, [64, 85]  # fmt: skip
+        args.arch, args.crop, args.batch, args.steps, args.stride, args.eval_size = (
+            "vit_tiny_patch16_224",
+            64,
+            2,
+            1,
+            43,
+            [64, 85],
+        )
         kwargs = {"depth": 2}
     settings = Settings(args.arch, args.head, args.crop, args.batch, args.steps, args.warmup, args.threads, kwargs)
     ctx = mp.get_context("spawn")
@@ -158,19 +169,27 @@ def main(argv: list[str]) -> int:
         speed = pool.apply(_throughput, ((settings, tuple(args.eval_size), args.stride, args.repeats),))
     device = rows["full"]["device"]
     key = "cpu" if device == "cpu" else "time"
-    print(f"# {settings.arch} + {settings.head} head (150 classes), batch {settings.batch} x {settings.crop} px crops, "
-          f"fp32, AdamW, {device}{f', {settings.threads} threads' if device == 'cpu' else ''}, median of "
-          f"{settings.steps} warm steps, one fresh process per method, one run\n")  # fmt: skip
-    print("| method | trainable params (head) | step wall (s) | step CPU (s) | time / full | memory (MB) "
-          "| memory / full |")  # fmt: skip
+    print(
+        f"# {settings.arch} + {settings.head} head (150 classes), batch {settings.batch} x {settings.crop} px crops, "
+        f"fp32, AdamW, {device}{f', {settings.threads} threads' if device == 'cpu' else ''}, median of "
+        f"{settings.steps} warm steps, one fresh process per method, one run\n"
+    )
+    print(
+        "| method | trainable params (head) | step wall (s) | step CPU (s) | time / full | memory (MB) "
+        "| memory / full |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     full = rows["full"]
     for label, r in rows.items():
-        print(f"| {label} | {r['trainable']:,} ({r['head']:,}) | {r['time']:.2f} | {r['cpu']:.2f} | "
-              f"{r[key] / full[key]:.2f} | {r['memory']:.0f} | {r['memory'] / full['memory']:.2f} |")  # fmt: skip
+        print(
+            f"| {label} | {r['trainable']:,} ({r['head']:,}) | {r['time']:.2f} | {r['cpu']:.2f} | "
+            f"{r[key] / full[key]:.2f} | {r['memory']:.0f} | {r['memory'] / full['memory']:.2f} |"
+        )
     print(f"\n| inference on {args.eval_size[0]} x {args.eval_size[1]} images | images / s | relative |")
     print("|---|---:|---:|")
     print(f"| whole image | {speed['whole']:.2f} | 1.00 |")
-    print(f"| sliding window {settings.crop} / stride {args.stride} ({speed['windows']} windows) | "
-          f"{speed['slide']:.2f} | {speed['slide'] / speed['whole']:.2f} |")  # fmt: skip
+    print(
+        f"| sliding window {settings.crop} / stride {args.stride} ({speed['windows']} windows) | "
+        f"{speed['slide']:.2f} | {speed['slide'] / speed['whole']:.2f} |"
+    )
     return 0

@@ -40,9 +40,16 @@ def run_one(label: str, seed: int, steps: int, batch: int, runs: Path) -> tuple[
     from visionpeft.trainers.segmentation import run
 
     name = f"mosaic-{label}-seed{seed}"
-    overrides = [f"optim.steps={steps}", f"optim.warmup_steps={max(1, steps // 10)}", f"data.batch_size={batch}",
-                 f"train.seed={seed}", f"train.run_name={name}", f"train.output_dir={runs}",
-                 f"train.eval_every={steps}", "eval.grid_images=0"]  # fmt: skip
+    overrides = [
+        f"optim.steps={steps}",
+        f"optim.warmup_steps={max(1, steps // 10)}",
+        f"data.batch_size={batch}",
+        f"train.seed={seed}",
+        f"train.run_name={name}",
+        f"train.output_dir={runs}",
+        f"train.eval_every={steps}",
+        "eval.grid_images=0",
+    ]
     run_dir = runs / name
     shutil.rmtree(run_dir, ignore_errors=True)
     config = load_config(CONFIGS / f"{label}_tiny_mosaic.yaml", overrides)
@@ -50,8 +57,16 @@ def run_one(label: str, seed: int, steps: int, batch: int, runs: Path) -> tuple[
     results = run(config, run_dir)
     seconds = time.time() - start
     counts = results["parameters"]
-    row = {"method": label, "seed": seed, "steps": steps, "batch": batch, **results["test"],
-           "trainable": counts["trainable"], "head": counts["by_group"].get("head", 0), "seconds": seconds}  # fmt: skip
+    row = {
+        "method": label,
+        "seed": seed,
+        "steps": steps,
+        "batch": batch,
+        **results["test"],
+        "trainable": counts["trainable"],
+        "head": counts["by_group"].get("head", 0),
+        "seconds": seconds,
+    }
     return row, predictions(config, run_dir / "last")
 
 
@@ -100,8 +115,10 @@ def table(results: list[dict], methods: list[str], seeds: list[int], command: st
         rows = [r for r in results if r["method"] == label]
         params = rows[0]["trainable"] - rows[0]["head"]
         minutes = statistics.fmean(r["seconds"] for r in rows) / 60
-        lines.append(f"| {label} ({DESCRIPTIONS[label]}) | {params:,} | {_cell([r['mIoU'] for r in rows])} | "
-                     f"{_cell([r['aAcc'] for r in rows])} | {minutes:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {label} ({DESCRIPTIONS[label]}) | {params:,} | {_cell([r['mIoU'] for r in rows])} | "
+            f"{_cell([r['aAcc'] for r in rows])} | {minutes:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -137,8 +154,11 @@ def save(out: Path, command: str, results: list[dict], maps: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tools/benchmark.py segment-demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="tools/benchmark.py segment-demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch", type=int, default=8)
@@ -154,9 +174,17 @@ def main(argv: list[str]) -> int:
         methods, seeds = (list(dict.fromkeys(r[k] for r in results)) for k in ("method", "seed"))
     else:
         methods, seeds, results, maps = args.methods, args.seeds, [], {}
-        command = " ".join(["python tools/benchmark.py segment-demo --steps", str(args.steps), "--batch",
-                            str(args.batch), "--seeds", *map(str, seeds)]
-                           + (["--methods", *methods] if methods != METHODS else []))  # fmt: skip
+        command = " ".join(
+            [
+                "python tools/benchmark.py segment-demo --steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--seeds",
+                *map(str, seeds),
+            ]
+            + (["--methods", *methods] if methods != METHODS else [])
+        )
         args.out.mkdir(parents=True, exist_ok=True)
         for seed in seeds:
             for label in methods:

@@ -42,8 +42,9 @@ def sampling_speed(batch: int, steps: int, rounds: int, threads: int) -> list[fl
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tools/benchmark.py tiny-sd", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="tools/benchmark.py tiny-sd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=16, help="images per sampling call")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--rounds", type=int, default=3)
@@ -58,8 +59,10 @@ def main(argv: list[str]) -> int:
     print(f"# checkpoints/tiny_sd, fp32 CPU, {args.threads} thread(s)\n")
     print("| sampling | images / s (median) | min / max over rounds |")
     print("|---|---:|---:|")
-    print(f"| {args.steps} DDIM steps, guidance 3, batch {args.batch}, 32 px | {statistics.median(speeds):.2f} | "
-          f"{min(speeds):.2f} / {max(speeds):.2f} |")  # fmt: skip
+    print(
+        f"| {args.steps} DDIM steps, guidance 3, batch {args.batch}, 32 px | {statistics.median(speeds):.2f} | "
+        f"{min(speeds):.2f} / {max(speeds):.2f} |"
+    )
     ctx = mp.get_context("spawn")
     runs: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.rounds):
@@ -68,8 +71,10 @@ def main(argv: list[str]) -> int:
                 job = (side, variant, args.train_batch, 32, args.train_steps, args.threads, str(PIPELINE))
                 with ctx.Pool(1) as pool:
                     runs.setdefault((variant, side), []).append(pool.apply(_measure, (job,)))
-    print(f"\n| personalization step (batch {args.train_batch}, 32 px) | diffusers + peft (s) | visionpeft (s) | "
-          "ratio | min / median / max over rounds |")  # fmt: skip
+    print(
+        f"\n| personalization step (batch {args.train_batch}, 32 px) | diffusers + peft (s) | visionpeft (s) | "
+        "ratio | min / median / max over rounds |"
+    )
     print("|---|---:|---:|---:|---:|")
     for variant in ("textual_inversion", "dreambooth_lora"):
         ref = statistics.median(r["time"] for r in runs[(variant, "reference")])

@@ -106,8 +106,9 @@ class DiffusersUNet(Backbone):
             blocks += _unet_stage_blocks("mid", "", model.mid_block)
         for i, block in enumerate(model.up_blocks):
             blocks += _unet_stage_blocks("up", f".{i}", block)
-        self.towers["unet"] = Tower("unet", "", blocks, lambda name: True, stages=_unet_stages(model),
-                                    capabilities=frozenset({"unet"}))  # fmt: skip
+        self.towers["unet"] = Tower(
+            "unet", "", blocks, lambda name: True, stages=_unet_stages(model), capabilities=frozenset({"unet"})
+        )
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -275,8 +276,9 @@ class DiffusersPipeline(Backbone):
     def __init__(self, model: PipelineModules) -> None:
         super().__init__(model)
         unet = DiffusersUNet(model.unet).towers["unet"]
-        self.towers["unet"] = Tower("unet", "", unet.blocks, _under("unet."), stages=unet.stages,
-                                    capabilities=unet.capabilities)  # fmt: skip
+        self.towers["unet"] = Tower(
+            "unet", "", unet.blocks, _under("unet."), stages=unet.stages, capabilities=unet.capabilities
+        )
         text = clip_text_tower(model.text_encoder, "text_encoder.", _under("text_encoder."))
         text.capabilities = frozenset({"new_tokens"})  # the pipeline's tokenizer can grow with the embedding table
         self.towers["text_encoder"] = text

@@ -172,8 +172,10 @@ def _recipe_head(model: nn.Module, norm: str, init_std: float | None) -> None:
     head = getattr(model, "head", None)
     if not isinstance(head, nn.Linear):
         if norm != "none" or init_std is not None:
-            raise ConfigError(f"model.head_norm / model.head_init_std need a linear classifier 'head'; "
-                              f"{type(model).__name__} has {type(head).__name__}")  # fmt: skip
+            raise ConfigError(
+                f"model.head_norm / model.head_init_std need a linear classifier 'head'; "
+                f"{type(model).__name__} has {type(head).__name__}"
+            )
         return
     if init_std is not None:
         from timm.layers import trunc_normal_
@@ -198,8 +200,10 @@ def create_model(cfg: Any, num_classes: int, classnames: list[str] | None = None
         source = f"timm/{cfg.name}" if cfg.library == "timm" else f"{cfg.name}/{cfg.pretrained_tag}"  # hub ids
     head_norm, head_init_std = getattr(cfg, "head_norm", "none"), getattr(cfg, "head_init_std", None)
     if cfg.library != "timm" and (head_norm != "none" or head_init_std is not None):
-        raise ConfigError("model.head_norm / model.head_init_std apply to timm classifiers; an open_clip "
-                          "classifier's head starts from the class-name text embeddings")  # fmt: skip
+        raise ConfigError(
+            "model.head_norm / model.head_init_std apply to timm classifiers; an open_clip "
+            "classifier's head starts from the class-name text embeddings"
+        )
     if cfg.library == "timm":
         model = create_timm(cfg, num_classes)
         _recipe_head(model, head_norm, head_init_std)

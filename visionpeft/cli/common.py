@@ -51,8 +51,11 @@ def positive_int(text: str) -> int:
 
 def add_base_check_argument(parser) -> None:
     """``--ignore-base-mismatch``: load an adapter onto other base weights than those it was trained on."""
-    parser.add_argument("--ignore-base-mismatch", action="store_true",
-                        help="load adapters even onto other base weights than they were trained on")  # fmt: skip
+    parser.add_argument(
+        "--ignore-base-mismatch",
+        action="store_true",
+        help="load adapters even onto other base weights than they were trained on",
+    )
 
 
 def add_run_arguments(parser) -> None:
@@ -62,11 +65,15 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--resume", type=Path, help="continue the run in this folder from its saved state")
     parser.add_argument("--stop-after", type=int, help="stop after this many more epochs (resume later)")
     parser.add_argument("--cpu", action="store_true", help="force the CPU even when a GPU is present")
-    parser.add_argument("--report-to", choices=("tensorboard", "wandb", "none"),
-                        help="experiment tracker (same as train.report_to=...)")  # fmt: skip
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete an earlier run in the run folder and start over there (default: keep it and "
-                             "number the new run's folder: NAME-2, NAME-3, ...)")  # fmt: skip
+    parser.add_argument(
+        "--report-to", choices=("tensorboard", "wandb", "none"), help="experiment tracker (same as train.report_to=...)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete an earlier run in the run folder and start over there (default: keep it and "
+        "number the new run's folder: NAME-2, NAME-3, ...)",
+    )
 
 
 def resolve_run(args, parser, dry_run: bool = False):
@@ -129,6 +136,9 @@ def _new_run_folder(config, run_dir: Path, overwrite: bool):
 
     with read_write(config):
         config.train.run_name = f"{name}-{number}"
-    print(f"{run_dir} holds an earlier run (kept; --resume {run_dir} continues it); "
-          f"this run goes to {run_dir.parent / config.train.run_name}", file=sys.stderr)  # fmt: skip
+    print(
+        f"{run_dir} holds an earlier run (kept; --resume {run_dir} continues it); "
+        f"this run goes to {run_dir.parent / config.train.run_name}",
+        file=sys.stderr,
+    )
     return config, run_dir.parent / config.train.run_name

@@ -55,8 +55,11 @@ def main(argv: list[str]) -> int:
     loaded = [m for m, _ in vp.attached_methods(exp.model)]
     configured = [m for m, _ in methods_of_config(config)]
     if loaded != configured:
-        print(f"warning: {args.run_dir / name} holds {' + '.join(loaded) or 'no method'}, not the run config's "
-              f"{' + '.join(configured)}; evaluating what was loaded", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: {args.run_dir / name} holds {' + '.join(loaded) or 'no method'}, not the run config's "
+            f"{' + '.join(configured)}; evaluating what was loaded",
+            file=sys.stderr,
+        )
     split = args.split or config.data.test_split
     dataset = exp.test if split == config.data.test_split else None
     if dataset is None:
@@ -68,8 +71,9 @@ def main(argv: list[str]) -> int:
         raw = _dataset(config, split)
         dataset = WorkerSafe(Transformed(raw, tf))
     accelerator = make_accelerator(LoopConfig(), cpu=args.cpu)
-    data_loader = accelerator.prepare(loader(dataset, args.batch_size or config.data.eval_batch_size,
-                                             config.data.num_workers))  # fmt: skip
+    data_loader = accelerator.prepare(
+        loader(dataset, args.batch_size or config.data.eval_batch_size, config.data.num_workers)
+    )
     model = accelerator.prepare(exp.model).eval()
     with torch.no_grad():
         metrics = ClassificationTask(len(exp.classes), data_loader).evaluate(model, accelerator)
@@ -84,10 +88,19 @@ def evaluate_segmentation(config, args, name: str) -> int:
     from visionpeft.trainers.segmentation import evaluate_saved
 
     split = args.split or config.data.test_split
-    result, classes = evaluate_saved(config, args.run_dir / name, split, args.mode, args.batch_size, cpu=args.cpu,
-                                     check_base=not args.ignore_base_mismatch)  # fmt: skip
+    result, classes = evaluate_saved(
+        config,
+        args.run_dir / name,
+        split,
+        args.mode,
+        args.batch_size,
+        cpu=args.cpu,
+        check_base=not args.ignore_base_mismatch,
+    )
     mode = args.mode or config.eval.mode
     print(per_class_table(result, classes), end="")
-    print(f"{args.run_dir} [{name}] {split} ({mode}): " + ", ".join(f"{k} {result[k]:.2f}%" for k in
-                                                                   ("mIoU", "aAcc", "mAcc")))  # fmt: skip
+    print(
+        f"{args.run_dir} [{name}] {split} ({mode}): "
+        + ", ".join(f"{k} {result[k]:.2f}%" for k in ("mIoU", "aAcc", "mAcc"))
+    )
     return 0

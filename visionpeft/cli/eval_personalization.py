@@ -37,14 +37,23 @@ def main(argv: list[str]) -> int:
     if len(prompts) != len(images):
         raise ConfigError(f"{len(images)} images but {len(args.prompts)} prompts; give one prompt or one per image")
     is_file = Path(args.clip_pretrained).expanduser().exists()
-    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {
-        "library": "open_clip", "name": args.clip_model, "pretrained_tag": None if is_file else args.clip_pretrained,
-        "checkpoint": args.clip_pretrained if is_file else None,
-    })  # fmt: skip
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(ModelConfig),
+        {
+            "library": "open_clip",
+            "name": args.clip_model,
+            "pretrained_tag": None if is_file else args.clip_pretrained,
+            "checkpoint": args.clip_pretrained if is_file else None,
+        },
+    )
     clip = create_open_clip(cfg)
     visual = clip.visual
-    preprocess = open_clip.image_transform(visual.image_size, is_train=False, mean=getattr(visual, "image_mean", None),
-                                           std=getattr(visual, "image_std", None))  # fmt: skip
+    preprocess = open_clip.image_transform(
+        visual.image_size,
+        is_train=False,
+        mean=getattr(visual, "image_mean", None),
+        std=getattr(visual, "image_std", None),
+    )
     scorer = ClipScorer(clip, preprocess, open_clip.get_tokenizer(args.clip_model))
     rows = [("CLIP-T", scorer.clip_t(images, prompts)), ("CLIP-I", scorer.clip_i(images, references))]
     if args.dino:
@@ -53,8 +62,9 @@ def main(argv: list[str]) -> int:
         name, _, weights = args.dino.partition("=")
         dcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": name, "checkpoint": weights or None})
         dino = create_timm(dcfg, num_classes=0)
-        rows.append(("DINO", dino_similarity(dino, create_transform(**resolve_data_config({}, model=dino)), images,
-                                             references)))  # fmt: skip
+        rows.append(
+            ("DINO", dino_similarity(dino, create_transform(**resolve_data_config({}, model=dino)), images, references))
+        )
     print(f"| metric ({len(images)} images, {len(references)} references) | score |")
     print("|---|---:|")
     for name, value in rows:

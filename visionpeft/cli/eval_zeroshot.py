@@ -83,16 +83,26 @@ def main(argv: list[str]) -> int:
     from visionpeft.trainers.classification import Transformed
 
     is_file = args.pretrained is not None and Path(args.pretrained).expanduser().exists()
-    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {
-        "library": "open_clip", "name": args.model, "pretrained": args.pretrained is not None,
-        "pretrained_tag": None if is_file else args.pretrained, "checkpoint": args.pretrained if is_file else None,
-    })  # fmt: skip
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(ModelConfig),
+        {
+            "library": "open_clip",
+            "name": args.model,
+            "pretrained": args.pretrained is not None,
+            "pretrained_tag": None if is_file else args.pretrained,
+            "checkpoint": args.pretrained if is_file else None,
+        },
+    )
     raw = DATASETS.get(args.dataset)(args.split, root=args.data_root, transform=None)  # data errors before the model
     parts = {"all": raw} if not args.base_to_new else {p: base_new_split(raw, p) for p in ("base", "new")}
     clip = create_open_clip(cfg).eval()
     visual = clip.visual
-    preprocess = open_clip.image_transform(visual.image_size, is_train=False, mean=getattr(visual, "image_mean", None),
-                                           std=getattr(visual, "image_std", None))  # fmt: skip
+    preprocess = open_clip.image_transform(
+        visual.image_size,
+        is_train=False,
+        mean=getattr(visual, "image_mean", None),
+        std=getattr(visual, "image_std", None),
+    )
     ensemble = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     rows: dict[str, dict[str, tuple[float, float]]] = {}
     for part, dataset in parts.items():

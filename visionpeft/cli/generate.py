@@ -39,8 +39,11 @@ def read_weights(file: Path) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then reads fine
             warnings.simplefilter("ignore", UserWarning)
-            state = load_file(file) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu",
-                                                                                     weights_only=True)  # fmt: skip
+            state = (
+                load_file(file)
+                if file.suffix == ".safetensors"
+                else torch.load(file, map_location="cpu", weights_only=True)
+            )
     except pickle.UnpicklingError:
         raise CheckpointError(f"{file} holds objects other than tensors; refusing to unpickle it") from None
     except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as err:
@@ -83,11 +86,22 @@ def apply_adapter(pipe, path: Path, check_base: bool = True) -> str:
 
 #: diffusers model class in a save_pretrained folder -> (visionpeft method, its options from the folder's config)
 CONTROL_CLASSES = {
-    "ControlNetModel": ("controlnet", lambda c: {"hint_channels": c["conditioning_embedding_out_channels"],
-                                                 "conditioning_channels": c.get("conditioning_channels", 3)}),
-    "T2IAdapter": ("t2i_adapter", lambda c: {key: c[key] for key in ("adapter_type", "channels", "num_res_blocks",
-                                                                    "downscale_factor", "in_channels") if key in c}),
-}  # fmt: skip
+    "ControlNetModel": (
+        "controlnet",
+        lambda c: {
+            "hint_channels": c["conditioning_embedding_out_channels"],
+            "conditioning_channels": c.get("conditioning_channels", 3),
+        },
+    ),
+    "T2IAdapter": (
+        "t2i_adapter",
+        lambda c: {
+            key: c[key]
+            for key in ("adapter_type", "channels", "num_res_blocks", "downscale_factor", "in_channels")
+            if key in c
+        },
+    ),
+}
 
 
 def load_control_folder(pipe, path: Path) -> str:

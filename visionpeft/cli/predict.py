@@ -16,8 +16,9 @@ from .common import add_base_check_argument
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="visionpeft predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="visionpeft predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", type=Path, help="a segmentation run folder")
     parser.add_argument("images", type=Path, nargs="+", help="image files")
     parser.add_argument("--out", type=Path, required=True, help="folder receiving the masks")
@@ -66,8 +67,14 @@ def main(argv: list[str]) -> int:
 
     for image, stem in zip(images, stems):
         tensor, _ = transform(image, Image.new("L", image.size))
-        labels = predict_labels(seg, [tensor.to(device)], [(image.height, image.width)], mode, tuple(cfg.crop),
-                                tuple(cfg.stride))[0].cpu().numpy().astype("uint8")  # fmt: skip
+        labels = (
+            predict_labels(
+                seg, [tensor.to(device)], [(image.height, image.width)], mode, tuple(cfg.crop), tuple(cfg.stride)
+            )[0]
+            .cpu()
+            .numpy()
+            .astype("uint8")
+        )
         Image.fromarray(labels, "L").save(args.out / f"{stem}.png")
         colorize(labels, palette).save(args.out / f"{stem}_color.png")
     print(f"wrote {2 * len(images)} masks for {len(images)} image(s) to {args.out} ({name} adapter, {mode} inference)")

@@ -32,8 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     from ..sweep.protocol import PROTOCOLS
     from ..sweep.spec import SELECT
 
-    parser = argparse.ArgumentParser(prog="visionpeft sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="visionpeft sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("source", help="a run config, a sweep spec file, or a sweep folder (resume / report)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of every run")
     parser.add_argument("--grid", nargs="+", type=Path, default=[], help="grid files (each one a row: its stem)")
@@ -67,12 +68,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def _executor_options(args) -> dict:
     if args.executor == "slurm":
-        return {"partition": args.slurm_partition, "gpus_per_job": args.slurm_gpus_per_job,
-                "cpus_per_job": args.slurm_cpus_per_job, "mem_gb": args.slurm_mem_gb,
-                "timeout_min": args.slurm_timeout_min, "cluster": args.slurm_cluster}  # fmt: skip
+        return {
+            "partition": args.slurm_partition,
+            "gpus_per_job": args.slurm_gpus_per_job,
+            "cpus_per_job": args.slurm_cpus_per_job,
+            "mem_gb": args.slurm_mem_gb,
+            "timeout_min": args.slurm_timeout_min,
+            "cluster": args.slurm_cluster,
+        }
     if args.executor == "ray":
-        return {"address": args.ray_address, "gpus_per_run": args.ray_gpus_per_run,
-                "cpus_per_run": args.ray_cpus_per_run}  # fmt: skip
+        return {
+            "address": args.ray_address,
+            "gpus_per_run": args.ray_gpus_per_run,
+            "cpus_per_run": args.ray_cpus_per_run,
+        }
     return {}
 
 
@@ -86,12 +95,16 @@ def _resolve(args, parser):
     given = {"tasks": args.tasks, "seeds": args.seeds, "protocol": args.protocol, "select": args.select}
     if source.is_dir():
         if args.grid or args.overrides or any(v is not None for v in given.values()) or args.out:
-            raise ConfigError(f"{source} is a sweep folder: it keeps its spec; give no grid, tasks, seeds, protocol, "
-                              "overrides or --out (start a new sweep from a config for another spec)")  # fmt: skip
+            raise ConfigError(
+                f"{source} is a sweep folder: it keeps its spec; give no grid, tasks, seeds, protocol, "
+                "overrides or --out (start a new sweep from a config for another spec)"
+            )
         spec = specs.load_saved_spec(source)
         if not args.report and Path(spec.config).is_file() and specs.digest_of(spec.config) != spec.digest:
-            raise ConfigError(f"the config {spec.config} changed since this sweep began, so its runs would not be "
-                              "this sweep's; start a new sweep with --out")  # fmt: skip
+            raise ConfigError(
+                f"the config {spec.config} changed since this sweep began, so its runs would not be "
+                "this sweep's; start a new sweep with --out"
+            )
         return spec, source
     if args.report:
         parser.error("--report takes a sweep folder")
@@ -103,16 +116,25 @@ def _resolve(args, parser):
         spec = specs.load_spec_file(source, args.overrides, **given)
         name = source.stem
     else:
-        spec = specs.make_spec(source, specs.grids_from_files(args.grid), args.tasks, args.seeds or [0],
-                               args.protocol or "none", args.select or "final", args.overrides)  # fmt: skip
+        spec = specs.make_spec(
+            source,
+            specs.grids_from_files(args.grid),
+            args.tasks,
+            args.seeds or [0],
+            args.protocol or "none",
+            args.select or "final",
+            args.overrides,
+        )
         name = "-".join(spec.grids) + ("" if spec.protocol == "none" else f"-{spec.protocol}")
     out = args.out or DEFAULT_ROOT / name
     if (out / specs.SPEC_FILE).is_file():
         saved = specs.load_saved_spec(out)
         if asdict(saved) != asdict(spec):
             if not specs.extends(spec, saved):
-                raise ConfigError(f"{out} holds another sweep; resume it with 'visionpeft sweep {out}', extend it "
-                                  "with more seeds (after its own) or tasks, or choose --out")  # fmt: skip
+                raise ConfigError(
+                    f"{out} holds another sweep; resume it with 'visionpeft sweep {out}', extend it "
+                    "with more seeds (after its own) or tasks, or choose --out"
+                )
             pairs = (("seeds", saved.seeds, spec.seeds), ("tasks", saved.tasks, spec.tasks))
             grown = [f"{name} {before} -> {after}" for name, before, after in pairs if before != after]
             print(f"extending the sweep in {out}: {', '.join(grown)}; its finished runs are kept")

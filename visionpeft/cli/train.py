@@ -34,19 +34,24 @@ def report(results: dict[str, Any], run_dir=None, seconds: float | None = None) 
     if counts and run_dir is not None and "steps" in results:
         share = 100 * counts["trainable"] / max(1, counts["total"])
         minutes = f", {seconds / 60:.1f} min" if seconds is not None else ""
-        print(f"run: {run_dir} ({results['steps']} steps{minutes}; trainable {counts['trainable']:,} of "
-              f"{counts['total']:,} parameters = {share:.3f}%; curves: tensorboard --logdir {run_dir})")  # fmt: skip
+        print(
+            f"run: {run_dir} ({results['steps']} steps{minutes}; trainable {counts['trainable']:,} of "
+            f"{counts['total']:,} parameters = {share:.3f}%; curves: tensorboard --logdir {run_dir})"
+        )
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="visionpeft train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="visionpeft train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_run_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="build model, method(s) and data; print the summary")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config with field help")
-    parser.add_argument("--push-to-hub", metavar="USER/REPO",
-                        help="upload the finished run (adapters, exported files, model card, pictures) to this hub "
-                             "model repo")  # fmt: skip
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="USER/REPO",
+        help="upload the finished run (adapters, exported files, model card, pictures) to this hub model repo",
+    )
     args = parser.parse_intermixed_args(argv)
     if args.push_to_hub:
         from ..hub_io import is_repo_id
@@ -65,8 +70,9 @@ def main(argv: list[str]) -> int:
     configure_logging()
     start = time.perf_counter()
     train = task_spec(config.task).trainer()
-    results = train(config, run_dir, resume=args.resume is not None, dry_run=args.dry_run,
-                    stop_after=args.stop_after, cpu=args.cpu)  # fmt: skip
+    results = train(
+        config, run_dir, resume=args.resume is not None, dry_run=args.dry_run, stop_after=args.stop_after, cpu=args.cpu
+    )
     report(results, run_dir, time.perf_counter() - start)
     if args.push_to_hub and not args.dry_run and (run_dir / "README.md").is_file():
         from ..trainers.run_card import push_run

@@ -245,8 +245,10 @@ def save_config(config: DictConfig, path: Path) -> None:
 
     values = OmegaConf.to_container(config, resolve=True)
     absolute_paths(schema_of(config), values)
-    header = (f"# made by visionpeft {__version__}: {shlex.join(run_command())}\n"
-              f"# working directory: {os.getcwd()} (relative paths below are made absolute)\n")  # fmt: skip
+    header = (
+        f"# made by visionpeft {__version__}: {shlex.join(run_command())}\n"
+        f"# working directory: {os.getcwd()} (relative paths below are made absolute)\n"
+    )
     text = header + OmegaConf.to_yaml(OmegaConf.create(values))
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
@@ -256,5 +258,13 @@ def methods_of_config(config: DictConfig) -> list[tuple[str, dict[str, Any]]]:
     return normalize_methods(OmegaConf.to_container(method) if isinstance(method, (DictConfig, ListConfig)) else method)
 
 
-__all__ = ["ConfigError", "TaskSpec", "describe_config", "load_config", "methods_of_config", "read_config_file",
-           "save_config", "task_spec"]  # fmt: skip
+__all__ = [
+    "ConfigError",
+    "TaskSpec",
+    "describe_config",
+    "load_config",
+    "methods_of_config",
+    "read_config_file",
+    "save_config",
+    "task_spec",
+]

@@ -24,8 +24,11 @@ class ClassData:
     options: dict[str, Any] = setting({}, "extra keyword arguments of the dataset builder")
     size: int | None = setting(None, "training resolution (null: the pipeline's native one)", min=1)
     flip: bool = setting(True, "random horizontal flips (DiT's only augmentation)")
-    class_init: str = setting("normal", "normal re-initialises the dataset's class rows (N(0, 0.02)); keep does not",
-                              choices=("normal", "keep"))  # fmt: skip
+    class_init: str = setting(
+        "normal",
+        "normal re-initialises the dataset's class rows (N(0, 0.02)); keep does not",
+        choices=("normal", "keep"),
+    )
     batch_size: int = setting(64, "images per optimizer step, whatever the number of processes and grad_accum", min=1)
 
 
@@ -35,8 +38,11 @@ class ClassOptim(OptimConfig):
     is DiffFit's setting as re-run by Diff-Tuning (NeurIPS 2024)."""
 
     bias_decay: bool = setting(True, "apply weight decay to biases and norm weights (1-D tensors) too")
-    schedule: str = setting("constant", "learning-rate schedule after warmup",
-                            choices=("constant", "constant_with_warmup", "cosine", "linear", "polynomial"))  # fmt: skip
+    schedule: str = setting(
+        "constant",
+        "learning-rate schedule after warmup",
+        choices=("constant", "constant_with_warmup", "cosine", "linear", "polynomial"),
+    )
     steps: int | None = setting(24000, "run length in optimizer steps (or set epochs)", min=1)
     warmup_steps: int | None = setting(0, "linear warmup from 0, in optimizer steps (or warmup_epochs)", min=0)
 

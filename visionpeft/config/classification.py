@@ -25,9 +25,11 @@ class ModelConfig(VisionModel):
         choices=("none", "batchnorm"),
     )
     head_init_std: float | None = setting(
-        None, "timm: re-initialise the classifier weight with trunc_normal(std), bias 0 (AdaptFormer: 0.01); "
-        "null: timm's init", above=0,
-    )  # fmt: skip
+        None,
+        "timm: re-initialise the classifier weight with trunc_normal(std), bias 0 (AdaptFormer: 0.01); "
+        "null: timm's init",
+        above=0,
+    )
 
 
 @dataclass
@@ -65,8 +67,9 @@ class ClassificationOptim(OptimConfig):
 
 @dataclass
 class ClassificationTrain(RunSettings):
-    eval_every: int | None = setting(1, "evaluate every N epochs (epoch runs) or N steps (step runs), and at the end",
-                                     min=1)  # fmt: skip
+    eval_every: int | None = setting(
+        1, "evaluate every N epochs (epoch runs) or N steps (step runs), and at the end", min=1
+    )
 
 
 @dataclass

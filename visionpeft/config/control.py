@@ -16,8 +16,11 @@ class ControlData:
     root: str | None = setting(None, "the data folder (required): metadata.jsonl or prompt.json + images", path=True)
     size: int = setting(512, "training resolution (the condition too)", min=8)
     proportion_empty_prompts: float = setting(0.0, "share of captions replaced by an empty prompt", min=0, max=1)
-    conditioning: str = setting("none", "none (the pairs' condition images) or computed from each image",
-                                choices=("none", "canny", "grayscale", "blur"))  # fmt: skip
+    conditioning: str = setting(
+        "none",
+        "none (the pairs' condition images) or computed from each image",
+        choices=("none", "canny", "grayscale", "blur"),
+    )
     batch_size: int = setting(4, "images per optimizer step, whatever the number of processes and grad_accum", min=1)
     num_workers: int = setting(0, "DataLoader workers", min=0)
 
@@ -41,8 +44,9 @@ class ControlTrain(DiffusionTrain):
     output_dir: str = setting("runs/control", "parent folder of run folders", path=True)
     validation_pairs: int = setting(2, "training pairs sampled at each validation (prompt + condition)", min=0)
     guidance_scale: float = setting(7.5, "classifier-free guidance of validation samples", min=0)
-    timesteps: str = setting("uniform", "training timesteps: uniform, or cubic (T2I-Adapter's (1 - u^3) T)",
-                             choices=("uniform", "cubic"))  # fmt: skip
+    timesteps: str = setting(
+        "uniform", "training timesteps: uniform, or cubic (T2I-Adapter's (1 - u^3) T)", choices=("uniform", "cubic")
+    )
 
 
 @dataclass

@@ -14,8 +14,9 @@ class PersonalizeData:
     """``data``: the subject / style images and their captions."""
 
     images: str | None = setting(None, "the folder with the subject or style images (required)", path=True)
-    kind: str = setting("object", "caption templates: object, style, or fixed (data.prompt)",
-                        choices=("object", "style", "fixed"))  # fmt: skip
+    kind: str = setting(
+        "object", "caption templates: object, style, or fixed (data.prompt)", choices=("object", "style", "fixed")
+    )
     prompt: str = setting("a photo of {}", "the caption of every image when kind=fixed ({} = the token)")
     size: int = setting(512, "training resolution", min=1)
     repeats: int = setting(100, "passes over the images per epoch", min=1)
@@ -47,8 +48,11 @@ class PersonalizeOptim(OptimConfig):
     )
     weight_decay: float = setting(1e-2, "weight decay (AdamW: decoupled)", min=0)
     bias_decay: bool = setting(True, "apply weight decay to biases and norm weights (1-D tensors) too")
-    schedule: str = setting("constant", "learning-rate schedule after warmup",
-                            choices=("constant", "constant_with_warmup", "cosine", "linear", "polynomial"))  # fmt: skip
+    schedule: str = setting(
+        "constant",
+        "learning-rate schedule after warmup",
+        choices=("constant", "constant_with_warmup", "cosine", "linear", "polynomial"),
+    )
     steps: int | None = setting(3000, "run length in optimizer steps (or set epochs)", min=1)
     warmup_steps: int | None = setting(0, "linear warmup from 0, in optimizer steps (or warmup_epochs)", min=0)
     grad_accum: int = setting(4, "micro-batches accumulated per optimizer step", min=1)

@@ -29,9 +29,13 @@ class TinySDModel:
     text_heads: int = setting(4, "CLIP text encoder heads", min=1)
     max_tokens: int = setting(16, "tokenizer model_max_length (= text positions)", min=4)
     train_text_encoder: bool = setting(True, "train the text encoder with the U-Net (false: frozen random)")
-    init_from: str | None = setting(None, "continue from a pipeline folder this tool exported (its VAE, U-Net, text "
-                                    "encoder and tokenizer; the widths above are then the folder's and the VAE stage "
-                                    "is skipped); null: from scratch", path=True)  # fmt: skip
+    init_from: str | None = setting(
+        None,
+        "continue from a pipeline folder this tool exported (its VAE, U-Net, text "
+        "encoder and tokenizer; the widths above are then the folder's and the VAE stage "
+        "is skipped); null: from scratch",
+        path=True,
+    )
 
 
 @dataclass
@@ -70,8 +74,9 @@ class PretrainTrain(DiffusionTrain):
     output_dir: str = setting("runs/pretrain", "parent folder of run folders")
     ema_decay: float | None = setting(0.999, "EMA of the trained weights; null: none", min=0, max=1)
     validation_steps: int = setting(20, "DDIM steps of validation grids", min=1)
-    guidance_scale: float = setting(3.0, "classifier-free guidance of validation grids (and the shipped default)",
-                                    min=0)  # fmt: skip
+    guidance_scale: float = setting(
+        3.0, "classifier-free guidance of validation grids (and the shipped default)", min=0
+    )
 
 
 @dataclass
@@ -80,8 +85,7 @@ class PretrainTextToImageConfig:
 
     task: str = setting("pretrain_text_to_image", TASK_HELP)
     model: TinySDModel = section(TinySDModel, "the pipeline's widths")
-    method: Any = setting("full", "what trains: full (every weight of the U-Net / text encoder)",
-                          choices=("full",))  # fmt: skip
+    method: Any = setting("full", "what trains: full (every weight of the U-Net / text encoder)", choices=("full",))
     vae: VAEStage = section(VAEStage, "the autoencoder stage")
     data: MixData = section(MixData, "the captioned images")
     optim: PretrainOptim = section(PretrainOptim, "optimizer and schedule of the U-Net stage")

@@ -81,8 +81,11 @@ class RunSettings:
         None, "also save the resumable state every N optimizer steps (+ RUN/checkpoints/step-N adapters)", min=1
     )
     checkpoints_total_limit: int | None = setting(None, "keep only the newest N step checkpoints", min=1)
-    report_to: str = setting("tensorboard", "experiment tracker (accelerate's): scalars and validation images",
-                             choices=("tensorboard", "wandb", "none"))  # fmt: skip
+    report_to: str = setting(
+        "tensorboard",
+        "experiment tracker (accelerate's): scalars and validation images",
+        choices=("tensorboard", "wandb", "none"),
+    )
 
 
 @dataclass

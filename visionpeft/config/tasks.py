@@ -47,20 +47,56 @@ def register(spec: TaskSpec) -> TaskSpec:
     return TRAINERS.register(spec.name)(spec)
 
 
-register(TaskSpec("classification", ClassificationConfig, "visionpeft.trainers.classification:run",
-                  task_inputs=frozenset({"classnames"}), pipeline_tag="image-classification"))  # fmt: skip
-register(TaskSpec("personalization", PersonalizationConfig, "visionpeft.trainers.personalization:run",
-                  task_inputs=frozenset({"token"}), pipeline_tag="text-to-image"))  # fmt: skip
-register(TaskSpec("class_conditional", ClassConditionalConfig, "visionpeft.trainers.class_conditional:run",
-                  pipeline_tag="unconditional-image-generation"))  # fmt: skip
-register(TaskSpec("control", ControlConfig, "visionpeft.trainers.control:run", call_inputs=frozenset({"control_image"}),
-                  pipeline_tag="text-to-image"))  # fmt: skip
+register(
+    TaskSpec(
+        "classification",
+        ClassificationConfig,
+        "visionpeft.trainers.classification:run",
+        task_inputs=frozenset({"classnames"}),
+        pipeline_tag="image-classification",
+    )
+)
+register(
+    TaskSpec(
+        "personalization",
+        PersonalizationConfig,
+        "visionpeft.trainers.personalization:run",
+        task_inputs=frozenset({"token"}),
+        pipeline_tag="text-to-image",
+    )
+)
+register(
+    TaskSpec(
+        "class_conditional",
+        ClassConditionalConfig,
+        "visionpeft.trainers.class_conditional:run",
+        pipeline_tag="unconditional-image-generation",
+    )
+)
+register(
+    TaskSpec(
+        "control",
+        ControlConfig,
+        "visionpeft.trainers.control:run",
+        call_inputs=frozenset({"control_image"}),
+        pipeline_tag="text-to-image",
+    )
+)
 
 
-register(TaskSpec("segmentation", SegmentationConfig, "visionpeft.trainers.segmentation:run",
-                  pipeline_tag="image-segmentation"))  # fmt: skip
-register(TaskSpec("pretrain_text_to_image", PretrainTextToImageConfig, "visionpeft.trainers.pretrain_sd:run",
-                  pipeline_tag="text-to-image"))  # fmt: skip
+register(
+    TaskSpec(
+        "segmentation", SegmentationConfig, "visionpeft.trainers.segmentation:run", pipeline_tag="image-segmentation"
+    )
+)
+register(
+    TaskSpec(
+        "pretrain_text_to_image",
+        PretrainTextToImageConfig,
+        "visionpeft.trainers.pretrain_sd:run",
+        pipeline_tag="text-to-image",
+    )
+)
 
 
 def task_spec(name: str) -> TaskSpec:

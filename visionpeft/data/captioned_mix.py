@@ -32,18 +32,33 @@ from .mini import FRACTIONS, SPLITS, _to_uint8, stratified_split
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 #: texture word -> scikit-image sample
-TEXTURES = {"brick": "brick", "grass": "grass", "gravel": "gravel", "moon surface": "moon",
-            "stars": "hubble_deep_field", "stained tissue": "immunohistochemistry"}  # fmt: skip
+TEXTURES = {
+    "brick": "brick",
+    "grass": "grass",
+    "gravel": "gravel",
+    "moon surface": "moon",
+    "stars": "hubble_deep_field",
+    "stained tissue": "immunohistochemistry",
+}
 #: caption noun -> scikit-image sample
-PHOTOS = {"cat": "chelsea", "coffee": "coffee", "astronaut": "astronaut", "rocket": "rocket", "coins": "coins",
-          "clock": "clock"}  # fmt: skip
+PHOTOS = {
+    "cat": "chelsea",
+    "coffee": "coffee",
+    "astronaut": "astronaut",
+    "rocket": "rocket",
+    "coins": "coins",
+    "clock": "clock",
+}
 #: a small palette, so that 32 px circles and their captions are learnable in minutes
 CIRCLE_COLOURS = ("red", "green", "blue", "yellow", "white", "black", "orange", "purple")
 #: every subject, in label order: the judge's classes
 SUBJECTS = (
-    [f"digit {d}" for d in range(10)] + [f"texture {t}" for t in TEXTURES] + ["face"]
-    + [f"photo {p}" for p in PHOTOS] + ["circle"]
-)  # fmt: skip
+    [f"digit {d}" for d in range(10)]
+    + [f"texture {t}" for t in TEXTURES]
+    + ["face"]
+    + [f"photo {p}" for p in PHOTOS]
+    + ["circle"]
+)
 HELD_OUT = ("digit 7", "texture brick")
 ALL_SPLITS = (*SPLITS, "all")
 
@@ -68,8 +83,9 @@ class CaptionedImages(Dataset):
     """uint8 images (N, S, S, 3) with captions and subject labels; items are ``(PIL image, label)``, the caption
     of item ``i`` is ``captions[i]`` (:meth:`item` gives both)."""
 
-    def __init__(self, images: np.ndarray, captions: list[str], labels: list[int],
-                 transform: Callable | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, images: np.ndarray, captions: list[str], labels: list[int], transform: Callable | None = None
+    ) -> None:
         self.images, self.captions, self.targets, self.transform = images, captions, labels, transform
         self.classes = list(SUBJECTS)
 
@@ -100,8 +116,14 @@ def _digits(split: str, size: int, seed: int):
         yield _resize(np.asarray(image), size), digit_prompt(digit), f"digit {digit}"
 
 
-def _crops(image: np.ndarray, count: int, rows: tuple[int, int], rng: np.random.Generator, size: int,
-           scale: tuple[float, float]):  # fmt: skip
+def _crops(
+    image: np.ndarray,
+    count: int,
+    rows: tuple[int, int],
+    rng: np.random.Generator,
+    size: int,
+    scale: tuple[float, float],
+):
     """``count`` random square crops whose rows lie in ``rows``, side ``scale`` x the band's usable side."""
     top, bottom = rows
     side_max = min(bottom - top, image.shape[1])
@@ -181,9 +203,16 @@ def _circles(split: str, size: int, seed: int, count: int):
         )
 
 
-def captioned_mix(split: str = "all", size: int = 32, seed: int = 0, exclude: Iterable[str] = HELD_OUT,
-                  per_texture: int = 160, per_photo: int = 80, circles: int = 800,
-                  max_per_subject: int | None = None) -> CaptionedImages:  # fmt: skip
+def captioned_mix(
+    split: str = "all",
+    size: int = 32,
+    seed: int = 0,
+    exclude: Iterable[str] = HELD_OUT,
+    per_texture: int = 160,
+    per_photo: int = 80,
+    circles: int = 800,
+    max_per_subject: int | None = None,
+) -> CaptionedImages:
     """The captioned images of ``split`` without the ``exclude``d subjects (default: the held-out ones); at most
     ``max_per_subject`` images of each subject (the first ones) when set (small test runs)."""
     if split not in ALL_SPLITS:
@@ -202,13 +231,19 @@ def captioned_mix(split: str = "all", size: int = 32, seed: int = 0, exclude: It
 
 
 @functools.lru_cache(maxsize=8)
-def _all_subjects(split: str, size: int, seed: int, per_texture: int, per_photo: int,
-                  circles: int) -> tuple[np.ndarray, tuple[str, ...], tuple[int, ...]]:  # fmt: skip
+def _all_subjects(
+    split: str, size: int, seed: int, per_texture: int, per_photo: int, circles: int
+) -> tuple[np.ndarray, tuple[str, ...], tuple[int, ...]]:
     """Every subject's images of a split (built once per process: the builders decode and resize photos)."""
     parts = ("train", "val", "test")  # the disjoint splits ("trainval" repeats two of them)
     digits = [x for s in parts for x in _digits(s, size, seed)] if split == "all" else _digits(split, size, seed)
-    sources = [digits, _textures(split, size, seed, per_texture), _faces(split, size, seed),
-               _photos(split, size, seed, per_photo), _circles(split, size, seed, circles)]  # fmt: skip
+    sources = [
+        digits,
+        _textures(split, size, seed, per_texture),
+        _faces(split, size, seed),
+        _photos(split, size, seed, per_photo),
+        _circles(split, size, seed, circles),
+    ]
     items = [item for source in sources for item in source]
     images = np.stack([image for image, _, _ in items])
     images.setflags(write=False)  # shared by every caller
@@ -216,8 +251,9 @@ def _all_subjects(split: str, size: int, seed: int, per_texture: int, per_photo:
 
 
 @DATASETS.register("captioned_mix")
-def captioned_mix_dataset(split: str, root: str | None = None, transform: Callable | None = None,
-                          exclude: Iterable[str] = (), **options) -> CaptionedImages:  # fmt: skip
+def captioned_mix_dataset(
+    split: str, root: str | None = None, transform: Callable | None = None, exclude: Iterable[str] = (), **options
+) -> CaptionedImages:
     """Registered form (for classifiers such as the judge): by default *all* subjects, held-out ones included."""
     dataset = captioned_mix(split, exclude=exclude, **options)
     dataset.transform = transform

@@ -68,8 +68,9 @@ def _captioned_images(root: Path) -> list[dict]:
     missing = [p for p in images if not p.with_suffix(".txt").is_file()]
     if missing:
         raise DataError(f"{missing[0]} has no caption file {missing[0].with_suffix('.txt').name}")
-    return [{"image": p.name, "conditioning_image": None, "text": p.with_suffix(".txt").read_text().strip()}
-            for p in images]  # fmt: skip
+    return [
+        {"image": p.name, "conditioning_image": None, "text": p.with_suffix(".txt").read_text().strip()} for p in images
+    ]
 
 
 class ControlPairs(Dataset):
@@ -83,8 +84,14 @@ class ControlPairs(Dataset):
             ``grayscale``, ``blur``: :mod:`.conditions`), with random settings unless ``train`` is False.
     """
 
-    def __init__(self, root: str | Path, size: int, proportion_empty_prompts: float = 0.0, condition: str = "none",
-                 train: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: str | Path,
+        size: int,
+        proportion_empty_prompts: float = 0.0,
+        condition: str = "none",
+        train: bool = True,
+    ) -> None:
         self.root, self.records = Path(root), read_pairs(root, computed=condition != "none")
         self.proportion_empty_prompts, self.condition_kind, self.train = proportion_empty_prompts, condition, train
         resize = [T.Resize(size, interpolation=T.InterpolationMode.BILINEAR, antialias=True), T.CenterCrop(size)]

@@ -100,8 +100,14 @@ def load_images(folder: str | Path, skip_bad_images: bool = False) -> list[Image
     if bad and (not images or not skip_bad_images):
         raise DataError(unreadable(bad[0], len(bad), len(paths), str(folder)))
     if bad:
-        logger.warning("skipped %d unreadable image%s of %d in %s (first: %s)", len(bad), "" if len(bad) == 1 else "s",
-                       len(paths), folder, bad[0])  # fmt: skip
+        logger.warning(
+            "skipped %d unreadable image%s of %d in %s (first: %s)",
+            len(bad),
+            "" if len(bad) == 1 else "s",
+            len(paths),
+            folder,
+            bad[0],
+        )
     return images
 
 

@@ -45,8 +45,9 @@ def _colours() -> dict[str, tuple[int, int, int]]:
     return {name: tuple(round(255 * c) for c in to_rgb(value)) for name, value in sorted(CSS4_COLORS.items())}
 
 
-def make_fill50k(out: str | Path, n: int = 50000, size: int = 512, seed: int = 0,
-                 palette: Sequence[str] | None = None) -> Path:  # fmt: skip
+def make_fill50k(
+    out: str | Path, n: int = 50000, size: int = 512, seed: int = 0, palette: Sequence[str] | None = None
+) -> Path:
     """Writes ``n`` pairs into ``out`` (``source/``, ``target/``, ``metadata.jsonl``, ``card.json``); ``palette``
     restricts the colours to those CSS4 names (the tiny pipeline's eight, say), else all 148."""
     out = Path(out)
@@ -72,14 +73,28 @@ def make_fill50k(out: str | Path, n: int = 50000, size: int = 512, seed: int = 0
         source.save(out / "source" / f"{i}.png")
         target.save(out / "target" / f"{i}.png")
         text = f"{colour_words(fill)} circle with {colour_words(background)} background"
-        lines.append({"image": f"target/{i}.png", "conditioning_image": f"source/{i}.png", "text": text,
-                      "size": size, "circle": [cx, cy, radius], "fill": list(colours[fill]),
-                      "background": list(colours[background])})  # fmt: skip
+        lines.append(
+            {
+                "image": f"target/{i}.png",
+                "conditioning_image": f"source/{i}.png",
+                "text": text,
+                "size": size,
+                "circle": [cx, cy, radius],
+                "fill": list(colours[fill]),
+                "background": list(colours[background]),
+            }
+        )
     (out / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    card = {"dataset": "fill50k (generated)", "generator": "visionpeft.data.fill50k.make_fill50k", "n": n,
-            "size": size, "seed": seed,
-            "colours": f"matplotlib CSS4 ({', '.join(names) if palette else '148 names'}; two distinct per pair)",
-            "radius": [size // 10, size // 3], "outline_width": width}  # fmt: skip
+    card = {
+        "dataset": "fill50k (generated)",
+        "generator": "visionpeft.data.fill50k.make_fill50k",
+        "n": n,
+        "size": size,
+        "seed": seed,
+        "colours": f"matplotlib CSS4 ({', '.join(names) if palette else '148 names'}; two distinct per pair)",
+        "radius": [size // 10, size // 3],
+        "outline_width": width,
+    }
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return out
 

@@ -32,9 +32,13 @@ MAX_TRIES = 1000
 
 
 def chaos_game(
-    maps: np.ndarray, probs: np.ndarray, rng: np.random.Generator, walkers: int = 256, steps: int = 48,
+    maps: np.ndarray,
+    probs: np.ndarray,
+    rng: np.random.Generator,
+    walkers: int = 256,
+    steps: int = 48,
     burn_in: int = 8,
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """Points of an IFS attractor.
 
     Args:
@@ -54,9 +58,12 @@ def chaos_game(
         choice = rng.choice(len(maps), size=walkers, p=probs)
         a = maps[choice]
         points = np.stack(
-            [a[:, 0] * points[:, 0] + a[:, 1] * points[:, 1] + a[:, 4],
-             a[:, 2] * points[:, 0] + a[:, 3] * points[:, 1] + a[:, 5]], axis=1,
-        )  # fmt: skip
+            [
+                a[:, 0] * points[:, 0] + a[:, 1] * points[:, 1] + a[:, 4],
+                a[:, 2] * points[:, 0] + a[:, 3] * points[:, 1] + a[:, 5],
+            ],
+            axis=1,
+        )
         if step >= burn_in:
             out.append(points)
     return np.concatenate(out)
@@ -134,9 +141,14 @@ class FractalDB(Dataset):
     """
 
     def __init__(
-        self, categories: int = 100, instances: int = 100, size: int = 32, seed: int = 0,
-        transform: Callable | None = None, first_instance: int = 0,
-    ) -> None:  # fmt: skip
+        self,
+        categories: int = 100,
+        instances: int = 100,
+        size: int = 32,
+        seed: int = 0,
+        transform: Callable | None = None,
+        first_instance: int = 0,
+    ) -> None:
         self.categories, self.instances, self.size, self.seed = categories, instances, size, seed
         self.first_instance, self.transform = first_instance, transform
         self.classes = [f"fractal_{c:04d}" for c in range(categories)]
@@ -165,9 +177,16 @@ class FractalDB(Dataset):
 
 @DATASETS.register("fractaldb")
 def fractaldb(
-    split: str, root: str | None = None, transform: Callable | None = None, categories: int = 100,
-    instances: int = 100, size: int = 32, seed: int = 0, val_instances: int = 10, **_,
-) -> FractalDB:  # fmt: skip
+    split: str,
+    root: str | None = None,
+    transform: Callable | None = None,
+    categories: int = 100,
+    instances: int = 100,
+    size: int = 32,
+    seed: int = 0,
+    val_instances: int = 10,
+    **_,
+) -> FractalDB:
     """FractalDB-style data (Kataoka et al., ACCV 2020), generated on the fly; ``root`` is unused.
 
     Args:

@@ -104,8 +104,14 @@ def screen_images(paths: Sequence[str | Path], where: str, skip: bool, hint: str
     first = f"{paths[bad[0]]} is not a readable image ({problems[bad[0]]})"
     if len(bad) == len(paths) or not skip:
         raise DataError(unreadable(first, len(bad), len(paths), where, hint))
-    logger.warning("skipped %d unreadable image%s of %d in %s (first: %s)", len(bad), "" if len(bad) == 1 else "s",
-                   len(paths), where, first)  # fmt: skip
+    logger.warning(
+        "skipped %d unreadable image%s of %d in %s (first: %s)",
+        len(bad),
+        "" if len(bad) == 1 else "s",
+        len(paths),
+        where,
+        first,
+    )
     skipped = set(bad)
     return [i for i in range(len(paths)) if i not in skipped]
 

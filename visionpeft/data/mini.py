@@ -111,9 +111,14 @@ def _tiles(image: np.ndarray, tile: int) -> np.ndarray:
 
 @DATASETS.register("textures")
 def textures(
-    split: str, root: str | None = None, transform: Callable | None = None, seed: int = 0, tile: int = 64,
-    per_class: int = 64, **_,
-) -> ArrayImages:  # fmt: skip
+    split: str,
+    root: str | None = None,
+    transform: Callable | None = None,
+    seed: int = 0,
+    tile: int = 64,
+    per_class: int = 64,
+    **_,
+) -> ArrayImages:
     """Non-overlapping ``tile`` x ``tile`` grayscale tiles, ``per_class`` per texture, split per class."""
     images, labels = [], []
     rng = np.random.default_rng(seed)

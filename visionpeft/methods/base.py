@@ -358,8 +358,9 @@ class Method:
         ``inputs`` is the module's first input, ``output`` its output tensor (a tuple output keeps its rest)."""
         self.hook_output(module, self._tokens_out, fn, args)
 
-    def hook_past_branch(self, branch: Branch, source: nn.Module, fn: Callable, *args: Any,
-                         drop_path: bool = False) -> None:  # fmt: skip
+    def hook_past_branch(
+        self, branch: Branch, source: nn.Module, fn: Callable, *args: Any, drop_path: bool = False
+    ) -> None:
         """Adds ``fn(*args, tokens)`` to what ``branch`` adds to the residual stream, past its layer scale and drop
         path (:attr:`Branch.residual`), ``tokens`` being the first input of ``source`` (batch, tokens, dim).
 
@@ -372,8 +373,15 @@ class Method:
         self.hook_tokens_output(target, self._add_past_branch, seen, target, drop_path, fn, args)
 
     @staticmethod
-    def _add_past_branch(seen: list, target: nn.Module, drop_path: bool, fn: Callable, args: tuple,
-                         inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def _add_past_branch(
+        seen: list,
+        target: nn.Module,
+        drop_path: bool,
+        fn: Callable,
+        args: tuple,
+        inputs: torch.Tensor,
+        output: torch.Tensor,
+    ) -> torch.Tensor:
         value = fn(*args, seen.pop())
         rate = getattr(target, "drop_prob", 0.0) if drop_path else 0.0
         if rate and target.training:

@@ -26,9 +26,12 @@ def fit_control_image(image, sample: torch.Tensor, factor: int, channels: int, d
     """A call's condition image checked against the latent grid (``factor`` x the latents' size, ``channels``),
     repeated for a batch that classifier-free guidance doubled, moved to the latents' device in ``dtype``."""
     expected = (sample.shape[-2] * factor, sample.shape[-1] * factor)
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or tuple(image.shape[-2:]) != expected or (
-        image.shape[1] != channels
-    ):  # fmt: skip
+    if (
+        not isinstance(image, torch.Tensor)
+        or image.ndim != 4
+        or tuple(image.shape[-2:]) != expected
+        or (image.shape[1] != channels)
+    ):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise DataError(
             f"the control image has shape {shape}; {who} needs (batch, {channels}, {expected[0]}, {expected[1]}) "
@@ -69,8 +72,9 @@ class ControlNetConfig(MethodConfig):
     conditioning_scale: float = setting(1.0, "multiplier of the ControlNet residuals", min=0)
     guess_mode: bool = setting(False, "diffusers' guess mode (residual scales 0.1 ... 1.0)")
     conditioning_channels: int = setting(3, "channels of the condition image", min=1)
-    hint_channels: tuple[int, ...] = setting((16, 32, 96, 256), "hint encoder widths (4 stages: x8 down)",
-                                             nonempty=True)  # fmt: skip
+    hint_channels: tuple[int, ...] = setting(
+        (16, 32, 96, 256), "hint encoder widths (4 stages: x8 down)", nonempty=True
+    )
 
 
 @METHODS.register("controlnet")
@@ -110,19 +114,28 @@ class ControlNet(Method):
     def _control_image(self, sample: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         image = self.call_input("control_image")
-        return fit_control_image(image, sample, self.factor, cfg.conditioning_channels, self.controlnet.dtype,
-                                 f"this ControlNet (its hint encoder downsamples by {self.factor})")  # fmt: skip
+        return fit_control_image(
+            image,
+            sample,
+            self.factor,
+            cfg.conditioning_channels,
+            self.controlnet.dtype,
+            f"this ControlNet (its hint encoder downsamples by {self.factor})",
+        )
 
     def _add_residuals(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
         names = ("sample", "timestep", "encoder_hidden_states")
         given = {name: args[i] if len(args) > i else kwargs.get(name) for i, name in enumerate(names)}
         sample = given["sample"]
         down, mid = self.controlnet(
-            sample.to(self.controlnet.dtype), given["timestep"],
+            sample.to(self.controlnet.dtype),
+            given["timestep"],
             encoder_hidden_states=given["encoder_hidden_states"].to(self.controlnet.dtype),
-            controlnet_cond=self._control_image(sample), conditioning_scale=self.config.conditioning_scale,
-            guess_mode=self.config.guess_mode, return_dict=False,
-        )  # fmt: skip
+            controlnet_cond=self._control_image(sample),
+            conditioning_scale=self.config.conditioning_scale,
+            guess_mode=self.config.guess_mode,
+            return_dict=False,
+        )
         down = [d.to(sample.dtype) for d in down]
         mid = mid.to(sample.dtype)
         with torch.no_grad():  # "the condition is ignored" shows as residual norms that stay at zero

@@ -88,15 +88,20 @@ class ControlNetLoRA(ControlNet):
     def _trained_in_full(self, net: nn.Module) -> list[str]:
         """Names (inside the ControlNet) of the parameters trained in full."""
         parts = self.config.train_full
-        owners = {"zero_convs": ("controlnet_down_blocks.", "controlnet_mid_block."),
-                  "hint_encoder": ("controlnet_cond_embedding.",)}  # fmt: skip
+        owners = {
+            "zero_convs": ("controlnet_down_blocks.", "controlnet_mid_block."),
+            "hint_encoder": ("controlnet_cond_embedding.",),
+        }
         prefixes = [prefix for part in parts for prefix in owners.get(part, ())]
         norms = set()
         if "norms" in parts:
             norm_types = (nn.GroupNorm, nn.LayerNorm)
             norms = {f"{path}." for path, module in net.named_modules() if isinstance(module, norm_types)}
-        return [name for name, _ in net.named_parameters()
-                if name.startswith(tuple(prefixes)) or any(name.startswith(n) for n in norms)]  # fmt: skip
+        return [
+            name
+            for name, _ in net.named_parameters()
+            if name.startswith(tuple(prefixes)) or any(name.startswith(n) for n in norms)
+        ]
 
     def _add_lora(self, net: nn.Module, path: str, layer: nn.Linear) -> None:
         parent_path, _, attr = path.rpartition(".")

@@ -43,8 +43,9 @@ class T2IAdapterConfig(MethodConfig):
     """
 
     adapter_type: str = setting("full_adapter", "diffusers' adapter type", choices=("full_adapter", "light_adapter"))
-    channels: tuple[int, ...] | None = setting(None, "adapter block widths; null: the U-Net's block_out_channels",
-                                               nonempty=True)  # fmt: skip
+    channels: tuple[int, ...] | None = setting(
+        None, "adapter block widths; null: the U-Net's block_out_channels", nonempty=True
+    )
     num_res_blocks: int = setting(2, "residual blocks per adapter block", min=1)
     downscale_factor: int = setting(8, "pixel unshuffle factor = the VAE's scale factor (8 for SD)", min=1)
     in_channels: int = setting(3, "channels of the condition image", min=1)
@@ -62,8 +63,9 @@ def _down_block_widths(unet: nn.Module) -> tuple[int, ...]:
         kind = type(block).__name__
         if getattr(block, "has_cross_attention", False):
             if "additional_residuals" not in inspect.signature(block.forward).parameters:
-                raise IncompatibleMethodError(f"t2i_adapter cannot feed the U-Net's down block {i} ({kind}): it "
-                                              "takes no additional_residuals")  # fmt: skip
+                raise IncompatibleMethodError(
+                    f"t2i_adapter cannot feed the U-Net's down block {i} ({kind}): it takes no additional_residuals"
+                )
         elif getattr(block, "downsamplers", None) is not None:
             raise IncompatibleMethodError(
                 f"t2i_adapter cannot feed the U-Net's down block {i} ({kind}): the U-Net adds its state after the "
@@ -90,8 +92,10 @@ class T2IAdapterMethod(Method):
         channels = tuple(cfg.channels) if cfg.channels is not None else (needed[:-1] if light else needed)
         least = 4 if light else 1  # a light block works at a quarter of its width
         if not channels or min(channels) < least:
-            raise ConfigError(f"method 't2i_adapter' option 'channels' must be widths of at least {least} for "
-                              f"{cfg.adapter_type}, got {list(channels)}")  # fmt: skip
+            raise ConfigError(
+                f"method 't2i_adapter' option 'channels' must be widths of at least {least} for "
+                f"{cfg.adapter_type}, got {list(channels)}"
+            )
         given = (*channels, channels[-1]) if light else channels
         if given != needed:
             raise IncompatibleMethodError(

@@ -34,8 +34,7 @@ class TextualInversionConfig(MethodConfig):
 
     tower: str | None = setting("text_encoder", "the pipeline component holding the token embeddings")
     token: str = setting("<concept>", "the placeholder token used in prompts", nonempty=True)
-    initializer: str = setting("object", "a one-token word whose embedding initialises the new vectors",
-                               nonempty=True)  # fmt: skip
+    initializer: str = setting("object", "a one-token word whose embedding initialises the new vectors", nonempty=True)
     num_vectors: int = setting(1, "embedding vectors for the concept", min=1)
 
 

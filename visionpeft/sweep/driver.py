@@ -69,11 +69,17 @@ def list_runs(spec: SweepSpec, root: Path, out: Print) -> None:
     for run in second:
         out(f"  {status(run.path):<8}{run.name()}  {run.path}")
     chosen = {(run.task, run.label) for run in second}
-    waiting = [(t, label) for t in spec.tasks for label in spec.grids
-               if has_select_stage(spec, label) and (t, label) not in chosen]  # fmt: skip
+    waiting = [
+        (t, label)
+        for t in spec.tasks
+        for label in spec.grids
+        if has_select_stage(spec, label) and (t, label) not in chosen
+    ]
     if waiting:
-        out(f"  + {len(waiting) * len(spec.seeds)} runs once stage select has chosen the point of "
-            f"{len(waiting)} task x grid pairs ({len(spec.seeds)} seed(s) each)")  # fmt: skip
+        out(
+            f"  + {len(waiting) * len(spec.seeds)} runs once stage select has chosen the point of "
+            f"{len(waiting)} task x grid pairs ({len(spec.seeds)} seed(s) each)"
+        )
 
 
 def run_sweep(spec: SweepSpec, root: Path, executor: Any, out: Print = print) -> int:

@@ -97,8 +97,9 @@ class LocalExecutor:
             devices.put(gpus[index % len(gpus)] if gpus else None)
         threads = max(1, (os.cpu_count() or 1) // workers)
         records = []
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                 initargs=(devices, threads)) as pool:  # fmt: skip
+        with ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_init_worker, initargs=(devices, threads)
+        ) as pool:
             futures = {pool.submit(execute, asdict(run)): run for run in runs}
             try:
                 for future in as_completed(futures):
@@ -139,8 +140,12 @@ class SubmititExecutor:
         import submitit
 
         executor = submitit.AutoExecutor(folder=str(self.folder), cluster=self.cluster)
-        params: dict[str, Any] = {"timeout_min": self.timeout_min, "gpus_per_node": self.gpus_per_job,
-                                  "cpus_per_task": self.cpus_per_job, "name": "visionpeft-sweep"}  # fmt: skip
+        params: dict[str, Any] = {
+            "timeout_min": self.timeout_min,
+            "gpus_per_node": self.gpus_per_job,
+            "cpus_per_task": self.cpus_per_job,
+            "name": "visionpeft-sweep",
+        }
         if self.mem_gb:
             params["mem_gb"] = self.mem_gb
         if self.partition:
@@ -178,8 +183,7 @@ class RayExecutor:
         if not ray.is_initialized():
             env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}} if os.environ.get("PYTHONPATH") else None
             cpus = self.workers * self.cpus_per_run if self.workers and self.address is None else None
-            ray.init(address=self.address, num_cpus=cpus, runtime_env=env, include_dashboard=False,
-                     log_to_driver=False)  # fmt: skip
+            ray.init(address=self.address, num_cpus=cpus, runtime_env=env, include_dashboard=False, log_to_driver=False)
         remote = ray.remote(num_gpus=self.gpus_per_run, num_cpus=self.cpus_per_run, max_retries=0)(execute)
         pending = {remote.remote(asdict(run)): run for run in runs}
         records = []

@@ -59,8 +59,13 @@ def stage_overrides(spec: SweepSpec, stage: str) -> list[str]:
 
 def make_run(spec: SweepSpec, root: Path, task: str, label: str, point: Point, stage: str, seed: int) -> RunSpec:
     # the grid wins over the sweep's overrides (a grid key is what the sweep varies); the protocol wins over both
-    overrides = [task_override(task), *spec.overrides, *point.overrides, *stage_overrides(spec, stage),
-                 f"train.seed={seed}"]  # fmt: skip
+    overrides = [
+        task_override(task),
+        *spec.overrides,
+        *point.overrides,
+        *stage_overrides(spec, stage),
+        f"train.seed={seed}",
+    ]
     digest = run_hash(spec.digest, overrides, seed, stage)
     folder = root / "runs" / task / label / f"{stage}-s{seed}-{digest}"
     return RunSpec(spec.config, tuple(overrides), task, label, stage, seed, point.choices, str(folder))
@@ -72,9 +77,13 @@ def has_select_stage(spec: SweepSpec, label: str) -> bool:
 
 def select_runs(spec: SweepSpec, root: Path) -> list[RunSpec]:
     """Stage 1: every grid point of every task (grids with more than one point), first seed."""
-    return [make_run(spec, root, task, label, point, "select", spec.seeds[0])
-            for task in spec.tasks for label in spec.grids if has_select_stage(spec, label)
-            for point in spec.points(label)]  # fmt: skip
+    return [
+        make_run(spec, root, task, label, point, "select", spec.seeds[0])
+        for task in spec.tasks
+        for label in spec.grids
+        if has_select_stage(spec, label)
+        for point in spec.points(label)
+    ]
 
 
 def score(result: dict, select: str) -> float | None:
@@ -111,6 +120,10 @@ def final_points(spec: SweepSpec, root: Path, task: str, label: str) -> list[Poi
 
 def final_runs(spec: SweepSpec, root: Path) -> list[RunSpec]:
     """Stage 2: the final points of every ``(task, label)``, for every seed."""
-    return [make_run(spec, root, task, label, point, "final", seed)
-            for task in spec.tasks for label in spec.grids for point in final_points(spec, root, task, label)
-            for seed in spec.seeds]  # fmt: skip
+    return [
+        make_run(spec, root, task, label, point, "final", seed)
+        for task in spec.tasks
+        for label in spec.grids
+        for point in final_points(spec, root, task, label)
+        for seed in spec.seeds
+    ]

@@ -168,8 +168,13 @@ def markdown(spec: SweepSpec, root: Path, cells: list[Cell]) -> str:
         lines.append(f"| {name} | {_params(row)} | " + " | ".join([*map(_cell_text, row), *extra]) + " |")
     chosen = [c for c in cells if c.chosen]
     if chosen:
-        lines += ["", "## Chosen hyper-parameters (stage select)", "", "| method | task | chosen | published choice |",
-                  "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "## Chosen hyper-parameters (stage select)",
+            "",
+            "| method | task | chosen | published choice |",
+            "|---|---|---|---|",
+        ]
         for c in chosen:
             theirs = ", ".join(f"{k}={v}" for k, v in (c.published or {}).get("best_tune", {}).items())
             lines.append(f"| {c.row} | {c.task} | {c.chosen} | {theirs or '-'} |")
@@ -182,8 +187,19 @@ def markdown(spec: SweepSpec, root: Path, cells: list[Cell]) -> str:
 
 def write_csv(spec: SweepSpec, cells: list[Cell], path: Path) -> None:
     """One row per (task, label) and per summary: our mean / std / seeds, the published number, the difference."""
-    fields = ["method", "task", "seeds", "top1_mean", "top1_std", "published", "difference", "trainable",
-              "trainable_without_head", "chosen", "state"]  # fmt: skip
+    fields = [
+        "method",
+        "task",
+        "seeds",
+        "top1_mean",
+        "top1_std",
+        "published",
+        "difference",
+        "trainable",
+        "trainable_without_head",
+        "chosen",
+        "state",
+    ]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
@@ -193,12 +209,21 @@ def write_csv(spec: SweepSpec, cells: list[Cell], path: Path) -> None:
                 pub = c.published["top1"] if c.published else None
                 std = statistics.stdev(c.top1) if len(c.top1) > 1 else None
                 own = None if c.trainable is None else c.trainable - c.head
-                writer.writerow({
-                    "method": name, "task": c.task, "seeds": len(c.top1), "top1_mean": _round(c.mean),
-                    "top1_std": _round(std), "published": pub,
-                    "difference": _round(c.mean - pub if c.mean is not None and pub is not None else None),
-                    "trainable": c.trainable, "trainable_without_head": own, "chosen": c.chosen, "state": c.state,
-                })  # fmt: skip
+                writer.writerow(
+                    {
+                        "method": name,
+                        "task": c.task,
+                        "seeds": len(c.top1),
+                        "top1_mean": _round(c.mean),
+                        "top1_std": _round(std),
+                        "published": pub,
+                        "difference": _round(c.mean - pub if c.mean is not None and pub is not None else None),
+                        "trainable": c.trainable,
+                        "trainable_without_head": own,
+                        "chosen": c.chosen,
+                        "state": c.state,
+                    }
+                )
             ours = summary_values(spec, {c.task: c.mean for c in row if c.mean is not None and not c.state})
             theirs = summary_values(spec, {c.task: c.published["top1"] for c in row if c.published})
             for summary in dict.fromkeys([*ours, *theirs]):
@@ -243,8 +268,13 @@ def plot(spec: SweepSpec, cells: list[Cell], path: Path) -> bool:
             ax.annotate(name, (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
             pubs = [c.published for c in row if c.published and c.published.get("params")]
             if pubs:
-                ax.plot(statistics.fmean(p["params"] for p in pubs), statistics.fmean(p["top1"] for p in pubs),
-                        "o", mfc="none", color="grey")  # fmt: skip
+                ax.plot(
+                    statistics.fmean(p["params"] for p in pubs),
+                    statistics.fmean(p["top1"] for p in pubs),
+                    "o",
+                    mfc="none",
+                    color="grey",
+                )
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (without head)")
         ax.set_ylabel("test top-1 (%)")

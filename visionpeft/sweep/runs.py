@@ -199,14 +199,29 @@ def _launch(spec: RunSpec, log_file) -> dict[str, Any]:
     # --multi_gpu is accelerate's torch.distributed.run launcher: one process per GPU, or gloo CPU processes on a
     # machine without one (its --cpu flag would start a single process)
     # a port of its own: two jobs on one node (or two launches at once) must not meet at the default 29500
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(spec.processes), "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port",
-               str(free_port()), "-m", "visionpeft.sweep.runs", str(spec.path)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(spec.processes),
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "visionpeft.sweep.runs",
+        str(spec.path),
+    ]
     (spec.path / LAUNCHED).unlink(missing_ok=True)
     done = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"accelerate launch with {spec.processes} processes exited with {done.returncode} "
-                           f"(see {spec.path / LOG})")  # fmt: skip
+        raise RuntimeError(
+            f"accelerate launch with {spec.processes} processes exited with {done.returncode} (see {spec.path / LOG})"
+        )
     return json.loads((spec.path / LAUNCHED).read_text())
 
 

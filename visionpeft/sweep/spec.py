@@ -75,15 +75,23 @@ def default_task(config: str | Path) -> str:
     return str(data.get("name", "cifar100")).removeprefix("vtab-")
 
 
-def make_spec(config: str | Path, grids: dict[str, Any], tasks: list[str] | None, seeds: list[int],
-              protocol: str, select: str, overrides: list[str]) -> SweepSpec:  # fmt: skip
+def make_spec(
+    config: str | Path,
+    grids: dict[str, Any],
+    tasks: list[str] | None,
+    seeds: list[int],
+    protocol: str,
+    select: str,
+    overrides: list[str],
+) -> SweepSpec:
     """A checked spec: grid files read, sets of tasks expanded, names checked (:class:`ConfigError` otherwise)."""
     from .protocol import PROTOCOLS
     from .tasks import resolve_tasks
 
     if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol '{protocol}'{did_you_mean(protocol, PROTOCOLS)}; "
-                          f"choose one of {', '.join(PROTOCOLS)}")  # fmt: skip
+        raise ConfigError(
+            f"unknown protocol '{protocol}'{did_you_mean(protocol, PROTOCOLS)}; choose one of {', '.join(PROTOCOLS)}"
+        )
     if select not in SELECT:
         raise ConfigError(f"select must be one of {', '.join(SELECT)}, got '{select}'")
     if not grids:
@@ -92,8 +100,16 @@ def make_spec(config: str | Path, grids: dict[str, Any], tasks: list[str] | None
         raise ConfigError(f"seeds must be distinct and at least one, got {seeds}")
     loaded = {label: read_grid(g) if isinstance(g, (str, Path)) else dict(g or {}) for label, g in grids.items()}
     config = str(Path(config).resolve())
-    spec = SweepSpec(config, digest_of(config), loaded, resolve_tasks(tasks or [default_task(config)]),
-                     [int(s) for s in seeds], protocol, select, list(overrides))  # fmt: skip
+    spec = SweepSpec(
+        config,
+        digest_of(config),
+        loaded,
+        resolve_tasks(tasks or [default_task(config)]),
+        [int(s) for s in seeds],
+        protocol,
+        select,
+        list(overrides),
+    )
     for label in spec.grids:
         spec.points(label)  # an empty axis is an error now, before any run
     return spec
@@ -132,8 +148,15 @@ def load_spec_file(path: Path, overrides: list[str] | None = None, **given: Any)
     data["overrides"] = [*(data.get("overrides") or []), *(overrides or [])]
     here = path.parent
     grids = {label: here / g if isinstance(g, str) else g for label, g in (data.get("grids") or {}).items()}
-    return make_spec(here / data["config"], grids, data.get("tasks"), data.get("seeds", [0]),
-                     data.get("protocol", "none"), data.get("select", "final"), data["overrides"])  # fmt: skip
+    return make_spec(
+        here / data["config"],
+        grids,
+        data.get("tasks"),
+        data.get("seeds", [0]),
+        data.get("protocol", "none"),
+        data.get("select", "final"),
+        data["overrides"],
+    )
 
 
 def save_spec(spec: SweepSpec, folder: Path) -> None:

@@ -13,9 +13,17 @@ from ..errors import ConfigError, did_you_mean
 VTAB_GROUPS: dict[str, tuple[str, ...]] = {
     "Natural": ("cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"),
     "Specialized": ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
-    "Structured": ("clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi",
-                   "smallnorb_ele"),
-}  # fmt: skip
+    "Structured": (
+        "clevr_count",
+        "clevr_dist",
+        "dmlab",
+        "kitti",
+        "dsprites_loc",
+        "dsprites_ori",
+        "smallnorb_azi",
+        "smallnorb_ele",
+    ),
+}
 VTAB_TASKS: tuple[str, ...] = tuple(task for group in VTAB_GROUPS.values() for task in group)
 TASK_SETS: dict[str, tuple[str, ...]] = {
     "vtab": VTAB_TASKS,

@@ -66,8 +66,15 @@ class SETRUpHead(nn.Module):
         num_convs: Conv stages, each followed by bilinear upsampling by ``up_scale``. dropout: Before the classifier.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int = 256, num_convs: int = 4,
-                 up_scale: int = 2, dropout: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        channels: int = 256,
+        num_convs: int = 4,
+        up_scale: int = 2,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(in_channels, eps=1e-6)
         stages = []
@@ -91,9 +98,11 @@ class SimpleFeaturePyramid(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.up4 = nn.Sequential(
-            nn.ConvTranspose2d(dim, dim, 2, stride=2), nn.BatchNorm2d(dim), nn.GELU(),
             nn.ConvTranspose2d(dim, dim, 2, stride=2),
-        )  # fmt: skip
+            nn.BatchNorm2d(dim),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim, dim, 2, stride=2),
+        )
         self.up2 = nn.ConvTranspose2d(dim, dim, 2, stride=2)
         self.same = nn.Identity()
         self.down2 = nn.MaxPool2d(2, ceil_mode=True)
@@ -110,8 +119,9 @@ class UperNetDecoder(nn.Module):
         pool_scales: The pyramid pooling module's scales.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int = 512,
-                 pool_scales: Sequence[int] = (1, 2, 3, 6)) -> None:  # fmt: skip
+    def __init__(
+        self, in_channels: int, num_classes: int, channels: int = 512, pool_scales: Sequence[int] = (1, 2, 3, 6)
+    ) -> None:
         super().__init__()
         from transformers import UperNetConfig
         from transformers.models.upernet.modeling_upernet import UperNetHead
@@ -143,8 +153,15 @@ def inputs_needed(head: str) -> int | None:
     return {"linear": 1, "linear4": None, "setr_pup": None, "upernet": 4}[head]
 
 
-def build_head(head: str, dim: int, num_classes: int, num_inputs: int, patch_size: int,
-               channels: int | None = None, dropout: float = 0.0) -> nn.Module:  # fmt: skip
+def build_head(
+    head: str,
+    dim: int,
+    num_classes: int,
+    num_inputs: int,
+    patch_size: int,
+    channels: int | None = None,
+    dropout: float = 0.0,
+) -> nn.Module:
     """The main decode head.
 
     Args:
@@ -163,8 +180,9 @@ def build_head(head: str, dim: int, num_classes: int, num_inputs: int, patch_siz
     raise ValueError(head)
 
 
-def build_aux_heads(dim: int, num_classes: int, count: int, patch_size: int,
-                    channels: int | None = None) -> nn.ModuleList:  # fmt: skip
+def build_aux_heads(
+    dim: int, num_classes: int, count: int, patch_size: int, channels: int | None = None
+) -> nn.ModuleList:
     """SETR-PUP's auxiliary heads, one per earlier block: 2 stages of upsampling by ``sqrt(patch_size)``
     (mmsegmentation's config for 16-px patches: 2 stages of x4)."""
     up = max(1, round(math.sqrt(patch_size)))

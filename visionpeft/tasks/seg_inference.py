@@ -34,8 +34,9 @@ def window_grid(height: int, width: int, crop: Sequence[int], stride: Sequence[i
 
 
 @torch.no_grad()
-def slide_logits(model: nn.Module, images: torch.Tensor, crop: Sequence[int], stride: Sequence[int],
-                 max_batch: int = 8) -> torch.Tensor:  # fmt: skip
+def slide_logits(
+    model: nn.Module, images: torch.Tensor, crop: Sequence[int], stride: Sequence[int], max_batch: int = 8
+) -> torch.Tensor:
     """Sliding-window logits ``(batch, classes, height, width)`` of ``model`` (images -> logits at their size).
 
     Args:
@@ -63,8 +64,14 @@ def slide_logits(model: nn.Module, images: torch.Tensor, crop: Sequence[int], st
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, mode: str = "whole", crop: Sequence[int] = (512, 512),
-                   stride: Sequence[int] = (341, 341), size: Sequence[int] | None = None) -> torch.Tensor:  # fmt: skip
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    mode: str = "whole",
+    crop: Sequence[int] = (512, 512),
+    stride: Sequence[int] = (341, 341),
+    size: Sequence[int] | None = None,
+) -> torch.Tensor:
     """Logits of a batch of same-size images, whole or sliding-window, resized to ``size`` (the label map's size,
     which may differ from the resized input's, as in mmseg) when given."""
     if mode not in MODES:
@@ -74,9 +81,14 @@ def predict_logits(model: nn.Module, images: torch.Tensor, mode: str = "whole", 
 
 
 @torch.no_grad()
-def predict_labels(model: nn.Module, images: Sequence[torch.Tensor], sizes: Sequence[Sequence[int]],
-                   mode: str = "whole", crop: Sequence[int] = (512, 512),
-                   stride: Sequence[int] = (341, 341)) -> list[torch.Tensor]:  # fmt: skip
+def predict_labels(
+    model: nn.Module,
+    images: Sequence[torch.Tensor],
+    sizes: Sequence[Sequence[int]],
+    mode: str = "whole",
+    crop: Sequence[int] = (512, 512),
+    stride: Sequence[int] = (341, 341),
+) -> list[torch.Tensor]:
     """Label maps ``(height, width)`` (long) for images of any sizes, each at its own ``sizes[i]`` (one forward pass
     when all images and sizes agree)."""
     if len({tuple(i.shape) for i in images}) == 1 and len({tuple(s) for s in sizes}) == 1:

@@ -38,9 +38,17 @@ class Segmenter(nn.Module):
             whole images of any size can be segmented.
     """
 
-    def __init__(self, model: nn.Module, head: nn.Module, indices: Sequence[int],
-                 aux_heads: nn.ModuleList | None = None, aux_indices: Sequence[int] = (), tower: str | None = None,
-                 metadata: dict[str, Any] | None = None, pad_to: tuple[int, int] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        head: nn.Module,
+        indices: Sequence[int],
+        aux_heads: nn.ModuleList | None = None,
+        aux_indices: Sequence[int] = (),
+        tower: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        pad_to: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
         self.pad_to = pad_to
         self.model = model
@@ -93,10 +101,18 @@ def _normalize_indices(indices: Sequence[int], depth: int) -> list[int]:
     return out
 
 
-def build(model: nn.Module, head: str = "upernet", num_classes: int = 150, indices: Sequence[int] | None = None,
-          aux: bool = False, tower: str | None = None, channels: int | None = None, dropout: float = 0.0,
-          classes: Sequence[str] | None = None,
-          palette: Sequence[Sequence[int]] | None = None) -> Segmenter:  # fmt: skip
+def build(
+    model: nn.Module,
+    head: str = "upernet",
+    num_classes: int = 150,
+    indices: Sequence[int] | None = None,
+    aux: bool = False,
+    tower: str | None = None,
+    channels: int | None = None,
+    dropout: float = 0.0,
+    classes: Sequence[str] | None = None,
+    palette: Sequence[Sequence[int]] | None = None,
+) -> Segmenter:
     """A segmenter of a timm ViT or an open_clip CLIP (its vision tower) with a decode head.
 
     Example:
@@ -123,8 +139,9 @@ def build(model: nn.Module, head: str = "upernet", num_classes: int = 150, indic
     if head not in HEADS:
         from ..errors import did_you_mean
 
-        raise ConfigError(f"unknown segmentation head '{head}'{did_you_mean(head, HEADS)}; choose one of "
-                          f"{', '.join(HEADS)}")  # fmt: skip
+        raise ConfigError(
+            f"unknown segmentation head '{head}'{did_you_mean(head, HEADS)}; choose one of {', '.join(HEADS)}"
+        )
     if methods_of(model):
         raise IncompatibleMethodError("build the segmenter from a plain model, then attach methods to the segmenter")
     if num_classes < 1:
@@ -144,8 +161,14 @@ def build(model: nn.Module, head: str = "upernet", num_classes: int = 150, indic
     main, aux_indices = (chosen[-1:], chosen[:-1] if aux else []) if head == "setr_pup" else (chosen, [])
     decode = build_head(head, dim, num_classes, len(main), patch, channels, dropout)
     aux_heads = build_aux_heads(dim, num_classes, len(aux_indices), patch, channels) if aux_indices else None
-    metadata = {"task": "segmentation", "head": head, "num_classes": num_classes, "indices": main,
-                "aux_indices": aux_indices, "tower": t.name}  # fmt: skip
+    metadata = {
+        "task": "segmentation",
+        "head": head,
+        "num_classes": num_classes,
+        "indices": main,
+        "aux_indices": aux_indices,
+        "tower": t.name,
+    }
     if classes is not None:
         metadata["id2label"] = {str(i): str(c) for i, c in enumerate(classes)}
     if palette is not None:

@@ -74,8 +74,9 @@ class ClassDenoiser(nn.Module):
             embedder.eval()
         drop = torch.rand(labels.shape[0], device=labels.device) < self.cfg.train.class_dropout
         labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
-        losses = class_conditional_loss(self.transformer, self.vae, self.scheduler, images, labels,
-                                        learn_sigma=self.cfg.train.learn_sigma)  # fmt: skip
+        losses = class_conditional_loss(
+            self.transformer, self.vae, self.scheduler, images, labels, learn_sigma=self.cfg.train.learn_sigma
+        )
         return losses.mean()
 
 
@@ -102,8 +103,12 @@ class ClassValidation:
         self.pipeline.set_progress_bar_config(disable=True)
         labels = [label for label in self.label_ids for _ in range(per_class)]
         with accelerator.autocast():
-            images = self.pipeline(labels, guidance_scale=train.guidance_scale, generator=generator,
-                                   num_inference_steps=train.validation_steps).images  # fmt: skip
+            images = self.pipeline(
+                labels,
+                guidance_scale=train.guidance_scale,
+                generator=generator,
+                num_inference_steps=train.validation_steps,
+            ).images
         folder = self.run_dir / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         make_image_grid(images, rows=len(self.label_ids), cols=per_class).save(folder / f"{self.calls:03d}.png")
@@ -185,10 +190,16 @@ class ClassConditionalTrainer:
         task = ClassValidation(pipeline, config, run_dir, label_ids)
         images = Labelled(dataset, size, config.data.flip)
         drop_last = len(dataset) >= config.data.batch_size
-        return Setup(ClassDenoiser(pipeline, config), pipeline.transformer, task, images,
-                     frozen=[pipeline.transformer, pipeline.vae], loader={"drop_last": drop_last},
-                     summary=[f"{len(dataset)} images, {len(classes)} classes, {size} px"],
-                     state={"pipeline": pipeline, "classes": classes})  # fmt: skip
+        return Setup(
+            ClassDenoiser(pipeline, config),
+            pipeline.transformer,
+            task,
+            images,
+            frozen=[pipeline.transformer, pipeline.vae],
+            loader={"drop_last": drop_last},
+            summary=[f"{len(dataset)} images, {len(classes)} classes, {size} px"],
+            state={"pipeline": pipeline, "classes": classes},
+        )
 
     def finish(self, config: DictConfig, loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
         classes = setup.state["classes"]

@@ -149,8 +149,14 @@ def build_experiment(config: DictConfig) -> Experiment:
 
 def loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
     """An evaluation loader (in order, nothing dropped)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, drop_last=False,
-                      persistent_workers=workers > 0)  # fmt: skip
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        drop_last=False,
+        persistent_workers=workers > 0,
+    )
 
 
 class ClassificationTrainer:
@@ -161,12 +167,21 @@ class ClassificationTrainer:
         data = config.data
         eval_set = exp.val if exp.val is not None else exp.test
         eval_loader = loader(eval_set, data.eval_batch_size, data.num_workers) if eval_set is not None else None
-        task = ClassificationTask(len(exp.classes), accelerator.prepare(eval_loader) if eval_loader else None,
-                                  config.optim.label_smoothing)  # fmt: skip
+        task = ClassificationTask(
+            len(exp.classes), accelerator.prepare(eval_loader) if eval_loader else None, config.optim.label_smoothing
+        )
         sizes = {k: len(v) for k, v in (("train", exp.train), ("val", exp.val), ("test", exp.test)) if v is not None}
         summary = [f"data: {data.name}, {len(exp.classes)} classes, " + ", ".join(f"{k} {n}" for k, n in sizes.items())]
-        return Setup(exp.model, exp.model, task, exp.train, select_best=exp.val is not None,
-                     loader={"num_workers": data.num_workers}, summary=summary, state={"experiment": exp})  # fmt: skip
+        return Setup(
+            exp.model,
+            exp.model,
+            task,
+            exp.train,
+            select_best=exp.val is not None,
+            loader={"num_workers": data.num_workers},
+            summary=summary,
+            state={"experiment": exp},
+        )
 
     def finish(self, config: DictConfig, loop: Loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
         exp: Experiment = setup.state["experiment"]

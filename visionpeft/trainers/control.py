@@ -39,8 +39,9 @@ class ControlDenoiser(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         with conditioning(self.adapted, control_image=batch["conditioning_pixel_values"]):
-            return diffusion_loss(self.parts, batch["pixel_values"], list(batch["prompt"]),
-                                  timestep_sampling=self.timestep_sampling)  # fmt: skip
+            return diffusion_loss(
+                self.parts, batch["pixel_values"], list(batch["prompt"]), timestep_sampling=self.timestep_sampling
+            )
 
 
 class ControlValidation:
@@ -72,9 +73,14 @@ class ControlValidation:
             generator = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed)
             condition = item["conditioning_pixel_values"][None]
             with accelerator.autocast(), conditioning(self.pipeline, control_image=condition):
-                image = self.pipeline(record["text"], num_inference_steps=self.cfg.train.validation_steps,
-                                      guidance_scale=self.cfg.train.guidance_scale, generator=generator,
-                                      height=size, width=size).images[0]  # fmt: skip
+                image = self.pipeline(
+                    record["text"],
+                    num_inference_steps=self.cfg.train.validation_steps,
+                    guidance_scale=self.cfg.train.guidance_scale,
+                    generator=generator,
+                    height=size,
+                    width=size,
+                ).images[0]
             rows += [_to_pil(item["conditioning_pixel_values"]), image, _to_pil(item["pixel_values"] * 0.5 + 0.5)]
             if "circle" in record:
                 scores.append(fill_iou(image, record))
@@ -107,11 +113,16 @@ class ControlTrainer:
         if config.train.gradient_checkpointing:
             pipeline.unet.enable_gradient_checkpointing()
         task = ControlValidation(pipeline, config, run_dir, shown)
-        return Setup(ControlDenoiser(adapted, pipeline, config.train.timesteps), adapted, task, pairs,
-                     frozen=[pipeline.unet, pipeline.text_encoder, pipeline.vae],
-                     loader={"num_workers": data.num_workers},
-                     summary=[f"{len(pairs)} (image, condition, caption) triples from {data.root}"],
-                     state={"pipeline": pipeline})  # fmt: skip
+        return Setup(
+            ControlDenoiser(adapted, pipeline, config.train.timesteps),
+            adapted,
+            task,
+            pairs,
+            frozen=[pipeline.unet, pipeline.text_encoder, pipeline.vae],
+            loader={"num_workers": data.num_workers},
+            summary=[f"{len(pairs)} (image, condition, caption) triples from {data.root}"],
+            state={"pipeline": pipeline},
+        )
 
     def finish(self, config: DictConfig, loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
         if not loop.accelerator.is_main_process:

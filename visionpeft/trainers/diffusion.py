@@ -40,8 +40,15 @@ class DiffusionParts:
             cache_latents: Encode each distinct image once and keep the VAE's latent distribution (for image sets
                 without random augmentation); latents are still sampled from it every step.
         """
-        return cls(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, training_scheduler(pipeline),
-                   {} if cache_prompts else None, {} if cache_latents else None)  # fmt: skip
+        return cls(
+            pipeline.unet,
+            pipeline.vae,
+            pipeline.text_encoder,
+            pipeline.tokenizer,
+            training_scheduler(pipeline),
+            {} if cache_prompts else None,
+            {} if cache_latents else None,
+        )
 
 
 def training_scheduler(pipeline):
@@ -76,9 +83,15 @@ def latent_distribution(vae: nn.Module, pixel_values: torch.Tensor, cache: dict[
     return DiagonalGaussianDistribution(torch.stack([cache[key] for key in keys]))
 
 
-def noise_latents(vae: nn.Module, scheduler, pixel_values: torch.Tensor, generator: torch.Generator | None = None,
-                  noise_offset: float = 0.0, latent_cache: dict | None = None,
-                  timestep_sampling: str = "uniform") -> Noised:  # fmt: skip
+def noise_latents(
+    vae: nn.Module,
+    scheduler,
+    pixel_values: torch.Tensor,
+    generator: torch.Generator | None = None,
+    noise_offset: float = 0.0,
+    latent_cache: dict | None = None,
+    timestep_sampling: str = "uniform",
+) -> Noised:
     """VAE latents of the images (scaled by the VAE's factor), noise (optionally offset), uniform timesteps."""
     device = pixel_values.device
     with torch.no_grad():
@@ -160,8 +173,9 @@ def diffusion_loss(
         timestep_sampling: ``uniform`` or ``cubic`` (see :func:`sample_timesteps`).
     """
     scheduler = parts.scheduler
-    batch = noise_latents(parts.vae, scheduler, pixel_values, generator, noise_offset, parts.latent_cache,
-                          timestep_sampling)  # fmt: skip
+    batch = noise_latents(
+        parts.vae, scheduler, pixel_values, generator, noise_offset, parts.latent_cache, timestep_sampling
+    )
     hidden = encode_prompts(parts, prompts)
     prediction = parts.unet(batch.noisy, batch.timesteps, hidden.to(parts.unet.dtype)).sample.float()
     if scheduler.config.prediction_type == "epsilon":

@@ -106,8 +106,9 @@ class Task(Protocol):
     # optional: ``last_images`` ({panel name: [PIL images]}) made by the latest evaluate, logged to the trackers
 
 
-def build_scheduler(cfg: LoopConfig, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                    processes: int) -> torch.optim.lr_scheduler.LRScheduler:  # fmt: skip
+def build_scheduler(
+    cfg: LoopConfig, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, processes: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """The learning-rate schedule from transformers' ``get_scheduler``, in scheduler units: accelerate steps a
     prepared scheduler once per process per optimizer step, so the lengths are multiplied by the process count."""
     from transformers import get_scheduler
@@ -117,8 +118,13 @@ def build_scheduler(cfg: LoopConfig, optimizer: torch.optim.Optimizer, total_ste
         name, kwargs = "cosine_with_min_lr", {"min_lr_rate": cfg.min_lr_ratio}
     elif name == "polynomial":
         kwargs = {"power": cfg.power, "lr_end": cfg.min_lr_ratio * optimizer.defaults["lr"]}
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps * processes,
-                         num_training_steps=total_steps * processes, scheduler_specific_kwargs=kwargs)  # fmt: skip
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warmup_steps * processes,
+        num_training_steps=total_steps * processes,
+        scheduler_specific_kwargs=kwargs,
+    )
 
 
 def launched(cpu: bool = False) -> tuple[bool, bool]:
@@ -195,8 +201,9 @@ class Loop:
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else (cfg.warmup_epochs or 0) * self.steps_per_epoch
         self.warmup_steps = min(warmup, self.total_steps)
         self.eval_every = cfg.in_steps(cfg.eval_every, self.steps_per_epoch)
-        scheduler = build_scheduler(cfg, self.optimizer.optimizer, self.total_steps, self.warmup_steps,
-                                    accelerator.num_processes)  # fmt: skip
+        scheduler = build_scheduler(
+            cfg, self.optimizer.optimizer, self.total_steps, self.warmup_steps, accelerator.num_processes
+        )
         self.scheduler = accelerator.prepare(scheduler)
         self.epoch, self.step, self.best = 0, 0, -math.inf
         self.batch_in_epoch, self.epoch_loss = 0, [0.0, 0]  # progress inside the current epoch (sum, batches)
@@ -240,8 +247,14 @@ class Loop:
         if main and tmp.exists():
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        progress = {"epoch": self.epoch, "step": self.step, "best": self.best, "batch_in_epoch": self.batch_in_epoch,
-                    "epoch_loss": self.epoch_loss, "rng": run_state.rng_digest()}  # fmt: skip
+        progress = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "best": self.best,
+            "batch_in_epoch": self.batch_in_epoch,
+            "epoch_loss": self.epoch_loss,
+            "rng": run_state.rng_digest(),
+        }
         try:
             accelerator.save_state(str(tmp))
             # every process writes its own random state into tmp: none may be renamed away before all are written
@@ -256,8 +269,11 @@ class Loop:
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
             previous = self.run_dir / run_state.STATE
-            kept = (f"the state of step {run_state.read_progress(previous)['step']} is kept in {previous}"
-                    if run_state.is_complete(previous) else "no earlier state exists")  # fmt: skip
+            kept = (
+                f"the state of step {run_state.read_progress(previous)['step']} is kept in {previous}"
+                if run_state.is_complete(previous)
+                else "no earlier state exists"
+            )
             text = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip()
             reason = text.splitlines()[0] if text else type(err).__name__
             raise CheckpointError(f"could not save the run state at step {self.step} ({reason}); {kept}") from None
@@ -284,14 +300,18 @@ class Loop:
         if self.ema is not None:
             run_state.load_ema(self.ema, state, progress.get("ema"))
         if progress.get("rng") != run_state.rng_digest():
-            logger.warning(f"the random state saved in {state} could not be restored: the resumed run will not "
-                           "repeat an uninterrupted one exactly")  # fmt: skip
+            logger.warning(
+                f"the random state saved in {state} could not be restored: the resumed run will not "
+                "repeat an uninterrupted one exactly"
+            )
         self.epoch, self.step, self.best = progress["epoch"], progress["step"], progress["best"]
         self.batch_in_epoch, self.epoch_loss = progress["batch_in_epoch"], progress["epoch_loss"]
         self.trackers.purge_step = self.step + 1  # TensorBoard drops the events logged after the saved state
         if self.batch_in_epoch:
-            logger.info(f"resuming inside epoch {self.epoch + 1} at step {self.step}: the data order is the "
-                        "uninterrupted run's; random augmentation of its remaining batches may differ")  # fmt: skip
+            logger.info(
+                f"resuming inside epoch {self.epoch + 1} at step {self.step}: the data order is the "
+                "uninterrupted run's; random augmentation of its remaining batches may differ"
+            )
         if self.accelerator.is_main_process:
             run_state.trim_metrics(self.run_dir / "metrics.jsonl", self.step)
 
@@ -363,8 +383,13 @@ class Loop:
         """
         last: dict[str, float] = {}
         stop_epoch = None if stop_after is None else self.epoch + stop_after
-        with tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                  disable=not self.accelerator.is_local_main_process) as bar:  # fmt: skip
+        with tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not self.accelerator.is_local_main_process,
+        ) as bar:
             self._train_mode()
             while not self.finished and (stop_epoch is None or self.epoch < stop_epoch):
                 for batch in self._batches():

@@ -63,8 +63,14 @@ class Denoiser(nn.Module):
         if prior:
             pixels = torch.cat([pixels, batch["class_pixel_values"]])
             prompts += list(batch["class_prompt"])
-        losses = diffusion_loss(self.parts, pixels, prompts, noise_offset=self.cfg.optim.noise_offset,
-                                snr_gamma=self.cfg.optim.snr_gamma, reduction="none")  # fmt: skip
+        losses = diffusion_loss(
+            self.parts,
+            pixels,
+            prompts,
+            noise_offset=self.cfg.optim.noise_offset,
+            snr_gamma=self.cfg.optim.snr_gamma,
+            reduction="none",
+        )
         if not prior:
             return losses.mean()
         n = batch["pixel_values"].shape[0]
@@ -94,9 +100,14 @@ class PersonalizationTask:
         self.last_images = {}
         for p, prompt in enumerate(self.cfg.train.validation_prompts):
             with accelerator.autocast():  # frozen weights may be half precision, trained ones fp32
-                images = self.pipeline(prompt, num_inference_steps=self.cfg.train.validation_steps,
-                                       generator=generator, num_images_per_prompt=self.cfg.train.validation_images,
-                                       height=self.cfg.data.size, width=self.cfg.data.size).images  # fmt: skip
+                images = self.pipeline(
+                    prompt,
+                    num_inference_steps=self.cfg.train.validation_steps,
+                    generator=generator,
+                    num_images_per_prompt=self.cfg.train.validation_images,
+                    height=self.cfg.data.size,
+                    width=self.cfg.data.size,
+                ).images
             for i, image in enumerate(images):
                 image.save(folder / f"{p:02d}_{i}.png")
             self.last_images[f"validation/{p:02d} {prompt}"] = images
@@ -111,8 +122,13 @@ def _class_images(pipeline, cfg: DictConfig, run_dir: Path) -> Path:
     generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
     pipeline.set_progress_bar_config(disable=True)
     for index in range(have, cfg.prior.num_images):
-        image = pipeline(cfg.prior.class_prompt, num_inference_steps=cfg.prior.sample_steps, generator=generator,
-                         height=cfg.data.size, width=cfg.data.size).images[0]  # fmt: skip
+        image = pipeline(
+            cfg.prior.class_prompt,
+            num_inference_steps=cfg.prior.sample_steps,
+            generator=generator,
+            height=cfg.data.size,
+            width=cfg.data.size,
+        ).images[0]
         image.save(folder / f"class_{index:04d}.png")
     return folder
 
@@ -139,14 +155,34 @@ class PersonalizationTrainer:
             raise ConfigError("data.images is required: the folder with the subject or style images")
         data, skip = config.data, config.data.skip_bad_images
         # read (and checked: a missing folder or a corrupt image fails here) before the pipeline loads
-        subject = FewImages(data.images, config.token, data.size, data.kind, data.prompt, data.repeats,
-                            data.center_crop, data.flip, config.train.seed, skip)  # fmt: skip
+        subject = FewImages(
+            data.images,
+            config.token,
+            data.size,
+            data.kind,
+            data.prompt,
+            data.repeats,
+            data.center_crop,
+            data.flip,
+            config.train.seed,
+            skip,
+        )
         pipeline = load_pipeline(config.model.name)
         dataset: Dataset = subject
         if config.prior.enabled:
             folder = _class_images(pipeline, config, run_dir)
-            prior = FewImages(folder, config.token, data.size, "fixed", config.prior.class_prompt, 1,
-                              data.center_crop, data.flip, config.train.seed, skip)  # fmt: skip
+            prior = FewImages(
+                folder,
+                config.token,
+                data.size,
+                "fixed",
+                config.prior.class_prompt,
+                1,
+                data.center_crop,
+                data.flip,
+                config.train.seed,
+                skip,
+            )
             dataset = PairedPrior(dataset, prior)
         vp.attach(pipeline, fill_task_inputs(methods_of_config(config), {"token": config.token}, "personalization"))
         adapted = pipeline_modules(pipeline)

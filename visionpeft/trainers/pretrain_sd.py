@@ -47,9 +47,13 @@ EARLIER_RECORD = "earlier_training.json"
 
 #: one validation row per family; digit 7 is held out, so its row shows what the model cannot draw
 VALIDATION_PROMPTS = (
-    "a handwritten digit three", "a handwritten digit seven", "a photo of gravel", "a photo of a face",
-    "a photo of a cat", "red circle with blue background",
-)  # fmt: skip
+    "a handwritten digit three",
+    "a handwritten digit seven",
+    "a photo of gravel",
+    "a photo of a face",
+    "a photo of a cat",
+    "red circle with blue background",
+)
 
 
 class CaptionedPixels(Dataset):
@@ -73,8 +77,15 @@ class TextToImageDenoiser(nn.Module):
         self.adapted, self.vae = adapted, pipeline.vae
         frozen_text = not cfg.model.train_text_encoder
         # the VAE is frozen: each image's latent distribution is computed once (latents are still sampled per step)
-        parts = DiffusionParts(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
-                               training_noise_scheduler(), {} if frozen_text else None, {})  # fmt: skip
+        parts = DiffusionParts(
+            pipeline.unet,
+            pipeline.vae,
+            pipeline.text_encoder,
+            pipeline.tokenizer,
+            training_noise_scheduler(),
+            {} if frozen_text else None,
+            {},
+        )
         self.__dict__["parts"] = parts
         self.cfg = cfg
 
@@ -105,8 +116,12 @@ class SampleGrids:
         self.pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(train.seed)
         prompts = [p for p in VALIDATION_PROMPTS for _ in range(per_prompt)]
-        images = self.pipeline(prompts, num_inference_steps=train.validation_steps, generator=generator,
-                               guidance_scale=train.guidance_scale).images  # fmt: skip
+        images = self.pipeline(
+            prompts,
+            num_inference_steps=train.validation_steps,
+            generator=generator,
+            guidance_scale=train.guidance_scale,
+        ).images
         folder = self.run_dir / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         step = len(list(folder.glob("*.png")))
@@ -120,18 +135,28 @@ def build_pipeline(cfg: DictConfig, vae):
 
     tokenizer = build_tokenizer(cfg.model)
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=build_text_encoder(cfg.model, tokenizer), tokenizer=tokenizer,
-        unet=build_unet(cfg.model), scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=build_text_encoder(cfg.model, tokenizer),
+        tokenizer=tokenizer,
+        unet=build_unet(cfg.model),
+        scheduler=sampling_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
-    )  # fmt: skip
+    )
 
 
 class PretrainTextToImageTrainer:
     """VAE stage, then the U-Net (+ text encoder) with the shared loop; writes ``RUN/pipeline`` at the end."""
 
     def build(self, config: DictConfig, accelerator, run_dir: Path) -> Setup:
-        images = captioned_mix("all", size=config.model.image_size, seed=config.train.seed,
-                               exclude=list(config.data.exclude), **dict(config.data.options))  # fmt: skip
+        images = captioned_mix(
+            "all",
+            size=config.model.image_size,
+            seed=config.train.seed,
+            exclude=list(config.data.exclude),
+            **dict(config.data.options),
+        )
         run_dir.mkdir(parents=True, exist_ok=True)
         if config.model.init_from:
             pipeline, earlier = continued_pipeline(config.model.init_from, list(config.data.exclude))
@@ -157,10 +182,16 @@ class PretrainTextToImageTrainer:
             f"vae: {vae_record['steps']} steps, reconstruction mse {mse:.4f}"
             + (f" (continuing {config.model.init_from})" if config.model.init_from else ""),
         ]
-        return Setup(TextToImageDenoiser(adapted, pipeline, config), adapted, SampleGrids(pipeline, config, run_dir),
-                     CaptionedPixels(images), frozen=[vae], loader={"drop_last": True}, summary=summary,
-                     state={"pipeline": pipeline, "vae": vae_record, "images": len(images),
-                            "subjects": subjects})  # fmt: skip
+        return Setup(
+            TextToImageDenoiser(adapted, pipeline, config),
+            adapted,
+            SampleGrids(pipeline, config, run_dir),
+            CaptionedPixels(images),
+            frozen=[vae],
+            loader={"drop_last": True},
+            summary=summary,
+            state={"pipeline": pipeline, "vae": vae_record, "images": len(images), "subjects": subjects},
+        )
 
     def finish(self, config: DictConfig, loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
         pipeline = setup.state["pipeline"]

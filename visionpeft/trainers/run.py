@@ -89,8 +89,9 @@ def micro_batch(batch_size: int, processes: int, grad_accum: int) -> int:
     return batch_size // shards
 
 
-def build_optimizer(optim: DictConfig, model: nn.Module, batch_size: int,
-                    lr_multipliers: dict[str, float] | None = None) -> torch.optim.Optimizer:  # fmt: skip
+def build_optimizer(
+    optim: DictConfig, model: nn.Module, batch_size: int, lr_multipliers: dict[str, float] | None = None
+) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW over the trainable parameters only; biases and norms (1-D tensors) without weight
     decay unless ``optim.bias_decay``; lr scaled by ``batch_size / optim.lr_scale_batch`` when that is set.
 
@@ -132,8 +133,16 @@ def freeze_in_precision(modules: list[nn.Module], mixed_precision: str) -> None:
                 p.data = p.data.to(dtype)
 
 
-def run_task(trainer: Trainer, config: DictConfig, run_dir: Path, *, resume: bool = False, dry_run: bool = False,
-             stop_after: int | None = None, cpu: bool = False) -> dict[str, Any]:  # fmt: skip
+def run_task(
+    trainer: Trainer,
+    config: DictConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    dry_run: bool = False,
+    stop_after: int | None = None,
+    cpu: bool = False,
+) -> dict[str, Any]:
     """Builds, trains and finishes one run of ``trainer``; returns the task's results plus ``parameters``."""
     loop_cfg = LoopConfig.from_config(config)
     check_report_to(loop_cfg.report_to)
@@ -156,13 +165,23 @@ def run_task(trainer: Trainer, config: DictConfig, run_dir: Path, *, resume: boo
     options["persistent_workers"] = options["num_workers"] > 0
     generator = torch.Generator().manual_seed(config.train.seed)
     # an unreadable item stays one line even when a loader worker re-raises it
-    loader = DataLoader(WorkerSafe(setup.train_set), batch_size=per_process, shuffle=True, generator=generator,
-                        **options)  # fmt: skip
+    loader = DataLoader(
+        WorkerSafe(setup.train_set), batch_size=per_process, shuffle=True, generator=generator, **options
+    )
     optimizer = build_optimizer(config.optim, setup.adapted, batch, setup.lr_multipliers)
     frozen_weights_sha256(setup.adapted)  # recorded in checkpoints: hash the weights before a half-precision cast
     freeze_in_precision(setup.frozen, config.train.mixed_precision)
-    loop = Loop(setup.model, setup.task, optimizer, loader, run_dir, loop_cfg, accelerator,
-                select_best=setup.select_best, adapted=setup.adapted)  # fmt: skip
+    loop = Loop(
+        setup.model,
+        setup.task,
+        optimizer,
+        loader,
+        run_dir,
+        loop_cfg,
+        accelerator,
+        select_best=setup.select_best,
+        adapted=setup.adapted,
+    )
     if resume:
         loop.load_state()
     results["eval"] = loop.fit(stop_after=stop_after)

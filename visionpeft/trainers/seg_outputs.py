@@ -52,8 +52,9 @@ def prediction_grid(model: nn.Module, dataset: Dataset, config: Any, palette: Se
     for index in range(min(cfg.grid_images, len(dataset))):
         image, mask = dataset[index]
         tensor, target = transform(image, mask)
-        pred = predict_labels(model, [tensor.to(device)], [target.shape[-2:]], cfg.mode, tuple(cfg.crop),
-                              tuple(cfg.stride))[0]  # fmt: skip
+        pred = predict_labels(
+            model, [tensor.to(device)], [target.shape[-2:]], cfg.mode, tuple(cfg.crop), tuple(cfg.stride)
+        )[0]
         tiles = [image.convert("RGB"), colorize(target.numpy(), palette, ignore), colorize(pred.cpu().numpy(), palette)]
         rows.append([_tile(t) for t in tiles])
     width = max(sum(t.width for t in row) for row in rows)

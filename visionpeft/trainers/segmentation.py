@@ -138,9 +138,17 @@ def build_segmenter(config: DictConfig, classes: list[str], palette: list | None
     cfg = config.model
     model = create_timm(cfg, num_classes=0) if cfg.library == "timm" else create_open_clip(cfg)
     h = config.head
-    seg = vp.segmentation.build(model, head=h.name, num_classes=len(classes),
-                                indices=list(h.indices) if h.indices is not None else None, aux=h.aux,
-                                channels=h.channels, dropout=h.dropout, classes=classes, palette=palette)  # fmt: skip
+    seg = vp.segmentation.build(
+        model,
+        head=h.name,
+        num_classes=len(classes),
+        indices=list(h.indices) if h.indices is not None else None,
+        aux=h.aux,
+        channels=h.channels,
+        dropout=h.dropout,
+        classes=classes,
+        palette=palette,
+    )
     _check_input_size(config, seg)
     return seg
 
@@ -152,14 +160,21 @@ def _check_input_size(config: DictConfig, seg: Segmenter) -> None:
     if fixed is None:
         return
     crop, window = _pair(config, "data.crop_size"), _pair(config, "eval.crop")
-    fix = ("set model.kwargs.dynamic_img_size=true (timm interpolates the position embeddings)"
-           if config.model.library == "timm" else f"use {fixed[0]}x{fixed[1]} crops and eval.mode=slide")  # fmt: skip
+    fix = (
+        "set model.kwargs.dynamic_img_size=true (timm interpolates the position embeddings)"
+        if config.model.library == "timm"
+        else f"use {fixed[0]}x{fixed[1]} crops and eval.mode=slide"
+    )
     if crop != fixed:
-        raise ConfigError(f"data.crop_size {list(crop)} does not fit model '{config.model.name}', built for "
-                          f"{fixed[0]}x{fixed[1]} px inputs; {fix}")  # fmt: skip
+        raise ConfigError(
+            f"data.crop_size {list(crop)} does not fit model '{config.model.name}', built for "
+            f"{fixed[0]}x{fixed[1]} px inputs; {fix}"
+        )
     if config.eval.mode == "whole" or window != fixed:
-        raise ConfigError(f"model '{config.model.name}' takes only {fixed[0]}x{fixed[1]} px inputs, so evaluation "
-                          f"must slide a window of that size (eval.mode=slide, eval.crop); or {fix}")  # fmt: skip
+        raise ConfigError(
+            f"model '{config.model.name}' takes only {fixed[0]}x{fixed[1]} px inputs, so evaluation "
+            f"must slide a window of that size (eval.mode=slide, eval.crop); or {fix}"
+        )
 
 
 def build_experiment(config: DictConfig) -> SegExperiment:
@@ -177,21 +192,36 @@ def build_experiment(config: DictConfig) -> SegExperiment:
     seg = build_segmenter(config, classes, palette)
     vp.attach(seg, methods_of_config(config))
     mean, std = normalization_of(seg.inner_model())
-    train_tf = SegmentationTransform(True, crop_size=_pair(config, "data.crop_size"), scale=_pair(config, "data.scale"),
-                                     ratio_range=tuple(data.ratio_range), cat_max_ratio=data.cat_max_ratio,
-                                     photometric=data.photometric, mean=mean, std=std, ignore_index=ignore)  # fmt: skip
+    train_tf = SegmentationTransform(
+        True,
+        crop_size=_pair(config, "data.crop_size"),
+        scale=_pair(config, "data.scale"),
+        ratio_range=tuple(data.ratio_range),
+        cat_max_ratio=data.cat_max_ratio,
+        photometric=data.photometric,
+        mean=mean,
+        std=std,
+        ignore_index=ignore,
+    )
     eval_tf = SegmentationTransform(False, scale=_pair(config, "data.scale"), mean=mean, std=std, ignore_index=ignore)
     wrap = lambda ds, tf: WorkerSafe(Paired(ds, tf)) if ds is not None else None  # noqa: E731
     raw_eval = val if val is not None else test
-    return SegExperiment(seg, wrap(train, train_tf), wrap(raw_eval, eval_tf), wrap(test, eval_tf), raw_eval,
-                         classes, palette)  # fmt: skip
+    return SegExperiment(
+        seg, wrap(train, train_tf), wrap(raw_eval, eval_tf), wrap(test, eval_tf), raw_eval, classes, palette
+    )
 
 
 def eval_loader(dataset: Dataset, config: DictConfig, batch_size: int | None = None) -> DataLoader:
     """An evaluation loader: in order, nothing dropped, images of any size as lists."""
     workers = config.data.num_workers
-    return DataLoader(dataset, batch_size=batch_size or config.data.eval_batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=collate_eval, persistent_workers=workers > 0)  # fmt: skip
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or config.data.eval_batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_eval,
+        persistent_workers=workers > 0,
+    )
 
 
 class SegmentationTrainer:
@@ -204,12 +234,21 @@ class SegmentationTrainer:
         loader = accelerator.prepare(eval_loader(exp.evaluation, config)) if exp.evaluation is not None else None
         task = SegmentationTask(len(exp.classes), loader, config.eval, ignore)
         sizes = {k: len(v) for k, v in (("train", exp.train), ("eval", exp.evaluation)) if v is not None}
-        summary = [f"data: {config.data.name}, {len(exp.classes)} classes, "
-                   + ", ".join(f"{k} {n}" for k, n in sizes.items())]  # fmt: skip
+        summary = [
+            f"data: {config.data.name}, {len(exp.classes)} classes, " + ", ".join(f"{k} {n}" for k, n in sizes.items())
+        ]
         mult = config.optim.head_lr_mult
-        return Setup(exp.model, exp.model, task, exp.train, select_best=config.data.val_split is not None,
-                     loader={"num_workers": config.data.num_workers, "drop_last": True}, summary=summary,
-                     state={"experiment": exp}, lr_multipliers={"head.": mult, "aux_head.": mult})  # fmt: skip
+        return Setup(
+            exp.model,
+            exp.model,
+            task,
+            exp.train,
+            select_best=config.data.val_split is not None,
+            loader={"num_workers": config.data.num_workers, "drop_last": True},
+            summary=summary,
+            state={"experiment": exp},
+            lr_multipliers={"head.": mult, "aux_head.": mult},
+        )
 
     def finish(self, config: DictConfig, loop: Loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
         exp: SegExperiment = setup.state["experiment"]
@@ -252,9 +291,15 @@ def load_segmenter(config: DictConfig, adapter_dir: Path, check_base: bool = Tru
     return seg.eval()
 
 
-def evaluate_saved(config: DictConfig, adapter_dir: Path, split: str, mode: str | None = None,
-                   batch_size: int | None = None, cpu: bool = False,
-                   check_base: bool = True) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+def evaluate_saved(
+    config: DictConfig,
+    adapter_dir: Path,
+    split: str,
+    mode: str | None = None,
+    batch_size: int | None = None,
+    cpu: bool = False,
+    check_base: bool = True,
+) -> tuple[dict[str, Any], list[str]]:
     """mIoU / aAcc / mAcc (and per-class values) of a saved adapter on ``split``; returns them and the classes."""
     from .loop import LoopConfig, make_accelerator
 
@@ -281,5 +326,12 @@ def run(config: DictConfig, run_dir: Path, **options: Any) -> dict[str, Any]:
     return run_task(SegmentationTrainer(), config, run_dir, **options)
 
 
-__all__ = ["SegmentationTask", "SegmentationTrainer", "build_experiment", "build_segmenter", "evaluate_saved",
-           "load_segmenter", "run"]  # fmt: skip
+__all__ = [
+    "SegmentationTask",
+    "SegmentationTrainer",
+    "build_experiment",
+    "build_segmenter",
+    "evaluate_saved",
+    "load_segmenter",
+    "run",
+]

@@ -46,22 +46,41 @@ def training_record(config, run_dir: Path, command: str) -> dict:
     if earlier:
         vae = earlier["vae"]
     else:  # the settings with the numbers, so that a continued run's card can state them
-        vae = {"batch_size": config.vae.batch_size, "lr": config.vae.lr, "kl_weight": config.vae.kl_weight,
-               **json.loads((run_dir / "vae" / "training.json").read_text())}  # fmt: skip
+        vae = {
+            "batch_size": config.vae.batch_size,
+            "lr": config.vae.lr,
+            "kl_weight": config.vae.kl_weight,
+            **json.loads((run_dir / "vae" / "training.json").read_text()),
+        }
     wall = json.loads((run_dir / "wall_minutes.json").read_text())
     first, last, steps = _losses(run_dir)
     o = config.optim
     stage = {
-        "command": command, "init_from": config.model.init_from, "steps": steps, "batch_size": config.data.batch_size,
-        "lr": o.lr, "schedule": o.schedule, "warmup_steps": o.warmup_steps, "weight_decay": o.weight_decay,
-        "clip_grad": o.clip_grad, "snr_gamma": o.snr_gamma, "caption_dropout": config.data.caption_dropout,
-        "ema_decay": config.train.ema_decay, "train_text_encoder": config.model.train_text_encoder,
-        "first_loss": first, "last_loss": last, "threads": wall.get("threads"),
+        "command": command,
+        "init_from": config.model.init_from,
+        "steps": steps,
+        "batch_size": config.data.batch_size,
+        "lr": o.lr,
+        "schedule": o.schedule,
+        "warmup_steps": o.warmup_steps,
+        "weight_decay": o.weight_decay,
+        "clip_grad": o.clip_grad,
+        "snr_gamma": o.snr_gamma,
+        "caption_dropout": config.data.caption_dropout,
+        "ema_decay": config.train.ema_decay,
+        "train_text_encoder": config.model.train_text_encoder,
+        "first_loss": first,
+        "last_loss": last,
+        "threads": wall.get("threads"),
         "minutes": wall["minutes"] - (vae["minutes"] if wall.get("includes_vae") else 0.0),
-    }  # fmt: skip
+    }
     stages = (earlier["stages"] if earlier else []) + [stage]
-    return {"vae": vae, "stages": stages, "held_out": sorted(config.data.exclude),
-            "minutes": vae["minutes"] + sum(s["minutes"] for s in stages)}  # fmt: skip
+    return {
+        "vae": vae,
+        "stages": stages,
+        "held_out": sorted(config.data.exclude),
+        "minutes": vae["minutes"] + sum(s["minutes"] for s in stages),
+    }
 
 
 def _stage_lines(stages: list[dict]) -> str:
@@ -85,11 +104,19 @@ def _architecture(pipeline) -> dict:
     """The widths the card states, read from the saved modules' configs (not from the run's config)."""
     vae, unet, text = pipeline.vae.config, pipeline.unet.config, pipeline.text_encoder.config
     factor = 2 ** (len(vae.block_out_channels) - 1)
-    return {"vae_channels": list(vae.block_out_channels), "latent_channels": vae.latent_channels,
-            "vae_scale_factor": factor, "image_size": unet.sample_size * factor, "sample_size": unet.sample_size,
-            "unet_channels": list(unet.block_out_channels), "layers_per_block": unet.layers_per_block,
-            "text_width": text.hidden_size, "text_layers": text.num_hidden_layers,
-            "text_heads": text.num_attention_heads, "max_tokens": text.max_position_embeddings}  # fmt: skip
+    return {
+        "vae_channels": list(vae.block_out_channels),
+        "latent_channels": vae.latent_channels,
+        "vae_scale_factor": factor,
+        "image_size": unet.sample_size * factor,
+        "sample_size": unet.sample_size,
+        "unet_channels": list(unet.block_out_channels),
+        "layers_per_block": unet.layers_per_block,
+        "text_width": text.hidden_size,
+        "text_layers": text.num_hidden_layers,
+        "text_heads": text.num_attention_heads,
+        "max_tokens": text.max_position_embeddings,
+    }
 
 
 def _parameters(module: torch.nn.Module) -> int:
@@ -117,13 +144,21 @@ def export_pipeline(config, run_dir: Path, target: Path, command: str) -> Path:
     record = training_record(config, run_dir, command)
     (target / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     vae = record["vae"]
-    images = captioned_mix("all", size=config.model.image_size, seed=config.train.seed,
-                           exclude=list(config.data.exclude), **dict(config.data.options))  # fmt: skip
+    images = captioned_mix(
+        "all",
+        size=config.model.image_size,
+        seed=config.train.seed,
+        exclude=list(config.data.exclude),
+        **dict(config.data.options),
+    )
     families = collections.Counter(SUBJECTS[label].split(" ")[0] for label in images.targets)
     size_mb = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
     a = _architecture(pipeline)
-    text = ("trained jointly with the U-Net" if all(s["train_text_encoder"] for s in record["stages"])
-            else "frozen at its random initialisation in at least one stage")  # fmt: skip
+    text = (
+        "trained jointly with the U-Net"
+        if all(s["train_text_encoder"] for s in record["stages"])
+        else "frozen at its random initialisation in at least one stage"
+    )
     latent = a["sample_size"]
     guidance = config.train.guidance_scale
     card = f"""# tiny_sd

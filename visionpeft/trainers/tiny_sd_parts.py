@@ -25,8 +25,13 @@ from .logs import get_logger
 logger = get_logger(__name__)
 
 #: Stable Diffusion's noise schedule (scaled linear betas, 1000 steps, epsilon prediction)
-NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                  "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}  # fmt: skip
+NOISE_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+}
 
 
 def build_vae(model: DictConfig):
@@ -34,11 +39,16 @@ def build_vae(model: DictConfig):
 
     blocks = len(model.vae_channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=model.latent_channels,
-        block_out_channels=tuple(model.vae_channels), layers_per_block=model.layers_per_block,
-        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-        norm_num_groups=min(16, model.vae_channels[0]), sample_size=model.image_size,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        latent_channels=model.latent_channels,
+        block_out_channels=tuple(model.vae_channels),
+        layers_per_block=model.layers_per_block,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        norm_num_groups=min(16, model.vae_channels[0]),
+        sample_size=model.image_size,
+    )
 
 
 def latent_size(model: DictConfig) -> int:
@@ -53,22 +63,33 @@ def build_unet(model: DictConfig):
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (blocks - 1)
     up = ("CrossAttnUpBlock2D",) * (blocks - 1) + ("UpBlock2D",)
     return UNet2DConditionModel(
-        sample_size=latent_size(model), in_channels=model.latent_channels, out_channels=model.latent_channels,
-        block_out_channels=tuple(model.unet_channels), layers_per_block=model.layers_per_block,
-        down_block_types=down, up_block_types=up, cross_attention_dim=model.text_width,
-        attention_head_dim=model.attention_head_dim, norm_num_groups=min(16, model.unet_channels[0]),
-    )  # fmt: skip
+        sample_size=latent_size(model),
+        in_channels=model.latent_channels,
+        out_channels=model.latent_channels,
+        block_out_channels=tuple(model.unet_channels),
+        layers_per_block=model.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=model.text_width,
+        attention_head_dim=model.attention_head_dim,
+        norm_num_groups=min(16, model.unet_channels[0]),
+    )
 
 
 def build_text_encoder(model: DictConfig, tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=model.text_width, intermediate_size=4 * model.text_width,
-        num_hidden_layers=model.text_layers, num_attention_heads=model.text_heads,
-        max_position_embeddings=model.max_tokens, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=model.text_width,
+        intermediate_size=4 * model.text_width,
+        num_hidden_layers=model.text_layers,
+        num_attention_heads=model.text_heads,
+        max_position_embeddings=model.max_tokens,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return CLIPTextModel(config)
 
 
@@ -128,8 +149,14 @@ def train_vae(vae, images: np.ndarray, stage: DictConfig, seed: int, folder: Pat
         reconstruction_mse = F.mse_loss(vae.decode(vae.encode(check).latent_dist.mode()).sample, check).item()
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.requires_grad_(False)
-    record = {"steps": stage.steps, "final_train_mse": float(np.mean(recent)), "reconstruction_mse": reconstruction_mse,
-              "latent_std": std, "scaling_factor": 1.0 / std, "minutes": (time.time() - start) / 60}  # fmt: skip
+    record = {
+        "steps": stage.steps,
+        "final_train_mse": float(np.mean(recent)),
+        "reconstruction_mse": reconstruction_mse,
+        "latent_std": std,
+        "scaling_factor": 1.0 / std,
+        "minutes": (time.time() - start) / 60,
+    }
     vae.save_pretrained(folder)
     (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")  # last: marks the stage complete
     logger.info(f"vae: reconstruction mse {reconstruction_mse:.4f}, latent std {std:.3f} -> scaling {1 / std:.3f}")
@@ -169,13 +196,17 @@ def continued_pipeline(folder: str | Path, held_out: list[str]):
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"model.init_from: {folder} is no pipeline folder (no model_index.json)")
     if not (folder / TRAINING_RECORD).is_file():
-        raise ModelLoadError(f"model.init_from: {folder} has no {TRAINING_RECORD}; continue only from a folder "
-                             "tools/pretrain.py exported (its record says what the earlier stages saw)")  # fmt: skip
+        raise ModelLoadError(
+            f"model.init_from: {folder} has no {TRAINING_RECORD}; continue only from a folder "
+            "tools/pretrain.py exported (its record says what the earlier stages saw)"
+        )
     record = json.loads((folder / TRAINING_RECORD).read_text())
     seen = sorted(set(held_out) - set(record["held_out"]))
     if seen:
-        raise ConfigError(f"data.exclude: {seen} were trained on by the earlier stages of {folder}; a continued run "
-                          "cannot hold them out")  # fmt: skip
+        raise ConfigError(
+            f"data.exclude: {seen} were trained on by the earlier stages of {folder}; a continued run "
+            "cannot hold them out"
+        )
     pipeline = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
     pipeline.scheduler = sampling_scheduler()
     pipeline.vae.requires_grad_(False).eval()

@@ -33,8 +33,10 @@ def tracker_arguments(report_to: str, run_dir: Path | None) -> dict[str, Any]:
         return {}
     from accelerate.utils import ProjectConfiguration
 
-    return {"log_with": report_to, "project_config": ProjectConfiguration(project_dir=str(run_dir),
-                                                                          logging_dir=str(run_dir))}  # fmt: skip
+    return {
+        "log_with": report_to,
+        "project_config": ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+    }
 
 
 class RunTrackers:
@@ -52,8 +54,10 @@ class RunTrackers:
         if self.report_to == "tensorboard":  # writes RUN/tensorboard (accelerate: logging_dir / project name)
             self.accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": self.purge_step}})
         else:
-            self.accelerator.init_trackers("visionpeft", init_kwargs={
-                "wandb": {"name": self.run_dir.name, "dir": str(self.run_dir), "resume": "allow"}})  # fmt: skip
+            self.accelerator.init_trackers(
+                "visionpeft",
+                init_kwargs={"wandb": {"name": self.run_dir.name, "dir": str(self.run_dir), "resume": "allow"}},
+            )
 
     def log(self, values: dict[str, float], step: int) -> None:
         self._start()

@@ -72,11 +72,15 @@ def ade20k(
     part = _split("ade20k", split, {"train": "training", "val": "validation"})
     images = files_with_suffix(folder / "images" / part, (".jpg", ".jpeg"))
     where = str(folder / "images" / part)
-    pairs = check_pairs(pair_up(images, lambda image: folder / "annotations" / part / f"{image.stem}.png", where),
-                        where, skip_bad_images)  # fmt: skip
+    pairs = check_pairs(
+        pair_up(images, lambda image: folder / "annotations" / part / f"{image.stem}.png", where),
+        where,
+        skip_bad_images,
+    )
     table = reduce_zero_label_table() if reduce_zero_label else identity_table()
-    dataset = SegmentationFiles(pairs, ADE20K_CLASSES, default_palette(len(ADE20K_CLASSES)), lookup_decoder(table),
-                                transform, name="ade20k")  # fmt: skip
+    dataset = SegmentationFiles(
+        pairs, ADE20K_CLASSES, default_palette(len(ADE20K_CLASSES)), lookup_decoder(table), transform, name="ade20k"
+    )
     return _finish(dataset, check_labels)
 
 
@@ -115,10 +119,17 @@ def voc2012(
     missing = [image for image in images if not image.is_file()]
     if missing:
         raise DataError(f"{missing[0]} (listed in {listing}) does not exist")
-    pairs = check_pairs(pair_up(images, lambda image: masks / f"{image.stem}.png", str(listing)), str(listing),
-                        skip_bad_images)  # fmt: skip
-    dataset = SegmentationFiles(pairs, VOC_CLASSES, default_palette(len(VOC_CLASSES)), lookup_decoder(identity_table()),
-                                transform, name="voc2012")  # fmt: skip
+    pairs = check_pairs(
+        pair_up(images, lambda image: masks / f"{image.stem}.png", str(listing)), str(listing), skip_bad_images
+    )
+    dataset = SegmentationFiles(
+        pairs,
+        VOC_CLASSES,
+        default_palette(len(VOC_CLASSES)),
+        lookup_decoder(identity_table()),
+        transform,
+        name="voc2012",
+    )
     return _finish(dataset, check_labels)
 
 
@@ -154,6 +165,7 @@ def cityscapes(
         return folder / "gtFine" / part / image.parent.name / f"{stem}{CITYSCAPES_MASK_SUFFIX}"
 
     pairs = check_pairs(pair_up(images, mask_of, str(image_root), CITYSCAPES_HINT), str(image_root), skip_bad_images)
-    dataset = SegmentationFiles(pairs, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, lookup_decoder(identity_table()),
-                                transform, name="cityscapes")  # fmt: skip
+    dataset = SegmentationFiles(
+        pairs, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, lookup_decoder(identity_table()), transform, name="cityscapes"
+    )
     return _finish(dataset, check_labels)

@@ -110,8 +110,9 @@ def mask_decoder(
         if unknown.any():
             row, col = np.argwhere(unknown)[0]
             colour = [int(c) for c in values[row, col, :3]]
-            raise DataError(f"{path} has colour {colour} at x={col}, y={row}, which is not in the palette of "
-                            f"{classes_file}")  # fmt: skip
+            raise DataError(
+                f"{path} has colour {colour} at x={col}, y={row}, which is not in the palette of {classes_file}"
+            )
         return labels
 
     def decode(values: np.ndarray, path: Path) -> np.ndarray:
