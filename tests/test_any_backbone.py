@@ -11,7 +11,7 @@ import torch
 import visionpeft as vp
 from visionpeft.adapter import backbone_of
 from visionpeft.backbones.module_paths import matches_target
-from visionpeft.checkpoint import adapter_state_dict
+from visionpeft.checkpoint.folder import adapter_state_dict
 from visionpeft.errors import ConfigError, IncompatibleMethodError
 
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 
 from benchmarks.amp import Amp  # noqa: E402
 from benchmarks.personalize import pipeline_parts  # noqa: E402

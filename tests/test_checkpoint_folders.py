@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 from tiny_models import _run_vit, tiny_vit
 
 import visionpeft as vp
-from visionpeft.base_weights import frozen_weights_sha256
-from visionpeft.checkpoint import CONFIG_NAME, LEGACY_NAMES, WEIGHTS_NAME
+from visionpeft.checkpoint.base_weights import frozen_weights_sha256
+from visionpeft.checkpoint.folder import CONFIG_NAME, LEGACY_NAMES, WEIGHTS_NAME
 from visionpeft.errors import CheckpointError
 
 
@@ -104,6 +104,6 @@ def test_legacy_peft_names_with_a_foreign_schema_are_not_ours(tmp_path):
 
 def test_bfloat16_weights_cannot_be_checked_and_say_so(tmp_path, caplog):
     vp.save_adapter(_trained(vp.attach(tiny_vit(), "lora", r=2)), tmp_path)
-    with caplog.at_level("WARNING", logger="visionpeft.checkpoint"):
+    with caplog.at_level("WARNING", logger="visionpeft.checkpoint.folder"):
         vp.load_adapter(tiny_vit(seed=1).to(torch.bfloat16), tmp_path)
     assert "cannot check the base weights" in caplog.text and "bfloat16" in caplog.text

@@ -4,24 +4,19 @@ classes with DiT's own objective, and the merged folder loads in DiTPipeline wit
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
-from _classify_utils import ROOT
+import train as tool  # noqa: E402
 from PIL import Image
 from tiny_models import tiny_dit_pipeline
 
 import visionpeft as vp
 from visionpeft.backbones.diffusers_loading import load_pipeline
+from visionpeft.cli.common import run  # noqa: E402
 from visionpeft.trainers.diffusion import training_scheduler
 from visionpeft.trainers.dit_loss import class_conditional_loss, variational_bound
-
-sys.path.insert(0, str(ROOT / "tools"))
-import train as tool  # noqa: E402
-
-from visionpeft.cli.common import run  # noqa: E402
 
 COLOURS = {"blue": (20, 40, 220), "red": (230, 30, 20)}
 

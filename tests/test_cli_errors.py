@@ -6,10 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from _classify_utils import ROOT, tiny_config, write_pretrained_vit, write_tiny_cifar10
-
-sys.path.insert(0, str(ROOT / "tools"))
 import train as train_tool  # noqa: E402
+from _classify_utils import ROOT, tiny_config, write_pretrained_vit, write_tiny_cifar10
 
 from visionpeft.cli.common import run  # noqa: E402
 

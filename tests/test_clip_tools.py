@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
+import eval_zeroshot  # noqa: E402
 import open_clip
 import pytest
 import torch
-from _classify_utils import ROOT
-
-sys.path.insert(0, str(ROOT / "tools"))
-import eval_zeroshot  # noqa: E402
 
 from visionpeft.cli.common import run  # noqa: E402
 from visionpeft.config import load_config  # noqa: E402

@@ -62,9 +62,7 @@ def test_convpass_vtab_configs_follow_the_official_per_task_choices():
 
 
 def test_vpt_vitb_cifar_dry_run_builds_vpt_deep_with_the_paper_count(tmp_path, capsys):
-    import sys
 
-    sys.path.insert(0, str(ROOT / "tools"))
     import train as train_tool
 
     from visionpeft.cli.common import run

@@ -4,20 +4,16 @@ validates with grids and the fill IoU, and leaves a controlnet/ folder diffusers
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
+import train as tool  # noqa: E402
 from _classify_utils import ROOT
 from tiny_models import tiny_sd_pipeline
 
-from visionpeft.data.fill50k import make_fill50k
-
-sys.path.insert(0, str(ROOT / "tools"))
-import train as tool  # noqa: E402
-
 from visionpeft.cli.common import run  # noqa: E402
+from visionpeft.data.fill50k import make_fill50k
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,17 @@ initialisation the two are equal: the zero convolutions add nothing)."""
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import torch
+import train as tool  # noqa: E402
 from _classify_utils import ROOT
 from PIL import Image
 
 import visionpeft as vp
-from visionpeft.data.captioned_mix import CIRCLE_COLOURS
-from visionpeft.data.fill50k import make_fill50k
-
-sys.path.insert(0, str(ROOT / "tools"))
-import train as tool  # noqa: E402
-
 from visionpeft.cli.common import run  # noqa: E402
+from visionpeft.data.fill50k import make_fill50k
+from visionpeft.demo.captioned_mix import CIRCLE_COLOURS
 
 PIPELINE = ROOT / "checkpoints" / "tiny_sd"
 

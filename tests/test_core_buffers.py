@@ -7,7 +7,7 @@ from tiny_models import _images, tiny_vit
 from torch import nn
 
 import visionpeft as vp
-from visionpeft.checkpoint import adapter_state_dict
+from visionpeft.checkpoint.folder import adapter_state_dict
 
 BN_NAMES = ["head.0.running_mean", "head.0.running_var", "head.0.num_batches_tracked"]
 

@@ -8,7 +8,7 @@ import torch
 from tiny_models import _run_vit, sample_images, tiny_sd_pipeline, tiny_vit
 
 import visionpeft as vp
-from visionpeft.checkpoint import adapter_state_dict
+from visionpeft.checkpoint.folder import adapter_state_dict
 
 
 def _randomize(model, seed=0):

@@ -7,7 +7,7 @@ import pytest
 
 import visionpeft.data  # noqa: F401  (registers every builder)
 from visionpeft.data import fractal
-from visionpeft.data.fractal import FractalDB, category_system, filling_rate
+from visionpeft.demo.fractal import FractalDB, category_system, filling_rate
 from visionpeft.errors import DataError
 from visionpeft.registry import DATASETS
 

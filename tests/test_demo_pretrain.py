@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-import sys
 
+import pretrain  # noqa: E402
 import torch
 from _demo_utils import PRETRAIN_CONFIG, ROOT
 from safetensors.torch import load_file
 
 from visionpeft.config import load_config
 from visionpeft.trainers.classification import build_experiment
-
-sys.path.insert(0, str(ROOT / "tools"))
-import pretrain  # noqa: E402
 
 
 def test_pretrain_writes_fp16_weights_and_a_truthful_card_that_a_demo_config_loads(tmp_path):

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 
 from _demo_utils import ROOT
 from _sweep_utils import sweep
+from benchmarks import demo  # noqa: E402
 
 from visionpeft.sweep.spec import load_spec_file
-
-sys.path.insert(0, str(ROOT / "tools"))
-from benchmarks import demo  # noqa: E402
 
 SUMMARY = "# Sweep report: demo\n\nConfig ...\n\n| method | params (M) | digits |\n|---|---:|---:|\n"
 SUMMARY += "| lora | 0.037 | 94.0 |\n"

@@ -9,7 +9,7 @@ import torch
 from tiny_models import CASES, _run_unet, _run_vit, sample_images, tiny_sd_pipeline, tiny_unet, tiny_vit
 
 import visionpeft as vp
-from visionpeft.checkpoint import adapter_state_dict
+from visionpeft.checkpoint.folder import adapter_state_dict
 
 TARGETS = {
     "vit": ["q", "v", "fc1"],  # Q and V inside timm's fused qkv, and a plain Linear

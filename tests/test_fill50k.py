@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 
 import numpy as np
-from _classify_utils import ROOT
 from PIL import Image
 
 from visionpeft.data.fill50k import colour_words, fill_iou, make_fill50k
@@ -45,7 +43,6 @@ def test_fill_iou_is_one_on_the_target_and_zero_on_the_wrong_colour(tmp_path):
 
 
 def test_the_tool_refuses_a_non_empty_folder(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "tools"))
     import make_fill50k as tool
 
     from visionpeft.cli.common import run
@@ -62,7 +59,6 @@ def test_a_palette_restricts_the_colours_and_a_bad_one_is_one_line(tmp_path, cap
     records = [json.loads(line) for line in (tmp_path / "small" / "metadata.jsonl").read_text().splitlines()]
     words = {word for r in records for word in r["text"].replace(" circle with ", " ").split()} - {"background"}
     assert words == {"red", "blue", "yellow"}
-    sys.path.insert(0, str(ROOT / "tools"))
     import make_fill50k as tool
 
     from visionpeft.cli.common import run

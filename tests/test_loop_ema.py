@@ -62,7 +62,7 @@ def test_finished_model_holds_the_ema_of_every_step(tmp_path):
         expected = decay * expected + (1 - decay) * weight
     torch.testing.assert_close(loop.unwrapped.head.weight.detach(), expected)
     assert not torch.allclose(expected, trajectory[-1])  # the average is not the last step
-    torch.testing.assert_close(loop.task.seen[-1], expected)  # evaluation used the average too
+    torch.testing.assert_close(loop.objective.seen[-1], expected)  # evaluation used the average too
 
 
 def _recording(step, model, trajectory):

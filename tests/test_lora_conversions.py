@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 from tiny_models import VIT_KW, _run_unet, _run_vit, tiny_sd_pipeline, tiny_unet, tiny_vit
 
 import visionpeft as vp
+from visionpeft.checkpoint.exporters import KOHYA_NAME
 from visionpeft.errors import CheckpointError, IncompatibleMethodError
-from visionpeft.exporters import KOHYA_NAME
 
 
 def _randomize(model, seed=0):

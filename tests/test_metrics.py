@@ -10,7 +10,7 @@ from timm.data import create_transform, resolve_data_config
 from tiny_models import tiny_clip_bpe, tiny_vit
 
 from visionpeft.backbones.open_clip import clip_tokenize
-from visionpeft.metrics import ClipScorer, dino_similarity
+from visionpeft.metrics.clip_scores import ClipScorer, dino_similarity
 
 
 def _images(seed, n=3):
@@ -51,13 +51,9 @@ def test_dino_similarity():
 
 def test_eval_personalization_tool_prints_the_table(tmp_path, capsys):
     import json
-    import sys
 
-    import torch
-    from _classify_utils import ROOT
-
-    sys.path.insert(0, str(ROOT / "tools"))
     import eval_personalization as tool
+    import torch
 
     from visionpeft.cli.common import run
 

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
+import train as tool  # noqa: E402
 from PIL import Image
 from tiny_models import sample_images, tiny_sd_pipeline
 
 import visionpeft as vp
 from visionpeft.backbones.diffusers_loading import load_pipeline
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tools"))
-import train as tool  # noqa: E402
-
 from visionpeft.cli.common import run  # noqa: E402
 
 

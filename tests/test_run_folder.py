@@ -11,11 +11,9 @@ import shutil
 import sys
 
 import pytest
+import train as train_tool  # noqa: E402
 from _classify_utils import ROOT, tiny_config, write_pretrained_vit, write_tiny_cifar10
 from safetensors.torch import load_file
-
-sys.path.insert(0, str(ROOT / "tools"))
-import train as train_tool  # noqa: E402
 
 from visionpeft.cli.common import run  # noqa: E402
 from visionpeft.trainers import run_state  # noqa: E402

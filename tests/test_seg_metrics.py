@@ -11,7 +11,7 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 from torchmetrics.segmentation import MeanIoU
 
-from visionpeft.seg_metrics import SegmentationMetrics, metrics_from_confusion, per_class_table
+from visionpeft.metrics.segmentation import SegmentationMetrics, metrics_from_confusion, per_class_table
 
 NUM_CLASSES = 5  # class 3: never true, never predicted; class 4: predicted, never true
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from visionpeft.data.images import ItemError, WorkerSafe
-from visionpeft.data.mini import TEXTURES, _to_uint8, texture_photo
+from visionpeft.data.mini import TEXTURES, texture_photo, to_uint8
 from visionpeft.data.segmentation import SEGMENTATION_DATASETS, build_segmentation_dataset
 from visionpeft.data.segmentation.classes import default_palette
 from visionpeft.data.segmentation.files import reduce_zero_label_table
@@ -66,7 +66,7 @@ def test_mosaic_pixels_are_the_recorded_windows_of_the_labelled_texture():
         assert sorted(np.unique(mask)) == sorted(names.index(w.texture) for w in windows)
         for window in windows:
             inside = mask == names.index(window.texture)
-            photo = _to_uint8(texture_photo(window.texture))
+            photo = to_uint8(texture_photo(window.texture))
             source = photo[window.top : window.top + 40, window.left : window.left + 40]
             assert np.array_equal(image[inside], source[inside])
 

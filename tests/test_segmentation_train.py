@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from visionpeft.checkpoint import CONFIG_NAME
+from visionpeft.checkpoint.folder import CONFIG_NAME
 from visionpeft.cli.common import run as run_cli
 from visionpeft.cli.eval import main as eval_main
 from visionpeft.cli.predict import main as predict_main

@@ -15,7 +15,7 @@ from tiny_models import tiny_clip, tiny_vit
 from torch import nn
 
 import visionpeft as vp
-from visionpeft.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from visionpeft.checkpoint.folder import CONFIG_NAME, WEIGHTS_NAME
 from visionpeft.errors import ConfigError, IncompatibleMethodError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,7 +197,8 @@ def test_adapter_and_head_round_trip_in_a_new_process(tmp_path):
         [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=120, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=0)
+    # the child runs with torch's default thread count, the test worker with one: reductions may differ by ~1e-7
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_arguments_are_one_clear_error():

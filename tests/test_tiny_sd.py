@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from visionpeft.data.captioned_mix import HELD_OUT, SUBJECTS, captioned_mix
+from visionpeft.demo.captioned_mix import HELD_OUT, SUBJECTS, captioned_mix
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "checkpoints" / "tiny_sd"
@@ -72,7 +72,7 @@ def test_held_out_subjects_are_absent_from_the_pretraining_data():
 
 def test_the_pretraining_split_holds_each_digit_once():
     # "all" holds the digits of train + val + test; the sweep's "trainval" split must not add train and val again
-    from visionpeft.data.captioned_mix import SUBJECTS
+    from visionpeft.demo.captioned_mix import SUBJECTS
 
     def digits(images):
         return sum(SUBJECTS[t].startswith("digit") for t in images.targets)
@@ -91,7 +91,7 @@ def test_pretraining_config_holds_the_subjects_out():
 def test_judge_accuracy_is_reproduced_on_its_test_split():
     from safetensors import safe_open
 
-    from visionpeft.judge import Judge
+    from visionpeft.demo.judge import Judge
 
     with safe_open(str(JUDGE), "pt") as f:
         stored = json.loads(f.metadata()["test_accuracy"])
@@ -103,7 +103,7 @@ def test_judge_accuracy_is_reproduced_on_its_test_split():
 
 
 def test_kid_separates_real_from_noise():
-    from visionpeft.judge import Judge, kid
+    from visionpeft.demo.judge import Judge, kid
 
     judge = Judge.load(JUDGE)
     images = captioned_mix("test", exclude=(), max_per_subject=20).images

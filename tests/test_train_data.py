@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 import time
 
 import pytest
 import torch
-from _classify_utils import ROOT, tiny_config, write_pretrained_vit, write_tiny_cifar10, write_tiny_vtab
+from _classify_utils import tiny_config, write_pretrained_vit, write_tiny_cifar10, write_tiny_vtab
 from PIL import Image
 
+from visionpeft.cli.common import run as run_cli  # noqa: E402
 from visionpeft.config import load_config
 from visionpeft.errors import DataError, ModelLoadError
 from visionpeft.registry import DATASETS
 from visionpeft.trainers.classification import run
-
-sys.path.insert(0, str(ROOT / "tools"))
-from visionpeft.cli.common import run as run_cli  # noqa: E402
 
 
 def test_cifar10_files_are_read_by_torchvision(tmp_path):

@@ -57,8 +57,8 @@ def main(argv: list[str]) -> int:
 def text_to_image(config, args: argparse.Namespace, command: str) -> int:
     """Pretrains the tiny text-to-image pipeline and copies it with its model card into ``<out>/<run name>``."""
     from visionpeft.cli.common import configure_logging
-    from visionpeft.trainers.pretrain_sd import run as train
-    from visionpeft.trainers.tiny_sd_card import export_pipeline
+    from visionpeft.demo.pretrain_sd import run as train
+    from visionpeft.demo.tiny_sd_card import export_pipeline
 
     configure_logging()
     run_dir = Path(config.train.output_dir) / config.train.run_name
@@ -97,10 +97,10 @@ def judge(config, args: argparse.Namespace, command: str) -> int:
     from safetensors.torch import save_file
 
     import visionpeft as vp
-    from visionpeft.data.captioned_mix import captioned_mix
     from visionpeft.data.transforms import normalization_of
+    from visionpeft.demo.captioned_mix import captioned_mix
+    from visionpeft.demo.judge import Judge
     from visionpeft.io import atomic_write
-    from visionpeft.judge import Judge
     from visionpeft.trainers.classification import build_experiment
     from visionpeft.trainers.classification import run as train
 
@@ -169,7 +169,7 @@ Per subject (%): {per_subject}.
 - **Training time**: {minutes:.1f} minutes on this machine's shared CPU.
 - **Command**: `{command}`
 - **File**: `{weights.name}` (fp16; metadata: classes, timm architecture, normalisation, test accuracy), sha256
-  `{sha256(weights)}`. Load it with `visionpeft.judge.Judge.load()`.
+  `{sha256(weights)}`. Load it with `visionpeft.demo.judge.Judge.load()`.
 
 What it is: a subject classifier for 32 px images of this mix. What it is not: a general image model; images unlike
 any subject (or blank) still get one of the {len(scorer.classes)} names.

@@ -5,7 +5,7 @@ it, so the table stays true (``tests/test_reliability_doc.py`` fails when the co
     python tools/reliability.py --check    # exit 1 if it is out of date
 
 Rows come from (1) the ``(overrides, message)`` cases of ``tests/test_cli_errors.py::test_bad_config_is_one_line``
-and (2) the docstrings of the scenario tests in ``tests/test_run_folder.py`` and ``tests/test_harden_*.py``.
+and (2) the docstrings of the scenario tests in the files of ``SCENARIOS``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "reliability.md"
 CASES = ROOT / "tests" / "test_cli_errors.py"
-SCENARIOS = ["test_cli_errors.py", "test_run_folder.py", "test_harden_*.py"]
+SCENARIOS = [
+    "test_cli_errors.py",
+    "test_run_folder.py",
+    "test_checkpoint_inputs.py",
+    "test_unreadable_images.py",
+    "test_model_data_values.py",
+    "test_generate_inputs.py",
+    "test_method_options.py",
+]
 
 
 def bad_config_cases() -> list[tuple[list[str], str]]:

@@ -39,10 +39,7 @@ _EXPORTS = {
         ),
         "adapter",
     ),
-    "load_adapter": "checkpoint",
-    "import_lora": "conversions",
-    "export_merged": "conversions",
-    "save_adapter": "checkpoint",
+    **dict.fromkeys(("load_adapter", "save_adapter", "import_lora", "export_merged"), "checkpoint"),
     "VisionPEFTError": "errors",
     "METHODS": "registry",
 }
@@ -56,7 +53,7 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-            return importlib.import_module(f".{name}", __name__)  # a submodule: vp.checkpoint, vp.conversions
+            return importlib.import_module(f".{name}", __name__)  # a submodule: vp.checkpoint, vp.metrics
         raise AttributeError(f"module 'visionpeft' has no attribute '{name}'")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value

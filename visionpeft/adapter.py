@@ -39,7 +39,7 @@ def _state(model: nn.Module) -> AdapterState | None:
     return model.__dict__.get(_STATE)
 
 
-def _unwrap(model: Any) -> nn.Module:
+def unwrap(model: Any) -> nn.Module:
     """Diffusers pipelines are adapted through their U-Net + text encoder (or DiT transformer)."""
     if isinstance(model, nn.Module):
         return model
@@ -96,7 +96,7 @@ def attach(
         ConfigError: Unknown method or option, a bad value, or a method attached twice to one tower.
         IncompatibleMethodError: The method does not fit the backbone.
     """
-    target = _unwrap(model)
+    target = unwrap(model)
     specs = _normalize(methods, options)
     state = _state(target)
     fresh = state is None
@@ -133,7 +133,7 @@ def attach(
     state.methods.extend(added)
     if fresh:
         target.__dict__[_STATE] = state
-    _apply_requires_grad(target, state)
+    apply_requires_grad(target, state)
     return model
 
 
@@ -147,7 +147,7 @@ def _release(state: AdapterState) -> None:
     state.backbone.release()
 
 
-def _apply_requires_grad(model: nn.Module, state: AdapterState) -> None:
+def apply_requires_grad(model: nn.Module, state: AdapterState) -> None:
     model.requires_grad_(False)
     for head in state.backbone.heads().values():
         head.requires_grad_(True)
@@ -161,7 +161,7 @@ def _restore_requires_grad(model: nn.Module, state: AdapterState) -> None:
         getattr(owner, attr).requires_grad_(state.requires_grad.get(name, True))
 
 
-def _require_state(model: nn.Module) -> AdapterState:
+def require_state(model: nn.Module) -> AdapterState:
     state = _state(model)
     if state is None:
         raise ConfigError("no visionpeft method is attached to this model")
@@ -170,8 +170,8 @@ def _require_state(model: nn.Module) -> AdapterState:
 
 def detach(model: Any) -> Any:
     """Removes every attached method and restores the original weights, flags and outputs exactly."""
-    target = _unwrap(model)
-    state = _require_state(target)
+    target = unwrap(model)
+    state = require_state(target)
     for method in reversed(state.methods):
         method.detach()
     for name, head in state.backbone.heads().items():
@@ -197,8 +197,8 @@ def merge(model: Any, methods: Sequence[str] | None = None) -> Any:
     Raises:
         IncompatibleMethodError: A selected method cannot be merged exactly (nothing is changed then).
     """
-    target = _unwrap(model)
-    state = _require_state(target)
+    target = unwrap(model)
+    state = require_state(target)
     chosen = [m for m in state.methods if methods is None or m.name in methods]
     blocked = [m.name for m in chosen if not m.merges_exactly]
     if blocked:
@@ -211,7 +211,7 @@ def merge(model: Any, methods: Sequence[str] | None = None) -> Any:
         method.forget()
     state.methods = [m for m in state.methods if m not in chosen]
     if state.methods:
-        _apply_requires_grad(target, state)
+        apply_requires_grad(target, state)
     else:
         _restore_requires_grad(target, state)
         _release(state)
@@ -221,13 +221,13 @@ def merge(model: Any, methods: Sequence[str] | None = None) -> Any:
 
 def attached_methods(model: Any) -> list[tuple[str, MethodConfig]]:
     """The attached methods in attach order, as ``(name, config)``."""
-    state = _state(_unwrap(model))
+    state = _state(unwrap(model))
     return [(m.name, m.config) for m in state.methods] if state else []
 
 
 def trainable_parameters(model: Any) -> list[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` of every trainable parameter: what the optimizer should receive."""
-    return [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
+    return [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
 
 
 def count_parameters(model: Any) -> dict[str, Any]:
@@ -237,7 +237,7 @@ def count_parameters(model: Any) -> dict[str, Any]:
         ``{"total": int, "trainable": int, "by_group": {method name: int, ..., "head": int}}`` (a group per task
         head); a parameter claimed by several methods (BitFit and DiffFit both train biases) counts for the first.
     """
-    target = _unwrap(model)
+    target = unwrap(model)
     params = list(target.parameters())
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -262,7 +262,7 @@ def set_train_mode(model: Any, mode: bool = True) -> Any:
 
     Method modules (prompts, adapters, LoRA dropout) and the head follow ``mode``.
     """
-    target = _unwrap(model)
+    target = unwrap(model)
     target.train(mode)
     state = _state(target)
     if not mode or state is None or not any(m.frozen_eval for m in state.methods):
@@ -310,7 +310,7 @@ def trainable_buffers(model: Any) -> list[tuple[str, torch.Tensor]]:
     be any module holding the adapted model."""
     found: list[tuple[str, torch.Tensor]] = []
     seen: set[int] = set()
-    for path, module in _unwrap(model).named_modules():
+    for path, module in unwrap(model).named_modules():
         if getattr(module, "_vp_owned", False) or getattr(module, "_vp_head", False):
             for name, owner, attr in named_persistent_buffers(module):
                 buffer = owner._buffers[attr]
@@ -343,7 +343,7 @@ def conditioning(model: Any, **inputs: Any) -> Iterator[Any]:
     Raises:
         ConfigError: No method is attached, or no attached method reads one of the inputs.
     """
-    root = _unwrap(model)
+    root = unwrap(model)
     states = {id(s): s for m in root.modules() if (s := _state(m)) is not None}
     if not states:
         raise ConfigError("no visionpeft method is attached to this model")
@@ -374,13 +374,13 @@ def conditioning(model: Any, **inputs: Any) -> Iterator[Any]:
 
 def backbone_of(model: Any) -> Backbone:
     """The backbone adapter of an adapted model (or a fresh one for a plain model)."""
-    target = _unwrap(model)
+    target = unwrap(model)
     state = _state(target)
     return state.backbone if state is not None else get_backbone(target)
 
 
 def methods_of(model: Any) -> list[Method]:
-    state = _state(_unwrap(model))
+    state = _state(unwrap(model))
     return list(state.methods) if state else []
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import importlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 from .errors import ConfigError, did_you_mean
@@ -15,11 +16,21 @@ class Registry(Generic[T]):
 
     Args:
         kind: What the registry holds ("method", "dataset", ...), used in error messages.
+        providers: Modules whose import registers entries; imported on the first lookup, so a caller never has to
+            import them for their side effect (and the registry, on the ground floor, names them only as strings).
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, providers: Sequence[str] = ()) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._providers = tuple(providers)
+        self._loaded = not self._providers
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for module in self._providers:
+                importlib.import_module(module)
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator registering ``obj`` under ``name``; a name can be registered only once."""
@@ -34,6 +45,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """Returns the object registered under ``name`` or raises a :class:`ConfigError` with a suggestion."""
+        self._load()
         try:
             return self._items[name]
         except KeyError:
@@ -43,16 +55,22 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        self._load()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._items))
+        return iter(self.names())
 
 
-METHODS: Registry = Registry("method")
-DATASETS: Registry = Registry("dataset")
-SEGMENTATION_DATASETS: Registry = Registry("segmentation dataset")  # name -> fn(split, root, transform, **options)
-TRAINERS: Registry = Registry("task")  # task name -> config.tasks.TaskSpec (schema + trainer)
+METHODS: Registry = Registry("method", providers=("visionpeft.methods",))
+DATASETS: Registry = Registry("dataset", providers=("visionpeft.data", "visionpeft.demo"))
+SEGMENTATION_DATASETS: Registry = Registry(
+    "segmentation dataset", providers=("visionpeft.data.segmentation",)
+)  # name -> fn(split, root, transform, **options)
+TRAINERS: Registry = Registry(
+    "task", providers=("visionpeft.config.tasks",)
+)  # task name -> config.tasks.TaskSpec (schema + trainer)

@@ -31,8 +31,8 @@ GUIDANCE, STEPS, TEST_PAIRS, SHOWN = 3.0, 20, 64, 8
 
 def make_data(work: Path) -> tuple[Path, Path]:
     """Training pairs (seed 0) and held-out pairs (seed 1) in the tiny pipeline's palette."""
-    from visionpeft.data.captioned_mix import CIRCLE_COLOURS
     from visionpeft.data.fill50k import make_fill50k
+    from visionpeft.demo.captioned_mix import CIRCLE_COLOURS
 
     folders = (work / "fill32_train", work / "fill32_test")
     for folder, n, seed in zip(folders, (2000, TEST_PAIRS), (0, 1)):

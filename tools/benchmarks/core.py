@@ -150,7 +150,7 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _interleaved(fns: dict, repeats: int, rounds: int = 5) -> dict[str, float]:
+def interleaved(fns: dict, repeats: int, rounds: int = 5) -> dict[str, float]:
     """Median time of each function, alternating between them so drifts of the machine hit all alike."""
     results: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
@@ -189,7 +189,7 @@ def lora_vs_peft(settings: Settings, repeats: int, fused_qv: bool = False) -> di
 
         return run
 
-    return _interleaved({"ours": step(ours), "peft": step(theirs)}, repeats)
+    return interleaved({"ours": step(ours), "peft": step(theirs)}, repeats)
 
 
 def bias_steps(settings: Settings, repeats: int) -> dict[str, float]:
@@ -207,7 +207,7 @@ def bias_steps(settings: Settings, repeats: int) -> dict[str, float]:
     for label, method in rows.items():
         model, params, _ = prepare(_build(settings), method, {})
         steps[label] = training_step(model, params, x, y)
-    return _interleaved(steps, 1, rounds=repeats)
+    return interleaved(steps, 1, rounds=repeats)
 
 
 def merged_inference(settings: Settings, repeats: int) -> dict[str, float]:
@@ -230,7 +230,7 @@ def merged_inference(settings: Settings, repeats: int) -> dict[str, float]:
 
         return run
 
-    return _interleaved({"plain": infer(plain), "merged": infer(merged)}, repeats)
+    return interleaved({"plain": infer(plain), "merged": infer(merged)}, repeats)
 
 
 def lora_scaling(args) -> int:

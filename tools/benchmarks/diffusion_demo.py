@@ -37,7 +37,7 @@ GUIDANCE = 3.0
 
 def family_prompts() -> dict[str, list[tuple[str, str]]]:
     """family -> [(prompt, subject the judge should see)] (held-out subjects included: they show what is missing)."""
-    from visionpeft.data.captioned_mix import PHOTOS, TEXTURES, digit_prompt
+    from visionpeft.demo.captioned_mix import PHOTOS, TEXTURES, digit_prompt
 
     return {
         "digits": [(digit_prompt(d), f"digit {d}") for d in range(10)],
@@ -83,8 +83,8 @@ def grid(rows: list, path: Path, scale: int = 3, cols: int = 8) -> None:
 
 def base_samples(pipe, judge, out: Path, count: int, steps: int) -> dict:
     """Grids per family, the judge's recognition rate per prompt, KID against real test images."""
-    from visionpeft.data.captioned_mix import HELD_OUT, SUBJECTS, captioned_mix
-    from visionpeft.judge import kid
+    from visionpeft.demo.captioned_mix import HELD_OUT, SUBJECTS, captioned_mix
+    from visionpeft.demo.judge import kid
 
     rates, generated = {}, {}
     start = time.time()
@@ -127,7 +127,7 @@ def subject_images(folder: Path, count: int = 5) -> list:
     """The first ``count`` training images of the held-out subject, written as PNGs into ``folder``."""
     from PIL import Image
 
-    from visionpeft.data.captioned_mix import SUBJECTS, captioned_mix
+    from visionpeft.demo.captioned_mix import SUBJECTS, captioned_mix
 
     data = captioned_mix("train", exclude=())
     chosen = [im for im, t in zip(data.images, data.targets) if SUBJECTS[t] == SUBJECT][:count]
@@ -163,7 +163,7 @@ def finish(job: dict) -> dict:
     """Waits for a launched run; returns its folder, prompt, trained parameters, steps and minutes."""
     from safetensors import safe_open
 
-    from visionpeft.checkpoint import WEIGHTS_NAME
+    from visionpeft.checkpoint.folder import WEIGHTS_NAME
     from visionpeft.config import load_config
 
     code = job["process"].wait()
@@ -347,7 +347,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    from visionpeft.judge import Judge
+    from visionpeft.demo.judge import Judge
 
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)

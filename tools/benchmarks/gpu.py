@@ -109,16 +109,16 @@ def vit_row(settings: Settings, method: str, options: dict, precision: str) -> d
 def sd_row(settings: Settings, side: str, variant: str, options: dict, precision: str, attention: str):
     import torch
 
-    from .personalize import _reference_step_fn, _visionpeft_step_fn, build_pipeline
+    from .personalize import build_pipeline, reference_step_fn, visionpeft_step_fn
 
     device = settings.device
     pipe = build_pipeline(layout=settings.sd_layout, device=device)
     if attention == "xformers":
         pipe.unet.enable_xformers_memory_efficient_attention()
     if side == "reference":
-        step = _reference_step_fn(pipe, variant, device, precision)
+        step = reference_step_fn(pipe, variant, device, precision)
     else:
-        step = _visionpeft_step_fn(pipe, variant, device, precision, **options)
+        step = visionpeft_step_fn(pipe, variant, device, precision, **options)
     pixels = torch.rand(settings.sd_batch, 3, settings.sd_img, settings.sd_img, device=device) * 2 - 1
     return _timed(lambda: step(pixels, None), device, settings.warmup, settings.steps)
 

@@ -110,7 +110,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _reference_step_fn(pipe, variant: str, device: str = "cpu", precision: str = "no"):
+def reference_step_fn(pipe, variant: str, device: str = "cpu", precision: str = "no"):
     """A step written directly against diffusers, as its official example scripts do (mixed precision too: the
     frozen models cast to the half type, the trained text encoder of textual inversion kept in fp32, LoRA weights
     upcast to fp32 under fp16 with ``cast_training_params``)."""
@@ -182,7 +182,7 @@ def _reference_step_fn(pipe, variant: str, device: str = "cpu", precision: str =
     return step
 
 
-def _visionpeft_step_fn(pipe, variant: str, device: str = "cpu", precision: str = "no", cache_latents: bool = False):
+def visionpeft_step_fn(pipe, variant: str, device: str = "cpu", precision: str = "no", cache_latents: bool = False):
     """visionpeft's step as the personalization trainer builds it (prompt states cached while nothing on the text
     side trains; ``cache_latents``: each image VAE-encoded once; frozen weights stored in the half type)."""
     import torch
@@ -223,7 +223,7 @@ ROWS = (
 )
 
 
-def _measure(args: tuple) -> dict:
+def measure_step(args: tuple) -> dict:
     """(side, variant, batch, size, steps, threads[, pipeline folder or layout[, visionpeft options]]) -> median step
     time and peak memory."""
     side, variant, batch, size, steps, threads, *rest = args
@@ -238,9 +238,9 @@ def _measure(args: tuple) -> dict:
     else:
         pipe = build_pipeline(layout=model or "scaled")
     if side == "reference":
-        step = _reference_step_fn(pipe, variant)
+        step = reference_step_fn(pipe, variant)
     else:
-        step = _visionpeft_step_fn(pipe, variant, **options)
+        step = visionpeft_step_fn(pipe, variant, **options)
     pixels = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     gc.collect()
     base = _rss_mb()
@@ -272,9 +272,9 @@ def ti_lookup(threads: int, repeats: int = 5) -> dict[str, float]:
     ids = torch.randint(0, 49408, (2, 77))
     ids[:, 5] = 49408
 
-    from .core import _interleaved
+    from .core import interleaved
 
-    return _interleaved(
+    return interleaved(
         {
             "ours": lambda: ours(ids).sum().backward(),
             "concatenated": lambda: F.embedding(ids, torch.cat([base.weight, rows])).sum().backward(),
@@ -368,7 +368,7 @@ def main(argv: list[str]) -> int:
         for row, variant, side, options in rows[shift:] + rows[:shift]:
             job = (side, variant, args.batch, args.size, args.steps, args.threads, args.layout, options)
             with ctx.Pool(1) as pool:
-                runs.setdefault(f"{row}/{side}", []).append(pool.apply(_measure, (job,)))
+                runs.setdefault(f"{row}/{side}", []).append(pool.apply(measure_step, (job,)))
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("time", "memory")} for k, v in runs.items()}
     print(
         f"# {args.layout} SD layout (random weights), batch {args.batch}, {args.size} px, fp32, AdamW, "

@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .personalize import _measure
+from .personalize import measure_step
 from .stats import ratio_spread
 
 PIPELINE = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny_sd"
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
             for side in ("reference", "visionpeft"):
                 job = (side, variant, args.train_batch, 32, args.train_steps, args.threads, str(PIPELINE))
                 with ctx.Pool(1) as pool:
-                    runs.setdefault((variant, side), []).append(pool.apply(_measure, (job,)))
+                    runs.setdefault((variant, side), []).append(pool.apply(measure_step, (job,)))
     print(
         f"\n| personalization step (batch {args.train_batch}, 32 px) | diffusers + peft (s) | visionpeft (s) | "
         "ratio | min / median / max over rounds |"

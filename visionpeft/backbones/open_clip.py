@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .base import Backbone, Block, Branch, Projection, TokenLayout, Tower
-from .timm_vit import _to_2tuple, vit_tower
+from .timm_vit import to_2tuple, vit_tower
 
 
 def clip_tokenize(texts: list[str], context_length: int, clip: nn.Module | None = None) -> torch.Tensor:
@@ -70,8 +70,8 @@ class OpenCLIP(Backbone):
             tokens = TokenLayout(
                 dim=transformer.width,
                 num_prefix=1,
-                grid=_to_2tuple(visual.grid_size),
-                patch_size=_to_2tuple(visual.patch_size)[0],
+                grid=to_2tuple(visual.grid_size),
+                patch_size=to_2tuple(visual.patch_size)[0],
                 in_chans=visual.conv1.in_channels,
                 batch_first=getattr(transformer, "batch_first", True),
             )

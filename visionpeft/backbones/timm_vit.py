@@ -10,7 +10,7 @@ from torch import nn
 from .base import Backbone, Block, Branch, Projection, TokenLayout, Tower
 
 
-def _to_2tuple(value) -> tuple[int, int]:
+def to_2tuple(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
@@ -18,11 +18,11 @@ def timm_token_layout(model: nn.Module) -> TokenLayout:
     """The token layout of a timm ViT-style model (``VisionTransformer``, ``Eva``): width, prefix tokens, the patch
     embedding's grid, patch size and padding."""
     patch = model.patch_embed
-    patch_hw = _to_2tuple(patch.patch_size)
+    patch_hw = to_2tuple(patch.patch_size)
     return TokenLayout(
         dim=model.embed_dim,
         num_prefix=model.num_prefix_tokens,
-        grid=_to_2tuple(patch.grid_size),
+        grid=to_2tuple(patch.grid_size),
         patch_size=patch_hw[0],
         in_chans=patch.proj.in_channels,
         patch_hw=patch_hw if patch_hw[0] != patch_hw[1] else None,

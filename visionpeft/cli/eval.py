@@ -35,7 +35,13 @@ def main(argv: list[str]) -> int:
     import visionpeft as vp
     from visionpeft.config import load_config, methods_of_config
     from visionpeft.errors import CheckpointError, ConfigError
-    from visionpeft.trainers.classification import ClassificationTask, Transformed, _dataset, build_experiment, loader
+    from visionpeft.trainers.classification import (
+        ClassificationObjective,
+        Transformed,
+        build_experiment,
+        dataset_split,
+        loader,
+    )
     from visionpeft.trainers.loop import LoopConfig, make_accelerator
 
     configure_logging()
@@ -68,7 +74,7 @@ def main(argv: list[str]) -> int:
 
         data_cfg = T.data_config_of(exp.model)
         tf = T.build_transform(config.data.img_size, data_cfg, train=False, augment=config.data.augment)
-        raw = _dataset(config, split)
+        raw = dataset_split(config, split)
         dataset = WorkerSafe(Transformed(raw, tf))
     accelerator = make_accelerator(LoopConfig(), cpu=args.cpu)
     data_loader = accelerator.prepare(
@@ -76,7 +82,7 @@ def main(argv: list[str]) -> int:
     )
     model = accelerator.prepare(exp.model).eval()
     with torch.no_grad():
-        metrics = ClassificationTask(len(exp.classes), data_loader).evaluate(model, accelerator)
+        metrics = ClassificationObjective(len(exp.classes), data_loader).evaluate(model, accelerator)
     shown = ", ".join(f"{k} {100 * v:.2f}%" if k != "loss" else f"{k} {v:.4f}" for k, v in metrics.items())
     print(f"{args.run_dir} [{name}] {split}: {shown}")
     return 0
@@ -84,7 +90,7 @@ def main(argv: list[str]) -> int:
 
 def evaluate_segmentation(config, args, name: str) -> int:
     """The segmentation branch of ``eval``: whole-split mIoU / aAcc / mAcc and the per-class table."""
-    from visionpeft.seg_metrics import per_class_table
+    from visionpeft.metrics.segmentation import per_class_table
     from visionpeft.trainers.segmentation import evaluate_saved
 
     split = args.split or config.data.test_split

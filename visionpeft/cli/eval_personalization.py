@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     from visionpeft.config.classification import ModelConfig
     from visionpeft.data.few_images import load_images
     from visionpeft.errors import ConfigError
-    from visionpeft.metrics import ClipScorer, dino_similarity
+    from visionpeft.metrics.clip_scores import ClipScorer, dino_similarity
 
     images, references = load_images(args.images), load_images(args.references)
     prompts = args.prompts * len(images) if len(args.prompts) == 1 else args.prompts

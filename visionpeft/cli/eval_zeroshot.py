@@ -34,7 +34,7 @@ def evaluate(model, loader) -> tuple[float, float]:
 def prompt_classifier(clip, classes: list[str], run_dir: Path, check_base: bool = True):
     """A CLIPClassifier carrying the learned prompts of ``run_dir`` for ``classes``."""
     import visionpeft as vp
-    from visionpeft.checkpoint import read_adapter_config
+    from visionpeft.checkpoint.folder import read_adapter_config
     from visionpeft.errors import CheckpointError
     from visionpeft.tasks.clip_classifier import CLIPClassifier
 
@@ -74,7 +74,6 @@ def main(argv: list[str]) -> int:
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
     from torch.utils.data import DataLoader, Subset
 
-    import visionpeft.data  # noqa: F401  (dataset registration)
     from visionpeft.backbones.factory import create_open_clip
     from visionpeft.config.classification import ModelConfig
     from visionpeft.data.fewshot import base_new_split

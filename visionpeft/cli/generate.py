@@ -57,7 +57,7 @@ def read_weights(file: Path) -> dict[str, Any]:
 def apply_adapter(pipe, path: Path, check_base: bool = True) -> str:
     """Loads one adapter into ``pipe``; returns how it was loaded."""
     import visionpeft as vp
-    from visionpeft.checkpoint import adapter_config_path
+    from visionpeft.checkpoint.folder import adapter_config_path
     from visionpeft.errors import CheckpointError
 
     if path.is_dir() and adapter_config_path(path) is not None:

@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_intermixed_args(argv)
     if args.push_to_hub:
-        from ..hub_io import is_repo_id
+        from ..checkpoint.hub_io import is_repo_id
 
         if not is_repo_id(args.push_to_hub):
             parser.error(f"--push-to-hub takes a hub repo id USER/REPO, got {args.push_to_hub!r}")

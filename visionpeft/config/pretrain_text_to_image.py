@@ -50,7 +50,7 @@ class VAEStage:
 
 @dataclass
 class MixData:
-    """``data``: the captioned mix (:mod:`visionpeft.data.captioned_mix`)."""
+    """``data``: the captioned mix (:mod:`visionpeft.demo.captioned_mix`)."""
 
     exclude: list[str] = setting(["digit 7", "texture brick"], "held-out subjects, never seen in pretraining")
     options: dict[str, Any] = setting({}, "extra keyword arguments of captioned_mix (per_texture, circles, ...)")

@@ -93,7 +93,7 @@ register(
     TaskSpec(
         "pretrain_text_to_image",
         PretrainTextToImageConfig,
-        "visionpeft.trainers.pretrain_sd:run",
+        "visionpeft.demo.pretrain_sd:run",
         pipeline_tag="text-to-image",
     )
 )

@@ -57,7 +57,7 @@ def stratified_split(labels: np.ndarray, split: str, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
-def _to_uint8(image: np.ndarray) -> np.ndarray:
+def to_uint8(image: np.ndarray) -> np.ndarray:
     """Stretches an image's own range to 0..255."""
     image = image.astype(np.float64)
     lo, hi = image.min(), image.max()
@@ -74,7 +74,7 @@ def digits(
     data = load_digits()
     index = stratified_split(data.target, split, seed)
     images = np.stack(
-        [np.asarray(Image.fromarray(_to_uint8(data.images[i])).resize((size, size), Image.BILINEAR)) for i in index]
+        [np.asarray(Image.fromarray(to_uint8(data.images[i])).resize((size, size), Image.BILINEAR)) for i in index]
     )
     return ArrayImages(images, data.target[index], [str(d) for d in range(10)], transform)
 
@@ -125,7 +125,7 @@ def textures(
     for label, name in enumerate(TEXTURES):
         tiles = _tiles(texture_photo(name), tile)
         tiles = tiles[rng.permutation(len(tiles))[:per_class]]
-        images += [_to_uint8(t) for t in tiles]
+        images += [to_uint8(t) for t in tiles]
         labels += [label] * len(tiles)
     labels_arr = np.array(labels)
     index = stratified_split(labels_arr, split, seed)
@@ -140,6 +140,4 @@ def faces(split: str, root: str | None = None, transform: Callable | None = None
     images = skimage.data.lfw_subset()
     labels = np.array([0] * 100 + [1] * 100)
     index = stratified_split(labels, split, seed)
-    return ArrayImages(
-        np.stack([_to_uint8(im) for im in images[index]]), labels[index], ["face", "non_face"], transform
-    )
+    return ArrayImages(np.stack([to_uint8(im) for im in images[index]]), labels[index], ["face", "non_face"], transform)

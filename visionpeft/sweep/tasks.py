@@ -43,7 +43,6 @@ def task_override(task: str) -> str:
 
 def resolve_tasks(names: list[str]) -> list[str]:
     """Task names with the sets expanded, in order, without repeats; an unknown name is a :class:`ConfigError`."""
-    from .. import data  # noqa: F401  (registers the datasets; imports torch)
     from ..registry import DATASETS
 
     known = [*TASK_SETS, *VTAB_TASKS, *DATASETS.names()]

@@ -27,7 +27,6 @@ from torchvision.transforms import v2 as T
 
 import visionpeft as vp
 
-from .. import data  # noqa: F401  (importing visionpeft.data registers the datasets)
 from ..adapter import backbone_of
 from ..backbones.diffusers_loading import load_pipeline
 from ..config import methods_of_config
@@ -187,13 +186,13 @@ class ClassConditionalTrainer:
         vae_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
         size = config.data.size or pipeline.transformer.config.sample_size * vae_factor
         label_ids = [classes.index(c) for c in config.train.validation_classes]
-        task = ClassValidation(pipeline, config, run_dir, label_ids)
+        objective = ClassValidation(pipeline, config, run_dir, label_ids)
         images = Labelled(dataset, size, config.data.flip)
         drop_last = len(dataset) >= config.data.batch_size
         return Setup(
             ClassDenoiser(pipeline, config),
             pipeline.transformer,
-            task,
+            objective,
             images,
             frozen=[pipeline.transformer, pipeline.vae],
             loader={"drop_last": drop_last},

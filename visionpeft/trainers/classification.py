@@ -44,7 +44,7 @@ class Transformed(Dataset):
         return self.transform(image), int(label)
 
 
-class ClassificationTask:
+class ClassificationObjective:
     """Cross-entropy training (optional label smoothing); top-1 / top-5 accuracy with torchmetrics on ``loader``."""
 
     metric = "top1"
@@ -89,7 +89,7 @@ class Experiment:
     classes: list[str]
 
 
-def _dataset(config: DictConfig, split: str | None) -> Dataset | None:
+def dataset_split(config: DictConfig, split: str | None) -> Dataset | None:
     if split is None:
         return None
     data = config.data
@@ -120,7 +120,7 @@ def _check_input_size(config: DictConfig, model: nn.Module) -> None:
 def build_experiment(config: DictConfig) -> Experiment:
     """Datasets, the model and its methods, as the config says (seeded)."""
     set_seed(config.train.seed)
-    train = _dataset(config, config.data.train_split)
+    train = dataset_split(config, config.data.train_split)
     classes = list(train.classes)
     if len(classes) < 2:
         raise DataError(
@@ -137,7 +137,7 @@ def build_experiment(config: DictConfig) -> Experiment:
     size, augment = config.data.img_size, config.data.augment
     train_tf = T.build_transform(size, data_cfg, train=True, augment=augment)
     eval_tf = T.build_transform(size, data_cfg, train=False, augment=augment)
-    val, test = _dataset(config, config.data.val_split), _dataset(config, config.data.test_split)
+    val, test = dataset_split(config, config.data.val_split), dataset_split(config, config.data.test_split)
     return Experiment(  # WorkerSafe: an unreadable item is one line even when a DataLoader worker reads it
         model,
         WorkerSafe(Transformed(train, train_tf)),
@@ -167,7 +167,7 @@ class ClassificationTrainer:
         data = config.data
         eval_set = exp.val if exp.val is not None else exp.test
         eval_loader = loader(eval_set, data.eval_batch_size, data.num_workers) if eval_set is not None else None
-        task = ClassificationTask(
+        objective = ClassificationObjective(
             len(exp.classes), accelerator.prepare(eval_loader) if eval_loader else None, config.optim.label_smoothing
         )
         sizes = {k: len(v) for k, v in (("train", exp.train), ("val", exp.val), ("test", exp.test)) if v is not None}
@@ -175,7 +175,7 @@ class ClassificationTrainer:
         return Setup(
             exp.model,
             exp.model,
-            task,
+            objective,
             exp.train,
             select_best=exp.val is not None,
             loader={"num_workers": data.num_workers},
@@ -193,7 +193,7 @@ class ClassificationTrainer:
         test_loader = loop.accelerator.prepare(loader(exp.test, data.eval_batch_size, data.num_workers))
         loop.model.eval()
         with torch.no_grad():
-            test = setup.task.evaluate(loop.model, loop.accelerator, test_loader)
+            test = setup.objective.evaluate(loop.model, loop.accelerator, test_loader)
         loop.log({f"test/{k}": v for k, v in test.items()})
         return {"test": test}
 

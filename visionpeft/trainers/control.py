@@ -21,7 +21,7 @@ from torch import nn
 from ..adapter import attach, can_export, conditioning, methods_of
 from ..backbones import pipeline_modules
 from ..backbones.diffusers_loading import load_pipeline
-from ..checkpoint import save_adapter
+from ..checkpoint.folder import save_adapter
 from ..config import methods_of_config
 from ..data.control_pairs import ControlPairs
 from ..data.fill50k import fill_iou
@@ -112,11 +112,11 @@ class ControlTrainer:
         adapted = pipeline_modules(pipeline)
         if config.train.gradient_checkpointing:
             pipeline.unet.enable_gradient_checkpointing()
-        task = ControlValidation(pipeline, config, run_dir, shown)
+        objective = ControlValidation(pipeline, config, run_dir, shown)
         return Setup(
             ControlDenoiser(adapted, pipeline, config.train.timesteps),
             adapted,
-            task,
+            objective,
             pairs,
             frozen=[pipeline.unet, pipeline.text_encoder, pipeline.vae],
             loader={"num_workers": data.num_workers},

@@ -1,6 +1,6 @@
 """The one training loop, on Hugging Face accelerate: devices, processes, mixed precision, accumulation.
 
-Task-agnostic and counted in optimizer steps: a :class:`Task` turns a batch into a loss and evaluates a model (it
+Task-agnostic and counted in optimizer steps: an :class:`Objective` turns a batch into a loss and evaluates a model (it
 holds whatever evaluation data it needs); the loop handles everything else: only trainable parameters in the
 optimizer, a schedule from transformers' ``get_scheduler`` with warmup, evaluation every N steps exactly, a
 progress bar, TensorBoard and ``metrics.jsonl``, atomic ``last`` / ``best`` adapter checkpoints, and exact resume
@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..adapter import trainable_buffers, trainable_parameters
-from ..checkpoint import save_adapter
+from ..checkpoint.folder import save_adapter
 from ..errors import CheckpointError
 from . import run_state
 from .logs import get_logger
@@ -94,7 +94,7 @@ class LoopConfig:
         return None if count is None else count * (steps_per_epoch if self.steps is None else 1)
 
 
-class Task(Protocol):
+class Objective(Protocol):
     """What the loop needs from a task."""
 
     metric: str  # key of the metric that selects the best checkpoint (higher is better)
@@ -169,7 +169,7 @@ class Loop:
 
     Args:
         model: The module trained (the adapted model, or a wrapper whose forward computes the loss).
-        task: The task.
+        objective: Turns a batch into a loss and evaluates (an :class:`Objective`).
         optimizer: Built over the trainable parameters.
         train_loader: Training data (the loop prepares it).
         run_dir: The run folder.
@@ -183,7 +183,7 @@ class Loop:
     def __init__(
         self,
         model: nn.Module,
-        task: Task,
+        objective: Objective,
         optimizer: torch.optim.Optimizer,
         train_loader: DataLoader,
         run_dir: Path,
@@ -192,7 +192,7 @@ class Loop:
         select_best: bool = True,
         adapted: nn.Module | None = None,
     ) -> None:
-        self.task, self.cfg, self.run_dir, self.accelerator = task, cfg, Path(run_dir), accelerator
+        self.objective, self.cfg, self.run_dir, self.accelerator = objective, cfg, Path(run_dir), accelerator
         self.select_best = select_best
         self._adapted = adapted
         self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -333,9 +333,9 @@ class Loop:
         """Runs the task's evaluation (with the EMA weights, if any); the model is back in train mode after."""
         self.model.eval()
         with torch.no_grad(), self.ema_weights():
-            metrics = self.task.evaluate(self.model, self.accelerator)
-            if self.select_best and metrics and metrics[self.task.metric] > self.best:
-                self.best = metrics[self.task.metric]
+            metrics = self.objective.evaluate(self.model, self.accelerator)
+            if self.select_best and metrics and metrics[self.objective.metric] > self.best:
+                self.best = metrics[self.objective.metric]
                 if self.accelerator.is_main_process:
                     save_adapter(self.unwrapped, self.run_dir / "best")
         return metrics
@@ -357,7 +357,7 @@ class Loop:
     def _optimizer_step(self, batch: Any) -> float:
         accelerator, cfg = self.accelerator, self.cfg
         with accelerator.accumulate(self.model):
-            loss = self.task.loss(self.model, batch)
+            loss = self.objective.loss(self.model, batch)
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.clip_grad:
                 accelerator.clip_grad_norm_(self._trained, cfg.clip_grad)
@@ -431,7 +431,7 @@ class Loop:
         metrics = self.evaluate()
         self._train_mode()
         if self.accelerator.is_main_process:
-            for name, images in (getattr(self.task, "last_images", None) or {}).items():
+            for name, images in (getattr(self.objective, "last_images", None) or {}).items():
                 self.trackers.log_images(name, images, self.step)
         if metrics:
             self.log({f"eval/{k}": v for k, v in metrics.items()})

@@ -77,7 +77,7 @@ class Denoiser(nn.Module):
         return losses[:n].mean() + self.cfg.prior.weight * losses[n:].mean()
 
 
-class PersonalizationTask:
+class PersonalizationObjective:
     """Loss from :class:`Denoiser`; "evaluation" writes validation images (no metric selects checkpoints)."""
 
     metric = "none"
@@ -191,7 +191,7 @@ class PersonalizationTrainer:
             pipeline.text_encoder.gradient_checkpointing_enable()
         if config.train.xformers:
             pipeline.unet.enable_xformers_memory_efficient_attention()
-        task = PersonalizationTask(pipeline, config, run_dir)
+        objective = PersonalizationObjective(pipeline, config, run_dir)
         cache = config.train.cache_latents
         if cache and (data.flip > 0 or not data.center_crop):
             logger.info(
@@ -202,7 +202,7 @@ class PersonalizationTrainer:
         return Setup(
             Denoiser(adapted, pipeline, config, cache),
             adapted,
-            task,
+            objective,
             dataset,
             frozen=[pipeline.unet, pipeline.text_encoder, pipeline.vae],
             summary=[f"{len(subject.images)} images, {len(dataset)} training items"],

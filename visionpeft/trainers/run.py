@@ -1,7 +1,7 @@
 """The run skeleton every task shares: seed, accelerator, build, summary, run folder, loader, optimizer, loop.
 
 A task supplies a :class:`Trainer`: ``build`` makes the model, its methods, the training set and the evaluation
-(a :class:`~.loop.Task`); ``finish`` does what follows a completed run (test evaluation, exported files). The
+(a :class:`~.loop.Objective`); ``finish`` does what follows a completed run (test evaluation, exported files). The
 skeleton does the rest the same way for every task: ``data.batch_size`` is the batch per optimizer step whatever
 the number of processes and the accumulation, the optimizer holds the trainable parameters only, frozen weights
 go to half precision under mixed precision, and the run folder never overwrites another run.
@@ -21,13 +21,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..adapter import count_parameters, trainable_parameters
-from ..base_weights import frozen_weights_sha256
+from ..checkpoint.base_weights import frozen_weights_sha256
 from ..config import save_config
 from ..data.images import WorkerSafe
 from ..errors import ConfigError
 from . import run_state
 from .logs import get_logger
-from .loop import Loop, LoopConfig, Task, make_accelerator
+from .loop import Loop, LoopConfig, Objective, make_accelerator
 from .run_card import write_run_card
 from .trackers import check_report_to
 
@@ -41,7 +41,7 @@ class Setup:
     Attributes:
         model: The module the loop trains (the adapted model, or a wrapper whose forward is the loss).
         adapted: The module carrying the methods (what checkpoints save).
-        task: Loss and evaluation.
+        objective: Loss and evaluation (an :class:`~.loop.Objective`).
         train_set: The training data.
         select_best: Keep a ``best`` adapter by the task's metric (a validation split exists).
         frozen: Modules whose frozen weights are stored in half precision under mixed precision.
@@ -53,7 +53,7 @@ class Setup:
 
     model: nn.Module
     adapted: nn.Module
-    task: Task
+    objective: Objective
     train_set: Dataset
     select_best: bool = False
     frozen: list[nn.Module] = field(default_factory=list)
@@ -173,7 +173,7 @@ def run_task(
     freeze_in_precision(setup.frozen, config.train.mixed_precision)
     loop = Loop(
         setup.model,
-        setup.task,
+        setup.objective,
         optimizer,
         loader,
         run_dir,

@@ -9,9 +9,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ..adapter import attached_methods
-from ..base_weights import weights_source
+from ..checkpoint.base_weights import weights_source
+from ..checkpoint.hub_io import build_model_card, push_folder
 from ..config import run_command, task_spec
-from ..hub_io import build_model_card, push_folder
 from ..io import atomic_write
 
 MAX_PICTURES = 8

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from ..data.segmentation import SegmentationTransform
 from ..data.segmentation.classes import default_palette
 from ..data.transforms import normalization_of
-from ..seg_metrics import per_class_table
+from ..metrics.segmentation import per_class_table
 from ..tasks.seg_inference import predict_labels
 
 #: Colour of ignored pixels in pictures.

@@ -3,7 +3,7 @@
 Iteration-based (``optim.steps``); cross-entropy with the ignore index (plus SETR-PUP's auxiliary losses, weight
 0.4); AdamW with a polynomial schedule after linear warmup and a learning-rate multiplier for the decode head(s).
 Evaluation infers whole images or sliding windows, resizes the logits to each mask's original size and accumulates
-mIoU / aAcc / mAcc over the whole split (``visionpeft.seg_metrics``). A finished run holds, besides the shared
+mIoU / aAcc / mAcc over the whole split (``visionpeft.metrics.segmentation``). A finished run holds, besides the shared
 outputs, ``per_class_iou.md`` and ``predictions.png`` (image | truth | prediction of fixed evaluation images, also
 in TensorBoard); the adapters record the head, ``id2label`` and the palette.
 """
@@ -31,7 +31,7 @@ from ..data.images import WorkerSafe
 from ..data.segmentation import SegmentationTransform, build_segmentation_dataset, collate_eval
 from ..data.transforms import normalization_of
 from ..errors import ConfigError, DataError
-from ..seg_metrics import SegmentationMetrics
+from ..metrics.segmentation import SegmentationMetrics
 from ..tasks.seg_heads import AUX_WEIGHT
 from ..tasks.seg_inference import predict_labels
 from ..tasks.segmenter import Segmenter
@@ -53,7 +53,7 @@ class Paired(Dataset):
         return self.transform(*self.dataset[index])
 
 
-class SegmentationTask:
+class SegmentationObjective:
     """Cross-entropy (ignore index, auxiliary heads weighted 0.4); mIoU / aAcc / mAcc on its evaluation loader.
 
     Args:
@@ -232,7 +232,7 @@ class SegmentationTrainer:
         exp = build_experiment(config)
         ignore = int(getattr(exp.raw_eval, "ignore_index", 255)) if exp.raw_eval is not None else 255
         loader = accelerator.prepare(eval_loader(exp.evaluation, config)) if exp.evaluation is not None else None
-        task = SegmentationTask(len(exp.classes), loader, config.eval, ignore)
+        objective = SegmentationObjective(len(exp.classes), loader, config.eval, ignore)
         sizes = {k: len(v) for k, v in (("train", exp.train), ("eval", exp.evaluation)) if v is not None}
         summary = [
             f"data: {config.data.name}, {len(exp.classes)} classes, " + ", ".join(f"{k} {n}" for k, n in sizes.items())
@@ -241,7 +241,7 @@ class SegmentationTrainer:
         return Setup(
             exp.model,
             exp.model,
-            task,
+            objective,
             exp.train,
             select_best=config.data.val_split is not None,
             loader={"num_workers": config.data.num_workers, "drop_last": True},
@@ -252,7 +252,7 @@ class SegmentationTrainer:
 
     def finish(self, config: DictConfig, loop: Loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
         exp: SegExperiment = setup.state["experiment"]
-        task: SegmentationTask = setup.task
+        objective: SegmentationObjective = setup.objective
         results: dict[str, Any] = {}
         if config.data.val_split is not None and exp.test is not None:
             if (run_dir / "best").exists():
@@ -260,25 +260,25 @@ class SegmentationTrainer:
             loop.model.eval()
             test_loader = loop.accelerator.prepare(eval_loader(exp.test, config))
             with torch.no_grad():
-                test = task.evaluate(loop.model, loop.accelerator, test_loader)
+                test = objective.evaluate(loop.model, loop.accelerator, test_loader)
             loop.log({f"test/{k}": v for k, v in test.items()})
             results["test"] = test
-        elif task.last:
-            results["test"] = {k: float(task.last[k]) for k in ("mIoU", "aAcc", "mAcc")}
+        elif objective.last:
+            results["test"] = {k: float(objective.last[k]) for k in ("mIoU", "aAcc", "mAcc")}
         if loop.accelerator.is_main_process and exp.raw_eval is not None:
             loop.model.eval()
             grid = None
             if config.eval.grid_images:
                 grid = prediction_grid(loop.unwrapped, exp.raw_eval, config, exp.palette)
                 loop.trackers.log_images("eval/predictions", [grid], loop.step)  # train.report_to's tracker
-            results["outputs"] = write_outputs(run_dir, task.last, exp.classes, grid)
+            results["outputs"] = write_outputs(run_dir, objective.last, exp.classes, grid)
         return results
 
 
 def load_segmenter(config: DictConfig, adapter_dir: Path, check_base: bool = True) -> Segmenter:
     """The segmenter of a run rebuilt from its config (same pretrained weights) with a saved adapter loaded; the
     classes and palette come from the adapter's record, so no dataset is read."""
-    from ..checkpoint import read_adapter_config
+    from ..checkpoint.folder import read_adapter_config
     from ..errors import CheckpointError
 
     task = read_adapter_config(adapter_dir).get("task") or {}
@@ -315,10 +315,10 @@ def evaluate_saved(
     accelerator = make_accelerator(LoopConfig(), cpu=cpu)
     loader = accelerator.prepare(eval_loader(WorkerSafe(Paired(dataset, tf)), config, batch_size))
     eval_cfg = SimpleNamespace(**{**dict(config.eval), "mode": mode or config.eval.mode})
-    task = SegmentationTask(len(classes), loader, eval_cfg, ignore)
+    objective = SegmentationObjective(len(classes), loader, eval_cfg, ignore)
     with torch.no_grad():
-        task.evaluate(accelerator.prepare(seg).eval(), accelerator)
-    return task.last, classes
+        objective.evaluate(accelerator.prepare(seg).eval(), accelerator)
+    return objective.last, classes
 
 
 def run(config: DictConfig, run_dir: Path, **options: Any) -> dict[str, Any]:
@@ -327,7 +327,7 @@ def run(config: DictConfig, run_dir: Path, **options: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "SegmentationTask",
+    "SegmentationObjective",
     "SegmentationTrainer",
     "build_experiment",
     "build_segmenter",

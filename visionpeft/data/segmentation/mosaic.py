@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from ...errors import DataError
 from ...registry import SEGMENTATION_DATASETS
-from ..mini import TEXTURES, _to_uint8, texture_photo
+from ..mini import TEXTURES, texture_photo, to_uint8
 from .classes import default_palette
 
 SPLIT_SIZES = {"train": 600, "val": 100, "test": 200}
@@ -90,7 +90,7 @@ def generate(
 ) -> tuple[np.ndarray, np.ndarray, list[list[Window]]]:
     """``count`` mosaics of ``split``: images, label maps and the windows their regions were copied from."""
     names = list(TEXTURES)
-    photos = {name: _to_uint8(texture_photo(name)) for name in names}
+    photos = {name: to_uint8(texture_photo(name)) for name in names}
     rng = np.random.default_rng([seed, _STREAMS[split]])
     images = np.empty((count, size, size), np.uint8)
     masks = np.empty((count, size, size), np.uint8)

@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..data.mini import FRACTIONS, SPLITS, stratified_split, to_uint8
 from ..errors import DataError
 from ..registry import DATASETS
-from .mini import FRACTIONS, SPLITS, _to_uint8, stratified_split
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 #: texture word -> scikit-image sample
@@ -111,7 +111,7 @@ def _digits(split: str, size: int, seed: int):
 
     data = load_digits()
     for i in stratified_split(data.target, split, seed):
-        image = Image.fromarray(_to_uint8(data.images[i])).resize((size, size), Image.BILINEAR)
+        image = Image.fromarray(to_uint8(data.images[i])).resize((size, size), Image.BILINEAR)
         digit = int(data.target[i])
         yield _resize(np.asarray(image), size), digit_prompt(digit), f"digit {digit}"
 
@@ -161,7 +161,7 @@ def _faces(split: str, size: int, seed: int):
     labels = np.zeros(100, dtype=int)
     indices = np.arange(100) if split == "all" else stratified_split(labels, split, seed)
     for i in indices:
-        face = _resize(_to_uint8(faces[i]), size)
+        face = _resize(to_uint8(faces[i]), size)
         yield face, "a photo of a face", "face"
         yield face[:, ::-1].copy(), "a photo of a face", "face"
 

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapter import AdapterState, _require_state, _unwrap
-from .errors import CheckpointError
-from .io import atomic_write
-from .methods import METHODS, ExportParts
+from ..adapter import AdapterState, require_state, unwrap
+from ..errors import CheckpointError
+from ..io import atomic_write
+from ..methods import METHODS, ExportParts
 
 FORMATS = ("peft", "diffusers", "kohya")
 #: The one file ``save_adapter(..., format="kohya")`` writes (A1111 / ComfyUI / sd-scripts read it as it is).
@@ -73,7 +73,7 @@ def collect_parts(state: AdapterState, format: str) -> ExportParts:
 def export_peft(model: nn.Module, directory: Path) -> Path:
     """Writes ``adapter_model.safetensors`` + ``adapter_config.json`` for ``peft.PeftModel.from_pretrained``: the
     LoRA layers, and the task heads as ``modules_to_save``."""
-    state = _require_state(model)
+    state = require_state(model)
     parts = collect_parts(state, "peft")
     layers = parts.lora_layers
     tensors: dict[str, torch.Tensor] = {}
@@ -119,7 +119,7 @@ def export_diffusers(model: nn.Module, directory: Path) -> Path:
     (U-Net and text-encoder LoRA) for ``pipeline.load_lora_weights``, the methods' own files (textual
     inversion's ``learned_embeds.safetensors`` for ``pipeline.load_textual_inversion``) and model folders
     (``controlnet/`` for ``ControlNetModel.from_pretrained``)."""
-    parts = collect_parts(_require_state(model), "diffusers")
+    parts = collect_parts(require_state(model), "diffusers")
     groups: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
     for path, (a, b) in parts.lora_layers.items():
         group, _, local = path.partition(".")
@@ -158,7 +158,7 @@ def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
-    parts = collect_parts(_require_state(model), "kohya")
+    parts = collect_parts(require_state(model), "kohya")
     if parts.magnitudes:
         raise CheckpointError(
             "DoRA has no kohya file diffusers loads (its Stable Diffusion loader drops dora_scale keys); "
@@ -189,7 +189,7 @@ def export_kohya(model: nn.Module, directory: Path) -> Path:
 
 def export(model: Any, directory: Path, format: str) -> Path:
     """Writes ``model``'s adapter to ``directory`` in ``format`` (``peft``, ``diffusers`` or ``kohya``)."""
-    target = _unwrap(model)
+    target = unwrap(model)
     if format == "peft":
         return export_peft(target, directory)
     if format == "diffusers":

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 
 import pytest
-from _classify_utils import ROOT, tiny_config, write_pretrained_vit, write_tiny_cifar10
+import train as train_tool  # noqa: E402
+from _classify_utils import tiny_config, write_pretrained_vit, write_tiny_cifar10
 
 import visionpeft as vp
+from visionpeft.cli.common import run  # noqa: E402
 from visionpeft.errors import ConfigError
 from visionpeft.methods import METHODS, make_config
 from visionpeft.methods.lora import LoRAConfig
 from visionpeft.methods.vpt import VPTConfig
 from visionpeft.schema import check_fields, setting
-
-sys.path.insert(0, str(ROOT / "tools"))
-import train as train_tool  # noqa: E402
-
-from visionpeft.cli.common import run  # noqa: E402
 
 BAD_OPTIONS = [
     ("convpass", {"dim": -1}, "method 'convpass' option 'dim' must be at least 1, got -1"),

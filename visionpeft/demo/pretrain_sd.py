@@ -25,10 +25,10 @@ from torch.utils.data import Dataset
 import visionpeft as vp
 
 from ..backbones import pipeline_modules
-from ..data.captioned_mix import CaptionedImages, captioned_mix
-from .diffusion import DiffusionParts, diffusion_loss
-from .logs import get_logger
-from .run import Setup, run_task
+from ..trainers.diffusion import DiffusionParts, diffusion_loss
+from ..trainers.logs import get_logger
+from ..trainers.run import Setup, run_task
+from .captioned_mix import CaptionedImages, captioned_mix
 from .tiny_sd_parts import (
     build_text_encoder,
     build_tokenizer,

@@ -4,7 +4,7 @@
   or diffusers' own layout) becomes visionpeft LoRA layers on a pipeline or U-Net. diffusers reads and renames the
   file (``lora_state_dict``, ``convert_unet_state_dict_to_peft``, ``convert_state_dict_to_peft``); this module only
   groups the result by module, folds each module's ``alpha / rank`` into B and pads ranks to one ``r``. The kohya
-  *writer* is :func:`visionpeft.exporters.kohya_state_dict` (``save_adapter(..., format="kohya")``).
+  *writer* is :func:`visionpeft.checkpoint.exporters.kohya_state_dict` (``save_adapter(..., format="kohya")``).
 - :func:`export_merged`: the model's own state dict with every attached method merged in, one safetensors file that
   the library loads as weights (timm: ``create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=...))``).
 """
@@ -21,9 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .adapter import _unwrap, attach, backbone_of, can_merge, merge, methods_of
-from .errors import CheckpointError, IncompatibleMethodError
-from .io import atomic_write
+from ..adapter import attach, backbone_of, can_merge, merge, methods_of, unwrap
+from ..errors import CheckpointError, IncompatibleMethodError
+from ..io import atomic_write
 
 
 def _read_keys(path: Path) -> list[str]:
@@ -98,7 +98,7 @@ def import_lora(model: Any, file: str | os.PathLike) -> Any:
         if where is None:
             raise CheckpointError(f"{path} holds a {component} LoRA; this {backbone.family} model has no {component}")
         tower, prefix = where
-        root = _unwrap(model)
+        root = unwrap(model)
         rank = max(parts["A"].shape[0] for parts in modules.values())
         paths = {}
         for module, parts in modules.items():

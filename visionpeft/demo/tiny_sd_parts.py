@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from ..data.clip_vocab import clip_tokenizer
-from .logs import get_logger
+from ..trainers.logs import get_logger
 
 logger = get_logger(__name__)
 

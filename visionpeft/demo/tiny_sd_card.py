@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.captioned_mix import SUBJECTS, captioned_mix
 from ..io import shown_path
+from .captioned_mix import SUBJECTS, captioned_mix
 from .tiny_sd_parts import TRAINING_RECORD
 
 CARD_LIMITS = """\

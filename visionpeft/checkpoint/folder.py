@@ -9,8 +9,8 @@ PEFT's ``adapter_model.safetensors`` + ``adapter_config.json``; folders written 
 schema under PEFT's names) still load.
 
 ``save_adapter(..., format="diffusers" | "peft" | "kohya")`` writes only the files those libraries (or A1111 /
-ComfyUI) load as they are (see :mod:`visionpeft.exporters`); ``load_adapter`` on a single ``.safetensors`` LoRA
-file imports it (:func:`visionpeft.conversions.import_lora`).
+ComfyUI) load as they are (see :mod:`visionpeft.checkpoint.exporters`); ``load_adapter`` on a single
+``.safetensors`` LoRA file imports it (:func:`visionpeft.checkpoint.conversions.import_lora`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .adapter import (
-    _apply_requires_grad,
-    _require_state,
-    _unwrap,
+from ..adapter import (
+    apply_requires_grad,
     attach,
     attached_methods,
     backbone_of,
@@ -36,15 +34,17 @@ from .adapter import (
     count_parameters,
     detach,
     methods_of,
+    require_state,
+    unwrap,
 )
+from ..errors import CheckpointError, ConfigError, VisionPEFTError
+from ..io import atomic_write
+from ..methods import make_config
+from ..methods.base import named_persistent_buffers
+from ..version import __version__
 from .base_weights import describe_base, frozen_dtype, frozen_weights_sha256, weights_source
-from .errors import CheckpointError, ConfigError, VisionPEFTError
 from .exporters import KOHYA_NAME, export
 from .hub_io import build_model_card, download_adapter, library_name, looks_like_repo_id, push_folder
-from .io import atomic_write
-from .methods import make_config
-from .methods.base import named_persistent_buffers
-from .version import __version__
 
 WEIGHTS_NAME = "visionpeft_adapter.safetensors"
 CONFIG_NAME = "visionpeft_config.json"
@@ -72,7 +72,7 @@ def head_state(model: Any) -> dict[str, torch.Tensor]:
     """The task heads' parameters and persistent buffers under canonical names (``head.weight``,
     ``head.bn.running_mean``)."""
     tensors: dict[str, torch.Tensor] = {}
-    for head_name, head in _require_state(_unwrap(model)).backbone.heads().items():
+    for head_name, head in require_state(unwrap(model)).backbone.heads().items():
         for name, tensor in head.named_parameters():
             tensors[f"{head_name}.{name}"] = tensor
         for name, owner, attr in named_persistent_buffers(head):
@@ -83,7 +83,7 @@ def head_state(model: Any) -> dict[str, torch.Tensor]:
 def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """Every trained tensor of an adapted model under its canonical name: the methods' parameters and buffers, then
     the heads'."""
-    state = _require_state(_unwrap(model))
+    state = require_state(unwrap(model))
     tensors: dict[str, torch.Tensor] = {}
     for method in state.methods:
         for name, tensor in method.named_state():
@@ -125,7 +125,7 @@ def save_adapter(
 
 def write_model_card(model: Any, directory: Path, **details: Any) -> Path:
     """Writes ``directory/README.md`` describing the adapter of ``model`` (``details``: the keyword arguments of
-    :func:`visionpeft.hub_io.build_model_card`, e.g. metrics, data, command, images)."""
+    :func:`visionpeft.checkpoint.hub_io.build_model_card`, e.g. metrics, data, command, images)."""
     library = library_name(directory)
     source = weights_source(model)
     options = {
@@ -165,7 +165,7 @@ def _save_visionpeft(model: Any, directory: Path) -> None:
         "base_model": describe_base(model),
         "versions": library_versions(),
     }
-    metadata = getattr(_unwrap(model), "task_metadata", None)
+    metadata = getattr(unwrap(model), "task_metadata", None)
     if callable(metadata):  # a task model's own record (a segmenter's head, id2label, palette)
         config["task"] = metadata()
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -354,11 +354,11 @@ def _undo(model: Any, added: list, before: list) -> None:
     if not before:
         detach(model)
         return
-    state = _require_state(_unwrap(model))
+    state = require_state(unwrap(model))
     for method in reversed(added):
         method.detach()
     state.methods = [m for m in state.methods if m not in added]
-    _apply_requires_grad(_unwrap(model), state)
+    apply_requires_grad(unwrap(model), state)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-from _classify_utils import ROOT, tiny_config, write_pretrained_vit, write_tiny_cifar10
+import train as train_tool  # noqa: E402
+from _classify_utils import tiny_config, write_pretrained_vit, write_tiny_cifar10
 from PIL import Image
 from tiny_models import tiny_clip
 
 from visionpeft.backbones.factory import fixed_input_size
+from visionpeft.cli.common import run  # noqa: E402
 from visionpeft.data.fewshot import base_new_split
 from visionpeft.errors import DataError
 from visionpeft.tasks.clip_classifier import CLIPClassifier
-
-sys.path.insert(0, str(ROOT / "tools"))
-import train as train_tool  # noqa: E402
-
-from visionpeft.cli.common import run  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .adapter import _require_state, _unwrap
+from ..adapter import require_state, unwrap
 
 HASHED_AS = "float16"
 
@@ -31,8 +31,8 @@ def weights_source(model: Any) -> str | None:
     """The name the weights were loaded by, when the model records it: what visionpeft's model factory loaded (a
     timm name with tag, an open_clip model / tag, a local file), a diffusers ``_name_or_path``, a timm
     ``hf_hub_id`` / ``architecture.tag``."""
-    candidates = [model, _unwrap(model)]
-    inner = getattr(_unwrap(model), "inner_model", None)
+    candidates = [model, unwrap(model)]
+    inner = getattr(unwrap(model), "inner_model", None)
     if callable(inner):
         candidates.append(inner())
     for obj in candidates:
@@ -52,8 +52,8 @@ def weights_source(model: Any) -> str | None:
 
 def frozen_weights_sha256(model: Any) -> str:
     """sha256 of the frozen parameters of an adapted model (see the module docstring); cached per method set."""
-    module = _unwrap(model)
-    state = _require_state(module)
+    module = unwrap(model)
+    state = require_state(module)
     frozen = [p for p in module.parameters() if not p.requires_grad]  # tied weights are yielded once
     key = (tuple((id(m), type(m).__name__) for m in state.methods), len(frozen), sum(p.numel() for p in frozen))
     cached = module.__dict__.get("_visionpeft_base_sha256")
@@ -74,7 +74,7 @@ def frozen_weights_sha256(model: Any) -> str:
 def frozen_dtype(model: Any) -> str | None:
     """The dtype the frozen weights were hashed in (``float32``, ``bfloat16``, ...), or None when nothing is frozen."""
     frozen_weights_sha256(model)
-    return _unwrap(model).__dict__["_visionpeft_base_dtype"]
+    return unwrap(model).__dict__["_visionpeft_base_dtype"]
 
 
 def describe_base(model: Any) -> dict[str, Any]:

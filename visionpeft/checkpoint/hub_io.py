@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 #: Files of an adapter folder worth downloading (a run folder also holds resumable state and logs).
 ADAPTER_PATTERNS = ("*.json", "*.safetensors", "README.md", "*.png", "*/*.json", "*/*.safetensors")
@@ -119,7 +119,7 @@ def push_folder(folder: Path, repo_id: str, ignore: Iterable[str] = RUN_IGNORE, 
     """Uploads ``folder`` to the hub model repo ``repo_id`` (created if needed); returns the commit URL."""
     from huggingface_hub import HfApi, constants
 
-    from .backbones.hub import hub_reachable
+    from ..backbones.hub import hub_reachable
 
     if constants.HF_HUB_OFFLINE or not hub_reachable():
         raise CheckpointError(f"cannot upload {folder} to the hub repo {repo_id}: the hub is not reachable (offline)")
@@ -138,7 +138,7 @@ def download_adapter(repo_id: str) -> Path:
     """Downloads the adapter files of the hub repo ``repo_id`` (cached); returns the local folder."""
     from huggingface_hub import snapshot_download
 
-    from .backbones.hub import offline_unless_reachable
+    from ..backbones.hub import offline_unless_reachable
 
     try:
         with offline_unless_reachable():

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 import numpy as np
 import pytest
-from _classify_utils import ROOT, tiny_config, write_pretrained_vit
+import train as train_tool  # noqa: E402
+from _classify_utils import tiny_config, write_pretrained_vit
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from visionpeft.cli.common import run  # noqa: E402
 from visionpeft.data.few_images import FewImages, load_images
 from visionpeft.data.images import ItemError, WorkerSafe
 from visionpeft.errors import DataError
 from visionpeft.registry import DATASETS
-
-sys.path.insert(0, str(ROOT / "tools"))
-import train as train_tool  # noqa: E402
-
-from visionpeft.cli.common import run  # noqa: E402
 
 
 def _png(path, value=0):
