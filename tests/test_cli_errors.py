@@ -52,6 +52,9 @@ def config(tmp_path_factory):
             "optim.warmup_epochs (1) and optim.warmup_steps (5) are both set; set one of them to null",
         ),
         (["train.ema_decay=1.5"], "config key 'train.ema_decay' must be at most 1, got 1.5"),
+        (["optim.lr=inf"], "config key 'optim.lr' must be a finite number, got inf"),
+        (["model.checkpoint=/"], "config key 'model.checkpoint' names /, which is a folder, not a file"),
+        (["data.root=/dev/null"], "config key 'data.root' names /dev/null, which is not a folder"),
     ],
 )
 def test_bad_config_is_one_line(config, overrides, message, capsys):
@@ -159,3 +162,27 @@ def test_the_visionpeft_command_lists_its_subcommands_and_names_a_typo():
         [sys.executable, "-m", "visionpeft", "train", "--help"], capture_output=True, text=True, timeout=120
     )
     assert helped.returncode == 0 and "--print-config" in helped.stdout
+
+
+def test_a_key_written_twice_in_a_config_or_grid_file_is_refused(config, tmp_path, capsys):
+    """A config or grid YAML setting a key twice (`lr:` twice, or `optim.lr:` beside `optim: {lr: ...}`): one line
+    naming the key and both lines, instead of YAML's silent "the last one wins"."""
+    from visionpeft.errors import ConfigError
+    from visionpeft.sweep.grid import read_grid
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(f"_base_: {config}\noptim:\n  lr: 0.1\n  lr: 0.2\n")
+    assert run(train_tool.main, [str(twice), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {twice} is not valid YAML: key 'optim.lr' is written twice (lines 3 and 4)"
+    )
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("optim.lr: [0.1, 0.01]\noptim:\n  lr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"key 'optim.lr' is written twice \(lines 1 and 3; a dotted key"):
+        read_grid(grid)
+    grid.write_text("method: {name: vpt, num_tokens: 5}\nmethod.num_tokens: [5, 10]\noptim.lr: 1e-3\n")
+    assert read_grid(grid) == {
+        "method": {"name": "vpt", "num_tokens": 5},
+        "method.num_tokens": [5, 10],
+        "optim.lr": 1e-3,
+    }

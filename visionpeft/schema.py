@@ -1,9 +1,10 @@
 """The schema is the documentation: config fields declared with their help, choices and ranges.
 
-``setting(default, help, choices=..., min=..., max=..., below=..., above=..., nonempty=...)`` declares a dataclass
-field whose metadata says what it means and which values it takes; :func:`check_fields` validates a resolved run
-config or a method config against those declarations and :func:`describe` prints a config with each field's help
-(``--print-config``). OmegaConf (run configs) or ``methods.make_config`` (method options) checks the types; this
+``setting(default, help, choices=..., min=..., max=..., below=..., above=..., nonempty=..., path=...)`` declares a
+dataclass field whose metadata says what it means and which values it takes; :func:`check_fields` validates a
+resolved run config or a method config against those declarations (a float is always a finite number; a path field
+that names a file or a folder must not name the other kind) and :func:`describe` prints a config with each field's
+help (``--print-config``). OmegaConf (run configs) or ``methods.make_config`` (method options) checks the types; this
 module checks what a type cannot say.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .io import kind_problem
 
 
 def setting(
@@ -40,8 +42,9 @@ def setting(
         help: One line saying what the field means (shown by ``--print-config``).
         choices: The allowed values. min / max: Inclusive bounds. below / above: Exclusive upper / lower bounds.
         nonempty: The value (a string, list or tuple) must hold something.
-        path: The value is a local path (``True``) or a hub id or local path (``"or_id"``); saved run configs
-            hold it as an absolute path (see :func:`absolute_paths`).
+        path: The value is a local path (``True``; ``"file"`` / ``"folder"`` when it must be that kind: one that
+            exists as the other kind is refused) or a hub id or local path (``"or_id"``); saved run configs hold it
+            as an absolute path (see :func:`absolute_paths`).
     """
     metadata = {
         "help": help,
@@ -79,12 +82,17 @@ def problem(meta: Mapping[str, Any], value: Any) -> str | None:
         return f"must be one of {shown}, got {value!r}"
     if meta.get("nonempty") and isinstance(value, Sized) and len(value) == 0:
         return f"must not be empty, got {value!r}"
+    if meta.get("path") in ("file", "folder") and isinstance(value, str) and value:
+        local = Path(value).expanduser()
+        wrong = kind_problem(local, meta["path"]) if local.exists() else None  # a missing path is the reader's to say
+        return None if wrong is None else f"names {value}, which {wrong} (expected: {meta.get('help')})"
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
-    bounds = [meta.get(k) for k in ("min", "max", "below", "above")]
-    if isinstance(value, float) and math.isnan(value) and any(b is not None for b in bounds):
+    if isinstance(value, float) and math.isnan(value):
         return "must be a number, got nan"
-    low, high, below, above = bounds
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    low, high, below, above = [meta.get(k) for k in ("min", "max", "below", "above")]
     if low is not None and value < low:
         return f"must be at least {low}, got {value!r}"
     if high is not None and value > high:
@@ -130,7 +138,7 @@ def absolute_paths(schema: type, values: dict, base: Path | None = None) -> None
             absolute_paths(nested[f.name], value, base)
         elif f.metadata.get("path") and isinstance(value, str) and value and not Path(value).is_absolute():
             local = (base / value).expanduser()
-            if f.metadata["path"] is True or local.exists():
+            if f.metadata["path"] != "or_id" or local.exists():
                 values[f.name] = str(local.resolve())
 
 

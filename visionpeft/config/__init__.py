@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ..errors import ConfigError, did_you_mean
+from ..io import load_yaml
 from ..schema import absolute_paths, check_fields, describe
 from .tasks import TaskSpec, task_spec
 
@@ -33,7 +34,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path) or {}  # a key written twice is an error, not "the last one wins"
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -72,6 +73,11 @@ def _translate(err: OmegaConfBaseException, schema: DictConfig, source: str) -> 
     key = getattr(err, "full_key", None) or ""
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         known = _schema_keys(schema)
+        if key in known:  # a dotted key written in a YAML file: OmegaConf reads it as one key named "optim.lr"
+            parent, _, leaf = key.rpartition(".")
+            return ConfigError(
+                f"config key '{key}' in {source} must be nested in a YAML file: {parent}: {{{leaf}: ...}}"
+            )
         return ConfigError(f"unknown config key '{key}' in {source}{did_you_mean(key, known)}")
     if isinstance(err, ValidationError):
         value = getattr(err, "msg", str(err)).splitlines()[0]

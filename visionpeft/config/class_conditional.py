@@ -19,7 +19,7 @@ class ClassData:
     """``data``: a dataset of the toolkit by name (``imagefolder`` reads ``root/<split>/<class>/``)."""
 
     name: str = setting("imagefolder", "a registered dataset")
-    root: str | None = setting(None, "where the data lives", path=True)
+    root: str | None = setting(None, "where the data lives", path="folder")
     split: str = setting("train", "the training split")
     options: dict[str, Any] = setting({}, "extra keyword arguments of the dataset builder")
     size: int | None = setting(None, "training resolution (null: the pipeline's native one)", min=1)

@@ -37,7 +37,7 @@ class DataConfig:
     """``data``: a registered dataset and its loaders."""
 
     name: str = setting("cifar100", "a registered dataset (cifar10, cifar100, imagefolder, vtab-<task>, ...)")
-    root: str | None = setting(None, "where the data lives (or goes, with download)", path=True)
+    root: str | None = setting(None, "where the data lives (or goes, with download)", path="folder")
     download: bool = setting(False, "let torchvision download when root lacks the files")
     train_split: str = setting("train", "training split")
     val_split: str | None = setting(None, "validation split (selects the best checkpoint); null: none")

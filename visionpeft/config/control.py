@@ -13,7 +13,9 @@ from .sections import SCHEDULES, TASK_HELP, DiffusersModel, DiffusionTrain, Opti
 class ControlData:
     """``data``: (image, condition, caption) triples: ``metadata.jsonl`` or fill50k's ``prompt.json``."""
 
-    root: str | None = setting(None, "the data folder (required): metadata.jsonl or prompt.json + images", path=True)
+    root: str | None = setting(
+        None, "the data folder (required): metadata.jsonl or prompt.json + images", path="folder"
+    )
     size: int = setting(512, "training resolution (the condition too)", min=8)
     proportion_empty_prompts: float = setting(0.0, "share of captions replaced by an empty prompt", min=0, max=1)
     conditioning: str = setting(

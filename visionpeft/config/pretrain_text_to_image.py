@@ -34,7 +34,7 @@ class TinySDModel:
         "continue from a pipeline folder this tool exported (its VAE, U-Net, text "
         "encoder and tokenizer; the widths above are then the folder's and the VAE stage "
         "is skipped); null: from scratch",
-        path=True,
+        path="folder",
     )
 
 

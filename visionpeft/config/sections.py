@@ -27,7 +27,7 @@ class VisionModel:
     library: str = setting("timm", "model library", choices=("timm", "open_clip"))
     name: str = setting("vit_base_patch16_224.augreg_in21k", "timm model name (with tag) or open_clip architecture")
     pretrained: bool = setting(True, "load pretrained weights (timm tag / open_clip pretrained_tag)")
-    checkpoint: str | None = setting(None, "a local weights file (.safetensors, .pth, .bin) used instead", path=True)
+    checkpoint: str | None = setting(None, "a local weights file (.safetensors, .pth, .bin) used instead", path="file")
     pretrained_tag: str | None = setting(None, "open_clip's pretrained tag (e.g. openai)")
     img_size: int | None = setting(None, "input size override (timm); null: the model's own", min=1)
     drop_path_rate: float = setting(0.0, "stochastic depth (timm)", min=0, below=1)

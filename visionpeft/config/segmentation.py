@@ -33,7 +33,7 @@ class SegmentationData:
     """``data``: a registered segmentation dataset and mmseg's training pipeline."""
 
     name: str = setting("ade20k", "ade20k, voc2012, cityscapes, imagefolder-seg or texture-mosaic")
-    root: str | None = setting(None, "the dataset's folder", path=True)
+    root: str | None = setting(None, "the dataset's folder", path="folder")
     train_split: str = setting("train", "training split")
     val_split: str | None = setting(None, "validation split (selects the best checkpoint); null: none")
     test_split: str | None = setting("val", "split evaluated during and after training (ADE20K: val); null: none")

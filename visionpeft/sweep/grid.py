@@ -22,7 +22,6 @@ an axis again. A whole ``method`` (fixed or an axis) is applied before the keys 
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,16 +30,8 @@ import yaml
 
 from ..config import ATOMIC_KEYS
 from ..errors import ConfigError
+from ..io import load_yaml
 from ..schema import flow_yaml
-
-
-class _GridLoader(yaml.SafeLoader):
-    """YAML with ``1e-3`` read as a float, as in YAML 1.2 and OmegaConf."""
-
-
-_GridLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
-)
 
 
 @dataclass(frozen=True)
@@ -66,7 +57,7 @@ def read_grid(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"grid file {path} does not exist")
     try:
-        data = yaml.load(path.read_text(), Loader=_GridLoader)
+        data = load_yaml(path, exponent_floats=True, atomic=ATOMIC_KEYS)  # a key set twice is an error
     except yaml.YAMLError as err:
         raise ConfigError(f"grid file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if data is None:
