@@ -148,7 +148,7 @@ def judge(config, args: argparse.Namespace, command: str) -> int:
     card = f"""# {name}
 
 The judge of the tiny text-to-image pipeline (`checkpoints/tiny_sd`): it names the subject of a 32 px image among
-the {len(scorer.classes)} subjects of `visionpeft/data/captioned_mix.py`, **held-out subjects included** (digit 7 and
+the {len(scorer.classes)} subjects of `visionpeft/demo/captioned_mix.py`, **held-out subjects included** (digit 7 and
 the brick texture, which the pipeline never saw), so it can score base samples and personalization alike.
 
 - **Model**: timm `{config.model.name}` at {config.model.img_size} px, {dict(config.model.kwargs)}, started from
@@ -215,7 +215,7 @@ adapts a *pretrained* backbone with no download.
 - **Architecture**: timm `{config.model.name}` with `img_size={config.model.img_size}`, {dict(config.model.kwargs)}:
   {params:,} parameters, {size} x {size} RGB input, {config.data.options.categories}-way fractal classifier head.
 - **Data**: {config.data.options.categories} FractalDB-style IFS categories x {config.data.options.instances} instances
-  (Kataoka et al., ACCV 2020), rendered on the fly by `visionpeft/data/fractal.py` (seed {config.data.options.seed});
+  (Kataoka et al., ACCV 2020), rendered on the fly by `visionpeft/demo/fractal.py` (seed {config.data.options.seed});
   no natural image was seen.
 - **Recipe**: {config.optim.name}, lr {config.optim.lr}, weight decay {config.optim.weight_decay}, {config.optim.epochs}
   epochs ({config.optim.warmup_epochs} warmup), batch {config.data.batch_size}, label smoothing

@@ -203,7 +203,7 @@ Rows of `samples.png`: {", ".join(f'"{p}"' for p in _validation_prompts())}.
   inversion starts from.
   Not measured against a frozen random encoder (no CPU time for a second pretraining run).
 
-## Data (`visionpeft/data/captioned_mix.py`, split `all`)
+## Data (`visionpeft/demo/captioned_mix.py`, split `all`)
 | family | images | captions |
 |---|---:|---|
 | digit | {families["digit"]} | "a handwritten digit three" (scikit-learn digits, 8 x 8 upsampled) |
