@@ -69,7 +69,10 @@ def test_the_run_folder_holds_the_table_the_grid_and_the_labels(trained):
     table = (run_dir / "per_class_iou.md").read_text()
     assert all(name in table for name in ("brick", "grass", "stars"))
     grid = Image.open(run_dir / "predictions.png")
-    assert grid.size == (3 * 128, 2 * 128)  # 2 rows of image | truth | prediction, 32 px tiles enlarged to 128
+    # 2 rows of image | truth | prediction, 32 px tiles enlarged to 128, and the legend (6 classes) at the right
+    assert grid.width > 3 * 128 and grid.height == 2 * 128
+    legend = grid.crop((3 * 128, 0, grid.width, grid.height))
+    assert len({c for _, c in legend.getcolors(4096)}) > 6  # the six class colours, black text, white
     task = json.loads((run_dir / "last" / CONFIG_NAME).read_text())["task"]
     assert task["id2label"]["0"] == "brick" and len(task["palette"]) == 6
     assert any((run_dir / "tensorboard").iterdir())
@@ -79,16 +82,20 @@ def test_the_run_folder_holds_the_table_the_grid_and_the_labels(trained):
 def test_eval_reproduces_the_runs_numbers_and_predict_writes_masks(trained, tmp_path, capsys):
     run_dir, results = trained
     assert run_cli(eval_main, [str(run_dir), "--cpu"]) == 0
-    out = capsys.readouterr().out
-    assert f"mIoU {results['test']['mIoU']:.2f}%" in out and "| brick |" in out
+    out = capsys.readouterr().out.splitlines()
+    assert "| brick |" in out[2] and out[-2].startswith("| aAcc |")  # the table, then the summary on its own line
+    assert out[-1] == f"{run_dir} [last] test (whole): " + ", ".join(
+        f"{k} {results['test'][k]:.2f}%" for k in ("mIoU", "aAcc", "mAcc")
+    )
     from visionpeft.data.segmentation import build_segmentation_dataset
 
     image = build_segmentation_dataset("texture-mosaic", "test", n=1, size=40)[0][0]
     image.save(tmp_path / "photo.png")
     assert run_cli(predict_main, [str(run_dir), str(tmp_path / "photo.png"), "--out", str(tmp_path / "m")]) == 0
-    labels = Image.open(tmp_path / "m" / "photo.png")
+    labels = Image.open(tmp_path / "m" / "photo_labels.png")
     assert labels.mode == "L" and labels.size == (40, 40) and max(labels.getdata()) < 6
     assert Image.open(tmp_path / "m" / "photo_color.png").mode == "RGB"
+    assert Image.open(tmp_path / "m" / "legend.png").height >= 6 * 16  # one row per class
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     assert run_cli(predict_main, [str(run_dir), str(tmp_path / "broken.jpg"), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

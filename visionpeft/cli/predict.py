@@ -1,10 +1,9 @@
-"""Segment new images with a trained run: ``python tools/predict.py RUN_DIR img1.jpg img2.png ... --out masks/``.
+"""Apply a trained run to new inputs: ``visionpeft predict RUN_DIR [INPUT ...] --out OUT [options]``.
 
-Rebuilds the segmenter from the run's ``config.yaml`` (same pretrained weights), loads its ``best`` (else
-``last``) adapter, and writes for each image ``<stem>.png`` (the label ids, 8-bit grayscale) and
-``<stem>_color.png`` (the classes in the run's palette), at the image's own size. Images are resized as the run
-evaluated them (``data.scale``) and inferred whole or with sliding windows (``--mode``, default the run's
-``eval.mode``). Every image is read before the model loads: a missing or broken one is one line, exit code 2.
+Rebuilds the run's model from its ``config.yaml`` (same pretrained weights), loads a saved adapter (default: ``best``,
+else ``adapter``, else ``last``) and does what the run's task does with new inputs (the list below comes from the
+task registry, ``visionpeft/config/tasks.py``; this command names no task). Every input is checked before the model
+loads. Outputs never replace an input, and never an existing file unless --overwrite.
 """
 
 from __future__ import annotations
@@ -12,70 +11,45 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_base_check_argument
+from .common import add_base_check_argument, configure_logging, positive_int
 
 
 def main(argv: list[str]) -> int:
+    from ..config.tasks import commands_help
+
     parser = argparse.ArgumentParser(
-        prog="visionpeft predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="visionpeft predict",
+        description=__doc__,
+        epilog=commands_help("predict"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("run_dir", type=Path, help="a segmentation run folder")
-    parser.add_argument("images", type=Path, nargs="+", help="image files")
-    parser.add_argument("--out", type=Path, required=True, help="folder receiving the masks")
-    parser.add_argument("--checkpoint", default=None, help="best or last (default: best if present)")
+    parser.add_argument("run_dir", type=Path, help="a run folder (config.yaml + saved adapters)")
+    parser.add_argument("inputs", nargs="*", help="what the run's task takes (see below): image files or names")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="where the outputs go: a folder (a CSV file for tabular predictions)",
+    )
+    parser.add_argument("--checkpoint", default=None, help="the run's adapter folder (default: best, adapter, last)")
     parser.add_argument("--mode", choices=("whole", "slide"), default=None, help="default: the run's eval.mode")
+    parser.add_argument("--top-k", type=positive_int, default=None, help="classes per image (default: 5)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="default: the config's eval_batch_size")
+    parser.add_argument("--prompt", action="append", default=[], help="may be repeated (one for all, or one each)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[], help="sampling seeds (default: the run's seed)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files (never an input)")
     parser.add_argument("--cpu", action="store_true", help="force the CPU even when a GPU is present")
     add_base_check_argument(parser)
     args = parser.parse_args(argv)
 
-    from visionpeft.config import load_config
-    from visionpeft.data.images import load_rgb
-    from visionpeft.errors import CheckpointError, ConfigError
+    from ..trainers.saved_run import PredictRequest, load_run
 
-    config_path = args.run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise CheckpointError(f"{args.run_dir} is not a run folder (no config.yaml)")
-    config = load_config(config_path)
-    if config.task != "segmentation":
-        raise ConfigError(f"{args.run_dir} is a {config.task} run; predict segments with segmentation runs")
-    name = args.checkpoint or ("best" if (args.run_dir / "best").exists() else "last")
-    images = [load_rgb(path) for path in args.images]  # every image checked before the model loads
-    stems = [path.stem for path in args.images]
-    if len(set(stems)) != len(stems):
-        raise ConfigError("two images share a file name stem; their masks would overwrite each other")
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"--out {args.out}: cannot create the folder ({err.strerror or err})") from None
-
-    import torch
-
-    from visionpeft.data.segmentation import SegmentationTransform
-    from visionpeft.data.transforms import normalization_of
-    from visionpeft.tasks.seg_inference import predict_labels
-    from visionpeft.trainers.seg_outputs import colorize
-    from visionpeft.trainers.segmentation import load_segmenter
-
-    seg = load_segmenter(config, args.run_dir / name, check_base=not args.ignore_base_mismatch)
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    seg.to(device)
-    mean, std = normalization_of(seg.inner_model())
-    transform = SegmentationTransform(False, scale=tuple(config.data.scale), mean=mean, std=std)
-    mode, cfg = args.mode or config.eval.mode, config.eval
-    palette = seg.metadata.get("palette")
-    from PIL import Image
-
-    for image, stem in zip(images, stems):
-        tensor, _ = transform(image, Image.new("L", image.size))
-        labels = (
-            predict_labels(
-                seg, [tensor.to(device)], [(image.height, image.width)], mode, tuple(cfg.crop), tuple(cfg.stride)
-            )[0]
-            .cpu()
-            .numpy()
-            .astype("uint8")
-        )
-        Image.fromarray(labels, "L").save(args.out / f"{stem}.png")
-        colorize(labels, palette).save(args.out / f"{stem}_color.png")
-    print(f"wrote {2 * len(images)} masks for {len(images)} image(s) to {args.out} ({name} adapter, {mode} inference)")
+    config, spec = load_run(args.run_dir, "predict")
+    options = {k: v for k, v in vars(args).items() if k not in ("run_dir", "ignore_base_mismatch")}
+    spec.check_options("predict", options)
+    predictor = spec.predict_function()
+    configure_logging()
+    request = PredictRequest(args.run_dir, check_base=not args.ignore_base_mismatch, **options)
+    for line in predictor(config, request):
+        print(line)
     return 0

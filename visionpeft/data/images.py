@@ -63,13 +63,36 @@ def unreadable(first: str, bad: int, total: int, where: str, hint: str | None = 
     return f"{first}; {bad} of {total} images in {where} are unreadable{leave}"
 
 
+def as_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB. High-bit-depth grey (16-bit PNG / TIFF: PIL modes ``I;16*``, ``I``; float ``F``) is
+    scaled to 8 bits first: PIL's own ``convert`` clips those values at 255, which turns a 16-bit picture nearly
+    white. (16-bit RGB files already open as 8-bit ``RGB`` / ``RGBA``.)"""
+    if image.mode.startswith("I") or image.mode == "F":
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        full = 1.0 if image.mode == "F" and values.max(initial=0) <= 1.0 else 65535.0
+        image = Image.fromarray(np.clip(np.round(values * 255.0 / full), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """Opens an image as RGB; a missing or corrupt file is an :class:`ItemError` naming it."""
+    """Opens an image as 8-bit RGB (:func:`as_rgb`); a missing or corrupt file is an :class:`ItemError` naming it."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return as_rgb(image)
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError ... on broken files
         raise ItemError(f"{path} is not a readable image ({_reason(err)})") from None
+
+
+def header_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header (pixels not decoded); an unreadable file is a
+    :class:`DataError` naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception as err:  # whatever a broken file makes PIL raise
+        raise DataError(f"{path} is not a readable image ({_reason(err)})") from None
 
 
 def image_problem(path: str | Path) -> str | None:

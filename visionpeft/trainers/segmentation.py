@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -269,56 +268,10 @@ class SegmentationTrainer:
             loop.model.eval()
             grid = None
             if config.eval.grid_images:
-                grid = prediction_grid(loop.unwrapped, exp.raw_eval, config, exp.palette)
+                grid = prediction_grid(loop.unwrapped, exp.raw_eval, config, exp.palette, exp.classes)
                 loop.trackers.log_images("eval/predictions", [grid], loop.step)  # train.report_to's tracker
             results["outputs"] = write_outputs(run_dir, objective.last, exp.classes, grid)
         return results
-
-
-def load_segmenter(config: DictConfig, adapter_dir: Path, check_base: bool = True) -> Segmenter:
-    """The segmenter of a run rebuilt from its config (same pretrained weights) with a saved adapter loaded; the
-    classes and palette come from the adapter's record, so no dataset is read."""
-    from ..checkpoint.folder import read_adapter_config
-    from ..errors import CheckpointError
-
-    task = read_adapter_config(adapter_dir).get("task") or {}
-    id2label = task.get("id2label")
-    if task.get("task") != "segmentation" or not isinstance(id2label, dict):
-        raise CheckpointError(f"{adapter_dir} holds no segmentation adapter (no task record with id2label)")
-    classes = [id2label[str(i)] for i in range(len(id2label))]
-    seg = build_segmenter(config, classes, task.get("palette"))
-    vp.load_adapter(seg, adapter_dir, check_base=check_base)
-    return seg.eval()
-
-
-def evaluate_saved(
-    config: DictConfig,
-    adapter_dir: Path,
-    split: str,
-    mode: str | None = None,
-    batch_size: int | None = None,
-    cpu: bool = False,
-    check_base: bool = True,
-) -> tuple[dict[str, Any], list[str]]:
-    """mIoU / aAcc / mAcc (and per-class values) of a saved adapter on ``split``; returns them and the classes."""
-    from .loop import LoopConfig, make_accelerator
-
-    check_sizes(config)
-    dataset = raw_dataset(config, split)
-    seg = load_segmenter(config, adapter_dir, check_base)
-    classes = [str(c) for c in dataset.classes]
-    if len(classes) != seg.num_classes:
-        raise DataError(f"{adapter_dir} predicts {seg.num_classes} classes; split '{split}' has {len(classes)}")
-    mean, std = normalization_of(seg.inner_model())
-    ignore = int(getattr(dataset, "ignore_index", 255))
-    tf = SegmentationTransform(False, scale=_pair(config, "data.scale"), mean=mean, std=std, ignore_index=ignore)
-    accelerator = make_accelerator(LoopConfig(), cpu=cpu)
-    loader = accelerator.prepare(eval_loader(WorkerSafe(Paired(dataset, tf)), config, batch_size))
-    eval_cfg = SimpleNamespace(**{**dict(config.eval), "mode": mode or config.eval.mode})
-    objective = SegmentationObjective(len(classes), loader, eval_cfg, ignore)
-    with torch.no_grad():
-        objective.evaluate(accelerator.prepare(seg).eval(), accelerator)
-    return objective.last, classes
 
 
 def run(config: DictConfig, run_dir: Path, **options: Any) -> dict[str, Any]:
@@ -331,7 +284,5 @@ __all__ = [
     "SegmentationTrainer",
     "build_experiment",
     "build_segmenter",
-    "evaluate_saved",
-    "load_segmenter",
     "run",
 ]
