@@ -141,7 +141,7 @@ def test_a_method_needing_an_input_the_task_does_not_give_is_refused_before_any_
     for cls in (NeedsControl, NeedsPrompt):
         monkeypatch.setitem(METHODS._items, cls.name, cls)
     built = []
-    monkeypatch.setattr("visionpeft.trainers.classification.create_model", lambda *a: built.append(a))
+    monkeypatch.setattr("visionpeft.trainers.classification.create_classifier", lambda *a: built.append(a))
     cases = {
         "test_needs_control": "method 'test_needs_control' needs a per-call control_image, which the classification "
         "task does not provide",
@@ -186,3 +186,23 @@ def test_a_key_written_twice_in_a_config_or_grid_file_is_refused(config, tmp_pat
         "method.num_tokens": [5, 10],
         "optim.lr": 1e-3,
     }
+
+
+def test_fill50k_generator_arguments_are_one_line_before_anything_is_written(tmp_path, capsys):
+    """`tools/make_fill50k.py` with `--out` naming a file (or a path under one), `--size 60000` (a bare
+    MemoryError before: the side is bounded at 4096 and the message says why) or `--seed -1` (the message named
+    `--palette`): one line naming the argument; nothing is written."""
+    import make_fill50k as fill_tool
+
+    (tmp_path / "file").write_text("keep")
+    cases = {
+        ("--out", str(tmp_path / "file")): f"--out {tmp_path / 'file'} is a file, not a folder; give a new folder",
+        ("--out", str(tmp_path / "file" / "sub")): f"cannot create the folder {tmp_path / 'file' / 'sub'}",
+        ("--out", str(tmp_path / "big"), "--size", "60000"): "--size 60000 is outside 1 .. 4096: each pair is drawn",
+        ("--out", str(tmp_path / "seed"), "--seed", "-1"): "--seed -1 is negative; a fill50k seed is 0 or more",
+    }
+    for args, message in cases.items():
+        assert run(fill_tool.main, [*args, "--n", "2"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "keep"

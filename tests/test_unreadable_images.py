@@ -142,3 +142,86 @@ def test_bad_images_can_be_skipped_from_the_config(tmp_path, capsys):
     assert "(set data.options.skip_bad_images=true to leave it out)" in capsys.readouterr().err
     assert run(train_tool.main, [*base, "data.options.skip_bad_images=true"]) == 0
     assert "skipped 1 unreadable image of 6" in capsys.readouterr().out
+
+
+def _control_folder(root, lines):
+    """A control data folder: target/0.png and source/0.png (32x32) and a metadata.jsonl of ``lines``."""
+    _png(root / "target" / "0.png", 200)
+    _png(root / "source" / "0.png", 10)
+    (root / "metadata.jsonl").write_text("".join(line + "\n" for line in lines))
+    return root
+
+
+def test_control_metadata_lines_that_are_not_objects_or_leave_the_folder_are_named(tmp_path):
+    """Control `metadata.jsonl`: a line that is JSON but not an object (`12345`, `[...]`), or a path that leaves
+    `data.root` (`../..`, absolute): one line naming the file and line; nothing outside the data folder is read."""
+    from visionpeft.data.control_pairs import read_pairs
+
+    good = '{"image": "target/0.png", "conditioning_image": "source/0.png", "text": "a"}'
+    outside = tmp_path / "outside.png"
+    _png(outside)
+    cases = {
+        "12345": "line 2 is 12345, not a JSON object with image, conditioning_image, text",
+        '["target/0.png", "source/0.png"]': 'line 2 is ["target/0.png", "source/0.png"], not a JSON object',
+        good.replace("source/0.png", "../outside.png"): "line 2: ../outside.png leaves the data folder",
+        good.replace("target/0.png", str(outside)): f"line 2: {outside} leaves the data folder",
+        good.replace("source/0.png", "source/../../outside.png"): "line 2: source/../../outside.png leaves the",
+    }
+    for line, message in cases.items():
+        root = _control_folder(tmp_path / "data", [good, line])
+        with pytest.raises(DataError) as err:
+            read_pairs(root)
+        assert f"{root / 'metadata.jsonl'} {message}" in str(err.value)
+    root = _control_folder(tmp_path / "data", [good, good.replace("source/0.png", "source/../source/0.png")])
+    assert len(read_pairs(root)) == 2  # a way down and up again stays inside
+
+
+def test_a_control_condition_of_another_size_than_its_target_is_refused(tmp_path):
+    """A control condition image of another size than its target would be resized and centre-cropped out of
+    alignment: refused in one line naming the pair and both sizes, before training."""
+    from visionpeft.data.control_pairs import ControlPairs
+
+    good = '{"image": "target/0.png", "conditioning_image": "source/0.png", "text": "a"}'
+    root = _control_folder(tmp_path / "data", [good])
+    Image.new("RGB", (48, 32)).save(root / "source" / "0.png")
+    with pytest.raises(DataError) as err:
+        ControlPairs(root, size=16)
+    assert str(err.value) == (
+        f"condition image {root / 'source' / '0.png'} is 48x32 pixels but its target {root / 'target' / '0.png'} is "
+        f"32x32 (listed in {root / 'metadata.jsonl'}); a pair must have one size, since each image is resized and "
+        "centre-cropped on its own"
+    )
+
+
+def test_high_bit_depth_images_keep_their_range_in_every_reader(tmp_path):
+    """16-bit PNGs (PIL mode `I;16`) and 32-bit integer / float TIFFs (`I`, `F`) are scaled to 8 bits by every
+    image reader (image folders, control pairs, few images), not clipped to nearly white."""
+    from visionpeft.data.control_pairs import ControlPairs
+
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    files = {
+        "a.png": Image.fromarray((ramp * 65535).astype(np.uint16)),
+        "b.tiff": Image.fromarray((ramp * 65535).astype(np.int32)),
+        "c.tiff": Image.fromarray(ramp.astype(np.float32)),
+    }
+    (tmp_path / "few").mkdir()
+    for name, image in files.items():
+        image.save(tmp_path / "few" / name)
+        (tmp_path / "data" / "train" / "x").mkdir(parents=True, exist_ok=True)
+        image.save(tmp_path / "data" / "train" / "x" / name)
+    assert {Image.open(tmp_path / "few" / name).mode for name in files} == {"I;16", "I", "F"}
+    expected = (ramp * 255).mean()
+    few = load_images(tmp_path / "few")  # .tiff is no few-image suffix: the PNG only
+    folder = DATASETS.get("imagefolder")("train", root=str(tmp_path / "data"))
+    means = [np.asarray(image).mean() for image in few] + [np.asarray(folder[i][0]).mean() for i in range(3)]
+    assert len(means) == 4 and all(abs(m - expected) < 1 for m in means), means
+    control = tmp_path / "control"
+    for name in ("target", "source"):
+        (control / name).mkdir(parents=True)
+        files["a.png"].save(control / name / "0.png")
+    (control / "metadata.jsonl").write_text(
+        '{"image": "target/0.png", "conditioning_image": "source/0.png", "text": ""}'
+    )
+    item = ControlPairs(control, size=32)[0]
+    assert abs(float(item["conditioning_pixel_values"].mean()) - 0.5) < 0.01
+    assert abs(float(item["pixel_values"].mean())) < 0.02  # [-1, 1]: a full ramp averages 0

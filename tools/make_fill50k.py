@@ -4,7 +4,8 @@
 
 Writes ``source/`` (circle outlines: the condition), ``target/`` (the filled circles), ``metadata.jsonl`` (diffusers'
 ``image`` / ``conditioning_image`` / ``text`` columns, plus the circle and colours the fill metric reads) and
-``card.json`` (the generator's parameters). An existing non-empty folder is never written into.
+``card.json`` (the generator's parameters). An existing non-empty folder (or a file) is never written into; every
+argument is checked before anything is written (``--size`` at most 4096, ``--seed`` 0 or more).
 """
 
 from __future__ import annotations
@@ -32,15 +33,15 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from visionpeft.data.fill50k import make_fill50k
     from visionpeft.errors import DataError
+    from visionpeft.io import kind_problem
 
+    if args.out.exists() and kind_problem(args.out, "folder"):
+        raise DataError(f"--out {args.out} {kind_problem(args.out, 'folder')}; give a new folder")
     if args.out.exists() and any(args.out.iterdir()):
         raise DataError(f"{args.out} is not empty; give a new folder")
     if args.size < 32:
         raise DataError(f"--size {args.size} is too small for a circle and its outline; use 32 or more")
-    try:
-        make_fill50k(args.out, args.n, args.size, args.seed, palette=args.palette)
-    except ValueError as err:
-        raise DataError(f"--palette: {err}") from None
+    make_fill50k(args.out, args.n, args.size, args.seed, palette=args.palette)
     print(f"wrote {args.n} pairs to {args.out}")
     return 0
 

@@ -3,14 +3,20 @@
 ``root/metadata.jsonl`` with diffusers' columns (``image``, ``conditioning_image``, ``text``; paths relative to the
 root), or the original fill50k layout (``root/prompt.json``: one JSON object a line with ``source``, ``target``,
 ``prompt``). Every line and file is checked when the set is built, so a mistake is one line naming it before
-training starts. Transforms follow diffusers' ``train_controlnet.py``: resize the short side and centre-crop to
-``size``; the target in [-1, 1], the condition in [0, 1].
+training starts: a line that is not a JSON object, a path leaving the data folder (absolute, or up through ``..``),
+a missing file, and a condition image of another size than its target. Such a pair is refused rather than resized:
+the transforms resize the short side and centre-crop each image on its own, so a condition of another size or
+shape would no longer line up with its target, and no resize can know how the two were meant to align.
+Transforms follow diffusers' ``train_controlnet.py``: resize the short side and centre-crop to ``size``; the target
+in [-1, 1], the condition in [0, 1]. Images are read with :func:`.images.load_rgb` (16-bit and float images too).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -19,7 +25,7 @@ from torchvision.transforms import v2 as T
 
 from ..errors import DataError
 from .conditions import make_condition
-from .images import load_rgb
+from .images import header_size, load_rgb
 
 LAYOUTS = {"metadata.jsonl": ("image", "conditioning_image", "text"), "prompt.json": ("target", "source", "prompt")}
 
@@ -44,21 +50,49 @@ def read_pairs(root: str | Path, computed: bool = False) -> list[dict]:
     for number, line in enumerate((root / name).read_text().splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{root / name} line {number}"
         try:
             raw = json.loads(line)
         except ValueError:
-            raise DataError(f"{root / name} line {number} is not a JSON object") from None
+            raise DataError(f"{where} is not a JSON object") from None
+        if not isinstance(raw, dict):
+            raise DataError(f"{where} is {json.dumps(raw)[:40]}, not a JSON object with {', '.join(required)}")
         missing = [key for key in required if not isinstance(raw.get(key), str)]
         if missing:
-            raise DataError(f"{root / name} line {number} has no {', '.join(missing)}")
+            raise DataError(f"{where} has no {', '.join(missing)}")
         record = {**raw, "image": raw[image], "conditioning_image": raw.get(condition), "text": raw[text]}
         for key in ("image", "conditioning_image"):
-            if record[key] is not None and not (root / record[key]).is_file():
-                raise DataError(f"{root / name} line {number}: {root / record[key]} does not exist")
+            if record[key] is not None:
+                _check_inside(root, record[key], where)
         records.append(record)
     if not records:
         raise DataError(f"{root / name} lists no pairs")
+    if not computed:
+        _check_sizes(root, records, root / name)
     return records
+
+
+def _check_inside(root: Path, relative: str, where: str) -> None:
+    """A listed file lies inside the data folder (no absolute path, no way up through ``..``) and exists."""
+    normal = os.path.normpath(relative)
+    if Path(relative).is_absolute() or normal == ".." or normal.startswith(f"..{os.sep}"):
+        raise DataError(f"{where}: {relative} leaves the data folder {root}; list paths relative to it, inside it")
+    if not (root / relative).is_file():
+        raise DataError(f"{where}: {root / relative} does not exist")
+
+
+def _check_sizes(root: Path, records: list[dict], listing: Path) -> None:
+    """Every condition image has its target's size (headers only; see the module docstring for why)."""
+    files = [(root / r["image"], root / r["conditioning_image"]) for r in records]
+    with ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1))) as pool:
+        sizes = list(pool.map(lambda pair: (header_size(pair[0]), header_size(pair[1])), files))
+    for (target, condition), (target_size, condition_size) in zip(files, sizes):
+        if target_size != condition_size:
+            raise DataError(
+                f"condition image {condition} is {condition_size[0]}x{condition_size[1]} pixels but its target "
+                f"{target} is {target_size[0]}x{target_size[1]} (listed in {listing}); a pair must have one size, "
+                "since each image is resized and centre-cropped on its own"
+            )
 
 
 def _captioned_images(root: Path) -> list[dict]:
@@ -71,6 +105,12 @@ def _captioned_images(root: Path) -> list[dict]:
     return [
         {"image": p.name, "conditioning_image": None, "text": p.with_suffix(".txt").read_text().strip()} for p in images
     ]
+
+
+def condition_transform(size: int) -> T.Compose:
+    """A condition image's transform: resize the short side to ``size``, centre-crop, float in [0, 1]."""
+    resize = [T.Resize(size, interpolation=T.InterpolationMode.BILINEAR, antialias=True), T.CenterCrop(size)]
+    return T.Compose([T.ToImage(), *resize, T.ToDtype(torch.float32, scale=True)])
 
 
 class ControlPairs(Dataset):
@@ -94,8 +134,7 @@ class ControlPairs(Dataset):
     ) -> None:
         self.root, self.records = Path(root), read_pairs(root, computed=condition != "none")
         self.proportion_empty_prompts, self.condition_kind, self.train = proportion_empty_prompts, condition, train
-        resize = [T.Resize(size, interpolation=T.InterpolationMode.BILINEAR, antialias=True), T.CenterCrop(size)]
-        self.condition = T.Compose([T.ToImage(), *resize, T.ToDtype(torch.float32, scale=True)])  # [0, 1]
+        self.condition = condition_transform(size)  # [0, 1]
         self.image = T.Compose([self.condition, T.Normalize([0.5] * 3, [0.5] * 3)])  # [-1, 1]
 
     def for_validation(self) -> ControlPairs:

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import DataError
+
 #: the words CSS4 colour names are made of, so "burlywood" reads "burly wood" in a caption
 COLOUR_WORDS = frozenset(
     """alice blue antique white aqua marine azure beige bisque black blanched almond violet brown burly wood cadet
@@ -39,6 +41,11 @@ def colour_words(name: str) -> str:
     return " ".join(best.get(len(name), [name]))
 
 
+#: The largest side: a pair is drawn as two RGB images in memory (60000 px would be 2 x 10.8 GB), and 4096 px is
+#: already 8x Stable Diffusion 1.5's and 4x SDXL's training size (PIL refuses to open images past ~179 M pixels).
+MAX_SIZE = 4096
+
+
 def _colours() -> dict[str, tuple[int, int, int]]:
     from matplotlib.colors import CSS4_COLORS, to_rgb
 
@@ -49,14 +56,29 @@ def make_fill50k(
     out: str | Path, n: int = 50000, size: int = 512, seed: int = 0, palette: Sequence[str] | None = None
 ) -> Path:
     """Writes ``n`` pairs into ``out`` (``source/``, ``target/``, ``metadata.jsonl``, ``card.json``); ``palette``
-    restricts the colours to those CSS4 names (the tiny pipeline's eight, say), else all 148."""
+    restricts the colours to those CSS4 names (the tiny pipeline's eight, say), else all 148.
+
+    Raises:
+        DataError: An unknown palette colour, a negative seed, a size outside 1 .. :data:`MAX_SIZE`, or an ``out``
+            that cannot be a folder (checked before anything is written).
+    """
     out = Path(out)
     colours = _colours()
     unknown = [name for name in palette or () if name not in colours]
     if unknown or (palette is not None and len(set(palette)) < 2):
-        raise ValueError(f"a palette needs two or more matplotlib CSS4 colour names; unknown: {unknown}")
-    (out / "source").mkdir(parents=True, exist_ok=True)
-    (out / "target").mkdir(parents=True, exist_ok=True)
+        raise DataError(f"--palette: a palette needs two or more matplotlib CSS4 colour names; unknown: {unknown}")
+    if seed < 0:
+        raise DataError(f"--seed {seed} is negative; a fill50k seed is 0 or more")
+    if not 1 <= size <= MAX_SIZE:
+        raise DataError(
+            f"--size {size} is outside 1 .. {MAX_SIZE}: each pair is drawn as two {size}x{size} RGB images in memory "
+            f"({2 * 3 * size * size / 1e9:.1f} GB), and {MAX_SIZE} px is already 8x Stable Diffusion's training size"
+        )
+    try:
+        (out / "source").mkdir(parents=True, exist_ok=True)
+        (out / "target").mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # out, or a folder above it, is a file; no permission
+        raise DataError(f"cannot create the folder {out}: {err.strerror or err}") from None
     names = sorted(set(palette)) if palette else list(colours)
     rng = np.random.default_rng(seed)
     width = max(1, size // 64)
@@ -102,7 +124,9 @@ def make_fill50k(
 def fill_iou(image: Image.Image, record: dict, tolerance: float = 60.0) -> float:
     """IoU of the pair's disc and the pixels of ``image`` within ``tolerance`` (RGB distance) of the fill colour,
     at ``image``'s resolution (1.0: the right colour exactly inside the circle)."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    from .images import as_rgb  # torch-free import of this module (the generator tool)
+
+    pixels = np.asarray(as_rgb(image), dtype=np.float32)
     h, w = pixels.shape[:2]
     # PIL's ellipse covers the pixels cx - r .. cx + r inclusive: a disc of radius r + 1/2 around pixel cx's centre
     cx, cy, radius = ((v + 0.5) * w / record["size"] for v in record["circle"])
