@@ -123,7 +123,9 @@ def test_vtab_run_selects_best_on_val_and_eval_tool_reproduces_the_test_accuracy
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"{run_dir} [last] val200: top1 {100 * val[-1]:.2f}%"), line
     assert run_cli(eval_tool.main, [str(tmp_path / "nowhere")]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nowhere'} is not a run folder (no config.yaml)"
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path / 'nowhere'} does not exist; eval takes a run folder (config.yaml + saved adapters)"
+    )
 
 
 def test_missing_pretrained_weights_fail_at_once_with_the_way_out(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Evaluate a trained adapter: ``python tools/eval.py RUN_DIR [--checkpoint best|last] [--split test]``.
+"""Evaluate a run as its task does: ``python tools/eval.py RUN_DIR [--checkpoint NAME] [options]``.
 
 The same command as ``visionpeft eval`` (code: ``visionpeft/cli/eval.py``); ``--help`` lists its options.
 """

@@ -1,4 +1,4 @@
-"""Segment new images with a trained run: ``python tools/predict.py RUN_DIR img1.jpg ... --out masks/``.
+"""Apply a run to new inputs: ``python tools/predict.py RUN_DIR [INPUT ...] --out OUT [options]``.
 
 The same command as ``visionpeft predict`` (code: ``visionpeft/cli/predict.py``); ``--help`` lists its options.
 """

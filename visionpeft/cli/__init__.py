@@ -12,8 +12,8 @@ import sys
 COMMANDS = {
     "train": ("train", "train any task from a config (classification, segmentation, personalization, ...)"),
     "sweep": ("sweep", "hyper-parameter grids and the VTAB-1k protocol, locally or on Slurm / Ray, with a report"),
-    "eval": ("eval", "evaluate a classification or segmentation run's saved adapter"),
-    "predict": ("predict", "segment new images with a segmentation run (label + colour masks)"),
+    "eval": ("eval", "evaluate a run's saved adapter as its task does (metrics, or samples and their scores)"),
+    "predict": ("predict", "apply a run to new inputs (labels, masks or images, by its task; see --help)"),
     "generate": ("generate", "sample a prompt x seed grid from a pipeline with saved adapters"),
     "eval-zeroshot": ("eval_zeroshot", "zero-shot CLIP with hand-written vs learned prompts"),
     "eval-personalization": ("eval_personalization", "CLIP-T / CLIP-I / DINO scores of generated images"),

@@ -36,11 +36,12 @@ def main(argv: list[str]) -> int:
     add_base_check_argument(parser)
     args = parser.parse_args(argv)
 
-    from ..trainers.saved_run import EvalRequest, load_run
+    from ..trainers.saved_run import EvalRequest, check_eval_out, load_run
 
     config, spec = load_run(args.run_dir, "eval")
     options = {k: v for k, v in vars(args).items() if k not in ("run_dir", "ignore_base_mismatch")}
     spec.check_options("eval", options)
+    check_eval_out(args.out)
     configure_logging()
     request = EvalRequest(args.run_dir, check_base=not args.ignore_base_mismatch, **options)
     for line in spec.evaluate_function()(config, request):

@@ -46,8 +46,8 @@ def main(argv: list[str]) -> int:
 
     config, spec = load_run(args.run_dir, "predict")
     options = {k: v for k, v in vars(args).items() if k not in ("run_dir", "ignore_base_mismatch")}
+    predictor = spec.predict_function()  # a task without one says so first
     spec.check_options("predict", options)
-    predictor = spec.predict_function()
     configure_logging()
     request = PredictRequest(args.run_dir, check_base=not args.ignore_base_mismatch, **options)
     for line in predictor(config, request):

@@ -28,7 +28,7 @@ from .pretrain_text_to_image import PretrainTextToImageConfig
 from .segmentation import SegmentationConfig
 
 #: ``eval`` / ``predict`` options that apply to some tasks only (the others apply to every task)
-TASK_OPTIONS = ("inputs", "split", "batch_size", "mode", "samples", "clip", "top_k", "prompt", "seeds")
+TASK_OPTIONS = ("inputs", "out", "split", "batch_size", "mode", "samples", "clip", "top_k", "prompt", "seeds")
 
 
 def _function(reference: str) -> Callable:
@@ -95,7 +95,7 @@ def register(spec: TaskSpec) -> TaskSpec:
     return TRAINERS.register(spec.name)(spec)
 
 
-IMAGES, GENERATED = frozenset({"inputs"}), frozenset({"samples"})
+IMAGES, GENERATED = frozenset({"inputs", "out"}), frozenset({"samples", "out"})
 register(
     TaskSpec(
         "classification",
@@ -121,7 +121,7 @@ register(
         evaluates="validation prompts sampled, scored by CLIP-T / CLIP-I (--clip) and the tiny_sd judge (--samples)",
         predicts="--prompt TEXT (default: the validation prompts) x --seeds -> images",
         eval_options=GENERATED | {"clip"},
-        predict_options=frozenset({"prompt", "seeds"}),
+        predict_options=frozenset({"out", "prompt", "seeds"}),
         task_inputs=frozenset({"token"}),
         pipeline_tag="text-to-image",
     )

@@ -108,11 +108,19 @@ class SampleGrids:
         return model(batch)
 
     def evaluate(self, model: nn.Module, accelerator) -> dict[str, float]:
-        from diffusers.utils import make_image_grid
-
         if not accelerator.is_main_process:
             return {}
-        train, per_prompt = self.cfg.train, self.cfg.train.validation_images
+        folder = self.run_dir / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        step = len(list(folder.glob("*.png")))
+        self.grid(self.cfg.train.validation_images).save(folder / f"{step:03d}.png")
+        return {}
+
+    def grid(self, per_prompt: int):
+        """``per_prompt`` samples of each validation prompt (one grid row each), drawn with ``train.seed``."""
+        from diffusers.utils import make_image_grid
+
+        train = self.cfg.train
         self.pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(train.seed)
         prompts = [p for p in VALIDATION_PROMPTS for _ in range(per_prompt)]
@@ -122,11 +130,7 @@ class SampleGrids:
             generator=generator,
             guidance_scale=train.guidance_scale,
         ).images
-        folder = self.run_dir / "validation"
-        folder.mkdir(parents=True, exist_ok=True)
-        step = len(list(folder.glob("*.png")))
-        make_image_grid(images, rows=len(VALIDATION_PROMPTS), cols=per_prompt).save(folder / f"{step:03d}.png")
-        return {}
+        return make_image_grid(images, rows=len(VALIDATION_PROMPTS), cols=per_prompt)
 
 
 def build_pipeline(cfg: DictConfig, vae):

@@ -8,6 +8,7 @@ CLIP image space; DINO the same with a self-supervised ViT's class token, which 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -65,3 +66,55 @@ def dino_similarity(
         return F.normalize(model.forward_head(model.forward_features(x), pre_logits=True).float(), dim=-1)
 
     return float((features(images) @ features(references).t()).mean())
+
+
+#: the CLIP ``visionpeft eval`` scores personalization samples with, when its weights are already on the machine
+DEFAULT_CLIP = "ViT-B-32:openai"
+
+
+def local_clip_scorer(spec: str | None = None) -> tuple[ClipScorer | None, str]:
+    """A :class:`ClipScorer` of an open_clip model already on this machine, without downloading anything.
+
+    Args:
+        spec: ``NAME:TAG`` (open_clip's pretrained tag, used when its weights are in the local Hugging Face cache),
+            ``NAME=FILE`` (a weights file), or ``none``; None means :data:`DEFAULT_CLIP`.
+
+    Returns:
+        ``(scorer, "NAME TAG")``, or ``(None, why there is none)``.
+    """
+    import open_clip
+
+    from ..errors import ConfigError
+
+    spec = spec or DEFAULT_CLIP
+    if spec == "none":
+        return None, "--clip none"
+    name, is_file, weights = spec.partition("=")
+    tag = None if is_file else name.partition(":")[2]
+    name = name if is_file else name.partition(":")[0]
+    if name not in open_clip.list_models():
+        raise ConfigError(f"--clip {spec}: unknown open_clip model '{name}' (give NAME:TAG, NAME=FILE or none)")
+    quick_gelu = False
+    if not is_file:
+        pretrained = open_clip.get_pretrained_cfg(name, tag or "")
+        if not pretrained:
+            raise ConfigError(f"--clip {spec}: open_clip has no pretrained tag '{tag}' for {name}")
+        weights, quick_gelu = _cached_weights(pretrained.get("hf_hub", "")), bool(pretrained.get("quick_gelu"))
+        if weights is None:
+            return None, f"open_clip {name} '{tag}' weights are not on this machine (--clip NAME=FILE gives a file)"
+    elif not Path(weights).is_file():
+        raise ConfigError(f"--clip {spec}: {weights} does not exist")
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, force_quick_gelu=quick_gelu)
+    return ClipScorer(model, preprocess, open_clip.get_tokenizer(name)), f"{name} {tag or weights}"
+
+
+def _cached_weights(hub_id: str) -> str | None:
+    """The local file of open_clip weights hosted in hub repository ``hub_id`` (None when not cached)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = hub_id.strip("/")
+    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        path = try_to_load_from_cache(repo, filename) if repo else None
+        if isinstance(path, str):
+            return path
+    return None

@@ -29,7 +29,7 @@ import visionpeft as vp
 
 from ..adapter import backbone_of
 from ..backbones.diffusers_loading import load_pipeline
-from ..config import methods_of_config
+from ..config import method_configs
 from ..errors import ConfigError, DataError, IncompatibleMethodError
 from ..registry import DATASETS
 from .diffusion import training_scheduler
@@ -97,25 +97,31 @@ class ClassValidation:
         self.calls += 1
         if not accelerator.is_main_process or not self.label_ids:
             return {}
-        train, per_class = self.cfg.train, self.cfg.train.validation_images
-        generator = torch.Generator(device="cpu").manual_seed(train.seed)
-        self.pipeline.set_progress_bar_config(disable=True)
-        labels = [label for label in self.label_ids for _ in range(per_class)]
-        with accelerator.autocast():
-            images = self.pipeline(
-                labels,
-                guidance_scale=train.guidance_scale,
-                generator=generator,
-                num_inference_steps=train.validation_steps,
-            ).images
+        per_class = self.cfg.train.validation_images
+        images = self.draw(accelerator, self.label_ids, per_class)
         folder = self.run_dir / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         make_image_grid(images, rows=len(self.label_ids), cols=per_class).save(folder / f"{self.calls:03d}.png")
         self.last_images = {"validation/samples": images}
         return {}
 
+    def draw(self, accelerator, label_ids: list[int], per_class: int, seed: int | None = None) -> list:
+        """``per_class`` images of each label id, in one batch drawn with ``seed`` (default ``train.seed``)."""
+        train = self.cfg.train
+        generator = torch.Generator(device="cpu").manual_seed(train.seed if seed is None else seed)
+        self.pipeline.set_progress_bar_config(disable=True)
+        labels = [label for label in label_ids for _ in range(per_class)]
+        with accelerator.autocast():
+            return self.pipeline(
+                labels,
+                guidance_scale=train.guidance_scale,
+                generator=generator,
+                num_inference_steps=train.validation_steps,
+            ).images
 
-def _dataset(cfg: DictConfig) -> Dataset:
+
+def labelled_dataset(cfg: DictConfig) -> Dataset:
+    """The run's labelled images (``data.name`` / ``data.split``), without transform; checked: classes, not empty."""
     dataset = DATASETS.get(cfg.data.name)(cfg.data.split, root=cfg.data.root, transform=None, **dict(cfg.data.options))
     if not hasattr(dataset, "classes"):
         raise DataError(f"dataset '{cfg.data.name}' does not say its classes")
@@ -169,7 +175,7 @@ class ClassConditionalTrainer:
     and (exact merges) a complete ``DiTPipeline`` folder that knows the new class names."""
 
     def build(self, config: DictConfig, accelerator, run_dir: Path) -> Setup:
-        dataset = _dataset(config)  # fails early on a missing or corrupt dataset
+        dataset = labelled_dataset(config)  # fails early on a missing or corrupt dataset
         classes = list(dataset.classes)
         unknown = [c for c in config.train.validation_classes if c not in classes]
         if unknown:
@@ -179,7 +185,7 @@ class ClassConditionalTrainer:
         pipeline = load_pipeline(config.model.name)
         if not hasattr(pipeline, "transformer") or not hasattr(pipeline, "get_label_ids"):
             raise ConfigError(f"{config.model.name} is not a class-conditional DiT pipeline")
-        vp.attach(pipeline, methods_of_config(config))
+        vp.attach(pipeline, method_configs(config))
         _prepare_class_table(pipeline, config, classes)
         if config.train.gradient_checkpointing:
             pipeline.transformer.enable_gradient_checkpointing()

@@ -22,7 +22,7 @@ from ..adapter import attach, can_export, conditioning, methods_of
 from ..backbones import pipeline_modules
 from ..backbones.diffusers_loading import load_pipeline
 from ..checkpoint.folder import save_adapter
-from ..config import methods_of_config
+from ..config import method_configs
 from ..data.control_pairs import ControlPairs
 from ..data.fill50k import fill_iou
 from .diffusion import DiffusionParts, diffusion_loss
@@ -58,38 +58,47 @@ class ControlValidation:
         return model(batch)
 
     def evaluate(self, model: nn.Module, accelerator) -> dict[str, float]:
-        from diffusers.utils import make_image_grid
-
         self.calls += 1
         # the methods' numbers from the last training step, before sampling changes them
         diagnostics = {key: value for m in methods_of(self.pipeline) for key, value in m.diagnostics().items()}
         count = min(self.cfg.train.validation_pairs, len(self.pairs))
         if not accelerator.is_main_process or count == 0:
             return diagnostics
-        size, rows, scores = self.cfg.data.size, [], []
-        self.pipeline.set_progress_bar_config(disable=True)
-        for index in range(count):
-            item, record = self.pairs[index], self.pairs.records[index]
-            generator = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed)
-            condition = item["conditioning_pixel_values"][None]
-            with accelerator.autocast(), conditioning(self.pipeline, control_image=condition):
-                image = self.pipeline(
-                    record["text"],
-                    num_inference_steps=self.cfg.train.validation_steps,
-                    guidance_scale=self.cfg.train.guidance_scale,
-                    generator=generator,
-                    height=size,
-                    width=size,
-                ).images[0]
-            rows += [_to_pil(item["conditioning_pixel_values"]), image, _to_pil(item["pixel_values"] * 0.5 + 0.5)]
-            if "circle" in record:
-                scores.append(fill_iou(image, record))
+        grid, scores = self.draw(accelerator, count)
         folder = self.run_dir / "validation"
         folder.mkdir(parents=True, exist_ok=True)
-        grid = make_image_grid(rows, rows=count, cols=3)
         grid.save(folder / f"{self.calls:03d}.png")
         self.last_images = {"validation/condition | sample | target": [grid]}
         return {**diagnostics, **({"fill_iou": float(np.mean(scores))} if scores else {})}
+
+    def draw(self, accelerator, count: int):
+        """Samples the first ``count`` pairs: (the grid condition | sample | target, one row per pair; the fill
+        IoU of each fill50k pair)."""
+        from diffusers.utils import make_image_grid
+
+        rows, scores = [], []
+        for index in range(count):
+            item, record = self.pairs[index], self.pairs.records[index]
+            image = self.sample(accelerator, item["conditioning_pixel_values"], record["text"], self.cfg.train.seed)
+            rows += [_to_pil(item["conditioning_pixel_values"]), image, _to_pil(item["pixel_values"] * 0.5 + 0.5)]
+            if "circle" in record:
+                scores.append(fill_iou(image, record))
+        return make_image_grid(rows, rows=count, cols=3), scores
+
+    def sample(self, accelerator, condition: torch.Tensor, prompt: str, seed: int):
+        """One image of ``prompt`` under ``condition`` ((3, S, S) in [0, 1]), drawn with ``seed``."""
+        size = self.cfg.data.size
+        self.pipeline.set_progress_bar_config(disable=True)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        with accelerator.autocast(), conditioning(self.pipeline, control_image=condition[None]):
+            return self.pipeline(
+                prompt,
+                num_inference_steps=self.cfg.train.validation_steps,
+                guidance_scale=self.cfg.train.guidance_scale,
+                generator=generator,
+                height=size,
+                width=size,
+            ).images[0]
 
 
 def _to_pil(tensor: torch.Tensor):
@@ -108,7 +117,7 @@ class ControlTrainer:
         pairs = ControlPairs(data.root, data.size, data.proportion_empty_prompts, data.conditioning)
         shown = pairs.for_validation()
         pipeline = load_pipeline(config.model.name)
-        attach(pipeline, methods_of_config(config))
+        attach(pipeline, method_configs(config))
         adapted = pipeline_modules(pipeline)
         if config.train.gradient_checkpointing:
             pipeline.unet.enable_gradient_checkpointing()

@@ -22,10 +22,9 @@ import visionpeft as vp
 
 from ..backbones import pipeline_modules
 from ..backbones.diffusers_loading import load_pipeline
-from ..config import methods_of_config
+from ..config import method_configs
 from ..data.few_images import FewImages
 from ..errors import ConfigError
-from ..methods import fill_task_inputs
 from .diffusion import DiffusionParts, diffusion_loss
 from .logs import get_logger
 from .run import Setup, run_task
@@ -95,23 +94,34 @@ class PersonalizationObjective:
             return {}
         folder = self.run_dir / "validation" / f"{self.calls:03d}"
         folder.mkdir(parents=True, exist_ok=True)
-        generator = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed)
-        self.pipeline.set_progress_bar_config(disable=True)
+        prompts = list(self.cfg.train.validation_prompts)
         self.last_images = {}
-        for p, prompt in enumerate(self.cfg.train.validation_prompts):
-            with accelerator.autocast():  # frozen weights may be half precision, trained ones fp32
-                images = self.pipeline(
-                    prompt,
-                    num_inference_steps=self.cfg.train.validation_steps,
-                    generator=generator,
-                    num_images_per_prompt=self.cfg.train.validation_images,
-                    height=self.cfg.data.size,
-                    width=self.cfg.data.size,
-                ).images
+        for p, (prompt, images) in enumerate(zip(prompts, self.draw(accelerator, prompts))):
             for i, image in enumerate(images):
                 image.save(folder / f"{p:02d}_{i}.png")
             self.last_images[f"validation/{p:02d} {prompt}"] = images
         return {}
+
+    def draw(self, accelerator, prompts: list[str], per_prompt: int | None = None, seed: int | None = None) -> list:
+        """``per_prompt`` images (default ``train.validation_images``) of each prompt, drawn in turn from one
+        generator seeded with ``seed`` (default ``train.seed``): a list of image lists, one per prompt."""
+        train = self.cfg.train
+        generator = torch.Generator(device="cpu").manual_seed(train.seed if seed is None else seed)
+        self.pipeline.set_progress_bar_config(disable=True)
+        drawn = []
+        for prompt in prompts:
+            with accelerator.autocast():  # frozen weights may be half precision, trained ones fp32
+                drawn.append(
+                    self.pipeline(
+                        prompt,
+                        num_inference_steps=train.validation_steps,
+                        generator=generator,
+                        num_images_per_prompt=per_prompt or train.validation_images,
+                        height=self.cfg.data.size,
+                        width=self.cfg.data.size,
+                    ).images
+                )
+        return drawn
 
 
 def _class_images(pipeline, cfg: DictConfig, run_dir: Path) -> Path:
@@ -184,7 +194,7 @@ class PersonalizationTrainer:
                 skip,
             )
             dataset = PairedPrior(dataset, prior)
-        vp.attach(pipeline, fill_task_inputs(methods_of_config(config), {"token": config.token}, "personalization"))
+        vp.attach(pipeline, method_configs(config, {"token": config.token}))
         adapted = pipeline_modules(pipeline)
         if config.train.gradient_checkpointing:
             pipeline.unet.enable_gradient_checkpointing()

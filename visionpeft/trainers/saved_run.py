@@ -133,17 +133,21 @@ def adapter_dir(run_dir: Path, checkpoint: str | None) -> Path:
     )
 
 
+def check_eval_out(out: Path | None) -> None:
+    """``eval``'s ``--out`` is a new or empty folder (checked before any work; created by :func:`eval_folder`)."""
+    if out is not None and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a new or empty folder")
+    if out is not None and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} holds files; give a new or empty folder (eval never writes over files)")
+
+
 def eval_folder(request: EvalRequest, name: str) -> Path:
     """A new folder for what an evaluation generates: ``--out`` (new or empty), else ``RUN/eval/<name>`` (or
     ``<name>-2``, ``-3``, ... beside earlier evaluations, which stay as they are)."""
     if request.out is not None:
-        out = request.out
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out} is a file; give a new or empty folder")
-        if out.is_dir() and any(out.iterdir()):
-            raise ConfigError(f"--out {out} holds files; give a new or empty folder (eval never writes over files)")
-        _mkdir(out, exist_ok=True)
-        return out
+        check_eval_out(request.out)
+        _mkdir(request.out, exist_ok=True)
+        return request.out
     parent, number = request.run_dir / EVAL_FOLDER, 1
     _mkdir(parent, exist_ok=True)
     while True:

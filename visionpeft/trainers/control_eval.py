@@ -1,0 +1,136 @@
+"""A saved control run: evaluated on held-out pairs (fill50k data: new pairs from the same generator and colours,
+none of them a training pair, scored by the fill IoU) or by the validation grid of training pairs (other data, which
+holds nothing out), and applied to new condition images. Sampling is the trainer's own
+(:meth:`ControlValidation.draw` / :meth:`ControlValidation.sample`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+import visionpeft as vp
+
+from ..backbones.diffusers_loading import load_pipeline
+from ..data.conditions import make_condition
+from ..data.control_pairs import ControlPairs, condition_transform
+from ..data.fill50k import make_fill50k
+from ..data.images import load_rgb
+from ..errors import ConfigError
+from .control import ControlValidation
+from .loop import LoopConfig, make_accelerator
+from .saved_run import (
+    EvalRequest,
+    PredictRequest,
+    adapter_dir,
+    check_outputs,
+    eval_folder,
+    output_folder,
+    png_bytes,
+    write_new,
+)
+
+#: held-out pairs come from the generator seeded with the training data's seed plus this
+HELD_OUT_SEED_OFFSET = 1
+
+
+def _sampler(config: DictConfig, adapter: Path, pairs: ControlPairs, cpu: bool, check_base: bool):
+    """(the trainer's validation of ``pairs`` around the run's pipeline with ``adapter`` loaded, an accelerator)."""
+    pipeline = load_pipeline(config.model.name)
+    vp.load_adapter(pipeline, adapter, check_base=check_base)
+    accelerator = make_accelerator(LoopConfig(), cpu=cpu)
+    pipeline.to(accelerator.device)
+    return ControlValidation(pipeline, config, adapter.parent, pairs), accelerator
+
+
+def fill_palette(records: list[dict]) -> list[str] | None:
+    """The CSS4 colour names of fill50k records (read back from their captions, "pale golden rod circle with old
+    lace background"), or None when the records are not fill50k pairs."""
+    names = set()
+    for record in records:
+        fill, with_, rest = str(record.get("text", "")).partition(" circle with ")
+        if "circle" not in record or not with_ or not rest.endswith(" background"):
+            return None
+        names |= {fill.replace(" ", ""), rest.removesuffix(" background").replace(" ", "")}
+    return sorted(names)
+
+
+def held_out_pairs(config: DictConfig, train: ControlPairs, palette: list[str], count: int, folder: Path):
+    """``count`` new fill50k pairs in ``folder`` (same size and colours as the training pairs, another seed, none
+    equal to a training pair) as validation pairs, or None when the generator cannot make them."""
+    card = train.root / "card.json"
+    seed = (json.loads(card.read_text()).get("seed", 0) if card.is_file() else 0) + HELD_OUT_SEED_OFFSET
+    seen = {(tuple(r["circle"]), tuple(r["fill"]), tuple(r["background"])) for r in train.records}
+    try:
+        make_fill50k(folder, n=2 * count, size=int(train.records[0]["size"]), seed=int(seed), palette=palette)
+    except ValueError:
+        return None
+    pairs = ControlPairs(folder, config.data.size, 0.0, config.data.conditioning, train=False)
+    pairs.records = [
+        r for r in pairs.records if (tuple(r["circle"]), tuple(r["fill"]), tuple(r["background"])) not in seen
+    ]
+    pairs.records = pairs.records[:count]
+    return pairs if pairs.records else None
+
+
+def evaluate(config: DictConfig, request: EvalRequest) -> list[str]:
+    """Fill IoU on ``--samples`` held-out pairs (default ``train.validation_pairs``) for fill50k data, else the
+    validation grid of the first training pairs; ``grid.png`` (condition | sample | target per row) either way."""
+    if not config.data.root:
+        raise ConfigError("the run's data.root is empty: eval samples its pairs")
+    data = config.data
+    train = ControlPairs(data.root, data.size, 0.0, data.conditioning, train=False)
+    count = request.samples or max(1, config.train.validation_pairs)
+    adapter = adapter_dir(request.run_dir, request.checkpoint)
+    validation, accelerator = _sampler(config, adapter, train, request.cpu, request.check_base)
+    out = eval_folder(request, adapter.name)
+    palette = fill_palette(train.records)
+    held = held_out_pairs(config, train, palette, count, out / "held_out") if palette else None
+    head = f"{request.run_dir} [{adapter.name}]"
+    if held is None:
+        validation.pairs = train
+        grid, _ = validation.draw(accelerator, min(count, len(train)))
+        grid.save(out / "grid.png")
+        why = "they are not fill50k pairs" if palette is None else "the fill50k generator cannot remake their colours"
+        return [
+            f"{head} validation grid of {min(count, len(train))} training pairs: {out / 'grid.png'}",
+            f"fill IoU not scored: nothing is held out of {data.root} and {why}",
+        ]
+    validation.pairs = held
+    grid, scores = validation.draw(accelerator, len(held))
+    grid.save(out / "grid.png")
+    return [
+        f"{head} {len(held)} held-out fill50k pairs ({out / 'held_out'}): fill_iou {float(np.mean(scores)):.4f} "
+        f"(grid: {out / 'grid.png'})"
+    ]
+
+
+def predict(config: DictConfig, request: PredictRequest) -> list[str]:
+    """One image per (input, seed) into ``request.out``: ``<stem>_seedS.png``, drawn under the input's condition
+    (the input itself, or computed from it when the run computes its conditions)."""
+    if not request.inputs:
+        raise ConfigError("give one or more condition images (with --prompt TEXT)")
+    paths = [Path(p) for p in request.inputs]
+    prompts = request.prompt * len(paths) if len(request.prompt) == 1 else request.prompt
+    if len(prompts) != len(paths):
+        raise ConfigError(
+            f"{len(paths)} condition image(s) but {len(request.prompt)} --prompt; give one prompt, or one per image"
+        )
+    seeds = request.seeds or [config.train.seed]
+    out = output_folder(request.out)
+    names = [(i, seed) for i in range(len(paths)) for seed in seeds]
+    outputs = [out / f"{paths[i].stem}_seed{seed}.png" for i, seed in names]
+    check_outputs(outputs, paths, request.overwrite)
+    images = [load_rgb(path) for path in paths]  # every image checked before the model loads
+    kind, transform = config.data.conditioning, condition_transform(config.data.size)
+    conditions = [transform(image if kind == "none" else make_condition(image, kind, False)) for image in images]
+    adapter = adapter_dir(request.run_dir, request.checkpoint)
+    validation, accelerator = _sampler(config, adapter, None, request.cpu, request.check_base)
+    for (i, seed), path in zip(names, outputs):
+        image = validation.sample(accelerator, conditions[i], prompts[i], seed)
+        write_new(path, png_bytes(image), request.overwrite)
+    made = "the inputs" if kind == "none" else f"{kind} maps of the inputs"
+    return [f"wrote {len(outputs)} image(s) under {made} ({len(seeds)} seed(s) each) to {out} ({adapter.name})"]
