@@ -104,3 +104,34 @@ def test_adapter_config_with_bad_method_entries_is_a_checkpoint_error(vit, tmp_p
     with pytest.raises(CheckpointError, match="visionpeft_config.json: ") as info:
         vp.load_adapter(vit, tmp_path)
     assert message in str(info.value)
+
+
+def test_an_adapter_with_nan_or_integer_weights_or_a_damaged_base_record_is_refused(vit, tmp_path):
+    """`vp.load_adapter` on an adapter whose weights are NaN (a diverged run), integers where the model's parameters
+    are floating point, or whose `base_model.sha256` is not a hash (the base check was skipped): one line each, and
+    the model is left as it was given."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = vp.save_adapter(vp.attach(vit, "lora", r=2), tmp_path / "a")
+    vp.detach(vit)
+    weights, config_file = folder / "visionpeft_adapter.safetensors", folder / "visionpeft_config.json"
+    tensors, config = load_file(weights), json.loads(config_file.read_text())
+    first = sorted(tensors)[0]
+    cases = [
+        ({k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, config, "holds NaN or infinite values in"),
+        ({**tensors, first: tensors[first].long()}, config, f"does not fit this model (dtype mismatch: {first} int64"),
+        (tensors, {**config, "base_model": {**config["base_model"], "sha256": 12345}}, "records base_model.sha256 = "),
+        (tensors, {**config, "base_model": {"sha256": None}}, "records base_model.sha256 = null, not a sha256 of 64"),
+        (tensors, {**config, "base_model": "vit"}, 'records base_model = "vit", not a sha256 of 64 hex digits'),
+    ]
+    for state, record, message in cases:
+        save_file(state, weights)
+        config_file.write_text(json.dumps(record))
+        with pytest.raises(CheckpointError) as info:
+            vp.load_adapter(vit, folder)
+        assert str(info.value).startswith(f"{folder} ") and message in str(info.value), str(info.value)
+        assert vp.attached_methods(vit) == []
+    vp.load_adapter(vit, folder, check_base=False)  # the damaged record is skipped when asked
+    assert [name for name, _ in vp.attached_methods(vit)] == ["lora"]
+    vp.detach(vit)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -234,19 +235,46 @@ def _checked_config(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]
 
 
 def _mismatch_message(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str | None:
+    """What keeps ``found`` from fitting ``expected``: shapes, names, and integer values for floating-point tensors
+    (or the reverse), which a copy would silently convert."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
+    common = sorted(set(expected) & set(found))
     shapes = [
         f"{k} {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(found))
+        for k in common
         if found[k].shape != expected[k].shape
     ]
+    dtypes = [
+        f"{k} {_dtype_name(found[k])} vs model {_dtype_name(expected[k])}"
+        for k in common
+        if found[k].is_floating_point() != expected[k].is_floating_point()
+    ]
     parts = []
-    for label, items in (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected)):
+    kinds = (("shape mismatch", shapes), ("dtype mismatch", dtypes), ("missing", missing), ("unexpected", unexpected))
+    for label, items in kinds:
         if items:
             more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
             parts.append(f"{label}: {', '.join(items[:3])}{more}")
     return "; ".join(parts) if parts else None
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Names the floating-point tensors holding NaN or infinity (a diverged run's weights); None when none do."""
+    bad = [
+        name for name, tensor in sorted(tensors.items()) if tensor.is_floating_point() and not tensor.isfinite().all()
+    ]
+    if not bad:
+        return None
+    more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+    return (
+        f"holds NaN or infinite values in {', '.join(bad[:3])}{more}: the run that saved it diverged; load an earlier "
+        "checkpoint of that run (best, checkpoints/step-N) or train again with a lower learning rate"
+    )
 
 
 def load_adapter(
@@ -314,7 +342,9 @@ def load_adapter(
     if problem:
         _undo(model, added, before)
         raise CheckpointError(f"{directory} does not fit this model ({problem})")
-    problem = _base_mismatch(model, config.get("base_model")) if check_base else None
+    problem = _non_finite({name: found[name] for name in expected})
+    if problem is None and check_base and "base_model" in config:  # absent: saved before bases were recorded
+        problem = _base_mismatch(model, config["base_model"])
     if problem:
         _undo(model, added, before)
         raise CheckpointError(f"{directory} {problem}")
@@ -325,10 +355,16 @@ def load_adapter(
 
 
 def _base_mismatch(model: Any, recorded: Any) -> str | None:
-    """Why the recorded base weights are not this model's (None when they are, or nothing was recorded)."""
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
-        return None  # written before visionpeft recorded the base weights
-    if recorded["sha256"] == frozen_weights_sha256(model):
+    """Why the recorded base weights are not this model's, or cannot be compared (a damaged record); None when they
+    are this model's."""
+    sha256 = recorded.get("sha256") if isinstance(recorded, dict) else None
+    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        key, value = ("base_model.sha256", sha256) if isinstance(recorded, dict) else ("base_model", recorded)
+        return (
+            f"records {key} = {json.dumps(value)[:40]}, not a sha256 of 64 hex digits, so the base weights cannot be "
+            "checked; pass check_base=False (command line: --ignore-base-mismatch) to load it unchecked"
+        )
+    if sha256 == frozen_weights_sha256(model):
         return None
     ours = frozen_dtype(model)
     if (recorded.get("dtype") == "bfloat16") != (ours == "bfloat16"):
