@@ -135,19 +135,33 @@ def launched(cpu: bool = False) -> tuple[bool, bool]:
     return several, cpu or (several and not torch.accelerator.is_available())
 
 
+def running_precision(requested: str, cpu: bool) -> str:
+    """The mixed precision a run really trains in: the one asked for, except fp16 on the CPU (``--cpu``, or a machine
+    without an accelerator), which falls back to fp32 (``no``) with one warning naming it. accelerate would keep the
+    fp16 label there but run without autocast, so frozen weights stored in half precision would meet fp32
+    activations (a dtype error) and a run with nothing frozen would train in fp32 under the fp16 name. bf16 runs on
+    the CPU too (torch's CPU autocast), so it is kept."""
+    if requested == "fp16" and (cpu or not torch.accelerator.is_available()):
+        logger.warning("train.mixed_precision=fp16 needs a GPU; this run is on the CPU, so it trains in fp32 instead")
+        return "no"
+    return requested
+
+
 def make_accelerator(cfg: LoopConfig, cpu: bool = False, run_dir: Path | None = None) -> Accelerator:
-    """An accelerator for one run (with ``cfg.report_to``'s tracker when ``run_dir`` is given); several runs with
-    different precisions may share a process (sweeps, notebooks)."""
+    """An accelerator for one run (with ``cfg.report_to``'s tracker when ``run_dir`` is given) in the precision that
+    really runs (:func:`running_precision`: ``accelerator.mixed_precision``); several runs with different
+    precisions may share a process (sweeps, notebooks)."""
     from accelerate.state import AcceleratorState
 
     cpu = launched(cpu)[1]
+    precision = running_precision(cfg.mixed_precision, cpu)
     shared = AcceleratorState._shared_state
-    if shared and (shared.get("_mixed_precision"), shared.get("_cpu")) != (cfg.mixed_precision, cpu):
+    if shared and (shared.get("_mixed_precision"), shared.get("_cpu")) != (precision, cpu):
         # accelerate keeps one process-wide state and refuses a second precision; the distributed set-up (the
         # PartialState) is kept, only the per-run settings are dropped.
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         cpu=cpu,

@@ -4,7 +4,8 @@ A task supplies a :class:`Trainer`: ``build`` makes the model, its methods, the 
 (a :class:`~.loop.Objective`); ``finish`` does what follows a completed run (test evaluation, exported files). The
 skeleton does the rest the same way for every task: ``data.batch_size`` is the batch per optimizer step whatever
 the number of processes and the accumulation, the optimizer holds the trainable parameters only, frozen weights
-go to half precision under mixed precision, and the run folder never overwrites another run.
+go to half precision under the mixed precision that really runs (fp16 asked for on a CPU runs in fp32, with a
+warning: :func:`~.loop.running_precision`), and the run folder never overwrites another run.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def run_task(
     )
     optimizer = build_optimizer(config.optim, setup.adapted, batch, setup.lr_multipliers)
     frozen_weights_sha256(setup.adapted)  # recorded in checkpoints: hash the weights before a half-precision cast
-    freeze_in_precision(setup.frozen, config.train.mixed_precision)
+    freeze_in_precision(setup.frozen, accelerator.mixed_precision)  # what runs: fp16 asked on a CPU runs fp32
     loop = Loop(
         setup.model,
         setup.objective,
