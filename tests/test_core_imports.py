@@ -140,7 +140,8 @@ def test_the_graph_sees_function_level_and_discovered_imports():
     graph = import_graph()
     assert "visionpeft.adapter" in graph["visionpeft"]  # a lazy export (importlib)
     assert "visionpeft.cli.train" in graph["visionpeft.cli"]
-    assert "visionpeft.tasks.clip_classifier" in graph["visionpeft.backbones.factory"]  # inside a function
+    assert "visionpeft.backbones.factory" in graph["visionpeft.data.transforms"]  # inside a function
+    assert "visionpeft.backbones.detect" in graph["visionpeft.backbones"]  # a lazy export (importlib)
     assert "visionpeft.methods.coop" in graph["visionpeft.methods"]  # found by pkgutil
     assert "visionpeft" in graph["visionpeft.trainers.classification"]  # import visionpeft as vp
 
@@ -154,6 +155,84 @@ def test_cycles_are_found():
 def test_no_import_cycles():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+#: What the backbones floor may import: itself, the layers and the ground floor's leaf modules.
+BACKBONES_MAY_IMPORT = (
+    "visionpeft.backbones",
+    "visionpeft.layers",
+    "visionpeft.errors",
+    "visionpeft.io",
+    "visionpeft.version",
+)
+
+
+def test_backbones_import_nothing_above_them():
+    """No upward edge: the task models, trainers and commands build on the backbones, never the other way."""
+    graph = import_graph()
+    upward = {
+        (module, target)
+        for module, targets in graph.items()
+        if module == "visionpeft.backbones" or module.startswith("visionpeft.backbones.")
+        for target in targets
+        if not any(target == floor or target.startswith(floor + ".") for floor in BACKBONES_MAY_IMPORT)
+    }
+    assert not upward, "backbones import upward: " + ", ".join(f"{m} -> {t}" for m, t in sorted(upward))
+
+
+def _reads_library(node: ast.AST) -> bool:
+    """``cfg.library``, ``config.model.library``, ``x["library"]``: a config's model library. (A bare name
+    ``library`` is left alone: model cards call the library that loads an adapter folder so.)"""
+    if isinstance(node, ast.Attribute):
+        return node.attr == "library"
+    return isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == "library"
+
+
+def _is_string_literal(node: ast.AST) -> bool:
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return any(_is_string_literal(element) for element in node.elts)
+    return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
+def library_comparisons(source: str) -> list[int]:
+    """Lines where a model library is compared with a string (``==``, ``!=``, ``in``, ``not in``)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            if any(map(_reads_library, operands)) and any(map(_is_string_literal, operands)):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_the_library_comparison_scan_finds_the_forms_it_forbids():
+    source = (
+        'a = cfg.library == "timm"\nb = "open_clip" != config.model.library\nc = x.library in ("timm", "x")\n'
+        'd = library(cfg.library)\ne = m["library"] not in {"timm"}\nf = cfg.library == other\n'
+    )
+    assert library_comparisons(source) == [1, 2, 3, 5]
+
+
+def test_only_the_backbones_compare_model_libraries():
+    """What differs between model libraries lives in their entries of ``backbones/libraries.py``: nothing else asks
+    which library a model comes from."""
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}"
+        for name, path in _modules().items()
+        if not (name == "visionpeft.backbones" or name.startswith("visionpeft.backbones."))
+        for line in library_comparisons(path.read_text())
+    ]
+    assert not found, "library compared outside visionpeft/backbones: " + ", ".join(found)
+
+
+def test_the_library_table_loads_no_torch():
+    """The config layer reads ``model.library``'s choices from the table without importing torch."""
+    code = "import sys, visionpeft.backbones.libraries; print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("module", ["visionpeft", "visionpeft.tasks", "visionpeft.checkpoint.folder"])

@@ -102,7 +102,7 @@ def config(tmp_path_factory):
 )
 def test_bad_method_option_or_value_is_one_line_before_any_model(config, overrides, message, capsys, monkeypatch):
     built = []
-    monkeypatch.setattr("visionpeft.trainers.classification.create_model", lambda *a: built.append(a))
+    monkeypatch.setattr("visionpeft.trainers.classification.create_classifier", lambda *a: built.append(a))
     assert run(train_tool.main, [str(config), *overrides, "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and err[0].endswith(message), err

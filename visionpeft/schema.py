@@ -19,7 +19,7 @@ from dataclasses import MISSING, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .io import kind_problem
 
 
@@ -79,7 +79,7 @@ def problem(meta: Mapping[str, Any], value: Any) -> str | None:
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         shown = ", ".join("null" if c is None else str(c) for c in choices)
-        return f"must be one of {shown}, got {value!r}"
+        return f"must be one of {shown}, got {value!r}{did_you_mean(value, [c for c in choices if c is not None])}"
     if meta.get("nonempty") and isinstance(value, Sized) and len(value) == 0:
         return f"must not be empty, got {value!r}"
     if meta.get("path") in ("file", "folder") and isinstance(value, str) and value:

@@ -1,65 +1,35 @@
-"""Backbone adapters: recognise a model and describe it as towers of blocks."""
+"""Backbone adapters: recognise a model and describe it as towers of blocks; the model-library table.
+
+Names resolve lazily (PEP 562), so ``visionpeft.backbones.libraries`` (the table, torch-free) can be read by the
+config layer without importing torch.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+import importlib
+from typing import Any
 
-from ..errors import UnsupportedBackboneError
-from .base import Backbone, Block, Branch, Projection, TaskModel, TokenLayout, Tower
-from .diffusers_models import DiffusersDiT, DiffusersPipeline, DiffusersUNet, pipeline_modules
-from .generic import GenericBackbone
-from .open_clip import OpenCLIP
-from .timm_eva import TimmEva
-from .timm_vit import TimmViT
-
-BACKBONES: list[type[Backbone]] = [TimmViT, TimmEva, OpenCLIP, DiffusersUNet, DiffusersDiT, DiffusersPipeline]
-
-
-def _library_backbone(model: nn.Module) -> Backbone:
-    for cls in BACKBONES:
-        if cls.matches(model):
-            try:
-                return cls(model)
-            except TypeError as err:
-                raise UnsupportedBackboneError(f"{type(model).__name__}: {err}") from None
-    if GenericBackbone.matches(model):  # any other torch model: adapted by module path
-        return GenericBackbone(model)
-    raise UnsupportedBackboneError(
-        f"visionpeft cannot adapt a {type(model).__module__}.{type(model).__name__}; it adapts torch modules "
-        "(timm, open_clip, transformers, diffusers models or pipelines, any nn.Module by module path)"
-    )
+_EXPORTS = {
+    "BACKBONES": "detect",
+    "get_backbone": "detect",
+    "GenericBackbone": "generic",
+    "pipeline_modules": "diffusers_models",
+    "Backbone": "base",
+    "Block": "base",
+    "Branch": "base",
+    "Projection": "base",
+    "TaskModel": "base",
+    "TokenLayout": "base",
+    "Tower": "base",
+    "LIBRARIES": "libraries",
+    "library": "libraries",
+}
 
 
-def get_backbone(model: nn.Module) -> Backbone:
-    """Returns the adapter describing ``model``: a library model, or a task model (:class:`TaskModel`) whose
-    library model is described with names relative to the task model and whose heads are the task's.
-
-    Raises:
-        UnsupportedBackboneError: For any object that is not a supported model.
-    """
-    if isinstance(model, nn.Module) and isinstance(model, TaskModel):
-        inner = model.inner_model()
-        path = next((name for name, m in model.named_modules() if m is inner and name), None)
-        if path is None:
-            raise UnsupportedBackboneError(
-                f"{type(model).__name__}.inner_model() must return one of its submodules, got {type(inner).__name__}"
-            )
-        backbone = _library_backbone(inner)
-        backbone.bind_task(model, path + ".", model.task_heads())
-        return backbone
-    return _library_backbone(model)
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
 
 
-__all__ = [
-    "BACKBONES",
-    "GenericBackbone",
-    "pipeline_modules",
-    "Backbone",
-    "Block",
-    "Branch",
-    "Projection",
-    "TaskModel",
-    "TokenLayout",
-    "Tower",
-    "get_backbone",
-]
+__all__ = sorted(_EXPORTS)

@@ -1,15 +1,19 @@
-"""Loading diffusers pipelines from a local folder or the hub, failing in one line when neither works."""
+"""Loading diffusers pipelines from a local folder or the hub, failing in one line when neither works; diffusers'
+entry in the library table (its model families are described by ``diffusers_models.py``)."""
 
 from __future__ import annotations
 
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import ModelLoadError
 from .hub import offline_unless_reachable
+from .libraries import DataConfig
 
 
 def load_pipeline(name_or_path: str, torch_dtype: torch.dtype | None = None):
@@ -73,3 +77,19 @@ def _load(name_or_path: str, torch_dtype: torch.dtype | None):
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return (text[0] if text else type(err).__name__)[:200]
+
+
+# -- the library table's functions -------------------------------------------------------------------------------
+def create(cfg: Any, num_classes: int = 0):
+    """The pipeline ``cfg.name`` names (``num_classes`` is not used)."""
+    return load_pipeline(cfg.name)
+
+
+def data_config(model: nn.Module) -> DataConfig:
+    """Images in [-1, 1], as the pipelines' VAE reads them."""
+    return DataConfig((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1.0, "bilinear")
+
+
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """None: a U-Net or DiT takes any multiple of its downsampling."""
+    return None

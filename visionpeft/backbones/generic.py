@@ -8,13 +8,22 @@ token sequence (VPT, AdaptFormer, Convpass) find no ``tokens`` capability and sa
 names of what they add are module paths (``vit.encoder.layer.0.attention.attention.query.lora_A``), and heads are
 found by the libraries' conventions (timm ``get_classifier()``, transformers ``classifier``) unless the user names
 them (``vp.attach(..., modules_to_save=[...])``).
+
+As the ``generic`` entry of the library table, a model is made by a callable named ``package.module:function``
+(``model.name``), called with ``num_classes`` and ``model.kwargs``; it reads images with ImageNet's statistics.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from torch import nn
 
+from ..errors import ConfigError
 from .base import Backbone, Tower
+from .libraries import DataConfig
+from .weights_files import load_state, read_state_dict
 
 
 def conventional_heads(model: nn.Module) -> dict[str, nn.Module]:
@@ -57,3 +66,35 @@ class GenericBackbone(Backbone):
         info = super().describe()
         info["module"] = type(self.inner).__module__
         return info
+
+
+# -- the library table's functions -------------------------------------------------------------------------------
+def create(cfg: Any, num_classes: int) -> nn.Module:
+    """The module the callable ``cfg.name`` (``package.module:function``) returns for ``num_classes`` (left out
+    when 0) and ``model.kwargs``, with the weights of ``model.checkpoint`` if set (a head of another size keeps its
+    init)."""
+    module_name, _, function = cfg.name.partition(":")
+    if not module_name or not function:
+        raise ConfigError(f"model.name '{cfg.name}' must name a callable as package.module:function")
+    try:
+        factory = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"model.name '{cfg.name}' cannot be imported: {str(err).splitlines()[0][:160]}") from None
+    kwargs = {**cfg.kwargs, **({"num_classes": num_classes} if num_classes else {})}
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name '{cfg.name}' returned a {type(model).__name__}, not a torch module")
+    if cfg.checkpoint:
+        head = next(iter(conventional_heads(model)), None)
+        load_state(model, read_state_dict(cfg.checkpoint), cfg.checkpoint, head=f"{head}." if head else None)
+    return model
+
+
+def data_config(model: nn.Module) -> DataConfig:
+    """ImageNet's statistics, crop 0.875, bilinear (nothing says otherwise)."""
+    return DataConfig()
+
+
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """None: nothing says the model takes only one size."""
+    return None

@@ -1,17 +1,25 @@
 """open_clip CLIP models: the vision tower (open_clip's own transformer or a timm trunk) and the text tower.
 
 The text tower offers ``text_prompts``: tokenization with the CLIP vocabulary shipped in open_clip, token embeddings
-and the tower run from embeddings, so methods can learn prompt context (CoOp, CoCoOp).
+and the tower run from embeddings, so methods can learn prompt context (CoOp, CoCoOp). As open_clip's entry in the
+library table, the module also builds CLIP models from an architecture name and a pretrained tag or a local file and
+says how they read images (``preprocess_cfg``: CLIP's statistics, a center crop of the resized image).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError, ModelLoadError, did_you_mean
+from . import timm_models
 from .base import Backbone, Block, Branch, Projection, TokenLayout, Tower
+from .hub import offline_unless_reachable
+from .libraries import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from .timm_vit import to_2tuple, vit_tower
 
 
@@ -161,3 +169,58 @@ class OpenCLIP(Backbone):
         info = super().describe()
         info["embed_dim"] = self.embed_dim
         return info
+
+
+# -- the library table's functions -------------------------------------------------------------------------------
+def create(cfg: Any, num_classes: int = 0) -> nn.Module:
+    """The open_clip model of ``cfg`` (the ``model`` section: architecture, pretrained tag or local file) with its
+    own tokenizer recorded; ``num_classes`` is not used (its classifiers classify by class-name text)."""
+    import open_clip
+
+    if cfg.name not in open_clip.list_models():
+        raise ConfigError(f"unknown open_clip model '{cfg.name}'{did_you_mean(cfg.name, open_clip.list_models())}")
+    pretrained = cfg.checkpoint or (cfg.pretrained_tag if cfg.pretrained else None)
+    if cfg.checkpoint and not Path(cfg.checkpoint).expanduser().is_file():
+        raise ModelLoadError(f"checkpoint {cfg.checkpoint} does not exist")
+    with offline_unless_reachable() as online:
+        try:
+            model = open_clip.create_model(cfg.name, pretrained=pretrained)
+        except Exception as err:
+            reason = str(err).splitlines()[0][:120] if online or cfg.checkpoint else "no network, not in the cache"
+            raise ModelLoadError(
+                f"could not load open_clip '{cfg.name}' with pretrained={pretrained!r} ({reason}); "
+                "set model.checkpoint=/path/to/open_clip_weights.bin"
+            ) from None
+        try:  # the model's own tokenizer (CLIP BPE ships with open_clip; SigLIP's comes from the hub)
+            model.__dict__["_visionpeft_tokenizer"] = open_clip.get_tokenizer(cfg.name)
+        except Exception as err:
+            reason = str(err).splitlines()[0][:120] if online else "no network, not in the cache"
+            raise ModelLoadError(f"could not load the tokenizer of open_clip '{cfg.name}' ({reason})") from None
+    return model
+
+
+def data_config(model: nn.Module) -> DataConfig:
+    """The vision tower's ``image_mean`` / ``image_std`` (OpenAI's statistics when it has none) and its
+    ``preprocess_cfg`` interpolation (bicubic by default); crop 1.0: resize the short side, center crop."""
+    visual = model.visual
+    if hasattr(visual, "image_mean"):
+        mean, std = tuple(visual.image_mean or IMAGENET_MEAN), tuple(visual.image_std or IMAGENET_STD)
+    else:
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        mean, std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    interpolation = (getattr(visual, "preprocess_cfg", None) or {}).get("interpolation", "bicubic")
+    return DataConfig(mean, std, 1.0, interpolation)
+
+
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The vision tower's size: its timm trunk's (``TimmModel``), or ``image_size`` of open_clip's own
+    ``VisionTransformer`` (fixed position embeddings)."""
+    visual = model.visual
+    trunk = getattr(visual, "trunk", visual)
+    if getattr(trunk, "patch_embed", None) is not None:
+        return timm_models.fixed_input_size(trunk)
+    size = getattr(visual, "image_size", None)
+    if size is not None and hasattr(visual, "positional_embedding"):
+        return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    return None

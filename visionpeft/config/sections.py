@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..backbones.libraries import IMAGE_LIBRARIES
 from ..schema import setting
 
 #: Learning-rate schedules (built by transformers' ``get_scheduler``); warmup is linear from 0 in every one.
@@ -22,10 +23,14 @@ TASK_HELP = (
 
 @dataclass
 class VisionModel:
-    """``model``: a timm ViT or an open_clip CLIP (the image tasks' backbone)."""
+    """``model``: the image tasks' backbone, built by a library of the table in ``visionpeft/backbones/libraries.py``
+    (a timm ViT, an open_clip CLIP, a transformers model, any torch module)."""
 
-    library: str = setting("timm", "model library", choices=("timm", "open_clip"))
-    name: str = setting("vit_base_patch16_224.augreg_in21k", "timm model name (with tag) or open_clip architecture")
+    library: str = setting("timm", "model library (visionpeft/backbones/libraries.py)", choices=IMAGE_LIBRARIES)
+    name: str = setting(
+        "vit_base_patch16_224.augreg_in21k",
+        "timm model name (with tag), open_clip architecture, transformers id / folder, or package.module:function",
+    )
     pretrained: bool = setting(True, "load pretrained weights (timm tag / open_clip pretrained_tag)")
     checkpoint: str | None = setting(None, "a local weights file (.safetensors, .pth, .bin) used instead", path="file")
     pretrained_tag: str | None = setting(None, "open_clip's pretrained tag (e.g. openai)")

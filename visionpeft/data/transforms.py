@@ -1,61 +1,35 @@
 """Image transforms of the recipes: VTAB (resize to the input size, no augmentation) and crop + flip training.
 
-The model's data config decides normalisation, test-time crop and interpolation: timm's ``resolve_data_config``
-for timm models (an in21k ViT gets mean = std = 0.5, its ``crop_pct`` and bicubic resizing), open_clip's
-``preprocess_cfg`` for CLIP (CLIP's statistics, a center crop of the resized image).
+The model's data config decides normalisation, test-time crop and interpolation; the library table says what it is
+(``visionpeft.backbones``: timm's ``resolve_data_config`` for timm models - an in21k ViT gets mean = std = 0.5, its
+``crop_pct`` and bicubic resizing -, open_clip's ``preprocess_cfg`` for CLIP - CLIP's statistics, a center crop of
+the resized image -, a transformers model's image processor, ImageNet's defaults for any other model).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torchvision.transforms import v2 as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..backbones.libraries import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 
-
-@dataclass(frozen=True)
-class DataConfig:
-    """How a model's pretraining read images: normalisation, test-time crop fraction, resize interpolation."""
-
-    mean: Sequence[float] = IMAGENET_MEAN
-    std: Sequence[float] = IMAGENET_STD
-    crop_pct: float = 0.875
-    interpolation: str = "bilinear"
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DataConfig", "build_transform", "data_config_of", "normalization_of"]
 
 
 def data_config_of(model: torch.nn.Module) -> DataConfig:
-    """The :class:`DataConfig` of a timm model (``timm.data.resolve_data_config``), an open_clip CLIP or a
-    classifier wrapping one (its ``preprocess_cfg``; crop 1.0 = resize the short side, center crop), else
-    ImageNet's defaults."""
-    if getattr(model, "pretrained_cfg", None):
-        from timm.data import resolve_data_config
+    """The :class:`DataConfig` of a library model or of a task model holding one (a CLIP classifier, a
+    segmenter), as the model's library says."""
+    from ..backbones.factory import data_config
 
-        cfg = resolve_data_config({}, model=model)
-        return DataConfig(tuple(cfg["mean"]), tuple(cfg["std"]), cfg["crop_pct"], cfg["interpolation"])
-    mean, std = normalization_of(model)
-    visual = getattr(getattr(model, "clip", model), "visual", None)
-    interpolation = (getattr(visual, "preprocess_cfg", None) or {}).get("interpolation", "bicubic")
-    return DataConfig(mean, std, 1.0, interpolation) if visual is not None else DataConfig(mean, std)
+    return data_config(model)
 
 
 def normalization_of(model: torch.nn.Module) -> tuple[Sequence[float], Sequence[float]]:
     """(mean, std) the model was pretrained with."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "mean" in cfg and "std" in cfg:
-        return tuple(cfg["mean"]), tuple(cfg["std"])
-    clip = getattr(model, "clip", model)
-    visual = getattr(clip, "visual", None)
-    if visual is not None and hasattr(visual, "image_mean"):
-        return tuple(visual.image_mean or IMAGENET_MEAN), tuple(visual.image_std or IMAGENET_STD)
-    if visual is not None:
-        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-        return OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    return IMAGENET_MEAN, IMAGENET_STD
+    config = data_config_of(model)
+    return config.mean, config.std
 
 
 def build_transform(img_size: int, data: DataConfig, train: bool, augment: str = "none") -> Callable:

@@ -17,7 +17,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import visionpeft as vp
 
-from ..backbones.factory import create_model, fixed_input_size
+from ..backbones.factory import fixed_input_size
+from ..backbones.libraries import library
 from ..config import methods_of_config
 from ..data import transforms as T
 from ..data.fewshot import base_new_split, few_shot
@@ -25,6 +26,7 @@ from ..data.images import WorkerSafe
 from ..errors import ConfigError, DataError
 from ..methods import fill_task_inputs
 from ..registry import DATASETS
+from ..tasks.classifier import create_classifier
 from .loop import Loop
 from .run import Setup, run_task
 
@@ -107,10 +109,8 @@ def _check_input_size(config: DictConfig, model: nn.Module) -> None:
     fixed, size = fixed_input_size(model), config.data.img_size
     if fixed is None or fixed == (size, size):
         return
-    if config.model.library == "timm":
-        fix = f"set model.img_size={size} (timm resizes the position embeddings) or model.kwargs.dynamic_img_size=true"
-    else:
-        fix = f"set data.img_size={fixed[0]}"
+    resize = library(config.model.library).resize  # how the library builds its model for another size, if it can
+    fix = resize.format(size=size) if resize else f"set data.img_size={fixed[0]}"
     raise ConfigError(
         f"data.img_size={size} does not fit model '{config.model.name}', built for {fixed[0]}x{fixed[1]} px inputs; "
         + fix
@@ -130,7 +130,7 @@ def build_experiment(config: DictConfig) -> Experiment:
         )
     if config.data.shots:
         train = few_shot(train, config.data.shots, seed=config.train.seed)
-    model = create_model(config.model, len(classes), classes)
+    model = create_classifier(config.model, len(classes), classes)
     _check_input_size(config, model)
     vp.attach(model, fill_task_inputs(methods_of_config(config), {"classnames": classes}, "classification"))
     data_cfg = T.data_config_of(model)

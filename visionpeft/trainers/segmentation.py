@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import visionpeft as vp
 
-from ..backbones.factory import create_open_clip, create_timm, fixed_input_size
+from ..backbones.factory import create_library_model, fixed_input_size
+from ..backbones.libraries import library
 from ..config import methods_of_config
 from ..data.images import WorkerSafe
 from ..data.segmentation import SegmentationTransform, build_segmentation_dataset, collate_eval
@@ -135,7 +136,7 @@ def raw_dataset(config: DictConfig, split: str | None) -> Dataset | None:
 def build_segmenter(config: DictConfig, classes: list[str], palette: list | None) -> Segmenter:
     """The backbone of ``config.model`` with the decode head of ``config.head`` (no method attached yet)."""
     cfg = config.model
-    model = create_timm(cfg, num_classes=0) if cfg.library == "timm" else create_open_clip(cfg)
+    model = create_library_model(cfg, num_classes=0)
     h = config.head
     seg = vp.segmentation.build(
         model,
@@ -159,11 +160,8 @@ def _check_input_size(config: DictConfig, seg: Segmenter) -> None:
     if fixed is None:
         return
     crop, window = _pair(config, "data.crop_size"), _pair(config, "eval.crop")
-    fix = (
-        "set model.kwargs.dynamic_img_size=true (timm interpolates the position embeddings)"
-        if config.model.library == "timm"
-        else f"use {fixed[0]}x{fixed[1]} crops and eval.mode=slide"
-    )
+    any_size = library(config.model.library).any_size  # how the library lets its model take any size, if it can
+    fix = any_size or f"use {fixed[0]}x{fixed[1]} crops and eval.mode=slide"
     if crop != fixed:
         raise ConfigError(
             f"data.crop_size {list(crop)} does not fit model '{config.model.name}', built for "
