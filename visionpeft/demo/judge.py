@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-JUDGE_FILE = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny_sd_judge.safetensors"
+JUDGE_FILE = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny_sd_judge.safetensors"
 
 
 class Judge(nn.Module):

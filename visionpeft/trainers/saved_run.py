@@ -77,17 +77,26 @@ class PredictRequest:
     check_base: bool = True
 
 
-def _folder_kind(path: Path) -> str | None:
-    """What a folder that is not a run is, in words, or None when it is nothing recognisable."""
+def _folder_kind(path: Path) -> tuple[str, str] | None:
+    """(what a folder that is not a run is, what to do instead), or None when it is nothing recognisable."""
     from ..checkpoint.folder import CONFIG_NAME, LEGACY_NAMES
 
     if (path / "sweep.yaml").is_file():
-        return "a sweep folder (sweep.yaml; its runs are in runs/, `visionpeft sweep FOLDER --report` tabulates them)"
-    if (path / "model_index.json").is_file():
-        return "a diffusers pipeline folder (model_index.json); draw from it with `visionpeft generate --model FOLDER`"
-    if any((path / name).is_file() for name in (CONFIG_NAME, *LEGACY_NAMES)):
-        return "an adapter folder (a run's best/, last/ or adapter/)"
-    return None
+        kind, hint = (
+            "a sweep folder (sweep.yaml)",
+            f"its runs are in {path / 'runs'} (`visionpeft sweep {path} --report`)",
+        )
+    elif (path / "model_index.json").is_file():
+        kind, hint = (
+            "a diffusers pipeline folder (model_index.json)",
+            f"`visionpeft generate --model {path}` draws from it",
+        )
+    else:
+        name = next((n for n in (CONFIG_NAME, *LEGACY_NAMES) if (path / n).is_file()), None)
+        if name is None:
+            return None
+        kind, hint = f"an adapter folder ({name})", "give the run folder that holds it"
+    return kind, f"its run is {path.parent}" if (path.parent / "config.yaml").is_file() else hint
 
 
 def load_run(run_dir: Path, command: str):
@@ -102,14 +111,10 @@ def load_run(run_dir: Path, command: str):
         raise CheckpointError(f"{run_dir} is a file, not a run folder; {expected}")
     if not (run_dir / "config.yaml").is_file():
         kind = _folder_kind(run_dir)
-        if kind is None:
-            empty = not any(run_dir.iterdir())
-            raise CheckpointError(
-                f"{run_dir} is {'an empty folder' if empty else 'not a run folder (no config.yaml)'}; {expected}"
-            )
-        above = run_dir.parent if (run_dir.parent / "config.yaml").is_file() else None
-        hint = f" (the run is {above})" if above else ""
-        raise CheckpointError(f"{run_dir} is {kind.replace('FOLDER', str(run_dir))}, not a run{hint}; {expected}")
+        if kind is not None:
+            raise CheckpointError(f"{run_dir} is {kind[0]}, not a run; {expected}: {kind[1]}")
+        what = "an empty folder" if not any(run_dir.iterdir()) else "not a run folder (no config.yaml)"
+        raise CheckpointError(f"{run_dir} is {what}; {expected}")
     config = load_config(run_dir / "config.yaml")
     return config, task_spec(config.task)
 
