@@ -289,6 +289,9 @@ def test_predict_draws_prompts_classes_and_conditions_by_seed(
 
 @pytest.mark.slow
 def test_predict_never_writes_over_an_input_or_an_earlier_output(segmentation_run, tmp_path, capsys):
+    """`predict RUN photos/holiday.png --out photos/` keeps the photo (masks are `<stem>_labels.png` /
+    `<stem>_color.png`); an existing output is refused in one line unless --overwrite; an input named like an
+    output is refused even with --overwrite."""
     run_dir, _ = segmentation_run
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -319,6 +322,8 @@ def test_predict_never_writes_over_an_input_or_an_earlier_output(segmentation_ru
 
 @pytest.mark.slow
 def test_a_16_bit_png_is_segmented_like_its_8_bit_copy(segmentation_run, tmp_path, capsys):
+    """A 16-bit grey PNG given to predict is read at its own brightness (not nearly white): same masks as its
+    8-bit copy."""
     run_dir, _ = segmentation_run
     grey = np.random.default_rng(1).integers(0, 256, (32, 32)).astype(np.uint8)
     Image.fromarray(grey, "L").save(tmp_path / "eight.png")
@@ -331,6 +336,7 @@ def test_a_16_bit_png_is_segmented_like_its_8_bit_copy(segmentation_run, tmp_pat
 
 
 def test_a_16_bit_grey_image_is_read_at_its_own_brightness(tmp_path):
+    """The shared image reader scales 16-bit grey to 8 bits (PIL's convert clips it at 255)."""
     from visionpeft.data.images import load_rgb
 
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
@@ -351,6 +357,8 @@ def test_a_16_bit_grey_image_is_read_at_its_own_brightness(tmp_path):
     ],
 )
 def test_a_malformed_palette_or_id2label_is_one_line(segmentation_run, tmp_path, capsys, field, value, message):
+    """A malformed `palette` or `id2label` in a segmentation adapter's config is one line naming the file, before
+    the model loads."""
     run_dir, _ = segmentation_run
     copy = tmp_path / "run"
     copy.mkdir()
@@ -366,6 +374,8 @@ def test_a_malformed_palette_or_id2label_is_one_line(segmentation_run, tmp_path,
 
 @pytest.mark.slow
 def test_classification_predict_writes_the_top_classes_as_csv(classification_run, tmp_path, capsys):
+    """Classification predict writes the top-k classes and probabilities per image as CSV; an existing CSV is kept
+    (one line) and a folder as --out is one line."""
     run_dir, _ = classification_run
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
@@ -420,6 +430,8 @@ def config_only_run(tmp_path):
 
 
 def test_eval_on_a_folder_of_another_kind_is_one_line(config_only_run, tmp_path, capsys):
+    """eval on an adapter folder, a sweep folder, a diffusers pipeline folder, an empty folder, a file or a missing
+    path is one line saying what it is and what eval takes."""
     expected = "eval takes a run folder (config.yaml + saved adapters)"
     (config_only_run / "last").mkdir()
     (config_only_run / "last" / CONFIG_NAME).write_text("{}")
@@ -444,6 +456,8 @@ def test_eval_on_a_folder_of_another_kind_is_one_line(config_only_run, tmp_path,
 
 
 def test_options_that_do_not_apply_and_runs_without_adapters_are_one_line(config_only_run, tmp_path, capsys):
+    """An eval / predict option that does not apply to the run's task is one line naming the tasks it applies to; a
+    run that saved no adapter yet is one line."""
     code, _, err = _eval(capsys, config_only_run, "--mode", "slide")
     assert code == 2 and err == ["error: eval on a classification run takes no --mode (it applies to: segmentation)"]
     code, _, err = _eval(capsys, config_only_run, "--samples", "3")

@@ -77,7 +77,7 @@ def predictions(config, adapter_dir: Path) -> list:
     from visionpeft.data.segmentation import SegmentationTransform, build_segmentation_dataset
     from visionpeft.data.transforms import normalization_of
     from visionpeft.tasks.seg_inference import predict_labels
-    from visionpeft.trainers.segmentation import load_segmenter
+    from visionpeft.trainers.segmentation_eval import load_segmenter
 
     seg = load_segmenter(config, adapter_dir)
     test = build_segmentation_dataset("texture-mosaic", "test", **dict(config.data.options))

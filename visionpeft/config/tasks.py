@@ -95,7 +95,6 @@ def register(spec: TaskSpec) -> TaskSpec:
     return TRAINERS.register(spec.name)(spec)
 
 
-IMAGES, GENERATED = frozenset({"inputs", "out"}), frozenset({"samples", "out"})
 register(
     TaskSpec(
         "classification",
@@ -106,7 +105,7 @@ register(
         evaluates="top-1 / top-5 accuracy and the loss on a split (--split, --batch-size)",
         predicts="image files -> a CSV file (--out): the top-k classes and probabilities per image (--top-k)",
         eval_options=frozenset({"split", "batch_size"}),
-        predict_options=IMAGES | {"top_k", "batch_size"},
+        predict_options=frozenset({"inputs", "out", "top_k", "batch_size"}),
         task_inputs=frozenset({"classnames"}),
         pipeline_tag="image-classification",
     )
@@ -120,7 +119,7 @@ register(
         "visionpeft.trainers.personalization_eval:predict",
         evaluates="validation prompts sampled, scored by CLIP-T / CLIP-I (--clip) and the tiny_sd judge (--samples)",
         predicts="--prompt TEXT (default: the validation prompts) x --seeds -> images",
-        eval_options=GENERATED | {"clip"},
+        eval_options=frozenset({"samples", "out", "clip"}),
         predict_options=frozenset({"out", "prompt", "seeds"}),
         task_inputs=frozenset({"token"}),
         pipeline_tag="text-to-image",
@@ -135,8 +134,8 @@ register(
         "visionpeft.trainers.class_conditional_eval:predict",
         evaluates="samples of each class as a grid (--samples per class)",
         predicts="class names (default: the validation classes) x --seeds -> images",
-        eval_options=GENERATED,
-        predict_options=IMAGES | {"seeds"},
+        eval_options=frozenset({"samples", "out"}),
+        predict_options=frozenset({"inputs", "out", "seeds"}),
         pipeline_tag="unconditional-image-generation",
     )
 )
@@ -149,8 +148,8 @@ register(
         "visionpeft.trainers.control_eval:predict",
         evaluates="fill IoU on held-out pairs for fill50k data, the validation grid otherwise (--samples pairs)",
         predicts="condition images (photos when the run computes its conditions) with --prompt x --seeds -> images",
-        eval_options=GENERATED,
-        predict_options=IMAGES | {"prompt", "seeds"},
+        eval_options=frozenset({"samples", "out"}),
+        predict_options=frozenset({"inputs", "out", "prompt", "seeds"}),
         call_inputs=frozenset({"control_image"}),
         pipeline_tag="text-to-image",
     )
@@ -165,7 +164,7 @@ register(
         evaluates="the per-class IoU table and mIoU / aAcc / mAcc on a split (--split, --batch-size, --mode)",
         predicts="image files -> <stem>_labels.png (class ids), <stem>_color.png and legend.png (--mode)",
         eval_options=frozenset({"split", "batch_size", "mode"}),
-        predict_options=IMAGES | {"mode"},
+        predict_options=frozenset({"inputs", "out", "mode"}),
         pipeline_tag="image-segmentation",
     )
 )
@@ -178,7 +177,7 @@ register(
         evaluates="the sample grid of the validation prompts from RUN/pipeline (--samples per prompt)",
         no_predictor="the run's pipeline/ folder is a plain diffusers pipeline; draw from it with "
         "`visionpeft generate --model RUN/pipeline --prompt TEXT`",
-        eval_options=GENERATED,
+        eval_options=frozenset({"samples", "out"}),
         pipeline_tag="text-to-image",
     )
 )
