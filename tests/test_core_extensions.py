@@ -179,7 +179,7 @@ def test_a_side_tower_is_counted_saved_detached_and_not_merged(control_method, t
         _run_vit(model)
     assert model.control_net.linear.weight.grad is not None and int(model.control_net.calls) == 2
     model.eval()
-    state = vp.checkpoint.adapter_state_dict(model)
+    state = vp.checkpoint.folder.adapter_state_dict(model)
     assert {"control_net.linear.weight", "control_net.calls"} <= set(state)
     assert [n for n, _ in vp.trainable_buffers(model)] == ["control_net.calls"]
     _perturb(model)

@@ -8,6 +8,7 @@ from tiny_models import CASES
 
 import visionpeft as vp
 from visionpeft.errors import IncompatibleMethodError
+from visionpeft.methods import METHODS
 
 ALL_LORA = {"targets": ["q", "k", "v", "o", "fc1", "fc2"], "r": 4}
 MATRIX = [
@@ -52,7 +53,7 @@ MATRIX = [
     ("dit", "difffit", {}),
     ("dit", "bitfit", {}),
 ]
-MERGEABLE = {"lora", "difffit", "bitfit", "linear", "full"}
+MERGEABLE = {name for name in METHODS.names() if METHODS.get(name).merges_exactly}  # what the methods declare
 IDS = [f"{c}-{m}-{'-'.join(f'{k}={v}' for k, v in o.items() if k != 'targets') or 'default'}" for c, m, o in MATRIX]
 
 
@@ -138,3 +139,7 @@ def test_method_that_does_not_fit_is_a_clear_error(case, method, options):
     assert "\n" not in str(err.value)
     assert set(model.state_dict()) == set(before)
     assert not vp.attached_methods(model)
+
+
+def test_every_method_declaring_an_exact_merge_is_in_the_matrix():
+    assert MERGEABLE and MERGEABLE <= {method for _, method, _ in MATRIX}

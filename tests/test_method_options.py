@@ -107,3 +107,28 @@ def test_bad_method_option_or_value_is_one_line_before_any_model(config, overrid
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and err[0].endswith(message), err
     assert built == []
+
+
+@pytest.fixture
+def method_checks(monkeypatch):
+    """The config classes of every method config checked (built) from now on, in order."""
+    from visionpeft.methods import base
+
+    checked, check = [], base.check_fields
+
+    def counting(schema, node, *args, **kwargs):
+        checked.append(schema.__name__)
+        return check(schema, node, *args, **kwargs)
+
+    monkeypatch.setattr(base, "check_fields", counting)
+    return checked
+
+
+def test_a_run_checks_its_method_options_once_and_attaches_the_configs_it_built(config, method_checks, tmp_path):
+    hybrid = "method=[{name: vpt, num_tokens: 2}, {name: lora, r: 2}]"
+    assert run(train_tool.main, [str(config), hybrid, "--dry-run"]) == 0
+    assert method_checks == ["VPTConfig", "LoRAConfig"]
+    method_checks.clear()
+    overrides = [hybrid, "optim.epochs=1", "optim.warmup_epochs=0", f"train.output_dir={tmp_path}"]
+    assert run(train_tool.main, [str(config), *overrides]) == 0
+    assert method_checks == ["VPTConfig", "LoRAConfig"]

@@ -18,7 +18,7 @@ from torch import nn
 from .backbones import Backbone, get_backbone, pipeline_modules
 from .errors import CheckpointError, ConfigError, IncompatibleMethodError
 from .methods import METHODS, Method, MethodConfig, make_config
-from .methods.base import named_base_parameters, named_persistent_buffers
+from .methods.base import named_base_parameters, named_persistent_buffers, registered_method_of
 
 _STATE = "_visionpeft_state"
 
@@ -56,7 +56,7 @@ def _normalize(methods: MethodSpec | Sequence[MethodSpec], options: dict[str, An
         if isinstance(spec, str):
             name, opts = spec, options
         elif isinstance(spec, MethodConfig):
-            name = next((n for n in METHODS.names() if METHODS.get(n).config_class is type(spec)), None)
+            name = registered_method_of(type(spec))
             if name is None:
                 raise ConfigError(f"{type(spec).__name__} is not the config of a registered method")
             opts = spec

@@ -18,11 +18,14 @@ class Registry(Generic[T]):
         kind: What the registry holds ("method", "dataset", ...), used in error messages.
         providers: Modules whose import registers entries; imported on the first lookup, so a caller never has to
             import them for their side effect (and the registry, on the ground floor, names them only as strings).
+        name_attribute: The attribute in which an entry states its own name (a method class's ``name``): registering
+            it under any other name fails, so the name an entry answers to and the name it is found by never differ.
     """
 
-    def __init__(self, kind: str, providers: Sequence[str] = ()) -> None:
+    def __init__(self, kind: str, providers: Sequence[str] = (), name_attribute: str | None = None) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._name_attribute = name_attribute
         self._providers = tuple(providers)
         self._loaded = not self._providers
 
@@ -38,6 +41,13 @@ class Registry(Generic[T]):
         def decorator(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} '{name}' is already registered")
+            if self._name_attribute is not None:
+                own = getattr(obj, self._name_attribute, None)
+                if own != name:
+                    raise ValueError(
+                        f"{self.kind} {getattr(obj, '__qualname__', obj)!s} states its {self._name_attribute} as "
+                        f"{own!r} but is registered as '{name}'"
+                    )
             self._items[name] = obj
             return obj
 
@@ -54,6 +64,10 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} '{name}'{did_you_mean(name, self._items)}; known: {known}"
             ) from None
 
+    def registered(self) -> list[T]:
+        """The entries filed so far, without importing the providers (for checks made while they register)."""
+        return list(self._items.values())
+
     def names(self) -> list[str]:
         self._load()
         return sorted(self._items)
@@ -66,7 +80,7 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
-METHODS: Registry = Registry("method", providers=("visionpeft.methods",))
+METHODS: Registry = Registry("method", providers=("visionpeft.methods",), name_attribute="name")
 DATASETS: Registry = Registry("dataset", providers=("visionpeft.data", "visionpeft.demo"))
 SEGMENTATION_DATASETS: Registry = Registry(
     "segmentation dataset", providers=("visionpeft.data.segmentation",)

@@ -9,9 +9,11 @@ Nothing here imports torch except the method-option check, which runs after ever
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -21,6 +23,9 @@ from ..errors import ConfigError, did_you_mean
 from ..io import load_yaml
 from ..schema import absolute_paths, check_fields, describe
 from .tasks import TaskSpec, task_spec
+
+if TYPE_CHECKING:
+    from ..methods import MethodConfig
 
 DEFAULT_TASK = "classification"
 ATOMIC_KEYS = ("method",)  # replaced whole by a later file or override: options of one method never leak into another
@@ -86,9 +91,8 @@ def _translate(err: OmegaConfBaseException, schema: DictConfig, source: str) -> 
 
 
 def normalize_methods(method: Any) -> list[tuple[str, dict[str, Any]]]:
-    """``"vpt"``, ``{name: vpt, num_tokens: 10}`` or a list of those -> ``[(name, options)]``, validated."""
-    from ..methods import make_config
-
+    """``"vpt"``, ``{name: vpt, num_tokens: 10}`` or a list of those -> ``[(name, options)]`` (the entries' shape
+    checked; the options are checked once, by :func:`check_methods`)."""
     entries = method if isinstance(method, (list, tuple)) else [method]
     out = []
     for entry in entries:
@@ -99,7 +103,6 @@ def normalize_methods(method: Any) -> list[tuple[str, dict[str, Any]]]:
             name = entry["name"]
         else:
             raise ConfigError(f"config key 'method' must be a method name or {{name: ..., options}}, got {entry!r}")
-        make_config(name, options)
         out.append((name, options))
     if not out:
         raise ConfigError("config key 'method' is empty")
@@ -151,14 +154,42 @@ def _check_run_length(config: DictConfig) -> None:
         raise ConfigError("optim.schedule=constant has no warmup; use optim.schedule=constant_with_warmup")
 
 
-def check_methods(config: DictConfig, spec: TaskSpec) -> list[tuple[str, dict[str, Any]]]:
-    """The config's methods, validated against their option schemas and against what the task gives them."""
-    from ..methods import check_call_inputs, fill_task_inputs
+def check_methods(config: DictConfig, spec: TaskSpec) -> list[tuple[str, MethodConfig]]:
+    """The config's methods built (``make_config``: every option checked against its method's schema) and checked
+    against what the task gives them; :func:`method_configs` hands these built configs on to the trainer."""
+    from ..methods import check_call_inputs, fill_task_inputs, make_config
 
     methods = methods_of_config(config)
+    built = [(name, make_config(name, options)) for name, options in methods]
     fill_task_inputs(methods, dict.fromkeys(spec.task_inputs), spec.name)  # the values come when the run starts
     check_call_inputs(methods, set(spec.call_inputs), spec.name)
-    return methods
+    _BUILT_METHODS[id(config)] = (methods, built)
+    weakref.finalize(config, _BUILT_METHODS.pop, id(config), None)
+    return built
+
+
+#: id(config) -> (its method entries, those entries as built by check_methods); dropped with the config.
+_BUILT_METHODS: dict[int, tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, MethodConfig]]]] = {}
+
+
+def method_configs(config: DictConfig, provided: Mapping[str, Any] | None = None) -> list[tuple[str, MethodConfig]]:
+    """The config's methods as the configs :func:`load_config` built and checked (built here only for a config made
+    some other way), with the options the task fills in (``provided``: ``{"classnames": [...]}``) where the user
+    gave none: what a trainer passes to ``vp.attach``.
+
+    Raises:
+        ConfigError: A method needs an input the task does not provide.
+    """
+    from ..methods import with_task_inputs
+
+    methods = methods_of_config(config)
+    remembered, built = _BUILT_METHODS.get(id(config), (None, None))
+    if remembered != methods:  # a config load_config did not make (or whose methods changed since)
+        built = check_methods(config, task_spec(config.task))
+    return [
+        (name, with_task_inputs(name, method, options, provided or {}, config.task))
+        for (name, options), (_, method) in zip(methods, built)
+    ]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> DictConfig:
@@ -269,6 +300,7 @@ __all__ = [
     "TaskSpec",
     "describe_config",
     "load_config",
+    "method_configs",
     "methods_of_config",
     "read_config_file",
     "save_config",

@@ -10,12 +10,11 @@ import importlib
 import pkgutil
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
 from ..registry import METHODS
-from ..schema import check_fields
 from .base import ExportParts, Method, MethodConfig
 
 for _module in pkgutil.iter_modules(__path__):
@@ -70,7 +69,8 @@ def make_config(name: str, options: dict[str, Any] | MethodConfig | None = None)
 
     Args:
         name: A registered method name.
-        options: Option overrides (or an already-built config, checked and returned as is).
+        options: Option overrides, or an already-built config: returned as it is, since a config is checked when
+            it is built (``MethodConfig.__post_init__``).
 
     Raises:
         ConfigError: Unknown method, unknown option (with a suggestion), a value of the wrong type, or a value
@@ -80,7 +80,6 @@ def make_config(name: str, options: dict[str, Any] | MethodConfig | None = None)
     if isinstance(options, MethodConfig):
         if not isinstance(options, cls):
             raise ConfigError(f"method '{name}' expects a {cls.__name__}, got {type(options).__name__}")
-        check_fields(cls, options, subject=f"method '{name}' option")
         return options
     if options is not None and not isinstance(options, Mapping):
         raise ConfigError(f"the options of method '{name}' must be a mapping of option -> value, got {options!r}")
@@ -95,9 +94,24 @@ def make_config(name: str, options: dict[str, Any] | MethodConfig | None = None)
                 f"options: {', '.join(sorted(fields))}"
             )
         values[key] = _coerce(name, key, value, hints[key])
-    config = cls(**values)
-    check_fields(cls, config, subject=f"method '{name}' option")
-    return config
+    return cls(**values)  # checks the declared choices and ranges
+
+
+def task_input_values(name: str, given: Collection[str], provided: Mapping[str, Any], task: str) -> dict[str, Any]:
+    """The options of method ``name`` that the task fills in: each of its ``task_inputs`` the user left out of
+    ``given``, taken from ``provided``.
+
+    Raises:
+        ConfigError: The method needs an input the user did not give and the task does not provide.
+    """
+    values = {}
+    for key in METHODS.get(name).task_inputs:
+        if key in given:
+            continue
+        if key not in provided:
+            raise ConfigError(f"method '{name}' needs {key}, which the {task} task does not provide")
+        values[key] = provided[key]
+    return values
 
 
 def fill_task_inputs(specs: list[tuple[str, dict]], provided: dict[str, Any], task: str) -> list[tuple[str, dict]]:
@@ -111,17 +125,23 @@ def fill_task_inputs(specs: list[tuple[str, dict]], provided: dict[str, Any], ta
     Raises:
         ConfigError: A method needs an input the user did not give and the task does not provide.
     """
-    filled = []
-    for name, options in specs:
-        options = dict(options)
-        for key in METHODS.get(name).task_inputs:
-            if key in options:
-                continue
-            if key not in provided:
-                raise ConfigError(f"method '{name}' needs {key}, which the {task} task does not provide")
-            options[key] = provided[key]
-        filled.append((name, options))
-    return filled
+    return [(name, {**options, **task_input_values(name, options, provided, task)}) for name, options in specs]
+
+
+def with_task_inputs(
+    name: str, config: MethodConfig, given: Collection[str], provided: Mapping[str, Any], task: str
+) -> MethodConfig:
+    """``config`` (built from the user's options ``given``) with the options the task fills in, or ``config`` itself
+    when the task fills none: a copy built with ``dataclasses.replace``, which checks the filled values.
+
+    Raises:
+        ConfigError: As :func:`task_input_values`, or a filled value of the wrong type.
+    """
+    values = task_input_values(name, given, provided, task)
+    if not values:
+        return config
+    hints = typing.get_type_hints(type(config))
+    return dataclasses.replace(config, **{key: _coerce(name, key, value, hints[key]) for key, value in values.items()})
 
 
 def check_call_inputs(specs: list[tuple[str, dict]], available: set[str], task: str) -> None:
@@ -144,4 +164,6 @@ __all__ = [
     "check_call_inputs",
     "fill_task_inputs",
     "make_config",
+    "task_input_values",
+    "with_task_inputs",
 ]

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 
 from ..errors import IncompatibleMethodError
 from ..layers.adapters import Bottleneck
-from ..registry import METHODS
 from ..schema import setting
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, register_method
 
 
 @dataclass
@@ -29,7 +28,7 @@ class AdaptFormerConfig(MethodConfig):
     dropout: float = setting(0.1, "dropout after the adapter's ReLU", min=0, below=1)
 
 
-@METHODS.register("adaptformer")
+@register_method
 class AdaptFormer(Method):
     name = "adaptformer"
     config_class = AdaptFormerConfig

@@ -8,7 +8,9 @@ named ``base.<module path>`` and their original values are kept so that ``detach
 A method also declares what it can do and what it needs, so the code around it never names a method:
 ``merges_exactly``, ``export_formats`` (+ :meth:`Method.export_parts`), ``task_inputs`` (options a task fills in),
 ``call_inputs`` (per-call inputs read through the conditioning channel), ``requires`` (tower capabilities) and
-``provides`` (capabilities task models ask for, such as ``class_text_features``).
+``provides`` (capabilities task models ask for, such as ``class_text_features``), and ``diffusers_folder_class`` (the
+diffusers model whose ``save_pretrained`` folder holds the method's result: ``methods.folders`` reads such a folder
+back as the method). :func:`register_method` files a method under its own ``name`` and checks these declarations.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from torch.utils.hooks import RemovableHandle
 from ..backbones.base import Backbone, Block, Branch, Tower
 from ..backbones.module_paths import TargetSpec, find_modules, library_modules
 from ..errors import ConfigError, IncompatibleMethodError
-from ..schema import setting
+from ..registry import METHODS
+from ..schema import check_fields, setting
 
 
 @dataclass
@@ -39,8 +42,19 @@ class MethodConfig:
 
     tower: str | None = setting(None, "the tower to adapt (vision / text on CLIP); null: the main one")
 
+    def __post_init__(self) -> None:
+        """A config is checked as it is built (by ``make_config``, by hand or by ``dataclasses.replace``), so one
+        that exists holds values inside the choices and ranges its fields declare and is passed on as it is."""
+        name = registered_method_of(type(self)) or type(self).__name__
+        check_fields(type(self), self, subject=f"method '{name}' option")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def registered_method_of(config_class: type[MethodConfig]) -> str | None:
+    """The registered name of the method whose options ``config_class`` holds, or None."""
+    return next((n for n in METHODS.names() if METHODS.get(n).config_class is config_class), None)
 
 
 @dataclass
@@ -150,6 +164,9 @@ class Method:
     task_inputs: ClassVar[tuple[str, ...]] = ()
     #: Per-call inputs read through the conditioning channel (:meth:`call_input`), e.g. a control image.
     call_inputs: ClassVar[tuple[str, ...]] = ()
+    #: The diffusers model class (``config.json``'s ``_class_name``) of a ``save_pretrained`` folder that holds this
+    #: method's result and is read back as this method (:meth:`options_from_folder`, :meth:`load_folder_model`).
+    diffusers_folder_class: ClassVar[str | None] = None
 
     def __init__(self, config: MethodConfig, backbone: Backbone) -> None:
         self.config = config
@@ -224,6 +241,17 @@ class Method:
             CheckpointError: The format cannot hold this particular adaptation.
         """
         return ExportParts()
+
+    @classmethod
+    def options_from_folder(cls, folder_config: dict[str, Any]) -> dict[str, Any]:
+        """The method's options that rebuild the model of a :attr:`diffusers_folder_class` folder, from the config
+        of the model diffusers loaded from it."""
+        raise NotImplementedError(f"{cls.name} declares no diffusers folder")
+
+    def load_folder_model(self, model: nn.Module) -> None:
+        """Takes the weights of ``model`` (loaded from a :attr:`diffusers_folder_class` folder) into the attached
+        method."""
+        raise NotImplementedError(f"{self.name} declares no diffusers folder")
 
     # -- tensors ---------------------------------------------------------------------------------------------
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -431,3 +459,40 @@ class Method:
 
     def blocks(self) -> list[Block]:
         return self.tower.blocks
+
+
+_FOLDER_HOOKS = ("options_from_folder", "load_folder_model")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator filing a method in ``METHODS`` under its own ``name`` (stated once, in the class), after
+    checking what it declares.
+
+    Raises:
+        ValueError: No name; no config class of its own (another registered method's, or ``MethodConfig``);
+            ``merges_exactly`` disagreeing with whether the class implements ``merge``; a diffusers folder class
+            another method reads already, or one declared without ``options_from_folder`` / ``load_folder_model``.
+    """
+    if not cls.name:
+        raise ValueError(f"method class {cls.__qualname__} has no name")
+    config = cls.config_class
+    if config is MethodConfig or not issubclass(config, MethodConfig):
+        raise ValueError(f"method '{cls.name}' needs a MethodConfig subclass of its own as config_class")
+    below = cls.__mro__[: cls.__mro__.index(Method)]  # the classes between cls and Method, cls included
+    implements = {attr: any(attr in vars(klass) for klass in below) for attr in ("merge", *_FOLDER_HOOKS)}
+    if cls.merges_exactly != implements["merge"]:
+        raise ValueError(
+            f"method '{cls.name}' declares merges_exactly={cls.merges_exactly} but "
+            f"{'implements' if implements['merge'] else 'does not implement'} merge()"
+        )
+    if cls.diffusers_folder_class is not None and not all(implements[attr] for attr in _FOLDER_HOOKS):
+        raise ValueError(f"method '{cls.name}' reads {cls.diffusers_folder_class} folders: implement {_FOLDER_HOOKS}")
+    for other in METHODS.registered():
+        if other.config_class is config:
+            raise ValueError(f"methods '{other.name}' and '{cls.name}' share the config class {config.__name__}")
+        if cls.diffusers_folder_class is not None and other.diffusers_folder_class == cls.diffusers_folder_class:
+            raise ValueError(
+                f"methods '{other.name}' and '{cls.name}' both read {cls.diffusers_folder_class} folders; "
+                "set diffusers_folder_class = None on one"
+            )
+    return METHODS.register(cls.name)(cls)

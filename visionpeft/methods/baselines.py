@@ -6,9 +6,8 @@ import logging
 from dataclasses import dataclass
 
 from ..errors import IncompatibleMethodError
-from ..registry import METHODS
 from ..schema import setting
-from .base import ExportParts, Method, MethodConfig
+from .base import ExportParts, Method, MethodConfig, register_method
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ class BitFitConfig(MethodConfig):
     target_modules: str | tuple[str, ...] | None = setting(None, TARGET_MODULES_HELP)
 
 
-@METHODS.register("bitfit")
+@register_method
 class BitFit(_InPlace):
     name = "bitfit"
     config_class = BitFitConfig
@@ -65,7 +64,7 @@ class LinearConfig(MethodConfig):
     """Linear probe: only the task head trains."""
 
 
-@METHODS.register("linear")
+@register_method
 class LinearProbe(_InPlace):
     name = "linear"
     config_class = LinearConfig
@@ -101,7 +100,7 @@ class FullConfig(MethodConfig):
     target_modules: str | tuple[str, ...] | None = setting(None, TARGET_MODULES_HELP)
 
 
-@METHODS.register("full")
+@register_method
 class FullFineTuning(_InPlace):
     name = "full"
     config_class = FullConfig

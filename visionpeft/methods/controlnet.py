@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import DataError, IncompatibleMethodError
-from ..registry import METHODS
 from ..schema import setting
-from .base import ExportParts, Method, MethodConfig
+from .base import ExportParts, Method, MethodConfig, register_method
 
 
 def fit_control_image(image, sample: torch.Tensor, factor: int, channels: int, dtype: torch.dtype, who: str):
@@ -77,13 +76,14 @@ class ControlNetConfig(MethodConfig):
     )
 
 
-@METHODS.register("controlnet")
+@register_method
 class ControlNet(Method):
     name = "controlnet"
     config_class = ControlNetConfig
     requires = {"unet": "a diffusers UNet2DConditionModel (or a Stable Diffusion pipeline's unet)"}
     call_inputs = ("control_image",)
     export_formats = frozenset({"diffusers"})  # controlnet/: what ControlNetModel.from_pretrained reads
+    diffusers_folder_class = "ControlNetModel"  # ... and such a folder (this toolkit's or a released one) reads back
 
     def build(self) -> None:
         from diffusers import ControlNetModel
@@ -102,6 +102,18 @@ class ControlNet(Method):
 
     def export_parts(self, format: str) -> ExportParts:
         return ExportParts(models={"controlnet": self.diffusers_controlnet})
+
+    @classmethod
+    def options_from_folder(cls, folder_config: dict[str, Any]) -> dict[str, Any]:
+        """The options of a ControlNet shaped as the ``ControlNetModel`` whose config is ``folder_config``."""
+        return {
+            "hint_channels": folder_config["conditioning_embedding_out_channels"],
+            "conditioning_channels": folder_config.get("conditioning_channels", 3),
+        }
+
+    def load_folder_model(self, model: nn.Module) -> None:
+        """Takes the weights of a ``ControlNetModel`` read from a folder into the attached ControlNet."""
+        self.controlnet.load_state_dict(model.state_dict())
 
     def diagnostics(self) -> dict[str, float]:
         """The norms of the residuals the last U-Net call received, per down-block residual and mid block."""

@@ -15,8 +15,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..layers.lora import LoRALinear
-from ..registry import METHODS
 from ..schema import setting
+from .base import register_method
 from .controlnet import ControlNet, ControlNetConfig
 
 #: LoRA target -> the suffix of the ControlNet's Linear layers it selects (diffusers' attention / feed-forward names)
@@ -42,10 +42,11 @@ class ControlNetLoRAConfig(ControlNetConfig):
     train_full: tuple[str, ...] = setting(FULL_PARTS, "parts of the copy trained in full", nonempty=True)
 
 
-@METHODS.register("controlnet_lora")
+@register_method
 class ControlNetLoRA(ControlNet):
     name = "controlnet_lora"
     config_class = ControlNetLoRAConfig
+    diffusers_folder_class = None  # its controlnet/ folder (LoRA merged) is a plain ControlNetModel: read as controlnet
 
     def check_fits(self) -> None:
         super().check_fits()

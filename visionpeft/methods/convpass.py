@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from ..layers.adapters import ConvBypass
-from ..registry import METHODS
 from ..schema import setting
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, register_method
 
 
 @dataclass
@@ -35,7 +34,7 @@ class ConvpassConfig(MethodConfig):
     xavier_init: bool = setting(False, "xavier-initialise the 3x3 conv instead of starting at the identity")
 
 
-@METHODS.register("convpass")
+@register_method
 class Convpass(Method):
     name = "convpass"
     config_class = ConvpassConfig

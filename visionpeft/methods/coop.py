@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..registry import METHODS
 from ..schema import setting
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, register_method
 
 POSITIONS = ("end", "middle", "front")
 
@@ -70,7 +69,7 @@ class PromptContext(nn.Module):
             )
 
 
-@METHODS.register("coop")
+@register_method
 class CoOp(Method):
     name = "coop"
     config_class = CoOpConfig
@@ -159,7 +158,7 @@ class CoOp(Method):
         return self.backbone.logit_scale.exp() * image @ text.to(image.dtype).t()
 
 
-@METHODS.register("cocoop")
+@register_method
 class CoCoOp(CoOp):
     name = "cocoop"
     config_class = CoCoOpConfig

@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from ..errors import IncompatibleMethodError
-from ..registry import METHODS
 from ..schema import setting
-from .base import Method, MethodConfig, branch_tensor, replace_branch_tensor
+from .base import Method, MethodConfig, branch_tensor, register_method, replace_branch_tensor
 
 
 @dataclass
@@ -42,7 +41,7 @@ class ChannelScale(nn.Module):
 _NORMS = (nn.LayerNorm, nn.GroupNorm)
 
 
-@METHODS.register("difffit")
+@register_method
 class DiffFit(Method):
     name = "difffit"
     config_class = DiffFitConfig

@@ -12,9 +12,8 @@ from ..backbones.base import Projection, iter_block_projections
 from ..backbones.module_paths import library_modules
 from ..errors import CheckpointError, ConfigError, IncompatibleMethodError, did_you_mean
 from ..layers.lora import LoRAConv2d, LoRALinear, LoRAMultiheadAttention
-from ..registry import METHODS
 from ..schema import setting
-from .base import ExportParts, Method, MethodConfig, base_module_paths
+from .base import ExportParts, Method, MethodConfig, base_module_paths, register_method
 
 
 @dataclass
@@ -53,7 +52,7 @@ class LoRAConfig(MethodConfig):
 LORA_MODULES = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
 
 
-@METHODS.register("lora")
+@register_method
 class LoRA(Method):
     name = "lora"
     config_class = LoRAConfig

@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, IncompatibleMethodError
-from ..registry import METHODS
 from ..schema import setting
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, register_method
 from .controlnet import add_to_call, fit_control_image
 
 
@@ -75,12 +74,23 @@ def _down_block_widths(unet: nn.Module) -> tuple[int, ...]:
     return tuple(unet.config.block_out_channels)
 
 
-@METHODS.register("t2i_adapter")
+@register_method
 class T2IAdapterMethod(Method):
     name = "t2i_adapter"
     config_class = T2IAdapterConfig
     requires = {"unet": "a diffusers UNet2DConditionModel (or a Stable Diffusion pipeline's unet)"}
     call_inputs = ("control_image",)
+    diffusers_folder_class = "T2IAdapter"  # a released adapter's folder (save_pretrained) reads back as this method
+
+    @classmethod
+    def options_from_folder(cls, folder_config: dict[str, Any]) -> dict[str, Any]:
+        """The options of an adapter shaped as the ``T2IAdapter`` whose config is ``folder_config``."""
+        keys = ("adapter_type", "channels", "num_res_blocks", "downscale_factor", "in_channels")
+        return {key: folder_config[key] for key in keys if key in folder_config}
+
+    def load_folder_model(self, model: nn.Module) -> None:
+        """Takes the weights of a ``T2IAdapter`` read from a folder into the attached adapter."""
+        self.adapter.load_state_dict(model.state_dict())
 
     def build(self) -> None:
         from diffusers import T2IAdapter

@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, IncompatibleMethodError
-from ..registry import METHODS
 from ..schema import setting
-from .base import ExportParts, Method, MethodConfig
+from .base import ExportParts, Method, MethodConfig, register_method
 
 
 @dataclass
@@ -70,7 +69,7 @@ class NewTokenEmbedding(nn.Module):
         return torch.where(is_new, new, old)
 
 
-@METHODS.register("textual_inversion")
+@register_method
 class TextualInversion(Method):
     name = "textual_inversion"
     config_class = TextualInversionConfig

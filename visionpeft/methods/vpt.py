@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..registry import METHODS
 from ..schema import setting
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, register_method
 
 
 @dataclass
@@ -42,7 +41,7 @@ class PromptTokens(nn.Module):
         return self.dropout(self.prompt.to(like.dtype)).unsqueeze(0).expand(batch, -1, -1)
 
 
-@METHODS.register("vpt")
+@register_method
 class VPT(Method):
     name = "vpt"
     config_class = VPTConfig

@@ -19,12 +19,11 @@ import visionpeft as vp
 
 from ..backbones.factory import fixed_input_size
 from ..backbones.libraries import library
-from ..config import methods_of_config
+from ..config import method_configs
 from ..data import transforms as T
 from ..data.fewshot import base_new_split, few_shot
 from ..data.images import WorkerSafe
 from ..errors import ConfigError, DataError
-from ..methods import fill_task_inputs
 from ..registry import DATASETS
 from ..tasks.classifier import create_classifier
 from .loop import Loop
@@ -132,7 +131,7 @@ def build_experiment(config: DictConfig) -> Experiment:
         train = few_shot(train, config.data.shots, seed=config.train.seed)
     model = create_classifier(config.model, len(classes), classes)
     _check_input_size(config, model)
-    vp.attach(model, fill_task_inputs(methods_of_config(config), {"classnames": classes}, "classification"))
+    vp.attach(model, method_configs(config, {"classnames": classes}))
     data_cfg = T.data_config_of(model)
     size, augment = config.data.img_size, config.data.augment
     train_tf = T.build_transform(size, data_cfg, train=True, augment=augment)

@@ -26,7 +26,7 @@ import visionpeft as vp
 
 from ..backbones.factory import create_library_model, fixed_input_size
 from ..backbones.libraries import library
-from ..config import methods_of_config
+from ..config import method_configs
 from ..data.images import WorkerSafe
 from ..data.segmentation import SegmentationTransform, build_segmentation_dataset, collate_eval
 from ..data.transforms import normalization_of
@@ -187,7 +187,7 @@ def build_experiment(config: DictConfig) -> SegExperiment:
     ignore = int(getattr(train, "ignore_index", 255))
     val, test = raw_dataset(config, data.val_split), raw_dataset(config, data.test_split)
     seg = build_segmenter(config, classes, palette)
-    vp.attach(seg, methods_of_config(config))
+    vp.attach(seg, method_configs(config))
     mean, std = normalization_of(seg.inner_model())
     train_tf = SegmentationTransform(
         True,
