@@ -36,7 +36,8 @@ def test_batch_size_zero_is_an_argument_error(tool, tmp_path):
 def test_base_to_new_on_one_class_is_one_line(tmp_path, capsys):
     (tmp_path / "test" / "only").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "test" / "only" / "0.png")
-    args = ["--model", "ViT-B-32", "--dataset", "imagefolder", "--data-root", str(tmp_path), "--base-to-new"]
+    args = ["--model", "ViT-B-32", "--random-weights", "--dataset", "imagefolder", "--data-root", str(tmp_path)]
+    args.append("--base-to-new")
     assert run(zeroshot_main, args) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: the base-to-new class split needs at least 2 classes; the dataset has 1"
@@ -135,3 +136,42 @@ def test_an_adapter_with_nan_or_integer_weights_or_a_damaged_base_record_is_refu
     vp.load_adapter(vit, folder, check_base=False)  # the damaged record is skipped when asked
     assert [name for name, _ in vp.attached_methods(vit)] == ["lora"]
     vp.detach(vit)
+
+
+def test_zero_shot_needs_weights_asked_for_and_its_table_says_which_ran_and_how_many_images(monkeypatch, capsys):
+    """`tools/eval_zeroshot.py` without `--pretrained` evaluated a randomly initialised CLIP under a normal-looking
+    table: now one line asks for `--pretrained` (or `--random-weights`), and the header names the weights and the
+    number of images evaluated (`--limit 8`: 8, not the split's 360)."""
+    from tiny_models import tiny_clip_bpe
+
+    base = ["--model", "ViT-B-32", "--dataset", "digits", "--limit", "8", "--batch-size", "8"]
+    assert run(zeroshot_main, base) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: give --pretrained TAG_OR_FILE (e.g. openai, or a local weights file) for a pretrained CLIP, or "
+        "--random-weights to evaluate a randomly initialised one"
+    )
+    monkeypatch.setattr("visionpeft.backbones.factory.create_open_clip", lambda cfg: tiny_clip_bpe())
+    assert run(zeroshot_main, [*base, "--random-weights"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "| prompts (ViT-B-32 (random weights, not pretrained), digits test, 8 images) | top-1 | images/s |"
+    assert len(out) == 4 and all(line.startswith("| zero-shot") for line in out[2:])
+
+
+@pytest.mark.slow
+def test_zero_shot_offline_errors_name_its_own_flags_and_print_once(tmp_path):
+    """`tools/eval_zeroshot.py` offline: the weights and data errors advise this command's `--pretrained FILE`,
+    `--data-root` and `--download` (not the run-config keys `model.checkpoint=` / `data.download=true`), and
+    open_clip's own `ERROR:root:` line no longer repeats ours: stderr is the one line."""
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty"), "OMP_NUM_THREADS": "1"}
+    common = [sys.executable, str(ROOT / "tools" / "eval_zeroshot.py"), "--model", "ViT-B-32", "--pretrained", "openai"]
+    cases = {
+        ("--dataset", "digits"): "error: could not load open_clip 'ViT-B-32' with pretrained='openai' (no network, "
+        "not in the cache); pass --pretrained /path/to/open_clip_weights.bin",
+        ("--dataset", "cifar10", "--data-root", str(tmp_path)): f"error: cifar10 not found under {tmp_path} (expected "
+        "cifar-10-batches-py/); point --data-root at a folder holding it, or pass --download",
+    }
+    for args, message in cases.items():
+        result = subprocess.run([*common, *args], capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 2 and result.stderr.strip() == message, result.stderr

@@ -206,3 +206,17 @@ def test_fill50k_generator_arguments_are_one_line_before_anything_is_written(tmp
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "keep"
+
+
+def test_a_library_logging_on_the_root_logger_does_not_repeat_our_lines():
+    """After a library's bare `logging.info(...)` (open_clip's, which runs `logging.basicConfig`), every line a
+    command logs still prints once (a CLIP run printed each summary line twice, the second as `INFO:visionpeft...`);
+    other libraries' warnings still reach stderr."""
+    probe = (
+        "import logging; from visionpeft.cli.common import configure_logging; configure_logging(); "
+        "logging.info('open_clip parsing'); logging.getLogger('visionpeft.trainers.run').info('trainable: 5'); "
+        "logging.getLogger('timm.models').warning('a library warning')"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert (result.stdout, result.stderr) == ("trainable: 5\n", "a library warning\n")

@@ -65,12 +65,13 @@ def test_coop_trains_few_shot_and_the_tool_compares_it_with_zero_shot(tmp_path, 
     ]
     assert run(eval_zeroshot.main, args) == 0
     table = capsys.readouterr().out.strip().splitlines()
-    assert table[0].startswith("| prompts (digits test") and len(table) == 5
+    assert table[0] == f"| prompts (tiny-clip-test ({tiny_clip_file}), digits test, 64 images) | top-1 | images/s |"
+    assert len(table) == 5
     assert 'zero-shot "a photo of a {}."' in table[2] and "80-template ensemble" in table[3]
     assert table[4].startswith("| learned: ") and 0 <= float(table[4].split("|")[2]) <= 100
     assert run(eval_zeroshot.main, [*args, "--base-to-new"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
-    assert rows[0] == "| prompts | base | new | HM | images/s |" and len(rows) == 5
+    assert rows[0].endswith(", digits test: 64 base, 64 new images) | base | new | HM | images/s |") and len(rows) == 5
 
 
 def test_vision_lora_with_a_text_initialised_head(tmp_path, tiny_clip_file):

@@ -27,15 +27,27 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    """Sends the ``visionpeft`` loggers' records to stdout as plain lines (one handler, however often called)."""
+    """Sends the ``visionpeft`` loggers' records to stdout as plain lines (one handler, however often called).
+
+    Other libraries' warnings go to stderr as plain lines through a root handler that leaves ``visionpeft``'s out.
+    Without one, a library's bare ``logging.info(...)`` (open_clip's) runs ``logging.basicConfig``, whose root handler
+    would print every ``visionpeft`` line a second time as ``INFO:visionpeft...``."""
     logger = logging.getLogger("visionpeft")
     logger.setLevel(level)
-    for handler in [h for h in logger.handlers if getattr(h, _HANDLER, False)]:
-        logger.removeHandler(handler)
+    root = logging.getLogger()
+    for owner in (logger, root):
+        for handler in [h for h in owner.handlers if getattr(h, _HANDLER, False)]:
+            owner.removeHandler(handler)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     setattr(handler, _HANDLER, True)
     logger.addHandler(handler)
+    if not root.handlers:
+        others = logging.StreamHandler(sys.stderr)
+        others.setLevel(logging.WARNING)
+        others.addFilter(lambda record: not record.name.startswith("visionpeft"))
+        setattr(others, _HANDLER, True)
+        root.addHandler(others)
 
 
 def positive_int(text: str) -> int:

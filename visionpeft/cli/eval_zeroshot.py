@@ -6,16 +6,29 @@
 Rows: the single template "a photo of a {}.", the 80-template OpenAI ensemble, then each run folder given with
 ``--prompts`` (its ``best`` or ``last`` adapter). ``--base-to-new`` reports accuracy on the base half of the
 classes, the new half, and their harmonic mean (CoCoOp's protocol; learned contexts are re-used on new classes).
-``--pretrained`` takes an open_clip tag or a local weights file.
+``--pretrained`` takes an open_clip tag or a local weights file; a randomly initialised CLIP (a baseline near
+chance) is evaluated only when asked for with ``--random-weights``, and the table's header says which weights ran
+and how many images were evaluated.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from .common import add_base_check_argument, positive_int
+from .common import add_base_check_argument, configure_logging, positive_int
+
+#: The library's advice names run-config keys; this command's flags say the same thing here.
+OWN_FLAGS = {
+    "set model.checkpoint=": "pass --pretrained ",
+    "point data.root at": "point --data-root at",
+    "set data.root": "pass --data-root",
+    "set data.download=true": "pass --download",
+}
 
 
 def evaluate(model, loader) -> tuple[float, float]:
@@ -36,7 +49,7 @@ def prompt_classifier(clip, classes: list[str], run_dir: Path, check_base: bool 
     import visionpeft as vp
     from visionpeft.checkpoint.folder import read_adapter_config
     from visionpeft.errors import CheckpointError
-    from visionpeft.tasks.clip_classifier import CLIPClassifier
+    from visionpeft.tasks.clip_classifier import CLIPClassifier, prompt_learning_methods
 
     folder = (
         run_dir / "best"
@@ -46,20 +59,46 @@ def prompt_classifier(clip, classes: list[str], run_dir: Path, check_base: bool 
         else run_dir
     )
     methods = [m["name"] for m in read_adapter_config(folder)["methods"]]
-    if not any(m in ("coop", "cocoop") for m in methods):
-        raise CheckpointError(f"{folder} holds {methods}, not learned prompts (coop / cocoop)")
+    learners = prompt_learning_methods()
+    if not any(m in learners for m in methods):
+        raise CheckpointError(f"{folder} holds {methods}, not learned prompts ({' / '.join(learners)})")
     classifier = CLIPClassifier(clip, classes)
-    options = {m: {"classnames": classes} for m in ("coop", "cocoop")}
+    options = {m: {"classnames": classes} for m in learners}
     vp.load_adapter(classifier, folder, options=options, check_base=check_base)
     return classifier.eval()
+
+
+def in_own_flags(err: Exception) -> Exception:
+    """``err`` (a :class:`~visionpeft.errors.VisionPEFTError`) with its advice in this command's flags."""
+    text = str(err)
+    for key, flag in OWN_FLAGS.items():
+        text = text.replace(key, flag)
+    return type(err)(text)
+
+
+@contextlib.contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """Silences records logged on the root logger (open_clip's own ``ERROR:root: Failed to download ...``, which
+    repeats the one-line error this command prints)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32")
     parser.add_argument("--pretrained", default=None, help="open_clip tag (openai, laion2b_s34b_b79k) or a file")
+    parser.add_argument(
+        "--random-weights", action="store_true", help="evaluate a randomly initialised CLIP (no --pretrained)"
+    )
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--download", action="store_true", help="let the dataset download when --data-root lacks it")
     parser.add_argument("--split", default="test")
     parser.add_argument("--prompts", type=Path, nargs="*", default=[], help="run folders with learned prompts")
     parser.add_argument("--base-to-new", action="store_true")
@@ -67,6 +106,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate on the first N images only")
     add_base_check_argument(parser)
     args = parser.parse_args(argv)
+    from visionpeft.errors import ConfigError, VisionPEFTError
+
+    if (args.pretrained is None) == (not args.random_weights):
+        raise ConfigError(
+            "give --pretrained TAG_OR_FILE (e.g. openai, or a local weights file) for a pretrained CLIP, or "
+            "--random-weights to evaluate a randomly initialised one"
+            if args.pretrained is None
+            else "--pretrained and --random-weights exclude each other"
+        )
+    configure_logging()
 
     import open_clip
     import torch
@@ -92,9 +141,15 @@ def main(argv: list[str]) -> int:
             "checkpoint": args.pretrained if is_file else None,
         },
     )
-    raw = DATASETS.get(args.dataset)(args.split, root=args.data_root, transform=None)  # data errors before the model
-    parts = {"all": raw} if not args.base_to_new else {p: base_new_split(raw, p) for p in ("base", "new")}
-    clip = create_open_clip(cfg).eval()
+    options = {"download": True} if args.download else {}
+    try:
+        raw = DATASETS.get(args.dataset)(args.split, root=args.data_root, transform=None, **options)  # before the model
+        parts = {"all": raw} if not args.base_to_new else {p: base_new_split(raw, p) for p in ("base", "new")}
+        with quiet_root_logger():
+            clip = create_open_clip(cfg).eval()
+    except VisionPEFTError as err:
+        raise in_own_flags(err) from None
+    weights = args.pretrained or "random weights, not pretrained"
     visual = clip.visual
     preprocess = open_clip.image_transform(
         visual.image_size,
@@ -104,11 +159,13 @@ def main(argv: list[str]) -> int:
     )
     ensemble = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     rows: dict[str, dict[str, tuple[float, float]]] = {}
+    counts: dict[str, int] = {}
     for part, dataset in parts.items():
         classes = list(dataset.classes)
         data = Transformed(dataset, preprocess)
         if args.limit:
             data = Subset(data, range(min(args.limit, len(data))))
+        counts[part] = len(data)
         loader = DataLoader(data, batch_size=args.batch_size, num_workers=2)
         classifiers = {
             'zero-shot "a photo of a {}."': CLIPClassifier(clip, classes, SINGLE_TEMPLATE).eval(),
@@ -121,15 +178,16 @@ def main(argv: list[str]) -> int:
         for label, classifier in classifiers.items():
             rows.setdefault(label, {})[part] = evaluate(classifier, loader)
     torch.set_printoptions(precision=4)
+    title = f"{args.model} ({weights}), {args.dataset} {args.split}"
     if args.base_to_new:
-        print("| prompts | base | new | HM | images/s |")
+        print(f"| prompts ({title}: {counts['base']} base, {counts['new']} new images) | base | new | HM | images/s |")
         print("|---|---:|---:|---:|---:|")
         for label, r in rows.items():
             base, new = 100 * r["base"][0], 100 * r["new"][0]
             hm = 2 * base * new / (base + new) if base + new else 0.0
             print(f"| {label} | {base:.2f} | {new:.2f} | {hm:.2f} | {r['base'][1]:.1f} |")
     else:
-        print(f"| prompts ({args.dataset} {args.split}, {len(parts['all'])} images) | top-1 | images/s |")
+        print(f"| prompts ({title}, {counts['all']} images) | top-1 | images/s |")
         print("|---|---:|---:|")
         for label, r in rows.items():
             print(f"| {label} | {100 * r['all'][0]:.2f} | {r['all'][1]:.1f} |")
