@@ -59,8 +59,10 @@ def test_declarations_of_the_methods():
     assert METHODS.get("textual_inversion").task_inputs == ("token",)
     reading = {n: METHODS.get(n).call_inputs for n in METHODS.names() if METHODS.get(n).call_inputs}
     assert reading == {name: ("control_image",) for name in ("controlnet", "controlnet_lora", "t2i_adapter")}
-    merging = {n for n in METHODS.names() if METHODS.get(n).merges_exactly}
-    assert merging == {"lora", "difffit", "bitfit", "linear", "full"}
+    folders = {
+        n: METHODS.get(n).diffusers_folder_class for n in METHODS.names() if METHODS.get(n).diffusers_folder_class
+    }
+    assert folders == {"controlnet": "ControlNetModel", "t2i_adapter": "T2IAdapter"}
 
 
 def _code_strings(path: Path) -> set[str]:
@@ -75,8 +77,18 @@ def _code_strings(path: Path) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("module", ["exporters.py", "checkpoint.py", "adapter.py", "tasks/clip_classifier.py"])
+OUTSIDE_THE_METHODS = [
+    "checkpoint/exporters.py",
+    "checkpoint/folder.py",
+    "adapter.py",
+    "tasks/clip_classifier.py",
+    *sorted(str(path.relative_to(PACKAGE)) for path in (PACKAGE / "cli").glob("*.py")),
+]
+
+
+@pytest.mark.parametrize("module", OUTSIDE_THE_METHODS)
 def test_no_method_names_outside_the_methods(module):
+    """The exporters, the adapter API, the CLIP task model and every command ask the methods' declarations."""
     assert not _code_strings(PACKAGE / module) & set(METHODS.names())
 
 
@@ -107,7 +119,7 @@ def test_a_task_model_with_its_own_head(tmp_path):
     vp.attach(model, [("lora", {"r": 2}), ("bitfit", {})])
     counts = vp.count_parameters(model)["by_group"]
     assert counts["decode_head"] == 32 * 5 + 5 and counts["lora"] == 2 * 2 * (32 * 2 + 2 * 32)
-    names = dict(vp.checkpoint.adapter_state_dict(model))
+    names = dict(vp.checkpoint.folder.adapter_state_dict(model))
     assert {"decode_head.weight", "decode_head.bias", "blocks.0.attn.q.lora_A"} <= set(names)
     assert "base.backbone.blocks.0.mlp.fc1.bias" in names and not any(n.startswith("base.decode") for n in names)
     g = torch.Generator().manual_seed(0)

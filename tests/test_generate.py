@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 from tiny_models import tiny_sd_pipeline
 
 import visionpeft as vp
+from visionpeft.cli.generate import GAP
+from visionpeft.data.image_grid import scale_for
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "generate.py"
 
@@ -19,6 +22,7 @@ def _run(*args):
     return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_generate_grid_with_textual_inversion_and_lora(tmp_path):
     pipe = tiny_sd_pipeline(tmp_path / "tok")
     pipe.save_pretrained(tmp_path / "pipe")
@@ -55,9 +59,11 @@ def test_generate_grid_with_textual_inversion_and_lora(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "adapter" in result.stdout and "lora" in result.stdout
-    assert Image.open(tmp_path / "grid.png").size == (3 * 16, 2 * 16)
+    cell = 16 * scale_for(16)  # 16 px samples drawn at 128 px, white lines between them
+    assert cell == 128 and Image.open(tmp_path / "grid.png").size == (3 * cell + 4 * GAP, 2 * cell + 3 * GAP)
 
 
+@pytest.mark.slow
 def test_generate_bad_input_is_one_line(tmp_path):
     result = _run("--model", tmp_path / "nowhere", "--prompt", "x")
     assert result.returncode == 2

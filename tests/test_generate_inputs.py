@@ -6,6 +6,7 @@ import os
 import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -13,7 +14,8 @@ from tiny_models import tiny_sd_pipeline
 
 import visionpeft as vp
 from visionpeft.cli.common import run
-from visionpeft.cli.generate import main
+from visionpeft.cli.generate import GAP, main, sample
+from visionpeft.data.image_grid import image_grid, scale_for
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +112,51 @@ def test_arguments_are_checked_before_sampling(pipe_dir, capsys, tmp_path):
             main(["--model", "m", "--prompt", "x", flag, "0"])
         assert info.value.code == 2
         assert f"argument {flag}: must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_an_unknown_or_absent_device_is_one_line_before_the_pipeline_loads(pipe_dir, capsys, monkeypatch):
+    loaded = []
+    monkeypatch.setattr("visionpeft.backbones.diffusers_loading.load_pipeline", lambda *a: loaded.append(a))
+    code, err = _generate(pipe_dir, capsys, "--device", "tpu9")
+    assert code == 2 and err == ["error: --device tpu9 is not a device name (cpu, cuda, cuda:1, mps, ...)"]
+    if not torch.cuda.is_available():
+        code, err = _generate(pipe_dir, capsys, "--device", "cuda")
+        assert (
+            code == 2 and len(err) == 1 and err[0].startswith("error: --device cuda is not available on this machine")
+        )
+    code, err = _generate(pipe_dir, capsys, "--device", "meta")
+    assert code == 2 and err == ["error: --device meta holds no data; images need a real device (cpu, cuda, ...)"]
+    assert loaded == []
+
+
+def test_all_seeds_of_a_prompt_in_one_call_give_each_seed_s_own_image(pipe_dir):
+    """The batched call draws the images one call per seed gives (as generate did before it batched)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    options = {"num_inference_steps": 2, "guidance_scale": 7.5, "height": 16, "width": 16, "output_type": "np"}
+    seeds = [3, 0, 7]
+    one_by_one = [pipe("x", generator=torch.Generator().manual_seed(seed), **options).images[0] for seed in seeds]
+    batched = sample(pipe, "x", seeds, {**options, "negative_prompt": None}, {}, None)
+    in_twos = sample(pipe, "x", seeds, options, {}, 2)
+    assert len(batched) == len(in_twos) == 3
+    for alone, together, pairs in zip(one_by_one, batched, in_twos):
+        torch.testing.assert_close(torch.from_numpy(together), torch.from_numpy(alone), rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(pairs), torch.from_numpy(alone), rtol=0, atol=1e-5)
+    assert not np.allclose(batched[0], batched[1])  # the seeds differ
+
+
+def test_the_grid_enlarges_small_cells_with_gaps_between():
+    from PIL import Image
+
+    red, blue = Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))
+    grid = np.asarray(image_grid([[red, blue], [blue]], scale=scale_for(16), gap=GAP, margin=GAP))
+    cell = 128
+    assert grid.shape == (2 * cell + 3 * GAP, 2 * cell + 3 * GAP, 3)
+    assert (grid[GAP : GAP + cell, GAP : GAP + cell] == (255, 0, 0)).all()  # nearest: one flat colour, no blur
+    assert (grid[:, GAP + cell : 2 * GAP + cell] == 255).all()  # a white column between the two cells
+    assert (grid[2 * GAP + cell :, 2 * GAP + cell :] == 255).all()  # the short row leaves its cell white
+    assert scale_for(512) == 1 and scale_for(32) == 4
+    with pytest.raises(ValueError, match="share one size"):
+        image_grid([[red, Image.new("RGB", (8, 8))]])

@@ -72,13 +72,13 @@ def sample(pipe, prompt: str, count: int, seed: int, steps: int):
 
 
 def grid(rows: list, path: Path, scale: int = 3, cols: int = 8) -> None:
-    """Saves rows of uint8 images as one picture (each image ``scale`` x upsampled, nearest)."""
+    """Saves rows of uint8 images as one picture (each image ``scale`` x upsampled, nearest; white lines between)."""
     from PIL import Image
 
-    pad = lambda im: np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255)  # noqa: E731
-    lines = [np.concatenate([pad(im) for im in row[:cols]], axis=1) for row in rows]
-    picture = Image.fromarray(np.concatenate(lines, axis=0))
-    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
+    from visionpeft.data.image_grid import image_grid
+
+    cells = [[Image.fromarray(image) for image in row[:cols]] for row in rows]
+    image_grid(cells, scale=scale, gap=2 * scale, margin=scale).save(path)
 
 
 def base_samples(pipe, judge, out: Path, count: int, steps: int) -> dict:

@@ -8,6 +8,10 @@ An adapter is a visionpeft adapter folder (``visionpeft_config.json``), or a fol
 ``pytorch_lora_weights.safetensors`` (``load_lora_weights``) and ``learned_embeds.safetensors``
 (``load_textual_inversion``), or a ``ControlNetModel`` / ``T2IAdapter`` folder (``--control RUN/controlnet``, with
 ``--control-image edges.png``).
+
+All seeds of a prompt are drawn in one pipeline call (``--batch-size`` splits it), each from a generator of its own
+seed: the same image a call for that seed alone gives. The grid enlarges small samples (nearest, to cells of at
+least 128 px) and separates the cells with white lines.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from .common import add_base_check_argument, positive_int
+
+#: White pixels between the cells of the grid and around them.
+GAP = 4
 
 
 def read_weights(file: Path) -> dict[str, Any]:
@@ -71,12 +78,13 @@ def apply_adapter(pipe, path: Path, check_base: bool = True) -> str:
     kinds = []
     for file in files:
         state = read_weights(file)
-        kind = "textual inversion" if file.name == "learned_embeds.safetensors" or "embeds" in file.stem else "lora"
+        embeddings = file.name == "learned_embeds.safetensors" or "embeds" in file.stem
+        kind = "textual inversion" if embeddings else "LoRA"
         try:
-            if kind == "lora":
-                pipe.load_lora_weights(state)
-            else:
+            if embeddings:
                 pipe.load_textual_inversion(state)
+            else:
+                pipe.load_lora_weights(state)
         except (ValueError, KeyError, RuntimeError, TypeError, IndexError, AttributeError) as err:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             raise CheckpointError(f"{file} cannot be loaded as a {kind} into this pipeline: {reason}") from None
@@ -84,55 +92,17 @@ def apply_adapter(pipe, path: Path, check_base: bool = True) -> str:
     return " + ".join(kinds)
 
 
-#: diffusers model class in a save_pretrained folder -> (visionpeft method, its options from the folder's config)
-CONTROL_CLASSES = {
-    "ControlNetModel": (
-        "controlnet",
-        lambda c: {
-            "hint_channels": c["conditioning_embedding_out_channels"],
-            "conditioning_channels": c.get("conditioning_channels", 3),
-        },
-    ),
-    "T2IAdapter": (
-        "t2i_adapter",
-        lambda c: {
-            key: c[key]
-            for key in ("adapter_type", "channels", "num_res_blocks", "downscale_factor", "in_channels")
-            if key in c
-        },
-    ),
-}
-
-
 def load_control_folder(pipe, path: Path) -> str:
-    """A diffusers ``ControlNetModel`` / ``T2IAdapter`` folder (``save_pretrained``: this toolkit's ``RUN/controlnet``
-    or any released one), attached as the matching method with the folder's weights."""
-    import json
-
-    import diffusers
-
+    """A diffusers model folder some method exports (``RUN/controlnet``, a released ControlNet or T2I-Adapter),
+    attached as that method with the folder's weights; returns how it was loaded."""
     import visionpeft as vp
-    from visionpeft.adapter import backbone_of
-    from visionpeft.errors import CheckpointError
+    from visionpeft.adapter import methods_of
+    from visionpeft.methods.folders import read_diffusers_folder
 
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except ValueError as err:
-        raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({err})") from None
-    name = config.get("_class_name")
-    if name not in CONTROL_CLASSES:
-        raise CheckpointError(
-            f"{path} holds a {name}; --adapter / --control read ControlNetModel or T2IAdapter folders"
-        )
-    method, options = CONTROL_CLASSES[name]
-    try:
-        loaded = getattr(diffusers, name).from_pretrained(path)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path} cannot be loaded as a {name}: {str(err).splitlines()[0][:160]}") from None
-    vp.attach(pipe, method, **options(config))
-    tower = getattr(backbone_of(pipe).model, "controlnet" if method == "controlnet" else "t2i_adapter")
-    tower.load_state_dict(loaded.state_dict())
-    return f"{method} ({name})"
+    folder = read_diffusers_folder(path)
+    vp.attach(pipe, folder.method, **folder.options)
+    methods_of(pipe)[-1].load_folder_model(folder.model)
+    return f"{folder.method} ({folder.class_name})"
 
 
 def control_inputs(pipe, image_path: Path | None, side: int) -> dict:
@@ -174,6 +144,52 @@ def check_out(out: Path) -> None:
         raise ConfigError(f"--out {out} is not writable")
 
 
+def check_device(name: str | None):
+    """The ``torch.device`` to sample on (default: cuda when there is one, else cpu), checked before any model loads.
+
+    Raises:
+        ConfigError: A name torch does not know, or a device this machine does not have.
+    """
+    import torch
+
+    from visionpeft.errors import ConfigError
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "meta":
+        raise ConfigError("--device meta holds no data; images need a real device (cpu, cuda, ...)")
+    try:
+        torch.empty(1, device=device)
+    except Exception as err:  # whatever a backend raises (no driver, not compiled in, no such index) says the same
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:160]
+        raise ConfigError(f"--device {name} is not available on this machine ({reason})") from None
+    return device
+
+
+def sample(pipe, prompt: str, seeds: list[int], options: dict, inputs: dict, batch_size: int | None) -> list:
+    """The images of ``prompt`` for ``seeds``, ``batch_size`` at a time (default: all in one pipeline call).
+
+    Each image has a generator of its own seed, which diffusers draws its starting noise from: an image is the one a
+    call for its seed alone gives (up to the last bits of float rounding of a batched kernel), whatever the batch.
+    """
+    import torch
+
+    import visionpeft as vp
+
+    step = batch_size or len(seeds)
+    images = []
+    for start in range(0, len(seeds), step):
+        chunk = seeds[start : start + step]
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in chunk]
+        with vp.conditioning(pipe, **inputs) if inputs else contextlib.nullcontext():
+            images.extend(pipe(prompt, num_images_per_prompt=len(chunk), generator=generators, **options).images)
+    return images
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="hub id or local pipeline folder")
@@ -185,7 +201,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--size", type=positive_int, default=None, help="image side (default: the model's)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
     parser.add_argument("--out", type=Path, default=Path("grid.png"))
     parser.add_argument(
         "--control",
@@ -195,6 +211,12 @@ def main(argv: list[str]) -> int:
         help="a ControlNet / T2I-Adapter: diffusers folder (RUN/controlnet) or visionpeft adapter",
     )
     parser.add_argument("--control-image", type=Path, help="the condition image (edges, a fill50k outline, ...)")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="images per pipeline call (default: all seeds of a prompt)",
+    )
     add_base_check_argument(parser)
     args = parser.parse_args(argv)
     if args.control and args.control_image is None:
@@ -202,13 +224,12 @@ def main(argv: list[str]) -> int:
     check_out(args.out)
 
     import torch
-    from diffusers.utils import make_image_grid
 
-    import visionpeft as vp
     from visionpeft.backbones.diffusers_loading import load_pipeline
+    from visionpeft.data.image_grid import image_grid, scale_for
     from visionpeft.errors import ConfigError
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device)
     pipe = load_pipeline(args.model, getattr(torch, args.dtype)).to(device)
     factor = int(getattr(pipe, "vae_scale_factor", 8))
     if args.size and args.size % factor:
@@ -219,23 +240,12 @@ def main(argv: list[str]) -> int:
     pipe.set_progress_bar_config(disable=True)
     for adapter in [*args.adapter, *args.control]:
         print(f"adapter {adapter}: {apply_adapter(pipe, adapter, not args.ignore_base_mismatch)}")
-    size = {"height": args.size, "width": args.size} if args.size else {}
     side = args.size or pipe.unet.config.sample_size * factor
     inputs = control_inputs(pipe, args.control_image, side)
-    images = []
-    for prompt in args.prompt:
-        for seed in args.seeds:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            with vp.conditioning(pipe, **inputs) if inputs else contextlib.nullcontext():
-                images += pipe(
-                    prompt,
-                    negative_prompt=args.negative_prompt,
-                    num_inference_steps=args.steps,
-                    guidance_scale=args.guidance,
-                    generator=generator,
-                    **size,
-                ).images
-    grid = make_image_grid(images, rows=len(args.prompt), cols=len(args.seeds))
+    options = {"negative_prompt": args.negative_prompt, "num_inference_steps": args.steps}
+    options.update(guidance_scale=args.guidance, height=side, width=side)
+    rows = [sample(pipe, prompt, args.seeds, options, inputs, args.batch_size) for prompt in args.prompt]
+    grid = image_grid(rows, scale=scale_for(side), gap=GAP, margin=GAP)
     try:
         grid.save(args.out)
     except OSError as err:

@@ -116,10 +116,14 @@ class CLIPClassifier(nn.Module):
         return self.clip.logit_scale.exp() * image @ self.class_text_features().to(image.dtype).t()
 
 
+def prompt_learning_methods() -> list[str]:
+    """The registered methods that learn class prompts (CoOp / CoCoOp): those providing a prompt capability."""
+    return [n for n in METHODS.names() if any(c in METHODS.get(n).provides for c in PROMPT_CAPABILITIES)]
+
+
 def prompt_learner(model: Any) -> Any:
     """The attached method that learns class prompts (CoOp / CoCoOp) of ``model`` (a CLIP or a classifier)."""
     for method in methods_of(model):
         if any(c in method.provides for c in PROMPT_CAPABILITIES):
             return method
-    learners = [n for n in METHODS.names() if any(c in METHODS.get(n).provides for c in PROMPT_CAPABILITIES)]
-    raise ConfigError(f"no prompt-learning method ({', '.join(learners)}) is attached to this model")
+    raise ConfigError(f"no prompt-learning method ({', '.join(prompt_learning_methods())}) is attached to this model")
