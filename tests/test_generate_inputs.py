@@ -115,6 +115,8 @@ def test_arguments_are_checked_before_sampling(pipe_dir, capsys, tmp_path):
 
 
 def test_an_unknown_or_absent_device_is_one_line_before_the_pipeline_loads(pipe_dir, capsys, monkeypatch):
+    """tools/generate.py --device tpu9 (no such device), cuda on a machine without one, or meta: one line, checked
+    before the pipeline loads."""
     loaded = []
     monkeypatch.setattr("visionpeft.backbones.diffusers_loading.load_pipeline", lambda *a: loaded.append(a))
     code, err = _generate(pipe_dir, capsys, "--device", "tpu9")
@@ -130,7 +132,7 @@ def test_an_unknown_or_absent_device_is_one_line_before_the_pipeline_loads(pipe_
 
 
 def test_all_seeds_of_a_prompt_in_one_call_give_each_seed_s_own_image(pipe_dir):
-    """The batched call draws the images one call per seed gives (as generate did before it batched)."""
+    # the batched call draws the images one call per seed gives (as generate did before it batched)
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(pipe_dir / "pipe")
