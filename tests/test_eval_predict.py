@@ -177,6 +177,13 @@ def pretrain_run(tmp_path_factory):
 # ---------------------------------------------------------------- eval on every task
 
 
+def _grid_size(cols: int, rows: int) -> tuple[int, int]:
+    """An eval grid of tiny samples: 128 px cells (16 / 32 px enlarged), white lines between and around."""
+    from visionpeft.trainers.saved_run import GRID_GAP
+
+    return cols * 128 + (cols + 1) * GRID_GAP, rows * 128 + (rows + 1) * GRID_GAP
+
+
 @pytest.mark.slow
 def test_eval_of_a_classification_run_prints_top1_and_top5(classification_run, capsys):
     run_dir, results = classification_run
@@ -222,7 +229,7 @@ def test_eval_of_a_control_run_scores_held_out_fill_pairs(control_run, capsys):
     code, out, _ = _eval(capsys, control_run, "--cpu", "--samples", "2")
     assert code == 0 and len(out) == 1 and "2 held-out fill50k pairs" in out[0] and "fill_iou 0." in out[0]
     folder = control_run / "eval" / "adapter"
-    assert Image.open(folder / "grid.png").size == (3 * 16, 2 * 16)  # condition | sample | target, a row per pair
+    assert Image.open(folder / "grid.png").size == _grid_size(3, 2)  # condition | sample | target, a row per pair
     root = Path(load_config(control_run / "config.yaml").data.root)
     training = [_pair_key(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
     held = [_pair_key(line) for line in (folder / "held_out" / "metadata.jsonl").read_text().splitlines()]
@@ -241,7 +248,7 @@ def test_eval_of_a_class_conditional_run_writes_a_grid_per_class(class_condition
     assert code == 0 and out == [
         f"{class_conditional_run} [adapter] 2 sample(s) of each of 2 classes: {grid} (rows: red, blue)"
     ]
-    assert Image.open(grid).size == (2 * 16, 2 * 16)
+    assert Image.open(grid).size == _grid_size(2, 2)
 
 
 @pytest.mark.slow
@@ -249,7 +256,7 @@ def test_eval_of_a_pretraining_run_draws_its_validation_grid(pretrain_run, capsy
     code, out, _ = _eval(capsys, pretrain_run, "--cpu")
     grid = pretrain_run / "eval" / "pipeline" / "grid.png"
     assert code == 0 and len(out) == 1 and out[0].startswith(f"{pretrain_run} [pipeline] 1 sample(s) of each of 6")
-    assert Image.open(grid).size == (32, 6 * 32)
+    assert Image.open(grid).size == _grid_size(1, 6)
     code, _, err = _predict(capsys, pretrain_run, "--out", pretrain_run / "p")
     assert code == 2 and len(err) == 1
     assert err[0].startswith("error: a pretrain_text_to_image run has no predictor: the run's pipeline/ folder is a")

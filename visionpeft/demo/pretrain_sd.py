@@ -108,29 +108,30 @@ class SampleGrids:
         return model(batch)
 
     def evaluate(self, model: nn.Module, accelerator) -> dict[str, float]:
+        from diffusers.utils import make_image_grid
+
         if not accelerator.is_main_process:
             return {}
         folder = self.run_dir / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         step = len(list(folder.glob("*.png")))
-        self.grid(self.cfg.train.validation_images).save(folder / f"{step:03d}.png")
+        per_prompt = self.cfg.train.validation_images
+        images = self.draw(per_prompt)
+        make_image_grid(images, rows=len(VALIDATION_PROMPTS), cols=per_prompt).save(folder / f"{step:03d}.png")
         return {}
 
-    def grid(self, per_prompt: int):
-        """``per_prompt`` samples of each validation prompt (one grid row each), drawn with ``train.seed``."""
-        from diffusers.utils import make_image_grid
-
+    def draw(self, per_prompt: int) -> list:
+        """``per_prompt`` samples of each validation prompt, prompt after prompt, drawn with ``train.seed``."""
         train = self.cfg.train
         self.pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(train.seed)
         prompts = [p for p in VALIDATION_PROMPTS for _ in range(per_prompt)]
-        images = self.pipeline(
+        return self.pipeline(
             prompts,
             num_inference_steps=train.validation_steps,
             generator=generator,
             guidance_scale=train.guidance_scale,
         ).images
-        return make_image_grid(images, rows=len(VALIDATION_PROMPTS), cols=per_prompt)
 
 
 def build_pipeline(cfg: DictConfig, vae):

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from ..backbones.diffusers_loading import load_pipeline
 from ..errors import CheckpointError, ConfigError
-from ..trainers.saved_run import EvalRequest, device_of, eval_folder
+from ..trainers.saved_run import EvalRequest, device_of, eval_folder, readable_grid
 from .pretrain_sd import VALIDATION_PROMPTS, SampleGrids
 
 #: ``RUN/<this>``: the pipeline a finished pretraining run writes
@@ -26,9 +26,9 @@ def evaluate(config: DictConfig, request: EvalRequest) -> list[str]:
         )
     pipeline = load_pipeline(str(folder)).to(device_of(request.cpu))
     per_prompt = request.samples or config.train.validation_images
-    grid = SampleGrids(pipeline, config, request.run_dir).grid(per_prompt)
+    images = SampleGrids(pipeline, config, request.run_dir).draw(per_prompt)
     out = eval_folder(request, PIPELINE)
-    grid.save(out / "grid.png")
+    readable_grid([images[i : i + per_prompt] for i in range(0, len(images), per_prompt)]).save(out / "grid.png")
     return [
         f"{request.run_dir} [{PIPELINE}] {per_prompt} sample(s) of each of {len(VALIDATION_PROMPTS)} validation "
         f"prompts: {out / 'grid.png'} (rows: {'; '.join(VALIDATION_PROMPTS)})"

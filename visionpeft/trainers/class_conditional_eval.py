@@ -22,6 +22,7 @@ from .saved_run import (
     eval_folder,
     output_folder,
     png_bytes,
+    readable_grid,
     slug,
     write_new,
 )
@@ -51,15 +52,13 @@ def _label_ids(config: DictConfig, names: list[str]) -> tuple[list[str], list[in
 def evaluate(config: DictConfig, request: EvalRequest) -> list[str]:
     """Writes ``grid.png``: ``--samples`` images (default ``train.validation_images``) of each validation class (all
     classes when the run names none), one row per class."""
-    from diffusers.utils import make_image_grid
-
     chosen, label_ids = _label_ids(config, [])
     adapter = adapter_dir(request.run_dir, request.checkpoint)
     validation, accelerator = _sampler(config, adapter, request.cpu, request.check_base)
     per_class = request.samples or config.train.validation_images
     images = validation.draw(accelerator, label_ids, per_class)
     out = eval_folder(request, adapter.name)
-    make_image_grid(images, rows=len(chosen), cols=per_class).save(out / "grid.png")
+    readable_grid([images[i : i + per_class] for i in range(0, len(images), per_class)]).save(out / "grid.png")
     return [
         f"{request.run_dir} [{adapter.name}] {per_class} sample(s) of each of {len(chosen)} classes: "
         f"{out / 'grid.png'} (rows: {', '.join(chosen)})"

@@ -64,26 +64,27 @@ class ControlValidation:
         count = min(self.cfg.train.validation_pairs, len(self.pairs))
         if not accelerator.is_main_process or count == 0:
             return diagnostics
-        grid, scores = self.draw(accelerator, count)
+        from diffusers.utils import make_image_grid
+
+        rows, scores = self.draw(accelerator, count)
+        grid = make_image_grid([image for row in rows for image in row], rows=count, cols=3)
         folder = self.run_dir / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"{self.calls:03d}.png")
         self.last_images = {"validation/condition | sample | target": [grid]}
         return {**diagnostics, **({"fill_iou": float(np.mean(scores))} if scores else {})}
 
-    def draw(self, accelerator, count: int):
-        """Samples the first ``count`` pairs: (the grid condition | sample | target, one row per pair; the fill
-        IoU of each fill50k pair)."""
-        from diffusers.utils import make_image_grid
-
+    def draw(self, accelerator, count: int) -> tuple[list[list], list[float]]:
+        """Samples the first ``count`` pairs: ([condition, sample, target] per pair; the fill IoU of each fill50k
+        pair)."""
         rows, scores = [], []
         for index in range(count):
             item, record = self.pairs[index], self.pairs.records[index]
             image = self.sample(accelerator, item["conditioning_pixel_values"], record["text"], self.cfg.train.seed)
-            rows += [_to_pil(item["conditioning_pixel_values"]), image, _to_pil(item["pixel_values"] * 0.5 + 0.5)]
+            rows.append([_to_pil(item["conditioning_pixel_values"]), image, _to_pil(item["pixel_values"] * 0.5 + 0.5)])
             if "circle" in record:
                 scores.append(fill_iou(image, record))
-        return make_image_grid(rows, rows=count, cols=3), scores
+        return rows, scores
 
     def sample(self, accelerator, condition: torch.Tensor, prompt: str, seed: int):
         """One image of ``prompt`` under ``condition`` ((3, S, S) in [0, 1]), drawn with ``seed``."""

@@ -30,6 +30,7 @@ from .saved_run import (
     eval_folder,
     output_folder,
     png_bytes,
+    readable_grid,
     write_new,
 )
 
@@ -92,16 +93,16 @@ def evaluate(config: DictConfig, request: EvalRequest) -> list[str]:
     head = f"{request.run_dir} [{adapter.name}]"
     if held is None:
         validation.pairs = train
-        grid, _ = validation.draw(accelerator, min(count, len(train)))
-        grid.save(out / "grid.png")
+        rows, _ = validation.draw(accelerator, min(count, len(train)))
+        readable_grid(rows).save(out / "grid.png")
         why = "they are not fill50k pairs" if palette is None else "the fill50k generator cannot remake their colours"
         return [
             f"{head} validation grid of {min(count, len(train))} training pairs: {out / 'grid.png'}",
             f"fill IoU not scored: nothing is held out of {data.root} and {why}",
         ]
     validation.pairs = held
-    grid, scores = validation.draw(accelerator, len(held))
-    grid.save(out / "grid.png")
+    rows, scores = validation.draw(accelerator, len(held))
+    readable_grid(rows).save(out / "grid.png")
     return [
         f"{head} {len(held)} held-out fill50k pairs ({out / 'held_out'}): fill_iou {float(np.mean(scores)):.4f} "
         f"(grid: {out / 'grid.png'})"

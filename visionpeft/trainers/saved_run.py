@@ -25,6 +25,8 @@ from ..io import atomic_write
 ADAPTER_FOLDERS = ("best", "adapter", "last")
 #: ``RUN/<this>/``: the default parent of what ``eval`` generates
 EVAL_FOLDER = "eval"
+#: white pixels between (and around) the cells of the grids ``eval`` writes
+GRID_GAP = 4
 
 
 @dataclass
@@ -215,6 +217,14 @@ def write_new(path: Path, data: bytes, overwrite: bool = False) -> Path:
             f"{path} exists; predict never writes over files: give another --out, or --overwrite"
         ) from None
     return path
+
+
+def readable_grid(rows: Sequence[Sequence[Any]]) -> Any:
+    """Rows of generated PIL images as one picture: small ones enlarged (nearest) to cells of at least 128 px,
+    white lines between them (:func:`visionpeft.data.image_grid.image_grid`)."""
+    from ..data.image_grid import image_grid, scale_for
+
+    return image_grid(rows, scale=scale_for(rows[0][0].height), gap=GRID_GAP, margin=GRID_GAP)
 
 
 def png_bytes(image: Any) -> bytes:
