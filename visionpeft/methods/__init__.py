@@ -1,6 +1,9 @@
-"""Methods: each module registers a Method subclass and its config dataclass in ``METHODS``.
+"""Methods: each method module files its Method subclass in ``METHODS`` with ``@register_method`` (under the name
+the class states, its declarations checked); ``folders`` reads a diffusers model folder back as the method that
+exports one.
 
-Every module of this package except ``base`` is imported here, so adding a method touches only its own file.
+Every module of this package except ``base`` is imported here, so adding a method touches only its own file. A
+method config is checked when it is built: :func:`make_config` turns option mappings into one, once per run.
 """
 
 from __future__ import annotations
