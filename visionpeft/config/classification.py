@@ -11,7 +11,8 @@ from .sections import TASK_HELP, OptimConfig, RunSettings, VisionModel
 
 @dataclass
 class ModelConfig(VisionModel):
-    """``model``: a timm ViT or an open_clip CLIP."""
+    """``model``: the classifier's model, built by a library of the table (``model.library``); how each library's
+    model becomes a classifier is ``visionpeft/tasks/classifier.py``'s."""
 
     clip_head: str = setting(
         "linear",
