@@ -5,7 +5,7 @@ was given instead), the run's :class:`~visionpeft.config.tasks.TaskSpec` names t
 command calls it with an :class:`EvalRequest` / :class:`PredictRequest`; it returns the lines to print. Shared here:
 which adapter folder of a run is used (:func:`adapter_dir`), where generated files go (:func:`eval_folder`: never a
 folder holding files) and how they are written (:func:`check_outputs` + :func:`write_new`: never over an input, and
-never over an existing file unless asked). Nothing here imports torch.
+never over an existing file unless asked). Torch is imported only inside the functions that need it.
 """
 
 from __future__ import annotations
