@@ -127,3 +127,38 @@ def test_fp16_on_a_cpu_trains_a_controlnet_in_fp32_with_one_warning(tmp_path, ca
     ]
     assert run(train_tool.main, args) == 0
     assert capsys.readouterr().out.count(FP16_ON_CPU) == 1
+
+
+def test_offline_every_missing_input_is_named_in_one_message_with_the_offline_demo(
+    config, tmp_path, monkeypatch, capsys
+):
+    """Offline, a config whose data and pretrained weights are both absent: one message naming both (before, one
+    per run: the data, then the weights) and the offline demo of the same method, at once (the hub is found
+    unreachable without waiting); with the data there, the weights alone, with the same pointer."""
+    import time
+
+    from huggingface_hub import constants
+
+    from visionpeft.backbones import hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    hub.hub_reachable.cache_clear()
+    weights = ["model.checkpoint=null", "model.pretrained=true", "model.name=vit_tiny_patch16_224.augreg_in21k"]
+    demo = "configs/demo/vpt_tiny_digits.yaml runs offline"  # "Without downloads, python tools/train.py <it> ..."
+    try:
+        start = time.perf_counter()
+        assert run(train_tool.main, [str(config), *weights, f"data.root={tmp_path / 'nowhere'}", "--dry-run"]) == 2
+        both = _one_line(capsys)
+        assert run(train_tool.main, [str(config), *weights, "--dry-run"]) == 2
+        alone = _one_line(capsys)
+        assert time.perf_counter() - start < 60
+    finally:
+        hub.hub_reachable.cache_clear()
+    assert both.startswith(
+        f"error: 2 inputs of this config are missing: (1) cifar10 not found under {tmp_path / 'nowhere'} (expected "
+        "cifar-10-batches-py/)"
+    )
+    fetch = "could not fetch pretrained weights for 'vit_tiny_patch16_224.augreg_in21k' (no network"
+    assert f"; (2) {fetch}" in both and both.endswith(demo)
+    assert alone.startswith(f"error: {fetch}") and alone.endswith(demo)

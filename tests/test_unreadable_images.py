@@ -225,3 +225,15 @@ def test_high_bit_depth_images_keep_their_range_in_every_reader(tmp_path):
     item = ControlPairs(control, size=32)[0]
     assert abs(float(item["conditioning_pixel_values"].mean()) - 0.5) < 0.01
     assert abs(float(item["pixel_values"].mean())) < 0.02  # [-1, 1]: a full ramp averages 0
+
+
+def test_a_data_folder_that_is_a_file_says_what_it_is(tmp_path):
+    """A data folder (control pairs, few images) given as a file: "is a file, not a folder", not "does not exist"
+    (the run config's `data.root` / `data.images` say the same before any model: tests/test_cli_errors.py)."""
+    from visionpeft.data.control_pairs import read_pairs
+
+    _png(tmp_path / "photo.png")
+    with pytest.raises(DataError, match=r"control data folder .*photo.png is a file, not a folder$"):
+        read_pairs(tmp_path / "photo.png")
+    with pytest.raises(DataError, match=r"image folder .*photo.png is a file, not a folder$"):
+        load_images(tmp_path / "photo.png")

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
 from ..errors import DataError
+from ..io import kind_problem
 from .conditions import make_condition
 from .images import header_size, load_rgb
 
@@ -38,7 +39,7 @@ def read_pairs(root: str | Path, computed: bool = False) -> list[dict]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"control data folder {root} does not exist")
+        raise DataError(f"control data folder {root} {kind_problem(root, 'folder')}")
     name = next((n for n in LAYOUTS if (root / n).is_file()), None)
     if name is None and computed:
         return _captioned_images(root)

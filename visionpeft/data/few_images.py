@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
 from ..errors import DataError
+from ..io import kind_problem
 from .images import ItemError, load_rgb, unreadable
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def load_images(folder: str | Path, skip_bad_images: bool = False) -> list[Image
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"image folder {folder} does not exist")
+        raise DataError(f"image folder {folder} {kind_problem(folder, 'folder')}")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")

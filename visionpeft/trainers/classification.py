@@ -23,9 +23,10 @@ from ..config import method_configs
 from ..data import transforms as T
 from ..data.fewshot import base_new_split, few_shot
 from ..data.images import WorkerSafe
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, ModelLoadError
 from ..registry import DATASETS
 from ..tasks.classifier import create_classifier
+from .inputs import missing_inputs
 from .loop import Loop
 from .run import Setup, run_task
 
@@ -116,10 +117,25 @@ def _check_input_size(config: DictConfig, model: nn.Module) -> None:
     )
 
 
+def build_splits(config: DictConfig) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    """The train / val / test datasets (untransformed); whatever is missing (every split, and the pretrained weights
+    the model needs next) is one error (:func:`~.inputs.missing_inputs`)."""
+    splits, problems = [], []
+    for split in (config.data.train_split, config.data.val_split, config.data.test_split):
+        try:
+            splits.append(dataset_split(config, split))
+        except DataError as err:
+            splits.append(None)
+            problems.append(str(err))
+    if problems:
+        raise missing_inputs(config, problems)
+    return splits[0], splits[1], splits[2]
+
+
 def build_experiment(config: DictConfig) -> Experiment:
-    """Datasets, the model and its methods, as the config says (seeded)."""
+    """Datasets, the model and its methods, as the config says (seeded); every missing input in one error."""
     set_seed(config.train.seed)
-    train = dataset_split(config, config.data.train_split)
+    train, val, test = build_splits(config)
     classes = list(train.classes)
     if len(classes) < 2:
         raise DataError(
@@ -129,14 +145,16 @@ def build_experiment(config: DictConfig) -> Experiment:
         )
     if config.data.shots:
         train = few_shot(train, config.data.shots, seed=config.train.seed)
-    model = create_classifier(config.model, len(classes), classes)
+    try:
+        model = create_classifier(config.model, len(classes), classes)
+    except ModelLoadError as err:  # the data is there: the weights are what is missing
+        raise missing_inputs(config, [], str(err)) from None
     _check_input_size(config, model)
     vp.attach(model, method_configs(config, {"classnames": classes}))
     data_cfg = T.data_config_of(model)
     size, augment = config.data.img_size, config.data.augment
     train_tf = T.build_transform(size, data_cfg, train=True, augment=augment)
     eval_tf = T.build_transform(size, data_cfg, train=False, augment=augment)
-    val, test = dataset_split(config, config.data.val_split), dataset_split(config, config.data.test_split)
     return Experiment(  # WorkerSafe: an unreadable item is one line even when a DataLoader worker reads it
         model,
         WorkerSafe(Transformed(train, train_tf)),
