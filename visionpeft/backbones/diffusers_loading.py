@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,34 @@ def load_pipeline(name_or_path: str, torch_dtype: torch.dtype | None = None):
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # the hub's retry chatter would bury the one line that matters
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_loading_bars():
             warnings.simplefilter("ignore", FutureWarning)  # torch_dtype vs dtype naming across versions
             return _load(name_or_path, torch_dtype)
     finally:
         diffusers_logging.set_verbosity(verbosity)
+
+
+@contextmanager
+def quiet_loading_bars():
+    """No "Loading pipeline components" / "Loading weights" bars from diffusers and transformers while a pipeline
+    loads (one bar per component on every load); both libraries' switches are restored afterwards, so sampling
+    progress and a user's own settings are untouched."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    switches = [
+        (lib, lib.is_progress_bar_enabled())
+        for lib in (diffusers_logging, transformers_logging)
+        if hasattr(lib, "is_progress_bar_enabled")
+    ]
+    for lib, _ in switches:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in switches:
+            if enabled:
+                lib.enable_progress_bar()
 
 
 def _looks_like_path(name: str) -> bool:

@@ -10,7 +10,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("train", "train any task from a config (classification, segmentation, personalization, ...)"),
+    "train": ("train", "train any registered task from its config (train --help lists the tasks)"),
     "sweep": ("sweep", "hyper-parameter grids and the VTAB-1k protocol, locally or on Slurm / Ray, with a report"),
     "eval": ("eval", "evaluate a run's saved adapter as its task does (metrics, or samples and their scores)"),
     "predict": ("predict", "apply a run to new inputs (labels, masks or images, by its task; see --help)"),
