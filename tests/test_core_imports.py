@@ -243,3 +243,24 @@ def test_importing_the_library_leaves_the_model_libraries_out(module):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+class _ImportsWithTypeChecking(_Imports):
+    """:class:`_Imports` that also counts the imports under ``if TYPE_CHECKING:``."""
+
+    def visit_If(self, node: ast.If) -> None:
+        self.generic_visit(node)
+
+
+def test_the_sweep_modules_form_no_cycle_even_through_type_checking_imports():
+    """``sweep/plan.py`` plans runs from a spec; ``spec.py`` reads the protocol names from ``protocol.py``, which
+    knows no spec: no circle, not even one hidden under ``TYPE_CHECKING``."""
+    modules = _modules()
+    graph = {}
+    for name, path in modules.items():
+        if name.startswith("visionpeft.sweep"):
+            visitor = _ImportsWithTypeChecking(name, path.name == "__init__.py", modules)
+            visitor.visit(ast.parse(path.read_text(), str(path)))
+            graph[name] = {t for t in visitor.targets if t is not None and t.startswith("visionpeft.sweep")}
+    assert "visionpeft.sweep.spec" in graph["visionpeft.sweep.plan"]
+    assert find_cycles(graph) == []

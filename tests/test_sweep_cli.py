@@ -98,3 +98,77 @@ def test_a_sweep_folder_keeps_its_spec(tmp_path, capsys):
     assert code == 2 and err.startswith("error: ") and "is not a sweep folder (it has no sweep.yaml)" in err
     code, _, err = sweep([tmp_path / "s", "--grid", path], capsys)
     assert code == 2 and "is a sweep folder: it keeps its spec" in err
+
+
+SPEC_HEAD = f"config: {DIGITS}\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("grids: [a, b]\n", "'grids' must be a mapping of grid labels to grid files or inline grids"),
+        ("grids: {a: 5}\n", "'grids' must be a mapping of grid labels to grid files or inline grids"),
+        ("grids: {g: g.yaml}\nseeds: [one, two]\n", "'seeds' must be a list of integers"),
+        ("grids: {g: g.yaml}\ntasks: digits\n", "'tasks' must be a list of strings or null"),
+        ("grids: {g: g.yaml}\nprotocl: holdout\n", "unknown key 'protocl' (did you mean 'protocol'?)"),
+        ("grids: {g: g.yaml}\nprotocol: holdot\n", "'protocol' must be one of vtab1k, holdout, none, got 'holdot'"),
+        ("grids: {'../up': g.yaml}\n", "grid label '../up' must be a folder name"),
+        ("grids: {g: g.yaml}\nseeds: [0]\nseeds: [1]\n", "key 'seeds' is written twice (lines 3 and 4)"),
+    ],
+)
+def test_a_bad_spec_file_is_one_line_naming_the_file_and_key(tmp_path, capsys, body, message):
+    """A sweep spec file with an entry of the wrong type (`grids: [a, b]`, `seeds: [one, two]`, `tasks: digits`,
+    a grid that is a number), an unknown or twice-written key, a bad choice or a grid label that is a path: one line
+    naming the file and the key, with the entry's meaning, before any config is read or folder made."""
+    write_grid(tmp_path, "g", GRID)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC_HEAD + body)
+    code, _, err = sweep([spec, "--out", tmp_path / "sweep"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: sweep spec {spec}") and message in err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_spec_whose_config_is_not_text_is_one_line(tmp_path, capsys):
+    """`config: 5` in a spec file: one line naming the key and what it means."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("config: 5\ngrids: {g: {optim.lr: 0.1}}\n")
+    code, _, err = sweep([spec], capsys)
+    assert code == 2 and err.strip() == (
+        f"error: sweep spec {spec}: 'config' must be a string (the base run config; in a spec file a path relative "
+        "to the file), got 5"
+    )
+
+
+@pytest.mark.parametrize("damage", ["truncated", "extended", "emptied"])
+def test_a_damaged_sweep_yaml_is_one_line_naming_it(tmp_path, capsys, damage):
+    """A sweep folder whose `sweep.yaml` was cut short, given an extra key or emptied: one line naming the file and
+    what is wrong, for a resume and for a report alike."""
+    from visionpeft.sweep.spec import make_spec, save_spec
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    save_spec(make_spec(DIGITS, {"vpt": {"optim.lr": [0.1, 0.2]}}, ["digits"], [0], "holdout", "final", []), out)
+    saved = out / "sweep.yaml"
+    text = saved.read_text()
+    saved.write_text(
+        {"truncated": text[: text.index("tasks:")], "extended": text + "extra: 1\n", "emptied": ""}[damage]
+    )
+    expected = {"truncated": "lacks 'tasks'", "extended": "unknown key 'extra'", "emptied": "must be a mapping"}[damage]
+    for args in ([out], [out, "--report"]):
+        code, _, err = sweep(args, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(f"error: {saved}"), err
+        assert expected in err
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_configs_are_checked(tmp_path, capsys, monkeypatch):
+    """`--out` naming a file: one line before any grid point's config is loaded."""
+    from visionpeft.sweep import driver
+
+    checked = []
+    monkeypatch.setattr(driver, "check_configs", lambda *a: checked.append(a))
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("mine")
+    code, _, err = sweep([DIGITS, "--grid", write_grid(tmp_path, "g", GRID), "--out", blocker], capsys)
+    assert code == 2 and err.strip() == f"error: --out {blocker} is a file, not a folder (the sweep folder)"
+    assert checked == [] and blocker.read_text() == "mine"

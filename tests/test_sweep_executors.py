@@ -8,7 +8,7 @@ import pytest
 from _sweep_utils import DIGITS, FAST
 
 from visionpeft.sweep.executors import RayExecutor, SubmititExecutor
-from visionpeft.sweep.protocol import final_runs
+from visionpeft.sweep.plan import final_runs
 from visionpeft.sweep.runs import execute, read_result
 from visionpeft.sweep.spec import make_spec
 
@@ -70,39 +70,65 @@ def test_ray_runs_the_pending_list(tmp_path, reference):
         ray.shutdown()
 
 
-def test_killing_the_sweep_ends_its_local_workers(tmp_path):
-    # an orphaned worker would go on training in a run folder that the next start of the sweep clears
+@pytest.mark.slow
+def test_two_drivers_on_one_folder_and_a_killed_driver_leaves_no_worker(tmp_path, capsys, caplog):
+    """Two sweep drivers on one folder: the second says which driver holds it (pid, host, since) in one line and
+    trains nothing. `kill -9` of the first ends its worker and the worker's own DataLoader processes (spawned, so
+    no death signal of their own); the next driver takes the stale lock over with a warning."""
+    import logging
+    import os
+    import signal
     import subprocess
     import sys
     import time
-    from pathlib import Path
+
+    from _sweep_utils import ROOT, sweep, write_grid
+
+    from visionpeft.locks import FolderLock
 
     psutil = pytest.importorskip("psutil")
     if not sys.platform.startswith("linux"):
         pytest.skip("the parent-death signal is Linux's")
-    tests = Path(__file__).resolve().parent
-    script = f"""
-import sys
-sys.path.insert(0, {str(tests)!r})
-from _sweep_utils import DIGITS, FAST
-from visionpeft.sweep.executors import LocalExecutor
-from visionpeft.sweep.protocol import final_runs
-from visionpeft.sweep.spec import make_spec
-from pathlib import Path
-long_run = [*FAST, "optim.steps=100000"]
-spec = make_spec(DIGITS, {{"vpt": {{"optim.lr": [0.01]}}}}, ["digits"], [0], "none", "final", long_run)
-LocalExecutor(1).run(final_runs(spec, Path({str(tmp_path)!r})), lambda run, record: None)
-"""
-    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    grid = write_grid(tmp_path, "vpt", "optim.lr: [0.01, 0.02]\n")
+    out = tmp_path / "sweep"
+    args = [DIGITS, *FAST, "optim.steps=100000", "data.num_workers=2", "--grid", grid, "--out", out, "--workers", "1"]
+    command = [sys.executable, str(ROOT / "tools" / "sweep.py"), *map(str, args)]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 240
-        while not list(tmp_path.rglob("log.txt")) and time.time() < deadline:  # the worker has started its run
+        deadline = time.time() + 300
+        while not list(out.rglob("metrics.jsonl")) and time.time() < deadline:  # training, its loader prefetching
             assert driver.poll() is None, driver.stderr.read().decode()[-1500:]
             time.sleep(0.5)
-        workers = psutil.Process(driver.pid).children(recursive=True)
-        assert workers
+        family = psutil.Process(driver.pid).children(recursive=True)
+        assert any(p.ppid() != driver.pid for p in family), "the worker started no DataLoader worker"
+        code, _, err = sweep(args, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"{out} is in use by a sweep driver (pid {driver.pid} on " in err and "since " in err
     finally:
-        driver.kill()
+        os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
-    _, alive = psutil.wait_procs(workers, timeout=30)
-    assert not alive, [p.pid for p in alive]
+    _, alive = psutil.wait_procs(family, timeout=3)  # at once (torch's own watchdog would take 5 s or more)
+    alive = [p for p in alive if _running(p, psutil)]  # a zombie has ended (this container's init may not reap it)
+    assert not alive, [(p.pid, p.name()) for p in alive]
+    with caplog.at_level(logging.WARNING, logger="visionpeft.locks"), FolderLock(out, "sweep", "a sweep driver"):
+        assert f"took over the lock of a sweep driver (pid {driver.pid} on " in caplog.text
+
+
+def _running(process, psutil) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_worker_whose_driver_died_while_it_started_ends_at_once(tmp_path):
+    """The driver killed while a worker was still starting (before the death signal was armed): the worker sees
+    that its parent is no longer the driver and ends, with the processes it started."""
+    import subprocess
+    import sys
+
+    code = "from visionpeft.sweep.executors import die_with_driver; die_with_driver(1); import time; time.sleep(60)"
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    done = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True)
+    assert done.returncode == 128 + 15, done.stderr

@@ -8,7 +8,7 @@ import json
 import pytest
 from _sweep_utils import ROOT, VTAB_CONFIG
 
-from visionpeft.sweep.protocol import final_runs, select_runs
+from visionpeft.sweep.plan import final_runs, select_runs
 from visionpeft.sweep.report import write_report
 from visionpeft.sweep.spec import make_spec
 from visionpeft.sweep.tasks import VTAB_GROUPS
@@ -94,7 +94,7 @@ def _small_spec(select: str):
 
 @pytest.mark.parametrize(("select", "chosen"), [("final", "optim.lr=0.01"), ("best", "optim.lr=0.1")])
 def test_selection_by_final_or_best_val_top1_and_failed_points_are_never_chosen(tmp_path, select, chosen):
-    from visionpeft.sweep.protocol import choose
+    from visionpeft.sweep.plan import choose
 
     spec = _small_spec(select)
     first, second, third = select_runs(spec, tmp_path)
@@ -108,3 +108,78 @@ def test_selection_by_final_or_best_val_top1_and_failed_points_are_never_chosen(
     assert pending == 0 and point.describe() == chosen
     (run,) = final_runs(spec, tmp_path)
     assert run.stage == "final" and "data.train_split=trainval" in run.overrides and run.choices == point.choices
+
+
+def _grid_sweep(root):
+    """A finished 2 x 2 grid of the digits demo under protocol none, three seeds (faked results)."""
+    from _sweep_utils import DIGITS
+
+    spec = make_spec(
+        DIGITS,
+        {"vpt": {"optim.lr": [0.02, 0.001], "method.num_tokens": [2, 4]}},
+        ["digits"],
+        [0, 1, 2],
+        "none",
+        "final",
+        [],
+    )
+    for index, run in enumerate(final_runs(spec, root)):
+        tokens = int(dict(run.choices)["method.num_tokens"])
+        _fake(run.path, {"test": {"top1": 0.6 + 0.01 * index}, "trainable": 11_146 * tokens + 170, "head": 170})
+    return spec
+
+
+def _shown_tick_labels(axis) -> list:
+    """The tick labels an axis draws (those of ticks inside its view; matplotlib keeps others undrawn)."""
+    low, high = sorted(axis.get_view_interval())
+    return [t.label1 for t in axis.get_major_ticks() if low <= t.get_loc() <= high and t.label1.get_text()]
+
+
+def _texts_outside(fig) -> list[str]:
+    """The drawn texts of a figure that reach past its edges, and x tick labels that overlap a neighbour."""
+    fig.canvas.draw()
+    renderer, box = fig.canvas.get_renderer(), fig.bbox
+    ticks = {id(t) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis) for t in axis.get_ticklabels()}
+    shown = [t for ax in fig.axes for axis in (ax.xaxis, ax.yaxis) for t in _shown_tick_labels(axis)]
+    texts = [t for t in fig.findobj(lambda a: hasattr(a, "get_text") and a.get_visible() and a.get_text())]
+    wrong = []
+    for text in [t for t in texts if id(t) not in ticks] + shown:
+        extent = text.get_window_extent(renderer)
+        if extent.x0 < box.x0 - 1 or extent.x1 > box.x1 + 1 or extent.y0 < box.y0 - 1 or extent.y1 > box.y1 + 1:
+            wrong.append(text.get_text())
+    for ax in fig.axes:
+        extents = sorted((t.get_window_extent(renderer) for t in _shown_tick_labels(ax.xaxis)), key=lambda e: e.x0)
+        wrong += [f"ticks overlap at x={a.x1:.0f}" for a, b in zip(extents, extents[1:]) if a.x1 > b.x0]
+    return wrong
+
+
+def test_the_plot_keeps_every_label_inside_and_draws_published_markers_only_where_they_exist(tmp_path, sweep_dir):
+    """The sweep plot of a 2 x 2 grid: no title, point label or tick label past the picture's edges or over a
+    neighbour (the rows are named in a legend below the panels); hollow "published" markers and their legend entry
+    appear only where published numbers exist (VTAB-1k LoRA), and no title promises them."""
+    import matplotlib.pyplot as plt
+
+    from visionpeft.sweep.report import collect, figure
+
+    spec = _grid_sweep(tmp_path)
+    fig = figure(spec, collect(spec, tmp_path))
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert _texts_outside(fig) == [] and not any(len(ax.texts) for ax in fig.axes)
+    assert len(legend) == 4 and "published" not in legend and "published" not in fig.get_suptitle()
+    plt.close(fig)
+    vtab, root = sweep_dir
+    fig = figure(vtab, collect(vtab, root))
+    assert "published" in [t.get_text() for t in fig.legends[0].get_texts()] and _texts_outside(fig) == []
+    plt.close(fig)
+
+
+def test_the_summary_says_what_each_protocol_does(tmp_path, sweep_dir):
+    """`summary.md` states the protocol's real procedure: under `none` nothing is chosen (no "select by the val
+    top-1"), under `vtab1k` the points are scored on val200 by the chosen statistic."""
+    spec = _grid_sweep(tmp_path)
+    write_report(spec, tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert "protocol `none` (every grid point trained on the config's own splits and tested; nothing chosen)" in text
+    assert "select by" not in text and "val top-1" not in text.splitlines()[2]
+    _, root = sweep_dir
+    assert "scored by its final top-1 on val200" in (root / "summary.md").read_text()

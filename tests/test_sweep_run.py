@@ -9,7 +9,7 @@ import pytest
 from _sweep_utils import DIGITS, FAST, sweep, write_grid
 
 from visionpeft.sweep import executors
-from visionpeft.sweep.protocol import select_runs
+from visionpeft.sweep.plan import select_runs
 from visionpeft.sweep.runs import execute, status
 from visionpeft.sweep.spec import load_saved_spec
 
@@ -82,7 +82,7 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     assert sorted(status(p) for p in out.glob("runs/digits/vpt/final-*")) == ["done", "failed"]
     failed = next(p for p in out.glob("runs/digits/vpt/*") if status(p) == "failed")
     error = (failed / "error.txt").read_text()
-    assert error == "DataError: vtab-dtd needs data.root (the folder holding dtd/)\n"
+    assert error.startswith("DataError: vtab-dtd needs data.root (the folder holding dtd/)") and error.count("\n") == 1
     assert "Traceback" in (failed / "traceback.txt").read_text()
     assert "failed: digits/vpt final seed 0 [data.name=vtab-dtd]: DataError: vtab-dtd needs data.root" in text
     assert "## Failed runs" in (out / "summary.md").read_text()
@@ -108,3 +108,22 @@ def test_more_seeds_extend_a_finished_sweep_and_reuse_its_runs(finished, tmp_pat
     finals = sorted(json.loads(p.read_text())["seed"] for p in out.glob("runs/digits/vpt/final-*/result.json"))
     assert finals == [0, 1] and before < {p.name for p in out.glob("runs/digits/vpt/*")}
     assert load_saved_spec(out).seeds == [0, 1]
+
+
+def test_a_run_folder_another_worker_holds_is_left_alone(tmp_path):
+    """A run whose folder another worker holds (an earlier driver's, still training): the worker says who holds it
+    and neither clears nor trains it; once the holder is gone, the run trains."""
+    from visionpeft.locks import FolderLock
+    from visionpeft.sweep.plan import final_runs
+    from visionpeft.sweep.runs import RUN_LOCK
+    from visionpeft.sweep.spec import make_spec
+
+    spec = make_spec(DIGITS, {"vpt": {}}, ["digits"], [0], "none", "final", FAST)
+    (run,) = final_runs(spec, tmp_path)
+    (run.path / "train").mkdir(parents=True)
+    (run.path / "log.txt").write_text("the other worker's log\n")
+    with FolderLock(run.path, RUN_LOCK, "a sweep worker"):
+        record = execute(run)
+        assert record["status"] == "failed" and record["error"].startswith(f"{run.path} is in use by a sweep worker")
+        assert (run.path / "log.txt").read_text() == "the other worker's log\n" and status(run.path) == "pending"
+    assert execute(run)["status"] == "done"

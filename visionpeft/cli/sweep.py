@@ -13,7 +13,8 @@
 ``visionpeft/sweep/grid.py``). Every run is a folder named by a hash of what it trains; a finished run is never
 redone, a failed one is recorded and the sweep goes on. The sweep folder receives ``sweep.yaml`` (the spec),
 ``runs/``, ``summary.md``, ``summary.csv`` and ``accuracy_vs_params.png``. Every grid point's config is checked
-before any run starts.
+before any run starts. One driver at a time runs a sweep folder (it holds ``sweep.lock``; a second one says which
+process holds it and exits).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
+from ..io import kind_problem
 from .common import positive_int
 
 DEFAULT_ROOT = Path("runs") / "sweeps"
@@ -29,8 +31,7 @@ DEFAULT_ROOT = Path("runs") / "sweeps"
 
 def _parser() -> argparse.ArgumentParser:
     from ..sweep.executors import EXECUTORS
-    from ..sweep.protocol import PROTOCOLS
-    from ..sweep.spec import SELECT
+    from ..sweep.protocol import PROTOCOLS, SELECT
 
     parser = argparse.ArgumentParser(
         prog="visionpeft sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -127,27 +128,43 @@ def _resolve(args, parser):
         )
         name = "-".join(spec.grids) + ("" if spec.protocol == "none" else f"-{spec.protocol}")
     out = args.out or DEFAULT_ROOT / name
+    wrong = kind_problem(out, "folder") if out.exists() else None
+    if wrong is not None:
+        raise ConfigError(f"--out {out} {wrong} (the sweep folder)")
     if (out / specs.SPEC_FILE).is_file():
-        saved = specs.load_saved_spec(out)
-        if asdict(saved) != asdict(spec):
-            if not specs.extends(spec, saved):
-                raise ConfigError(
-                    f"{out} holds another sweep; resume it with 'visionpeft sweep {out}', extend it "
-                    "with more seeds (after its own) or tasks, or choose --out"
-                )
-            pairs = (("seeds", saved.seeds, spec.seeds), ("tasks", saved.tasks, spec.tasks))
-            grown = [f"{name} {before} -> {after}" for name, before, after in pairs if before != after]
-            print(f"extending the sweep in {out}: {', '.join(grown)}; its finished runs are kept")
+        _compare_with_saved(spec, out, announce=False)  # early: before every config is checked
     return spec, out
+
+
+def _compare_with_saved(spec, out: Path, announce: bool = True) -> None:
+    """Refuses a spec that is not the one ``out`` keeps nor an extension of it; says what an extension adds."""
+    from ..errors import ConfigError
+    from ..sweep import spec as specs
+
+    if not (out / specs.SPEC_FILE).is_file():
+        return
+    saved = specs.load_saved_spec(out)
+    if asdict(saved) == asdict(spec):
+        return
+    if not specs.extends(spec, saved):
+        raise ConfigError(
+            f"{out} holds another sweep; resume it with 'visionpeft sweep {out}', extend it "
+            "with more seeds (after its own) or tasks, or choose --out"
+        )
+    pairs = (("seeds", saved.seeds, spec.seeds), ("tasks", saved.tasks, spec.tasks))
+    grown = [f"{name} {before} -> {after}" for name, before, after in pairs if before != after]
+    if announce:
+        print(f"extending the sweep in {out}: {', '.join(grown)}; its finished runs are kept")
 
 
 def main(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_intermixed_args(argv)
+    from ..locks import FolderLock
     from ..sweep.driver import check_configs, list_runs, run_sweep
     from ..sweep.executors import make_executor
     from ..sweep.report import write_report
-    from ..sweep.spec import save_spec
+    from ..sweep.spec import SWEEP_LOCK, save_spec
 
     spec, out = _resolve(args, parser)
     if args.report:
@@ -160,10 +177,12 @@ def main(argv: list[str]) -> int:
     if args.dry_run:
         list_runs(spec, out, print)
         return 0
-    out.mkdir(parents=True, exist_ok=True)
-    save_spec(spec, out)
-    print(f"sweep folder: {out}")
-    failed = run_sweep(spec, out, executor)
-    for path in write_report(spec, out):
-        print(f"wrote {path}")
+    # one driver per sweep folder: a second one would train the same runs and clear the other's unfinished ones
+    with FolderLock(out, SWEEP_LOCK, "a sweep driver"):
+        _compare_with_saved(spec, out)  # again, under the lock: another driver may have saved its spec meanwhile
+        save_spec(spec, out)
+        print(f"sweep folder: {out}")
+        failed = run_sweep(spec, out, executor)
+        for path in write_report(spec, out):
+            print(f"wrote {path}")
     return 1 if failed else 0

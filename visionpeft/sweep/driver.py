@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .protocol import PROTOCOLS, final_runs, has_select_stage, make_run, select_runs
+from .plan import final_runs, has_select_stage, make_run, select_runs
+from .protocol import PROTOCOLS
 from .runs import RunSpec, read_error, status
 from .spec import SweepSpec
 

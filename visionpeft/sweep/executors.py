@@ -13,6 +13,7 @@ as each one does, and returns the records. A run's failure is its record (``stat
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import multiprocessing
 import os
@@ -59,21 +60,39 @@ def _visible_gpus() -> list[str]:
     return (listed or [str(i) for i in range(count)])[:count]
 
 
-def _die_with_parent() -> None:
-    """Linux: ask the kernel to end this worker when the sweep process dies (``kill``, a preempted job), so no
-    orphan keeps training in a run folder that the next start of the sweep clears (``prctl(PR_SET_PDEATHSIG)``; the
-    standard library has no wrapper). Elsewhere a no-op: Ctrl-C reaches the whole process group anyway."""
+def _end_family(signum: int = 0, frame: Any = None) -> None:
+    """Ends this worker and every process it started (DataLoader workers, a launched trainer): they would go on
+    training in a run folder that the next start of the sweep clears."""
+    import psutil  # accelerate's dependency
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    os._exit(128 + (signum or 1))
+
+
+def die_with_driver(driver: int) -> None:
+    """Linux: ends this worker and its own children when the sweep driver (pid ``driver``) dies, ``kill -9``
+    included. The kernel sends the worker SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``; the standard
+    library has no wrapper), and the worker's handler ends the processes it started before it exits: the death
+    signal is not inherited, so a DataLoader worker (a spawned process whose queue holds its own pipe ends) would
+    outlive it. A driver that died before the signal was armed (while the worker was starting) is caught by the
+    parent check after arming. Elsewhere a no-op: Ctrl-C reaches the whole process group anyway."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal
 
+    signal.signal(signal.SIGTERM, _end_family)
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != driver:  # the driver died before the signal was armed
+        _end_family(signal.SIGTERM)
 
 
-def _init_worker(devices, threads: int) -> None:
-    """Runs first in each local worker: claim a GPU (before torch sees CUDA) or a share of the CPU threads."""
-    _die_with_parent()
+def _init_worker(devices, threads: int, driver: int) -> None:
+    """Runs first in each local worker: tie it to the driver's life, then claim a GPU (before torch sees CUDA) or a
+    share of the CPU threads."""
+    die_with_driver(driver)
     device = devices.get()
     if device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device
@@ -98,7 +117,7 @@ class LocalExecutor:
         threads = max(1, (os.cpu_count() or 1) // workers)
         records = []
         with ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_init_worker, initargs=(devices, threads)
+            workers, mp_context=context, initializer=_init_worker, initargs=(devices, threads, os.getpid())
         ) as pool:
             futures = {pool.submit(execute, asdict(run)): run for run in runs}
             try:

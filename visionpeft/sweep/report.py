@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..io import shown_path
 from .grid import Point
-from .protocol import PROTOCOLS, choose, has_select_stage, make_run
+from .plan import choose, has_select_stage, make_run
+from .protocol import PROTOCOLS, describe
 from .published import published
 from .runs import read_error, read_result, status
 from .spec import SweepSpec
@@ -142,7 +143,7 @@ def markdown(spec: SweepSpec, root: Path, cells: list[Cell]) -> str:
     lines = [
         f"# Sweep report: {root.name}",
         "",
-        f"Config `{shown_path(spec.config)}`; protocol `{spec.protocol}` (select by the {spec.select} val top-1); "
+        f"Config `{shown_path(spec.config)}`; protocol `{spec.protocol}` ({describe(spec.protocol, spec.select)}); "
         f"seeds {', '.join(map(str, spec.seeds))}; grids {grids}.",
         f"Run folders: {states.count('done')} finished, {states.count('failed')} failed, "
         f"{states.count('pending')} started and unfinished.",
@@ -243,45 +244,102 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
-def plot(spec: SweepSpec, cells: list[Cell], path: Path) -> bool:
-    """Test top-1 against trainable parameters (head excluded): a panel per task for up to four tasks, else one
-    panel of the mean over the tasks; published points hollow. Returns False when nothing has finished."""
+MARKERS = "osD^vPX*<>"
+
+
+def _panel_points(cells: list[Cell], finished: list[Cell], panel: str) -> list[tuple[str, float, float, list, dict]]:
+    """``(row, x, y, spread, published mean or {})`` of each row with a finished cell in ``panel`` (a task, or the
+    mean over tasks)."""
+    points = []
+    for name in _row_names(cells):
+        row = [c for c in finished if c.row == name and panel in (c.task, "mean over tasks")]
+        if not row:
+            continue
+        x = statistics.fmean(max(1, c.trainable - c.head) for c in row)
+        y = statistics.fmean(c.mean for c in row)
+        spread = [v for c in row for v in c.top1] if len(row) == 1 else [c.mean for c in row]
+        pubs = [c.published for c in row if c.published and c.published.get("params")]
+        theirs = (
+            {"x": statistics.fmean(p["params"] for p in pubs), "y": statistics.fmean(p["top1"] for p in pubs)}
+            if pubs
+            else {}
+        )
+        points.append((name, x, y, spread, theirs))
+    return points
+
+
+def _parameter_axis(ax, xs: list[float]) -> None:
+    """A log axis when the counts span more than a decade, else a linear one; compact tick labels (``12k``)."""
+    from matplotlib.ticker import EngFormatter, MaxNLocator, NullFormatter
+
+    if max(xs) / min(xs) > 10:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.margins(x=0.12, y=0.1)
+
+
+def figure(spec: SweepSpec, cells: list[Cell]):
+    """The plot as a matplotlib figure (None when nothing has finished): test top-1 against trainable parameters
+    (head excluded), a panel per task for up to four tasks (two per line), else one panel of the mean over the
+    tasks; one colour and marker per row, named in the legend below the panels; a row's published number, where
+    one exists, as a hollow marker of its colour. Everything lies inside the figure (constrained layout)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     finished = [c for c in cells if c.mean is not None and c.trainable is not None]
     if not finished:
-        return False
+        return None
     panels = spec.tasks if len(spec.tasks) <= 4 else ["mean over tasks"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        for name in _row_names(cells):
-            row = [c for c in finished if c.row == name and panel in (c.task, "mean over tasks")]
-            if not row:
-                continue
-            x = statistics.fmean(max(1, c.trainable - c.head) for c in row)
-            y = statistics.fmean(c.mean for c in row)
-            spread = [v for c in row for v in c.top1] if len(row) == 1 else [c.mean for c in row]
-            ax.errorbar(x, y, yerr=[[y - min(spread)], [max(spread) - y]], fmt="o", capsize=3)
-            ax.annotate(name, (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
-            pubs = [c.published for c in row if c.published and c.published.get("params")]
-            if pubs:
-                ax.plot(
-                    statistics.fmean(p["params"] for p in pubs),
-                    statistics.fmean(p["top1"] for p in pubs),
-                    "o",
-                    mfc="none",
-                    color="grey",
-                )
-        ax.set_xscale("log")
+    columns = min(2, len(panels))
+    lines = -(-len(panels) // columns)
+    names = _row_names(cells)
+    longest = max(len(name) for name in names)
+    legend_columns = 2 if len(names) <= 4 and longest <= 30 else 1
+    legend_lines = -(-(len(names) + 1) // legend_columns)
+    # wide enough for the legend's longest name (about 0.08 inch a character at the default size)
+    size = (max(5.2 * columns, 0.08 * longest * legend_columns + 1.2), 3.8 * lines + 0.3 * legend_lines + 0.6)
+    fig, axes = plt.subplots(lines, columns, figsize=size, squeeze=False, layout="constrained")
+    style = {name: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, name in enumerate(names)}
+    published_drawn = False
+    for ax, panel in zip(axes.flat, panels):
+        points = _panel_points(cells, finished, panel)
+        for name, x, y, spread, theirs in points:
+            colour, marker = style[name]
+            yerr = [[y - min(spread)], [max(spread) - y]]
+            ax.errorbar(x, y, yerr=yerr, fmt=marker, color=colour, capsize=3, markersize=7)
+            if theirs:
+                ax.plot(theirs["x"], theirs["y"], marker, mfc="none", color=colour, markersize=9)
+                published_drawn = True
+        _parameter_axis(ax, [x for _, x, *_ in points] + [t["x"] for *_, t in points if t])
         ax.set_xlabel("trainable parameters (without head)")
         ax.set_ylabel("test top-1 (%)")
         ax.set_title(panel)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{spec.protocol} sweep: accuracy vs trainable parameters (hollow: published)")
-    fig.tight_layout()
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], color=style[n][0], marker=style[n][1], linestyle="none", label=n) for n in names]
+    if published_drawn:
+        handles.append(Line2D([], [], color="grey", marker="o", mfc="none", linestyle="none", label="published"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=legend_columns)
+    bars = "the tasks' means" if panels == ["mean over tasks"] else f"{len(spec.seeds)} seeds"
+    spread = f"; bars: range over {bars}" if bars != "1 seeds" else ""
+    fig.suptitle(f"Accuracy vs trainable parameters\n({spec.protocol} protocol{spread})")
+    return fig
+
+
+def plot(spec: SweepSpec, cells: list[Cell], path: Path) -> bool:
+    """Writes :func:`figure` to ``path``; returns False when nothing has finished."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(spec, cells)
+    if fig is None:
+        return False
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True

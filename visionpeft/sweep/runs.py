@@ -3,8 +3,9 @@
 A run is identified by a stable hash of the sweep's base config content, its overrides, its seed and its stage; its
 folder ``runs/<task>/<label>/<stage>-s<seed>-<hash>/`` holds ``run.json`` (what it is), ``log.txt``, the trainer's
 run folder ``train/`` and, written last, ``result.json``: a folder with ``result.json`` is finished and is never run
-again. A failed run leaves ``error.txt`` (one line) and ``traceback.txt``; it runs again the next time the sweep
-does (the failure may have been the machine's).
+again. The worker training a run holds the folder's lock (``run.lock``, :mod:`visionpeft.locks`): a second worker
+leaves it alone. A failed run leaves ``error.txt`` (one line) and ``traceback.txt``; it runs again the next time the
+sweep does (the failure may have been the machine's).
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write
+from ..locks import FolderInUse, FolderLock
 
 RESULT, ERROR, TRACEBACK, SPEC, LOG, TRAIN = "result.json", "error.txt", "traceback.txt", "run.json", "log.txt", "train"
+#: the lock of a run folder held by the worker training it (``run.lock`` + ``run.lock.json``)
+RUN_LOCK = "run"
 #: the trainer's results, written by the main process of a launched (multi-process) run
 LAUNCHED = "launched_results.json"
 
@@ -145,8 +149,23 @@ def execute(run: RunSpec | dict[str, Any]) -> dict[str, Any]:
     the rest of the sweep goes on. An unfinished run's partial folder is cleared and the run starts over.
     """
     spec = run if isinstance(run, RunSpec) else RunSpec(**run)
+    done = read_result(spec.path)
+    if done is not None:
+        return {**done, "status": "done", "skipped": True}
+    try:
+        lock = FolderLock(spec.path, RUN_LOCK, "a sweep worker").acquire()
+    except FolderInUse as err:  # another worker trains it (an earlier driver's): leave its folder alone
+        return {"status": "failed", "error": str(err)}
+    try:
+        return _execute(spec)
+    finally:
+        lock.release()
+
+
+def _execute(spec: RunSpec) -> dict[str, Any]:
+    """:func:`execute` with the run folder's lock held."""
     folder = spec.path
-    done = read_result(folder)
+    done = read_result(folder)  # again, under the lock: a worker that held it may have finished the run
     if done is not None:
         return {**done, "status": "done", "skipped": True}
     for name in (ERROR, TRACEBACK, TRAIN, LOG):
