@@ -251,3 +251,212 @@ def test_step_checkpoints_resume_inside_an_epoch_and_keep_only_the_newest(config
     assert _resume(config, "steps") == 0
     assert _losses(config, "steps") == _losses(config, "straight")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000015", "step-0000020"]
+
+
+def _claim(run_dir, start, queue) -> None:
+    """One of the racing processes: waits for the start, claims a folder for ``run_dir``, reports which."""
+    start.wait()
+    queue.put(str(run_state.claim_new_folder(run_dir)))
+
+
+def test_folders_claimed_at_the_same_moment_are_all_different(tmp_path):
+    """Eight processes claiming a new run folder under one name at the same moment get eight folders (`NAME`,
+    `NAME-2`, ...): choosing the free name and creating the folder are one step."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    start, queue = context.Event(), context.Queue()
+    racers = [context.Process(target=_claim, args=(tmp_path / "runs" / "same", start, queue)) for _ in range(8)]
+    for racer in racers:
+        racer.start()
+    start.set()
+    claimed = sorted(queue.get(timeout=120) for _ in racers)
+    for racer in racers:
+        racer.join(timeout=60)
+    names = {"same", *(f"same-{n}" for n in range(2, 9))}
+    assert len(set(claimed)) == 8 and {p.rsplit("/", 1)[-1] for p in claimed} == names
+
+
+@pytest.mark.slow
+def test_two_trainings_started_at_once_with_one_name_keep_their_own_folders(config):
+    """Two `tools/train.py` processes with the same `train.run_name` started at once: each trains in a folder of
+    its own (`NAME` and `NAME-2`), each with its own config, metrics and adapters; neither is mixed into the
+    other."""
+    import subprocess
+
+    command = [sys.executable, str(ROOT / "tools" / "train.py"), str(config), "train.run_name=twin", "--cpu"]
+    runs = [subprocess.Popen([*command, f"train.seed={seed}"], stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    errors = [run.communicate(timeout=600)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    folders = [config.parent / "runs" / name for name in ("twin", "twin-2")]
+    seeds = sorted(int(f.joinpath("config.yaml").read_text().split("seed: ")[1].split()[0]) for f in folders)
+    assert seeds == [1, 2]
+    for folder in folders:
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in records if "train/loss" in r]
+        assert steps == sorted(steps) and len(steps) == len(set(steps))  # one run's records, not two interleaved
+        assert (folder / "last").is_dir() and (folder / "README.md").is_file()
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run_by_its_own_record(config, capsys):
+    """`--overwrite` on a folder that merely holds files named like a run's (`config.yaml`, `last`) beside the
+    user's own: refused in one line, nothing deleted (a run folder is one whose `config.yaml` visionpeft wrote)."""
+    folder = config.parent / "runs" / "project"
+    (folder / "last").mkdir(parents=True)
+    (folder / "config.yaml").write_text("model: mine\n")
+    (folder / "thesis.tex").write_text("years of work")
+    assert _train(config, "project", "--overwrite", "--stop-after", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --overwrite refused: {folder} is not a run folder"), err
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "last", "thesis.tex"]
+    assert (folder / "thesis.tex").read_text() == "years of work"
+
+
+def test_overwrite_deletes_only_a_run_and_refuses_one_holding_foreign_files(config, capsys):
+    """`--overwrite` of a real run beside which the user put a file of their own: refused in one line naming the
+    foreign file, nothing deleted; once it is moved away, the run's own files are replaced."""
+    assert _train(config, "crowded", "--stop-after", "1") == 0
+    folder = config.parent / "runs" / "crowded"
+    (folder / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in folder.iterdir())
+    capsys.readouterr()
+    assert _train(config, "crowded", "--overwrite", "--stop-after", "1") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --overwrite refused: {folder} holds files that are not the run's (notes.txt); move them elsewhere "
+        "and try again (nothing was deleted)"
+    )
+    assert sorted(p.name for p in folder.iterdir()) == before
+    (folder / "notes.txt").unlink()
+    assert _train(config, "crowded", "--overwrite", "--stop-after", "1") == 0
+    assert "--overwrite: deleted the earlier run in" in capsys.readouterr().err
+    assert not (config.parent / "runs" / "crowded-2").exists()
+
+
+def test_a_run_folder_in_use_is_neither_resumed_nor_overwritten(config, straight, capsys):
+    """A run folder whose lock another process holds (it is training there): `--resume` and `--overwrite` are one
+    line naming the holder (pid, host, since); nothing in the folder changes."""
+    import os
+
+    from visionpeft.locks import FolderLock
+
+    before = {p.name: p.stat().st_mtime_ns for p in straight.iterdir() if not p.name.startswith("run.lock")}
+    with FolderLock(straight, run_state.RUN_LOCK, "a training run"):
+        for args in (["--resume", str(straight), "--cpu"], [str(config), "train.run_name=straight", "--overwrite"]):
+            assert run(train_tool.main, args) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"{straight} is in use by a training run (pid {os.getpid()} on " in err[0], err
+    assert {p.name: p.stat().st_mtime_ns for p in straight.iterdir() if not p.name.startswith("run.lock")} == before
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "message"),
+    [
+        ("no_best", lambda p: p.pop("best"), "lacks 'best'"),
+        ("text_step", lambda p: p.update(step="ten"), "has 'step': \"ten\", which is not a count"),
+        (
+            "null_loss",
+            lambda p: p.update(epoch_loss=None),
+            "has 'epoch_loss': null, which is not a [loss sum, batches] pair",
+        ),
+    ],
+)
+def test_a_damaged_progress_file_is_one_line_offering_the_previous_state(config, capsys, name, damage, message):
+    """A state whose `progress.json` lacks a key or holds a wrong type: one line naming the file before anything is
+    built; when the previous complete state is still beside it, the line says so and how to resume from it, and the
+    recovery keeps it."""
+    assert _train(config, name, "--stop-after", "1") == 0
+    run_dir = config.parent / "runs" / name
+    shutil.copytree(run_dir / "state", run_dir / "state.old")  # as if killed before the previous state was deleted
+    progress = json.loads((run_dir / "state" / "progress.json").read_text())
+    damage(progress)
+    (run_dir / "state" / "progress.json").write_text(json.dumps(progress))
+    capsys.readouterr()
+    assert _resume(config, name) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {run_dir / 'state' / 'progress.json'} {message}"), err
+    assert f"the previous complete state {run_dir / 'state.old'} (step 7) is intact" in err[0]
+    run_state.recover_state(run_dir)  # what a resume does first: it must not delete the intact state
+    assert run_state.progress_problem(run_dir / "state.old") is None
+
+
+def test_a_metrics_line_that_is_not_a_record_is_one_line(config, capsys):
+    """A `metrics.jsonl` line that is JSON but not a record (a list): one line naming the file and the line, before
+    anything is built."""
+    assert _train(config, "listed", "--stop-after", "1") == 0
+    log = config.parent / "runs" / "listed" / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], "[1, 2]", *lines[1:]]) + "\n")
+    capsys.readouterr()
+    assert _resume(config, "listed") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {log} line 2 is not a metrics record (a JSON object with a numeric step); fix or delete that line"
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_stop_after_zero_is_refused_before_any_folder(config, capsys, value):
+    """`--stop-after 0` (or less) would leave a folder that cannot be resumed: one line, no folder."""
+    assert _train(config, "stopped", "--stop-after", value) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --stop-after takes the number of epochs to train before stopping, at least 1, got {value}"
+    )
+    assert not (config.parent / "runs" / "stopped").exists()
+
+
+def test_a_run_name_longer_than_the_file_system_takes_is_one_line(config, capsys):
+    """`train.run_name` longer than the file system's name limit (with room for a `-N` suffix): one line with the
+    other name rules, before anything is built, `--dry-run` included."""
+    import os
+
+    limit = os.pathconf(config.parent, "PC_NAME_MAX")
+    for args in (["--dry-run"], []):
+        assert _train(config, "x" * (limit - 2), *args) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: train.run_name is {limit - 2} bytes long; the file system of {config.parent / 'runs'} takes "
+            f"names of up to {limit} bytes, so a run name may have {limit - 4} (room for a -N suffix)"
+        )
+
+
+def _names_written_into_run_folders() -> set[str]:
+    """The names the library's code writes at the top of a run folder: ``run_dir / "name"`` (also
+    ``self.run_dir``, ``request.run_dir``) with a string literal or a module constant holding one."""
+    import ast
+
+    package = ROOT / "visionpeft"
+    found = set()
+    for path in package.rglob("*.py"):
+        if "sweep" in path.parts:
+            continue  # a sweep's run folders hold the trainer's folder as train/, named by runs.py
+        tree = ast.parse(path.read_text())
+        constants = {
+            target.id: node.value.value
+            for node in tree.body
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+            for target in node.targets
+            if isinstance(target, ast.Name) and isinstance(node.value.value, str)
+        }
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div)):
+                continue
+            left = node.left.attr if isinstance(node.left, ast.Attribute) else getattr(node.left, "id", "")
+            if left != "run_dir":
+                continue
+            right = node.right
+            if isinstance(right, ast.Constant) and isinstance(right.value, str):
+                found.add(right.value)
+            elif isinstance(right, ast.Name) and right.id in constants:
+                found.add(constants[right.id])
+    return found
+
+
+def test_every_name_a_trainer_writes_is_a_run_output():
+    """`--overwrite` deletes a run's own files only (`run_state.RUN_OUTPUTS`); every name the trainers, tasks and
+    commands write into a run folder is in that list, so a finished run of any task can be overwritten."""
+    written = _names_written_into_run_folders()
+    assert {"config.yaml", "last", "best", "adapter", "vae", "pipeline"} <= written  # the scan sees them
+    assert {name for name in written if not run_state.is_run_output(name)} == set()
+
+
+def test_a_finished_run_holds_only_its_own_files_and_is_a_run_by_its_record(straight):
+    assert run_state.is_run(straight)
+    assert [p.name for p in straight.iterdir() if not run_state.is_run_output(p.name)] == []

@@ -26,6 +26,9 @@ SCENARIOS = [
     "test_model_data_values.py",
     "test_generate_inputs.py",
     "test_method_options.py",
+    "test_sweep_cli.py",
+    "test_sweep_run.py",
+    "test_sweep_executors.py",
 ]
 
 

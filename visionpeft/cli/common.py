@@ -4,10 +4,12 @@ terminal through the ``visionpeft`` logger (main process only, see accelerate's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 _HANDLER = "_visionpeft_cli"
 
@@ -83,74 +85,131 @@ def add_run_arguments(parser) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="delete an earlier run in the run folder and start over there (default: keep it and "
-        "number the new run's folder: NAME-2, NAME-3, ...)",
+        help="delete an earlier run's own files in the run folder and start over there (refused for a folder "
+        "that is not a run or holds other files; default: keep it and number the new run's folder: NAME-2, ...)",
     )
 
 
-def resolve_run(args, parser, dry_run: bool = False):
-    """(config, run folder) from the parsed arguments: a resumed run (the folder's newest complete state) or a new
-    one. A new run never writes into a folder holding another run: it gets the next free numbered folder
-    (``NAME-2``, ``NAME-3``, ...), or, with ``--overwrite``, the earlier run is deleted first."""
+@contextlib.contextmanager
+def run_folder(args, parser, dry_run: bool = False) -> Iterator[tuple[Any, Path]]:
+    """``with run_folder(args, parser) as (config, run_dir):`` the config and folder of a training command, held
+    while the run trains.
+
+    A resumed run: its folder's newest complete state, its progress and ``metrics.jsonl`` checked before anything
+    is built. A new run: its folder is claimed atomically (``mkdir``: two runs started at once with one name get
+    ``NAME`` and ``NAME-2``; an existing folder is never a new run's), or with ``--overwrite`` the earlier run's own
+    files are deleted first (a folder that is not a run by its own record, or holds anything else, is refused).
+    The process training the run (under a launcher the main one, which picks the folder and broadcasts its name)
+    holds the folder's lock (``run.lock``): a second process resuming or overwriting it is refused in one line. A
+    claimed folder the run left without a config (it stopped on a mistake first) is removed again."""
+    from ..trainers import run_state
+
+    config, run_dir, lock, claimed = _resolve_run(args, parser, dry_run)
+    try:
+        yield config, run_dir
+    finally:
+        if lock is not None:
+            lock.release()
+            if claimed:
+                run_state.discard_unused(run_dir)
+
+
+def _resolve_run(args, parser, dry_run: bool):
+    """(config, run folder, its lock or None, whether the folder was claimed for a new run) of a command."""
     from ..config import load_config
     from ..errors import ConfigError
     from ..trainers import run_state
 
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ConfigError(
+            f"--stop-after takes the number of epochs to train before stopping, at least 1, got {args.stop_after}"
+        )
     if args.resume:
         if args.config or args.overrides or args.overwrite:
             raise ConfigError("--resume takes the run's own config.yaml; give no config, overrides or --overwrite")
-        config_path = args.resume / "config.yaml"
+        config_path = args.resume / run_state.CONFIG
         if run_state.newest_state(args.resume) is None or not config_path.is_file():
             raise ConfigError(f"{args.resume} is not a run folder with a saved state (config.yaml + state/)")
-        return load_config(config_path), args.resume
+        config = load_config(config_path)
+        if dry_run:
+            return config, args.resume, None, False
+        run_state.check_resumable(args.resume)
+        lock = _run_lock(args.resume) if _is_main(args) else None
+        return config, args.resume, lock, False
     if not args.config:
         parser.error("a config file is required (or --resume RUN_DIR)")
     report = [f"train.report_to={args.report_to}"] if args.report_to else []
     config = load_config(args.config, [*args.overrides, *report])
     run_dir = Path(config.train.output_dir) / config.train.run_name
+    run_state.check_name_length(run_dir)
     if dry_run:
-        return config, run_dir
+        return config, run_dir, None, False
     from ..trainers.loop import launched  # imports torch: not before the config has been checked
 
     several, cpu = launched(args.cpu)
     if not several:
-        return _new_run_folder(config, run_dir, args.overwrite)
+        return _claim(config, run_dir, args.overwrite)
     # launched processes: the main one decides (a folder the others would see half-made), the others follow it
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
     from omegaconf import read_write
 
-    decided = [None]
+    decided, held = [None], (None, False)
     if PartialState(cpu=cpu).is_main_process:
-        decided = [_new_run_folder(config, run_dir, args.overwrite)[0].train.run_name]
+        config, run_dir, *held = _claim(config, run_dir, args.overwrite)
+        decided = [config.train.run_name]
     broadcast_object_list(decided)
     with read_write(config):
         config.train.run_name = decided[0]
-    return config, run_dir.parent / decided[0]
+    return config, run_dir.parent / decided[0], *held
 
 
-def _new_run_folder(config, run_dir: Path, overwrite: bool):
-    """(config, run folder) of a new run: ``run_dir``, or ``run_dir`` emptied by ``--overwrite``, or the next free
-    numbered folder beside it."""
+def _is_main(args) -> bool:
+    """Whether this process is the one that holds the run folder (the main one under a launcher)."""
+    from ..trainers.loop import launched
+
+    several, cpu = launched(args.cpu)
+    if not several:
+        return True
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu).is_main_process
+
+
+def _run_lock(run_dir: Path):
+    from ..locks import FolderLock
     from ..trainers import run_state
 
-    if not run_state.holds_run(run_dir):
-        return config, run_dir
-    if overwrite:
-        run_state.delete_run(run_dir)
-        print(f"--overwrite: deleted the earlier run in {run_dir}", file=sys.stderr)
-        return config, run_dir
-    name = config.train.run_name
-    number = 2
-    while run_state.holds_run(run_dir.parent / f"{name}-{number}"):
-        number += 1
+    return FolderLock(run_dir, run_state.RUN_LOCK, "a training run").acquire()
+
+
+def _claim(config, run_dir: Path, overwrite: bool):
+    """(config, run folder, its lock, claimed) of a new run: ``run_dir`` emptied by ``--overwrite``, or a folder
+    claimed by :func:`~visionpeft.trainers.run_state.claim_new_folder` (``run_dir`` or a numbered one beside it)."""
     from omegaconf import read_write
 
-    with read_write(config):
-        config.train.run_name = f"{name}-{number}"
-    print(
-        f"{run_dir} holds an earlier run (kept; --resume {run_dir} continues it); "
-        f"this run goes to {run_dir.parent / config.train.run_name}",
-        file=sys.stderr,
-    )
-    return config, run_dir.parent / config.train.run_name
+    from ..trainers import run_state
+
+    run_state.check_writable(run_dir)
+    if overwrite and run_dir.is_dir():
+        run_state.check_overwrite(run_dir)  # a refusal leaves no lock file in someone else's folder
+        lock = _run_lock(run_dir)
+        try:
+            if run_state.delete_run(run_dir):
+                print(f"--overwrite: deleted the earlier run in {run_dir}", file=sys.stderr)
+        except BaseException:
+            lock.release()
+            raise
+        return config, run_dir, lock, False
+    folder = run_state.claim_new_folder(run_dir)
+    lock = _run_lock(folder)
+    if folder != run_dir:
+        with read_write(config):
+            config.train.run_name = folder.name
+        earlier = (
+            f"holds an earlier run (kept; --resume {run_dir} continues it)"
+            if run_state.newest_state(run_dir) is not None
+            else "exists (kept; --overwrite replaces a run there)"
+        )
+        print(f"{run_dir} {earlier}; this run goes to {folder}", file=sys.stderr)
+    return config, folder, lock, True

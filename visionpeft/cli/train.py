@@ -8,7 +8,9 @@
 (default ``classification``) picks the trainer; ``key=value`` overrides any entry (``optim.lr=0.01``,
 ``method.num_tokens=10``). ``--print-config`` shows the resolved config with each field's meaning. The run folder
 (``train.output_dir/train.run_name``) receives the resolved ``config.yaml``, ``metrics.jsonl``, TensorBoard logs,
-the ``last`` / ``best`` adapters, the resumable state and the task's outputs.
+the ``last`` / ``best`` adapters, the resumable state and the task's outputs. A new run never writes into a folder
+that exists: the name taken, it goes to ``NAME-2``, ``NAME-3``, ... (``--overwrite`` replaces an earlier run's own
+files instead, and refuses a folder holding anything else); a folder a run is training in is locked (``run.lock``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import argparse
 import time
 from typing import Any
 
-from .common import add_run_arguments, configure_logging, resolve_run
+from .common import add_run_arguments, configure_logging, run_folder
 
 
 def report(results: dict[str, Any], run_dir=None, seconds: float | None = None) -> None:
@@ -58,21 +60,20 @@ def main(argv: list[str]) -> int:
 
         if not is_repo_id(args.push_to_hub):
             parser.error(f"--push-to-hub takes a hub repo id USER/REPO, got {args.push_to_hub!r}")
-    config, run_dir = resolve_run(args, parser, dry_run=args.dry_run or args.print_config)
-    if args.print_config:
-        from ..config import describe_config
+    with run_folder(args, parser, dry_run=args.dry_run or args.print_config) as (config, run_dir):
+        if args.print_config:
+            from ..config import describe_config
 
-        print(describe_config(config), end="")
-        return 0
-    from ..config import RUN_COMMAND, task_spec
+            print(describe_config(config), end="")
+            return 0
+        from ..config import RUN_COMMAND, task_spec
 
-    RUN_COMMAND.set(["visionpeft", "train", *argv])
-    configure_logging()
-    start = time.perf_counter()
-    train = task_spec(config.task).trainer()
-    results = train(
-        config, run_dir, resume=args.resume is not None, dry_run=args.dry_run, stop_after=args.stop_after, cpu=args.cpu
-    )
+        RUN_COMMAND.set(["visionpeft", "train", *argv])
+        configure_logging()
+        start = time.perf_counter()
+        train = task_spec(config.task).trainer()
+        resume = args.resume is not None
+        results = train(config, run_dir, resume=resume, dry_run=args.dry_run, stop_after=args.stop_after, cpu=args.cpu)
     report(results, run_dir, time.perf_counter() - start)
     if args.push_to_hub and not args.dry_run and (run_dir / "README.md").is_file():
         from ..trainers.run_card import push_run

@@ -5,14 +5,24 @@ A state is a folder (``state/``) of accelerate's files (trained tensors in safet
 random states that accelerate loads with ``torch.load(weights_only=True)``), the EMA in ``ema.safetensors`` and
 ``progress.json``, written last: a state folder is complete exactly when it holds ``progress.json``. A save writes
 ``state.tmp/``, then renames ``state/`` to ``state.old/`` and ``state.tmp/`` to ``state/``, then deletes
-``state.old/``; :func:`recover_state` finishes or rolls back a save interrupted at any of those moments.
+``state.old/``; :func:`recover_state` finishes or rolls back a save interrupted at any of those moments. A damaged
+``progress.json`` or ``metrics.jsonl`` line is one line naming the file (and an intact earlier state beside it).
+
+The folder itself: a new run's folder is claimed by creating it (:func:`claim_new_folder`: ``NAME``, else
+``NAME-2``, ...; two runs started at once never share one); a folder is a run by its own record, the
+``config.yaml`` visionpeft wrote (:func:`is_run`), and ``--overwrite`` deletes only such a run and only its own
+files (:data:`RUN_OUTPUTS`, :func:`check_overwrite`); the process training a run holds ``run.lock``
+(:mod:`visionpeft.locks`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,26 +30,121 @@ from typing import Any
 
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write
+from ..locks import lock_files
 
 logger = logging.getLogger(__name__)
 
 STATE, TMP, OLD = "state", "state.tmp", "state.old"
 PROGRESS = "progress.json"
 EMA_FILE = "ema.safetensors"
-#: what makes a folder a run (a new run never writes into a folder holding any of them)
-RUN_FILES = ("config.yaml", "metrics.jsonl", STATE, TMP, OLD, "last")
+CHECKPOINTS = "checkpoints"
+CONFIG = "config.yaml"
+#: the first line of a run's ``config.yaml`` (``config.save_config``): a folder is a run by this record
+CONFIG_HEADER = "# made by visionpeft "
+#: the lock the process training a run holds on its folder (``run.lock`` + ``run.lock.json``)
+RUN_LOCK = "run"
+#: every name a run (its trainer, its task, its trackers, ``eval``) writes at the top of its folder:
+#: ``--overwrite`` deletes these and nothing else (``tests/test_run_folder.py`` checks the trainers write no other)
+RUN_OUTPUTS = frozenset(
+    {
+        CONFIG,
+        "metrics.jsonl",
+        STATE,
+        TMP,
+        OLD,
+        "last",
+        "best",
+        CHECKPOINTS,
+        "README.md",
+        "tensorboard",
+        "wandb",
+        "validation",
+        "adapter",
+        "diffusers",
+        "merged",
+        "class_images",
+        "per_class_iou.md",
+        "predictions.png",
+        "vae",
+        "pipeline",
+        "earlier_training.json",
+        "wall_minutes.json",
+        "eval",
+        *lock_files(RUN_LOCK),
+    }
+)
+#: the longest ``-N`` a numbered run folder adds to ``train.run_name`` (kept free under the file system's limit)
+SUFFIX_ROOM = len("-999")
 
 
 def is_complete(folder: Path) -> bool:
     return (folder / PROGRESS).is_file()
 
 
-def holds_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds (part of) a run."""
-    return any((run_dir / name).exists() for name in RUN_FILES)
+def is_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a run by its own record: its ``config.yaml`` was written by visionpeft (a file merely
+    named so, or other files a run would write, do not make a folder a run)."""
+    try:
+        with open(run_dir / CONFIG, encoding="utf-8", errors="replace") as f:
+            return f.readline().startswith(CONFIG_HEADER)
+    except OSError:
+        return False
 
 
-CHECKPOINTS = "checkpoints"
+def is_run_output(name: str) -> bool:
+    """Whether a name at the top of a run folder is the run's own: one of :data:`RUN_OUTPUTS`, or what an atomic
+    write of one leaves when it is killed (``.config.yaml.x1y2.tmp``)."""
+    if name in RUN_OUTPUTS:
+        return True
+    return name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{n}.") for n in RUN_OUTPUTS)
+
+
+def check_name_length(run_dir: Path) -> None:
+    """Raises a :class:`ConfigError` when ``train.run_name`` is longer than the file system takes, with room for
+    the ``-N`` of a numbered folder (checked before anything is built)."""
+    folder = run_dir.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(run_dir.name))
+    if size > limit - SUFFIX_ROOM:
+        raise ConfigError(
+            f"train.run_name is {size} bytes long; the file system of {folder} takes names of up to {limit} bytes, "
+            f"so a run name may have {limit - SUFFIX_ROOM} (room for a -N suffix)"
+        )
+
+
+def claim_new_folder(run_dir: Path) -> Path:
+    """Creates and returns the folder of a new run: ``run_dir``, or the first of ``NAME-2``, ``NAME-3``, ... beside
+    it that does not exist. Creating the folder is the claim (``mkdir`` fails for all but one process), so two runs
+    started at once with one name get two folders; an existing folder, whatever it holds, is never a new run's."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    number = 1
+    while True:
+        folder = run_dir if number == 1 else run_dir.with_name(f"{run_dir.name}-{number}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            number += 1
+
+
+def discard_unused(run_dir: Path) -> None:
+    """Removes a claimed folder that the run left holding nothing but its lock (it stopped on a mistake before
+    writing its config), so a refused command leaves no folder behind."""
+    own = set(lock_files(RUN_LOCK))
+    try:
+        entries = list(run_dir.iterdir())
+    except OSError:
+        return
+    if all(entry.name in own for entry in entries):
+        for entry in entries:
+            entry.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
 
 
 def keep_step_checkpoint(run_dir: Path, step: int, limit: int | None) -> Path:
@@ -57,11 +162,35 @@ def keep_step_checkpoint(run_dir: Path, step: int, limit: int | None) -> Path:
     return folder
 
 
-def delete_run(run_dir: Path) -> None:
-    """Deletes the run folder ``run_dir`` (``--overwrite``); refuses a folder that holds no run."""
-    if not holds_run(run_dir) or run_dir.resolve() == Path.cwd().resolve():
-        raise ConfigError(f"{run_dir} holds no run; --overwrite deletes run folders only")
-    shutil.rmtree(run_dir)
+def check_overwrite(run_dir: Path) -> list[Path]:
+    """The entries ``--overwrite`` would delete in ``run_dir`` (none: the folder is empty). Only a run by its own
+    record (:func:`is_run`) is deleted, and only its own files (:func:`is_run_output`): a folder holding anything
+    else is a :class:`ConfigError` naming what."""
+    entries = [e for e in run_dir.iterdir() if e.name not in lock_files(RUN_LOCK)]
+    if not entries:
+        return []
+    if not is_run(run_dir) or run_dir.resolve() == Path.cwd().resolve():
+        raise ConfigError(
+            f"--overwrite refused: {run_dir} is not a run folder (no {CONFIG} written by visionpeft) and is not "
+            "empty; --overwrite deletes run folders only (choose another train.run_name)"
+        )
+    foreign = sorted(e.name for e in entries if not is_run_output(e.name))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(
+            f"--overwrite refused: {run_dir} holds files that are not the run's ({shown}); move them elsewhere "
+            "and try again (nothing was deleted)"
+        )
+    return entries
+
+
+def delete_run(run_dir: Path) -> bool:
+    """``--overwrite``: deletes the run in ``run_dir`` as :func:`check_overwrite` allows (the caller holds the
+    folder's lock); returns whether there was one."""
+    entries = check_overwrite(run_dir)
+    for entry in entries:
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    return bool(entries)
 
 
 def newest_state(run_dir: Path) -> Path | None:
@@ -86,8 +215,8 @@ def recover_state(run_dir: Path) -> None:
         shutil.rmtree(tmp)  # an unfinished save: the previous state stands
     if not final.exists() and is_complete(old):
         old.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
+    if old.exists() and (progress_problem(final) is None or progress_problem(old) is not None):
+        shutil.rmtree(old)  # kept beside a damaged state/: read_progress offers it
 
 
 def commit_state(run_dir: Path) -> None:
@@ -125,15 +254,76 @@ def write_progress(folder: Path, progress: dict[str, Any]) -> None:
     atomic_write(folder / PROGRESS, lambda tmp: Path(tmp).write_text(json.dumps(progress)))
 
 
-def read_progress(folder: Path) -> dict[str, Any]:
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+#: what ``progress.json`` holds (the loop's position and the best evaluation so far) -> (check, in words)
+PROGRESS_FIELDS = {
+    "epoch": (_count, "a count"),
+    "step": (_count, "a count"),
+    "batch_in_epoch": (_count, "a count"),
+    "best": (_number, "a number"),
+    "epoch_loss": (
+        lambda v: isinstance(v, list) and len(v) == 2 and _number(v[0]) and _count(v[1]),
+        "a [loss sum, batches] pair",
+    ),
+}
+
+
+def progress_problem(folder: Path) -> str | None:
+    """What is wrong with a state's ``progress.json`` (``lacks 'best'``), or None when it can be resumed from."""
     try:
         progress = json.loads((folder / PROGRESS).read_text())
-        _ = progress["epoch"], progress["step"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    except ValueError:
+        return "is not JSON"
+    if not isinstance(progress, dict):
+        return "is not a JSON object"
+    for key, (valid, words) in PROGRESS_FIELDS.items():
+        if key not in progress:
+            return f"lacks '{key}'"
+        if not valid(progress[key]):
+            return f"has '{key}': {json.dumps(progress[key])[:40]}, which is not {words}"
+    return None
+
+
+def _intact_alternative(folder: Path) -> str:
+    """``; the previous complete state ... is intact: ...`` when another state beside ``folder`` can be resumed."""
+    for other in (folder.parent / name for name in (TMP, STATE, OLD)):
+        if other != folder and is_complete(other) and progress_problem(other) is None:
+            step = json.loads((other / PROGRESS).read_text())["step"]
+            return (
+                f"; the previous complete state {other} (step {step}) is intact: move {folder} away and rename "
+                f"{other} to {folder.parent / STATE} to resume from it"
+            )
+    return ""
+
+
+def read_progress(folder: Path) -> dict[str, Any]:
+    """A state's ``progress.json``; a :class:`CheckpointError` naming the file (and an intact earlier state, if
+    one is beside it) when it is damaged."""
+    problem = progress_problem(folder)
+    if problem is not None:
         raise CheckpointError(
-            f"{folder / PROGRESS} is damaged ({type(err).__name__}); the state cannot be resumed"
-        ) from None
-    return progress
+            f"{folder / PROGRESS} {problem}: the state cannot be resumed{_intact_alternative(folder)}"
+        )
+    return json.loads((folder / PROGRESS).read_text())
+
+
+def check_resumable(run_dir: Path) -> None:
+    """Reads what a resume of ``run_dir`` will read (the newest state's progress, ``metrics.jsonl``) and raises a
+    :class:`CheckpointError` naming the damaged file, before anything is built."""
+    state = newest_state(run_dir)
+    if state is None:
+        raise CheckpointError(f"{run_dir} holds no complete saved state to resume from")
+    read_progress(state)
+    read_metrics(run_dir / "metrics.jsonl")
 
 
 def save_ema(ema: Any, folder: Path) -> dict[str, Any]:
@@ -164,21 +354,37 @@ def load_ema(ema: Any, folder: Path, settings: dict[str, Any] | None) -> None:
     ema.load_state_dict({**settings, "shadow_params": shadow})
 
 
-def trim_metrics(log: Path, step: int) -> None:
-    """Keeps the records up to ``step`` (those after it are redone). A torn final line (the process died while
-    appending) is dropped with a warning; a damaged line elsewhere is an error naming it."""
+def read_metrics(log: Path) -> tuple[list[tuple[str, dict[str, Any]]], bool]:
+    """``(line, record)`` of every record in ``metrics.jsonl`` and whether its last line is torn (the process died
+    while appending it). A line elsewhere that is not a record (a JSON object with a numeric ``step``) is a
+    :class:`CheckpointError` naming the file and the line."""
     if not log.exists():
-        return
+        return [], False
     lines = log.read_text().splitlines()
-    kept = []
+    records = []
     for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
         except ValueError:
             if number == len(lines):
-                logger.warning(f"{log}: dropped a torn last line (the run stopped while writing it)")
-                break
+                return records, True
             raise CheckpointError(f"{log} line {number} is not a JSON record; fix or delete that line") from None
-        if record.get("step", 0) <= step:
-            kept.append(line)
+        if not isinstance(record, dict) or not _number(record.get("step", 0)):
+            raise CheckpointError(
+                f"{log} line {number} is not a metrics record (a JSON object with a numeric step); fix or delete "
+                "that line"
+            )
+        records.append((line, record))
+    return records, False
+
+
+def trim_metrics(log: Path, step: int) -> None:
+    """Keeps the records up to ``step`` (those after it are redone). A torn final line (the process died while
+    appending) is dropped with a warning; a damaged line elsewhere is an error naming it."""
+    if not log.exists():
+        return
+    records, torn = read_metrics(log)
+    if torn:
+        logger.warning(f"{log}: dropped a torn last line (the run stopped while writing it)")
+    kept = [line for line, record in records if record.get("step", 0) <= step]
     atomic_write(log, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
