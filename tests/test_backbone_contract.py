@@ -174,6 +174,7 @@ def test_open_clip_features_with_and_without_methods(batch_first):
     torch.testing.assert_close(maps[1], _as_map(adapted[1], 4, 4), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_open_clip_timm_trunk_features():
     model = tiny_clip_timm()
     x = torch.randn(1, 3, 224, 224)
@@ -184,6 +185,7 @@ def test_open_clip_timm_trunk_features():
     torch.testing.assert_close(last, _as_map(outputs[len(outputs) - 1], 14, 14), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_stage_modules_of_unet_and_dit():
     unet = tiny_unet()
     stages = backbone_of(unet).towers["unet"].stages

@@ -50,6 +50,7 @@ def _gpu_suite(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_gpu_suite_runs_every_row_on_cpu_and_compares_with_the_peers():
     result = _gpu_suite("--device", "cpu", "--quick", "--precisions", "bf16")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -68,6 +69,7 @@ def test_gpu_suite_runs_every_row_on_cpu_and_compares_with_the_peers():
     assert "Traceback" not in result.stderr and "deprecat" not in out.lower()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without CUDA")
 def test_gpu_suite_without_cuda_is_one_line():
     result = _gpu_suite("--tables", "vit")

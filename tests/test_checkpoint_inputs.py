@@ -138,6 +138,7 @@ def test_an_adapter_with_nan_or_integer_weights_or_a_damaged_base_record_is_refu
     vp.detach(vit)
 
 
+@pytest.mark.slow
 def test_zero_shot_needs_weights_asked_for_and_its_table_says_which_ran_and_how_many_images(monkeypatch, capsys):
     """`tools/eval_zeroshot.py` without `--pretrained` evaluated a randomly initialised CLIP under a normal-looking
     table: now one line asks for `--pretrained` (or `--random-weights`), and the header names the weights and the

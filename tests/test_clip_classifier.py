@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from tiny_models import tiny_clip_bpe
@@ -79,6 +80,7 @@ def test_coop_classifier_matches_zero_shot_at_init_and_caches_text_in_eval():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_text_tower_lora_trains_through_the_class_prompts():
     model = vp.attach(CLIPClassifier(tiny_clip_bpe(), NAMES), "lora", tower="text", r=2, targets=["q", "v", "o"])
     losses = _train(model, lr=0.1)

@@ -43,6 +43,7 @@ train: {{output_dir: {tmp_path / "runs"}}}
     return load_config(path, list(overrides))
 
 
+@pytest.mark.slow
 def test_coop_trains_few_shot_and_the_tool_compares_it_with_zero_shot(tmp_path, tiny_clip_file, capsys):
     config = _config(tmp_path, tiny_clip_file, "train.run_name=coop")
     results = train(config, tmp_path / "runs" / "coop", cpu=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 import train as tool  # noqa: E402
 from _classify_utils import ROOT
@@ -53,6 +54,7 @@ def _held_out_loss(pipe, folder, condition: str) -> float:
     return float(torch.nn.functional.mse_loss(prediction, noise))
 
 
+@pytest.mark.slow
 def test_a_short_controlnet_lora_run_uses_the_condition(tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -140,6 +140,7 @@ np.save(sys.argv[4], images)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["controlnet", "controlnet_lora"])
 def test_the_exported_controlnet_loads_in_diffusers_control_pipeline_in_a_new_process(tmp_path, method):
     """`save_adapter(format="diffusers")` writes `controlnet/` (for ControlNet-LoRA: the copy with its LoRA merged);

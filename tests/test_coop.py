@@ -69,6 +69,7 @@ def _train(model, steps=15, lr=0.05):
     return losses, images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["coop", "cocoop"])
 def test_training_lowers_the_loss_and_prompts_reload(method, tmp_path):
     model = vp.attach(tiny_clip_bpe(), method, classnames=NAMES)

@@ -235,6 +235,7 @@ def test_the_library_table_loads_no_torch():
     assert result.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["visionpeft", "visionpeft.tasks", "visionpeft.checkpoint.folder"])
 def test_importing_the_library_leaves_the_model_libraries_out(module):
     code = f"import sys, {module}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"

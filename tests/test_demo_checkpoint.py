@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 import torch
 from _demo_utils import CARD, CHECKPOINT, PRETRAIN_CONFIG, card_field
 
@@ -17,6 +18,7 @@ def test_committed_checkpoint_matches_its_model_card():
     assert "python tools/pretrain.py configs/pretrain/tiny_vit_fractal.yaml" in CARD.read_text()
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_checkpoint_reproduces_the_accuracy_on_its_own_task_stated_in_the_card():
     config = load_config(PRETRAIN_CONFIG, [f"model.checkpoint={CHECKPOINT}"])

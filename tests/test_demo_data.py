@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import visionpeft.data  # noqa: F401  (registers every builder)
-from visionpeft.data import fractal
+from visionpeft.demo import fractal
 from visionpeft.demo.fractal import FractalDB, category_system, filling_rate
 from visionpeft.errors import DataError
 from visionpeft.registry import DATASETS

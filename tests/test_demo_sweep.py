@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from _demo_utils import ROOT
 from _sweep_utils import sweep
 from benchmarks import demo  # noqa: E402
@@ -14,6 +15,7 @@ SUMMARY = "# Sweep report: demo\n\nConfig ...\n\n| method | params (M) | digits 
 SUMMARY += "| lora | 0.037 | 94.0 |\n"
 
 
+@pytest.mark.slow
 def test_the_demo_spec_checks_and_plans_every_method_on_every_mini_task(tmp_path, capsys):
     code, text, _ = sweep([demo.SPEC, "--out", tmp_path / "demo", "--dry-run"], capsys)
     assert code == 0

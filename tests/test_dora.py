@@ -152,6 +152,7 @@ def test_dora_and_plain_lora_in_one_file_is_refused(tmp_path):
         vp.save_adapter(model, tmp_path / "x", format="diffusers")
 
 
+@pytest.mark.slow
 def test_dora_unet_loads_into_a_diffusers_pipeline(tmp_path):
     """diffusers' load_lora_weights reads DoRA in its own format (lora_magnitude_vector keys -> use_dora)."""
     pipe = tiny_sd_pipeline(tmp_path / "tok")

@@ -69,6 +69,7 @@ def _with_alpha(path, target, alpha):
     return target
 
 
+@pytest.mark.slow
 def test_kohya_import_equals_diffusers_loading_the_same_file(kohya_file):
     root, path, _, _ = kohya_file
     path = _with_alpha(path, root / "alpha1.safetensors", 1.0)

@@ -89,6 +89,7 @@ def _train(tmp, config_name, *overrides):
     return run_dir, losses
 
 
+@pytest.mark.slow
 def test_textual_inversion_run(setup):
     run_dir, losses = _train(
         setup,
@@ -110,6 +111,7 @@ def test_textual_inversion_run(setup):
     assert abs(_sample(ours, "a photo of <red-box>") - _sample(theirs, "a photo of <red-box>")).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_dreambooth_lora_with_prior_preservation(setup):
     run_dir, losses = _train(
         setup,
@@ -133,6 +135,7 @@ def test_dreambooth_lora_with_prior_preservation(setup):
     assert abs(_sample(ours, "a photo of sks box") - _sample(theirs, "a photo of sks box")).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_difffit_run_with_ema_writes_plain_merged_unet(setup):
     from diffusers import UNet2DConditionModel
 
@@ -160,6 +163,7 @@ def test_missing_and_corrupt_image_folders(setup, capsys):
     assert capsys.readouterr().err.strip() == f"error: {bad / '0.jpg'} is not a readable image (UnidentifiedImageError)"
 
 
+@pytest.mark.slow
 def test_unreadable_images_can_be_left_out(setup, capsys):
     """data.skip_bad_images=true trains on the readable images and says how many files it left out."""
     mixed = setup / "mixed_images"

@@ -188,6 +188,7 @@ def test_a_batch_that_does_not_split_leaves_no_folder_behind(config, capsys):
     assert not (config.parent / "runs" / "indivisible").exists()
 
 
+@pytest.mark.slow
 def test_a_run_made_with_relative_paths_evaluates_from_another_directory(tmp_path, monkeypatch):
     import subprocess
 

@@ -51,6 +51,7 @@ def trained(tmp_path_factory):
     return tmp / "run", results
 
 
+@pytest.mark.slow
 def test_a_short_run_lowers_the_loss_and_beats_chance_widely(trained):
     run_dir, results = trained
     losses = [
@@ -79,6 +80,7 @@ def test_the_run_folder_holds_the_table_the_grid_and_the_labels(trained):
     assert {str(run_dir / "per_class_iou.md"), str(run_dir / "predictions.png")} <= {str(p) for p in results["outputs"]}
 
 
+@pytest.mark.slow
 def test_eval_reproduces_the_runs_numbers_and_predict_writes_masks(trained, tmp_path, capsys):
     run_dir, results = trained
     assert run_cli(eval_main, [str(run_dir), "--cpu"]) == 0

@@ -171,6 +171,7 @@ torch.save(seg(images), {out!r})
 """
 
 
+@pytest.mark.slow
 def test_adapter_and_head_round_trip_in_a_new_process(tmp_path):
     seg = vp.segmentation.build(
         vit(),

@@ -12,6 +12,8 @@ from visionpeft.sweep.plan import final_runs
 from visionpeft.sweep.runs import execute, read_result
 from visionpeft.sweep.spec import make_spec
 
+pytestmark = pytest.mark.slow  # every test here drives a sweep end to end
+
 
 def _pending(root):
     """Two runs of the digits demo (two steps each): one per learning rate."""

@@ -36,6 +36,7 @@ def sweep_dir(tmp_path_factory):
     return spec, root
 
 
+@pytest.mark.slow
 def test_group_means_and_the_19_task_mean(sweep_dir):
     _, root = sweep_dir
     rows = {r["task"]: r for r in csv.DictReader(open(root / "summary.csv"))}

@@ -13,6 +13,8 @@ from visionpeft.sweep.plan import select_runs
 from visionpeft.sweep.runs import execute, status
 from visionpeft.sweep.spec import load_saved_spec
 
+pytestmark = pytest.mark.slow  # every test here drives a sweep end to end
+
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):

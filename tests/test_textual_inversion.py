@@ -13,6 +13,7 @@ from visionpeft.trainers.diffusion import DiffusionParts, diffusion_loss, encode
 _sample = sample_images
 
 
+@pytest.mark.slow
 def test_textual_inversion_trains_new_rows_only_and_diffusers_loads_it(tmp_path):
     pipe = tiny_sd_pipeline(tmp_path / "tok")
     table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()

@@ -46,6 +46,7 @@ def _generate(folder: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_shipped_pipeline_loads_with_diffusers_alone_and_is_deterministic():
     reference = REFERENCE
     first = _generate(PIPELINE)
@@ -70,6 +71,7 @@ def test_held_out_subjects_are_absent_from_the_pretraining_data():
     assert len(held) > 100 and not _fingerprints(held) & _fingerprints(pretraining.images)
 
 
+@pytest.mark.slow
 def test_the_pretraining_split_holds_each_digit_once():
     # "all" holds the digits of train + val + test; the sweep's "trainval" split must not add train and val again
     from visionpeft.demo.captioned_mix import SUBJECTS
@@ -88,6 +90,7 @@ def test_pretraining_config_holds_the_subjects_out():
     assert set(config.data.exclude) == set(HELD_OUT)
 
 
+@pytest.mark.slow
 def test_judge_accuracy_is_reproduced_on_its_test_split():
     from safetensors import safe_open
 
@@ -102,6 +105,7 @@ def test_judge_accuracy_is_reproduced_on_its_test_split():
     assert measured > 0.8
 
 
+@pytest.mark.slow
 def test_kid_separates_real_from_noise():
     from visionpeft.demo.judge import Judge, kid
 
@@ -114,6 +118,7 @@ def test_kid_separates_real_from_noise():
     assert different > 10 * max(same, 1e-4)
 
 
+@pytest.mark.slow
 def test_pretrain_command_lowers_the_loss_and_saves_a_loadable_pipeline(tmp_path):
     overrides = [
         "model.vae_channels=[8,16]",

@@ -86,6 +86,7 @@ def _tensorboard_steps(run_dir: Path, tag: str) -> list[int]:
     return [event.step for event in events.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(setup, monkeypatch):
     """Stopped after epoch 1, crashed while saving epoch 2, resumed twice: the same run as an uninterrupted one."""
     tmp, config_path = setup
@@ -118,6 +119,7 @@ def test_resume_continues_exactly(setup, monkeypatch):
         assert _tensorboard_steps(tmp / "runs" / "split", tag) == _tensorboard_steps(tmp / "runs" / "straight", tag)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(setup):
     """accelerate launch with 2 CPU processes (gloo) and gradient accumulation (several optimizer steps per epoch): the
     same epoch losses and test result as 1 process; a 2-process run stopped after an epoch and resumed in 2
@@ -224,6 +226,7 @@ def test_accumulation_keeps_the_batch_per_step_and_bf16_trains(setup):
         run(load_config(config_path, [*base, "optim.grad_accum=3", "train.run_name=bad"]), tmp / "bad", cpu=True)
 
 
+@pytest.mark.slow
 def test_adaptformer_image_recipe_head_trains_and_reloads_with_its_batchnorm_statistics(setup):
     # AdaptFormer's main_image.py: trunc_normal(0.01) classifier, zero bias, BatchNorm1d(affine=False) in front
     tmp, config_path = setup

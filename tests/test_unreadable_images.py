@@ -123,6 +123,7 @@ def test_worker_safe_turns_read_errors_into_one_line_item_errors():
     assert str(info.value) == "item 2 of the dataset cannot be read: [Errno 5] Input/output error: '/mnt/data/2.png'"
 
 
+@pytest.mark.slow
 def test_training_on_a_truncated_jpeg_with_workers_is_one_line(tmp_path, capsys):
     root = _folder(tmp_path / "imgs")
     _truncated_jpeg(root / "train" / "b" / "1.png")  # headers fine (the scan passes), pixels cut off
