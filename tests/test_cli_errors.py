@@ -162,6 +162,10 @@ def test_the_visionpeft_command_lists_its_subcommands_and_names_a_typo():
         [sys.executable, "-m", "visionpeft", "train", "--help"], capture_output=True, text=True, timeout=120
     )
     assert helped.returncode == 0 and "--print-config" in helped.stdout
+    from visionpeft.registry import TRAINERS
+
+    listed = helped.stdout.rsplit("tasks (the config's task: key):", 1)[-1]
+    assert all(task in listed for task in TRAINERS.names())  # every registered task, control included
 
 
 def test_a_key_written_twice_in_a_config_or_grid_file_is_refused(config, tmp_path, capsys):

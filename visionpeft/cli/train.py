@@ -1,4 +1,4 @@
-"""Train any task: image classification, semantic segmentation, personalization, class-conditional DiT fine-tuning.
+"""Train any registered task (listed at the end of ``--help``) from its config.
 
     visionpeft train CONFIG [key=value ...] [--dry-run] [--print-config] [--stop-after N]
     visionpeft train --resume RUN_DIR
@@ -43,8 +43,13 @@ def report(results: dict[str, Any], run_dir=None, seconds: float | None = None) 
 
 
 def main(argv: list[str]) -> int:
+    from ..registry import TRAINERS
+
     parser = argparse.ArgumentParser(
-        prog="visionpeft train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="visionpeft train",
+        description=__doc__,
+        epilog="tasks (the config's task: key): " + ", ".join(TRAINERS.names()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="build model, method(s) and data; print the summary")

@@ -8,15 +8,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-import visionpeft as vp
-
-from ..backbones.diffusers_loading import load_pipeline
 from ..errors import ConfigError, did_you_mean
 from .class_conditional import ClassValidation, labelled_dataset
-from .loop import LoopConfig, make_accelerator
 from .saved_run import (
     EvalRequest,
     PredictRequest,
+    adapted_pipeline,
     adapter_dir,
     check_outputs,
     eval_folder,
@@ -30,10 +27,7 @@ from .saved_run import (
 
 def _sampler(config: DictConfig, adapter: Path, cpu: bool, check_base: bool):
     """(the trainer's validation around the run's DiT pipeline with ``adapter`` loaded, an accelerator)."""
-    pipeline = load_pipeline(config.model.name)
-    vp.load_adapter(pipeline, adapter, check_base=check_base)
-    accelerator = make_accelerator(LoopConfig(), cpu=cpu)
-    pipeline.to(accelerator.device)
+    pipeline, accelerator = adapted_pipeline(config.model.name, adapter, cpu, check_base)
     return ClassValidation(pipeline, config, adapter.parent, []), accelerator
 
 

@@ -12,19 +12,16 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-import visionpeft as vp
-
-from ..backbones.diffusers_loading import load_pipeline
 from ..data.conditions import make_condition
 from ..data.control_pairs import ControlPairs, condition_transform
 from ..data.fill50k import make_fill50k
 from ..data.images import load_rgb
 from ..errors import ConfigError
 from .control import ControlValidation
-from .loop import LoopConfig, make_accelerator
 from .saved_run import (
     EvalRequest,
     PredictRequest,
+    adapted_pipeline,
     adapter_dir,
     check_outputs,
     eval_folder,
@@ -40,10 +37,7 @@ HELD_OUT_SEED_OFFSET = 1
 
 def _sampler(config: DictConfig, adapter: Path, pairs: ControlPairs, cpu: bool, check_base: bool):
     """(the trainer's validation of ``pairs`` around the run's pipeline with ``adapter`` loaded, an accelerator)."""
-    pipeline = load_pipeline(config.model.name)
-    vp.load_adapter(pipeline, adapter, check_base=check_base)
-    accelerator = make_accelerator(LoopConfig(), cpu=cpu)
-    pipeline.to(accelerator.device)
+    pipeline, accelerator = adapted_pipeline(config.model.name, adapter, cpu, check_base)
     return ControlValidation(pipeline, config, adapter.parent, pairs), accelerator
 
 

@@ -14,16 +14,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-import visionpeft as vp
-
-from ..backbones.diffusers_loading import load_pipeline
 from ..data.few_images import load_images
 from ..errors import DataError
-from .loop import LoopConfig, make_accelerator
 from .personalization import PersonalizationObjective
 from .saved_run import (
     EvalRequest,
     PredictRequest,
+    adapted_pipeline,
     adapter_dir,
     check_outputs,
     eval_folder,
@@ -36,10 +33,7 @@ from .saved_run import (
 
 def _sampler(config: DictConfig, adapter: Path, cpu: bool, check_base: bool):
     """(the trainer's objective around the run's pipeline with ``adapter`` loaded, an accelerator)."""
-    pipeline = load_pipeline(config.model.name)
-    vp.load_adapter(pipeline, adapter, check_base=check_base)
-    accelerator = make_accelerator(LoopConfig(), cpu=cpu)
-    pipeline.to(accelerator.device)
+    pipeline, accelerator = adapted_pipeline(config.model.name, adapter, cpu, check_base)
     return PersonalizationObjective(pipeline, config, adapter.parent), accelerator
 
 

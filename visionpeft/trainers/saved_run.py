@@ -244,3 +244,18 @@ def device_of(cpu: bool) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+
+
+def adapted_pipeline(model_name: str, adapter: Path, cpu: bool, check_base: bool):
+    """(the run's diffusers pipeline with the saved ``adapter`` loaded and on the device, the accelerator): what the
+    generative tasks' evaluators and predictors sample with, through their trainers' own validation code."""
+    import visionpeft as vp
+
+    from ..backbones.diffusers_loading import load_pipeline
+    from .loop import LoopConfig, make_accelerator
+
+    pipeline = load_pipeline(model_name)
+    vp.load_adapter(pipeline, adapter, check_base=check_base)
+    accelerator = make_accelerator(LoopConfig(), cpu=cpu)
+    pipeline.to(accelerator.device)
+    return pipeline, accelerator
