@@ -29,6 +29,8 @@ SCENARIOS = [
     "test_sweep_cli.py",
     "test_sweep_run.py",
     "test_sweep_executors.py",
+    "test_eval_predict.py",
+    "test_pipeline_loading.py",
 ]
 
 
