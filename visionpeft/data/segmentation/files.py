@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ...errors import DataError
-from ..images import ItemError, load_rgb, screen_images
+from ..images import ItemError, header_size, load_rgb, screen_images
 
 Pair = tuple[Path, Path]
 #: Turns a mask file's array into train ids (uint8, ``ignore_index`` on ignored pixels), or raises DataError.
@@ -178,11 +178,6 @@ def pair_up(images: Sequence[Path], mask_of: Callable[[Path], Path], where: str,
     return pairs
 
 
-def _header_size(path: Path) -> tuple[int, int]:
-    with Image.open(path) as image:  # reads the header only
-        return image.size
-
-
 def check_pairs(pairs: Sequence[Pair], where: str, skip_bad_images: bool = False) -> list[Pair]:
     """The readable pairs, after checking every image and mask file is readable and each mask has its image's size.
 
@@ -199,7 +194,7 @@ def check_pairs(pairs: Sequence[Pair], where: str, skip_bad_images: bool = False
     keep = screen_images([mask for _, mask in pairs], str(pairs[0][1].parent) if pairs else where, skip_bad_images)
     pairs = [pairs[i] for i in keep]
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
-        sizes = list(pool.map(lambda pair: (_header_size(pair[0]), _header_size(pair[1])), pairs))
+        sizes = list(pool.map(lambda pair: (header_size(pair[0]), header_size(pair[1])), pairs))
     for (image, mask), (image_size, mask_size) in zip(pairs, sizes):
         if image_size != mask_size:
             raise DataError(size_mismatch(mask, *mask_size, image, *image_size))
