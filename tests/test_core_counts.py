@@ -31,6 +31,7 @@ PAPER_COUNTS = [
     ("bitfit", {}, DEPTH * (3 * D + D + HIDDEN + D + 2 * D) + D + D),  # 102,912
     # DiffFit: biases + LayerNorm weights and biases + one gamma per residual branch
     ("difffit", {}, DEPTH * (3 * D + D + HIDDEN + D + 4 * D + 2 * D) + D + 2 * D),  # 140,544
+    ("ln_tune", {}, DEPTH * 2 * 2 * D + 2 * D),  # 38,400: both norms per block and the final norm
     ("linear", {}, 0),
 ]
 

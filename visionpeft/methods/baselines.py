@@ -12,7 +12,7 @@ from .base import ExportParts, Method, MethodConfig, register_method
 logger = logging.getLogger(__name__)
 
 
-class _InPlace(Method):
+class InPlaceMethod(Method):
     """A method training backbone parameters in place; merging it is a no-op (the weights already hold it)."""
 
     merges_exactly = True
@@ -49,7 +49,7 @@ class BitFitConfig(MethodConfig):
 
 
 @register_method
-class BitFit(_InPlace):
+class BitFit(InPlaceMethod):
     name = "bitfit"
     config_class = BitFitConfig
 
@@ -65,7 +65,7 @@ class LinearConfig(MethodConfig):
 
 
 @register_method
-class LinearProbe(_InPlace):
+class LinearProbe(InPlaceMethod):
     name = "linear"
     config_class = LinearConfig
     export_formats = frozenset({"peft"})  # as the head, PEFT's modules_to_save
@@ -101,7 +101,7 @@ class FullConfig(MethodConfig):
 
 
 @register_method
-class FullFineTuning(_InPlace):
+class FullFineTuning(InPlaceMethod):
     name = "full"
     config_class = FullConfig
 
