@@ -32,6 +32,9 @@ PAPER_COUNTS = [
     # DiffFit: biases + LayerNorm weights and biases + one gamma per residual branch
     ("difffit", {}, DEPTH * (3 * D + D + HIDDEN + D + 4 * D + 2 * D) + D + 2 * D),  # 140,544
     ("ln_tune", {}, DEPTH * 2 * 2 * D + 2 * D),  # 38,400: both norms per block and the final norm
+    # SSF: a scale and a shift after qkv, proj, fc1, fc2 and both LayerNorms per block, the patch embedding and the
+    # final norm (PETL_Vision's inserted_parameters)
+    ("ssf", {}, DEPTH * 2 * (3 * D + D + HIDDEN + D + 2 * D) + 2 * D + 2 * D),  # 205,824
     ("linear", {}, 0),
 ]
 

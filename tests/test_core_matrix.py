@@ -19,6 +19,7 @@ MATRIX = [
     ("vit", "lora", {}),
     ("vit", "lora", ALL_LORA),
     ("vit", "difffit", {}),
+    ("vit", "ssf", {"init_std": 0.0}),  # the official init is random; std 0 starts as the identity
     ("vit", "bitfit", {}),
     ("vit", "ln_tune", {}),
     ("vit", "linear", {}),
@@ -32,6 +33,7 @@ MATRIX = [
     ("clip_timm", "vpt", {"num_tokens": 2, "deep": True}),
     ("clip_timm", "lora", {}),
     ("clip_timm", "difffit", {}),
+    ("clip_timm", "ssf", {"init_std": 0.0}),
     ("clip_vision", "vpt", {"num_tokens": 2, "deep": True}),
     ("clip_vision", "adaptformer", {"bottleneck": 4}),
     ("clip_vision", "convpass", {}),
@@ -132,6 +134,8 @@ def test_save_load_and_merge(case, method, options, tmp_path):
         ("clip_text", "vpt", {"tower": "text"}),
         ("clip_text", "convpass", {"tower": "text"}),
         ("clip_vision", "linear", {}),
+        ("clip_vision", "ssf", {}),
+        ("unet", "ssf", {}),
         ("vit", "lora", {"tower": "text"}),
     ],
 )

@@ -32,6 +32,7 @@ BAD_OPTIONS = [
     ("cocoop", {"n_ctx": 0}, "method 'cocoop' option 'n_ctx' must be at least 1, got 0"),
     ("coop", {"class_token_position": "mid"}, "method 'coop' option 'class_token_position' must be one of end"),
     ("coop", {"init_std": -1.0}, "method 'coop' option 'init_std' must be at least 0, got -1.0"),
+    ("ssf", {"init_std": -0.02}, "method 'ssf' option 'init_std' must be at least 0, got -0.02"),
     ("textual_inversion", {"num_vectors": 0}, "method 'textual_inversion' option 'num_vectors' must be at least 1"),
     ("textual_inversion", {"token": ""}, "method 'textual_inversion' option 'token' must not be empty, got ''"),
 ]
