@@ -103,13 +103,47 @@ def test_merge_equals_unmerged():
     assert set(merged.state_dict()) == set(tiny_vit().state_dict())
 
 
-def test_merge_with_lora_on_the_same_layers():
-    model = vp.attach(tiny_vit(), [("lora", {"targets": ["q", "v", "fc1"]}), ("ssf", {})])
+LORA = ("lora", {"targets": ["q", "v", "fc1"]})
+
+
+@pytest.mark.parametrize(
+    "methods",
+    [[LORA, ("ssf", {})], [("ssf", {}), LORA], [("difffit", {}), ("ssf", {})], [("ssf", {}), ("difffit", {})]],
+    ids=["lora-then-ssf", "ssf-then-lora", "difffit-then-ssf", "ssf-then-difffit"],
+)
+def test_merge_with_other_methods_on_the_same_layers(methods):
+    """ssf attached after lora scales the LoRA output too, before it only the base layer's: either folds exactly,
+    and always before DiffFit's gamma, which multiplies the shift."""
+    model = vp.attach(tiny_vit(), methods)
     with torch.no_grad():
         for _, p in vp.trainable_parameters(model):
             p.add_(torch.randn_like(p) * 0.05)
         before = model(images())
         torch.testing.assert_close(vp.merge(model)(images()), before, rtol=1e-5, atol=1e-5)
+
+
+class PassThrough(torch.nn.Module):
+    """A wrapper as methods install them (``_vp_wrapper``, the original as ``base``)."""
+
+    _vp_wrapper = True
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def forward(self, x):
+        return self.base(x)
+
+
+def test_ssf_inside_one_wrapper_and_outside_another_refuses_merge_first():
+    model = vp.attach(tiny_vit(), [LORA, ("ssf", {})])
+    mlp = model.blocks[0].mlp
+    mlp.fc2 = PassThrough(mlp.fc2)  # a layer wrapped after ssf was attached, as a later method would
+    with pytest.raises(IncompatibleMethodError) as err:
+        vp.merge(model)
+    assert "blocks.0.attn.qkv" in str(err.value) and "blocks.0.mlp.fc2" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert [name for name, _ in vp.attached_methods(model)] == ["lora", "ssf"]  # lora not merged either
 
 
 def test_save_load_round_trip(tmp_path):

@@ -62,7 +62,6 @@ class SSF(Method):
     name = "ssf"
     config_class = SSFConfig
     merges_exactly = True
-    merge_priority = 1  # an output scale folds in after additive weight updates (LoRA) to the same layer
     requires = {"tokens": "a ViT token tower (patch embedding, pre-norm blocks, final norm)"}
 
     def check_fits(self) -> None:
@@ -115,7 +114,29 @@ class SSF(Method):
     def _apply(ssf: ScaleShift, channel_dim: int, module: nn.Module, args: tuple, output: torch.Tensor):
         return ssf.apply_to(output, channel_dim)
 
+    @property
+    def merge_priority(self) -> float:  # type: ignore[override]
+        """Where the fold goes among the merged methods, by where the scale-shift sits: on a layer another method
+        wrapped first (``lora`` then ``ssf``: ``s (W x + B A x + b) + t``) it folds after that additive update;
+        on a bare layer (wrapped later or never: ``s (W x + b) + t + B A x``) before it. Either way before the
+        output scales (DiffFit, priority 1) that multiply the shift too. Both at once cannot fold: first, so that
+        :meth:`merge` refuses before any other method has merged."""
+        inside = any(getattr(layer, "_vp_wrapper", False) for _, layer, _ in self._sites)
+        return 0.5 if inside and not self._wrapped_later() else -1
+
+    def _wrapped_later(self) -> list[str]:
+        """Sites whose layer another method wrapped after ssf was attached."""
+        wrapped = {id(m.base) for m in self.backbone.model.modules() if getattr(m, "_vp_wrapper", False)}
+        return [canonical for canonical, layer, _ in self._sites if id(layer) in wrapped]
+
     def merge(self) -> None:
+        inside = [canonical for canonical, layer, _ in self._sites if getattr(layer, "_vp_wrapper", False)]
+        later = self._wrapped_later()
+        if inside and later:
+            raise IncompatibleMethodError(
+                f"ssf sits outside the update of {inside[0]} but inside the update of {later[0]} (attached in "
+                "between two methods wrapping layers), so no merge order folds both exactly"
+            )
         folds = []
         for canonical, layer, ssf in self._sites:
             while getattr(layer, "_vp_wrapper", False):
