@@ -168,3 +168,36 @@ def test_a_model_without_blocks_is_one_line():
     with pytest.raises(IncompatibleMethodError, match="fact needs") as err:
         vp.attach(model, "fact")
     assert "\n" not in str(err.value)
+
+
+def test_eva_with_separate_projections_merges_and_fused_qkv_with_outside_biases_is_one_line():
+    from timm.models.eva import Eva
+
+    def eva(**options):
+        torch.manual_seed(0)
+        return Eva(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, **options).eval()
+
+    model = vp.attach(eva(qkv_fused=False), "fact", dim=3)
+    randomise(factors_of(model))
+    with torch.no_grad():
+        adapted = model(IMAGES)
+        assert not torch.allclose(adapted, eva(qkv_fused=False)(IMAGES), rtol=1e-2, atol=0)  # tiny logits (1e-4)
+        vp.merge(model)
+        torch.testing.assert_close(model(IMAGES), adapted, rtol=1e-5, atol=1e-8)
+    fused = eva(qkv_bias=True)
+    with pytest.raises(IncompatibleMethodError, match="reads blocks.0.attn.qkv.weight without calling") as err:
+        vp.attach(fused, "fact")
+    assert "\n" not in str(err.value)
+    assert not vp.attached_methods(fused)
+
+
+def test_composes_with_lora_on_the_same_fused_qkv_and_both_merge():
+    model = vp.attach(tiny_vit(), [("lora", {"r": 2}), ("fact", {"dim": 3, "variant": "tk"})])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in vp.trainable_parameters(model):
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        adapted = model(IMAGES)
+        vp.merge(model)
+        torch.testing.assert_close(model(IMAGES), adapted, rtol=1e-5, atol=1e-5)
+    assert set(model.state_dict()) == set(tiny_vit().state_dict())

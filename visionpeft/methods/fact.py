@@ -146,9 +146,12 @@ class FacT(Method):
                     f"fact adapts nn.Linear projections; {where} of the {self.backbone.family} tower is a {proj.kind}"
                     " (nn.MultiheadAttention is not supported)"
                 )
-            problem = self.backbone.export_problem(paths.get(id(proj.base_layer()), ""), "visionpeft")
-            if problem:
-                raise IncompatibleMethodError(f"fact cannot add to {where}: {problem.split(';')[0]}")
+            path = paths.get(id(proj.base_layer()), "")
+            if self.backbone.export_problem(path, "visionpeft"):  # the backbone reads the weight, never the module
+                raise IncompatibleMethodError(
+                    f"fact cannot add to {where}: the {self.backbone.family} model reads {path}.weight without "
+                    "calling the module (EVA's qkv with separate q/v biases); use lora there"
+                )
             self.widths(where, proj)
 
     def widths(self, key: str, proj: Projection) -> tuple[int, int]:
