@@ -108,12 +108,19 @@ LORA = ("lora", {"targets": ["q", "v", "fc1"]})
 
 @pytest.mark.parametrize(
     "methods",
-    [[LORA, ("ssf", {})], [("ssf", {}), LORA], [("difffit", {}), ("ssf", {})], [("ssf", {}), ("difffit", {})]],
-    ids=["lora-then-ssf", "ssf-then-lora", "difffit-then-ssf", "ssf-then-difffit"],
+    [
+        [LORA, ("ssf", {})],
+        [("ssf", {}), LORA],
+        [("fact", {}), ("ssf", {})],  # fact updates through forward hooks on the same Linears
+        [("ssf", {}), ("fact", {})],
+        [("difffit", {}), ("ssf", {})],
+        [("ssf", {}), ("difffit", {})],
+    ],
+    ids=["lora-then-ssf", "ssf-then-lora", "fact-then-ssf", "ssf-then-fact", "difffit-then-ssf", "ssf-then-difffit"],
 )
 def test_merge_with_other_methods_on_the_same_layers(methods):
-    """ssf attached after lora scales the LoRA output too, before it only the base layer's: either folds exactly,
-    and always before DiffFit's gamma, which multiplies the shift."""
+    """ssf attached after lora / fact scales their update too, before them only the base layer's output: either
+    folds exactly, and always before DiffFit's gamma, which multiplies the shift."""
     model = vp.attach(tiny_vit(), methods)
     with torch.no_grad():
         for _, p in vp.trainable_parameters(model):

@@ -84,7 +84,7 @@ class SSF(Method):
 
     def build(self) -> None:
         std = self.config.init_std
-        self._sites: list[tuple[str, nn.Module, ScaleShift]] = []  # (canonical site, layer it follows, scale-shift)
+        self._sites: list[tuple[str, nn.Module, ScaleShift, int]] = []  # (site, layer it follows, ssf, its hook id)
         embed = _patch_conv(self.tower.stages["embed"])
         self._add_site(self.tower.prefix + "embed", self.tower.stages["embed"], embed, embed.out_channels, 1, std)
         for block in self.blocks():
@@ -108,7 +108,7 @@ class SSF(Method):
     ) -> None:
         ssf = self.add_module(parent, f"{canonical}.ssf", ScaleShift(width, std))
         self.hook_output(layer, self._apply, ssf, channel_dim)
-        self._sites.append((canonical, layer, ssf))
+        self._sites.append((canonical, layer, ssf, self._hooks[-1].id))
 
     @staticmethod
     def _apply(ssf: ScaleShift, channel_dim: int, module: nn.Module, args: tuple, output: torch.Tensor):
@@ -116,29 +116,38 @@ class SSF(Method):
 
     @property
     def merge_priority(self) -> float:  # type: ignore[override]
-        """Where the fold goes among the merged methods, by where the scale-shift sits: on a layer another method
-        wrapped first (``lora`` then ``ssf``: ``s (W x + B A x + b) + t``) it folds after that additive update;
-        on a bare layer (wrapped later or never: ``s (W x + b) + t + B A x``) before it. Either way before the
-        output scales (DiffFit, priority 1) that multiply the shift too. Both at once cannot fold: first, so that
-        :meth:`merge` refuses before any other method has merged."""
-        inside = any(getattr(layer, "_vp_wrapper", False) for _, layer, _ in self._sites)
-        return 0.5 if inside and not self._wrapped_later() else -1
+        """Where the fold goes among the merged methods, by where the scale-shift sits: outside another method's
+        additive update of the same layer (``lora`` wrapped it, or ``fact`` hooked it, before ``ssf``:
+        ``s (W x + B A x + b) + t``) it folds after that update; on a bare layer (updated later or never:
+        ``s (W x + b) + t + B A x``) before it. Either way before the output scales (DiffFit, priority 1) that
+        multiply the shift too. Both at once cannot fold: first, so that :meth:`merge` refuses before any other
+        method has merged."""
+        inside, later = self._updated_sites()
+        return 0.5 if inside and not later else -1
 
-    def _wrapped_later(self) -> list[str]:
-        """Sites whose layer another method wrapped after ssf was attached."""
+    def _updated_sites(self) -> tuple[list[str], list[str]]:
+        """The sites whose layer another method updates inside the scale-shift (a wrapper ssf hooked, or a forward
+        hook registered before ssf's) and those it updates outside it (a wrapper around the layer, a later hook)."""
         wrapped = {id(m.base) for m in self.backbone.model.modules() if getattr(m, "_vp_wrapper", False)}
-        return [canonical for canonical, layer, _ in self._sites if id(layer) in wrapped]
+        inside, outside = [], []
+        for canonical, layer, _, hook_id in self._sites:
+            hooks = list(layer._forward_hooks)
+            position = hooks.index(hook_id) if hook_id in hooks else len(hooks)
+            if getattr(layer, "_vp_wrapper", False) or position > 0:
+                inside.append(canonical)
+            if id(layer) in wrapped or position < len(hooks) - 1:
+                outside.append(canonical)
+        return inside, outside
 
     def merge(self) -> None:
-        inside = [canonical for canonical, layer, _ in self._sites if getattr(layer, "_vp_wrapper", False)]
-        later = self._wrapped_later()
+        inside, later = self._updated_sites()
         if inside and later:
             raise IncompatibleMethodError(
                 f"ssf sits outside the update of {inside[0]} but inside the update of {later[0]} (attached in "
                 "between two methods wrapping layers), so no merge order folds both exactly"
             )
         folds = []
-        for canonical, layer, ssf in self._sites:
+        for canonical, layer, ssf, _ in self._sites:
             while getattr(layer, "_vp_wrapper", False):
                 layer = layer.base
             weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
