@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from tiny_models import CASES, tiny_vit
+from tiny_models import CASES, tiny_vit, training_losses
 
 import visionpeft as vp
 from visionpeft.errors import IncompatibleMethodError
@@ -58,16 +58,7 @@ def test_trained_values_detach_merge_and_load_on_a_fresh_model(tmp_path):
 def test_short_training_lowers_the_loss():
     torch.manual_seed(0)
     model = vp.attach(tiny_vit(), "ln_tune")
-    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
-    optimizer = torch.optim.AdamW([p for _, p in vp.trainable_parameters(model)], lr=1e-2)
-    vp.set_train_mode(model, True)
-    losses = []
-    for _ in range(10):
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = training_losses(model)
     assert losses[-1] < losses[0]
 
 

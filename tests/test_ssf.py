@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_clip, tiny_clip_timm, tiny_vit
+from tiny_models import tiny_clip, tiny_clip_timm, tiny_vit, training_losses
 
 import visionpeft as vp
 from visionpeft.adapter import methods_of
@@ -165,16 +165,7 @@ def test_save_load_round_trip(tmp_path):
 
 def test_short_training_lowers_the_loss():
     model = vp.attach(tiny_vit(), "ssf")
-    vp.set_train_mode(model, True)
-    x, y = images(8), torch.arange(8) % 10
-    optimizer = torch.optim.AdamW([p for _, p in vp.trainable_parameters(model)], lr=3e-2)
-    losses = []
-    for _ in range(30):
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = training_losses(model, steps=30, lr=3e-2)
     assert losses[-1] < 0.7 * losses[0]
 
 

@@ -224,3 +224,22 @@ def assert_same_state(model: torch.nn.Module, reference: torch.nn.Module) -> Non
     assert state.keys() == expected.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def training_losses(model: torch.nn.Module, steps: int = 10, lr: float = 1e-2, seed: int = 0) -> list[float]:
+    """The cross-entropy of ``steps`` AdamW steps on one fixed random batch of a tiny classifier's inputs (32 px,
+    10 classes), training exactly what visionpeft says is trainable (``vp.set_train_mode`` on)."""
+    import visionpeft as vp
+
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = torch.randn(8, 3, 32, 32, generator=generator), torch.arange(8) % 10
+    optimizer = torch.optim.AdamW([p for _, p in vp.trainable_parameters(model)], lr=lr)
+    vp.set_train_mode(model, True)
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
