@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write
+from .run_state import claim_new_folder
 
 #: the adapter folders of a run, in the order a default pick prefers them (the one chosen on val, the final
 #: export, the latest state's copy)
@@ -155,15 +156,9 @@ def eval_folder(request: EvalRequest, name: str) -> Path:
         check_eval_out(request.out)
         _mkdir(request.out, exist_ok=True)
         return request.out
-    parent, number = request.run_dir / EVAL_FOLDER, 1
+    parent = request.run_dir / EVAL_FOLDER
     _mkdir(parent, exist_ok=True)
-    while True:
-        out = parent / (name if number == 1 else f"{name}-{number}")
-        try:
-            out.mkdir()  # claims the name atomically: two evaluations at once get two folders
-            return out
-        except FileExistsError:
-            number += 1
+    return claim_new_folder(parent / name)  # claimed atomically: two evaluations at once get two folders
 
 
 def _mkdir(path: Path, exist_ok: bool) -> None:
@@ -198,9 +193,7 @@ def check_outputs(outputs: Sequence[Path], inputs: Iterable[Path], overwrite: bo
     existing = [out for out in outputs if out.exists()]
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise ConfigError(
-            f"{existing[0]} exists{more}; predict never writes over files: give another --out, or --overwrite"
-        )
+        raise _exists(existing[0], more)
 
 
 def write_new(path: Path, data: bytes, overwrite: bool = False) -> Path:
@@ -213,10 +206,12 @@ def write_new(path: Path, data: bytes, overwrite: bool = False) -> Path:
         with open(path, "xb") as file:
             file.write(data)
     except FileExistsError:
-        raise ConfigError(
-            f"{path} exists; predict never writes over files: give another --out, or --overwrite"
-        ) from None
+        raise _exists(path) from None
     return path
+
+
+def _exists(path: Path, more: str = "") -> ConfigError:
+    return ConfigError(f"{path} exists{more}; predict never writes over files: give another --out, or --overwrite")
 
 
 def readable_grid(rows: Sequence[Sequence[Any]]) -> Any:
