@@ -90,16 +90,16 @@ def score(pipe, test: Path, adapter: Path | None) -> tuple[list[float], list, in
 
     import numpy as np
     import torch
-    from PIL import Image
 
     import visionpeft as vp
     from visionpeft.data.fill50k import fill_iou
+    from visionpeft.data.images import load_rgb
 
     records = [json.loads(line) for line in (test / "metadata.jsonl").read_text().splitlines()]
     trainable = vp.count_parameters(vp.load_adapter(pipe, adapter))["trainable"] if adapter is not None else 0
     scores, images = [], []
     for index, record in enumerate(records):
-        condition = Image.open(test / record["conditioning_image"]).convert("RGB")
+        condition = load_rgb(test / record["conditioning_image"])
         tensor = torch.from_numpy(np.asarray(condition)).permute(2, 0, 1)[None].float() / 255
         generator = torch.Generator().manual_seed(index)
         control = vp.conditioning(pipe, control_image=tensor) if adapter is not None else contextlib.nullcontext()
@@ -123,12 +123,14 @@ def picture(test: Path, rows: dict[str, list], path: Path) -> None:
     """Columns condition | base | controlled | target for the first held-out pairs, 4x nearest upsampling."""
     from PIL import Image
 
+    from visionpeft.data.images import load_rgb
+
     records = [json.loads(line) for line in (test / "metadata.jsonl").read_text().splitlines()][:SHOWN]
     tiles = [
-        [Image.open(test / r["conditioning_image"]).convert("RGB") for r in records],
+        [load_rgb(test / r["conditioning_image"]) for r in records],
         rows["base"][:SHOWN],
         rows["controlled"][:SHOWN],
-        [Image.open(test / r["image"]).convert("RGB") for r in records],
+        [load_rgb(test / r["image"]) for r in records],
     ]
     sheet = Image.new("RGB", (34 * SHOWN, 34 * len(tiles)), (255, 255, 255))
     for r, row in enumerate(tiles):
