@@ -58,7 +58,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _build(settings: Settings, num_classes: int = 100):
+def build_model(settings: Settings, num_classes: int = 100):
     import timm
 
     return timm.create_model(settings.arch, pretrained=False, num_classes=num_classes, img_size=settings.img)
@@ -112,14 +112,14 @@ def training_step(model, params, x, y, amp=None):
     return step
 
 
-def _train_steps(args: tuple) -> dict:
+def train_steps(args: tuple) -> dict:
     """Runs in a fresh process: build, attach, time warm AdamW steps, report peak memory."""
     settings, method, options = args
     import torch
 
     torch.set_num_threads(settings.threads)
     torch.manual_seed(0)
-    model, params, trainable = prepare(_build(settings), method, options)
+    model, params, trainable = prepare(build_model(settings), method, options)
     x = torch.randn(settings.batch, 3, settings.img, settings.img)
     y = torch.randint(0, 100, (settings.batch,))
     step_once = training_step(model, params, x, y)
@@ -205,7 +205,7 @@ def bias_steps(settings: Settings, repeats: int) -> dict[str, float]:
     rows = {"full": "full", "plain bias-only": "plain_bias", "bitfit": "bitfit", "difffit": "difffit"}
     steps = {}
     for label, method in rows.items():
-        model, params, _ = prepare(_build(settings), method, {})
+        model, params, _ = prepare(build_model(settings), method, {})
         steps[label] = training_step(model, params, x, y)
     return interleaved(steps, 1, rounds=repeats)
 
@@ -217,8 +217,8 @@ def merged_inference(settings: Settings, repeats: int) -> dict[str, float]:
     import visionpeft as vp
 
     torch.set_num_threads(settings.threads)
-    plain = _build(settings).eval()
-    merged = _build(settings).eval()
+    plain = build_model(settings).eval()
+    merged = build_model(settings).eval()
     vp.attach(merged, "lora", r=8, targets=["q", "k", "v", "o", "fc1", "fc2"])
     vp.merge(merged)
     x = torch.randn(settings.batch, 3, settings.img, settings.img)
@@ -255,7 +255,7 @@ def lora_scaling(args) -> int:
                 shift = round_index % len(trio)
                 for label, method, options in trio[shift:] + trio[:shift]:
                     with ctx.Pool(1) as pool:
-                        runs[label].append(pool.apply(_train_steps, ((settings, method, options),)))
+                        runs[label].append(pool.apply(train_steps, ((settings, method, options),)))
             r = {k: {key: statistics.median(x[key] for x in v) for key in v[0]} for k, v in runs.items()}
             print(
                 f"| {arch} | {batch} | {r['full']['cpu']:.2f} | {r['lora']['cpu'] / r['full']['cpu']:.2f} | "
@@ -302,7 +302,7 @@ def main(argv: list[str]) -> int:
         shift = round_index % len(METHODS)
         for label, method, options in METHODS[shift:] + METHODS[:shift]:
             with ctx.Pool(1) as pool:
-                runs[label].append(pool.apply(_train_steps, ((settings, method, options),)))
+                runs[label].append(pool.apply(train_steps, ((settings, method, options),)))
     rows = {
         label: {key: statistics.median(r[key] for r in results) for key in results[0]}
         for label, results in runs.items()
