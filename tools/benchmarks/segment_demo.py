@@ -3,6 +3,7 @@ four blocks, on the texture mosaic (real texture pixels, exact labels; test regi
 
     python tools/benchmark.py segment-demo [--methods linear vpt lora ...] [--steps 80] [--seeds 0 1 2]
     python tools/benchmark.py segment-demo --from-json gallery/segment_results.json   # redraw only
+    python tools/benchmark.py segment-demo --resume   # run only the (method, seed) pairs the saved json lacks
 
 Each run is ``configs/segmentation/<method>_tiny_mosaic.yaml`` with the given steps / batch / seed (32 px training
 crops, whole 64 px test mosaics). Writes ``gallery/segment_results.md`` (test mIoU / aAcc, mean +- std over seeds,
@@ -21,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "segmentation"
-METHODS = ["linear", "vpt", "lora", "adaptformer", "convpass", "bitfit", "full"]
+METHODS = ["linear", "vpt", "lora", "adaptformer", "convpass", "bitfit", "ssf", "ln_tune", "fact", "full"]
 DESCRIPTIONS = {
     "linear": "head only",
     "vpt": "VPT-deep, 8 tokens",
@@ -29,6 +30,9 @@ DESCRIPTIONS = {
     "adaptformer": "AdaptFormer, bottleneck 16",
     "convpass": "Convpass, dim 8, s 0.1",
     "bitfit": "BitFit",
+    "ssf": "SSF",
+    "ln_tune": "LN tuning",
+    "fact": "FacT-TT, dim 8",
     "full": "full fine-tuning",
 }
 PICTURE_IMAGES = 4
@@ -147,6 +151,21 @@ def picture(maps: dict[str, list], methods: list[str], path: Path) -> None:
     canvas.save(path)
 
 
+def finished_runs(saved: Path, methods: list[str], seeds: list[int], steps: int, batch: int) -> tuple[list, dict]:
+    """The rows (of ``methods`` x ``seeds``) and label maps of a saved json whose runs used ``steps`` and ``batch``:
+    a seeded run gives the same numbers again, so ``--resume`` trains only what is missing."""
+    if not saved.is_file():
+        return [], {}
+    record = json.loads(saved.read_text())
+    rows = [
+        r
+        for r in record["runs"]
+        if r["method"] in methods and r["seed"] in seeds and (r["steps"], r["batch"]) == (steps, batch)
+    ]
+    maps = {m: v for m, v in record["predictions"].items() if any(r["method"] == m for r in rows)}
+    return rows, maps
+
+
 def save(out: Path, command: str, results: list[dict], maps: dict) -> None:
     """Writes ``segment_results.json``: the command, every run's row and the first seed's label maps."""
     record = {"command": command, "runs": results, "predictions": maps}
@@ -166,6 +185,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "gallery")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "segment-demo")
     parser.add_argument("--from-json", type=Path, help="redraw the table and picture from a saved json; no training")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs of the saved segment_results.json made with the same steps and batch; train the rest",
+    )
     args = parser.parse_args(argv)
 
     if args.from_json:
@@ -186,8 +210,13 @@ def main(argv: list[str]) -> int:
             + (["--methods", *methods] if methods != METHODS else [])
         )
         args.out.mkdir(parents=True, exist_ok=True)
+        if args.resume:
+            results, maps = finished_runs(args.out / "segment_results.json", methods, seeds, args.steps, args.batch)
+        done = {(r["method"], r["seed"]) for r in results}
         for seed in seeds:
             for label in methods:
+                if (label, seed) in done:
+                    continue
                 row, labels = run_one(label, seed, args.steps, args.batch, args.runs)
                 results.append(row)
                 maps.setdefault(label, labels)
