@@ -184,3 +184,23 @@ def test_the_summary_says_what_each_protocol_does(tmp_path, sweep_dir):
     assert "select by" not in text and "val top-1" not in text.splitlines()[2]
     _, root = sweep_dir
     assert "scored by its final top-1 on val200" in (root / "summary.md").read_text()
+
+
+def test_the_zoo_grids_and_noah_show_their_published_numbers_and_choices(tmp_path):
+    """Grids whose label is not PETL_Vision's method name (adapter_houlsby = rand_h_adapter, ln_tune = ln) and NOAH
+    (its paper's numbers) get their published numbers beside ours, their sources named, their choices listed."""
+    grids = {name: ROOT / "grids" / f"{name}.yaml" for name in ("adapter_houlsby", "ln_tune")}
+    spec = make_spec(VTAB_CONFIG, {**grids, "noah": {}}, ["caltech101"], [0], "vtab1k", "final", [])
+    for index, run in enumerate(select_runs(spec, tmp_path)):
+        _fake(run.path, {"val": {"top1": 0.9 if index in (5, 64) else 0.5}, "test": {}})
+    for run in final_runs(spec, tmp_path):
+        _fake(run.path, {"test": {"top1": 0.9}})
+    write_report(spec, tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    table = text.split("## Chosen")[0].splitlines()
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in table if line.startswith("| ")}
+    assert "90.0 [92.1, -2.1]" in rows["adapter_houlsby"]  # rand_h_adapter's caltech101: 92.07
+    assert "90.0 [89.2, +0.8]" in rows["ln_tune"]  # ln's caltech101: 89.2
+    assert "90.0 [92.7, -2.7]" in rows["noah"]  # the NOAH paper's Table 1
+    assert "(PETL_Vision's re-tuned VTAB-1k runs; the NOAH paper's Table 1, see" in text
+    assert "adapter_bottleneck=8, adapter_scaler=1, lr=0.001, wd=0.0001 |" in text  # their choice on caltech101

@@ -1,7 +1,8 @@
-"""Published numbers a sweep report shows next to its own: ``published_vtab1k.csv`` (its header cites the source).
+"""Published numbers a sweep report shows next to its own: ``published_vtab1k.csv`` (its header cites the sources).
 
 Rows are keyed by ``(method, task)``; a sweep's grid label is matched against ``method`` (``grids/lora.yaml`` makes
-the label ``lora``, which meets PETL_Vision's ``lora``).
+the label ``lora``, which meets PETL_Vision's ``lora``; ``grids/adapter_houlsby.yaml`` meets their
+``rand_h_adapter``, stored under our label). Each row names its ``source``, one of :data:`SOURCES`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ from functools import cache
 from pathlib import Path
 
 TABLE = Path(__file__).with_name("published_vtab1k.csv")
+
+#: A row's ``source`` -> what it is, in the words the report uses.
+SOURCES = {
+    "petl_vision": "PETL_Vision's re-tuned VTAB-1k runs",
+    "noah_paper": "the NOAH paper's Table 1",
+}
 
 
 @cache

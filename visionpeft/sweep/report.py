@@ -17,7 +17,7 @@ from ..io import shown_path
 from .grid import Point
 from .plan import choose, has_select_stage, make_run
 from .protocol import PROTOCOLS, describe
-from .published import published
+from .published import SOURCES, published
 from .runs import read_error, read_result, status
 from .spec import SweepSpec
 from .tasks import VTAB_GROUPS, VTAB_TASKS
@@ -134,6 +134,12 @@ def _params(cells: list[Cell]) -> str:
     return f"{statistics.fmean(counts) / 1e6:.3f}" if counts else "-"
 
 
+def _sources(cells: list[Cell]) -> str:
+    """The sources of the published numbers the report shows, in words (every source when it shows none)."""
+    shown = {c.published["source"] for c in cells if c.published}
+    return "; ".join(text for key, text in SOURCES.items() if not shown or key in shown)
+
+
 def markdown(spec: SweepSpec, root: Path, cells: list[Cell]) -> str:
     summaries = _summaries(spec)
     runs = [p for p in root.glob("runs/*/*/*") if p.is_dir()]
@@ -149,7 +155,7 @@ def markdown(spec: SweepSpec, root: Path, cells: list[Cell]) -> str:
         f"{states.count('pending')} started and unfinished.",
         "",
         "Test top-1 (%) of the final stage, mean ± std over the finished seeds; [published, difference] where a "
-        "published number exists (PETL_Vision's re-tuned VTAB-1k runs, see `visionpeft/sweep/published_vtab1k.csv`). "
+        f"published number exists ({_sources(cells)}, see `visionpeft/sweep/published_vtab1k.csv`). "
         "Params: trainable parameters without the task head, in millions.",
         "",
         "| method | params (M) | " + " | ".join([*spec.tasks, *summaries]) + " |",
