@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .mha import WeightSpaceAttention
+
 
 def row_norms(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """The L2 norm of each output row of ``weight + delta`` (a conv weight's row is one output channel's kernel).
@@ -258,7 +260,7 @@ class LoRAConv2d(_WrappedLayer):
         self.merged = sign > 0
 
 
-class LoRAMultiheadAttention(nn.Module):
+class LoRAMultiheadAttention(WeightSpaceAttention):
     """``nn.MultiheadAttention`` with low-rank updates on any of its q, k, v and output projections.
 
     ``nn.MultiheadAttention`` keeps q/k/v in one ``in_proj_weight`` that its functional forward reads directly,
@@ -267,90 +269,31 @@ class LoRAMultiheadAttention(nn.Module):
     applied in weight space, so it is rejected here.
     """
 
-    _vp_wrapper = True
-
     def __init__(
         self, base: nn.MultiheadAttention, slots: tuple[str, ...], r: int, alpha: float, dora: bool = False
     ) -> None:
-        super().__init__()
-        if not base._qkv_same_embed_dim:
-            raise ValueError("LoRA needs nn.MultiheadAttention with equal q/k/v embedding sizes")
-        self.base = base
+        super().__init__(base)
         d = base.embed_dim
         self.updates = nn.ModuleDict({slot: LoRAUpdate(d, d, r, alpha) for slot in slots})
-        self.merged = False
         self._merge_scales: dict[str, torch.Tensor] = {}
         self.to(device=base.in_proj_weight.device, dtype=base.in_proj_weight.dtype)
         if dora:
             for slot in slots:
-                self.updates[slot].enable_dora(self._slot_weight(slot))
-
-    def _slot_weight(self, slot: str) -> torch.Tensor:
-        """The base weight rows of one of the ``q``, ``k``, ``v``, ``o`` projections (a view)."""
-        if slot == "o":
-            return self.base.out_proj.weight
-        d, i = self.base.embed_dim, "qkv".index(slot)
-        return self.base.in_proj_weight[i * d : (i + 1) * d]
+                self.updates[slot].enable_dora(self.slot_weight(slot))
 
     def _updated(self, slot: str) -> torch.Tensor:
         """A projection's weight with its update: ``W + delta W``, or with DoRA ``g (W + delta W)``."""
-        weight, update = self._slot_weight(slot), self.updates[slot]
+        weight, update = self.slot_weight(slot), self.updates[slot]
         new = weight + update.delta_weight()
         return new if update.magnitude is None else update.dora_scale(weight)[:, None] * new
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:  # batch_first, embed_dim, num_heads, ... of the wrapped module
-            return getattr(super().__getattr__("base"), name)
-
-    def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        in_w, out_w = self.base.in_proj_weight, self.base.out_proj.weight
-        if self.merged:
-            return in_w, out_w
-        parts = [self._updated(slot) if slot in self.updates else self._slot_weight(slot) for slot in "qkv"]
-        return torch.cat(parts), self._updated("o") if "o" in self.updates else out_w
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = True,
-        attn_mask: torch.Tensor | None = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        base = self.base
-        if base.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        in_w, out_w = self._weights()
-        out, weights = F.multi_head_attention_forward(
-            query,
-            key,
-            value,
-            base.embed_dim,
-            base.num_heads,
-            in_w,
-            base.in_proj_bias,
-            base.bias_k,
-            base.bias_v,
-            base.add_zero_attn,
-            base.dropout,
-            out_w,
-            base.out_proj.bias,
-            training=self.training,
-            key_padding_mask=key_padding_mask,
-            need_weights=need_weights,
-            attn_mask=attn_mask,
-            average_attn_weights=average_attn_weights,
-            is_causal=is_causal,
-        )
-        return (out.transpose(0, 1) if base.batch_first else out), weights
+    def projection_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        parts = [self._updated(slot) if slot in self.updates else self.slot_weight(slot) for slot in "qkv"]
+        out_w = self._updated("o") if "o" in self.updates else self.base.out_proj.weight
+        return torch.cat(parts), self.base.in_proj_bias, out_w, self.base.out_proj.bias
 
     @torch.no_grad()
     def merge(self, sign: float = 1.0) -> None:
         for slot, update in self.updates.items():
-            merge_update(self._slot_weight(slot), update, sign, self._merge_scales, slot)
+            merge_update(self.slot_weight(slot), update, sign, self._merge_scales, slot)
         self.merged = sign > 0
