@@ -7,9 +7,10 @@ forward pre-hook on every attention, undone by :meth:`TimmEva.release`):
 - Rotary embedding is applied to the tokens after ``attn.num_prefix_tokens``; prompt tokens VPT inserts after the
   prefix have no position, so they count as prefix tokens there (``num_prefix_tokens`` + the prompts inserted).
 - With q/v biases, EVA computes ``F.linear(x, qkv.weight, qkv_bias)``, reading the weight and never calling the
-  qkv module, so a LoRA wrapping it would be ignored. While qkv is wrapped the attention uses timm's own
-  ``qkv_bias_separate`` path (``qkv(x) + bias``: the same function); for the same reason a PEFT file, which
-  PEFT would load into the ignored module, is refused for it (:meth:`TimmEva.export_problem`).
+  qkv module, so a LoRA wrapping it, or a forward hook on it (FacT's increment), would be ignored. While qkv is
+  wrapped or hooked the attention uses timm's own ``qkv_bias_separate`` path (``qkv(x) + bias``: the same function,
+  the biases added after the module's output); for the same reason a PEFT file, which PEFT would load into the
+  ignored module, is refused for it (:meth:`TimmEva.export_problem`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ def eva_block(name: str, blk: nn.Module) -> Block:
     return Block(name, blk, branches, projections)
 
 
+def called_by_methods(module: nn.Module | None) -> bool:
+    """Whether a method wrapped ``module`` or hooks its forward, so the model must call it to see the method."""
+    if module is None:
+        return False
+    return getattr(module, "_vp_wrapper", False) or bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 class TimmEva(Backbone):
     """Adapter for ``timm.models.eva.Eva`` with pre-norm ``EvaBlock`` blocks (EVA, EVA-02, and the other models
     timm builds with this class); the post-norm variant is left to the generic adapter."""
@@ -87,7 +95,7 @@ class TimmEva(Backbone):
 
     def _prepare_attention(self, base_prefix: int, separate: bool, attn: nn.Module, args: tuple) -> None:
         attn.num_prefix_tokens = base_prefix + self.towers["vision"].tokens.extra_prefix
-        attn.qkv_bias_separate = separate or getattr(attn.qkv, "_vp_wrapper", False)
+        attn.qkv_bias_separate = separate or called_by_methods(attn.qkv)
 
     def release(self) -> None:
         super().release()

@@ -32,7 +32,7 @@ from torch import nn
 from ..backbones.base import Projection
 from ..errors import IncompatibleMethodError
 from ..schema import setting
-from .base import Method, MethodConfig, base_module_paths, register_method
+from .base import Method, MethodConfig, register_method
 
 #: The projections FacT adapts in each block, in the official column order of the Tucker factor P.
 FACT_PROJECTIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc1", "mlp.fc2")
@@ -136,7 +136,6 @@ class FacT(Method):
         super().check_fits()
         if not self.blocks():
             raise IncompatibleMethodError(f"fact needs transformer blocks; the {self.backbone.family} model has none")
-        paths = base_module_paths(self.backbone.model)
         blocks = [block.name for block in self.blocks()]
         for key, proj in self.adapted_projections():
             index, _, projection = key.partition(".")
@@ -145,12 +144,6 @@ class FacT(Method):
                 raise IncompatibleMethodError(
                     f"fact adapts nn.Linear projections; {where} of the {self.backbone.family} tower is a {proj.kind}"
                     " (nn.MultiheadAttention is not supported)"
-                )
-            path = paths.get(id(proj.base_layer()), "")
-            if self.backbone.export_problem(path, "visionpeft"):  # the backbone reads the weight, never the module
-                raise IncompatibleMethodError(
-                    f"fact cannot add to {where}: the {self.backbone.family} model reads {path}.weight without "
-                    "calling the module (EVA's qkv with separate q/v biases); use lora there"
                 )
             self.widths(where, proj)
 
