@@ -3,17 +3,16 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 from torch import nn
 
-from ..backbones.base import Projection, iter_block_projections
-from ..backbones.module_paths import library_modules
-from ..errors import CheckpointError, ConfigError, IncompatibleMethodError, did_you_mean
+from ..backbones.base import Projection
+from ..errors import CheckpointError, IncompatibleMethodError
 from ..layers.lora import LoRAConv2d, LoRALinear, LoRAMultiheadAttention
 from ..schema import setting
 from .base import ExportParts, Method, MethodConfig, base_module_paths, register_method
+from .targets import check_targets, module_projections, projection_groups
 
 
 @dataclass
@@ -66,37 +65,16 @@ class LoRA(Method):
         if cfg.target_modules is not None:
             self.modules_by_path(cfg.target_modules, LORA_MODULES)
             return
-        if not self.blocks():
-            linear = [p for p, _, _, m in library_modules(self.backbone.model) if isinstance(m, nn.Linear)]
-            raise ConfigError(
-                f"lora on a {type(self.backbone.inner).__name__} (no described projections) needs target_modules: "
-                f"module-path suffixes or one regex, e.g. Linear layers {', '.join(linear[:3]) or 'none found'}"
-            )
-        available = {n for b in self.blocks() for n in b.projections}
-        short = {n.rpartition(".")[2] for n in available}
-        for t in cfg.targets:
-            if t not in available and t not in short:
-                raise ConfigError(
-                    f"lora target '{t}' does not exist in the {self.backbone.family} '{self.tower.name}' tower"
-                    f"{did_you_mean(t, sorted(short | available))}; available: {', '.join(sorted(short))}"
-                )
+        check_targets(self, cfg.targets)
 
     def build(self) -> None:
         cfg = self.config
         if cfg.target_modules is not None:
-            for path, parent, attr, module in self.modules_by_path(cfg.target_modules, LORA_MODULES):
-                if isinstance(module, nn.MultiheadAttention):
-                    members = [(f"{path}.{s}", Projection("mha", parent, attr, slot=s)) for s in "qkvo"]
-                else:
-                    members = [(path, Projection("conv" if isinstance(module, nn.Conv2d) else "linear", parent, attr))]
-                self._wrap_group(members)
+            for entry in self.modules_by_path(cfg.target_modules, LORA_MODULES):
+                self._wrap_group(module_projections(*entry))
             return
-        for block in self.blocks():
-            groups: dict[tuple[int, str], list] = defaultdict(list)
-            for pname, proj in iter_block_projections(block, list(cfg.targets)):
-                groups[(id(proj.parent), proj.attr)].append((f"{block.name}.{pname}", proj))
-            for members in groups.values():
-                self._wrap_group(members)
+        for members in projection_groups(self.blocks(), cfg.targets):
+            self._wrap_group(members)
 
     def _wrap_group(self, members: list[tuple[str, Projection]]) -> None:
         """Wraps the one library layer that ``members`` (canonical name, projection) are parts of."""
