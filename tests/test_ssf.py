@@ -129,6 +129,25 @@ def test_merge_with_other_methods_on_the_same_layers(methods):
         torch.testing.assert_close(vp.merge(model)(images()), before, rtol=1e-5, atol=1e-5)
 
 
+DORA = ("lora", {"targets": ["q", "v", "fc1"], "use_dora": True})
+
+
+def test_dora_outside_ssf_refuses_merge_and_inside_merges_exactly():
+    """A DoRA update attached after ssf normalises the rows of the weight ssf would fold into: refused in one line,
+    before anything merged (it was folded 4e-2 off before); DoRA attached first is inside the scale and folds first."""
+    model = vp.attach(tiny_vit(), [("ssf", {}), DORA])
+    with pytest.raises(IncompatibleMethodError) as err:
+        vp.merge(model)
+    assert "DoRA" in str(err.value) and "\n" not in str(err.value)
+    assert [name for name, _ in vp.attached_methods(model)] == ["ssf", "lora"]
+    model = vp.attach(tiny_vit(), [DORA, ("ssf", {})])
+    with torch.no_grad():
+        for _, p in vp.trainable_parameters(model):
+            p.add_(torch.randn_like(p) * 0.05)
+        before = model(images())
+        torch.testing.assert_close(vp.merge(model)(images()), before, rtol=1e-5, atol=1e-5)
+
+
 class PassThrough(torch.nn.Module):
     """A wrapper as methods install them (``_vp_wrapper``, the original as ``base``)."""
 

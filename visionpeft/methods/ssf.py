@@ -16,6 +16,7 @@ from torch import nn
 from ..errors import IncompatibleMethodError
 from ..schema import setting
 from .base import Method, MethodConfig, register_method
+from .hook_order import HookSite, SiteOrder, site_order
 
 
 @dataclass
@@ -116,36 +117,19 @@ class SSF(Method):
 
     @property
     def merge_priority(self) -> float:  # type: ignore[override]
-        """Where the fold goes among the merged methods, by where the scale-shift sits: outside another method's
-        additive update of the same layer (``lora`` wrapped it, or ``fact`` hooked it, before ``ssf``:
-        ``s (W x + B A x + b) + t``) it folds after that update; on a bare layer (updated later or never:
+        """Where the fold goes among the merged methods, by where the scale-shift sits (:mod:`.hook_order`): outside
+        another method's additive update of the same layer (``lora`` wrapped it, or ``fact`` hooked it, before
+        ``ssf``: ``s (W x + B A x + b) + t``) it folds after that update; on a bare layer (updated later or never:
         ``s (W x + b) + t + B A x``) before it. Either way before the output scales (DiffFit, priority 1) that
-        multiply the shift too. Both at once cannot fold: first, so that :meth:`merge` refuses before any other
+        multiply the shift too. Where no order is exact, first, so that :meth:`merge` refuses before any other
         method has merged."""
-        inside, later = self._updated_sites()
-        return 0.5 if inside and not later else -1
+        return self._order().merge_priority
 
-    def _updated_sites(self) -> tuple[list[str], list[str]]:
-        """The sites whose layer another method updates inside the scale-shift (a wrapper ssf hooked, or a forward
-        hook registered before ssf's) and those it updates outside it (a wrapper around the layer, a later hook)."""
-        wrapped = {id(m.base) for m in self.backbone.model.modules() if getattr(m, "_vp_wrapper", False)}
-        inside, outside = [], []
-        for canonical, layer, _, hook_id in self._sites:
-            hooks = list(layer._forward_hooks)
-            position = hooks.index(hook_id) if hook_id in hooks else len(hooks)
-            if getattr(layer, "_vp_wrapper", False) or position > 0:
-                inside.append(canonical)
-            if id(layer) in wrapped or position < len(hooks) - 1:
-                outside.append(canonical)
-        return inside, outside
+    def _order(self) -> SiteOrder:
+        return site_order(self.backbone.model, (HookSite(c, layer, hook_id) for c, layer, _, hook_id in self._sites))
 
     def merge(self) -> None:
-        inside, later = self._updated_sites()
-        if inside and later:
-            raise IncompatibleMethodError(
-                f"ssf sits outside the update of {inside[0]} but inside the update of {later[0]} (attached in "
-                "between two methods wrapping layers), so no merge order folds both exactly"
-            )
+        self._order().check_foldable(self.name)
         folds = []
         for canonical, layer, ssf, _ in self._sites:
             while getattr(layer, "_vp_wrapper", False):
