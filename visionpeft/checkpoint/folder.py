@@ -156,7 +156,9 @@ def _weight_name(directory: Path) -> str:
     return f', weight_name="{KOHYA_NAME}"' if (directory / KOHYA_NAME).is_file() else ""
 
 
-def _save_visionpeft(model: Any, directory: Path) -> None:
+def adapter_record(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What a visionpeft folder of ``model``'s adapter holds: its tensors (canonical names, on the CPU) and its
+    config (methods, backbone, base weights, library versions, a task model's record)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     config = {
         "format": "visionpeft",
@@ -169,8 +171,18 @@ def _save_visionpeft(model: Any, directory: Path) -> None:
     metadata = getattr(unwrap(model), "task_metadata", None)
     if callable(metadata):  # a task model's own record (a segmenter's head, id2label, palette)
         config["task"] = metadata()
+    return tensors, config
+
+
+def write_adapter_folder(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    """Writes ``visionpeft_adapter.safetensors`` + ``visionpeft_config.json`` (each atomically) into ``directory``."""
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return directory
+
+
+def _save_visionpeft(model: Any, directory: Path) -> None:
+    write_adapter_folder(directory, *adapter_record(model))
     if peft_representable(model):
         export(model, directory, "peft")
 
@@ -201,6 +213,20 @@ def adapter_config_path(directory: str | os.PathLike) -> Path | None:
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     """Reads and checks the config of a visionpeft checkpoint folder."""
     return _checked_config(directory)[1]
+
+
+def read_adapter_folder(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checked config and the tensors of a visionpeft checkpoint folder (current or legacy file names).
+
+    Raises:
+        CheckpointError: No visionpeft folder there, a damaged config or an unreadable weights file."""
+    config_path, config = _checked_config(directory)
+    return config, _read_weights(_weights_path(config_path))
+
+
+def _weights_path(config_path: Path) -> Path:
+    """The weights file beside a config file: its current name, or the legacy one beside a legacy config."""
+    return config_path.parent / (WEIGHTS_NAME if config_path.name == CONFIG_NAME else LEGACY_NAMES[0])
 
 
 def _checked_config(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
@@ -263,7 +289,7 @@ def _dtype_name(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
-def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     """Names the floating-point tensors holding NaN or infinity (a diverged run's weights); None when none do."""
     bad = [
         name for name, tensor in sorted(tensors.items()) if tensor.is_floating_point() and not tensor.isfinite().all()
@@ -326,8 +352,7 @@ def load_adapter(
     except ConfigError as err:
         raise CheckpointError(f"{config_path}: {err}") from None
     current = [(name, cfg.to_dict()) for name, cfg in attached_methods(model)]
-    weights_name = WEIGHTS_NAME if config_path.name == CONFIG_NAME else LEGACY_NAMES[0]
-    found = _read_weights(directory / weights_name)
+    found = _read_weights(_weights_path(config_path))
     before = methods_of(model)
     if current != saved:
         try:
@@ -342,9 +367,9 @@ def load_adapter(
     if problem:
         _undo(model, added, before)
         raise CheckpointError(f"{directory} does not fit this model ({problem})")
-    problem = _non_finite({name: found[name] for name in expected})
+    problem = non_finite({name: found[name] for name in expected})
     if problem is None and check_base and "base_model" in config:  # absent: saved before bases were recorded
-        problem = _base_mismatch(model, config["base_model"])
+        problem = base_mismatch(model, config["base_model"])
     if problem:
         _undo(model, added, before)
         raise CheckpointError(f"{directory} {problem}")
@@ -354,7 +379,7 @@ def load_adapter(
     return model
 
 
-def _base_mismatch(model: Any, recorded: Any) -> str | None:
+def base_mismatch(model: Any, recorded: Any) -> str | None:
     """Why the recorded base weights are not this model's, or cannot be compared (a damaged record); None when they
     are this model's."""
     sha256 = recorded.get("sha256") if isinstance(recorded, dict) else None
