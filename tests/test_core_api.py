@@ -162,6 +162,24 @@ def test_multihead_attention_lora_matches_torch(batch_first):
     torch.testing.assert_close(mha(x, x, x, need_weights=False, attn_mask=mask)[0], unmerged, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lora_first", [True, False])
+def test_a_hook_on_a_lora_wrapped_attention_still_runs(lora_first):
+    """DiffFit's gamma hooks open_clip's nn.MultiheadAttention; LoRA's weight-space attention runs that module's own
+    call on its weights, so the gamma counts (it was skipped in both attach orders) and the two merge exactly."""
+    lora = ("lora", {"targets": ["q", "v", "o"]})
+    model = vp.attach(tiny_clip(), [lora, ("difffit", {})] if lora_first else [("difffit", {}), lora])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    gamma = model.visual.transformer.resblocks[0].vp_difffit_0.gamma
+    with torch.no_grad():
+        before = model.encode_image(x)
+        gamma.mul_(3)
+        for _, p in vp.trainable_parameters(model):
+            p.add_(torch.randn_like(p) * 0.05)
+        adapted = model.encode_image(x)
+        assert (adapted - before).abs().max() > 1e-2
+        torch.testing.assert_close(vp.merge(model).encode_image(x), adapted, rtol=1e-5, atol=1e-5)
+
+
 def test_failed_load_leaves_the_model_as_it_was(tmp_path):
     vp.save_adapter(vp.attach(tiny_vit(), "lora"), tmp_path)
     wider = tiny_vit(embed_dim=48)

@@ -2,14 +2,16 @@
 
 ``nn.MultiheadAttention`` keeps q/k/v in one ``in_proj_weight`` (and ``in_proj_bias``) that its functional forward
 reads directly, and never calls its ``out_proj`` module, so a method changing one of its projections cannot hook a
-layer: it hands the functional forward changed weights instead. :class:`WeightSpaceAttention` is that forward; a
-subclass says which weights to use (:meth:`WeightSpaceAttention.projection_weights`).
+layer: it runs the attention on changed weights instead. :class:`WeightSpaceAttention` is that forward (the base
+module's own call, its hooks included, on substituted weights); a subclass says which weights to use
+(:meth:`WeightSpaceAttention.projection_weights`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -54,43 +56,12 @@ class WeightSpaceAttention(nn.Module):
         """``(in_proj_weight, in_proj_bias, out_proj weight, out_proj bias)`` the forward uses while not merged."""
         raise NotImplementedError
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = True,
-        attn_mask: torch.Tensor | None = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        base = self.base
-        if base.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base attention's own call on the projection weights, through ``torch.func.functional_call``: the
+        forward hooks other methods put on the base module (DiffFit's gamma on the attention branch) still run."""
         if self.merged:
-            in_w, in_b, out_w, out_b = base.in_proj_weight, base.in_proj_bias, base.out_proj.weight, base.out_proj.bias
-        else:
-            in_w, in_b, out_w, out_b = self.projection_weights()
-        out, weights = F.multi_head_attention_forward(
-            query,
-            key,
-            value,
-            base.embed_dim,
-            base.num_heads,
-            in_w,
-            in_b,
-            base.bias_k,
-            base.bias_v,
-            base.add_zero_attn,
-            base.dropout,
-            out_w,
-            out_b,
-            training=self.training,
-            key_padding_mask=key_padding_mask,
-            need_weights=need_weights,
-            attn_mask=attn_mask,
-            average_attn_weights=average_attn_weights,
-            is_causal=is_causal,
-        )
-        return (out.transpose(0, 1) if base.batch_first else out), weights
+            return self.base(*args, **kwargs)
+        in_w, in_b, out_w, out_b = self.projection_weights()
+        tensors = {"in_proj_weight": in_w, "in_proj_bias": in_b, "out_proj.weight": out_w, "out_proj.bias": out_b}
+        tensors = {name: tensor for name, tensor in tensors.items() if tensor is not None}
+        return torch.func.functional_call(self.base, tensors, args, kwargs)
