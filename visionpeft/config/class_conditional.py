@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..schema import section, setting
-from .sections import TASK_HELP, DiffusersModel, DiffusionTrain, OptimConfig
+from .diffusion_objective import DiffusionOptim
+from .sections import TASK_HELP, DiffusersModel, DiffusionTrain
 
 
 @dataclass
@@ -33,7 +34,7 @@ class ClassData:
 
 
 @dataclass
-class ClassOptim(OptimConfig):
+class ClassOptim(DiffusionOptim):
     """DiT's AdamW at 10x its learning rate (DiffFit, sec. 4.1), constant, no weight decay; 24k steps at batch 64
     is DiffFit's setting as re-run by Diff-Tuning (NeurIPS 2024)."""
 

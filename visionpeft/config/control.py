@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..schema import section, setting
-from .sections import SCHEDULES, TASK_HELP, DiffusersModel, DiffusionTrain, OptimConfig
+from .diffusion_objective import DiffusionOptim
+from .sections import SCHEDULES, TASK_HELP, DiffusersModel, TextToImageTrain
 
 
 @dataclass
@@ -28,7 +29,7 @@ class ControlData:
 
 
 @dataclass
-class ControlOptim(OptimConfig):
+class ControlOptim(DiffusionOptim):
     """diffusers' ``train_controlnet.py``: AdamW, weight decay 1e-2 on every tensor, constant schedule, max grad
     norm 1; lr 1e-5 as its README commands."""
 
@@ -42,7 +43,7 @@ class ControlOptim(OptimConfig):
 
 
 @dataclass
-class ControlTrain(DiffusionTrain):
+class ControlTrain(TextToImageTrain):
     output_dir: str = setting("runs/control", "parent folder of run folders", path=True)
     validation_pairs: int = setting(2, "training pairs sampled at each validation (prompt + condition)", min=0)
     guidance_scale: float = setting(7.5, "classifier-free guidance of validation samples", min=0)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..schema import section, setting
-from .sections import TASK_HELP, DiffusersModel, DiffusionTrain, OptimConfig
+from .diffusion_objective import DiffusionOptim
+from .sections import TASK_HELP, DiffusersModel, TextToImageTrain
 
 
 @dataclass
@@ -39,7 +40,7 @@ class PriorConfig:
 
 
 @dataclass
-class PersonalizeOptim(OptimConfig):
+class PersonalizeOptim(DiffusionOptim):
     """diffusers' examples: AdamW (weight decay 1e-2 on every tensor), a constant schedule."""
 
     lr: float = setting(5e-4, "peak learning rate (see lr_scale_batch)", min=0)
@@ -57,12 +58,10 @@ class PersonalizeOptim(OptimConfig):
     warmup_steps: int | None = setting(0, "linear warmup from 0, in optimizer steps (or warmup_epochs)", min=0)
     grad_accum: int = setting(4, "micro-batches accumulated per optimizer step", min=1)
     clip_grad: float | None = setting(1.0, "max gradient norm (null: no clipping)", min=0)
-    noise_offset: float = setting(0.0, "offset-noise scale (0: off)", min=0)
-    snr_gamma: float | None = setting(None, "min-SNR-gamma loss weighting (5.0 recommended; null: off)", min=0)
 
 
 @dataclass
-class PersonalizeTrain(DiffusionTrain):
+class PersonalizeTrain(TextToImageTrain):
     output_dir: str = setting("runs/personalize", "parent folder of run folders", path=True)
     xformers: bool = setting(False, "xformers attention (PyTorch SDPA otherwise)")
     cache_latents: bool = setting(False, "encode each image once (needs data.center_crop=true, data.flip=0)")

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..schema import section, setting
-from .sections import SCHEDULES, TASK_HELP, DiffusionTrain, OptimConfig
+from .diffusion_objective import DiffusionOptim
+from .sections import SCHEDULES, TASK_HELP, TextToImageTrain
 
 
 @dataclass
@@ -59,18 +60,18 @@ class MixData:
 
 
 @dataclass
-class PretrainOptim(OptimConfig):
+class PretrainOptim(DiffusionOptim):
     lr: float = setting(5e-4, "peak learning rate (see lr_scale_batch)", min=0)
     weight_decay: float = setting(0.01, "weight decay (AdamW: decoupled)", min=0)
     schedule: str = setting("cosine", "learning-rate schedule after warmup", choices=SCHEDULES)
     steps: int | None = setting(3000, "run length in optimizer steps (or set epochs)", min=1)
     warmup_steps: int | None = setting(200, "linear warmup from 0, in optimizer steps (or warmup_epochs)", min=0)
     clip_grad: float | None = setting(1.0, "max gradient norm (null: no clipping)", min=0)
-    snr_gamma: float | None = setting(5.0, "min-SNR-gamma loss weighting (null: plain MSE)", min=0)
+    snr_gamma: float | None = setting(5.0, "min-SNR-gamma loss weighting (null: plain MSE)", above=0)
 
 
 @dataclass
-class PretrainTrain(DiffusionTrain):
+class PretrainTrain(TextToImageTrain):
     output_dir: str = setting("runs/pretrain", "parent folder of run folders")
     ema_decay: float | None = setting(0.999, "EMA of the trained weights; null: none", min=0, max=1)
     validation_steps: int = setting(20, "DDIM steps of validation grids", min=1)

@@ -104,6 +104,19 @@ class DiffusionTrain(RunSettings):
 
 
 @dataclass
+class TextToImageTrain(DiffusionTrain):
+    """The ``train`` settings of the text-to-image tasks (Stable Diffusion pipelines)."""
+
+    guidance_rescale: float = setting(
+        0.0,
+        "rescale classifier-free guidance in validation samples (the pipelines' guidance_rescale, Lin et al. 2024; "
+        "0.7 with optim.rescale_zero_terminal_snr; 0: off)",
+        min=0,
+        max=1,
+    )
+
+
+@dataclass
 class DiffusersModel:
     """``model``: a diffusers pipeline."""
 

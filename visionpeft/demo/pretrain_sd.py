@@ -2,8 +2,10 @@
 
 The VAE trains first in its own short loop (:func:`~.tiny_sd_parts.vae_stage`, saved in ``RUN/vae``); its
 latents of every image are then cached (the VAE is frozen) and the U-Net learns the denoising loss of Stable
-Diffusion (:func:`~.diffusion.diffusion_loss`: DDPM forward process, epsilon target, min-SNR weighting) with the
-shared loop (progress, resume, EMA, ``metrics.jsonl``). Captions are dropped to ``""`` at ``caption_dropout`` so
+Diffusion (:func:`~.diffusion.diffusion_loss`: DDPM forward process, epsilon target, min-SNR weighting, and the
+other knobs of ``optim``) with the shared loop (progress, resume, EMA, ``metrics.jsonl``). With
+``optim.prediction_type`` / ``rescale_zero_terminal_snr`` the new pipeline's scheduler is made for them (its saved
+config says so). Captions are dropped to ``""`` at ``caption_dropout`` so
 that classifier-free guidance works. The text encoder trains with the U-Net (method ``full`` on both towers) unless
 ``model.train_text_encoder=false``. ``model.init_from`` continues an exported pipeline instead of building one
 (no VAE stage; the earlier record goes to ``RUN/earlier_training.json``). Validation writes a grid of sample images
@@ -14,6 +16,7 @@ loads alone; ``tools/pretrain.py`` ships it with U-Net and VAE in fp16 (:func:`~
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,9 @@ from torch.utils.data import Dataset
 import visionpeft as vp
 
 from ..backbones import pipeline_modules
-from ..trainers.diffusion import DiffusionParts, diffusion_loss
+from ..config.diffusion_objective import objective_of
+from ..trainers.diffusion import DiffusionParts, diffusion_loss, training_scheduler_from
+from ..trainers.diffusion_objective import check_objective, use_trained_sampling
 from ..trainers.logs import get_logger
 from ..trainers.run import Setup, run_task
 from .captioned_mix import CaptionedImages, captioned_mix
@@ -76,13 +81,14 @@ class TextToImageDenoiser(nn.Module):
         super().__init__()
         self.adapted, self.vae = adapted, pipeline.vae
         frozen_text = not cfg.model.train_text_encoder
+        self.objective = objective_of(cfg.optim)
         # the VAE is frozen: each image's latent distribution is computed once (latents are still sampled per step)
         parts = DiffusionParts(
             pipeline.unet,
             pipeline.vae,
             pipeline.text_encoder,
             pipeline.tokenizer,
-            training_noise_scheduler(),
+            training_scheduler_from(training_noise_scheduler().config, self.objective),
             {} if frozen_text else None,
             {},
         )
@@ -93,7 +99,7 @@ class TextToImageDenoiser(nn.Module):
         prompts = list(batch["prompt"])
         drop = torch.rand(len(prompts)) < self.cfg.data.caption_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        return diffusion_loss(self.parts, batch["pixel_values"], prompts, snr_gamma=self.cfg.optim.snr_gamma)
+        return diffusion_loss(self.parts, batch["pixel_values"], prompts, objective=self.objective)
 
 
 class SampleGrids:
@@ -131,6 +137,7 @@ class SampleGrids:
             num_inference_steps=train.validation_steps,
             generator=generator,
             guidance_scale=train.guidance_scale,
+            guidance_rescale=train.guidance_rescale,
         ).images
 
 
@@ -163,16 +170,20 @@ class PretrainTextToImageTrainer:
             **dict(config.data.options),
         )
         run_dir.mkdir(parents=True, exist_ok=True)
+        objective = objective_of(config.optim)
         if config.model.init_from:
             pipeline, earlier = continued_pipeline(config.model.init_from, list(config.data.exclude))
+            check_objective(objective, pipeline.scheduler, str(config.model.init_from))
             vae, vae_record = pipeline.vae, earlier["vae"]
             earlier = {**earlier, "init_from": str(config.model.init_from)}
             (run_dir / EARLIER_RECORD).write_text(json.dumps(earlier, indent=2) + "\n")
             torch.manual_seed(config.train.seed)
-        else:
+        else:  # a new model is made for the objective's prediction type: nothing to change
+            check_objective(replace(objective, change_prediction_type=True), sampling_scheduler(), "a new pipeline")
             vae, vae_record = vae_stage(config.model, config.vae, images.images, config.train.seed, run_dir)
             torch.manual_seed(config.train.seed)
             pipeline = build_pipeline(config, vae)
+        use_trained_sampling(pipeline, objective)  # validation grids and RUN/pipeline sample as it trains
         towers = ["unet", "text_encoder"] if config.model.train_text_encoder else ["unet"]
         vp.attach(pipeline, [("full", {"tower": tower}) for tower in towers])
         if not config.model.train_text_encoder:

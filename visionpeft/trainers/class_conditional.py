@@ -30,9 +30,11 @@ import visionpeft as vp
 from ..adapter import backbone_of
 from ..backbones.diffusers_loading import load_pipeline
 from ..config import method_configs
+from ..config.diffusion_objective import DiffusionObjective, objective_of
 from ..errors import ConfigError, DataError, IncompatibleMethodError
 from ..registry import DATASETS
 from .diffusion import training_scheduler
+from .diffusion_objective import check_objective
 from .dit_loss import class_conditional_loss
 from .run import Setup, run_task
 
@@ -61,7 +63,8 @@ class ClassDenoiser(nn.Module):
     def __init__(self, pipeline, cfg: DictConfig) -> None:
         super().__init__()
         self.transformer, self.vae = pipeline.transformer, pipeline.vae
-        self.__dict__["scheduler"] = training_scheduler(pipeline)
+        self.objective = objective_of(cfg.optim)
+        self.__dict__["scheduler"] = training_scheduler(pipeline, self.objective)
         backbone = backbone_of(pipeline.transformer)
         self.__dict__["label_embedders"] = backbone.label_embedders()
         self.null_class = backbone.class_table().num_embeddings - 1
@@ -74,7 +77,13 @@ class ClassDenoiser(nn.Module):
         drop = torch.rand(labels.shape[0], device=labels.device) < self.cfg.train.class_dropout
         labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         losses = class_conditional_loss(
-            self.transformer, self.vae, self.scheduler, images, labels, learn_sigma=self.cfg.train.learn_sigma
+            self.transformer,
+            self.vae,
+            self.scheduler,
+            images,
+            labels,
+            learn_sigma=self.cfg.train.learn_sigma,
+            objective=self.objective,
         )
         return losses.mean()
 
@@ -130,6 +139,16 @@ def labelled_dataset(cfg: DictConfig) -> Dataset:
     return dataset
 
 
+def check_dit_objective(objective: DiffusionObjective) -> None:
+    """DiT trains epsilon prediction with its learned variance: the prediction knobs that change it are refused."""
+    if objective.prediction_type == "v_prediction" or objective.rescale_zero_terminal_snr:
+        field = "prediction_type=v_prediction" if objective.prediction_type else "rescale_zero_terminal_snr=true"
+        raise ConfigError(
+            f"optim.{field} does not apply to class_conditional: DiT predicts epsilon and its variance (L_vb) on "
+            "the schedule it was trained with; leave optim.prediction_type null and rescale_zero_terminal_snr false"
+        )
+
+
 def _prepare_class_table(pipeline, cfg: DictConfig, classes: list[str]) -> None:
     """Checks the classes fit the pretrained table, re-initialises their rows (``class_init=normal``)."""
     backbone = backbone_of(pipeline.transformer)
@@ -175,6 +194,8 @@ class ClassConditionalTrainer:
     and (exact merges) a complete ``DiTPipeline`` folder that knows the new class names."""
 
     def build(self, config: DictConfig, accelerator, run_dir: Path) -> Setup:
+        knobs = objective_of(config.optim)
+        check_dit_objective(knobs)
         dataset = labelled_dataset(config)  # fails early on a missing or corrupt dataset
         classes = list(dataset.classes)
         unknown = [c for c in config.train.validation_classes if c not in classes]
@@ -185,6 +206,7 @@ class ClassConditionalTrainer:
         pipeline = load_pipeline(config.model.name)
         if not hasattr(pipeline, "transformer") or not hasattr(pipeline, "get_label_ids"):
             raise ConfigError(f"{config.model.name} is not a class-conditional DiT pipeline")
+        check_objective(knobs, pipeline.scheduler, config.model.name)
         vp.attach(pipeline, method_configs(config))
         _prepare_class_table(pipeline, config, classes)
         if config.train.gradient_checkpointing:

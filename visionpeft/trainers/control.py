@@ -23,35 +23,50 @@ from ..backbones import pipeline_modules
 from ..backbones.diffusers_loading import load_pipeline
 from ..checkpoint.folder import save_adapter
 from ..config import method_configs
+from ..config.diffusion_objective import DiffusionObjective, objective_of
 from ..data.control_pairs import ControlPairs
 from ..data.fill50k import fill_iou
 from .diffusion import DiffusionParts, diffusion_loss
+from .diffusion_objective import check_objective, use_trained_sampling
 from .run import Setup, run_task
 
 
 class ControlDenoiser(nn.Module):
     """The adapted pipeline modules plus the frozen VAE, with the denoising loss under the batch's conditions."""
 
-    def __init__(self, adapted: nn.Module, pipeline, timestep_sampling: str = "uniform") -> None:
+    def __init__(
+        self,
+        adapted: nn.Module,
+        pipeline,
+        timestep_sampling: str = "uniform",
+        objective: DiffusionObjective | None = None,
+    ) -> None:
         super().__init__()
         self.adapted, self.vae, self.timestep_sampling = adapted, pipeline.vae, timestep_sampling
-        self.__dict__["parts"] = DiffusionParts.from_pipeline(pipeline, cache_prompts=True)
+        self.objective = objective
+        self.__dict__["parts"] = DiffusionParts.from_pipeline(pipeline, cache_prompts=True, objective=objective)
 
     def forward(self, batch: dict) -> torch.Tensor:
         with conditioning(self.adapted, control_image=batch["conditioning_pixel_values"]):
             return diffusion_loss(
-                self.parts, batch["pixel_values"], list(batch["prompt"]), timestep_sampling=self.timestep_sampling
+                self.parts,
+                batch["pixel_values"],
+                list(batch["prompt"]),
+                objective=self.objective,
+                timestep_sampling=self.timestep_sampling,
             )
 
 
 class ControlValidation:
     """Samples the first ``train.validation_pairs`` training pairs; their grid (condition | sample | target per
-    row) goes to ``validation/NNN.png``; fill50k pairs also give the mean fill IoU."""
+    row) goes to ``validation/NNN.png``; fill50k pairs also give the mean fill IoU. Samples are drawn as the run
+    trains (its prediction type, zero terminal SNR) with ``train.guidance_rescale``."""
 
     metric = "fill_iou"
 
     def __init__(self, pipeline, cfg: DictConfig, run_dir: Path, pairs: ControlPairs) -> None:
         self.pipeline, self.cfg, self.run_dir, self.pairs = pipeline, cfg, run_dir, pairs
+        use_trained_sampling(pipeline, objective_of(cfg.optim))
         self.calls = 0
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
@@ -96,6 +111,7 @@ class ControlValidation:
                 prompt,
                 num_inference_steps=self.cfg.train.validation_steps,
                 guidance_scale=self.cfg.train.guidance_scale,
+                guidance_rescale=self.cfg.train.guidance_rescale,
                 generator=generator,
                 height=size,
                 width=size,
@@ -118,13 +134,15 @@ class ControlTrainer:
         pairs = ControlPairs(data.root, data.size, data.proportion_empty_prompts, data.conditioning)
         shown = pairs.for_validation()
         pipeline = load_pipeline(config.model.name)
+        knobs = objective_of(config.optim)
+        check_objective(knobs, pipeline.scheduler, config.model.name)
         attach(pipeline, method_configs(config))
         adapted = pipeline_modules(pipeline)
         if config.train.gradient_checkpointing:
             pipeline.unet.enable_gradient_checkpointing()
         objective = ControlValidation(pipeline, config, run_dir, shown)
         return Setup(
-            ControlDenoiser(adapted, pipeline, config.train.timesteps),
+            ControlDenoiser(adapted, pipeline, config.train.timesteps, knobs),
             adapted,
             objective,
             pairs,

@@ -1,8 +1,10 @@
 """The denoising objective of Stable Diffusion fine-tuning, as diffusers' official training examples compute it.
 
 One function, :func:`diffusion_loss`, serves textual inversion, DreamBooth-LoRA and DiffFit: encode the images
-with the VAE, add noise at random timesteps, predict it with the U-Net conditioned on the prompts, and take the
-(optionally min-SNR weighted) mean squared error against the scheduler's target.
+with the VAE, add noise at random timesteps, predict it with the U-Net conditioned on the prompts, and take the mean
+squared error against the scheduler's target (epsilon or v). The objective's knobs (loss weighting and type, noise,
+timestep bias, prediction type: :class:`~visionpeft.config.diffusion_objective.DiffusionObjective`) change it as
+:mod:`.diffusion_objective` says; with all of them off it is the plain recipe, draw for draw.
 """
 
 from __future__ import annotations
@@ -11,8 +13,18 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..config.diffusion_objective import DiffusionObjective
+from .diffusion_objective import (
+    biased_timesteps,
+    loss_weights,
+    offset_noise,
+    per_sample_loss,
+    perturbed_noise,
+    pyramid_noise,
+    scheduler_overrides,
+)
 
 
 @dataclass
@@ -30,7 +42,13 @@ class DiffusionParts:
     latent_cache: dict[str, torch.Tensor] | None = None
 
     @classmethod
-    def from_pipeline(cls, pipeline, cache_prompts: bool = False, cache_latents: bool = False) -> DiffusionParts:
+    def from_pipeline(
+        cls,
+        pipeline,
+        cache_prompts: bool = False,
+        cache_latents: bool = False,
+        objective: DiffusionObjective | None = None,
+    ) -> DiffusionParts:
         """The parts of ``pipeline``.
 
         Args:
@@ -39,24 +57,31 @@ class DiffusionParts:
                 prompts, as in DreamBooth-LoRA, encode once; textual inversion never caches).
             cache_latents: Encode each distinct image once and keep the VAE's latent distribution (for image sets
                 without random augmentation); latents are still sampled from it every step.
+            objective: Its prediction knobs set the training scheduler's prediction type and zero terminal SNR.
         """
         return cls(
             pipeline.unet,
             pipeline.vae,
             pipeline.text_encoder,
             pipeline.tokenizer,
-            training_scheduler(pipeline),
+            training_scheduler(pipeline, objective),
             {} if cache_prompts else None,
             {} if cache_latents else None,
         )
 
 
-def training_scheduler(pipeline):
+def training_scheduler(pipeline, objective: DiffusionObjective | None = None):
     """A DDPM scheduler with the pipeline's noise schedule: training always uses the DDPM forward process,
-    whatever sampler the pipeline ships with."""
+    whatever sampler the pipeline ships with; the objective's ``prediction_type`` / ``rescale_zero_terminal_snr``
+    go into its config (diffusers' ``rescale_betas_zero_snr``)."""
+    return training_scheduler_from(pipeline.scheduler.config, objective)
+
+
+def training_scheduler_from(config, objective: DiffusionObjective | None = None):
+    """The DDPM scheduler of a scheduler ``config`` with the objective's changes (see :func:`training_scheduler`)."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler.from_config(pipeline.scheduler.config)
+    return DDPMScheduler.from_config(config, **scheduler_overrides(objective))
 
 
 @dataclass
@@ -88,23 +113,30 @@ def noise_latents(
     scheduler,
     pixel_values: torch.Tensor,
     generator: torch.Generator | None = None,
-    noise_offset: float = 0.0,
+    objective: DiffusionObjective | None = None,
     latent_cache: dict | None = None,
     timestep_sampling: str = "uniform",
 ) -> Noised:
-    """VAE latents of the images (scaled by the VAE's factor), noise (optionally offset), uniform timesteps."""
+    """VAE latents of the images (scaled by the VAE's factor), noise, timesteps and the noisy latents; the
+    objective's noise knobs (offset, pyramid noise, timestep bias, input perturbation) apply in that order, each
+    drawing from ``generator`` only when it is on."""
     device = pixel_values.device
     with torch.no_grad():
         distribution = latent_distribution(vae, pixel_values, latent_cache)
         latents = distribution.sample(generator) * vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn(
-            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device, dtype=latents.dtype
-        )
+    knobs = objective or DiffusionObjective()
+    if knobs.noise_offset:
+        noise = offset_noise(noise, knobs.noise_offset, generator)
+    if knobs.multires_noise_iterations:
+        noise = pyramid_noise(noise, knobs.multires_noise_iterations, knobs.multires_noise_discount, generator)
     steps = scheduler.config.num_train_timesteps
-    timesteps = sample_timesteps(latents.shape[0], steps, timestep_sampling, generator).to(device)
-    return Noised(latents, noise, timesteps, scheduler.add_noise(latents, noise, timesteps))
+    if knobs.timestep_bias_strategy != "none":
+        timesteps = biased_timesteps(knobs, latents.shape[0], steps, generator).to(device)
+    else:
+        timesteps = sample_timesteps(latents.shape[0], steps, timestep_sampling, generator).to(device)
+    inputs = perturbed_noise(noise, knobs.input_perturbation, generator) if knobs.input_perturbation else noise
+    return Noised(latents, noise, timesteps, scheduler.add_noise(latents, inputs, timesteps))
 
 
 def sample_timesteps(count: int, steps: int, kind: str = "uniform", generator: torch.Generator | None = None):
@@ -155,26 +187,25 @@ def diffusion_loss(
     pixel_values: torch.Tensor,
     prompts: list[str],
     generator: torch.Generator | None = None,
-    noise_offset: float = 0.0,
-    snr_gamma: float | None = None,
+    objective: DiffusionObjective | None = None,
     reduction: str = "mean",
     timestep_sampling: str = "uniform",
 ) -> torch.Tensor:
     """The denoising loss of one batch.
 
     Args:
-        parts: U-Net, VAE, text encoder, tokenizer and a DDPM noise scheduler.
+        parts: U-Net, VAE, text encoder, tokenizer and a DDPM noise scheduler (its ``prediction_type`` picks the
+            target: the noise, or the scheduler's ``get_velocity``).
         pixel_values: Images in [-1, 1], (batch, 3, H, W).
         prompts: One prompt per image.
         generator: Random source for latents, noise and timesteps (reproducible runs).
-        noise_offset: Offset noise scale (Guttenberg 2023), 0 to disable.
-        snr_gamma: Min-SNR-gamma weighting (Hang et al. 2023; 5.0 recommended), None to disable.
+        objective: The loss / noise knobs (None: all off): see :mod:`.diffusion_objective`.
         reduction: ``mean`` over the batch or ``none`` for per-sample losses (prior preservation splits them).
         timestep_sampling: ``uniform`` or ``cubic`` (see :func:`sample_timesteps`).
     """
     scheduler = parts.scheduler
     batch = noise_latents(
-        parts.vae, scheduler, pixel_values, generator, noise_offset, parts.latent_cache, timestep_sampling
+        parts.vae, scheduler, pixel_values, generator, objective, parts.latent_cache, timestep_sampling
     )
     hidden = encode_prompts(parts, prompts)
     prediction = parts.unet(batch.noisy, batch.timesteps, hidden.to(parts.unet.dtype)).sample.float()
@@ -184,13 +215,8 @@ def diffusion_loss(
         target = scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
     else:
         raise ValueError(f"unsupported prediction type {scheduler.config.prediction_type}")
-    per_sample = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if snr_gamma is not None:
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(scheduler, batch.timesteps)
-        weight = torch.clamp(snr, max=snr_gamma) / snr
-        if scheduler.config.prediction_type == "v_prediction":
-            weight = torch.clamp(snr, max=snr_gamma) / (snr + 1)
+    per_sample = per_sample_loss(prediction, target.float(), objective, scheduler, batch.timesteps)
+    weight = loss_weights(objective, scheduler, batch.timesteps)
+    if weight is not None:
         per_sample = per_sample * weight
     return per_sample if reduction == "none" else per_sample.mean()

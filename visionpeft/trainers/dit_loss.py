@@ -6,6 +6,8 @@ plus the variational bound term ``L_vb``, computed with the noise prediction det
 variance: the KL between the true posterior q(x_{t-1} | x_t, x_0) and the model's p(x_{t-1} | x_t) in bits, and at
 t = 0 the discretised Gaussian decoder NLL. diffusers' ``DiTPipeline`` samples with the noise half only; the vb term
 keeps the variance half (which fine-tuned biases would otherwise drift) consistent with the pretrained model.
+The objective's knobs (:mod:`.diffusion_objective`) change the noise and the noise term; the variational bound is
+never weighted (as the official Min-SNR code does it).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..config.diffusion_objective import DiffusionObjective
 from .diffusion import noise_latents
+from .diffusion_objective import loss_weights, per_sample_loss
 
 _LOG2 = math.log(2.0)
 
@@ -70,6 +73,7 @@ def class_conditional_loss(
     class_labels: torch.Tensor,
     generator: torch.Generator | None = None,
     learn_sigma: bool = True,
+    objective: DiffusionObjective | None = None,
 ) -> torch.Tensor:
     """Per-sample loss of a class-conditional DiT: noise MSE (+ ``L_vb`` when the model predicts its variance).
 
@@ -80,15 +84,19 @@ def class_conditional_loss(
         pixel_values: Images in [-1, 1].
         class_labels: Label ids; the null class (``num_embeds_ada_norm``) for unconditional samples.
         learn_sigma: Add ``L_vb`` when the output carries the variance channels (DiT's default).
+        objective: The loss / noise knobs (None: all off); they change the noise and the noise term, not ``L_vb``.
     """
     if scheduler.config.prediction_type != "epsilon":
         raise ValueError(f"DiT is trained with epsilon prediction, not {scheduler.config.prediction_type}")
-    batch = noise_latents(vae, scheduler, pixel_values, generator)
+    batch = noise_latents(vae, scheduler, pixel_values, generator, objective)
     out = transformer(batch.noisy.to(transformer.dtype), timestep=batch.timesteps, class_labels=class_labels).sample
     out = out.float()
     channels = batch.latents.shape[1]
     eps = out[:, :channels]
-    loss = F.mse_loss(eps, batch.noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    loss = per_sample_loss(eps, batch.noise.float(), objective, scheduler, batch.timesteps)
+    weight = loss_weights(objective, scheduler, batch.timesteps)
+    if weight is not None:
+        loss = loss * weight
     if learn_sigma and out.shape[1] == 2 * channels:
         x_start, x_t = batch.latents.float(), batch.noisy.float()
         loss = loss + variational_bound(scheduler, x_start, x_t, batch.timesteps, eps.detach(), out[:, channels:])

@@ -1,7 +1,8 @@
 """Text-to-image personalization from a few images: textual inversion, DreamBooth-LoRA, DiffFit - one trainer.
 
 Loads any diffusers Stable Diffusion 1.x / 2.x pipeline (hub id or local folder), attaches the method(s), trains
-with the shared accelerate loop on the denoising loss (optional prior preservation, noise offset, min-SNR, EMA),
+with the shared accelerate loop on the denoising loss (optional prior preservation, EMA, and the objective's knobs:
+min-SNR, noise offset, Huber loss, v-prediction, ...: ``optim``, :mod:`.diffusion_objective`),
 writes validation images into the run folder, and saves files diffusers loads as they are: ``adapter/``
 (visionpeft), ``diffusers/`` (``pytorch_lora_weights.safetensors`` / ``learned_embeds.safetensors``) and, for
 methods that merge exactly (DiffFit, BitFit, full), ``merged/unet`` (plain diffusers weights).
@@ -23,9 +24,11 @@ import visionpeft as vp
 from ..backbones import pipeline_modules
 from ..backbones.diffusers_loading import load_pipeline
 from ..config import method_configs
+from ..config.diffusion_objective import objective_of
 from ..data.few_images import FewImages
 from ..errors import ConfigError
 from .diffusion import DiffusionParts, diffusion_loss
+from .diffusion_objective import check_objective, use_trained_sampling
 from .logs import get_logger
 from .run import Setup, run_task
 
@@ -52,7 +55,10 @@ class Denoiser(nn.Module):
     def __init__(self, adapted: nn.Module, pipeline, cfg: DictConfig, cache_latents: bool = False) -> None:
         super().__init__()
         self.adapted, self.vae = adapted, pipeline.vae
-        parts = DiffusionParts.from_pipeline(pipeline, cache_prompts=True, cache_latents=cache_latents)
+        self.objective = objective_of(cfg.optim)
+        parts = DiffusionParts.from_pipeline(
+            pipeline, cache_prompts=True, cache_latents=cache_latents, objective=self.objective
+        )
         self.__dict__["parts"] = parts
         self.cfg = cfg
 
@@ -62,14 +68,7 @@ class Denoiser(nn.Module):
         if prior:
             pixels = torch.cat([pixels, batch["class_pixel_values"]])
             prompts += list(batch["class_prompt"])
-        losses = diffusion_loss(
-            self.parts,
-            pixels,
-            prompts,
-            noise_offset=self.cfg.optim.noise_offset,
-            snr_gamma=self.cfg.optim.snr_gamma,
-            reduction="none",
-        )
+        losses = diffusion_loss(self.parts, pixels, prompts, objective=self.objective, reduction="none")
         if not prior:
             return losses.mean()
         n = batch["pixel_values"].shape[0]
@@ -77,12 +76,14 @@ class Denoiser(nn.Module):
 
 
 class PersonalizationObjective:
-    """Loss from :class:`Denoiser`; "evaluation" writes validation images (no metric selects checkpoints)."""
+    """Loss from :class:`Denoiser`; "evaluation" writes validation images (no metric selects checkpoints), sampled
+    as the run trains (its prediction type, zero terminal SNR) with ``train.guidance_rescale``."""
 
     metric = "none"
 
     def __init__(self, pipeline, cfg: DictConfig, run_dir: Path) -> None:
         self.pipeline, self.cfg, self.run_dir = pipeline, cfg, run_dir
+        use_trained_sampling(pipeline, objective_of(cfg.optim))
         self.calls = 0
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
@@ -117,6 +118,7 @@ class PersonalizationObjective:
                         num_inference_steps=train.validation_steps,
                         generator=generator,
                         num_images_per_prompt=per_prompt or train.validation_images,
+                        guidance_rescale=train.guidance_rescale,
                         height=self.cfg.data.size,
                         width=self.cfg.data.size,
                     ).images
@@ -178,6 +180,7 @@ class PersonalizationTrainer:
             skip,
         )
         pipeline = load_pipeline(config.model.name)
+        check_objective(objective_of(config.optim), pipeline.scheduler, config.model.name)
         dataset: Dataset = subject
         if config.prior.enabled:
             folder = _class_images(pipeline, config, run_dir)
