@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "segmentation"
-METHODS = ["linear", "vpt", "lora", "adaptformer", "convpass", "bitfit", "ssf", "ln_tune", "fact", "full"]
+METHODS = ["linear", "vpt", "lora", "adaptformer", "convpass", "bitfit", "ssf", "ln_tune", "fact", "repadapter", "adapter", "full"]
 DESCRIPTIONS = {
     "linear": "head only",
     "vpt": "VPT-deep, 8 tokens",
@@ -33,6 +33,8 @@ DESCRIPTIONS = {
     "ssf": "SSF",
     "ln_tune": "LN tuning",
     "fact": "FacT-TT, dim 8",
+    "repadapter": "RepAdapter, bottleneck 8",
+    "adapter": "Houlsby adapters, bottleneck 8",
     "full": "full fine-tuning",
 }
 PICTURE_IMAGES = 4
