@@ -40,6 +40,9 @@ _EXPORTS = {
         "adapter",
     ),
     **dict.fromkeys(("load_adapter", "save_adapter", "import_lora", "export_merged"), "checkpoint"),
+    **dict.fromkeys(
+        ("combine_adapters", "resize_lora", "extract_lora", "hotswap_adapter", "describe_adapter"), "arithmetic"
+    ),
     "VisionPEFTError": "errors",
     "METHODS": "registry",
 }

@@ -1,4 +1,5 @@
-"""The ``visionpeft`` command: ``visionpeft train|sweep|eval|predict|generate|eval-zeroshot|eval-personalization``.
+"""The ``visionpeft`` command: ``visionpeft train|sweep|eval|predict|generate|eval-zeroshot|eval-personalization|
+adapters``.
 
 Each subcommand is a module of this package with a ``main(argv)``; ``tools/*.py`` are the same commands run from a
 checkout. Arguments are parsed before anything heavy is imported, so ``--help`` and config mistakes answer at once.
@@ -17,6 +18,7 @@ COMMANDS = {
     "generate": ("generate", "sample a prompt x seed grid from a pipeline with saved adapters"),
     "eval-zeroshot": ("eval_zeroshot", "zero-shot CLIP with hand-written vs learned prompts"),
     "eval-personalization": ("eval_personalization", "CLIP-T / CLIP-I / DINO scores of generated images"),
+    "adapters": ("adapters", "combine, resize, extract or inspect LoRA adapters (PEFT's / sd-scripts' arithmetic)"),
 }
 
 
