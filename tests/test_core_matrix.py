@@ -62,6 +62,24 @@ MATRIX = [
     ("dit", "lora", {"targets": ["q", "k", "v", "o", "fc1", "fc2"]}),
     ("dit", "difffit", {}),
     ("dit", "bitfit", {}),
+    # the LyCORIS family: fused Q / V slices, whole modules by path, nn.MultiheadAttention, U-Net convs, DiT
+    ("vit", "loha", {"r": 2}),
+    ("vit", "lokr", {"target_modules": ["qkv", "fc1"], "decompose_both": True, "r": 2}),
+    ("vit", "oft", {"targets": ["q", "v", "o", "fc2"], "oft_block_size": 8}),
+    ("vit", "boft", {"target_modules": ["qkv", "fc2"], "boft_n_butterfly_factor": 2}),
+    ("clip_vision", "loha", {"targets": ["q", "v", "o", "fc1"], "r": 2}),
+    ("clip_vision", "oft", {"target_modules": ["attn"], "oft_block_size": 8}),
+    ("clip_text", "boft", {"tower": "text", "targets": ["k", "fc2"]}),
+    ("unet", "lokr", {"targets": ["q", "conv1", "conv2"], "use_effective_conv2d": True, "r": 2}),
+    ("unet", "oft", {"targets": ["k", "conv1"], "oft_block_size": 8, "coft": True}),
+    ("dit", "boft", {"targets": ["q", "fc1"], "boft_block_num": 4, "boft_block_size": 0}),
+    # (IA)^3: fused k / v rows, feed-forward inputs, whole modules by path, nn.MultiheadAttention, U-Net convs, DiT
+    ("vit", "ia3", {}),
+    ("vit", "ia3", {"target_modules": ["qkv", "proj", "fc1", "fc2"], "feedforward_modules": ["fc1"]}),
+    ("clip_vision", "ia3", {"targets": ["q", "k", "v", "o", "fc2"], "feedforward_modules": ["o", "fc2"]}),
+    ("clip_text", "ia3", {"tower": "text"}),
+    ("unet", "ia3", {"targets": ["k", "v", "fc2", "conv1", "conv2"], "feedforward_modules": ["conv2"]}),
+    ("dit", "ia3", {}),
 ]
 MERGEABLE = {name for name in METHODS.names() if METHODS.get(name).merges_exactly}  # what the methods declare
 IDS = [f"{c}-{m}-{'-'.join(f'{k}={v}' for k, v in o.items() if k != 'targets') or 'default'}" for c, m, o in MATRIX]

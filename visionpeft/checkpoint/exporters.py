@@ -1,10 +1,12 @@
 """Exporters: write an adapted model in the file formats of PEFT and diffusers, loadable by those libraries as is.
 
 Methods say which formats can hold them (``Method.export_formats``) and hand over their part
-(``Method.export_parts``): low-rank updates ``(A, B)`` by module path, whole files, or "the heads". This module only
-combines the parts into each library's layout. Both LoRA formats name tensors by module path and scale each update
-by ``lora_alpha / r`` of the module; the parts fold visionpeft's scale into ``lora_B`` and the files say
-``lora_alpha = r`` (scale 1), so a file means the same thing whatever defaults the loader assumes.
+(``Method.export_parts``): low-rank updates ``(A, B)`` by module path, whole files, "the heads", or the tensors of
+another adapter type in the format's own layout with that type's config (PEFT's LoHa, LoKr, OFT, BOFT: tensor keys and
+``adapter_config.json`` fields). This module only combines the parts into each library's layout. Both LoRA formats
+name tensors by module path and scale each update by ``lora_alpha / r`` of the module; the parts fold visionpeft's
+scale into ``lora_B`` and the files say ``lora_alpha = r`` (scale 1), so a file means the same thing whatever
+defaults the loader assumes.
 """
 
 from __future__ import annotations
@@ -59,6 +61,18 @@ def collect_parts(state: AdapterState, format: str) -> ExportParts:
             if folder in combined.models:
                 raise CheckpointError(f"two attached methods both write {folder}/; export them one at a time")
             combined.models[folder] = build
+        if part.adapter_config and combined.adapter_config:
+            raise CheckpointError(
+                f"the {format} format holds one adapter config, and two attached methods write one; "
+                "save with format='visionpeft'"
+            )
+        combined.adapter_tensors.update(part.adapter_tensors)
+        combined.adapter_config = part.adapter_config or combined.adapter_config
+    if combined.adapter_config and combined.lora_layers:
+        raise CheckpointError(
+            f"the {format} format holds one adapter type, and the attached methods write LoRA layers and "
+            f"{combined.adapter_config.get('peft_type', 'other')} layers; save with format='visionpeft'"
+        )
     if not combined.contributes:
         raise CheckpointError(f"nothing to export in the {format} format")
     if combined.magnitudes and len(combined.magnitudes) != len(combined.lora_layers):
@@ -70,11 +84,40 @@ def collect_parts(state: AdapterState, format: str) -> ExportParts:
     return combined
 
 
+def _peft_heads(state: AdapterState) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The task heads as PEFT's ``modules_to_save``: their module paths and their tensors under PEFT's keys."""
+    modules_to_save, tensors = [], {}
+    heads = state.backbone.heads()
+    for name, path in state.backbone.head_paths().items():
+        modules_to_save.append(path)
+        for key, tensor in heads[name].state_dict(keep_vars=True).items():
+            tensors[f"base_model.model.{path}.{key}"] = tensor
+    return modules_to_save, tensors
+
+
+def _write_peft_folder(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    _write_safetensors(tensors, directory / "adapter_model.safetensors")
+    atomic_write(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    return directory
+
+
 def export_peft(model: nn.Module, directory: Path) -> Path:
     """Writes ``adapter_model.safetensors`` + ``adapter_config.json`` for ``peft.PeftModel.from_pretrained``: the
-    LoRA layers, and the task heads as ``modules_to_save``."""
+    LoRA layers (or the layers of another adapter type with the config its method gives), and the task heads as
+    ``modules_to_save``."""
     state = require_state(model)
     parts = collect_parts(state, "peft")
+    if parts.adapter_config:
+        modules_to_save, head_tensors = _peft_heads(state)
+        tensors = {f"base_model.model.{key}": tensor for key, tensor in parts.adapter_tensors.items()}
+        config = {
+            **parts.adapter_config,
+            "task_type": None,
+            "modules_to_save": modules_to_save or None,
+            "inference_mode": True,
+            "base_model_name_or_path": None,
+        }
+        return _write_peft_folder(directory, {**tensors, **head_tensors}, config)
     layers = parts.lora_layers
     tensors: dict[str, torch.Tensor] = {}
     ranks = {}
@@ -84,12 +127,8 @@ def export_peft(model: nn.Module, directory: Path) -> Path:
         if path in parts.magnitudes:
             tensors[f"base_model.model.{path}.lora_magnitude_vector"] = parts.magnitudes[path]
         ranks[path] = a.shape[0]
-    modules_to_save = []
-    heads = state.backbone.heads()
-    for name, path in state.backbone.head_paths().items():
-        modules_to_save.append(path)
-        for key, tensor in heads[name].state_dict(keep_vars=True).items():
-            tensors[f"base_model.model.{path}.{key}"] = tensor
+    modules_to_save, head_tensors = _peft_heads(state)
+    tensors.update(head_tensors)
     base_rank = min(ranks.values()) if ranks else 8
     pattern = {path: r for path, r in ranks.items() if r != base_rank}
     config: dict[str, Any] = {
@@ -109,9 +148,7 @@ def export_peft(model: nn.Module, directory: Path) -> Path:
         "inference_mode": True,
         "base_model_name_or_path": None,
     }
-    _write_safetensors(tensors, directory / "adapter_model.safetensors")
-    atomic_write(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
-    return directory
+    return _write_peft_folder(directory, tensors, config)
 
 
 def export_diffusers(model: nn.Module, directory: Path) -> Path:

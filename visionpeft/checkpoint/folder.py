@@ -44,7 +44,7 @@ from ..methods import make_config
 from ..methods.base import named_persistent_buffers
 from ..version import __version__
 from .base_weights import describe_base, frozen_dtype, frozen_weights_sha256, weights_source
-from .exporters import KOHYA_NAME, export
+from .exporters import KOHYA_NAME, collect_parts, export
 from .hub_io import build_model_card, download_adapter, library_name, looks_like_repo_id, push_folder
 
 WEIGHTS_NAME = "visionpeft_adapter.safetensors"
@@ -189,10 +189,14 @@ def _save_visionpeft(model: Any, directory: Path) -> None:
 
 def peft_representable(model: Any) -> bool:
     """Whether PEFT can load this adapter as it is: a plain module (not a pipeline) whose methods all export to
-    PEFT and add at least one LoRA layer (PEFT has no adapter made of ``modules_to_save`` alone)."""
+    PEFT, together in one PEFT folder, and add at least one adapted layer (PEFT has no adapter made of
+    ``modules_to_save`` alone)."""
     if not isinstance(model, torch.nn.Module) or not can_export(model, "peft"):
         return False
-    return any(m.export_parts("peft").lora_layers for m in methods_of(model))
+    try:
+        return collect_parts(require_state(model), "peft").adapts_layers
+    except CheckpointError:  # parts PEFT cannot hold in one folder (two adapter types)
+        return False
 
 
 def adapter_config_path(directory: str | os.PathLike) -> Path | None:

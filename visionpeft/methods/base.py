@@ -70,6 +70,11 @@ class ExportParts:
         head: The method's result lives in the task heads (a linear probe), which the format stores.
         models: Folder name -> a function returning a model of the library to write with its ``save_pretrained``
             (a ControlNet: ``ControlNetModel.from_pretrained`` reads the folder); built only when written.
+        adapter_tensors: The layers of an adapter type other than LoRA, in the format's own layout: tensor key
+            relative to the model (PEFT's key without ``base_model.model.``: ``blocks.0.attn.qkv.hada_w1_a``) ->
+            tensor.
+        adapter_config: The format's config of ``adapter_tensors`` (PEFT: the ``adapter_config.json`` fields of the
+            adapter type, ``peft_type``, its options and ``target_modules``); the format holds one.
     """
 
     lora_layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -77,10 +82,17 @@ class ExportParts:
     files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     head: bool = False
     models: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)
+    adapter_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    adapter_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def contributes(self) -> bool:
-        return bool(self.lora_layers or self.files or self.head or self.models)
+        return bool(self.lora_layers or self.files or self.head or self.models or self.adapter_tensors)
+
+    @property
+    def adapts_layers(self) -> bool:
+        """The part changes layers of the model (LoRA layers or another adapter type's), not only files or heads."""
+        return bool(self.lora_layers or self.adapter_tensors)
 
 
 def named_base_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
