@@ -63,6 +63,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def unit_float(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {value}")
+    return value
+
+
 def add_base_check_argument(parser) -> None:
     """``--ignore-base-mismatch``: load an adapter onto other base weights than those it was trained on."""
     parser.add_argument(

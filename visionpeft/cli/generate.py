@@ -9,6 +9,10 @@ An adapter is a visionpeft adapter folder (``visionpeft_config.json``), or a fol
 (``load_textual_inversion``), or a ``ControlNetModel`` / ``T2IAdapter`` folder (``--control RUN/controlnet``, with
 ``--control-image edges.png``).
 
+A model trained with another prediction type than its scheduler says (``optim.change_prediction_type``) or with zero
+terminal SNR samples with ``--prediction-type`` / ``--zero-terminal-snr`` (rescaled betas, trailing timesteps; best
+with ``--guidance-rescale 0.7``).
+
 All seeds of a prompt are drawn in one pipeline call (``--batch-size`` splits it), each from a generator of its own
 seed: the same image a call for that seed alone gives. The grid enlarges small samples (nearest, to cells of at
 least 128 px) and separates the cells with white lines.
@@ -24,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .common import add_base_check_argument, positive_int
+from .common import add_base_check_argument, positive_int, unit_float
 
 #: White pixels between the cells of the grid and around them.
 GAP = 4
@@ -199,6 +203,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="one grid column each")
     parser.add_argument("--steps", type=positive_int, default=30)
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument(
+        "--guidance-rescale",
+        type=unit_float,
+        default=0.0,
+        help="rescale classifier-free guidance (the pipeline's guidance_rescale; 0.7 for zero-terminal-SNR models)",
+    )
+    parser.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        default=None,
+        help="what the model predicts, when not what its scheduler says (default: the scheduler's)",
+    )
+    parser.add_argument(
+        "--zero-terminal-snr",
+        action="store_true",
+        help="sample a model trained with optim.rescale_zero_terminal_snr (rescaled betas, trailing timesteps)",
+    )
     parser.add_argument("--size", type=positive_int, default=None, help="image side (default: the model's)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
@@ -228,9 +249,11 @@ def main(argv: list[str]) -> int:
     from visionpeft.backbones.diffusers_loading import load_pipeline
     from visionpeft.data.image_grid import image_grid, scale_for
     from visionpeft.errors import ConfigError
+    from visionpeft.trainers.diffusion_objective import sampling_scheduler
 
     device = check_device(args.device)
     pipe = load_pipeline(args.model, getattr(torch, args.dtype)).to(device)
+    pipe.scheduler = sampling_scheduler(pipe.scheduler, args.prediction_type, args.zero_terminal_snr)
     factor = int(getattr(pipe, "vae_scale_factor", 8))
     if args.size and args.size % factor:
         raise ConfigError(
@@ -244,6 +267,8 @@ def main(argv: list[str]) -> int:
     inputs = control_inputs(pipe, args.control_image, side)
     options = {"negative_prompt": args.negative_prompt, "num_inference_steps": args.steps}
     options.update(guidance_scale=args.guidance, height=side, width=side)
+    if args.guidance_rescale:
+        options["guidance_rescale"] = args.guidance_rescale
     rows = [sample(pipe, prompt, args.seeds, options, inputs, args.batch_size) for prompt in args.prompt]
     grid = image_grid(rows, scale=scale_for(side), gap=GAP, margin=GAP)
     try:

@@ -8,10 +8,10 @@ Each function follows one reference; the library function is called where diffus
   loss only the MSE term is weighted, the variational bound is not (the official Min-SNR code,
   ``guided_diffusion/gaussian_diffusion.py`` lines 946-949 at 5189997).
 - debiased estimation: ``1 / sqrt(min(SNR, 1000))``, v-prediction ``1 / (min(SNR, 1000) + 1)``: sd-scripts'
-  ``library/custom_train_functions.py`` ``apply_debiased_estimation`` (lines 101-110 at 48d368f).
+  ``library/custom_train_functions.py`` ``apply_debiased_estimation`` (lines 101-109 at 48d368f).
 - pseudo-Huber / smooth-L1 loss and the constant / exponential / SNR schedule of its threshold, one threshold per
   sample from its own timestep: sd-scripts' ``library/train_util.py`` ``get_huber_threshold_if_needed`` and
-  ``conditional_loss`` (lines 6110-6163 at 48d368f; without ``--huber_scale``, i.e. 1). diffusers' research example
+  ``conditional_loss`` (lines 6110-6165 at 48d368f; without ``--huber_scale``, i.e. 1). diffusers' research example
   ``scheduled_huber_loss_training`` has the same formulas with one timestep for the whole batch.
 - noise offset: ``noise + offset * N(0, 1)`` of shape (batch, channels, 1, 1), train_text_to_image.py lines 973-976.
 - input perturbation (Ning et al. 2023): the noisy input is made with ``noise + gamma * N(0, 1)`` while the target
@@ -19,7 +19,7 @@ Each function follows one reference; the library function is called where diffus
 - multires (pyramid) noise: sd-scripts' ``custom_train_functions.py`` ``pyramid_noise_like`` (lines 458-468), with
   its random scale factors drawn from the run's generator instead of Python's ``random``.
 - timestep bias: diffusers' ``examples/text_to_image/train_text_to_image_sdxl.py`` ``generate_timestep_weights``
-  (lines 559-597) and ``torch.multinomial`` over those weights (lines 1094-1099).
+  (lines 559-597) and ``torch.multinomial`` over those weights (lines 1094-1100).
 - prediction type and zero terminal SNR (Lin et al. 2024): the training DDPM scheduler is built with
   ``prediction_type`` / ``rescale_betas_zero_snr`` in its config; the v target is the scheduler's ``get_velocity``;
   sampling uses the same config with ``timestep_spacing="trailing"``.
@@ -176,6 +176,11 @@ def sampling_scheduler(scheduler, prediction_type: str | None = None, zero_termi
     ``scheduler`` itself when neither changes anything, else the same class from its config with those entries
     (zero terminal SNR: rescaled betas and ``timestep_spacing="trailing"``, so sampling starts at the last timestep;
     a class without ``rescale_betas_zero_snr`` - PNDM, LMS, ... - is replaced by DDIM, as diffusers' docs do)."""
+    if (prediction_type or zero_terminal_snr) and is_flow_matching(scheduler):
+        raise ConfigError(
+            f"{type(scheduler).__name__} is a flow-matching scheduler: a prediction type (epsilon, v_prediction) "
+            "and zero terminal SNR do not apply to it"
+        )
     changes = {}
     if prediction_type is not None and prediction_type != scheduler.config.prediction_type:
         changes["prediction_type"] = prediction_type
