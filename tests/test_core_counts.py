@@ -35,6 +35,8 @@ PAPER_COUNTS = [
     # SSF: a scale and a shift after qkv, proj, fc1, fc2 and both LayerNorms per block, the patch embedding and the
     # final norm (PETL_Vision's inserted_parameters)
     ("ssf", {}, DEPTH * 2 * (3 * D + D + HIDDEN + D + 2 * D) + 2 * D + 2 * D),  # 205,824
+    # (IA)^3: the keys, the values and the MLP's inner activation (fc2's input) of every block (the paper's choice)
+    ("ia3", {}, DEPTH * (D + D + HIDDEN)),  # 55,296
     ("linear", {}, 0),
 ]
 

@@ -5,9 +5,12 @@ A forward hook sees the layer's output. What another method put there before it 
 (``lora`` attached first), or a forward hook registered earlier (``fact``'s increments) - is *inside* the scaled
 output, so the scale folds after that method's update: ``s (W + dW) = s W + s dW``. A wrapper put around the layer
 later, or a forward hook registered later, is *outside*, so the scale folds first: ``s W + dW``. A forward pre-hook
-scales the input every forward hook of the layer then sees, so those are all inside it. Inside one update and outside
-another at once, no merge order is exact. Neither is a scale inside an update that reads the base weight (DoRA
-normalises the rows of ``W + dW``: folding the scale into ``W`` first changes those norms).
+scales the input every forward hook of the layer then sees, so those are all inside it; so is a wrapper that runs
+the layer on a weight transformed on its input side (OFT's ``W R``, BOFT's with its rows scaled too: a wrapper whose
+``additive`` is False): ``W R (l x)`` folds ``R`` first, while an output scale folds before or after ``R`` alike.
+Inside one update and outside another at once, no merge order is exact. Neither is a scale inside an update that
+reads the base weight (DoRA normalises the rows of ``W + dW``: folding the scale into ``W`` first changes those
+norms).
 """
 
 from __future__ import annotations
@@ -75,16 +78,19 @@ def site_order(model: nn.Module, sites: Iterable[HookSite]) -> SiteOrder:
     order = SiteOrder([], [], [])
     for site in sites:
         layer = site.layer
-        if site.pre:
-            before, after = bool(layer._forward_hooks), False
+        outer = wrappers.get(id(layer))
+        transform = outer is not None and not getattr(outer, "additive", True)
+        if site.pre:  # an outer transform runs the base on its own weight: the scaled input meets W R
+            inside = bool(layer._forward_hooks) or transform
+            outside = outer is not None and not transform
         else:
             hooks = list(layer._forward_hooks)
             position = hooks.index(site.hook_id) if site.hook_id in hooks else len(hooks)
-            before, after = position > 0, position < len(hooks) - 1
-        outer = wrappers.get(id(layer))
-        if getattr(layer, "_vp_wrapper", False) or before:
+            # an outer transform's weight, W R (times output-row scales), takes an output scale in either order
+            inside, outside = position > 0, (outer is not None and not transform) or position < len(hooks) - 1
+        if getattr(layer, "_vp_wrapper", False) or inside:
             order.inside.append(site.name)
-        if outer is not None or after:
+        if outside:
             order.outside.append(site.name)
         if getattr(outer, "dora", False):
             order.weight_reading.append(site.name)
