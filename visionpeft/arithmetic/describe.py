@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .records import LoRAGroup, read_adapter
+from .records import LoRAGroup, backbone_summary, read_adapter
 
 
 def describe_adapter(folder: str | os.PathLike) -> list[str]:
@@ -21,11 +21,7 @@ def describe_adapter(folder: str | os.PathLike) -> list[str]:
     record = read_adapter(folder)
     config = record.config
     lines = [f"adapter: {folder}"]
-    backbone = config.get("backbone") or {}
-    towers = ", ".join(f"{name} ({blocks} blocks)" for name, blocks in (backbone.get("towers") or {}).items())
-    lines.append(
-        f"backbone: {backbone.get('family')} {backbone.get('class')}" + (f"; towers {towers}" if towers else "")
-    )
+    lines.append(f"backbone: {backbone_summary(config.get('backbone') or {})}")
     lines.append(f"base weights: {_base(config.get('base_model'))}")
     lines.append("methods:")
     groups = {g.index: g for g in record.groups or []}

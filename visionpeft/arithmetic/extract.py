@@ -37,7 +37,7 @@ from ..checkpoint.exporters import FORMATS
 from ..checkpoint.folder import adapter_record
 from ..errors import ConfigError
 from .lowrank import lora_shaped, relative_error, svd_factors
-from .records import FACTOR_A, LORA, AdapterResult, LayerFit, check_output, natural_key
+from .records import FACTOR_A, LORA, AdapterResult, LayerFit, backbone_summary, check_output, natural_key
 
 #: Library modules a LoRA can be extracted for (as visionpeft's lora adapts them).
 EXTRACTABLE = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
@@ -97,6 +97,12 @@ def extract_lora(
     if getattr(unwrap(base), "_visionpeft_state", None) is not None:
         raise ConfigError("base carries visionpeft methods; extract_lora needs the plain base model (vp.detach it)")
     backbone = backbone_of(base)
+    theirs, ours = backbone_of(tuned).describe(), backbone.describe()
+    if theirs != ours:
+        raise ConfigError(
+            f"tuned and base are different architectures ({backbone_summary(theirs)} vs {backbone_summary(ours)}); "
+            "extract_lora takes a fine-tuned model and the model it was fine-tuned from"
+        )
     differences, notes = _differences(unwrap(tuned), backbone, target_modules, min_diff)
     factors = {}
     for diff in differences:
@@ -199,8 +205,11 @@ def _differences(tuned_root: nn.Module, backbone, target_modules, min_diff) -> t
             b_tail = (1, 1) if conv else ()
             differences.append(_Difference(tower, path, name, difference, tuple(weight.shape[1:]), b_tail, kernel))
         covered.update(f"{path}.{n}" for n, p in module.named_parameters() if p.dim() > 1)
-    keep = {d.path for d in differences if d.matrix.abs().max() > min_diff}
-    small = sorted({d.path for d in differences} - keep)
+    largest = {d.path: 0.0 for d in differences}
+    for d in differences:
+        largest[d.path] = max(largest[d.path], float(d.matrix.abs().max()))
+    keep = {path for path, value in largest.items() if value > min_diff}
+    small = sorted(path for path, value in largest.items() if 0 < value <= min_diff)
     differences = [d for d in differences if d.path in keep]
     if not differences:
         raise ConfigError(

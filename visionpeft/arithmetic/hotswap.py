@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..adapter import attached_methods, backbone_of, methods_of
+from ..adapter import attached_methods, backbone_of, methods_of, require_state, unwrap
 from ..checkpoint.folder import adapter_state_dict, base_mismatch, non_finite
 from ..errors import CheckpointError, ConfigError
 from ..methods import make_config
@@ -51,6 +51,7 @@ def hotswap_adapter(model: Any, adapter: str | os.PathLike | Any, check_base: bo
         CheckpointError: Other methods, towers or options, layers the loaded adapter lacks, a higher rank, other
             shapes, NaN values, other base weights; nothing is copied then.
     """
+    require_state(unwrap(model))  # a model without an adapter is one line
     record = read_adapter(adapter)
     label = record.label
     try:

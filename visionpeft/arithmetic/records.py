@@ -224,8 +224,8 @@ def check_same_base(records: list[AdapterRecord], check_base: bool = True) -> No
         mine, theirs = _architecture(first), _architecture(other)
         if mine != theirs:
             raise CheckpointError(
-                f"{first.label} and {other.label} adapt different bases ({_describe(mine)} vs {_describe(theirs)}); "
-                "adapters combine only on the model they were trained on"
+                f"{first.label} and {other.label} adapt different bases ({backbone_summary(mine)} vs "
+                f"{backbone_summary(theirs)}); adapters combine only on the model they were trained on"
             )
         ours, yours = first.base_sha256(), other.base_sha256()
         if check_base and ours and yours and ours != yours:
@@ -242,7 +242,8 @@ def _architecture(record: AdapterRecord) -> dict[str, Any]:
     return backbone
 
 
-def _describe(backbone: dict[str, Any]) -> str:
+def backbone_summary(backbone: dict[str, Any]) -> str:
+    """A backbone description (``Backbone.describe()``) in words: ``timm_vit VisionTransformer [vision 12 blocks]``."""
     towers = ", ".join(f"{k} {v} blocks" for k, v in (backbone.get("towers") or {}).items())
     return f"{backbone.get('family')} {backbone.get('class')}" + (f" [{towers}]" if towers else "")
 
