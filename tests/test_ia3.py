@@ -1,14 +1,16 @@
 """(IA)^3 (Liu et al. 2022): counts and outputs equal PEFT's IA3 layers for the same modules (timm ViT, ViT-B/16 on the
 meta device, a diffusers U-Net's Linear and Conv2d layers, a ConvNeXt's depthwise convs through the generic family),
 k / v rows of timm's fused qkv, open_clip's nn.MultiheadAttention in weight space, unchanged at init, exact merge (also
-beside LoRA / DoRA / FacT / SSF in either attach order, or a one-line refusal), detach, save / load, training and bad
-options.
+beside LoRA / DoRA / LoHa / OFT / FacT / SSF in either attach order, or a one-line refusal), detach, save / load,
+PEFT's folder loaded by ``PeftModel.from_pretrained`` with equal outputs, training and bad options.
 
 PEFT reference: ``peft/tuners/ia3/layer.py`` (0.21): ``Linear.forward`` multiplies the output by ``ia3_l`` of shape
 (out, 1), or for a feed-forward module the input by ``ia3_l`` of shape (1, in); ``_ConvNd`` keeps (1, channels, 1, 1).
 """
 
 from __future__ import annotations
+
+import json
 
 import peft
 import pytest
@@ -22,8 +24,9 @@ from tiny_models import CASES, assert_same_state, tiny_clip, tiny_unet, tiny_vit
 import visionpeft as vp
 from visionpeft.adapter import backbone_of
 from visionpeft.checkpoint.folder import adapter_state_dict
-from visionpeft.errors import ConfigError, IncompatibleMethodError
+from visionpeft.errors import CheckpointError, ConfigError, IncompatibleMethodError
 from visionpeft.methods import make_config
+from visionpeft.methods.ia3 import peft_feedforward, peft_feedforward_spec
 
 D, DEPTH, HIDDEN = 768, 12, 3072
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -308,6 +311,60 @@ def test_short_training_lowers_the_loss():
     assert losses[-1] < 0.7 * losses[0]
     vectors = [t for n, t in adapter_state_dict(model).items() if n.endswith("ia3_l")]
     assert all((v - 1).abs().max() > 0 for v in vectors)  # every vector trained
+
+
+# -- PEFT's folder ----------------------------------------------------------------------------------------------------
+
+PEFT_FOLDERS = [
+    (tiny_vit, CASES["vit"].run, {}),  # k / v rows of the fused qkv (PEFT: one qkv vector, q rows 1), fc2's input
+    (tiny_unet, CASES["unet"].run, {"target_modules": UNET_TARGETS, "feedforward_modules": ["ff.net.2", "conv2"]}),
+    (convnext, run_generic, {"target_modules": ["conv_dw", "fc1", "fc2"], "feedforward_modules": ["conv_dw"]}),
+]
+
+
+@pytest.mark.parametrize(("factory", "run", "options"), PEFT_FOLDERS, ids=["vit-k-v-ff", "unet-conv", "convnext-dw"])
+def test_peft_loads_the_exported_folder_with_equal_outputs(factory, run, options, tmp_path):
+    ours = perturb(vp.attach(factory(), "ia3", **options))
+    vp.save_adapter(ours, tmp_path, format="peft")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IA3" and config["feedforward_modules"]
+    assert set(config["feedforward_modules"]) < set(config["target_modules"])
+    loaded = peft.PeftModel.from_pretrained(factory(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(run(loaded), run(ours), rtol=1e-5, atol=1e-5)
+
+
+def test_the_default_folder_holds_peft_files_beside_ours(tmp_path):
+    ours = perturb(vp.attach(tiny_vit(), "ia3"))
+    vp.save_adapter(ours, tmp_path)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        torch.testing.assert_close(peft.PeftModel.from_pretrained(tiny_vit(), tmp_path).eval()(IMAGES), ours(IMAGES))
+        torch.testing.assert_close(vp.load_adapter(tiny_vit(), tmp_path)(IMAGES), ours(IMAGES), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("factory", "methods", "words"),
+    [
+        (tiny_clip, ["ia3"], "not nn.MultiheadAttention"),
+        (tiny_vit, ["ia3", "lora"], "one adapter type"),
+    ],
+    ids=["open_clip-attention", "with-lora"],
+)
+def test_what_a_peft_folder_cannot_hold_is_one_line(factory, methods, words, tmp_path):
+    model = perturb(vp.attach(factory(), methods))
+    with pytest.raises(CheckpointError) as err:
+        vp.save_adapter(model, tmp_path / "peft", format="peft")
+    assert words in str(err.value) and "\n" not in str(err.value)
+    vp.save_adapter(model, tmp_path / "ours")  # the default folder: ours alone
+    assert "adapter_config.json" not in {p.name for p in (tmp_path / "ours").iterdir()}
+
+
+def test_feedforward_paths_peft_would_widen_are_written_as_one_regex():
+    targets = ["blocks.0.mlp.fc2", "xblocks.0.mlp.fc2"]
+    assert peft_feedforward_spec(targets, ["xblocks.0.mlp.fc2"]) == ["xblocks.0.mlp.fc2"]
+    spec = peft_feedforward_spec(targets, ["blocks.0.mlp.fc2"])  # PEFT's endswith would take xblocks' too
+    assert [t for t in targets if peft_feedforward(t, spec)] == ["blocks.0.mlp.fc2"]
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ A vector on a Linear or Conv2d is a forward hook (output) or pre-hook (input) of
 timm's fused ``qkv`` it scales those rows only (q's rows keep 1; PEFT on ``qkv`` scales all of them); on open_clip's
 ``nn.MultiheadAttention`` it scales the rows (or input columns) of the projection's slice of ``in_proj_weight`` /
 ``in_proj_bias`` or ``out_proj`` in weight space. :meth:`IA3.merge` folds each vector into its layer exactly, before
-or after another method's additive update of the same layer by attach order (:mod:`.hook_order`).
+or after another method's additive update of the same layer by attach order (:mod:`.hook_order`). PEFT's folder
+(``format="peft"``, and beside visionpeft's files by default) holds every vector but those on nn.MultiheadAttention.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ import torch
 from torch import nn
 
 from ..backbones.base import Projection
-from ..errors import ConfigError, IncompatibleMethodError
+from ..errors import CheckpointError, ConfigError, IncompatibleMethodError
 from ..layers.ia3 import IA3MultiheadAttention, IA3Vector, row_vector, scale_channels, scaled_weight
 from ..schema import setting
-from .base import Method, MethodConfig, register_method
+from .base import ExportParts, Method, MethodConfig, base_module_paths, register_method
 from .hook_order import HookSite, site_order
 from .targets import check_targets, module_projections, projection_groups
 
@@ -123,6 +124,7 @@ class IA3(Method):
     name = "ia3"
     config_class = IA3Config
     merges_exactly = True
+    export_formats = frozenset({"peft"})
 
     def check_fits(self) -> None:
         super().check_fits()
@@ -252,3 +254,53 @@ class IA3(Method):
             for attention in self._attentions:
                 attention.merge()
         self._originals = {}
+
+    def export_parts(self, format: str) -> ExportParts:
+        """Each scaled module's vector under PEFT's key (``<path>.ia3_l``) and shape ((out, 1) on a Linear's output,
+        (1, in) on its input, (1, channels, 1, 1) on a Conv2d), and PEFT's ``IA3`` config. Vectors on the k / v rows
+        of a fused qkv are PEFT's one vector over all its rows, 1 on the others.
+
+        Raises:
+            CheckpointError: A vector on nn.MultiheadAttention (PEFT's IA3 has no layer for it), or a module the
+                backbone says PEFT would not reach.
+        """
+        if self._attentions:
+            raise CheckpointError(
+                "PEFT's IA3 scales Linear and Conv2d modules, not nn.MultiheadAttention (open_clip); "
+                "save with format='visionpeft'"
+            )
+        paths = base_module_paths(self.backbone.model)
+        parts, feedforward = ExportParts(), []
+        for _, base, scales, is_feedforward in self._sites:
+            path = paths[id(base)]
+            problem = self.backbone.export_problem(path, format)
+            if problem:
+                raise CheckpointError(problem)
+            vector = scales.ia3_l if is_feedforward else row_vector(base.weight.shape[0], scales)
+            if isinstance(base, nn.Conv2d):
+                shape = (1, -1, 1, 1)
+            else:
+                shape = (1, -1) if is_feedforward else (-1, 1)
+            parts.adapter_tensors[f"{path}.ia3_l"] = vector.detach().reshape(shape)
+            if is_feedforward:
+                feedforward.append(path)
+        targets = sorted(key.removesuffix(".ia3_l") for key in parts.adapter_tensors)
+        parts.adapter_config = {
+            "peft_type": "IA3",
+            "target_modules": targets,
+            "feedforward_modules": peft_feedforward_spec(targets, feedforward),
+            "exclude_modules": None,
+            "fan_in_fan_out": False,
+            "init_ia3_weights": True,
+        }
+        return parts
+
+
+def peft_feedforward_spec(targets: list[str], feedforward: list[str]) -> list[str] | str:
+    """PEFT's ``feedforward_modules`` selecting exactly ``feedforward`` among the module paths ``targets``: their
+    list, unless PEFT's rule (a path ending with an entry, no dot needed) would also take another target (a path
+    ending in ``xblocks.0.mlp.fc2`` beside ``blocks.0.mlp.fc2``); then one regex of the paths."""
+    chosen = sorted(feedforward)
+    if all(peft_feedforward(path, tuple(chosen)) == (path in feedforward) for path in targets):
+        return chosen
+    return "|".join(re.escape(path) for path in chosen)
