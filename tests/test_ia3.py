@@ -19,7 +19,7 @@ import torch
 from test_any_backbone import convnext
 from test_any_backbone import run as run_generic
 from test_repadapter import outputs_in_new_process
-from tiny_models import CASES, assert_same_state, tiny_clip, tiny_unet, tiny_vit, training_losses
+from tiny_models import CASES, assert_same_state, tiny_clip, tiny_dit, tiny_unet, tiny_vit, training_losses
 
 import visionpeft as vp
 from visionpeft.adapter import backbone_of
@@ -319,10 +319,13 @@ PEFT_FOLDERS = [
     (tiny_vit, CASES["vit"].run, {}),  # k / v rows of the fused qkv (PEFT: one qkv vector, q rows 1), fc2's input
     (tiny_unet, CASES["unet"].run, {"target_modules": UNET_TARGETS, "feedforward_modules": ["ff.net.2", "conv2"]}),
     (convnext, run_generic, {"target_modules": ["conv_dw", "fc1", "fc2"], "feedforward_modules": ["conv_dw"]}),
+    (tiny_dit, CASES["dit"].run, {"target_modules": ["to_k", "to_v", "ff.net.2"], "feedforward_modules": ["ff.net.2"]}),
 ]
 
 
-@pytest.mark.parametrize(("factory", "run", "options"), PEFT_FOLDERS, ids=["vit-k-v-ff", "unet-conv", "convnext-dw"])
+@pytest.mark.parametrize(
+    ("factory", "run", "options"), PEFT_FOLDERS, ids=["vit-k-v-ff", "unet-conv", "convnext-dw", "dit"]
+)
 def test_peft_loads_the_exported_folder_with_equal_outputs(factory, run, options, tmp_path):
     ours = perturb(vp.attach(factory(), "ia3", **options))
     vp.save_adapter(ours, tmp_path, format="peft")
@@ -413,10 +416,20 @@ def test_bad_input_is_one_line_and_leaves_the_model(factory, options, error, wor
     assert set(model.state_dict()) == keys and not vp.attached_methods(model)
 
 
-def test_eva_fused_qkv_with_outside_biases_is_one_line():
+def eva(**overrides):
     from timm.models.eva import Eva
 
-    model = Eva(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, qkv_bias=True)
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, qkv_bias=True)
+    return Eva(**{**kw, "use_rot_pos_emb": True, "ref_feat_shape": (4, 4), **overrides}).eval()
+
+
+def test_eva_fused_qkv_with_outside_biases_is_one_line_and_separate_projections_merge():
     with pytest.raises(IncompatibleMethodError) as err:
-        vp.attach(model, "ia3")
+        vp.attach(eva(), "ia3")
     assert "q/v biases" in str(err.value) and "\n" not in str(err.value)
+    model = perturb(vp.attach(eva(qkv_fused=False, swiglu_mlp=True), "ia3"))
+    with torch.no_grad():
+        adapted = model(IMAGES)
+        assert (adapted - eva(qkv_fused=False, swiglu_mlp=True)(IMAGES)).abs().max() > 1e-3
+        torch.testing.assert_close(vp.merge(model)(IMAGES), adapted, rtol=1e-5, atol=1e-5)
