@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from _arithmetic_utils import lora_folder
-from tiny_models import tiny_unet, tiny_vit
+from tiny_models import sample_images, tiny_sd_pipeline, tiny_unet, tiny_vit
 
 import visionpeft as vp
 from visionpeft.arithmetic.records import read_adapter
@@ -241,3 +242,20 @@ def test_extract_bad_input_is_one_line_and_leaves_base_as_it_was(tmp_path):
     vp.attach(base, "lora")
     with pytest.raises(ConfigError, match="plain base model"):
         vp.extract_lora(tuned, base, rank=2)
+
+
+@pytest.mark.slow  # three tiny pipelines and two samplings: ~20 s on 2 cores
+def test_a_pipeline_gets_one_lora_per_tower_that_imports_back_from_kohya(tmp_path):
+    base, tuned = tiny_sd_pipeline(tmp_path / "tok"), tiny_sd_pipeline(tmp_path / "tok")
+    layers = [(tuned.unet, "attn1.to_q"), (tuned.text_encoder, "layers.0.self_attn.q_proj")]
+    with torch.no_grad():
+        for component, suffix in layers:
+            next(m for n, m in component.named_modules() if n.endswith(suffix)).weight.add_(0.2)
+    result = vp.extract_lora(tuned, base, rank=2, output=tmp_path / "kohya", format="kohya")
+    assert [m["config"]["tower"] for m in result.config["methods"]] == ["unet", "text_encoder"]
+    result.save(tmp_path / "folder")
+    described = "\n".join(vp.describe_adapter(tmp_path / "folder"))  # each tower's layers under its own lora
+    layer_lines = [line.strip() for line in described.splitlines() if line.strip().startswith("layers: ")]
+    assert [line.split()[1].split(".")[0] for line in layer_lines] == ["unet", "text_encoder"]
+    imported = vp.load_adapter(tiny_sd_pipeline(tmp_path / "tok"), tmp_path / "kohya" / "lora_kohya.safetensors")
+    np.testing.assert_allclose(sample_images(imported, "a cat"), sample_images(tuned, "a cat"), atol=1e-4)

@@ -57,19 +57,22 @@ def _base(base: object) -> str:
 
 
 def _options(options: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in options.items() if v is not None and v != [] and v != ())
+    """The options that say something (set, and ``targets`` only where no ``target_modules`` replaces them)."""
+    ignored = {"targets"} if options.get("target_modules") is not None else set()
+    return ", ".join(f"{k}={v}" for k, v in options.items() if v not in (None, [], ()) and k not in ignored)
 
 
 def _lora_lines(group: LoRAGroup) -> list[str]:
     """Layers, ranks in use and parameters of one lora method."""
     in_use = sorted({_rank_in_use(u.a, u.b) for u in group.updates.values()})
-    ranks = f"{in_use[0]}" if len(in_use) == 1 else f"{in_use[0]} to {in_use[-1]}"
+    ranks = "none" if not in_use else f"{in_use[0]}" if len(in_use) == 1 else f"{in_use[0]} to {in_use[-1]}"
     count = sum(_count({"a": u.a, "b": u.b}) for u in group.updates.values())
     count += sum(u.magnitude.numel() for u in group.updates.values() if u.magnitude is not None)
     names = list(group.updates)
     more = f" (+{len(names) - 4} more)" if len(names) > 4 else ""
     return [
-        f"{len(names)} {'DoRA' if group.dora else 'LoRA'} layers, stored rank {group.rank} (scale alpha / r = "
+        f"{len(names)} {'DoRA' if group.dora else 'LoRA'} layer{'s' * (len(names) != 1)}, stored rank {group.rank} "
+        f"(scale alpha / r = "
         f"{group.scale:g}), rank in use {ranks}; {count:,} parameters",
         f"layers: {', '.join(names[:4])}{more}",
     ]

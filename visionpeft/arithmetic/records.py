@@ -174,6 +174,8 @@ def _assign_folder(record: AdapterRecord) -> None:
         a = record.tensors.get(f"{prefix}.{FACTOR_A}")
         owners = [i for i, m in entries if a is not None and int(m["config"].get("r", -1)) == a.shape[0]]
         scales = {float(methods[i]["config"]["alpha"]) / int(methods[i]["config"]["r"]) for i in owners}
+        if len(owners) > 1 and len(scales) == 1:  # one scale: the owner only names the tower; guess it by prefix
+            owners = _by_tower_prefix(key, owners, methods)
         if len(owners) > 1 and len(scales) > 1:
             record.unassigned = (
                 f"{record.label} holds several lora methods of rank {a.shape[0]} with different alphas, and a folder "
@@ -187,6 +189,15 @@ def _assign_folder(record: AdapterRecord) -> None:
             )
         by_group[owners[0]][key] = record.tensors[key]
     record.groups = [_group(record, i, by_group[i]) for i, _ in entries]
+
+
+def _by_tower_prefix(key: str, owners: list[int], methods: list) -> list[int]:
+    """The owners whose tower names the key's first part (``text_encoder.``, ``text.``), else those on the default
+    tower: canonical names of a tower other than the default start with its name (module paths of a pipeline's
+    components too)."""
+    towers = {i: methods[i]["config"].get("tower") for i in owners}
+    named = [i for i in owners if towers[i] and key.startswith(towers[i] + ".")]
+    return named or [i for i in owners if not towers[i]] or owners
 
 
 def _ranks(entries: list) -> str:
@@ -291,6 +302,9 @@ class AdapterResult:
     layers: dict[str, LayerFit] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     output: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.config = json.loads(json.dumps(self.config))  # as the config file holds it (lists, not tuples)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Writes the visionpeft folder (``directory`` new or empty); ``vp.load_adapter`` loads it, and
