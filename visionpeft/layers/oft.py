@@ -1,6 +1,6 @@
-"""OFT (Qiu et al., "Controlling Text-to-Image Diffusion by Orthogonal Finetuning", NeurIPS 2023; Liu et al.,
-OFTv2 2025): the weight's input side turned by a block-diagonal orthogonal matrix, ``W' = W R^T`` with
-``R = diag(R_1, ..., R_r)``, each block the Cayley transform of a skew-symmetric matrix.
+"""OFT (Qiu et al., "Controlling Text-to-Image Diffusion by Orthogonal Finetuning", NeurIPS 2023, arXiv 2306.07280,
+in the form PEFT has used since 0.18): the weight's input side turned by a block-diagonal orthogonal matrix,
+``W' = W R^T`` with ``R = diag(R_1, ..., R_r)``, each block the Cayley transform of a skew-symmetric matrix.
 
 Follows PEFT 0.21's OFT layer (``peft/tuners/oft/layer.py``; own code): ``oft_R`` holds the strict upper triangle of
 each block's skew matrix Q ((r, b (b - 1) / 2); one shared block with ``block_share``), zero at initialisation (R is

@@ -1,4 +1,4 @@
-"""OFT (Qiu et al., NeurIPS 2023; PEFT 0.21's OFTv2 form) on any projection of any backbone, under PEFT's name and
+"""OFT (Qiu et al., NeurIPS 2023; in PEFT 0.21's form) on any projection of any backbone, under PEFT's name and
 options: the weight's input side turned by a block-diagonal orthogonal matrix, ``W' = W R^T``
 (:mod:`visionpeft.layers.oft`)."""
 
