@@ -9,6 +9,9 @@
 
 An executor's ``run(runs, on_done)`` blocks until every run has finished or failed, calls ``on_done(run, record)``
 as each one does, and returns the records. A run's failure is its record (``status: failed``), never an exception.
+``run(jobs, on_done, worker)`` sends other jobs the same way: ``worker(asdict(job))`` (a module-level function; the
+local pool and submitit also take a partial of one) returns the job's record, and a job has the ``path`` of its
+folder, where ``result.json`` marks it done (NOAH's search scores its candidates so, :mod:`.noah_jobs`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from ..errors import ConfigError
 from .runs import ERROR, RunSpec, execute, read_result
 
 OnDone = Callable[[RunSpec, dict[str, Any]], None]
+#: what a worker process calls with a job's fields (``runs.execute`` for a run), returning the job's record
+Worker = Callable[[dict[str, Any]], dict[str, Any]]
 #: executor -> (module it needs, the pyproject extra that installs it)
 EXTRAS = {"slurm": ("submitit", "slurm"), "ray": ("ray", "ray")}
 
@@ -107,7 +112,7 @@ class LocalExecutor:
 
     workers: int | None = None
 
-    def run(self, runs: list[RunSpec], on_done: OnDone) -> list[dict[str, Any]]:
+    def run(self, runs: list[RunSpec], on_done: OnDone, worker: Worker = execute) -> list[dict[str, Any]]:
         gpus = _visible_gpus()
         workers = min(self.workers or max(1, len(gpus)), max(1, len(runs)))
         context = multiprocessing.get_context("spawn")
@@ -119,7 +124,7 @@ class LocalExecutor:
         with ProcessPoolExecutor(
             workers, mp_context=context, initializer=_init_worker, initargs=(devices, threads, os.getpid())
         ) as pool:
-            futures = {pool.submit(execute, asdict(run)): run for run in runs}
+            futures = {pool.submit(worker, asdict(run)): run for run in runs}
             try:
                 for future in as_completed(futures):
                     run = futures[future]
@@ -155,7 +160,7 @@ class SubmititExecutor:
     mem_gb: int | None = None
     timeout_min: int = 24 * 60
 
-    def run(self, runs: list[RunSpec], on_done: OnDone) -> list[dict[str, Any]]:
+    def run(self, runs: list[RunSpec], on_done: OnDone, worker: Worker = execute) -> list[dict[str, Any]]:
         import submitit
 
         executor = submitit.AutoExecutor(folder=str(self.folder), cluster=self.cluster)
@@ -174,7 +179,7 @@ class SubmititExecutor:
         executor.update_parameters(**params)
         # a job with several GPUs trains its run on all of them: accelerate launch inside the job, one process each
         processes = max(1, self.gpus_per_job)
-        jobs = executor.map_array(execute, [{**asdict(run), "processes": processes} for run in runs])
+        jobs = executor.map_array(worker, [{**asdict(run), "processes": processes} for run in runs])
         records = []
         for job, run in zip(jobs, runs):
             try:
@@ -196,14 +201,14 @@ class RayExecutor:
     gpus_per_run: float = 0
     cpus_per_run: float = 1
 
-    def run(self, runs: list[RunSpec], on_done: OnDone) -> list[dict[str, Any]]:
+    def run(self, runs: list[RunSpec], on_done: OnDone, worker: Worker = execute) -> list[dict[str, Any]]:
         import ray
 
         if not ray.is_initialized():
             env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}} if os.environ.get("PYTHONPATH") else None
             cpus = self.workers * self.cpus_per_run if self.workers and self.address is None else None
             ray.init(address=self.address, num_cpus=cpus, runtime_env=env, include_dashboard=False, log_to_driver=False)
-        remote = ray.remote(num_gpus=self.gpus_per_run, num_cpus=self.cpus_per_run, max_retries=0)(execute)
+        remote = ray.remote(num_gpus=self.gpus_per_run, num_cpus=self.cpus_per_run, max_retries=0)(worker)
         pending = {remote.remote(asdict(run)): run for run in runs}
         records = []
         while pending:
