@@ -125,22 +125,23 @@ def combine_adapters(
         kind, mode = "task_arithmetic", "factors"
     towers = _towers(records)
     ranks = {tower: _new_rank(mode, groups, svd_rank) for tower, groups in towers.items()}
+    heads = _heads(records, heads_from)
+    config = _config(records, towers, ranks, heads_from)  # every refusal comes before the work
     merge = _merge_function(kind, density, majority_sign_method)
-    result = AdapterResult(config={}, tensors={})
     updates: dict[str, tuple[str | None, list]] = {}  # name -> (tower, [(weight, Update) of each adapter having it])
     for tower, groups in towers.items():
         for i, group in groups:
             for name, update in group.updates.items():
                 updates.setdefault(name, (tower, []))[1].append((float(weights[i]), update))
+    tensors, layers = {}, {}
     with _seeded(seed if kind is not None and "dare" in kind else None):
         for name in sorted(updates, key=natural_key):
             tower, members = updates[name]
             a, b, fit = _combine_update(mode, merge, members, ranks[tower], svd_clamp, svd_full_matrices)
-            result.tensors[f"{name}.lora_A"], result.tensors[f"{name}.lora_B"] = a, b
+            tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a, b
             if fit is not None:
-                result.layers[name] = fit
-    result.tensors.update(_heads(records, heads_from))
-    result.config = _config(records, towers, ranks, heads_from)
+                layers[name] = fit
+    result = AdapterResult(config, {**tensors, **heads}, layers)
     if output is not None:
         result.save(output)
     return result
