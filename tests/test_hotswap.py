@@ -102,3 +102,13 @@ def test_refusals_are_one_line_and_change_nothing(tmp_path, folders):
     vp.hotswap_adapter(model, tmp_path / "other_base", check_base=False)
     with pytest.raises(ConfigError, match="no visionpeft method"):
         vp.hotswap_adapter(tiny_vit(), folders / "a")
+
+
+def test_a_lora_attached_at_the_largest_rank_takes_every_adapter(folders):
+    """diffusers' enable_lora_hotswap(target_rank=...): attach the LoRA at the largest rank first (its zero B changes
+    nothing), then swap adapters of any lower rank in."""
+    model = vp.attach(tiny_vit(), "lora", r=8, target_modules=LAYERS)
+    torch.testing.assert_close(_outputs(model), _outputs(tiny_vit()), rtol=0, atol=0)
+    for name in "ab":
+        vp.hotswap_adapter(model, folders / name)
+        torch.testing.assert_close(_outputs(model), _outputs(_loaded(folders / name)), rtol=1e-5, atol=1e-6)

@@ -8,7 +8,9 @@ model changes, so a ``torch.compile``-d model runs the new adapter without recom
 
 - The new adapter's LoRA layers are the loaded one's or a subset (layers it lacks get zero factors).
 - A lower rank is zero-padded into the loaded factors (exact); a higher rank is refused (the shapes would change:
-  load the largest adapter first, or resize the others with :func:`~visionpeft.resize_lora`).
+  load the largest adapter first, or resize the others with :func:`~visionpeft.resize_lora`). diffusers'
+  ``enable_lora_hotswap(target_rank=R)`` is ``vp.attach(model, "lora", r=R, ...)`` on the same layers before
+  compiling (B starts at zero: the model is unchanged), then a swap per adapter.
 - Another ``alpha / r``: PEFT keeps the scale as a tensor it overwrites (``prepare_model_for_compiled_hotswap``);
   here the new scale's ratio to the loaded one is folded into B (``B * s_new / s_old``), the same update, with the
   layers' scale left as it is. So a model saved after a swap holds that folded B with the loaded alpha.
