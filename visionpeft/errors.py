@@ -40,6 +40,10 @@ class ModelLoadError(VisionPEFTError):
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """Returns a ``" (did you mean 'x'?)"`` suffix for the closest choice, or an empty string."""
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    """Returns a ``" (did you mean 'x'?)"`` suffix for the closest choice, or an empty string. A choice with the
+    same letters in another order comes first (a swapped pair, ``vtp`` for ``vpt``, is the commonest typo; difflib
+    alone rates ``vp`` closer)."""
+    choices = [str(c) for c in choices]
+    swapped = [c for c in choices if c != str(name) and sorted(c) == sorted(str(name))]
+    close = swapped[:1] or difflib.get_close_matches(str(name), choices, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
