@@ -392,7 +392,12 @@ def test_a_feedforward_module_that_is_no_target_is_refused_with_the_options(opti
         (tiny_vit, {"targets": ["k", "fc3"]}, ConfigError, "target 'fc3' does not exist"),
         (tiny_vit, {"target_modules": ["qkvv"]}, ConfigError, "did you mean 'qkv'"),
         (tiny_vit, {"target_modules": ["norm1"]}, ConfigError, "LayerNorm"),
-        (tiny_vit, {"feedforward_modules": r"fc2"}, ConfigError, "selects none"),
+        (
+            tiny_vit,
+            {"feedforward_modules": r"fc2"},
+            ConfigError,
+            "selects none of the modules its targets select (e.g. blocks.0.attn.k); one string is a regex",
+        ),
         (tiny_vit, {"targets": ["k", "v"], "feedforward_modules": ["k"]}, IncompatibleMethodError, "fused qkv"),
         (tiny_clip, {"target_modules": ["out_proj"]}, IncompatibleMethodError, "select the attention module"),
         (lambda: torch.nn.Sequential(torch.nn.Linear(4, 4)), {}, ConfigError, "needs target_modules"),

@@ -111,7 +111,7 @@ class ScaledLayer:
 
     Attributes:
         members: ``(canonical name, projection)`` of the layer's scaled parts (q / k / v of a fused qkv, an attention's
-            slots, or the layer itself), each with whether it is a feed-forward one.
+            slots, or the layer itself).
         feedforward: Canonical name -> whether that part's input is scaled.
     """
 
@@ -154,9 +154,10 @@ class IA3(Method):
                     layer.feedforward[name] = canonical_feedforward(name, spec)
         if cfg.feedforward_modules and not any(any(layer.feedforward.values()) for layer in layers):
             option = "target_modules" if cfg.target_modules is not None else "targets"
+            hint = "; one string is a regex over the whole name, a list holds names" if isinstance(spec, str) else ""
             raise ConfigError(
                 f"ia3 feedforward_modules {cfg.feedforward_modules!r} selects none of the modules its {option} "
-                f"select (e.g. {layers[0].members[0][0]})"
+                f"select (e.g. {layers[0].members[0][0]}){hint}"
             )
         return layers
 
@@ -187,7 +188,8 @@ class IA3(Method):
 
     def build(self) -> None:
         ones = self.config.init_ia3_weights
-        self._sites: list[tuple[HookSite, nn.Module, torch.Tensor | list, bool]] = []
+        # (hook, library layer, its vector or its output pieces (rows, vector), feed-forward)
+        self._sites: list[tuple[HookSite, nn.Module, IA3Vector | list, bool]] = []
         self._attentions: list[IA3MultiheadAttention] = []
         for layer in self._layers:
             if layer.members[0][1].kind == "mha":
