@@ -35,7 +35,7 @@ def library_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.
 def matches_target(path: str, spec: TargetSpec) -> bool:
     """PEFT's ``target_modules`` rule (``peft.tuners.tuners_utils.check_target_module_exists``): one string is a
     regex the whole path must match; a list holds names the path equals or ends with after a dot. Written here
-    because PEFT is no runtime dependency of visionpeft."""
+    because PEFT's function takes a PEFT config and a model (and adds its layer filters); this is the rule alone."""
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
     return any(path == t or path.endswith("." + t) for t in spec)
