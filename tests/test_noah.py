@@ -350,3 +350,28 @@ def test_nn_multihead_attention_is_one_line_unless_the_lora_is_off():
     assert "\n" not in str(err.value)
     model = vp.attach(tiny_clip(), "noah", **{**CLIP_SPACE, "lora_depths": [0]})  # prompts and adapters only
     assert vp.count_parameters(model)["by_group"]["noah"] > 0
+
+
+def test_eva_with_separate_q_k_v_projections_matches_the_fused_layout():
+    """One A and one B (q, k, v rows) whether q, k and v are one fused Linear or three (EVA's qkv_fused=False)."""
+    from timm.models.eva import Eva
+
+    def eva(fused: bool, bias: bool = False):
+        torch.manual_seed(0)
+        kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, qkv_bias=bias)
+        return Eva(**kw, qkv_fused=fused).eval()
+
+    options = {**SPACE, "vpt_depths": [2], "lora_depths": [2], "adapter_depths": [0]}
+    separate, fused = vp.attach(eva(False), "noah", **options), vp.attach(eva(True), "noah", **options)
+    with torch.no_grad():
+        for name, proj in ((n, p) for n, p in separate.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj"))):
+            block, slot = name.split(".")[1], "qkv".index(name[-6])
+            fused.blocks[int(block)].attn.qkv.weight[32 * slot : 32 * (slot + 1)] = proj.weight
+        randomise(separate)
+        for (_, tensor), (_, source) in zip(noah_of(fused).named_tensors(), noah_of(separate).named_tensors()):
+            tensor.copy_(source)
+        torch.testing.assert_close(fused(IMAGES), separate(IMAGES), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(separate(IMAGES), eva(False)(IMAGES), rtol=1e-2, atol=0)  # EVA's logits are ~1e-4
+    with pytest.raises(IncompatibleMethodError, match="reads its weight without calling the module") as err:
+        vp.attach(eva(True, bias=True), "noah", **options)  # EVA's fused qkv with q / v biases outside it
+    assert "\n" not in str(err.value)

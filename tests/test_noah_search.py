@@ -149,18 +149,42 @@ def test_scoring_jobs_split_the_generation_resume_from_their_folders_and_fail_in
     assert "\n" not in str(err.value) and "traceback in" in str(err.value)
 
 
-@pytest.mark.slow
-def test_the_search_runs_its_jobs_on_the_local_pool(tmp_path):
-    from visionpeft.sweep.executors import LocalExecutor
+def planted_worker(fields: dict) -> dict:
+    """:func:`score_job` with the planted scores, as a plain module-level function (Ray's remote wants one)."""
+    return score_job(fields, score=planted_job)
 
-    scorer = JobScorer(LocalExecutor(workers=2), tmp_path, tmp_path / "run", "last", "val", jobs=2)
-    scorer.worker = partial(score_job, score=planted_job)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["local", "submitit", "ray"])
+def test_the_search_runs_its_jobs_on_each_executor(engine, tmp_path, monkeypatch):
+    from visionpeft.sweep import executors
+
+    if engine != "local":
+        pytest.importorskip(engine, reason=f"needs the {engine} extra")
+        # the engines start fresh interpreters: they find this module (the planted worker) on PYTHONPATH
+        monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    executor = {
+        "local": lambda: executors.LocalExecutor(workers=2),
+        "submitit": lambda: executors.SubmititExecutor(
+            tmp_path / "submitit", workers=2, cluster="local", cpus_per_job=1, gpus_per_job=0, timeout_min=10
+        ),
+        "ray": lambda: executors.RayExecutor(workers=2),
+    }[engine]()
+    scorer = JobScorer(executor, tmp_path, tmp_path / "run", "last", "val", jobs=2, worker=planted_worker)
     settings = SearchSettings(budget=250, population=12, select=4, mutation=6, crossover=6, generations=2, seed=1)
     evolution = Evolution(SPACE, GEOMETRY, settings, scorer)
-    best = evolution.run()
+    try:
+        best = evolution.run()
+    finally:
+        if engine == "ray":
+            import ray
+
+            ray.shutdown()
     assert best.top1 == max(s.top1 for s in evolution.state.scored.values())
     assert all(s.parameters <= settings.budget for s in evolution.state.scored.values())
     assert len(list((tmp_path / "jobs").glob("g0*/result.json"))) == 3 * 2  # 2 jobs per generation
+    if engine == "submitit":
+        assert list((tmp_path / "submitit").glob("*_log.out"))  # the jobs went through submitit
 
 
 # -- end to end on a tiny supernet ------------------------------------------------------------------------------

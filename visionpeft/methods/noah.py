@@ -381,6 +381,8 @@ class NOAH(Method):
         noah = self.layers[index]
         low = F.linear(noah.lora_dropout(inputs[0]), noah.lora.lora_A[:rank].to(output.dtype))
         b = noah.lora.lora_B[:, :rank].to(output.dtype)
+        if all(rows == b_rows for rows, b_rows in slices) and slices[-1][0][1] == output.shape[-1]:
+            return output + F.linear(low, b[: output.shape[-1]])  # fused qkv (or q alone): B's rows are the layer's
         parts, end = [], 0
         for (start, stop), (b_start, b_stop) in slices:
             if start > end:
