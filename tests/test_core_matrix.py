@@ -62,6 +62,14 @@ MATRIX = [
     ("dit", "lora", {"targets": ["q", "k", "v", "o", "fc1", "fc2"]}),
     ("dit", "difffit", {}),
     ("dit", "bitfit", {}),
+    # [zoo] adapters: RepAdapter (re-parameterisable), Houlsby / Pfeiffer (lora_xavier: the up-projection starts at 0)
+    ("vit", "repadapter", {"bottleneck": 4}),
+    ("clip_timm", "repadapter", {"bottleneck": 4}),
+    ("clip_vision", "repadapter", {"bottleneck": 4}),
+    ("clip_vision_lnd", "repadapter", {"bottleneck": 4}),
+    ("vit", "adapter", {"bottleneck": 4, "init": "lora_xavier"}),
+    ("vit_reg_avg", "adapter", {"style": "pfeiffer", "bottleneck": 4, "init": "lora_xavier"}),
+    ("clip_vision", "adapter", {"bottleneck": 4, "init": "lora_xavier"}),
     # the LyCORIS family: fused Q / V slices, whole modules by path, nn.MultiheadAttention, U-Net convs, DiT
     ("vit", "loha", {"r": 2}),
     ("vit", "lokr", {"target_modules": ["qkv", "fc1"], "decompose_both": True, "r": 2}),
