@@ -197,6 +197,8 @@ def test_image_size_comes_from_the_model_and_each_refusal_is_one_line():
     assert (
         str(err.value) == "vp's prompt is learned for 3x32x32 images (channels x height x width); the model got 3x48x48"
     )
+    with pytest.raises(DataError, match="the model got no image tensor$"):
+        model(x=images())  # a keyword input: nothing positional to prompt
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ final norm on the rest), ``Head2ToeBlock.forward`` (lines 201-211: pre-norm atte
 ``Head2ToeAttention.forward`` (lines 95-117: queries from every token, keys and values from the tokens after the
 queries only), ``Head2ToeVisionTransformer.forward`` (lines 354-388, concat mode: ``[x[:, 0]; q_1.view(B, -1); ...]``,
 each part L2-normalised with ``NORMALIZE_FEATS``, one Linear head over the concatenation); the initialisation of the
-queries (lines 264-269, xavier-uniform bound) and of the head (``src/models/mlp.py`` lines 50-51, kaiming normal,
+queries (lines 264-269, xavier-uniform bound) and of the head (``src/models/mlp.py`` lines 52-53, kaiming normal,
 fan_out).
 """
 
@@ -214,6 +214,23 @@ def test_composes_with_other_methods_in_either_order(other, first):
             model.forward_features(images()), alone.forward_features(images()), rtol=1e-5, atol=1e-5
         )
     assert model(images()).shape == (2, 10)
+
+
+def test_under_autocast_the_mask_comes_in_the_dtype_of_the_scores():
+    """The layer norm before the attention gives float32 under autocast while the scores are bf16: the mask is made
+    in the autocast dtype, which CUDA's fused attention kernels ask of a float mask."""
+    model, plain = vp.attach(tiny_vit(), "vqt"), tiny_vit()
+    seen = []
+    model.blocks[0].attn.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["attn_mask"].dtype), with_kwargs=True
+    )
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = model.forward_features(images()), plain.forward_features(images())
+    assert seen == [torch.bfloat16]
+    torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)  # bf16: the frozen tokens still ignore the queries
+    with torch.no_grad():
+        model(images())
+    assert seen[-1] == torch.float32
 
 
 def test_initialisation_is_the_official_one():

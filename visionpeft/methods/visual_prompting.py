@@ -156,7 +156,7 @@ class VisualPrompting(Method):
     def _add_prompt(self, module: nn.Module, args: tuple) -> tuple:
         images = args[0] if args else None
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != self.expected:
-            shape = "x".join(map(str, images.shape[1:])) if isinstance(images, torch.Tensor) else type(images).__name__
+            shape = "x".join(map(str, images.shape[1:])) if isinstance(images, torch.Tensor) else "no image tensor"
             raise DataError(
                 f"vp's prompt is learned for {'x'.join(map(str, self.expected))} images (channels x height x width); "
                 f"the model got {shape}"

@@ -139,10 +139,12 @@ class VQT(Method):
             raise IncompatibleMethodError("vqt cannot combine its query mask with an attention mask the tower passes")
         x = args[0]
         n = x.shape[0] if self._sequence_first() else x.shape[1]
-        key = (n, x.dtype, x.device)
+        kind = x.device.type  # under autocast the scores come in the autocast dtype, which fused kernels ask of a mask
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        key = (n, dtype, x.device)
         if self._mask_cache is None or self._mask_cache[0] != key:
             end = n - self._patches()
-            mask = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+            mask = torch.zeros(n, n, dtype=dtype, device=x.device)
             mask[:, end - self.config.num_tokens : end] = float("-inf")
             self._mask_cache = (key, mask)
         return args, {**kwargs, "attn_mask": self._mask_cache[1]}
