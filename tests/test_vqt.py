@@ -163,7 +163,17 @@ TOWERS = {
     "clip_vision": (lambda: probe(tiny_clip()), lambda m: m.clip.encode_image, 32),
     "clip_vision_lnd": (lambda: probe(tiny_clip(batch_first=False)), lambda m: m.clip.encode_image, 32),
     "clip_timm": (lambda: probe(tiny_clip_timm()), lambda m: m.clip.encode_image, 224),
+    "clip_classifier_head": (lambda: clip_classifier(), lambda m: m.clip.encode_image, 32),
 }
+
+
+def clip_classifier():
+    """The classification task's CLIP classifier with its text-initialised linear head."""
+    from tiny_models import tiny_clip_bpe
+
+    from visionpeft.tasks import CLIPClassifier
+
+    return CLIPClassifier(tiny_clip_bpe(), ["tabby cat", "fire truck", "golden retriever"], head=True).eval()
 
 
 @pytest.mark.parametrize("tower", list(TOWERS))
@@ -252,6 +262,9 @@ def test_save_load_round_trip_and_detach(tmp_path):
     assert vp.attached_methods(fresh)[0][1].num_tokens == 2
     with torch.no_grad():
         torch.testing.assert_close(fresh(images()), trained, rtol=0, atol=0)
+    assert not vp.can_merge(model)
+    with pytest.raises(IncompatibleMethodError, match="vqt cannot be merged"):
+        vp.merge(model)
     vp.detach(model)
     with torch.no_grad():
         torch.testing.assert_close(model(images()), tiny_vit()(images()), rtol=0, atol=0)
