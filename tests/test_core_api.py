@@ -200,3 +200,27 @@ def test_vpt_prompts_leave_the_token_layout_after_the_last_block(overrides):
     assert model.forward_features(x).shape == shape  # pooling never sees prompt tokens
     handle.remove()
     assert seen == [shape[1] + 4]  # ... but every block does
+
+
+@pytest.mark.parametrize("scale", ["ssf", "ia3"])
+def test_merging_a_wrapper_alone_refuses_when_a_kept_scale_hooks_it(scale):
+    """A scale attached after a LoRA hooks the LoRA layer; merging the LoRA alone would drop the scale's hook with the
+    wrapper (the model silently changed before). It is refused in one line, nothing merged; merged together, exact."""
+    torch.manual_seed(0)
+    model = vp.attach(tiny_vit(), [("lora", {"r": 2}), (scale, {})])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in vp.trainable_parameters(model):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(IncompatibleMethodError, match=f"{scale} hooks a layer that lora wraps") as err:
+        vp.merge(model, methods=["lora"])
+    assert "\n" not in str(err.value)
+    assert [name for name, _ in vp.attached_methods(model)] == ["lora", scale]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+        vp.merge(model, methods=["lora", scale])
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)

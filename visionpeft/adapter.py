@@ -206,6 +206,12 @@ def merge(model: Any, methods: Sequence[str] | None = None) -> Any:
             f"{', '.join(blocked)} cannot be merged into the weights exactly (they add tokens or non-linear "
             "modules); merge the others with merge(model, methods=[...])"
         )
+    carried = _hooks_on_removed_wrappers(chosen, [m for m in state.methods if m not in chosen])
+    if carried:
+        raise IncompatibleMethodError(
+            f"{carried[1]} hooks a layer that {carried[0]} wraps, so merging {carried[0]} alone would drop "
+            f"{carried[1]}'s effect; merge them together: merge(model, methods=[{carried[0]!r}, {carried[1]!r}])"
+        )
     for method in sorted(chosen, key=lambda m: m.merge_priority):
         method.merge()
         method.forget()
@@ -217,6 +223,17 @@ def merge(model: Any, methods: Sequence[str] | None = None) -> Any:
         _release(state)
         del target.__dict__[_STATE]
     return model
+
+
+def _hooks_on_removed_wrappers(merged: list, kept: list) -> tuple[str, str] | None:
+    """``(merged method, kept method)`` when a kept method's hook sits on a wrapper a merged method removes (an SSF
+    or IA3 scale attached after a LoRA hooks the LoRA layer): that hook would go with the wrapper."""
+    for method in merged:
+        for wrapper in method.placed_wrappers():
+            for other in kept:
+                if other.hooks_module(wrapper):
+                    return method.name, other.name
+    return None
 
 
 def attached_methods(model: Any) -> list[tuple[str, MethodConfig]]:

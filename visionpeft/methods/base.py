@@ -242,6 +242,15 @@ class Method:
         self._hooks, self._wrapped, self._added, self._originals = [], [], [], {}
         self.tensors, self.buffers = {}, {}
 
+    def placed_wrappers(self) -> list[nn.Module]:
+        """The wrappers this method put in place of library modules (``merge`` + ``forget`` removes them)."""
+        return [getattr(parent, attr) for parent, attr, _ in self._wrapped]
+
+    def hooks_module(self, module: nn.Module) -> bool:
+        """Whether one of this method's forward (pre-)hooks is registered on ``module``."""
+        hook_dicts = (module._forward_hooks, module._forward_pre_hooks)
+        return any(any(handle.hooks_dict_ref() is d for d in hook_dicts) for handle in self._hooks)
+
     def diagnostics(self) -> dict[str, float]:
         """Numbers worth logging about the method's last forward (a control's residual norms); none by default."""
         return {}
