@@ -375,3 +375,19 @@ def test_eva_with_separate_q_k_v_projections_matches_the_fused_layout():
     with pytest.raises(IncompatibleMethodError, match="reads its weight without calling the module") as err:
         vp.attach(eva(True, bias=True), "noah", **options)  # EVA's fused qkv with q / v biases outside it
     assert "\n" not in str(err.value)
+
+
+def test_runs_on_a_half_precision_backbone_with_fp32_modules():
+    """The backbone stored in bf16 (as ``freeze_in_precision`` stores frozen weights), NOAH's tensors in fp32."""
+    model = vp.attach(vit3(), "noah", **SPACE)
+    randomise(model)
+    noah_of(model).fix_subnet(MIXED)
+    own = {id(p) for _, p in noah_of(model).named_tensors()}
+    with torch.no_grad():
+        expected = model(IMAGES)
+        for p in model.parameters():
+            if id(p) not in own:
+                p.data = p.data.to(torch.bfloat16)
+        half = model(IMAGES.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), expected, rtol=0.05, atol=0.05)

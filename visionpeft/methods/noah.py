@@ -208,8 +208,9 @@ class SlicedAdapter(nn.Module):
                 layer.bias.normal_(std=1e-6)
 
     def delta(self, h: torch.Tensor, width: int) -> torch.Tensor:
-        hidden = self.act(F.linear(h, self.down.weight[:width], self.down.bias[:width]))
-        return F.linear(self.dropout(hidden), self.up.weight[:, :width], self.up.bias)
+        down, up = self.down, self.up
+        hidden = self.act(F.linear(h, down.weight[:width].to(h.dtype), down.bias[:width].to(h.dtype)))
+        return F.linear(self.dropout(hidden), up.weight[:, :width].to(h.dtype), up.bias.to(h.dtype))
 
 
 class NOAHLayer(nn.Module):
