@@ -117,17 +117,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def retrain_overrides(config, method, subnet, protocol: str, overrides: list[str]) -> list[str]:
-    """The overrides turning the supernet's config into the retrain of ``subnet``: its method entry in mode subnet
-    (every other method of a hybrid kept), the protocol's final splits, a run name, then the user's overrides."""
+def retrain_overrides(config, name: str, space, subnet, protocol: str, overrides: list[str]) -> list[str]:
+    """The overrides turning the supernet's config into the retrain of ``subnet``: the method ``name``'s entry with
+    the supernet's options (``space``) in mode subnet (every other method of a hybrid kept), the protocol's final
+    splits, a run name, then the user's overrides."""
     from ..config import methods_of_config
     from .protocol import stage_overrides
 
     entries = []
-    for name, options in methods_of_config(config):
-        if name == method.name:
-            options = {**method.config.to_dict(), "mode": "subnet", "subnet": {m: list(v) for m, v in subnet.items()}}
-        entries.append({"name": name, **options})
+    for method, options in methods_of_config(config):
+        if method == name:
+            options = {**space.to_dict(), "mode": "subnet", "subnet": {m: list(v) for m, v in subnet.items()}}
+        entries.append({"name": method, **options})
     value = entries[0] if len(entries) == 1 else entries
     return [
         f"method={json.dumps(value)}",
@@ -137,13 +138,13 @@ def retrain_overrides(config, method, subnet, protocol: str, overrides: list[str
     ]
 
 
-def _identity(args, run_dir: Path, split: str, settings, method) -> dict[str, Any]:
+def _identity(args, run_dir: Path, split: str, settings, space) -> dict[str, Any]:
     return {
         "supernet": str(run_dir),
         "adapter": args.adapter,
         "split": split,
         "settings": asdict(settings),
-        "space": json.loads(json.dumps(method.config.to_dict())),
+        "space": json.loads(json.dumps(space.to_dict())),
     }
 
 
@@ -245,14 +246,12 @@ def main(argv: list[str]) -> int:
     if split is None:
         raise ConfigError(f"{run_dir} trained without a validation split; give --split (e.g. val200)")
     validation_set(config, exp, split)
-    geometry, space = method.geometry(), method.config
-    del exp
+    name, space, geometry = method.name, method.config, method.geometry()
+    del exp, method  # the workers load their own
     check_budget(space, geometry, settings)
-    load_config(
-        run_dir / "config.yaml",
-        retrain_overrides(config, method, largest_subnet(space, geometry.layers), args.protocol, args.overrides),
-    )
-    identity = _identity(args, run_dir, split, settings, method)
+    largest = largest_subnet(space, geometry.layers)
+    load_config(run_dir / "config.yaml", retrain_overrides(config, name, space, largest, args.protocol, args.overrides))
+    identity = _identity(args, run_dir, split, settings, space)
     with FolderLock(out, SEARCH_LOCK, "a noah search"):
         _claim(out, identity)
         scorer = JobScorer(executor, out, run_dir, args.adapter, split, jobs=args.workers or 1, cpu=args.cpu)
@@ -269,9 +268,8 @@ def main(argv: list[str]) -> int:
             return 1
         chosen = {**best.record(), "supernet": str(run_dir), "split": split, "budget": args.budget}
         _write(out / "subnet.json", chosen, indent=None)
-        retrain = load_config(
-            run_dir / "config.yaml", retrain_overrides(config, method, best.subnet, args.protocol, args.overrides)
-        )
+        found = retrain_overrides(config, name, space, best.subnet, args.protocol, args.overrides)
+        retrain = load_config(run_dir / "config.yaml", found)
         save_config(retrain, out / "retrain.yaml")
     print(f"best subnet: {json.dumps(best.record()['subnet'])}")
     print(f"  {best.parameters:,} parameters, {split} top1 {100 * best.top1:.2f}% (generation {best.generation})")
@@ -281,5 +279,5 @@ def main(argv: list[str]) -> int:
             f"retrain: visionpeft sweep {out / 'retrain.yaml'} --seeds 0 (or visionpeft train {out / 'retrain.yaml'})"
         )
         return 0
-    failed = _retrain_sweep(out / "retrain.yaml", out / "retrain", args.retrain_seeds, executor, method.name)
+    failed = _retrain_sweep(out / "retrain.yaml", out / "retrain", args.retrain_seeds, executor, name)
     return 1 if failed else 0
