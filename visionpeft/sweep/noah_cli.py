@@ -275,9 +275,7 @@ def main(argv: list[str]) -> int:
     print(f"  {best.parameters:,} parameters, {split} top1 {100 * best.top1:.2f}% (generation {best.generation})")
     print(f"wrote {out / 'history.json'}, {out / 'subnet.json'}, {out / 'retrain.yaml'}")
     if not args.retrain_seeds:
-        print(
-            f"retrain: visionpeft sweep {out / 'retrain.yaml'} --seeds 0 (or visionpeft train {out / 'retrain.yaml'})"
-        )
+        print(f"retrain: this command with --retrain-seeds 0 1 2, or visionpeft train {out / 'retrain.yaml'}")
         return 0
     failed = _retrain_sweep(out / "retrain.yaml", out / "retrain", args.retrain_seeds, executor, name)
     return 1 if failed else 0
