@@ -86,10 +86,19 @@ OUTSIDE_THE_METHODS = [
 ]
 
 
+#: strings equal to a method name that are not one there: a word the method took its name from, or the command of a
+#: method's own search tool
+NOT_A_METHOD = {
+    "cli/adapters.py": {"adapter", "linear"},  # an adapter folder argument; PEFT's combination type "linear"
+    "cli/noah.py": {"adapter"},  # the search's `--adapter` (which checkpoint of the run to score)
+    "cli/__init__.py": {"noah"},  # the `visionpeft noah` command: NOAH's search is a command of its own
+}
+
+
 @pytest.mark.parametrize("module", OUTSIDE_THE_METHODS)
 def test_no_method_names_outside_the_methods(module):
     """The exporters, the adapter API, the CLIP task model and every command ask the methods' declarations."""
-    assert not _code_strings(PACKAGE / module) & set(METHODS.names())
+    assert not _code_strings(PACKAGE / module) & set(METHODS.names()) - NOT_A_METHOD.get(module, set())
 
 
 class Segmenter(nn.Module):

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from visionpeft.cli.noah import parameter_count
 from visionpeft.errors import ConfigError
 from visionpeft.methods import make_config
 from visionpeft.methods.noah import MODULES, Geometry, subnet_parameters
 from visionpeft.sweep.noah import Evolution, SearchSettings, check_budget, key_of
-from visionpeft.sweep.noah_cli import parameter_count
 from visionpeft.sweep.noah_jobs import JobScorer, ScoreJob, ScoringFailed, score_job
 
 #: two blocks, widths 1 / 2 / 3 in the first 1 or 2 blocks: (3 + 9) ** 3 = 1,728 subnets
@@ -231,7 +231,7 @@ def supernet(tmp_path_factory) -> Path:
 
 def search(argv, capsys):
     from visionpeft.cli.common import run
-    from visionpeft.sweep.noah_cli import main
+    from visionpeft.cli.noah import main
 
     code = run(main, [str(a) for a in argv])
     out, err = capsys.readouterr()

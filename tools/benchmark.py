@@ -4,6 +4,7 @@ core  training-step time and peak memory of every method relative to full fine-t
       against PEFT's, and a merged model's inference time against the plain model's.
 zoo   [zoo] methods (ln_tune, ssf, fact, repadapter, adapter, vqt, vp): step time against full fine-tuning over
       rotated rounds, and merged SSF / FacT / RepAdapter inference against the plain model.
+lycoris  loha / lokr / oft / boft / ia3 training steps against PEFT's same config, interleaved in one process.
 demo  the sweep spec grids/demo.yaml (every method on the tiny ViT and the mini tasks) run by tools/sweep.py;
       the report goes to gallery/.
 clip  learned-prompt (CoOp) inference throughput against zero-shot CLIP.
@@ -31,6 +32,7 @@ from pathlib import Path
 SUITES = (
     "core",
     "zoo",
+    "lycoris",
     "demo",
     "clip",
     "personalize",

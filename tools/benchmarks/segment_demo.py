@@ -22,7 +22,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "segmentation"
-METHODS = ["linear", "vpt", "lora", "adaptformer", "convpass", "bitfit", "ssf", "ln_tune", "fact", "repadapter", "adapter", "full"]
+METHODS = [
+    "linear",
+    "vpt",
+    "lora",
+    "adaptformer",
+    "convpass",
+    "bitfit",
+    "ssf",
+    "ln_tune",
+    "fact",
+    "repadapter",
+    "adapter",
+    "full",
+]
 DESCRIPTIONS = {
     "linear": "head only",
     "vpt": "VPT-deep, 8 tokens",

@@ -1,4 +1,4 @@
-"""The ``visionpeft`` command: ``visionpeft train|sweep|eval|predict|generate|eval-zeroshot|eval-personalization|
+"""The ``visionpeft`` command: ``visionpeft train|sweep|noah|eval|predict|generate|eval-zeroshot|eval-personalization|
 adapters``.
 
 Each subcommand is a module of this package with a ``main(argv)``; ``tools/*.py`` are the same commands run from a
@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "train": ("train", "train any registered task from its config (train --help lists the tasks)"),
     "sweep": ("sweep", "hyper-parameter grids and the VTAB-1k protocol, locally or on Slurm / Ray, with a report"),
+    "noah": ("noah", "NOAH's subnet search on a trained supernet (sweep executors) and the retrain of the subnet"),
     "eval": ("eval", "evaluate a run's saved adapter as its task does (metrics, or samples and their scores)"),
     "predict": ("predict", "apply a run to new inputs (labels, masks or images, by its task; see --help)"),
     "generate": ("generate", "sample a prompt x seed grid from a pipeline with saved adapters"),

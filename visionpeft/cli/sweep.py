@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..io import kind_problem
 from .common import positive_int
+from .executor_args import add_executor_arguments, executor_options
 
 DEFAULT_ROOT = Path("runs") / "sweeps"
 
@@ -48,42 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=positive_int, help="runs at once (local default: one per GPU, or 1)")
     parser.add_argument("--dry-run", action="store_true", help="check every config and list the runs; run nothing")
     parser.add_argument("--report", action="store_true", help="write and print the report of a sweep folder")
-    slurm = parser.add_argument_group("slurm executor (submitit)")
-    slurm.add_argument("--slurm.partition", dest="slurm_partition")
-    slurm.add_argument("--slurm.gpus_per_job", dest="slurm_gpus_per_job", type=int, default=1)
-    slurm.add_argument("--slurm.cpus_per_job", dest="slurm_cpus_per_job", type=positive_int, default=8)
-    slurm.add_argument("--slurm.mem_gb", dest="slurm_mem_gb", type=positive_int)
-    slurm.add_argument("--slurm.timeout_min", dest="slurm_timeout_min", type=positive_int, default=24 * 60)
-    slurm.add_argument(
-        "--slurm.cluster",
-        dest="slurm_cluster",
-        choices=["slurm", "local", "debug"],
-        help="submitit's cluster (default: detect Slurm; local / debug run on this machine)",
-    )
-    ray = parser.add_argument_group("ray executor")
-    ray.add_argument("--ray.address", dest="ray_address", help="a running cluster (auto); default: start a local one")
-    ray.add_argument("--ray.gpus_per_run", dest="ray_gpus_per_run", type=float, default=0)
-    ray.add_argument("--ray.cpus_per_run", dest="ray_cpus_per_run", type=float, default=1)
+    add_executor_arguments(parser)
     return parser
-
-
-def _executor_options(args) -> dict:
-    if args.executor == "slurm":
-        return {
-            "partition": args.slurm_partition,
-            "gpus_per_job": args.slurm_gpus_per_job,
-            "cpus_per_job": args.slurm_cpus_per_job,
-            "mem_gb": args.slurm_mem_gb,
-            "timeout_min": args.slurm_timeout_min,
-            "cluster": args.slurm_cluster,
-        }
-    if args.executor == "ray":
-        return {
-            "address": args.ray_address,
-            "gpus_per_run": args.ray_gpus_per_run,
-            "cpus_per_run": args.ray_cpus_per_run,
-        }
-    return {}
 
 
 def _resolve(args, parser):
@@ -172,7 +139,7 @@ def main(argv: list[str]) -> int:
             print(f"wrote {path}")
         print((out / "summary.md").read_text(), end="")
         return 0
-    executor = make_executor(args.executor, args.workers, out, _executor_options(args))
+    executor = make_executor(args.executor, args.workers, out, executor_options(args))
     check_configs(spec, out)
     if args.dry_run:
         list_runs(spec, out, print)

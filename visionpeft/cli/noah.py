@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import typing
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .executor_args import add_executor_arguments, executor_options
 
 #: the folder a search writes into unless --out says otherwise, inside the supernet's run folder
 SEARCH_FOLDER = "noah_search"
@@ -49,42 +49,14 @@ def parameter_count(text: str) -> int:
     return round(value)
 
 
-def _executor_classes() -> dict[str, type]:
-    from .executors import RayExecutor, SubmititExecutor
-
-    return {"slurm": SubmititExecutor, "ray": RayExecutor}
-
-
-def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--slurm.<field>`` / ``--ray.<field>`` for each setting of those executors (the names ``visionpeft sweep``
-    takes), typed and defaulted from the executor dataclasses themselves."""
-    for name, cls in _executor_classes().items():
-        group = parser.add_argument_group(f"{name} executor")
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            if f.name in ("folder", "workers"):
-                continue
-            kinds = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)]
-            group.add_argument(f"--{name}.{f.name}", dest=f"{name}_{f.name}", type=kinds[0], default=f.default)
-
-
-def executor_options(args: argparse.Namespace) -> dict[str, Any]:
-    cls = _executor_classes().get(args.executor)
-    if cls is None:
-        return {}
-    return {
-        f.name: getattr(args, f"{args.executor}_{f.name}") for f in fields(cls) if f.name not in ("folder", "workers")
-    }
-
-
 def _parser() -> argparse.ArgumentParser:
-    from .executors import EXECUTORS
-    from .noah import SearchSettings
-    from .protocol import PROTOCOLS
+    from ..sweep.executors import EXECUTORS
+    from ..sweep.noah import SearchSettings
+    from ..sweep.protocol import PROTOCOLS
 
     defaults = SearchSettings()
     parser = argparse.ArgumentParser(
-        prog="tools/noah.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="visionpeft noah", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("run_dir", type=Path, help="the supernet's run folder (method: {name: noah})")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the retrain config")
@@ -122,7 +94,7 @@ def retrain_overrides(config, name: str, space, subnet, protocol: str, overrides
     the supernet's options (``space``) in mode subnet (every other method of a hybrid kept), the protocol's final
     splits, a run name, then the user's overrides."""
     from ..config import methods_of_config
-    from .protocol import stage_overrides
+    from ..sweep.protocol import stage_overrides
 
     entries = []
     for method, options in methods_of_config(config):
@@ -199,9 +171,9 @@ def _retrain_sweep(retrain: Path, root: Path, seeds: list[int], executor, label:
     """Runs the retrain config once per seed through the sweep driver (protocol none), as the report row ``label``
     (where published numbers of the method show beside it); returns the number of failed runs."""
     from ..locks import FolderLock
-    from .driver import check_configs, run_sweep
-    from .report import write_report
-    from .spec import SPEC_FILE, SWEEP_LOCK, load_saved_spec, make_spec, save_spec
+    from ..sweep.driver import check_configs, run_sweep
+    from ..sweep.report import write_report
+    from ..sweep.spec import SPEC_FILE, SWEEP_LOCK, load_saved_spec, make_spec, save_spec
 
     spec = make_spec(retrain, {label: {}}, None, seeds, "none", "final", [])
     if (root / SPEC_FILE).is_file() and asdict(load_saved_spec(root)) != asdict(spec):
@@ -220,9 +192,9 @@ def main(argv: list[str]) -> int:
     from ..config import load_config, save_config
     from ..locks import FolderLock
     from ..methods.noah import largest_subnet
-    from .executors import make_executor
-    from .noah import Evolution, SearchSettings, check_budget
-    from .noah_jobs import JobScorer, ScoringFailed, load_supernet, validation_set
+    from ..sweep.executors import make_executor
+    from ..sweep.noah import Evolution, SearchSettings, check_budget
+    from ..sweep.noah_jobs import JobScorer, ScoringFailed, load_supernet, validation_set
 
     settings = SearchSettings(
         budget=args.budget,
