@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config.diffusion_objective import DiffusionObjective
+from ..data.masks import latent_mask
 from .diffusion_objective import (
     biased_timesteps,
     loss_weights,
@@ -190,6 +191,7 @@ def diffusion_loss(
     objective: DiffusionObjective | None = None,
     reduction: str = "mean",
     timestep_sampling: str = "uniform",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The denoising loss of one batch.
 
@@ -202,6 +204,9 @@ def diffusion_loss(
         objective: The loss / noise knobs (None: all off): see :mod:`.diffusion_objective`.
         reduction: ``mean`` over the batch or ``none`` for per-sample losses (prior preservation splits them).
         timestep_sampling: ``uniform`` or ``cubic`` (see :func:`sample_timesteps`).
+        mask: Loss masks (batch, 1, H, W) in [0, 1] at the image size: resized to the latents
+            (:func:`~visionpeft.data.masks.latent_mask`), they multiply the element-wise loss (sd-scripts'
+            masked loss).
     """
     scheduler = parts.scheduler
     batch = noise_latents(
@@ -215,7 +220,8 @@ def diffusion_loss(
         target = scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
     else:
         raise ValueError(f"unsupported prediction type {scheduler.config.prediction_type}")
-    per_sample = per_sample_loss(prediction, target.float(), objective, scheduler, batch.timesteps)
+    weights = None if mask is None else latent_mask(mask.to(prediction.device), prediction.shape[-2:])
+    per_sample = per_sample_loss(prediction, target.float(), objective, scheduler, batch.timesteps, weights)
     weight = loss_weights(objective, scheduler, batch.timesteps)
     if weight is not None:
         per_sample = per_sample * weight

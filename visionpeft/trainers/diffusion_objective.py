@@ -148,15 +148,20 @@ def per_sample_loss(
     objective: DiffusionObjective | None = None,
     scheduler=None,
     timesteps: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The unweighted loss of each sample, averaged over its elements: the MSE, or the pseudo-Huber (``2 c (sqrt(d^2
-    + c^2) - c)``) / smooth-L1 (``2 (sqrt(d^2 + c^2) - c)``) loss with :func:`huber_thresholds`."""
+    + c^2) - c)``) / smooth-L1 (``2 (sqrt(d^2 + c^2) - c)``) loss with :func:`huber_thresholds`; a ``mask``
+    (broadcast to the loss: (B, 1, h, w) at the latent size) multiplies the element-wise loss before the mean, as
+    sd-scripts' ``apply_masked_loss`` (:mod:`visionpeft.data.masks`)."""
     dims = tuple(range(1, prediction.ndim))
     if objective is None or objective.loss_type == "l2":
-        return F.mse_loss(prediction, target, reduction="none").mean(dim=dims)
-    c = huber_thresholds(objective, scheduler, timesteps).view(-1, *([1] * (prediction.ndim - 1)))
-    smooth = 2 * (torch.sqrt((prediction - target) ** 2 + c**2) - c)
-    return (c * smooth if objective.loss_type == "huber" else smooth).mean(dim=dims)
+        loss = F.mse_loss(prediction, target, reduction="none")
+    else:
+        c = huber_thresholds(objective, scheduler, timesteps).view(-1, *([1] * (prediction.ndim - 1)))
+        smooth = 2 * (torch.sqrt((prediction - target) ** 2 + c**2) - c)
+        loss = c * smooth if objective.loss_type == "huber" else smooth
+    return (loss if mask is None else loss * mask).mean(dim=dims)
 
 
 def scheduler_overrides(objective: DiffusionObjective | None) -> dict:

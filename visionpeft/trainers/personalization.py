@@ -23,9 +23,13 @@ import visionpeft as vp
 
 from ..backbones import pipeline_modules
 from ..backbones.diffusers_loading import load_pipeline
+from ..checkpoint.base_weights import frozen_weights_sha256
 from ..config import method_configs
 from ..config.diffusion_objective import objective_of
-from ..data.few_images import FewImages
+from ..data.buckets import BucketBatchSampler
+from ..data.captions import CaptionAugment
+from ..data.class_images import cached_class_images, class_image_fields
+from ..data.few_images import FewImages, ImageKnobs
 from ..errors import ConfigError
 from .diffusion import DiffusionParts, diffusion_loss
 from .diffusion_objective import check_objective, use_trained_sampling
@@ -56,23 +60,36 @@ class Denoiser(nn.Module):
         super().__init__()
         self.adapted, self.vae = adapted, pipeline.vae
         self.objective = objective_of(cfg.optim)
+        # shuffled tags make nearly every prompt batch new: caching them would only grow
         parts = DiffusionParts.from_pipeline(
-            pipeline, cache_prompts=True, cache_latents=cache_latents, objective=self.objective
+            pipeline, cache_prompts=not cfg.data.shuffle_tags, cache_latents=cache_latents, objective=self.objective
         )
         self.__dict__["parts"] = parts
         self.cfg = cfg
 
     def forward(self, batch: dict) -> torch.Tensor:
-        pixels, prompts = batch["pixel_values"], list(batch["prompt"])
+        pixels, prompts, mask = batch["pixel_values"], list(batch["prompt"]), batch.get("mask")
         prior = "class_pixel_values" in batch
+        n = pixels.shape[0]
+        if prior and batch["class_pixel_values"].shape[2:] != pixels.shape[2:]:  # a bucket other than the square
+            instance = self.losses(pixels, prompts, mask)
+            return (
+                instance.mean()
+                + self.cfg.prior.weight * self.losses(batch["class_pixel_values"], list(batch["class_prompt"])).mean()
+            )
         if prior:
             pixels = torch.cat([pixels, batch["class_pixel_values"]])
             prompts += list(batch["class_prompt"])
-        losses = diffusion_loss(self.parts, pixels, prompts, objective=self.objective, reduction="none")
+            if mask is not None:  # class images count everywhere
+                mask = torch.cat([mask, torch.ones_like(mask[:1]).expand(len(pixels) - n, -1, -1, -1)])
+        losses = self.losses(pixels, prompts, mask)
         if not prior:
             return losses.mean()
-        n = batch["pixel_values"].shape[0]
         return losses[:n].mean() + self.cfg.prior.weight * losses[n:].mean()
+
+    def losses(self, pixels: torch.Tensor, prompts: list[str], mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample denoising losses (masked where a mask is given)."""
+        return diffusion_loss(self.parts, pixels, prompts, objective=self.objective, reduction="none", mask=mask)
 
 
 class PersonalizationObjective:
@@ -126,23 +143,87 @@ class PersonalizationObjective:
         return drawn
 
 
-def _class_images(pipeline, cfg: DictConfig, run_dir: Path) -> Path:
-    """The prior-preservation folder, topped up with images the base model generates from the class prompt."""
-    folder = Path(cfg.prior.images) if cfg.prior.images else run_dir / "class_images"
-    folder.mkdir(parents=True, exist_ok=True)
-    have = len(list(folder.glob("*.png"))) + len(list(folder.glob("*.jpg")))
+def class_images(pipeline, adapted: nn.Module, cfg: DictConfig, device: torch.device) -> tuple[Path, str]:
+    """The prior-preservation folder and a line saying where it came from: ``prior.images`` topped up with images
+    the base model generates from the class prompt, or (by default) the class-image cache's entry for this base
+    model, prompt, count, size and sampler (:mod:`visionpeft.data.class_images`), generated on a miss.
+
+    Methods are attached but still at their initial state, which leaves the base model's outputs as they are (LoRA's
+    B = 0, DiffFit's scales 1, new tokens unused by the class prompt); the key holds the frozen-weights sha256 that a
+    saved adapter records, so methods that train base tensors in place (BitFit, DiffFit) key their own entries."""
+    prior, size = cfg.prior, cfg.data.size
     generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
     pipeline.set_progress_bar_config(disable=True)
-    for index in range(have, cfg.prior.num_images):
-        image = pipeline(
-            cfg.prior.class_prompt,
-            num_inference_steps=cfg.prior.sample_steps,
+
+    def generate(index: int):
+        pipeline.to(device)
+        return pipeline(
+            prior.class_prompt,
+            num_inference_steps=prior.sample_steps,
             generator=generator,
-            height=cfg.data.size,
-            width=cfg.data.size,
+            height=size,
+            width=size,
         ).images[0]
-        image.save(folder / f"class_{index:04d}.png")
-    return folder
+
+    if prior.images:
+        folder = Path(prior.images)
+        folder.mkdir(parents=True, exist_ok=True)
+        have = len(list(folder.glob("*.png"))) + len(list(folder.glob("*.jpg")))
+        for index in range(have, prior.num_images):
+            generate(index).save(folder / f"class_{index:04d}.png")
+        return folder, f"class images: {folder}"
+    fields = class_image_fields(
+        frozen_weights_sha256(adapted),
+        cfg.model.name,
+        prior.class_prompt,
+        prior.num_images,
+        (size, size),
+        sampler_settings(pipeline, prior.sample_steps, cfg.train.seed, device),
+    )
+    root = Path(prior.cache_dir) if prior.cache_dir else Path(cfg.train.output_dir) / "class_image_cache"
+    entry, reused = cached_class_images(root, fields, generate)
+    return entry, f"class images: {entry} ({'reused' if reused else 'generated'})"
+
+
+def sampler_settings(pipeline, steps: int, seed: int, device: torch.device) -> dict[str, Any]:
+    """How class images are sampled: the scheduler's class and config (without diffusers' own ``_`` entries), the
+    steps, the pipeline's default guidance scale, the seed and the device type (CPU and GPU draw differently)."""
+    import inspect
+
+    guidance = inspect.signature(type(pipeline).__call__).parameters.get("guidance_scale")
+    return {
+        "scheduler": type(pipeline.scheduler).__name__,
+        "config": {k: v for k, v in pipeline.scheduler.config.items() if not k.startswith("_")},
+        "steps": steps,
+        "guidance_scale": None if guidance is None else guidance.default,
+        "seed": seed,
+        "device": device.type,
+    }
+
+
+def image_knobs(data: DictConfig) -> ImageKnobs:
+    """The per-image knobs of ``data`` (captions, caption augmentation, buckets, loss masks)."""
+    return ImageKnobs(
+        captions=data.captions == "files",
+        augment=CaptionAugment(data.caption_dropout, data.shuffle_tags, data.keep_tokens),
+        buckets=(data.min_bucket_reso, data.max_bucket_reso, data.bucket_reso_steps) if data.buckets else None,
+        masks=data.masks,
+        alpha_mask=data.alpha_mask,
+    )
+
+
+def check_bucket_grid(pipeline, data: DictConfig, model: str) -> None:
+    """Bucket sides must be whole latent grids of the model: the VAE's scale times the U-Net's downsampling."""
+    if not data.buckets:
+        return
+    vae = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    halvings = len(pipeline.unet.config.block_out_channels) - 1
+    grid = vae * 2**halvings
+    if data.bucket_reso_steps % grid:
+        raise ConfigError(
+            f"data.bucket_reso_steps ({data.bucket_reso_steps}) must be a multiple of {grid} for {model}: its VAE "
+            f"scales by {vae} and its U-Net halves the latents {halvings} times"
+        )
 
 
 def save_outputs(pipeline, adapted: nn.Module, run_dir: Path) -> list[Path]:
@@ -178,12 +259,18 @@ class PersonalizationTrainer:
             data.flip,
             config.train.seed,
             skip,
+            image_knobs(data),
         )
         pipeline = load_pipeline(config.model.name)
         check_objective(objective_of(config.optim), pipeline.scheduler, config.model.name)
+        check_bucket_grid(pipeline, data, config.model.name)
+        vp.attach(pipeline, method_configs(config, {"token": config.token}))
+        adapted = pipeline_modules(pipeline)
         dataset: Dataset = subject
+        summary = [f"{len(subject.images)} images, {len(subject)} training items", *subject.summary()]
         if config.prior.enabled:
-            folder = _class_images(pipeline, config, run_dir)
+            folder, line = class_images(pipeline, adapted, config, accelerator.device)
+            summary.append(line)
             prior = FewImages(
                 folder,
                 config.token,
@@ -197,8 +284,6 @@ class PersonalizationTrainer:
                 skip,
             )
             dataset = PairedPrior(dataset, prior)
-        vp.attach(pipeline, method_configs(config, {"token": config.token}))
-        adapted = pipeline_modules(pipeline)
         if config.train.gradient_checkpointing:
             pipeline.unet.enable_gradient_checkpointing()
             pipeline.text_encoder.gradient_checkpointing_enable()
@@ -218,14 +303,21 @@ class PersonalizationTrainer:
             objective,
             dataset,
             frozen=[pipeline.unet, pipeline.text_encoder, pipeline.vae],
-            summary=[f"{len(subject.images)} images, {len(dataset)} training items"],
+            summary=summary,
             state={"pipeline": pipeline},
+            batch_sampler=bucket_batches(subject, config.train.seed) if data.buckets else None,
         )
 
     def finish(self, config: DictConfig, loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
         if not loop.accelerator.is_main_process:
             return {"outputs": []}
         return {"outputs": save_outputs(setup.state["pipeline"], setup.adapted, run_dir)}
+
+
+def bucket_batches(subject: FewImages, seed: int):
+    """The loader's batch sampler for a bucketed set: one bucket per micro-batch."""
+    buckets = subject.item_buckets()
+    return lambda micro_batch: BucketBatchSampler(buckets, micro_batch, seed)
 
 
 def run(config: DictConfig, run_dir: Path, **options: Any) -> dict[str, Any]:

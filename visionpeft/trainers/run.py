@@ -10,6 +10,7 @@ warning: :func:`~.loop.running_precision`), and the run folder never overwrites 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..adapter import count_parameters, trainable_parameters
 from ..checkpoint.base_weights import frozen_weights_sha256
@@ -50,6 +51,8 @@ class Setup:
         summary: Lines describing the data, logged before training.
         state: Anything the task's ``finish`` needs.
         lr_multipliers: Parameter-name prefix -> learning-rate multiplier (see :func:`build_optimizer`).
+        batch_sampler: Makes the loader's batch sampler from the per-process micro-batch, instead of shuffled
+            batches of that size (aspect-ratio buckets: one image shape per batch); it reorders per ``set_epoch``.
     """
 
     model: nn.Module
@@ -62,6 +65,7 @@ class Setup:
     summary: list[str] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
     lr_multipliers: dict[str, float] = field(default_factory=dict)
+    batch_sampler: Callable[[int], Sampler[list[int]]] | None = None
 
 
 class Trainer(Protocol):
@@ -166,9 +170,12 @@ def run_task(
     options["persistent_workers"] = options["num_workers"] > 0
     generator = torch.Generator().manual_seed(config.train.seed)
     # an unreadable item stays one line even when a loader worker re-raises it
-    loader = DataLoader(
-        WorkerSafe(setup.train_set), batch_size=per_process, shuffle=True, generator=generator, **options
-    )
+    if setup.batch_sampler is not None:
+        loader = DataLoader(WorkerSafe(setup.train_set), batch_sampler=setup.batch_sampler(per_process), **options)
+    else:
+        loader = DataLoader(
+            WorkerSafe(setup.train_set), batch_size=per_process, shuffle=True, generator=generator, **options
+        )
     optimizer = build_optimizer(config.optim, setup.adapted, batch, setup.lr_multipliers)
     frozen_weights_sha256(setup.adapted)  # recorded in checkpoints: hash the weights before a half-precision cast
     freeze_in_precision(setup.frozen, accelerator.mixed_precision)  # what runs: fp16 asked on a CPU runs fp32
