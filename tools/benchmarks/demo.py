@@ -1,12 +1,14 @@
 """The demo sweep: every classification method on the project's FractalDB-pretrained tiny ViT, plus the same
 architecture trained from scratch as a control, on the mini tasks that ship with scikit-learn / scikit-image.
 
-    python tools/benchmark.py demo [--tasks digits textures faces] [--epochs 8] [--seeds 0 1 2] [--workers 2]
+    python tools/benchmark.py demo [--spec grids/demo.yaml] [--tasks digits textures faces] [--epochs 8] [--seeds 0 1 2]
+                                   [--workers 2]
 
 It is the sweep spec ``grids/demo.yaml`` (a small learning-rate grid per method, the holdout protocol: choose on
 val, train on train + val, test per seed) run by ``tools/sweep.py`` into ``runs/sweeps/demo``; interrupted, it
-resumes where it stopped. From the sweep's report it writes ``gallery/demo_results.md`` (the table and the command),
-``gallery/demo_results.json`` (the command and the table's rows) and ``gallery/demo_accuracy_vs_params.png``.
+resumes where it stopped. From the sweep's report it writes ``gallery/<spec>_results.md`` (the table and the command),
+``gallery/<spec>_results.json`` (the command and the table's rows) and ``gallery/<spec>_accuracy_vs_params.png``,
+``<spec>`` the spec file's stem (``demo``; ``grids/demo_zoo.yaml``: the [zoo] methods, ``demo_zoo``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ SPEC = ROOT / "grids" / "demo.yaml"
 
 def command_line(args: argparse.Namespace) -> str:
     """The command as a user would type it (what the gallery says made it)."""
-    parts = ["python tools/benchmark.py demo --tasks", *args.tasks, "--epochs", str(args.epochs), "--seeds"]
+    spec = [] if args.spec.resolve() == SPEC else ["--spec", args.spec.resolve().relative_to(ROOT).as_posix()]
+    parts = ["python tools/benchmark.py demo", *spec, "--tasks", *args.tasks, "--epochs", str(args.epochs), "--seeds"]
     return " ".join([*parts, *map(str, args.seeds)])
 
 
@@ -38,16 +41,16 @@ def gallery_text(summary: str, command: str) -> str:
     )
 
 
-def write_gallery(sweep_dir: Path, out: Path, command: str) -> str:
-    """Copies the sweep's report into the gallery files; returns the markdown."""
+def write_gallery(sweep_dir: Path, out: Path, command: str, name: str = "demo") -> str:
+    """Copies the sweep's report into the gallery files ``<name>_*``; returns the markdown."""
     out.mkdir(parents=True, exist_ok=True)
     text = gallery_text((sweep_dir / "summary.md").read_text(), command)
-    (out / "demo_results.md").write_text(text)
+    (out / f"{name}_results.md").write_text(text)
     with open(sweep_dir / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    (out / "demo_results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    (out / f"{name}_results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     if (sweep_dir / "accuracy_vs_params.png").is_file():
-        shutil.copyfile(sweep_dir / "accuracy_vs_params.png", out / "demo_accuracy_vs_params.png")
+        shutil.copyfile(sweep_dir / "accuracy_vs_params.png", out / f"{name}_accuracy_vs_params.png")
     return text
 
 
@@ -63,14 +66,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--workers", type=int, default=1, help="local worker processes")
     parser.add_argument("--out", type=Path, default=ROOT / "gallery")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "sweeps" / "demo", help="the sweep folder")
+    parser.add_argument("--spec", type=Path, default=SPEC, help="the sweep spec (default: grids/demo.yaml)")
+    parser.add_argument("--runs", type=Path, help="the sweep folder (default: runs/sweeps/<spec stem>)")
     args = parser.parse_args(argv)
+    name = args.spec.stem
+    args.runs = args.runs or ROOT / "runs" / "sweeps" / name
 
     checkpoint = f"model.checkpoint={ROOT / 'checkpoints' / 'tiny_vit_fractal.safetensors'}"  # from any folder
     code = run(
         sweep,
         [
-            str(SPEC),
+            str(args.spec),
             f"optim.epochs={args.epochs}",
             checkpoint,
             "--tasks",
@@ -85,5 +91,5 @@ def main(argv: list[str]) -> int:
     )
     if code == 2:
         return code
-    print(write_gallery(args.runs, args.out, command_line(args)))
+    print(write_gallery(args.runs, args.out, command_line(args), name))
     return code
