@@ -1,7 +1,8 @@
 """LoRA files of other tools in, merged models out.
 
 - :func:`import_lora`: a single-file Stable Diffusion LoRA (kohya / A1111 ``lora_unet_...`` / ``lora_te_...`` keys,
-  or diffusers' own layout) becomes visionpeft LoRA layers on a pipeline or U-Net. diffusers reads and renames the
+  or diffusers' own layout) becomes visionpeft LoRA layers on a pipeline or U-Net (a LyCORIS file: LoHa / LoKr /
+  LoCon methods, :mod:`visionpeft.checkpoint.lycoris_import`). diffusers reads and renames the
   file (``lora_state_dict``, ``convert_unet_state_dict_to_peft``, ``convert_state_dict_to_peft``); this module only
   groups the result by module, folds each module's ``alpha / rank`` into B and pads ranks to one ``r``. The kohya
   *writer* is :func:`visionpeft.checkpoint.exporters.kohya_state_dict` (``save_adapter(..., format="kohya")``).
@@ -24,6 +25,8 @@ from safetensors.torch import save_file
 from ..adapter import attach, backbone_of, can_merge, merge, methods_of, unwrap
 from ..errors import CheckpointError, IncompatibleMethodError
 from ..io import atomic_write
+from .lycoris import is_lycoris_file
+from .lycoris_import import import_lycoris
 
 
 def _read_keys(path: Path) -> list[str]:
@@ -66,7 +69,9 @@ def import_lora(model: Any, file: str | os.PathLike) -> Any:
 
     Each component in the file (``unet``, ``text_encoder``) gets one ``lora`` on that tower, by module path, with
     ``r`` the file's largest rank (smaller updates padded with zeros, which changes nothing) and every module's
-    ``alpha / rank`` folded into its B. The result equals what ``pipeline.load_lora_weights(file)`` gives.
+    ``alpha / rank`` folded into its B. The result equals what ``pipeline.load_lora_weights(file)`` gives. A file
+    with LyCORIS modules (LoHa, LoKr, CP-factored LoCon: what diffusers refuses) is read by
+    :func:`visionpeft.checkpoint.lycoris_import.import_lycoris` instead.
 
     Args:
         model: A Stable Diffusion pipeline or U-Net, with no LoRA on the components in the file yet.
@@ -77,7 +82,10 @@ def import_lora(model: Any, file: str | os.PathLike) -> Any:
             components this model does not have.
     """
     path = Path(file)
-    if any(k.endswith("dora_scale") or "lora_magnitude_vector" in k for k in _read_keys(path)):
+    keys = _read_keys(path)
+    if is_lycoris_file(keys):
+        return import_lycoris(model, path)
+    if any(k.endswith("dora_scale") or "lora_magnitude_vector" in k for k in keys):
         raise CheckpointError(
             f"{path} is a DoRA file; import_lora reads plain LoRA (diffusers' loader drops kohya dora_scale keys)"
         )

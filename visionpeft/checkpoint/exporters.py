@@ -23,15 +23,16 @@ from ..adapter import AdapterState, require_state, unwrap
 from ..errors import CheckpointError
 from ..io import atomic_write
 from ..methods import METHODS, ExportParts
+from .lycoris import kohya_metadata, lycoris_state_dict
 
 FORMATS = ("peft", "diffusers", "kohya")
 #: The one file ``save_adapter(..., format="kohya")`` writes (A1111 / ComfyUI / sd-scripts read it as it is).
 KOHYA_NAME = "lora_kohya.safetensors"
 
 
-def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=metadata or {"format": "pt"}))
 
 
 def collect_parts(state: AdapterState, format: str) -> ExportParts:
@@ -182,8 +183,10 @@ def export_diffusers(model: nn.Module, directory: Path) -> Path:
 
 
 def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The U-Net / text-encoder LoRA of ``model`` in the kohya / A1111 layout (``lora_unet_<path>.lora_down.weight``,
-    ``.lora_up.weight``, ``.alpha``), converted by diffusers' ``convert_state_dict_to_kohya``.
+    """The U-Net / text-encoder adapter of ``model`` in the kohya / A1111 layout: LoRA layers
+    (``lora_unet_<path>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``), converted by diffusers'
+    ``convert_state_dict_to_kohya``, and the LyCORIS modules of other methods (LoHa ``.hada_w1_a``, LoKr
+    ``.lokr_w1``, ...; :func:`visionpeft.checkpoint.lycoris.lycoris_state_dict`).
 
     Two renames that converter does not do for Stable Diffusion 1.x / 2.x: the single text encoder is ``lora_te_``
     in sd-scripts and A1111 (diffusers writes SDXL's ``lora_te1_``), and its modules are named under ``text_model.``
@@ -191,7 +194,7 @@ def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Raises:
         CheckpointError: DoRA (diffusers' Stable Diffusion loader drops kohya ``dora_scale`` keys), or methods the
-            kohya layout cannot hold (textual inversion, ControlNet).
+            kohya layout cannot hold (textual inversion, ControlNet, OFT / BOFT).
     """
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
@@ -201,6 +204,9 @@ def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             "DoRA has no kohya file diffusers loads (its Stable Diffusion loader drops dora_scale keys); "
             "save with format='diffusers'"
         )
+    lycoris_modules = lycoris_state_dict(parts.adapter_tensors)
+    if not parts.lora_layers:
+        return lycoris_modules
     peft_layout: dict[str, torch.Tensor] = {}
     for path, (a, b) in parts.lora_layers.items():
         group, _, local = path.partition(".")
@@ -213,14 +219,17 @@ def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         (("lora_te_" + k[len("lora_te1_") :]) if k.startswith("lora_te1_") else k): v for k, v in converted.items()
     }
     # diffusers' converter writes alpha = rank as an integer tensor; the parts fold the scale into B (scale 1)
-    return {k: v.float() if k.endswith(".alpha") else v for k, v in renamed.items()}
+    lora_modules = {k: v.float() if k.endswith(".alpha") else v for k, v in renamed.items()}
+    return {**lora_modules, **lycoris_modules}
 
 
 def export_kohya(model: nn.Module, directory: Path) -> Path:
-    """Writes one ``lora_kohya.safetensors`` in the kohya / A1111 layout (see :func:`kohya_state_dict`)."""
+    """Writes one ``lora_kohya.safetensors`` in the kohya / A1111 layout (see :func:`kohya_state_dict`), with the
+    ``ss_*`` metadata of a LyCORIS network when it holds LyCORIS modules
+    (:func:`visionpeft.checkpoint.lycoris.kohya_metadata`)."""
     tensors = kohya_state_dict(model)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(tensors, directory / KOHYA_NAME)
+    _write_safetensors(tensors, directory / KOHYA_NAME, kohya_metadata(tensors))
     return directory
 
 

@@ -48,6 +48,7 @@ class LoHa(WeightSpaceMethod):
     name = "loha"
     config_class = LoHaConfig
     peft_type = "LOHA"
+    export_formats = frozenset({"peft", "kohya"})
 
     def new_update(self, name: str, weight: torch.Tensor, layer: nn.Module) -> LoHaUpdate:
         cfg = self.config

@@ -55,6 +55,7 @@ class LoKr(WeightSpaceMethod):
     name = "lokr"
     config_class = LoKrConfig
     peft_type = "LOKR"
+    export_formats = frozenset({"peft", "kohya"})
 
     def new_update(self, name: str, weight: torch.Tensor, layer: nn.Module) -> LoKrUpdate:
         cfg = self.config
@@ -69,6 +70,16 @@ class LoKr(WeightSpaceMethod):
             decompose_both=cfg.decompose_both,
             decompose_factor=cfg.decompose_factor,
         )
+
+    def lycoris_tensors(self, update: LoKrUpdate, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """LyCORIS's layout of the factors. With both factors dense there is no rank to divide alpha by: LyCORIS,
+        A1111 and ComfyUI then scale by 1, so the scale is folded into ``lokr_w1`` (alpha written as r, as LyCORIS
+        writes it)."""
+        tensors = super().lycoris_tensors(update, layer)
+        if "lokr_w1" in tensors and "lokr_w2" in tensors:
+            tensors["lokr_w1"] = tensors["lokr_w1"] * update.scale
+            tensors["alpha"] = torch.tensor(float(self.config.r))
+        return tensors
 
     def peft_options(self) -> dict[str, Any]:
         cfg = self.config

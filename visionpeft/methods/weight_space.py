@@ -11,7 +11,9 @@ Where the change goes:
   modules only, so such slices have no PEFT folder (one line says so).
 
 Each method states its options in its config (PEFT's names and defaults), builds the :class:`WeightUpdate` of a slice
-(:meth:`WeightSpaceMethod.new_update`) and names its PEFT tensors and config.
+(:meth:`WeightSpaceMethod.new_update`) and names its PEFT tensors and config. A method LyCORIS also has
+(``kohya`` in its ``export_formats``) names its tensors in LyCORIS's layout too (:meth:`lycoris_tensors`), which
+kohya / A1111 / ComfyUI files hold (written by :mod:`visionpeft.checkpoint.lycoris`).
 """
 
 from __future__ import annotations
@@ -90,6 +92,12 @@ class WeightSpaceMethod(Method):
         """The update's tensors under PEFT's names (relative to the layer): its parameters as they are."""
         return {name: parameter.detach() for name, parameter in update.named_parameters()}
 
+    def lycoris_tensors(self, update: WeightUpdate, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """The update's tensors in LyCORIS's layout (relative to the layer), ``alpha`` included: readers scale the
+        update by ``alpha / rank``, the rank read off the factors. Default: the PEFT tensors (LoHa's and LoKr's names
+        and shapes are LyCORIS's) and the config's alpha."""
+        return {**self.peft_tensors(update, layer), "alpha": torch.tensor(float(self.config.alpha))}
+
     def check_fits(self) -> None:
         super().check_fits()
         cfg = self.config
@@ -139,11 +147,14 @@ class WeightSpaceMethod(Method):
             wrapper.merge()
 
     def export_parts(self, format: str) -> ExportParts:
-        """Each adapted module's factors under PEFT's keys, and PEFT's config of the adapter type.
+        """Each adapted module's factors under PEFT's keys and PEFT's config of the adapter type (``peft``), or in
+        LyCORIS's layout under ``<pipeline component>.<module path>.<LyCORIS name>`` (``kohya``: ``alpha`` included,
+        no config; :mod:`visionpeft.checkpoint.lycoris` names the modules as kohya files do).
 
         Raises:
-            CheckpointError: An nn.MultiheadAttention or Q / V slices of a fused projection (PEFT adapts whole Linear
-                and Conv2d modules), or a module the backbone says PEFT would not reach.
+            CheckpointError: An nn.MultiheadAttention or Q / V slices of a fused projection (PEFT and LyCORIS adapt
+                whole Linear and Conv2d modules), a module the backbone says the library would not reach, or the
+                kohya format for a model that is no Stable Diffusion U-Net or pipeline.
         """
         paths = base_module_paths(self.backbone.model)
         parts, targets = ExportParts(), []
@@ -152,6 +163,14 @@ class WeightSpaceMethod(Method):
             problem = self.backbone.export_problem(path, format)
             if problem:
                 raise CheckpointError(problem)
+            key_prefix = path
+            if format == "kohya":
+                group = self.backbone.diffusers_lora_group(path)
+                if group is None:
+                    raise CheckpointError(
+                        f"the kohya format is for a Stable Diffusion U-Net or pipeline; this is {self.backbone.family}"
+                    )
+                key_prefix = ".".join(group)
             if isinstance(wrapper, WeightSpaceMultiheadAttention):
                 raise CheckpointError(
                     f"{path}: PEFT's {self.peft_type} adapts Linear and Conv2d modules, not nn.MultiheadAttention "
@@ -164,9 +183,12 @@ class WeightSpaceMethod(Method):
                     f"whole modules); attach with target_modules=['{leaf}'] for a PEFT folder, or save with "
                     "format='visionpeft'"
                 )
-            for name, tensor in self.peft_tensors(wrapper.updates["main"], wrapper.base).items():
-                parts.adapter_tensors[f"{path}.{name}"] = tensor
+            named = self.lycoris_tensors if format == "kohya" else self.peft_tensors
+            for name, tensor in named(wrapper.updates["main"], wrapper.base).items():
+                parts.adapter_tensors[f"{key_prefix}.{name}"] = tensor
             targets.append(path)
+        if format == "kohya":
+            return parts
         parts.adapter_config = {
             "peft_type": self.peft_type,
             **self.peft_options(),
