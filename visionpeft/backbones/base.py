@@ -193,7 +193,8 @@ class Tower:
         owns: Predicate on a model-relative parameter name: does the parameter belong to this tower?
         tokens: The token layout for ViT-style towers (VPT, Convpass need it), else None.
         condition: Predicate selecting the class-condition embedding's parameters (DiT), else None.
-        stages: Named stage modules methods may hook like blocks (``embed`` takes the image of a ViT tower;
+        stages: Named stage modules methods may hook like blocks (``embed`` takes the image of a ViT tower,
+            ``pre_norm`` the embedded tokens (position embedding added) before the first block, ``norm`` the final norm;
             a U-Net has ``conv_in``, ``time_embedding``, ``down.i``, ``mid``, ``up.i``, ``conv_out``).
         capabilities: What the tower offers to methods; ``tokens`` is added when ``tokens`` is set.
         forward: Runs the tower on an image (for :meth:`Backbone.features`), for ViT-style towers.

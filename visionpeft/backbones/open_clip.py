@@ -83,7 +83,7 @@ class OpenCLIP(Backbone):
                 in_chans=visual.conv1.in_channels,
                 batch_first=getattr(transformer, "batch_first", True),
             )
-            stages = {"embed": visual.conv1, "norm": visual.ln_post}
+            stages = {"embed": visual.conv1, "pre_norm": visual.ln_pre, "norm": visual.ln_post}
             blocks = _residual_blocks(transformer, "")
             self.towers["vision"] = Tower(
                 "vision", "", blocks, _prefixed("visual"), tokens, stages=stages, forward=visual
@@ -114,6 +114,11 @@ class OpenCLIP(Backbone):
     @property
     def context_length(self) -> int:
         return self.clip.context_length
+
+    @property
+    def text_batch_first(self) -> bool:
+        """Whether the text tower's blocks take (batch, tokens, width) rather than (tokens, batch, width)."""
+        return getattr(self._text().transformer, "batch_first", True)
 
     @property
     def text_width(self) -> int:

@@ -67,7 +67,7 @@ def vit_tower(
         blocks,
         owns or (lambda n: not n.startswith(head_prefixes)),
         tokens,
-        stages={"embed": patch, "norm": vit.norm},
+        stages={"embed": patch, "norm": vit.norm, **({"pre_norm": vit.norm_pre} if hasattr(vit, "norm_pre") else {})},
         forward=forward or vit.forward_features,
     )
 
