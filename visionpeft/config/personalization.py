@@ -157,5 +157,3 @@ def check_data_config(schema: type, config) -> None:
             f"data.size ({data.size}) must lie between data.min_bucket_reso ({data.min_bucket_reso}) and "
             f"data.max_bucket_reso ({data.max_bucket_reso}): the buckets hold data.size^2 pixels"
         )
-    if data.size < steps:
-        raise ConfigError(f"data.size ({data.size}) is below data.bucket_reso_steps ({steps}): no bucket fits")

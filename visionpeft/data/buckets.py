@@ -13,6 +13,9 @@ The bucket set and each image's bucket follow kohya's sd-scripts (at 48d368f):
 - the crop (:func:`crop_offsets`) is ``trim_and_resize_if_required`` (lines 2965-2993): the overhang is cut at
   ``trim // 2`` (centre) or at ``randint(0, trim)`` (random crop).
 
+Without buckets (loss masks on square crops) an image is placed as the square transform always did: the shorter side
+resized to ``size`` (torchvision's ``Resize``) and a ``size`` square cropped (``CenterCrop`` / a random offset).
+
 A bucket set cannot hold an image whose aspect ratio lies beyond its extreme buckets so far that the cover-resize
 would cut more than one ``bucket_reso_steps`` off it (the set is too small - ``max_bucket_reso`` /
 ``min_bucket_reso`` too close to ``resolution`` - or the image too long and thin): sd-scripts crops such an image
@@ -60,11 +63,14 @@ def bucket_resolutions(resolution: int, min_reso: int, max_reso: int, steps: int
 
 @dataclass(frozen=True)
 class Placement:
-    """Where one image goes: its file size, the size it is resized to, and its bucket (all (width, height))."""
+    """Where one image goes: its file size, the size it is resized to, and its bucket (all (width, height)); how a
+    centre crop halves an odd overhang: ``floor`` (sd-scripts' ``trim // 2``) or ``round`` (torchvision's
+    ``CenterCrop``, ``int(round(trim / 2))``, what the square crops always used)."""
 
     original: Size
     resized: Size
     bucket: Size
+    centre: str = "floor"
 
     @property
     def trim(self) -> Size:
@@ -88,7 +94,7 @@ def square_placement(width: int, height: int, size: int) -> Placement:
     short, long = sorted((width, height))
     longer = int(size * long / short)
     resized = (size, longer) if width <= height else (longer, size)
-    return Placement((width, height), resized, (size, size))
+    return Placement((width, height), resized, (size, size), centre="round")
 
 
 def place_images(
@@ -118,9 +124,11 @@ def place_images(
 
 
 def crop_offsets(placement: Placement, random_crop: bool) -> tuple[int, int]:
-    """(top, left) of the crop: the overhang halved (``trim // 2``), or drawn in ``[0, trim]`` from torch's
-    generator (height first)."""
+    """(top, left) of the crop: the overhang halved (as ``placement.centre`` says), or drawn in ``[0, trim]`` from
+    torch's generator (height first)."""
     trim_w, trim_h = placement.trim
+    if not random_crop and placement.centre == "round":
+        return int(round(trim_h / 2.0)), int(round(trim_w / 2.0))
     if not random_crop:
         return trim_h // 2, trim_w // 2
     top = int(torch.randint(0, trim_h + 1, ())) if trim_h else 0

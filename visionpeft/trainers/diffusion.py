@@ -101,7 +101,11 @@ def latent_distribution(vae: nn.Module, pixel_values: torch.Tensor, cache: dict[
         return vae.encode(pixel_values.to(vae.dtype)).latent_dist
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    keys = [hashlib.sha1(row.detach().cpu().numpy().tobytes()).hexdigest() for row in pixel_values]
+    # the shape is part of the key: images of two buckets may hold the same bytes
+    keys = [
+        hashlib.sha1(str(tuple(row.shape)).encode() + row.detach().cpu().numpy().tobytes()).hexdigest()
+        for row in pixel_values
+    ]
     missing = list({key: i for i, key in enumerate(keys) if key not in cache}.values())
     if missing:
         moments = vae.encode(pixel_values[missing].to(vae.dtype)).latent_dist.parameters
