@@ -1,9 +1,11 @@
-"""LyCORIS files (the kohya ``.safetensors`` layout of LoHa, LoKr and LoCon): ``save_adapter(..., format="kohya")``
-writes what lycoris-lora loads onto the same pipeline with our outputs, and ``load_adapter(pipe, file)`` reads files
-lycoris-lora itself made with lycoris-lora's outputs; bad input in one line, the model left as it was."""
+"""LyCORIS files (the kohya ``.safetensors`` layout of LoHa, LoKr, LoCon and OFT): ``save_adapter(...,
+format="kohya")`` writes what lycoris-lora loads onto the same pipeline with our outputs, and ``load_adapter(pipe,
+file)`` reads files lycoris-lora itself made with lycoris-lora's outputs; bad input in one line, the model left as it
+was."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -108,7 +110,11 @@ def _lycoris_loaded(root, file):
     return fresh, network
 
 
+#: OFT as LyCORIS, kohya, A1111 and ComfyUI compute it: the output rows turned, the exact Cayley transform.
+LYCORIS_OFT = {"oft_block_size": 4, "output_side": True, "use_cayley_neumann": False}
 EXPORTS = {
+    "oft_coft": ("oft", LYCORIS_OFT, {**LYCORIS_OFT, "coft": True, "eps": 0.05}),
+    "oft_shared_block": ("oft", {**LYCORIS_OFT, "block_share": True}, {**LYCORIS_OFT, "oft_block_size": 2}),
     "loha": ("loha", {"r": 4, "alpha": 2.0}, {"r": 2, "alpha": 3.0}),
     "loha_cp_convs": ("loha", {"r": 2, "alpha": 1.0, "use_effective_conv2d": True}, {"r": 3, "alpha": 3.0}),
     "lokr": ("lokr", {"r": 1, "alpha": 2.0}, {"r": 1, "alpha": 3.0, "decompose_both": True}),
@@ -120,7 +126,13 @@ SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize(
-    "case", ["loha", "lokr", pytest.param("loha_cp_convs", marks=SLOW), pytest.param("lokr_dense", marks=SLOW)]
+    "case",
+    [
+        "loha",
+        "lokr",
+        "oft_coft",
+        *(pytest.param(c, marks=SLOW) for c in ("loha_cp_convs", "lokr_dense", "oft_shared_block")),
+    ],
 )
 def test_lycoris_loads_the_kohya_export_with_our_outputs(case, tmp_path, lycoris_network):
     method, unet_options, text_options = EXPORTS[case]
@@ -211,11 +223,42 @@ def test_locon_the_kohya_lora_export_loads_in_lycoris(tmp_path, lycoris_network)
 
 
 def test_kohya_export_refusals(tmp_path):
-    with pytest.raises(CheckpointError, match="the kohya format is for a Stable Diffusion U-Net or pipeline"):
-        vp.save_adapter(vp.attach(tiny_vit(), "loha", target_modules=["qkv"]), tmp_path, format="kohya")
-    with pytest.raises(CheckpointError, match="the kohya format holds .*boft cannot be exported"):
-        vp.save_adapter(vp.attach(tiny_unet(), "boft", target_modules=["to_q"]), tmp_path, format="kohya")
-    assert not (tmp_path / KOHYA_NAME).exists()
+    refusals = [
+        (
+            "the kohya format is for a Stable Diffusion U-Net or pipeline",
+            tiny_vit(),
+            "loha",
+            {"target_modules": ["qkv"]},
+        ),
+        ("the kohya format holds .*boft cannot be exported", tiny_unet(), "boft", {"target_modules": ["to_q"]}),
+        (r"turns the input side \(PEFT's OFT\).*output_side=True", tiny_unet(), "oft", {"oft_block_size": 4}),
+        ("uses the Cayley-Neumann series", tiny_unet(), "oft", {"oft_block_size": 4, "output_side": True}),
+    ]
+    for message, model, method, options in refusals:
+        with pytest.raises(CheckpointError, match=message):
+            vp.save_adapter(
+                vp.attach(model, method, **{"target_modules": ["to_q"], **options}), tmp_path, format="kohya"
+            )
+    with pytest.raises(CheckpointError, match="output_side=True has no PEFT layout"):
+        vp.save_adapter(vp.attach(tiny_unet(), "oft", target_modules=["to_q"], **LYCORIS_OFT), tmp_path, format="peft")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_side_oft_turns_the_output_rows_merges_and_detaches():
+    model = vp.attach(tiny_unet(), "oft", target_modules=["to_q", "conv1"], **LYCORIS_OFT)
+    _randomize(p for _, p in vp.trainable_parameters(model))
+    for path in ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.0.resnets.0.conv1"):
+        wrapper = model.get_submodule(path)
+        base, turned = wrapper.base.weight.flatten(1), wrapper.effective_weight().flatten(1)
+        assert (turned - base).abs().max() > 1e-3
+        # an orthogonal turn of each block of 4 output rows keeps that block's column norms (an input-side turn keeps
+        # each row's norm instead, which this one does not)
+        blocks = lambda w: w.reshape(w.shape[0] // 4, 4, -1).norm(dim=1)  # noqa: E731
+        torch.testing.assert_close(blocks(turned), blocks(base), rtol=1e-5, atol=1e-6)
+        assert (turned.norm(dim=1) - base.norm(dim=1)).abs().max() > 1e-4
+    expected = _run_unet(model)
+    torch.testing.assert_close(_run_unet(vp.merge(copy.deepcopy(model))), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_run_unet(vp.detach(model)), _run_unet(tiny_unet()), rtol=0, atol=0)
 
 
 #: lycoris-lora networks made on the tiny pipeline: (network_dim, network_alpha, keyword arguments). Linear and conv
@@ -227,6 +270,8 @@ IMPORTS = {
     "lokr_factor_cp": (1, 1.0, {"algo": "lokr", "factor": 2, "use_tucker": True}),
     "lokr_full": (2, 1.0, {"algo": "lokr", "full_matrix": True}),
     "locon_cp": (4, 2.0, {"algo": "locon", "conv_dim": 3, "conv_alpha": 1.5, "use_tucker": True}),
+    # alpha is OFT's constraint (Q scaled to norm 0.01 x out rows); conv blocks of 2 sit inside visionpeft's 4
+    "oft": (4, 0.0, {"algo": "diag-oft", "conv_dim": 2, "constraint": 0.01}),
 }
 
 
@@ -254,13 +299,19 @@ def _lycoris_file(root, case, dim, alpha, options):
 
 @pytest.mark.parametrize(
     "case",
-    ["loha", "lokr", "locon_cp", *(pytest.param(c, marks=SLOW) for c in ("loha_cp", "lokr_factor_cp", "lokr_full"))],
+    [
+        "loha",
+        "lokr",
+        "locon_cp",
+        "oft",
+        *(pytest.param(c, marks=SLOW) for c in ("loha_cp", "lokr_factor_cp", "lokr_full")),
+    ],
 )
 def test_load_adapter_reads_lycoris_files_with_lycoris_outputs(case, tmp_path, lycoris_network):
     file, expected = _lycoris_file(tmp_path, case, *IMPORTS[case])
     assert min((o - b).abs().max() for o, b in zip(expected, _outputs(tiny_sd_pipeline(tmp_path / "tok")))) > 1e-3
     pipe = vp.load_adapter(tiny_sd_pipeline(tmp_path / "tok"), file)
-    method = {"locon_cp": "lora"}.get(case, IMPORTS[case][2]["algo"])
+    method = {"locon": "lora", "diag-oft": "oft"}.get(IMPORTS[case][2]["algo"], IMPORTS[case][2]["algo"])
     assert [(name, cfg.tower) for name, cfg in vp.attached_methods(pipe)] == [
         (method, "text_encoder"),
         (method, "unet"),
@@ -309,9 +360,11 @@ def test_lycoris_import_refusals(tmp_path):
     wrong = variant("wrong", {**loha, f"{q}.hada_w1_b": torch.randn(2, 12)})
     _refused(tiny_unet(), wrong, r"to_q \(loha, .*\(16, 16\)\): hada_w1_b is \(2, 12\), the layer needs \(2, 16\)")
     ia3 = variant("ia3", {f"{q}.weight": torch.zeros(16), f"{q}.on_input": torch.tensor(0)})
-    _refused(tiny_unet(), ia3, r"is a LyCORIS \(IA\)\^3 module; visionpeft reads LoHa, LoKr and LoCon")
+    _refused(tiny_unet(), ia3, r"is a LyCORIS \(IA\)\^3 module; visionpeft reads LoHa, LoKr, LoCon \(LoRA\) and OFT")
     boft = variant("boft", {f"{q}.oft_blocks": torch.zeros(2, 2, 4, 4), f"{q}.alpha": torch.tensor(0.0)})
-    _refused(tiny_unet(), boft, "is a LyCORIS OFT / BOFT")
+    _refused(tiny_unet(), boft, "is a LyCORIS BOFT")
+    rescaled = variant("rescaled", {f"{q}.oft_blocks": torch.zeros(4, 4, 4), f"{q}.rescale": torch.ones(16, 1)})
+    _refused(tiny_unet(), rescaled, "is a LyCORIS rescaled OFT")
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + bytes(64))
     _refused(tiny_unet(), corrupt, "is not a readable safetensors file")

@@ -1,7 +1,8 @@
-"""LyCORIS files in: a kohya-style ``.safetensors`` of LoHa, LoKr and LoCon modules (the layout of
+"""LyCORIS files in: a kohya-style ``.safetensors`` of LoHa, LoKr, LoCon and OFT modules (the layout of
 :mod:`visionpeft.checkpoint.lycoris`; what lycoris-lora, sd-scripts and the A1111 / ComfyUI trainers write, and what
 diffusers' ``load_lora_weights`` refuses) attached to a Stable Diffusion pipeline or U-Net as visionpeft's ``loha``,
-``lokr`` and ``lora`` with the file's weights: the model then computes what lycoris-lora computes with the file.
+``lokr``, ``lora`` and ``oft`` (``output_side=True``, exact Cayley) with the file's weights: the model then computes
+what lycoris-lora computes with the file.
 
 visionpeft attaches one method of a name per tower, so each (tower, algorithm) of the file becomes one method on the
 modules it names (``target_modules``), whatever ranks and alphas the modules have:
@@ -15,11 +16,14 @@ modules it names (``target_modules``), whatever ranks and alphas the modules hav
 - CP-factored convolutions (``hada_t1``, ``lokr_t2``, ``lora_mid``) keep their CP form where every such convolution of
   the method has it, and are otherwise multiplied out into the plain form (exact: a CP factor of rank r is a rank-r
   product); a LoCon ``lora_mid`` is folded into ``lora_A`` (the 1 x 1 ``lora_down`` then the ``lora_mid`` conv is one
-  conv).
+  conv);
+- OFT: the block size is the least common multiple of the modules' (smaller blocks sit on the diagonal of larger
+  ones: the Cayley transform of a block-diagonal Q is block-diagonal), and LyCORIS's constraint (``alpha``: Q scaled
+  to norm ``alpha x out`` when larger) is applied to the file's Q once, as lycoris-lora applies it in every forward.
 
 Everything is checked against the model before anything is attached: a module the model lacks, a factor that does not
-fit its layer, an algorithm visionpeft does not read (OFT, BOFT, (IA)^3, GLoRA, full, norm, DoRA modules) are one line
-each, and the model is left as it was.
+fit its layer, an algorithm visionpeft does not read (BOFT, rescaled OFT, (IA)^3, GLoRA, full, norm, DoRA modules)
+are one line each, and the model is left as it was.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from ..errors import CheckpointError, VisionPEFTError
 from ..layers.loha import LoHaUpdate, cp_weight
 from ..layers.lokr import LoKrUpdate, factorization
 from ..layers.lora import LoRAUpdate
+from ..layers.oft import OFTUpdate
 from ..methods.base import base_module_paths
 from .lycoris import (
     ALGORITHM_NAMES,
@@ -60,9 +65,9 @@ class FileModule:
     """One module of a LyCORIS file, located in the model.
 
     Attributes:
-        key: Its name in the file. algorithm: ``loha``, ``lokr`` or ``lora``. tower: The tower holding it.
-        path: Its model-relative path. shape: Its layer's weight shape. tensors: Its tensors by LyCORIS name.
-        scale: ``alpha / rank`` (1 without a rank or alpha).
+        key: Its name in the file. algorithm: ``loha``, ``lokr``, ``lora`` or ``oft``. tower: The tower holding it.
+        path: Its model-relative path. shape: Its layer's weight shape. tensors: Its tensors by LyCORIS name, alpha
+        left out. alpha: The file's alpha (None without one). scale: ``alpha / rank`` (1 without a rank or alpha).
     """
 
     key: str
@@ -71,6 +76,7 @@ class FileModule:
     path: str
     shape: tuple[int, ...]
     tensors: dict[str, torch.Tensor]
+    alpha: float | None
     scale: float
 
     @property
@@ -87,8 +93,8 @@ class FileModule:
 
 
 def import_lycoris(model: Any, file: str | os.PathLike) -> Any:
-    """Attaches the LoHa / LoKr / LoCon modules of a LyCORIS file to a Stable Diffusion pipeline or U-Net, as
-    ``loha`` / ``lokr`` / ``lora`` methods (one per tower and algorithm) holding the file's weights.
+    """Attaches the LoHa / LoKr / LoCon / OFT modules of a LyCORIS file to a Stable Diffusion pipeline or U-Net, as
+    ``loha`` / ``lokr`` / ``lora`` / ``oft`` methods (one per tower and algorithm) holding the file's weights.
 
     Raises:
         CheckpointError: An unreadable file, keys for modules or components the model lacks, an algorithm visionpeft
@@ -152,10 +158,13 @@ class ModuleLocator:
     def module(self, key: str, tensors: dict[str, torch.Tensor]) -> FileModule:
         component = self.component_of(key)
         algorithm = module_algorithm(set(tensors))
-        if algorithm in OTHER_ALGORITHMS:
+        if algorithm == "oft" and tensors["oft_blocks"].dim() != 3:
+            algorithm = "boft"
+        if algorithm in OTHER_ALGORITHMS or algorithm == "boft":
+            what = OTHER_ALGORITHMS.get(algorithm, "BOFT (butterfly oft_blocks)")
             raise CheckpointError(
-                f"{self.file}: {key} is a LyCORIS {OTHER_ALGORITHMS[algorithm]} module; visionpeft reads LoHa, LoKr "
-                "and LoCon (LoRA) modules"
+                f"{self.file}: {key} is a LyCORIS {what} module; visionpeft reads LoHa, LoKr, LoCon (LoRA) and OFT "
+                "modules"
             )
         unknown = sorted(set(tensors) - set(ALGORITHM_NAMES.get(algorithm, ())) - {"alpha"})
         if algorithm is None or unknown:
@@ -169,10 +178,11 @@ class ModuleLocator:
         weight = getattr(layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
             raise CheckpointError(f"{self.file}: {key} is a {type(layer).__name__}, not a Linear or Conv2d layer")
-        alpha, rank = tensors.get("alpha"), module_rank(algorithm, tensors)
-        scale = 1.0 if alpha is None or float(alpha) == 0 or rank is None else float(alpha) / rank
+        alpha = float(tensors["alpha"]) if "alpha" in tensors else None
+        rank = module_rank(algorithm, tensors)
+        scale = 1.0 if not alpha or rank is None else alpha / rank
         values = {name: t.float() for name, t in tensors.items() if name != "alpha"}
-        return FileModule(key, algorithm, tower, prefix + names[key], tuple(weight.shape), values, scale)
+        return FileModule(key, algorithm, tower, prefix + names[key], tuple(weight.shape), values, alpha, scale)
 
     def component_of(self, key: str) -> str:
         for prefix, component in {**OTHER_PREFIXES, **{v: k for k, v in COMPONENT_PREFIXES.items()}}.items():
@@ -232,13 +242,14 @@ def plan_loha(modules: list[FileModule]) -> tuple[dict[str, Any], dict[str, torc
     """One ``loha``'s options and canonical tensors for the LoHa modules of a tower."""
     forms = [loha_form(module) for module in modules]
     rank = max(factors[index][-1].shape[0] for factors in forms for index in (0, 1))
-    cp = any(len(f[0]) == 3 for f in forms) and all(len(f[0]) == 3 for m, f in zip(modules, forms) if m.spatial)
+    both_cp = [all(len(parts) == 3 for parts in factors) for factors in forms]
+    cp = any(both_cp) and all(ok for module, ok in zip(modules, both_cp) if module.spatial)
     values: dict[str, torch.Tensor] = {}
     for module, factors in zip(modules, forms):
         update = meta(LoHaUpdate, module.shape, rank, float(rank), use_effective_conv2d=cp)
         plain = {}
         for index, parts in enumerate(factors, start=1):
-            if update.effective_conv:  # the file's CP factors as they are
+            if update.effective_conv:  # the file's CP factors as they are (every spatial conv has them)
                 plain.update({f"hada_t{index}": parts[0], f"hada_w{index}_a": parts[1], f"hada_w{index}_b": parts[2]})
             else:
                 out_factor, in_factor = flattened_cp(*parts) if len(parts) == 3 else parts
@@ -372,5 +383,36 @@ def plan_lora(modules: list[FileModule]) -> tuple[dict[str, Any], dict[str, torc
     return {"r": rank, "alpha": float(rank)}, values
 
 
+def plan_oft(modules: list[FileModule]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One output-side ``oft`` (exact Cayley)'s options and canonical tensors for the OFT modules of a tower."""
+    skews = []
+    for module in modules:
+        (blocks,) = required(module, "oft_blocks")
+        count, size = blocks.shape[0], blocks.shape[-1]
+        check_shape(module, "oft_blocks", blocks, (module.shape[0] // size, size, size))
+        if count * size != module.shape[0]:
+            raise module.fail(f"oft_blocks {tuple(blocks.shape)} turn {count * size} output rows")
+        skew = blocks - blocks.transpose(1, 2)
+        if module.alpha:  # lycoris-lora's constraint, as its get_r applies it
+            limit, norm = module.alpha * module.shape[0], torch.norm(skew) + 1e-8
+            skew = skew * (limit / norm) if norm > limit else skew
+        skews.append(skew)
+    block_size = math.lcm(*(skew.shape[-1] for skew in skews))
+    values: dict[str, torch.Tensor] = {}
+    for module, skew in zip(modules, skews):
+        if module.shape[0] % block_size:
+            raise module.fail(
+                f"its {skew.shape[-1]}-row blocks and the tower's other OFT blocks need a block size of {block_size}, "
+                f"which does not divide its {module.shape[0]} output rows (visionpeft's oft has one per tower)"
+            )
+        larger = skew.reshape(-1, block_size // skew.shape[-1], *skew.shape[1:])  # small blocks on the diagonal
+        whole = torch.stack([torch.block_diag(*group) for group in larger])
+        update = meta(OFTUpdate, module.shape[0], block_size, use_cayley_neumann=False, output_side=True)
+        rows, cols = torch.triu_indices(block_size, block_size, 1)
+        values.update(fitted(module, {"oft_R": whole[:, rows, cols]}, update))
+    options = {"r": 0, "oft_block_size": block_size, "use_cayley_neumann": False, "output_side": True}
+    return options, values
+
+
 #: The method reading each algorithm's modules: (options, canonical tensors) of one method for a tower's modules.
-PLANNERS = {"loha": plan_loha, "lokr": plan_lokr, "lora": plan_lora}
+PLANNERS = {"loha": plan_loha, "lokr": plan_lokr, "lora": plan_lora, "oft": plan_oft}

@@ -12,6 +12,11 @@ conv's input side is its flattened kernel (in_channels x kh x kw): there PEFT 0.
 input) is not its own merge and not unchanged at initialisation for kernels larger than 1x1; this layer is what
 PEFT's merged layer computes.
 
+``output_side`` turns the weight's output rows instead, ``W' = R W`` (block b of the rows turned by R_b): the OFT of
+LyCORIS (``diag-oft``), kohya's sd-scripts, A1111 and ComfyUI, whose files hold full blocks B with Q = B - B^T and
+the exact Cayley transform (``(I + Q)(I - Q)^-1`` applied as ``W' = R^T W``, which is ``(I - Q)(I + Q)^-1 W``,
+:func:`cayley` of Q). PEFT has no such form.
+
 Module dropout: PEFT 0.21 builds its ``MultiplicativeDropoutLayer`` (in training, ``int(p * blocks)`` random blocks
 replaced by the identity; none with a shared block) but never calls it; here it runs as documented, so with
 ``module_dropout > 0`` training steps differ from PEFT's (evaluation and merge do not).
@@ -75,20 +80,22 @@ def rotate_input_side(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tenso
 
 
 class OFTUpdate(WeightUpdate):
-    """The OFT rotation of one weight slice's input side.
+    """The OFT rotation of one weight slice's input side (or output rows).
 
     Args:
-        fan_in: Size of the input side (a Linear's in_features; a conv's in_channels x kh x kw).
-        block_size: Size b of each orthogonal block; ``fan_in / b`` blocks.
+        size: Size of the side turned: the input side (a Linear's in_features; a conv's in_channels x kh x kw), or
+            the output rows with ``output_side``.
+        block_size: Size b of each orthogonal block; ``size / b`` blocks.
         coft: Constrained OFT (project Q before each use). eps: COFT's radius.
         block_share: One block shared by all positions.
         use_cayley_neumann / num_cayley_neumann_terms: The series instead of the exact Cayley transform.
         module_dropout: Probability of each block being the identity in a training forward.
+        output_side: Turn the output rows (``W' = R W``, LyCORIS's form) instead of the input side.
     """
 
     def __init__(
         self,
-        fan_in: int,
+        size: int,
         block_size: int,
         coft: bool = False,
         eps: float = 6e-5,
@@ -96,9 +103,10 @@ class OFTUpdate(WeightUpdate):
         use_cayley_neumann: bool = True,
         num_cayley_neumann_terms: int = 5,
         module_dropout: float = 0.0,
+        output_side: bool = False,
     ) -> None:
         super().__init__()
-        self.block_size, self.blocks = block_size, fan_in // block_size
+        self.block_size, self.blocks, self.output_side = block_size, size // block_size, output_side
         self.coft, self.eps, self.module_dropout = coft, eps, module_dropout
         self.use_cayley_neumann, self.num_cayley_neumann_terms = use_cayley_neumann, num_cayley_neumann_terms
         self.oft_R = nn.Parameter(torch.zeros(1 if block_share else self.blocks, block_size * (block_size - 1) // 2))
@@ -112,17 +120,24 @@ class OFTUpdate(WeightUpdate):
         upper[:, self.triu_rows, self.triu_cols] = vector
         return upper - upper.transpose(-2, -1)
 
-    @torch.no_grad()
-    def project(self) -> None:
-        """COFT: each block's Q scaled into the Frobenius ball of radius ``eps / sqrt(blocks)``, in place."""
+    def constrained(self) -> torch.Tensor:
+        """``oft_R`` as the rotation uses it: with COFT each block's Q scaled into the Frobenius ball of radius
+        ``eps / sqrt(blocks)``, else ``oft_R`` itself."""
+        if not self.coft:
+            return self.oft_R
         skew = self.skew(self.oft_R)
         radius = self.eps / torch.sqrt(torch.tensor(float(skew.shape[0])))
         norm = torch.norm(skew, dim=(1, 2), keepdim=True)
         inside = torch.where(norm <= radius, skew, radius * (skew / norm))
-        self.oft_R.copy_(inside[:, self.triu_rows, self.triu_cols])
+        return inside[:, self.triu_rows, self.triu_cols]
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """COFT: :meth:`constrained` written into ``oft_R``, in place, as PEFT does before every use."""
+        self.oft_R.copy_(self.constrained())
 
     def rotations(self, sample: bool = False) -> torch.Tensor:
-        """The orthogonal blocks, one per position of the input side ((fan_in / b, b, b))."""
+        """The orthogonal blocks, one per position of the side turned ((size / b, b, b))."""
         if self.coft:
             self.project()
         skew = self.skew(self.oft_R)
@@ -135,5 +150,8 @@ class OFTUpdate(WeightUpdate):
         return blocks.expand(self.blocks, -1, -1)
 
     def updated(self, weight: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        turned = rotate_input_side(weight.reshape(weight.shape[0], -1), self.rotations(sample).to(weight.dtype))
+        blocks = self.rotations(sample).to(weight.dtype)
+        if self.output_side:  # block by block over the output rows: R_b W_b
+            return torch.bmm(blocks, weight.reshape(self.blocks, self.block_size, -1)).reshape(weight.shape)
+        turned = rotate_input_side(weight.reshape(weight.shape[0], -1), blocks)
         return turned.reshape(weight.shape)

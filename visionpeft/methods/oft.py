@@ -1,6 +1,7 @@
 """OFT (Qiu et al., NeurIPS 2023; in PEFT 0.21's form) on any projection of any backbone, under PEFT's name and
 options: the weight's input side turned by a block-diagonal orthogonal matrix, ``W' = W R^T``
-(:mod:`visionpeft.layers.oft`)."""
+(:mod:`visionpeft.layers.oft`); with ``output_side`` its output rows, ``W' = R W``, as LyCORIS, kohya's sd-scripts,
+A1111 and ComfyUI turn them (their kohya ``oft_blocks`` files)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, IncompatibleMethodError
+from ..errors import CheckpointError, ConfigError, IncompatibleMethodError
 from ..layers.oft import OFTUpdate
 from ..schema import setting
 from .base import register_method
@@ -39,6 +40,9 @@ class OFTConfig(WeightSpaceConfig):
         block_share: One block shared by every position of a layer.
         use_cayley_neumann: The Cayley-Neumann series instead of the exact Cayley transform.
         num_cayley_neumann_terms: Terms of that series.
+        output_side: Turn each layer's output rows (``W' = R W``; the block size then divides the output size): the
+            OFT of LyCORIS (``diag-oft``) and kohya's files, which hold the exact Cayley transform
+            (``use_cayley_neumann=False``). Not PEFT's: such an OFT has no PEFT folder.
     """
 
     r: int = setting(0, "number of orthogonal blocks per layer (0: from oft_block_size)", min=0)
@@ -49,6 +53,7 @@ class OFTConfig(WeightSpaceConfig):
     block_share: bool = setting(False, "one block shared by every position of a layer")
     use_cayley_neumann: bool = setting(True, "the Cayley-Neumann series instead of the exact Cayley transform")
     num_cayley_neumann_terms: int = setting(5, "terms of the Cayley-Neumann series", min=2)
+    output_side: bool = setting(False, "turn the output rows (LyCORIS's / kohya's OFT) instead of the input side")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,14 +70,15 @@ def divisors_near(size: int, value: int) -> str:
     return ", ".join(str(d) for d in sorted(sorted(divisors, key=lambda d: abs(d - value))[:3]))
 
 
-def blocks_of(option: str, value: int, size: int, name: str) -> int:
-    """``size // value``, after checking that ``value`` (a block size or count) divides ``size``.
+def blocks_of(option: str, value: int, size: int, name: str, side: str = "input") -> int:
+    """``size // value``, after checking that ``value`` (a block size or count) divides ``size`` (of the ``side``
+    turned).
 
     Raises:
         ConfigError: It does not (one line naming the layer and the nearest divisors)."""
     if size % value:
         raise ConfigError(
-            f"{option} {value} does not divide the input size {size} of {name}; divisors of {size} near it: "
+            f"{option} {value} does not divide the {side} size {size} of {name}; divisors of {size} near it: "
             f"{divisors_near(size, value)}"
         )
     return size // value
@@ -94,6 +100,7 @@ class OFT(WeightSpaceMethod):
     name = "oft"
     config_class = OFTConfig
     peft_type = "OFT"
+    export_formats = frozenset({"peft", "kohya"})
     #: A rotation of the input side folds before additive updates of the same layer (0): another method's forward
     #: hook on it (FacT) adds its increment outside the rotation.
     merge_priority = -1
@@ -103,12 +110,13 @@ class OFT(WeightSpaceMethod):
         problem = plain_conv_problem(self.name, name, layer)
         if problem:
             raise IncompatibleMethodError(problem)
-        size = input_side(layer, weight)
+        side = "output" if cfg.output_side else "input"
+        size = weight.shape[0] if cfg.output_side else input_side(layer, weight)
         if cfg.oft_block_size:
             block_size = cfg.oft_block_size
-            blocks_of("oft_block_size", block_size, size, name)
+            blocks_of("oft_block_size", block_size, size, name, side)
         else:
-            block_size = blocks_of("oft r", cfg.r, size, name)
+            block_size = blocks_of("oft r", cfg.r, size, name, side)
         return OFTUpdate(
             size,
             block_size,
@@ -118,10 +126,39 @@ class OFT(WeightSpaceMethod):
             use_cayley_neumann=cfg.use_cayley_neumann,
             num_cayley_neumann_terms=cfg.num_cayley_neumann_terms,
             module_dropout=cfg.module_dropout,
+            output_side=cfg.output_side,
         )
 
     def peft_tensors(self, update: OFTUpdate, layer: nn.Module) -> dict[str, torch.Tensor]:
+        if self.config.output_side:
+            raise CheckpointError(
+                "an oft with output_side=True has no PEFT layout (PEFT's OFT turns the input side); save with "
+                "format='kohya' or 'visionpeft'"
+            )
         return {"oft_R.weight": update.oft_R.detach()}  # PEFT keeps it in an OFTRotationModule
+
+    def lycoris_tensors(self, update: OFTUpdate, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """LyCORIS's ``diag-oft`` layout: ``oft_blocks`` (blocks, b, b) holding the strict upper triangle of each
+        block's Q (Q = B - B^T), shared blocks repeated, COFT's projection applied; ``alpha`` 0 (LyCORIS's own
+        constraint, a bound on the norm of all blocks together, off).
+
+        Raises:
+            CheckpointError: PEFT's input-side form (LyCORIS, kohya, A1111 and ComfyUI turn the output side), or the
+                Cayley-Neumann series (their files hold the exact Cayley transform)."""
+        cfg = self.config
+        if not cfg.output_side or cfg.use_cayley_neumann:
+            problem = (
+                "turns the input side (PEFT's OFT) where LyCORIS, kohya, A1111 and ComfyUI turn the output side"
+                if not cfg.output_side
+                else "uses the Cayley-Neumann series where LyCORIS, kohya, A1111 and ComfyUI use the exact Cayley form"
+            )
+            raise CheckpointError(
+                f"this oft {problem}; attach oft with output_side=True and use_cayley_neumann=False for a kohya file"
+            )
+        vector = update.constrained().detach().expand(update.blocks, -1)
+        blocks = vector.new_zeros(update.blocks, update.block_size, update.block_size)
+        blocks[:, update.triu_rows, update.triu_cols] = vector
+        return {"oft_blocks": blocks, "alpha": torch.tensor(0.0)}
 
     def peft_options(self) -> dict[str, Any]:
         cfg = self.config
