@@ -7,6 +7,13 @@ another adapter type in the format's own layout with that type's config (PEFT's 
 name tensors by module path and scale each update by ``lora_alpha / r`` of the module; the parts fold visionpeft's
 scale into ``lora_B`` and the files say ``lora_alpha = r`` (scale 1), so a file means the same thing whatever
 defaults the loader assumes.
+
+The kohya file holds LoRA layers as kohya / A1111 LoRA (LoCon on convolutions) and the other methods' LyCORIS modules
+(LoHa ``hada_*``, LoKr ``lokr_*``, OFT ``oft_blocks``, each with ``.alpha``; :mod:`visionpeft.checkpoint.lycoris`),
+read by lycoris-lora (``lycoris/kohya.py`` ``create_network_from_weights``; ``lycoris/modules/loha.py``, ``lokr.py``,
+``locon.py``, ``diag_oft.py``), A1111 (``extensions-builtin/Lora/network_hada.py``, ``network_lokr.py``,
+``network_lora.py``, ``network_oft.py``) and ComfyUI (``comfy/weight_adapter/loha.py``, ``lokr.py``, ``lora.py``,
+``oft.py``; names mapped in ``comfy/lora.py``).
 """
 
 from __future__ import annotations
@@ -194,7 +201,7 @@ def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Raises:
         CheckpointError: DoRA (diffusers' Stable Diffusion loader drops kohya ``dora_scale`` keys), or methods the
-            kohya layout cannot hold (textual inversion, ControlNet, OFT / BOFT).
+            kohya layout cannot hold (textual inversion, ControlNet, BOFT, PEFT's input-side OFT).
     """
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 

@@ -105,7 +105,8 @@ def save_adapter(
             representable in PEFT the folder also holds PEFT's files), ``diffusers`` (a LoRA that
             ``pipeline.load_lora_weights`` loads), or ``peft`` (``adapter_model.safetensors`` + ``adapter_config.json``
             that ``peft.PeftModel.from_pretrained`` loads), or ``kohya`` (one ``lora_kohya.safetensors`` with
-            ``lora_unet_...`` / ``lora_te_...`` keys for A1111 / ComfyUI / ``load_lora_weights``).
+            ``lora_unet_...`` / ``lora_te_...`` keys for A1111 / ComfyUI / ``load_lora_weights``; LoHa, LoKr and
+            output-side OFT as LyCORIS modules, which lycoris-lora, A1111 and ComfyUI read).
         push_to_hub: A hub model repo (``user/name``) to upload the folder to, with a model card
             (``README.md``) when the folder has none.
 
@@ -322,7 +323,8 @@ def load_adapter(
     Args:
         model: The model (or pipeline) to load into.
         directory: A folder written by :func:`save_adapter`, a hub repo id (``user/name``) holding one, or a
-            single-file Stable Diffusion LoRA (``.safetensors``, kohya / A1111 or diffusers keys).
+            single-file Stable Diffusion LoRA (``.safetensors``, kohya / A1111 or diffusers keys; LyCORIS LoHa, LoKr,
+            LoCon and OFT modules included).
         options: Per-method option overrides applied before attaching, e.g.
             ``{"coop": {"classnames": new_classes}}`` to evaluate learned prompts on other classes.
         check_base: Refuse a checkpoint trained on other base weights (its recorded ``base_model.sha256``
