@@ -124,7 +124,8 @@ def test_dreambooth_lora_with_prior_preservation(setup):
         "optim.lr=0.01",
         "train.validation_prompts=[]",
     )
-    (entry,) = (setup / "runs" / "class_image_cache").iterdir()  # generated once, keyed by model + settings
+    cache = setup / "runs" / "class_image_cache"  # generated once, keyed by model + settings (+ hidden lock files)
+    (entry,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
     assert len(list(entry.glob("*.png"))) == 2
     before, after = _before_after(
         setup, run_dir, "a photo of sks box", [("lora", {"r": 4, "alpha": 4, "targets": ["q", "k", "v", "o"]})]
