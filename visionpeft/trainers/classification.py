@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import visionpeft as vp
 
+from ..adapter import methods_of
 from ..backbones.factory import fixed_input_size
 from ..backbones.libraries import library
 from ..config import method_configs
@@ -47,16 +48,30 @@ class Transformed(Dataset):
 
 
 class ClassificationObjective:
-    """Cross-entropy training (optional label smoothing); top-1 / top-5 accuracy with torchmetrics on ``loader``."""
+    """Cross-entropy training (optional label smoothing) plus the ``regularization_loss`` of every attached method
+    providing one (PromptSRC's self-regulating terms), for the logits and batch of the step; top-1 / top-5 accuracy
+    with torchmetrics on ``loader``."""
 
     metric = "top1"
 
-    def __init__(self, num_classes: int, loader: DataLoader | None, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        loader: DataLoader | None,
+        label_smoothing: float = 0.0,
+        adapted: nn.Module | None = None,
+    ) -> None:
         self.num_classes, self.loader, self.label_smoothing = num_classes, loader, label_smoothing
+        methods = methods_of(adapted) if adapted is not None else []
+        self.regularizers = [m for m in methods if "regularization_loss" in m.provides]
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         images, labels = batch
-        return F.cross_entropy(model(images), labels, label_smoothing=self.label_smoothing)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        for method in self.regularizers:
+            loss = loss + method.regularization_loss(logits, batch)
+        return loss
 
     def evaluate(self, model: nn.Module, accelerator: Accelerator, loader: DataLoader | None = None) -> dict:
         loader = loader if loader is not None else self.loader
@@ -185,7 +200,10 @@ class ClassificationTrainer:
         eval_set = exp.val if exp.val is not None else exp.test
         eval_loader = loader(eval_set, data.eval_batch_size, data.num_workers) if eval_set is not None else None
         objective = ClassificationObjective(
-            len(exp.classes), accelerator.prepare(eval_loader) if eval_loader else None, config.optim.label_smoothing
+            len(exp.classes),
+            accelerator.prepare(eval_loader) if eval_loader else None,
+            config.optim.label_smoothing,
+            adapted=exp.model,
         )
         sizes = {k: len(v) for k, v in (("train", exp.train), ("val", exp.val), ("test", exp.test)) if v is not None}
         summary = [f"data: {data.name}, {len(exp.classes)} classes, " + ", ".join(f"{k} {n}" for k, n in sizes.items())]

@@ -4,8 +4,8 @@ Task-agnostic and counted in optimizer steps: an :class:`Objective` turns a batc
 holds whatever evaluation data it needs); the loop handles everything else: only trainable parameters in the
 optimizer, a schedule from transformers' ``get_scheduler`` with warmup, evaluation every N steps exactly, a
 progress bar, TensorBoard and ``metrics.jsonl``, atomic ``last`` / ``best`` adapter checkpoints, and exact resume
-(optimizer, scheduler, RNG, EMA, trained tensors and the buffers of trained modules, at epoch boundaries, with a
-seeded per-epoch data order).
+(optimizer, scheduler, RNG, EMA or a method's epoch average, trained tensors and the buffers of trained modules, at
+epoch boundaries, with a seeded per-epoch data order).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from ..adapter import trainable_buffers, trainable_parameters
 from ..checkpoint.folder import save_adapter
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from . import run_state
+from .epoch_average import epoch_average
 from .logs import get_logger
 from .trackers import RunTrackers, tracker_arguments
 
@@ -230,6 +231,13 @@ class Loop:
 
             # saved by save_state as safetensors (accelerate's register_for_checkpointing would unpickle it on resume)
             self.ema = EMAModel(self._trained, decay=cfg.ema_decay)
+        # a method's average over epochs (PromptSRC's GPA), as many epochs as the run starts
+        self.average = epoch_average(self.unwrapped, self._trained, math.ceil(self.total_steps / self.steps_per_epoch))
+        if self.average is not None and self.ema is not None:
+            raise ConfigError(
+                f"train.ema_decay and {self.average.source}'s average over epochs would both set the final weights; "
+                "set train.ema_decay=null"
+            )
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
     @property
@@ -276,6 +284,8 @@ class Loop:
             if main:
                 if self.ema is not None:
                     progress["ema"] = run_state.save_ema(self.ema, tmp)
+                if self.average is not None:
+                    progress["average"] = self.average.save(tmp)
                 save_adapter(self.unwrapped, self.run_dir / "last")
                 run_state.write_progress(tmp, progress)  # last: it marks the state complete
                 run_state.commit_state(self.run_dir)
@@ -313,6 +323,8 @@ class Loop:
             ) from None
         if self.ema is not None:
             run_state.load_ema(self.ema, state, progress.get("ema"))
+        if self.average is not None:
+            self.average.load(state, progress.get("average"))
         if progress.get("rng") != run_state.rng_digest():
             logger.warning(
                 f"the random state saved in {state} could not be restored: the resumed run will not "
@@ -431,6 +443,10 @@ class Loop:
         epoch_done = self.batch_in_epoch == len(self.train_loader)
         if epoch_done:
             self._end_epoch()
+        if self.average is not None and (epoch_done or self.finished):
+            self.average.add(self.epoch if epoch_done else self.epoch + 1)  # a step-counted run's last part-epoch
+            if self.finished:
+                self.average.copy_to()  # the finished run's weights: evaluated, saved as last, tested
         metrics = None
         if self.finished or bool(self.eval_every and self.step % self.eval_every == 0):
             metrics = self._evaluate_and_log()
