@@ -89,3 +89,12 @@ def test_a_local_folder_named_like_a_repo_is_read_locally(tmp_path, monkeypatch)
     vp.save_adapter(model, tmp_path / "someone" / "tiny")
     monkeypatch.chdir(tmp_path)
     torch.testing.assert_close(_run_vit(vp.load_adapter(tiny_vit(), "someone/tiny")), _run_vit(model))
+
+
+def test_a_lycoris_kohya_file_is_carded_for_visionpeft(local_hub, tmp_path):
+    """diffusers' load_lora_weights refuses LyCORIS modules; vp.load_adapter reads them, so the card says that."""
+    pipe = vp.attach(tiny_sd_pipeline(tmp_path / "tok"), "loha", r=2, target_modules=["to_q", "to_v"])
+    vp.save_adapter(pipe, tmp_path / "out", format="kohya", push_to_hub="someone/tiny-loha")
+    card = ModelCard.load(local_hub.root / "someone/tiny-loha" / "README.md")
+    assert card.data.library_name == "visionpeft"
+    assert "load_lora_weights" not in card.text and "vp.load_adapter(model, FOLDER)" in card.text

@@ -46,10 +46,22 @@ def library_name(folder: Path) -> str:
 
     if (folder / "adapter_config.json").is_file():
         return "peft"
-    lora_files = ("pytorch_lora_weights.safetensors", KOHYA_NAME)
+    lora_files = ["pytorch_lora_weights.safetensors"]
+    if not holds_lycoris_modules(folder / KOHYA_NAME):  # diffusers' load_lora_weights refuses LyCORIS modules
+        lora_files.append(KOHYA_NAME)
     if any((folder / name).is_file() for name in lora_files) or any(folder.glob("*/config.json")):
         return "diffusers"
     return "visionpeft"
+
+
+def holds_lycoris_modules(path: Path) -> bool:
+    """Whether a kohya file is a LyCORIS network (its ``ss_network_module`` metadata, as sd-scripts writes it)."""
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("ss_network_module") == "lycoris.kohya"
 
 
 def build_model_card(
