@@ -18,6 +18,7 @@ Official code, read for this test's own reference (with :mod:`vl_prompt_referenc
 
 from __future__ import annotations
 
+import copy
 import math
 
 import open_clip
@@ -172,6 +173,17 @@ def test_the_classification_objective_adds_the_method_losses():
     torch.testing.assert_close(total, F.cross_entropy(logits, LABELS) + sum(terms.values()), rtol=1e-5, atol=1e-5)
     ivlp = perturb(attached("ivlp"))  # no regularization_loss: the objective is cross-entropy alone
     assert ClassificationObjective(3, None, adapted=ivlp).regularizers == []
+
+
+def test_a_model_copied_after_a_training_step_works():
+    """The features recorded for regularization_loss belong to one forward pass: a deep copy leaves them behind."""
+    model = attached("promptsrc")
+    vp.set_train_mode(model, True)
+    model(IMAGES)
+    copied = copy.deepcopy(model)
+    with pytest.raises(RuntimeError, match="follows a forward pass"):
+        prompt_learner(copied).regularization_loss(model(IMAGES), (IMAGES, LABELS))
+    assert prompt_learner(copied).regularization_loss(copied(IMAGES), (IMAGES, LABELS)) > 0
 
 
 def official_gpa_weights(epochs: int, mean: float, std: float) -> list[float]:

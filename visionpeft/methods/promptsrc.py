@@ -96,6 +96,11 @@ class PromptSRC(IVLP):
         if isinstance(image_encoder, nn.Module):  # open_clip: the visual module (encode_image's output)
             self.hook_output(image_encoder, self._record_image)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (``copy.deepcopy`` of the adapted model) starts without the last forward pass's features, which
+        are part of its autograd graph and cannot be copied."""
+        return {**self.__dict__, "recorded": {}}
+
     def _record_image(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         if self.active and torch.is_grad_enabled():
             self.recorded["image"] = output[0] if isinstance(output, tuple) else output
