@@ -2,7 +2,9 @@
 
 Loads any diffusers Stable Diffusion 1.x / 2.x pipeline (hub id or local folder), attaches the method(s), trains
 with the shared accelerate loop on the denoising loss (optional prior preservation, EMA, and the objective's knobs:
-min-SNR, noise offset, Huber loss, v-prediction, ...: ``optim``, :mod:`.diffusion_objective`),
+min-SNR, noise offset, Huber loss, v-prediction, ...: ``optim``, :mod:`.diffusion_objective`; and the data's:
+per-image captions, caption dropout, tag shuffle, aspect-ratio buckets - one bucket per batch -, loss masks:
+``data``, :class:`~visionpeft.data.few_images.ImageKnobs`; class images cached by :mod:`visionpeft.data.class_images`),
 writes validation images into the run folder, and saves files diffusers loads as they are: ``adapter/``
 (visionpeft), ``diffusers/`` (``pytorch_lora_weights.safetensors`` / ``learned_embeds.safetensors``) and, for
 methods that merge exactly (DiffFit, BitFit, full), ``merged/unet`` (plain diffusers weights).
