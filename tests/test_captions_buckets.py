@@ -55,7 +55,7 @@ def ref_make_bucket_resolutions(max_reso, min_size, max_size, divisible):
 
 
 def ref_select_bucket(resos, image_width, image_height):
-    """library/train_util.py BucketManager.select_bucket, the upscaling branch (lines 286-313)."""
+    """library/train_util.py BucketManager.select_bucket, the upscaling branch (lines 286-306, 343-346)."""
     aspect_ratio = image_width / image_height
     reso = (image_width, image_height)
     if reso not in set(resos):

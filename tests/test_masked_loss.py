@@ -62,7 +62,7 @@ def test_masked_per_sample_loss_equals_sd_scripts(loss_type):
 
 
 def per_sample_loss_elements(prediction, target, objective):
-    """sd-scripts' conditional_loss with reduction="none" (train_util.py lines 6150-6165, constant threshold)."""
+    """sd-scripts' conditional_loss with reduction="none" (train_util.py lines 6133-6165, constant threshold)."""
     if objective.loss_type == "l2":
         return F.mse_loss(prediction, target, reduction="none")
     c = objective.huber_c

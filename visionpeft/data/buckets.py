@@ -7,9 +7,9 @@ The bucket set and each image's bucket follow kohya's sd-scripts (at 48d368f):
   steps the largest height on the step grid with ``width * height <= resolution^2`` (capped at ``max_reso``, kept
   when at least ``min_reso``), and its transpose.
 - :func:`bucket_placement` is ``BucketManager.select_bucket`` without ``--bucket_no_upscale``
-  (``library/train_util.py`` lines 286-313): an image whose exact size is a bucket keeps it, any other gets the
-  bucket of the nearest aspect ratio, and is resized to cover it (the side whose aspect is the bucket's shorter
-  one fits, the other overhangs; rounded half up).
+  (``library/train_util.py`` lines 286-306, 343-346): an image whose exact size is a bucket keeps it, any other
+  gets the bucket of the nearest aspect ratio, and is resized to cover it (the side whose aspect is the bucket's
+  shorter one fits, the other overhangs; rounded half up).
 - the crop (:func:`crop_offsets`) is ``trim_and_resize_if_required`` (lines 2965-2993): the overhang is cut at
   ``trim // 2`` (centre) or at ``randint(0, trim)`` (random crop).
 
@@ -191,7 +191,8 @@ class EpochOrder(Sampler[int]):
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of ``batch_size`` items of one bucket each (the last batch of a bucket may be smaller), in a random
     order: the items are permuted, each bucket's items cut into batches in that order, and the batches shuffled
-    (sd-scripts' ``BaseDataset.shuffle_buckets``); the same for a given seed and epoch.
+    (sd-scripts' ``BaseDataset.shuffle_buckets``, ``library/train_util.py`` lines 1086-1091, which seeds by seed +
+    epoch too); the same for a given seed and epoch.
 
     Args:
         buckets: The bucket of each dataset item.

@@ -4,7 +4,7 @@ A mask comes from a mask folder holding one image per training image with the sa
 channel, as sd-scripts reads a conditioning image as the mask: ``library/custom_train_functions.py``
 ``apply_masked_loss`` line 490 at 48d368f), or from the training image's own alpha channel (sd-scripts' subset
 option ``alpha_mask``: ``library/train_util.py`` lines 1663-1669; an image without alpha gets a mask of ones, as
-there). A mask must have its image's size (sd-scripts asserts the same for a conditioning image, lines 2537-2539);
+there). A mask must have its image's size (sd-scripts asserts the same for a conditioning image, lines 2536-2539);
 it then follows the image's resize, flip and crop exactly (:func:`~.buckets.place_item`).
 
 In the loss (:func:`latent_mask`, applied by the denoising loss): the mask is resized to the latent size with area
