@@ -159,12 +159,13 @@ def _check_run_length(config: DictConfig) -> None:
 def check_methods(config: DictConfig, spec: TaskSpec) -> list[tuple[str, MethodConfig]]:
     """The config's methods built (``make_config``: every option checked against its method's schema) and checked
     against what the task gives them; :func:`method_configs` hands these built configs on to the trainer."""
-    from ..methods import check_call_inputs, fill_task_inputs, make_config
+    from ..methods import check_call_inputs, check_trains, fill_task_inputs, make_config
 
     methods = methods_of_config(config)
     built = [(name, make_config(name, options)) for name, options in methods]
     fill_task_inputs(methods, dict.fromkeys(spec.task_inputs), spec.name)  # the values come when the run starts
     check_call_inputs(methods, set(spec.call_inputs), spec.name)
+    check_trains(methods)
     _BUILT_METHODS[id(config)] = (methods, built)
     weakref.finalize(config, _BUILT_METHODS.pop, id(config), None)
     return built

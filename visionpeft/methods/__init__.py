@@ -159,12 +159,26 @@ def check_call_inputs(specs: list[tuple[str, dict]], available: set[str], task: 
                 raise ConfigError(f"method '{name}' needs a per-call {key}, which the {task} task does not provide")
 
 
+def check_trains(specs: list[tuple[str, dict]]) -> None:
+    """Checks that every method of a training run has something to train: a method that is ``training_free`` says
+    why not, and what to use instead, in one line.
+
+    Raises:
+        ConfigError: A training-free method.
+    """
+    for name, _ in specs:
+        method = METHODS.get(name)
+        if "training_free" in method.provides:
+            raise ConfigError(method.training_free())
+
+
 __all__ = [
     "METHODS",
     "ExportParts",
     "Method",
     "MethodConfig",
     "check_call_inputs",
+    "check_trains",
     "fill_task_inputs",
     "make_config",
     "task_input_values",

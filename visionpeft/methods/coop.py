@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..schema import setting
 from .base import Method, MethodConfig, register_method
+from .clip_fewshot import check_classnames
 
 POSITIONS = ("end", "middle", "front")
 
@@ -83,26 +84,29 @@ class CoOp(Method):
         cfg = self.config
         if not cfg.classnames:
             raise ConfigError(f"{self.name} needs classnames (the class names in label order)")
+        check_classnames(self.name, cfg.classnames)
+
+    def initial_context(self, n_cls: int) -> tuple[torch.Tensor, str]:
+        """The initial context vectors ((n_ctx, width), or (n_cls, n_ctx, width) class-specific) and the words that
+        stand for them in the tokenised prompts: the embeddings of ``ctx_init``'s words, else N(0, init_std) draws
+        behind ``"X X ... X"``."""
+        cfg, backbone = self.config, self.backbone
+        ctx_init = cfg.ctx_init.replace("_", " ").strip()
+        if not ctx_init:
+            shape = (n_cls, cfg.n_ctx, backbone.text_width) if cfg.csc else (cfg.n_ctx, backbone.text_width)
+            return torch.empty(shape).normal_(0, cfg.init_std), " ".join(["X"] * cfg.n_ctx)
+        n_ctx = len(ctx_init.split(" "))
+        ctx = backbone.token_embedding(backbone.tokenize([ctx_init]))[0, 1 : 1 + n_ctx].float().clone()
+        return (ctx.unsqueeze(0).repeat(n_cls, 1, 1) if cfg.csc else ctx), ctx_init
 
     def build(self) -> None:
         cfg, backbone = self.config, self.backbone
         names = [n.replace("_", " ") for n in cfg.classnames]
-        ctx_init = cfg.ctx_init.replace("_", " ").strip()
-        n_ctx = len(ctx_init.split(" ")) if ctx_init else cfg.n_ctx
-        width = backbone.text_width
         with torch.no_grad():
-            if ctx_init:
-                init_tokens = backbone.tokenize([ctx_init])
-                ctx = backbone.token_embedding(init_tokens)[0, 1 : 1 + n_ctx].float().clone()
-                if cfg.csc:
-                    ctx = ctx.unsqueeze(0).repeat(len(names), 1, 1)
-                prefix = ctx_init
-            else:
-                shape = (len(names), n_ctx, width) if cfg.csc else (n_ctx, width)
-                ctx = torch.empty(shape).normal_(0, cfg.init_std)
-                prefix = " ".join(["X"] * n_ctx)
+            ctx, prefix = self.initial_context(len(names))
             tokens = backbone.tokenize([f"{prefix} {name}." for name in names])
             embedding = backbone.token_embedding(tokens).detach()
+        n_ctx = ctx.shape[-2]
         self.n_ctx = n_ctx
         self.name_lens = [len(backbone.tokenize([name])[0].nonzero()) - 2 for name in names]
         context = PromptContext(ctx, backbone.embed_dim if self.conditional else None)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -20,6 +20,8 @@ import visionpeft as vp
 from ..adapter import methods_of
 from ..backbones.factory import fixed_input_size
 from ..backbones.libraries import library
+from ..checkpoint.base_weights import frozen_weights_sha256, weights_source
+from ..checkpoint.folder import save_adapter
 from ..config import method_configs
 from ..data import transforms as T
 from ..data.fewshot import base_new_split, few_shot
@@ -28,8 +30,17 @@ from ..errors import ConfigError, DataError, ModelLoadError
 from ..registry import DATASETS
 from ..tasks.classifier import create_classifier
 from .inputs import missing_inputs
+from .logs import get_logger
 from .loop import Loop
 from .run import Setup, run_task
+
+logger = get_logger(__name__)
+
+#: Folder under ``train.output_dir`` of the image features methods compute once from a training set (a few-shot
+#: cache), one file per weights, data and method settings.
+FEATURE_CACHE = "feature_cache"
+#: The data settings that decide which training images a run sees and how they are transformed.
+DATA_IDENTITY = ("name", "root", "train_split", "class_split", "shots", "img_size", "augment", "options")
 
 
 class Transformed(Dataset):
@@ -179,6 +190,61 @@ def build_experiment(config: DictConfig) -> Experiment:
     )
 
 
+def fit_training_set(config: DictConfig, exp: Experiment, device: torch.device) -> list[str]:
+    """Lets the methods built from the training set before training (``fit_training_set``: Tip-Adapter's cache of
+    few-shot features) see it, on ``device``; what they compute is cached under ``train.output_dir`` keyed by the
+    frozen weights' sha256, the data settings, the seed and the class names. Returns summary lines."""
+    fitting = [m for m in methods_of(exp.model) if "fit_training_set" in m.provides]
+    if not fitting:
+        return []
+    exp.model.to(device)
+    data, settings = config.data, OmegaConf.to_container(config.data)
+    fields = {
+        "base_weights_sha256": frozen_weights_sha256(exp.model),
+        "source": weights_source(exp.model),
+        "data": {key: settings[key] for key in DATA_IDENTITY},
+        "seed": config.train.seed,
+        "classes": exp.classes,
+    }
+    lines = []
+    for method in fitting:
+        path = method.fit_training_set(
+            exp.train,
+            batch_size=data.eval_batch_size,
+            num_workers=data.num_workers,
+            seed=config.train.seed,
+            cache_root=Path(config.train.output_dir) / FEATURE_CACHE,
+            cache_fields=fields,
+        )
+        lines.append(f"{method.name}: training-set features of {len(exp.train)} images in {path}")
+    return lines
+
+
+def selecting_methods(model: nn.Module) -> list[Any]:
+    """The attached methods that choose settings on the validation split after training."""
+    return [m for m in methods_of(model) if "select_on_validation" in m.provides]
+
+
+def select_on_validation(config: DictConfig, loop: Loop, exp: Experiment, run_dir: Path) -> dict[str, Any]:
+    """Lets the methods that choose settings on the validation split after training (``select_on_validation``:
+    Tip-Adapter's beta / alpha search) choose them, then saves the adapter as ``best`` again; returns what each
+    chose (nothing without such a method; without a validation split their settings stay, with a warning)."""
+    selecting = selecting_methods(loop.unwrapped)
+    if not selecting:
+        return {}
+    if exp.val is None:
+        names = ", ".join(m.name for m in selecting)
+        logger.warning(f"{names}: no validation split (data.val_split), so the settings chosen on it keep their start")
+        return {}
+    val_loader = loader(exp.val, config.data.eval_batch_size, config.data.num_workers)
+    loop.model.eval()
+    chosen = {method.name: method.select_on_validation(val_loader) for method in selecting}
+    if loop.accelerator.is_main_process:
+        save_adapter(loop.unwrapped, run_dir / "best")
+    loop.log({f"select/{name}/{key}": value for name, values in chosen.items() for key, value in values.items()})
+    return chosen
+
+
 def loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
     """An evaluation loader (in order, nothing dropped)."""
     return DataLoader(
@@ -196,6 +262,7 @@ class ClassificationTrainer:
 
     def build(self, config: DictConfig, accelerator: Accelerator, run_dir: Path) -> Setup:
         exp = build_experiment(config)
+        fitted = fit_training_set(config, exp, accelerator.device)
         data = config.data
         eval_set = exp.val if exp.val is not None else exp.test
         eval_loader = loader(eval_set, data.eval_batch_size, data.num_workers) if eval_set is not None else None
@@ -207,6 +274,7 @@ class ClassificationTrainer:
         )
         sizes = {k: len(v) for k, v in (("train", exp.train), ("val", exp.val), ("test", exp.test)) if v is not None}
         summary = [f"data: {data.name}, {len(exp.classes)} classes, " + ", ".join(f"{k} {n}" for k, n in sizes.items())]
+        summary += fitted
         return Setup(
             exp.model,
             exp.model,
@@ -220,17 +288,21 @@ class ClassificationTrainer:
 
     def finish(self, config: DictConfig, loop: Loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
         exp: Experiment = setup.state["experiment"]
-        if exp.test is None:
+        if exp.test is None and not selecting_methods(loop.unwrapped):
             return {}
         if exp.val is not None and (run_dir / "best").exists():
             vp.load_adapter(loop.unwrapped, run_dir / "best")  # test the checkpoint chosen on val
+        chosen = select_on_validation(config, loop, exp, run_dir)
+        results: dict[str, Any] = {"selected": chosen} if chosen else {}
+        if exp.test is None:
+            return results
         data = config.data
         test_loader = loop.accelerator.prepare(loader(exp.test, data.eval_batch_size, data.num_workers))
         loop.model.eval()
         with torch.no_grad():
             test = setup.objective.evaluate(loop.model, loop.accelerator, test_loader)
         loop.log({f"test/{k}": v for k, v in test.items()})
-        return {"test": test}
+        return {**results, "test": test}
 
 
 def run(config: DictConfig, run_dir: Path, **options: Any) -> dict[str, Any]:
