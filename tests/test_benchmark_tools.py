@@ -76,3 +76,24 @@ def test_gpu_suite_without_cuda_is_one_line():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert result.stderr.startswith("error: no CUDA device here")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("suite", "rows"),
+    [
+        ("zoo", ["| full |", "| repadapter b8 |", "| adapter houlsby b8 |", "| vqt |", "| fact tt d8 | "]),
+        ("lycoris", ["| loha r8 qkv |", "| boft block 4 qkv |", "| ia3 qkv, fc2 (ff) |"]),
+    ],
+)
+def test_zoo_and_lycoris_suites_run_every_row(suite, rows):
+    """The [zoo] and LyCORIS step tables run end to end on a tiny ViT (--quick) and print every row."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "benchmark.py"), suite, "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(row in result.stdout for row in rows), result.stdout

@@ -266,17 +266,22 @@ def lora_scaling(args) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tools/benchmark.py core", description=__doc__)
-    parser.add_argument("--arch", default="vit_base_patch16_224")
+def add_step_arguments(parser: argparse.ArgumentParser, arch: str = "vit_base_patch16_224") -> None:
+    """The model and step settings of a training-step table (``Settings``), shared by the suites that time steps."""
+    parser.add_argument("--arch", default=arch)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--img", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=3, help="timed warm steps per method")
+    parser.add_argument("--steps", type=int, default=3, help="timed warm steps per method (and round)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a tiny ViT, for a smoke test of this script")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tools/benchmark.py core", description=__doc__)
+    add_step_arguments(parser)
     parser.add_argument("--repeats", type=int, default=5, help="runs per round in the micro-benchmarks")
     parser.add_argument("--rounds", type=int, default=2, help="repeats of the whole method table")
-    parser.add_argument("--quick", action="store_true", help="a tiny ViT, for a smoke test of this script")
     parser.add_argument(
         "--lora-scaling",
         action="store_true",

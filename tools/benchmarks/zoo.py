@@ -16,7 +16,7 @@ import argparse
 import multiprocessing as mp
 import statistics
 
-from .core import Settings, build_model, interleaved, train_steps
+from .core import Settings, add_step_arguments, build_model, interleaved, train_steps
 from .stats import ratio_spread
 
 #: (label, method, options, target ratio of the step to full fine-tuning or None)
@@ -71,15 +71,9 @@ def merged_vs_plain(settings: Settings, repeats: int) -> dict[str, float]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tools/benchmark.py zoo", description=__doc__)
-    parser.add_argument("--arch", default="vit_base_patch16_224")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--img", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=3, help="timed warm steps per method and round")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    add_step_arguments(parser)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the whole table, order rotated each round")
     parser.add_argument("--repeats", type=int, default=3, help="runs per round in the merged-inference table")
-    parser.add_argument("--quick", action="store_true", help="a tiny ViT, for a smoke test of this script")
     args = parser.parse_args(argv)
     if args.quick:
         args.arch, args.batch, args.img, args.steps, args.rounds, args.repeats = "vit_tiny_patch16_224", 2, 64, 1, 1, 1
