@@ -72,7 +72,7 @@ def test_the_inserted_parameters_are_the_counts_of_the_chosen_size(method):
 
 def test_every_shipped_grid_has_a_published_row_for_each_vtab_task():
     """The report pairs a grid's label with the rows of that method: every PETL_Vision grid in grids/ has them."""
-    labels = {path.stem for path in (ROOT / "grids").glob("*.yaml")} - {"demo"}
+    labels = {path.stem for path in (ROOT / "grids").glob("*.yaml") if not path.stem.startswith("demo")}  # not specs
     table = published()
     missing = [(label, task) for label in sorted(labels) for task in VTAB_TASKS if (label, task) not in table]
     assert missing == []

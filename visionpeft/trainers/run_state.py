@@ -70,6 +70,7 @@ RUN_OUTPUTS = frozenset(
         "earlier_training.json",
         "wall_minutes.json",
         "eval",
+        "noah_search",  # `visionpeft noah RUN_DIR`'s search of a supernet run: stale once the run trains again
         *lock_files(RUN_LOCK),
     }
 )
