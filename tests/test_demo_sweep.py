@@ -40,14 +40,20 @@ def test_gallery_is_the_sweep_report_with_the_command(tmp_path):
     }
 
 
-def test_committed_gallery_names_the_command_that_made_it_and_the_spec_s_methods():
-    made = json.loads((ROOT / "gallery" / "demo_results.json").read_text())
+#: the demo specs whose galleries are committed: the methods of grids/demo.yaml, and the [zoo] methods' own spec
+SPECS = [demo.SPEC, ROOT / "grids" / "demo_zoo.yaml"]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda path: path.stem)
+def test_committed_gallery_names_the_command_that_made_it_and_the_spec_s_methods(spec):
+    made = json.loads((ROOT / "gallery" / f"{spec.stem}_results.json").read_text())
     assert made["command"].startswith("python tools/benchmark.py demo")
-    gallery = (ROOT / "gallery" / "demo_results.md").read_text()
+    assert (spec == demo.SPEC) != (f"--spec grids/{spec.name}" in made["command"])
+    gallery = (ROOT / "gallery" / f"{spec.stem}_results.md").read_text()
     assert f"`{made['command']}`" in gallery
     rows = [line.split("|")[1].split()[0] for line in _results_table(gallery)][1:]
-    assert rows == list(load_spec_file(demo.SPEC).grids)
-    assert (ROOT / "gallery" / "demo_accuracy_vs_params.png").is_file()
+    assert rows == list(load_spec_file(spec).grids)
+    assert (ROOT / "gallery" / f"{spec.stem}_accuracy_vs_params.png").is_file()
 
 
 def _results_table(gallery: str) -> list[str]:
@@ -56,8 +62,9 @@ def _results_table(gallery: str) -> list[str]:
     return [line for line in lines if not line.startswith("|---")]
 
 
-def test_readme_shows_the_committed_gallery_table():
-    gallery = (ROOT / "gallery" / "demo_results.md").read_text()
+@pytest.mark.parametrize("spec", SPECS, ids=lambda path: path.stem)
+def test_readme_shows_the_committed_gallery_table(spec):
+    gallery = (ROOT / "gallery" / f"{spec.stem}_results.md").read_text()
     rows = _results_table(gallery)
     readme = (ROOT / "README.md").read_text()
-    assert len(rows) == 1 + len(load_spec_file(demo.SPEC).grids) and all(row in readme for row in rows)
+    assert len(rows) == 1 + len(load_spec_file(spec).grids) and all(row in readme for row in rows)

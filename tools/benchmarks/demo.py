@@ -30,21 +30,20 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join([*parts, *map(str, args.seeds)])
 
 
-def gallery_text(summary: str, command: str) -> str:
+def gallery_text(summary: str, command: str, spec: str = "grids/demo.yaml") -> str:
     """The sweep's ``summary.md`` under the demo's title, saying which command made it."""
     body = summary.split("\n", 1)[1].lstrip("\n")  # without the report's own title
     return (
         "# Demo sweep: the FractalDB-pretrained tiny ViT on the mini tasks\n\n"
         f"Made by `{command}`\n"
-        "on a 2-core CPU shared with other jobs (the spec: `grids/demo.yaml`). Test top-1 (%) of the final stage.\n\n"
-        + body
+        f"on a 2-core CPU shared with other jobs (the spec: `{spec}`). Test top-1 (%) of the final stage.\n\n" + body
     )
 
 
 def write_gallery(sweep_dir: Path, out: Path, command: str, name: str = "demo") -> str:
     """Copies the sweep's report into the gallery files ``<name>_*``; returns the markdown."""
     out.mkdir(parents=True, exist_ok=True)
-    text = gallery_text((sweep_dir / "summary.md").read_text(), command)
+    text = gallery_text((sweep_dir / "summary.md").read_text(), command, f"grids/{name}.yaml")
     (out / f"{name}_results.md").write_text(text)
     with open(sweep_dir / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
