@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -88,6 +87,8 @@ class BOFT(WeightSpaceMethod):
     name = "boft"
     config_class = BOFTConfig
     peft_type = "BOFT"
+    peft_fields = ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "boft_dropout")
+    peft_fixed = {"init_weights": True, "bias": "none", "fan_in_fan_out": False}
     #: As OFT's: the rotation folds before additive updates of the same layer.
     merge_priority = -1
 
@@ -103,15 +104,3 @@ class BOFT(WeightSpaceMethod):
     def peft_tensors(self, update: BOFTUpdate, layer: nn.Module) -> dict[str, torch.Tensor]:
         scale = update.boft_s.detach()
         return {"boft_R": update.boft_R.detach(), "boft_s": scale.t() if isinstance(layer, nn.Conv2d) else scale}
-
-    def peft_options(self) -> dict[str, Any]:
-        cfg = self.config
-        return {
-            "boft_block_size": cfg.boft_block_size,
-            "boft_block_num": cfg.boft_block_num,
-            "boft_n_butterfly_factor": cfg.boft_n_butterfly_factor,
-            "boft_dropout": cfg.boft_dropout,
-            "init_weights": True,
-            "bias": "none",
-            "fan_in_fan_out": False,
-        }

@@ -4,7 +4,6 @@ options: ``delta W = alpha / r * (W1a W1b) * (W2a W2b)`` (:mod:`visionpeft.layer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -48,6 +47,8 @@ class LoHa(WeightSpaceMethod):
     name = "loha"
     config_class = LoHaConfig
     peft_type = "LOHA"
+    peft_fields = ("r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d")
+    peft_fixed = {"init_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
     export_formats = frozenset({"peft", "kohya"})
 
     def new_update(self, name: str, weight: torch.Tensor, layer: nn.Module) -> LoHaUpdate:
@@ -55,16 +56,3 @@ class LoHa(WeightSpaceMethod):
         return LoHaUpdate(
             weight.shape, cfg.r, cfg.alpha, cfg.rank_dropout, cfg.module_dropout, cfg.use_effective_conv2d
         )
-
-    def peft_options(self) -> dict[str, Any]:
-        cfg = self.config
-        return {
-            "r": cfg.r,
-            "alpha": cfg.alpha,
-            "rank_dropout": cfg.rank_dropout,
-            "module_dropout": cfg.module_dropout,
-            "use_effective_conv2d": cfg.use_effective_conv2d,
-            "init_weights": True,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-        }

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -55,6 +54,17 @@ class LoKr(WeightSpaceMethod):
     name = "lokr"
     config_class = LoKrConfig
     peft_type = "LOKR"
+    peft_fields = (
+        "r",
+        "alpha",
+        "rank_dropout",
+        "module_dropout",
+        "rank_dropout_scale",
+        "use_effective_conv2d",
+        "decompose_both",
+        "decompose_factor",
+    )
+    peft_fixed = {"init_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
     export_formats = frozenset({"peft", "kohya"})
 
     def new_update(self, name: str, weight: torch.Tensor, layer: nn.Module) -> LoKrUpdate:
@@ -80,19 +90,3 @@ class LoKr(WeightSpaceMethod):
             tensors["lokr_w1"] = tensors["lokr_w1"] * update.scale
             tensors["alpha"] = torch.tensor(float(self.config.r))
         return tensors
-
-    def peft_options(self) -> dict[str, Any]:
-        cfg = self.config
-        return {
-            "r": cfg.r,
-            "alpha": cfg.alpha,
-            "rank_dropout": cfg.rank_dropout,
-            "module_dropout": cfg.module_dropout,
-            "rank_dropout_scale": cfg.rank_dropout_scale,
-            "use_effective_conv2d": cfg.use_effective_conv2d,
-            "decompose_both": cfg.decompose_both,
-            "decompose_factor": cfg.decompose_factor,
-            "init_weights": True,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-        }

@@ -6,7 +6,6 @@ A1111 and ComfyUI turn them (their kohya ``oft_blocks`` files)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -100,6 +99,17 @@ class OFT(WeightSpaceMethod):
     name = "oft"
     config_class = OFTConfig
     peft_type = "OFT"
+    peft_fields = (
+        "r",
+        "oft_block_size",
+        "module_dropout",
+        "coft",
+        "eps",
+        "block_share",
+        "use_cayley_neumann",
+        "num_cayley_neumann_terms",
+    )
+    peft_fixed = {"init_weights": True, "bias": "none", "fan_in_fan_out": False}
     export_formats = frozenset({"peft", "kohya"})
     #: A rotation of the input side folds before additive updates of the same layer (0): another method's forward
     #: hook on it (FacT) adds its increment outside the rotation.
@@ -159,19 +169,3 @@ class OFT(WeightSpaceMethod):
         blocks = vector.new_zeros(update.blocks, update.block_size, update.block_size)
         blocks[:, update.triu_rows, update.triu_cols] = vector
         return {"oft_blocks": blocks, "alpha": torch.tensor(0.0)}
-
-    def peft_options(self) -> dict[str, Any]:
-        cfg = self.config
-        return {
-            "r": cfg.r,
-            "oft_block_size": cfg.oft_block_size,
-            "module_dropout": cfg.module_dropout,
-            "coft": cfg.coft,
-            "eps": cfg.eps,
-            "block_share": cfg.block_share,
-            "use_cayley_neumann": cfg.use_cayley_neumann,
-            "num_cayley_neumann_terms": cfg.num_cayley_neumann_terms,
-            "init_weights": True,
-            "bias": "none",
-            "fan_in_fan_out": False,
-        }

@@ -66,14 +66,18 @@ def input_side(layer: nn.Module, weight: torch.Tensor) -> int:
 class WeightSpaceMethod(Method):
     """Base of the methods that change layer weights through :class:`WeightUpdate` s.
 
-    Subclasses set ``name``, ``config_class`` and ``peft_type`` and implement :meth:`new_update` and
-    :meth:`peft_options` (and :meth:`peft_tensors` where PEFT's names differ from the parameters').
+    Subclasses set ``name``, ``config_class``, ``peft_type``, ``peft_fields`` and ``peft_fixed`` and implement
+    :meth:`new_update` (and :meth:`peft_tensors` where PEFT's names differ from the parameters').
     """
 
     merges_exactly = True
     export_formats = frozenset({"peft"})
     #: PEFT's name of the adapter type (``peft_type`` in ``adapter_config.json``).
     peft_type: ClassVar[str] = ""
+    #: Config fields written to ``adapter_config.json`` under the same names (the options share PEFT's names).
+    peft_fields: ClassVar[tuple[str, ...]] = ()
+    #: PEFT's other ``adapter_config.json`` entries, fixed for every config of the method.
+    peft_fixed: ClassVar[dict[str, Any]] = {}
 
     def new_update(self, name: str, weight: torch.Tensor, layer: nn.Module) -> WeightUpdate:
         """The update of the slice ``name`` whose frozen weight is ``weight`` (its shape is what counts; it may live
@@ -86,7 +90,7 @@ class WeightSpaceMethod(Method):
 
     def peft_options(self) -> dict[str, Any]:
         """The method's fields of PEFT's ``adapter_config.json`` (besides ``peft_type`` and ``target_modules``)."""
-        raise NotImplementedError
+        return {**{name: getattr(self.config, name) for name in self.peft_fields}, **self.peft_fixed}
 
     def peft_tensors(self, update: WeightUpdate, layer: nn.Module) -> dict[str, torch.Tensor]:
         """The update's tensors under PEFT's names (relative to the layer): its parameters as they are."""
