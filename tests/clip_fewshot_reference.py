@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
+import tiny_models
 import torch
 import torch.nn.functional as F
 
 from visionpeft.backbones.open_clip import clip_tokenize
+
+#: the trained state these tests compare: seeded noise of std 0.05 on every trained tensor
+perturb = partial(tiny_models.perturb, std=0.05, seed=3)
 
 NAMES = ("golden retriever", "tabby cat", "fire truck")
 IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -53,17 +58,6 @@ def prompt_embeddings(clip, ctx: torch.Tensor, prefix: str, names=NAMES) -> tupl
     n = ctx.shape[0]
     ctx = ctx.unsqueeze(0).expand(len(names), -1, -1)
     return torch.cat([embedding[:, :1], ctx, embedding[:, 1 + n :]], dim=1), tokens
-
-
-def perturb(model, scale: float = 0.05, seed: int = 3):
-    """Adds seeded noise to every trained tensor (a trained state, not the initial one)."""
-    import visionpeft as vp
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in vp.trainable_parameters(model):
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 RELOAD = """

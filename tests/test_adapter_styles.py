@@ -21,8 +21,8 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_repadapter import assert_all_close, block_outputs, outputs_in_new_process, perturb
-from tiny_models import tiny_clip, tiny_dit, tiny_vit, training_losses
+from test_repadapter import assert_all_close, block_outputs, outputs_in_new_process
+from tiny_models import perturb, tiny_clip, tiny_dit, tiny_vit, training_losses
 
 import visionpeft as vp
 from visionpeft.adapter import methods_of

@@ -201,7 +201,7 @@ def test_select_on_validation_is_the_official_search(name):
     model = tip(name, search_scale=(7.0, 3.0), search_step=(30, 10))
     method = method_of(model)
     if name == "tip_adapter_f":
-        perturb(model, scale=0.2)  # fine-tuned keys: the search uses them as they are
+        perturb(model, std=0.2)  # fine-tuned keys: the search uses them as they are
     labels = torch.tensor([0, 1, 2, 0])
     chosen = method.select_on_validation([(IMAGES[:2], labels[:2]), (IMAGES[2:], labels[2:])])
     clip = tiny_clip_bpe()

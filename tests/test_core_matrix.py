@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
+import tiny_models
 import torch
 from tiny_models import CASES
 
@@ -94,16 +97,9 @@ MATRIX = [
 ]
 #: methods whose official initialisation changes the output: prompts, VQT's query map, VP's pixel frame
 STARTS_CHANGED = {"vpt", "vqt", "vp"}
+perturb = partial(tiny_models.perturb, std=0.05)  # seed 0 unless given
 MERGEABLE = {name for name in METHODS.names() if METHODS.get(name).merges_exactly}  # what the methods declare
 IDS = [f"{c}-{m}-{'-'.join(f'{k}={v}' for k, v in o.items() if k != 'targets') or 'default'}" for c, m, o in MATRIX]
-
-
-def perturb(model: torch.nn.Module, seed: int = 0) -> None:
-    """Moves every trainable tensor away from its initial value, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in vp.trainable_parameters(model):
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 @pytest.mark.parametrize(("case", "method", "options"), MATRIX, ids=IDS)

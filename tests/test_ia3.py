@@ -19,7 +19,7 @@ import torch
 from test_any_backbone import convnext
 from test_any_backbone import run as run_generic
 from test_repadapter import outputs_in_new_process
-from tiny_models import CASES, assert_same_state, tiny_clip, tiny_dit, tiny_unet, tiny_vit, training_losses
+from tiny_models import CASES, assert_same_state, perturb, tiny_clip, tiny_dit, tiny_unet, tiny_vit, training_losses
 
 import visionpeft as vp
 from visionpeft.adapter import backbone_of
@@ -30,15 +30,6 @@ from visionpeft.methods.ia3 import peft_feedforward, peft_feedforward_spec
 
 D, DEPTH, HIDDEN = 768, 12, 3072
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-def perturb(model, std=0.1, seed=0):
-    """Moves every trained tensor off its initial value, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in vp.trainable_parameters(model):
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def vitb16():

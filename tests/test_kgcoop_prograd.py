@@ -130,7 +130,7 @@ def official_prograd_gradient(ctx: torch.Tensor, labels: torch.Tensor, lam: floa
     ids=["conflict", "conflict-half", "aligned"],
 )
 def test_prograd_gradient_is_the_official_projection(labels, lam, conflict):
-    model = perturb(classifier("prograd", n_ctx=6, lam=lam), scale=0.5)
+    model = perturb(classifier("prograd", n_ctx=6, lam=lam), std=0.5)
     learner = prompt_learner(model)
     if labels is None:  # the zero-shot CLIP's own predictions: the two gradients agree
         with torch.no_grad():

@@ -27,7 +27,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tiny_models import tiny_clip, tiny_clip_timm, tiny_dit, tiny_vit, training_losses
+from tiny_models import perturb, tiny_clip, tiny_clip_timm, tiny_dit, tiny_vit, training_losses
 
 import visionpeft as vp
 from visionpeft.adapter import methods_of
@@ -48,14 +48,6 @@ def test_vitb16_counts_equal_petl_vision(bottleneck, expected):
     assert DEPTH * 2 * per_adapter == expected
     assert counts["by_group"]["repadapter"] == expected
     assert counts["trainable"] == expected + D * 100 + 100
-
-
-def perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> None:
-    """Moves every trainable tensor away from its initial value (conv_B starts at zero), as training would."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in vp.trainable_parameters(model):
-            p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 def block_outputs(model: torch.nn.Module, blocks, images: torch.Tensor) -> list[torch.Tensor]:

@@ -226,6 +226,18 @@ def assert_same_state(model: torch.nn.Module, reference: torch.nn.Module) -> Non
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
 
 
+def perturb(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
+    """Moves every trained tensor off its initial value by seeded normal noise of ``std``, as training would (many
+    methods start at zero or the identity); returns the model."""
+    import visionpeft as vp
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in vp.trainable_parameters(model):
+            p.add_(torch.randn(p.shape, generator=generator) * std)
+    return model
+
+
 def training_losses(model: torch.nn.Module, steps: int = 10, lr: float = 1e-2, seed: int = 0) -> list[float]:
     """The cross-entropy of ``steps`` AdamW steps on one fixed random batch of a tiny classifier's inputs (32 px,
     10 classes), training exactly what visionpeft says is trainable (``vp.set_train_mode`` on)."""

@@ -21,11 +21,16 @@ Official code: muzairkhattak/multimodal-prompt-learning (commit 69bce21) ``clip/
 from __future__ import annotations
 
 import math
+from functools import partial
 
+import tiny_models
 import torch
 import torch.nn.functional as F
 
 from visionpeft.backbones.open_clip import clip_tokenize
+
+#: the trained state these tests compare: seeded noise of std 0.05 on every trained tensor
+perturb = partial(tiny_models.perturb, std=0.05, seed=3)
 
 NAMES = ("golden retriever", "tabby cat", "fire truck")
 IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -116,17 +121,6 @@ def official_text_features(clip, embeddings: torch.Tensor, tokens: torch.Tensor,
 def clip_logits(clip, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """``logit_scale * cos(image, text)`` (``CustomCLIP.forward``)."""
     return clip.logit_scale.exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).t()
-
-
-def perturb(model, scale: float = 0.05, seed: int = 3):
-    """Moves every trained tensor off its initial value (as training would)."""
-    import visionpeft as vp
-
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in vp.trainable_parameters(model):
-            p.add_(torch.randn(p.shape, generator=generator) * scale)
-    return model
 
 
 RELOAD = """
