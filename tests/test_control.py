@@ -117,6 +117,9 @@ def test_a_t2i_adapter_run_trains_with_cubic_timesteps(setup):
     assert run(tool.main, args) == 0
     lines = (setup / "runs" / "t2i" / "metrics.jsonl").read_text().splitlines()
     assert len([x for x in lines if "train/loss" in x]) == 4 and any("eval/fill_iou" in x for x in lines)
+    from diffusers import T2IAdapter  # the run's t2i_adapter/ is what diffusers' adapter pipeline loads
+
+    assert T2IAdapter.from_pretrained(setup / "runs" / "t2i" / "t2i_adapter").config.downscale_factor == 2
 
 
 def test_canny_conditions_from_captioned_images(setup, tmp_path):

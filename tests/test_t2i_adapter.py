@@ -312,3 +312,52 @@ def test_each_control_takes_its_own_condition_image():
         _run(unet, control={"controlnet": CONTROL, "lora": other})
     with pytest.raises(ConfigError, match="names controlnet but not t2i_adapter, which reads it"):
         _run(unet, control={"controlnet": CONTROL})
+
+
+SAMPLE = """
+import sys, numpy as np, torch
+from diffusers import StableDiffusionAdapterPipeline, T2IAdapter
+adapter = T2IAdapter.from_pretrained(sys.argv[2])
+pipe = StableDiffusionAdapterPipeline.from_pretrained(sys.argv[1], adapter=adapter, safety_checker=None,
+                                                      requires_safety_checker=False)
+control = torch.load(sys.argv[3])
+images = [pipe("a photo", image=control, num_inference_steps=2, height=16, width=16, output_type="np",
+               adapter_conditioning_scale=scale, generator=torch.Generator().manual_seed(0)).images
+          for scale in (1.0, 0.0)]
+np.save(sys.argv[4], np.stack(images))
+"""
+
+
+@pytest.mark.slow
+def test_the_exported_adapter_loads_in_diffusers_adapter_pipeline_in_a_new_process(tmp_path):
+    """`save_adapter(format="diffusers")` writes `t2i_adapter/`; diffusers' StableDiffusionAdapterPipeline, with no
+    visionpeft import, draws the image visionpeft draws, and at scale 0 the base pipeline's."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from tiny_models import tiny_sd_pipeline
+
+    from visionpeft.backbones.diffusers_loading import load_pipeline
+
+    base = tmp_path / "base"
+    tiny_sd_pipeline(tmp_path / "tok").save_pretrained(base)
+    args = dict(num_inference_steps=2, height=16, width=16, output_type="np")
+    plain = load_pipeline(str(base))("a photo", generator=torch.Generator().manual_seed(0), **args).images
+    pipe = vp.attach(load_pipeline(str(base)), "t2i_adapter", **FIT)
+    _trained(backbone_of(pipe).model)
+    control = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with vp.conditioning(pipe, control_image=control):
+        ours = pipe("a photo", generator=torch.Generator().manual_seed(0), **args).images
+    assert vp.can_export(pipe, "diffusers") and not np.allclose(ours, plain, atol=1e-3)
+    vp.save_adapter(pipe, tmp_path / "out", format="diffusers")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["t2i_adapter"]
+    torch.save(control, tmp_path / "control.pt")
+    script = [sys.executable, "-c", SAMPLE, str(base), str(tmp_path / "out" / "t2i_adapter")]
+    result = subprocess.run(
+        [*script, str(tmp_path / "control.pt"), str(tmp_path / "theirs.npy")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    theirs = np.load(tmp_path / "theirs.npy")
+    np.testing.assert_allclose(theirs[0], ours, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(theirs[1], plain, rtol=0, atol=1e-5)

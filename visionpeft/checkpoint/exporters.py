@@ -163,7 +163,7 @@ def export_diffusers(model: nn.Module, directory: Path) -> Path:
     """Writes what a Stable Diffusion pipeline loads with its own loaders: ``pytorch_lora_weights.safetensors``
     (U-Net and text-encoder LoRA) for ``pipeline.load_lora_weights``, the methods' own files (textual
     inversion's ``learned_embeds.safetensors`` for ``pipeline.load_textual_inversion``) and model folders
-    (``controlnet/`` for ``ControlNetModel.from_pretrained``)."""
+    (``controlnet/`` for ``ControlNetModel.from_pretrained``, ``t2i_adapter/`` for ``T2IAdapter.from_pretrained``)."""
     parts = collect_parts(require_state(model), "diffusers")
     groups: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
     for path, (a, b) in parts.lora_layers.items():

@@ -8,6 +8,8 @@ condition image and passes its states, times ``conditioning_scale``, as ``down_i
 (added to states another control gave): a cross-attention down block adds its state after its last attention layer,
 a plain down block after the block. The adapter does not see the timestep, so a pipeline would compute its states
 once per image; here they are recomputed at each U-Net call, which keeps one path for training and sampling.
+The ``diffusers`` export writes the adapter as a ``t2i_adapter/`` folder (``save_pretrained``) that
+``T2IAdapter.from_pretrained`` reads.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError, IncompatibleMethodError
 from ..schema import setting
-from .base import Method, MethodConfig, register_method
+from .base import ExportParts, Method, MethodConfig, register_method
 from .controlnet import add_to_call, fit_control_image
 
 
@@ -80,7 +82,11 @@ class T2IAdapterMethod(Method):
     config_class = T2IAdapterConfig
     requires = {"unet": "a diffusers UNet2DConditionModel (or a Stable Diffusion pipeline's unet)"}
     call_inputs = ("control_image",)
-    diffusers_folder_class = "T2IAdapter"  # a released adapter's folder (save_pretrained) reads back as this method
+    export_formats = frozenset({"diffusers"})  # t2i_adapter/: what T2IAdapter.from_pretrained reads
+    diffusers_folder_class = "T2IAdapter"  # ... and such a folder (this toolkit's or a released one) reads back
+
+    def export_parts(self, format: str) -> ExportParts:
+        return ExportParts(models={"t2i_adapter": lambda: self.adapter})
 
     @classmethod
     def options_from_folder(cls, folder_config: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,8 @@ the U-Net trains jointly), and trains on (image, condition, caption) triples wit
 condition images reach the methods through ``vp.conditioning``. Validation samples training pairs with the
 pipeline (image grids in the run folder) and, for fill50k data, logs the fill IoU. The run folder receives
 ``adapter/`` (visionpeft) and what diffusers loads as it is: ``controlnet/`` (``ControlNetModel.from_pretrained``;
-for ControlNet-LoRA the copy with its LoRA merged) or the other methods' diffusers files.
+for ControlNet-LoRA the copy with its LoRA merged), ``t2i_adapter/`` (``T2IAdapter.from_pretrained``) or the other
+methods' diffusers files.
 """
 
 from __future__ import annotations
