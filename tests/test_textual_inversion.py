@@ -22,7 +22,7 @@ def test_textual_inversion_trains_new_rows_only_and_diffusers_loads_it(tmp_path)
     cat_id = pipe.tokenizer.encode("cat", add_special_tokens=False)[0]
     parts = DiffusionParts.from_pipeline(pipe)
     with torch.no_grad():  # the placeholder starts as the initializer word (both vectors)
-        ours = encode_prompts(parts, ["a <my-cat>"])[0, 2:4]
+        ours = encode_prompts(parts, ["a <my-cat>"]).hidden[0, 2:4]
         parts_init = pipe.text_encoder.get_input_embeddings()
         assert torch.equal(parts_init.new, table[cat_id].repeat(2, 1))
         assert ours.shape == (2, 16)

@@ -206,6 +206,82 @@ def tiny_sd_pipeline(directory, seed: int = 0):
     return pipe
 
 
+def tiny_sdxl_unet(seed: int = 0, text_dims: tuple[int, int] = (16, 16), pooled_dim: int = 16) -> torch.nn.Module:
+    """An SDXL-layout U-Net: added conditions ``text_time`` (pooled text embedding + six time ids of 8 channels
+    each), linear projections in the transformers, no attention at the first level, two transformer layers at the
+    second (SDXL has 1, 2, 10), cross-attention on both encoders' joined states."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=sum(text_dims),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=pooled_dim + 6 * 8,
+    ).eval()
+
+
+def tiny_sdxl_pipeline(directory, seed: int = 0, prediction_type: str = "epsilon"):
+    """A complete Stable Diffusion XL pipeline with random weights: the SDXL-layout U-Net, a tiny VAE, a
+    ``CLIPTextModel`` and a ``CLIPTextModelWithProjection`` (hidden 16, projection 16) over the real BPE vocabulary,
+    tokenizer 2 padding with "!" as SDXL's does."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from visionpeft.data.clip_vocab import clip_tokenizer
+
+    tokenizer = clip_tokenizer(directory)
+    tokenizer_2 = clip_tokenizer(directory, pad_token="!")
+
+    def text_config(layers: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=16,
+            hidden_act="gelu",
+        )
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_config(2))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(3))
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=tiny_sdxl_unet(seed),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_clip_bpe(seed: int = 0) -> torch.nn.Module:
     """A tiny open_clip CLIP with the real 49,408-token BPE vocabulary (for the real tokenizer)."""
     return tiny_clip(seed, vocab_size=49408, context_length=32)

@@ -205,12 +205,14 @@ def _share_condition_embedders(model: nn.Module) -> bool:
 
 
 def _text_model(text_encoder: nn.Module) -> nn.Module:
-    """transformers < 5 nests the CLIP text transformer under ``text_model``; 5.x does not."""
+    """The CLIP text transformer: transformers < 5 nests it under ``text_model``; 5.x does not for
+    ``CLIPTextModel`` but still does for ``CLIPTextModelWithProjection`` (SDXL's second encoder)."""
     return getattr(text_encoder, "text_model", text_encoder)
 
 
-def clip_text_tower(text_encoder: nn.Module, prefix: str, owns) -> Tower:
-    """Describes a transformers ``CLIPTextModel`` (a Stable Diffusion text encoder) as a tower."""
+def clip_text_tower(text_encoder: nn.Module, prefix: str, owns, name: str = "text_encoder") -> Tower:
+    """Describes a transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` (a Stable Diffusion text
+    encoder) as the tower ``name``."""
     blocks = []
     for i, layer in enumerate(_text_model(text_encoder).encoder.layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -227,32 +229,54 @@ def clip_text_tower(text_encoder: nn.Module, prefix: str, owns) -> Tower:
             "mlp": Branch(mlp, projections["mlp.fc2"], layer.layer_norm2),
         }
         blocks.append(Block(f"{prefix}blocks.{i}", layer, branches, projections))
-    return Tower("text_encoder", prefix, blocks, owns)
+    return Tower(name, prefix, blocks, owns)
+
+
+#: The pipeline components visionpeft adapts, with the tokenizer each text encoder reads (SDXL has two of each).
+PIPELINE_COMPONENTS = {"unet": None, "text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 
 class PipelineModules(nn.Module):
     """The trainable parts of a Stable Diffusion pipeline under one module (the pipeline itself is no module).
 
-    Parameters are named ``unet.*`` and ``text_encoder.*``; the tokenizer stays on the pipeline.
+    Parameters are named ``unet.*``, ``text_encoder.*`` (and SDXL's ``text_encoder_2.*``); the tokenizers stay on the
+    pipeline.
     """
 
     def __init__(self, pipeline) -> None:
         super().__init__()
-        self.unet = pipeline.unet
-        self.text_encoder = pipeline.text_encoder
+        for name in PIPELINE_COMPONENTS:
+            if isinstance(getattr(pipeline, name, None), nn.Module):
+                setattr(self, name, getattr(pipeline, name))
         self.__dict__["pipeline"] = pipeline  # not a submodule
+
+    def holds(self, pipeline) -> bool:
+        """The holder still has exactly the pipeline's current components."""
+        return all(getattr(self, name, None) is getattr(pipeline, name, None) for name in PIPELINE_COMPONENTS)
+
+    def text_encoders(self) -> list[str]:
+        """The text-encoder components, in the order the pipeline joins their outputs."""
+        return [name for name, tokenizer in PIPELINE_COMPONENTS.items() if tokenizer and hasattr(self, name)]
+
+    def tokenizer_of(self, text_encoder: str = "text_encoder"):
+        """The tokenizer feeding ``text_encoder``."""
+        return getattr(self.pipeline, PIPELINE_COMPONENTS[text_encoder])
+
+    def replace_tokenizer_of(self, text_encoder: str, tokenizer) -> None:
+        """Gives the pipeline another tokenizer for ``text_encoder``."""
+        setattr(self.pipeline, PIPELINE_COMPONENTS[text_encoder], tokenizer)
 
     @property
     def tokenizer(self):
-        return self.pipeline.tokenizer
+        return self.tokenizer_of("text_encoder")
 
 
 def pipeline_modules(pipeline) -> nn.Module:
-    """The module visionpeft adapts for a diffusers pipeline: the U-Net + text encoder of an SD pipeline
+    """The module visionpeft adapts for a diffusers pipeline: the U-Net + text encoder(s) of an SD / SDXL pipeline
     (cached on the pipeline), or the transformer of a DiT pipeline."""
     if getattr(pipeline, "unet", None) is not None and getattr(pipeline, "text_encoder", None) is not None:
         holder = pipeline.__dict__.get("_visionpeft_modules")
-        if holder is None or holder.unet is not pipeline.unet or holder.text_encoder is not pipeline.text_encoder:
+        if holder is None or not holder.holds(pipeline):
             holder = PipelineModules(pipeline)
             pipeline.__dict__["_visionpeft_modules"] = holder
         return holder
@@ -279,25 +303,34 @@ class DiffusersPipeline(Backbone):
         self.towers["unet"] = Tower(
             "unet", "", unet.blocks, _under("unet."), stages=unet.stages, capabilities=unet.capabilities
         )
-        text = clip_text_tower(model.text_encoder, "text_encoder.", _under("text_encoder."))
-        text.capabilities = frozenset({"new_tokens"})  # the pipeline's tokenizer can grow with the embedding table
-        self.towers["text_encoder"] = text
+        for name in model.text_encoders():
+            text = clip_text_tower(getattr(model, name), f"{name}.", _under(f"{name}."), name)
+            text.capabilities = frozenset({"new_tokens"})  # its tokenizer can grow with the embedding table
+            self.towers[name] = text
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return isinstance(model, PipelineModules)
+        return isinstance(model, PipelineModules) and not is_sdxl(model)
+
+    def text_encoders(self) -> list[str]:
+        """The text towers that read every prompt, each through its own tokenizer."""
+        return self.inner.text_encoders()
 
     @property
     def tokenizer(self):
         return self.inner.tokenizer
 
-    def replace_tokenizer(self, tokenizer) -> None:
-        """Gives the pipeline another tokenizer (one with new tokens, or the original back)."""
-        self.inner.pipeline.tokenizer = tokenizer
+    def tokenizer_of(self, tower: str = "text_encoder"):
+        """The tokenizer of the text tower ``tower``."""
+        return self.inner.tokenizer_of(tower)
 
-    def token_embedding_slot(self) -> tuple[nn.Module, str]:
-        """(parent, attribute) of the text encoder's token embedding."""
-        return _text_model(self.inner.text_encoder).embeddings, "token_embedding"
+    def replace_tokenizer(self, tokenizer, tower: str = "text_encoder") -> None:
+        """Gives the pipeline another tokenizer for ``tower`` (one with new tokens, or the original back)."""
+        self.inner.replace_tokenizer_of(tower, tokenizer)
+
+    def token_embedding_slot(self, tower: str = "text_encoder") -> tuple[nn.Module, str]:
+        """(parent, attribute) of a text encoder's token embedding."""
+        return _text_model(getattr(self.inner, tower)).embeddings, "token_embedding"
 
     def diffusers_lora_group(self, path: str) -> tuple[str, str] | None:
         group, _, local = path.partition(".")
@@ -313,5 +346,32 @@ class DiffusersPipeline(Backbone):
             block_out_channels=list(cfg.block_out_channels),
             cross_attention_dim=cfg.cross_attention_dim,
             text_hidden_size=self.inner.text_encoder.config.hidden_size,
+        )
+        return info
+
+
+def is_sdxl(model: PipelineModules) -> bool:
+    """A Stable Diffusion XL pipeline's modules: two text encoders and a U-Net taking SDXL's added conditions (the
+    pooled text embedding of encoder 2 and six time ids)."""
+    return hasattr(model, "text_encoder_2") and model.unet.config.get("addition_embed_type") == "text_time"
+
+
+class DiffusersXLPipeline(DiffusersPipeline):
+    """Adapter for a Stable Diffusion XL pipeline: the ``unet`` tower and both text towers, ``text_encoder``
+    (CLIP ViT-L's ``CLIPTextModel``) and ``text_encoder_2`` (OpenCLIP ViT-bigG's ``CLIPTextModelWithProjection``,
+    whose modules keep transformers' ``text_model.`` level), each with its own tokenizer; textual inversion adds
+    its tokens to both. Canonical names and diffusers' LoRA groups are the component names."""
+
+    family = "diffusers_sdxl_pipeline"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, PipelineModules) and is_sdxl(model)
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info.update(
+            text_hidden_size_2=self.inner.text_encoder_2.config.hidden_size,
+            addition_time_embed_dim=self.inner.unet.config.addition_time_embed_dim,
         )
         return info

@@ -119,7 +119,12 @@ LIBRARIES: dict[str, Library] = {
             "diffusers",
             "a diffusers pipeline: hub id or save_pretrained folder",
             "diffusers_loading",
-            ("diffusers_models:DiffusersUNet", "diffusers_models:DiffusersDiT", "diffusers_models:DiffusersPipeline"),
+            (
+                "diffusers_models:DiffusersUNet",
+                "diffusers_models:DiffusersDiT",
+                "diffusers_models:DiffusersXLPipeline",
+                "diffusers_models:DiffusersPipeline",
+            ),
             "diffusers",
             "{name}",
             None,

@@ -48,6 +48,9 @@ from ..errors import DataError
 
 Size = tuple[int, int]  # (width, height)
 
+#: The per-item SDXL micro-conditioning keys (diffusers' names), in the order SDXL's time ids hold them.
+MICRO_CONDITIONS = ("original_size", "crop_top_left", "target_size")
+
 
 def bucket_resolutions(resolution: int, min_reso: int, max_reso: int, steps: int) -> list[Size]:
     """The buckets (width, height), sorted, of area at most ``resolution^2`` (see the module docstring)."""

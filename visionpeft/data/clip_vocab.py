@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 
 
-def clip_tokenizer(directory: str | Path, model_max_length: int = 77):
-    """Writes ``vocab.json`` + ``merges.txt`` into ``directory`` and returns the tokenizer reading them."""
+def clip_tokenizer(directory: str | Path, model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """Writes ``vocab.json`` + ``merges.txt`` into ``directory`` and returns the tokenizer reading them (SDXL's
+    second tokenizer pads with ``"!"``)."""
     from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPTokenizer
 
@@ -25,5 +26,8 @@ def clip_tokenizer(directory: str | Path, model_max_length: int = 77):
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     return CLIPTokenizer(
-        str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=model_max_length
+        str(directory / "vocab.json"),
+        str(directory / "merges.txt"),
+        model_max_length=model_max_length,
+        pad_token=pad_token,
     )

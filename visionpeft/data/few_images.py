@@ -145,6 +145,8 @@ class ImageKnobs:
             crops.
         masks: Folder of loss masks with the images' stems (:mod:`.masks`).
         alpha_mask: The images' alpha channel is the loss mask.
+        micro_conditioning: Every item carries SDXL's ``original_size`` / ``crop_top_left`` / ``target_size``
+            (items placed by :func:`~.buckets.place_item`, which flips before it crops, as diffusers' SDXL scripts).
     """
 
     captions: bool = False
@@ -152,11 +154,13 @@ class ImageKnobs:
     buckets: tuple[int, int, int] | None = None
     masks: str | Path | None = None
     alpha_mask: bool = False
+    micro_conditioning: bool = False
 
     @property
     def placed(self) -> bool:
-        """Items are placed image by image (:func:`~.buckets.place_item`): buckets or masks are on."""
-        return self.buckets is not None or self.masks is not None or self.alpha_mask
+        """Items are placed image by image (:func:`~.buckets.place_item`): buckets, masks or SDXL's
+        micro-conditioning are on."""
+        return self.buckets is not None or self.masks is not None or self.alpha_mask or self.micro_conditioning
 
 
 class FewImages(Dataset):

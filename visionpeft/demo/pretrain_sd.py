@@ -29,7 +29,7 @@ import visionpeft as vp
 
 from ..backbones import pipeline_modules
 from ..config.diffusion_objective import objective_of
-from ..trainers.diffusion import DiffusionParts, diffusion_loss, training_scheduler_from
+from ..trainers.diffusion import DiffusionParts, diffusion_loss, prompt_encoder, training_scheduler_from
 from ..trainers.diffusion_objective import check_objective, use_trained_sampling
 from ..trainers.logs import get_logger
 from ..trainers.run import Setup, run_task
@@ -86,8 +86,7 @@ class TextToImageDenoiser(nn.Module):
         parts = DiffusionParts(
             pipeline.unet,
             pipeline.vae,
-            pipeline.text_encoder,
-            pipeline.tokenizer,
+            prompt_encoder(pipeline),
             training_scheduler_from(training_noise_scheduler().config, self.objective),
             {} if frozen_text else None,
             {},

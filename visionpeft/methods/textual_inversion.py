@@ -1,6 +1,7 @@
 """Textual inversion (Gal et al., ICLR 2023): new placeholder tokens whose embeddings are the only trained tensors.
 
-Follows diffusers' ``examples/textual_inversion/textual_inversion.py``: the placeholder token plus
+Follows diffusers' ``examples/textual_inversion/textual_inversion.py`` (and ``textual_inversion_sdxl.py``: on SDXL
+every text encoder gets the tokens and rows of its own, lines 664-713 at 58eb52c): the placeholder token plus
 ``num_vectors - 1`` extra tokens ``<token>_1, <token>_2, ...`` are added to the tokenizer and initialised from the
 initializer word's embedding. Instead of resizing the embedding table and restoring the old rows after every
 optimizer step, the new rows live in their own parameter appended to the frozen table, so every other row stays
@@ -81,45 +82,71 @@ class TextualInversion(Method):
         token = self.config.token
         return [token] + [f"{token}_{i}" for i in range(1, self.config.num_vectors)]
 
+    def prompt_towers(self) -> list[str]:
+        """The text towers that read the prompts, each through its own tokenizer: one new embedding each (SDXL's
+        two encoders, as diffusers' ``textual_inversion_sdxl.py``)."""
+        return self.backbone.text_encoders()
+
     def build(self) -> None:
         cfg, backbone = self.config, self.backbone
-        tokenizer = backbone.tokenizer
-        init_ids = tokenizer.encode(cfg.initializer, add_special_tokens=False)
-        if len(init_ids) != 1:
-            raise ConfigError(f"textual_inversion.initializer '{cfg.initializer}' must be a single token")
-        parent, attr = backbone.token_embedding_slot()
-        embedding = getattr(parent, attr)
         tokens = self.placeholder_tokens()
-        taken = [t for t in tokens if t in tokenizer.get_vocab()]
-        if taken:
-            raise ConfigError(f"textual_inversion token {taken[0]} is already in the tokenizer's vocabulary")
-        self._tokenizer = tokenizer
+        towers = self.prompt_towers()
+        for tower in towers:  # every check before anything changes
+            tokenizer = backbone.tokenizer_of(tower)
+            if len(tokenizer.encode(cfg.initializer, add_special_tokens=False)) != 1:
+                raise ConfigError(f"textual_inversion.initializer '{cfg.initializer}' must be a single token")
+            taken = [t for t in tokens if t in tokenizer.get_vocab()]
+            if taken:
+                where = f"{tower}'s tokenizer" if len(towers) > 1 else "the tokenizer's vocabulary"
+                raise ConfigError(f"textual_inversion token {taken[0]} is already in {where}")
+        self._tokenizers = {}
+        for tower in towers:
+            self._grow(tower, tokens)
+
+    def _grow(self, tower: str, tokens: list[str]) -> None:
+        """Adds the tokens to ``tower``'s tokenizer and their rows, initialised as the initializer word, to its
+        embedding table."""
+        backbone = self.backbone
+        tokenizer = backbone.tokenizer_of(tower)
+        init_id = tokenizer.encode(self.config.initializer, add_special_tokens=False)[0]
+        parent, attr = backbone.token_embedding_slot(tower)
+        embedding = getattr(parent, attr)
         grown = copy.deepcopy(tokenizer)
         grown.add_tokens(tokens)
         ids = grown.convert_tokens_to_ids(tokens)
         if ids != list(range(embedding.num_embeddings, embedding.num_embeddings + len(tokens))):
             raise IncompatibleMethodError(
-                f"the tokenizer ({len(tokenizer)} tokens) and the text encoder's embedding table "
+                f"the {tower} tokenizer ({len(tokenizer)} tokens) and its embedding table "
                 f"({embedding.num_embeddings} rows) disagree; cannot place new tokens"
             )
-        backbone.replace_tokenizer(grown)
-        rows = embedding.weight[init_ids[0]].detach().float().repeat(len(tokens), 1)
+        self._tokenizers[tower] = tokenizer
+        backbone.replace_tokenizer(grown, tower)
+        rows = embedding.weight[init_id].detach().float().repeat(len(tokens), 1)
         wrapper = NewTokenEmbedding(embedding, rows.to(embedding.weight.dtype))
-        self.wrap(parent, attr, wrapper, lambda pname: f"text_encoder.textual_inversion.{pname}")
+        self.wrap(parent, attr, wrapper, lambda pname: f"{tower}.textual_inversion.{pname}")
 
     def detach(self) -> None:
-        if getattr(self, "_tokenizer", None) is not None:
-            self.backbone.replace_tokenizer(self._tokenizer)
-            self._tokenizer = None
+        for tower, tokenizer in (getattr(self, "_tokenizers", None) or {}).items():
+            self.backbone.replace_tokenizer(tokenizer, tower)
+        self._tokenizers = {}
         super().detach()
 
     def forget(self) -> None:  # pragma: no cover - never merged: new tokens are not a weight update
         raise RuntimeError("textual inversion cannot be merged")
 
     def learned_embeds(self) -> dict[str, torch.Tensor]:
-        """``{token: (num_vectors, dim)}``, the file layout ``pipeline.load_textual_inversion`` reads."""
-        (wrapper,) = [getattr(parent, attr) for parent, attr, _ in self._wrapped]
-        return {self.config.token: wrapper.new.detach().to("cpu", torch.float32)}
+        """The file ``pipeline.load_textual_inversion`` reads: ``{token: (num_vectors, dim)}`` for one text encoder;
+        for SDXL's two, the ``{"clip_l": ..., "clip_g": ...}`` file of A1111 / ComfyUI, whose tensors diffusers loads
+        one encoder at a time (``load_textual_inversion(state["clip_g"], token=..., text_encoder=pipe.text_encoder_2,
+        tokenizer=pipe.tokenizer_2)``)."""
+        rows = [getattr(parent, attr).new.detach().to("cpu", torch.float32) for parent, attr, _ in self._wrapped]
+        if len(rows) == 1:
+            return {self.config.token: rows[0]}
+        return dict(zip(SDXL_EMBEDDING_KEYS, rows, strict=True))
 
     def export_parts(self, format: str) -> ExportParts:
         return ExportParts(files={"learned_embeds.safetensors": self.learned_embeds()})
+
+
+#: The keys of an SDXL embeddings file, encoder 1 (CLIP ViT-L) then encoder 2 (OpenCLIP ViT-bigG).
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")

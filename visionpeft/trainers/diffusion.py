@@ -26,6 +26,19 @@ from .diffusion_objective import (
     pyramid_noise,
     scheduler_overrides,
 )
+from .prompt_encoders import EncodedPrompts, PromptEncoder
+from .sdxl_conditioning import SDXLPromptEncoder
+
+#: The prompt encoders by pipeline family, tried in order (the first whose ``matches`` accepts the pipeline).
+PROMPT_ENCODERS: tuple[type[PromptEncoder], ...] = (SDXLPromptEncoder, PromptEncoder)
+
+
+def prompt_encoder(pipeline) -> PromptEncoder:
+    """The prompt encoder of ``pipeline``'s family (:data:`PROMPT_ENCODERS`)."""
+    for encoder in PROMPT_ENCODERS:
+        if encoder.matches(pipeline):
+            return encoder(pipeline)
+    raise ValueError(f"no prompt encoder for a {type(pipeline).__name__}")
 
 
 @dataclass
@@ -34,11 +47,11 @@ class DiffusionParts:
 
     unet: nn.Module
     vae: nn.Module
-    text_encoder: nn.Module
-    tokenizer: object
+    #: the family's text side: prompts -> states and the U-Net's further inputs (:mod:`.prompt_encoders`)
+    prompts: PromptEncoder
     scheduler: object
-    #: prompt batch -> hidden states, kept while nothing on the text side trains (None: no caching)
-    prompt_cache: dict[tuple[str, ...], torch.Tensor] | None = None
+    #: prompt batch -> encoded prompts, kept while nothing on the text side trains (None: no caching)
+    prompt_cache: dict[tuple[str, ...], EncodedPrompts] | None = None
     #: image content hash -> the VAE's latent distribution parameters (None: no caching)
     latent_cache: dict[str, torch.Tensor] | None = None
 
@@ -53,8 +66,8 @@ class DiffusionParts:
         """The parts of ``pipeline``.
 
         Args:
-            cache_prompts: Keep the text encoder's output per prompt batch whenever it cannot change (diffusers'
-                ``--pre_compute_text_embeddings``, found rather than configured: a frozen text encoder and fixed
+            cache_prompts: Keep the encoded prompts per prompt batch whenever they cannot change (diffusers'
+                ``--pre_compute_text_embeddings``, found rather than configured: frozen text encoders and fixed
                 prompts, as in DreamBooth-LoRA, encode once; textual inversion never caches).
             cache_latents: Encode each distinct image once and keep the VAE's latent distribution (for image sets
                 without random augmentation); latents are still sampled from it every step.
@@ -63,8 +76,7 @@ class DiffusionParts:
         return cls(
             pipeline.unet,
             pipeline.vae,
-            pipeline.text_encoder,
-            pipeline.tokenizer,
+            prompt_encoder(pipeline),
             training_scheduler(pipeline, objective),
             {} if cache_prompts else None,
             {} if cache_latents else None,
@@ -155,36 +167,16 @@ def sample_timesteps(count: int, steps: int, kind: str = "uniform", generator: t
     raise ValueError(f"unknown timestep sampling {kind!r}")
 
 
-def expand_placeholders(prompts: list[str], tokenizer) -> list[str]:
-    """Writes multi-vector textual-inversion tokens out (``<t>`` -> ``<t> <t>_1 <t>_2``) with diffusers' own
-    ``maybe_convert_prompt`` (what its pipelines do at inference), so training sees the prompts inference sees."""
-    from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
-
-    return TextualInversionLoaderMixin().maybe_convert_prompt(list(prompts), tokenizer)
-
-
-def encode_prompts(parts: DiffusionParts, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states for ``prompts`` (padded to the tokenizer's model_max_length), from the cache when
-    the text side is frozen (see :meth:`DiffusionParts.from_pipeline`)."""
+def encode_prompts(parts: DiffusionParts, prompts: list[str]) -> EncodedPrompts:
+    """The encoded ``prompts`` (:class:`~.prompt_encoders.EncodedPrompts`), from the cache when the text side is
+    frozen (see :meth:`DiffusionParts.from_pipeline`)."""
     key = tuple(prompts)
     if parts.prompt_cache is not None and key in parts.prompt_cache:
         return parts.prompt_cache[key]
-    hidden = _encode(parts, prompts)
-    if parts.prompt_cache is not None and torch.is_grad_enabled() and not hidden.requires_grad:
-        parts.prompt_cache[key] = hidden  # computed with gradients on, yet nothing trainable fed it: it is fixed
-    return hidden
-
-
-def _encode(parts: DiffusionParts, prompts: list[str]) -> torch.Tensor:
-    tokenizer = parts.tokenizer
-    ids = tokenizer(
-        expand_placeholders(prompts, tokenizer),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(next(parts.text_encoder.parameters()).device)
-    return parts.text_encoder(ids)[0]
+    encoded = parts.prompts.encode(list(prompts))
+    if parts.prompt_cache is not None and torch.is_grad_enabled() and not encoded.requires_grad:
+        parts.prompt_cache[key] = encoded  # computed with gradients on, yet nothing trainable fed it: it is fixed
+    return encoded
 
 
 def diffusion_loss(
@@ -196,11 +188,12 @@ def diffusion_loss(
     reduction: str = "mean",
     timestep_sampling: str = "uniform",
     mask: torch.Tensor | None = None,
+    conditions: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The denoising loss of one batch.
 
     Args:
-        parts: U-Net, VAE, text encoder, tokenizer and a DDPM noise scheduler (its ``prediction_type`` picks the
+        parts: U-Net, VAE, the family's prompt encoder and a DDPM noise scheduler (its ``prediction_type`` picks the
             target: the noise, or the scheduler's ``get_velocity``).
         pixel_values: Images in [-1, 1], (batch, 3, H, W).
         prompts: One prompt per image.
@@ -211,13 +204,17 @@ def diffusion_loss(
         mask: Loss masks (batch, 1, H, W) in [0, 1] at the image size: resized to the latents
             (:func:`~visionpeft.data.masks.latent_mask`), they multiply the element-wise loss (sd-scripts'
             masked loss).
+        conditions: Per-item data conditions the family's U-Net takes (SDXL: ``original_size``,
+            ``crop_top_left``, ``target_size``, (batch, 2) each; None: every image uncropped at its own size).
     """
     scheduler = parts.scheduler
     batch = noise_latents(
         parts.vae, scheduler, pixel_values, generator, objective, parts.latent_cache, timestep_sampling
     )
-    hidden = encode_prompts(parts, prompts)
-    prediction = parts.unet(batch.noisy, batch.timesteps, hidden.to(parts.unet.dtype)).sample.float()
+    encoded = encode_prompts(parts, prompts)
+    extra = parts.prompts.denoiser_inputs(encoded, conditions, tuple(pixel_values.shape[-2:]))
+    hidden = encoded.hidden.to(parts.unet.dtype)
+    prediction = parts.unet(batch.noisy, batch.timesteps, hidden, **extra).sample.float()
     if scheduler.config.prediction_type == "epsilon":
         target = batch.noise
     elif scheduler.config.prediction_type == "v_prediction":
