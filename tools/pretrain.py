@@ -11,6 +11,9 @@ For the tiny ViT, training is the ordinary classification trainer (method ``full
 images); this tool then writes ``<out>/<run name>.safetensors`` (fp16 weights of the whole model) and
 ``<out>/<run name>.md``, a model card with the command, the accuracy on held-out fractal instances, the training
 time and the sha256.
+
+``pretrain_clip`` (the tiny CLIP) writes ``<out>/<run name>/``, an open_clip folder (``open_clip_config.json`` +
+``open_clip_model.safetensors``, fp16) with its model card ``README.md`` and ``training.json``.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ def main(argv: list[str]) -> int:
     command = " ".join(["python tools/pretrain.py", args.config, *args.overrides])
     if config.task == "pretrain_text_to_image":
         return text_to_image(config, args, command)
+    if config.task == "pretrain_clip":
+        return tiny_clip(config, args, command)
     if config.data.name == "captioned_mix":
         return judge(config, args, command)
     return tiny_vit(config, args, command)
@@ -71,6 +76,29 @@ def text_to_image(config, args: argparse.Namespace, command: str) -> int:
             print(f"stopped before the last step; continue with --resume ({run_dir})")
             return 1
     target = export_pipeline(config, run_dir, args.out / config.train.run_name, command)
+    print(f"wrote {target} (model card {target / 'README.md'})")
+    return 0
+
+
+def tiny_clip(config, args: argparse.Namespace, command: str) -> int:
+    """Pretrains the tiny CLIP and writes ``<out>/<run name>/``, an open_clip folder (fp16 weights,
+    ``open_clip_config.json``) with its model card ``README.md`` and ``training.json`` (see
+    ``visionpeft/demo/tiny_clip_card.py``)."""
+    from visionpeft.cli.common import configure_logging
+    from visionpeft.demo.pretrain_clip import run as train
+
+    configure_logging()
+    run_dir = Path(config.train.output_dir) / config.train.run_name
+    if not args.export_only:
+        start = time.time()
+        results = train(config, run_dir, resume=args.resume)
+        add_minutes(run_dir, (time.time() - start) / 60)
+        if "outputs" not in results:
+            print(f"stopped before the last step; continue with --resume ({run_dir})")
+            return 1
+    from visionpeft.demo.tiny_clip_card import export_clip
+
+    target = export_clip(config, run_dir, args.out / config.train.run_name, command)
     print(f"wrote {target} (model card {target / 'README.md'})")
     return 0
 

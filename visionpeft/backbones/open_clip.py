@@ -182,6 +182,8 @@ def create(cfg: Any, num_classes: int = 0) -> nn.Module:
     own tokenizer recorded; ``num_classes`` is not used (its classifiers classify by class-name text)."""
     import open_clip
 
+    if Path(cfg.name).expanduser().is_dir():
+        return create_from_folder(cfg)
     if cfg.name not in open_clip.list_models():
         raise ConfigError(f"unknown open_clip model '{cfg.name}'{did_you_mean(cfg.name, open_clip.list_models())}")
     pretrained = cfg.checkpoint or (cfg.pretrained_tag if cfg.pretrained else None)
@@ -201,6 +203,32 @@ def create(cfg: Any, num_classes: int = 0) -> nn.Module:
         except Exception as err:
             reason = str(err).splitlines()[0][:120] if online else "no network, not in the cache"
             raise ModelLoadError(f"could not load the tokenizer of open_clip '{cfg.name}' ({reason})") from None
+    return model
+
+
+def create_from_folder(cfg: Any) -> nn.Module:
+    """The CLIP of a local open_clip folder (``open_clip_config.json`` with ``model_cfg`` / ``preprocess_cfg``, and
+    its weights file, as open_clip's hub folders and ``checkpoints/tiny_clip``), through open_clip's ``local-dir:``
+    schema: no hub id, no network. ``model.pretrained=false`` builds the architecture with random weights;
+    ``model.checkpoint`` loads that file instead of the folder's weights."""
+    import open_clip
+
+    folder = Path(cfg.name).expanduser()
+    if not (folder / "open_clip_config.json").is_file():
+        raise ModelLoadError(
+            f"{cfg.name} is a folder without open_clip_config.json; an open_clip model folder holds it and its "
+            "weights (open_clip_model.safetensors)"
+        )
+    name = f"local-dir:{folder}"
+    try:
+        model = open_clip.create_model(name, load_weights=cfg.pretrained and not cfg.checkpoint)
+        if cfg.checkpoint:
+            open_clip.load_checkpoint(model, str(Path(cfg.checkpoint).expanduser()))
+    except Exception as err:
+        raise ModelLoadError(
+            f"could not load the open_clip folder {cfg.name} ({str(err).splitlines()[0][:160]})"
+        ) from None
+    model.__dict__["_visionpeft_tokenizer"] = open_clip.get_tokenizer(name)
     return model
 
 

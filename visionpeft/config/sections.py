@@ -17,7 +17,8 @@ PRECISIONS = ("no", "fp16", "bf16")
 
 #: The ``task:`` field's help, shared by every task schema.
 TASK_HELP = (
-    "the trainer: classification, segmentation, personalization, class_conditional, control, pretrain_text_to_image"
+    "the trainer: classification, segmentation, personalization, class_conditional, control, pretrain_text_to_image, "
+    "pretrain_clip"
 )
 
 

@@ -24,6 +24,7 @@ from .class_conditional import ClassConditionalConfig
 from .classification import ClassificationConfig
 from .control import ControlConfig
 from .personalization import PersonalizationConfig
+from .pretrain_clip import PretrainCLIPConfig
 from .pretrain_text_to_image import PretrainTextToImageConfig
 from .segmentation import SegmentationConfig
 
@@ -179,6 +180,19 @@ register(
         "`visionpeft generate --model RUN/pipeline --prompt TEXT`",
         eval_options=frozenset({"samples", "out"}),
         pipeline_tag="text-to-image",
+    )
+)
+register(
+    TaskSpec(
+        "pretrain_clip",
+        PretrainCLIPConfig,
+        "visionpeft.demo.pretrain_clip:run",
+        "visionpeft.demo.pretrain_clip_eval:evaluate",
+        evaluates="zero-shot top-1 of RUN/model on clip_mix (--split, default test), held-in / held-out classes",
+        no_predictor="the run's model/ folder is a plain open_clip folder; load it with "
+        "open_clip.create_model('local-dir:RUN/model')",
+        eval_options=frozenset({"split"}),
+        pipeline_tag="zero-shot-image-classification",
     )
 )
 
