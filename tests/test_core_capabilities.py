@@ -55,11 +55,13 @@ def test_declarations_of_the_methods():
     formats = {n: METHODS.get(n).export_formats for n in METHODS.names()}
     assert formats["lora"] == {"peft", "diffusers", "kohya"} and formats["textual_inversion"] == {"diffusers"}
     assert formats["linear"] == {"peft"} and not formats["vpt"]
-    assert formats["controlnet"] == formats["t2i_adapter"] == {"diffusers"}  # their diffusers model folders
+    assert formats["controlnet"] == formats["t2i_adapter"] == formats["ip_adapter"] == {"diffusers"}
     assert METHODS.get("coop").task_inputs == ("classnames",) == METHODS.get("cocoop").task_inputs
     assert METHODS.get("textual_inversion").task_inputs == ("token",)
     reading = {n: METHODS.get(n).call_inputs for n in METHODS.names() if METHODS.get(n).call_inputs}
-    assert reading == {name: ("control_image",) for name in ("controlnet", "controlnet_lora", "t2i_adapter")}
+    controls = {name: ("control_image",) for name in ("controlnet", "controlnet_lora", "t2i_adapter")}
+    assert reading == {**controls, "ip_adapter": ("ip_image_embeds",)}
+    assert METHODS.get("ip_adapter").task_inputs == ("image_embed_dim",)
     folders = {
         n: METHODS.get(n).diffusers_folder_class for n in METHODS.names() if METHODS.get(n).diffusers_folder_class
     }
