@@ -3,6 +3,7 @@ diffusers' SDXL DreamBooth-LoRA script encodes them, and one training step equal
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -154,3 +155,25 @@ def test_a_wrong_crop_or_original_size_changes_the_unet_output(saved):
     assert torch.equal(right, output(conditions_of((24, 20), (3, 1))))
     for wrong in (conditions_of((24, 20), (0, 0)), conditions_of((512, 512), (3, 1)), None):
         assert (output(wrong) - right).abs().max() > 1e-4
+
+
+def test_lora_on_unet_and_both_encoders_exports_what_diffusers_sdxl_loads(saved, tmp_path):
+    from safetensors.torch import load_file
+    from tiny_models import sample_images
+
+    towers = ["unet", "text_encoder", "text_encoder_2"]
+    pipe = load_pipeline(str(saved / "epsilon"))
+    vp.attach(pipe, [("lora", {"tower": t, "r": 4, "alpha": 8, "targets": ["q", "k", "v", "o"]}) for t in towers])
+    perturb(pipe)
+    expected = sample_images(pipe, PROMPTS[0])
+    vp.save_adapter(pipe, tmp_path / "diffusers", format="diffusers")
+    vp.save_adapter(pipe, tmp_path / "kohya", format="kohya")
+    groups = {key.split(".")[0] for key in load_file(tmp_path / "diffusers" / "pytorch_lora_weights.safetensors")}
+    assert groups == set(towers)
+    kohya = load_file(tmp_path / "kohya" / "lora_kohya.safetensors")
+    assert {key.split("_")[1] for key in kohya} == {"unet", "te1", "te2"}
+    assert any(key.startswith("lora_te2_text_model_encoder_layers_0_self_attn_q_proj") for key in kohya)
+    for folder in (tmp_path / "diffusers", tmp_path / "kohya" / "lora_kohya.safetensors"):
+        theirs = load_pipeline(str(saved / "epsilon"))
+        theirs.load_lora_weights(str(folder))
+        assert np.abs(sample_images(theirs, PROMPTS[0]) - expected).max() < 1e-5, folder

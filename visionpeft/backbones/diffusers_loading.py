@@ -3,6 +3,7 @@ entry in the library table (its model families are described by ``diffusers_mode
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from contextlib import contextmanager
@@ -61,39 +62,110 @@ def quiet_loading_bars():
                 lib.enable_progress_bar()
 
 
+#: Pipeline class name prefix -> the family (``model.family``) of the personalization recipes; the first match
+#: counts (SDXL's classes also start with "StableDiffusion").
+PIPELINE_FAMILIES = (("StableDiffusionXL", "sdxl"), ("StableDiffusion", "sd"))
+
+#: What each family is called in messages.
+FAMILY_NAMES = {"sd": "Stable Diffusion 1.x / 2.x", "sdxl": "Stable Diffusion XL"}
+
+
+def family_of_class(class_name: str) -> str | None:
+    """The family of a pipeline class name (``StableDiffusionXLPipeline`` -> ``sdxl``), or None."""
+    return next((family for prefix, family in PIPELINE_FAMILIES if class_name.startswith(prefix)), None)
+
+
+def pipeline_index(name_or_path: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """``model_index.json`` and ``vae/config.json`` (None when missing) of a pipeline in a local folder or already
+    in the hub cache, read without building anything; None when neither place has it (a hub id not downloaded)."""
+    import json
+
+    path = Path(name_or_path).expanduser()
+
+    def read(file: str) -> dict[str, Any] | None:
+        if path.exists():
+            found = path / file
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name_or_path, file) if not _looks_like_path(name_or_path) else None
+            found = Path(cached) if isinstance(cached, str) else None
+        try:
+            return json.loads(found.read_text()) if found is not None and found.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+    index = read("model_index.json")
+    return None if index is None else (index, read("vae/config.json"))
+
+
+def load_vae(name_or_path: str):
+    """An ``AutoencoderKL`` from a local folder or the hub (cache first), failing in one line like
+    :func:`load_pipeline`."""
+    from diffusers import AutoencoderKL
+
+    path = Path(name_or_path).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a diffusers VAE folder (no config.json)")
+    with warnings.catch_warnings(), quiet_loading_bars():
+        warnings.simplefilter("ignore", FutureWarning)
+        return _load(name_or_path, None, AutoencoderKL, "VAE")
+
+
+def load_image_encoder(name_or_path: str, subfolder: str | None = None):
+    """A transformers ``CLIPVisionModelWithProjection`` (an IP-Adapter's image encoder: ``h94/IP-Adapter``,
+    ``models/image_encoder``) from a local folder or the hub (cache first), failing in one line like
+    :func:`load_pipeline`."""
+    from types import SimpleNamespace
+
+    from transformers import CLIPVisionModelWithProjection
+
+    path = Path(name_or_path).expanduser() / (subfolder or "")
+    if Path(name_or_path).expanduser().exists() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not an image encoder folder (no config.json)")
+    loader = SimpleNamespace(
+        from_pretrained=functools.partial(CLIPVisionModelWithProjection.from_pretrained, subfolder=subfolder or "")
+    )
+    with warnings.catch_warnings(), quiet_loading_bars():
+        warnings.simplefilter("ignore", FutureWarning)
+        return _load(name_or_path, None, loader, "image encoder").eval()
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def _load(name_or_path: str, torch_dtype: torch.dtype | None):
-    from diffusers import DiffusionPipeline
+def _load(name_or_path: str, torch_dtype: torch.dtype | None, loader=None, what: str = "pipeline"):
+    """``loader.from_pretrained`` (default ``DiffusionPipeline``) of a local folder, the hub cache, or the hub."""
+    if loader is None:
+        from diffusers import DiffusionPipeline as loader
 
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     path = Path(name_or_path).expanduser()
     if not path.exists() and _looks_like_path(name_or_path):
-        raise ModelLoadError(f"pipeline folder {path} does not exist")
+        raise ModelLoadError(f"{what} folder {path} does not exist")
     if path.exists():
-        if not (path / "model_index.json").is_file():
+        if what == "pipeline" and not (path / "model_index.json").is_file():
             raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
         try:
-            return DiffusionPipeline.from_pretrained(path, **kwargs)
+            return loader.from_pretrained(path, **kwargs)
         except (OSError, ValueError) as err:
-            raise ModelLoadError(f"could not load the pipeline in {path}: {_first_line(err)}") from None
+            raise ModelLoadError(f"could not load the {what} in {path}: {_first_line(err)}") from None
     try:
-        return DiffusionPipeline.from_pretrained(name_or_path, local_files_only=True, **kwargs)
+        return loader.from_pretrained(name_or_path, local_files_only=True, **kwargs)
     except (OSError, ValueError):
         pass
     with offline_unless_reachable() as online:
         if not online:
             raise ModelLoadError(
-                f"pipeline '{name_or_path}' is not in the local cache and the hub cannot be reached; "
+                f"{what} '{name_or_path}' is not in the local cache and the hub cannot be reached; "
                 "pass a local folder written by save_pretrained"
             )
         try:
-            return DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
+            return loader.from_pretrained(name_or_path, **kwargs)
         except Exception as err:  # any hub / network failure becomes one line
             raise ModelLoadError(
-                f"could not load pipeline '{name_or_path}' (not cached locally, and the download failed: "
+                f"could not load {what} '{name_or_path}' (not cached locally, and the download failed: "
                 f"{_first_line(err)}); pass a local folder written by save_pretrained"
             ) from None
 

@@ -296,6 +296,8 @@ class DiffusersPipeline(Backbone):
 
     family = "diffusers_sd_pipeline"
     default_tower = "unet"
+    #: the diffusers pipeline class whose ``save_lora_weights`` / ``load_lora_weights`` use this layout
+    lora_pipeline_class = "StableDiffusionPipeline"
 
     def __init__(self, model: PipelineModules) -> None:
         super().__init__(model)
@@ -363,6 +365,7 @@ class DiffusersXLPipeline(DiffusersPipeline):
     its tokens to both. Canonical names and diffusers' LoRA groups are the component names."""
 
     family = "diffusers_sdxl_pipeline"
+    lora_pipeline_class = "StableDiffusionXLPipeline"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

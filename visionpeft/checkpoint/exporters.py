@@ -161,11 +161,13 @@ def export_peft(model: nn.Module, directory: Path) -> Path:
 
 def export_diffusers(model: nn.Module, directory: Path) -> Path:
     """Writes what a Stable Diffusion pipeline loads with its own loaders: ``pytorch_lora_weights.safetensors``
-    (U-Net and text-encoder LoRA) for ``pipeline.load_lora_weights``, the methods' own files (textual
-    inversion's ``learned_embeds.safetensors`` for ``pipeline.load_textual_inversion``) and model folders
-    (``controlnet/`` for ``ControlNetModel.from_pretrained``, ``t2i_adapter/`` for ``T2IAdapter.from_pretrained``)."""
-    parts = collect_parts(require_state(model), "diffusers")
-    groups: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
+    (U-Net and text-encoder LoRA; SDXL's second text encoder too, through
+    ``StableDiffusionXLPipeline.save_lora_weights``) for ``pipeline.load_lora_weights``, the methods' own files
+    (textual inversion's ``learned_embeds.safetensors`` for ``pipeline.load_textual_inversion``) and model folders
+    (``controlnet/`` for ``ControlNetModel.from_pretrained``)."""
+    state = require_state(model)
+    parts = collect_parts(state, "diffusers")
+    groups: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}, "text_encoder_2": {}}
     for path, (a, b) in parts.lora_layers.items():
         group, _, local = path.partition(".")
         groups[group][f"{local}.lora_A.weight"] = a.to("cpu").contiguous()
@@ -174,14 +176,12 @@ def export_diffusers(model: nn.Module, directory: Path) -> Path:
             groups[group][f"{local}.lora_magnitude_vector"] = parts.magnitudes[path].to("cpu").contiguous()
     directory.mkdir(parents=True, exist_ok=True)
     if parts.lora_layers:
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
-        StableDiffusionPipeline.save_lora_weights(
-            directory,
-            unet_lora_layers=groups["unet"] or None,
-            text_encoder_lora_layers=groups["text_encoder"] or None,
-            safe_serialization=True,
-        )
+        # the pipeline class whose loader reads this model's layout (SDXL's also names text_encoder_2)
+        writer = getattr(diffusers, getattr(state.backbone, "lora_pipeline_class", "StableDiffusionPipeline"))
+        layers = {f"{group}_lora_layers": tensors for group, tensors in groups.items() if tensors}
+        writer.save_lora_weights(directory, **layers, safe_serialization=True)
     for filename, tensors in parts.files.items():
         _write_safetensors(tensors, directory / filename)
     for folder, build in parts.models.items():
@@ -196,8 +196,9 @@ def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     ``.lokr_w1``, ...; :func:`visionpeft.checkpoint.lycoris.lycoris_state_dict`).
 
     Two renames that converter does not do for Stable Diffusion 1.x / 2.x: the single text encoder is ``lora_te_``
-    in sd-scripts and A1111 (diffusers writes SDXL's ``lora_te1_``), and its modules are named under ``text_model.``
-    as in transformers 4 (transformers 5's ``CLIPTextModel`` dropped that level; the kohya layout kept it).
+    in sd-scripts and A1111 (SDXL's two stay ``lora_te1_`` / ``lora_te2_``), and its modules are named under
+    ``text_model.`` as in transformers 4 (transformers 5's ``CLIPTextModel`` dropped that level; the kohya layout
+    kept it; SDXL's ``CLIPTextModelWithProjection`` still has it).
 
     Raises:
         CheckpointError: DoRA (diffusers' Stable Diffusion loader drops kohya ``dora_scale`` keys), or methods the
@@ -205,7 +206,8 @@ def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
-    parts = collect_parts(require_state(model), "kohya")
+    state = require_state(model)
+    parts = collect_parts(state, "kohya")
     if parts.magnitudes:
         raise CheckpointError(
             "DoRA has no kohya file diffusers loads (its Stable Diffusion loader drops dora_scale keys); "
@@ -217,13 +219,16 @@ def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     peft_layout: dict[str, torch.Tensor] = {}
     for path, (a, b) in parts.lora_layers.items():
         group, _, local = path.partition(".")
-        if group == "text_encoder" and not local.startswith("text_model."):
+        if group.startswith("text_encoder") and not local.startswith("text_model."):
             local = "text_model." + local
         peft_layout[f"{group}.{local}.lora_A.weight"] = a
         peft_layout[f"{group}.{local}.lora_B.weight"] = b
     converted = convert_state_dict_to_kohya(peft_layout)
+    text_encoders = getattr(state.backbone, "text_encoders", None)
+    single = text_encoders is None or len(text_encoders()) == 1
     renamed = {
-        (("lora_te_" + k[len("lora_te1_") :]) if k.startswith("lora_te1_") else k): v for k, v in converted.items()
+        (("lora_te_" + k[len("lora_te1_") :]) if single and k.startswith("lora_te1_") else k): v
+        for k, v in converted.items()
     }
     # diffusers' converter writes alpha = rank as an integer tensor; the parts fold the scale into B (scale 1)
     lora_modules = {k: v.float() if k.endswith(".alpha") else v for k, v in renamed.items()}

@@ -1,4 +1,4 @@
-"""The ``personalization`` task's config: textual inversion / DreamBooth-LoRA / DiffFit on an SD pipeline."""
+"""The ``personalization`` task's config: textual inversion / DreamBooth-LoRA / DiffFit on an SD / SDXL pipeline."""
 
 from __future__ import annotations
 
@@ -10,6 +10,27 @@ from ..errors import ConfigError
 from ..schema import section, setting
 from .diffusion_objective import DiffusionOptim
 from .sections import TASK_HELP, DiffusersModel, TextToImageTrain
+
+#: Pipeline families a personalization recipe may be written for (``model.family``).
+FAMILIES = ("sd", "sdxl")
+
+
+@dataclass
+class PersonalizeModel(DiffusersModel):
+    """``model``: the pipeline, the family the recipe is written for, and an optional replacement VAE."""
+
+    family: str | None = setting(
+        None,
+        "the pipeline family the recipe is written for: sd (1.x / 2.x) or sdxl; a pipeline of another family is "
+        "refused before training (null: any)",
+        choices=(None, *FAMILIES),
+    )
+    vae: str | None = setting(
+        None,
+        "hub id or local folder of a VAE replacing the pipeline's (SDXL recipes: madebyollin/sdxl-vae-fp16-fix, "
+        "diffusers' --pretrained_vae_model_name_or_path, which runs in fp16 where the original VAE overflows)",
+        path="or_id",
+    )
 
 
 @dataclass
@@ -114,12 +135,17 @@ class PersonalizeTrain(TextToImageTrain):
 
 @dataclass
 class PersonalizationConfig:
-    """A personalization run on a Stable Diffusion 1.x / 2.x pipeline."""
+    """A personalization run on a Stable Diffusion 1.x / 2.x or XL pipeline."""
 
     task: str = setting("personalization", TASK_HELP)
-    model: DiffusersModel = section(DiffusersModel, "the Stable Diffusion pipeline")
+    model: PersonalizeModel = section(PersonalizeModel, "the Stable Diffusion (XL) pipeline")
     method: Any = setting("textual_inversion", "a method name, {name: ..., options}, or a list of those")
     token: str = setting("<concept>", "the placeholder token / the subject's words in the prompts")
+    train_text_encoder: bool = setting(
+        False,
+        "also a LoRA on every text encoder (q, k, v, out projections), with the U-Net LoRA's rank and alpha "
+        "(diffusers' --train_text_encoder; needs method lora)",
+    )
     data: PersonalizeData = section(PersonalizeData, "the few images")
     prior: PriorConfig = section(PriorConfig, "DreamBooth prior preservation")
     optim: PersonalizeOptim = section(PersonalizeOptim, "optimizer and schedule")

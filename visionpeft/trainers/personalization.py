@@ -1,6 +1,7 @@
 """Text-to-image personalization from a few images: textual inversion, DreamBooth-LoRA, DiffFit - one trainer.
 
-Loads any diffusers Stable Diffusion 1.x / 2.x pipeline (hub id or local folder), attaches the method(s), trains
+Loads any diffusers Stable Diffusion 1.x / 2.x or XL pipeline (hub id or local folder; SDXL's conditioning comes from
+its prompt encoder, :mod:`.sdxl_conditioning`, and its items carry their real crop), attaches the method(s), trains
 with the shared accelerate loop on the denoising loss (optional prior preservation, EMA, and the objective's knobs:
 min-SNR, noise offset, Huber loss, v-prediction, ...: ``optim``, :mod:`.diffusion_objective`; and the data's:
 per-image captions, caption dropout, tag shuffle, aspect-ratio buckets - one bucket per batch -, loss masks:
@@ -24,11 +25,11 @@ from torch.utils.data import Dataset
 import visionpeft as vp
 
 from ..backbones import pipeline_modules
-from ..backbones.diffusers_loading import load_pipeline
+from ..backbones.diffusers_loading import FAMILY_NAMES, family_of_class, load_pipeline, load_vae, pipeline_index
 from ..checkpoint.base_weights import frozen_weights_sha256
 from ..config import method_configs
 from ..config.diffusion_objective import objective_of
-from ..data.buckets import BucketBatchSampler
+from ..data.buckets import MICRO_CONDITIONS, BucketBatchSampler
 from ..data.captions import CaptionAugment
 from ..data.class_images import cached_class_images, class_image_fields
 from ..data.few_images import FewImages, ImageKnobs
@@ -52,7 +53,8 @@ class PairedPrior(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item, cls = self.instance[index], self.prior[index % len(self.prior)]
-        return {**item, "class_pixel_values": cls["pixel_values"], "class_prompt": cls["prompt"]}
+        conditions = {f"class_{key}": cls[key] for key in MICRO_CONDITIONS if key in cls}
+        return {**item, "class_pixel_values": cls["pixel_values"], "class_prompt": cls["prompt"], **conditions}
 
 
 class Denoiser(nn.Module):
@@ -71,27 +73,46 @@ class Denoiser(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         pixels, prompts, mask = batch["pixel_values"], list(batch["prompt"]), batch.get("mask")
+        conditions = micro_conditions(batch)
         prior = "class_pixel_values" in batch
         n = pixels.shape[0]
         if prior and batch["class_pixel_values"].shape[2:] != pixels.shape[2:]:  # a bucket other than the square
-            instance = self.losses(pixels, prompts, mask)
-            return (
-                instance.mean()
-                + self.cfg.prior.weight * self.losses(batch["class_pixel_values"], list(batch["class_prompt"])).mean()
+            instance = self.losses(pixels, prompts, mask, conditions)
+            class_losses = self.losses(
+                batch["class_pixel_values"], list(batch["class_prompt"]), None, micro_conditions(batch, "class_")
             )
+            return instance.mean() + self.cfg.prior.weight * class_losses.mean()
         if prior:
             pixels = torch.cat([pixels, batch["class_pixel_values"]])
             prompts += list(batch["class_prompt"])
             if mask is not None:  # class images count everywhere
                 mask = torch.cat([mask, torch.ones_like(mask[:1]).expand(len(pixels) - n, -1, -1, -1)])
-        losses = self.losses(pixels, prompts, mask)
+            extra = micro_conditions(batch, "class_")  # SD 1.x class images carry none: nothing reads them
+            if conditions is not None and extra is not None:
+                conditions = {key: torch.cat([value, extra[key]]) for key, value in conditions.items()}
+        losses = self.losses(pixels, prompts, mask, conditions)
         if not prior:
             return losses.mean()
         return losses[:n].mean() + self.cfg.prior.weight * losses[n:].mean()
 
-    def losses(self, pixels: torch.Tensor, prompts: list[str], mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample denoising losses (masked where a mask is given)."""
-        return diffusion_loss(self.parts, pixels, prompts, objective=self.objective, reduction="none", mask=mask)
+    def losses(
+        self,
+        pixels: torch.Tensor,
+        prompts: list[str],
+        mask: torch.Tensor | None = None,
+        conditions: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Per-sample denoising losses (masked where a mask is given; SDXL's time ids from ``conditions``)."""
+        return diffusion_loss(
+            self.parts, pixels, prompts, objective=self.objective, reduction="none", mask=mask, conditions=conditions
+        )
+
+
+def micro_conditions(batch: dict, prefix: str = "") -> dict[str, torch.Tensor] | None:
+    """The batch's SDXL micro-conditioning (``original_size``, ``crop_top_left``, ``target_size``; the class
+    images' under ``class_``), or None when its items carry none."""
+    found = {key: batch[prefix + key] for key in MICRO_CONDITIONS if prefix + key in batch}
+    return found or None
 
 
 class PersonalizationObjective:
@@ -203,15 +224,84 @@ def sampler_settings(pipeline, steps: int, seed: int, device: torch.device) -> d
     }
 
 
-def image_knobs(data: DictConfig) -> ImageKnobs:
-    """The per-image knobs of ``data`` (captions, caption augmentation, buckets, loss masks)."""
+def image_knobs(data: DictConfig, micro_conditioning: bool = False) -> ImageKnobs:
+    """The per-image knobs of ``data`` (captions, caption augmentation, buckets, loss masks) and whether items
+    carry SDXL's micro-conditioning."""
     return ImageKnobs(
         captions=data.captions == "files",
         augment=CaptionAugment(data.caption_dropout, data.shuffle_tags, data.keep_tokens),
         buckets=(data.min_bucket_reso, data.max_bucket_reso, data.bucket_reso_steps) if data.buckets else None,
         masks=data.masks,
         alpha_mask=data.alpha_mask,
+        micro_conditioning=micro_conditioning,
     )
+
+
+def check_family(model: DictConfig, family: str | None, class_name: str) -> None:
+    """The pipeline's family must be the one the recipe is written for (``model.family``, when set).
+
+    Raises:
+        ConfigError: An SDXL recipe on a Stable Diffusion 1.x / 2.x pipeline, the reverse, or another pipeline.
+    """
+    want = model.family
+    if want is None or family == want:
+        return
+    held = f"a {class_name}" + (f" ({FAMILY_NAMES[family]})" if family else "")
+    other = f"; use a recipe written for {FAMILY_NAMES[family]} or set model.family=null" if family else ""
+    raise ConfigError(
+        f"model.family={want}: this recipe is for {FAMILY_NAMES[want]} pipelines, but {model.name} holds {held}{other}"
+    )
+
+
+def check_size(size: int, factor: int, model: str) -> None:
+    """``data.size`` must be a whole number of latent pixels: a multiple of the VAE's downscaling."""
+    if size % factor:
+        lower = size - size % factor
+        raise ConfigError(
+            f"data.size ({size}) is not a multiple of {factor}, the downscaling of {model}'s VAE; use "
+            f"{lower or factor} or {lower + factor}"
+        )
+
+
+def expected_family(config: DictConfig) -> str | None:
+    """The pipeline family as far as the model's files tell before anything loads (a local folder or the hub
+    cache: ``model_index.json``), checked against ``model.family``, with ``data.size`` checked against its VAE
+    (``vae/config.json``); else ``model.family``."""
+    found = pipeline_index(config.model.name)
+    if found is None:
+        return config.model.family
+    index, vae = found
+    class_name = str(index.get("_class_name", "an unknown pipeline"))
+    family = family_of_class(class_name)
+    check_family(config.model, family, class_name)
+    if vae is not None and config.model.vae is None and vae.get("block_out_channels"):
+        check_size(config.data.size, 2 ** (len(vae["block_out_channels"]) - 1), config.model.name)
+    return family
+
+
+def text_encoder_loras(config: DictConfig, specs: list, towers: list[str]) -> list:
+    """``train_text_encoder``: the U-Net LoRA's rank, alpha, dropout and DoRA switch on every text encoder's q, k,
+    v and out projections (diffusers' ``--train_text_encoder`` targets ``q_proj``, ``k_proj``, ``v_proj``,
+    ``out_proj``)."""
+    if not config.train_text_encoder:
+        return []
+    from ..methods import make_config
+
+    (lora,) = [spec for name, spec in specs if name == "lora"]
+    options = {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "use_dora": lora.use_dora}
+    return [("lora", make_config("lora", {**options, "tower": t, "targets": ["q", "k", "v", "o"]})) for t in towers]
+
+
+def check_text_encoder_option(config: DictConfig, specs: list) -> None:
+    """``train_text_encoder`` takes its rank from the one U-Net LoRA of the run."""
+    if not config.train_text_encoder:
+        return
+    loras = [spec for name, spec in specs if name == "lora" and spec.tower in (None, "unet")]
+    if len(loras) != 1 or len(loras) != sum(name == "lora" for name, _ in specs):
+        raise ConfigError(
+            "train_text_encoder=true adds a LoRA on every text encoder with the rank of the run's one U-Net LoRA; "
+            "give exactly one method lora (on the U-Net), or list the text-encoder LoRAs in method yourself"
+        )
 
 
 def check_bucket_grid(pipeline, data: DictConfig, model: str) -> None:
@@ -249,25 +339,39 @@ class PersonalizationTrainer:
         if not config.data.images:
             raise ConfigError("data.images is required: the folder with the subject or style images")
         data, skip = config.data, config.data.skip_bad_images
+        specs = method_configs(config, {"token": config.token})
+        check_text_encoder_option(config, specs)
+        family = expected_family(config)
+
+        def subject_images(sdxl: bool) -> FewImages:
+            return FewImages(
+                data.images,
+                config.token,
+                data.size,
+                data.kind,
+                data.prompt,
+                data.repeats,
+                data.center_crop,
+                data.flip,
+                config.train.seed,
+                skip,
+                image_knobs(data, micro_conditioning=sdxl),
+            )
+
         # read (and checked: a missing folder or a corrupt image fails here) before the pipeline loads
-        subject = FewImages(
-            data.images,
-            config.token,
-            data.size,
-            data.kind,
-            data.prompt,
-            data.repeats,
-            data.center_crop,
-            data.flip,
-            config.train.seed,
-            skip,
-            image_knobs(data),
-        )
+        subject = subject_images(family == "sdxl")
         pipeline = load_pipeline(config.model.name)
+        loaded = family_of_class(type(pipeline).__name__)
+        check_family(config.model, loaded, type(pipeline).__name__)  # a hub id first seen now
+        if config.model.vae is not None:
+            pipeline.vae = load_vae(config.model.vae)
+        check_size(data.size, 2 ** (len(pipeline.vae.config.block_out_channels) - 1), config.model.name)
+        if (loaded == "sdxl") != (family == "sdxl"):
+            subject = subject_images(loaded == "sdxl")
         check_objective(objective_of(config.optim), pipeline.scheduler, config.model.name)
         check_bucket_grid(pipeline, data, config.model.name)
-        vp.attach(pipeline, method_configs(config, {"token": config.token}))
         adapted = pipeline_modules(pipeline)
+        vp.attach(pipeline, specs + text_encoder_loras(config, specs, adapted.text_encoders()))
         dataset: Dataset = subject
         summary = [f"{len(subject.images)} images, {len(subject)} training items", *subject.summary()]
         if config.prior.enabled:
@@ -284,11 +388,14 @@ class PersonalizationTrainer:
                 data.flip,
                 config.train.seed,
                 skip,
+                ImageKnobs(micro_conditioning=loaded == "sdxl"),
             )
             dataset = PairedPrior(dataset, prior)
+        text_encoders = [getattr(pipeline, name) for name in adapted.text_encoders()]
         if config.train.gradient_checkpointing:
             pipeline.unet.enable_gradient_checkpointing()
-            pipeline.text_encoder.gradient_checkpointing_enable()
+            for encoder in text_encoders:
+                encoder.gradient_checkpointing_enable()
         if config.train.xformers:
             pipeline.unet.enable_xformers_memory_efficient_attention()
         objective = PersonalizationObjective(pipeline, config, run_dir)
@@ -299,12 +406,15 @@ class PersonalizationTrainer:
                 "(set data.center_crop=true data.flip=0 to cache)"
             )
             cache = False
+        denoiser = Denoiser(adapted, pipeline, config, cache)
+        # SDXL's own VAE overflows in fp16 (its config's force_upcast): it stays fp32, as diffusers' scripts keep it
+        vae = [] if denoiser.parts.prompts.vae_in_fp32(pipeline.vae) else [pipeline.vae]
         return Setup(
-            Denoiser(adapted, pipeline, config, cache),
+            denoiser,
             adapted,
             objective,
             dataset,
-            frozen=[pipeline.unet, pipeline.text_encoder, pipeline.vae],
+            frozen=[pipeline.unet, *text_encoders, *vae],
             summary=summary,
             state={"pipeline": pipeline},
             batch_sampler=bucket_batches(subject, config.train.seed) if data.buckets else None,

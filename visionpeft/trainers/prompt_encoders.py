@@ -93,3 +93,7 @@ class PromptEncoder:
             image_size: (height, width) of the training images.
         """
         return {}
+
+    def vae_in_fp32(self, vae: nn.Module) -> bool:
+        """Whether the family's VAE must stay in fp32 under mixed precision (SD 1.x / 2.x: no)."""
+        return False

@@ -81,3 +81,7 @@ class SDXLPromptEncoder(PromptEncoder):
         batch = encoded.hidden.shape[0]
         ids = time_ids(conditions, batch, image_size, encoded.hidden.device, unet.dtype)
         return {"added_cond_kwargs": {"text_embeds": encoded.pooled.to(unet.dtype), "time_ids": ids}}
+
+    def vae_in_fp32(self, vae) -> bool:
+        """SDXL's VAE overflows in fp16: its config says ``force_upcast`` (the fp16-fix VAE's says false)."""
+        return bool(vae.config.get("force_upcast", True))

@@ -1,0 +1,172 @@
+"""tools/train.py's SDXL recipes on a tiny Stable Diffusion XL pipeline: each method trains, the saved files load
+through diffusers' own SDXL loaders (and the kohya layout through diffusers' converter) with visionpeft's outputs,
+and bad input is one line before anything loads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import train as tool  # noqa: E402
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_models import sample_images, tiny_sd_pipeline, tiny_sdxl_pipeline
+
+import visionpeft as vp
+from visionpeft.backbones.diffusers_loading import load_pipeline
+from visionpeft.cli.common import run  # noqa: E402
+from visionpeft.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sdxl_personalize")
+    tiny_sdxl_pipeline(tmp / "tok").save_pretrained(tmp / "pipe")
+    tiny_sd_pipeline(tmp / "tok").save_pretrained(tmp / "sd")
+    rng = np.random.default_rng(0)
+    (tmp / "images").mkdir()
+    for i, shape in enumerate([(24, 20), (20, 24)]):  # non-square: the crops and original sizes differ per image
+        array = rng.integers(0, 80, (*shape, 3), dtype=np.uint8)
+        array[6:14, 6:14, 0] = 230
+        Image.fromarray(array).save(tmp / "images" / f"{i}.png")
+    return tmp
+
+
+def _args(tmp, config_name, run_name, *overrides):
+    return [
+        f"configs/personalize/{config_name}.yaml",
+        f"model.name={tmp / 'pipe'}",
+        "model.vae=null",
+        f"data.images={tmp / 'images'}",
+        "data.size=16",
+        "data.repeats=2",
+        "optim.steps=3",
+        "data.batch_size=2",
+        "optim.grad_accum=1",
+        "train.mixed_precision=no",
+        "train.validation_prompts=[]",
+        f"train.output_dir={tmp / 'runs'}",
+        f"train.run_name={run_name}",
+        "train.log_every=1",
+        "--cpu",
+        *overrides,
+    ]
+
+
+def _train(tmp, config_name, run_name, *overrides):
+    assert run(tool.main, _args(tmp, config_name, run_name, *overrides)) == 0
+    run_dir = tmp / "runs" / run_name
+    losses = [
+        json.loads(x)["train/loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "train/loss" in x
+    ]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    return run_dir
+
+
+def _pipe(tmp):
+    return load_pipeline(str(tmp / "pipe"))
+
+
+@pytest.mark.slow
+def test_dreambooth_lora_sdxl_run_with_prior_loads_in_diffusers_and_as_kohya(setup, capsys):
+    prior = ["prior.enabled=true", "prior.num_images=2", "prior.sample_steps=2", f"prior.cache_dir={setup / 'cache'}"]
+    run_dir = _train(setup, "dreambooth_lora_sdxl", "lora", "train_text_encoder=true", *prior)
+    assert f"wrote {run_dir / 'diffusers'}" in capsys.readouterr().out
+    ours = vp.load_adapter(_pipe(setup), run_dir / "adapter")
+    assert {m.tower.name for m in vp.adapter.methods_of(ours)} == {"unet", "text_encoder", "text_encoder_2"}
+    expected = sample_images(ours, "a photo of sks dog")
+    assert np.abs(expected - sample_images(_pipe(setup), "a photo of sks dog")).max() > 1e-4  # it trained
+
+    # save_lora_weights' SDXL layout, every group consumed by load_lora_weights(RUN_FOLDER)
+    keys = load_file(run_dir / "diffusers" / "pytorch_lora_weights.safetensors").keys()
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    theirs = _pipe(setup)
+    theirs.load_lora_weights(str(run_dir / "diffusers"))
+    assert np.abs(sample_images(theirs, "a photo of sks dog") - expected).max() < 1e-5
+
+    # kohya / ComfyUI layout: lora_unet_, lora_te1_, lora_te2_; diffusers' converter reads it
+    vp.save_adapter(ours, setup / "kohya", format="kohya")
+    file = setup / "kohya" / "lora_kohya.safetensors"
+    assert {k.split("_")[1] for k in load_file(file) if not k.startswith("lora_unet_")} == {"te1", "te2"}
+    kohya = _pipe(setup)
+    kohya.load_lora_weights(str(file))
+    assert np.abs(sample_images(kohya, "a photo of sks dog") - expected).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_textual_inversion_sdxl_run_writes_the_clip_l_clip_g_file(setup):
+    run_dir = _train(
+        setup, "textual_inversion_sdxl", "ti", "token=<red-box>", "method.initializer=red", "optim.lr=0.05"
+    )
+    state = load_file(run_dir / "diffusers" / "learned_embeds.safetensors")
+    assert sorted(state) == ["clip_g", "clip_l"] and state["clip_l"].shape == state["clip_g"].shape == (1, 16)
+    ours = vp.load_adapter(_pipe(setup), run_dir / "adapter")
+    theirs = _pipe(setup)
+    theirs.load_textual_inversion(
+        state["clip_g"], token="<red-box>", text_encoder=theirs.text_encoder_2, tokenizer=theirs.tokenizer_2
+    )
+    theirs.load_textual_inversion(
+        state["clip_l"], token="<red-box>", text_encoder=theirs.text_encoder, tokenizer=theirs.tokenizer
+    )
+    prompt = "a photo of <red-box>"
+    assert np.abs(sample_images(theirs, prompt) - sample_images(ours, prompt)).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_difffit_sdxl_run_writes_a_merged_unet(setup):
+    from diffusers import UNet2DConditionModel
+
+    run_dir = _train(setup, "difffit_sdxl", "difffit")
+    ours = vp.load_adapter(_pipe(setup), run_dir / "adapter")
+    theirs = _pipe(setup)
+    theirs.unet = UNet2DConditionModel.from_pretrained(run_dir / "merged" / "unet")
+    prompt = "a photo of sks dog"
+    assert np.abs(sample_images(theirs, prompt) - sample_images(ours, prompt)).max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "config_name, folder, overrides, words",
+    [
+        ("dreambooth_lora_sdxl", "sd", [], "model.family=sdxl: this recipe is for Stable Diffusion XL pipelines"),
+        ("dreambooth_lora_sd15", "pipe", [], "model.family=sd: this recipe is for Stable Diffusion 1.x / 2.x"),
+        ("dreambooth_lora_sdxl", "pipe", ["data.size=15"], "data.size (15) is not a multiple of 2"),
+        (
+            "dreambooth_lora_sdxl",
+            "pipe",
+            ["method.target_modules=[down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q]"],
+            "selects no module",
+        ),
+        ("textual_inversion_sdxl", "pipe", ["token=<|endoftext|>"], "already in"),
+        ("textual_inversion_sdxl", "pipe", ["train_text_encoder=true"], "train_text_encoder=true adds a LoRA"),
+    ],
+)
+def test_bad_input_is_one_line(setup, capsys, config_name, folder, overrides, words):
+    args = _args(setup, config_name, "bad", *overrides)
+    args[1] = f"model.name={setup / folder}"
+    assert run(tool.main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1, err
+    assert not (setup / "runs" / "bad").exists()
+
+
+def test_a_token_already_in_the_second_tokenizer_is_refused(setup):
+    pipe = _pipe(setup)
+    pipe.tokenizer_2.add_tokens(["<only-in-two>"])
+    pipe.text_encoder_2.resize_token_embeddings(len(pipe.tokenizer_2))
+    with pytest.raises(ConfigError, match="token <only-in-two> is already in text_encoder_2's tokenizer"):
+        vp.attach(pipe, "textual_inversion", token="<only-in-two>", initializer="red")
+    assert "<only-in-two>" not in pipe.tokenizer.get_vocab()  # nothing changed on encoder 1
+
+
+def test_sdxl_items_carry_their_real_crop(setup):
+    from visionpeft.data.few_images import FewImages, ImageKnobs
+
+    data = FewImages(
+        setup / "images", "sks", 16, "fixed", center_crop=True, flip=0.0, knobs=ImageKnobs(micro_conditioning=True)
+    )
+    item = data[0]  # 20 wide, 24 high: resized to 16 x 19, centre crop 2 (round(3 / 2)) from the top
+    assert item["original_size"].tolist() == [24, 20] and item["target_size"].tolist() == [16, 16]
+    assert item["crop_top_left"].tolist() == [2, 0] and item["pixel_values"].shape == (3, 16, 16)
+    assert torch.equal(data[1]["original_size"], torch.tensor([20, 24]))
