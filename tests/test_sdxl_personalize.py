@@ -11,11 +11,12 @@ import pytest
 import torch
 import train as tool  # noqa: E402
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import sample_images, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 import visionpeft as vp
 from visionpeft.backbones.diffusers_loading import load_pipeline
+from visionpeft.cli import generate
 from visionpeft.cli.common import run  # noqa: E402
 from visionpeft.errors import ConfigError
 
@@ -96,7 +97,7 @@ def test_dreambooth_lora_sdxl_run_with_prior_loads_in_diffusers_and_as_kohya(set
 
 
 @pytest.mark.slow
-def test_textual_inversion_sdxl_run_writes_the_clip_l_clip_g_file(setup):
+def test_textual_inversion_sdxl_run_writes_the_clip_l_clip_g_file_and_generates(setup, capsys):
     run_dir = _train(
         setup, "textual_inversion_sdxl", "ti", "token=<red-box>", "method.initializer=red", "optim.lr=0.05"
     )
@@ -112,6 +113,20 @@ def test_textual_inversion_sdxl_run_writes_the_clip_l_clip_g_file(setup):
     )
     prompt = "a photo of <red-box>"
     assert np.abs(sample_images(theirs, prompt) - sample_images(ours, prompt)).max() < 1e-5
+    # tools/generate.py on the run's folder
+    out = setup / "grid.png"
+    args = ["--model", str(setup / "pipe"), "--adapter", str(run_dir), "--prompt", prompt, "--seeds", "0", "1"]
+    assert run(generate.main, [*args, "--steps", "2", "--size", "16", "--device", "cpu", "--out", str(out)]) == 0
+    assert f"wrote {out} (1 prompts x 2 seeds" in capsys.readouterr().out and Image.open(out).size[0] > 2 * 16
+
+
+def test_generate_refuses_an_sdxl_embeddings_file_without_token(setup, capsys):
+    file = setup / "clip.safetensors"
+    save_file({"clip_l": torch.zeros(1, 16), "clip_g": torch.zeros(1, 16)}, file)
+    args = ["--model", str(setup / "pipe"), "--adapter", str(file), "--prompt", "x", "--device", "cpu"]
+    assert run(generate.main, [*args, "--out", str(setup / "never.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "holds SDXL embeddings (clip_l, clip_g) without their token" in err
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@
         --adapter runs/ti-cat/adapter --adapter runs/lora-cat/diffusers \\
         --prompt "a photo of <my-cat> on a beach" --prompt "<my-cat> in the snow" --seeds 0 1 2 --out grid.png
 
-An adapter is a visionpeft adapter folder (``visionpeft_config.json``), or a folder / file in diffusers' formats:
+An adapter is a training run's folder (its ``adapter/``), a visionpeft adapter folder (``visionpeft_config.json``), or a
+folder / file in diffusers' formats:
 ``pytorch_lora_weights.safetensors`` (``load_lora_weights``) and ``learned_embeds.safetensors``
 (``load_textual_inversion``), or a ``ControlNetModel`` / ``T2IAdapter`` folder (``--control RUN/controlnet``, with
 ``--control-image edges.png``).
@@ -32,6 +33,8 @@ from .common import add_base_check_argument, positive_int, unit_float
 
 #: White pixels between the cells of the grid and around them.
 GAP = 4
+#: The folder of a training run that holds its final adapter (``--adapter RUN`` loads it).
+RUN_ADAPTER = "adapter"
 
 
 def read_weights(file: Path) -> dict[str, Any]:
@@ -70,7 +73,10 @@ def apply_adapter(pipe, path: Path, check_base: bool = True) -> str:
     import visionpeft as vp
     from visionpeft.checkpoint.folder import adapter_config_path
     from visionpeft.errors import CheckpointError
+    from visionpeft.methods.textual_inversion import SDXL_EMBEDDING_KEYS
 
+    if path.is_dir() and adapter_config_path(path) is None and adapter_config_path(path / RUN_ADAPTER) is not None:
+        path = path / RUN_ADAPTER  # a training run's folder: its final adapter
     if path.is_dir() and adapter_config_path(path) is not None:
         vp.load_adapter(pipe, path, check_base=check_base)
         return "visionpeft"
@@ -82,6 +88,11 @@ def apply_adapter(pipe, path: Path, check_base: bool = True) -> str:
     kinds = []
     for file in files:
         state = read_weights(file)
+        if set(state) == set(SDXL_EMBEDDING_KEYS):
+            raise CheckpointError(
+                f"{file} holds SDXL embeddings ({', '.join(SDXL_EMBEDDING_KEYS)}) without their token; pass the "
+                "run's folder or its adapter/ folder instead"
+            )
         embeddings = file.name == "learned_embeds.safetensors" or "embeds" in file.stem
         kind = "textual inversion" if embeddings else "LoRA"
         try:
