@@ -17,8 +17,8 @@ PRECISIONS = ("no", "fp16", "bf16")
 
 #: The ``task:`` field's help, shared by every task schema.
 TASK_HELP = (
-    "the trainer: classification, segmentation, personalization, class_conditional, control, pretrain_text_to_image, "
-    "pretrain_clip"
+    "the trainer: classification, segmentation, personalization, class_conditional, control, ip_adapter, "
+    "pretrain_text_to_image, pretrain_clip"
 )
 
 

@@ -23,6 +23,7 @@ from ..registry import TRAINERS
 from .class_conditional import ClassConditionalConfig
 from .classification import ClassificationConfig
 from .control import ControlConfig
+from .ip_adapter import IPAdapterConfig
 from .personalization import PersonalizationConfig
 from .pretrain_clip import PretrainCLIPConfig
 from .pretrain_text_to_image import PretrainTextToImageConfig
@@ -152,6 +153,20 @@ register(
         eval_options=frozenset({"samples", "out"}),
         predict_options=frozenset({"inputs", "out", "prompt", "seeds"}),
         call_inputs=frozenset({"control_image"}),
+        pipeline_tag="text-to-image",
+    )
+)
+register(
+    TaskSpec(
+        "ip_adapter",
+        IPAdapterConfig,
+        "visionpeft.trainers.ip_adapter:run",
+        "visionpeft.trainers.ip_adapter_eval:evaluate",
+        evaluates="the validation grid of the first training images as image prompts (--samples of them)",
+        no_predictor="draw with `visionpeft generate --model BASE --ip-adapter RUN --ip-image REF.png --prompt TEXT`",
+        eval_options=frozenset({"samples", "out"}),
+        task_inputs=frozenset({"image_embed_dim"}),
+        call_inputs=frozenset({"ip_image_embeds"}),
         pipeline_tag="text-to-image",
     )
 )
