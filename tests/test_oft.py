@@ -79,6 +79,23 @@ def test_module_dropout_makes_that_many_blocks_the_identity_in_training_only():
     assert not any(torch.allclose(block, eye) for block in update.rotations())
 
 
+def test_a_whole_linear_runs_the_frozen_layer_on_the_turned_input_as_peft_does():
+    """x R into the base layer (PEFT's forward: no gradient of a weight-sized product) is the map of W R^T."""
+    layer = torch.nn.Linear(32, 12)
+    model = vp.attach(torch.nn.Sequential(layer), "oft", target_modules=["0"], oft_block_size=8)
+    randomize(model, scale=0.2)
+    inputs = []
+    layer.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
+    x = torch.randn(5, 3, 32)
+    output = model(x)
+    wrapper = model[0]
+    rotation = torch.block_diag(*wrapper.updates["main"].rotations())
+    torch.testing.assert_close(inputs[0], x @ rotation)
+    torch.testing.assert_close(output, torch.nn.functional.linear(x, wrapper.effective_weight(), layer.bias))
+    output.sum().backward()
+    assert wrapper.updates["main"].oft_R.grad.abs().max() > 0
+
+
 def test_coft_keeps_each_block_within_its_radius():
     model = vp.attach(FAMILIES["vit"].factory(), "oft", target_modules=["qkv"], oft_block_size=8, coft=True, eps=1e-2)
     randomize(model, scale=1.0)

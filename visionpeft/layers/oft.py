@@ -7,7 +7,8 @@ each block's skew matrix Q ((r, b (b - 1) / 2); one shared block with ``block_sh
 the identity: unchanged); R is the Cayley-Neumann series ``I + 2Q + 2Q^2 + 2Q^3 + Q^4`` (5 terms) (PEFT >= 0.18's
 default, ``use_cayley_neumann``) or the exact ``(I - Q)(I + Q)^-1``; COFT (``coft``) projects each block's Q into a
 Frobenius ball of radius ``eps / sqrt(blocks)`` before every use, in place, as PEFT does. PEFT rotates the input of a
-Linear (``x R``, then the base layer), which is the same map as the weight ``W R^T`` used here and in its merge. A
+Linear (``x R``, then the base layer), which is the same map as the weight ``W R^T`` of its merge; this layer does
+the same on a whole Linear (:meth:`OFTUpdate.turned_input`) and uses the weight on slices and convolutions. A
 conv's input side is its flattened kernel (in_channels x kh x kw): there PEFT 0.21's forward (an unfold / fold of the
 input) is not its own merge and not unchanged at initialisation for kernels larger than 1x1; this layer is what
 PEFT's merged layer computes.
@@ -148,6 +149,15 @@ class OFTUpdate(WeightUpdate):
         if sample and self.module_dropout > 0 and blocks.shape[0] > 1:
             blocks = identity_dropout(blocks[None], self.module_dropout, one_factor=False)[0]
         return blocks.expand(self.blocks, -1, -1)
+
+    def turned_input(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor | None:
+        """``x R`` block by block (PEFT's forward), which the frozen Linear maps as ``W R^T`` maps ``x``; None with
+        ``output_side``."""
+        if self.output_side:
+            return None
+        blocks = self.rotations(sample).to(x.dtype)
+        turned = torch.einsum("...nk,nkc->...nc", x.reshape(*x.shape[:-1], self.blocks, self.block_size), blocks)
+        return turned.reshape(x.shape)
 
     def updated(self, weight: torch.Tensor, sample: bool = False) -> torch.Tensor:
         blocks = self.rotations(sample).to(weight.dtype)

@@ -9,7 +9,10 @@ returns the slice's effective weight (:meth:`WeightUpdate.updated`), and an addi
 - :class:`WeightSpaceLayer` (Linear with output slices, Conv2d). An additive update runs as PEFT's LyCORIS layers
   do, ``base(x) + x delta W^T`` (for a Conv2d the base's convolution with the delta), so a hook another method put
   on the base layer sees the base output alone, as with a LoRA. Any other update calls the base layer with its
-  effective weight in place of its own (``torch.func.functional_call``), so hooks on the base layer still run.
+  effective weight in place of its own (``torch.func.functional_call``), so hooks on the base layer still run; a
+  whole Linear whose update turns its input side (OFT) runs as PEFT's OFT does, the base layer on the turned input
+  ``x R`` (:meth:`WeightUpdate.turned_input`, no gradient of a full weight), unless a pre-hook on the base layer
+  would then see the turned input instead of ``x``.
 - :class:`WeightSpaceMultiheadAttention`: the functional attention forward on the effective weights
   (:class:`~visionpeft.layers.mha.WeightSpaceAttention`).
 
@@ -44,6 +47,11 @@ class WeightUpdate(nn.Module):
     def updated(self, weight: torch.Tensor, sample: bool = False) -> torch.Tensor:
         """The effective weight of the slice whose frozen weight is ``weight`` (same shape and dtype)."""
         return weight + self.delta(weight, sample).to(weight.dtype)
+
+    def turned_input(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor | None:
+        """For an update that is a map of a Linear's input side (``W' = W R^T``): the input ``x R`` that the frozen
+        layer turns into the updated layer's output; None for any other update."""
+        return None
 
 
 def update_skipped(probability: float) -> bool:
@@ -131,7 +139,18 @@ class WeightSpaceLayer(nn.Module):
             if isinstance(self.base, nn.Conv2d):
                 return self.base(x) + self.base._conv_forward(x, delta, None)
             return self.base(x) + F.linear(x, delta)
+        turned = self._turned_input(x)
+        if turned is not None:
+            return self.base(turned)
         return functional_call(self.base, {"weight": self.effective_weight(self.training)}, (x,))
+
+    def _turned_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole Linear's turned input when its update is an input-side map and no pre-hook on the base layer
+        reads the input (with one, the base layer is called on ``x`` with its effective weight); else None."""
+        if not self.whole or not isinstance(self.base, nn.Linear) or self.base._forward_pre_hooks:
+            return None
+        (update,) = self.updates.values()
+        return update.turned_input(x, self.training)
 
     @torch.no_grad()
     def merge(self) -> None:
