@@ -177,3 +177,33 @@ def test_lora_on_unet_and_both_encoders_exports_what_diffusers_sdxl_loads(saved,
         theirs = load_pipeline(str(saved / "epsilon"))
         theirs.load_lora_weights(str(folder))
         assert np.abs(sample_images(theirs, PROMPTS[0]) - expected).max() < 1e-5, folder
+    # and visionpeft reads the kohya file back (import_lora through diffusers' SDXL reader)
+    back = vp.load_adapter(load_pipeline(str(saved / "epsilon")), tmp_path / "kohya" / "lora_kohya.safetensors")
+    assert np.abs(sample_images(back, PROMPTS[0]) - expected).max() < 1e-5
+
+
+def test_gradient_checkpointing_on_the_sdxl_unet_and_encoders_keeps_loss_and_gradients(saved):
+    """What ``train.gradient_checkpointing`` turns on (the U-Net's and every text encoder's) recomputes, never
+    changes, the step."""
+    towers = ["unet", "text_encoder", "text_encoder_2"]
+    pipe = load_pipeline(str(saved / "epsilon"))
+    vp.attach(pipe, [("lora", {"tower": t, "r": 2, "targets": ["q", "v"]}) for t in towers])
+    perturb(pipe)
+    vp.set_train_mode(pipe, True)
+    pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    parts = DiffusionParts.from_pipeline(pipe)
+    results = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+            pipe.text_encoder.gradient_checkpointing_enable()
+            pipe.text_encoder_2.gradient_checkpointing_enable()
+        loss = diffusion_loss(
+            parts, pixels, PROMPTS, torch.Generator().manual_seed(2), conditions=conditions_of((24, 20), (3, 1))
+        )
+        loss.backward()
+        results.append((loss.detach(), _grads(pipe)))
+    assert pipe.unet.is_gradient_checkpointing and pipe.text_encoder_2.is_gradient_checkpointing
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=0, atol=1e-6, msg=name)
