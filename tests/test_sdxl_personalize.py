@@ -185,3 +185,20 @@ def test_sdxl_items_carry_their_real_crop(setup):
     assert item["original_size"].tolist() == [24, 20] and item["target_size"].tolist() == [16, 16]
     assert item["crop_top_left"].tolist() == [2, 0] and item["pixel_values"].shape == (3, 16, 16)
     assert torch.equal(data[1]["original_size"], torch.tensor([20, 24]))
+
+
+def test_text_encoder_lr_gives_both_encoders_their_own_group(setup):
+    from visionpeft.config import load_config
+    from visionpeft.trainers.personalization import text_encoder_multipliers
+    from visionpeft.trainers.run import build_optimizer
+
+    config = load_config("configs/personalize/dreambooth_lora_sdxl.yaml", ["train_text_encoder=true"])
+    pipe = _pipe(setup)
+    towers = ["unet", "text_encoder", "text_encoder_2"]
+    vp.attach(pipe, [("lora", {"tower": t, "r": 2, "targets": ["q", "v"]}) for t in towers])
+    optimizer = build_optimizer(config.optim, vp.adapter.unwrap(pipe), 4, text_encoder_multipliers(config.optim))
+    counts = {}
+    for group in optimizer.param_groups:
+        counts[round(group["lr"], 12)] = counts.get(round(group["lr"], 12), 0) + len(group["params"])
+    text = 2 * 2 * 2 + 3 * 2 * 2  # encoder layers (2, 3) x q, v x (A, B)
+    assert counts == {1e-4: len(vp.trainable_parameters(pipe)) - text, 5e-6: text}

@@ -123,6 +123,12 @@ class PersonalizeOptim(DiffusionOptim):
     warmup_steps: int | None = setting(0, "linear warmup from 0, in optimizer steps (or warmup_epochs)", min=0)
     grad_accum: int = setting(4, "micro-batches accumulated per optimizer step", min=1)
     clip_grad: float | None = setting(1.0, "max gradient norm (null: no clipping)", min=0)
+    text_encoder_lr: float | None = setting(
+        None,
+        "learning rate of what trains in the text encoders (diffusers' --text_encoder_lr, 5e-6 in the SDXL "
+        "DreamBooth-LoRA script; scaled with lr by lr_scale_batch); null: optim.lr",
+        min=0,
+    )
 
 
 @dataclass

@@ -418,12 +418,21 @@ class PersonalizationTrainer:
             summary=summary,
             state={"pipeline": pipeline},
             batch_sampler=bucket_batches(subject, config.train.seed) if data.buckets else None,
+            lr_multipliers=text_encoder_multipliers(config.optim),
         )
 
     def finish(self, config: DictConfig, loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
         if not loop.accelerator.is_main_process:
             return {"outputs": []}
         return {"outputs": save_outputs(setup.state["pipeline"], setup.adapted, run_dir)}
+
+
+def text_encoder_multipliers(optim: DictConfig) -> dict[str, float]:
+    """``optim.text_encoder_lr`` as the learning-rate multiplier of every text encoder's tensors (names
+    ``text_encoder.*``, ``text_encoder_2.*``), or none."""
+    if optim.text_encoder_lr is None or not optim.lr:
+        return {}
+    return {"text_encoder": optim.text_encoder_lr / optim.lr}
 
 
 def bucket_batches(subject: FewImages, seed: int):
