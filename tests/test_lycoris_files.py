@@ -377,3 +377,18 @@ def test_a_lokr_split_visionpeft_cannot_make_is_refused(tmp_path, lycoris_networ
     # input channels 1 x 4); PEFT's factorization, which visionpeft's lokr uses, gives 4 x 1 there
     file, _ = _lycoris_file(tmp_path, "lokr_factor_4", 1, 1.0, {"algo": "lokr", "factor": 4})
     _refused(tiny_sd_pipeline(tmp_path / "tok"), file, "lora_unet_conv_in 4x4 / 1x4.* no one decompose_factor")
+
+
+def test_ia3_has_no_kohya_format_since_lycoris_lora_reads_no_ia3_file():
+    """The reason ``ia3`` stops at PEFT's format (see :mod:`visionpeft.methods.ia3`): lycoris-lora's own loader fails
+    on a file of its IA3 layout, so no export could be checked against it; when it reads one, revisit."""
+    from lycoris.modules import get_module, make_module
+
+    from visionpeft.methods import METHODS
+
+    name = "lora_unet_fc"
+    kind, params = get_module({f"{name}.weight": torch.zeros(8), f"{name}.on_input": torch.tensor(0)}, name)
+    assert kind.__name__ == "IA3Module"
+    with pytest.raises(TypeError, match="make_module_from_state_dict"):
+        make_module(kind, params, name, torch.nn.Linear(4, 8))
+    assert "kohya" not in METHODS.get("ia3").export_formats

@@ -37,8 +37,9 @@ text encoder's modules as the model is, which under transformers 5 lacks ``text_
 Not held: visionpeft's default (PEFT's) ``oft``, which turns a layer's *input* side (W' = W R^T), and ``boft``: LyCORIS,
 kohya, A1111 and ComfyUI turn the *output* side (LyCORIS's ``boft`` with its own butterfly order too); no file of one
 means the other's model. ``oft`` with ``output_side=True`` and ``use_cayley_neumann=False`` is theirs. (IA)^3
-(LyCORIS ``ia3``: ``weight`` and ``on_input``) scales by 1 + w where PEFT's vector is the scale itself, and
-lycoris-lora's loader ignores ``on_input``.
+(LyCORIS ``ia3``: ``weight`` and ``on_input``) scales the weight by 1 + w, bias untouched, where PEFT's vector is the
+scale itself and scales an output's bias too, and lycoris-lora 4.1.3's loader fails on every such file
+(``IA3Module.make_module_from_state_dict`` takes one tensor, ``get_module`` gives it two).
 
 :func:`lycoris_state_dict` names the methods' LyCORIS parts as a file does, :func:`kohya_metadata` gives the file the
 ``ss_*`` metadata sd-scripts writes; :mod:`visionpeft.checkpoint.lycoris_import` reads such files.

@@ -15,6 +15,14 @@ timm's fused ``qkv`` it scales those rows only (q's rows keep 1; PEFT on ``qkv``
 ``in_proj_bias`` or ``out_proj`` in weight space. :meth:`IA3.merge` folds each vector into its layer exactly, before
 or after another method's additive update of the same layer by attach order (:mod:`.hook_order`). PEFT's folder
 (``format="peft"``, and beside visionpeft's files by default) holds every vector but those on nn.MultiheadAttention.
+
+No ``format="kohya"`` (LyCORIS layout), and LyCORIS (IA)^3 files are not imported: LyCORIS's ``ia3`` module
+(lycoris-lora ``lycoris/modules/ia3.py``: ``<module>.weight``, one value per channel, and ``<module>.on_input``) and
+A1111's reader (``extensions-builtin/Lora/network_ia3.py``) scale the *weight* by ``1 + w`` and leave the bias alone,
+where PEFT's vector is the scale itself and scales an output's bias too (exact in that layout only for input scales and
+bias-free layers), and lycoris-lora 4.1.3's own loader reads no such file (``get_module`` hands
+``IA3Module.make_module_from_state_dict`` both tensors, which takes one: a ``TypeError``), so no file could be
+checked against lycoris-lora as the other formats are.
 """
 
 from __future__ import annotations
