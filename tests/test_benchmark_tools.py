@@ -11,6 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks.amp import Amp  # noqa: E402
+from benchmarks.core import interleaved  # noqa: E402
 from benchmarks.personalize import pipeline_parts  # noqa: E402
 
 
@@ -21,6 +22,14 @@ def test_sd15_layout_has_stable_diffusion_1_5s_parameter_counts():
     assert [sum(p.numel() for p in m.parameters()) for m in parts] == [859_520_964, 83_653_863, 123_060_480]
     with pytest.raises(ValueError, match="layout must be one of"):
         pipeline_parts("sdxl")
+
+
+def test_interleaved_rotates_the_order_every_round_and_reads_the_clock_it_is_given():
+    calls, ticks = [], iter(range(100))
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = interleaved(fns, 1, rounds=3, clock=lambda: next(ticks))
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")  # the warm-up call, then 3 rounds
+    assert times == {"a": 1, "b": 1, "c": 1}  # each call spans one tick of the given clock
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -141,23 +141,27 @@ def train_steps(args: tuple) -> dict:
     }
 
 
-def _median_time(fn, repeats: int) -> float:
+def _median_time(fn, repeats: int, clock=time.perf_counter) -> float:
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
-def interleaved(fns: dict, repeats: int, rounds: int = 5) -> dict[str, float]:
-    """Median time of each function, alternating between them so drifts of the machine hit all alike."""
+def interleaved(fns: dict, repeats: int, rounds: int = 5, clock=time.perf_counter) -> dict[str, float]:
+    """Median time of each function, alternating between them, the order rotated every round, so drifts of the
+    machine hit all alike. ``clock``: wall time, or ``time.process_time`` (this process's CPU time: on a shared
+    machine a one-thread run's CPU time leaves out the waits for a core)."""
     results: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            results[name].append(_median_time(fn, repeats))
+    names = list(fns)
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            results[name].append(_median_time(fns[name], repeats, clock))
     return {name: statistics.median(values) for name, values in results.items()}
 
 

@@ -4,12 +4,15 @@ same config on the same timm ViT, batch and threads.
 For each method both models are built in one fresh process (same weights, the adapter on the same whole modules:
 ``target_modules`` of PEFT's layout, plus the head) and their AdamW steps are timed interleaved (``core.interleaved``:
 alternating rounds, medians), so a drift of the shared machine hits both alike. The ratio is ours / PEFT's.
+``--clock cpu`` times this process's CPU time instead of wall time: with ``--threads 1`` on a machine others load,
+the waits for a core are left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import time
 
 from .core import Settings, build_model, interleaved, training_step
 
@@ -32,7 +35,10 @@ def _peft_model(settings: Settings, config_class: str, options: dict, targets: l
     return peft.get_peft_model(build_model(settings), config)
 
 
-def ours_vs_peft(settings: Settings, entry: tuple, repeats: int) -> dict:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def ours_vs_peft(settings: Settings, entry: tuple, repeats: int, clock: str = "wall") -> dict:
     """Runs in a fresh process: one method's training step, ours and PEFT's, interleaved."""
     import torch
 
@@ -56,7 +62,7 @@ def ours_vs_peft(settings: Settings, entry: tuple, repeats: int) -> dict:
         "ours": training_step(ours, params["ours"], x, y),
         "peft": training_step(peer, params["peft"], x, y),
     }
-    times = interleaved(steps, 1, rounds=repeats)
+    times = interleaved(steps, 1, rounds=repeats, clock=CLOCKS[clock])
     return {**times, "trainable": {k: sum(p.numel() for p in v) for k, v in params.items()}}
 
 
@@ -67,6 +73,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--img", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per method (one step each)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time or this process's CPU time")
     parser.add_argument("--quick", action="store_true", help="a tiny ViT, for a smoke test of this script")
     args = parser.parse_args(argv)
     if args.quick:
@@ -74,14 +81,15 @@ def main(argv: list[str]) -> int:
     settings = Settings(args.arch, args.batch, args.img, 1, 1, args.threads)
     print(
         f"# {settings.arch}, batch {settings.batch}, {settings.img} px, fp32, AdamW, {settings.threads} threads, "
-        f"median of {args.rounds} interleaved steps, one fresh process per method\n"
+        f"median {args.clock} time of {args.rounds} interleaved steps (order rotated each round), one fresh process "
+        "per method\n"
     )
     print("| method | trainable (ours / PEFT) | ours step (s) | PEFT step (s) | ours / PEFT | target |")
     print("|---|---:|---:|---:|---:|---:|")
     ctx = mp.get_context("spawn")
     for entry in METHODS:
         with ctx.Pool(1) as pool:
-            r = pool.apply(ours_vs_peft, (settings, entry, args.rounds))
+            r = pool.apply(ours_vs_peft, (settings, entry, args.rounds, args.clock))
         counts = f"{r['trainable']['ours']:,} / {r['trainable']['peft']:,}"
         print(
             f"| {entry[0]} | {counts} | {r['ours']:.3f} | {r['peft']:.3f} | {r['ours'] / r['peft']:.2f} | "
