@@ -8,7 +8,9 @@ An adapter is a training run's folder (its ``adapter/``), a visionpeft adapter f
 folder / file in diffusers' formats:
 ``pytorch_lora_weights.safetensors`` (``load_lora_weights``) and ``learned_embeds.safetensors``
 (``load_textual_inversion``), or a ``ControlNetModel`` / ``T2IAdapter`` folder (``--control RUN/controlnet``, with
-``--control-image edges.png``).
+``--control-image edges.png``). An IP-Adapter (``--ip-adapter RUN``: a run's ``ip_adapter/ip_adapter.safetensors``,
+or a released plain IP-Adapter ``.safetensors``, with its image encoder in ``image_encoder/`` beside it or
+``--ip-image-encoder``) takes ``--ip-image ref.png`` as the image prompt of every sample (``--ip-scale`` its weight).
 
 A model trained with another prediction type than its scheduler says (``optim.change_prediction_type``) or with zero
 terminal SNR samples with ``--prediction-type`` / ``--zero-terminal-snr`` (rescaled betas, trailing timesteps; best
@@ -35,6 +37,8 @@ from .common import add_base_check_argument, positive_int, unit_float
 GAP = 4
 #: The folder of a training run that holds its final adapter (``--adapter RUN`` loads it).
 RUN_ADAPTER = "adapter"
+#: The per-call input of an image prompt (the image encoder's embeddings of ``--ip-image``).
+IMAGE_PROMPT = "ip_image_embeds"
 
 
 def read_weights(file: Path) -> dict[str, Any]:
@@ -126,7 +130,7 @@ def control_inputs(pipe, image_path: Path | None, side: int) -> dict:
     from visionpeft.data.images import load_rgb
     from visionpeft.errors import ConfigError
 
-    reads = {name for method in methods_of(pipe) for name in method.call_inputs}
+    reads = {name for method in methods_of(pipe) for name in method.call_inputs if name == "control_image"}
     if not reads:
         if image_path is not None:
             raise ConfigError("--control-image given, but no loaded adapter reads a control image")
@@ -139,6 +143,23 @@ def control_inputs(pipe, image_path: Path | None, side: int) -> dict:
     image = load_rgb(image_path).resize((side, side))
     tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     return {"control_image": tensor.to(pipe.device)}
+
+
+def check_image_prompt(args):
+    """The ``--ip-image`` read before any model loads (None without ``--ip-adapter``); one line when it is missing,
+    unreadable, or given without an IP-Adapter."""
+    from visionpeft.data.images import load_rgb
+    from visionpeft.errors import ConfigError
+
+    if args.ip_image is not None and args.ip_adapter is None:
+        raise ConfigError("--ip-image is the image prompt of an IP-Adapter: give --ip-adapter RUN too")
+    if args.ip_adapter is None:
+        return None
+    if args.ip_image is None:
+        raise ConfigError("--ip-adapter needs --ip-image (the image prompt)")
+    if args.ip_scale < 0:
+        raise ConfigError(f"--ip-scale {args.ip_scale} is negative; 0 turns the image prompt off")
+    return load_rgb(args.ip_image)
 
 
 def check_out(out: Path) -> None:
@@ -200,7 +221,11 @@ def sample(pipe, prompt: str, seeds: list[int], options: dict, inputs: dict, bat
     for start in range(0, len(seeds), step):
         chunk = seeds[start : start + step]
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in chunk]
-        with vp.conditioning(pipe, **inputs) if inputs else contextlib.nullcontext():
+        given = {
+            key: value.expand(len(chunk), *value.shape[1:]) if key == IMAGE_PROMPT else value
+            for key, value in inputs.items()
+        }  # one image prompt per sample; guidance's doubled batch gets zeros beside them
+        with vp.conditioning(pipe, **given) if given else contextlib.nullcontext():
             images.extend(pipe(prompt, num_images_per_prompt=len(chunk), generator=generators, **options).images)
     return images
 
@@ -249,11 +274,18 @@ def main(argv: list[str]) -> int:
         default=None,
         help="images per pipeline call (default: all seeds of a prompt)",
     )
+    parser.add_argument("--ip-adapter", type=Path, help="an IP-Adapter: a run folder or its .safetensors file")
+    parser.add_argument("--ip-image", type=Path, help="the image prompt of the IP-Adapter")
+    parser.add_argument(
+        "--ip-image-encoder", type=Path, help="its CLIP image encoder folder (default: image_encoder/ beside it)"
+    )
+    parser.add_argument("--ip-scale", type=float, default=1.0, help="weight of the image prompt (0: none)")
     add_base_check_argument(parser)
     args = parser.parse_args(argv)
     if args.control and args.control_image is None:
         parser.error("--control needs --control-image")
     check_out(args.out)
+    reference = check_image_prompt(args)
 
     import torch
 
@@ -276,6 +308,12 @@ def main(argv: list[str]) -> int:
         print(f"adapter {adapter}: {apply_adapter(pipe, adapter, not args.ignore_base_mismatch)}")
     side = args.size or pipe.unet.config.sample_size * factor
     inputs = control_inputs(pipe, args.control_image, side)
+    if args.ip_adapter is not None:
+        from visionpeft.trainers.ip_adapter import attach_released, reference_embeds
+
+        loaded, encoder = attach_released(pipe, args.ip_adapter, args.ip_image_encoder, args.ip_scale)
+        print(f"adapter {args.ip_adapter}: {loaded}")
+        inputs[IMAGE_PROMPT] = reference_embeds(pipe, encoder, reference)
     options = {"negative_prompt": args.negative_prompt, "num_inference_steps": args.steps}
     options.update(guidance_scale=args.guidance, height=side, width=side)
     if args.guidance_rescale:

@@ -28,7 +28,7 @@ from ..checkpoint.folder import save_adapter
 from ..config import method_configs
 from ..config.diffusion_objective import DiffusionObjective, objective_of
 from ..data.image_prompts import PromptDrops, captioned_mix_image_prompts, folder_image_prompts
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from .diffusion import DiffusionParts, diffusion_loss
 from .diffusion_objective import check_objective, use_trained_sampling
 from .run import Setup, run_task
@@ -69,6 +69,77 @@ def check_embed_width(method_configs_: list, encoder: nn.Module) -> None:
                 f"method '{name}' option image_embed_dim is {given}, but the image encoder's embeddings are {width} "
                 "wide; leave it out (the task fills it in)"
             )
+
+
+def released_weights_file(path: Path) -> Path:
+    """The IP-Adapter weights a path names: the file itself, ``ip_adapter.safetensors`` in a folder, or a run
+    folder's ``ip_adapter/ip_adapter.safetensors``.
+
+    Raises:
+        CheckpointError: None of those exists.
+    """
+    from ..methods.ip_adapter import SUBFOLDER, WEIGHT_NAME
+
+    for candidate in (path, path / WEIGHT_NAME, path / SUBFOLDER / WEIGHT_NAME):
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(
+        f"no IP-Adapter at {path}: give a run folder (its {SUBFOLDER}/{WEIGHT_NAME}), that folder, or a "
+        ".safetensors file in the released layout"
+    )
+
+
+def attach_released(pipe, path: Path, encoder_path: Path | None = None, scale: float = 1.0) -> tuple[str, nn.Module]:
+    """Attaches the IP-Adapter of ``path`` (:func:`released_weights_file`: a run's export or a released plain
+    IP-Adapter ``.safetensors``) to ``pipe`` with its weights, and loads its image encoder (``encoder_path``, else
+    ``image_encoder/`` beside the weights, where ``load_ip_adapter`` looks) on the pipeline's device.
+
+    Returns:
+        (what was loaded, in words; the image encoder).
+
+    Raises:
+        CheckpointError: An unreadable file, one for another cross-attention width or another encoder's
+            embeddings, or no encoder folder.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..adapter import methods_of
+    from ..methods.ip_adapter import released_layout_options
+
+    file = released_weights_file(path)
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({str(err).splitlines()[0][:120]})") from None
+    try:
+        options = released_layout_options(tensors)
+    except CheckpointError as err:
+        raise CheckpointError(f"{file}: {err}") from None
+    width = pipe.unet.config.cross_attention_dim
+    if options["cross_attention_dim"] != width:
+        raise CheckpointError(
+            f"{file} is an IP-Adapter for cross-attention width {options['cross_attention_dim']}; this pipeline's "
+            f"U-Net has width {width} (another base model)"
+        )
+    folder = encoder_path if encoder_path is not None else file.parent / ENCODER_FOLDER
+    if not folder.is_dir():
+        raise CheckpointError(f"no image encoder folder at {folder}: pass the IP-Adapter's CLIP image encoder")
+    encoder = load_image_encoder(str(folder)).to(pipe.device)
+    if encoder.config.projection_dim != options["image_embed_dim"]:
+        raise CheckpointError(
+            f"the image encoder in {folder} gives {encoder.config.projection_dim}-wide embeddings; {file} takes "
+            f"{options['image_embed_dim']}"
+        )
+    attach(pipe, "ip_adapter", image_embed_dim=options["image_embed_dim"], scale=scale)
+    methods_of(pipe)[-1].load_diffusers_tensors(tensors, str(file))
+    return f"ip_adapter ({file}, image encoder {folder})", encoder
+
+
+def reference_embeds(pipe, encoder: nn.Module, reference) -> torch.Tensor:
+    """The image prompt of the PIL image ``reference``: (1, dim), on the encoder's device."""
+    pixels = image_processor(pipe, encoder)(images=reference, return_tensors="pt").pixel_values
+    return image_embeds(encoder, pixels)
 
 
 class ImagePromptDenoiser(nn.Module):
