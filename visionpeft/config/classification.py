@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..schema import section, setting
-from .sections import TASK_HELP, OptimConfig, RunSettings, VisionModel
+from .sections import OPTIMIZERS, TASK_HELP, OptimConfig, RunSettings, VisionModel
 
 
 @dataclass
@@ -59,7 +59,7 @@ class DataConfig:
 class ClassificationOptim(OptimConfig):
     """VPT's recipe: SGD, cosine after 10 warmup epochs of 100."""
 
-    name: str = setting("sgd", "optimizer", choices=("sgd", "adamw"))
+    name: str = setting("sgd", "optimizer (sgd, adamw, prodigy: see the shared optim section)", choices=OPTIMIZERS)
     lr: float = setting(0.1, "peak learning rate (see lr_scale_batch)", min=0)
     epochs: int | None = setting(100, "run length in passes over the training set (or set steps)", min=1)
     warmup_epochs: int | None = setting(10, "linear warmup from 0, in epochs (or set warmup_steps)", min=0)

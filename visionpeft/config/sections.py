@@ -8,11 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..backbones.libraries import IMAGE_LIBRARIES
+from ..errors import ConfigError
 from ..schema import setting
 
 #: Learning-rate schedules (built by transformers' ``get_scheduler``); warmup is linear from 0 in every one.
 SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
+#: Optimizers ``build_optimizer`` makes; prodigy needs the ``prodigyopt`` package (checked when the config loads).
+OPTIMIZERS = ("sgd", "adamw", "prodigy")
 
 
 #: The ``task:`` field's help, shared by every task schema.
@@ -46,7 +49,12 @@ class OptimConfig:
     passes over the training set) or ``steps``, exactly one of them; warmup likewise in ``warmup_epochs`` or
     ``warmup_steps``."""
 
-    name: str = setting("adamw", "optimizer", choices=("sgd", "adamw"))
+    name: str = setting(
+        "adamw",
+        "optimizer: sgd, adamw, or prodigy (Mishchenko & Defazio 2024, pip install prodigyopt: estimates the step "
+        "size; lr is its multiplier, 1.0 as in diffusers' examples)",
+        choices=OPTIMIZERS,
+    )
     lr: float = setting(1e-3, "peak learning rate (see lr_scale_batch)", min=0)
     lr_scale_batch: int | None = setting(
         None, "if set, lr is multiplied by data.batch_size / lr_scale_batch (linear scaling rule)", min=1
@@ -63,6 +71,25 @@ class OptimConfig:
     power: float = setting(1.0, "power of the polynomial schedule (mmseg's poly: 1.0 or 0.9)", min=0)
     grad_accum: int = setting(1, "micro-batches accumulated per optimizer step", min=1)
     clip_grad: float | None = setting(None, "max gradient norm (null: no clipping)", min=0)
+    loraplus_lr_ratio: float | None = setting(
+        None,
+        "LoRA+ (Hayou et al. 2024): LoRA B matrices and 1-D tensors learn at lr x this ratio, as PEFT's "
+        "create_loraplus_optimizer (the LoRA+ README asks for >= 1, task dependent; 2^4 = 16 is the usual "
+        "choice); null: off",
+        above=0,
+    )
+
+
+def check_optimizer_config(config) -> None:
+    """The optimizer's package must be importable before anything is built.
+
+    Raises:
+        ConfigError: ``optim.name=prodigy`` without the ``prodigyopt`` package, in one line naming the install.
+    """
+    import importlib.util
+
+    if config.optim.get("name") == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+        raise ConfigError("optim.name=prodigy needs the prodigyopt package: pip install prodigyopt")
 
 
 @dataclass

@@ -97,19 +97,24 @@ def micro_batch(batch_size: int, processes: int, grad_accum: int) -> int:
 def build_optimizer(
     optim: DictConfig, model: nn.Module, batch_size: int, lr_multipliers: dict[str, float] | None = None
 ) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW over the trainable parameters only; biases and norms (1-D tensors) without weight
-    decay unless ``optim.bias_decay``; lr scaled by ``batch_size / optim.lr_scale_batch`` when that is set.
+    """SGD (momentum), AdamW or Prodigy over the trainable parameters only; biases and norms (1-D tensors) without
+    weight decay unless ``optim.bias_decay``; lr scaled by ``batch_size / optim.lr_scale_batch`` when that is set;
+    with ``optim.loraplus_lr_ratio`` (LoRA+) the tensors :func:`loraplus_fast` picks learn that many times faster.
 
     Args:
         lr_multipliers: Parameter-name prefix -> learning-rate multiplier (the first matching prefix counts); such
-            parameters get their own groups (a decode head trained 10x faster than the backbone).
+            parameters get their own groups (a decode head trained 10x faster than the backbone). LoRA+'s ratio
+            multiplies it.
     """
     lr = optim.lr * (batch_size / optim.lr_scale_batch if optim.lr_scale_batch else 1.0)
     multipliers = lr_multipliers or {}
+    ratio = optim.get("loraplus_lr_ratio")
     grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in trainable_parameters(model):
         exempt = not optim.bias_decay and (param.ndim <= 1 or name.endswith(".bias"))
         scale = next((m for prefix, m in multipliers.items() if name.startswith(prefix)), 1.0)
+        if ratio is not None and loraplus_fast(name, param):
+            scale *= ratio
         grouped.setdefault((scale, exempt), []).append(param)
     groups = [
         {"params": grouped[key], "weight_decay": 0.0 if key[1] else optim.weight_decay, "lr": lr * key[0]}
@@ -119,7 +124,28 @@ def build_optimizer(
         raise ConfigError("the method leaves nothing to train")
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum)
+    if optim.name == "prodigy":
+        return prodigy(groups, lr)
     return torch.optim.AdamW(groups, lr=lr)
+
+
+def loraplus_fast(name: str, param: nn.Parameter) -> bool:
+    """The tensors LoRA+ (arXiv 2402.12354) trains at ``lr x loraplus_lr_ratio``: LoRA's B matrices and every 1-D
+    tensor (biases, DoRA magnitudes), PEFT's rule (``peft/optimizers/loraplus.py``, ``create_loraplus_optimizer``:
+    ``"lora_B" in name or param.ndim == 1``)."""
+    return "lora_B" in name or param.ndim == 1
+
+
+def prodigy(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """Prodigy (Mishchenko & Defazio, ICML 2024) with diffusers' example settings
+    (``train_dreambooth_lora_sdxl_advanced.py`` lines 1822-1854, ``--optimizer prodigy``: decoupled weight decay,
+    bias correction, safeguard warmup; betas (0.9, 0.999)); each group's lr multiplies the step size Prodigy
+    estimates."""
+    from prodigyopt import Prodigy
+
+    if lr <= 0.1:
+        logger.warning(f"optim.lr={lr} with prodigy: lr multiplies the estimated step size; 1.0 is the usual value")
+    return Prodigy(groups, lr=lr, decouple=True, use_bias_correction=True, safeguard_warmup=True)
 
 
 def freeze_in_precision(modules: list[nn.Module], mixed_precision: str) -> None:
