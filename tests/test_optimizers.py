@@ -92,3 +92,66 @@ def test_prodigy_trains_where_installed():
         optimizer.step()
         losses.append(loss.item())
     assert optimizer.param_groups[0]["d"] > 1e-4 and losses[-1] < losses[0] - 0.03
+
+
+def lora_sizes(model) -> dict[str, tuple[int, float]]:
+    """Module path -> (rank, scale) of every LoRA update of a visionpeft model."""
+    from visionpeft.methods.base import base_module_paths
+
+    lora = next(m for m in vp.adapter.require_state(model).methods if m.name == "lora")
+    paths = base_module_paths(model)
+    sizes = {}
+    for wrapper in lora.wrappers():
+        for update in wrapper.updates.values() if hasattr(wrapper, "updates") else [wrapper.update]:
+            sizes[paths[id(wrapper.base)]] = (update.lora_A.shape[0], update.scale)
+    return sizes
+
+
+def test_rank_and_alpha_patterns_follow_peft_and_load_back_through_peft(tmp_path):
+    """PEFT's rule: the first key that matches ``(.*\\.)?(KEY)$`` sets a module's rank / alpha; a module matched
+    by rank_pattern only keeps alpha (its scale changes). The PEFT export loads with PeftModel.from_pretrained and
+    gives the same outputs."""
+    from tiny_models import _run_vit, perturb
+
+    targets = ["attn.qkv", "attn.proj", "mlp.fc1"]
+    ranks, alphas = {"blocks.1.attn.proj": 6, "fc1": 3}, {"fc1": 12.0}
+    ours = vp.attach(tiny_vit(), "lora", r=4, alpha=8, target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas)
+    theirs = peft.get_peft_model(tiny_vit(), config)
+    expected = {
+        name.removeprefix("base_model.model."): (module.r["default"], module.scaling["default"])
+        for name, module in theirs.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    }
+    assert lora_sizes(ours) == expected
+    assert expected["blocks.1.attn.proj"] == (6, 8 / 6) and expected["blocks.0.mlp.fc1"] == (3, 4.0)
+    perturb(ours)
+    vp.save_adapter(ours, tmp_path, format="peft")
+    loaded = peft.PeftModel.from_pretrained(tiny_vit(), tmp_path).eval()
+    torch.testing.assert_close(_run_vit(loaded), _run_vit(ours), rtol=1e-5, atol=1e-5)
+
+
+def test_rank_pattern_on_a_fused_projection_and_saved_adapters_keep_it(tmp_path):
+    from tiny_models import _run_vit, perturb
+
+    ours = perturb(vp.attach(tiny_vit(), "lora", r=2, targets=["q", "v"], rank_pattern={r"blocks\.0\.attn\.qkv": 5}))
+    assert lora_sizes(ours) == {"blocks.0.attn.qkv": (5, 8 / 5), "blocks.1.attn.qkv": (2, 4.0)}
+    vp.save_adapter(ours, tmp_path / "vp")
+    loaded = vp.load_adapter(tiny_vit(), tmp_path / "vp")
+    torch.testing.assert_close(_run_vit(loaded), _run_vit(ours), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"rank_pattern": {"fc1": 0}}, "option 'rank_pattern' value of 'fc1' must be a positive int, got 0"),
+        ({"rank_pattern": {"fc1": 2.5}}, "option 'rank_pattern' value of 'fc1' must be a positive int, got 2.5"),
+        ({"alpha_pattern": {"fc(": 2}}, "option 'alpha_pattern' key 'fc(' is not a regex"),
+        ({"rank_pattern": ["fc1"]}, "option 'rank_pattern' must map module-path patterns to values"),
+    ],
+)
+def test_bad_patterns_are_one_line(options, message):
+    from visionpeft.methods import make_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_config("lora", options)

@@ -41,6 +41,13 @@ def matches_target(path: str, spec: TargetSpec) -> bool:
     return any(path == t or path.endswith("." + t) for t in spec)
 
 
+def pattern_key(patterns: Sequence[str], path: str) -> str | None:
+    """The first of ``patterns`` (PEFT's ``rank_pattern`` / ``alpha_pattern`` keys) that selects the module at
+    ``path``, or None: PEFT's ``get_pattern_key`` (``peft/utils/other.py``) matches ``(.*\\.)?(KEY)$`` from the
+    path's start, so a key is a regex for the path or a dotted suffix of it."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", path)), None)
+
+
 def find_modules(
     candidates: list[tuple[str, nn.Module, str, nn.Module]],
     spec: TargetSpec,

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from ..backbones.base import Projection
-from ..errors import CheckpointError, IncompatibleMethodError
+from ..backbones.module_paths import pattern_key
+from ..errors import CheckpointError, ConfigError, IncompatibleMethodError
 from ..layers.lora import LoRAConv2d, LoRALinear, LoRAMultiheadAttention
 from ..schema import setting
 from .base import ExportParts, Method, MethodConfig, base_module_paths, register_method
@@ -35,6 +39,11 @@ class LoRAConfig(MethodConfig):
         target_modules: Library modules to adapt instead, on any model, by PEFT's rule: a list of module-path
             suffixes (``["query", "value"]``) or one regex over the whole path. Each selected nn.Linear, nn.Conv2d
             or nn.MultiheadAttention (all four projections) gets one update; canonical names are module paths.
+        rank_pattern: PEFT's option: module-path pattern -> the rank of the adapted modules it selects (the first
+            key in order whose ``(.*\\.)?(KEY)$`` matches the library module's path, as ``peft.utils.other.
+            get_pattern_key``); other modules get ``r``. A fused projection (timm's qkv) is one module: its slices
+            share the rank.
+        alpha_pattern: The same for ``alpha`` (a module matched by ``rank_pattern`` only keeps ``alpha``, as PEFT).
     """
 
     r: int = setting(8, "rank of the update", min=1)
@@ -45,6 +54,38 @@ class LoRAConfig(MethodConfig):
     target_modules: str | tuple[str, ...] | None = setting(
         None, "module paths to adapt instead of targets, on any model: path suffixes, or one regex (PEFT's rule)"
     )
+    rank_pattern: dict[str, int] = setting(
+        {}, "module-path pattern -> rank of the modules it selects (PEFT's rank_pattern: regex or dotted suffix)"
+    )
+    alpha_pattern: dict[str, float] = setting({}, "module-path pattern -> alpha (PEFT's alpha_pattern)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.rank_pattern = checked_pattern(self.rank_pattern, "rank_pattern", int)
+        self.alpha_pattern = checked_pattern(self.alpha_pattern, "alpha_pattern", float)
+
+
+def checked_pattern(pattern: Any, option: str, kind: type) -> dict[str, Any]:
+    """A ``rank_pattern`` / ``alpha_pattern`` as a plain dict of regex -> positive value.
+
+    Raises:
+        ConfigError: Not a mapping, a key that is no regex, or a value that is not a positive ``kind``.
+    """
+    if not isinstance(pattern, Mapping):
+        raise ConfigError(f"method 'lora' option '{option}' must map module-path patterns to values, got {pattern!r}")
+    checked = {}
+    for key, value in pattern.items():
+        try:
+            re.compile(str(key))
+        except re.error as err:
+            raise ConfigError(f"method 'lora' option '{option}' key '{key}' is not a regex: {err}") from None
+        whole = kind is float or (isinstance(value, int) and not isinstance(value, bool))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not whole or value <= 0:
+            raise ConfigError(
+                f"method 'lora' option '{option}' value of '{key}' must be a positive {kind.__name__}, got {value!r}"
+            )
+        checked[str(key)] = kind(value)
+    return checked
 
 
 #: Library modules a LoRA can wrap when chosen by module path.
@@ -70,14 +111,26 @@ class LoRA(Method):
     def build(self) -> None:
         cfg = self.config
         if cfg.target_modules is not None:
-            for entry in self.modules_by_path(cfg.target_modules, LORA_MODULES):
-                self._wrap_group(module_projections(*entry))
-            return
-        for members in projection_groups(self.blocks(), cfg.targets):
-            self._wrap_group(members)
+            groups = [module_projections(*entry) for entry in self.modules_by_path(cfg.target_modules, LORA_MODULES)]
+        else:
+            groups = list(projection_groups(self.blocks(), cfg.targets))
+        paths = base_module_paths(self.backbone.model)
+        sizes = [self.rank_and_alpha(paths.get(id(members[0][1].layer), "")) for members in groups]
+        for members, (r, alpha) in zip(groups, sizes, strict=True):
+            self._wrap_group(members, r, alpha)
 
-    def _wrap_group(self, members: list[tuple[str, Projection]]) -> None:
-        """Wraps the one library layer that ``members`` (canonical name, projection) are parts of."""
+    def rank_and_alpha(self, path: str) -> tuple[int, float]:
+        """The rank and alpha of the library module at ``path``: ``rank_pattern`` / ``alpha_pattern``'s value of
+        the first key that selects it (PEFT's rule, :func:`~visionpeft.backbones.module_paths.pattern_key`), else
+        ``r`` / ``alpha``."""
+        cfg = self.config
+        rank_key, alpha_key = pattern_key(cfg.rank_pattern, path), pattern_key(cfg.alpha_pattern, path)
+        r = cfg.r if rank_key is None else cfg.rank_pattern[rank_key]
+        return r, cfg.alpha if alpha_key is None else cfg.alpha_pattern[alpha_key]
+
+    def _wrap_group(self, members: list[tuple[str, Projection]], r: int, alpha: float) -> None:
+        """Wraps the one library layer that ``members`` (canonical name, projection) are parts of with a LoRA of
+        rank ``r`` scaled by ``alpha / r``."""
         cfg = self.config
         proj = members[0][1]
         layer = proj.layer
@@ -91,17 +144,17 @@ class LoRA(Method):
                     "lora dropout is not supported on nn.MultiheadAttention (open_clip towers); set lora.dropout=0"
                 )
             slot_names = {p.slot: n for n, p in members}
-            wrapper = LoRAMultiheadAttention(layer, tuple(slot_names), cfg.r, cfg.alpha, cfg.use_dora)
+            wrapper = LoRAMultiheadAttention(layer, tuple(slot_names), r, alpha, cfg.use_dora)
         elif proj.kind == "conv":
             slot_names = {"update": members[0][0]}
-            wrapper = LoRAConv2d(layer, cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora)
+            wrapper = LoRAConv2d(layer, r, alpha, cfg.dropout, cfg.use_dora)
         elif proj.kind == "fused":
             slot_names = {p.slot: n for n, p in members}
             rows = {p.slot: p.rows for _, p in members}
-            wrapper = LoRALinear(layer, rows, cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora)
+            wrapper = LoRALinear(layer, rows, r, alpha, cfg.dropout, cfg.use_dora)
         else:
             slot_names = {"main": members[0][0]}
-            wrapper = LoRALinear(layer, {"main": (0, layer.out_features)}, cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora)
+            wrapper = LoRALinear(layer, {"main": (0, layer.out_features)}, r, alpha, cfg.dropout, cfg.use_dora)
 
         def canonical(pname: str) -> str:
             # updates.<slot>.lora_A (Linear / MHA) or update.lora_A (Conv2d)
