@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -129,6 +130,11 @@ class PersonalizeOptim(DiffusionOptim):
         "DreamBooth-LoRA script; scaled with lr by lr_scale_batch); null: optim.lr",
         min=0,
     )
+    block_lr: dict[str, float] = setting(
+        {},
+        "U-Net learning-rate multipliers by place (sd-scripts' down_lr_weight / mid_lr_weight / up_lr_weight): "
+        "down, mid, up, a stage (down.1) or a block (down.1.attn.0, up.2.resnet.1); the most specific key counts",
+    )
 
 
 @dataclass
@@ -156,6 +162,27 @@ class PersonalizationConfig:
     prior: PriorConfig = section(PriorConfig, "DreamBooth prior preservation")
     optim: PersonalizeOptim = section(PersonalizeOptim, "optimizer and schedule")
     train: PersonalizeTrain = section(PersonalizeTrain, "run settings")
+
+
+def check_block_lr(schema: type, config) -> None:
+    """``optim.block_lr``'s keys are canonical U-Net places and its values multipliers of at least 0.
+
+    Raises:
+        ConfigError: A key that is no ``down`` / ``mid`` / ``up`` place, or a negative multiplier, naming the key.
+    """
+    section = typing.get_type_hints(schema).get("optim")
+    if not (isinstance(section, type) and issubclass(section, PersonalizeOptim)):
+        return
+    for key, value in config.optim.block_lr.items():
+        if not re.fullmatch(
+            r"(down|up)(\.\d+(\.(attn|resnet)(\.\d+(\.block\.\d+)?)?)?)?|mid(\.(attn|resnet)(\.\d+)?)?", key
+        ):
+            raise ConfigError(
+                f"optim.block_lr key '{key}' is no U-Net place: down, mid, up, a stage (down.1) or a block "
+                "(down.1.attn.0, mid.resnet.1)"
+            )
+        if value < 0:
+            raise ConfigError(f"optim.block_lr.{key} must be at least 0, got {value}")
 
 
 def check_data_config(schema: type, config) -> None:

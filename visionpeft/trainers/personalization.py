@@ -34,6 +34,7 @@ from ..data.captions import CaptionAugment
 from ..data.class_images import cached_class_images, class_image_fields
 from ..data.few_images import FewImages, ImageKnobs
 from ..errors import ConfigError
+from .block_rates import block_lr_multipliers
 from .diffusion import DiffusionParts, diffusion_loss
 from .diffusion_objective import check_objective, use_trained_sampling
 from .logs import get_logger
@@ -372,6 +373,7 @@ class PersonalizationTrainer:
         check_bucket_grid(pipeline, data, config.model.name)
         adapted = pipeline_modules(pipeline)
         vp.attach(pipeline, specs + text_encoder_loras(config, specs, adapted.text_encoders()))
+        multipliers = {**block_lr_multipliers(config.optim.block_lr, adapted), **text_encoder_multipliers(config.optim)}
         dataset: Dataset = subject
         summary = [f"{len(subject.images)} images, {len(subject)} training items", *subject.summary()]
         if config.prior.enabled:
@@ -418,7 +420,7 @@ class PersonalizationTrainer:
             summary=summary,
             state={"pipeline": pipeline},
             batch_sampler=bucket_batches(subject, config.train.seed) if data.buckets else None,
-            lr_multipliers=text_encoder_multipliers(config.optim),
+            lr_multipliers=multipliers,
         )
 
     def finish(self, config: DictConfig, loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
