@@ -242,8 +242,8 @@ def test_an_adapter_that_does_not_fit_the_unet_is_refused_at_attach(make_unet, o
 
 
 def test_bad_options_are_config_errors():
-    with pytest.raises(ConfigError, match="must be one of full_adapter, light_adapter, got 'full_adapter_xl'"):
-        vp.attach(tiny_unet(), "t2i_adapter", adapter_type="full_adapter_xl")
+    with pytest.raises(ConfigError, match="must be one of full_adapter, light_adapter, full_adapter_xl, got 'xl'"):
+        vp.attach(tiny_unet(), "t2i_adapter", adapter_type="xl")
     with pytest.raises(ConfigError, match=r"'channels' must be widths of at least 4 for light_adapter, got \[2, 2\]"):
         vp.attach(_three_block_unet(), "t2i_adapter", adapter_type="light_adapter", channels=[2, 2])
     with pytest.raises(ConfigError, match="'downscale_factor' must be at least 1"):

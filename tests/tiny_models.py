@@ -206,24 +206,29 @@ def tiny_sd_pipeline(directory, seed: int = 0):
     return pipe
 
 
-def tiny_sdxl_unet(seed: int = 0, text_dims: tuple[int, int] = (16, 16), pooled_dim: int = 16) -> torch.nn.Module:
+def tiny_sdxl_unet(
+    seed: int = 0, text_dims: tuple[int, int] = (16, 16), pooled_dim: int = 16, levels: int = 2
+) -> torch.nn.Module:
     """An SDXL-layout U-Net: added conditions ``text_time`` (pooled text embedding + six time ids of 8 channels
     each), linear projections in the transformers, no attention at the first level, two transformer layers at the
-    second (SDXL has 1, 2, 10), cross-attention on both encoders' joined states."""
+    second (SDXL has 1, 2, 10), cross-attention on both encoders' joined states. ``levels=3`` has SDXL's three down
+    blocks (plain, cross-attention, cross-attention; widths 16, 32, 32), the layout T2I-Adapter's
+    ``full_adapter_xl`` fits."""
     from diffusers import UNet2DConditionModel
 
+    three = levels == 3
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(16, 32),
+        block_out_channels=(16, 32, 32) if three else (16, 32),
         norm_num_groups=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2),
-        attention_head_dim=(2, 4),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", *(("CrossAttnDownBlock2D",) if three else ())),
+        up_block_types=(*(("CrossAttnUpBlock2D",) if three else ()), "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2) if three else (1, 2),
+        attention_head_dim=(2, 4, 4) if three else (2, 4),
         use_linear_projection=True,
         cross_attention_dim=sum(text_dims),
         addition_embed_type="text_time",
@@ -232,10 +237,10 @@ def tiny_sdxl_unet(seed: int = 0, text_dims: tuple[int, int] = (16, 16), pooled_
     ).eval()
 
 
-def tiny_sdxl_pipeline(directory, seed: int = 0, prediction_type: str = "epsilon"):
-    """A complete Stable Diffusion XL pipeline with random weights: the SDXL-layout U-Net, a tiny VAE, a
-    ``CLIPTextModel`` and a ``CLIPTextModelWithProjection`` (hidden 16, projection 16) over the real BPE vocabulary,
-    tokenizer 2 padding with "!" as SDXL's does."""
+def tiny_sdxl_pipeline(directory, seed: int = 0, prediction_type: str = "epsilon", levels: int = 2):
+    """A complete Stable Diffusion XL pipeline with random weights: the SDXL-layout U-Net (``levels``: see
+    :func:`tiny_sdxl_unet`), a tiny VAE, a ``CLIPTextModel`` and a ``CLIPTextModelWithProjection`` (hidden 16,
+    projection 16) over the real BPE vocabulary, tokenizer 2 padding with "!" as SDXL's does."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -274,7 +279,7 @@ def tiny_sdxl_pipeline(directory, seed: int = 0, prediction_type: str = "epsilon
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        unet=tiny_sdxl_unet(seed),
+        unet=tiny_sdxl_unet(seed, levels=levels),
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
     )

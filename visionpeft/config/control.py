@@ -1,4 +1,4 @@
-"""The ``control`` task's config: ControlNet / ControlNet-LoRA / T2I-Adapter on a Stable Diffusion pipeline."""
+"""The ``control`` task's config: ControlNet / ControlNet-LoRA / T2I-Adapter on a Stable Diffusion (XL) pipeline."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 
 from ..schema import section, setting
 from .diffusion_objective import DiffusionOptim
-from .sections import SCHEDULES, TASK_HELP, DiffusersModel, TextToImageTrain
+from .personalization import PersonalizeModel
+from .sections import SCHEDULES, TASK_HELP, TextToImageTrain
 
 
 @dataclass
@@ -54,10 +55,10 @@ class ControlTrain(TextToImageTrain):
 
 @dataclass
 class ControlConfig:
-    """A control run on a Stable Diffusion 1.x / 2.x pipeline."""
+    """A control run on a Stable Diffusion 1.x / 2.x or XL pipeline."""
 
     task: str = setting("control", TASK_HELP)
-    model: DiffusersModel = section(DiffusersModel, "the Stable Diffusion pipeline")
+    model: PersonalizeModel = section(PersonalizeModel, "the Stable Diffusion (XL) pipeline")
     method: Any = setting("controlnet", "a method name, {name: ..., options}, or a list of those")
     data: ControlData = section(ControlData, "the (image, condition, caption) triples")
     optim: ControlOptim = section(ControlOptim, "optimizer and schedule")

@@ -6,6 +6,9 @@ with ``conditioning_embedding_out_channels``, zero convs per down-block residual
 run trains is exactly the module ``StableDiffusionControlNetPipeline`` loads. The ControlNet is a side tower of the
 adapted model; each U-Net call made inside ``vp.conditioning(model, control_image=...)`` runs it on that call's
 noisy latents, timestep and text states and passes its residuals to the U-Net (added to any another control gave).
+On SDXL ``from_unet`` keeps the U-Net's ``text_time`` add-embedding, and the ControlNet gets the call's added
+conditions (``added_cond_kwargs``: pooled ``text_embeds`` + ``time_ids``), as ``train_controlnet_sdxl.py`` passes
+them (lines 1253-1261) and ``StableDiffusionXLControlNetPipeline`` does.
 """
 
 from __future__ import annotations
@@ -54,6 +57,24 @@ def add_to_call(kwargs: dict[str, Any], key: str, states: list[torch.Tensor], wh
         states = [a + b for a, b in zip(previous, states)]
     kwargs[key] = list(states)
     return kwargs
+
+
+#: ``UNet2DConditionModel.forward``'s leading arguments, in order (a call may pass any of them by position).
+UNET_ARGUMENTS = (
+    "sample",
+    "timestep",
+    "encoder_hidden_states",
+    "class_labels",
+    "timestep_cond",
+    "attention_mask",
+    "cross_attention_kwargs",
+    "added_cond_kwargs",
+)
+
+
+def _in_dtype(conditions: dict[str, torch.Tensor] | None, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """SDXL's added conditions (``text_embeds``, ``time_ids``) for the ControlNet, in its dtype."""
+    return None if conditions is None else {key: value.to(dtype) for key, value in conditions.items()}
 
 
 @dataclass
@@ -136,13 +157,13 @@ class ControlNet(Method):
         )
 
     def _add_residuals(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-        names = ("sample", "timestep", "encoder_hidden_states")
-        given = {name: args[i] if len(args) > i else kwargs.get(name) for i, name in enumerate(names)}
+        given = {name: args[i] if len(args) > i else kwargs.get(name) for i, name in enumerate(UNET_ARGUMENTS)}
         sample = given["sample"]
         down, mid = self.controlnet(
             sample.to(self.controlnet.dtype),
             given["timestep"],
             encoder_hidden_states=given["encoder_hidden_states"].to(self.controlnet.dtype),
+            added_cond_kwargs=_in_dtype(given["added_cond_kwargs"], self.controlnet.dtype),
             controlnet_cond=self._control_image(sample),
             conditioning_scale=self.config.conditioning_scale,
             guess_mode=self.config.guess_mode,

@@ -1,9 +1,11 @@
 """Conditional control of a Stable Diffusion pipeline: ControlNet, ControlNet-LoRA, T2I-Adapter - one trainer.
 
-Loads any SD 1.x / 2.x pipeline, attaches the control method(s) (with other methods if asked: a DreamBooth-LoRA on
-the U-Net trains jointly), and trains on (image, condition, caption) triples with the denoising loss; each batch's
-condition images reach the methods through ``vp.conditioning``. Validation samples training pairs with the
-pipeline (image grids in the run folder) and, for fill50k data, logs the fill IoU. The run folder receives
+Loads any SD 1.x / 2.x or SDXL pipeline (``model.family`` checked against its folder before anything loads; SDXL's
+U-Net and ControlNet get the added conditions of :mod:`.sdxl_conditioning`, the pairs uncropped at ``data.size`` as
+``train_controlnet_sdxl.py`` computes them), attaches the control method(s) (with other methods if asked: a
+DreamBooth-LoRA on the U-Net trains jointly), and trains on (image, condition, caption) triples with the denoising
+loss; each batch's condition images reach the methods through ``vp.conditioning``. Validation samples training pairs
+with the pipeline (image grids in the run folder) and, for fill50k data, logs the fill IoU. The run folder receives
 ``adapter/`` (visionpeft) and what diffusers loads as it is: ``controlnet/`` (``ControlNetModel.from_pretrained``;
 for ControlNet-LoRA the copy with its LoRA merged), ``t2i_adapter/`` (``T2IAdapter.from_pretrained``) or the other
 methods' diffusers files.
@@ -21,7 +23,7 @@ from torch import nn
 
 from ..adapter import attach, can_export, conditioning, methods_of
 from ..backbones import pipeline_modules
-from ..backbones.diffusers_loading import load_pipeline
+from ..backbones.diffusers_loading import family_of_class, load_pipeline, load_vae
 from ..checkpoint.folder import save_adapter
 from ..config import method_configs
 from ..config.diffusion_objective import DiffusionObjective, objective_of
@@ -29,6 +31,7 @@ from ..data.control_pairs import ControlPairs
 from ..data.fill50k import fill_iou
 from .diffusion import DiffusionParts, diffusion_loss
 from .diffusion_objective import check_objective, use_trained_sampling
+from .personalization import check_family, check_size, expected_family
 from .run import Setup, run_task
 
 
@@ -132,9 +135,14 @@ class ControlTrainer:
         if not config.data.root:
             raise ConfigError("data.root is required: the folder with metadata.jsonl (or fill50k's prompt.json)")
         data = config.data
+        expected_family(config)  # model.family and data.size against the folder's files, before anything loads
         pairs = ControlPairs(data.root, data.size, data.proportion_empty_prompts, data.conditioning)
         shown = pairs.for_validation()
         pipeline = load_pipeline(config.model.name)
+        check_family(config.model, family_of_class(type(pipeline).__name__), type(pipeline).__name__)
+        if config.model.vae is not None:
+            pipeline.vae = load_vae(config.model.vae)
+        check_size(data.size, 2 ** (len(pipeline.vae.config.block_out_channels) - 1), config.model.name)
         knobs = objective_of(config.optim)
         check_objective(knobs, pipeline.scheduler, config.model.name)
         attach(pipeline, method_configs(config))
@@ -142,12 +150,16 @@ class ControlTrainer:
         if config.train.gradient_checkpointing:
             pipeline.unet.enable_gradient_checkpointing()
         objective = ControlValidation(pipeline, config, run_dir, shown)
+        denoiser = ControlDenoiser(adapted, pipeline, config.train.timesteps, knobs)
+        text_encoders = [getattr(pipeline, name) for name in adapted.text_encoders()]
+        # SDXL's own VAE overflows in fp16 (its config's force_upcast): it stays fp32, as diffusers' scripts keep it
+        vae = [] if denoiser.parts.prompts.vae_in_fp32(pipeline.vae) else [pipeline.vae]
         return Setup(
-            ControlDenoiser(adapted, pipeline, config.train.timesteps, knobs),
+            denoiser,
             adapted,
             objective,
             pairs,
-            frozen=[pipeline.unet, pipeline.text_encoder, pipeline.vae],
+            frozen=[pipeline.unet, *text_encoders, *vae],
             loader={"num_workers": data.num_workers},
             summary=[f"{len(pairs)} (image, condition, caption) triples from {data.root}"],
             state={"pipeline": pipeline},

@@ -1,0 +1,367 @@
+"""ControlNet and T2I-Adapter on Stable Diffusion XL: one training step equals diffusers' SDXL scripts' step, the
+exported folders load in diffusers' SDXL control pipelines with visionpeft's latents, and the CLI recipes run."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import perturb, tiny_sdxl_pipeline
+
+import visionpeft as vp
+from visionpeft.adapter import backbone_of
+from visionpeft.backbones import pipeline_modules
+from visionpeft.backbones.diffusers_loading import load_pipeline
+from visionpeft.errors import IncompatibleMethodError
+from visionpeft.trainers.control import ControlDenoiser
+
+PROMPTS = ["red circle with blue background", "cyan circle with brown floral background"]
+HINT = {"hint_channels": [16, 32]}  # the tiny VAE downsamples by 2: a two-stage hint encoder
+XL = {"adapter_type": "full_adapter_xl", "downscale_factor": 4}  # SDXL's 16 = 2 x its VAE's 8; here 2 x 2
+RESOLUTION = 16
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The tiny SDXL pipeline with SDXL's three down blocks (the layout full_adapter_xl fits), saved."""
+    tmp = tmp_path_factory.mktemp("sdxl_control")
+    tiny_sdxl_pipeline(tmp / "tok", levels=3).save_pretrained(tmp / "pipe")
+    return tmp
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2, 3, RESOLUTION, RESOLUTION, generator=generator) * 2 - 1
+    control = torch.rand(2, 3, RESOLUTION, RESOLUTION, generator=generator)
+    return {"pixel_values": pixels, "conditioning_pixel_values": control, "prompt": PROMPTS}
+
+
+def _script_embeddings(pipe, prompts):
+    """train_controlnet_sdxl.py ``encode_prompt`` (lines 721-757 at 58eb52c; train_t2i_adapter_sdxl.py has the same
+    function) and ``compute_embeddings`` (lines 1064-1087): both encoders' penultimate states joined, encoder 2's
+    pooled output, time ids (resolution, resolution) + (0, 0) + (resolution, resolution) in the states' dtype."""
+    states = []
+    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        out = encoder(ids, output_hidden_states=True)
+        pooled = out[0]
+        states.append(out.hidden_states[-2])
+    prompt_embeds = torch.concat(states, dim=-1)
+    time_ids = torch.tensor([[RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION]]).repeat(len(prompts), 1)
+    added = {"text_embeds": pooled.view(len(prompts), -1), "time_ids": time_ids.to(prompt_embeds.dtype)}
+    return prompt_embeds, added
+
+
+def _script_controlnet_loss(pipe, unet, controlnet, scheduler, batch):
+    """One step of train_controlnet_sdxl.py (58eb52c) from its lines, fp32: latents (1232-1233), noise (1238),
+    timesteps (1242-1243), ``add_noise`` (1247-1249), the ControlNet with the U-Net's added conditions (1252-1261),
+    the U-Net with its residuals (1264-1274), the target (1277-1282) and ``F.mse_loss`` (1283)."""
+    latents = pipe.vae.encode(batch["pixel_values"]).latent_dist.sample() * pipe.vae.config.scaling_factor
+    noise = torch.randn(latents.shape)  # randn_like: see _step
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+    noisy = scheduler.add_noise(latents.float(), noise.float(), timesteps)
+    prompt_embeds, added = _script_embeddings(pipe, batch["prompt"])
+    down, mid = controlnet(
+        noisy,
+        timesteps,
+        encoder_hidden_states=prompt_embeds,
+        added_cond_kwargs=added,
+        controlnet_cond=batch["conditioning_pixel_values"],
+        return_dict=False,
+    )
+    pred = unet(
+        noisy,
+        timesteps,
+        encoder_hidden_states=prompt_embeds,
+        added_cond_kwargs=added,
+        down_block_additional_residuals=list(down),
+        mid_block_additional_residual=mid,
+        return_dict=False,
+    )[0]
+    return F.mse_loss(pred.float(), noise.float(), reduction="mean")  # epsilon: the target is the noise
+
+
+def _script_t2i_loss(pipe, unet, adapter, batch):
+    """One step of train_t2i_adapter_sdxl.py (58eb52c) from its lines, fp32: its Euler scheduler (859), latents
+    (1180-1185), noise (1188), cubic timesteps (1195-1198), Euler ``add_noise`` (1202), ``get_sigmas`` (1040-1050) and
+    the input scaled by 1 / sqrt(sigma^2 + 1) (1205-1206), the adapter's states (1209-1214), the U-Net (1216-1223),
+    the denoised latents and sigma^-2 weighting (1226-1227) against the latents (1231) and the loss (1238-1242)."""
+    from diffusers import EulerDiscreteScheduler
+
+    euler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    latents = pipe.vae.encode(batch["pixel_values"]).latent_dist.sample() * pipe.vae.config.scaling_factor
+    noise = torch.randn(latents.shape)  # randn_like: see _step
+    timesteps = torch.rand((latents.shape[0],))
+    timesteps = (1 - timesteps**3) * euler.config.num_train_timesteps
+    timesteps = timesteps.long().to(euler.timesteps.dtype).clamp(0, euler.config.num_train_timesteps - 1)
+    noisy = euler.add_noise(latents, noise, timesteps)
+    indices = [(euler.timesteps == t).nonzero().item() for t in timesteps]
+    sigmas = euler.sigmas[indices].flatten()[:, None, None, None]
+    inputs = noisy / ((sigmas**2 + 1) ** 0.5)
+    states = adapter(batch["conditioning_pixel_values"])
+    prompt_embeds, added = _script_embeddings(pipe, batch["prompt"])
+    pred = unet(
+        inputs,
+        timesteps,
+        encoder_hidden_states=prompt_embeds,
+        added_cond_kwargs=added,
+        down_intrablock_additional_residuals=list(states),  # the script's down_block_additional_residuals path
+        return_dict=False,
+    )[0]
+    denoised = pred * (-sigmas) + noisy
+    weighing = sigmas**-2.0
+    return torch.mean(
+        (weighing.float() * (denoised.float() - latents.float()) ** 2).reshape(len(latents), -1), 1
+    ).mean()
+
+
+def _step(saved, method, options, timesteps):
+    """visionpeft's loss and gradients of one step (the control trainer's ControlDenoiser, seed 5), the plain
+    U-Net, a copy of the trained side tower and the pipeline. The script-side code draws from the same global
+    stream in the same order (latents, noise, timesteps); its noise is ``torch.randn(latents.shape)`` where the
+    scripts write ``randn_like(latents)``: the same distribution, but randn_like fills the tiny VAE's channels-last
+    latents in memory order, another order of the same draws."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = load_pipeline(str(saved / "pipe"))
+    vp.attach(pipe, method, **options)
+    perturb(pipe)  # zero convolutions at zero would leave the rest of the ControlNet without a gradient
+    tower = copy.deepcopy(getattr(backbone_of(pipe).model, method))
+    denoiser = ControlDenoiser(pipeline_modules(pipe), pipe, timesteps)
+    torch.manual_seed(5)
+    ours = denoiser(_batch())
+    ours.backward()
+    grads = {name.split(".", 1)[1]: p.grad for name, p in vp.trainable_parameters(pipe)}
+    unet = UNet2DConditionModel.from_pretrained(saved / "pipe" / "unet")
+    return ours, grads, unet, tower, pipe
+
+
+def _assert_same_gradients(ours, tower):
+    theirs = {name: p.grad for name, p in tower.named_parameters()}
+    assert ours.keys() == theirs.keys() and len(ours) > 10
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, theirs[name], rtol=0, atol=1e-6, msg=name)
+    assert sum(float(g.abs().sum()) for g in ours.values()) > 0
+
+
+def test_one_controlnet_step_equals_train_controlnet_sdxl(saved):
+    ours, grads, unet, controlnet, pipe = _step(saved, "controlnet", HINT, "uniform")
+    from visionpeft.trainers.diffusion import training_scheduler
+
+    torch.manual_seed(5)
+    theirs = _script_controlnet_loss(pipe, unet, controlnet, training_scheduler(pipe), _batch())
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    _assert_same_gradients(grads, controlnet)
+    assert controlnet.config.addition_embed_type == "text_time"  # from_unet kept SDXL's add-embedding
+
+
+def test_one_t2i_adapter_step_equals_train_t2i_adapter_sdxl(saved):
+    """The script's loss on Euler sigmas equals the epsilon loss on DDPM's noisy latents with cubic timesteps (what
+    the recipe trains): sigma^-2 |x + sigma n - sigma eps - x|^2 = |n - eps|^2 and (x + sigma n) / sqrt(1 + sigma^2)
+    = sqrt(abar) x + sqrt(1 - abar) n."""
+    ours, grads, unet, adapter, pipe = _step(saved, "t2i_adapter", XL, "cubic")
+    torch.manual_seed(5)
+    theirs = _script_t2i_loss(pipe, unet, adapter, _batch())
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    _assert_same_gradients(grads, adapter)
+
+
+def test_the_sdxl_adapter_is_diffusers_full_adapter_xl_with_sdxl_s_widths():
+    """The script's adapter (lines 886-892) on SDXL's U-Net (config values of stable-diffusion-xl-base-1.0): the
+    defaults give channels (320, 640, 1280, 1280) and downscale 16: 79,028,160 parameters; the SD 1.x layout is
+    refused in one line."""
+    from diffusers import T2IAdapter
+    from tiny_models import tiny_unet
+
+    from visionpeft.methods.t2i_adapter import DEFAULT_DOWNSCALE
+
+    with torch.device("meta"):
+        unet = sdxl_unet_on_meta()
+        reference = T2IAdapter(channels=[320, 640, 1280, 1280], downscale_factor=16, adapter_type="full_adapter_xl")
+    vp.attach(unet, "t2i_adapter", adapter_type="full_adapter_xl")
+    count = sum(p.numel() for p in reference.parameters())
+    assert vp.count_parameters(unet)["by_group"] == {"t2i_adapter": count} and count == 79_028_160
+    assert unet.t2i_adapter.config.channels == [320, 640, 1280, 1280] and DEFAULT_DOWNSCALE["full_adapter_xl"] == 16
+    with pytest.raises(IncompatibleMethodError, match="full_adapter_xl fits SDXL's U-Net layout") as err:
+        vp.attach(tiny_unet(), "t2i_adapter", adapter_type="full_adapter_xl")
+    assert "\n" not in str(err.value) and "use full_adapter or light_adapter" in str(err.value)
+
+
+def sdxl_unet_on_meta():
+    """SDXL base 1.0's U-Net from its config values (unet/config.json), on the current device."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=128,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+
+
+SAMPLE = """
+import sys, numpy as np, torch
+from diffusers import (ControlNetModel, StableDiffusionXLAdapterPipeline, StableDiffusionXLControlNetPipeline,
+                       StableDiffusionXLPipeline, T2IAdapter)
+base, folder, control, out = sys.argv[1:5]
+control = torch.load(control)
+if folder.endswith("controlnet"):
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(base, controlnet=ControlNetModel.from_pretrained(folder))
+    scale = "controlnet_conditioning_scale"
+else:
+    pipe = StableDiffusionXLAdapterPipeline.from_pretrained(base, adapter=T2IAdapter.from_pretrained(folder))
+    scale = "adapter_conditioning_scale"
+args = dict(num_inference_steps=2, height=16, width=16, output_type="latent")
+draw = lambda p, **kw: p("a photo", generator=torch.Generator().manual_seed(0), **args, **kw).images.numpy()
+plain = StableDiffusionXLPipeline.from_pretrained(base)
+np.savez(out, adapted=draw(pipe, image=control), zero=draw(pipe, image=control, **{scale: 0.0}), base=draw(plain))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "options", "folder"), [("controlnet", HINT, "controlnet"), ("t2i_adapter", XL, "t2i_adapter")]
+)
+def test_the_export_loads_in_diffusers_sdxl_control_pipeline_in_a_new_process(saved, tmp_path, method, options, folder):
+    """`save_adapter(format="diffusers")` writes controlnet/ or t2i_adapter/; StableDiffusionXLControlNetPipeline /
+    StableDiffusionXLAdapterPipeline, with no visionpeft import, draw visionpeft's latents (<= 1e-5), and at scale 0
+    the base StableDiffusionXLPipeline's - as visionpeft's pipeline with conditioning_scale 0 does."""
+    pipe = vp.attach(load_pipeline(str(saved / "pipe")), method, **options)
+    with torch.no_grad():
+        for _, p in vp.trainable_parameters(pipe):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    control = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+
+    def draw(p):
+        with vp.conditioning(p, control_image=control):
+            args = dict(num_inference_steps=2, height=16, width=16, output_type="latent")
+            return p("a photo", generator=torch.Generator().manual_seed(0), **args).images.numpy()
+
+    ours = draw(pipe)
+    vp.save_adapter(pipe, tmp_path / "out", format="diffusers")
+    quiet = vp.attach(load_pipeline(str(saved / "pipe")), method, **options, conditioning_scale=0.0)
+    quiet_latents = draw(quiet)
+    torch.save(control, tmp_path / "control.pt")
+    args = [sys.executable, "-c", SAMPLE, str(saved / "pipe"), str(tmp_path / "out" / folder)]
+    result = subprocess.run([*args, str(tmp_path / "control.pt"), str(tmp_path / "theirs.npz")], capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    theirs = np.load(tmp_path / "theirs.npz")
+    np.testing.assert_allclose(theirs["adapted"], ours, rtol=0, atol=1e-5)
+    assert np.abs(ours - theirs["base"]).max() > 1e-3  # the control changes the draw
+    np.testing.assert_allclose(theirs["zero"], theirs["base"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(quiet_latents, theirs["base"])
+
+
+@pytest.fixture(scope="module")
+def cli(saved):
+    """fill50k pairs at 16 px and a tiny Stable Diffusion 1.x folder (for the family check)."""
+    from tiny_models import tiny_sd_pipeline
+
+    from visionpeft.data.fill50k import make_fill50k
+
+    make_fill50k(saved / "fill", n=4, size=16, seed=0)
+    tiny_sd_pipeline(saved / "tok_sd").save_pretrained(saved / "sd15")
+    return saved
+
+
+def _train(root, config, name, *overrides):
+    import train as tool
+
+    from visionpeft.cli.common import run
+
+    args = [
+        f"configs/control/{config}.yaml",
+        f"model.name={root / 'pipe'}",
+        "model.vae=null",  # the recipe's fp16-fix VAE is a hub id; the tiny pipeline keeps its own
+        f"data.root={root / 'fill'}",
+        "data.size=16",
+        "data.batch_size=2",
+        "optim.steps=2",
+        "optim.grad_accum=1",
+        "optim.lr=1e-3",
+        "train.mixed_precision=no",
+        "train.eval_every=2",
+        "train.validation_steps=2",
+        "train.log_every=1",
+        f"train.output_dir={root / 'runs'}",
+        f"train.run_name={name}",
+        "--cpu",
+        *overrides,
+    ]
+    return run(tool.main, args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("config", "method", "folder"),
+    [
+        ("controlnet_sdxl_fill", "method.hint_channels=[16, 32]", "controlnet"),
+        ("t2i_adapter_sdxl_fill", "method.downscale_factor=4", "t2i_adapter"),
+    ],
+)
+def test_the_sdxl_recipes_run_and_generate_draws_with_the_run(cli, tmp_path, capsys, config, method, folder):
+    """tools/train.py with the SDXL control recipes leaves controlnet/ or t2i_adapter/; tools/generate.py --control
+    RUN draws with it on the SDXL pipeline."""
+    import json
+
+    import generate as generate_tool
+    from diffusers import ControlNetModel, T2IAdapter
+
+    from visionpeft.cli.common import run
+
+    assert _train(cli, config, config, method) == 0
+    run_dir = cli / "runs" / config
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in records if "train/loss" in r]) == 2 and any("eval/fill_iou" in r for r in records)
+    if folder == "controlnet":
+        assert ControlNetModel.from_pretrained(run_dir / folder).config.addition_embed_type == "text_time"
+    else:
+        assert T2IAdapter.from_pretrained(run_dir / folder).config.adapter_type == "full_adapter_xl"
+    capsys.readouterr()
+    args = ["--model", str(cli / "pipe"), "--prompt", "red circle", "--seeds", "0", "--steps", "2", "--size", "16"]
+    image = ["--control-image", str(cli / "fill" / "source" / "0.png"), "--out", str(tmp_path / "grid.png")]
+    assert run(generate_tool.main, [*args, "--control", str(run_dir), *image]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"wrote {tmp_path / 'grid.png'}")
+
+
+@pytest.mark.slow
+def test_an_sdxl_recipe_on_an_sd15_folder_or_a_size_off_the_vae_grid_is_one_line(cli, capsys):
+    assert _train(cli, "controlnet_sdxl_fill", "wrong", f"model.name={cli / 'sd15'}") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: model.family=sdxl: this recipe is for Stable Diffusion XL pipelines, but {cli / 'sd15'} holds a "
+        "StableDiffusionPipeline (Stable Diffusion 1.x / 2.x); use a recipe written for Stable Diffusion 1.x / 2.x "
+        "or set model.family=null"
+    )
+    assert _train(cli, "controlnet_sdxl_fill", "odd", "data.size=15") == 2
+    assert capsys.readouterr().err.strip().startswith("error: data.size (15) is not a multiple of 2")
+    assert not (cli / "runs" / "wrong").exists() and not (cli / "runs" / "odd").exists()
+
+
+def test_the_sdxl_control_recipes_carry_the_scripts_values():
+    from _classify_utils import ROOT
+
+    from visionpeft.config import load_config
+
+    controlnet = load_config(ROOT / "configs" / "control" / "controlnet_sdxl_fill.yaml")
+    assert (controlnet.model.family, controlnet.model.vae) == ("sdxl", "madebyollin/sdxl-vae-fp16-fix")
+    assert (controlnet.data.size, controlnet.optim.lr, controlnet.optim.steps) == (1024, 1e-5, 15000)
+    assert (controlnet.data.batch_size, controlnet.optim.grad_accum, controlnet.train.timesteps) == (4, 4, "uniform")
+    t2i = load_config(ROOT / "configs" / "control" / "t2i_adapter_sdxl_fill.yaml")
+    assert t2i.method.adapter_type == "full_adapter_xl" and t2i.train.timesteps == "cubic"
+    assert t2i.model.family == "sdxl" and t2i.data.size == 1024
