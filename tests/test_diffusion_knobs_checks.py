@@ -143,7 +143,11 @@ def test_min_snr_on_a_flow_matching_model_is_one_line_naming_the_field():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     flow = FlowMatchEulerDiscreteScheduler()
-    check_objective(DiffusionObjective(loss_type="huber", huber_schedule="constant", noise_offset=0.1), flow, "sd3")
+    check_objective(DiffusionObjective(weighting_scheme="cosmap", precondition_outputs=False), flow, "sd3")
+    # the flow objective follows diffusers' SD3 / Flux scripts, which have no DDPM noise or Huber knobs
+    for knob in ({"loss_type": "huber"}, {"noise_offset": 0.1}, {"multires_noise_iterations": 6}):
+        with pytest.raises(ConfigError, match=f"^optim.{next(iter(knob))}=.* diffusers' SD3 / Flux scripts"):
+            check_objective(DiffusionObjective(**knob), flow, "sd3")
     with pytest.raises(ConfigError) as info:
         check_objective(DiffusionObjective(snr_gamma=5.0), flow, "sd3")
     assert str(info.value) == (
@@ -156,6 +160,14 @@ def test_min_snr_on_a_flow_matching_model_is_one_line_naming_the_field():
         check_objective(DiffusionObjective(debiased_estimation=True), flow, "sd3")
     with pytest.raises(ConfigError, match="is a flow-matching scheduler"):
         sampling_scheduler(flow, zero_terminal_snr=True)
+
+
+def test_flow_matching_knobs_on_a_ddpm_model_are_one_line_naming_the_field():
+    from diffusers import DDPMScheduler
+
+    for knob in ({"weighting_scheme": "logit_normal"}, {"guidance_scale": 3.5}, {"max_sequence_length": 77}):
+        with pytest.raises(ConfigError, match=f"^optim.{next(iter(knob))}=.* is a flow-matching knob"):
+            check_objective(DiffusionObjective(**knob), DDPMScheduler(), "sd15")
 
 
 def test_v_prediction_on_an_epsilon_model_is_one_line_before_training(setup, capsys):

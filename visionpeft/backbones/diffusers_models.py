@@ -232,15 +232,22 @@ def clip_text_tower(text_encoder: nn.Module, prefix: str, owns, name: str = "tex
     return Tower(name, prefix, blocks, owns)
 
 
-#: The pipeline components visionpeft adapts, with the tokenizer each text encoder reads (SDXL has two of each).
-PIPELINE_COMPONENTS = {"unet": None, "text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+#: The pipeline components visionpeft adapts, with the tokenizer each text encoder reads (SDXL has two of each; a
+#: flow-matching pipeline has a ``transformer``, and SD3 a third encoder, T5).
+PIPELINE_COMPONENTS = {
+    "unet": None,
+    "transformer": None,
+    "text_encoder": "tokenizer",
+    "text_encoder_2": "tokenizer_2",
+    "text_encoder_3": "tokenizer_3",
+}
 
 
 class PipelineModules(nn.Module):
     """The trainable parts of a Stable Diffusion pipeline under one module (the pipeline itself is no module).
 
-    Parameters are named ``unet.*``, ``text_encoder.*`` (and SDXL's ``text_encoder_2.*``); the tokenizers stay on the
-    pipeline.
+    Parameters are named ``unet.*``, ``text_encoder.*`` (and SDXL's ``text_encoder_2.*``; a Flux / SD3 pipeline's
+    ``transformer.*`` and ``text_encoder_2.*`` / ``text_encoder_3.*``); the tokenizers stay on the pipeline.
     """
 
     def __init__(self, pipeline) -> None:
@@ -272,9 +279,15 @@ class PipelineModules(nn.Module):
 
 
 def pipeline_modules(pipeline) -> nn.Module:
-    """The module visionpeft adapts for a diffusers pipeline: the U-Net + text encoder(s) of an SD / SDXL pipeline
-    (cached on the pipeline), or the transformer of a DiT pipeline."""
-    if getattr(pipeline, "unet", None) is not None and getattr(pipeline, "text_encoder", None) is not None:
+    """The module visionpeft adapts for a diffusers pipeline: the U-Net + text encoder(s) of an SD / SDXL pipeline,
+    or the transformer + text encoders of a Flux / SD3 pipeline (cached on the pipeline), or the transformer of a DiT
+    pipeline."""
+    from .diffusers_flow import flow_family
+
+    denoiser = getattr(pipeline, "unet", None)
+    if denoiser is None and flow_family(getattr(pipeline, "transformer", None)) is not None:
+        denoiser = pipeline.transformer
+    if denoiser is not None and getattr(pipeline, "text_encoder", None) is not None:
         holder = pipeline.__dict__.get("_visionpeft_modules")
         if holder is None or not holder.holds(pipeline):
             holder = PipelineModules(pipeline)
@@ -312,7 +325,7 @@ class DiffusersPipeline(Backbone):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return isinstance(model, PipelineModules) and not is_sdxl(model)
+        return isinstance(model, PipelineModules) and hasattr(model, "unet") and not is_sdxl(model)
 
     def text_encoders(self) -> list[str]:
         """The text towers that read every prompt, each through its own tokenizer."""
@@ -355,7 +368,10 @@ class DiffusersPipeline(Backbone):
 def is_sdxl(model: PipelineModules) -> bool:
     """A Stable Diffusion XL pipeline's modules: two text encoders and a U-Net taking SDXL's added conditions (the
     pooled text embedding of encoder 2 and six time ids)."""
-    return hasattr(model, "text_encoder_2") and model.unet.config.get("addition_embed_type") == "text_time"
+    unet = getattr(model, "unet", None)
+    return (
+        hasattr(model, "text_encoder_2") and unet is not None and unet.config.get("addition_embed_type") == "text_time"
+    )
 
 
 class DiffusersXLPipeline(DiffusersPipeline):

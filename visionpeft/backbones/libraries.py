@@ -122,6 +122,8 @@ LIBRARIES: dict[str, Library] = {
             (
                 "diffusers_models:DiffusersUNet",
                 "diffusers_models:DiffusersDiT",
+                "diffusers_flow:DiffusersFluxPipeline",
+                "diffusers_flow:DiffusersSD3Pipeline",
                 "diffusers_models:DiffusersXLPipeline",
                 "diffusers_models:DiffusersPipeline",
             ),

@@ -23,6 +23,8 @@ LOSS_TYPES = ("l2", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later", "range")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction")
+#: diffusers' ``--weighting_scheme`` of the SD3 / Flux scripts (``none``: uniform timesteps, no weights)
+WEIGHTING_SCHEMES = (None, "none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 
 
 @dataclass
@@ -83,6 +85,30 @@ class DiffusionObjective:
         False,
         "rescale the noise schedule to zero terminal SNR (Lin et al. 2024; needs v-prediction) and sample with "
         "trailing timesteps",
+    )
+    weighting_scheme: str | None = setting(
+        None,
+        "flow-matching models (SD3, Flux): the timestep density (logit_normal, mode; none: uniform) or loss weighting "
+        "(sigma_sqrt, cosmap) of diffusers.training_utils, as the scripts' --weighting_scheme; null: the family "
+        "script's default (Flux none, SD3 logit_normal)",
+        choices=WEIGHTING_SCHEMES,
+    )
+    logit_mean: float = setting(0.0, "flow matching: mean of the logit_normal timestep density (--logit_mean)")
+    logit_std: float = setting(1.0, "flow matching: std of the logit_normal timestep density (--logit_std)", above=0)
+    mode_scale: float = setting(1.29, "flow matching: scale of the mode timestep density (--mode_scale)")
+    precondition_outputs: bool | None = setting(
+        None,
+        "flow matching: precondition the output as EDM (prediction * -sigma + noisy input, target the latents; the "
+        "SD3 script's --precondition_outputs); null: the family script's default (SD3 true, Flux false)",
+    )
+    guidance_scale: float | None = setting(
+        None,
+        "Flux: the guidance input of a guidance-distilled transformer (FLUX.1-dev; the script's --guidance_scale); "
+        "null: 3.5 when the transformer has a guidance embedding",
+        min=0,
+    )
+    max_sequence_length: int | None = setting(
+        None, "flow matching: T5 tokens per prompt (--max_sequence_length); null: Flux 512, SD3 77", min=1
     )
 
 

@@ -26,25 +26,39 @@ from .diffusion_objective import (
     pyramid_noise,
     scheduler_overrides,
 )
+from .flow_conditioning import FluxPromptEncoder, SD3PromptEncoder
 from .prompt_encoders import EncodedPrompts, PromptEncoder
 from .sdxl_conditioning import SDXLPromptEncoder
 
 #: The prompt encoders by pipeline family, tried in order (the first whose ``matches`` accepts the pipeline).
-PROMPT_ENCODERS: tuple[type[PromptEncoder], ...] = (SDXLPromptEncoder, PromptEncoder)
+PROMPT_ENCODERS: tuple[type[PromptEncoder], ...] = (
+    FluxPromptEncoder,
+    SD3PromptEncoder,
+    SDXLPromptEncoder,
+    PromptEncoder,
+)
 
 
-def prompt_encoder(pipeline) -> PromptEncoder:
-    """The prompt encoder of ``pipeline``'s family (:data:`PROMPT_ENCODERS`)."""
+def prompt_encoder(pipeline, objective: DiffusionObjective | None = None) -> PromptEncoder:
+    """The prompt encoder of ``pipeline``'s family (:data:`PROMPT_ENCODERS`); a flow family's takes its knobs from
+    ``objective``."""
     for encoder in PROMPT_ENCODERS:
         if encoder.matches(pipeline):
-            return encoder(pipeline)
+            return encoder(pipeline, objective)
     raise ValueError(f"no prompt encoder for a {type(pipeline).__name__}")
+
+
+def denoiser_of(pipeline):
+    """The pipeline's denoising network: its U-Net, or its transformer (SD3, Flux)."""
+    unet = getattr(pipeline, "unet", None)
+    return unet if unet is not None else pipeline.transformer
 
 
 @dataclass
 class DiffusionParts:
     """The pieces of a Stable Diffusion pipeline a training step uses."""
 
+    #: the denoiser: a U-Net, or a flow family's transformer
     unet: nn.Module
     vae: nn.Module
     #: the family's text side: prompts -> states and the U-Net's further inputs (:mod:`.prompt_encoders`)
@@ -71,13 +85,21 @@ class DiffusionParts:
                 prompts, as in DreamBooth-LoRA, encode once; textual inversion never caches).
             cache_latents: Encode each distinct image once and keep the VAE's latent distribution (for image sets
                 without random augmentation); latents are still sampled from it every step.
-            objective: Its prediction knobs set the training scheduler's prediction type and zero terminal SNR.
+            objective: Its prediction knobs set the training scheduler's prediction type and zero terminal SNR; a
+                flow family's encoder takes the flow knobs from it.
         """
+        prompts = prompt_encoder(pipeline, objective)
+        if prompts.loss_kind == "flow":
+            from .flow_matching import flow_training_scheduler
+
+            scheduler = flow_training_scheduler(pipeline)
+        else:
+            scheduler = training_scheduler(pipeline, objective)
         return cls(
-            pipeline.unet,
+            denoiser_of(pipeline),
             pipeline.vae,
-            prompt_encoder(pipeline),
-            training_scheduler(pipeline, objective),
+            prompts,
+            scheduler,
             {} if cache_prompts else None,
             {} if cache_latents else None,
         )
@@ -206,7 +228,14 @@ def diffusion_loss(
             masked loss).
         conditions: Per-item data conditions the family's U-Net takes (SDXL: ``original_size``,
             ``crop_top_left``, ``target_size``, (batch, 2) each; None: every image uncropped at its own size).
+
+    A flow family's parts (SD3, Flux: ``parts.prompts.loss_kind == "flow"``) get the flow-matching loss of
+    :mod:`.flow_matching` instead, with the same batch, generator, reduction and mask.
     """
+    if parts.prompts.loss_kind == "flow":
+        from .flow_matching import flow_matching_loss
+
+        return flow_matching_loss(parts, pixel_values, prompts, generator, reduction, mask)
     scheduler = parts.scheduler
     batch = noise_latents(
         parts.vae, scheduler, pixel_values, generator, objective, parts.latent_cache, timestep_sampling

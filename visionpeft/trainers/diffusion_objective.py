@@ -222,6 +222,27 @@ DDPM_ONLY = {
     "prediction_type": "epsilon / v_prediction are DDPM targets",
 }
 
+#: DDPM noise and loss knobs that diffusers' SD3 / Flux scripts (the flow objective visionpeft follows) do not have,
+#: with their value when off
+NOT_IN_FLOW_SCRIPTS = {
+    "noise_offset": 0.0,
+    "input_perturbation": 0.0,
+    "multires_noise_iterations": 0,
+    "timestep_bias_strategy": "none",
+    "loss_type": "l2",
+}
+
+#: the flow-matching knobs (SD3, Flux), with their value when unset
+FLOW_ONLY = {
+    "weighting_scheme": None,
+    "logit_mean": 0.0,
+    "logit_std": 1.0,
+    "mode_scale": 1.29,
+    "precondition_outputs": None,
+    "guidance_scale": None,
+    "max_sequence_length": None,
+}
+
 
 def check_objective(objective: DiffusionObjective, scheduler, model: str, where: str = "optim") -> None:
     """Checks the objective against the model's own (sampling) ``scheduler`` before anything trains.
@@ -240,7 +261,21 @@ def check_objective(objective: DiffusionObjective, scheduler, model: str, where:
                     "its weighting schemes (diffusers.training_utils.compute_loss_weighting_for_sd3: sigma_sqrt, "
                     f"logit_normal, mode, cosmap) apply instead; unset {where}.{name}"
                 )
+        for name, off in NOT_IN_FLOW_SCRIPTS.items():
+            value = getattr(objective, name)
+            if value != off:
+                raise ConfigError(
+                    f"{where}.{name}={value}: {model} uses {type(scheduler).__name__} (flow matching), whose objective "
+                    f"follows diffusers' SD3 / Flux scripts, which have no such knob; set {where}.{name}={off}"
+                )
         return
+    for name, off in FLOW_ONLY.items():
+        value = getattr(objective, name)
+        if value != off:
+            raise ConfigError(
+                f"{where}.{name}={value} is a flow-matching knob (SD3, Flux), but {model} uses "
+                f"{type(scheduler).__name__} (a DDPM noise schedule); unset {where}.{name}"
+            )
     own = scheduler.config.prediction_type
     wanted = objective.prediction_type or own
     if wanted != own and not objective.change_prediction_type:

@@ -45,13 +45,13 @@ def expand_placeholders(prompts: list[str], tokenizer) -> list[str]:
     return TextualInversionLoaderMixin().maybe_convert_prompt(list(prompts), tokenizer)
 
 
-def token_ids(tokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """The prompts' token ids padded to the tokenizer's ``model_max_length`` with its own pad token (diffusers'
-    ``tokenize_prompt``: ``padding="max_length"``, truncated), placeholders written out first."""
+def token_ids(tokenizer, prompts: list[str], device: torch.device, max_length: int | None = None) -> torch.Tensor:
+    """The prompts' token ids padded to ``max_length`` (default: the tokenizer's ``model_max_length``) with its own
+    pad token (diffusers' ``tokenize_prompt``: ``padding="max_length"``, truncated), placeholders written out first."""
     return tokenizer(
         expand_placeholders(prompts, tokenizer),
         padding="max_length",
-        max_length=tokenizer.model_max_length,
+        max_length=max_length or tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids.to(device)
@@ -65,11 +65,18 @@ class PromptEncoder:
     """Stable Diffusion 1.x / 2.x: the text encoder's last hidden states; the U-Net takes nothing else.
 
     The encoder reads the pipeline's components when called, so a tokenizer that textual inversion grew (or gave
-    back) is the one used.
+    back) is the one used. ``loss_kind`` names the family's objective: ``ddpm`` (:func:`~.diffusion.diffusion_loss`'s
+    noise / velocity prediction) or ``flow`` (:mod:`.flow_matching`).
     """
 
-    def __init__(self, pipeline) -> None:
+    loss_kind = "ddpm"
+
+    def __init__(self, pipeline, objective=None) -> None:
         self.pipeline = pipeline
+
+    def check_pipeline(self, model: str) -> None:
+        """Raises ``ConfigError`` in one line when the pipeline lacks what the family's conditioning reads (Stable
+        Diffusion: nothing to check)."""
 
     @classmethod
     def matches(cls, pipeline) -> bool:
