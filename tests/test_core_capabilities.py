@@ -53,7 +53,7 @@ def test_fill_task_inputs_fills_only_what_the_user_left_out():
 
 def test_declarations_of_the_methods():
     formats = {n: METHODS.get(n).export_formats for n in METHODS.names()}
-    assert formats["lora"] == {"peft", "diffusers", "kohya"} and formats["textual_inversion"] == {"diffusers"}
+    assert formats["lora"] == {"peft", "diffusers", "kohya"} and formats["textual_inversion"] == {"diffusers", "kohya"}
     assert formats["linear"] == {"peft"} and not formats["vpt"]
     assert formats["controlnet"] == formats["t2i_adapter"] == formats["ip_adapter"] == {"diffusers"}
     assert METHODS.get("coop").task_inputs == ("classnames",) == METHODS.get("cocoop").task_inputs

@@ -30,6 +30,7 @@ from ..adapter import AdapterState, require_state, unwrap
 from ..errors import CheckpointError
 from ..io import atomic_write
 from ..methods import METHODS, ExportParts
+from ..methods.base import BUNDLE_PREFIX
 from .lycoris import kohya_metadata, lycoris_state_dict
 
 FORMATS = ("peft", "diffusers", "kohya")
@@ -75,6 +76,7 @@ def collect_parts(state: AdapterState, format: str) -> ExportParts:
                 "save with format='visionpeft'"
             )
         combined.adapter_tensors.update(part.adapter_tensors)
+        combined.bundled.update(part.bundled)
         combined.adapter_config = part.adapter_config or combined.adapter_config
     if combined.adapter_config and combined.lora_layers:
         raise CheckpointError(
@@ -202,7 +204,8 @@ def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Raises:
         CheckpointError: DoRA (diffusers' Stable Diffusion loader drops kohya ``dora_scale`` keys), or methods the
-            kohya layout cannot hold (textual inversion, ControlNet, BOFT, PEFT's input-side OFT).
+            kohya layout cannot hold (ControlNet, BOFT, PEFT's input-side OFT). Textual inversion's embeddings
+            come bundled (``ExportParts.bundled``).
     """
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
@@ -213,7 +216,7 @@ def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             "DoRA has no kohya file diffusers loads (its Stable Diffusion loader drops dora_scale keys); "
             "save with format='diffusers'"
         )
-    lycoris_modules = lycoris_state_dict(parts.adapter_tensors)
+    lycoris_modules = {**lycoris_state_dict(parts.adapter_tensors), **parts.bundled}
     if not parts.lora_layers:
         return lycoris_modules
     peft_layout: dict[str, torch.Tensor] = {}
@@ -238,10 +241,12 @@ def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def export_kohya(model: nn.Module, directory: Path) -> Path:
     """Writes one ``lora_kohya.safetensors`` in the kohya / A1111 layout (see :func:`kohya_state_dict`), with the
     ``ss_*`` metadata of a LyCORIS network when it holds LyCORIS modules
-    (:func:`visionpeft.checkpoint.lycoris.kohya_metadata`)."""
+    (:func:`visionpeft.checkpoint.lycoris.kohya_metadata`) and textual inversion's embeddings bundled under
+    ``bundle_emb.`` keys (:data:`BUNDLE_PREFIX`)."""
     tensors = kohya_state_dict(model)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(tensors, directory / KOHYA_NAME, kohya_metadata(tensors))
+    modules = {key: value for key, value in tensors.items() if not key.startswith(BUNDLE_PREFIX)}
+    _write_safetensors(tensors, directory / KOHYA_NAME, kohya_metadata(modules))
     return directory
 
 

@@ -78,18 +78,28 @@ class OptimConfig:
         "choice); null: off",
         above=0,
     )
+    train_fraction: dict[str, float] = setting(
+        {},
+        "method name -> share of the run's optimizer steps its tensors train, their learning rate 0 after that "
+        "(pivotal tuning: {textual_inversion: 0.5}, diffusers' --train_text_encoder_ti_frac)",
+    )
 
 
 def check_optimizer_config(config) -> None:
-    """The optimizer's package must be importable before anything is built.
+    """The optimizer's package must be importable before anything is built, and ``optim.train_fraction``'s shares
+    lie in (0, 1].
 
     Raises:
-        ConfigError: ``optim.name=prodigy`` without the ``prodigyopt`` package, in one line naming the install.
+        ConfigError: ``optim.name=prodigy`` without the ``prodigyopt`` package, in one line naming the install; a
+            share outside (0, 1].
     """
     import importlib.util
 
     if config.optim.get("name") == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
         raise ConfigError("optim.name=prodigy needs the prodigyopt package: pip install prodigyopt")
+    for name, share in (config.optim.get("train_fraction") or {}).items():
+        if not 0 < share <= 1:
+            raise ConfigError(f"optim.train_fraction.{name} must lie in (0, 1], got {share}")
 
 
 @dataclass

@@ -57,6 +57,12 @@ def registered_method_of(config_class: type[MethodConfig]) -> str | None:
     return next((n for n in METHODS.names() if METHODS.get(n).config_class is config_class), None)
 
 
+#: The key prefix of embeddings bundled in a kohya LoRA file: ``bundle_emb.<name>.string_to_param.*`` (SD 1.x / 2.x)
+#: or ``bundle_emb.<name>.clip_l`` / ``.clip_g`` (SDXL), as A1111 reads them (``extensions-builtin/Lora/networks.py``,
+#: ``load_network``: a key whose part before the first dot is ``bundle_emb`` names an embedding and its tensor).
+BUNDLE_PREFIX = "bundle_emb."
+
+
 @dataclass
 class ExportParts:
     """What one method contributes to a file format of another library.
@@ -75,6 +81,8 @@ class ExportParts:
             tensor.
         adapter_config: The format's config of ``adapter_tensors`` (PEFT: the ``adapter_config.json`` fields of the
             adapter type, ``peft_type``, its options and ``target_modules``); the format holds one.
+        bundled: Tensors a one-file format holds beside the layers under keys of their own (textual inversion's
+            embeddings inside a kohya LoRA file, keys starting with :data:`BUNDLE_PREFIX`, read by A1111).
     """
 
     lora_layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -84,10 +92,11 @@ class ExportParts:
     models: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)
     adapter_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     adapter_config: dict[str, Any] = field(default_factory=dict)
+    bundled: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def contributes(self) -> bool:
-        return bool(self.lora_layers or self.files or self.head or self.models or self.adapter_tensors)
+        return bool(self.lora_layers or self.files or self.head or self.models or self.adapter_tensors or self.bundled)
 
     @property
     def adapts_layers(self) -> bool:

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, IncompatibleMethodError
+from ..errors import CheckpointError, ConfigError, IncompatibleMethodError
 from ..schema import setting
-from .base import ExportParts, Method, MethodConfig, register_method
+from .base import BUNDLE_PREFIX, ExportParts, Method, MethodConfig, register_method
 
 
 @dataclass
@@ -75,7 +75,7 @@ class TextualInversion(Method):
     name = "textual_inversion"
     config_class = TextualInversionConfig
     requires = {"new_tokens": "a Stable Diffusion pipeline's tokenizer and text encoder (attach it to the pipeline)"}
-    export_formats = frozenset({"diffusers"})
+    export_formats = frozenset({"diffusers", "kohya"})
     task_inputs = ("token",)
 
     def placeholder_tokens(self) -> list[str]:
@@ -145,7 +145,27 @@ class TextualInversion(Method):
         return dict(zip(SDXL_EMBEDDING_KEYS, rows, strict=True))
 
     def export_parts(self, format: str) -> ExportParts:
-        return ExportParts(files={"learned_embeds.safetensors": self.learned_embeds()})
+        """diffusers: ``learned_embeds.safetensors``. kohya: the embeddings bundled in the LoRA file as A1111 reads
+        them (``extensions-builtin/Lora/networks.py``, ``load_network``; the embedding named by the
+        key is used under that word in prompts): ``bundle_emb.<token>.string_to_param.*`` holding the
+        ``(num_vectors, dim)`` rows of a single text encoder (A1111's ``.pt`` embedding layout), or
+        ``bundle_emb.<token>.clip_l`` / ``.clip_g`` for SDXL (the layout of its SDXL embeddings files).
+
+        Raises:
+            CheckpointError: kohya, for a token holding a dot (A1111 splits the key at dots).
+        """
+        embeds = self.learned_embeds()
+        if format != "kohya":
+            return ExportParts(files={"learned_embeds.safetensors": embeds})
+        token = self.config.token
+        if "." in token:
+            raise CheckpointError(
+                f"textual_inversion token {token!r} holds a dot, which A1111 reads as a key separator in a kohya "
+                "bundle; use a token without dots, or format='diffusers'"
+            )
+        if set(embeds) == set(SDXL_EMBEDDING_KEYS):
+            return ExportParts(bundled={f"{BUNDLE_PREFIX}{token}.{key}": rows for key, rows in embeds.items()})
+        return ExportParts(bundled={f"{BUNDLE_PREFIX}{token}.string_to_param.*": embeds[token]})
 
 
 #: The keys of an SDXL embeddings file, encoder 1 (CLIP ViT-L) then encoder 2 (OpenCLIP ViT-bigG).

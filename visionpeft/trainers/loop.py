@@ -11,12 +11,13 @@ epoch boundaries, with a seeded per-epoch data order).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import pickle
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -111,7 +112,13 @@ def build_scheduler(
     cfg: LoopConfig, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, processes: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """The learning-rate schedule from transformers' ``get_scheduler``, in scheduler units: accelerate steps a
-    prepared scheduler once per process per optimizer step, so the lengths are multiplied by the process count."""
+    prepared scheduler once per process per optimizer step, so the lengths are multiplied by the process count.
+
+    A parameter group holding ``train_until`` (a share of the run, ``optim.train_fraction``) follows the schedule for
+    the first ``int(train_until * total_steps)`` optimizer steps and has learning rate 0 after them: its tensors no
+    longer change (AdamW's decoupled decay is scaled by the lr too). diffusers' pivotal tuning stops the text
+    encoder's groups the same way, counted in epochs (``train_dreambooth_lora_sdxl_advanced.py`` lines 2084-2115:
+    ``optimizer.param_groups[1]["lr"] = 0.0`` before every step once ``epoch == int(frac * num_train_epochs)``)."""
     from transformers import get_scheduler
 
     name, kwargs = cfg.schedule, {}
@@ -119,13 +126,26 @@ def build_scheduler(
         name, kwargs = "cosine_with_min_lr", {"min_lr_rate": cfg.min_lr_ratio}
     elif name == "polynomial":
         kwargs = {"power": cfg.power, "lr_end": cfg.min_lr_ratio * optimizer.defaults["lr"]}
-    return get_scheduler(
+    scheduler = get_scheduler(
         name,
         optimizer,
         num_warmup_steps=warmup_steps * processes,
         num_training_steps=total_steps * processes,
         scheduler_specific_kwargs=kwargs,
     )
+    stopping = [index for index, group in enumerate(optimizer.param_groups) if "train_until" in group]
+    for index in stopping:
+        stop = int(optimizer.param_groups[index]["train_until"] * total_steps) * processes
+        scheduler.lr_lambdas[index] = functools.partial(stopped_after, scheduler.lr_lambdas[index], stop)
+        optimizer.param_groups[index]["lr"] = scheduler.base_lrs[index] * scheduler.lr_lambdas[index](0)
+    if stopping:  # what get_last_lr reports before the first step
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return scheduler
+
+
+def stopped_after(schedule: Callable[[int], float], stop: int, step: int) -> float:
+    """``schedule``'s factor before scheduler step ``stop``, 0 from it on."""
+    return schedule(step) if step < stop else 0.0
 
 
 def launched(cpu: bool = False) -> tuple[bool, bool]:

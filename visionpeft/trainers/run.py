@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..adapter import count_parameters, trainable_parameters
+from ..adapter import count_parameters, require_state, trainable_parameters
 from ..checkpoint.base_weights import frozen_weights_sha256
 from ..config import save_config
 from ..data.images import WorkerSafe
@@ -109,17 +109,19 @@ def build_optimizer(
     lr = optim.lr * (batch_size / optim.lr_scale_batch if optim.lr_scale_batch else 1.0)
     multipliers = lr_multipliers or {}
     ratio = optim.get("loraplus_lr_ratio")
-    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    fractions = method_fractions(optim.get("train_fraction") or {}, model)
+    grouped: dict[tuple[float, bool, float], list[nn.Parameter]] = {}
     for name, param in trainable_parameters(model):
         exempt = not optim.bias_decay and (param.ndim <= 1 or name.endswith(".bias"))
         scale = next((m for prefix, m in multipliers.items() if name.startswith(prefix)), 1.0)
         if ratio is not None and loraplus_fast(name, param):
             scale *= ratio
-        grouped.setdefault((scale, exempt), []).append(param)
+        grouped.setdefault((scale, exempt, fractions.get(id(param), 1.0)), []).append(param)
     groups = [
         {"params": grouped[key], "weight_decay": 0.0 if key[1] else optim.weight_decay, "lr": lr * key[0]}
-        for key in sorted(grouped, key=lambda k: (k[0] != 1.0, k[0], k[1]))  # decay, no decay; then multiplied ones
-    ]
+        | ({"train_until": key[2]} if key[2] < 1.0 else {})
+        for key in sorted(grouped, key=lambda k: (k[2] != 1.0, k[0] != 1.0, k[0], k[1], k[2]))
+    ]  # decay, no decay; then multiplied ones; then the ones that stop early
     if not groups:
         raise ConfigError("the method leaves nothing to train")
     if optim.name == "sgd":
@@ -127,6 +129,25 @@ def build_optimizer(
     if optim.name == "prodigy":
         return prodigy(groups, lr)
     return torch.optim.AdamW(groups, lr=lr)
+
+
+def method_fractions(shares: dict[str, float], model: nn.Module) -> dict[int, float]:
+    """``optim.train_fraction`` per tensor: id of each trained tensor of a named method -> the share of the run it
+    trains (:func:`~.loop.build_scheduler` sets its groups' learning rate to 0 after it).
+
+    Raises:
+        ConfigError: A name that is no attached method, in one line with the attached ones.
+    """
+    if not shares:
+        return {}
+    methods = require_state(model).methods
+    attached = [method.name for method in methods]
+    for name in shares:
+        if name not in attached:
+            raise ConfigError(
+                f"optim.train_fraction names {name}, which this run does not attach (attached: {', '.join(attached)})"
+            )
+    return {id(p): float(shares[m.name]) for m in methods if m.name in shares for p in m.parameters()}
 
 
 def loraplus_fast(name: str, param: nn.Parameter) -> bool:
