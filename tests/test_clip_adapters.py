@@ -319,7 +319,8 @@ def test_a_tip_adapter_f_run_caches_trains_searches_and_reuses_the_cache(tmp_pat
 def test_a_training_run_refuses_training_free_tip_adapter(tmp_path, tiny_clip_weights):
     with pytest.raises(ConfigError) as err:
         tip_config(tmp_path, tiny_clip_weights, "method=tip_adapter")
-    assert "tip_adapter is training-free" in str(err.value) and "use tip_adapter_f" in str(err.value)
+    assert "tip_adapter is training-free" in str(err.value) and "train tip_adapter_f" in str(err.value)
+    assert "tools/eval_zeroshot.py --model ... --dataset ... --tip-adapter --shots N" in str(err.value)
     assert "\n" not in str(err.value)
 
 

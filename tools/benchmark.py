@@ -19,6 +19,8 @@ diffusion-demo  the embedded tiny text-to-image pipeline: base samples judged, p
 tiny-sd  the tiny pipeline's sampling speed, and its personalization step against the bare diffusers + peft step.
 control-demo  ControlNet / ControlNet-LoRA on the tiny pipeline and 32 px fill50k: held-out fill IoU over training
       steps against the base pipeline, sample grids (gallery/control/).
+clip-demo  the embedded tiny CLIP: zero-shot (held-in / held-out classes) against CoOp / CoCoOp / KgCoOp / MaPLe /
+      Tip-Adapter, few-shot curves and the base-to-new table (gallery/clip/).
 gpu   CUDA bf16 / fp16 tables: ViT-B/16 batch 64 (visionpeft vs PEFT LoRA, full, adapters) and the SD 1.5 layout at
       512 px (DreamBooth-LoRA / textual inversion vs diffusers' example loops, SDPA and xformers attention).
 """
@@ -43,6 +45,7 @@ SUITES = (
     "diffusion-demo",
     "tiny-sd",
     "control-demo",
+    "clip-demo",
     "gpu",
 )
 

@@ -144,7 +144,8 @@ class TipAdapter(Method):
         """The ``training_free`` capability: why a training run refuses this method, in one line."""
         return (
             f"{cls.name} is training-free (its cache comes from the few-shot set, beta / alpha from the validation "
-            "split); use tip_adapter_f to fine-tune the cache keys"
+            "split): evaluate it with `tools/eval_zeroshot.py --model ... --dataset ... --tip-adapter --shots N`, or "
+            "train tip_adapter_f, which fine-tunes the cache keys"
         )
 
     def check_fits(self) -> None:
