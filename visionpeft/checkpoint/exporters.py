@@ -164,15 +164,16 @@ def export_peft(model: nn.Module, directory: Path) -> Path:
 def export_diffusers(model: nn.Module, directory: Path) -> Path:
     """Writes what a Stable Diffusion pipeline loads with its own loaders: ``pytorch_lora_weights.safetensors``
     (U-Net and text-encoder LoRA; SDXL's second text encoder too, through
-    ``StableDiffusionXLPipeline.save_lora_weights``) for ``pipeline.load_lora_weights``, the methods' own files
-    (textual inversion's ``learned_embeds.safetensors`` for ``pipeline.load_textual_inversion``) and model folders
-    (``controlnet/`` for ``ControlNetModel.from_pretrained``)."""
+    ``StableDiffusionXLPipeline.save_lora_weights``; a Flux / SD3 transformer's through ``FluxPipeline`` /
+    ``StableDiffusion3Pipeline.save_lora_weights(transformer_lora_layers=...)``) for ``pipeline.load_lora_weights``,
+    the methods' own files (textual inversion's ``learned_embeds.safetensors`` for
+    ``pipeline.load_textual_inversion``) and model folders (``controlnet/`` for ``ControlNetModel.from_pretrained``)."""
     state = require_state(model)
     parts = collect_parts(state, "diffusers")
-    groups: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}, "text_encoder_2": {}}
+    groups: dict[str, dict[str, torch.Tensor]] = {}  # component (unet, transformer, text_encoder...) -> tensors
     for path, (a, b) in parts.lora_layers.items():
         group, _, local = path.partition(".")
-        groups[group][f"{local}.lora_A.weight"] = a.to("cpu").contiguous()
+        groups.setdefault(group, {})[f"{local}.lora_A.weight"] = a.to("cpu").contiguous()
         groups[group][f"{local}.lora_B.weight"] = b.to("cpu").contiguous()
         if path in parts.magnitudes:
             groups[group][f"{local}.lora_magnitude_vector"] = parts.magnitudes[path].to("cpu").contiguous()
