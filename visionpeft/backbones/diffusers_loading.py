@@ -63,11 +63,36 @@ def quiet_loading_bars():
 
 
 #: Pipeline class name prefix -> the family (``model.family``) of the personalization recipes; the first match
-#: counts (SDXL's classes also start with "StableDiffusion").
-PIPELINE_FAMILIES = (("StableDiffusionXL", "sdxl"), ("StableDiffusion", "sd"))
+#: counts (SDXL's and SD3's classes also start with "StableDiffusion").
+PIPELINE_FAMILIES = (
+    ("StableDiffusionXL", "sdxl"),
+    ("StableDiffusion3", "sd3"),
+    ("StableDiffusion", "sd"),
+    ("Flux", "flux"),
+)
 
 #: What each family is called in messages.
-FAMILY_NAMES = {"sd": "Stable Diffusion 1.x / 2.x", "sdxl": "Stable Diffusion XL"}
+FAMILY_NAMES = {
+    "sd": "Stable Diffusion 1.x / 2.x",
+    "sdxl": "Stable Diffusion XL",
+    "flux": "Flux",
+    "sd3": "Stable Diffusion 3",
+}
+
+#: The families whose transformer reads 2 x 2 patches of latents (image sides: multiples of 2 x the VAE's scale).
+PATCHED_FAMILIES = ("flux", "sd3")
+
+#: The component holding each flow family's T5 text encoder (its tokenizer: ``tokenizer_2`` / ``tokenizer_3``).
+T5_COMPONENTS = {"flux": "text_encoder_2", "sd3": "text_encoder_3"}
+
+
+def missing_t5(index: dict[str, Any], family: str | None) -> str | None:
+    """The T5 component a Flux / SD3 ``model_index.json`` lacks (absent or null), or None."""
+    component = T5_COMPONENTS.get(family or "")
+    if component is None:
+        return None
+    entry = index.get(component)
+    return component if not isinstance(entry, list) or not entry or entry[0] is None else None
 
 
 def family_of_class(class_name: str) -> str | None:

@@ -13,7 +13,7 @@ from .diffusion_objective import DiffusionOptim
 from .sections import TASK_HELP, DiffusersModel, TextToImageTrain
 
 #: Pipeline families a personalization recipe may be written for (``model.family``).
-FAMILIES = ("sd", "sdxl")
+FAMILIES = ("sd", "sdxl", "flux", "sd3")
 
 
 @dataclass
@@ -22,8 +22,8 @@ class PersonalizeModel(DiffusersModel):
 
     family: str | None = setting(
         None,
-        "the pipeline family the recipe is written for: sd (1.x / 2.x) or sdxl; a pipeline of another family is "
-        "refused before training (null: any)",
+        "the pipeline family the recipe is written for: sd (1.x / 2.x), sdxl, flux or sd3 (3 / 3.5); a pipeline of "
+        "another family is refused before training (null: any)",
         choices=(None, *FAMILIES),
     )
     vae: str | None = setting(

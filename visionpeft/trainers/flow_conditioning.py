@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..backbones.diffusers_flow import flow_family
+from ..backbones.diffusers_loading import T5_COMPONENTS
 from ..config.diffusion_objective import DiffusionObjective
 from ..errors import ConfigError
 from .prompt_encoders import EncodedPrompts, PromptEncoder, device_of, token_ids
@@ -52,8 +53,6 @@ class FlowPromptEncoder(PromptEncoder):
     loss_kind = "flow"
     #: ``flux`` / ``sd3``
     family = ""
-    #: the component holding T5
-    t5 = ""
     #: the script's ``--max_sequence_length``, ``--weighting_scheme`` and ``--precondition_outputs`` defaults
     default_max_sequence_length = 512
     default_weighting = "none"
@@ -82,6 +81,11 @@ class FlowPromptEncoder(PromptEncoder):
     def has_guidance(self) -> bool:
         """The transformer takes a guidance input (a guidance embedding: FLUX.1-dev)."""
         return bool(self.pipeline.transformer.config.get("guidance_embeds", False))
+
+    @property
+    def t5(self) -> str:
+        """The component holding T5."""
+        return T5_COMPONENTS[self.family]
 
     def check_pipeline(self, model: str) -> None:
         """The pipeline has what the family's conditioning reads, and the knobs fit it.
@@ -135,7 +139,6 @@ class FluxPromptEncoder(FlowPromptEncoder):
     """Flux: CLIP-L pooled + T5 states; packed latents, ids and guidance (see the module docstring)."""
 
     family = "flux"
-    t5 = "text_encoder_2"
 
     def encode(self, prompts: list[str]) -> EncodedPrompts:
         clip = self.pipeline.text_encoder
@@ -174,7 +177,6 @@ class SD3PromptEncoder(FlowPromptEncoder):
     states; both CLIP encoders' pooled embeddings joined (see the module docstring)."""
 
     family = "sd3"
-    t5 = "text_encoder_3"
     default_max_sequence_length = 77
     default_weighting = "logit_normal"
     default_precondition = True

@@ -25,7 +25,16 @@ from torch.utils.data import Dataset
 import visionpeft as vp
 
 from ..backbones import pipeline_modules
-from ..backbones.diffusers_loading import FAMILY_NAMES, family_of_class, load_pipeline, load_vae, pipeline_index
+from ..backbones.diffusers_flow import is_clip_text
+from ..backbones.diffusers_loading import (
+    FAMILY_NAMES,
+    PATCHED_FAMILIES,
+    family_of_class,
+    load_pipeline,
+    load_vae,
+    missing_t5,
+    pipeline_index,
+)
 from ..checkpoint.base_weights import frozen_weights_sha256
 from ..config import method_configs
 from ..config.diffusion_objective import objective_of
@@ -35,7 +44,7 @@ from ..data.class_images import cached_class_images, class_image_fields
 from ..data.few_images import FewImages, ImageKnobs
 from ..errors import ConfigError
 from .block_rates import block_lr_multipliers
-from .diffusion import DiffusionParts, diffusion_loss
+from .diffusion import DiffusionParts, denoiser_of, diffusion_loss, prompt_encoder
 from .diffusion_objective import check_objective, use_trained_sampling
 from .logs import get_logger
 from .run import Setup, run_task
@@ -150,6 +159,7 @@ class PersonalizationObjective:
         train = self.cfg.train
         generator = torch.Generator(device="cpu").manual_seed(train.seed if seed is None else seed)
         self.pipeline.set_progress_bar_config(disable=True)
+        options = {"guidance_rescale": train.guidance_rescale} if takes(self.pipeline, "guidance_rescale") else {}
         drawn = []
         for prompt in prompts:
             with accelerator.autocast():  # frozen weights may be half precision, trained ones fp32
@@ -159,12 +169,19 @@ class PersonalizationObjective:
                         num_inference_steps=train.validation_steps,
                         generator=generator,
                         num_images_per_prompt=per_prompt or train.validation_images,
-                        guidance_rescale=train.guidance_rescale,
                         height=self.cfg.data.size,
                         width=self.cfg.data.size,
+                        **options,
                     ).images
                 )
         return drawn
+
+
+def takes(pipeline, argument: str) -> bool:
+    """Whether the pipeline's ``__call__`` has ``argument`` (Flux / SD3 pipelines have no ``guidance_rescale``)."""
+    import inspect
+
+    return argument in inspect.signature(type(pipeline).__call__).parameters
 
 
 def class_images(pipeline, adapted: nn.Module, cfg: DictConfig, device: torch.device) -> tuple[Path, str]:
@@ -254,13 +271,16 @@ def check_family(model: DictConfig, family: str | None, class_name: str) -> None
     )
 
 
-def check_size(size: int, factor: int, model: str) -> None:
-    """``data.size`` must be a whole number of latent pixels: a multiple of the VAE's downscaling."""
+def check_size(size: int, factor: int, model: str, patched: bool = False) -> None:
+    """``data.size`` must be a whole number of latent pixels: a multiple of the VAE's downscaling (``patched``:
+    of twice that, a Flux / SD3 transformer reading 2 x 2 patches of latents)."""
     if size % factor:
         lower = size - size % factor
+        what = f"the downscaling of {model}'s VAE" + (
+            " times the transformer's 2 x 2 latent patches" if patched else ""
+        )
         raise ConfigError(
-            f"data.size ({size}) is not a multiple of {factor}, the downscaling of {model}'s VAE; use "
-            f"{lower or factor} or {lower + factor}"
+            f"data.size ({size}) is not a multiple of {factor}, {what}; use {lower or factor} or {lower + factor}"
         )
 
 
@@ -275,8 +295,17 @@ def expected_family(config: DictConfig) -> str | None:
     class_name = str(index.get("_class_name", "an unknown pipeline"))
     family = family_of_class(class_name)
     check_family(config.model, family, class_name)
+    lacking = missing_t5(index, family)
+    if lacking:
+        tokenizer = lacking.replace("text_encoder", "tokenizer")
+        raise ConfigError(
+            f"{config.model.name} has no T5 text encoder ({lacking} / {tokenizer} in its model_index.json): "
+            f"{class_name} conditions on T5's hidden states; use a folder that holds it"
+        )
     if vae is not None and config.model.vae is None and vae.get("block_out_channels"):
-        check_size(config.data.size, 2 ** (len(vae["block_out_channels"]) - 1), config.model.name)
+        patched = family in PATCHED_FAMILIES
+        factor = 2 ** (len(vae["block_out_channels"]) - 1) * (2 if patched else 1)
+        check_size(config.data.size, factor, config.model.name, patched)
     return family
 
 
@@ -306,29 +335,38 @@ def check_text_encoder_option(config: DictConfig, specs: list) -> None:
 
 
 def check_bucket_grid(pipeline, data: DictConfig, model: str) -> None:
-    """Bucket sides must be whole latent grids of the model: the VAE's scale times the U-Net's downsampling."""
+    """Bucket sides must be whole latent grids of the model: the VAE's scale times the U-Net's downsampling (a
+    transformer's: its 2 x 2 latent patches)."""
     if not data.buckets:
         return
     vae = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    halvings = len(pipeline.unet.config.block_out_channels) - 1
+    unet = getattr(pipeline, "unet", None)
+    halvings = len(unet.config.block_out_channels) - 1 if unet is not None else 1
     grid = vae * 2**halvings
     if data.bucket_reso_steps % grid:
+        denoiser = (
+            f"its U-Net halves the latents {halvings} times"
+            if unet is not None
+            else "its transformer reads 2 x 2 latent patches"
+        )
         raise ConfigError(
             f"data.bucket_reso_steps ({data.bucket_reso_steps}) must be a multiple of {grid} for {model}: its VAE "
-            f"scales by {vae} and its U-Net halves the latents {halvings} times"
+            f"scales by {vae} and {denoiser}"
         )
 
 
 def save_outputs(pipeline, adapted: nn.Module, run_dir: Path) -> list[Path]:
-    """Writes the adapter in visionpeft and diffusers formats, and merged U-Net weights where that is exact."""
+    """Writes the adapter in visionpeft and diffusers formats, and merged U-Net (Flux / SD3: transformer) weights
+    where that is exact."""
     written = [vp.save_adapter(adapted, run_dir / "adapter")]
     if vp.can_export(pipeline, "diffusers"):
         written.append(vp.save_adapter(pipeline, run_dir / "diffusers", format="diffusers"))
-    elif vp.can_merge(adapted):  # what diffusers' files cannot hold but merges exactly: plain U-Net weights
+    elif vp.can_merge(adapted):  # what diffusers' files cannot hold but merges exactly: plain denoiser weights
         merged = copy.deepcopy(adapted)
         vp.merge(merged)
-        merged.unet.save_pretrained(run_dir / "merged" / "unet")
-        written.append(run_dir / "merged" / "unet")
+        name = "unet" if hasattr(merged, "unet") else "transformer"
+        getattr(merged, name).save_pretrained(run_dir / "merged" / name)
+        written.append(run_dir / "merged" / name)
     return written
 
 
@@ -366,13 +404,17 @@ class PersonalizationTrainer:
         check_family(config.model, loaded, type(pipeline).__name__)  # a hub id first seen now
         if config.model.vae is not None:
             pipeline.vae = load_vae(config.model.vae)
-        check_size(data.size, 2 ** (len(pipeline.vae.config.block_out_channels) - 1), config.model.name)
+        patched = loaded in PATCHED_FAMILIES
+        vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        check_size(data.size, vae_scale * (2 if patched else 1), config.model.name, patched)
+        prompt_encoder(pipeline, objective_of(config.optim)).check_pipeline(config.model.name)  # T5, guidance
         if (loaded == "sdxl") != (family == "sdxl"):
             subject = subject_images(loaded == "sdxl")
         check_objective(objective_of(config.optim), pipeline.scheduler, config.model.name)
         check_bucket_grid(pipeline, data, config.model.name)
         adapted = pipeline_modules(pipeline)
-        vp.attach(pipeline, specs + text_encoder_loras(config, specs, adapted.text_encoders()))
+        clip = [name for name in adapted.text_encoders() if is_clip_text(getattr(adapted, name))]  # never T5
+        vp.attach(pipeline, specs + text_encoder_loras(config, specs, clip))
         multipliers = {**block_lr_multipliers(config.optim.block_lr, adapted), **text_encoder_multipliers(config.optim)}
         dataset: Dataset = subject
         summary = [f"{len(subject.images)} images, {len(subject)} training items", *subject.summary()]
@@ -394,12 +436,13 @@ class PersonalizationTrainer:
             )
             dataset = PairedPrior(dataset, prior)
         text_encoders = [getattr(pipeline, name) for name in adapted.text_encoders()]
+        denoiser_net = denoiser_of(pipeline)
         if config.train.gradient_checkpointing:
-            pipeline.unet.enable_gradient_checkpointing()
+            denoiser_net.enable_gradient_checkpointing()
             for encoder in text_encoders:
                 encoder.gradient_checkpointing_enable()
         if config.train.xformers:
-            pipeline.unet.enable_xformers_memory_efficient_attention()
+            denoiser_net.enable_xformers_memory_efficient_attention()
         objective = PersonalizationObjective(pipeline, config, run_dir)
         cache = config.train.cache_latents
         if cache and (data.flip > 0 or not data.center_crop):
@@ -416,7 +459,7 @@ class PersonalizationTrainer:
             adapted,
             objective,
             dataset,
-            frozen=[pipeline.unet, *text_encoders, *vae],
+            frozen=[denoiser_net, *text_encoders, *vae],
             summary=summary,
             state={"pipeline": pipeline},
             batch_sampler=bucket_batches(subject, config.train.seed) if data.buckets else None,
