@@ -316,8 +316,8 @@ def _train(root, config, name, *overrides):
     ],
 )
 def test_the_sdxl_recipes_run_and_generate_draws_with_the_run(cli, tmp_path, capsys, config, method, folder):
-    """tools/train.py with the SDXL control recipes leaves controlnet/ or t2i_adapter/; tools/generate.py --control
-    RUN draws with it on the SDXL pipeline."""
+    """tools/train.py with the SDXL control recipes (the ControlNet one over an fp8-stored frozen base) leaves
+    controlnet/ or t2i_adapter/; tools/generate.py --control RUN draws with it on the SDXL pipeline."""
     import json
 
     import generate as generate_tool
@@ -325,7 +325,10 @@ def test_the_sdxl_recipes_run_and_generate_draws_with_the_run(cli, tmp_path, cap
 
     from visionpeft.cli.common import run
 
-    assert _train(cli, config, config, method) == 0
+    storage = ["train.base_storage=fp8"] if folder == "controlnet" else []
+    assert _train(cli, config, config, method, *storage) == 0
+    if storage:
+        assert "train.base_storage=fp8: " in capsys.readouterr().out
     run_dir = cli / "runs" / config
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if "train/loss" in r]) == 2 and any("eval/fill_iou" in r for r in records)

@@ -24,7 +24,7 @@ from ..io import load_yaml
 from ..schema import absolute_paths, check_fields, describe
 from .diffusion_objective import check_objective_config
 from .personalization import check_block_lr, check_data_config
-from .sections import check_optimizer_config
+from .sections import check_extra_packages, check_optimizer_config
 from .tasks import TaskSpec, task_spec
 
 if TYPE_CHECKING:
@@ -235,6 +235,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     _check_run_name(config.train.run_name)
     _check_run_length(config)
     check_optimizer_config(config)
+    check_extra_packages(config)
     check_objective_config(spec.schema, config)
     check_data_config(spec.schema, config)
     check_block_lr(spec.schema, config)

@@ -14,8 +14,13 @@ from ..schema import setting
 #: Learning-rate schedules (built by transformers' ``get_scheduler``); warmup is linear from 0 in every one.
 SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
-#: Optimizers ``build_optimizer`` makes; prodigy needs the ``prodigyopt`` package (checked when the config loads).
-OPTIMIZERS = ("sgd", "adamw", "prodigy")
+#: Optimizers ``build_optimizer`` makes; prodigy needs the ``prodigyopt`` package, adamw8bit ``bitsandbytes``
+#: (checked when the config loads: :data:`EXTRA_PACKAGES`).
+OPTIMIZERS = ("sgd", "adamw", "prodigy", "adamw8bit")
+#: ``train.base_storage``: the frozen layers' weights in 8 bits under the adapters (``trainers/base_storage.py``).
+BASE_STORAGES = ("none", "fp8", "int8")
+#: (section, field, value) -> the package that setting needs (an extra: one line naming its install when missing).
+EXTRA_PACKAGES = {("optim", "name", "adamw8bit"): "bitsandbytes", ("train", "base_storage", "int8"): "torchao"}
 
 
 #: The ``task:`` field's help, shared by every task schema.
@@ -51,8 +56,9 @@ class OptimConfig:
 
     name: str = setting(
         "adamw",
-        "optimizer: sgd, adamw, or prodigy (Mishchenko & Defazio 2024, pip install prodigyopt: estimates the step "
-        "size; lr is its multiplier, 1.0 as in diffusers' examples)",
+        "optimizer: sgd, adamw, prodigy (Mishchenko & Defazio 2024, pip install prodigyopt: estimates the step "
+        "size; lr is its multiplier, 1.0 as in diffusers' examples) or adamw8bit (bitsandbytes' AdamW8bit, "
+        "diffusers' --use_8bit_adam: 8-bit optimizer states; pip install bitsandbytes)",
         choices=OPTIMIZERS,
     )
     lr: float = setting(1e-3, "peak learning rate (see lr_scale_batch)", min=0)
@@ -102,6 +108,21 @@ def check_optimizer_config(config) -> None:
             raise ConfigError(f"optim.train_fraction.{name} must lie in (0, 1], got {share}")
 
 
+def check_extra_packages(config) -> None:
+    """Each setting of :data:`EXTRA_PACKAGES` that the config chooses must find its package before anything is
+    built.
+
+    Raises:
+        ConfigError: The package is missing, in one line naming the install.
+    """
+    import importlib.util
+
+    for (section, field, value), package in EXTRA_PACKAGES.items():
+        chosen = (config.get(section) or {}).get(field)
+        if chosen == value and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{section}.{field}={value} needs the {package} package: pip install {package}")
+
+
 @dataclass
 class RunSettings:
     """The ``train`` settings every task has."""
@@ -124,6 +145,12 @@ class RunSettings:
         None, "also save the resumable state every N optimizer steps (+ RUN/checkpoints/step-N adapters)", min=1
     )
     checkpoints_total_limit: int | None = setting(None, "keep only the newest N step checkpoints", min=1)
+    base_storage: str = setting(
+        "none",
+        "the frozen layers' weights under the adapters: none, fp8 (float8_e4m3fn, upcast per layer in its forward) "
+        "or int8 (torchao int8 weight-only, pip install torchao)",
+        choices=BASE_STORAGES,
+    )
     report_to: str = setting(
         "tensorboard",
         "experiment tracker (accelerate's): scalars and validation images",

@@ -28,6 +28,7 @@ from ..config import save_config
 from ..data.images import WorkerSafe
 from ..errors import ConfigError
 from . import run_state
+from .base_storage import store_frozen_base
 from .logs import get_logger
 from .loop import Loop, LoopConfig, Objective, make_accelerator
 from .run_card import write_run_card
@@ -97,9 +98,10 @@ def micro_batch(batch_size: int, processes: int, grad_accum: int) -> int:
 def build_optimizer(
     optim: DictConfig, model: nn.Module, batch_size: int, lr_multipliers: dict[str, float] | None = None
 ) -> torch.optim.Optimizer:
-    """SGD (momentum), AdamW or Prodigy over the trainable parameters only; biases and norms (1-D tensors) without
-    weight decay unless ``optim.bias_decay``; lr scaled by ``batch_size / optim.lr_scale_batch`` when that is set;
-    with ``optim.loraplus_lr_ratio`` (LoRA+) the tensors :func:`loraplus_fast` picks learn that many times faster.
+    """SGD (momentum), AdamW, Prodigy or 8-bit AdamW over the trainable parameters only; biases and norms (1-D
+    tensors) without weight decay unless ``optim.bias_decay``; lr scaled by ``batch_size / optim.lr_scale_batch``
+    when that is set; with ``optim.loraplus_lr_ratio`` (LoRA+) the tensors :func:`loraplus_fast` picks learn that
+    many times faster.
 
     Args:
         lr_multipliers: Parameter-name prefix -> learning-rate multiplier (the first matching prefix counts); such
@@ -128,6 +130,10 @@ def build_optimizer(
         return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum)
     if optim.name == "prodigy":
         return prodigy(groups, lr)
+    if optim.name == "adamw8bit":  # diffusers' --use_8bit_adam: bitsandbytes' AdamW8bit, betas / eps as AdamW's
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(groups, lr=lr)
     return torch.optim.AdamW(groups, lr=lr)
 
 
@@ -226,6 +232,7 @@ def run_task(
     optimizer = build_optimizer(config.optim, setup.adapted, batch, setup.lr_multipliers)
     frozen_weights_sha256(setup.adapted)  # recorded in checkpoints: hash the weights before a half-precision cast
     freeze_in_precision(setup.frozen, accelerator.mixed_precision)  # what runs: fp16 asked on a CPU runs fp32
+    store_frozen_base(setup.frozen, config.train.get("base_storage", "none"), accelerator.mixed_precision)
     loop = Loop(
         setup.model,
         setup.objective,
