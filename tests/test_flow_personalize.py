@@ -17,6 +17,7 @@ from tiny_flow_models import sample_flow_images, tiny_flux_pipeline, tiny_sd3_pi
 
 import visionpeft as vp
 from visionpeft.backbones.diffusers_loading import load_pipeline
+from visionpeft.cli import generate
 from visionpeft.cli.common import run  # noqa: E402
 
 PROMPT = "a photo of sks dog"
@@ -107,6 +108,11 @@ def test_dreambooth_lora_flow_runs_load_in_diffusers_in_a_new_process(setup, cap
     assert np.abs(theirs - expected).max() < 1e-5
     card = (run_dir / "README.md").read_text()
     assert str(setup / model) in card
+    # tools/generate.py on the run's folder (the pipeline's own guidance scale)
+    out = setup / f"grid_{model}.png"
+    args = ["--model", str(setup / model), "--adapter", str(run_dir), "--prompt", PROMPT, "--seeds", "0", "1"]
+    assert run(generate.main, [*args, "--steps", "2", "--size", "16", "--device", "cpu", "--out", str(out)]) == 0
+    assert f"wrote {out} (1 prompts x 2 seeds" in capsys.readouterr().out and Image.open(out).size[0] > 2 * 16
 
 
 @pytest.mark.slow
@@ -145,6 +151,14 @@ def test_bad_flow_input_is_one_line(setup, capsys, tmp_path):
     capsys.readouterr()  # diffusers' notes on the components it did not save
     err = _error(setup, capsys, *_args(setup, "dreambooth_lora_flux", tmp_path / "no_t5", "no_t5"))
     assert "has no T5 text encoder (text_encoder_2 / tokenizer_2 in its model_index.json)" in err
+    # generate: a side that is no whole number of latent patches
+    args = ["--model", str(setup / "flux"), "--prompt", PROMPT, "--size", "18", "--device", "cpu"]
+    assert run(generate.main, [*args, "--out", str(tmp_path / "never.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: --size 18 is not a multiple of the VAE's factor times the transformer's 2 x 2 latent patches 4; "
+        "try --size 16"
+    )
     # DDPM knobs on a flow model
     err = _error(setup, capsys, *_args(setup, "dreambooth_lora_sd3", "sd3", "snr", "optim.snr_gamma=5"))
     assert "optim.snr_gamma=5.0: min-SNR" in err

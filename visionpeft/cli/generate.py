@@ -238,7 +238,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="one grid column each")
     parser.add_argument("--steps", type=positive_int, default=30)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale (default: 7.5 on a U-Net pipeline; a Flux / SD3 pipeline's own: 3.5 / 7.0)",
+    )
     parser.add_argument(
         "--guidance-rescale",
         type=unit_float,
@@ -298,15 +303,18 @@ def main(argv: list[str]) -> int:
     pipe = load_pipeline(args.model, getattr(torch, args.dtype)).to(device)
     pipe.scheduler = sampling_scheduler(pipe.scheduler, args.prediction_type, args.zero_terminal_snr)
     factor = int(getattr(pipe, "vae_scale_factor", 8))
-    if args.size and args.size % factor:
+    patched = getattr(pipe, "unet", None) is None  # a Flux / SD3 transformer reads 2 x 2 patches of latents
+    multiple = factor * (2 if patched else 1)
+    if args.size and args.size % multiple:
+        what = "the VAE's factor" + (" times the transformer's 2 x 2 latent patches" if patched else "")
         raise ConfigError(
-            f"--size {args.size} is not a multiple of the VAE's factor {factor}; "
-            f"try --size {max(factor, args.size // factor * factor)}"
+            f"--size {args.size} is not a multiple of {what} {multiple}; "
+            f"try --size {max(multiple, args.size // multiple * multiple)}"
         )
     pipe.set_progress_bar_config(disable=True)
     for adapter in [*args.adapter, *args.control]:
         print(f"adapter {adapter}: {apply_adapter(pipe, adapter, not args.ignore_base_mismatch)}")
-    side = args.size or pipe.unet.config.sample_size * factor
+    side = args.size or (pipe.default_sample_size if patched else pipe.unet.config.sample_size) * factor
     inputs = control_inputs(pipe, args.control_image, side)
     if args.ip_adapter is not None:
         from visionpeft.trainers.ip_adapter import attach_released, reference_embeds
@@ -315,7 +323,9 @@ def main(argv: list[str]) -> int:
         print(f"adapter {args.ip_adapter}: {loaded}")
         inputs[IMAGE_PROMPT] = reference_embeds(pipe, encoder, reference)
     options = {"negative_prompt": args.negative_prompt, "num_inference_steps": args.steps}
-    options.update(guidance_scale=args.guidance, height=side, width=side)
+    options.update(height=side, width=side)
+    if args.guidance is not None or not patched:
+        options["guidance_scale"] = 7.5 if args.guidance is None else args.guidance
     if args.guidance_rescale:
         options["guidance_rescale"] = args.guidance_rescale
     rows = [sample(pipe, prompt, args.seeds, options, inputs, args.batch_size) for prompt in args.prompt]
