@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks.amp import Amp  # noqa: E402
 from benchmarks.core import interleaved  # noqa: E402
-from benchmarks.personalize import pipeline_parts  # noqa: E402
+from benchmarks.personalize import pipeline_parts, sdxl_parts  # noqa: E402
 
 
 def test_sd15_layout_has_stable_diffusion_1_5s_parameter_counts():
@@ -22,6 +22,28 @@ def test_sd15_layout_has_stable_diffusion_1_5s_parameter_counts():
     assert [sum(p.numel() for p in m.parameters()) for m in parts] == [859_520_964, 83_653_863, 123_060_480]
     with pytest.raises(ValueError, match="layout must be one of"):
         pipeline_parts("sdxl")
+
+
+def test_sdxl_parts_have_sdxl_base_1_0_s_parameter_counts_and_its_control_towers_theirs():
+    """U-Net 2,567,463,684, VAE 83,653,863, CLIP ViT-L 123,060,480, OpenCLIP ViT-bigG + projection 694,659,840;
+    ControlNetModel.from_unet 1,251,014,160 (diffusers' "1251M" for ControlNet-SDXL), T2I-Adapter full_adapter_xl
+    79,028,160 ("79M")."""
+    import visionpeft as vp
+
+    with torch.device("meta"):
+        parts = sdxl_parts()
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
+    assert counts == {
+        "unet": 2_567_463_684,
+        "vae": 83_653_863,
+        "text_encoder": 123_060_480,
+        "text_encoder_2": 694_659_840,
+    }
+    unet = parts["unet"]
+    assert vp.count_parameters(vp.attach(unet, "controlnet"))["by_group"] == {"controlnet": 1_251_014_160}
+    vp.detach(unet)
+    xl = vp.attach(unet, "t2i_adapter", adapter_type="full_adapter_xl")
+    assert vp.count_parameters(xl)["by_group"] == {"t2i_adapter": 79_028_160}
 
 
 def test_interleaved_rotates_the_order_every_round_and_reads_the_clock_it_is_given():

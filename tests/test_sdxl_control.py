@@ -179,13 +179,14 @@ def test_the_sdxl_adapter_is_diffusers_full_adapter_xl_with_sdxl_s_widths():
     """The script's adapter (lines 886-892) on SDXL's U-Net (config values of stable-diffusion-xl-base-1.0): the
     defaults give channels (320, 640, 1280, 1280) and downscale 16: 79,028,160 parameters; the SD 1.x layout is
     refused in one line."""
+    from benchmarks.personalize import sdxl_parts  # SDXL base 1.0's config values
     from diffusers import T2IAdapter
     from tiny_models import tiny_unet
 
     from visionpeft.methods.t2i_adapter import DEFAULT_DOWNSCALE
 
     with torch.device("meta"):
-        unet = sdxl_unet_on_meta()
+        unet = sdxl_parts()["unet"]
         reference = T2IAdapter(channels=[320, 640, 1280, 1280], downscale_factor=16, adapter_type="full_adapter_xl")
     vp.attach(unet, "t2i_adapter", adapter_type="full_adapter_xl")
     count = sum(p.numel() for p in reference.parameters())
@@ -194,25 +195,6 @@ def test_the_sdxl_adapter_is_diffusers_full_adapter_xl_with_sdxl_s_widths():
     with pytest.raises(IncompatibleMethodError, match="full_adapter_xl fits SDXL's U-Net layout") as err:
         vp.attach(tiny_unet(), "t2i_adapter", adapter_type="full_adapter_xl")
     assert "\n" not in str(err.value) and "use full_adapter or light_adapter" in str(err.value)
-
-
-def sdxl_unet_on_meta():
-    """SDXL base 1.0's U-Net from its config values (unet/config.json), on the current device."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=128,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(320, 640, 1280),
-        transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20),
-        use_linear_projection=True,
-        cross_attention_dim=2048,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    )
 
 
 SAMPLE = """

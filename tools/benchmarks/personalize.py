@@ -78,6 +78,54 @@ def pipeline_parts(layout: str = "scaled", vocab_size: int = 49408):
     return unet, vae, CLIPTextModel(text)
 
 
+def sdxl_parts(vocab_size: int = 49408) -> dict:
+    """Stable Diffusion XL base 1.0's components from the config values of
+    ``stabilityai/stable-diffusion-xl-base-1.0`` (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``
+    config.json files), randomly initialised (build them under ``torch.device("meta")`` to count without memory):
+    U-Net 2,567,463,684, VAE 83,653,863, CLIP ViT-L 123,060,480, OpenCLIP ViT-bigG with projection 694,659,840."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def text(hidden: int, layers: int, heads: int, act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            projection_dim=hidden,
+            hidden_act=act,
+        )
+
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        sample_size=1024,
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": CLIPTextModel(text(768, 12, 12, "quick_gelu")),
+        "text_encoder_2": CLIPTextModelWithProjection(text(1280, 32, 20, "gelu")),
+    }
+
+
 def build_pipeline(seed: int = 0, layout: str = "scaled", device: str = "cpu"):
     """A Stable Diffusion pipeline of ``layout`` (random weights) with the real CLIP tokenizer, built on ``device``."""
     import tempfile
