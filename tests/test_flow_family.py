@@ -11,6 +11,7 @@ from tiny_models import perturb
 
 import visionpeft as vp
 from visionpeft.adapter import backbone_of, methods_of
+from visionpeft.backbones import pipeline_modules
 from visionpeft.backbones.diffusers_loading import load_pipeline
 from visionpeft.config.diffusion_objective import DiffusionObjective
 from visionpeft.trainers.diffusion import DiffusionParts, diffusion_loss
@@ -299,3 +300,61 @@ def test_a_flow_loss_is_refused_knobs_that_only_mean_something_on_a_ddpm_schedul
     with pytest.raises(ConfigError, match="optim.noise_offset=0.1"):
         check_objective(DiffusionObjective(noise_offset=0.1), pipe.scheduler, "sd3")
     check_objective(DiffusionObjective(weighting_scheme="cosmap"), pipe.scheduler, "sd3")
+
+
+def test_flux_lora_in_the_kohya_layout_loads_through_diffusers_converter(saved, tmp_path):
+    """Black Forest Labs' names with fused q / k / v (``lora_unet_double_blocks_0_img_attn_qkv``): diffusers'
+    ``_convert_kohya_flux_lora_to_diffusers`` cuts the block-diagonal ``lora_up`` back into the separate LoRAs."""
+    from safetensors.torch import load_file
+    from tiny_flow_models import sample_flow_images
+
+    targets = [f"transformer_blocks.0.{t}" for t in FLUX_SCRIPT_TARGETS] + ["single_transformer_blocks.0.proj_out"]
+    pipe = load_pipeline(str(saved / "flux"))
+    text = ("lora", {"tower": "text_encoder", "r": 2, "targets": ["q", "k", "v", "o"]})
+    vp.attach(pipe, [("lora", {"r": 4, "alpha": 8, "target_modules": targets}), text])
+    perturb(pipe)
+    expected = sample_flow_images(pipe, PROMPTS[0])
+    vp.save_adapter(pipe, tmp_path / "kohya", format="kohya")
+    file = tmp_path / "kohya" / "lora_kohya.safetensors"
+    state = load_file(file)
+    assert state["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (12, 32)
+    assert state["lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight"].shape == (96, 12)
+    assert "lora_unet_single_blocks_0_linear2.lora_up.weight" in state
+    assert any(key.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for key in state)
+    theirs = load_pipeline(str(saved / "flux"))
+    theirs.load_lora_weights(str(file))
+    assert abs(sample_flow_images(theirs, PROMPTS[0]) - expected).max() < 1e-5
+
+
+def test_flux_kohya_single_block_linear1_holds_each_lora_in_its_slot(saved):
+    """A single-stream block's ``linear1`` is q, k, v and the MLP input side by side: each LoRA's update is its
+    block of ``lora_up @ lora_down``, a projection without LoRA a zero block (real Flux's sizes, 3072 x 3 + 12288,
+    are the ones diffusers' converter splits; the tiny layout's are checked here by the product)."""
+    from visionpeft.checkpoint.exporters import kohya_state_dict
+
+    pipe = load_pipeline(str(saved / "flux"))
+    targets = ["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_v"]
+    vp.attach(pipe, "lora", r=2, alpha=2, target_modules=targets)
+    perturb(pipe)
+    state = kohya_state_dict(pipeline_modules(pipe))
+    down = state["lora_unet_single_blocks_0_linear1.lora_down.weight"]
+    up = state["lora_unet_single_blocks_0_linear1.lora_up.weight"]
+    assert down.shape == (8, 32) and up.shape == (32 * 3 + 128, 8)
+    assert state["lora_unet_single_blocks_0_linear1.alpha"] == 8
+    delta = up @ down
+    block = pipe.transformer.single_transformer_blocks[0]
+    identity = torch.eye(32)
+    with torch.no_grad():
+        for start, layer in ((0, block.attn.to_q), (64, block.attn.to_v)):
+            update = (layer(identity) - layer.base(identity)).T  # the wrapper's weight update, (out, in)
+            assert update.abs().max() > 1e-3
+            torch.testing.assert_close(delta[start : start + 32], update, rtol=0, atol=1e-6)
+    assert delta[32:64].abs().max() == 0 and delta[96:].abs().max() == 0  # k and the MLP input have no LoRA
+
+
+def test_the_flux_kohya_layout_refuses_a_module_it_cannot_name(saved, tmp_path):
+    from visionpeft.errors import CheckpointError
+
+    pipe = vp.attach(load_pipeline(str(saved / "flux")), "lora", r=2, target_modules=["x_embedder"])
+    with pytest.raises(CheckpointError, match="^the kohya Flux layout has no name for transformer.x_embedder"):
+        vp.save_adapter(pipe, tmp_path / "kohya", format="kohya")

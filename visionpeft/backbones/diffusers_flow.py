@@ -168,6 +168,8 @@ class DiffusersFluxPipeline(DiffusersFlowPipeline):
     family = "diffusers_flux_pipeline"
     flow_family = "flux"
     lora_pipeline_class = "FluxPipeline"
+    #: ``save_adapter(format="kohya")`` writes Black Forest Labs' names (:mod:`visionpeft.checkpoint.flux_kohya`)
+    kohya_layout = "flux"
 
 
 class DiffusersSD3Pipeline(DiffusersFlowPipeline):

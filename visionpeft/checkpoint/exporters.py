@@ -31,6 +31,7 @@ from ..errors import CheckpointError
 from ..io import atomic_write
 from ..methods import METHODS, ExportParts
 from ..methods.base import BUNDLE_PREFIX
+from .flux_kohya import flux_kohya_state_dict
 from .lycoris import kohya_metadata, lycoris_state_dict
 
 FORMATS = ("peft", "diffusers", "kohya")
@@ -218,6 +219,10 @@ def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             "save with format='diffusers'"
         )
     lycoris_modules = {**lycoris_state_dict(parts.adapter_tensors), **parts.bundled}
+    if getattr(state.backbone, "kohya_layout", None) == "flux":
+        if lycoris_modules:
+            raise CheckpointError("the kohya Flux layout holds LoRA only; save with format='visionpeft'")
+        return flux_kohya_state_dict(parts.lora_layers, linear_shapes(model))
     if not parts.lora_layers:
         return lycoris_modules
     peft_layout: dict[str, torch.Tensor] = {}
@@ -237,6 +242,18 @@ def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     # diffusers' converter writes alpha = rank as an integer tensor; the parts fold the scale into B (scale 1)
     lora_modules = {k: v.float() if k.endswith(".alpha") else v for k, v in renamed.items()}
     return {**lora_modules, **lycoris_modules}
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(out, in) of every Linear of the adapted model, by model-relative path (LoRA wrappers: their base layer's)."""
+    from ..adapter import backbone_of
+
+    shapes = {}
+    for path, module in backbone_of(model).model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and weight is not None:
+            shapes[path.removesuffix(".base")] = tuple(weight.shape)
+    return shapes
 
 
 def export_kohya(model: nn.Module, directory: Path) -> Path:
