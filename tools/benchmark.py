@@ -21,6 +21,8 @@ control-demo  ControlNet / ControlNet-LoRA on the tiny pipeline and 32 px fill50
       steps against the base pipeline, sample grids (gallery/control/).
 clip-demo  the embedded tiny CLIP: zero-shot (held-in / held-out classes) against CoOp / CoCoOp / KgCoOp / MaPLe /
       Tip-Adapter, few-shot curves and the base-to-new table (gallery/clip/).
+clip-steps  each CLIP prompt learner's / adapter's training step (KgCoOp, ProGrad, MaPLe, IVLP, PromptSRC,
+      CLIP-Adapter, Tip-Adapter-F, CoCoOp) against CoOp's, same model and batch.
 gpu   CUDA bf16 / fp16 tables: ViT-B/16 batch 64 (visionpeft vs PEFT LoRA, full, adapters) and the SD 1.5 layout at
       512 px (DreamBooth-LoRA / textual inversion vs diffusers' example loops, SDPA and xformers attention).
 """
@@ -46,6 +48,7 @@ SUITES = (
     "tiny-sd",
     "control-demo",
     "clip-demo",
+    "clip-steps",
     "gpu",
 )
 

@@ -277,28 +277,27 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp)
         for seed in args.seeds:
-            for shots in args.shots:
-                for method in args.methods:
-                    if (method, shots, seed) in done:
-                        continue
-                    torch.manual_seed(seed)
+            # base-to-new (16 shots) right after the first shot count: an interrupted run has both tables started
+            b2n = [] if args.no_base_to_new else [(m, "base-to-new") for m in TRANSFERS if m in args.methods]
+            jobs = [(m, shots) for shots in args.shots for m in args.methods]
+            jobs[len(args.methods) : len(args.methods)] = b2n
+            for method, shots in jobs:
+                if (method, shots, seed) in done or (shots == "base-to-new" and (method, seed) in done_b2n):
+                    continue
+                torch.manual_seed(seed)
+                if shots == "base-to-new":
+                    row = trained(args.model, method, 16, seed, args.steps, runs, base_only=True)
+                    record["base_to_new"].append({"method": method, "seed": seed, **row})
+                    print(f"{method} base-to-new seed {seed}: base {row['top1']:.1f}, new {row['new']:.1f}", flush=True)
+                else:
                     if METHODS[method][0] is None:
                         row = training_free(args.model, shots, seed)
                     else:
                         row = trained(args.model, method, shots, seed, args.steps, runs)
                     record["few_shot"].append({"method": method, "shots": shots, "seed": seed, **row})
-                    record["minutes"] = record["minutes"] + (time.time() - start) / 60
-                    start = time.time()
-                    write(record, args.out)
                     print(f"{method} {shots} shots seed {seed}: {row['top1']:.1f}", flush=True)
-            for method in [] if args.no_base_to_new else [m for m in TRANSFERS if m in args.methods]:
-                if (method, seed) in done_b2n:
-                    continue
-                row = trained(args.model, method, 16, seed, args.steps, runs, base_only=True)
-                record["base_to_new"].append({"method": method, "seed": seed, **row})
                 record["minutes"] = record["minutes"] + (time.time() - start) / 60
                 start = time.time()
                 write(record, args.out)
-                print(f"{method} base-to-new seed {seed}: base {row['top1']:.1f}, new {row['new']:.1f}", flush=True)
     print(write(record, args.out))
     return 0
