@@ -31,6 +31,7 @@ from torch import nn
 
 from ..backbones.base import Projection
 from ..errors import IncompatibleMethodError
+from ..layers.narrow import narrow_linear
 from ..schema import setting
 from .base import Method, MethodConfig, register_method
 
@@ -89,19 +90,39 @@ class FacTFactors(nn.Module):
 
     def core(self, key: str) -> torch.Tensor:
         """The ``(n * dim) x (m * dim)`` core of one projection."""
-        if self.variant == "tt":
-            return self.cores[key]
-        start, stop = self.columns[key]
-        n, m = self.shapes[key]
-        flat = (self.tucker_c @ self.tucker_p[:, start:stop]).reshape(self.dim, self.dim * (stop - start))
-        return flat if m > 1 else flat.t()
+        return self.stacked_core([key])
 
-    def increment(self, key: str, x: torch.Tensor, scale: float) -> torch.Tensor:
-        """``scale * delta W x`` for the projection ``key``, through the factors (never forming delta W)."""
-        n, m = self.shapes[key]
+    def stacked_core(self, keys: list[str]) -> torch.Tensor:
+        """The cores of ``keys`` stacked row-wise; Tucker cores of consecutive columns of ``P`` come from one product
+        with ``C`` (timm's q, k, v: one product instead of three)."""
+        if self.variant == "tt":
+            parts = [self.cores[key] for key in keys]
+        else:
+            spans = [self.columns[key] for key in keys]
+            first, last = spans[0][0], spans[-1][1]
+            if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+                return torch.cat([self.core(key) for key in keys])
+            products = self.tucker_c @ self.tucker_p[:, first:last]  # (dim, dim, columns)
+            parts = []
+            for key, (start, stop) in zip(keys, spans):
+                flat = products[..., start - first : stop - first].reshape(self.dim, -1)
+                parts.append(flat if self.shapes[key][1] > 1 else flat.t())
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def increment(self, keys: list[str], x: torch.Tensor, scale: float) -> torch.Tensor:
+        """``scale * delta W x`` of the projections ``keys`` reading the same input ``x`` (timm's fused qkv: q, k, v),
+        their outputs side by side, through the factors (never forming delta W).
+
+        The projections share ``U``, so ``x`` is mapped down once and their cores run as one stacked matrix: one
+        chain of three small matrix products for the whole layer instead of one per projection (the small products'
+        count, not their size, is what they cost on a CPU). Dropout acts on the stacked core outputs.
+        """
+        m = self.shapes[keys[0]][1]
+        n = sum(self.shapes[key][0] for key in keys)
+        core = self.stacked_core(keys)
         low = F.linear(x.unflatten(-1, (m, -1)), self.u).flatten(-2)
-        mixed = self.dropout(F.linear(low, self.core(key)))
-        return F.linear(mixed.unflatten(-1, (n, self.dim)), self.v).flatten(-2) * scale
+        mixed = self.dropout(F.linear(low, core))
+        return narrow_linear(mixed.unflatten(-1, (n, self.dim)), self.v).flatten(-2) * scale
 
     def delta_weight(self, key: str, scale: float) -> torch.Tensor:
         """``scale * delta W`` of the projection ``key``, shaped like its weight rows ``(n * D, m * D)``."""
@@ -173,12 +194,19 @@ class FacT(Method):
             self.hook_output(layer, self.add_increment, sorted(slices))
 
     def add_increment(self, slices: list, layer: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Adds each slice's increment to its output rows (rows no slice covers get zero)."""
+        """Adds the increments of the layer's slices to their output rows; slices that follow each other without a
+        gap share one :meth:`FacTFactors.increment` call, rows no slice covers get zero."""
         x, parts, end = inputs[0], [], 0
+        runs: list[tuple[int, int, list[str]]] = []  # (start, stop, keys) of gapless runs of slices
         for (start, stop), key in slices:
+            if runs and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], stop, runs[-1][2] + [key])
+            else:
+                runs.append((start, stop, [key]))
+        for start, stop, keys in runs:
             if start > end:
                 parts.append(x.new_zeros(*x.shape[:-1], start - end))
-            parts.append(self.factors.increment(key, x, self.config.scale))
+            parts.append(self.factors.increment(keys, x, self.config.scale))
             end = stop
         if end < output.shape[-1]:
             parts.append(x.new_zeros(*x.shape[:-1], output.shape[-1] - end))
