@@ -74,3 +74,18 @@ def test_vpt_vitb_cifar_dry_run_builds_vpt_deep_with_the_paper_count(tmp_path, c
     assert run(train_tool.main, args) == 0
     out = capsys.readouterr().out
     assert "92,160" in out and "76,900" in out and "data: cifar100, 100 classes" in out
+
+
+def test_the_tiny_control_config_makes_its_data_in_the_tiny_pipeline_s_colours():
+    """The data command in the tiny control config's header is the one the README gives: fill50k in the embedded
+    pipeline's eight colours (without ``--palette`` the pairs use all 148 colour names the pipeline never learned)."""
+    import shlex
+
+    from visionpeft.demo.captioned_mix import CIRCLE_COLOURS
+
+    lines = (ROOT / "configs/control/controlnet_tiny_sd_fill.yaml").read_text().splitlines()
+    header = " ".join(line.lstrip("#").strip() for line in lines if line.startswith("#"))
+    commands = header.replace("\\ ", " ").split("python ")
+    data = shlex.split(next(c for c in commands if c.startswith("tools/make_fill50k.py")), comments=True)
+    palette = data[data.index("--palette") + 1 :]
+    assert tuple(palette) == CIRCLE_COLOURS
