@@ -47,7 +47,7 @@ def _train(setup, config, name, *overrides):
 
 
 @pytest.mark.parametrize("config", ["controlnet_sd15_fill", "controlnet_lora_sd15_fill"])
-def test_a_control_run_validates_and_leaves_a_controlnet_diffusers_loads(setup, config):
+def test_a_control_run_validates_and_leaves_a_controlnet_diffusers_loads(setup, config, capsys):
     from diffusers import ControlNetModel
 
     assert _train(setup, config, config) == 0
@@ -55,6 +55,9 @@ def test_a_control_run_validates_and_leaves_a_controlnet_diffusers_loads(setup, 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if "train/loss" in r]) == 6
     assert [r["step"] for r in records if "eval/fill_iou" in r] == [3, 6]
+    last_iou = [r["eval/fill_iou"] for r in records if "eval/fill_iou" in r][-1]
+    # the end-of-run summary prints the task's score, not only metrics.jsonl
+    assert f"score: fill_iou {last_iou:.4g} (last evaluation, step 6;" in capsys.readouterr().out
     norms = [r for r in records if any(k.endswith("residual_norm/mid") for k in r)]
     assert len(norms) == 2 and all(v > 0 for r in norms for k, v in r.items() if "residual_norm" in k)
     assert sorted(p.name for p in (run_dir / "validation").glob("*.png")) == ["001.png", "002.png"]

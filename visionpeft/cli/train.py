@@ -30,6 +30,9 @@ def report(results: dict[str, Any], run_dir=None, seconds: float | None = None) 
         print(f"test: top1 {100 * test['top1']:.2f}%{top5}")
     elif test:
         print("test: " + ", ".join(f"{k} {v:.4g}" for k, v in test.items() if isinstance(v, (int, float))))
+    else:
+        for name, value in results.get("score", {}).items():  # the task's score when it has no test split
+            print(f"score: {name} {value:.4g} (last evaluation, step {results.get('steps')}; all in metrics.jsonl)")
     for path in results.get("outputs", []):
         print(f"wrote {path}")
     counts = results.get("parameters")

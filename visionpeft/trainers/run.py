@@ -248,6 +248,9 @@ def run_task(
         loop.load_state()
     results["eval"] = loop.fit(stop_after=stop_after)
     results["steps"] = loop.step
+    score = getattr(setup.objective, "metric", "none")  # the task's score: what selects its best checkpoint
+    if score in results["eval"]:
+        results["score"] = {score: results["eval"][score]}
     if loop.finished:
         results.update(trainer.finish(config, loop, setup, run_dir))
     results["parameters"] = count_parameters(loop.unwrapped)
