@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_controlnet import HINT, LATENTS, STEPS, TEXT, _run
+from test_controlnet import CONTROL, HINT, LATENTS, STEPS, TEXT, _run
 from tiny_models import assert_same_state, tiny_unet
 from torch import nn
 
@@ -61,3 +61,41 @@ def test_the_checkpoint_holds_no_frozen_weight_and_reloads_exactly(tmp_path):
 def test_frozen_zero_convs_are_refused_with_the_reason():
     with pytest.raises(ConfigError, match="zero convs block every gradient upstream of them"):
         vp.attach(tiny_unet(), "controlnet_lora", **OPTIONS, train_full=["hint_encoder", "norms"])
+
+
+def test_diffusers_load_lora_adapter_puts_the_lora_only_file_on_a_controlnet_from_the_unet(tmp_path):
+    """The diffusers export writes, beside the merged controlnet/, controlnet_lora/pytorch_lora_weights.safetensors:
+    ``ControlNetModel.from_unet(unet).load_lora_adapter(folder, weight_name=..., prefix=None)`` (diffusers'
+    documented Control-LoRA call) gives the residuals visionpeft's ControlNet-LoRA gives; the file holds no frozen
+    weight."""
+    from diffusers import ControlNetModel
+
+    unet = vp.attach(tiny_unet(), "controlnet_lora", **OPTIONS, alpha=8)  # scale 2: folded into lora_B
+    with torch.no_grad():
+        for _, p in vp.trainable_parameters(unet):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    expected = _run(unet)
+    vp.save_adapter(unet, tmp_path, format="diffusers")
+    assert (tmp_path / "controlnet" / "config.json").is_file()
+    saved = load_file(tmp_path / "controlnet_lora" / "pytorch_lora_weights.safetensors")
+    assert (
+        "conv_in.weight" not in saved
+        and "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight" not in saved
+    )
+    assert sum(t.numel() for t in saved.values()) == vp.count_parameters(unet)["trainable"]
+
+    base = tiny_unet()
+    controlnet = ControlNetModel.from_unet(base, conditioning_embedding_out_channels=(16, 32))
+    controlnet.load_lora_adapter(
+        str(tmp_path / "controlnet_lora"), weight_name="pytorch_lora_weights.safetensors", prefix=None
+    )
+    down, mid = controlnet(LATENTS, STEPS, encoder_hidden_states=TEXT, controlnet_cond=CONTROL, return_dict=False)
+    theirs = base(
+        LATENTS,
+        STEPS,
+        encoder_hidden_states=TEXT,
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+    ).sample
+    torch.testing.assert_close(theirs, expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(expected, tiny_unet()(LATENTS, STEPS, encoder_hidden_states=TEXT).sample, atol=1e-3)

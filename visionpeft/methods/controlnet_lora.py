@@ -3,7 +3,12 @@ the parts a fresh ControlNet cannot do without train in full: the zero convoluti
 (the split of Stability AI's Control-LoRA and of CtrLoRA).
 
 The frozen copy is rebuilt from the U-Net whenever the adapter is loaded, so a checkpoint holds only the LoRA factors
-and the fully trained parts (a few percent of a ControlNet).
+and the fully trained parts (a few percent of a ControlNet). The ``diffusers`` export writes both the merged
+``controlnet/`` folder and that small file for diffusers' own loader,
+``controlnet_lora/pytorch_lora_weights.safetensors``: ``ControlNetModel.from_unet(unet,
+conditioning_embedding_out_channels=...)`` then
+``controlnet.load_lora_adapter(RUN / "controlnet_lora", weight_name="pytorch_lora_weights.safetensors", prefix=None)``
+(diffusers' Control-LoRA call).
 """
 
 from __future__ import annotations
@@ -11,17 +16,20 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..layers.lora import LoRALinear
 from ..schema import setting
-from .base import register_method
+from .base import ExportParts, register_method
 from .controlnet import ControlNet, ControlNetConfig
 
 #: LoRA target -> the suffix of the ControlNet's Linear layers it selects (diffusers' attention / feed-forward names)
 TARGETS = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "fc1": "ff.net.0.proj", "fc2": "ff.net.2"}
 FULL_PARTS = ("zero_convs", "hint_encoder", "norms")
+#: where the diffusers export puts the LoRA-only file (named as diffusers' LoRA files)
+LORA_FOLDER, LORA_WEIGHT_NAME = "controlnet_lora", "pytorch_lora_weights.safetensors"
 
 
 @dataclass
@@ -75,6 +83,27 @@ class ControlNetLoRA(ControlNet):
         for path, module in list(net.named_modules()):
             if isinstance(module, nn.Linear) and (everything or any(path.endswith(s) for s in suffixes)):
                 self._add_lora(net, path, module)
+
+    def export_parts(self, format: str) -> ExportParts:
+        parts = super().export_parts(format)
+        parts.files[f"{LORA_FOLDER}/{LORA_WEIGHT_NAME}"] = self.diffusers_lora_tensors()
+        return parts
+
+    def diffusers_lora_tensors(self) -> dict[str, torch.Tensor]:
+        """What ``ControlNetModel.load_lora_adapter(folder, weight_name=..., prefix=None)`` reads onto the
+        ControlNet that ``ControlNetModel.from_unet`` builds from the same U-Net: each LoRA under its layer's
+        ``ControlNetModel`` name in PEFT's keys (``<layer>.lora_A.weight`` / ``.lora_B.weight``, the scale folded
+        into B: without alphas diffusers' config takes ``lora_alpha = r``), then the parts trained in full under
+        their own names, which PEFT's ``set_peft_model_state_dict`` loads into the model as they are."""
+        tensors = {}
+        for path, module in self.controlnet.named_modules():
+            if isinstance(module, LoRALinear):
+                a, b = module.stacked()
+                tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"] = a.detach(), b.detach()
+        for name, (owner, attr) in self.tensors.items():
+            if not name.endswith((".lora_A", ".lora_B")):  # LoRALinear's own factors are written above
+                tensors[name.removeprefix("controlnet.")] = getattr(owner, attr).detach()
+        return tensors
 
     def diffusers_controlnet(self) -> nn.Module:
         """A copy of the ControlNet with every LoRA folded into its Linear layers: a plain ``ControlNetModel``."""
