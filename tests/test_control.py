@@ -195,5 +195,5 @@ def test_generate_draws_with_the_run_s_controlnet_folder_or_its_adapter(setup, t
     ]
     assert run(generate_tool.main, args) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "error: the loaded adapters read control_image: give --control-image"
+        "error: the loaded adapters read control_image (controlnet): give --control-image"
     )

@@ -8,7 +8,8 @@ An adapter is a training run's folder (its ``adapter/``), a visionpeft adapter f
 folder / file in diffusers' formats:
 ``pytorch_lora_weights.safetensors`` (``load_lora_weights``) and ``learned_embeds.safetensors``
 (``load_textual_inversion``), or a ``ControlNetModel`` / ``T2IAdapter`` folder (``--control RUN/controlnet``, with
-``--control-image edges.png``). An IP-Adapter (``--ip-adapter RUN``: a run's ``ip_adapter/ip_adapter.safetensors``,
+``--control-image edges.png``; several controls each take their own: ``--control A --control-image a.png --control B
+--control-image b.png``). An IP-Adapter (``--ip-adapter RUN``: a run's ``ip_adapter/ip_adapter.safetensors``,
 or a released plain IP-Adapter ``.safetensors``, with its image encoder in ``image_encoder/`` beside it or
 ``--ip-image-encoder``) takes ``--ip-image ref.png`` as the image prompt of every sample (``--ip-scale`` its weight).
 
@@ -124,25 +125,50 @@ def load_control_folder(pipe, path: Path) -> str:
     return f"{folder.method} ({folder.class_name})"
 
 
-def control_inputs(pipe, image_path: Path | None, side: int) -> dict:
-    """``{"control_image": tensor}`` when an attached method reads one (the image resized to ``side``, in [0, 1])."""
+def control_inputs(pipe, images: list, side: int) -> dict:
+    """``{"control_image": ...}`` when attached methods read one: each image resized to ``side``, in [0, 1]. One
+    image goes to every control; several pair in order with the controls in the order they were loaded
+    (``--adapter`` folders' first, then each ``--control``), as ``{method name: image}``."""
     from visionpeft.adapter import methods_of
-    from visionpeft.data.images import load_rgb
     from visionpeft.errors import ConfigError
 
-    reads = {name for method in methods_of(pipe) for name in method.call_inputs if name == "control_image"}
-    if not reads:
-        if image_path is not None:
+    readers = [method.name for method in methods_of(pipe) if "control_image" in method.call_inputs]
+    if not readers:
+        if images:
             raise ConfigError("--control-image given, but no loaded adapter reads a control image")
         return {}
-    if image_path is None:
-        raise ConfigError(f"the loaded adapters read {', '.join(sorted(reads))}: give --control-image")
+    if not images:
+        raise ConfigError(f"the loaded adapters read control_image ({', '.join(readers)}): give --control-image")
+    if len(images) > 1 and len(images) != len(readers):
+        raise ConfigError(
+            f"{len(images)} --control-image for {len(readers)} loaded controls ({', '.join(readers)}): give one "
+            "image per control, in the --control order, or one for all"
+        )
     import numpy as np
     import torch
 
-    image = load_rgb(image_path).resize((side, side))
-    tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-    return {"control_image": tensor.to(pipe.device)}
+    tensors = [
+        torch.from_numpy(np.asarray(image.resize((side, side)), dtype=np.float32) / 255.0)
+        .permute(2, 0, 1)[None]
+        .to(pipe.device)
+        for image in images
+    ]
+    return {"control_image": tensors[0] if len(tensors) == 1 else dict(zip(readers, tensors))}
+
+
+def read_control_images(args) -> list:
+    """The ``--control-image`` files read before any model loads; more of them than ``--control`` / ``--adapter``
+    folders that could read them is one line."""
+    from visionpeft.data.images import load_rgb
+    from visionpeft.errors import ConfigError
+
+    loaded = len(args.control) + len(args.adapter)
+    if len(args.control_image) > max(1, loaded):
+        raise ConfigError(
+            f"{len(args.control_image)} --control-image for {len(args.control)} --control: give one image per "
+            "control, in the --control order, or one for all"
+        )
+    return [load_rgb(path) for path in args.control_image]
 
 
 def check_image_prompt(args):
@@ -272,7 +298,13 @@ def main(argv: list[str]) -> int:
         type=Path,
         help="a ControlNet / T2I-Adapter: diffusers folder (RUN/controlnet) or visionpeft adapter",
     )
-    parser.add_argument("--control-image", type=Path, help="the condition image (edges, a fill50k outline, ...)")
+    parser.add_argument(
+        "--control-image",
+        action="append",
+        default=[],
+        type=Path,
+        help="the condition image (edges, a fill50k outline, ...); repeated: one per --control, in order",
+    )
     parser.add_argument(
         "--batch-size",
         type=positive_int,
@@ -287,10 +319,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ip-scale", type=float, default=1.0, help="weight of the image prompt (0: none)")
     add_base_check_argument(parser)
     args = parser.parse_args(argv)
-    if args.control and args.control_image is None:
+    if args.control and not args.control_image:
         parser.error("--control needs --control-image")
     check_out(args.out)
     reference = check_image_prompt(args)
+    conditions = read_control_images(args)
 
     import torch
 
@@ -315,7 +348,7 @@ def main(argv: list[str]) -> int:
     for adapter in [*args.adapter, *args.control]:
         print(f"adapter {adapter}: {apply_adapter(pipe, adapter, not args.ignore_base_mismatch)}")
     side = args.size or (pipe.default_sample_size if patched else pipe.unet.config.sample_size) * factor
-    inputs = control_inputs(pipe, args.control_image, side)
+    inputs = control_inputs(pipe, conditions, side)
     if args.ip_adapter is not None:
         from visionpeft.trainers.ip_adapter import attach_released, reference_embeds
 
