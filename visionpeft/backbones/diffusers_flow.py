@@ -136,7 +136,12 @@ class DiffusersFlowPipeline(DiffusersPipeline):
         super(DiffusersPipeline, self).__init__(model)
         transformer = model.transformer
         self.towers["transformer"] = Tower(
-            "transformer", "", flow_blocks(transformer), _under("transformer."), stages=_stages(transformer)
+            "transformer",
+            "",
+            flow_blocks(transformer),
+            _under("transformer."),
+            stages=_stages(transformer),
+            capabilities=frozenset({"flow_transformer"}),  # a ControlNet builds from it (from_transformer)
         )
         for name in self.text_encoders():
             self.towers[name] = clip_text_tower(getattr(model, name), f"{name}.", _under(f"{name}."), name)
@@ -146,6 +151,11 @@ class DiffusersFlowPipeline(DiffusersPipeline):
         return (
             isinstance(model, PipelineModules) and flow_family(getattr(model, "transformer", None)) == cls.flow_family
         )
+
+    def latent_encoder(self) -> nn.Module | None:
+        """The pipeline's VAE, which encodes a flow ControlNet's condition image (not a tower: it stays frozen)."""
+        pipeline = getattr(self.inner, "pipeline", None)
+        return getattr(pipeline, "vae", None)
 
     def text_encoders(self) -> list[str]:
         """The CLIP text encoders (T5 is not described: see the module docstring)."""

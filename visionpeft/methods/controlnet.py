@@ -8,7 +8,9 @@ adapted model; each U-Net call made inside ``vp.conditioning(model, control_imag
 noisy latents, timestep and text states and passes its residuals to the U-Net (added to any another control gave).
 On SDXL ``from_unet`` keeps the U-Net's ``text_time`` add-embedding, and the ControlNet gets the call's added
 conditions (``added_cond_kwargs``: pooled ``text_embeds`` + ``time_ids``), as ``train_controlnet_sdxl.py`` passes
-them (lines 1253-1261) and ``StableDiffusionXLControlNetPipeline`` does.
+them (lines 1253-1261) and ``StableDiffusionXLControlNetPipeline`` does. On a Flux or SD3 pipeline's ``transformer``
+it is ``FluxControlNetModel`` / ``SD3ControlNetModel`` built with ``from_transformer``, reading the VAE's latents of
+the condition image (:mod:`.flow_controlnet`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DataError, IncompatibleMethodError
+from ..errors import ConfigError, DataError, IncompatibleMethodError
 from ..schema import setting
 from .base import ExportParts, Method, MethodConfig, register_method
 
@@ -39,11 +41,17 @@ def fit_control_image(image, sample: torch.Tensor, factor: int, channels: int, d
             f"the control image has shape {shape}; {who} needs (batch, {channels}, {expected[0]}, {expected[1]}) "
             f"for latents of {tuple(sample.shape[-2:])}"
         )
-    if image.shape[0] != sample.shape[0]:
-        if sample.shape[0] % image.shape[0]:
-            raise DataError(f"{image.shape[0]} control images for a batch of {sample.shape[0]}")
-        image = image.repeat(sample.shape[0] // image.shape[0], 1, 1, 1)
-    return image.to(device=sample.device, dtype=dtype)
+    return repeat_for_batch(image, sample.shape[0]).to(device=sample.device, dtype=dtype)
+
+
+def repeat_for_batch(image: torch.Tensor, batch: int) -> torch.Tensor:
+    """Condition images repeated for a batch of ``batch`` (one per prompt, a batch classifier-free guidance
+    doubled)."""
+    if image.shape[0] != batch:
+        if batch % image.shape[0]:
+            raise DataError(f"{image.shape[0]} control images for a batch of {batch}")
+        image = image.repeat(batch // image.shape[0], 1, 1, 1)
+    return image
 
 
 def add_to_call(kwargs: dict[str, Any], key: str, states: list[torch.Tensor], who: str) -> dict[str, Any]:
@@ -87,6 +95,8 @@ class ControlNetConfig(MethodConfig):
         conditioning_channels: Channels of the condition image.
         hint_channels: Widths of the hint encoder's stages; its downsampling (2 ** (stages - 1)) must equal the VAE's
             scale factor (8 for Stable Diffusion: four stages), so the hint lands on the latent grid.
+        num_layers: On a Flux / SD3 transformer, the blocks its ControlNet copies (Flux: double-stream).
+        num_single_layers: On a Flux transformer, the single-stream blocks its ControlNet copies.
     """
 
     conditioning_scale: float = setting(1.0, "multiplier of the ControlNet residuals", min=0)
@@ -95,21 +105,40 @@ class ControlNetConfig(MethodConfig):
     hint_channels: tuple[int, ...] = setting(
         (16, 32, 96, 256), "hint encoder widths (4 stages: x8 down)", nonempty=True
     )
+    num_layers: int | None = setting(
+        None,
+        "Flux / SD3 only: transformer blocks the ControlNet copies (Flux double-stream; null: the scripts' 4 / 12)",
+        min=1,
+    )
+    num_single_layers: int | None = setting(
+        None, "Flux only: single-stream blocks the ControlNet copies (null: the script's 4)", min=0
+    )
 
 
 @register_method
 class ControlNet(Method):
     name = "controlnet"
     config_class = ControlNetConfig
-    requires = {"unet": "a diffusers UNet2DConditionModel (or a Stable Diffusion pipeline's unet)"}
+    requires = {"unet": "a diffusers UNet2DConditionModel or a Flux / SD3 transformer (or a pipeline holding one)"}
     call_inputs = ("control_image",)
-    export_formats = frozenset({"diffusers"})  # controlnet/: what ControlNetModel.from_pretrained reads
+    export_formats = frozenset({"diffusers"})  # controlnet/: what (Flux / SD3)ControlNetModel.from_pretrained reads
     diffusers_folder_class = "ControlNetModel"  # ... and such a folder (this toolkit's or a released one) reads back
+
+    def check_fits(self) -> None:
+        """A U-Net, or a Flux / SD3 transformer; a subclass with its own ``build`` (one that reshapes the U-Net
+        ControlNet, as ``controlnet_lora``) stays on U-Nets."""
+        if type(self).build is not ControlNet.build or "flow_transformer" not in self.tower.capabilities:
+            super().check_fits()
 
     def build(self) -> None:
         from diffusers import ControlNetModel
 
         cfg = self.config
+        if "flow_transformer" in self.tower.capabilities:
+            self._build_flow()
+            return
+        if cfg.num_layers is not None or cfg.num_single_layers is not None:
+            raise ConfigError("method.num_layers / num_single_layers are for Flux / SD3 transformers; unset them")
         unet = self.tower.stages["model"]
         with torch.device(unet.device):  # built where the U-Net is (a GPU, or the meta device for counting)
             controlnet = ControlNetModel.from_unet(
@@ -120,6 +149,26 @@ class ControlNet(Method):
         self.controlnet = self.add_tower("controlnet", controlnet)  # fp32 whatever the U-Net: it trains
         self.factor = 2 ** (len(cfg.hint_channels) - 1)
         self.hook_input(unet, self._add_residuals, with_kwargs=True)
+
+    def _build_flow(self) -> None:
+        """The Flux / SD3 ControlNet (:mod:`.flow_controlnet`): no hint encoder, the VAE encodes the condition."""
+        from ..backbones.diffusers_flow import flow_family
+        from .flow_controlnet import FlowControl, build_flow_controlnet
+
+        cfg = self.config
+        defaults = ControlNetConfig()
+        if cfg.guess_mode or tuple(cfg.hint_channels) != defaults.hint_channels or cfg.conditioning_channels != 3:
+            raise ConfigError(
+                "method.guess_mode / hint_channels / conditioning_channels are for U-Net ControlNets: a Flux / SD3 "
+                "ControlNet reads the VAE's latents of an RGB condition image; unset them"
+            )
+        transformer = self.tower.stages["model"]
+        family = flow_family(transformer)
+        with torch.device(transformer.device):
+            built = build_flow_controlnet(transformer, family, cfg.num_layers, cfg.num_single_layers)
+        self.controlnet = self.add_tower("controlnet", built)
+        self.flow = FlowControl(transformer, family, self.backbone.latent_encoder(), self.controlnet)
+        self.hook_input(transformer, self._add_flow_residuals, with_kwargs=True)
 
     def export_parts(self, format: str) -> ExportParts:
         return ExportParts(models={"controlnet": self.diffusers_controlnet})
@@ -177,4 +226,19 @@ class ControlNet(Method):
         kwargs = add_to_call(kwargs, "down_block_additional_residuals", down, self.name)
         previous = kwargs.get("mid_block_additional_residual")
         kwargs["mid_block_additional_residual"] = mid if previous is None else previous + mid
+        return args, kwargs
+
+    def _add_flow_residuals(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        given = self.flow.given(args, kwargs)
+        hidden = given["hidden_states"]
+        condition = self.flow.condition(self.call_input("control_image"), hidden, f"this {self.name}")
+        residuals = self.flow.residuals(given, condition, self.config.conditioning_scale)
+        with torch.no_grad():
+            self._norms = {
+                f"{key}.{i}": float(sample.float().norm())
+                for key, samples in residuals.items()
+                for i, sample in enumerate(samples)
+            }
+        for key, samples in residuals.items():
+            kwargs = add_to_call(kwargs, key, samples, self.name)
         return args, kwargs

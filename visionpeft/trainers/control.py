@@ -1,13 +1,15 @@
 """Conditional control of a Stable Diffusion pipeline: ControlNet, ControlNet-LoRA, T2I-Adapter - one trainer.
 
-Loads any SD 1.x / 2.x or SDXL pipeline (``model.family`` checked against its folder before anything loads; SDXL's
-U-Net and ControlNet get the added conditions of :mod:`.sdxl_conditioning`, the pairs uncropped at ``data.size`` as
-``train_controlnet_sdxl.py`` computes them), attaches the control method(s) (with other methods if asked: a
-DreamBooth-LoRA on the U-Net trains jointly), and trains on (image, condition, caption) triples with the denoising
-loss; each batch's condition images reach the methods through ``vp.conditioning``. Validation samples training pairs
-with the pipeline (image grids in the run folder) and, for fill50k data, logs the fill IoU. The run folder receives
-``adapter/`` (visionpeft) and what diffusers loads as it is: ``controlnet/`` (``ControlNetModel.from_pretrained``;
-for ControlNet-LoRA the copy with its LoRA merged), ``t2i_adapter/`` (``T2IAdapter.from_pretrained``) or the other
+Loads any SD 1.x / 2.x, SDXL, Flux or SD3 pipeline (``model.family`` checked against its folder before anything
+loads; SDXL's U-Net and ControlNet get the added conditions of :mod:`.sdxl_conditioning`, the pairs uncropped at
+``data.size`` as ``train_controlnet_sdxl.py`` computes them; a Flux / SD3 ControlNet reads the VAE's latents of the
+condition and the step is the flow-matching loss of :mod:`.flow_matching`), attaches the control method(s) (with
+other methods if asked: a DreamBooth-LoRA on the U-Net trains jointly), and trains on (image, condition, caption)
+triples with the denoising loss; each batch's condition images reach the methods through ``vp.conditioning``.
+Validation samples training pairs with the pipeline (image grids in the run folder) and, for fill50k data, logs the
+fill IoU. The run folder receives ``adapter/`` (visionpeft) and what diffusers loads as it is: ``controlnet/``
+(``ControlNetModel.from_pretrained``, Flux / SD3: ``FluxControlNetModel`` / ``SD3ControlNetModel``; for
+ControlNet-LoRA the copy with its LoRA merged), ``t2i_adapter/`` (``T2IAdapter.from_pretrained``) or the other
 methods' diffusers files.
 """
 
@@ -23,15 +25,15 @@ from torch import nn
 
 from ..adapter import attach, can_export, conditioning, methods_of
 from ..backbones import pipeline_modules
-from ..backbones.diffusers_loading import family_of_class, load_pipeline, load_vae
+from ..backbones.diffusers_loading import PATCHED_FAMILIES, family_of_class, load_pipeline, load_vae
 from ..checkpoint.folder import save_adapter
 from ..config import method_configs
 from ..config.diffusion_objective import DiffusionObjective, objective_of
 from ..data.control_pairs import ControlPairs
 from ..data.fill50k import fill_iou
-from .diffusion import DiffusionParts, diffusion_loss
+from .diffusion import DiffusionParts, denoiser_of, diffusion_loss, prompt_encoder
 from .diffusion_objective import check_objective, use_trained_sampling
-from .personalization import check_family, check_size, expected_family
+from .personalization import check_family, check_size, expected_family, takes
 from .run import Setup, run_task
 
 
@@ -110,13 +112,15 @@ class ControlValidation:
         size = self.cfg.data.size
         self.pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator(device="cpu").manual_seed(seed)
+        rescale = self.cfg.train.guidance_rescale
+        options = {"guidance_rescale": rescale} if takes(self.pipeline, "guidance_rescale") else {}  # Flux / SD3: none
         with accelerator.autocast(), conditioning(self.pipeline, control_image=condition[None]):
             return self.pipeline(
                 prompt,
                 num_inference_steps=self.cfg.train.validation_steps,
                 guidance_scale=self.cfg.train.guidance_scale,
-                guidance_rescale=self.cfg.train.guidance_rescale,
                 generator=generator,
+                **options,
                 height=size,
                 width=size,
             ).images[0]
@@ -139,16 +143,21 @@ class ControlTrainer:
         pairs = ControlPairs(data.root, data.size, data.proportion_empty_prompts, data.conditioning)
         shown = pairs.for_validation()
         pipeline = load_pipeline(config.model.name)
-        check_family(config.model, family_of_class(type(pipeline).__name__), type(pipeline).__name__)
+        loaded = family_of_class(type(pipeline).__name__)
+        check_family(config.model, loaded, type(pipeline).__name__)
         if config.model.vae is not None:
             pipeline.vae = load_vae(config.model.vae)
-        check_size(data.size, 2 ** (len(pipeline.vae.config.block_out_channels) - 1), config.model.name)
+        patched = loaded in PATCHED_FAMILIES  # Flux / SD3: 2 x 2 latent patches
+        vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        check_size(data.size, vae_scale * (2 if patched else 1), config.model.name, patched)
         knobs = objective_of(config.optim)
+        prompt_encoder(pipeline, knobs).check_pipeline(config.model.name)  # Flux / SD3: T5, guidance
         check_objective(knobs, pipeline.scheduler, config.model.name)
         attach(pipeline, method_configs(config))
         adapted = pipeline_modules(pipeline)
+        denoiser_net = denoiser_of(pipeline)  # a U-Net, or a Flux / SD3 transformer
         if config.train.gradient_checkpointing:
-            pipeline.unet.enable_gradient_checkpointing()
+            denoiser_net.enable_gradient_checkpointing()
         objective = ControlValidation(pipeline, config, run_dir, shown)
         denoiser = ControlDenoiser(adapted, pipeline, config.train.timesteps, knobs)
         text_encoders = [getattr(pipeline, name) for name in adapted.text_encoders()]
@@ -159,7 +168,7 @@ class ControlTrainer:
             adapted,
             objective,
             pairs,
-            frozen=[pipeline.unet, *text_encoders, *vae],
+            frozen=[denoiser_net, *text_encoders, *vae],
             loader={"num_workers": data.num_workers},
             summary=[f"{len(pairs)} (image, condition, caption) triples from {data.root}"],
             state={"pipeline": pipeline},
