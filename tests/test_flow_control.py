@@ -226,3 +226,47 @@ def test_what_a_flow_controlnet_cannot_do_is_one_line(saved):
     ):
         _draw(flux, "flux", torch.randn(1, 16, 16))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("family", "layers"),
+    [("flux", ["method.num_layers=1", "method.num_single_layers=1"]), ("sd3", ["method.num_layers=1"])],
+)
+def test_the_flow_control_recipes_run_and_leave_a_controlnet_diffusers_loads(saved, family, layers):
+    """configs/control/controlnet_{flux,sd3}_fill.yaml on the tiny layouts (fill50k pairs at 16 px, two steps): the
+    run validates and writes controlnet/, which the family's ControlNet class loads with the trained weights."""
+    import diffusers
+    import train as tool
+    from safetensors.torch import load_file
+
+    from visionpeft.cli.common import run
+    from visionpeft.data.fill50k import make_fill50k
+
+    make_fill50k(saved / "fill", n=4, size=SIZE, seed=0)
+    args = [
+        f"configs/control/controlnet_{family}_fill.yaml",
+        f"model.name={saved / family}",
+        f"data.root={saved / 'fill'}",
+        f"data.size={SIZE}",
+        "data.batch_size=2",
+        "optim.steps=2",
+        "optim.grad_accum=1",
+        "optim.warmup_steps=0",
+        "optim.max_sequence_length=16",
+        "train.mixed_precision=no",
+        "train.eval_every=2",
+        "train.validation_steps=2",
+        f"train.output_dir={saved / 'runs'}",
+        f"train.run_name={family}",
+        "--cpu",
+        *layers,
+    ]
+    assert run(tool.main, args) == 0
+    folder = saved / "runs" / family
+    model_class = diffusers.FluxControlNetModel if family == "flux" else diffusers.SD3ControlNetModel
+    controlnet = model_class.from_pretrained(folder / "controlnet")
+    trained = load_file(folder / "adapter" / "visionpeft_adapter.safetensors")
+    for name, tensor in controlnet.state_dict().items():
+        torch.testing.assert_close(tensor, trained[f"controlnet.{name}"], rtol=0, atol=0)
+    assert (folder / "validation" / "001.png").is_file()
