@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks.amp import Amp  # noqa: E402
 from benchmarks.core import interleaved  # noqa: E402
-from benchmarks.personalize import pipeline_parts, sdxl_parts  # noqa: E402
+from benchmarks.personalize import flux_parts, pipeline_parts, sdxl_parts  # noqa: E402
 
 
 def test_sd15_layout_has_stable_diffusion_1_5s_parameter_counts():
@@ -44,6 +44,26 @@ def test_sdxl_parts_have_sdxl_base_1_0_s_parameter_counts_and_its_control_towers
     vp.detach(unet)
     xl = vp.attach(unet, "t2i_adapter", adapter_type="full_adapter_xl")
     assert vp.count_parameters(xl)["by_group"] == {"t2i_adapter": 79_028_160}
+
+
+def test_flux_parts_have_flux_1_dev_s_parameter_counts_and_its_controlnet_the_script_s():
+    """Transformer 11,901,408,320 (FLUX.1-dev's "12B"), VAE 83,819,683; the README_flux ControlNet (4 double-stream,
+    0 single-stream blocks, FluxControlNetModel.from_transformer) 1,442,333,696."""
+    from diffusers import FluxControlNetModel
+
+    with torch.device("meta"):
+        parts = flux_parts()
+        controlnet = FluxControlNetModel.from_transformer(
+            parts["transformer"],
+            attention_head_dim=128,
+            num_attention_heads=24,
+            num_layers=4,
+            num_single_layers=0,
+            load_weights_from_transformer=False,
+        )
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
+    assert counts == {"transformer": 11_901_408_320, "vae": 83_819_683}
+    assert sum(p.numel() for p in controlnet.parameters()) == 1_442_333_696
 
 
 def test_interleaved_rotates_the_order_every_round_and_reads_the_clock_it_is_given():

@@ -126,6 +126,40 @@ def sdxl_parts(vocab_size: int = 49408) -> dict:
     }
 
 
+def flux_parts() -> dict:
+    """FLUX.1-dev's transformer and VAE from the config values of ``black-forest-labs/FLUX.1-dev``
+    (``transformer`` / ``vae`` config.json files), randomly initialised (build them under ``torch.device("meta")``):
+    transformer 11,901,408,320 (19 double- and 38 single-stream blocks, guidance embedding), VAE 83,819,683 (16
+    latent channels, no quant convolutions). The text encoders (CLIP-L, T5-XXL) are not built here."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=16,
+        sample_size=1024,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    )
+    return {"transformer": transformer, "vae": vae}
+
+
 def build_pipeline(seed: int = 0, layout: str = "scaled", device: str = "cpu"):
     """A Stable Diffusion pipeline of ``layout`` (random weights) with the real CLIP tokenizer, built on ``device``."""
     import tempfile
