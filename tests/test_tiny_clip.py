@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from visionpeft.backbones.factory import create_open_clip
 from visionpeft.config.classification import ModelConfig
@@ -157,3 +157,42 @@ def test_the_card_snippet_loads_the_shipped_folder_with_open_clip_alone():
     with torch.no_grad():
         expected = model.encode_text(model._visionpeft_tokenizer(["a photo of a cat."]))[0, :4]
     assert torch.allclose(torch.tensor(json.loads(out.strip().splitlines()[-1])), expected, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_short_pretraining_lowers_the_loss_and_exports_an_open_clip_folder(tmp_path):
+    """tools/pretrain.py on tiny widths: the loss falls, the exported folder (fp16) is what open_clip loads, with its
+    card and training record."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import pretrain
+
+    overrides = [
+        "model.vision_width=32",
+        "model.vision_layers=1",
+        "model.vision_head_width=16",
+        "model.text_width=16",
+        "model.text_layers=1",
+        "model.text_heads=2",
+        "model.embed_dim=16",
+        "data.batch_size=64",
+        "optim.steps=8",
+        "optim.warmup_steps=2",
+        "optim.lr=0.003",
+        "train.log_every=1",
+        "train.eval_every=8",
+        "train.report_to=none",
+        f"train.output_dir={tmp_path / 'runs'}",
+    ]
+    config = str(ROOT / "configs" / "pretrain" / "tiny_clip.yaml")
+    assert pretrain.main([config, *overrides, "--out", str(tmp_path / "out")]) == 0
+    folder = tmp_path / "out" / "tiny_clip"
+    record = json.loads((folder / "training.json").read_text())
+    losses = [loss for _, loss in record["losses"]]
+    assert len(losses) == 8 and sum(losses[-3:]) < sum(losses[:3])
+    assert record["steps"] == 8 and set(record["zero_shot_test"]) == {"single template", "8 templates"}
+    loaded = open_clip.create_model(f"local-dir:{folder}")
+    # the run's fp32 weights, rounded to fp16 as the export stores them
+    fp32 = load_file(tmp_path / "runs" / "tiny_clip" / "model" / "open_clip_model.safetensors")
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, fp32[name].half().float()), name
+    assert "# tiny_clip" in (folder / "README.md").read_text()
