@@ -1,4 +1,4 @@
-"""Control learns on the embedded tiny pipeline: after a short ControlNet-LoRA run on 32 px fill50k pairs, the
+"""Control learns on the embedded tiny pipeline: after a short run of each control method on 32 px fill50k pairs, the
 denoising loss on held-out pairs is lower with each pair's own outline than with a blank condition (at
 initialisation the two are equal: the zero convolutions add nothing)."""
 
@@ -54,14 +54,35 @@ def _held_out_loss(pipe, folder, condition: str) -> float:
     return float(torch.nn.functional.mse_loss(prediction, noise))
 
 
+#: method -> (its tiny config's method entry, or None for the shipped config's; the options it attaches with).
+#: Full ControlNet is left out: at 100 steps (lr 1e-4) its held-out loss with the outline equals the blank one to
+#: 1e-5 - its sudden convergence comes after step 200 (gallery/control/), past this test's minute.
+METHODS = {
+    "controlnet_lora": (None, {"hint_channels": [16, 32], "r": 8, "alpha": 8, "targets": ["q", "k", "v", "o"]}),
+    # the tiny U-Net has SDXL's layout (a plain first down block): full_adapter_xl, unshuffle 4 = VAE factor 2 x 2
+    "t2i_adapter": (
+        "{name: t2i_adapter, adapter_type: full_adapter_xl, downscale_factor: 4}",
+        {"adapter_type": "full_adapter_xl", "downscale_factor": 4},
+    ),
+}
+
+
 @pytest.mark.slow
-def test_a_short_controlnet_lora_run_uses_the_condition(tmp_path):
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_short_control_run_uses_the_condition(tmp_path, method):
+    """100 steps; ControlNet-LoRA's zero convolutions make the two losses equal at initialisation, the T2I-Adapter
+    (no zero initialisation) is compared with its untrained self too."""
     from diffusers import StableDiffusionPipeline
 
+    entry, options = METHODS[method]
+    config = ROOT / "configs" / "control" / f"{method}_tiny_sd_fill.yaml"
+    if entry is not None:
+        config = tmp_path / f"{method}.yaml"
+        config.write_text(f"_base_: {ROOT / 'configs/control/controlnet_tiny_sd_fill.yaml'}\nmethod: {entry}\n")
     make_fill50k(tmp_path / "train", n=400, size=32, seed=0, palette=CIRCLE_COLOURS)
     make_fill50k(tmp_path / "test", n=48, size=32, seed=1, palette=CIRCLE_COLOURS)
     args = [
-        "configs/control/controlnet_lora_tiny_sd_fill.yaml",
+        str(config),
         f"data.root={tmp_path / 'train'}",
         "optim.steps=100",
         "train.eval_every=100",
@@ -74,10 +95,13 @@ def test_a_short_controlnet_lora_run_uses_the_condition(tmp_path):
     ]
     assert run(tool.main, args) == 0
     pipe = StableDiffusionPipeline.from_pretrained(PIPELINE, torch_dtype=torch.float32)
-    vp.attach(pipe, "controlnet_lora", hint_channels=[16, 32], r=8, alpha=8, targets=["q", "k", "v", "o"])
+    torch.manual_seed(0)
+    vp.attach(pipe, method, **options)
     untrained = [_held_out_loss(pipe, tmp_path / "test", c) for c in ("outline", "blank")]
-    assert untrained[0] == untrained[1]  # zero convolutions: the condition changes nothing yet
+    if method != "t2i_adapter":
+        assert untrained[0] == untrained[1]  # zero convolutions: the condition changes nothing yet
     vp.detach(pipe)
     vp.load_adapter(pipe, tmp_path / "runs" / "learn" / "last")
     outline, blank = (_held_out_loss(pipe, tmp_path / "test", c) for c in ("outline", "blank"))
     assert outline < 0.97 * blank, (outline, blank)
+    assert outline / blank < 0.97 * untrained[0] / untrained[1], (untrained, outline, blank)
