@@ -196,3 +196,28 @@ def test_a_short_pretraining_lowers_the_loss_and_exports_an_open_clip_folder(tmp
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, fp32[name].half().float()), name
     assert "# tiny_clip" in (folder / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_eval_zeroshot_takes_a_folder_and_adds_training_free_tip_adapter(tmp_path, capsys):
+    """--model FOLDER needs no --pretrained; --base-to-new gives base, new and their harmonic mean; --tip-adapter
+    adds Tip-Adapter fitted on the base classes' few shots (base column only)."""
+    import eval_zeroshot
+
+    from visionpeft.cli.common import run
+
+    folder = open_clip_folder(tmp_path / "clip")
+    args = ["--model", str(folder), "--dataset", "digits", "--limit", "32", "--batch-size", "16", "--base-to-new"]
+    assert run(eval_zeroshot.main, [*args, "--tip-adapter", "--shots", "2"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert (
+        rows[0]
+        == f"| prompts ({folder} (its own weights), digits test: 32 base, 32 new images) | base | new | HM | images/s |"
+    )
+    cells = rows[2].split("|")
+    base, new, hm = (float(cells[i]) for i in (2, 3, 4))
+    assert hm == pytest.approx(2 * base * new / (base + new) if base + new else 0.0, abs=0.01)
+    assert rows[-1].startswith("| Tip-Adapter (training-free, 2 shots) | ") and rows[-1].split("|")[3:5] == [
+        " - ",
+        " - ",
+    ]
