@@ -152,6 +152,7 @@ def markdown(record: dict) -> str:
         "test split (never seen in pretraining). Top-1 (%); mean ± std over seeds "
         + ", ".join(map(str, record["seeds"]))
         + ".",
+        *(["", record["note"]] if record.get("note") else []),
         "",
         "## Zero-shot (hand-written prompts)",
         "",
