@@ -25,10 +25,12 @@ import open_clip
 
 model = open_clip.create_model("local-dir:{folder}")  # config + weights of this folder
 tokenizer = open_clip.get_tokenizer("local-dir:{folder}")  # CLIP BPE, context {context}
-preprocess = open_clip.image_transform(model.visual.image_size, is_train=False, mean=model.visual.image_mean,
-                                       std=model.visual.image_std)
+preprocess = open_clip.image_transform(
+    model.visual.image_size, is_train=False, mean=model.visual.image_mean, std=model.visual.image_std
+)
 # or, by hand:
 import json
+
 cfg = json.load(open("{folder}/open_clip_config.json"))["model_cfg"]
 model = open_clip.CLIP(**cfg)
 open_clip.load_checkpoint(model, "{folder}/open_clip_model.safetensors")
