@@ -40,8 +40,9 @@ def test_gallery_is_the_sweep_report_with_the_command(tmp_path):
     }
 
 
-#: the demo specs whose galleries are committed: the methods of grids/demo.yaml, and the [zoo] methods' own spec
-SPECS = [demo.SPEC, ROOT / "grids" / "demo_zoo.yaml"]
+#: the demo specs whose galleries are committed: the methods of grids/demo.yaml, and the [zoo] and [lycoris] methods'
+#: own specs
+SPECS = [demo.SPEC, ROOT / "grids" / "demo_zoo.yaml", ROOT / "grids" / "demo_lycoris.yaml"]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda path: path.stem)
