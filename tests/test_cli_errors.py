@@ -39,7 +39,7 @@ def config(tmp_path_factory):
         ),
         (["model.checkpoint=/nowhere/vit.safetensors"], "checkpoint /nowhere/vit.safetensors does not exist"),
         (["model.name=vit_tiniest"], "unknown timm model 'vit_tiniest'"),
-        (["optim.name=adam"], "config key 'optim.name' must be one of sgd, adamw, got 'adam'"),
+        (["optim.name=adam"], "config key 'optim.name' must be one of sgd, adamw, prodigy, adamw8bit, got 'adam'"),
         (["task=clasification"], "unknown task 'clasification' (did you mean 'classification'?)"),
         (
             ["optim.schedule=cosin"],

@@ -95,6 +95,7 @@ NOT_A_METHOD = {
     "cli/adapters.py": {"adapter", "linear"},  # an adapter folder argument; PEFT's combination type "linear"
     "cli/noah.py": {"adapter"},  # the search's `--adapter` (which checkpoint of the run to score)
     "cli/generate.py": {"adapter"},  # a run folder's `adapter/` subfolder, read by `--adapter RUN`
+    "cli/eval_zeroshot.py": {"tip_adapter"},  # `--tip-adapter`: the training-free method a training run refuses
     "cli/__init__.py": {"noah"},  # the `visionpeft noah` command: NOAH's search is a command of its own
 }
 

@@ -28,21 +28,10 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Block, Branch, Projection, Tower
-from .diffusers_models import DiffusersPipeline, PipelineModules, clip_text_tower
+from .diffusers_models import DiffusersPipeline, PipelineModules, clip_text_tower, flow_family
+
 
 #: The flow-matching transformer classes a pipeline's ``transformer`` may be, with the family name.
-FLOW_TRANSFORMERS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
-
-
-def flow_family(transformer: nn.Module | None) -> str | None:
-    """``flux`` / ``sd3`` for a diffusers Flux / SD3 transformer (or a subclass), else None."""
-    if transformer is None or not type(transformer).__module__.startswith("diffusers"):
-        return None
-    return next(
-        (FLOW_TRANSFORMERS[c.__name__] for c in type(transformer).__mro__ if c.__name__ in FLOW_TRANSFORMERS), None
-    )
-
-
 def _linear(parent: nn.Module, attr: str) -> Projection | None:
     return Projection("linear", parent, attr) if isinstance(getattr(parent, attr, None), nn.Linear) else None
 

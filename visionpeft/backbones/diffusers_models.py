@@ -278,12 +278,23 @@ class PipelineModules(nn.Module):
         return self.tokenizer_of("text_encoder")
 
 
+#: diffusers' flow-matching transformers (described in :mod:`.diffusers_flow`) -> their family name.
+FLOW_TRANSFORMERS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+
+
+def flow_family(transformer: nn.Module | None) -> str | None:
+    """``flux`` / ``sd3`` for a diffusers Flux / SD3 transformer (or a subclass), else None."""
+    if transformer is None or not type(transformer).__module__.startswith("diffusers"):
+        return None
+    return next(
+        (FLOW_TRANSFORMERS[c.__name__] for c in type(transformer).__mro__ if c.__name__ in FLOW_TRANSFORMERS), None
+    )
+
+
 def pipeline_modules(pipeline) -> nn.Module:
     """The module visionpeft adapts for a diffusers pipeline: the U-Net + text encoder(s) of an SD / SDXL pipeline,
     or the transformer + text encoders of a Flux / SD3 pipeline (cached on the pipeline), or the transformer of a DiT
     pipeline."""
-    from .diffusers_flow import flow_family
-
     denoiser = getattr(pipeline, "unet", None)
     if denoiser is None and flow_family(getattr(pipeline, "transformer", None)) is not None:
         denoiser = pipeline.transformer

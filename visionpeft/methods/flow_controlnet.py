@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DataError
+from .control_calls import repeat_for_batch
 
 #: ``FluxTransformer2DModel.forward``'s / ``SD3Transformer2DModel.forward``'s leading arguments, in order.
 CALL_ARGUMENTS = {
@@ -136,8 +137,6 @@ class FlowControl:
             raise ConfigError(f"{who} encodes the control image with the pipeline's VAE: attach it to the pipeline")
         batch = hidden.shape[0]
         if self._encoded is None or self._encoded[0] is not image or self._encoded[1] != batch:
-            from .controlnet import repeat_for_batch
-
             encoded = encode_condition(self.vae, repeat_for_batch(image, batch), self.family)
             self._encoded = (image, batch, encoded)
         encoded = self._encoded[2]

@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import ConfigError, IncompatibleMethodError
 from ..schema import setting
 from .base import ExportParts, Method, MethodConfig, register_method
-from .controlnet import add_to_call, fit_control_image
+from .control_calls import add_to_call, fit_control_image
 
 
 @dataclass

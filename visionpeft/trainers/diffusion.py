@@ -9,7 +9,6 @@ timestep bias, prediction type: :class:`~visionpeft.config.diffusion_objective.D
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 
 from ..config.diffusion_objective import DiffusionObjective
 from ..data.masks import latent_mask
+from .diffusion_inputs import encode_prompts, latent_distribution
 from .diffusion_objective import (
     biased_timesteps,
     loss_weights,
@@ -129,24 +129,6 @@ class Noised:
     noisy: torch.Tensor
 
 
-def latent_distribution(vae: nn.Module, pixel_values: torch.Tensor, cache: dict[str, torch.Tensor] | None = None):
-    """The VAE's latent distribution of the images; with a ``cache``, only images never seen before are encoded."""
-    if cache is None:
-        return vae.encode(pixel_values.to(vae.dtype)).latent_dist
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    # the shape is part of the key: images of two buckets may hold the same bytes
-    keys = [
-        hashlib.sha1(str(tuple(row.shape)).encode() + row.detach().cpu().numpy().tobytes()).hexdigest()
-        for row in pixel_values
-    ]
-    missing = list({key: i for i, key in enumerate(keys) if key not in cache}.values())
-    if missing:
-        moments = vae.encode(pixel_values[missing].to(vae.dtype)).latent_dist.parameters
-        cache.update({keys[i]: row for i, row in zip(missing, moments)})
-    return DiagonalGaussianDistribution(torch.stack([cache[key] for key in keys]))
-
-
 def noise_latents(
     vae: nn.Module,
     scheduler,
@@ -187,18 +169,6 @@ def sample_timesteps(count: int, steps: int, kind: str = "uniform", generator: t
         u = torch.rand((count,), generator=generator, device="cpu")
         return ((1 - u**3) * steps).long().clamp(0, steps - 1)
     raise ValueError(f"unknown timestep sampling {kind!r}")
-
-
-def encode_prompts(parts: DiffusionParts, prompts: list[str]) -> EncodedPrompts:
-    """The encoded ``prompts`` (:class:`~.prompt_encoders.EncodedPrompts`), from the cache when the text side is
-    frozen (see :meth:`DiffusionParts.from_pipeline`)."""
-    key = tuple(prompts)
-    if parts.prompt_cache is not None and key in parts.prompt_cache:
-        return parts.prompt_cache[key]
-    encoded = parts.prompts.encode(list(prompts))
-    if parts.prompt_cache is not None and torch.is_grad_enabled() and not encoded.requires_grad:
-        parts.prompt_cache[key] = encoded  # computed with gradients on, yet nothing trainable fed it: it is fixed
-    return encoded
 
 
 def diffusion_loss(

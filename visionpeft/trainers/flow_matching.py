@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.masks import latent_mask
+from .diffusion_inputs import encode_prompts, latent_distribution
 from .flow_conditioning import FlowKnobs
 
 
@@ -75,8 +76,6 @@ def flow_matching_loss(
     ``reduction="none"`` (prior preservation splits them); a loss ``mask`` multiplies the element-wise loss at the
     latent size, as :func:`~.diffusion.diffusion_loss` does."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
-
-    from .diffusion import encode_prompts, latent_distribution
 
     family = parts.prompts
     knobs = family.knobs

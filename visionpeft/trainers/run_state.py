@@ -67,6 +67,7 @@ RUN_OUTPUTS = frozenset(
         "predictions.png",
         "vae",
         "pipeline",
+        "model",  # pretrain_clip: the open_clip folder
         "earlier_training.json",
         "wall_minutes.json",
         "eval",
