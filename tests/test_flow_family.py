@@ -105,6 +105,27 @@ def test_difffit_bitfit_and_full_attach_and_merge_exactly(saved, kind, method):
     assert abs(sample_flow_images(pipe, PROMPTS[0]) - expected).max() < 1e-5
 
 
+def _script_noising(scheduler, model_input, generator, knobs):
+    """The noise, timesteps, sigmas and noisy input both DreamBooth scripts draw the same way
+    (train_dreambooth_lora_flux.py / _sd3.py: noise, then the density's timesteps, then (1 - s) x0 + s noise)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    noise = torch.randn(model_input.shape, generator=generator)
+    u = compute_density_for_timestep_sampling(
+        weighting_scheme=knobs["weighting_scheme"],
+        batch_size=model_input.shape[0],
+        logit_mean=0.0,
+        logit_std=1.0,
+        mode_scale=1.29,
+        generator=generator,
+    )
+    indices = (u * scheduler.config.num_train_timesteps).long()
+    timesteps = scheduler.timesteps[indices]
+    step_indices = [(scheduler.timesteps == t).nonzero().item() for t in timesteps]
+    sigmas = scheduler.sigmas[step_indices].flatten()[:, None, None, None]
+    return noise, timesteps, sigmas, (1.0 - sigmas) * model_input + sigmas * noise
+
+
 def _flux_script_loss(pipe, scheduler, pixels, prompts, generator, knobs):
     """One step of train_dreambooth_lora_flux.py (58eb52c) written again from its lines, with the draws from one
     seeded generator in visionpeft's order: ``encode_prompt`` (lines 1031-1072: CLIP-L ``pooler_output`` at 77
@@ -114,7 +135,7 @@ def _flux_script_loss(pipe, scheduler, pixels, prompts, generator, knobs):
     call with the timestep / 1000 (1793-1803), unpacking (1804-1809), weighting (1813), target (1816) and the
     per-sample mean (1836-1840)."""
     from diffusers import FluxPipeline
-    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     clip_ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     pooled = pipe.text_encoder(clip_ids.input_ids, output_hidden_states=False).pooler_output
@@ -130,21 +151,8 @@ def _flux_script_loss(pipe, scheduler, pixels, prompts, generator, knobs):
     image_ids = FluxPipeline._prepare_latent_image_ids(
         model_input.shape[0], model_input.shape[2] // 2, model_input.shape[3] // 2, "cpu", torch.float32
     )
-    noise = torch.randn(model_input.shape, generator=generator)
     bsz = model_input.shape[0]
-    u = compute_density_for_timestep_sampling(
-        weighting_scheme=knobs["weighting_scheme"],
-        batch_size=bsz,
-        logit_mean=0.0,
-        logit_std=1.0,
-        mode_scale=1.29,
-        generator=generator,
-    )
-    indices = (u * scheduler.config.num_train_timesteps).long()
-    timesteps = scheduler.timesteps[indices]
-    step_indices = [(scheduler.timesteps == t).nonzero().item() for t in timesteps]
-    sigmas = scheduler.sigmas[step_indices].flatten()[:, None, None, None]
-    noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
+    noise, timesteps, sigmas, noisy_model_input = _script_noising(scheduler, model_input, generator, knobs)
     packed = FluxPipeline._pack_latents(noisy_model_input, bsz, model_input.shape[1], *model_input.shape[2:])
     guidance = None
     if pipe.transformer.config.guidance_embeds:
@@ -177,7 +185,7 @@ def _sd3_script_loss(pipe, scheduler, pixels, prompts, generator, knobs):
     and zero-padded to T5's width, T5 appended along the tokens, both pooled outputs joined), the latents shifted and
     scaled (1775), noise, ``u``, timesteps, sigmas and noisy input (1779-1797), the transformer call (1800-1806),
     preconditioning (1810-1811, 1818-1821), weighting (1815) and the per-sample mean (1838-1842)."""
-    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     clip_states, clip_pooled = [], []
     for encoder, tokenizer in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
@@ -201,21 +209,8 @@ def _sd3_script_loss(pipe, scheduler, pixels, prompts, generator, knobs):
     config = pipe.vae.config
     model_input = pipe.vae.encode(pixels).latent_dist.sample(generator)
     model_input = (model_input - config.shift_factor) * config.scaling_factor
-    noise = torch.randn(model_input.shape, generator=generator)
     bsz = model_input.shape[0]
-    u = compute_density_for_timestep_sampling(
-        weighting_scheme=knobs["weighting_scheme"],
-        batch_size=bsz,
-        logit_mean=0.0,
-        logit_std=1.0,
-        mode_scale=1.29,
-        generator=generator,
-    )
-    indices = (u * scheduler.config.num_train_timesteps).long()
-    timesteps = scheduler.timesteps[indices]
-    step_indices = [(scheduler.timesteps == t).nonzero().item() for t in timesteps]
-    sigmas = scheduler.sigmas[step_indices].flatten()[:, None, None, None]
-    noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
+    noise, timesteps, sigmas, noisy_model_input = _script_noising(scheduler, model_input, generator, knobs)
     model_pred = pipe.transformer(
         hidden_states=noisy_model_input,
         timestep=timesteps,
