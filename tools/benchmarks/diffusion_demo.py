@@ -1,6 +1,7 @@
 """The diffusion demo: what the embedded tiny pipeline draws, and whether personalization visibly learns.
 
     python tools/benchmark.py diffusion-demo [--seeds 0 1 2] [--samples 20] [--methods ...] [--train-steps N]
+    python tools/benchmark.py diffusion-demo --add --methods dreambooth_loha dreambooth_lokr dreambooth_oft
     python tools/benchmark.py diffusion-demo --from-json gallery/diffusion/results.json   # rewrite README only
 
 Writes ``gallery/diffusion/``:
@@ -13,6 +14,11 @@ Writes ``gallery/diffusion/``:
   same sampling seeds (``personalize_<method>.png``), the judge's rate of seeing a 7 before vs after (mean +- std
   over training seeds), trainable parameters and minutes;
 * ``results.json`` (the command and every number) and ``README.md`` (tables and pictures).
+
+``--add`` trains only ``--methods`` and adds their rows to the gallery's ``results.json`` (base samples and the other
+rows kept, the command recorded beside the first one): how the DreamBooth rows of LoHa, LoKr and OFT
+(``configs/personalize/dreambooth_{loha,lokr,oft}_tiny_sd.yaml``, the DreamBooth-LoRA recipe with the LyCORIS method in
+place of LoRA) joined the table.
 """
 
 from __future__ import annotations
@@ -30,7 +36,16 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = {"textual_inversion": "textual inversion", "dreambooth_lora": "DreamBooth-LoRA", "difffit": "DiffFit"}
+METHODS = {
+    "textual_inversion": "textual inversion",
+    "dreambooth_lora": "DreamBooth-LoRA",
+    "difffit": "DiffFit",
+    "dreambooth_loha": "DreamBooth-LoHa",
+    "dreambooth_lokr": "DreamBooth-LoKr",
+    "dreambooth_oft": "DreamBooth-OFT",
+}
+#: what a plain run trains; the LyCORIS rows are added to a finished gallery with ``--add`` (see the docstring)
+DEFAULT_METHODS = ["textual_inversion", "dreambooth_lora", "difffit"]
 SUBJECT = "digit 7"
 GUIDANCE = 3.0
 
@@ -248,7 +263,9 @@ def write_readme(results: dict, out: Path) -> None:
     lines = [
         "# Diffusion, offline: the embedded tiny pipeline",
         "",
-        f"Made by `{results['command']}` on a 2-core CPU shared with other jobs ({results['minutes']:.1f} minutes).",
+        f"Made by `{results['command']}`"
+        + "".join(f", then `{added}`" for added in results.get("added_by", []))
+        + f" on a 2-core CPU shared with other jobs ({results['minutes']:.1f} minutes in all).",
         "The pipeline is `checkpoints/tiny_sd` (pretrained by `python tools/pretrain.py configs/pretrain/tiny_sd.yaml`"
         " then `configs/pretrain/tiny_sd_continue.yaml`, see its model card); images are judged by"
         " `checkpoints/tiny_sd_judge.safetensors`, a classifier of the 24"
@@ -319,6 +336,19 @@ def write_readme(results: dict, out: Path) -> None:
     (out / "README.md").write_text("\n".join(lines).rstrip() + "\n")
 
 
+def added_to(path: Path, command: str) -> dict | None:
+    """The finished gallery's results that ``--add`` extends, with ``command`` recorded; None (and one line) when
+    there is none."""
+    if not path.is_file():
+        print(
+            f"error: --add extends a finished gallery; {path} does not exist (run without --add first)", file=sys.stderr
+        )
+        return None
+    results = json.loads(path.read_text())
+    results["added_by"] = [*results.get("added_by", []), command]
+    return results
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="tools/benchmark.py diffusion-demo",
@@ -328,7 +358,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=20, help="samples per digit prompt and per personalization")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument(
+        "--add", action="store_true", help="train only --methods and add their rows to the gallery's results.json"
+    )
     parser.add_argument("--train-steps", type=int, default=None, help="personalization steps (default: configs')")
     parser.add_argument("--skip-personalization", action="store_true")
     parser.add_argument("--pipeline", type=Path, default=ROOT / "checkpoints" / "tiny_sd")
@@ -352,18 +385,26 @@ def main(argv: list[str]) -> int:
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     judge = Judge.load()
-    base = base_samples(load_pipe(args.pipeline), judge, args.out, args.samples, args.steps)
-    results = {
-        "command": "python tools/benchmark.py diffusion-demo " + " ".join(argv),
-        "steps": args.steps,
-        "seeds": args.seeds,
-        "base": base,
-        "not_done": "Control on fill50k is its own run: `python tools/benchmark.py control-demo` -> "
-        "`gallery/control/` (ControlNet / ControlNet-LoRA; T2I-Adapter's layout does not fit this "
-        "U-Net).",
-    }
+    command = "python tools/benchmark.py diffusion-demo " + " ".join(argv)
+    if args.add:
+        results = added_to(args.out / "results.json", command)
+        if results is None:
+            return 2
+        previous_minutes = results["minutes"]
+    else:
+        base = base_samples(load_pipe(args.pipeline), judge, args.out, args.samples, args.steps)
+        results = {
+            "command": command,
+            "steps": args.steps,
+            "seeds": args.seeds,
+            "base": base,
+            "not_done": "Control on fill50k is its own run: `python tools/benchmark.py control-demo` -> "
+            "`gallery/control/` (ControlNet / ControlNet-LoRA; T2I-Adapter's layout does not fit this "
+            "U-Net).",
+        }
+        previous_minutes = 0.0
     if not args.skip_personalization:
-        results["personalization"] = personalization(
+        rows = personalization(
             judge,
             args.out,
             args.runs,
@@ -374,7 +415,8 @@ def main(argv: list[str]) -> int:
             args.steps,
             args.train_steps,
         )
-    results["minutes"] = (time.time() - start) / 60
+        results["personalization"] = {**results.get("personalization", {}), **rows}
+    results["minutes"] = previous_minutes + (time.time() - start) / 60
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_readme(results, args.out)
     print(f"wrote {args.out / 'README.md'}")
