@@ -22,6 +22,7 @@ from visionpeft.trainers.control import ControlDenoiser
 
 PROMPTS = ["red circle with blue background", "cyan circle with brown floral background"]
 HINT = {"hint_channels": [16, 32]}  # the tiny VAE downsamples by 2: a two-stage hint encoder
+HINT_OVERRIDE = ["method.hint_channels=[16, 32]"]
 XL = {"adapter_type": "full_adapter_xl", "downscale_factor": 4}  # SDXL's 16 = 2 x its VAE's 8; here 2 x 2
 RESOLUTION = 16
 
@@ -350,3 +351,45 @@ def test_the_sdxl_control_recipes_carry_the_scripts_values():
     t2i = load_config(ROOT / "configs" / "control" / "t2i_adapter_sdxl_fill.yaml")
     assert t2i.method.adapter_type == "full_adapter_xl" and t2i.train.timesteps == "cubic"
     assert t2i.model.family == "sdxl" and t2i.data.size == 1024
+
+
+@pytest.mark.slow
+def test_predict_decodes_with_the_vae_the_run_trained_with(cli, tmp_path, capsys):
+    """A run trained with ``model.vae`` (the SDXL recipes' fp16-fix VAE; here a tiny VAE of other weights) is sampled
+    by ``visionpeft predict`` (and eval: the same sampler) with that VAE, as the trainer sampled it: the image equals
+    the trainer's validation sampler's on the pipeline holding that VAE, and differs from one its own VAE gives."""
+    from diffusers import AutoencoderKL
+    from PIL import Image
+    from tiny_models import tiny_vae
+
+    from visionpeft.cli.common import run
+    from visionpeft.cli.predict import main as predict_main
+    from visionpeft.config import load_config
+    from visionpeft.data.control_pairs import condition_transform
+    from visionpeft.data.images import load_rgb
+    from visionpeft.trainers.control import ControlValidation
+    from visionpeft.trainers.loop import LoopConfig, make_accelerator
+
+    torch.manual_seed(11)
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    assert _train(cli, "controlnet_sdxl_fill", "own_vae", *HINT_OVERRIDE, f"model.vae={tmp_path / 'vae'}") == 0
+    run_dir, source = cli / "runs" / "own_vae", cli / "fill" / "source" / "0.png"
+    capsys.readouterr()
+    args = [str(run_dir), str(source), "--prompt", "red circle", "--seeds", "3", "--out", str(tmp_path / "out")]
+    assert run(predict_main, [*args, "--cpu"]) == 0
+    predicted = np.asarray(Image.open(tmp_path / "out" / "0_seed3.png"))
+
+    config = load_config(run_dir / "config.yaml")
+    condition = condition_transform(config.data.size)(load_rgb(source))
+    accelerator = make_accelerator(LoopConfig(), cpu=True)
+
+    def drawn(vae):
+        pipe = load_pipeline(str(cli / "pipe"))
+        if vae is not None:
+            pipe.vae = AutoencoderKL.from_pretrained(vae)
+        vp.load_adapter(pipe, run_dir / "adapter")
+        sampler = ControlValidation(pipe, config, run_dir, None)
+        return np.asarray(sampler.sample(accelerator, condition, "red circle", 3))
+
+    np.testing.assert_array_equal(predicted, drawn(tmp_path / "vae"))
+    assert np.abs(predicted.astype(int) - drawn(None)).max() > 10  # the pipeline's own VAE decodes another image

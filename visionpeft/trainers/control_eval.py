@@ -37,7 +37,7 @@ HELD_OUT_SEED_OFFSET = 1
 
 def _sampler(config: DictConfig, adapter: Path, pairs: ControlPairs, cpu: bool, check_base: bool):
     """(the trainer's validation of ``pairs`` around the run's pipeline with ``adapter`` loaded, an accelerator)."""
-    pipeline, accelerator = adapted_pipeline(config.model.name, adapter, cpu, check_base)
+    pipeline, accelerator = adapted_pipeline(config.model, adapter, cpu, check_base)
     return ControlValidation(pipeline, config, adapter.parent, pairs), accelerator
 
 

@@ -14,7 +14,7 @@ def evaluate(config: DictConfig, request: EvalRequest) -> list[str]:
     """``grid.png`` (reference | with caption | image alone per row) of ``--samples`` training images (default
     ``train.validation_references``)."""
     adapter = adapter_dir(request.run_dir, request.checkpoint)
-    pipeline, accelerator = adapted_pipeline(config.model.name, adapter, request.cpu, request.check_base)
+    pipeline, accelerator = adapted_pipeline(config.model, adapter, request.cpu, request.check_base)
     encoder = load_image_encoder(config.model.image_encoder, config.model.image_encoder_subfolder)
     encoder.to(accelerator.device)
     references = training_images(config, image_processor(pipeline, encoder))

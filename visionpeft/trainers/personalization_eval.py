@@ -33,7 +33,7 @@ from .saved_run import (
 
 def _sampler(config: DictConfig, adapter: Path, cpu: bool, check_base: bool):
     """(the trainer's objective around the run's pipeline with ``adapter`` loaded, an accelerator)."""
-    pipeline, accelerator = adapted_pipeline(config.model.name, adapter, cpu, check_base)
+    pipeline, accelerator = adapted_pipeline(config.model, adapter, cpu, check_base)
     return PersonalizationObjective(pipeline, config, adapter.parent), accelerator
 
 

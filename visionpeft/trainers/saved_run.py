@@ -241,15 +241,22 @@ def device_of(cpu: bool) -> str:
     return "cuda" if torch.cuda.is_available() and not cpu else "cpu"
 
 
-def adapted_pipeline(model_name: str, adapter: Path, cpu: bool, check_base: bool):
+def adapted_pipeline(model: Any, adapter: Path, cpu: bool, check_base: bool):
     """(the run's diffusers pipeline with the saved ``adapter`` loaded and on the device, the accelerator): what the
-    generative tasks' evaluators and predictors sample with, through their trainers' own validation code."""
+    generative tasks' evaluators and predictors sample with, through their trainers' own validation code.
+
+    Args:
+        model: The run's ``model`` section: ``name``, and ``vae`` where the task has one (the VAE that replaced the
+            pipeline's while training, SDXL's fp16-fix: samples are decoded with it as the trainer's were).
+    """
     import visionpeft as vp
 
-    from ..backbones.diffusers_loading import load_pipeline
+    from ..backbones.diffusers_loading import load_pipeline, load_vae
     from .loop import LoopConfig, make_accelerator
 
-    pipeline = load_pipeline(model_name)
+    pipeline = load_pipeline(model.name)
+    if model.get("vae") is not None:
+        pipeline.vae = load_vae(model.vae)
     vp.load_adapter(pipeline, adapter, check_base=check_base)
     accelerator = make_accelerator(LoopConfig(), cpu=cpu)
     pipeline.to(accelerator.device)
