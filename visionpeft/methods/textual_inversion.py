@@ -28,14 +28,28 @@ class TextualInversionConfig(MethodConfig):
 
     Attributes:
         token: The placeholder token used in prompts, e.g. ``<my-cat>``.
-        initializer: A word that tokenizes to one token; its embedding initialises every new vector.
+        initializer: A word that tokenizes to one token; its embedding initialises every new vector. None: random
+            rows, normal times the embedding table's std (diffusers' pivotal-tuning scripts without
+            ``--initializer_concept``).
         num_vectors: Embedding vectors for the concept (tokens ``<token>``, ``<token>_1``, ...).
+        retract: After every optimizer step, scale the new rows toward the table's std (the pivotal-tuning scripts'
+            ``retract_embeddings``).
     """
 
     tower: str | None = setting("text_encoder", "the pipeline component holding the token embeddings")
     token: str = setting("<concept>", "the placeholder token used in prompts", nonempty=True)
-    initializer: str = setting("object", "a one-token word whose embedding initialises the new vectors", nonempty=True)
+    initializer: str | None = setting(
+        "object",
+        "a one-token word whose embedding initialises the new vectors; null: random normal rows times the embedding "
+        "table's std (diffusers' pivotal-tuning scripts without --initializer_concept)",
+        nonempty=True,
+    )
     num_vectors: int = setting(1, "embedding vectors for the concept", min=1)
+    retract: bool = setting(
+        False,
+        "after every optimizer step, scale the new rows by (table std / their std) ** 0.1 (diffusers' pivotal-tuning "
+        "scripts' retract_embeddings)",
+    )
 
 
 class NewTokenEmbedding(nn.Module):
@@ -47,6 +61,13 @@ class NewTokenEmbedding(nn.Module):
         super().__init__()
         self.base = base
         self.new = nn.Parameter(rows.clone())
+        #: The frozen table's std (what random rows are scaled by and :meth:`retract` pulls toward).
+        self.table_std = float(base.weight.detach().std())
+
+    @torch.no_grad()
+    def retract(self) -> None:
+        """Scales the new rows by ``(table std / their std) ** 0.1`` (diffusers' ``retract_embeddings``)."""
+        self.new.mul_((self.table_std / self.new.std()) ** 0.1)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -75,6 +96,7 @@ class TextualInversion(Method):
     name = "textual_inversion"
     config_class = TextualInversionConfig
     requires = {"new_tokens": "a Stable Diffusion pipeline's tokenizer and text encoder (attach it to the pipeline)"}
+    provides = frozenset({"after_optimizer_step"})
     export_formats = frozenset({"diffusers", "kohya"})
     task_inputs = ("token",)
 
@@ -93,7 +115,7 @@ class TextualInversion(Method):
         towers = self.prompt_towers()
         for tower in towers:  # every check before anything changes
             tokenizer = backbone.tokenizer_of(tower)
-            if len(tokenizer.encode(cfg.initializer, add_special_tokens=False)) != 1:
+            if cfg.initializer is not None and len(tokenizer.encode(cfg.initializer, add_special_tokens=False)) != 1:
                 raise ConfigError(f"textual_inversion.initializer '{cfg.initializer}' must be a single token")
             taken = [t for t in tokens if t in tokenizer.get_vocab()]
             if taken:
@@ -104,11 +126,10 @@ class TextualInversion(Method):
             self._grow(tower, tokens)
 
     def _grow(self, tower: str, tokens: list[str]) -> None:
-        """Adds the tokens to ``tower``'s tokenizer and their rows, initialised as the initializer word, to its
-        embedding table."""
+        """Adds the tokens to ``tower``'s tokenizer and their rows, initialised as the initializer word (or drawn
+        at random: :func:`random_rows`), to its embedding table."""
         backbone = self.backbone
         tokenizer = backbone.tokenizer_of(tower)
-        init_id = tokenizer.encode(self.config.initializer, add_special_tokens=False)[0]
         parent, attr = backbone.token_embedding_slot(tower)
         embedding = getattr(parent, attr)
         grown = copy.deepcopy(tokenizer)
@@ -121,9 +142,20 @@ class TextualInversion(Method):
             )
         self._tokenizers[tower] = tokenizer
         backbone.replace_tokenizer(grown, tower)
-        rows = embedding.weight[init_id].detach().float().repeat(len(tokens), 1)
-        wrapper = NewTokenEmbedding(embedding, rows.to(embedding.weight.dtype))
+        if self.config.initializer is None:
+            rows = random_rows(embedding.weight.detach(), len(tokens))
+        else:
+            init_id = tokenizer.encode(self.config.initializer, add_special_tokens=False)[0]
+            rows = embedding.weight[init_id].detach().float().repeat(len(tokens), 1).to(embedding.weight.dtype)
+        wrapper = NewTokenEmbedding(embedding, rows)
         self.wrap(parent, attr, wrapper, lambda pname: f"{tower}.textual_inversion.{pname}")
+
+    def after_optimizer_step(self) -> None:
+        """``retract``: pulls every tower's new rows toward its table's std (the training loop calls this after
+        each optimizer step, whether or not ``optim.train_fraction`` has stopped the rows, as the script does)."""
+        if self.config.retract:
+            for parent, attr, _ in self._wrapped:
+                getattr(parent, attr).retract()
 
     def detach(self) -> None:
         for tower, tokenizer in (getattr(self, "_tokenizers", None) or {}).items():
@@ -166,6 +198,12 @@ class TextualInversion(Method):
         if set(embeds) == set(SDXL_EMBEDDING_KEYS):
             return ExportParts(bundled={f"{BUNDLE_PREFIX}{token}.{key}": rows for key, rows in embeds.items()})
         return ExportParts(bundled={f"{BUNDLE_PREFIX}{token}.string_to_param.*": embeds[token]})
+
+
+def random_rows(table: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` new rows drawn as diffusers' pivotal-tuning scripts draw them: standard normal (torch's global
+    generator, float32) in the table's dtype, times the table's std."""
+    return torch.randn(count, table.shape[1]).to(table.device, table.dtype) * table.std()
 
 
 #: The keys of an SDXL embeddings file, encoder 1 (CLIP ViT-L) then encoder 2 (OpenCLIP ViT-bigG).

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..adapter import trainable_buffers, trainable_parameters
+from ..adapter import methods_of, trainable_buffers, trainable_parameters
 from ..checkpoint.folder import save_adapter
 from ..errors import CheckpointError, ConfigError
 from . import run_state
@@ -253,6 +253,10 @@ class Loop:
             self.ema = EMAModel(self._trained, decay=cfg.ema_decay)
         # a method's average over epochs (PromptSRC's GPA), as many epochs as the run starts
         self.average = epoch_average(self.unwrapped, self._trained, math.ceil(self.total_steps / self.steps_per_epoch))
+        # what attached methods do after each optimizer step (textual inversion's retract_embeddings)
+        self._step_hooks = [
+            m.after_optimizer_step for m in methods_of(self.unwrapped) if "after_optimizer_step" in m.provides
+        ]
         if self.average is not None and self.ema is not None:
             raise ConfigError(
                 f"train.ema_decay and {self.average.source}'s average over epochs would both set the final weights; "
@@ -410,6 +414,9 @@ class Loop:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:  # a real step (accelerate skips the others)
+                for hook in self._step_hooks:
+                    hook()
         return accelerator.gather(loss.detach().float().reshape(1)).mean().item()
 
     def _end_epoch(self) -> None:
