@@ -49,6 +49,9 @@ MATRIX = [
     ("clip_vision", "difffit", {}),
     ("clip_vision", "bitfit", {}),
     ("clip_vision", "ln_tune", {}),
+    ("clip_vision", "ssf", {"init_std": 0.0}),  # nn.MultiheadAttention: in weight space
+    ("clip_vision", "fact", {"dropout": 0.0}),
+    ("clip_vision_lnd", "fact", {"variant": "tk", "dropout": 0.0}),
     ("clip_vision_lnd", "vpt", {"num_tokens": 2, "deep": True}),
     ("clip_vision_lnd", "convpass", {}),
     ("clip_vision_lnd", "lora", {}),
@@ -163,12 +166,11 @@ def test_save_load_and_merge(case, method, options, tmp_path):
         ("unet", "linear", {}),
         ("dit", "vpt", {}),
         ("dit", "fact", {}),
-        ("clip_vision", "fact", {}),  # nn.MultiheadAttention
+        ("clip_vision", "fact", {}),  # dropout on the core output: none in nn.MultiheadAttention's weight space
         ("dit", "ln_tune", {}),  # adaLN-Zero: its LayerNorms have no affine parameters
         ("clip_text", "vpt", {"tower": "text"}),
         ("clip_text", "convpass", {"tower": "text"}),
         ("clip_vision", "linear", {}),
-        ("clip_vision", "ssf", {}),
         ("unet", "ssf", {}),
         ("vit", "lora", {"tower": "text"}),
     ],

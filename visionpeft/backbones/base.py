@@ -198,6 +198,9 @@ class Tower:
             a U-Net has ``conv_in``, ``time_embedding``, ``down.i``, ``mid``, ``up.i``, ``conv_out``).
         capabilities: What the tower offers to methods; ``tokens`` is added when ``tokens`` is set.
         forward: Runs the tower on an image (for :meth:`Backbone.features`), for ViT-style towers.
+        position: ``(owner, attr)`` of the position-embedding parameter added to the embedded tokens, one row per
+            token, the prefix tokens' first (open_clip's ``positional_embedding``): where a constant a method adds to
+            the patch tokens folds in when the patch-embedding conv has no bias; None where not described.
     """
 
     name: str
@@ -209,6 +212,7 @@ class Tower:
     stages: dict[str, nn.Module] = field(default_factory=dict)
     capabilities: frozenset[str] = frozenset()
     forward: Callable[[torch.Tensor], Any] | None = None
+    position: tuple[nn.Module, str] | None = None
 
     def __post_init__(self) -> None:
         if self.tokens is not None:

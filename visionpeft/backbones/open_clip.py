@@ -86,7 +86,14 @@ class OpenCLIP(Backbone):
             stages = {"embed": visual.conv1, "pre_norm": visual.ln_pre, "norm": visual.ln_post}
             blocks = _residual_blocks(transformer, "")
             self.towers["vision"] = Tower(
-                "vision", "", blocks, _prefixed("visual"), tokens, stages=stages, forward=visual
+                "vision",
+                "",
+                blocks,
+                _prefixed("visual"),
+                tokens,
+                stages=stages,
+                forward=visual,
+                position=(visual, "positional_embedding"),
             )
         else:
             raise TypeError(f"unsupported open_clip vision tower: {type(visual).__name__}")

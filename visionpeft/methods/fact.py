@@ -18,6 +18,11 @@ Initialisation follows the official ``set_FacT``: ``U`` and the tt cores as ``nn
 Xavier-uniform, ``V`` zero, so the model is unchanged at initialisation; dropout 0.1 on the core output. The
 increment is linear in the input, so ``merge`` folds it into the weights exactly. ViT-B/16 (head excluded): tt
 dim 8 / 32 = 21,504 / 196,608, tk dim 16 / 32 / 64 = 30,976 / 86,528 / 369,664 (PETL_Vision's counts).
+
+On ``nn.MultiheadAttention`` (open_clip's own towers: projections of kind ``mha``) the increments of q, k, v and o
+are added to the attention's weights (:class:`FactorDelta` in a
+:class:`~visionpeft.layers.weight_update.WeightSpaceMultiheadAttention`), where the core output's dropout has no
+form: such a tower needs ``dropout=0``. Its MLP's Linears take the increment through the factors as timm's do.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch import nn
 from ..backbones.base import Projection
 from ..errors import IncompatibleMethodError
 from ..layers.narrow import narrow_linear
+from ..layers.weight_update import WeightSpaceMultiheadAttention, WeightUpdate
 from ..schema import setting
 from .base import Method, MethodConfig, register_method
 
@@ -132,6 +138,21 @@ class FacTFactors(nn.Module):
         return delta.reshape(n * self.v.shape[0], m * self.u.shape[1]) * scale
 
 
+class FactorDelta(WeightUpdate):
+    """``scale * delta W`` of one projection of an ``nn.MultiheadAttention``, from the shared factors (held, not
+    registered here: they are the method's parameters once, under ``fact``)."""
+
+    additive = True
+
+    def __init__(self, factors: FacTFactors, key: str, scale: float) -> None:
+        super().__init__()
+        self.key, self.scale = key, scale
+        object.__setattr__(self, "factors", factors)  # no submodule: its parameters are not this update's
+
+    def delta(self, weight: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        return self.factors.delta_weight(self.key, self.scale)
+
+
 @register_method
 class FacT(Method):
     name = "fact"
@@ -161,12 +182,28 @@ class FacT(Method):
         for key, proj in self.adapted_projections():
             index, _, projection = key.partition(".")
             where = f"{self.tower.prefix}{blocks[int(index)]}.{projection}"
-            if proj.kind not in ("linear", "fused"):
+            if proj.kind == "mha":
+                self.check_attention(where, proj)
+            elif proj.kind not in ("linear", "fused"):
                 raise IncompatibleMethodError(
-                    f"fact adapts nn.Linear projections; {where} of the {self.backbone.family} tower is a {proj.kind}"
-                    " (nn.MultiheadAttention is not supported)"
+                    f"fact adapts Linear projections and attentions; {where} of the {self.backbone.family} tower is "
+                    f"a {proj.kind}"
                 )
             self.widths(where, proj)
+
+    def check_attention(self, where: str, proj: Projection) -> None:
+        """An ``mha`` projection takes its increment in weight space, where the core output's dropout has no form,
+        and only from this method."""
+        if self.config.dropout > 0:
+            raise IncompatibleMethodError(
+                f"fact dropout acts on the core output, which has no weight-space form on {where} (an "
+                "nn.MultiheadAttention); set fact.dropout=0"
+            )
+        if getattr(proj.layer, "_vp_wrapper", False):
+            raise IncompatibleMethodError(
+                f"fact cannot adapt {where}: another attached method ({type(proj.layer).__name__}) already rewrites "
+                "the weights of that attention"
+            )
 
     def widths(self, key: str, proj: Projection) -> tuple[int, int]:
         """``(n, m)``: the projection's output and input widths in units of the token width D."""
@@ -186,12 +223,19 @@ class FacT(Method):
         factors = FacTFactors(self.tower.tokens.dim, cfg.dim, cfg.variant, cfg.dropout, shapes)
         self.factors = self.add_module(self.blocks()[0].module, f"{self.tower.prefix}fact", factors)
         layers: dict[int, tuple[nn.Module, list]] = {}
+        attentions: dict[int, tuple[Projection, dict[str, WeightUpdate]]] = {}
         for key, proj in projections:
+            if proj.kind == "mha":
+                entry = attentions.setdefault(id(proj.base_layer()), (proj, {}))
+                entry[1][proj.slot] = FactorDelta(factors, key.replace(".", "_"), cfg.scale)
+                continue
             layer = proj.base_layer()
             rows = proj.rows or (0, layer.out_features)
             layers.setdefault(id(layer), (layer, []))[1].append((rows, key.replace(".", "_")))
         for layer, slices in layers.values():
             self.hook_output(layer, self.add_increment, sorted(slices))
+        for proj, updates in attentions.values():  # no parameters of their own: no canonical names to give
+            self.wrap(proj.parent, proj.attr, WeightSpaceMultiheadAttention(proj.layer, updates), str)
 
     def add_increment(self, slices: list, layer: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         """Adds the increments of the layer's slices to their output rows; slices that follow each other without a

@@ -4,6 +4,11 @@ patch embedding and after the final norm (official code: dongzelian/SSF ``models
 
 Every site follows a Linear, a LayerNorm or the patch-embedding conv, so :meth:`SSF.merge` folds it into that
 layer exactly: ``(x W^T + b) * s + t = x (s W)^T + (s b + t)``, and the same for a LayerNorm's affine parameters.
+A bias-less patch-embedding conv (open_clip's ``conv1``) takes the scale, and the position embedding's patch rows
+the shift. On ``nn.MultiheadAttention`` (open_clip's own towers: projections of kind ``mha``) the sites after qkv
+and after the output projection act on the attention's weights (:class:`ScaleShiftMultiheadAttention`): the same
+function, the same parameters under timm's names; a merge needs its ``in_proj_bias`` and ``out_proj.bias`` (an
+attention without them refuses in one line rather than growing a bias the plain model lacks).
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..backbones.base import Projection
 from ..errors import IncompatibleMethodError
+from ..layers.scale_shift import ScaleShift, ScaleShiftMultiheadAttention
 from ..schema import setting
 from .base import Method, MethodConfig, register_method
-from .hook_order import HookSite, SiteOrder, site_order
+from .hook_order import BEFORE_UPDATES, HookSite, SiteOrder, site_order
 
 
 @dataclass
@@ -33,21 +40,9 @@ class SSFConfig(MethodConfig):
     init_std: float = setting(0.02, "std of the normal initialisation: scale ~ N(1, std), shift ~ N(0, std)", min=0)
 
 
-class ScaleShift(nn.Module):
-    """A per-channel ``scale`` and ``shift``, drawn as the official ``init_ssf_scale_shift``."""
-
-    def __init__(self, dim: int, std: float) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.empty(dim))
-        self.shift = nn.Parameter(torch.empty(dim))
-        nn.init.normal_(self.scale, mean=1.0, std=std)
-        nn.init.normal_(self.shift, mean=0.0, std=std)
-
-    def apply_to(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
-        scale, shift = self.scale.to(y.dtype), self.shift.to(y.dtype)
-        if channel_dim == 1 and y.dim() == 4:  # (B, C, H, W) conv output
-            scale, shift = scale[:, None, None], shift[:, None, None]
-        return y * scale + shift
+#: A hooked site's fold: the layer's weight, its bias (None: the shift goes to the position rows), the position
+#: embedding's patch rows (for a bias-less patch embedding) and the scale-shift.
+Fold = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, ScaleShift]
 
 
 def _patch_conv(embed: nn.Module | None) -> nn.Conv2d | None:
@@ -69,11 +64,12 @@ class SSF(Method):
         super().check_fits()
         kind = type(self.backbone.inner).__name__
         for block in self.blocks():
-            if any(p.kind == "mha" for p in block.projections.values()):
-                raise IncompatibleMethodError(
-                    f"ssf needs the qkv and output projections as Linear layers; {block.name} computes them inside "
-                    "nn.MultiheadAttention"
-                )
+            for name, projection in block.projections.items():
+                if projection.kind == "mha" and getattr(projection.layer, "_vp_wrapper", False):
+                    raise IncompatibleMethodError(
+                        f"ssf cannot scale {block.name}.{name}: another attached method "
+                        f"({type(projection.layer).__name__}) already rewrites the weights of that attention"
+                    )
             if any(branch.norm is None for branch in block.branches.values()):
                 raise IncompatibleMethodError(f"ssf needs a pre-norm on every branch; {block.name} has none")
             if any(getattr(branch.module, "q_bias", None) is not None for branch in block.branches.values()):
@@ -86,18 +82,21 @@ class SSF(Method):
     def build(self) -> None:
         std = self.config.init_std
         self._sites: list[tuple[str, nn.Module, ScaleShift, int]] = []  # (site, layer it follows, ssf, its hook id)
+        self._attentions: list[tuple[str, ScaleShiftMultiheadAttention]] = []  # (site, wrapper)
         embed = _patch_conv(self.tower.stages["embed"])
         self._add_site(self.tower.prefix + "embed", self.tower.stages["embed"], embed, embed.out_channels, 1, std)
         for block in self.blocks():
             seen: set[int] = set()
             for name, projection in block.projections.items():
-                layer = projection.layer
-                if id(layer) in seen:  # q, k and v rows of one fused qkv: one site over all its outputs
+                if id(projection.base_layer()) in seen:  # the q, k and v rows of one fused qkv: one site over all
                     continue
-                seen.add(id(layer))
+                seen.add(id(projection.base_layer()))
+                if projection.kind == "mha":  # q, k, v, o of one attention: ssf after its in- and out-projection
+                    self._wrap_attention(f"{block.name}.{name.rpartition('.')[0]}", projection, std)
+                    continue
                 site = "attn.qkv" if projection.kind == "fused" else name
                 width = projection.base_layer().weight.shape[0]
-                self._add_site(f"{block.name}.{site}", block.module, layer, width, -1, std)
+                self._add_site(f"{block.name}.{site}", block.module, projection.layer, width, -1, std)
             for branch_name, branch in block.branches.items():
                 dim = self.tower.tokens.dim
                 self._add_site(f"{block.name}.{branch_name}.norm", block.module, branch.norm, dim, -1, std)
@@ -111,6 +110,18 @@ class SSF(Method):
         self.hook_output(layer, self._apply, ssf, channel_dim)
         self._sites.append((canonical, layer, ssf, self._hooks[-1].id))
 
+    def _wrap_attention(self, attention: str, projection: Projection, std: float) -> None:
+        """Puts the scale-shifts of the attention ``attention`` (``blocks.0.attn``) on its weights: its parameters
+        ``ssf.qkv.scale`` ... get the canonical names of timm's sites, ``<attention>.qkv.ssf.scale`` ..."""
+        wrapper = ScaleShiftMultiheadAttention(projection.layer, std)
+
+        def canonical(pname: str) -> str:  # ssf.<site>.<tensor>
+            _, site, tensor = pname.split(".")
+            return f"{attention}.{site}.ssf.{tensor}"
+
+        self.wrap(projection.parent, projection.attr, wrapper, canonical)
+        self._attentions.append((attention, wrapper))
+
     @staticmethod
     def _apply(ssf: ScaleShift, channel_dim: int, module: nn.Module, args: tuple, output: torch.Tensor):
         return ssf.apply_to(output, channel_dim)
@@ -121,29 +132,62 @@ class SSF(Method):
         another method's additive update of the same layer (``lora`` wrapped it, or ``fact`` hooked it, before
         ``ssf``: ``s (W x + B A x + b) + t``) it folds after that update; on a bare layer (updated later or never:
         ``s (W x + b) + t + B A x``) before it. Either way before the output scales (DiffFit, priority 1) that
-        multiply the shift too. Where no order is exact, first, so that :meth:`merge` refuses before any other
-        method has merged."""
+        multiply the shift too. Where no order is exact, or a site has nothing to fold into, first, so that
+        :meth:`merge` refuses before any other method has merged. The attentions' scale-shifts act on weights no
+        other method rewrites (each refuses a rewritten attention), so any order folds them exactly."""
+        if self._folds()[1] is not None:
+            return BEFORE_UPDATES
         return self._order().merge_priority
 
     def _order(self) -> SiteOrder:
         return site_order(self.backbone.model, (HookSite(c, layer, hook_id) for c, layer, _, hook_id in self._sites))
 
-    def merge(self) -> None:
-        self._order().check_foldable(self.name)
+    def _position_rows(self, layer: nn.Module) -> torch.Tensor | None:
+        """The patch tokens' rows of the tower's position embedding (a view) when ``layer`` is the patch-embedding
+        conv and the backbone describes that embedding, else None: a constant shift of every patch token folds there."""
+        if layer is not _patch_conv(self.tower.stages["embed"]) or self.tower.position is None:
+            return None
+        owner, attr = self.tower.position
+        table = getattr(owner, attr)
+        return table.view(-1, table.shape[-1])[self.tower.tokens.num_prefix :]
+
+    def _folds(self) -> tuple[list[Fold], str | None]:
+        """``(weight, bias, position rows, ssf)`` of every hooked site, the shift folding into the layer's bias or,
+        for a patch-embedding conv without one, into the position embedding's patch rows; and the one-line reason
+        why some site, or an attention, has nothing to fold into (None when every one has)."""
         folds = []
         for canonical, layer, ssf, _ in self._sites:
             while getattr(layer, "_vp_wrapper", False):
                 layer = layer.base
             weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
-            if weight is None or bias is None:
-                missing = "a weight" if weight is None else "a bias"
-                raise IncompatibleMethodError(
-                    f"ssf after {canonical} cannot be folded into its {type(layer).__name__}, which has no {missing}"
+            position = self._position_rows(layer) if bias is None else None
+            if weight is None or (bias is None and position is None):
+                missing = "weight" if weight is None else "bias"
+                where = f"{canonical} cannot be folded into its {type(layer).__name__}"
+                return folds, f"ssf after {where}, which has no {missing}"
+            folds.append((weight, bias, position, ssf))
+        for attention, wrapper in self._attentions:
+            missing = wrapper.missing_bias()
+            if missing is not None:
+                return folds, (
+                    f"ssf after {attention}'s projections cannot be folded into its nn.MultiheadAttention, which has "
+                    f"no {missing}"
                 )
-            folds.append((weight, bias, ssf))
+        return folds, None
+
+    def merge(self) -> None:
+        self._order().check_foldable(self.name)
+        folds, blocker = self._folds()
+        if blocker is not None:
+            raise IncompatibleMethodError(blocker)
         with torch.no_grad():
-            for weight, bias, ssf in folds:
-                scale, shift = ssf.scale.to(weight.dtype), ssf.shift.to(weight.dtype)
-                weight.mul_(scale.view(-1, *([1] * (weight.dim() - 1))))
-                bias.mul_(scale).add_(shift)
+            for weight, bias, position, ssf in folds:
+                new_weight, new_bias = ssf.folded(weight, bias)
+                weight.copy_(new_weight)
+                if bias is None:  # a bias-less patch embedding: the shift of every patch token, in its position rows
+                    position.add_(new_bias)
+                else:
+                    bias.copy_(new_bias)
+            for _, wrapper in self._attentions:
+                wrapper.merge()
         self._originals = {}
