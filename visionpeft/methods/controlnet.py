@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..schema import setting
 from .base import ExportParts, Method, MethodConfig, register_method
 from .control_calls import add_to_call, fit_control_image
+from .library_layers import library_layers
 
 #: ``UNet2DConditionModel.forward``'s leading arguments, in order (a call may pass any of them by position).
 UNET_ARGUMENTS = (
@@ -99,7 +100,8 @@ class ControlNet(Method):
         if cfg.num_layers is not None or cfg.num_single_layers is not None:
             raise ConfigError("method.num_layers / num_single_layers are for Flux / SD3 transformers; unset them")
         unet = self.tower.stages["model"]
-        with torch.device(unet.device):  # built where the U-Net is (a GPU, or the meta device for counting)
+        # built where the U-Net is (a GPU, or the meta device for counting), from its base weights (whatever LoRA)
+        with torch.device(unet.device), library_layers(unet):
             controlnet = ControlNetModel.from_unet(
                 unet,
                 conditioning_embedding_out_channels=tuple(cfg.hint_channels),
@@ -123,7 +125,7 @@ class ControlNet(Method):
             )
         transformer = self.tower.stages["model"]
         family = flow_family(transformer)
-        with torch.device(transformer.device):
+        with torch.device(transformer.device), library_layers(transformer):
             built = build_flow_controlnet(transformer, family, cfg.num_layers, cfg.num_single_layers)
         self.controlnet = self.add_tower("controlnet", built)
         self.flow = FlowControl(transformer, family, self.backbone.latent_encoder(), self.controlnet)
