@@ -148,3 +148,36 @@ def test_zoo_and_lycoris_suites_run_every_row(suite, rows):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert all(row in result.stdout for row in rows), result.stdout
+
+
+def test_diffusion_demo_add_extends_the_finished_gallery_and_says_so(tmp_path, capsys):
+    """``diffusion-demo --add`` keeps the base samples and earlier rows, records its command beside the first one
+    (the README names both), and without a finished gallery refuses in one line."""
+    from benchmarks.diffusion_demo import added_to, main, write_readme
+
+    pipeline = tmp_path / "pipe"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text("{}")
+    code = main(["--add", "--methods", "dreambooth_oft", "--pipeline", str(pipeline), "--out", str(tmp_path / "g")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    row = {"prompt": "p", "trainable": 10, "steps": 3, "before": 0.0, "after": 0.5, "minutes": 1.0}
+    finished = {
+        "command": "python tools/benchmark.py diffusion-demo",
+        "steps": 20,
+        "seeds": [0],
+        "minutes": 3.0,
+        "base": {
+            "rates": {"a handwritten digit one": {"subject": "digit 1", "rate": 1.0, "n": 2, "held_out": False}},
+            "kid": {},
+        },
+        "personalization": {"dreambooth_lora": [row]},
+    }
+    (tmp_path / "results.json").write_text(__import__("json").dumps(finished))
+    results = added_to(tmp_path / "results.json", "python tools/benchmark.py diffusion-demo --add")
+    assert results["base"] == finished["base"] and results["personalization"] == finished["personalization"]
+    results["personalization"]["dreambooth_oft"] = [row]
+    write_readme(results, tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "then `python tools/benchmark.py diffusion-demo --add`" in text
+    assert "| DreamBooth-LoRA |" in text and "| DreamBooth-OFT |" in text

@@ -383,13 +383,13 @@ def main(argv: list[str]) -> int:
     from visionpeft.demo.judge import Judge
 
     start = time.time()
+    command = "python tools/benchmark.py diffusion-demo " + " ".join(argv)
+    results = added_to(args.out / "results.json", command) if args.add else None
+    if args.add and results is None:
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     judge = Judge.load()
-    command = "python tools/benchmark.py diffusion-demo " + " ".join(argv)
-    if args.add:
-        results = added_to(args.out / "results.json", command)
-        if results is None:
-            return 2
+    if results is not None:
         previous_minutes = results["minutes"]
     else:
         base = base_samples(load_pipe(args.pipeline), judge, args.out, args.samples, args.steps)
