@@ -141,6 +141,49 @@ def test_difffit_sdxl_run_writes_a_merged_unet(setup):
     assert np.abs(sample_images(theirs, prompt) - sample_images(ours, prompt)).max() < 1e-5
 
 
+def _unet_outputs(unet) -> torch.Tensor:
+    """The U-Net's noise prediction on fixed random latents, text states and added conditions (one call)."""
+    generator = torch.Generator().manual_seed(0)
+    latents, states = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 77, 32, generator=generator)
+    added = {"text_embeds": torch.randn(2, 16, generator=generator), "time_ids": torch.tensor([[16.0] * 6] * 2)}
+    with torch.no_grad():
+        return unet(latents, torch.tensor([500, 900]), states, added_cond_kwargs=added).sample
+
+
+@pytest.mark.slow
+def test_difffit_on_an_fp8_base_merges_into_the_full_precision_u_net(setup):
+    """train.base_storage=fp8: merged/unet is the plain diffusers layout (every key read, none left over, fp32),
+    DiffFit folded into the full-precision base the adapter is saved against: the same outputs as that base with the
+    adapter (<= 1e-5). The fp8 model training ran differs from it by the rounding of its frozen fp8 weights (e4m3: 3
+    mantissa bits, up to 2^-4 relative per weight), which the plain base shows as well: the same rounded layers,
+    the scales within 1e-2 of 1, so the two deviations agree within a factor 2."""
+    from diffusers import UNet2DConditionModel
+    from torch.nn.utils import parametrize
+
+    from visionpeft.trainers.base_storage import store_frozen_base
+
+    run_dir = _train(setup, "difffit_sdxl", "difffit_fp8", "train.base_storage=fp8")
+    merged, info = UNet2DConditionModel.from_pretrained(run_dir / "merged" / "unet", output_loading_info=True)
+    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    base = _pipe(setup).unet
+    state = load_file(run_dir / "merged" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert state.keys() == base.state_dict().keys() and {t.dtype for t in state.values()} == {torch.float32}
+
+    ours = vp.load_adapter(_pipe(setup), run_dir / "adapter")
+    expected = _unet_outputs(ours.unet)
+    assert (expected - _unet_outputs(base)).abs().max() > 1e-5  # DiffFit trained
+    torch.testing.assert_close(_unet_outputs(merged), expected, rtol=0, atol=1e-5)
+
+    adapted_fp8 = vp.load_adapter(_pipe(setup), run_dir / "adapter")
+    assert store_frozen_base([adapted_fp8.unet], "fp8") > 10  # as the trainer stored it
+    stored = [name for name, layer in adapted_fp8.unet.named_modules() if parametrize.is_parametrized(layer)]
+    base_fp8 = _pipe(setup).unet.requires_grad_(False)
+    assert store_frozen_base([base_fp8.get_submodule(name) for name in stored], "fp8") == len(stored)
+    rounding = (_unet_outputs(base_fp8) - _unet_outputs(base)).abs().max()
+    deviation = (_unet_outputs(adapted_fp8.unet) - expected).abs().max()
+    assert rounding > 1e-4 and rounding / 2 <= deviation <= 2 * rounding
+
+
 @pytest.mark.parametrize(
     "config_name, folder, overrides, words",
     [

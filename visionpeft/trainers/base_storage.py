@@ -12,7 +12,9 @@ Only layers that train nothing are stored so (a LoRA layer's ``base``: ``out = b
 LoRA keeps on a quantized layer, its ``base_layer``; any plain frozen layer). With ``int8`` a layer whose weight a
 wrapper reads outside its forward (DoRA's norm, the weight-space methods) keeps its precision; biases, norms and
 embeddings keep theirs in both. Trained tensors stay fp32. The stored weights are the frozen weights rounded: a
-run's adapter learns on them, and is saved against the full-precision base as usual.
+run's adapter learns on them, and is saved against the full-precision base as usual; a merged export (DiffFit, BitFit,
+full: ``RUN/merged/``) is merged into that base read again, never into the stored copy
+(:func:`~.personalization.save_outputs`).
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ from .diffusion import DiffusionParts, denoiser_of, diffusion_loss, prompt_encod
 from .diffusion_objective import check_objective, use_trained_sampling
 from .logs import get_logger
 from .run import Setup, run_task
+from .run_exports import check_exports, write_exports
 
 logger = get_logger(__name__)
 
@@ -355,14 +356,24 @@ def check_bucket_grid(pipeline, data: DictConfig, model: str) -> None:
         )
 
 
-def save_outputs(pipeline, adapted: nn.Module, run_dir: Path) -> list[Path]:
+def save_outputs(pipeline, adapted: nn.Module, run_dir: Path, base: str | None = None) -> list[Path]:
     """Writes the adapter in visionpeft and diffusers formats, and merged U-Net (Flux / SD3: transformer) weights
-    where that is exact."""
+    where that is exact.
+
+    Args:
+        base: The pipeline to merge into (the run's ``model.name``) when training stored the frozen weights in lower
+            precision (``train.base_storage``, or half precision under mixed precision): the adapter is saved
+            against the full-precision weights, while the training copy holds them rounded (fp8: under
+            ``parametrizations.weight.original`` keys that diffusers' loaders do not read). None: the training copy.
+    """
     written = [vp.save_adapter(adapted, run_dir / "adapter")]
     if vp.can_export(pipeline, "diffusers"):
         written.append(vp.save_adapter(pipeline, run_dir / "diffusers", format="diffusers"))
     elif vp.can_merge(adapted):  # what diffusers' files cannot hold but merges exactly: plain denoiser weights
-        merged = copy.deepcopy(adapted)
+        if base is None:
+            merged = copy.deepcopy(adapted)
+        else:
+            merged = pipeline_modules(vp.load_adapter(load_pipeline(base), run_dir / "adapter"))
         vp.merge(merged)
         name = "unet" if hasattr(merged, "unet") else "transformer"
         getattr(merged, name).save_pretrained(run_dir / "merged" / name)
@@ -415,6 +426,7 @@ class PersonalizationTrainer:
         adapted = pipeline_modules(pipeline)
         clip = [name for name in adapted.text_encoders() if is_clip_text(getattr(adapted, name))]  # never T5
         vp.attach(pipeline, specs + text_encoder_loras(config, specs, clip))
+        check_exports(pipeline, list(config.train.export))  # before training, not after it
         multipliers = {**block_lr_multipliers(config.optim.block_lr, adapted), **text_encoder_multipliers(config.optim)}
         dataset: Dataset = subject
         summary = [f"{len(subject.images)} images, {len(subject)} training items", *subject.summary()]
@@ -469,7 +481,10 @@ class PersonalizationTrainer:
     def finish(self, config: DictConfig, loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
         if not loop.accelerator.is_main_process:
             return {"outputs": []}
-        return {"outputs": save_outputs(setup.state["pipeline"], setup.adapted, run_dir)}
+        lowered = config.train.get("base_storage", "none") != "none" or loop.accelerator.mixed_precision != "no"
+        base = config.model.name if lowered else None
+        outputs = save_outputs(setup.state["pipeline"], setup.adapted, run_dir, base)
+        return {"outputs": outputs + write_exports(setup.state["pipeline"], run_dir, list(config.train.export))}
 
 
 def text_encoder_multipliers(optim: DictConfig) -> dict[str, float]:
