@@ -115,9 +115,10 @@ def attach(
     try:
         for name, config in specs:
             method = METHODS.get(name)(config, state.backbone)
-            for other in state.methods + added:
-                if other.name == name and other.tower is method.tower:
-                    raise ConfigError(f"{name} is already attached to the '{method.tower.name}' tower")
+            taken = {other.key for other in state.methods + added if other.tower is method.tower}
+            if name in taken and not method.several:
+                raise ConfigError(f"{name} is already attached to the '{method.tower.name}' tower")
+            method.key = _free_key(name, taken)
             try:
                 method.attach()
             except BaseException:
@@ -135,6 +136,15 @@ def attach(
         target.__dict__[_STATE] = state
     apply_requires_grad(target, state)
     return model
+
+
+def _free_key(name: str, taken: set[str]) -> str:
+    """``name``, or the first of ``name_1``, ``name_2``, ... that no method on the tower goes by."""
+    key, number = name, 0
+    while key in taken:
+        number += 1
+        key = f"{name}_{number}"
+    return key
 
 
 def _as_spec(spec: str | Sequence[str]) -> str | list[str]:
@@ -251,8 +261,9 @@ def count_parameters(model: Any) -> dict[str, Any]:
     """Counts parameters.
 
     Returns:
-        ``{"total": int, "trainable": int, "by_group": {method name: int, ..., "head": int}}`` (a group per task
-        head); a parameter claimed by several methods (BitFit and DiffFit both train biases) counts for the first.
+        ``{"total": int, "trainable": int, "by_group": {method key: int, ..., "head": int}}`` (a group per task
+        head; a method's key is its name, ``controlnet_1`` for a second ControlNet); a parameter claimed by
+        several methods (BitFit and DiffFit both train biases) counts for the first.
     """
     target = unwrap(model)
     params = list(target.parameters())
@@ -268,7 +279,7 @@ def count_parameters(model: Any) -> dict[str, Any]:
                 if id(p) not in seen and p.requires_grad:
                     seen.add(id(p))
                     count += p.numel()
-            by_group[method.name] = by_group.get(method.name, 0) + count
+            by_group[method.key] = by_group.get(method.key, 0) + count
         for name, head in state.backbone.heads().items():
             by_group[name] = sum(p.numel() for p in head.parameters() if id(p) not in seen and p.requires_grad)
     return {"total": total, "trainable": trainable, "by_group": by_group}
@@ -355,7 +366,8 @@ def conditioning(model: Any, **inputs: Any) -> Iterator[Any]:
     Args:
         model: An adapted model, a pipeline or task model, or any module holding adapted models.
         **inputs: Name -> value; each name must be read by some attached method (its ``call_inputs``). A dict
-            value gives each method its own (``control_image={"controlnet": edges, "t2i_adapter": depth}``).
+            value gives each method its own, by its key (``control_image={"controlnet": edges, "t2i_adapter":
+            depth}``; a second ControlNet is ``controlnet_1``: :attr:`Method.key`).
 
     Raises:
         ConfigError: No method is attached, or no attached method reads one of the inputs.
@@ -371,7 +383,7 @@ def conditioning(model: Any, **inputs: Any) -> Iterator[Any]:
         raise ConfigError(f"no attached method reads a per-call {unknown[0]} (the per-call inputs they read: {reads})")
     for key, value in inputs.items():
         if isinstance(value, dict):  # one value per method name
-            readers = sorted({m.name for s in states.values() for m in s.methods if key in m.call_inputs})
+            readers = sorted({m.key for s in states.values() for m in s.methods if key in m.call_inputs})
             stray = sorted(set(value) - set(readers))
             if stray:
                 raise ConfigError(

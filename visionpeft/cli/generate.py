@@ -132,7 +132,7 @@ def control_inputs(pipe, images: list, side: int) -> dict:
     from visionpeft.adapter import methods_of
     from visionpeft.errors import ConfigError
 
-    readers = [method.name for method in methods_of(pipe) if "control_image" in method.call_inputs]
+    readers = [method.key for method in methods_of(pipe) if "control_image" in method.call_inputs]
     if not readers:
         if images:
             raise ConfigError("--control-image given, but no loaded adapter reads a control image")

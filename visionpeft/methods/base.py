@@ -188,10 +188,16 @@ class Method:
     #: The diffusers model class (``config.json``'s ``_class_name``) of a ``save_pretrained`` folder that holds this
     #: method's result and is read back as this method (:meth:`options_from_folder`, :meth:`load_folder_model`).
     diffusers_folder_class: ClassVar[str | None] = None
+    #: Several of this method may attach to one tower (two ControlNets, each on its own condition image).
+    several: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, backbone: Backbone) -> None:
         self.config = config
         self.backbone = backbone
+        #: The name this attached method goes by: its ``name``, or for the second, third ... of a :attr:`several`
+        #: method on one tower ``name_1``, ``name_2`` (in attach order), as ``vp.conditioning``'s per-method inputs
+        #: and ``count_parameters`` name it.
+        self.key = self.name
         try:
             self.tower: Tower = backbone.tower(config.tower)
         except IncompatibleMethodError as err:
@@ -309,7 +315,7 @@ class Method:
     # -- helpers for subclasses ------------------------------------------------------------------------------
     def add_module(self, parent: nn.Module, canonical: str, module: nn.Module) -> nn.Module:
         """Registers a new trainable module under ``parent`` and its parameters under ``canonical``."""
-        attr = f"vp_{self.name}_{len(self._added)}"
+        attr = f"vp_{self.key}_{len(self._added)}"
         module._vp_owned = True
         ref = next((p for p in parent.parameters()), None)
         if ref is not None:
@@ -319,6 +325,15 @@ class Method:
         self._added.append((parent, attr))
         self._register_module_tensors(canonical, module)
         return module
+
+    def free_tower_name(self, name: str) -> str:
+        """``name`` for a side tower, or, when another method's side tower holds it already (a second ControlNet),
+        the first free of ``name_1``, ``name_2``, ...: diffusers' numbering of a ``MultiControlNetModel``'s folders."""
+        root, number, free = self.backbone.model, 0, name
+        while getattr(getattr(root, free, None), "_vp_owned", False):
+            number += 1
+            free = f"{name}_{number}"
+        return free
 
     def add_tower(self, name: str, module: nn.Module) -> nn.Module:
         """Adds a side network (a ControlNet built from the U-Net, say) to the adapted model as attribute ``name``.
@@ -469,8 +484,8 @@ class Method:
 
     def call_input(self, name: str) -> Any:
         """The per-call input ``name`` given by ``vp.conditioning`` (declared in :attr:`call_inputs`): one value for
-        every method that reads it, or a dict method name -> value (a ControlNet on edges and a T2I-Adapter on
-        depth in one call)."""
+        every method that reads it, or a dict method key -> value (a ControlNet on edges and a T2I-Adapter on
+        depth in one call; two ControlNets: ``controlnet`` and ``controlnet_1``)."""
         if name not in self.call_inputs:
             raise ValueError(f"{self.name} reads the call input '{name}' without declaring it in call_inputs")
         try:
@@ -480,11 +495,11 @@ class Method:
                 f"{self.name} needs a per-call {name}; run the model inside vp.conditioning(model, {name}=...)"
             ) from None
         if isinstance(value, dict):
-            if self.name not in value:
+            if self.key not in value:
                 raise ConfigError(
-                    f"vp.conditioning's {name} names {', '.join(value)} but not {self.name}, which reads it"
+                    f"vp.conditioning's {name} names {', '.join(value)} but not {self.key}, which reads it"
                 )
-            return value[self.name]
+            return value[self.key]
         return value
 
     def blocks(self) -> list[Block]:

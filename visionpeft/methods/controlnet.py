@@ -81,6 +81,7 @@ class ControlNet(Method):
     config_class = ControlNetConfig
     requires = {"unet": "a diffusers UNet2DConditionModel or a Flux / SD3 transformer (or a pipeline holding one)"}
     call_inputs = ("control_image",)
+    several = True  # each ControlNet its own tower (controlnet, controlnet_1, ...) and condition image
     export_formats = frozenset({"diffusers"})  # controlnet/: what (Flux / SD3)ControlNetModel.from_pretrained reads
     diffusers_folder_class = "ControlNetModel"  # ... and such a folder (this toolkit's or a released one) reads back
 
@@ -107,7 +108,8 @@ class ControlNet(Method):
                 conditioning_embedding_out_channels=tuple(cfg.hint_channels),
                 conditioning_channels=cfg.conditioning_channels,
             )
-        self.controlnet = self.add_tower("controlnet", controlnet)  # fp32 whatever the U-Net: it trains
+        self.tower_name = self.free_tower_name("controlnet")  # a second ControlNet's: controlnet_1
+        self.controlnet = self.add_tower(self.tower_name, controlnet)  # fp32 whatever the U-Net: it trains
         self.factor = 2 ** (len(cfg.hint_channels) - 1)
         self.hook_input(unet, self._add_residuals, with_kwargs=True)
 
@@ -127,12 +129,13 @@ class ControlNet(Method):
         family = flow_family(transformer)
         with torch.device(transformer.device), library_layers(transformer):
             built = build_flow_controlnet(transformer, family, cfg.num_layers, cfg.num_single_layers)
-        self.controlnet = self.add_tower("controlnet", built)
+        self.tower_name = self.free_tower_name("controlnet")
+        self.controlnet = self.add_tower(self.tower_name, built)
         self.flow = FlowControl(transformer, family, self.backbone.latent_encoder(), self.controlnet)
         self.hook_input(transformer, self._add_flow_residuals, with_kwargs=True)
 
     def export_parts(self, format: str) -> ExportParts:
-        return ExportParts(models={"controlnet": self.diffusers_controlnet})
+        return ExportParts(models={self.tower_name: self.diffusers_controlnet})
 
     @classmethod
     def options_from_folder(cls, folder_config: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +151,7 @@ class ControlNet(Method):
 
     def diagnostics(self) -> dict[str, float]:
         """The norms of the residuals the last U-Net call received, per down-block residual and mid block."""
-        return {f"{self.name}/residual_norm/{key}": value for key, value in getattr(self, "_norms", {}).items()}
+        return {f"{self.key}/residual_norm/{key}": value for key, value in getattr(self, "_norms", {}).items()}
 
     def diffusers_controlnet(self) -> nn.Module:
         """The trained ControlNet as a plain diffusers ``ControlNetModel``."""
@@ -184,7 +187,7 @@ class ControlNet(Method):
         with torch.no_grad():  # "the condition is ignored" shows as residual norms that stay at zero
             self._norms = {f"down.{i}": float(d.float().norm()) for i, d in enumerate(down)}
             self._norms["mid"] = float(mid.float().norm())
-        kwargs = add_to_call(kwargs, "down_block_additional_residuals", down, self.name)
+        kwargs = add_to_call(kwargs, "down_block_additional_residuals", down, self.key)
         previous = kwargs.get("mid_block_additional_residual")
         kwargs["mid_block_additional_residual"] = mid if previous is None else previous + mid
         return args, kwargs
@@ -192,7 +195,7 @@ class ControlNet(Method):
     def _add_flow_residuals(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
         given = self.flow.given(args, kwargs)
         hidden = given["hidden_states"]
-        condition = self.flow.condition(self.call_input("control_image"), hidden, f"this {self.name}")
+        condition = self.flow.condition(self.call_input("control_image"), hidden, f"this {self.key}")
         residuals = self.flow.residuals(given, condition, self.config.conditioning_scale)
         with torch.no_grad():
             self._norms = {
@@ -201,5 +204,5 @@ class ControlNet(Method):
                 for i, sample in enumerate(samples)
             }
         for key, samples in residuals.items():
-            kwargs = add_to_call(kwargs, key, samples, self.name)
+            kwargs = add_to_call(kwargs, key, samples, self.key)
         return args, kwargs

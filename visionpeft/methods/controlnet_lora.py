@@ -76,7 +76,7 @@ class ControlNetLoRA(ControlNet):
     def build(self) -> None:
         super().build()
         net = self.controlnet
-        kept = {f"controlnet.{name}" for name in self._trained_in_full(net)}
+        kept = {f"{self.tower_name}.{name}" for name in self._trained_in_full(net)}
         self.tensors = {name: ref for name, ref in self.tensors.items() if name in kept}  # the rest stays frozen
         suffixes = [TARGETS[t] for t in self.config.targets if t in TARGETS]
         everything = "linear" in self.config.targets
@@ -86,7 +86,8 @@ class ControlNetLoRA(ControlNet):
 
     def export_parts(self, format: str) -> ExportParts:
         parts = super().export_parts(format)
-        parts.files[f"{LORA_FOLDER}/{LORA_WEIGHT_NAME}"] = self.diffusers_lora_tensors()
+        folder = LORA_FOLDER + self.key.removeprefix(self.name)  # a second ControlNet-LoRA's: controlnet_lora_1
+        parts.files[f"{folder}/{LORA_WEIGHT_NAME}"] = self.diffusers_lora_tensors()
         return parts
 
     def diffusers_lora_tensors(self) -> dict[str, torch.Tensor]:
@@ -102,7 +103,7 @@ class ControlNetLoRA(ControlNet):
                 tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"] = a.detach(), b.detach()
         for name, (owner, attr) in self.tensors.items():
             if not name.endswith((".lora_A", ".lora_B")):  # LoRALinear's own factors are written above
-                tensors[name.removeprefix("controlnet.")] = getattr(owner, attr).detach()
+                tensors[name.removeprefix(f"{self.tower_name}.")] = getattr(owner, attr).detach()
         return tensors
 
     def diffusers_controlnet(self) -> nn.Module:
@@ -138,4 +139,4 @@ class ControlNetLoRA(ControlNet):
         parent = net.get_submodule(parent_path) if parent_path else net
         cfg = self.config
         wrapper = LoRALinear(layer, {"main": (0, layer.out_features)}, cfg.r, cfg.alpha, cfg.dropout)
-        self.wrap(parent, attr, wrapper, lambda pname: f"controlnet.{path}.{pname.split('.')[-1]}")
+        self.wrap(parent, attr, wrapper, lambda pname: f"{self.tower_name}.{path}.{pname.split('.')[-1]}")

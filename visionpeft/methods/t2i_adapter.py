@@ -125,11 +125,12 @@ class T2IAdapterMethod(Method):
     config_class = T2IAdapterConfig
     requires = {"unet": "a diffusers UNet2DConditionModel (or a Stable Diffusion pipeline's unet)"}
     call_inputs = ("control_image",)
+    several = True  # each adapter its own tower (t2i_adapter, t2i_adapter_1, ...) and condition image
     export_formats = frozenset({"diffusers"})  # t2i_adapter/: what T2IAdapter.from_pretrained reads
     diffusers_folder_class = "T2IAdapter"  # ... and such a folder (this toolkit's or a released one) reads back
 
     def export_parts(self, format: str) -> ExportParts:
-        return ExportParts(models={"t2i_adapter": lambda: self.adapter})
+        return ExportParts(models={self.tower_name: lambda: self.adapter})
 
     @classmethod
     def options_from_folder(cls, folder_config: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +178,8 @@ class T2IAdapterMethod(Method):
                 downscale_factor=self.downscale_factor,
                 adapter_type=cfg.adapter_type,
             )
-        self.adapter = self.add_tower("t2i_adapter", adapter)  # fp32 whatever the U-Net: it trains
+        self.tower_name = self.free_tower_name("t2i_adapter")  # a second adapter's: t2i_adapter_1
+        self.adapter = self.add_tower(self.tower_name, adapter)  # fp32 whatever the U-Net: it trains
         self.hook_input(unet, self._add_states, with_kwargs=True)
 
     def _control_image(self, sample: torch.Tensor) -> torch.Tensor:
@@ -205,4 +207,4 @@ class T2IAdapterMethod(Method):
         sample = args[0] if args else kwargs["sample"]
         scale = self.config.conditioning_scale
         states = [(state * scale).to(sample.dtype) for state in self._states(sample)]
-        return args, add_to_call(kwargs, "down_intrablock_additional_residuals", states, self.name)
+        return args, add_to_call(kwargs, "down_intrablock_additional_residuals", states, self.key)
