@@ -245,3 +245,72 @@ def test_text_encoder_lr_gives_both_encoders_their_own_group(setup):
         counts[round(group["lr"], 12)] = counts.get(round(group["lr"], 12), 0) + len(group["params"])
     text = 2 * 2 * 2 + 3 * 2 * 2  # encoder layers (2, 3) x q, v x (A, B)
     assert counts == {1e-4: len(vp.trainable_parameters(pipe)) - text, 5e-6: text}
+
+
+def _script_optimizer(pipe, args):
+    """train_dreambooth_lora_sdxl.py's optimizer (58eb52c), written again from its lines: the trained tensors of
+    the U-Net and of each text encoder (1356-1360), the U-Net's group at --learning_rate, each encoder's its own
+    with --adam_weight_decay_text_encoder and --text_encoder_lr (or --learning_rate) (1363-1382), AdamW's own
+    weight_decay=--adam_weight_decay for the group that names none (1411-1416)."""
+    unet_lora_parameters = [p for p in pipe.unet.parameters() if p.requires_grad]
+    text_lora_parameters_one = [p for p in pipe.text_encoder.parameters() if p.requires_grad]
+    text_lora_parameters_two = [p for p in pipe.text_encoder_2.parameters() if p.requires_grad]
+    text_lr = args["text_encoder_lr"] if args["text_encoder_lr"] else args["learning_rate"]
+    params_to_optimize = [
+        {"params": unet_lora_parameters, "lr": args["learning_rate"]},
+        {"params": text_lora_parameters_one, "weight_decay": args["adam_weight_decay_text_encoder"], "lr": text_lr},
+        {"params": text_lora_parameters_two, "weight_decay": args["adam_weight_decay_text_encoder"], "lr": text_lr},
+    ]
+    return torch.optim.AdamW(params_to_optimize, betas=(0.9, 0.999), weight_decay=args["adam_weight_decay"])
+
+
+@pytest.mark.parametrize(
+    "overrides, args",
+    [
+        (  # the recipe: the script's defaults
+            [],
+            {
+                "learning_rate": 1e-4,
+                "text_encoder_lr": 5e-6,
+                "adam_weight_decay": 1e-4,
+                "adam_weight_decay_text_encoder": 1e-3,
+            },
+        ),
+        (
+            ["optim.text_encoder_lr=null", "optim.text_encoder_weight_decay=0.05", "optim.weight_decay=0.02"],
+            {
+                "learning_rate": 1e-4,
+                "text_encoder_lr": None,
+                "adam_weight_decay": 0.02,
+                "adam_weight_decay_text_encoder": 0.05,
+            },
+        ),
+    ],
+)
+def test_the_optimizer_groups_rates_and_decays_as_the_sdxl_dreambooth_lora_script(setup, overrides, args):
+    """train_text_encoder=true through the trainer: every trained tensor gets the script's (lr, weight decay): the
+    U-Net's lr and --adam_weight_decay, both encoders' --text_encoder_lr and --adam_weight_decay_text_encoder
+    (optim.text_encoder_weight_decay; the recipe carries the script's 1e-3)."""
+    from visionpeft.config import load_config
+    from visionpeft.trainers.personalization import PersonalizationTrainer
+    from visionpeft.trainers.run import build_optimizer
+
+    args_of_run = _args(setup, "dreambooth_lora_sdxl", "groups", "train_text_encoder=true", *overrides)
+    config = load_config(args_of_run[0], [a for a in args_of_run[1:] if a != "--cpu"])
+    setup_of_run = PersonalizationTrainer().build(config, None, setup / "unused")
+    ours = build_optimizer(
+        config.optim, setup_of_run.adapted, 2, setup_of_run.lr_multipliers, setup_of_run.weight_decays
+    )
+    theirs = _script_optimizer(setup_of_run.state["pipeline"], args)
+
+    def settings(optimizer):
+        return {
+            id(p): (group["lr"], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]
+        }
+
+    assert settings(ours) == settings(theirs)
+    text_lr = args["text_encoder_lr"] or args["learning_rate"]
+    assert set(settings(theirs).values()) == {
+        (1e-4, args["adam_weight_decay"]),
+        (text_lr, args["adam_weight_decay_text_encoder"]),
+    }

@@ -130,6 +130,13 @@ class PersonalizeOptim(DiffusionOptim):
         "DreamBooth-LoRA script; scaled with lr by lr_scale_batch); null: optim.lr",
         min=0,
     )
+    text_encoder_weight_decay: float | None = setting(
+        None,
+        "weight decay of what trains in the text encoders (diffusers' --adam_weight_decay_text_encoder, 1e-3 in the "
+        "SDXL / Flux / SD3 DreamBooth-LoRA scripts and recipes); null: optim.weight_decay (one decay for all, as "
+        "train_dreambooth_lora.py, the textual inversion and pivotal-tuning scripts' default)",
+        min=0,
+    )
     block_lr: dict[str, float] = setting(
         {},
         "U-Net learning-rate multipliers by place (sd-scripts' down_lr_weight / mid_lr_weight / up_lr_weight): "

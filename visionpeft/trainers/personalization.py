@@ -476,6 +476,7 @@ class PersonalizationTrainer:
             state={"pipeline": pipeline},
             batch_sampler=bucket_batches(subject, config.train.seed) if data.buckets else None,
             lr_multipliers=multipliers,
+            weight_decays=text_encoder_decays(config.optim),
         )
 
     def finish(self, config: DictConfig, loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
@@ -493,6 +494,12 @@ def text_encoder_multipliers(optim: DictConfig) -> dict[str, float]:
     if optim.text_encoder_lr is None or not optim.lr:
         return {}
     return {"text_encoder": optim.text_encoder_lr / optim.lr}
+
+
+def text_encoder_decays(optim: DictConfig) -> dict[str, float]:
+    """``optim.text_encoder_weight_decay`` as the weight decay of every text encoder's tensors, or none."""
+    decay = optim.get("text_encoder_weight_decay")
+    return {} if decay is None else {"text_encoder": decay}
 
 
 def bucket_batches(subject: FewImages, seed: int):

@@ -52,6 +52,7 @@ class Setup:
         summary: Lines describing the data, logged before training.
         state: Anything the task's ``finish`` needs.
         lr_multipliers: Parameter-name prefix -> learning-rate multiplier (see :func:`build_optimizer`).
+        weight_decays: Parameter-name prefix -> weight decay instead of ``optim.weight_decay`` (the same).
         batch_sampler: Makes the loader's batch sampler from the per-process micro-batch, instead of shuffled
             batches of that size (aspect-ratio buckets: one image shape per batch); it reorders per ``set_epoch``.
     """
@@ -66,6 +67,7 @@ class Setup:
     summary: list[str] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
     lr_multipliers: dict[str, float] = field(default_factory=dict)
+    weight_decays: dict[str, float] = field(default_factory=dict)
     batch_sampler: Callable[[int], Sampler[list[int]]] | None = None
 
 
@@ -96,7 +98,11 @@ def micro_batch(batch_size: int, processes: int, grad_accum: int) -> int:
 
 
 def build_optimizer(
-    optim: DictConfig, model: nn.Module, batch_size: int, lr_multipliers: dict[str, float] | None = None
+    optim: DictConfig,
+    model: nn.Module,
+    batch_size: int,
+    lr_multipliers: dict[str, float] | None = None,
+    weight_decays: dict[str, float] | None = None,
 ) -> torch.optim.Optimizer:
     """SGD (momentum), AdamW, Prodigy or 8-bit AdamW over the trainable parameters only; biases and norms (1-D
     tensors) without weight decay unless ``optim.bias_decay``; lr scaled by ``batch_size / optim.lr_scale_batch``
@@ -107,22 +113,26 @@ def build_optimizer(
         lr_multipliers: Parameter-name prefix -> learning-rate multiplier (the first matching prefix counts); such
             parameters get their own groups (a decode head trained 10x faster than the backbone). LoRA+'s ratio
             multiplies it.
+        weight_decays: Parameter-name prefix -> weight decay instead of ``optim.weight_decay`` (the first matching
+            prefix counts; 1-D tensors exempt from decay stay exempt): such parameters get their own groups (the
+            text encoders' in diffusers' SDXL / Flux / SD3 DreamBooth-LoRA scripts).
     """
     lr = optim.lr * (batch_size / optim.lr_scale_batch if optim.lr_scale_batch else 1.0)
     multipliers = lr_multipliers or {}
     ratio = optim.get("loraplus_lr_ratio")
     fractions = method_fractions(optim.get("train_fraction") or {}, model)
-    grouped: dict[tuple[float, bool, float], list[nn.Parameter]] = {}
+    grouped: dict[tuple[float, bool, float, float], list[nn.Parameter]] = {}
     for name, param in trainable_parameters(model):
         exempt = not optim.bias_decay and (param.ndim <= 1 or name.endswith(".bias"))
         scale = next((m for prefix, m in multipliers.items() if name.startswith(prefix)), 1.0)
         if ratio is not None and loraplus_fast(name, param):
             scale *= ratio
-        grouped.setdefault((scale, exempt, fractions.get(id(param), 1.0)), []).append(param)
+        decay = next((d for prefix, d in (weight_decays or {}).items() if name.startswith(prefix)), optim.weight_decay)
+        grouped.setdefault((scale, exempt, fractions.get(id(param), 1.0), decay), []).append(param)
     groups = [
-        {"params": grouped[key], "weight_decay": 0.0 if key[1] else optim.weight_decay, "lr": lr * key[0]}
+        {"params": grouped[key], "weight_decay": 0.0 if key[1] else key[3], "lr": lr * key[0]}
         | ({"train_until": key[2]} if key[2] < 1.0 else {})
-        for key in sorted(grouped, key=lambda k: (k[2] != 1.0, k[0] != 1.0, k[0], k[1], k[2]))
+        for key in sorted(grouped, key=lambda k: (k[2] != 1.0, k[0] != 1.0, k[0], k[1], k[2], k[3]))
     ]  # decay, no decay; then multiplied ones; then the ones that stop early
     if not groups:
         raise ConfigError("the method leaves nothing to train")
@@ -229,7 +239,7 @@ def run_task(
         loader = DataLoader(
             WorkerSafe(setup.train_set), batch_size=per_process, shuffle=True, generator=generator, **options
         )
-    optimizer = build_optimizer(config.optim, setup.adapted, batch, setup.lr_multipliers)
+    optimizer = build_optimizer(config.optim, setup.adapted, batch, setup.lr_multipliers, setup.weight_decays)
     frozen_weights_sha256(setup.adapted)  # recorded in checkpoints: hash the weights before a half-precision cast
     freeze_in_precision(setup.frozen, accelerator.mixed_precision)  # what runs: fp16 asked on a CPU runs fp32
     store_frozen_base(setup.frozen, config.train.get("base_storage", "none"), accelerator.mixed_precision)
