@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 
 import pytest
 import torch
+from lycoris_loading import apply_lycoris_file, sd_preset
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_models import _run_unet, tiny_sd_pipeline, tiny_unet, tiny_vit
@@ -40,27 +40,13 @@ UNET_TARGETS = [
     "time_embedding.linear_1",
 ]
 TEXT_TARGETS = ["q_proj", "v_proj", "out_proj", "fc1"]
-#: lycoris-lora's kohya network on a diffusers SD U-Net and CLIP text encoder: its "full" preset also lists
-#: TimestepEmbedding (for Anima), which makes time_embedding.linear_1 twice and fails lycoris' duplicate check.
-SD_PRESET = {
-    "enable_conv": True,
-    "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
-    "unet_target_name": ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"],
-    "text_encoder_target_module": ["CLIPAttention", "CLIPMLP"],
-    "text_encoder_target_name": [],
-}
 
 
 @pytest.fixture
 def lycoris_network():
     """lycoris-lora's kohya network class with the SD preset, its class-level preset restored afterwards."""
-    network = lycoris_kohya.LycorisNetworkKohya
-    saved = {name: getattr(network, name) for name in vars(network) if name.isupper()}
-    network.apply_preset(SD_PRESET)
-    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
-    yield network
-    for name, value in saved.items():
-        setattr(network, name, value)
+    with sd_preset() as network:
+        yield network
 
 
 def _run_text(pipe):
@@ -100,14 +86,9 @@ def _adapted_pipeline(root, method, unet_options, text_options, unet_targets=UNE
 
 
 def _lycoris_loaded(root, file):
-    """A fresh pipeline with lycoris-lora's kohya loader applied from ``file``. The text encoder is handed over under
-    ``text_model`` so lycoris names its modules as sd-scripts and A1111 do (transformers 5 dropped that level)."""
+    """A fresh pipeline with lycoris-lora's kohya loader applied from ``file``."""
     fresh = tiny_sd_pipeline(root / "tok")
-    text_model = torch.nn.Module()
-    text_model.text_model = fresh.text_encoder
-    network, _ = lycoris_kohya.create_network_from_weights(1.0, str(file), None, text_model, fresh.unet)
-    network.apply_to(text_model, fresh.unet, True, True)
-    return fresh, network
+    return fresh, apply_lycoris_file(fresh, file)
 
 
 #: OFT as LyCORIS, kohya, A1111 and ComfyUI compute it: the output rows turned, the exact Cayley transform.

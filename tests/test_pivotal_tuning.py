@@ -1,7 +1,8 @@
 """Pivotal tuning (issue 30): textual inversion + LoRA in one run, the embeddings stopped after a share of the steps
 (``optim.train_fraction``, diffusers' ``--train_text_encoder_ti_frac``); the run's files load through diffusers
-(``load_lora_weights`` + ``load_textual_inversion``) with visionpeft's outputs, and the kohya file carries the
-embeddings bundled as A1111 reads them."""
+(``load_lora_weights`` + ``load_textual_inversion``) with visionpeft's outputs, and the kohya file the run writes
+(``train.export=[kohya]``) carries the embeddings bundled as A1111 reads them and loads through diffusers' and
+lycoris-lora's kohya readers with the same outputs."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import train as tool  # noqa: E402
 from omegaconf import OmegaConf
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import sample_images, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_vit
 
 import visionpeft as vp
@@ -123,6 +124,7 @@ def trained(tmp_path_factory):
         "train.validation_images=1",
         f"train.output_dir={tmp / 'runs'}",
         "train.run_name=pivotal",
+        "train.export=[kohya]",
         "--cpu",
     ]
     assert run(tool.main, args) == 0
@@ -149,23 +151,53 @@ def test_pivotal_run_loads_in_diffusers_with_the_same_outputs(trained):
 
 
 @pytest.mark.slow
-def test_pivotal_run_kohya_file_bundles_the_embeddings_as_a1111_reads_them(trained, tmp_path):
+def test_pivotal_run_writes_the_kohya_file_with_the_embeddings_as_a1111_reads_them(trained, tmp_path):
+    """The run's kohya/lora_kohya.safetensors is save_adapter's kohya file of the run's adapter, listed in the run
+    card; diffusers' kohya reader (its LoRA keys) plus the bundled embeddings draw what visionpeft draws."""
     tmp, run_dir = trained
+    written = run_dir / "kohya" / "lora_kohya.safetensors"
     pipe = vp.load_adapter(load_pipeline(str(tmp / "pipe")), run_dir / "adapter")
     vp.save_adapter(pipe, tmp_path / "kohya", format="kohya")
-    state = load_file(tmp_path / "kohya" / "lora_kohya.safetensors")
+    state = load_file(written)
+    again = load_file(tmp_path / "kohya" / "lora_kohya.safetensors")
+    assert sorted(state) == sorted(again) and all(torch.equal(state[k], again[k]) for k in state)
+    card = (run_dir / "README.md").read_text()
+    assert "- `kohya/lora_kohya.safetensors`: A1111, ComfyUI, sd-scripts, lycoris-lora" in card
+    assert "- `adapter/`: visionpeft" in card and "- `diffusers/`: diffusers" in card
     embeds = load_file(run_dir / "diffusers" / "learned_embeds.safetensors")["<new-digit>"]
     bundle = a1111_bundle(state)
     assert list(bundle) == ["<new-digit>"] and list(bundle["<new-digit>"]["string_to_param"]) == ["*"]
     assert torch.equal(bundle["<new-digit>"]["string_to_param"]["*"], embeds)
     lora_keys = {k for k in state if not k.startswith("bundle_emb.")}
     assert lora_keys and all(k.startswith("lora_unet_") for k in lora_keys)
-    # without the bundle keys the file is the LoRA alone, which diffusers' kohya reader loads as visionpeft draws it
     theirs = load_pipeline(str(tmp / "pipe"))
     theirs.load_lora_weights({k: state[k] for k in lora_keys})
-    theirs.load_textual_inversion(str(run_dir / "diffusers" / "learned_embeds.safetensors"))
+    theirs.load_textual_inversion({"<new-digit>": bundle["<new-digit>"]["string_to_param"]["*"]})
     prompt = "a handwritten digit <new-digit>"
     assert abs(sample_images(pipe, prompt) - sample_images(theirs, prompt)).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_pivotal_runs_kohya_file_loads_in_lycoris_with_the_same_unet(trained, tmp_path):
+    """lycoris-lora's kohya loader on the run's file without the bundle keys (A1111 takes those apart first) finds
+    every LoRA module and gives the U-Net visionpeft's adapter gives."""
+    pytest.importorskip("lycoris.kohya")
+    from lycoris_loading import apply_lycoris_file, sd_preset
+    from tiny_models import _run_unet
+
+    tmp, run_dir = trained
+    state = load_file(run_dir / "kohya" / "lora_kohya.safetensors")
+    lora = {k: v for k, v in state.items() if not k.startswith("bundle_emb.")}
+    save_file(lora, tmp_path / "lora.safetensors")
+    ours = vp.load_adapter(load_pipeline(str(tmp / "pipe")), run_dir / "adapter")
+    fresh = load_pipeline(str(tmp / "pipe"))
+    with sd_preset():
+        network = apply_lycoris_file(fresh, tmp_path / "lora.safetensors")
+    assert len(network.unet_loras) == len({k.split(".")[0] for k in lora}) and not network.text_encoder_loras
+    with torch.no_grad():
+        torch.testing.assert_close(_run_unet(fresh.unet), _run_unet(ours.unet), rtol=1e-5, atol=1e-5)
+        base = _run_unet(load_pipeline(str(tmp / "pipe")).unet)
+        assert (base - _run_unet(ours.unet)).abs().max() > 1e-4  # the LoRA changes the U-Net
 
 
 def test_sdxl_bundle_keys_and_a_dotted_token_is_one_line(tmp_path):
@@ -178,3 +210,53 @@ def test_sdxl_bundle_keys_and_a_dotted_token_is_one_line(tmp_path):
     dotted = vp.attach(tiny_sd_pipeline(tmp_path / "tok1"), "textual_inversion", token="<v.1>")
     with pytest.raises(CheckpointError, match="holds a dot, which A1111 reads as a key separator"):
         vp.save_adapter(dotted, tmp_path / "dotted", format="kohya")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            "[safetensors]",
+            "train.export names 'safetensors'; it takes kohya (adapter/ and diffusers/ are always written)",
+        ),
+        (
+            "[kohyaa]",
+            "train.export names 'kohyaa'; it takes kohya (adapter/ and diffusers/ are always written) "
+            "(did you mean 'kohya'?)",
+        ),
+        ("[kohya,kohya]", "train.export names kohya twice"),
+    ],
+)
+def test_export_names_are_checked_when_the_config_loads(value, expected):
+    from visionpeft.config import load_config
+    from visionpeft.config.personalization import EXPORT_FORMATS
+    from visionpeft.trainers.run_exports import EXPORTS
+
+    assert tuple(EXPORTS) == EXPORT_FORMATS
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/personalize/pivotal_tuning_tiny_sd.yaml", ["data.images=.", f"train.export={value}"])
+    assert str(err.value) == expected
+
+
+def test_a_kohya_export_the_methods_cannot_make_is_refused_before_training(tmp_path, capsys):
+    """A textual inversion token with a dot has no A1111 bundle key: one line, before any step (no metrics)."""
+    tiny_sd_pipeline(tmp_path / "tok").save_pretrained(tmp_path / "pipe")
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / "0.png")
+    args = [
+        "configs/personalize/pivotal_tuning_tiny_sd.yaml",
+        f"model.name={tmp_path / 'pipe'}",
+        f"data.images={tmp_path / 'images'}",
+        "data.size=16",
+        "token=<v.1>",
+        "train.export=[kohya]",
+        f"train.output_dir={tmp_path / 'runs'}",
+        "--cpu",
+    ]
+    assert run(tool.main, args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == (
+        "error: train.export names kohya, which this run cannot write: textual_inversion token '<v.1>' holds a dot, "
+        "which A1111 reads as a key separator in a kohya bundle; use a token without dots, or format='diffusers'"
+    )
+    assert not list((tmp_path / "runs").rglob("metrics.jsonl"))

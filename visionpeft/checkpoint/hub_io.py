@@ -2,9 +2,10 @@
 
 A card is ``README.md`` with the YAML metadata the hub reads (``base_model``, ``library_name``, ``tags``, ``license``,
 ``pipeline_tag``) and a body saying what was trained (methods, trainable parameters), on what data, with which
-results, by which command, with the validation pictures. It is built with ``huggingface_hub.ModelCard`` so the hub
-and ``ModelCard.load`` parse it. Uploads and downloads go through ``huggingface_hub`` (``upload_folder``,
-``snapshot_download``); without a network they fail in one line instead of retrying for a minute.
+results, which files hold it and what reads each, by which command, with the validation pictures. It is built with
+``huggingface_hub.ModelCard`` so the hub and ``ModelCard.load`` parse it. Uploads and downloads go through
+``huggingface_hub`` (``upload_folder``, ``snapshot_download``); without a network they fail in one line instead of
+retrying for a minute.
 """
 
 from __future__ import annotations
@@ -75,11 +76,13 @@ def build_model_card(
     license: str | None = None,
     data: str | None = None,
     metrics: Mapping[str, Any] | None = None,
+    files: Mapping[str, str] | None = None,
     command: str | None = None,
     images: Iterable[str] = (),
     how_to_load: str | None = None,
 ):
-    """A ``huggingface_hub.ModelCard`` for an adapter (see the module docstring)."""
+    """A ``huggingface_hub.ModelCard`` for an adapter (see the module docstring); ``files``: path in the folder ->
+    what reads it ("" when nothing needs saying)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     methods = list(methods)
@@ -112,6 +115,8 @@ def build_model_card(
     if metrics:
         lines += ["", "## Results", "", "| metric | value |", "|---|---:|"]
         lines += [f"| {k} | {_number(v)} |" for k, v in metrics.items()]
+    if files:
+        lines += ["", "## Files", ""] + [f"- `{path}`" + (f": {use}" if use else "") for path, use in files.items()]
     if command:
         lines += ["", "## How it was made", "", "```bash", command, "```"]
     if how_to_load:

@@ -23,7 +23,7 @@ from ..errors import ConfigError, did_you_mean
 from ..io import load_yaml
 from ..schema import absolute_paths, check_fields, describe
 from .diffusion_objective import check_objective_config
-from .personalization import check_block_lr, check_data_config
+from .personalization import check_block_lr, check_data_config, check_export_config
 from .sections import check_extra_packages, check_optimizer_config
 from .tasks import TaskSpec, task_spec
 
@@ -239,6 +239,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     check_objective_config(spec.schema, config)
     check_data_config(spec.schema, config)
     check_block_lr(spec.schema, config)
+    check_export_config(spec.schema, config)
     check_methods(config, spec)  # the only check that imports the methods (and torch)
     OmegaConf.set_readonly(config, True)
     return config

@@ -7,13 +7,15 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..schema import section, setting
 from .diffusion_objective import DiffusionOptim
 from .sections import TASK_HELP, DiffusersModel, TextToImageTrain
 
 #: Pipeline families a personalization recipe may be written for (``model.family``).
 FAMILIES = ("sd", "sdxl", "flux", "sd3")
+#: Formats ``train.export`` may name (:mod:`visionpeft.trainers.run_exports` writes them).
+EXPORT_FORMATS = ("kohya",)
 
 
 @dataclass
@@ -150,6 +152,12 @@ class PersonalizeTrain(TextToImageTrain):
     xformers: bool = setting(False, "xformers attention (PyTorch SDPA otherwise)")
     cache_latents: bool = setting(False, "encode each image once (needs data.center_crop=true, data.flip=0)")
     validation_prompts: list[str] = setting([], "prompts sampled at each validation (none: no images)")
+    export: list[str] = setting(
+        [],
+        "more files written into the run folder at the end, besides adapter/ and diffusers/ (or merged/): kohya = "
+        "kohya/lora_kohya.safetensors, the file A1111 / ComfyUI / sd-scripts read (LoRA, LyCORIS modules, "
+        "textual inversion bundled)",
+    )
 
 
 @dataclass
@@ -190,6 +198,26 @@ def check_block_lr(schema: type, config) -> None:
             )
         if value < 0:
             raise ConfigError(f"optim.block_lr.{key} must be at least 0, got {value}")
+
+
+def check_export_config(schema: type, config) -> None:
+    """``train.export`` names each format of :data:`EXPORT_FORMATS` at most once.
+
+    Raises:
+        ConfigError: Another value, or one named twice.
+    """
+    train = typing.get_type_hints(schema).get("train")
+    if not (isinstance(train, type) and issubclass(train, PersonalizeTrain)):
+        return
+    formats = list(config.train.export)
+    for format in formats:
+        if format not in EXPORT_FORMATS:
+            raise ConfigError(
+                f"train.export names {format!r}; it takes {', '.join(EXPORT_FORMATS)} (adapter/ and diffusers/ "
+                f"are always written){did_you_mean(format, EXPORT_FORMATS)}"
+            )
+        if formats.count(format) > 1:
+            raise ConfigError(f"train.export names {format} twice")
 
 
 def check_data_config(schema: type, config) -> None:

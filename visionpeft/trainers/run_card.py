@@ -15,6 +15,13 @@ from ..config import run_command, task_spec
 from ..io import atomic_write
 
 MAX_PICTURES = 8
+#: What reads a run's output, by the first part of its path in the run folder.
+OUTPUT_USES = {
+    "adapter": "visionpeft: `vp.load_adapter(model, RUN_FOLDER / 'adapter')`",
+    "diffusers": "diffusers: `pipeline.load_lora_weights(folder)`, `pipeline.load_textual_inversion(file)`",
+    "merged": "diffusers: `from_pretrained(folder)` (the method merged into the weights)",
+    "kohya": "A1111, ComfyUI, sd-scripts, lycoris-lora (kohya layout; textual inversion's embeddings bundled)",
+}
 
 
 def numeric_results(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -28,6 +35,17 @@ def numeric_results(results: dict[str, Any], prefix: str = "") -> dict[str, floa
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def run_files(outputs: list, run_dir: Path) -> dict[str, str]:
+    """The run's outputs inside its folder (relative paths, a folder with a trailing ``/``) and what reads each."""
+    files = {}
+    for output in map(Path, outputs):
+        if not output.is_relative_to(run_dir) or output == run_dir:
+            continue
+        relative = output.relative_to(run_dir)
+        files[f"{relative}/" if output.is_dir() else str(relative)] = OUTPUT_USES.get(relative.parts[0], "")
+    return files
 
 
 def run_pictures(run_dir: Path) -> list[str]:
@@ -51,6 +69,7 @@ def write_run_card(
         license=config.train.get("license"),
         data="\n".join(f"- {line}" for line in summary) or None,
         metrics=numeric_results(results),
+        files=run_files(results.get("outputs", []), run_dir),
         command=shlex.join(run_command()),
         images=run_pictures(run_dir),
         how_to_load="import visionpeft as vp\n\n"
