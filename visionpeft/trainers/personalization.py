@@ -8,7 +8,8 @@ per-image captions, caption dropout, tag shuffle, aspect-ratio buckets - one buc
 ``data``, :class:`~visionpeft.data.few_images.ImageKnobs`; class images cached by :mod:`visionpeft.data.class_images`),
 writes validation images into the run folder, and saves files diffusers loads as they are: ``adapter/``
 (visionpeft), ``diffusers/`` (``pytorch_lora_weights.safetensors`` / ``learned_embeds.safetensors``) and, for
-methods that merge exactly (DiffFit, BitFit, full), ``merged/unet`` (plain diffusers weights).
+methods that merge exactly (DiffFit, BitFit, full), ``merged/unet`` (plain diffusers weights); with
+``train.export=[kohya]`` also ``kohya/lora_kohya.safetensors`` (:mod:`.run_exports`).
 """
 
 from __future__ import annotations
