@@ -58,13 +58,9 @@ def evaluate(classifier, dataset) -> float:
 
 
 def trained(model: Path, method: str, shots: int, seed: int, steps: int, runs: Path, base_only: bool = False) -> dict:
-    """Trains one run; returns its test top-1 (%) and, for ``base_only``, the new classes' top-1 of its prompts."""
-    from visionpeft.cli.eval_zeroshot import prompt_classifier
+    """Trains one run; returns its test top-1 (%) and, for ``base_only``, the new classes' top-1 of its adapter (the
+    trainer tests a ``data.class_split=base`` run on the new classes too)."""
     from visionpeft.config import load_config
-    from visionpeft.data.fewshot import base_new_split
-    from visionpeft.demo.clip_mix import clip_mix
-    from visionpeft.demo.pretrain_clip import eval_transform, load_folder
-    from visionpeft.trainers.classification import Transformed
     from visionpeft.trainers.classification import run as train
 
     name = f"{method}-{shots}shot-seed{seed}" + ("-base" if base_only else "")
@@ -84,10 +80,7 @@ def trained(model: Path, method: str, shots: int, seed: int, steps: int, runs: P
     results = train(load_config(CONFIG, overrides), runs / name, cpu=True)
     row = {"top1": 100 * results["eval"]["top1"]}
     if base_only:
-        clip = load_folder(model).eval()
-        new = base_new_split(clip_mix("test"), "new")
-        classifier = prompt_classifier(clip, list(new.classes), runs / name)
-        row["new"] = evaluate(classifier, Transformed(new, eval_transform(clip)))
+        row["new"] = 100 * results["test_new"]["top1"]
     return row
 
 
@@ -135,12 +128,9 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
 
 
-def harmonic_mean(base: float, new: float) -> float:
-    return 2 * base * new / (base + new) if base + new else 0.0
-
-
 def markdown(record: dict) -> str:
     from visionpeft.demo.clip_mix import class_names
+    from visionpeft.metrics.base_to_new import harmonic_mean
 
     zs = record["zero_shot"]
     chance = {s: 100 / len(class_names(s)) for s in ("subjects", "circles")}

@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..metrics.base_to_new import harmonic_mean
 from .common import add_base_check_argument, configure_logging, positive_int
 
 #: The library's advice names run-config keys; this command's flags say the same thing here.
@@ -52,17 +53,12 @@ def evaluate(model, loader) -> tuple[float, float]:
     return correct / max(1, total), total / (time.perf_counter() - start)
 
 
-def harmonic_mean(base: float, new: float) -> float:
-    """The base-to-new protocol's harmonic mean of base and new accuracy (0 when both are 0)."""
-    return 2 * base * new / (base + new) if base + new else 0.0
-
-
 def prompt_classifier(clip, classes: list[str], run_dir: Path, check_base: bool = True):
     """A CLIPClassifier carrying the learned prompts of ``run_dir`` for ``classes``."""
-    import visionpeft as vp
     from visionpeft.checkpoint.folder import read_adapter_config
     from visionpeft.errors import CheckpointError
     from visionpeft.tasks.clip_classifier import CLIPClassifier, prompt_learning_methods
+    from visionpeft.trainers.base_to_new import load_for_classes
 
     folder = (
         run_dir / "best"
@@ -75,10 +71,7 @@ def prompt_classifier(clip, classes: list[str], run_dir: Path, check_base: bool 
     learners = prompt_learning_methods()
     if not any(m in learners for m in methods):
         raise CheckpointError(f"{folder} holds {methods}, not learned prompts ({' / '.join(learners)})")
-    classifier = CLIPClassifier(clip, classes)
-    options = {m: {"classnames": classes} for m in learners}
-    vp.load_adapter(classifier, folder, options=options, check_base=check_base)
-    return classifier.eval()
+    return load_for_classes(CLIPClassifier(clip, classes), folder, classes, check_base)
 
 
 def training_free_classifier(clip, classes: list[str], method: str, train_set, val_set, seed: int, batch_size: int):

@@ -6,6 +6,7 @@
     visionpeft sweep SWEEP_DIR --report                 # the tables, at any time, from what has finished
 
     visionpeft sweep configs/vtab/caltech101.yaml --grid grids/lora.yaml --tasks vtab --seeds 0 1 2 --protocol vtab1k
+    visionpeft sweep grids/clip_base2new.yaml                # base-to-new (or --base-to-new): base / new / HM
     visionpeft sweep ... --executor slurm --slurm.partition gpu --slurm.gpus_per_job 1 --workers 32
     visionpeft sweep ... --executor ray --ray.address auto
 
@@ -44,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds of the final stage (default: 0)")
     parser.add_argument("--protocol", choices=list(PROTOCOLS), help="vtab1k, holdout, or none (default)")
     parser.add_argument("--select", choices=list(SELECT), help="choose by the final (default) or best val top-1")
+    parser.add_argument(
+        "--base-to-new",
+        action="store_const",
+        const=True,
+        help="train on the base half of each task's classes; report base, new and their harmonic mean (CoCoOp)",
+    )
     parser.add_argument("--out", type=Path, help=f"the sweep folder (default: {DEFAULT_ROOT}/<grids>-<protocol>)")
     parser.add_argument("--executor", choices=list(EXECUTORS), default="local", help="where runs go (default: local)")
     parser.add_argument("--workers", type=positive_int, help="runs at once (local default: one per GPU, or 1)")
@@ -60,7 +67,13 @@ def _resolve(args, parser):
     from ..sweep import spec as specs
 
     source = Path(args.source)
-    given = {"tasks": args.tasks, "seeds": args.seeds, "protocol": args.protocol, "select": args.select}
+    given = {
+        "tasks": args.tasks,
+        "seeds": args.seeds,
+        "protocol": args.protocol,
+        "select": args.select,
+        "base_to_new": args.base_to_new,
+    }
     if source.is_dir():
         if args.grid or args.overrides or any(v is not None for v in given.values()) or args.out:
             raise ConfigError(
@@ -92,8 +105,10 @@ def _resolve(args, parser):
             args.protocol or "none",
             args.select or "final",
             args.overrides,
+            bool(args.base_to_new),
         )
         name = "-".join(spec.grids) + ("" if spec.protocol == "none" else f"-{spec.protocol}")
+        name += "-base2new" if spec.base_to_new else ""
     out = args.out or DEFAULT_ROOT / name
     wrong = kind_problem(out, "folder") if out.exists() else None
     if wrong is not None:

@@ -19,6 +19,7 @@ def make_run(spec: SweepSpec, root: Path, task: str, label: str, point: Point, s
         *spec.overrides,
         *point.overrides,
         *stage_overrides(spec.protocol, spec.select, stage),
+        *(["data.class_split=base"] if spec.base_to_new else []),
         f"train.seed={seed}",
     ]
     digest = run_hash(spec.digest, overrides, seed, stage)

@@ -4,16 +4,20 @@ Each cell is the final stage's test top-1 (%), mean +- std over the finished see
 the difference beside it where one exists (:mod:`.published`). For VTAB-1k tasks the Natural / Specialized /
 Structured means (each over its tasks), the group mean (mean of the three) and the mean over the 19 tasks follow;
 a mean is shown only when all of its tasks have a result.
+
+A base-to-new sweep (``base_to_new: true``) shows CoCoOp's tables instead: per task (and averaged over the tasks)
+each row's base and new top-1 and the harmonic mean of their means; its CSV has the new classes' columns too.
 """
 
 from __future__ import annotations
 
 import csv
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..io import shown_path
+from ..metrics.base_to_new import harmonic_mean
 from .grid import Point
 from .plan import choose, has_select_stage, make_run
 from .protocol import PROTOCOLS, describe
@@ -32,6 +36,7 @@ class Cell:
     label: str
     row: str
     top1: list[float] = field(default_factory=list)  # percent, one per finished seed
+    new: list[float] = field(default_factory=list)  # base-to-new: the new classes' top-1, per seed that has it
     trainable: int | None = None
     head: int = 0
     chosen: str = ""
@@ -77,6 +82,8 @@ def collect(spec: SweepSpec, root: Path) -> list[Cell]:
                 if result is not None and "top1" in (result.get("test") or {}):
                     cell.top1.append(100 * result["test"]["top1"])
                     cell.trainable, cell.head = result.get("trainable"), result.get("head") or 0
+                    if "top1" in (result.get("test_new") or {}):
+                        cell.new.append(100 * result["test_new"]["top1"])
             missing = len(spec.seeds) - len(cell.top1)
             if missing:
                 cell.state = f"{len(cell.top1)}/{len(spec.seeds)} seeds" + (f", {failed} failed" if failed else "")
@@ -117,11 +124,16 @@ def summary_values(spec: SweepSpec, values: dict[str, float]) -> dict[str, float
     return {}
 
 
+def _spread(values: list[float]) -> str:
+    """``mean ± std`` of the seeds' values (the mean alone for one seed)."""
+    return f"{statistics.fmean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+
+
 def _cell_text(cell: Cell) -> str:
     if not cell.top1:
         text = cell.state or "-"
     else:
-        text = f"{cell.mean:.1f}" + (f" ± {statistics.stdev(cell.top1):.1f}" if len(cell.top1) > 1 else "")
+        text = _spread(cell.top1)
         text += f" ({cell.state})" if cell.state else ""
     if cell.published:
         pub = cell.published["top1"]
@@ -154,6 +166,10 @@ def markdown(spec: SweepSpec, root: Path, cells: list[Cell]) -> str:
         f"Run folders: {states.count('done')} finished, {states.count('failed')} failed, "
         f"{states.count('pending')} started and unfinished.",
         "",
+    ]
+    if spec.base_to_new:
+        return "\n".join(lines + base_to_new_tables(spec, cells) + _choices_and_failures(root, cells, runs, states))
+    lines += [
         "Test top-1 (%) of the final stage, mean ± std over the finished seeds; [published, difference] where a "
         f"published number exists ({_sources(cells)}, see `visionpeft/sweep/published_vtab1k.csv`). "
         "Params: trainable parameters without the task head, in millions.",
@@ -173,6 +189,12 @@ def markdown(spec: SweepSpec, root: Path, cells: list[Cell]) -> str:
                 text += f" [{theirs[column]:.1f}{difference}]"
             extra.append(text)
         lines.append(f"| {name} | {_params(row)} | " + " | ".join([*map(_cell_text, row), *extra]) + " |")
+    return "\n".join(lines + _choices_and_failures(root, cells, runs, states))
+
+
+def _choices_and_failures(root: Path, cells: list[Cell], runs: list[Path], states: list[str]) -> list[str]:
+    """The report's sections after its table: the points stage 1 chose, the failed runs."""
+    lines = []
     chosen = [c for c in cells if c.chosen]
     if chosen:
         lines += [
@@ -189,7 +211,45 @@ def markdown(spec: SweepSpec, root: Path, cells: list[Cell]) -> str:
     if failed:
         lines += ["", "## Failed runs", ""]
         lines += [f"- `{p.relative_to(root)}`: {read_error(p)}" for p in failed]
-    return "\n".join(lines) + "\n"
+    return lines + [""]
+
+
+def base_to_new_tables(spec: SweepSpec, cells: list[Cell]) -> list[str]:
+    """CoCoOp's layout: a table per task (and their average when there are several) with each row's base and new
+    top-1 and the harmonic mean of their means; a row without new-class results (a linear head, Tip-Adapter's
+    cache) shows base only."""
+    lines = [
+        "Base-to-new (CoCoOp's protocol): every run trains on the base half of its task's classes "
+        "(`data.class_split=base`). Base: test top-1 (%) on the base classes; new: the same adapter given the other "
+        "half's class names, on their test images; mean ± std over the finished seeds. HM: the harmonic mean of "
+        "the mean base and mean new top-1. Params: trainable parameters without the task head, in millions.",
+    ]
+    tables = [(task, [task]) for task in spec.tasks]
+    if len(spec.tasks) > 1:
+        tables.insert(0, (f"Average over {len(spec.tasks)} tasks", spec.tasks))
+    for title, tasks in tables:
+        lines += ["", f"## {title}", "", "| method | params (M) | base | new | HM |", "|---|---:|---:|---:|---:|"]
+        for name in _row_names(cells):
+            row = [c for c in cells if c.row == name and c.task in tasks]
+            lines.append(f"| {name} | {_params(row)} | " + " | ".join(_base_new_hm(row)) + " |")
+    return lines
+
+
+def _base_new_hm(row: list[Cell]) -> list[str]:
+    """Base, new and HM texts of one task's cell, or of several tasks' average (the mean of their means, shown
+    only when every task has all its seeds; HM of the averages, as CoCoOp's average table)."""
+    if len(row) == 1:
+        (cell,) = row
+        whole = bool(cell.new) and len(cell.new) == len(cell.top1)
+        hm = f"{harmonic_mean(cell.mean, statistics.fmean(cell.new)):.1f}" if whole else "-"
+        return [_cell_text(replace(cell, published=None)), _spread(cell.new) if cell.new else "-", hm]
+    if not all(c.top1 and not c.state for c in row):
+        return ["-", "-", "-"]
+    base = statistics.fmean(c.mean for c in row)
+    if not all(len(c.new) == len(c.top1) for c in row):
+        return [f"{base:.1f}", "-", "-"]
+    new = statistics.fmean(statistics.fmean(c.new) for c in row)
+    return [f"{base:.1f}", f"{new:.1f}", f"{harmonic_mean(base, new):.1f}"]
 
 
 def write_csv(spec: SweepSpec, cells: list[Cell], path: Path) -> None:
@@ -207,6 +267,7 @@ def write_csv(spec: SweepSpec, cells: list[Cell], path: Path) -> None:
         "chosen",
         "state",
     ]
+    fields += ["new_mean", "new_std", "hm"] if spec.base_to_new else []
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
@@ -216,8 +277,17 @@ def write_csv(spec: SweepSpec, cells: list[Cell], path: Path) -> None:
                 pub = c.published["top1"] if c.published else None
                 std = statistics.stdev(c.top1) if len(c.top1) > 1 else None
                 own = None if c.trainable is None else c.trainable - c.head
+                new = {}
+                if spec.base_to_new and c.new:
+                    new_mean = statistics.fmean(c.new)
+                    new = {
+                        "new_mean": _round(new_mean),
+                        "new_std": _round(statistics.stdev(c.new) if len(c.new) > 1 else None),
+                        "hm": _round(harmonic_mean(c.mean, new_mean) if len(c.new) == len(c.top1) else None),
+                    }
                 writer.writerow(
                     {
+                        **new,
                         "method": name,
                         "task": c.task,
                         "seeds": len(c.top1),
@@ -324,7 +394,7 @@ def figure(spec: SweepSpec, cells: list[Cell]):
                 published_drawn = True
         _parameter_axis(ax, [x for _, x, *_ in points] + [t["x"] for *_, t in points if t])
         ax.set_xlabel("trainable parameters (without head)")
-        ax.set_ylabel("test top-1 (%)")
+        ax.set_ylabel("base classes' test top-1 (%)" if spec.base_to_new else "test top-1 (%)")
         ax.set_title(panel)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(panels) :]:

@@ -194,6 +194,7 @@ def _execute(spec: RunSpec) -> dict[str, Any]:
         "val": results.get("eval", {}) if validated else {},  # without a val split the loop evaluated on test
         "best_val_top1": _best_eval(folder / TRAIN / "metrics.jsonl") if validated else None,
         "test": results.get("test", {}),
+        "test_new": results.get("test_new", {}),  # base-to-new: the new classes' test (the base ones': test)
         "trainable": counts.get("trainable"),
         "head": counts.get("by_group", {}).get("head", 0),
         "seconds": round(time.time() - start, 2),

@@ -10,6 +10,7 @@ spec file)::
     seeds: [0, 1, 2]
     protocol: holdout
     overrides: [optim.epochs=8]
+    base_to_new: false   # true: CoCoOp's base-to-new (train on the base classes; report base, new, harmonic mean)
 
 The sweep folder keeps the resolved spec (grids inline, the config's content digest), so a sweep is resumed or
 reported from its folder alone. Both files are checked against :class:`SweepSpec`'s declared fields (their types,
@@ -54,6 +55,9 @@ class SweepSpec:
     protocol: str = setting("none", "the evaluation protocol", choices=tuple(PROTOCOLS))
     select: str = setting("final", "stage-1 score: the final or the best val top-1", choices=SELECT)
     overrides: list[str] = setting([], "key=value overrides of every run (before the grid point's)")
+    base_to_new: bool = setting(
+        False, "CoCoOp's base-to-new: train on the base half of each task's classes, test on base and new"
+    )
 
     def points(self, label: str) -> list[Point]:
         return expand(self.grids[label], f"grid '{label}'")
@@ -68,6 +72,8 @@ FILE_HINTS = {
     "tasks": list[str] | None,
 }
 SPEC_KEYS = tuple(FILE_HINTS)
+#: keys a saved ``sweep.yaml`` may lack (written before they existed): their defaults apply
+LATER_KEYS = ("base_to_new",)
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -88,7 +94,12 @@ def _fits(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
-_WORDS = {str: ("a string", "strings"), int: ("an integer", "integers"), type(None): ("null", "nulls")}
+_WORDS = {
+    str: ("a string", "strings"),
+    int: ("an integer", "integers"),
+    bool: ("true or false", "trues or falses"),
+    type(None): ("null", "nulls"),
+}
 #: what a type says too clumsily in general words
 _SAID = {
     dict[str, str | dict[str, Any] | None]: "a mapping of grid labels to grid files or inline grids",
@@ -171,6 +182,7 @@ def make_spec(
     protocol: str,
     select: str,
     overrides: list[str],
+    base_to_new: bool = False,
 ) -> SweepSpec:
     """A checked spec: grid files read, sets of tasks expanded, names checked (:class:`ConfigError` otherwise)."""
     from .tasks import resolve_tasks
@@ -195,6 +207,7 @@ def make_spec(
         protocol,
         select,
         list(overrides),
+        base_to_new,
     )
     for label in spec.grids:
         spec.points(label)  # an empty axis is an error now, before any run
@@ -250,6 +263,7 @@ def load_spec_file(path: Path, overrides: list[str] | None = None, **given: Any)
         data.get("protocol", "none"),
         data.get("select", "final"),
         data["overrides"],
+        data.get("base_to_new", False),
     )
 
 
@@ -266,6 +280,7 @@ def load_saved_spec(folder: Path) -> SweepSpec:
     if not path.is_file():
         raise ConfigError(f"{folder} is not a sweep folder (it has no {SPEC_FILE})")
     where = f"{path} (written by visionpeft sweep; damaged or edited?)"
-    spec = SweepSpec(**check_entries(_read(path, where), where, HINTS, tuple(HINTS)))
+    required = tuple(key for key in HINTS if key not in LATER_KEYS)
+    spec = SweepSpec(**check_entries(_read(path, where), where, HINTS, required))
     _check_labels(spec.grids, where)
     return spec

@@ -29,6 +29,7 @@ from ..data.images import WorkerSafe
 from ..errors import ConfigError, DataError, ModelLoadError
 from ..registry import DATASETS
 from ..tasks.classifier import create_classifier
+from .base_to_new import class_bound, load_for_classes, tested_adapter
 from .inputs import missing_inputs
 from .logs import get_logger
 from .loop import Loop
@@ -117,7 +118,9 @@ class Experiment:
     classes: list[str]
 
 
-def dataset_split(config: DictConfig, split: str | None) -> Dataset | None:
+def dataset_split(config: DictConfig, split: str | None, class_split: str | None = None) -> Dataset | None:
+    """``split`` of the config's dataset (None for no split), the half of its classes ``class_split`` names (base /
+    new; default ``data.class_split``)."""
     if split is None:
         return None
     data = config.data
@@ -127,7 +130,8 @@ def dataset_split(config: DictConfig, split: str | None) -> Dataset | None:
     dataset = DATASETS.get(data.name)(split, root=data.root, transform=None, **options)
     if not hasattr(dataset, "classes"):
         raise DataError(f"dataset '{data.name}' does not say its classes")
-    return base_new_split(dataset, data.class_split) if data.class_split else dataset
+    part = class_split or data.class_split
+    return base_new_split(dataset, part) if part else dataset
 
 
 def _check_input_size(config: DictConfig, model: nn.Module) -> None:
@@ -177,10 +181,7 @@ def build_experiment(config: DictConfig) -> Experiment:
         raise missing_inputs(config, [], str(err)) from None
     _check_input_size(config, model)
     vp.attach(model, method_configs(config, {"classnames": classes}))
-    data_cfg = T.data_config_of(model)
-    size, augment = config.data.img_size, config.data.augment
-    train_tf = T.build_transform(size, data_cfg, train=True, augment=augment)
-    eval_tf = T.build_transform(size, data_cfg, train=False, augment=augment)
+    train_tf, eval_tf = transform(config, model, train=True), transform(config, model, train=False)
     return Experiment(  # WorkerSafe: an unreadable item is one line even when a DataLoader worker reads it
         model,
         WorkerSafe(Transformed(train, train_tf)),
@@ -188,6 +189,11 @@ def build_experiment(config: DictConfig) -> Experiment:
         WorkerSafe(Transformed(test, eval_tf)) if test is not None else None,
         classes,
     )
+
+
+def transform(config: DictConfig, model: nn.Module, train: bool):
+    """The training or evaluation transform of the config's recipe for ``model``'s input normalisation."""
+    return T.build_transform(config.data.img_size, T.data_config_of(model), train=train, augment=config.data.augment)
 
 
 def fit_training_set(config: DictConfig, exp: Experiment, device: torch.device) -> list[str]:
@@ -287,6 +293,13 @@ class ClassificationTrainer:
         )
 
     def finish(self, config: DictConfig, loop: Loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
+        results = self.test(config, loop, setup, run_dir)
+        if config.data.class_split == "base":
+            results.update(test_new_classes(config, loop, setup.state["experiment"], run_dir))
+        return results
+
+    def test(self, config: DictConfig, loop: Loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
+        """Tests the checkpoint chosen on the validation split (after the methods that choose on it have)."""
         exp: Experiment = setup.state["experiment"]
         if exp.test is None and not selecting_methods(loop.unwrapped):
             return {}
@@ -303,6 +316,28 @@ class ClassificationTrainer:
             test = setup.objective.evaluate(loop.model, loop.accelerator, test_loader)
         loop.log({f"test/{k}": v for k, v in test.items()})
         return {**results, "test": test}
+
+
+def test_new_classes(config: DictConfig, loop: Loop, exp: Experiment, run_dir: Path) -> dict[str, Any]:
+    """Base-to-new: the adapter the run was tested with, loaded for the new half of the classes, tested on their
+    images of the split the base half was tested on (``data.test_split``, else ``data.val_split``); ``test_new``
+    metrics, or nothing (with the reason logged) when the model cannot classify classes it was not trained on."""
+    split = config.data.test_split or config.data.val_split
+    reason = class_bound(loop.unwrapped) if split else "the config has no test or val split"
+    if reason:
+        logger.warning(f"base-to-new: no new-class test ({reason})")
+        return {}
+    new = dataset_split(config, split, class_split="new")
+    classes = list(new.classes)
+    model = create_classifier(config.model, len(classes), classes)
+    model = load_for_classes(model, tested_adapter(run_dir, exp.val is not None), classes).to(loop.accelerator.device)
+    data = config.data
+    images = WorkerSafe(Transformed(new, transform(config, model, train=False)))
+    test_loader = loop.accelerator.prepare(loader(images, data.eval_batch_size, data.num_workers))
+    with torch.no_grad():
+        test = ClassificationObjective(len(classes), None).evaluate(model, loop.accelerator, test_loader)
+    loop.log({f"test_new/{k}": v for k, v in test.items()})
+    return {"test_new": test}
 
 
 def run(config: DictConfig, run_dir: Path, **options: Any) -> dict[str, Any]:
