@@ -13,7 +13,8 @@ from .sections import SCHEDULES, TASK_HELP, TextToImageTrain
 
 @dataclass
 class ControlData:
-    """``data``: (image, condition, caption) triples: ``metadata.jsonl`` or fill50k's ``prompt.json``."""
+    """``data``: (image, condition, caption) triples: ``metadata.jsonl`` or fill50k's ``prompt.json``; several
+    controls may each read a condition column of their own (``conditioning_columns``)."""
 
     root: str | None = setting(
         None, "the data folder (required): metadata.jsonl or prompt.json + images", path="folder"
@@ -24,6 +25,11 @@ class ControlData:
         "none",
         "none (the pairs' condition images) or computed from each image",
         choices=("none", "canny", "grayscale", "blur"),
+    )
+    conditioning_columns: list[str] = setting(
+        [],
+        "metadata.jsonl columns of the condition images, one per control in the method list's order ([]: "
+        "conditioning_image for every control)",
     )
     batch_size: int = setting(4, "images per optimizer step, whatever the number of processes and grad_accum", min=1)
     num_workers: int = setting(0, "DataLoader workers", min=0)

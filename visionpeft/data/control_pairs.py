@@ -2,9 +2,12 @@
 
 ``root/metadata.jsonl`` with diffusers' columns (``image``, ``conditioning_image``, ``text``; paths relative to the
 root), or the original fill50k layout (``root/prompt.json``: one JSON object a line with ``source``, ``target``,
-``prompt``). Every line and file is checked when the set is built, so a mistake is one line naming it before
-training starts: a line that is not a JSON object, a path leaving the data folder (absolute, or up through ``..``),
-a missing file, and a condition image of another size than its target. Such a pair is refused rather than resized:
+``prompt``). Several controls trained at once each read a condition column of their own (``columns``: ``[edges,
+depth]`` for lines with ``"edges": "edges/0.png", "depth": "depth/0.png"``), in the order of the methods.
+
+Every line and file is checked when the set is built, so a mistake is one line naming it before training starts: a
+line that is not a JSON object, a path leaving the data folder (absolute, or up through ``..``), a missing file, and
+a condition image of another size than its target. Such a pair is refused rather than resized:
 the transforms resize the short side and centre-crop each image on its own, so a condition of another size or
 shape would no longer line up with its target, and no resize can know how the two were meant to align.
 Transforms follow diffusers' ``train_controlnet.py``: resize the short side and centre-crop to ``size``; the target
@@ -16,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,8 +35,10 @@ from .images import header_size, load_rgb
 LAYOUTS = {"metadata.jsonl": ("image", "conditioning_image", "text"), "prompt.json": ("target", "source", "prompt")}
 
 
-def read_pairs(root: str | Path, computed: bool = False) -> list[dict]:
-    """The records of a control data folder (keys ``image``, ``conditioning_image``, ``text`` + any extra ones).
+def read_pairs(root: str | Path, computed: bool = False, columns: Sequence[str] | None = None) -> list[dict]:
+    """The records of a control data folder (keys ``image``, ``conditioning_image``, ``text`` + any extra ones; with
+    their condition images read from the data, ``conditions``: the paths of ``columns``, the layout's condition
+    column by default; ``conditioning_image`` is the first of them).
 
     With ``computed`` (the condition is made from the image) the condition column may be absent, and a folder of
     images with a same-named ``.txt`` caption each is a data set too.
@@ -46,7 +52,8 @@ def read_pairs(root: str | Path, computed: bool = False) -> list[dict]:
     if name is None:
         raise DataError(f"{root} holds neither metadata.jsonl (image, conditioning_image, text) nor prompt.json")
     image, condition, text = LAYOUTS[name]
-    required = (image, text) if computed else (image, condition, text)
+    conditions = tuple(columns or (condition,))
+    required = (image, text) if computed else (image, *conditions, text)
     records = []
     for number, line in enumerate((root / name).read_text().splitlines(), start=1):
         if not line.strip():
@@ -61,10 +68,11 @@ def read_pairs(root: str | Path, computed: bool = False) -> list[dict]:
         missing = [key for key in required if not isinstance(raw.get(key), str)]
         if missing:
             raise DataError(f"{where} has no {', '.join(missing)}")
-        record = {**raw, "image": raw[image], "conditioning_image": raw.get(condition), "text": raw[text]}
-        for key in ("image", "conditioning_image"):
-            if record[key] is not None:
-                _check_inside(root, record[key], where)
+        record = {**raw, "image": raw[image], "conditioning_image": raw.get(conditions[0]), "text": raw[text]}
+        if not computed:
+            record["conditions"] = [raw[column] for column in conditions]
+        for path in (record["image"], *record.get("conditions", [])):
+            _check_inside(root, path, where)
         records.append(record)
     if not records:
         raise DataError(f"{root / name} lists no pairs")
@@ -84,7 +92,7 @@ def _check_inside(root: Path, relative: str, where: str) -> None:
 
 def _check_sizes(root: Path, records: list[dict], listing: Path) -> None:
     """Every condition image has its target's size (headers only; see the module docstring for why)."""
-    files = [(root / r["image"], root / r["conditioning_image"]) for r in records]
+    files = [(root / r["image"], root / path) for r in records for path in r["conditions"]]
     with ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1))) as pool:
         sizes = list(pool.map(lambda pair: (header_size(pair[0]), header_size(pair[1])), files))
     for (target, condition), (target_size, condition_size) in zip(files, sizes):
@@ -123,6 +131,8 @@ class ControlPairs(Dataset):
             carry the image then).
         condition: ``none`` (the pairs' condition images) or a condition computed from each image (``canny``,
             ``grayscale``, ``blur``: :mod:`.conditions`), with random settings unless ``train`` is False.
+        columns: The condition columns, one per control (see :func:`read_pairs`); with several, an item's
+            ``conditioning_pixel_values`` is the list of their images, in that order.
     """
 
     def __init__(
@@ -132,8 +142,9 @@ class ControlPairs(Dataset):
         proportion_empty_prompts: float = 0.0,
         condition: str = "none",
         train: bool = True,
+        columns: Sequence[str] | None = None,
     ) -> None:
-        self.root, self.records = Path(root), read_pairs(root, computed=condition != "none")
+        self.root, self.records = Path(root), read_pairs(root, condition != "none", columns)
         self.proportion_empty_prompts, self.condition_kind, self.train = proportion_empty_prompts, condition, train
         self.condition = condition_transform(size)  # [0, 1]
         self.image = T.Compose([self.condition, T.Normalize([0.5] * 3, [0.5] * 3)])  # [-1, 1]
@@ -152,11 +163,11 @@ class ControlPairs(Dataset):
         empty = self.proportion_empty_prompts and torch.rand(()) < self.proportion_empty_prompts
         image = load_rgb(self.root / record["image"])
         if self.condition_kind == "none":
-            condition = load_rgb(self.root / record["conditioning_image"])
+            conditions = [self.condition(load_rgb(self.root / path)) for path in record["conditions"]]
         else:
-            condition = make_condition(image, self.condition_kind, self.train)
+            conditions = [self.condition(make_condition(image, self.condition_kind, self.train))]
         return {
             "pixel_values": self.image(image),
-            "conditioning_pixel_values": self.condition(condition),
+            "conditioning_pixel_values": conditions[0] if len(conditions) == 1 else conditions,
             "prompt": "" if empty else record["text"],
         }

@@ -5,7 +5,9 @@ loads; SDXL's U-Net and ControlNet get the added conditions of :mod:`.sdxl_condi
 ``data.size`` as ``train_controlnet_sdxl.py`` computes them; a Flux / SD3 ControlNet reads the VAE's latents of the
 condition and the step is the flow-matching loss of :mod:`.flow_matching`), attaches the control method(s) (with
 other methods if asked: a DreamBooth-LoRA on the U-Net trains jointly), and trains on (image, condition, caption)
-triples with the denoising loss; each batch's condition images reach the methods through ``vp.conditioning``.
+triples with the denoising loss; each batch's condition images reach the methods through ``vp.conditioning`` (one
+image for every control, or with ``data.conditioning_columns`` a column of its own per control:
+:mod:`.control_inputs`).
 Validation samples training pairs with the pipeline (image grids in the run folder) and, for fill50k data, logs the
 fill IoU. The run folder receives ``adapter/`` (visionpeft) and what diffusers loads as it is: ``controlnet/``
 (``ControlNetModel.from_pretrained``, Flux / SD3: ``FluxControlNetModel`` / ``SD3ControlNetModel``; for
@@ -31,6 +33,7 @@ from ..config import method_configs
 from ..config.diffusion_objective import DiffusionObjective, objective_of
 from ..data.control_pairs import ControlPairs
 from ..data.fill50k import fill_iou
+from .control_inputs import condition_columns, per_control
 from .diffusion import DiffusionParts, denoiser_of, diffusion_loss, prompt_encoder
 from .diffusion_objective import check_objective, use_trained_sampling
 from .personalization import check_family, check_size, expected_family, takes
@@ -53,7 +56,7 @@ class ControlDenoiser(nn.Module):
         self.__dict__["parts"] = DiffusionParts.from_pipeline(pipeline, cache_prompts=True, objective=objective)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        with conditioning(self.adapted, control_image=batch["conditioning_pixel_values"]):
+        with conditioning(self.adapted, control_image=per_control(self.adapted, batch["conditioning_pixel_values"])):
             return diffusion_loss(
                 self.parts,
                 batch["pixel_values"],
@@ -64,7 +67,7 @@ class ControlDenoiser(nn.Module):
 
 
 class ControlValidation:
-    """Samples the first ``train.validation_pairs`` training pairs; their grid (condition | sample | target per
+    """Samples the first ``train.validation_pairs`` training pairs; their grid (condition(s) | sample | target per
     row) goes to ``validation/NNN.png``; fill50k pairs also give the mean fill IoU. Samples are drawn as the run
     trains (its prediction type, zero terminal SNR) with ``train.guidance_rescale``."""
 
@@ -88,7 +91,7 @@ class ControlValidation:
         from diffusers.utils import make_image_grid
 
         rows, scores = self.draw(accelerator, count)
-        grid = make_image_grid([image for row in rows for image in row], rows=count, cols=3)
+        grid = make_image_grid([image for row in rows for image in row], rows=count, cols=len(rows[0]))
         folder = self.run_dir / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"{self.calls:03d}.png")
@@ -96,25 +99,29 @@ class ControlValidation:
         return {**diagnostics, **({"fill_iou": float(np.mean(scores))} if scores else {})}
 
     def draw(self, accelerator, count: int) -> tuple[list[list], list[float]]:
-        """Samples the first ``count`` pairs: ([condition, sample, target] per pair; the fill IoU of each fill50k
+        """Samples the first ``count`` pairs: ([condition(s), sample, target] per pair; the fill IoU of each fill50k
         pair)."""
         rows, scores = [], []
         for index in range(count):
             item, record = self.pairs[index], self.pairs.records[index]
-            image = self.sample(accelerator, item["conditioning_pixel_values"], record["text"], self.cfg.train.seed)
-            rows.append([_to_pil(item["conditioning_pixel_values"]), image, _to_pil(item["pixel_values"] * 0.5 + 0.5)])
+            conditions = item["conditioning_pixel_values"]
+            image = self.sample(accelerator, conditions, record["text"], self.cfg.train.seed)
+            shown = conditions if isinstance(conditions, list) else [conditions]
+            rows.append([*map(_to_pil, shown), image, _to_pil(item["pixel_values"] * 0.5 + 0.5)])
             if "circle" in record:
                 scores.append(fill_iou(image, record))
         return rows, scores
 
-    def sample(self, accelerator, condition: torch.Tensor, prompt: str, seed: int):
-        """One image of ``prompt`` under ``condition`` ((3, S, S) in [0, 1]), drawn with ``seed``."""
+    def sample(self, accelerator, condition: torch.Tensor | list[torch.Tensor], prompt: str, seed: int):
+        """One image of ``prompt`` under ``condition`` ((3, S, S) in [0, 1]; a list: one per control), drawn with
+        ``seed``."""
         size = self.cfg.data.size
         self.pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         rescale = self.cfg.train.guidance_rescale
         options = {"guidance_rescale": rescale} if takes(self.pipeline, "guidance_rescale") else {}  # Flux / SD3: none
-        with accelerator.autocast(), conditioning(self.pipeline, control_image=condition[None]):
+        batched = [c[None] for c in condition] if isinstance(condition, list) else condition[None]
+        with accelerator.autocast(), conditioning(self.pipeline, control_image=per_control(self.pipeline, batched)):
             return self.pipeline(
                 prompt,
                 num_inference_steps=self.cfg.train.validation_steps,
@@ -140,7 +147,8 @@ class ControlTrainer:
             raise ConfigError("data.root is required: the folder with metadata.jsonl (or fill50k's prompt.json)")
         data = config.data
         expected_family(config)  # model.family and data.size against the folder's files, before anything loads
-        pairs = ControlPairs(data.root, data.size, data.proportion_empty_prompts, data.conditioning)
+        columns = condition_columns(config)
+        pairs = ControlPairs(data.root, data.size, data.proportion_empty_prompts, data.conditioning, columns=columns)
         shown = pairs.for_validation()
         pipeline = load_pipeline(config.model.name)
         loaded = family_of_class(type(pipeline).__name__)
@@ -179,7 +187,7 @@ class ControlTrainer:
             return {"outputs": []}
         pipeline = setup.state["pipeline"]
         outputs = [save_adapter(setup.adapted, run_dir / "adapter")]
-        if can_export(pipeline, "diffusers"):  # controlnet/ (and the other methods' diffusers files) in the run
+        if can_export(pipeline, "diffusers"):  # controlnet/ (controlnet_1/ ...; the other methods' diffusers files)
             outputs.append(save_adapter(pipeline, run_dir, format="diffusers"))
         return {"outputs": outputs}
 

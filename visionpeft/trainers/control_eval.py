@@ -18,6 +18,7 @@ from ..data.fill50k import make_fill50k
 from ..data.images import load_rgb
 from ..errors import ConfigError
 from .control import ControlValidation
+from .control_inputs import condition_columns
 from .saved_run import (
     EvalRequest,
     PredictRequest,
@@ -73,11 +74,11 @@ def held_out_pairs(config: DictConfig, train: ControlPairs, palette: list[str], 
 
 def evaluate(config: DictConfig, request: EvalRequest) -> list[str]:
     """Fill IoU on ``--samples`` held-out pairs (default ``train.validation_pairs``) for fill50k data, else the
-    validation grid of the first training pairs; ``grid.png`` (condition | sample | target per row) either way."""
+    validation grid of the first training pairs; ``grid.png`` (condition(s) | sample | target per row) either way."""
     if not config.data.root:
         raise ConfigError("the run's data.root is empty: eval samples its pairs")
     data = config.data
-    train = ControlPairs(data.root, data.size, 0.0, data.conditioning, train=False)
+    train = ControlPairs(data.root, data.size, 0.0, data.conditioning, train=False, columns=condition_columns(config))
     count = request.samples or max(1, config.train.validation_pairs)
     adapter = adapter_dir(request.run_dir, request.checkpoint)
     validation, accelerator = _sampler(config, adapter, train, request.cpu, request.check_base)
@@ -105,7 +106,8 @@ def evaluate(config: DictConfig, request: EvalRequest) -> list[str]:
 
 def predict(config: DictConfig, request: PredictRequest) -> list[str]:
     """One image per (input, seed) into ``request.out``: ``<stem>_seedS.png``, drawn under the input's condition
-    (the input itself, or computed from it when the run computes its conditions)."""
+    (the input itself, or computed from it when the run computes its conditions; with several controls, every
+    control reads it)."""
     if not request.inputs:
         raise ConfigError("give one or more condition images (with --prompt TEXT)")
     paths = [Path(p) for p in request.inputs]
