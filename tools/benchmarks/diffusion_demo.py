@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -153,7 +154,9 @@ def subject_images(folder: Path, count: int = 5) -> list:
 
 
 def launch(method: str, seed: int, images: Path, runs: Path, pipeline: Path, train_steps: int | None):
-    """Starts one personalization run, ``python tools/train.py configs/personalize/<method>_tiny_sd.yaml ...``."""
+    """Starts one personalization run, ``python tools/train.py configs/personalize/<method>_tiny_sd.yaml ...``; a
+    run that finished before with the same arguments (``<runs>/<name>.args.json``) is reused, not trained again, so
+    an interrupted demo goes on where it stopped."""
     config_path = ROOT / "configs" / "personalize" / f"{method}_tiny_sd.yaml"
     name = f"{method}-seed{seed}"
     overrides = [
@@ -165,13 +168,25 @@ def launch(method: str, seed: int, images: Path, runs: Path, pipeline: Path, tra
     ]
     if train_steps:
         overrides += [f"optim.steps={train_steps}", f"train.eval_every={train_steps}"]
+    job = {"run_dir": runs / name, "start": time.time(), "method": method}
+    request = runs / f"{name}.args.json"
+    asked = json.dumps({"config": str(config_path), "overrides": overrides})
+    if (runs / name / "README.md").is_file() and request.is_file() and request.read_text() == asked:
+        return {**job, "process": None, "log": None}  # finished before with the same arguments: reused
     shutil.rmtree(runs / name, ignore_errors=True)
     runs.mkdir(parents=True, exist_ok=True)
+    request.write_text(asked)
     log = open(runs / f"{name}.log", "w")  # noqa: SIM115  (closed by finish)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(ROOT / "tools" / "train.py"), str(config_path), *overrides]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    return {"process": process, "log": log, "run_dir": runs / name, "start": time.time(), "method": method}
+    return {**job, "process": process, "log": log}
+
+
+def logged_minutes(log: Path) -> float:
+    """The minutes a finished run's log reports (``run: DIR (300 steps, 12.2 min; ...``)."""
+    found = re.search(r"\(\d+ steps, ([\d.]+) min;", log.read_text())
+    return float(found.group(1)) if found else float("nan")
 
 
 def finish(job: dict) -> dict:
@@ -181,9 +196,12 @@ def finish(job: dict) -> dict:
     from visionpeft.checkpoint.folder import WEIGHTS_NAME
     from visionpeft.config import load_config
 
-    code = job["process"].wait()
-    job["log"].close()
-    minutes = (time.time() - job["start"]) / 60
+    if job["process"] is None:  # reused: its own training minutes, from its log's last line
+        code, minutes = 0, logged_minutes(job["run_dir"].parent / f"{job['run_dir'].name}.log")
+    else:
+        code = job["process"].wait()
+        job["log"].close()
+        minutes = (time.time() - job["start"]) / 60
     if code != 0:
         tail = (job["run_dir"].parent / f"{job['run_dir'].name}.log").read_text().strip().splitlines()[-3:]
         raise RuntimeError(f"{job['method']} failed ({code}): {' | '.join(tail)}")

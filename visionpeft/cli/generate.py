@@ -10,7 +10,7 @@ folder / file in diffusers' formats:
 (``load_textual_inversion``), or a ``ControlNetModel`` / ``T2IAdapter`` folder (``--control RUN/controlnet``, with
 ``--control-image edges.png``; several controls each take their own: ``--control A --control-image a.png --control B
 --control-image b.png``). An IP-Adapter (``--ip-adapter RUN``: a run's ``ip_adapter/ip_adapter.safetensors``,
-or a released plain IP-Adapter ``.safetensors``, with its image encoder in ``image_encoder/`` beside it or
+or a released plain or plus IP-Adapter ``.safetensors``, with its image encoder in ``image_encoder/`` beside it or
 ``--ip-image-encoder``) takes ``--ip-image ref.png`` as the image prompt of every sample (``--ip-scale`` its weight).
 
 A model trained with another prediction type than its scheduler says (``optim.change_prediction_type``) or with zero
@@ -247,13 +247,18 @@ def sample(pipe, prompt: str, seeds: list[int], options: dict, inputs: dict, bat
     for start in range(0, len(seeds), step):
         chunk = seeds[start : start + step]
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in chunk]
-        given = {
-            key: value.expand(len(chunk), *value.shape[1:]) if key == IMAGE_PROMPT else value
-            for key, value in inputs.items()
-        }  # one image prompt per sample; guidance's doubled batch gets zeros beside them
+        given = {key: _per_sample(value, len(chunk)) if key == IMAGE_PROMPT else value for key, value in inputs.items()}
         with vp.conditioning(pipe, **given) if given else contextlib.nullcontext():
             images.extend(pipe(prompt, num_images_per_prompt=len(chunk), generator=generators, **options).images)
     return images
+
+
+def _per_sample(prompt, count: int):
+    """One image prompt per sample; guidance's doubled batch gets zeros beside them, or the negative of a
+    ``(negative, positive)`` pair (IP-Adapter-plus)."""
+    if isinstance(prompt, tuple):
+        return tuple(_per_sample(part, count) for part in prompt)
+    return prompt.expand(count, *prompt.shape[1:])
 
 
 def main(argv: list[str]) -> int:

@@ -8,15 +8,27 @@ an ``IPAdapterAttnProcessor2_0`` whose ``to_k_ip`` / ``to_v_ip`` attend from the
 the result times ``scale`` added to the text attention's. As the official ``tutorial_train.py`` (lines 313-319),
 ``to_k_ip`` / ``to_v_ip`` start as copies of the layer's ``to_k`` / ``to_v``.
 
+``variant: plus`` is IP-Adapter-plus (``tutorial_train_plus.py``): diffusers' ``IPAdapterPlusImageProjection`` (the
+official ``Resampler``: 16 learned queries attend, in 4 blocks, to the image encoder's penultimate patch features) in
+place of the ``ImageProjection`` (:mod:`.ip_adapter_plus`); the attention processors are the same, with 16 image
+tokens. SD 1.5 with the ViT-H/14 encoder (``hidden_size`` 1280): Resampler 29,918,208 (queries 16 x 768 = 12,288;
+``proj_in`` 1280 -> 768 = 983,808; 4 blocks of 7,082,496: two LayerNorms 3,072, ``to_q`` 589,824, ``to_kv``
+1,179,648, ``to_out`` 589,824, feed-forward LayerNorm 1,536 + 768 -> 3072 -> 768 4,718,592; ``proj_out`` 590,592,
+``norm_out`` 1,536) + ``to_k_ip`` / ``to_v_ip`` 19,169,280 = 49,087,488.
+
 The image encoder is not part of the method: the caller runs it (the ``ip_adapter`` task, ``visionpeft generate``)
-and passes its ``image_embeds`` per call, ``vp.conditioning(model, ip_image_embeds=...)``, (batch, dim) or (batch,
-images, dim) for several reference images per sample. A U-Net batch twice the embeddings' batch is classifier-free
-guidance's: its first (unconditional) half gets zero embeddings, as diffusers' pipeline gives and training drops to.
+and passes its output per call, ``vp.conditioning(model, ip_image_embeds=...)``: the ``image_embeds``, (batch, dim)
+or (batch, images, dim) for several reference images per sample; for plus the penultimate hidden states, (batch,
+patches, dim) or (batch, images, patches, dim). A U-Net batch twice the embeddings' batch is classifier-free
+guidance's: its first (unconditional) half gets zero embeddings, as diffusers' pipeline gives the plain IP-Adapter and
+training drops to, or the ``negative`` of a ``(negative, positive)`` pair (diffusers gives plus the encoder's states
+of a black image).
 
 The ``diffusers`` export writes ``ip_adapter/ip_adapter.safetensors`` in the released layout (``image_proj.proj.*``,
-``image_proj.norm.*``, ``ip_adapter.<i>.to_k_ip.weight`` with ``i`` odd: the official numbering of every attention
-processor, cross-attention ones at odd places), which ``pipe.load_ip_adapter(folder, subfolder="ip_adapter",
-weight_name="ip_adapter.safetensors")`` reads; :meth:`IPAdapter.load_diffusers_tensors` reads such a file back.
+``image_proj.norm.*``, plus: the ``Resampler``'s names, ``ip_adapter.<i>.to_k_ip.weight`` with ``i`` odd: the official
+numbering of every attention processor, cross-attention ones at odd places), which ``pipe.load_ip_adapter(folder,
+subfolder="ip_adapter", weight_name="ip_adapter.safetensors")`` reads (plus as plus); :meth:`IPAdapter
+.load_diffusers_tensors` reads such a file back.
 """
 
 from __future__ import annotations
@@ -30,6 +42,8 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, DataError, IncompatibleMethodError
 from ..schema import setting
 from .base import ExportParts, Method, MethodConfig, register_method
+from .ip_adapter_plus import HEADS, build_resampler, load_released, released_options, released_tensors
+from .ip_adapter_plus import NUM_TOKENS as PLUS_TOKENS
 
 #: image tokens per reference image: the official ImageProjModel's clip_extra_context_tokens, and what diffusers'
 #: loader assumes for this layout (``_convert_ip_adapter_image_proj_to_diffusers``: ``num_image_text_embeds = 4``)
@@ -44,15 +58,27 @@ class IPAdapterConfig(MethodConfig):
 
     Attributes:
         image_embed_dim: Width of the image encoder's ``image_embeds`` (``CLIPVisionModelWithProjection``'s
-            ``projection_dim``: 1024 for the ViT-H/14 encoder of ``h94/IP-Adapter`` ``models/image_encoder``); the
-            ``ip_adapter`` task fills it in from its encoder.
+            ``projection_dim``: 1024 for the ViT-H/14 encoder of ``h94/IP-Adapter`` ``models/image_encoder``), for
+            plus of its hidden states (``hidden_size``: 1280); the ``ip_adapter`` task fills it in from its encoder.
         scale: Weight of the image prompt's attention (diffusers' ``set_ip_adapter_scale``); 0 is the base U-Net.
+        variant: ``plain`` (``ImageProjection``) or ``plus`` (the ``Resampler`` over patch features).
+        num_tokens: Image tokens per reference image: plain 4 (its layout and diffusers' loader fix it), plus the
+            Resampler's queries (null: 16, ``tutorial_train_plus.py``'s ``--num_tokens``).
+        resampler_width: Plus: the Resampler's width (null: the U-Net's cross-attention width, as the official
+            script; the released SDXL plus files use 1280).
+        resampler_heads: Plus: its 64-wide attention heads (12, the official script; released SDXL plus: 20).
     """
 
     image_embed_dim: int | None = setting(
-        None, "width of the image encoder's image_embeds (the ip_adapter task fills it in)", min=1
+        None, "width of the image encoder's image_embeds, plus: hidden states (the ip_adapter task fills it in)", min=1
     )
     scale: float = setting(1.0, "weight of the image prompt's attention (0: the base U-Net)", min=0)
+    variant: str = setting(
+        "plain", "plain (ImageProjection) or plus (Resampler over patch features)", choices=("plain", "plus")
+    )
+    num_tokens: int | None = setting(None, "image tokens per reference image (null: plain 4, plus 16)", min=1)
+    resampler_width: int | None = setting(None, "plus: Resampler width (null: the cross-attention width)", min=1)
+    resampler_heads: int = setting(HEADS, "plus: Resampler's 64-wide attention heads", min=1)
 
 
 def _base_linear(module: nn.Module) -> nn.Module:
@@ -87,14 +113,24 @@ class IPAdapter(Method):
                 "method 'ip_adapter' needs image_embed_dim: the image encoder's projection_dim (1024 for "
                 "h94/IP-Adapter's SD 1.5 encoder; the ip_adapter task fills it in)"
             )
+        plus = cfg.variant == "plus"
+        if not plus and (cfg.num_tokens not in (None, NUM_TOKENS) or cfg.resampler_width is not None):
+            raise ConfigError(
+                f"method 'ip_adapter' variant plain has {NUM_TOKENS} image tokens and no Resampler (its released "
+                "layout and diffusers' loader fix them): unset num_tokens / resampler_width, or set variant: plus"
+            )
+        self.num_tokens = (cfg.num_tokens or PLUS_TOKENS) if plus else NUM_TOKENS
         unet = self.tower.stages["model"]
         layers = self._cross_attention_layers(unet)
+        width = unet.config.cross_attention_dim
         with torch.device(unet.device):  # built where the U-Net is (a GPU, or the meta device for counting)
-            projection = ImageProjection(
-                image_embed_dim=cfg.image_embed_dim,
-                cross_attention_dim=unet.config.cross_attention_dim,
-                num_image_text_embeds=NUM_TOKENS,
-            )
+            if plus:
+                heads, hidden = cfg.resampler_heads, cfg.resampler_width or width
+                projection = build_resampler(cfg.image_embed_dim, width, hidden, heads, self.num_tokens)
+            else:
+                projection = ImageProjection(
+                    image_embed_dim=cfg.image_embed_dim, cross_attention_dim=width, num_image_text_embeds=NUM_TOKENS
+                )
         self.image_proj = self.add_tower("ip_image_proj", projection)  # fp32 whatever the U-Net: it trains
         for key, canonical, attn in layers:
             to_k, to_v = _base_linear(attn.to_k), _base_linear(attn.to_v)
@@ -102,7 +138,7 @@ class IPAdapter(Method):
                 processor = IPAdapterAttnProcessor2_0(
                     hidden_size=to_k.out_features,
                     cross_attention_dim=to_k.in_features,
-                    num_tokens=[NUM_TOKENS],
+                    num_tokens=[self.num_tokens],
                     scale=cfg.scale,
                 ).to(to_k.weight.dtype)  # the layer's precision, as a LoRA added to it
             with torch.no_grad():
@@ -162,20 +198,14 @@ class IPAdapter(Method):
 
     # -- per call ---------------------------------------------------------------------------------------------
     def _embeds(self, sample: torch.Tensor) -> torch.Tensor:
-        """This call's image embeddings as (U-Net batch, images, dim): as given, or with zeros before them for the
-        unconditional half of a batch that classifier-free guidance doubled."""
-        embeds = self.call_input("ip_image_embeds")
-        dim = self.config.image_embed_dim
-        if not isinstance(embeds, torch.Tensor) or embeds.ndim not in (2, 3) or embeds.shape[-1] != dim:
-            shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
-            raise DataError(
-                f"the ip_image_embeds have shape {shape}; this IP-Adapter needs (batch, {dim}) or (batch, images, "
-                f"{dim}): the image encoder's image_embeds"
-            )
-        embeds = embeds[:, None] if embeds.ndim == 2 else embeds
+        """This call's image embeddings as (U-Net batch, images, ...): as given, or with zeros (or a given negative)
+        before them for the unconditional half of a batch that classifier-free guidance doubled."""
+        given = self.call_input("ip_image_embeds")
+        negative, embeds = given if isinstance(given, tuple) and len(given) == 2 else (None, given)
+        embeds, negative = self._checked(embeds), None if negative is None else self._checked(negative)
         batch = sample.shape[0]
         if embeds.shape[0] * 2 == batch:
-            embeds = torch.cat([torch.zeros_like(embeds), embeds])
+            embeds = torch.cat([torch.zeros_like(embeds) if negative is None else negative.expand_as(embeds), embeds])
         elif embeds.shape[0] != batch:
             raise DataError(
                 f"{embeds.shape[0]} image embeddings for a U-Net batch of {batch}; give one per sample (or one per "
@@ -183,13 +213,26 @@ class IPAdapter(Method):
             )
         return embeds.to(device=sample.device)
 
+    def _checked(self, embeds: Any) -> torch.Tensor:
+        """Embeddings of the variant's shape, with the images axis added when there is none."""
+        dim, plus = self.config.image_embed_dim, self.config.variant == "plus"
+        least = 3 if plus else 2
+        if not isinstance(embeds, torch.Tensor) or embeds.ndim not in (least, least + 1) or embeds.shape[-1] != dim:
+            shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            each = f"patches, {dim}" if plus else str(dim)
+            raise DataError(
+                f"the ip_image_embeds have shape {shape}; this IP-Adapter needs (batch, {each}) or (batch, images, "
+                f"{each}): the image encoder's {'penultimate hidden states' if plus else 'image_embeds'}"
+            )
+        return embeds[:, None] if embeds.ndim == least else embeds
+
     def _project_image(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         sample = args[0] if args else kwargs["sample"]
         embeds = self._embeds(sample)
         batch, images = embeds.shape[:2]
-        tokens = self.image_proj(embeds.flatten(0, 1))  # (batch * images, 4, width), diffusers' per-image order
+        tokens = self.image_proj(embeds.flatten(0, 1))  # (batch * images, tokens, width), diffusers' per-image order
         # kept until the next call: a gradient-checkpointed block runs its attention again during the backward pass
-        self._tokens = tokens.reshape(batch, images * NUM_TOKENS, tokens.shape[-1])
+        self._tokens = tokens.reshape(batch, images * self.num_tokens, tokens.shape[-1])
 
     def _add_image_tokens(
         self, processor: nn.Module, module: nn.Module, args: tuple, kwargs: dict[str, Any]
@@ -210,15 +253,19 @@ class IPAdapter(Method):
         return {1 + 2 * i: processor for i, processor in enumerate(self.processors.values())}
 
     def diffusers_tensors(self) -> dict[str, torch.Tensor]:
-        """The weights in the released IP-Adapter layout (``image_proj.proj.weight``, ``ip_adapter.1.to_k_ip.weight``,
-        ...), the keys ``pipe.load_ip_adapter`` reads from a safetensors file."""
+        """The weights in the released IP-Adapter layout (``image_proj.proj.weight``, plus: ``image_proj.latents``,
+        ``image_proj.layers.0.0.to_kv.weight``, ...; ``ip_adapter.1.to_k_ip.weight``, ...), the keys
+        ``pipe.load_ip_adapter`` reads from a safetensors file."""
         proj = self.image_proj
-        tensors = {
-            "image_proj.proj.weight": proj.image_embeds.weight,
-            "image_proj.proj.bias": proj.image_embeds.bias,
-            "image_proj.norm.weight": proj.norm.weight,
-            "image_proj.norm.bias": proj.norm.bias,
-        }
+        if self.config.variant == "plus":
+            tensors = {f"image_proj.{key}": value for key, value in released_tensors(proj).items()}
+        else:
+            tensors = {
+                "image_proj.proj.weight": proj.image_embeds.weight,
+                "image_proj.proj.bias": proj.image_embeds.bias,
+                "image_proj.norm.weight": proj.norm.weight,
+                "image_proj.norm.bias": proj.norm.bias,
+            }
         for index, processor in self._numbered().items():
             tensors[f"ip_adapter.{index}.to_k_ip.weight"] = processor.to_k_ip[0].weight
             tensors[f"ip_adapter.{index}.to_v_ip.weight"] = processor.to_v_ip[0].weight
@@ -245,22 +292,30 @@ class IPAdapter(Method):
                     f"{source}: {key} has shape {tuple(tensors[key].shape)}, this U-Net's IP-Adapter "
                     f"{tuple(value.shape)}"
                 )
+        if self.config.variant == "plus":  # to_kv is fused in the file: split into the projection's to_k / to_v
+            load_released(self.image_proj, {k.removeprefix("image_proj."): v for k, v in tensors.items()})
+            ours = {key: value for key, value in ours.items() if not key.startswith("image_proj.")}
         with torch.no_grad():
             for key, value in ours.items():
                 value.copy_(tensors[key])
 
 
-def released_layout_options(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+def released_layout_options(tensors: dict[str, torch.Tensor]) -> dict[str, int | str]:
     """The options of an IP-Adapter holding ``tensors`` (the released layout) and the cross-attention width it was
-    trained for: ``{"image_embed_dim": ..., "cross_attention_dim": ...}``.
+    trained for: ``{"image_embed_dim": ..., "cross_attention_dim": ...}`` (plus: ``variant``, ``num_tokens``,
+    ``resampler_width``, ``resampler_heads`` too).
 
     Raises:
-        CheckpointError: No ``image_proj.proj.weight`` (another kind of IP-Adapter: plus, full-face, FaceID).
+        CheckpointError: Neither a plain ``image_proj.proj.weight`` nor a plus ``Resampler`` (another kind of
+            IP-Adapter: full-face, FaceID).
     """
+    plus = released_options(tensors)
+    if plus is not None:
+        return plus
     weight = tensors.get("image_proj.proj.weight")
     if weight is None or weight.ndim != 2 or weight.shape[0] % NUM_TOKENS:
         raise CheckpointError(
-            "the file holds no image_proj.proj.weight of the plain IP-Adapter layout (a plus / full-face / FaceID "
-            "IP-Adapter is not supported)"
+            "the file holds neither the plain IP-Adapter's image_proj.proj.weight nor the plus Resampler's "
+            "image_proj.latents (a full-face / FaceID IP-Adapter is not supported)"
         )
     return {"image_embed_dim": int(weight.shape[1]), "cross_attention_dim": int(weight.shape[0] // NUM_TOKENS)}

@@ -3,7 +3,10 @@
 Loads the pipeline and the frozen CLIP image encoder (``model.image_encoder``), attaches the ``ip_adapter`` method
 (its ``image_embed_dim`` filled in from the encoder; other methods beside it if asked) and trains on captioned
 images, each image also its own image prompt: the encoder's ``image_embeds`` (zeros for a dropped image, lines
-376-382) reach the method through ``vp.conditioning(..., ip_image_embeds=...)`` around the denoising loss. Images go
+376-382) reach the method through ``vp.conditioning(..., ip_image_embeds=...)`` around the denoising loss; for
+``variant: plus`` its penultimate hidden states, a dropped image replaced by a black one before the encoder
+(``tutorial_train_plus.py`` lines 395-403), and samples get the black image's states as their unconditional half, as
+diffusers' ``encode_image`` gives them. Images go
 through the processor diffusers' ``load_ip_adapter`` would give the pipeline (its ``feature_extractor``, else a
 ``CLIPImageProcessor`` at the encoder's size), so training, ``visionpeft generate`` and diffusers see the same
 pixels. Validation draws, for the first training images, a sample with the image and its caption and one with the
@@ -21,11 +24,11 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ..adapter import attach, can_export, conditioning
+from ..adapter import attach, can_export, conditioning, methods_of
 from ..backbones import pipeline_modules
 from ..backbones.diffusers_loading import load_image_encoder, load_pipeline
 from ..checkpoint.folder import save_adapter
-from ..config import method_configs
+from ..config import method_configs, methods_of_config
 from ..config.diffusion_objective import DiffusionObjective, objective_of
 from ..data.image_prompts import PromptDrops, captioned_mix_image_prompts, folder_image_prompts
 from ..errors import CheckpointError, ConfigError
@@ -50,19 +53,43 @@ def image_processor(pipeline, encoder):
 
 
 @torch.no_grad()
-def image_embeds(encoder: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The frozen encoder's ``image_embeds`` of processed images, as diffusers' pipelines compute them."""
-    return encoder(pixel_values.to(device=encoder.device, dtype=encoder.dtype)).image_embeds
+def image_embeds(encoder: nn.Module, pixel_values: torch.Tensor, patches: bool = False) -> torch.Tensor:
+    """The frozen encoder's ``image_embeds`` of processed images, or with ``patches`` its penultimate hidden states
+    (IP-Adapter-plus), as diffusers' pipelines compute them."""
+    pixels = pixel_values.to(device=encoder.device, dtype=encoder.dtype)
+    if patches:
+        return encoder(pixels, output_hidden_states=True).hidden_states[-2]
+    return encoder(pixels).image_embeds
+
+
+def image_prompt(encoder: nn.Module, pixel_values: torch.Tensor, plus: bool):
+    """``vp.conditioning``'s ``ip_image_embeds`` for sampling with these processed images: the ``image_embeds``
+    (guidance's unconditional half: zeros), or for plus ``(negative, positive)``: the hidden states of a black image
+    and of the images, as diffusers' ``encode_image`` computes them."""
+    if not plus:
+        return image_embeds(encoder, pixel_values)
+    return image_embeds(encoder, torch.zeros_like(pixel_values), True), image_embeds(encoder, pixel_values, True)
+
+
+def encoder_width(encoder: nn.Module, plus: bool) -> int:
+    """The width of what the encoder gives an IP-Adapter: ``projection_dim``, plus: ``hidden_size``."""
+    return encoder.config.hidden_size if plus else encoder.config.projection_dim
+
+
+def is_plus(model) -> bool:
+    """An IP-Adapter-plus is attached."""
+    return any(m.name == "ip_adapter" and m.config.variant == "plus" for m in methods_of(model))
 
 
 def check_embed_width(method_configs_: list, encoder: nn.Module) -> None:
     """Every attached IP-Adapter takes the encoder's embeddings.
 
     Raises:
-        ConfigError: An ``image_embed_dim`` given that is not the encoder's ``projection_dim``.
+        ConfigError: An ``image_embed_dim`` given that is not the encoder's ``projection_dim`` (plus:
+            ``hidden_size``).
     """
-    width = encoder.config.projection_dim
     for name, config in method_configs_:
+        width = encoder_width(encoder, getattr(config, "variant", "plain") == "plus")
         given = getattr(config, "image_embed_dim", width)
         if given != width:
             raise ConfigError(
@@ -90,8 +117,8 @@ def released_weights_file(path: Path) -> Path:
 
 
 def attach_released(pipe, path: Path, encoder_path: Path | None = None, scale: float = 1.0) -> tuple[str, nn.Module]:
-    """Attaches the IP-Adapter of ``path`` (:func:`released_weights_file`: a run's export or a released plain
-    IP-Adapter ``.safetensors``) to ``pipe`` with its weights, and loads its image encoder (``encoder_path``, else
+    """Attaches the IP-Adapter of ``path`` (:func:`released_weights_file`: a run's export or a released plain or
+    plus IP-Adapter ``.safetensors``) to ``pipe`` with its weights, and loads its image encoder (``encoder_path``, else
     ``image_encoder/`` beside the weights, where ``load_ip_adapter`` looks) on the pipeline's device.
 
     Returns:
@@ -104,7 +131,6 @@ def attach_released(pipe, path: Path, encoder_path: Path | None = None, scale: f
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ..adapter import methods_of
     from ..methods.ip_adapter import released_layout_options
 
     file = released_weights_file(path)
@@ -117,29 +143,31 @@ def attach_released(pipe, path: Path, encoder_path: Path | None = None, scale: f
     except CheckpointError as err:
         raise CheckpointError(f"{file}: {err}") from None
     width = pipe.unet.config.cross_attention_dim
-    if options["cross_attention_dim"] != width:
+    trained_for = options.pop("cross_attention_dim")
+    if trained_for != width:
         raise CheckpointError(
-            f"{file} is an IP-Adapter for cross-attention width {options['cross_attention_dim']}; this pipeline's "
-            f"U-Net has width {width} (another base model)"
+            f"{file} is an IP-Adapter for cross-attention width {trained_for}; this pipeline's U-Net has width "
+            f"{width} (another base model)"
         )
     folder = encoder_path if encoder_path is not None else file.parent / ENCODER_FOLDER
     if not folder.is_dir():
         raise CheckpointError(f"no image encoder folder at {folder}: pass the IP-Adapter's CLIP image encoder")
     encoder = load_image_encoder(str(folder)).to(pipe.device)
-    if encoder.config.projection_dim != options["image_embed_dim"]:
+    given = encoder_width(encoder, options.get("variant") == "plus")
+    if given != options["image_embed_dim"]:
         raise CheckpointError(
-            f"the image encoder in {folder} gives {encoder.config.projection_dim}-wide embeddings; {file} takes "
-            f"{options['image_embed_dim']}"
+            f"the image encoder in {folder} gives {given}-wide embeddings; {file} takes {options['image_embed_dim']}"
         )
-    attach(pipe, "ip_adapter", image_embed_dim=options["image_embed_dim"], scale=scale)
+    attach(pipe, "ip_adapter", **options, scale=scale)
     methods_of(pipe)[-1].load_diffusers_tensors(tensors, str(file))
     return f"ip_adapter ({file}, image encoder {folder})", encoder
 
 
-def reference_embeds(pipe, encoder: nn.Module, reference) -> torch.Tensor:
-    """The image prompt of the PIL image ``reference``: (1, dim), on the encoder's device."""
+def reference_embeds(pipe, encoder: nn.Module, reference):
+    """The image prompt of the PIL image ``reference`` (:func:`image_prompt`: (1, dim), or for plus a pair of (1,
+    patches, dim)), on the encoder's device."""
     pixels = image_processor(pipe, encoder)(images=reference, return_tensors="pt").pixel_values
-    return image_embeds(encoder, pixels)
+    return image_prompt(encoder, pixels, is_plus(pipe))
 
 
 class ImagePromptDenoiser(nn.Module):
@@ -150,11 +178,17 @@ class ImagePromptDenoiser(nn.Module):
         super().__init__()
         self.adapted, self.vae, self.image_encoder, self.objective = adapted, pipeline.vae, encoder, objective
         self.__dict__["parts"] = DiffusionParts.from_pipeline(pipeline, cache_prompts=True, objective=objective)
+        self.plus = is_plus(pipeline)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        embeds = image_embeds(self.image_encoder, batch["clip_pixel_values"])
-        dropped = torch.as_tensor(batch["drop_image"], device=embeds.device)[:, None]
-        embeds = torch.where(dropped, torch.zeros_like(embeds), embeds)  # tutorial_train.py lines 376-382
+        pixels = batch["clip_pixel_values"]
+        dropped = torch.as_tensor(batch["drop_image"], device=pixels.device)
+        if self.plus:  # tutorial_train_plus.py lines 395-403: a black image, then the penultimate hidden states
+            pixels = torch.where(dropped[:, None, None, None], torch.zeros_like(pixels), pixels)
+            embeds = image_embeds(self.image_encoder, pixels, patches=True)
+        else:  # tutorial_train.py lines 376-382: zero embeddings
+            embeds = image_embeds(self.image_encoder, pixels)
+            embeds = torch.where(dropped.to(embeds.device)[:, None], torch.zeros_like(embeds), embeds)
         with conditioning(self.adapted, ip_image_embeds=embeds):
             return diffusion_loss(self.parts, batch["pixel_values"], list(batch["prompt"]), objective=self.objective)
 
@@ -209,7 +243,7 @@ class ImagePromptValidation:
         """One image of ``prompt`` with ``reference`` (a PIL image) as the image prompt, drawn with ``seed``."""
         size = self.cfg.data.size
         pixels = self.processor(images=reference, return_tensors="pt").pixel_values
-        embeds = image_embeds(self.encoder, pixels.to(accelerator.device))
+        embeds = image_prompt(self.encoder, pixels.to(accelerator.device), is_plus(self.pipeline))
         self.pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         with accelerator.autocast(), conditioning(self.pipeline, ip_image_embeds=embeds):
@@ -249,7 +283,8 @@ class IPAdapterTrainer:
         pairs = training_images(config, processor, PromptDrops(data.drop_image, data.drop_text, data.drop_both))
         knobs = objective_of(config.optim)
         check_objective(knobs, pipeline.scheduler, config.model.name)
-        methods = method_configs(config, {"image_embed_dim": encoder.config.projection_dim})
+        plus = any(options.get("variant") == "plus" for _, options in methods_of_config(config))
+        methods = method_configs(config, {"image_embed_dim": encoder_width(encoder, plus)})
         check_embed_width(methods, encoder)
         attach(pipeline, methods)
         adapted = pipeline_modules(pipeline)
@@ -266,7 +301,8 @@ class IPAdapterTrainer:
             loader={"num_workers": data.num_workers},
             summary=[
                 f"{len(pairs)} captioned images ({data.source}), each its own image prompt; image encoder "
-                f"{config.model.image_encoder} ({encoder.config.projection_dim}-wide embeddings)"
+                f"{config.model.image_encoder} ({encoder_width(encoder, plus)}-wide "
+                f"{'hidden states' if plus else 'embeddings'})"
             ],
             state={"pipeline": pipeline, "encoder": encoder},
         )
