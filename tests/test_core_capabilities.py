@@ -14,6 +14,7 @@ from torch import nn
 import visionpeft as vp
 from visionpeft.errors import ConfigError
 from visionpeft.methods import METHODS, fill_task_inputs
+from visionpeft.methods.folders import folder_classes
 from visionpeft.tasks import TaskModel
 
 PACKAGE = Path(__file__).resolve().parents[1] / "visionpeft"
@@ -62,10 +63,12 @@ def test_declarations_of_the_methods():
     controls = {name: ("control_image",) for name in ("controlnet", "controlnet_lora", "t2i_adapter")}
     assert reading == {**controls, "ip_adapter": ("ip_image_embeds",)}
     assert METHODS.get("ip_adapter").task_inputs == ("image_embed_dim",)
-    folders = {
-        n: METHODS.get(n).diffusers_folder_class for n in METHODS.names() if METHODS.get(n).diffusers_folder_class
+    assert folder_classes() == {
+        "ControlNetModel": "controlnet",
+        "FluxControlNetModel": "controlnet",
+        "SD3ControlNetModel": "controlnet",
+        "T2IAdapter": "t2i_adapter",
     }
-    assert folders == {"controlnet": "ControlNetModel", "t2i_adapter": "T2IAdapter"}
 
 
 def _code_strings(path: Path) -> set[str]:

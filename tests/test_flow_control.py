@@ -270,3 +270,109 @@ def test_the_flow_control_recipes_run_and_leave_a_controlnet_diffusers_loads(sav
     for name, tensor in controlnet.state_dict().items():
         torch.testing.assert_close(tensor, trained[f"controlnet.{name}"], rtol=0, atol=0)
     assert (folder / "validation" / "001.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_generate_draws_with_a_flow_controlnet_folder_what_the_diffusers_pipeline_draws(saved, tmp_path, family):
+    """tools/generate.py --control RUN/controlnet on a Flux / SD3 folder reads it back as a controlnet (methods/
+    folders.py) and draws, for seed 3, FluxControlNetPipeline's / StableDiffusion3ControlNetPipeline's image with
+    that folder's model and generator seed 3 (SD3's pipeline draws the condition's latent sample from torch's global
+    stream: seeded 3 there, as generate seeds it); Flux's pipeline takes the condition image as a PIL image, SD3's as
+    the [0, 1] tensor its script trains on. The control changes the image."""
+    import diffusers
+    import numpy as np
+    from PIL import Image
+
+    from visionpeft.cli import generate
+    from visionpeft.cli.common import run
+    from visionpeft.data.image_grid import image_grid, scale_for
+
+    pipe = vp.attach(load_pipeline(str(saved / family)), "controlnet", **LAYERS[family])
+    perturb(pipe, std=0.05)
+    vp.save_adapter(pipe, tmp_path / "run", format="diffusers")
+    pixels = (np.random.default_rng(3).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "condition.png")
+    guidance = "3.5" if family == "flux" else "5.0"
+
+    def generated(*control: str) -> np.ndarray:
+        out = tmp_path / f"grid{len(control)}.png"
+        args = ["--model", str(saved / family), "--prompt", PROMPTS[0], "--seeds", "3", "--steps", "2"]
+        assert (
+            run(generate.main, [*args, "--size", str(SIZE), "--guidance", guidance, *control, "--out", str(out)]) == 0
+        )
+        return np.asarray(Image.open(out)).astype(int)
+
+    control = ["--control", str(tmp_path / "run" / "controlnet"), "--control-image", str(tmp_path / "condition.png")]
+    ours = generated(*control)
+
+    model_class = getattr(diffusers, "FluxControlNetModel" if family == "flux" else "SD3ControlNetModel")
+    pipeline_class = getattr(
+        diffusers, "FluxControlNetPipeline" if family == "flux" else "StableDiffusion3ControlNetPipeline"
+    )
+    base = load_pipeline(str(saved / family))
+    theirs_pipe = pipeline_class(
+        **base.components, controlnet=model_class.from_pretrained(tmp_path / "run" / "controlnet")
+    )
+    theirs_pipe.set_progress_bar_config(disable=True)
+    given = (
+        Image.fromarray(pixels) if family == "flux" else torch.from_numpy(pixels / 255.0).float().permute(2, 0, 1)[None]
+    )
+    torch.manual_seed(3)
+    image = theirs_pipe(
+        PROMPTS[0],
+        control_image=given,
+        num_inference_steps=2,
+        height=SIZE,
+        width=SIZE,
+        guidance_scale=float(guidance),
+        generator=[torch.Generator().manual_seed(3)],
+    ).images[0]
+    theirs = np.asarray(image_grid([[image]], scale=scale_for(SIZE), gap=generate.GAP, margin=generate.GAP)).astype(int)
+    assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1
+    assert np.abs(ours - generated()).max() > 10  # the control changes the image
+
+
+def test_flow_controlnet_folders_visionpeft_cannot_rebuild_are_one_line(saved, tmp_path):
+    """generate --control on a released layout visionpeft's Flux / SD3 ControlNet does not build (a union Flux
+    ControlNet, an SD3 one with zero pooled text: InstantX's) or one built for other transformer widths: one line."""
+    from diffusers import FluxControlNetModel
+
+    from visionpeft.cli.generate import apply_adapter
+    from visionpeft.errors import CheckpointError
+    from visionpeft.methods.flow_controlnet import build_flow_controlnet
+
+    flux = {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2}
+    flux.update(joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True)
+    FluxControlNetModel(**flux, attention_head_dim=16, axes_dims_rope=(4, 4, 8), num_mode=3).save_pretrained(
+        tmp_path / "union"
+    )
+    FluxControlNetModel(**flux, attention_head_dim=8, axes_dims_rope=(2, 2, 4)).save_pretrained(tmp_path / "narrow")
+    sd3 = load_pipeline(str(saved / "sd3"))
+    instantx = build_flow_controlnet(sd3.transformer, "sd3", 1, None)
+    instantx.register_to_config(force_zeros_for_pooled_projection=True)
+    instantx.save_pretrained(tmp_path / "instantx")
+    cases = [
+        (
+            "flux",
+            "union",
+            "this FluxControlNetModel has num_mode 3 (a union ControlNet reading a control mode), which "
+            "visionpeft's FluxControlNet does not build; load it in diffusers' FluxControlNetPipeline",
+        ),
+        (
+            "flux",
+            "narrow",
+            "the FluxControlNetModel folder does not fit the FluxControlNetModel this pipeline's denoiser builds: ",
+        ),
+        (
+            "sd3",
+            "instantx",
+            "this SD3ControlNetModel has force_zeros_for_pooled_projection (zero pooled text, "
+            "condition latents unshifted), which visionpeft's SD3ControlNet does not build; load it in diffusers' "
+            "StableDiffusion3ControlNetPipeline",
+        ),
+    ]
+    for family, folder, message in cases:
+        with pytest.raises(CheckpointError) as err:
+            apply_adapter(load_pipeline(str(saved / family)), tmp_path / folder)
+        assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)

@@ -58,7 +58,7 @@ def test_a_folder_no_method_reads_is_one_line(tmp_path):
         read_diffusers_folder(tmp_path / "unet")
     assert str(err.value) == (
         f"{tmp_path / 'unet'} holds a UNet2DConditionModel, not a model folder a method reads "
-        "(ControlNetModel, T2IAdapter)"
+        "(ControlNetModel, FluxControlNetModel, SD3ControlNetModel, T2IAdapter)"
     )
     (tmp_path / "list").mkdir()
     (tmp_path / "list" / "config.json").write_text(json.dumps([1, 2]))

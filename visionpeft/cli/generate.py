@@ -7,11 +7,13 @@
 An adapter is a training run's folder (its ``adapter/``), a visionpeft adapter folder (``visionpeft_config.json``), or a
 folder / file in diffusers' formats:
 ``pytorch_lora_weights.safetensors`` (``load_lora_weights``) and ``learned_embeds.safetensors``
-(``load_textual_inversion``), or a ``ControlNetModel`` / ``T2IAdapter`` folder (``--control RUN/controlnet``, with
-``--control-image edges.png``; several controls each take their own: ``--control A --control-image a.png --control B
---control-image b.png``). An IP-Adapter (``--ip-adapter RUN``: a run's ``ip_adapter/ip_adapter.safetensors``,
-or a released plain or plus IP-Adapter ``.safetensors``, with its image encoder in ``image_encoder/`` beside it or
-``--ip-image-encoder``) takes ``--ip-image ref.png`` as the image prompt of every sample (``--ip-scale`` its weight).
+(``load_textual_inversion``), or a ``ControlNetModel`` (Flux / SD3: ``FluxControlNetModel`` / ``SD3ControlNetModel``,
+drawing what ``FluxControlNetPipeline`` / ``StableDiffusion3ControlNetPipeline`` draw) / ``T2IAdapter`` folder
+(``--control RUN/controlnet``, with ``--control-image edges.png``; several controls each take their own: ``--control A
+--control-image a.png --control B --control-image b.png``). An IP-Adapter (``--ip-adapter RUN``: a run's
+``ip_adapter/ip_adapter.safetensors``, or a released plain or plus IP-Adapter ``.safetensors``, with its image encoder
+in ``image_encoder/`` beside it or ``--ip-image-encoder``) takes ``--ip-image ref.png`` as the image prompt of every
+sample (``--ip-scale`` its weight).
 
 A model trained with another prediction type than its scheduler says (``optim.change_prediction_type``) or with zero
 terminal SNR samples with ``--prediction-type`` / ``--zero-terminal-snr`` (rescaled betas, trailing timesteps; best
@@ -237,10 +239,15 @@ def sample(pipe, prompt: str, seeds: list[int], options: dict, inputs: dict, bat
 
     Each image has a generator of its own seed, which diffusers draws its starting noise from: an image is the one a
     call for its seed alone gives (up to the last bits of float rounding of a batched kernel), whatever the batch.
+    A Flux ControlNet's condition is drawn from those generators first, as ``FluxControlNetPipeline`` draws it; what
+    a pipeline draws from torch's global stream (an SD3 ControlNet's condition, as
+    ``StableDiffusion3ControlNetPipeline``) comes from it seeded with the call's first seed, so it repeats from run
+    to run (in a batch, each image is then not the one its seed alone gives).
     """
     import torch
 
     import visionpeft as vp
+    from visionpeft.methods.flow_controlnet import draw_conditions
 
     step = batch_size or len(seeds)
     images = []
@@ -248,7 +255,10 @@ def sample(pipe, prompt: str, seeds: list[int], options: dict, inputs: dict, bat
         chunk = seeds[start : start + step]
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in chunk]
         given = {key: _per_sample(value, len(chunk)) if key == IMAGE_PROMPT else value for key, value in inputs.items()}
+        torch.manual_seed(chunk[0])
         with vp.conditioning(pipe, **given) if given else contextlib.nullcontext():
+            if given:
+                draw_conditions(pipe, generators, len(chunk))
             images.extend(pipe(prompt, num_images_per_prompt=len(chunk), generator=generators, **options).images)
     return images
 

@@ -186,8 +186,9 @@ class Method:
     #: Per-call inputs read through the conditioning channel (:meth:`call_input`), e.g. a control image.
     call_inputs: ClassVar[tuple[str, ...]] = ()
     #: The diffusers model class (``config.json``'s ``_class_name``) of a ``save_pretrained`` folder that holds this
-    #: method's result and is read back as this method (:meth:`options_from_folder`, :meth:`load_folder_model`).
-    diffusers_folder_class: ClassVar[str | None] = None
+    #: method's result and is read back as this method (:meth:`options_from_folder`, :meth:`load_folder_model`); a
+    #: tuple when the method builds one class per model family (ControlNet: U-Net, Flux, SD3).
+    diffusers_folder_class: ClassVar[str | tuple[str, ...] | None] = None
     #: Several of this method may attach to one tower (two ControlNets, each on its own condition image).
     several: ClassVar[bool] = False
 
@@ -509,6 +510,12 @@ class Method:
 _FOLDER_HOOKS = ("options_from_folder", "load_folder_model")
 
 
+def folder_class_names(cls: type[Method]) -> tuple[str, ...]:
+    """The diffusers classes of the folders ``cls`` reads back (:attr:`Method.diffusers_folder_class`)."""
+    names = cls.diffusers_folder_class
+    return () if names is None else (names,) if isinstance(names, str) else tuple(names)
+
+
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator filing a method in ``METHODS`` under its own ``name`` (stated once, in the class), after
     checking what it declares.
@@ -530,14 +537,16 @@ def register_method(cls: type[Method]) -> type[Method]:
             f"method '{cls.name}' declares merges_exactly={cls.merges_exactly} but "
             f"{'implements' if implements['merge'] else 'does not implement'} merge()"
         )
-    if cls.diffusers_folder_class is not None and not all(implements[attr] for attr in _FOLDER_HOOKS):
-        raise ValueError(f"method '{cls.name}' reads {cls.diffusers_folder_class} folders: implement {_FOLDER_HOOKS}")
+    folders = folder_class_names(cls)
+    if folders and not all(implements[attr] for attr in _FOLDER_HOOKS):
+        raise ValueError(f"method '{cls.name}' reads {', '.join(folders)} folders: implement {_FOLDER_HOOKS}")
     for other in METHODS.registered():
         if other.config_class is config:
             raise ValueError(f"methods '{other.name}' and '{cls.name}' share the config class {config.__name__}")
-        if cls.diffusers_folder_class is not None and other.diffusers_folder_class == cls.diffusers_folder_class:
+        shared = [name for name in folders if name in folder_class_names(other)]
+        if shared:
             raise ValueError(
-                f"methods '{other.name}' and '{cls.name}' both read {cls.diffusers_folder_class} folders; "
+                f"methods '{other.name}' and '{cls.name}' both read {shared[0]} folders; "
                 "set diffusers_folder_class = None on one"
             )
     return METHODS.register(cls.name)(cls)

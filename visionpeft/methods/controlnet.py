@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..schema import setting
 from .base import ExportParts, Method, MethodConfig, register_method
 from .control_calls import add_to_call, fit_control_image
+from .flow_controlnet import FLOW_CONTROL_PIPELINES, unbuilt_layout
 from .library_layers import library_layers
 
 #: ``UNet2DConditionModel.forward``'s leading arguments, in order (a call may pass any of them by position).
@@ -83,7 +84,8 @@ class ControlNet(Method):
     call_inputs = ("control_image",)
     several = True  # each ControlNet its own tower (controlnet, controlnet_1, ...) and condition image
     export_formats = frozenset({"diffusers"})  # controlnet/: what (Flux / SD3)ControlNetModel.from_pretrained reads
-    diffusers_folder_class = "ControlNetModel"  # ... and such a folder (this toolkit's or a released one) reads back
+    # ... and such a folder (this toolkit's or a released one) reads back
+    diffusers_folder_class = ("ControlNetModel", "FluxControlNetModel", "SD3ControlNetModel")
 
     def check_fits(self) -> None:
         """A U-Net, or a Flux / SD3 transformer; a subclass with its own ``build`` (one that reshapes the U-Net
@@ -139,15 +141,47 @@ class ControlNet(Method):
 
     @classmethod
     def options_from_folder(cls, folder_config: dict[str, Any]) -> dict[str, Any]:
-        """The options of a ControlNet shaped as the ``ControlNetModel`` whose config is ``folder_config``."""
-        return {
-            "hint_channels": folder_config["conditioning_embedding_out_channels"],
-            "conditioning_channels": folder_config.get("conditioning_channels", 3),
-        }
+        """The options of a ControlNet shaped as the ``ControlNetModel`` / ``FluxControlNetModel`` /
+        ``SD3ControlNetModel`` whose config is ``folder_config`` (a Flux / SD3 one: its depth, as the pipeline's
+        transformer builds it; :mod:`.flow_controlnet`).
+
+        Raises:
+            CheckpointError: A Flux / SD3 ControlNet of a layout this method does not build (see
+                :func:`~.flow_controlnet.unbuilt_layout`).
+        """
+        class_name = folder_config.get("_class_name", "ControlNetModel")
+        if class_name == "ControlNetModel":
+            return {
+                "hint_channels": folder_config["conditioning_embedding_out_channels"],
+                "conditioning_channels": folder_config.get("conditioning_channels", 3),
+            }
+        unbuilt = unbuilt_layout(class_name, folder_config)
+        if unbuilt is not None:
+            raise CheckpointError(
+                f"this {class_name} has {unbuilt}, which visionpeft's {class_name.removesuffix('Model')} does not "
+                f"build; load it in diffusers' {FLOW_CONTROL_PIPELINES[class_name]}"
+            )
+        options = {"num_layers": folder_config["num_layers"]}
+        if class_name == "FluxControlNetModel":
+            options["num_single_layers"] = folder_config["num_single_layers"]
+        return options
 
     def load_folder_model(self, model: nn.Module) -> None:
-        """Takes the weights of a ``ControlNetModel`` read from a folder into the attached ControlNet."""
-        self.controlnet.load_state_dict(model.state_dict())
+        """Takes the weights of a ``ControlNetModel`` (Flux / SD3: ``FluxControlNetModel`` / ``SD3ControlNetModel``)
+        read from a folder into the attached ControlNet.
+
+        Raises:
+            CheckpointError: The folder's ControlNet was built for a denoiser of other shapes.
+        """
+        ours, theirs = self.controlnet.state_dict(), model.state_dict()
+        differ = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
+        differ += [k for k in theirs if k not in ours]
+        if differ:
+            raise CheckpointError(
+                f"the {type(model).__name__} folder does not fit the {type(self.controlnet).__name__} this pipeline's "
+                f"denoiser builds: {len(differ)} tensors differ in name or shape (first: {differ[0]})"
+            )
+        self.controlnet.load_state_dict(theirs)
 
     def diagnostics(self) -> dict[str, float]:
         """The norms of the residuals the last U-Net call received, per down-block residual and mid block."""

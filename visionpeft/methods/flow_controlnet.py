@@ -22,7 +22,11 @@ As diffusers' ``examples/controlnet/train_controlnet_flux.py`` and ``train_contr
 ``from_transformer`` of SD3 writes its ``num_layers`` into the config it is given, in diffusers 0.42 the
 transformer's own (which ``save_pretrained`` would then write): it gets a view of the transformer with a copy.
 The condition image is encoded once per call input and batch size (the sampling steps of one image reuse it), the
-batch repeated first as the pipelines repeat it (a guidance-doubled SD3 batch encodes both halves).
+batch repeated first as the pipelines repeat it (a guidance-doubled SD3 batch encodes both halves). Where the latent
+sample is drawn matches the pipelines: ``FluxControlNetPipeline`` draws it from the call's generators before the
+starting noise (``pipeline_flux_controlnet.py``, step 3 "Prepare control image" before step 4 "Prepare latent
+variables"), so a sampler calls :func:`draw_conditions` with its generators before the pipeline call;
+``StableDiffusion3ControlNetPipeline`` draws it from torch's global stream, as the transformer hook does.
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ CALL_ARGUMENTS = {
 }
 #: the scripts' ControlNet depths: Flux ``--num_double_layers`` / ``--num_single_layers``, SD3 ``from_transformer``'s
 DEFAULT_LAYERS = {"flux": (4, 4), "sd3": (12, 0)}
+#: the diffusers control pipeline of each flow ControlNet class
+FLOW_CONTROL_PIPELINES = {
+    "FluxControlNetModel": "FluxControlNetPipeline",
+    "SD3ControlNetModel": "StableDiffusion3ControlNetPipeline",
+}
 #: what the transformer call takes the ControlNet's residuals as
 RESIDUAL_KEYS = {
     "flux": ("controlnet_block_samples", "controlnet_single_block_samples"),
@@ -97,17 +106,38 @@ def build_flow_controlnet(
     return controlnet
 
 
+def unbuilt_layout(class_name: str, config: dict[str, Any]) -> str | None:
+    """What a ``FluxControlNetModel`` / ``SD3ControlNetModel`` config has that :func:`build_flow_controlnet` does not
+    build (released ControlNets of other layouts: InstantX's Flux union and SD3 ones, SD3.5's official ones), or
+    None."""
+    if class_name == "FluxControlNetModel":
+        if config.get("num_mode") is not None:
+            return f"num_mode {config['num_mode']} (a union ControlNet reading a control mode)"
+        if config.get("conditioning_embedding_channels") is not None:
+            return "a pixel-space condition encoder (conditioning_embedding_channels)"
+        return None
+    if config.get("force_zeros_for_pooled_projection", True):
+        return "force_zeros_for_pooled_projection (zero pooled text, condition latents unshifted)"
+    if config.get("extra_conditioning_channels"):
+        return f"{config['extra_conditioning_channels']} extra conditioning channels"
+    if config.get("joint_attention_dim") is None or not config.get("use_pos_embed", True):
+        return "no text input or no position embedding (SD3.5's own ControlNets)"
+    return None
+
+
 def normalized_latents(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """``(latents - shift_factor) * scaling_factor``: the flow families' latent normalisation."""
     return (latents - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
 
 
-def encode_condition(vae: nn.Module, image: torch.Tensor, family: str) -> torch.Tensor:
+def encode_condition(vae: nn.Module, image: torch.Tensor, family: str, generator: Any = None) -> torch.Tensor:
     """The ControlNet input of condition images in [0, 1] (batch, 3, H, W): normalised as the family's script (Flux:
-    [-1, 1]), a sample of the VAE's latent distribution, shifted and scaled; Flux's packed 2 x 2."""
+    [-1, 1]), a sample of the VAE's latent distribution (from ``generator``: one, or one per image; None: torch's
+    global stream), shifted and scaled; Flux's packed 2 x 2."""
     pixels = image * 2 - 1 if family == "flux" else image
     with torch.no_grad():
-        latents = normalized_latents(vae, vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample())
+        distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        latents = normalized_latents(vae, distribution.sample(generator))
     if family != "flux":
         return latents
     from diffusers import FluxPipeline
@@ -128,13 +158,25 @@ class FlowControl:
         names = CALL_ARGUMENTS[self.family]
         return {name: args[i] if len(args) > i else kwargs.get(name) for i, name in enumerate(names)}
 
-    def condition(self, image: Any, hidden: torch.Tensor, who: str) -> torch.Tensor:
-        """The encoded condition for a call on ``hidden`` (checked against it), in the ControlNet's dtype."""
+    def draw(self, image: Any, generator: Any, batch: int, who: str) -> None:
+        """Flux: encodes ``image`` for a call of ``batch`` samples from ``generator`` (the call's, before it draws
+        the starting noise, as ``FluxControlNetPipeline``); the call then finds it encoded. SD3: nothing (its
+        pipeline draws the condition's sample from the global stream during the call, as the hook does)."""
+        if self.family == "flux":
+            self._check(image, who)
+            encoded = encode_condition(self.vae, repeat_for_batch(image, batch), self.family, generator)
+            self._encoded = (image, batch, encoded)
+
+    def _check(self, image: Any, who: str) -> None:
         if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
             shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
             raise DataError(f"the control image has shape {shape}; {who} needs (batch, 3, height, width) in [0, 1]")
         if self.vae is None:
             raise ConfigError(f"{who} encodes the control image with the pipeline's VAE: attach it to the pipeline")
+
+    def condition(self, image: Any, hidden: torch.Tensor, who: str) -> torch.Tensor:
+        """The encoded condition for a call on ``hidden`` (checked against it), in the ControlNet's dtype."""
+        self._check(image, who)
         batch = hidden.shape[0]
         if self._encoded is None or self._encoded[0] is not image or self._encoded[1] != batch:
             encoded = encode_condition(self.vae, repeat_for_batch(image, batch), self.family)
@@ -168,3 +210,15 @@ class FlowControl:
             for key, samples in zip(RESIDUAL_KEYS[self.family], outputs)
             if samples is not None
         }
+
+
+def draw_conditions(model: Any, generator: Any, batch: int) -> None:
+    """Before a pipeline call of ``batch`` samples drawn from ``generator`` (inside ``vp.conditioning``): every
+    attached Flux ControlNet draws its condition's latent sample from the generator first, as
+    ``FluxControlNetPipeline`` does (:meth:`FlowControl.draw`), so the call's images are that pipeline's."""
+    from ..adapter import methods_of
+
+    for method in methods_of(model):
+        flow = getattr(method, "flow", None)
+        if isinstance(flow, FlowControl):
+            flow.draw(method.call_input("control_image"), generator, batch, f"this {method.key}")

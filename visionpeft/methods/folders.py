@@ -1,10 +1,11 @@
 """Reading a diffusers model folder back as the method that exports one (the mirror of ``ExportParts.models``).
 
-A method declares the diffusers class of its folder (``Method.diffusers_folder_class``: ``ControlNetModel`` for
-``controlnet``, ``T2IAdapter`` for ``t2i_adapter``); :func:`read_diffusers_folder` reads ``config.json``'s
-``_class_name``, finds that method, loads the folder with diffusers' own ``from_pretrained`` and derives the method's
-options from the loaded model's config (diffusers' defaults filled in). The caller attaches the method with those
-options (``vp.attach``) and hands it the loaded model (``Method.load_folder_model``).
+A method declares the diffusers class(es) of its folder (``Method.diffusers_folder_class``: ``ControlNetModel``,
+``FluxControlNetModel`` and ``SD3ControlNetModel`` for ``controlnet``, ``T2IAdapter`` for ``t2i_adapter``);
+:func:`read_diffusers_folder` reads ``config.json``'s ``_class_name``, finds that method, loads the folder with
+diffusers' own ``from_pretrained`` and derives the method's options from the loaded model's config (diffusers'
+defaults filled in). The caller attaches the method with those options (``vp.attach``) and hands it the loaded model
+(``Method.load_folder_model``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..registry import METHODS
+from .base import folder_class_names
 
 
 @dataclass
@@ -41,15 +43,14 @@ def folder_classes() -> dict[str, str]:
     """diffusers class name -> the method that reads a folder of it."""
     classes = {}
     for name in METHODS.names():
-        folder_class = METHODS.get(name).diffusers_folder_class
-        if folder_class is not None:
+        for folder_class in folder_class_names(METHODS.get(name)):
             classes[folder_class] = name
     return classes
 
 
 def read_diffusers_folder(path: Path) -> DiffusersFolder:
     """Reads a ``save_pretrained`` folder of a diffusers model some method exports (this toolkit's
-    ``RUN/controlnet`` or a released ControlNet / T2I-Adapter).
+    ``RUN/controlnet`` of a U-Net, Flux or SD3 run, or a released ControlNet / T2I-Adapter).
 
     Raises:
         CheckpointError: ``config.json`` is not JSON, names a class no method reads, or the folder does not load.

@@ -33,6 +33,7 @@ from ..config import method_configs
 from ..config.diffusion_objective import DiffusionObjective, objective_of
 from ..data.control_pairs import ControlPairs
 from ..data.fill50k import fill_iou
+from ..methods.flow_controlnet import draw_conditions
 from .control_inputs import condition_columns, per_control
 from .diffusion import DiffusionParts, denoiser_of, diffusion_loss, prompt_encoder
 from .diffusion_objective import check_objective, use_trained_sampling
@@ -122,6 +123,7 @@ class ControlValidation:
         options = {"guidance_rescale": rescale} if takes(self.pipeline, "guidance_rescale") else {}  # Flux / SD3: none
         batched = [c[None] for c in condition] if isinstance(condition, list) else condition[None]
         with accelerator.autocast(), conditioning(self.pipeline, control_image=per_control(self.pipeline, batched)):
+            draw_conditions(self.pipeline, generator, 1)  # a Flux ControlNet's, as FluxControlNetPipeline draws it
             return self.pipeline(
                 prompt,
                 num_inference_steps=self.cfg.train.validation_steps,
