@@ -353,3 +353,36 @@ def test_the_flux_kohya_layout_refuses_a_module_it_cannot_name(saved, tmp_path):
     pipe = vp.attach(load_pipeline(str(saved / "flux")), "lora", r=2, target_modules=["x_embedder"])
     with pytest.raises(CheckpointError, match="^the kohya Flux layout has no name for transformer.x_embedder"):
         vp.save_adapter(pipe, tmp_path / "kohya", format="kohya")
+
+
+def test_an_sd3_kohya_file_is_refused_in_one_line_since_diffusers_loads_none(saved, tmp_path):
+    """diffusers' StableDiffusion3Pipeline.load_lora_weights converts no kohya keys: a LoRA in sd-scripts' SD3 layout
+    (networks/lora_sd3.py at 48d368f: prefix lora_unet, the original MMDiT's fused joint_blocks_<i>_x_block_attn_qkv)
+    loads without error and changes nothing. So format="kohya" on SD3 writes no file and says why in one line, and
+    train.export=[kohya] is refused before training."""
+    from tiny_flow_models import sample_flow_images
+
+    from visionpeft.errors import CheckpointError, ConfigError
+    from visionpeft.trainers.run_exports import check_exports
+
+    theirs = load_pipeline(str(saved / "sd3"))
+    before = sample_flow_images(theirs, PROMPTS[0])
+    generator = torch.Generator().manual_seed(0)
+    sd_scripts = {
+        "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.randn(2, 32, generator=generator),
+        "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.randn(96, 2, generator=generator),
+        "lora_unet_joint_blocks_0_x_block_attn_qkv.alpha": torch.tensor(2.0),
+    }
+    theirs.load_lora_weights(sd_scripts)
+    assert abs(sample_flow_images(theirs, PROMPTS[0]) - before).max() == 0  # nothing loaded
+
+    pipe = vp.attach(load_pipeline(str(saved / "sd3")), "lora", r=2, targets=["q", "v"])
+    assert vp.can_export(pipe, "diffusers") and not vp.can_export(pipe, "kohya")
+    with pytest.raises(CheckpointError) as err:
+        vp.save_adapter(pipe, tmp_path / "kohya", format="kohya")
+    assert str(err.value).startswith("an SD3 adapter has no kohya file diffusers loads: ") and "\n" not in str(
+        err.value
+    )
+    assert not (tmp_path / "kohya").exists()
+    with pytest.raises(ConfigError, match="^train.export names kohya, which this run cannot write: an SD3 adapter"):
+        check_exports(pipeline_modules(pipe), ["kohya"])

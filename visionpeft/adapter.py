@@ -326,6 +326,8 @@ def can_export(model: Any, format: str) -> bool:
         return True
     if any(format not in m.export_formats for m in methods):
         return False
+    if format == "kohya" and getattr(backbone_of(model), "kohya_refusal", None) is not None:
+        return False  # a family with no kohya file diffusers loads (SD3)
     try:
         return any(m.export_parts(format).contributes for m in methods)
     except CheckpointError:

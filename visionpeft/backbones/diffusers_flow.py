@@ -177,6 +177,12 @@ class DiffusersSD3Pipeline(DiffusersFlowPipeline):
     family = "diffusers_sd3_pipeline"
     flow_family = "sd3"
     lora_pipeline_class = "StableDiffusion3Pipeline"
+    #: why ``save_adapter(format="kohya")`` writes nothing: no kohya SD3 file is one diffusers loads
+    kohya_refusal = (
+        "an SD3 adapter has no kohya file diffusers loads: sd-scripts' layout (networks/lora_sd3.py: the original "
+        "MMDiT's lora_unet_joint_blocks_<i>_x_block_attn_qkv, ...) is one StableDiffusion3Pipeline.load_lora_weights "
+        "converts nothing of and loads nothing from; save with format='diffusers' (save_lora_weights' layout)"
+    )
 
 
 def is_clip_text(encoder: nn.Module) -> bool:

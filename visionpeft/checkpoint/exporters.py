@@ -205,13 +205,17 @@ def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     kept it; SDXL's ``CLIPTextModelWithProjection`` still has it).
 
     Raises:
-        CheckpointError: DoRA (diffusers' Stable Diffusion loader drops kohya ``dora_scale`` keys), or methods the
+        CheckpointError: A family with no kohya file diffusers loads (SD3: the backbone's ``kohya_refusal``),
+            DoRA (diffusers' Stable Diffusion loader drops kohya ``dora_scale`` keys), or methods the
             kohya layout cannot hold (ControlNet, BOFT, PEFT's input-side OFT). Textual inversion's embeddings
             come bundled (``ExportParts.bundled``).
     """
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
     state = require_state(model)
+    refusal = getattr(state.backbone, "kohya_refusal", None)
+    if refusal is not None:
+        raise CheckpointError(refusal)
     parts = collect_parts(state, "kohya")
     if parts.magnitudes:
         raise CheckpointError(
