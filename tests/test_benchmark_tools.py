@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks.amp import Amp  # noqa: E402
 from benchmarks.core import interleaved  # noqa: E402
-from benchmarks.personalize import flux_parts, pipeline_parts, sdxl_parts  # noqa: E402
+from benchmarks.flops import shares, step_flops  # noqa: E402
+from benchmarks.layouts import flux_parts, parameter_count, sd3_parts, sdxl_parts  # noqa: E402
+from benchmarks.personalize import pipeline_parts  # noqa: E402
 
 
 def test_sd15_layout_has_stable_diffusion_1_5s_parameter_counts():
@@ -47,8 +49,9 @@ def test_sdxl_parts_have_sdxl_base_1_0_s_parameter_counts_and_its_control_towers
 
 
 def test_flux_parts_have_flux_1_dev_s_parameter_counts_and_its_controlnet_the_script_s():
-    """Transformer 11,901,408,320 (FLUX.1-dev's "12B"), VAE 83,819,683; the README_flux ControlNet (4 double-stream,
-    0 single-stream blocks, FluxControlNetModel.from_transformer) 1,442,333,696."""
+    """Transformer 11,901,408,320 (FLUX.1-dev's "12B"), VAE 83,819,683, CLIP ViT-L 123,060,480, T5-XXL encoder
+    4,762,310,656 (T5 v1.1 XXL's "4.7B" encoder half); the README_flux ControlNet (4 double-stream, 0 single-stream
+    blocks, FluxControlNetModel.from_transformer) 1,442,333,696."""
     from diffusers import FluxControlNetModel
 
     with torch.device("meta"):
@@ -61,9 +64,69 @@ def test_flux_parts_have_flux_1_dev_s_parameter_counts_and_its_controlnet_the_sc
             num_single_layers=0,
             load_weights_from_transformer=False,
         )
-    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
-    assert counts == {"transformer": 11_901_408_320, "vae": 83_819_683}
-    assert sum(p.numel() for p in controlnet.parameters()) == 1_442_333_696
+    counts = {name: parameter_count(m) for name, m in parts.items()}
+    assert counts == {
+        "transformer": 11_901_408_320,
+        "vae": 83_819_683,
+        "text_encoder": 123_060_480,
+        "text_encoder_2": 4_762_310_656,
+    }
+    assert parameter_count(controlnet) == 1_442_333_696
+
+
+def test_sd3_parts_have_stable_diffusion_3_5_medium_s_parameter_counts():
+    """The MMDiT: 2,243,171,520 parameters, 2,469,663,936 with the 384 x 384 position table its checkpoint stores
+    (Stability's "2.5B" for SD3.5 medium); 24 blocks, 13 of them with the second image attention, RMS QK-norm.
+    VAE 83,819,683 (16 latent channels), CLIP ViT-L + projection 123,650,304, OpenCLIP ViT-bigG + projection
+    694,659,840, T5-XXL 4,762,310,656."""
+    with torch.device("meta"):
+        parts = sd3_parts()
+    counts = {name: parameter_count(m) for name, m in parts.items()}
+    assert counts == {
+        "transformer": 2_243_171_520,
+        "vae": 83_819_683,
+        "text_encoder": 123_650_304,
+        "text_encoder_2": 694_659_840,
+        "text_encoder_3": 4_762_310_656,
+    }
+    transformer = parts["transformer"]
+    assert parameter_count(transformer, buffers=True) == 2_469_663_936
+    assert parameter_count(transformer, buffers=True) - counts["transformer"] == 384 * 384 * 1536
+    blocks = transformer.transformer_blocks
+    assert len(blocks) == 24 and sum(block.attn2 is not None for block in blocks) == 13
+    assert transformer.inner_dim == 1536 and blocks[0].attn.norm_q is not None
+
+
+def _clip_tflops(hidden: int, layers: int, tokens: int = 77, projection: bool = False) -> float:
+    """A CLIP text tower's matmul FLOPs: per layer Q, K, V, O (4 h^2) and the MLP (8 h^2) on every token, two
+    attention products (2 s^2 h), 2 FLOPs a multiply-add; a projection acts on the pooled token only."""
+    per_layer = 2 * (12 * hidden**2 * tokens + 2 * tokens**2 * hidden)
+    return (layers * per_layer + (2 * hidden**2 if projection else 0)) / 1e12
+
+
+def test_step_flops_of_sdxl_count_both_clip_towers_and_the_unet_with_its_added_conditions():
+    """On the meta device at 64 px (seconds): the three parts, the text side exactly CLIP ViT-L + OpenCLIP ViT-bigG
+    (with its projection) in closed form, the shares summing to 1 and the cache ratios the parts' fractions."""
+    parts = step_flops("sdxl", 64)
+    assert list(parts) == ["vae encoder", "text encoders", "denoiser forward + backward"]
+    text = _clip_tflops(768, 12) + _clip_tflops(1280, 32, projection=True)
+    assert parts["text encoders"] == pytest.approx(text, rel=1e-9)
+    assert parts["vae encoder"] > 0 and parts["denoiser forward + backward"] > 0
+    share = shares(parts)
+    assert sum(share[name] for name in parts) == pytest.approx(1.0)
+    total = sum(parts.values())
+    assert share["prompts cached"] == pytest.approx((total - text) / total)
+    assert share["prompts and latents cached"] == pytest.approx(parts["denoiser forward + backward"] / total)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        step_flops("sdxl_refiner", 64)
+
+
+def test_personalize_times_only_the_sd_layouts_and_says_so_in_one_line(capsys):
+    from benchmarks.personalize import main
+
+    assert main(["--layout", "flux"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --layout flux is counted, not timed here: add --shares") and "\n" not in err
 
 
 def test_interleaved_rotates_the_order_every_round_and_reads_the_clock_it_is_given():

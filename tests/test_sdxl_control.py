@@ -180,7 +180,7 @@ def test_the_sdxl_adapter_is_diffusers_full_adapter_xl_with_sdxl_s_widths():
     """The script's adapter (lines 886-892) on SDXL's U-Net (config values of stable-diffusion-xl-base-1.0): the
     defaults give channels (320, 640, 1280, 1280) and downscale 16: 79,028,160 parameters; the SD 1.x layout is
     refused in one line."""
-    from benchmarks.personalize import sdxl_parts  # SDXL base 1.0's config values
+    from benchmarks.layouts import sdxl_parts  # SDXL base 1.0's config values
     from diffusers import T2IAdapter
     from tiny_models import tiny_unet
 

@@ -14,8 +14,11 @@ import gc
 import multiprocessing as mp
 import resource
 import statistics
+import sys
 import time
 
+from .flops import FLOP_LAYOUTS, print_shares
+from .layouts import clip_l, clip_text, kl_vae
 from .stats import ratio_spread
 
 #: the layouts a benchmark pipeline can have: ``scaled`` (SD's block structure at smaller widths, a CPU step takes
@@ -27,37 +30,12 @@ def pipeline_parts(layout: str = "scaled", vocab_size: int = 49408):
     """The U-Net, VAE and CLIP text encoder of ``layout``, randomly initialised (build them under a
     ``torch.device`` context to place them: ``meta`` counts parameters and FLOPs of SD 1.5 without memory)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     if layout == "sd15":  # the config.json files of stable-diffusion-v1-5/stable-diffusion-v1-5
-        text = CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            projection_dim=768,
-        )
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # otherwise diffusers' defaults = SD 1.5
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            sample_size=512,
-        )
-        return unet, vae, CLIPTextModel(text)
+        return unet, kl_vae((128, 256, 512, 512), 4, flow=False), clip_l(vocab_size=vocab_size)
     if layout != "scaled":
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
-    text = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-    )
     unet = UNet2DConditionModel(
         sample_size=8,
         block_out_channels=(64, 128, 128),
@@ -75,89 +53,7 @@ def pipeline_parts(layout: str = "scaled", vocab_size: int = 49408):
         latent_channels=4,
         norm_num_groups=32,
     )
-    return unet, vae, CLIPTextModel(text)
-
-
-def sdxl_parts(vocab_size: int = 49408) -> dict:
-    """Stable Diffusion XL base 1.0's components from the config values of
-    ``stabilityai/stable-diffusion-xl-base-1.0`` (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``
-    config.json files), randomly initialised (build them under ``torch.device("meta")`` to count without memory):
-    U-Net 2,567,463,684, VAE 83,653,863, CLIP ViT-L 123,060,480, OpenCLIP ViT-bigG with projection 694,659,840."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    def text(hidden: int, layers: int, heads: int, act: str) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=4 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            max_position_embeddings=77,
-            projection_dim=hidden,
-            hidden_act=act,
-        )
-
-    unet = UNet2DConditionModel(
-        sample_size=128,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(320, 640, 1280),
-        transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20),
-        use_linear_projection=True,
-        cross_attention_dim=2048,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        sample_size=1024,
-    )
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": CLIPTextModel(text(768, 12, 12, "quick_gelu")),
-        "text_encoder_2": CLIPTextModelWithProjection(text(1280, 32, 20, "gelu")),
-    }
-
-
-def flux_parts() -> dict:
-    """FLUX.1-dev's transformer and VAE from the config values of ``black-forest-labs/FLUX.1-dev``
-    (``transformer`` / ``vae`` config.json files), randomly initialised (build them under ``torch.device("meta")``):
-    transformer 11,901,408,320 (19 double- and 38 single-stream blocks, guidance embedding), VAE 83,819,683 (16
-    latent channels, no quant convolutions). The text encoders (CLIP-L, T5-XXL) are not built here."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=19,
-        num_single_layers=38,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=16,
-        sample_size=1024,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.1159,
-        scaling_factor=0.3611,
-    )
-    return {"transformer": transformer, "vae": vae}
+    return unet, vae, clip_text(256, 4, 4, "quick_gelu", vocab_size=vocab_size)
 
 
 def build_pipeline(seed: int = 0, layout: str = "scaled", device: str = "cpu"):
@@ -365,57 +261,6 @@ def ti_lookup(threads: int, repeats: int = 5) -> dict[str, float]:
     )
 
 
-def step_flops(layout: str = "sd15", resolution: int = 512) -> dict[str, float]:
-    """TFLOPs per image of the parts of a DreamBooth-LoRA step on the ``layout`` pipeline at ``resolution``, counted
-    by torch's ``FlopCounterMode`` on the meta device (exact for the layout, no weights, no memory): the VAE encoder,
-    the text encoder on 77 tokens, and the U-Net's forward + backward with frozen weights (gradients for the
-    activations only, as under LoRA; LoRA's own FLOPs, under 0.1 %, are left out)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        unet, vae, text_encoder = pipeline_parts(layout)
-        for module in (unet, vae, text_encoder):
-            module.requires_grad_(False)
-        latent = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-        pixels = torch.zeros(1, 3, resolution, resolution)
-        ids = torch.zeros(1, 77, dtype=torch.long)
-        latents = torch.zeros(1, vae.config.latent_channels, latent, latent, requires_grad=True)
-        hidden = torch.zeros(1, 77, text_encoder.config.hidden_size)
-        timestep = torch.zeros(1, dtype=torch.long)
-
-    def tflops(fn) -> float:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        return counter.get_total_flops() / 1e12
-
-    return {
-        "vae encoder": tflops(lambda: vae.encode(pixels)),
-        "text encoder": tflops(lambda: text_encoder(ids)),
-        "u-net forward + backward": tflops(lambda: unet(latents, timestep, hidden).sample.sum().backward()),
-    }
-
-
-def print_shares(layout: str = "sd15", resolution: int = 512) -> None:
-    parts = step_flops(layout, resolution)
-    total = sum(parts.values())
-    print(
-        f"\n| part of a DreamBooth-LoRA step, {layout} layout, {resolution} px, per image | TFLOP | share of the step |"
-    )
-    print("|---|---:|---:|")
-    for name, value in parts.items():
-        print(f"| {name} | {value:.4f} | {value / total:.3f} |")
-    prompts = (total - parts["text encoder"]) / total
-    print(
-        f"| step with prompts cached / diffusers' loop (FLOP ratio) | {total - parts['text encoder']:.4f} | "
-        f"{prompts:.3f} |"
-    )
-    print(
-        f"| step with prompts and latents cached / diffusers' loop (FLOP ratio) | "
-        f"{parts['u-net forward + backward']:.4f} | {parts['u-net forward + backward'] / total:.3f} |"
-    )
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tools/benchmark.py personalize", description=__doc__)
     parser.add_argument("--batch", type=int, default=2)
@@ -425,9 +270,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--layout",
-        choices=LAYOUTS,
+        choices=FLOP_LAYOUTS,
         default="scaled",
-        help="the pipeline's layout (sd15: Stable Diffusion 1.5's sizes, random weights)",
+        help="the pipeline's layout (sd15: Stable Diffusion 1.5's sizes, random weights; sdxl, flux, sd3: with "
+        "--shares only)",
     )
     parser.add_argument(
         "--methods",
@@ -442,6 +288,13 @@ def main(argv: list[str]) -> int:
     if args.shares:
         print_shares(args.layout, args.size)
         return 0
+    if args.layout not in LAYOUTS:
+        print(
+            f"error: --layout {args.layout} is counted, not timed here: add --shares (the timed layouts: "
+            f"{', '.join(LAYOUTS)}; SDXL / Flux steps on a GPU: tools/benchmark.py gpu)",
+            file=sys.stderr,
+        )
+        return 2
     rows = [row for row in ROWS if row[1] in args.methods]
     ctx = mp.get_context("spawn")
     runs: dict[str, list[dict]] = {}
