@@ -1,6 +1,7 @@
 """The benchmark tools measure what their tables say: the SD 1.5 layout is SD 1.5's, the mixed-precision steps step,
 and the GPU suite runs end to end (on CPU, tiny models) and refuses a missing CUDA device in one line."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -236,7 +237,7 @@ def test_diffusion_demo_add_extends_the_finished_gallery_and_says_so(tmp_path, c
         },
         "personalization": {"dreambooth_lora": [row]},
     }
-    (tmp_path / "results.json").write_text(__import__("json").dumps(finished))
+    (tmp_path / "results.json").write_text(json.dumps(finished))
     results = added_to(tmp_path / "results.json", "python tools/benchmark.py diffusion-demo --add")
     assert results["base"] == finished["base"] and results["personalization"] == finished["personalization"]
     results["personalization"]["dreambooth_oft"] = [row]
@@ -244,3 +245,9 @@ def test_diffusion_demo_add_extends_the_finished_gallery_and_says_so(tmp_path, c
     text = (tmp_path / "README.md").read_text()
     assert "then `python tools/benchmark.py diffusion-demo --add`" in text
     assert "| DreamBooth-LoRA |" in text and "| DreamBooth-OFT |" in text
+    assert "Embedded pretrained pipelines: the SD 1.x layout only (`checkpoints/tiny_sd`" in text
+    # what the sentence says is what checkpoints/ holds (a tiny_flux pipeline landing must change the sentence)
+    indexes = {
+        p.parent.name: json.loads(p.read_text())["_class_name"] for p in ROOT.glob("checkpoints/*/model_index.json")
+    }
+    assert indexes == {"tiny_sd": "StableDiffusionPipeline"}

@@ -290,6 +290,14 @@ def write_readme(results: dict, out: Path) -> None:
         " subjects trained by the project on real images (`checkpoints/tiny_sd_judge.md`).",
         f"Sampling: DDIM, {results['steps']} steps, guidance {GUIDANCE}, 32 px.",
         "",
+        "Embedded pretrained pipelines: the SD 1.x layout only (`checkpoints/tiny_sd`, epsilon prediction);"
+        " `checkpoints/` holds no pretrained SDXL, SD3 or Flux pipeline. SDXL's code paths (both text encoders,"
+        " the added time ids) are tested on random-weight tiny layouts and train with the denoising loss this"
+        " pipeline trains with (`visionpeft.trainers.diffusion.diffusion_loss`), so what this gallery shows about"
+        " learning covers them; SD3 and Flux train with the flow-matching loss (`visionpeft.trainers.flow_matching`),"
+        " whose equality with diffusers' scripts is tested on random tiny layouts only: no gallery shows them learn"
+        " yet.",
+        "",
         "## Base samples",
         "",
         "Digits (rows 0-9; row 7 is the held-out digit, never seen): ![digits](base_digits.png)",
