@@ -178,10 +178,32 @@ def test_gpu_suite_runs_every_row_on_cpu_and_compares_with_the_peers():
         "| textual_inversion |",
         "| dreambooth_lora |",
         "| dreambooth_lora, latents cached |",
+        "| sdxl dreambooth_lora |",
+        "| sdxl controlnet |",
+        "| flux dreambooth_lora |",
     ):
         assert row in out, row
     assert "x peft lora r8 qkv (peer)" in out and "bf16 autocast, sdpa attention" in out
+    assert "sdxl layout tiny, batch 1, 32 px" in out and "flux layout tiny, batch 1, 32 px" in out
     assert "Traceback" not in result.stderr and "deprecat" not in out.lower()
+
+
+@pytest.mark.parametrize("row", ["sdxl dreambooth_lora", "sdxl controlnet", "flux dreambooth_lora"])
+def test_the_sdxl_and_flux_rows_step_the_same_loss_on_both_sides_and_train(row):
+    """The GPU suite's rows on the tiny layouts, fp32: a fresh LoRA (B = 0) or ControlNet (zero convolutions) adds
+    nothing, so each side's first step is the base model's loss on the same draws; the two are equal (<= 1e-6) only
+    when both feed the denoiser the same latents, prompt states, added conditions / guidance, noise, timesteps and
+    target. The second step on the same draws differs from the first: each side trained."""
+    from benchmarks.family_steps import row_step
+
+    first = {}
+    for side in ("reference", "visionpeft"):
+        step = row_step(row, side, "tiny", 32, 2, "cpu", "no")
+        torch.manual_seed(5)
+        first[side] = step()
+        torch.manual_seed(5)
+        assert (step() - first[side]).abs() > 1e-6, side
+    torch.testing.assert_close(first["visionpeft"], first["reference"], rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from benchmarks.script_steps import (
+    FLUX_SCRIPT_TARGETS,
+    flow_script_noising,
+    flux_dreambooth_loss,
+    flux_encode_prompt,
+)
 from tiny_flow_models import tiny_flux_pipeline, tiny_sd3_pipeline
 from tiny_models import perturb
 
@@ -17,21 +23,6 @@ from visionpeft.config.diffusion_objective import DiffusionObjective
 from visionpeft.trainers.diffusion import DiffusionParts, diffusion_loss
 
 PROMPTS = ["a photo of sks dog", "a photo of sks dog in a bucket"]
-#: train_dreambooth_lora_flux.py's default --lora_layers (lines 1257-1270 at 58eb52c)
-FLUX_SCRIPT_TARGETS = [
-    "attn.to_k",
-    "attn.to_q",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_k_proj",
-    "attn.add_q_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-]
 #: train_dreambooth_lora_sd3.py's default --lora_layers (lines 1251-1260)
 SD3_SCRIPT_TARGETS = [
     "attn.add_k_proj",
@@ -105,86 +96,20 @@ def test_difffit_bitfit_and_full_attach_and_merge_exactly(saved, kind, method):
     assert abs(sample_flow_images(pipe, PROMPTS[0]) - expected).max() < 1e-5
 
 
-def _script_noising(scheduler, model_input, generator, knobs):
-    """The noise, timesteps, sigmas and noisy input both DreamBooth scripts draw the same way
-    (train_dreambooth_lora_flux.py / _sd3.py: noise, then the density's timesteps, then (1 - s) x0 + s noise)."""
-    from diffusers.training_utils import compute_density_for_timestep_sampling
-
-    noise = torch.randn(model_input.shape, generator=generator)
-    u = compute_density_for_timestep_sampling(
-        weighting_scheme=knobs["weighting_scheme"],
-        batch_size=model_input.shape[0],
-        logit_mean=0.0,
-        logit_std=1.0,
-        mode_scale=1.29,
-        generator=generator,
-    )
-    indices = (u * scheduler.config.num_train_timesteps).long()
-    timesteps = scheduler.timesteps[indices]
-    step_indices = [(scheduler.timesteps == t).nonzero().item() for t in timesteps]
-    sigmas = scheduler.sigmas[step_indices].flatten()[:, None, None, None]
-    return noise, timesteps, sigmas, (1.0 - sigmas) * model_input + sigmas * noise
-
-
 def _flux_script_loss(pipe, scheduler, pixels, prompts, generator, knobs):
-    """One step of train_dreambooth_lora_flux.py (58eb52c) written again from its lines, with the draws from one
-    seeded generator in visionpeft's order: ``encode_prompt`` (lines 1031-1072: CLIP-L ``pooler_output`` at 77
-    tokens, T5's last hidden states at ``max_sequence_length``, zero text ids), the latents shifted and scaled
-    (1745-1746), image ids (1750-1756), noise (1758), ``u`` and the timesteps (1763-1771), sigmas through
-    ``get_sigmas`` (1678-1687), the noisy input (1775), packing (1777-1783), guidance (1786-1790), the transformer
-    call with the timestep / 1000 (1793-1803), unpacking (1804-1809), weighting (1813), target (1816) and the
-    per-sample mean (1836-1840)."""
-    from diffusers import FluxPipeline
-    from diffusers.training_utils import compute_loss_weighting_for_sd3
-
-    clip_ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    pooled = pipe.text_encoder(clip_ids.input_ids, output_hidden_states=False).pooler_output
-    t5_ids = pipe.tokenizer_2(
-        prompts, padding="max_length", max_length=knobs["max_sequence_length"], truncation=True, return_tensors="pt"
-    ).input_ids
-    prompt_embeds = pipe.text_encoder_2(t5_ids)[0]
-    text_ids = torch.zeros(prompt_embeds.shape[1], 3)
-    config = pipe.vae.config
-    model_input = pipe.vae.encode(pixels).latent_dist.sample(generator)
-    model_input = (model_input - config.shift_factor) * config.scaling_factor
-    vae_scale_factor = 2 ** (len(config.block_out_channels) - 1)
-    image_ids = FluxPipeline._prepare_latent_image_ids(
-        model_input.shape[0], model_input.shape[2] // 2, model_input.shape[3] // 2, "cpu", torch.float32
-    )
-    bsz = model_input.shape[0]
-    noise, timesteps, sigmas, noisy_model_input = _script_noising(scheduler, model_input, generator, knobs)
-    packed = FluxPipeline._pack_latents(noisy_model_input, bsz, model_input.shape[1], *model_input.shape[2:])
-    guidance = None
-    if pipe.transformer.config.guidance_embeds:
-        guidance = torch.tensor([knobs["guidance_scale"]]).expand(bsz)
-    model_pred = pipe.transformer(
-        hidden_states=packed,
-        timestep=timesteps / 1000,
-        guidance=guidance,
-        pooled_projections=pooled,
-        encoder_hidden_states=prompt_embeds,
-        txt_ids=text_ids,
-        img_ids=image_ids,
-        return_dict=False,
-    )[0]
-    model_pred = FluxPipeline._unpack_latents(
-        model_pred,
-        height=model_input.shape[2] * vae_scale_factor,
-        width=model_input.shape[3] * vae_scale_factor,
-        vae_scale_factor=vae_scale_factor,
-    )
-    weighting = compute_loss_weighting_for_sd3(weighting_scheme=knobs["weighting_scheme"], sigmas=sigmas)
-    target = noise - model_input
-    loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(bsz, -1), 1)
-    return loss.mean()
+    """One step of train_dreambooth_lora_flux.py (``benchmarks.script_steps``) with the draws from one seeded
+    generator in visionpeft's order, the prompts encoded in the step."""
+    encoded = flux_encode_prompt(pipe, prompts, knobs["max_sequence_length"])
+    return flux_dreambooth_loss(pipe, scheduler, pixels, encoded, generator, knobs)
 
 
 def _sd3_script_loss(pipe, scheduler, pixels, prompts, generator, knobs):
     """One step of train_dreambooth_lora_sd3.py (58eb52c) written again from its lines, draws as in
-    :func:`_flux_script_loss`: ``encode_prompt`` (lines 1014-1061: both CLIP encoders' ``hidden_states[-2]`` joined
-    and zero-padded to T5's width, T5 appended along the tokens, both pooled outputs joined), the latents shifted and
-    scaled (1775), noise, ``u``, timesteps, sigmas and noisy input (1779-1797), the transformer call (1800-1806),
-    preconditioning (1810-1811, 1818-1821), weighting (1815) and the per-sample mean (1838-1842)."""
+    :func:`_flux_script_loss` (``benchmarks.script_steps.flow_script_noising``): ``encode_prompt`` (lines
+    1014-1061: both CLIP encoders' ``hidden_states[-2]`` joined and zero-padded to T5's width, T5 appended along the
+    tokens, both pooled outputs joined), the latents shifted and scaled (1775), noise, ``u``, timesteps, sigmas and
+    noisy input (1779-1797), the transformer call (1800-1806), preconditioning (1810-1811, 1818-1821), weighting
+    (1815) and the per-sample mean (1838-1842)."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     clip_states, clip_pooled = [], []
@@ -210,7 +135,7 @@ def _sd3_script_loss(pipe, scheduler, pixels, prompts, generator, knobs):
     model_input = pipe.vae.encode(pixels).latent_dist.sample(generator)
     model_input = (model_input - config.shift_factor) * config.scaling_factor
     bsz = model_input.shape[0]
-    noise, timesteps, sigmas, noisy_model_input = _script_noising(scheduler, model_input, generator, knobs)
+    noise, timesteps, sigmas, noisy_model_input = flow_script_noising(scheduler, model_input, generator, knobs)
     model_pred = pipe.transformer(
         hidden_states=noisy_model_input,
         timestep=timesteps,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from benchmarks.script_steps import sdxl_dreambooth_loss, sdxl_encode_prompt, sdxl_time_ids
 from tiny_models import perturb, tiny_sdxl_pipeline
 
 import visionpeft as vp
@@ -52,45 +52,14 @@ def test_the_backbone_sees_an_sdxl_pipeline_with_both_text_towers(saved):
     assert backbone.describe()["addition_time_embed_dim"] == 8
 
 
-def _script_encode_prompt(pipe, prompts):
-    """train_dreambooth_lora_sdxl.py ``tokenize_prompt`` + ``encode_prompt`` (lines 943-980 at 58eb52c), written
-    again: each tokenizer pads to its max length, the penultimate hidden states of both encoders are joined, the
-    pooled output is the last encoder's first output."""
-    states = []
-    for encoder, tokenizer in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        out = encoder(ids, output_hidden_states=True, return_dict=False)
-        pooled = out[0]
-        states.append(out[-1][-2])
-    return torch.concat(states, dim=-1), pooled.view(len(prompts), -1)
-
-
 def _script_loss(pipe, scheduler, pixels, prompts, conditions, seed, resolution=16):
-    """One step of train_dreambooth_lora_sdxl.py (58eb52c), written again from its lines, with the draws taken in
-    visionpeft's order from one seeded generator: latents (line 1690, scaled 1693), noise (1702), timesteps (1708),
-    ``add_noise`` (1716), ``compute_time_ids`` (1477-1483: original size + crop + (resolution, resolution)), the
-    U-Net call with ``added_cond_kwargs`` (1741-1753), the target (1797-1806) and ``F.mse_loss`` (1835)."""
+    """One step of train_dreambooth_lora_sdxl.py (``benchmarks.script_steps``) with the draws taken in visionpeft's
+    order from one seeded generator, each item's time ids from its own original size and crop, the prompts encoded
+    in the step (the script's custom-prompt / --train_text_encoder path)."""
     generator = torch.Generator().manual_seed(seed)
-    latents = pipe.vae.encode(pixels).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(pixels),), generator=generator)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    time_ids = torch.cat(
-        [
-            torch.tensor([list(tuple(s.tolist()) + tuple(c.tolist()) + (resolution, resolution))])
-            for s, c in zip(conditions["original_size"], conditions["crop_top_left"])
-        ]
-    ).float()
-    prompt_embeds, pooled = _script_encode_prompt(pipe, prompts)
-    added = {"time_ids": time_ids, "text_embeds": pooled}
-    pred = pipe.unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added, return_dict=False)[0]
-    if scheduler.config.prediction_type == "epsilon":
-        target = noise
-    else:
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    time_ids = sdxl_time_ids(conditions["original_size"], conditions["crop_top_left"], resolution)
+    prompt_embeds, pooled = sdxl_encode_prompt(pipe, prompts)
+    return sdxl_dreambooth_loss(pipe, scheduler, pixels, prompt_embeds, pooled, time_ids, generator)
 
 
 def _grads(pipe) -> dict[str, torch.Tensor]:
@@ -134,7 +103,7 @@ def test_prompts_pad_with_each_tokenizers_own_token_and_cache(saved):
     parts = DiffusionParts.from_pipeline(pipe, cache_prompts=True)
     encoded = encode_prompts(parts, PROMPTS)
     assert encoded.hidden.shape == (2, 77, 32) and encoded.pooled.shape == (2, 16)
-    hidden, pooled = _script_encode_prompt(pipe, PROMPTS)
+    hidden, pooled = sdxl_encode_prompt(pipe, PROMPTS)
     torch.testing.assert_close(encoded.hidden, hidden, rtol=0, atol=0)
     torch.testing.assert_close(encoded.pooled, pooled, rtol=0, atol=0)
     assert encode_prompts(parts, PROMPTS) is encoded  # frozen text side: encoded once

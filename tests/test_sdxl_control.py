@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from benchmarks.script_steps import sdxl_control_embeddings, sdxl_controlnet_loss
 from tiny_models import perturb, tiny_sdxl_pipeline
 
 import visionpeft as vp
@@ -42,51 +42,11 @@ def _batch():
     return {"pixel_values": pixels, "conditioning_pixel_values": control, "prompt": PROMPTS}
 
 
-def _script_embeddings(pipe, prompts):
-    """train_controlnet_sdxl.py ``encode_prompt`` (lines 721-757 at 58eb52c; train_t2i_adapter_sdxl.py has the same
-    function) and ``compute_embeddings`` (lines 1064-1087): both encoders' penultimate states joined, encoder 2's
-    pooled output, time ids (resolution, resolution) + (0, 0) + (resolution, resolution) in the states' dtype."""
-    states = []
-    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        out = encoder(ids, output_hidden_states=True)
-        pooled = out[0]
-        states.append(out.hidden_states[-2])
-    prompt_embeds = torch.concat(states, dim=-1)
-    time_ids = torch.tensor([[RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION]]).repeat(len(prompts), 1)
-    added = {"text_embeds": pooled.view(len(prompts), -1), "time_ids": time_ids.to(prompt_embeds.dtype)}
-    return prompt_embeds, added
-
-
 def _script_controlnet_loss(pipe, unet, controlnet, scheduler, batch):
-    """One step of train_controlnet_sdxl.py (58eb52c) from its lines, fp32: latents (1232-1233), noise (1238),
-    timesteps (1242-1243), ``add_noise`` (1247-1249), the ControlNet with the U-Net's added conditions (1252-1261),
-    the U-Net with its residuals (1264-1274), the target (1277-1282) and ``F.mse_loss`` (1283)."""
-    latents = pipe.vae.encode(batch["pixel_values"]).latent_dist.sample() * pipe.vae.config.scaling_factor
-    noise = torch.randn(latents.shape)  # randn_like: see _step
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
-    noisy = scheduler.add_noise(latents.float(), noise.float(), timesteps)
-    prompt_embeds, added = _script_embeddings(pipe, batch["prompt"])
-    down, mid = controlnet(
-        noisy,
-        timesteps,
-        encoder_hidden_states=prompt_embeds,
-        added_cond_kwargs=added,
-        controlnet_cond=batch["conditioning_pixel_values"],
-        return_dict=False,
-    )
-    pred = unet(
-        noisy,
-        timesteps,
-        encoder_hidden_states=prompt_embeds,
-        added_cond_kwargs=added,
-        down_block_additional_residuals=list(down),
-        mid_block_additional_residual=mid,
-        return_dict=False,
-    )[0]
-    return F.mse_loss(pred.float(), noise.float(), reduction="mean")  # epsilon: the target is the noise
+    """One step of train_controlnet_sdxl.py (``benchmarks.script_steps``), fp32, drawing from the global stream."""
+    prompt_embeds, added = sdxl_control_embeddings(pipe, batch["prompt"], RESOLUTION)
+    pixels, control = batch["pixel_values"], batch["conditioning_pixel_values"]
+    return sdxl_controlnet_loss(pipe, unet, controlnet, scheduler, pixels, control, prompt_embeds, added)
 
 
 def _script_t2i_loss(pipe, unet, adapter, batch):
@@ -107,7 +67,7 @@ def _script_t2i_loss(pipe, unet, adapter, batch):
     sigmas = euler.sigmas[indices].flatten()[:, None, None, None]
     inputs = noisy / ((sigmas**2 + 1) ** 0.5)
     states = adapter(batch["conditioning_pixel_values"])
-    prompt_embeds, added = _script_embeddings(pipe, batch["prompt"])
+    prompt_embeds, added = sdxl_control_embeddings(pipe, batch["prompt"], RESOLUTION)
     pred = unet(
         inputs,
         timesteps,

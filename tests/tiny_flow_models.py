@@ -1,62 +1,21 @@
 """Tiny random-weight Flux and Stable Diffusion 3 pipelines, built offline (no hub file): diffusers' own tests build
 theirs from config the same way; the tokenizers are the only files they download, so here the CLIP tokenizer comes
 from open_clip's bundled BPE vocabulary (as the tiny SD pipelines') and the T5 one is a small Unigram model trained
-with ``tokenizers`` on a few words."""
+with ``tokenizers`` on a few words (``benchmarks.t5_vocab``, which the GPU suite's Flux rows use too)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-
-#: what the T5-like tokenizer's Unigram model is trained on (every prompt word of the tests)
-T5_WORDS = "a photo of sks dog in bucket the cat red blue green digit seven zero one two three painting style".split()
-
-
-def t5_tokenizer(directory, model_max_length: int = 512):
-    """A ``T5TokenizerFast`` over a Unigram model trained on :data:`T5_WORDS` (pad 0, ``</s>`` 1 appended to every
-    sequence, ``<unk>`` 2, Metaspace pre-tokenizer: T5's conventions), saved into ``directory``."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import T5TokenizerFast
-
-    tokenizer = Tokenizer(models.Unigram())
-    tokenizer.normalizer = normalizers.NFKC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
-    tokenizer.train_from_iterator([" ".join(T5_WORDS)] * 20 + T5_WORDS, trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
-    )
-    fast = T5TokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        extra_ids=0,
-        model_max_length=model_max_length,
-    )
-    fast.save_pretrained(Path(directory))
-    return fast
+from benchmarks import layouts
+from benchmarks.t5_vocab import t5_tokenizer
 
 
 def tiny_t5(vocab_size: int, seed: int = 0) -> torch.nn.Module:
-    """A 2-layer ``T5EncoderModel`` of width 32 (random weights)."""
-    from transformers import T5Config, T5EncoderModel
-
+    """A 2-layer ``T5EncoderModel`` of width 32 (random weights): ``benchmarks.layouts.tiny_t5``."""
     torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        feed_forward_proj="gated-gelu",
-    )
-    return T5EncoderModel(config).eval()
+    return layouts.tiny_t5(vocab_size).eval()
 
 
 def _clip_config(vocab: int):

@@ -10,7 +10,12 @@ batch 4: the steps of diffusers' train_dreambooth_lora.py and textual_inversion.
 against visionpeft's DreamBooth-LoRA (prompt states cached; and with latents cached) and textual inversion, with
 PyTorch SDPA attention and, when xformers is installed, xformers attention.
 
-Both tables run under bf16 and fp16 autocast (fp16 with a gradient scaler). Every row builds its model, warms up,
+SDXL / Flux tables (``benchmarks.family_steps``): the logic of diffusers' train_dreambooth_lora_sdxl.py,
+train_controlnet_sdxl.py and train_dreambooth_lora_flux.py against visionpeft's SDXL DreamBooth-LoRA, SDXL ControlNet
+and Flux DreamBooth-LoRA steps, batch 1 (the recipes' micro-batch), on the published layouts (``--sdxl-layout``,
+``--flux-layout``: SDXL base 1.0 at 1024 px, FLUX.1-dev at 512 px, the README runs' resolutions; ``tiny`` on a CPU).
+
+Every table runs under bf16 and fp16 autocast (fp16 with a gradient scaler). Every row builds its model, warms up,
 then times steps between CUDA synchronisations; ``--rounds`` repeats all rows in a rotated order. Reported: images
 per second (median over rounds), each ratio to the peer with its min / median / max over rounds, and the peak CUDA
 memory of training above the built model. ``--device cpu --quick`` runs the same code on tiny models (the test).
@@ -25,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from .layouts import FLUX_LAYOUTS, SDXL_LAYOUTS
 from .stats import ratio_spread
 
 #: (row, method, options): ``plain`` is full fine-tuning without visionpeft, ``peft_lora`` the peer (``core.prepare``)
@@ -51,6 +57,11 @@ class Settings:
     sd_img: int
     warmup: int
     steps: int
+    sdxl_layout: str = "sdxl"
+    sdxl_img: int = 1024
+    flux_layout: str = "flux"
+    flux_img: int = 512
+    family_batch: int = 1
 
 
 def _timed(step, device: str, warmup: int, steps: int) -> dict[str, float]:
@@ -186,6 +197,43 @@ def sd_table(settings: Settings, precision: str, attention: str, rounds: int) ->
         )
 
 
+def family_table(settings: Settings, family: str, precision: str, rounds: int) -> None:
+    """The SDXL (``family`` sdxl) or Flux rows: each row's script-logic step and visionpeft's step."""
+    from .family_steps import ROWS, row_step
+
+    layout, size = (
+        (settings.sdxl_layout, settings.sdxl_img) if family == "sdxl" else (settings.flux_layout, settings.flux_img)
+    )
+    batch = settings.family_batch
+    rows = [
+        (f"{row}/{side}", row, side)
+        for row, (kind, _) in ROWS.items()
+        if kind == family
+        for side in ("reference", "visionpeft")
+    ]
+
+    def measure(entry):
+        step = row_step(entry[1], entry[2], layout, size, batch, settings.device, precision)
+        return _timed(step, settings.device, settings.warmup, settings.steps)
+
+    runs = _rounds(rows, rounds, measure)
+    print(f"\n{family} layout {layout}, batch {batch}, {size} px, {precision} autocast, sdpa attention\n")
+    print(
+        "| step | diffusers' script logic: images / s | visionpeft: images / s | time ratio | min / median / max "
+        "over rounds | peak memory (MB), script / visionpeft |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for row, (kind, _) in ROWS.items():
+        if kind != family:
+            continue
+        ours, ref = runs[f"{row}/visionpeft"], runs[f"{row}/reference"]
+        ref_time, our_time = _median(ref, "time"), _median(ours, "time")
+        print(
+            f"| {row} | {batch / ref_time:.2f} | {batch / our_time:.2f} | {our_time / ref_time:.2f} | "
+            f"{ratio_spread(ours, ref, 'time')} | {_median(ref, 'memory'):.0f} / {_median(ours, 'memory'):.0f} |"
+        )
+
+
 def attentions() -> list[str]:
     """SDPA always; xformers when it is installed."""
     import importlib.util
@@ -224,10 +272,17 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp16"], choices=["no", "bf16", "fp16"])
-    parser.add_argument("--tables", nargs="+", default=["vit", "sd"], choices=["vit", "sd"])
+    parser.add_argument(
+        "--tables", nargs="+", default=["vit", "sd", "sdxl", "flux"], choices=["vit", "sd", "sdxl", "flux"]
+    )
     parser.add_argument("--vit-batch", type=int, default=64)
     parser.add_argument("--sd-batch", type=int, default=4)
     parser.add_argument("--sd-img", type=int, default=512)
+    parser.add_argument("--sdxl-layout", choices=SDXL_LAYOUTS, default="sdxl", help="sdxl: SDXL base 1.0's sizes")
+    parser.add_argument("--sdxl-img", type=int, default=1024)
+    parser.add_argument("--flux-layout", choices=FLUX_LAYOUTS, default="flux", help="flux: FLUX.1-dev's sizes")
+    parser.add_argument("--flux-img", type=int, default=512)
+    parser.add_argument("--family-batch", type=int, default=1, help="batch of the SDXL / Flux rows")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
@@ -253,9 +308,16 @@ def main(argv: list[str]) -> int:
         args.sd_img,
         args.warmup,
         args.steps,
+        args.sdxl_layout,
+        args.sdxl_img,
+        args.flux_layout,
+        args.flux_img,
+        args.family_batch,
     )
     if args.quick:
-        settings = Settings(args.device, "vit_tiny_patch16_224", 1, 32, "scaled", 1, 32, 1, 1)
+        settings = Settings(
+            args.device, "vit_tiny_patch16_224", 1, 32, "scaled", 1, 32, 1, 1, "tiny", 32, "tiny", 32, 1
+        )
         args.rounds = 1
     quiet_libraries()
     print(_header(settings))
@@ -265,4 +327,7 @@ def main(argv: list[str]) -> int:
         if "sd" in args.tables:
             for attention in attentions():
                 sd_table(settings, precision, attention, args.rounds)
+        for family in ("sdxl", "flux"):
+            if family in args.tables:
+                family_table(settings, family, precision, args.rounds)
     return 0

@@ -44,10 +44,17 @@ def clip_g(vocab_size: int = CLIP_VOCAB):
     return clip_text(1280, 32, 20, "gelu", True, vocab_size)
 
 
-def t5_encoder(d_model: int = 4096, d_ff: int = 10240, layers: int = 24, heads: int = 64, vocab_size: int = T5_VOCAB):
-    """A T5 v1.1 encoder (gated GELU, no bias, relative attention in 32 buckets); the defaults are T5-XXL's
-    (google/t5-v1_1-xxl: 4096 wide, 24 layers, 64 heads of 64, feed-forward 10240, vocabulary 32128: FLUX.1-dev's
-    ``text_encoder_2`` and SD3.5's ``text_encoder_3``): 4,762,310,656 parameters."""
+def t5_encoder(
+    d_model: int = 4096,
+    d_ff: int = 10240,
+    layers: int = 24,
+    heads: int = 64,
+    vocab_size: int = T5_VOCAB,
+    buckets: tuple[int, int] = (32, 128),
+):
+    """A T5 v1.1 encoder (gated GELU, no bias, relative attention: ``buckets`` = (number, max distance)); the
+    defaults are T5-XXL's (google/t5-v1_1-xxl: 4096 wide, 24 layers, 64 heads of 64, feed-forward 10240, vocabulary
+    32128: FLUX.1-dev's ``text_encoder_2`` and SD3.5's ``text_encoder_3``): 4,762,310,656 parameters."""
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
@@ -57,11 +64,16 @@ def t5_encoder(d_model: int = 4096, d_ff: int = 10240, layers: int = 24, heads: 
         d_ff=d_ff,
         num_layers=layers,
         num_heads=heads,
-        relative_attention_num_buckets=32 if d_model > 64 else 8,
-        relative_attention_max_distance=128 if d_model > 64 else 16,
+        relative_attention_num_buckets=buckets[0],
+        relative_attention_max_distance=buckets[1],
         feed_forward_proj="gated-gelu",
     )
     return T5EncoderModel(config)
+
+
+def tiny_t5(vocab_size: int):
+    """A 2-layer T5 v1.1 encoder of width 32 (4 heads of 8, feed-forward 64, 8 relative-position buckets)."""
+    return t5_encoder(32, 64, 2, 4, vocab_size, buckets=(8, 16))
 
 
 def kl_vae(widths: tuple[int, ...], latent_channels: int, flow: bool, norm_groups: int = 32):
@@ -165,7 +177,7 @@ def flux_parts(layout: str = "flux", vocab_size: int = CLIP_VOCAB, t5_vocab_size
         "transformer": transformer,
         "vae": vae,
         "text_encoder": clip_text(32, 2, 2, "quick_gelu", vocab_size=vocab_size) if tiny else clip_l(False, vocab_size),
-        "text_encoder_2": t5_encoder(32, 64, 2, 4, t5_vocab_size) if tiny else t5_encoder(vocab_size=t5_vocab_size),
+        "text_encoder_2": tiny_t5(t5_vocab_size) if tiny else t5_encoder(vocab_size=t5_vocab_size),
     }
 
 

@@ -160,13 +160,25 @@ def reference_step_fn(pipe, variant: str, device: str = "cpu", precision: str = 
     return step
 
 
-def visionpeft_step_fn(pipe, variant: str, device: str = "cpu", precision: str = "no", cache_latents: bool = False):
+def visionpeft_step_fn(
+    pipe,
+    variant: str,
+    device: str = "cpu",
+    precision: str = "no",
+    cache_latents: bool = False,
+    lora: dict | None = None,
+    objective=None,
+):
     """visionpeft's step as the personalization trainer builds it (prompt states cached while nothing on the text
-    side trains; ``cache_latents``: each image VAE-encoded once; frozen weights stored in the half type)."""
+    side trains; ``cache_latents``: each image VAE-encoded once; frozen weights stored in the half type: the
+    denoiser, every text encoder and the VAE unless the family keeps it fp32). Any family's pipeline: ``lora`` are
+    the LoRA's options (default r 4 on Q, K, V, O), ``objective`` a flow family's knobs
+    (:class:`~visionpeft.config.diffusion_objective.DiffusionObjective`)."""
     import torch
 
     import visionpeft as vp
-    from visionpeft.trainers.diffusion import DiffusionParts, diffusion_loss
+    from visionpeft.backbones import pipeline_modules
+    from visionpeft.trainers.diffusion import DiffusionParts, diffusion_loss, frozen_modules
     from visionpeft.trainers.run import freeze_in_precision
 
     from .amp import Amp
@@ -175,11 +187,11 @@ def visionpeft_step_fn(pipe, variant: str, device: str = "cpu", precision: str =
         vp.attach(pipe, "textual_inversion", token="<ref>", initializer="dog")
         prompt, lr = "a photo of a <ref>", 5e-4
     else:
-        vp.attach(pipe, "lora", r=4, alpha=4, targets=["q", "k", "v", "o"])
+        vp.attach(pipe, "lora", **(lora or {"r": 4, "alpha": 4, "targets": ["q", "k", "v", "o"]}))
         prompt, lr = "a photo of sks dog", 1e-4
     pipe.to(device)
-    parts = DiffusionParts.from_pipeline(pipe, cache_prompts=True, cache_latents=cache_latents)
-    freeze_in_precision([pipe.unet, pipe.text_encoder, pipe.vae], precision)
+    parts = DiffusionParts.from_pipeline(pipe, cache_prompts=True, cache_latents=cache_latents, objective=objective)
+    freeze_in_precision(frozen_modules(pipe, pipeline_modules(pipe).text_encoders(), parts), precision)
     optimizer = torch.optim.AdamW([p for _, p in vp.trainable_parameters(pipe)], lr=lr)
     amp = Amp(device, precision)
 
@@ -187,6 +199,7 @@ def visionpeft_step_fn(pipe, variant: str, device: str = "cpu", precision: str =
         with amp.autocast():
             loss = diffusion_loss(parts, pixel_values, [prompt] * pixel_values.shape[0], generator=generator)
         amp.step(loss, optimizer)
+        return loss.detach()
 
     return step
 

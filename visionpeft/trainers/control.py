@@ -35,7 +35,7 @@ from ..data.control_pairs import ControlPairs
 from ..data.fill50k import fill_iou
 from ..methods.flow_controlnet import draw_conditions
 from .control_inputs import condition_columns, per_control
-from .diffusion import DiffusionParts, denoiser_of, diffusion_loss, prompt_encoder
+from .diffusion import DiffusionParts, denoiser_of, diffusion_loss, frozen_modules, prompt_encoder
 from .diffusion_objective import check_objective, use_trained_sampling
 from .personalization import check_family, check_size, expected_family, takes
 from .run import Setup, run_task
@@ -170,15 +170,12 @@ class ControlTrainer:
             denoiser_net.enable_gradient_checkpointing()
         objective = ControlValidation(pipeline, config, run_dir, shown)
         denoiser = ControlDenoiser(adapted, pipeline, config.train.timesteps, knobs)
-        text_encoders = [getattr(pipeline, name) for name in adapted.text_encoders()]
-        # SDXL's own VAE overflows in fp16 (its config's force_upcast): it stays fp32, as diffusers' scripts keep it
-        vae = [] if denoiser.parts.prompts.vae_in_fp32(pipeline.vae) else [pipeline.vae]
         return Setup(
             denoiser,
             adapted,
             objective,
             pairs,
-            frozen=[denoiser_net, *text_encoders, *vae],
+            frozen=frozen_modules(pipeline, adapted.text_encoders(), denoiser.parts),
             loader={"num_workers": data.num_workers},
             summary=[f"{len(pairs)} (image, condition, caption) triples from {data.root}"],
             state={"pipeline": pipeline},

@@ -105,6 +105,14 @@ class DiffusionParts:
         )
 
 
+def frozen_modules(pipeline, text_encoders: list[str], parts: DiffusionParts) -> list[nn.Module]:
+    """The modules of a diffusion run whose frozen weights mixed precision stores in half precision: the denoiser,
+    the named text encoders, and the VAE unless the family keeps it in fp32 (SDXL's own VAE, whose config says
+    ``force_upcast``; SD3's), as diffusers' scripts keep it."""
+    vae = [] if parts.prompts.vae_in_fp32(pipeline.vae) else [pipeline.vae]
+    return [denoiser_of(pipeline), *(getattr(pipeline, name) for name in text_encoders), *vae]
+
+
 def training_scheduler(pipeline, objective: DiffusionObjective | None = None):
     """A DDPM scheduler with the pipeline's noise schedule: training always uses the DDPM forward process,
     whatever sampler the pipeline ships with; the objective's ``prediction_type`` / ``rescale_zero_terminal_snr``

@@ -45,7 +45,7 @@ from ..data.class_images import cached_class_images, class_image_fields
 from ..data.few_images import FewImages, ImageKnobs
 from ..errors import ConfigError
 from .block_rates import block_lr_multipliers
-from .diffusion import DiffusionParts, denoiser_of, diffusion_loss, prompt_encoder
+from .diffusion import DiffusionParts, denoiser_of, diffusion_loss, frozen_modules, prompt_encoder
 from .diffusion_objective import check_objective, use_trained_sampling
 from .logs import get_logger
 from .run import Setup, run_task
@@ -465,14 +465,12 @@ class PersonalizationTrainer:
             )
             cache = False
         denoiser = Denoiser(adapted, pipeline, config, cache)
-        # SDXL's own VAE overflows in fp16 (its config's force_upcast): it stays fp32, as diffusers' scripts keep it
-        vae = [] if denoiser.parts.prompts.vae_in_fp32(pipeline.vae) else [pipeline.vae]
         return Setup(
             denoiser,
             adapted,
             objective,
             dataset,
-            frozen=[denoiser_net, *text_encoders, *vae],
+            frozen=frozen_modules(pipeline, adapted.text_encoders(), denoiser.parts),
             summary=summary,
             state={"pipeline": pipeline},
             batch_sampler=bucket_batches(subject, config.train.seed) if data.buckets else None,
