@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _run_args import train_args
 from omegaconf import OmegaConf
 from PIL import Image
 from tiny_models import tiny_sd_pipeline
@@ -165,24 +166,20 @@ def test_a_second_run_reuses_the_class_images_and_trains_the_same(tmp_path):
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
     outputs = []
     for name in ("first", "second"):
-        args = [
-            "configs/personalize/dreambooth_lora_tiny_sd.yaml",
+        args = train_args(
+            "personalize/dreambooth_lora_tiny_sd",
+            tmp_path / "runs",
+            name,
             f"model.name={tmp_path / 'pipe'}",
             f"data.images={tmp_path / 'images'}",
-            "data.size=16",
             "data.repeats=2",
-            "data.batch_size=2",
             "prior.enabled=true",
             "prior.num_images=2",
             "prior.sample_steps=2",
             "prior.class_prompt=a photo",
-            "optim.steps=3",
             "train.eval_every=3",
             "train.validation_prompts=[]",
-            f"train.output_dir={tmp_path / 'runs'}",
-            f"train.run_name={name}",
-            "--cpu",
-        ]
+        )
         assert run(tool.main, args) == 0
         run_dir = tmp_path / "runs" / name
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

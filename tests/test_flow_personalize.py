@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import train as tool  # noqa: E402
+from _run_args import train_args
 from PIL import Image
 from safetensors.torch import load_file
 from tiny_flow_models import sample_flow_images, tiny_flux_pipeline, tiny_sd3_pipeline
@@ -39,24 +40,17 @@ def setup(tmp_path_factory):
 
 
 def _args(tmp, config_name, model, run_name, *overrides):
-    return [
-        f"configs/personalize/{config_name}.yaml",
+    return train_args(
+        f"personalize/{config_name}",
+        tmp / "runs",
+        run_name,
         f"model.name={tmp / model}",
         f"data.images={tmp / 'images'}",
-        "data.size=16",
         "data.repeats=2",
-        "optim.steps=3",
         "optim.max_sequence_length=16",
-        "data.batch_size=2",
-        "optim.grad_accum=1",
-        "train.mixed_precision=no",
         "train.validation_prompts=[]",
-        f"train.output_dir={tmp / 'runs'}",
-        f"train.run_name={run_name}",
-        "train.log_every=1",
-        "--cpu",
         *overrides,
-    ]
+    )
 
 
 def _train(tmp, config_name, model, run_name, *overrides):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _run_args import train_args
 from PIL import Image
 from tiny_models import tiny_sd_pipeline
 
@@ -207,18 +208,18 @@ def test_masked_bucketed_run_with_prior_preservation(tmp_path):
         array = np.zeros((size[1], size[0]), np.uint8)
         array[:, : size[0] // 2] = 255
         Image.fromarray(array).save(masks / f"{name}.png")
-    args = [
-        "configs/personalize/dreambooth_lora_tiny_sd.yaml",
+    args = train_args(
+        "personalize/dreambooth_lora_tiny_sd",
+        tmp_path / "runs",
+        "masked",
         f"model.name={tmp_path / 'pipe'}",
         f"data.images={images}",
         f"data.masks={masks}",
         "data.buckets=true",
-        "data.size=16",
         "data.bucket_reso_steps=4",
         "data.min_bucket_reso=8",
         "data.max_bucket_reso=32",
         "data.repeats=2",
-        "data.batch_size=2",
         "prior.enabled=true",
         "prior.num_images=2",
         "prior.sample_steps=2",
@@ -226,11 +227,7 @@ def test_masked_bucketed_run_with_prior_preservation(tmp_path):
         "optim.steps=6",
         "train.eval_every=6",
         "train.validation_prompts=[]",
-        "train.log_every=1",
-        f"train.output_dir={tmp_path / 'runs'}",
-        "train.run_name=masked",
-        "--cpu",
-    ]
+    )
     assert run(tool.main, args) == 0
     run_dir = tmp_path / "runs" / "masked"
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

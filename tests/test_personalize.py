@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import train as tool  # noqa: E402
+from _run_args import train_args
 from PIL import Image
 from tiny_models import sample_images, tiny_sd_pipeline
 
@@ -63,24 +64,19 @@ def _before_after(tmp, run_dir, prompt, *attach):
 
 
 def _train(tmp, config_name, *overrides):
-    args = [
-        f"configs/personalize/{config_name}.yaml",
+    args = train_args(
+        f"personalize/{config_name}",
+        tmp / "runs",
+        config_name,
         f"model.name={tmp / 'pipe'}",
         f"data.images={tmp / 'images'}",
-        "data.size=16",
         "data.repeats=4",
         "optim.steps=24",
-        "data.batch_size=2",
-        "optim.grad_accum=1",
         "train.eval_every=12",
         "train.validation_steps=2",
         "train.validation_images=1",
-        f"train.output_dir={tmp / 'runs'}",
-        f"train.run_name={config_name}",
-        "train.log_every=1",
-        "--cpu",
         *overrides,
-    ]
+    )
     assert run(tool.main, args) == 0
     run_dir = tmp / "runs" / config_name
     losses = [

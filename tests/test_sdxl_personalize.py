@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import train as tool  # noqa: E402
+from _run_args import train_args
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tiny_models import sample_images, tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -36,24 +37,17 @@ def setup(tmp_path_factory):
 
 
 def _args(tmp, config_name, run_name, *overrides):
-    return [
-        f"configs/personalize/{config_name}.yaml",
+    return train_args(
+        f"personalize/{config_name}",
+        tmp / "runs",
+        run_name,
         f"model.name={tmp / 'pipe'}",
         "model.vae=null",
         f"data.images={tmp / 'images'}",
-        "data.size=16",
         "data.repeats=2",
-        "optim.steps=3",
-        "data.batch_size=2",
-        "optim.grad_accum=1",
-        "train.mixed_precision=no",
         "train.validation_prompts=[]",
-        f"train.output_dir={tmp / 'runs'}",
-        f"train.run_name={run_name}",
-        "train.log_every=1",
-        "--cpu",
         *overrides,
-    ]
+    )
 
 
 def _train(tmp, config_name, run_name, *overrides):
@@ -201,8 +195,7 @@ def test_difffit_on_an_fp8_base_merges_into_the_full_precision_u_net(setup):
     ],
 )
 def test_bad_input_is_one_line(setup, capsys, config_name, folder, overrides, words):
-    args = _args(setup, config_name, "bad", *overrides)
-    args[1] = f"model.name={setup / folder}"
+    args = _args(setup, config_name, "bad", f"model.name={setup / folder}", *overrides)
     assert run(tool.main, args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1, err
