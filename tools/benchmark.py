@@ -7,6 +7,8 @@ zoo   [zoo] methods (ln_tune, ssf, fact, repadapter, adapter, vqt, vp): step tim
 lycoris  loha / lokr / oft / boft / ia3 training steps against PEFT's same config, interleaved in one process.
 demo  the sweep spec grids/demo.yaml (every method on the tiny ViT and the mini tasks) run by tools/sweep.py;
       the report goes to gallery/.
+noah-demo  NOAH on the mini tasks: per task the supernet, the evolutionary search and the retrain of the found
+      subnet (seeds 0 1 2); its row goes to gallery/demo_noah_results.{md,json}.
 clip  learned-prompt (CoOp) inference throughput against zero-shot CLIP.
 personalize  one training step of textual inversion / DreamBooth-LoRA against a bare diffusers reference step.
 cli   how fast the commands answer (--help, config errors) and import visionpeft, against import torch.
@@ -16,6 +18,9 @@ segment  segmentation training-step time and memory of every method relative to 
 segment-demo  every method on the tiny ViT and the texture mosaic (mIoU table + prediction picture in gallery/).
 diffusion-demo  the embedded tiny text-to-image pipeline: base samples judged, personalization before / after
       (gallery/diffusion/).
+recipes-ablation  DreamBooth-LoRA on the tiny pipeline's held-out 7 with each training knob on (min-SNR, noise
+      offset, Huber, masked loss, pivotal tuning, buckets, prior preservation): the judge's rate and language drift
+      over 3 seeds (gallery/diffusion/ablation.md).
 tiny-sd  the tiny pipeline's sampling speed, and its personalization step against the bare diffusers + peft step.
 control-demo  ControlNet / ControlNet-LoRA on the tiny pipeline and 32 px fill50k: held-out fill IoU over training
       steps against the base pipeline, sample grids (gallery/control/).
@@ -38,6 +43,7 @@ SUITES = (
     "zoo",
     "lycoris",
     "demo",
+    "noah-demo",
     "clip",
     "personalize",
     "cli",
@@ -45,6 +51,7 @@ SUITES = (
     "segment",
     "segment-demo",
     "diffusion-demo",
+    "recipes-ablation",
     "tiny-sd",
     "control-demo",
     "clip-demo",

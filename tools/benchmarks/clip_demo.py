@@ -2,10 +2,13 @@
 learned prompts and adapters, few-shot and base-to-new, on clip_mix (real images that ship with scikit-learn /
 scikit-image; digit 7, the brick texture and 16 circle colour pairs held out of the CLIP's pretraining).
 
-    python tools/benchmark.py clip-demo [--methods linear coop cocoop kgcoop maple tip_adapter] [--shots 1 2 4 8 16]
+    python tools/benchmark.py clip-demo [--methods linear coop cocoop kgcoop maple prograd ivlp promptsrc clip_adapter
+                                        tip_adapter_f tip_adapter] [--shots 1 2 4 8 16]
                                         [--seeds 1 2 3] [--steps 40]
-    python tools/benchmark.py clip-demo --resume     # run only what gallery/clip/results.json lacks
-    python tools/benchmark.py clip-demo --from-json  # redraw the table and plot only
+    python tools/benchmark.py clip-demo --resume     # run only what gallery/clip/results.json lacks (a resumed
+                                                     # record keeps its runs, methods, seeds and note)
+    python tools/benchmark.py clip-demo --resume --methods coop --shots 1 2 4 8 --base-to-new-methods cocoop maple
+    python tools/benchmark.py clip-demo --from-json [--note TEXT]  # redraw the table and plot only
 
 Every trained run is ``configs/demo/coop_tiny_clip.yaml`` (one recipe for every method: SGD lr 0.02, batch 16,
 ``--steps`` steps, nothing selected: the test split is evaluated once, after the last step) with the method, shots
@@ -31,21 +34,46 @@ CONFIG = ROOT / "configs" / "demo" / "coop_tiny_clip.yaml"
 MODEL = ROOT / "checkpoints" / "tiny_clip"
 OUT = ROOT / "gallery" / "clip"
 #: method -> (config overrides, description); None: training-free
+#: IVLP's / PromptSRC's deep prompts on the tiny CLIP (4 layers per tower): the official 4 + 4 tokens, depth 3
+_DEEP = "n_ctx_text: 4, n_ctx_vision: 4, prompt_depth_text: 3, prompt_depth_vision: 3, ctx_init: 'a photo of a'"
 METHODS = {
     "linear": (["method=linear", "model.clip_head=linear"], "linear head (text-initialised)"),
     "coop": ([], "CoOp, 4 context tokens from 'a photo of a'"),
     "cocoop": (["method={name: cocoop, n_ctx: 4, ctx_init: 'a photo of a'}"], "CoCoOp, 4 tokens + meta-net"),
     "kgcoop": (["method={name: kgcoop}"], "KgCoOp, 4 tokens, weight 8"),
     "maple": (["method={name: maple, n_ctx: 2, prompt_depth: 3}"], "MaPLe, 2 tokens, depth 3 of 4"),
+    "prograd": (["method={name: prograd, n_ctx: 4, ctx_init: 'a photo of a'}"], "ProGrad, 4 tokens, lambda 1"),
+    "ivlp": ([f"method={{name: ivlp, {_DEEP}}}"], "IVLP, 4 + 4 tokens, depth 3 of 4"),
+    "promptsrc": ([f"method={{name: promptsrc, {_DEEP}}}"], "PromptSRC, 4 + 4 tokens, depth 3 of 4, weights 25 / 10"),
+    "clip_adapter": (
+        ["method={name: clip_adapter, reduction: 4, ratio: 0.2, template: 'a photo of a {}.'}"],
+        "CLIP-Adapter, reduction 4, residual ratio 0.2",
+    ),
+    "tip_adapter_f": (
+        ["method={name: tip_adapter_f, templates: ['a photo of a {}.'], augment_epochs: 10}"],
+        "Tip-Adapter-F, keys fine-tuned (beta / alpha on val)",
+    ),
     "tip_adapter": (None, "Tip-Adapter, training-free (beta / alpha on val)"),
 }
 #: methods whose learned context applies to class names it never saw (the base-to-new rows)
-TRANSFERS = ("coop", "cocoop", "kgcoop", "maple")
+TRANSFERS = ("coop", "cocoop", "kgcoop", "maple", "prograd", "ivlp", "promptsrc")
+#: trained methods that pick settings on the validation split after training (Tip-Adapter-F's beta / alpha search):
+#: their runs keep ``val`` for it and are tested on ``test``; every other run is evaluated once on ``test``
+SELECT_ON_VAL = ("tip_adapter_f",)
 
 
 def command_line(args: argparse.Namespace) -> str:
-    parts = ["python tools/benchmark.py clip-demo", "--methods", *args.methods, "--shots", *map(str, args.shots)]
+    parts = ["python tools/benchmark.py clip-demo", *(["--resume"] if args.resume else [])]
+    parts += ["--methods", *args.methods, "--shots", *map(str, args.shots)]
+    if args.base_to_new_methods is not None:
+        parts += ["--base-to-new-methods", *args.base_to_new_methods]
     return " ".join([*parts, "--seeds", *map(str, args.seeds), "--steps", str(args.steps)])
+
+
+def fewshot_methods(record: dict) -> list[str]:
+    """The methods with few-shot runs in ``record``, in :data:`METHODS`' order."""
+    ran = {r["method"] for r in record["few_shot"]}
+    return [m for m in METHODS if m in ran]
 
 
 def evaluate(classifier, dataset) -> float:
@@ -72,13 +100,13 @@ def trained(model: Path, method: str, shots: int, seed: int, steps: int, runs: P
         f"train.seed={seed}",
         f"optim.steps={steps}",
         f"train.eval_every={steps}",
-        "data.val_split=test",  # evaluated once, after the last step: the test split, read once
-        "data.test_split=null",
+        # evaluated once, after the last step, on the test split (read once); a method that selects on val keeps it
+        *(["data.test_split=test"] if method in SELECT_ON_VAL else ["data.val_split=test", "data.test_split=null"]),
         *METHODS[method][0],
         *(["data.class_split=base"] if base_only else []),
     ]
     results = train(load_config(CONFIG, overrides), runs / name, cpu=True)
-    row = {"top1": 100 * results["eval"]["top1"]}
+    row = {"top1": 100 * results["test" if method in SELECT_ON_VAL else "eval"]["top1"]}
     if base_only:
         row["new"] = 100 * results["test_new"]["top1"]
     return row
@@ -124,7 +152,10 @@ def zero_shot(model: Path) -> dict:
     return rows
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], seeds: int | None = None) -> str:
+    """``mean ± std``; a cell with fewer runs than the ``seeds`` of its table says how many it has."""
+    if seeds is not None and len(values) < seeds:
+        return f"{statistics.mean(values):.1f} ({len(values)} of {seeds} seeds)"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
 
 
@@ -134,10 +165,11 @@ def markdown(record: dict) -> str:
 
     zs = record["zero_shot"]
     chance = {s: 100 / len(class_names(s)) for s in ("subjects", "circles")}
+    commands = " then ".join(f"`{c}`" for c in record.get("commands") or [record["command"]])
     lines = [
         "# The tiny CLIP: zero-shot, few-shot and base-to-new",
         "",
-        f"Made by `{record['command']}` on a 2-core CPU shared with other jobs ({record['minutes']:.0f} minutes).",
+        f"Made by {commands} on a 2-core CPU shared with other jobs ({record['minutes']:.0f} minutes).",
         "Model: `checkpoints/tiny_clip` (its card says how it was pretrained and what was held out). Data: `clip_mix`,",
         "test split (never seen in pretraining). Top-1 (%); mean ± std over seeds "
         + ", ".join(map(str, record["seeds"]))
@@ -169,12 +201,15 @@ def markdown(record: dict) -> str:
         "",
         "| method | " + " | ".join(f"{k} shot{'s' if k > 1 else ''}" for k in shots) + " |",
         "|---|" + "---:|" * len(shots),
+        "| zero-shot CLIP ('a photo of a {}.'; no training) | "
+        + " | ".join(f"{zs['all subjects']:.1f}" for _ in shots)
+        + " |",
     ]
-    for method in record["methods"]:
+    for method in fewshot_methods(record):
         cells = []
         for k in shots:
             values = [r["top1"] for r in record["few_shot"] if r["method"] == method and r["shots"] == k]
-            cells.append(mean_std(values) if values else "-")
+            cells.append(mean_std(values, len(record["seeds"])) if values else "-")
         lines.append(f"| {METHODS[method][1]} | " + " | ".join(cells) + " |")
     if record["base_to_new"]:
         lines += [
@@ -202,7 +237,7 @@ def plot(record: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    for method in record["methods"]:
+    for method in fewshot_methods(record):
         shots = sorted({r["shots"] for r in record["few_shot"] if r["method"] == method})
         values = [[r["top1"] for r in record["few_shot"] if r["method"] == method and r["shots"] == k] for k in shots]
         means = [statistics.mean(v) for v in values]
@@ -238,6 +273,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--no-base-to-new", action="store_true", help="skip the base-to-new runs")
+    parser.add_argument(
+        "--base-to-new-methods",
+        nargs="*",
+        choices=TRANSFERS,
+        help="the methods of the base-to-new runs (default: those of --methods that transfer to new classes)",
+    )
+    parser.add_argument(
+        "--note", help="a paragraph for results.md (kept by --resume unless given again; --from-json replaces it)"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument(
         "--model", type=Path, default=MODEL, help="the open_clip folder (default: checkpoints/tiny_clip)"
@@ -247,29 +291,38 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     saved = args.out / "results.json"
     if args.from_json:
-        print(write(json.loads(saved.read_text()), args.out))
+        record = json.loads(saved.read_text())
+        print(write({**record, "note": args.note} if args.note else record, args.out))
         return 0
     import torch
 
     start = time.time()
     old = json.loads(saved.read_text()) if args.resume and saved.is_file() else {}
-    record = {
+    if old and old["steps"] != args.steps:
+        parser.error(f"{saved} holds runs of --steps {old['steps']}; resume with the same --steps")
+    record = {  # a resumed record keeps its runs and adds this command's
         "command": command_line(args),
-        "methods": args.methods,
-        "seeds": args.seeds,
+        "commands": [*(old.get("commands") or [old["command"]] if old else []), command_line(args)],
+        "methods": [m for m in METHODS if m in {*old.get("methods", []), *args.methods}],
+        "seeds": sorted({*old.get("seeds", []), *args.seeds}),
         "steps": args.steps,
         "zero_shot": old.get("zero_shot") or zero_shot(args.model),
         "few_shot": old.get("few_shot", []),
         "base_to_new": old.get("base_to_new", []),
         "minutes": old.get("minutes", 0.0),
+        **({"note": args.note or old.get("note")} if args.note or old.get("note") else {}),
     }
     done = {(r["method"], r["shots"], r["seed"]) for r in record["few_shot"]}
     done_b2n = {(r["method"], r["seed"]) for r in record["base_to_new"]}
+    transfers = [m for m in TRANSFERS if m in args.methods]
+    b2n_methods = (
+        [] if args.no_base_to_new else (transfers if args.base_to_new_methods is None else args.base_to_new_methods)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp)
         for seed in args.seeds:
             # base-to-new (16 shots) right after the first shot count: an interrupted run has both tables started
-            b2n = [] if args.no_base_to_new else [(m, "base-to-new") for m in TRANSFERS if m in args.methods]
+            b2n = [(m, "base-to-new") for m in b2n_methods]
             jobs = [(m, shots) for shots in args.shots for m in args.methods]
             jobs[len(args.methods) : len(args.methods)] = b2n
             for method, shots in jobs:
