@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import train as tool  # noqa: E402
+from _run_args import train_args
 from PIL import Image
 from tiny_models import tiny_dit_pipeline
 
@@ -65,26 +66,23 @@ def fixed_loss(pipe, images, labels, draws=6) -> float:
 
 
 def _finetune(setup, name, *overrides):
-    args = [
-        "configs/class_conditional/difffit_dit_xl2_256.yaml",
+    args = train_args(
+        "class_conditional/difffit_dit_xl2_256",
+        setup / "runs",
+        name,
         f"model.name={setup / 'pipe'}",
         f"data.root={setup / 'data'}",
         "data.size=null",
         "optim.steps=30",
         "data.batch_size=4",
         "optim.lr=0.02",
-        "train.mixed_precision=no",
         "train.ema_decay=0.5",
         "train.validation_classes=[red, blue]",
         "train.eval_every=16",
         "train.validation_steps=2",
         "train.validation_images=2",
-        "train.log_every=1",
-        f"train.output_dir={setup / 'runs'}",
-        f"train.run_name={name}",
-        "--cpu",
         *overrides,
-    ]
+    )
     return run(tool.main, args)
 
 

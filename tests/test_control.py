@@ -10,6 +10,7 @@ import pytest
 import torch
 import train as tool  # noqa: E402
 from _classify_utils import ROOT
+from _run_args import train_args
 from tiny_models import tiny_sd_pipeline
 
 from visionpeft.cli.common import run  # noqa: E402
@@ -25,24 +26,19 @@ def setup(tmp_path_factory):
 
 
 def _train(setup, config, name, *overrides):
-    args = [
-        f"configs/control/{config}.yaml",
+    args = train_args(
+        f"control/{config}",
+        setup / "runs",
+        name,
         f"model.name={setup / 'pipe'}",
         f"data.root={setup / 'fill'}",
-        "data.size=16",
-        "data.batch_size=2",
         "optim.steps=6",
         "optim.lr=1e-3",
-        "train.mixed_precision=no",
         "train.eval_every=3",
         "train.validation_steps=2",
-        "train.log_every=1",
         "method.hint_channels=[16, 32]",
-        f"train.output_dir={setup / 'runs'}",
-        f"train.run_name={name}",
-        "--cpu",
         *overrides,
-    ]
+    )
     return run(tool.main, args)
 
 
@@ -100,23 +96,18 @@ def test_cubic_timesteps_lean_to_the_noisy_end_and_the_t2i_recipe_uses_them(setu
 
 
 def test_a_t2i_adapter_run_trains_with_cubic_timesteps(setup):
-    args = [
-        "configs/control/t2i_adapter_sd15_fill.yaml",
+    args = train_args(
+        "control/t2i_adapter_sd15_fill",
+        setup / "runs",
+        "t2i",
         f"model.name={setup / 'pipe'}",
         f"data.root={setup / 'fill'}",
-        "data.size=16",
-        "data.batch_size=2",
         "optim.steps=4",
         "optim.lr=1e-3",
-        "train.mixed_precision=no",
         "train.eval_every=4",
         "train.validation_steps=2",
-        "train.log_every=1",
-        f"train.output_dir={setup / 'runs'}",
-        "train.run_name=t2i",
-        "--cpu",
         "method={name: t2i_adapter, downscale_factor: 2}",
-    ]  # the tiny pipeline's VAE downsamples by 2
+    )  # the tiny pipeline's VAE downsamples by 2
     assert run(tool.main, args) == 0
     lines = (setup / "runs" / "t2i" / "metrics.jsonl").read_text().splitlines()
     assert len([x for x in lines if "train/loss" in x]) == 4 and any("eval/fill_iou" in x for x in lines)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import train as tool  # noqa: E402
+from _run_args import train_args
 from PIL import Image
 from tiny_models import perturb, tiny_sd_pipeline
 
@@ -95,25 +96,20 @@ def test_the_denoiser_hands_each_control_its_column(setup, monkeypatch):
 
 
 def _train(setup, name, *overrides):
-    args = [
-        "configs/control/controlnet_sd15_fill.yaml",
+    args = train_args(
+        "control/controlnet_sd15_fill",
+        setup / "runs",
+        name,
         f"model.name={setup / 'pipe'}",
         f"data.root={setup / 'fill'}",
-        "data.size=16",
-        "data.batch_size=2",
         "optim.steps=4",
         "optim.lr=1e-3",
-        "train.mixed_precision=no",
         "train.eval_every=4",
         "train.validation_steps=2",
         "train.validation_pairs=2",
-        "train.log_every=1",
-        f"train.output_dir={setup / 'runs'}",
-        f"train.run_name={name}",
-        "--cpu",
         f"method={TWO}",
         *overrides,
-    ]
+    )
     return run(tool.main, args)
 
 

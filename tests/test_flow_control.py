@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _run_args import train_args
 from tiny_flow_models import tiny_flux_pipeline, tiny_sd3_pipeline
 from tiny_models import perturb
 
@@ -244,24 +245,20 @@ def test_the_flow_control_recipes_run_and_leave_a_controlnet_diffusers_loads(sav
     from visionpeft.data.fill50k import make_fill50k
 
     make_fill50k(saved / "fill", n=4, size=SIZE, seed=0)
-    args = [
-        f"configs/control/controlnet_{family}_fill.yaml",
+    args = train_args(
+        f"control/controlnet_{family}_fill",
+        saved / "runs",
+        family,
         f"model.name={saved / family}",
         f"data.root={saved / 'fill'}",
         f"data.size={SIZE}",
-        "data.batch_size=2",
         "optim.steps=2",
-        "optim.grad_accum=1",
         "optim.warmup_steps=0",
         "optim.max_sequence_length=16",
-        "train.mixed_precision=no",
         "train.eval_every=2",
         "train.validation_steps=2",
-        f"train.output_dir={saved / 'runs'}",
-        f"train.run_name={family}",
-        "--cpu",
         *layers,
-    ]
+    )
     assert run(tool.main, args) == 0
     folder = saved / "runs" / family
     model_class = diffusers.FluxControlNetModel if family == "flux" else diffusers.SD3ControlNetModel

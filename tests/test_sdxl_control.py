@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _run_args import train_args
 from benchmarks.script_steps import sdxl_control_embeddings, sdxl_controlnet_loss
 from tiny_models import perturb, tiny_sdxl_pipeline
 
@@ -228,25 +229,19 @@ def _train(root, config, name, *overrides):
 
     from visionpeft.cli.common import run
 
-    args = [
-        f"configs/control/{config}.yaml",
+    args = train_args(
+        f"control/{config}",
+        root / "runs",
+        name,
         f"model.name={root / 'pipe'}",
-        "model.vae=null",  # the recipe's fp16-fix VAE is a hub id; the tiny pipeline keeps its own
+        "model.vae=null",  # the recipe's fp16-fix VAE is a hub id; the tiny pipeline keeps its own,
         f"data.root={root / 'fill'}",
-        "data.size=16",
-        "data.batch_size=2",
         "optim.steps=2",
-        "optim.grad_accum=1",
         "optim.lr=1e-3",
-        "train.mixed_precision=no",
         "train.eval_every=2",
         "train.validation_steps=2",
-        "train.log_every=1",
-        f"train.output_dir={root / 'runs'}",
-        f"train.run_name={name}",
-        "--cpu",
         *overrides,
-    ]
+    )
     return run(tool.main, args)
 
 

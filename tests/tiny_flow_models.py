@@ -59,7 +59,7 @@ def tiny_flux_pipeline(directory, seed: int = 0, guidance: bool = True):
     of 16, rotary axes 4 + 4 + 8), a guidance embedding when ``guidance`` (FLUX.1-dev; -schnell has none), CLIP-L's
     layout at width 16 (pooled) over the real BPE vocabulary, a tiny T5 (width 32), the tiny VAE (4 latent channels
     at half the image size, packed 2 x 2 into 16) and FLUX.1's dynamically shifted flow-matching scheduler."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     from visionpeft.data.clip_vocab import clip_tokenizer
@@ -83,15 +83,7 @@ def tiny_flux_pipeline(directory, seed: int = 0, guidance: bool = True):
         guidance_embeds=guidance,
         axes_dims_rope=(4, 4, 8),
     ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = layouts.flux_scheduler()
     pipe = FluxPipeline(
         scheduler=scheduler,
         vae=tiny_flow_vae(),

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .amp import HALF, Amp
-from .layouts import T5_VOCAB, flux_parts, sdxl_parts
+from .layouts import T5_VOCAB, flux_parts, flux_scheduler, sdxl_parts
 from .script_steps import (
     FLUX_SCRIPT_TARGETS,
     flux_dreambooth_loss,
@@ -95,7 +95,7 @@ def flux_pipeline(layout: str, device: str, text_dtype: torch.dtype = torch.floa
     """A ``FluxPipeline`` of ``layout`` (random weights) with the real CLIP tokenizer, the offline T5-like one
     (``benchmarks.t5_vocab``) and FLUX.1-dev's scheduler config, built on ``device``; the text encoders in
     ``text_dtype`` (both sides cast them so: building them there keeps FLUX.1-dev's fp32 build within a GPU)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FluxPipeline
 
     from visionpeft.data.clip_vocab import clip_tokenizer
 
@@ -107,15 +107,7 @@ def flux_pipeline(layout: str, device: str, text_dtype: torch.dtype = torch.floa
         module.eval()  # as from_pretrained leaves them (T5's dropout off)
         if name.startswith("text_encoder"):
             module.to(text_dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
-    return FluxPipeline(scheduler=scheduler, tokenizer=tokenizer, tokenizer_2=tokenizer_2, **parts)
+    return FluxPipeline(scheduler=flux_scheduler(), tokenizer=tokenizer, tokenizer_2=tokenizer_2, **parts)
 
 
 def _hint_channels(pipe) -> tuple[int, ...]:

@@ -181,6 +181,22 @@ def flux_parts(layout: str = "flux", vocab_size: int = CLIP_VOCAB, t5_vocab_size
     }
 
 
+def flux_scheduler():
+    """FLUX.1-dev's ``FlowMatchEulerDiscreteScheduler`` (its scheduler_config.json: shift 3, dynamic shifting between
+    0.5 and 1.15 over 256 .. 4096 image tokens)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
 def sd3_parts(vocab_size: int = CLIP_VOCAB) -> dict:
     """Stable Diffusion 3.5 medium's components. The MMDiT's values are those diffusers'
     ``scripts/convert_sd3_to_diffusers.py`` (at 58eb52c, lines 291-321) derives from a checkpoint, for the medium
