@@ -65,7 +65,9 @@ SELECT_ON_VAL = ("tip_adapter_f",)
 def command_line(args: argparse.Namespace) -> str:
     parts = ["python tools/benchmark.py clip-demo", *(["--resume"] if args.resume else [])]
     parts += ["--methods", *args.methods, "--shots", *map(str, args.shots)]
-    if args.base_to_new_methods is not None:
+    if args.no_base_to_new:
+        parts.append("--no-base-to-new")
+    elif args.base_to_new_methods is not None:
         parts += ["--base-to-new-methods", *args.base_to_new_methods]
     return " ".join([*parts, "--seeds", *map(str, args.seeds), "--steps", str(args.steps)])
 
@@ -236,19 +238,21 @@ def plot(record: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    for method in fewshot_methods(record):
+    figure, axis = plt.subplots(figsize=(8.4, 4.6))
+    colours = plt.get_cmap("tab20").colors  # one colour per method (the default cycle repeats after 10)
+    for i, method in enumerate(fewshot_methods(record)):
         shots = sorted({r["shots"] for r in record["few_shot"] if r["method"] == method})
         values = [[r["top1"] for r in record["few_shot"] if r["method"] == method and r["shots"] == k] for k in shots]
         means = [statistics.mean(v) for v in values]
         stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        axis.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=method)
+        style = {"color": colours[(2 * i) % 20 + (2 * i) // 20], "marker": "osD^vP"[i % 6]}
+        axis.errorbar(shots, means, yerr=stds, capsize=3, alpha=0.9, label=method, **style)
     axis.axhline(record["zero_shot"]["all subjects"], color="gray", linestyle="--", label="zero-shot")
     axis.set_xscale("log", base=2)
     axis.set_xlabel("shots per class")
     axis.set_ylabel("test top-1 (%)")
     axis.set_title("tiny CLIP, 23 clip_mix subjects")
-    axis.legend(fontsize=8, ncol=2)
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
