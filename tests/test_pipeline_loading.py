@@ -26,3 +26,32 @@ def test_a_users_disabled_bars_stay_disabled():
         assert not diffusers_logging.is_progress_bar_enabled()
     finally:
         diffusers_logging.enable_progress_bar()
+
+
+def test_the_dtype_keyword_loads_float32_without_a_deprecation_warning():
+    """The dtype goes under the name the installed diffusers reads (``dtype`` from 0.40, which deprecated
+    ``torch_dtype``): no deprecation warning, and the text encoder is fp32 too (transformers 5 would otherwise load
+    the stored dtype)."""
+    import warnings
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from visionpeft.backbones.diffusers_loading import dtype_keyword
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        pipe = StableDiffusionPipeline.from_pretrained(PIPELINE, **dtype_keyword(torch.float32))
+    assert {p.dtype for part in (pipe.unet, pipe.vae, pipe.text_encoder) for p in part.parameters()} == {torch.float32}
+
+
+def test_the_dtype_keyword_follows_the_diffusers_release(monkeypatch):
+    import diffusers
+    import torch
+
+    from visionpeft.backbones.diffusers_loading import dtype_keyword
+
+    monkeypatch.setattr(diffusers, "__version__", "0.39.0")
+    assert dtype_keyword(torch.float16) == {"torch_dtype": torch.float16}
+    monkeypatch.setattr(diffusers, "__version__", "0.40.0")
+    assert dtype_keyword(torch.float16) == {"dtype": torch.float16}

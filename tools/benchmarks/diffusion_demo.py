@@ -221,7 +221,9 @@ def load_pipe(path: Path):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    from visionpeft.backbones.diffusers_loading import dtype_keyword
+
+    pipe = StableDiffusionPipeline.from_pretrained(path, **dtype_keyword(torch.float32))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -225,7 +225,9 @@ def measure_step(args: tuple) -> dict:
     if model and model not in LAYOUTS:
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32)
+        from visionpeft.backbones.diffusers_loading import dtype_keyword
+
+        pipe = StableDiffusionPipeline.from_pretrained(model, **dtype_keyword(torch.float32))
     else:
         pipe = build_pipeline(layout=model or "scaled")
     if side == "reference":

@@ -29,7 +29,9 @@ def sampling_speed(batch: int, steps: int, rounds: int, threads: int) -> list[fl
     from diffusers import StableDiffusionPipeline
 
     torch.set_num_threads(threads)
-    pipe = StableDiffusionPipeline.from_pretrained(PIPELINE, torch_dtype=torch.float32)
+    from visionpeft.backbones.diffusers_loading import dtype_keyword
+
+    pipe = StableDiffusionPipeline.from_pretrained(PIPELINE, **dtype_keyword(torch.float32))
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a handwritten digit three"] * batch
     pipe(prompts[:2], num_inference_steps=2)

@@ -160,12 +160,21 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
+def dtype_keyword(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype argument for the installed diffusers: ``dtype`` from 0.40 on (which deprecated
+    ``torch_dtype``, huggingface/diffusers#14205), ``torch_dtype`` before it (the only name older releases read)."""
+    from diffusers import __version__
+    from packaging.version import Version
+
+    return {"dtype" if Version(__version__) >= Version("0.40") else "torch_dtype": dtype}
+
+
 def _load(name_or_path: str, torch_dtype: torch.dtype | None, loader=None, what: str = "pipeline"):
     """``loader.from_pretrained`` (default ``DiffusionPipeline``) of a local folder, the hub cache, or the hub."""
     if loader is None:
         from diffusers import DiffusionPipeline as loader
 
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs = dtype_keyword(torch_dtype) if torch_dtype is not None else {}
     path = Path(name_or_path).expanduser()
     if not path.exists() and _looks_like_path(name_or_path):
         raise ModelLoadError(f"{what} folder {path} does not exist")

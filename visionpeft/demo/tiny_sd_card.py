@@ -132,7 +132,9 @@ def export_pipeline(config, run_dir: Path, target: Path, command: str) -> Path:
     if (run_dir / "config.yaml").is_file():
         config = OmegaConf.load(run_dir / "config.yaml")
 
-    pipeline = StableDiffusionPipeline.from_pretrained(run_dir / "pipeline", torch_dtype=torch.float32)
+    from ..backbones.diffusers_loading import dtype_keyword
+
+    pipeline = StableDiffusionPipeline.from_pretrained(run_dir / "pipeline", **dtype_keyword(torch.float32))
     if target.exists():
         shutil.rmtree(target)
     pipeline.unet.to(torch.float16)

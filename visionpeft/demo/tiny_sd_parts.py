@@ -207,7 +207,9 @@ def continued_pipeline(folder: str | Path, held_out: list[str]):
             f"data.exclude: {seen} were trained on by the earlier stages of {folder}; a continued run "
             "cannot hold them out"
         )
-    pipeline = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+    from ..backbones.diffusers_loading import dtype_keyword
+
+    pipeline = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **dtype_keyword(torch.float32))
     pipeline.scheduler = sampling_scheduler()
     pipeline.vae.requires_grad_(False).eval()
     return pipeline, record
