@@ -69,3 +69,14 @@ def test_readme_shows_the_committed_gallery_table(spec):
     rows = _results_table(gallery)
     readme = (ROOT / "README.md").read_text()
     assert len(rows) == 1 + len(load_spec_file(spec).grids) and all(row in readme for row in rows)
+
+
+def test_the_recorded_command_names_a_runs_or_gallery_folder_that_is_not_the_default():
+    import argparse
+
+    args = argparse.Namespace(spec=ROOT / "grids" / "demo_zoo.yaml", tasks=["textures"], epochs=8, seeds=[0, 1])
+    default = argparse.Namespace(**vars(args), runs=ROOT / "runs" / "sweeps" / "demo_zoo", out=ROOT / "gallery")
+    expected = "python tools/benchmark.py demo --spec grids/demo_zoo.yaml --tasks textures --epochs 8 --seeds 0 1"
+    assert demo.command_line(default) == expected
+    moved = argparse.Namespace(**vars(args), runs=ROOT / "runs" / "elsewhere", out=ROOT / "gallery" / "more")
+    assert demo.command_line(moved) == f"{expected} --runs runs/elsewhere --out gallery/more"

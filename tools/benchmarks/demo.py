@@ -27,7 +27,18 @@ def command_line(args: argparse.Namespace) -> str:
     """The command as a user would type it (what the gallery says made it)."""
     spec = [] if args.spec.resolve() == SPEC else ["--spec", args.spec.resolve().relative_to(ROOT).as_posix()]
     parts = ["python tools/benchmark.py demo", *spec, "--tasks", *args.tasks, "--epochs", str(args.epochs), "--seeds"]
-    return " ".join([*parts, *map(str, args.seeds)])
+    parts += map(str, args.seeds)
+    for option, default in (("--runs", ROOT / "runs" / "sweeps" / args.spec.stem), ("--out", ROOT / "gallery")):
+        value = getattr(args, option[2:])
+        if value is not None and Path(value).resolve() != default:
+            parts += [option, _shown(Path(value))]
+    return " ".join(parts)
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the checkout when it is inside it (as a user types it from there)."""
+    path = path.resolve()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
 
 
 def gallery_text(summary: str, command: str, spec: str = "grids/demo.yaml") -> str:
