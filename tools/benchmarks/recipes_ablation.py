@@ -272,7 +272,7 @@ def main(argv: list[str]) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     records, pictures = run_rows(args, Judge.load())
     results = {
-        "command": "python tools/benchmark.py recipes-ablation " + " ".join(argv),
+        "command": " ".join(["python tools/benchmark.py recipes-ablation", *argv]),
         "seeds": args.seeds,
         "steps": args.steps,
         "samples": args.samples,
