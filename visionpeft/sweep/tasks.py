@@ -2,7 +2,8 @@
 
 A task is the dataset a run trains on: ``caltech101`` sets ``data.name=vtab-caltech101``, ``digits`` sets
 ``data.name=digits``. Sets: ``vtab`` (the 19 tasks), ``vtab-natural`` / ``vtab-specialized`` / ``vtab-structured``,
-and ``demo`` (the mini tasks of the embedded demo).
+``demo`` (the mini tasks of the embedded demo) and ``coop11`` (CoOp's 11 few-shot data sets, ``coop-imagenet`` ...
+``coop-ucf101``, :mod:`visionpeft.data.coop_datasets`: the task is the registered dataset's name).
 """
 
 from __future__ import annotations
@@ -25,15 +26,30 @@ VTAB_GROUPS: dict[str, tuple[str, ...]] = {
     ),
 }
 VTAB_TASKS: tuple[str, ...] = tuple(task for group in VTAB_GROUPS.values() for task in group)
+#: CoOp's 11 data sets in its tables' order (DATASETS.md), by their registered names
+COOP11_TASKS: tuple[str, ...] = (
+    "coop-imagenet",
+    "coop-caltech101",
+    "coop-oxford_pets",
+    "coop-stanford_cars",
+    "coop-oxford_flowers",
+    "coop-food101",
+    "coop-fgvc_aircraft",
+    "coop-sun397",
+    "coop-dtd",
+    "coop-eurosat",
+    "coop-ucf101",
+)
 TASK_SETS: dict[str, tuple[str, ...]] = {
     "vtab": VTAB_TASKS,
     **{f"vtab-{group.lower()}": tasks for group, tasks in VTAB_GROUPS.items()},
     "demo": ("digits", "textures", "faces"),
+    "coop11": COOP11_TASKS,
 }
 
 
 def dataset_of(task: str) -> str:
-    """The registered dataset a task trains on."""
+    """The registered dataset a task trains on (a VTAB-1k short name gains ``vtab-``; CoOp's tasks are their names)."""
     return f"vtab-{task}" if task in VTAB_TASKS else task
 
 
