@@ -193,8 +193,9 @@ def test_unchanged_at_init_merge_and_detach_on_every_family(case, options):
     with torch.no_grad():
         reference = c.run(c.factory())
     model = vp.attach(c.factory(), "ia3", **options)
-    with torch.no_grad():  # ones: exact, up to nn.MultiheadAttention's fast path off the weight-space call
-        torch.testing.assert_close(c.run(model), reference, rtol=0, atol=1e-6)
+    with torch.no_grad():  # ones: exact, up to nn.MultiheadAttention's fast path off the weight-space call (a few
+        # float32 ulps: 1.07e-6 on an output of 1.2 with torch 2.14)
+        torch.testing.assert_close(c.run(model), reference, rtol=2e-6, atol=1e-6)
         perturb(model, std=0.05)
         adapted = c.run(model)
         assert (adapted - reference).abs().max() > 1e-4

@@ -203,7 +203,7 @@ def test_the_shipped_clip_spec_is_a_base_to_new_sweep_of_the_prompt_learners(tmp
 
     from visionpeft.sweep.spec import load_spec_file
 
-    spec = load_spec_file(ROOT / "grids" / "clip_base2new.yaml")
+    spec = load_spec_file(ROOT / "grids" / "demo_clip_base2new.yaml")
     assert (
         spec.base_to_new
         and spec.tasks == ["clip_mix"]

@@ -247,7 +247,7 @@ def sample(pipe, prompt: str, seeds: list[int], options: dict, inputs: dict, bat
     import torch
 
     import visionpeft as vp
-    from visionpeft.methods.flow_controlnet import draw_conditions
+    from visionpeft.trainers.control_inputs import draw_conditions
 
     step = batch_size or len(seeds)
     images = []

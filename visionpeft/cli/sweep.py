@@ -6,7 +6,7 @@
     visionpeft sweep SWEEP_DIR --report                 # the tables, at any time, from what has finished
 
     visionpeft sweep configs/vtab/caltech101.yaml --grid grids/lora.yaml --tasks vtab --seeds 0 1 2 --protocol vtab1k
-    visionpeft sweep grids/clip_base2new.yaml                # base-to-new (or --base-to-new): base / new / HM
+    visionpeft sweep grids/demo_clip_base2new.yaml                # base-to-new (or --base-to-new): base / new / HM
     visionpeft sweep ... --executor slurm --slurm.partition gpu --slurm.gpus_per_job 1 --workers 32
     visionpeft sweep ... --executor ray --ray.address auto
 

@@ -25,8 +25,8 @@ The condition image is encoded once per call input and batch size (the sampling 
 batch repeated first as the pipelines repeat it (a guidance-doubled SD3 batch encodes both halves). Where the latent
 sample is drawn matches the pipelines: ``FluxControlNetPipeline`` draws it from the call's generators before the
 starting noise (``pipeline_flux_controlnet.py``, step 3 "Prepare control image" before step 4 "Prepare latent
-variables"), so a sampler calls :func:`draw_conditions` with its generators before the pipeline call;
-``StableDiffusion3ControlNetPipeline`` draws it from torch's global stream, as the transformer hook does.
+variables"), so a sampler calls ``trainers.control_inputs.draw_conditions`` with its generators before the
+pipeline call; ``StableDiffusion3ControlNetPipeline`` draws it from torch's global stream, as the transformer hook does.
 """
 
 from __future__ import annotations
@@ -210,15 +210,3 @@ class FlowControl:
             for key, samples in zip(RESIDUAL_KEYS[self.family], outputs)
             if samples is not None
         }
-
-
-def draw_conditions(model: Any, generator: Any, batch: int) -> None:
-    """Before a pipeline call of ``batch`` samples drawn from ``generator`` (inside ``vp.conditioning``): every
-    attached Flux ControlNet draws its condition's latent sample from the generator first, as
-    ``FluxControlNetPipeline`` does (:meth:`FlowControl.draw`), so the call's images are that pipeline's."""
-    from ..adapter import methods_of
-
-    for method in methods_of(model):
-        flow = getattr(method, "flow", None)
-        if isinstance(flow, FlowControl):
-            flow.draw(method.call_input("control_image"), generator, batch, f"this {method.key}")

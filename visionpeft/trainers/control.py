@@ -33,8 +33,7 @@ from ..config import method_configs
 from ..config.diffusion_objective import DiffusionObjective, objective_of
 from ..data.control_pairs import ControlPairs
 from ..data.fill50k import fill_iou
-from ..methods.flow_controlnet import draw_conditions
-from .control_inputs import condition_columns, per_control
+from .control_inputs import condition_columns, draw_conditions, per_control
 from .diffusion import DiffusionParts, denoiser_of, diffusion_loss, frozen_modules, prompt_encoder
 from .diffusion_objective import check_objective, use_trained_sampling
 from .personalization import check_family, check_size, expected_family, takes

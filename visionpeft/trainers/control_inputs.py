@@ -56,3 +56,15 @@ def per_control(model: Any, images: torch.Tensor | list[torch.Tensor]) -> torch.
         return images
     keys = [method.key for method in methods_of(model) if CONTROL_IMAGE in method.call_inputs]
     return dict(zip(keys, images, strict=True))
+
+
+def draw_conditions(model: Any, generator: Any, batch: int) -> None:
+    """Before a pipeline call of ``batch`` samples drawn from ``generator`` (inside ``vp.conditioning``): every
+    attached Flux ControlNet draws its condition's latent sample from the generator first, as
+    ``FluxControlNetPipeline`` does (:meth:`FlowControl.draw`), so the call's images are that pipeline's."""
+    from ..methods.flow_controlnet import FlowControl
+
+    for method in methods_of(model):
+        flow = getattr(method, "flow", None)
+        if isinstance(flow, FlowControl):
+            flow.draw(method.call_input("control_image"), generator, batch, f"this {method.key}")
