@@ -194,4 +194,4 @@ def test_stage_modules_of_unet_and_dit():
     assert stages["mid"] is unet.mid_block and stages["up.1"] is unet.up_blocks[1]
     dit = backbone_of(tiny_dit()).towers["dit"].stages
     assert {"pos_embed", "proj_out_1", "proj_out_2"} <= set(dit)
-    assert set(backbone_of(tiny_vit()).towers["vision"].stages) == {"embed", "norm"}
+    assert set(backbone_of(tiny_vit()).towers["vision"].stages) == {"embed", "pre_norm", "norm"}  # MaPLe's join
