@@ -148,3 +148,47 @@ def test_one_column_goes_to_every_control(setup):
     pairs = ControlPairs(setup / "fill", 16, columns=["shade"])
     shade = np.asarray(Image.open(setup / "fill" / "shade" / "0.png").convert("RGB"), dtype=np.float32) / 255
     torch.testing.assert_close(pairs[0]["conditioning_pixel_values"], torch.from_numpy(shade).permute(2, 0, 1))
+
+
+def _two_controls_run(setup):
+    """The run of two controls on two columns (trained once per test worker)."""
+    run_dir = setup / "runs" / "two"
+    if not (run_dir / "adapter").exists():
+        assert _train(setup, "two", "data.conditioning_columns=[conditioning_image, shade]") == 0
+    return run_dir
+
+
+def test_predict_gives_each_control_its_own_image_in_the_config_s_order(setup, tmp_path, capsys):
+    """``a.png,b.png`` sends a.png to the first control (the ControlNet) and b.png to the second (the T2I-Adapter),
+    as the trainer's own sampler does with the list; swapped, the image differs; one image goes to both."""
+    from visionpeft.cli.predict import main as predict_main
+    from visionpeft.trainers.control_eval import _sampler
+    from visionpeft.trainers.saved_run import adapter_dir, load_run
+
+    run_dir = _two_controls_run(setup)
+    outline, shade = tmp_path / "outline.png", tmp_path / "shade.png"
+    Image.open(setup / "fill" / "source" / "0.png").save(outline)
+    Image.open(setup / "fill" / "shade" / "0.png").save(shade)
+    out = tmp_path / "out"
+    inputs = [f"{outline},{shade}", f"{shade},{outline}", str(shade)]
+    args = [str(run_dir), *inputs, "--prompt", "red circle", "--seeds", "3", "--out", str(out), "--cpu"]
+    assert run(predict_main, args) == 0
+    drawn = {name: np.asarray(Image.open(out / f"{name}_seed3.png")) for name in ("outline+shade", "shade+outline")}
+    assert np.abs(drawn["outline+shade"].astype(int) - drawn["shade+outline"]).max() > 0
+    assert (out / "shade_seed3.png").is_file()
+    config, _ = load_run(run_dir, "predict")
+    validation, accelerator = _sampler(config, adapter_dir(run_dir, None), None, True, False)
+    transform = condition_transform(16)
+    pair = [transform(Image.open(path).convert("RGB")) for path in (outline, shade)]
+    expected = np.asarray(validation.sample(accelerator, pair, "red circle", 3))
+    np.testing.assert_array_equal(drawn["outline+shade"], expected)
+
+    capsys.readouterr()
+    bad = [str(run_dir), f"{outline},{shade},{shade}", "--prompt", "x", "--out", str(tmp_path / "bad"), "--cpu"]
+    assert run(predict_main, bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: input '{outline},{shade},{shade}' names 3 images for the run's 2 control(s) (controlnet, "
+        "t2i_adapter): give one image for every control, or one per control joined by commas"
+    )
+    assert not (tmp_path / "bad").exists()

@@ -18,7 +18,7 @@ from ..data.fill50k import make_fill50k
 from ..data.images import load_rgb
 from ..errors import ConfigError
 from .control import ControlValidation
-from .control_inputs import condition_columns
+from .control_inputs import condition_columns, control_methods
 from .saved_run import (
     EvalRequest,
     PredictRequest,
@@ -104,26 +104,48 @@ def evaluate(config: DictConfig, request: EvalRequest) -> list[str]:
     ]
 
 
+def input_groups(inputs: list[str], controls: list[str]) -> list[list[Path]]:
+    """Each predict input as its images: one file (every control reads it), or, for a run with several controls,
+    one file per control joined by commas (``edges.png,depth.png``: the i-th goes to the i-th control of the config,
+    the order of ``data.conditioning_columns``). An existing file whose name holds a comma is one file."""
+    groups = []
+    for text in inputs:
+        parts = [text] if "," not in text or Path(text).exists() else text.split(",")
+        if len(parts) > 1 and len(parts) != len(controls):
+            raise ConfigError(
+                f"input '{text}' names {len(parts)} images for the run's {len(controls)} control(s) "
+                f"({', '.join(controls)}): give one image for every control, or one per control joined by commas"
+            )
+        groups.append([Path(part) for part in parts])
+    return groups
+
+
 def predict(config: DictConfig, request: PredictRequest) -> list[str]:
     """One image per (input, seed) into ``request.out``: ``<stem>_seedS.png``, drawn under the input's condition
-    (the input itself, or computed from it when the run computes its conditions; with several controls, every
-    control reads it)."""
+    (the input itself, or computed from it when the run computes its conditions). With several controls, an input is
+    one image every control reads, or one image per control joined by commas (:func:`input_groups`; the output is
+    named after their stems joined by ``+``)."""
     if not request.inputs:
         raise ConfigError("give one or more condition images (with --prompt TEXT)")
-    paths = [Path(p) for p in request.inputs]
-    prompts = request.prompt * len(paths) if len(request.prompt) == 1 else request.prompt
-    if len(prompts) != len(paths):
+    groups = input_groups(request.inputs, control_methods(config))
+    prompts = request.prompt * len(groups) if len(request.prompt) == 1 else request.prompt
+    if len(prompts) != len(groups):
         raise ConfigError(
-            f"{len(paths)} condition image(s) but {len(request.prompt)} --prompt; give one prompt, or one per image"
+            f"{len(groups)} condition image(s) but {len(request.prompt)} --prompt; give one prompt, or one per image"
         )
     seeds = request.seeds or [config.train.seed]
     out = output_folder(request.out)
-    names = [(i, seed) for i in range(len(paths)) for seed in seeds]
-    outputs = [out / f"{paths[i].stem}_seed{seed}.png" for i, seed in names]
-    check_outputs(outputs, paths, request.overwrite)
-    images = [load_rgb(path) for path in paths]  # every image checked before the model loads
+    names = [(i, seed) for i in range(len(groups)) for seed in seeds]
+    stems = ["+".join(path.stem for path in group) for group in groups]
+    outputs = [out / f"{stems[i]}_seed{seed}.png" for i, seed in names]
+    check_outputs(outputs, [path for group in groups for path in group], request.overwrite)
+    images = [[load_rgb(path) for path in group] for group in groups]  # every image checked before the model loads
     kind, transform = config.data.conditioning, condition_transform(config.data.size)
-    conditions = [transform(image if kind == "none" else make_condition(image, kind, False)) for image in images]
+
+    def condition(image):
+        return transform(image if kind == "none" else make_condition(image, kind, False))
+
+    conditions = [[condition(image) for image in group] if len(group) > 1 else condition(group[0]) for group in images]
     adapter = adapter_dir(request.run_dir, request.checkpoint)
     validation, accelerator = _sampler(config, adapter, None, request.cpu, request.check_base)
     for (i, seed), path in zip(names, outputs):
