@@ -25,7 +25,7 @@ SPEC = ROOT / "grids" / "demo.yaml"
 
 def command_line(args: argparse.Namespace) -> str:
     """The command as a user would type it (what the gallery says made it)."""
-    spec = [] if args.spec.resolve() == SPEC else ["--spec", args.spec.resolve().relative_to(ROOT).as_posix()]
+    spec = [] if args.spec.resolve() == SPEC else ["--spec", _shown(args.spec)]
     parts = ["python tools/benchmark.py demo", *spec, "--tasks", *args.tasks, "--epochs", str(args.epochs), "--seeds"]
     parts += map(str, args.seeds)
     for option, default in (("--runs", ROOT / "runs" / "sweeps" / args.spec.stem), ("--out", ROOT / "gallery")):

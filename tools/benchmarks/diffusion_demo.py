@@ -255,8 +255,7 @@ def personalization(
             tuned = load_pipe(pipeline)
             apply_adapter(tuned, Path(info["run_dir"]) / "adapter")
             after = sample(tuned, info["prompt"], count, seed=seed, steps=steps)
-            info["before"] = float(np.mean([p == SUBJECT for p in judge.predict(before)]))
-            info["after"] = float(np.mean([p == SUBJECT for p in judge.predict(after)]))
+            info["before"], info["after"] = subject_rate(judge, before), subject_rate(judge, after)
             print(
                 f"{method} seed {seed}: judge sees a 7 in {100 * info['before']:.0f}% before, "
                 f"{100 * info['after']:.0f}% after ({info['minutes']:.1f} min)",
@@ -266,6 +265,11 @@ def personalization(
             if seed == seeds[0]:
                 grid([before, after], out / f"personalize_{method}.png")
     return results
+
+
+def subject_rate(judge, images) -> float:
+    """The share of ``images`` the judge calls the held-out subject (a 7)."""
+    return float(np.mean([p == SUBJECT for p in judge.predict(images)]))
 
 
 def mean_std(values: list[float]) -> str:

@@ -188,13 +188,17 @@ def sd_table(settings: Settings, precision: str, attention: str, rounds: int) ->
     for row, variant, side, _ in ROWS:
         if side == "reference":
             continue
-        ours, ref = runs[f"{row}/visionpeft"], runs[f"{variant}/reference"]
-        ref_time, our_time = _median(ref, "time"), _median(ours, "time")
-        print(
-            f"| {row} | {settings.sd_batch / ref_time:.2f} | {settings.sd_batch / our_time:.2f} | "
-            f"{our_time / ref_time:.2f} | {ratio_spread(ours, ref, 'time')} | "
-            f"{_median(ref, 'memory'):.0f} / {_median(ours, 'memory'):.0f} |"
-        )
+        print(_paired_row(row, settings.sd_batch, runs[f"{variant}/reference"], runs[f"{row}/visionpeft"]))
+
+
+def _paired_row(row: str, batch: int, ref: list[dict], ours: list[dict]) -> str:
+    """A table row of the reference side against visionpeft's: images / s of each, the time ratio with its spread
+    over rounds, and both peak memories."""
+    ref_time, our_time = _median(ref, "time"), _median(ours, "time")
+    return (
+        f"| {row} | {batch / ref_time:.2f} | {batch / our_time:.2f} | {our_time / ref_time:.2f} | "
+        f"{ratio_spread(ours, ref, 'time')} | {_median(ref, 'memory'):.0f} / {_median(ours, 'memory'):.0f} |"
+    )
 
 
 def family_table(settings: Settings, family: str, precision: str, rounds: int) -> None:
@@ -205,12 +209,8 @@ def family_table(settings: Settings, family: str, precision: str, rounds: int) -
         (settings.sdxl_layout, settings.sdxl_img) if family == "sdxl" else (settings.flux_layout, settings.flux_img)
     )
     batch = settings.family_batch
-    rows = [
-        (f"{row}/{side}", row, side)
-        for row, (kind, _) in ROWS.items()
-        if kind == family
-        for side in ("reference", "visionpeft")
-    ]
+    names = [row for row, (kind, _) in ROWS.items() if kind == family]
+    rows = [(f"{row}/{side}", row, side) for row in names for side in ("reference", "visionpeft")]
 
     def measure(entry):
         step = row_step(entry[1], entry[2], layout, size, batch, settings.device, precision)
@@ -223,15 +223,8 @@ def family_table(settings: Settings, family: str, precision: str, rounds: int) -
         "over rounds | peak memory (MB), script / visionpeft |"
     )
     print("|---|---:|---:|---:|---:|---:|")
-    for row, (kind, _) in ROWS.items():
-        if kind != family:
-            continue
-        ours, ref = runs[f"{row}/visionpeft"], runs[f"{row}/reference"]
-        ref_time, our_time = _median(ref, "time"), _median(ours, "time")
-        print(
-            f"| {row} | {batch / ref_time:.2f} | {batch / our_time:.2f} | {our_time / ref_time:.2f} | "
-            f"{ratio_spread(ours, ref, 'time')} | {_median(ref, 'memory'):.0f} / {_median(ours, 'memory'):.0f} |"
-        )
+    for row in names:
+        print(_paired_row(row, batch, runs[f"{row}/reference"], runs[f"{row}/visionpeft"]))
 
 
 def attentions() -> list[str]:

@@ -29,7 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .diffusion_demo import ROOT, SUBJECT, finish, grid, launch, load_pipe, mean_std, sample, subject_images
+from .diffusion_demo import (
+    ROOT,
+    SUBJECT,
+    finish,
+    grid,
+    launch,
+    load_pipe,
+    mean_std,
+    sample,
+    subject_images,
+    subject_rate,
+)
 
 #: row -> (recipe under configs/personalize/ without ``_tiny_sd.yaml``, subject set, what the row turns on)
 ROWS = {
@@ -75,10 +86,6 @@ def row_prompt(recipe: str) -> str:
     return config.data.prompt.format(config.token)
 
 
-def rate(judge, images, subject: str) -> float:
-    return float(np.mean([p == subject for p in judge.predict(images)]))
-
-
 class Sampler:
     """Draws and judges the samples of a pipeline: the subject prompt (sampling seed = training seed, as the demo)
     and each other digit's prompt (sampling seed 1000 x seed + digit)."""
@@ -91,7 +98,7 @@ class Sampler:
 
     def subject(self, pipe, prompt: str, seed: int):
         images = sample(pipe, prompt, self.count, seed=seed, steps=self.steps)
-        return rate(self.judge, images, SUBJECT), images
+        return subject_rate(self.judge, images), images
 
     def drift(self, pipe, seed: int) -> dict:
         """The judge's rate of naming the prompted digit on the other digits' prompts, its rate of naming a 7 there,
