@@ -21,7 +21,7 @@ import visionpeft as vp
 from visionpeft.cli.common import run
 from visionpeft.config import load_config
 from visionpeft.data.image_prompts import PromptDrops
-from visionpeft.demo.tiny_image_encoder import tiny_image_encoder
+from visionpeft.demo.tiny_image_encoder import from_open_clip, tiny_image_encoder
 from visionpeft.errors import ConfigError
 
 SAMPLE = """
@@ -166,5 +166,28 @@ def test_the_tiny_config_uses_the_embedded_pipeline_and_encoder():
     from visionpeft.backbones.diffusers_loading import load_image_encoder
 
     encoder = load_image_encoder(config.model.image_encoder, config.model.image_encoder_subfolder)
-    fresh = tiny_image_encoder()
-    assert all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), fresh.state_dict().values()))
+    converted = from_open_clip(ROOT / "checkpoints" / "tiny_clip")
+    assert encoder.state_dict().keys() == converted.state_dict().keys()
+    assert all(torch.equal(a, converted.state_dict()[k]) for k, a in encoder.state_dict().items())
+
+
+def test_the_converted_tiny_clip_tower_embeds_images_as_open_clip_does():
+    """The shipped IP-Adapter demo encoder is the tiny CLIP's image tower: its ``image_embeds`` equal open_clip's
+    ``encode_image`` of the same pixels, and its penultimate states (IP-Adapter-plus) those of open_clip's blocks."""
+    import open_clip
+
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{ROOT / 'checkpoints' / 'tiny_clip'}")
+    model = model.float().eval()
+    encoder = from_open_clip(ROOT / "checkpoints" / "tiny_clip")
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = encoder(pixels, output_hidden_states=True)
+        torch.testing.assert_close(ours.image_embeds, model.encode_image(pixels), atol=1e-5, rtol=1e-5)
+        visual = model.visual
+        tokens = visual.conv1(pixels).flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.expand(len(pixels), 1, -1)
+        tokens = visual.ln_pre(torch.cat([cls, tokens], 1) + visual.positional_embedding)
+        for block in visual.transformer.resblocks[:-1]:
+            tokens = block(tokens)
+        torch.testing.assert_close(ours.hidden_states[-2], tokens, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours.image_embeds[0], ours.image_embeds[1])
