@@ -60,10 +60,7 @@ def _held_out_loss(pipe, folder, condition: str) -> float:
 METHODS = {
     "controlnet_lora": (None, {"hint_channels": [16, 32], "r": 8, "alpha": 8, "targets": ["q", "k", "v", "o"]}),
     # the tiny U-Net has SDXL's layout (a plain first down block): full_adapter_xl, unshuffle 4 = VAE factor 2 x 2
-    "t2i_adapter": (
-        "{name: t2i_adapter, adapter_type: full_adapter_xl, downscale_factor: 4}",
-        {"adapter_type": "full_adapter_xl", "downscale_factor": 4},
-    ),
+    "t2i_adapter": (None, {"adapter_type": "full_adapter_xl", "downscale_factor": 4}),
 }
 
 

@@ -4,7 +4,8 @@ circle filled with one colour on a background of another is the target, and the 
 
 Deterministic for a seed (same arguments, same bytes). Written in diffusers' ``metadata.jsonl`` layout
 (``image``, ``conditioning_image``, ``text``, plus the circle and colours a fill metric needs) with a card of the
-generator's parameters. :func:`fill_iou` scores a generated image against its pair.
+generator's parameters. :func:`fill_iou` scores a generated image against its pair; :func:`shape_iou` and
+:func:`fill_colour_named` score its shape and its fill colour apart.
 """
 
 from __future__ import annotations
@@ -121,9 +122,8 @@ def make_fill50k(
     return out
 
 
-def fill_iou(image: Image.Image, record: dict, tolerance: float = 60.0) -> float:
-    """IoU of the pair's disc and the pixels of ``image`` within ``tolerance`` (RGB distance) of the fill colour,
-    at ``image``'s resolution (1.0: the right colour exactly inside the circle)."""
+def _pixels_and_disc(image: Image.Image, record: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` as float RGB (H, W, 3) and the pair's disc as a boolean mask at ``image``'s resolution."""
     from .images import as_rgb  # torch-free import of this module (the generator tool)
 
     pixels = np.asarray(as_rgb(image), dtype=np.float32)
@@ -131,7 +131,34 @@ def fill_iou(image: Image.Image, record: dict, tolerance: float = 60.0) -> float
     # PIL's ellipse covers the pixels cx - r .. cx + r inclusive: a disc of radius r + 1/2 around pixel cx's centre
     cx, cy, radius = ((v + 0.5) * w / record["size"] for v in record["circle"])
     yy, xx = np.mgrid[0:h, 0:w] + 0.5
-    disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
-    filled = np.linalg.norm(pixels - np.asarray(record["fill"], dtype=np.float32), axis=-1) <= tolerance
-    union = np.logical_or(disc, filled).sum()
-    return float(np.logical_and(disc, filled).sum() / union) if union else 0.0
+    return pixels, (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def fill_iou(image: Image.Image, record: dict, tolerance: float = 60.0) -> float:
+    """IoU of the pair's disc and the pixels of ``image`` within ``tolerance`` (RGB distance) of the fill colour,
+    at ``image``'s resolution (1.0: the right colour exactly inside the circle)."""
+    pixels, disc = _pixels_and_disc(image, record)
+    return _iou(disc, np.linalg.norm(pixels - np.asarray(record["fill"], dtype=np.float32), axis=-1) <= tolerance)
+
+
+def shape_iou(image: Image.Image, record: dict, tolerance: float = 60.0) -> float:
+    """The shape alone, whatever the colours: IoU of the pair's disc and the pixels of ``image`` farther than
+    ``tolerance`` (RGB distance) from the image's own background (the median colour of its border pixels)."""
+    pixels, disc = _pixels_and_disc(image, record)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    return _iou(disc, np.linalg.norm(pixels - np.median(border, axis=0), axis=-1) > tolerance)
+
+
+def fill_colour_named(image: Image.Image, record: dict, palette: Sequence[str]) -> bool:
+    """The colour alone, wherever the shape: whether the median colour of ``image`` inside the pair's disc is
+    nearest (RGB distance) to the caption's fill colour among the ``palette``'s CSS4 colours."""
+    pixels, disc = _pixels_and_disc(image, record)
+    inside = np.median(pixels[disc], axis=0)
+    colours = {name: np.asarray(rgb, dtype=np.float32) for name, rgb in _colours().items() if name in set(palette)}
+    nearest = min(colours, key=lambda name: float(np.linalg.norm(inside - colours[name])))
+    return bool(np.array_equal(colours[nearest], np.asarray(record["fill"], dtype=np.float32)))
