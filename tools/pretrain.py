@@ -5,7 +5,9 @@
 
 The config's ``task`` picks what is made. ``pretrain_text_to_image`` (the tiny text-to-image pipeline) writes
 ``<out>/<run name>/``, a ``StableDiffusionPipeline`` folder with its model card ``README.md`` (see
-``visionpeft/trainers/tiny_sd_card.py``); ``--resume`` continues an interrupted run from its saved state.
+``visionpeft/trainers/tiny_sd_card.py``); ``--resume`` continues an interrupted run from its saved state. With
+``model.family: flux`` (``configs/pretrain/tiny_flux.yaml``) it is a ``FluxPipeline`` folder reusing the tiny SD
+pipeline's VAE and CLIP (``visionpeft/demo/tiny_flux_card.py``).
 
 For the tiny ViT, training is the ordinary classification trainer (method ``full`` from scratch on FractalDB-style
 images); this tool then writes ``<out>/<run name>.safetensors`` (fp16 weights of the whole model) and
@@ -69,12 +71,18 @@ def text_to_image(config, args: argparse.Namespace, command: str) -> int:
     run_dir = Path(config.train.output_dir) / config.train.run_name
     start = time.time()
     if not args.export_only:
-        trains_vae = not config.model.init_from and not (run_dir / "vae" / "training.json").exists()
+        trains_vae = (
+            config.model.family != "flux"
+            and not config.model.init_from
+            and not (run_dir / "vae" / "training.json").exists()
+        )
         results = train(config, run_dir, resume=args.resume)
         add_minutes(run_dir, (time.time() - start) / 60, includes_vae=trains_vae)
         if "outputs" not in results:
             print(f"stopped before the last step; continue with --resume ({run_dir})")
             return 1
+    if config.model.family == "flux":
+        from visionpeft.demo.tiny_flux_card import export_flux_pipeline as export_pipeline
     target = export_pipeline(config, run_dir, args.out / config.train.run_name, command)
     print(f"wrote {target} (model card {target / 'README.md'})")
     return 0

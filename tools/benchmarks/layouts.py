@@ -55,20 +55,9 @@ def t5_encoder(
     """A T5 v1.1 encoder (gated GELU, no bias, relative attention: ``buckets`` = (number, max distance)); the
     defaults are T5-XXL's (google/t5-v1_1-xxl: 4096 wide, 24 layers, 64 heads of 64, feed-forward 10240, vocabulary
     32128: FLUX.1-dev's ``text_encoder_2`` and SD3.5's ``text_encoder_3``): 4,762,310,656 parameters."""
-    from transformers import T5Config, T5EncoderModel
+    from visionpeft.demo.tiny_flux_parts import t5_encoder as build
 
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        d_kv=d_model // heads,
-        d_ff=d_ff,
-        num_layers=layers,
-        num_heads=heads,
-        relative_attention_num_buckets=buckets[0],
-        relative_attention_max_distance=buckets[1],
-        feed_forward_proj="gated-gelu",
-    )
-    return T5EncoderModel(config)
+    return build(d_model, d_ff, layers, heads, vocab_size, buckets)
 
 
 def tiny_t5(vocab_size: int):
@@ -184,17 +173,9 @@ def flux_parts(layout: str = "flux", vocab_size: int = CLIP_VOCAB, t5_vocab_size
 def flux_scheduler():
     """FLUX.1-dev's ``FlowMatchEulerDiscreteScheduler`` (its scheduler_config.json: shift 3, dynamic shifting between
     0.5 and 1.15 over 256 .. 4096 image tokens)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from visionpeft.demo.tiny_flux_parts import flux_scheduler as build
 
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    return build()
 
 
 def sd3_parts(vocab_size: int = CLIP_VOCAB) -> dict:

@@ -19,6 +19,12 @@ from .sections import SCHEDULES, TASK_HELP, TextToImageTrain
 class TinySDModel:
     """``model``: the widths of the pipeline built from scratch (diffusers classes, random initialisation)."""
 
+    family: str = setting(
+        "sd",
+        "sd: a StableDiffusionPipeline (VAE stage, U-Net, CLIP); flux: a FluxPipeline whose VAE and CLIP come from "
+        "model.base (frozen), with a fresh T5 encoder and Flux transformer trained on the flow-matching loss",
+        choices=("sd", "flux"),
+    )
     image_size: int = setting(32, "image side in pixels", min=8)
     vae_channels: list[int] = setting([32, 64], "AutoencoderKL block widths; the latent is image_size / 2^(n-1)")
     latent_channels: int = setting(4, "latent channels", min=1)
@@ -30,6 +36,19 @@ class TinySDModel:
     text_heads: int = setting(4, "CLIP text encoder heads", min=1)
     max_tokens: int = setting(16, "tokenizer model_max_length (= text positions)", min=4)
     train_text_encoder: bool = setting(True, "train the text encoder with the U-Net (false: frozen random)")
+    base: str | None = setting(
+        "checkpoints/tiny_sd",
+        "flux: the pretrained tiny SD pipeline whose VAE and CLIP text encoder + tokenizer are reused, frozen",
+        path="folder",
+    )
+    double_layers: int = setting(3, "flux: double-stream (joint) transformer blocks", min=1)
+    single_layers: int = setting(3, "flux: single-stream transformer blocks", min=0)
+    heads: int = setting(4, "flux: attention heads of the transformer", min=1)
+    head_dim: int = setting(32, "flux: width of each transformer head (width = heads x head_dim)", min=4)
+    t5_width: int = setting(64, "flux: T5 encoder width (= the transformer's joint_attention_dim)", min=8)
+    t5_layers: int = setting(2, "flux: T5 encoder layers", min=1)
+    t5_heads: int = setting(4, "flux: T5 encoder heads", min=1)
+    t5_feed_forward: int = setting(128, "flux: T5 gated-GELU feed-forward width", min=8)
     init_from: str | None = setting(
         None,
         "continue from a pipeline folder this tool exported (its VAE, U-Net, text "

@@ -221,5 +221,10 @@ class PretrainTextToImageTrainer:
 
 
 def run(config: DictConfig, run_dir: Path, **options: Any) -> dict[str, Any]:
-    """Pretrains (see :func:`~.run.run_task` for the options); returns ``{"outputs": [RUN/pipeline], "vae", ...}``."""
+    """Pretrains (see :func:`~.run.run_task` for the options); returns ``{"outputs": [RUN/pipeline], "vae", ...}``.
+    ``model.family: flux`` trains the tiny Flux-layout pipeline instead (:mod:`.pretrain_flux`)."""
+    if config.model.family == "flux":
+        from .pretrain_flux import PretrainFluxTrainer
+
+        return run_task(PretrainFluxTrainer(), config, run_dir, **options)
     return run_task(PretrainTextToImageTrainer(), config, run_dir, **options)
