@@ -43,20 +43,30 @@ def test_fill_iou_is_one_on_the_target_and_zero_on_the_wrong_colour(tmp_path):
 
 
 def test_shape_and_colour_are_scored_apart(tmp_path):
-    """A target with the fill recoloured keeps its shape score and loses the colour; the right colour spread over
-    the whole image keeps the colour and loses the shape; a blank image has neither."""
+    """A target with the fill recoloured keeps its shape score and loses the colour; a blob of the fill colour
+    elsewhere keeps the colour and loses the shape; a blank image has neither."""
     palette = ("red", "green", "blue", "yellow", "white", "black", "orange", "purple")
     folder = make_fill50k(tmp_path / "f", n=4, size=32, seed=0, palette=palette)
     for record in (json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()):
         target = np.asarray(Image.open(folder / record["image"]).convert("RGB"))
-        assert shape_iou(Image.fromarray(target), record) > 0.85 and fill_colour_named(Image.fromarray(target), record, palette)
+        assert shape_iou(Image.fromarray(target), record) > 0.85 and fill_colour_named(
+            Image.fromarray(target), record, palette
+        )
         other = next(c for c in ([255, 0, 0], [0, 128, 0]) if c not in (record["fill"], record["background"]))
         recoloured = target.copy()
         recoloured[(target == record["fill"]).all(-1)] = other
         assert shape_iou(Image.fromarray(recoloured), record) > 0.85
         assert not fill_colour_named(Image.fromarray(recoloured), record, palette)
-        flat = np.zeros_like(target) + np.array(record["fill"], np.uint8)
-        assert shape_iou(Image.fromarray(flat), record) == 0.0 and fill_colour_named(Image.fromarray(flat), record, palette)
+        blank = np.zeros_like(target) + np.array(record["background"], np.uint8)
+        elsewhere = blank.copy()  # a blob of the fill colour in the corner farthest from the disc
+        cx, cy, _ = record["circle"]
+        rows = slice(2, 8) if cy >= 16 else slice(24, 30)
+        columns = slice(2, 8) if cx >= 16 else slice(24, 30)
+        elsewhere[rows, columns] = record["fill"]
+        assert shape_iou(Image.fromarray(elsewhere), record) < 0.1
+        assert fill_colour_named(Image.fromarray(elsewhere), record, palette)
+        blank = Image.fromarray(blank)
+        assert shape_iou(blank, record) == 0.0 and not fill_colour_named(blank, record, palette)
 
 
 def test_the_tool_refuses_a_non_empty_folder(tmp_path, capsys):

@@ -146,19 +146,29 @@ def fill_iou(image: Image.Image, record: dict, tolerance: float = 60.0) -> float
     return _iou(disc, np.linalg.norm(pixels - np.asarray(record["fill"], dtype=np.float32), axis=-1) <= tolerance)
 
 
-def shape_iou(image: Image.Image, record: dict, tolerance: float = 60.0) -> float:
-    """The shape alone, whatever the colours: IoU of the pair's disc and the pixels of ``image`` farther than
-    ``tolerance`` (RGB distance) from the image's own background (the median colour of its border pixels)."""
-    pixels, disc = _pixels_and_disc(image, record)
+def _off_background(pixels: np.ndarray, tolerance: float) -> np.ndarray:
+    """The pixels farther than ``tolerance`` (RGB distance) from the image's own background, the median colour of
+    its border pixels: what the image draws, whatever its colours."""
     border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
-    return _iou(disc, np.linalg.norm(pixels - np.median(border, axis=0), axis=-1) > tolerance)
+    return np.linalg.norm(pixels - np.median(border, axis=0), axis=-1) > tolerance
 
 
-def fill_colour_named(image: Image.Image, record: dict, palette: Sequence[str]) -> bool:
-    """The colour alone, wherever the shape: whether the median colour of ``image`` inside the pair's disc is
-    nearest (RGB distance) to the caption's fill colour among the ``palette``'s CSS4 colours."""
+def shape_iou(image: Image.Image, record: dict, tolerance: float = 60.0) -> float:
+    """The shape alone, whatever the colours: IoU of the pair's disc and the pixels of ``image`` off its own
+    background."""
     pixels, disc = _pixels_and_disc(image, record)
-    inside = np.median(pixels[disc], axis=0)
+    return _iou(disc, _off_background(pixels, tolerance))
+
+
+def fill_colour_named(image: Image.Image, record: dict, palette: Sequence[str], tolerance: float = 60.0) -> bool:
+    """The colour alone, wherever the shape: whether the median colour of the pixels of ``image`` off its own
+    background is nearest (RGB distance) to the caption's fill colour among the ``palette``'s CSS4 colours (False
+    for an image that draws nothing)."""
+    pixels, _ = _pixels_and_disc(image, record)
+    drawn = _off_background(pixels, tolerance)
+    if not drawn.any():
+        return False
+    shown = np.median(pixels[drawn], axis=0)
     colours = {name: np.asarray(rgb, dtype=np.float32) for name, rgb in _colours().items() if name in set(palette)}
-    nearest = min(colours, key=lambda name: float(np.linalg.norm(inside - colours[name])))
+    nearest = min(colours, key=lambda name: float(np.linalg.norm(shown - colours[name])))
     return bool(np.array_equal(colours[nearest], np.asarray(record["fill"], dtype=np.float32)))
