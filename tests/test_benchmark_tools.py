@@ -267,9 +267,40 @@ def test_diffusion_demo_add_extends_the_finished_gallery_and_says_so(tmp_path, c
     text = (tmp_path / "README.md").read_text()
     assert "then `python tools/benchmark.py diffusion-demo --add`" in text
     assert "| DreamBooth-LoRA |" in text and "| DreamBooth-OFT |" in text
-    assert "Embedded pretrained pipelines: the SD 1.x layout only (`checkpoints/tiny_sd`" in text
-    # what the sentence says is what checkpoints/ holds (a tiny_flux pipeline landing must change the sentence)
+    assert "Embedded pretrained pipelines: the SD 1.x layout (`checkpoints/tiny_sd`" in text
+    assert "the Flux layout (`checkpoints/tiny_flux`" in text
+    # what the sentence says is what checkpoints/ holds (another pipeline landing must change the sentence)
     indexes = {
         p.parent.name: json.loads(p.read_text())["_class_name"] for p in ROOT.glob("checkpoints/*/model_index.json")
     }
-    assert indexes == {"tiny_sd": "StableDiffusionPipeline"}
+    assert indexes == {"tiny_sd": "StableDiffusionPipeline", "tiny_flux": "FluxPipeline"}
+
+
+def test_diffusion_demo_of_a_flux_pipeline_writes_its_own_gallery(tmp_path):
+    """A ``FluxPipeline`` folder gets the Flux header (true CFG, T5 length), the tiny_flux configs and README
+    command, and refuses textual inversion in one line."""
+    from benchmarks.diffusion_demo import family_of, main, write_readme
+
+    pipeline = tmp_path / "pipe"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    assert family_of(pipeline) == "flux" and family_of(ROOT / "checkpoints" / "tiny_sd") == "sd"
+    assert main(["--pipeline", str(pipeline), "--methods", "textual_inversion", "--out", str(tmp_path / "g")]) == 2
+    row = {"prompt": "p", "trainable": 10, "steps": 3, "before": 0.0, "after": 0.5, "minutes": 1.0}
+    results = {
+        "command": "python tools/benchmark.py diffusion-demo --pipeline checkpoints/tiny_flux",
+        "family": "flux",
+        "steps": 20,
+        "seeds": [0],
+        "minutes": 3.0,
+        "base": {
+            "rates": {"a handwritten digit one": {"subject": "digit 1", "rate": 1.0, "n": 2, "held_out": False}},
+            "kid": {},
+        },
+        "personalization": {"dreambooth_lora": [row], "difffit": [row]},
+    }
+    write_readme(results, tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith("# Diffusion, offline: the embedded tiny Flux-layout pipeline")
+    assert "true classifier-free guidance 3.0" in text and "configs/personalize/<method>_tiny_flux.yaml" in text
+    assert "| DreamBooth-LoRA |" in text and "| DiffFit |" in text

@@ -3,6 +3,7 @@
     python tools/benchmark.py diffusion-demo [--seeds 0 1 2] [--samples 20] [--methods ...] [--train-steps N]
     python tools/benchmark.py diffusion-demo --add --methods dreambooth_loha dreambooth_lokr dreambooth_oft
     python tools/benchmark.py diffusion-demo --from-json gallery/diffusion/results.json   # rewrite README only
+    python tools/benchmark.py diffusion-demo --pipeline checkpoints/tiny_flux   # -> gallery/diffusion/tiny_flux/
 
 Writes ``gallery/diffusion/``:
 
@@ -14,6 +15,12 @@ Writes ``gallery/diffusion/``:
   same sampling seeds (``personalize_<method>.png``), the judge's rate of seeing a 7 before vs after (mean +- std
   over training seeds), trainable parameters and minutes;
 * ``results.json`` (the command and every number) and ``README.md`` (tables and pictures).
+
+``--pipeline checkpoints/tiny_flux`` (a ``FluxPipeline`` folder) makes the same gallery of the tiny Flux-layout
+pipeline in ``gallery/diffusion/tiny_flux/`` (runs in ``runs/diffusion_demo/tiny_flux``): sampling at 32 px with T5 at
+its trained length and true classifier-free guidance (``true_cfg_scale`` 3 against ``""``), personalization with
+``configs/personalize/<method>_tiny_flux.yaml``, DreamBooth-LoRA and DiffFit by default (textual inversion is not
+offered on Flux: a new token would reach CLIP and not T5).
 
 ``--add`` trains only ``--methods`` and adds their rows to the gallery's ``results.json`` (base samples and the other
 rows kept, the command recorded beside the first one): how the DreamBooth rows of LoHa, LoKr and OFT
@@ -47,6 +54,10 @@ METHODS = {
 }
 #: what a plain run trains; the LyCORIS rows are added to a finished gallery with ``--add`` (see the docstring)
 DEFAULT_METHODS = ["textual_inversion", "dreambooth_lora", "difffit"]
+#: the methods a Flux-layout gallery trains by default
+FLUX_METHODS = ["dreambooth_lora", "difffit"]
+#: pipeline family -> the suffix of its personalization configs (``configs/personalize/<method>_<suffix>.yaml``)
+CONFIG_SUFFIX = {"sd": "tiny_sd", "flux": "tiny_flux"}
 SUBJECT = "digit 7"
 GUIDANCE = 3.0
 
@@ -73,6 +84,24 @@ def family_prompts() -> dict[str, list[tuple[str, str]]]:
     }
 
 
+def family_of(pipeline: Path) -> str:
+    """``flux`` for a ``FluxPipeline`` folder, else ``sd``."""
+    index = json.loads((Path(pipeline) / "model_index.json").read_text())
+    return "flux" if index.get("_class_name") == "FluxPipeline" else "sd"
+
+
+def guidance_options(pipe, count: int) -> dict:
+    """The guidance keywords of a call: classifier-free guidance ``GUIDANCE``; a Flux-layout pipeline (no guidance
+    embedding) gets it as true CFG against ``""``, at 32 px and T5's trained length (its tokenizer's
+    ``model_max_length``)."""
+    if getattr(pipe, "transformer", None) is None:
+        return {"guidance_scale": GUIDANCE}
+    from visionpeft.demo.tiny_flux_parts import sampling_options
+
+    options = sampling_options(pipe.tokenizer_2.model_max_length, GUIDANCE)
+    return {**options, "negative_prompt": [""] * count}
+
+
 def sample(pipe, prompt: str, count: int, seed: int, steps: int):
     """``count`` uint8 images (N, 32, 32, 3) of one prompt, reproducible by ``seed``."""
     import torch
@@ -80,9 +109,9 @@ def sample(pipe, prompt: str, count: int, seed: int, steps: int):
     images = pipe(
         [prompt] * count,
         num_inference_steps=steps,
-        guidance_scale=GUIDANCE,
         output_type="np",
         generator=torch.Generator().manual_seed(seed),
+        **guidance_options(pipe, count),
     ).images
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
@@ -154,10 +183,10 @@ def subject_images(folder: Path, count: int = 5) -> list:
 
 
 def launch(method: str, seed: int, images: Path, runs: Path, pipeline: Path, train_steps: int | None):
-    """Starts one personalization run, ``python tools/train.py configs/personalize/<method>_tiny_sd.yaml ...``; a
-    run that finished before with the same arguments (``<runs>/<name>.args.json``) is reused, not trained again, so
-    an interrupted demo goes on where it stopped."""
-    config_path = ROOT / "configs" / "personalize" / f"{method}_tiny_sd.yaml"
+    """Starts one personalization run, ``python tools/train.py configs/personalize/<method>_tiny_sd.yaml ...``
+    (``_tiny_flux.yaml`` for a Flux pipeline); a run that finished before with the same arguments
+    (``<runs>/<name>.args.json``) is reused, not trained again, so an interrupted demo goes on where it stopped."""
+    config_path = ROOT / "configs" / "personalize" / f"{method}_{CONFIG_SUFFIX[family_of(pipeline)]}.yaml"
     name = f"{method}-seed{seed}"
     overrides = [
         f"data.images={images}",
@@ -218,12 +247,14 @@ def finish(job: dict) -> dict:
 
 
 def load_pipe(path: Path):
+    """The pipeline folder in fp32: a ``StableDiffusionPipeline``, or a ``FluxPipeline`` (:func:`family_of`)."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import FluxPipeline, StableDiffusionPipeline
 
     from visionpeft.backbones.diffusers_loading import dtype_keyword
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, **dtype_keyword(torch.float32))
+    kind = FluxPipeline if family_of(path) == "flux" else StableDiffusionPipeline
+    pipe = kind.from_pretrained(path, **dtype_keyword(torch.float32))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -284,25 +315,14 @@ def write_readme(results: dict, out: Path) -> None:
     base, pers = results["base"], results.get("personalization", {})
     digits = [(p, r) for p, r in base["rates"].items() if r["subject"].startswith("digit")]
     pretrained = [r["rate"] for _, r in digits if not r["held_out"]]
+    flux = results.get("family") == "flux"
     lines = [
-        "# Diffusion, offline: the embedded tiny pipeline",
+        "# Diffusion, offline: the embedded tiny " + ("Flux-layout pipeline" if flux else "pipeline"),
         "",
         f"Made by `{results['command']}`"
         + "".join(f", then `{added}`" for added in results.get("added_by", []))
         + f" on a 2-core CPU shared with other jobs ({results['minutes']:.1f} minutes in all).",
-        "The pipeline is `checkpoints/tiny_sd` (pretrained by `python tools/pretrain.py configs/pretrain/tiny_sd.yaml`"
-        " then `configs/pretrain/tiny_sd_continue.yaml`, see its model card); images are judged by"
-        " `checkpoints/tiny_sd_judge.safetensors`, a classifier of the 24"
-        " subjects trained by the project on real images (`checkpoints/tiny_sd_judge.md`).",
-        f"Sampling: DDIM, {results['steps']} steps, guidance {GUIDANCE}, 32 px.",
-        "",
-        "Embedded pretrained pipelines: the SD 1.x layout only (`checkpoints/tiny_sd`, epsilon prediction);"
-        " `checkpoints/` holds no pretrained SDXL, SD3 or Flux pipeline. SDXL's code paths (both text encoders,"
-        " the added time ids) are tested on random-weight tiny layouts and train with the denoising loss this"
-        " pipeline trains with (`visionpeft.trainers.diffusion.diffusion_loss`), so what this gallery shows about"
-        " learning covers them; SD3 and Flux train with the flow-matching loss (`visionpeft.trainers.flow_matching`),"
-        " whose equality with diffusers' scripts is tested on random tiny layouts only: no gallery shows them learn"
-        " yet.",
+        *(_flux_header(results) if flux else _sd_header(results)),
         "",
         "## Base samples",
         "",
@@ -334,14 +354,17 @@ def write_readme(results: dict, out: Path) -> None:
     for name, (m, s) in base["kid"].items():
         lines.append(f"| {name} | {m:.3f} ± {s:.3f} |")
     if pers:
+        suffix, subject = (
+            ("tiny_flux", "gallery/diffusion/tiny_flux/subject") if flux else ("tiny_sd", "gallery/diffusion/subject")
+        )
         lines += [
             "",
             "## Personalization of a held-out subject (digit 7, 5 real images)",
             "",
             "The 5 training images: ![subject](subject.png)",
             "",
-            "Each method trains with `python tools/train.py configs/personalize/<method>_tiny_sd.yaml "
-            "data.images=gallery/diffusion/subject`; the judge counts how many samples of the method's prompt"
+            f"Each method trains with `python tools/train.py configs/personalize/<method>_{suffix}.yaml "
+            f"data.images={subject}`; the judge counts how many samples of the method's prompt"
             f" it calls a 7, before (the base pipeline, same prompt, same sampling seeds) and after; mean ±"
             f" std over training seeds {results['seeds']}.",
             "",
@@ -368,6 +391,36 @@ def write_readme(results: dict, out: Path) -> None:
     (out / "README.md").write_text("\n".join(lines).rstrip() + "\n")
 
 
+def _sd_header(results: dict) -> list[str]:
+    return [
+        "The pipeline is `checkpoints/tiny_sd` (pretrained by `python tools/pretrain.py configs/pretrain/tiny_sd.yaml`"
+        " then `configs/pretrain/tiny_sd_continue.yaml`, see its model card); images are judged by"
+        " `checkpoints/tiny_sd_judge.safetensors`, a classifier of the 24"
+        " subjects trained by the project on real images (`checkpoints/tiny_sd_judge.md`).",
+        f"Sampling: DDIM, {results['steps']} steps, guidance {GUIDANCE}, 32 px.",
+        "",
+        "Embedded pretrained pipelines: the SD 1.x layout (`checkpoints/tiny_sd`, epsilon prediction, this gallery)"
+        " and the Flux layout (`checkpoints/tiny_flux`, flow matching, its own gallery: `tiny_flux/README.md`);"
+        " `checkpoints/` holds no pretrained SDXL or SD3 pipeline. SDXL's code paths (both text encoders,"
+        " the added time ids) are tested on random-weight tiny layouts and train with the denoising loss this"
+        " pipeline trains with (`visionpeft.trainers.diffusion.diffusion_loss`), so what this gallery shows about"
+        " learning covers them; SD3 trains with the flow-matching loss (`visionpeft.trainers.flow_matching`) that"
+        " the Flux gallery shows learn, on its own transformer, tested on random tiny layouts only.",
+    ]
+
+
+def _flux_header(results: dict) -> list[str]:
+    return [
+        "The pipeline is `checkpoints/tiny_flux`, a `FluxPipeline` (pretrained by `python tools/pretrain.py"
+        " configs/pretrain/tiny_flux.yaml` on the captioned mix `checkpoints/tiny_sd` saw, reusing its VAE and"
+        " CLIP; see its model card); images are judged by `checkpoints/tiny_sd_judge.safetensors`, the same"
+        " classifier of the 24 subjects as the SD gallery (`../README.md`).",
+        f"Sampling: FlowMatchEuler (FLUX.1-dev's scheduler config), {results['steps']} steps, true classifier-free"
+        f" guidance {GUIDANCE} against the empty prompt (`true_cfg_scale`; the transformer has no guidance"
+        " embedding), T5 at its trained 16 tokens, 32 px.",
+    ]
+
+
 def added_to(path: Path, command: str) -> dict | None:
     """The finished gallery's results that ``--add`` extends, with ``command`` recorded; None (and one line) when
     there is none."""
@@ -390,15 +443,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=20, help="samples per digit prompt and per personalization")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=None, choices=list(METHODS), help="default: per the pipeline's family"
+    )
     parser.add_argument(
         "--add", action="store_true", help="train only --methods and add their rows to the gallery's results.json"
     )
     parser.add_argument("--train-steps", type=int, default=None, help="personalization steps (default: configs')")
     parser.add_argument("--skip-personalization", action="store_true")
     parser.add_argument("--pipeline", type=Path, default=ROOT / "checkpoints" / "tiny_sd")
-    parser.add_argument("--out", type=Path, default=ROOT / "gallery" / "diffusion")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "diffusion_demo")
+    parser.add_argument("--out", type=Path, default=None, help="default: gallery/diffusion(/tiny_flux)")
+    parser.add_argument("--runs", type=Path, default=None, help="default: runs/diffusion_demo(/tiny_flux)")
     parser.add_argument("--from-json", type=Path, default=None, help="rewrite README.md from a results.json")
     args = parser.parse_args(argv)
     if args.from_json is not None:
@@ -411,6 +466,14 @@ def main(argv: list[str]) -> int:
             "configs/pretrain/tiny_sd.yaml",
             file=sys.stderr,
         )
+        return 2
+    family = family_of(args.pipeline)
+    flux = family == "flux"
+    args.methods = args.methods or (FLUX_METHODS if flux else DEFAULT_METHODS)
+    args.out = args.out or ROOT / "gallery" / "diffusion" / ("tiny_flux" if flux else "")
+    args.runs = args.runs or ROOT / "runs" / "diffusion_demo" / ("tiny_flux" if flux else "")
+    if flux and "textual_inversion" in args.methods:
+        print("error: textual inversion is not offered on Flux (a new token reaches CLIP, not T5)", file=sys.stderr)
         return 2
     from visionpeft.demo.judge import Judge
 
@@ -434,6 +497,12 @@ def main(argv: list[str]) -> int:
             "`gallery/control/` (ControlNet / ControlNet-LoRA; T2I-Adapter's layout does not fit this "
             "U-Net).",
         }
+        if flux:
+            results["family"] = "flux"
+            results["not_done"] = (
+                "KID rows compare with the SD gallery's only through the same judge features. Not run on this"
+                " pipeline: textual inversion (not offered on Flux), the LyCORIS rows, control and IP-Adapter."
+            )
         previous_minutes = 0.0
     if not args.skip_personalization:
         rows = personalization(

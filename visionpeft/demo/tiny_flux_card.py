@@ -19,6 +19,9 @@ from .captioned_mix import SUBJECTS, captioned_mix
 from .tiny_sd_card import _losses, _parameters, _validation_prompts
 from .tiny_sd_parts import TRAINING_RECORD
 
+#: ``RUN/<this>``: a line on how the run went beyond its command (an interrupted and resumed session), for the card
+HISTORY = "history.txt"
+
 CARD_LIMITS = """\
 What it can draw: at best the families it saw, at 32 px, with the quality the gallery measures
 (`gallery/diffusion/tiny_flux/README.md`: the judge's rate per digit prompt). What it cannot draw: anything outside
@@ -59,7 +62,10 @@ def training_record(config, run_dir: Path, command: str) -> dict:
         "threads": wall.get("threads"),
         "minutes": wall["minutes"],
     }
+    history = run_dir / HISTORY
+    record = {"note": history.read_text().strip()} if history.is_file() else {}
     return {
+        **record,
         "family": "flux",
         "base": {"folder": shown_path(config.model.base), "held_out": base_held_out, "reused": ["vae", "text_encoder"]},
         "vae": normalisation,
@@ -112,6 +118,7 @@ def export_flux_pipeline(config, run_dir: Path, target: Path, command: str) -> P
     s, n, sampling = record["stages"][0], record["vae"], record["sampling"]
     factor = 2 ** (len(vae.block_out_channels) - 1)
     latent = config.model.image_size // factor
+    history = f"- History: {record['note']}\n" if record.get("note") else ""
     card = f"""# tiny_flux
 
 A tiny text-to-image model in diffusers' `FluxPipeline` layout (double- and single-stream transformer blocks over
@@ -179,8 +186,8 @@ Rows of `samples.png`: {", ".join(f'"{p}"' for p in _validation_prompts())}.
   `{s["weighting_scheme"]}`), T5 padded to {s["max_sequence_length"]} tokens, caption dropout {s["caption_dropout"]}
   (true classifier-free guidance), EMA {s["ema_decay"]} (shipped); loss {s["first_loss"]:.4f} over the first logged
   steps -> {s["last_loss"]:.4f} over the last.
-- **Wall time: {record["minutes"]:.1f} minutes** (training, validation grids, saves) on {s["threads"]} thread of a
-  2-core CPU shared with other jobs, plus `{record["base"]["folder"]}`'s VAE stage (its own card).
+{history}- **Wall time: {record["minutes"]:.1f} minutes** (training, validation grids, saves) on {s["threads"]} thread
+  of a 2-core CPU shared with other jobs, plus `{record["base"]["folder"]}`'s VAE stage (its own card).
 - `python tools/pretrain.py configs/pretrain/tiny_flux.yaml` re-makes this folder (`--export-only` rewrites it from
   the run folder); `training.json` holds this record.
 
