@@ -22,7 +22,7 @@ def test_every_config_loads(path):
         "segmentation": "segmentation",
     }
     # configs/pretrain/ and configs/control/ hold several tasks
-    by_file = {"tiny_sd.yaml": "pretrain_text_to_image", "tiny_sd_continue.yaml": "pretrain_text_to_image"}
+    by_file = dict.fromkeys(["tiny_sd.yaml", "tiny_sd_continue.yaml", "tiny_flux.yaml"], "pretrain_text_to_image")
     by_file |= dict.fromkeys(
         ["ip_adapter_sd15.yaml", "ip_adapter_plus_sd15.yaml", "ip_adapter_tiny_sd.yaml"], "ip_adapter"
     )
