@@ -26,7 +26,10 @@ def evaluate(config: DictConfig, request: EvalRequest) -> list[str]:
         )
     pipeline = load_pipeline(str(folder)).to(device_of(request.cpu))
     per_prompt = request.samples or config.train.validation_images
-    images = SampleGrids(pipeline, config, request.run_dir).draw(per_prompt)
+    grids = SampleGrids
+    if config.model.get("family") == "flux":  # drawn as the Flux pipeline trains: 32 px, T5 length, true CFG
+        from .pretrain_flux import FluxSampleGrids as grids
+    images = grids(pipeline, config, request.run_dir).draw(per_prompt)
     out = eval_folder(request, PIPELINE)
     readable_grid([images[i : i + per_prompt] for i in range(0, len(images), per_prompt)]).save(out / "grid.png")
     return [
