@@ -162,6 +162,9 @@ class PersonalizationObjective:
         generator = torch.Generator(device="cpu").manual_seed(train.seed if seed is None else seed)
         self.pipeline.set_progress_bar_config(disable=True)
         options = {"guidance_rescale": train.guidance_rescale} if takes(self.pipeline, "guidance_rescale") else {}
+        length = self.cfg.optim.get("max_sequence_length")
+        if length and takes(self.pipeline, "max_sequence_length"):  # T5 as the run trains it (Flux / SD3)
+            options["max_sequence_length"] = length
         drawn = []
         for prompt in prompts:
             with accelerator.autocast():  # frozen weights may be half precision, trained ones fp32
