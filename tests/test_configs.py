@@ -24,7 +24,13 @@ def test_every_config_loads(path):
     # configs/pretrain/ and configs/control/ hold several tasks
     by_file = dict.fromkeys(["tiny_sd.yaml", "tiny_sd_continue.yaml", "tiny_flux.yaml"], "pretrain_text_to_image")
     by_file |= dict.fromkeys(
-        ["ip_adapter_sd15.yaml", "ip_adapter_plus_sd15.yaml", "ip_adapter_tiny_sd.yaml"], "ip_adapter"
+        [
+            "ip_adapter_sd15.yaml",
+            "ip_adapter_plus_sd15.yaml",
+            "ip_adapter_tiny_sd.yaml",
+            "ip_adapter_plus_tiny_sd.yaml",
+        ],
+        "ip_adapter",
     )
     by_file |= {"tiny_clip.yaml": "pretrain_clip"}
     expected = by_file.get(path.name) or next((tasks[p] for p in path.parts if p in tasks), "classification")
