@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -30,7 +29,7 @@ from ..trainers.flow_conditioning import FluxPromptEncoder
 from ..trainers.flow_matching import flow_matching_loss, flow_training_scheduler
 from ..trainers.run import Setup
 from .captioned_mix import captioned_mix
-from .pretrain_sd import CaptionedPixels, SampleGrids
+from .pretrain_sd import CaptionedPixels, PretrainTextToImageTrainer, SampleGrids
 from .tiny_flux_parts import (
     build_transformer,
     caption_words,
@@ -129,8 +128,9 @@ def build_flux_pipeline(cfg: DictConfig, pixels: torch.Tensor, folder: Path):
     return pipeline, record
 
 
-class PretrainFluxTrainer:
-    """The T5 encoder and the Flux transformer with the shared loop; writes ``RUN/pipeline`` at the end."""
+class PretrainFluxTrainer(PretrainTextToImageTrainer):
+    """The T5 encoder and the Flux transformer with the shared loop; ``finish`` (writes ``RUN/pipeline``) is the SD
+    trainer's."""
 
     def build(self, config: DictConfig, accelerator, run_dir: Path) -> Setup:
         if config.model.init_from:
@@ -167,14 +167,3 @@ class PretrainFluxTrainer:
             summary=summary,
             state={"pipeline": pipeline, "vae": record, "images": len(images), "subjects": subjects},
         )
-
-    def finish(self, config: DictConfig, loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
-        pipeline = setup.state["pipeline"]
-        result = {"vae": setup.state["vae"], "images": setup.state["images"], "subjects": setup.state["subjects"]}
-        if not loop.accelerator.is_main_process:
-            return result
-        vp.merge(pipeline_modules(pipeline))  # full training: the weights are the model
-        pipeline.save_pretrained(run_dir / "pipeline")
-        record = {**result, "steps": loop.step}
-        (run_dir / "pipeline" / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        return {**result, "outputs": [run_dir / "pipeline"]}

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import collections
 import json
-import shutil
 from pathlib import Path
 
-import torch
-
 from ..io import shown_path
-from .captioned_mix import SUBJECTS, captioned_mix
-from .tiny_sd_card import _losses, _parameters, _validation_prompts
+from .captioned_mix import SUBJECTS
+from .tiny_sd_card import _losses, _parameters, _validation_prompts, ship_run_pipeline
 from .tiny_sd_parts import TRAINING_RECORD
 
 #: ``RUN/<this>``: a line on how the run went beyond its command (an interrupted and resumed session), for the card
@@ -87,29 +84,9 @@ def export_flux_pipeline(config, run_dir: Path, target: Path, command: str) -> P
     """Writes ``target``: the pipeline (transformer / VAE fp16, text encoders fp32), a sample grid, ``training.json``
     and ``README.md``; the card describes the run as it was configured (``RUN/config.yaml``)."""
     from diffusers import FluxPipeline
-    from omegaconf import OmegaConf
 
-    from ..backbones.diffusers_loading import dtype_keyword
-
-    if (run_dir / "config.yaml").is_file():
-        config = OmegaConf.load(run_dir / "config.yaml")
-    pipeline = FluxPipeline.from_pretrained(run_dir / "pipeline", **dtype_keyword(torch.float32))
-    if target.exists():
-        shutil.rmtree(target)
-    pipeline.transformer.to(torch.float16)
-    pipeline.vae.to(torch.float16)
-    pipeline.save_pretrained(target)
-    grids = sorted((run_dir / "validation").glob("*.png"))
-    if grids:
-        shutil.copyfile(grids[-1], target / "samples.png")
-    record = training_record(config, run_dir, command)
-    (target / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    images = captioned_mix(
-        "all",
-        size=config.model.image_size,
-        seed=config.train.seed,
-        exclude=list(config.data.exclude),
-        **dict(config.data.options),
+    config, pipeline, record, images = ship_run_pipeline(
+        FluxPipeline, ("transformer", "vae"), training_record, config, run_dir, target, command
     )
     families = collections.Counter(SUBJECTS[label].split(" ")[0] for label in images.targets)
     size_mb = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20

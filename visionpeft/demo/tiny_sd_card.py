@@ -123,29 +123,31 @@ def _parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def export_pipeline(config, run_dir: Path, target: Path, command: str) -> Path:
-    """Writes ``target``: the pipeline (U-Net / VAE fp16, text encoder fp32), a sample grid and ``README.md``;
-    the card describes the run as it was configured (``RUN/config.yaml``), whatever ``config`` says now."""
-    from diffusers import StableDiffusionPipeline
+def ship_run_pipeline(
+    pipeline_class, half: tuple[str, ...], record_of, config, run_dir: Path, target: Path, command: str
+):
+    """What every embedded pipeline's export does first: ``RUN/pipeline`` loaded as ``pipeline_class`` and saved
+    into a fresh ``target`` with the ``half`` parts in fp16 (the rest fp32), the run's last validation grid as
+    ``samples.png`` and ``record_of(config, run_dir, command)`` as ``training.json``. The config is the run's own
+    (``RUN/config.yaml``) when it has one, whatever ``config`` says now. Returns (config, pipeline, record, the
+    captioned images it trained on) for the card."""
     from omegaconf import OmegaConf
-
-    if (run_dir / "config.yaml").is_file():
-        config = OmegaConf.load(run_dir / "config.yaml")
 
     from ..backbones.diffusers_loading import dtype_keyword
 
-    pipeline = StableDiffusionPipeline.from_pretrained(run_dir / "pipeline", **dtype_keyword(torch.float32))
+    if (run_dir / "config.yaml").is_file():
+        config = OmegaConf.load(run_dir / "config.yaml")
+    pipeline = pipeline_class.from_pretrained(run_dir / "pipeline", **dtype_keyword(torch.float32))
     if target.exists():
         shutil.rmtree(target)
-    pipeline.unet.to(torch.float16)
-    pipeline.vae.to(torch.float16)
+    for part in half:
+        getattr(pipeline, part).to(torch.float16)
     pipeline.save_pretrained(target)
     grids = sorted((run_dir / "validation").glob("*.png"))
     if grids:
         shutil.copyfile(grids[-1], target / "samples.png")
-    record = training_record(config, run_dir, command)
+    record = record_of(config, run_dir, command)
     (target / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    vae = record["vae"]
     images = captioned_mix(
         "all",
         size=config.model.image_size,
@@ -153,6 +155,18 @@ def export_pipeline(config, run_dir: Path, target: Path, command: str) -> Path:
         exclude=list(config.data.exclude),
         **dict(config.data.options),
     )
+    return config, pipeline, record, images
+
+
+def export_pipeline(config, run_dir: Path, target: Path, command: str) -> Path:
+    """Writes ``target``: the pipeline (U-Net / VAE fp16, text encoder fp32), a sample grid and ``README.md``;
+    the card describes the run as it was configured (``RUN/config.yaml``), whatever ``config`` says now."""
+    from diffusers import StableDiffusionPipeline
+
+    config, pipeline, record, images = ship_run_pipeline(
+        StableDiffusionPipeline, ("unet", "vae"), training_record, config, run_dir, target, command
+    )
+    vae = record["vae"]
     families = collections.Counter(SUBJECTS[label].split(" ")[0] for label in images.targets)
     size_mb = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
     a = _architecture(pipeline)
