@@ -28,7 +28,6 @@ from ..trainers.diffusion import DiffusionParts
 from ..trainers.flow_conditioning import FluxPromptEncoder
 from ..trainers.flow_matching import flow_matching_loss, flow_training_scheduler
 from ..trainers.run import Setup
-from .captioned_mix import captioned_mix
 from .pretrain_sd import CaptionedPixels, PretrainTextToImageTrainer, SampleGrids
 from .tiny_flux_parts import (
     build_transformer,
@@ -39,7 +38,7 @@ from .tiny_flux_parts import (
     t5_encoder,
     t5_tokenizer,
 )
-from .tiny_sd_parts import to_pixels
+from .tiny_sd_parts import pretraining_images, to_pixels
 
 #: T5's sequence length when ``optim.max_sequence_length`` is unset (every caption fits: at most 8 words + ``</s>``)
 DEFAULT_T5_TOKENS = 16
@@ -135,13 +134,7 @@ class PretrainFluxTrainer(PretrainTextToImageTrainer):
     def build(self, config: DictConfig, accelerator, run_dir: Path) -> Setup:
         if config.model.init_from:
             raise ConfigError("model.init_from: family flux pretrains from model.base only; unset model.init_from")
-        images = captioned_mix(
-            "all",
-            size=config.model.image_size,
-            seed=config.train.seed,
-            exclude=list(config.data.exclude),
-            **dict(config.data.options),
-        )
+        images = pretraining_images(config)
         run_dir.mkdir(parents=True, exist_ok=True)
         pipeline, record = build_flux_pipeline(config, to_pixels(images.images), run_dir / "t5_tokenizer")
         (run_dir / "vae_normalisation.json").write_text(json.dumps(record, indent=2) + "\n")

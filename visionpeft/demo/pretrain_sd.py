@@ -33,12 +33,13 @@ from ..trainers.diffusion import DiffusionParts, diffusion_loss, prompt_encoder,
 from ..trainers.diffusion_objective import check_objective, use_trained_sampling
 from ..trainers.logs import get_logger
 from ..trainers.run import Setup, run_task
-from .captioned_mix import CaptionedImages, captioned_mix
+from .captioned_mix import CaptionedImages
 from .tiny_sd_parts import (
     build_text_encoder,
     build_tokenizer,
     build_unet,
     continued_pipeline,
+    pretraining_images,
     sampling_scheduler,
     to_pixels,
     training_noise_scheduler,
@@ -161,13 +162,7 @@ class PretrainTextToImageTrainer:
     """VAE stage, then the U-Net (+ text encoder) with the shared loop; writes ``RUN/pipeline`` at the end."""
 
     def build(self, config: DictConfig, accelerator, run_dir: Path) -> Setup:
-        images = captioned_mix(
-            "all",
-            size=config.model.image_size,
-            seed=config.train.seed,
-            exclude=list(config.data.exclude),
-            **dict(config.data.options),
-        )
+        images = pretraining_images(config)
         run_dir.mkdir(parents=True, exist_ok=True)
         objective = objective_of(config.optim)
         if config.model.init_from:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from ..io import shown_path
-from .captioned_mix import SUBJECTS, captioned_mix
-from .tiny_sd_parts import TRAINING_RECORD
+from .captioned_mix import SUBJECTS
+from .tiny_sd_parts import TRAINING_RECORD, pretraining_images
 
 CARD_LIMITS = """\
 What it can draw: the families it saw, at 32 px - handwritten digits (blurry, as the 8 x 8 originals upsampled,
@@ -148,13 +148,7 @@ def ship_run_pipeline(
         shutil.copyfile(grids[-1], target / "samples.png")
     record = record_of(config, run_dir, command)
     (target / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    images = captioned_mix(
-        "all",
-        size=config.model.image_size,
-        seed=config.train.seed,
-        exclude=list(config.data.exclude),
-        **dict(config.data.options),
-    )
+    images = pretraining_images(config)
     return config, pipeline, record, images
 
 

@@ -34,6 +34,19 @@ NOISE_SCHEDULE = {
 }
 
 
+def pretraining_images(config: DictConfig):
+    """The captioned images a ``pretrain_text_to_image`` config trains on (``data.exclude`` left out)."""
+    from .captioned_mix import captioned_mix
+
+    return captioned_mix(
+        "all",
+        size=config.model.image_size,
+        seed=config.train.seed,
+        exclude=list(config.data.exclude),
+        **dict(config.data.options),
+    )
+
+
 def build_vae(model: DictConfig):
     from diffusers import AutoencoderKL
 
