@@ -24,6 +24,8 @@ recipes-ablation  DreamBooth-LoRA on the tiny pipeline's held-out 7 with each tr
 tiny-sd  the tiny pipeline's sampling speed, and its personalization step against the bare diffusers + peft step.
 control-demo  ControlNet / ControlNet-LoRA on the tiny pipeline and 32 px fill50k: held-out fill IoU over training
       steps against the base pipeline, sample grids (gallery/control/).
+ip-adapter-demo  IP-Adapter / IP-Adapter-plus on the tiny pipeline: the judge's rate of the reference image's digit with
+      the image prompt against the text alone (gallery/control/ip_adapter/).
 clip-demo  the embedded tiny CLIP: zero-shot (held-in / held-out classes) against CoOp / CoCoOp / KgCoOp / MaPLe /
       Tip-Adapter, few-shot curves and the base-to-new table (gallery/clip/).
 clip-steps  each CLIP prompt learner's / adapter's training step (KgCoOp, ProGrad, MaPLe, IVLP, PromptSRC,
@@ -54,6 +56,7 @@ SUITES = (
     "recipes-ablation",
     "tiny-sd",
     "control-demo",
+    "ip-adapter-demo",
     "clip-demo",
     "clip-steps",
     "gpu",
