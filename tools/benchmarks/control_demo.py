@@ -204,6 +204,7 @@ def write_readme(results: dict, out: Path) -> None:
         "samples. The fill IoU counts only pixels within 60 (RGB distance) of the caption's fill, so it stays low for "
         "every method; the shape IoU scores what a control adds, where the disc is, and the colour column what the "
         "text still decides.",
+        *_peak_sentence(results),
         "",
         "![held-out fill and shape IoU over training](fill_iou.png)",
         "",
@@ -216,6 +217,22 @@ def write_readme(results: dict, out: Path) -> None:
             "",
         ]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def _peak_sentence(results: dict) -> list[str]:
+    """Where ControlNet's fill IoU peaked, when that is before the end (the colour drifting as the shape sets)."""
+    row = results["methods"].get("controlnet")
+    if not row:
+        return []
+    step, peak = max(((step, values["fill"]) for step, values in row["curve"]), key=lambda point: point[1])
+    if step == results["steps"]:
+        return []
+    return [
+        "",
+        f"ControlNet's fill IoU peaks at {peak:.3f} at step {step:,} and falls after it while its shape IoU still "
+        f"rises: the control sets where the disc is and pulls its colour away from the caption's (fill colour right "
+        f"{100 * results['base']['colour']:.0f}% without control, {100 * row['colour']:.0f}% with).",
+    ]
 
 
 CARD = """# tiny_sd_controlnet
