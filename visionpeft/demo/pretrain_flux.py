@@ -28,7 +28,7 @@ from ..trainers.diffusion import DiffusionParts
 from ..trainers.flow_conditioning import FluxPromptEncoder
 from ..trainers.flow_matching import flow_matching_loss, flow_training_scheduler
 from ..trainers.run import Setup
-from .pretrain_sd import CaptionedPixels, PretrainTextToImageTrainer, SampleGrids
+from .pretrain_sd import CaptionedPixels, PretrainTextToImageTrainer, SampleGrids, dropped_captions
 from .tiny_flux_parts import (
     build_transformer,
     caption_words,
@@ -71,9 +71,7 @@ class FlowDenoiser(nn.Module):
         self.cfg = cfg
 
     def forward(self, batch: dict) -> torch.Tensor:
-        prompts = list(batch["prompt"])
-        drop = torch.rand(len(prompts)) < self.cfg.data.caption_dropout
-        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        prompts = dropped_captions(batch["prompt"], self.cfg.data.caption_dropout)
         return flow_matching_loss(self.parts, batch["pixel_values"], prompts)
 
 

@@ -75,6 +75,14 @@ class CaptionedPixels(Dataset):
         return {"pixel_values": self.pixels[index], "prompt": self.captions[index]}
 
 
+def dropped_captions(prompts, rate: float) -> list[str]:
+    """The batch's captions, each replaced by ``""`` with probability ``rate`` (classifier-free guidance's
+    unconditional examples)."""
+    prompts = list(prompts)
+    drop = torch.rand(len(prompts)) < rate
+    return ["" if d else p for p, d in zip(prompts, drop.tolist())]
+
+
 class TextToImageDenoiser(nn.Module):
     """The trained modules plus the frozen VAE; forward is the denoising loss of a batch (what accelerate wraps)."""
 
@@ -96,9 +104,7 @@ class TextToImageDenoiser(nn.Module):
         self.cfg = cfg
 
     def forward(self, batch: dict) -> torch.Tensor:
-        prompts = list(batch["prompt"])
-        drop = torch.rand(len(prompts)) < self.cfg.data.caption_dropout
-        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        prompts = dropped_captions(batch["prompt"], self.cfg.data.caption_dropout)
         return diffusion_loss(self.parts, batch["pixel_values"], prompts, objective=self.objective)
 
 
