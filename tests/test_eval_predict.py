@@ -148,7 +148,7 @@ def class_conditional_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pretrain_run(tmp_path_factory):
-    from visionpeft.demo.pretrain_sd import run as train
+    from visionpeft.demo.pretrain_text_to_image import run as train
 
     tmp = tmp_path_factory.mktemp("pretrain")
     overrides = [

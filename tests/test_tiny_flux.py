@@ -60,7 +60,7 @@ def test_pretrain_path_writes_a_folder_flux_loads_and_samples_at_32_px(tmp_path,
     from diffusers import FluxPipeline
 
     from visionpeft.config import load_config
-    from visionpeft.demo.pretrain_sd import run
+    from visionpeft.demo.pretrain_text_to_image import run
     from visionpeft.demo.tiny_flux_card import export_flux_pipeline
 
     monkeypatch.chdir(ROOT)

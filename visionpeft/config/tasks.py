@@ -188,7 +188,7 @@ register(
     TaskSpec(
         "pretrain_text_to_image",
         PretrainTextToImageConfig,
-        "visionpeft.demo.pretrain_sd:run",
+        "visionpeft.demo.pretrain_text_to_image:run",
         "visionpeft.demo.pretrain_sd_eval:evaluate",
         evaluates="the sample grid of the validation prompts from RUN/pipeline (--samples per prompt)",
         no_predictor="the run's pipeline/ folder is a plain diffusers pipeline; draw from it with "

@@ -2,8 +2,11 @@
 
 * ``fractal``: FractalDB-style formula-driven images (the tiny ViT's pretraining data, dataset ``fractaldb``).
 * ``captioned_mix``: captioned 32 px images (the tiny text-to-image pipeline's data, dataset ``captioned_mix``).
-* ``tiny_sd_parts`` / ``pretrain_sd`` / ``tiny_sd_card``: the tiny text-to-image pipeline built from scratch
-  (task ``pretrain_text_to_image``), its export and model card.
+* ``pretrain_text_to_image``: the task ``pretrain_text_to_image``'s entry point (the pipeline of ``model.family``).
+* ``tiny_sd_parts`` / ``pretrain_sd`` / ``tiny_sd_card``: the tiny text-to-image pipeline built from scratch, its
+  export and model card.
+* ``tiny_image_encoder``: the tiny CLIP's image tower as a transformers ``CLIPVisionModelWithProjection`` (the
+  IP-Adapter demo's image encoder).
 * ``tiny_flux_parts`` / ``pretrain_flux`` / ``tiny_flux_card``: the tiny Flux-layout pipeline (the same task with
   ``model.family: flux``: tiny_sd's VAE and CLIP, a new T5 and Flux transformer on the flow-matching loss; the
   offline T5 tokenizer and FLUX.1-dev's scheduler config), its export and model card.

@@ -32,7 +32,7 @@ from ..config.diffusion_objective import objective_of
 from ..trainers.diffusion import DiffusionParts, diffusion_loss, prompt_encoder, training_scheduler_from
 from ..trainers.diffusion_objective import check_objective, use_trained_sampling
 from ..trainers.logs import get_logger
-from ..trainers.run import Setup, run_task
+from ..trainers.run import Setup
 from .captioned_mix import CaptionedImages
 from .tiny_sd_parts import (
     build_text_encoder,
@@ -219,13 +219,3 @@ class PretrainTextToImageTrainer:
         record = {**result, "steps": loop.step}
         (run_dir / "pipeline" / "training.json").write_text(json.dumps(record, indent=2) + "\n")
         return {**result, "outputs": [run_dir / "pipeline"]}
-
-
-def run(config: DictConfig, run_dir: Path, **options: Any) -> dict[str, Any]:
-    """Pretrains (see :func:`~.run.run_task` for the options); returns ``{"outputs": [RUN/pipeline], "vae", ...}``.
-    ``model.family: flux`` trains the tiny Flux-layout pipeline instead (:mod:`.pretrain_flux`)."""
-    if config.model.family == "flux":
-        from .pretrain_flux import PretrainFluxTrainer
-
-        return run_task(PretrainFluxTrainer(), config, run_dir, **options)
-    return run_task(PretrainTextToImageTrainer(), config, run_dir, **options)

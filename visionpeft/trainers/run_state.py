@@ -70,6 +70,9 @@ RUN_OUTPUTS = frozenset(
         "model",  # pretrain_clip: the open_clip folder
         "earlier_training.json",
         "wall_minutes.json",
+        "vae_normalisation.json",  # pretrain_text_to_image, family flux: the VAE's latent shift and scale
+        "t5_tokenizer",  # ... and the offline T5 tokenizer it built
+        "history.txt",  # ... and the sessions of an interrupted run (its card's history line)
         "eval",
         "noah_search",  # `visionpeft noah RUN_DIR`'s search of a supernet run: stale once the run trains again
         *lock_files(RUN_LOCK),
