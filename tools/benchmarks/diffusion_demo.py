@@ -98,8 +98,7 @@ def guidance_options(pipe, count: int) -> dict:
         return {"guidance_scale": GUIDANCE}
     from visionpeft.demo.tiny_flux_parts import sampling_options
 
-    options = sampling_options(pipe.tokenizer_2.model_max_length, GUIDANCE)
-    return {**options, "negative_prompt": [""] * count}
+    return sampling_options(pipe.tokenizer_2.model_max_length, GUIDANCE, prompts=count)
 
 
 def sample(pipe, prompt: str, count: int, seed: int, steps: int):

@@ -210,10 +210,10 @@ def main(argv: list[str]) -> int:
     shown = [args.references * d for d in range(10)]  # the first reference of each digit
     for variant in args.variants:
         row = {"rates": [], "minutes": []}
+        prompts = image_prompts(pipe, encoder, [image for _, image in chosen], variant == "plus")  # frozen encoder
         for seed in args.seeds:
             run_dir, minutes = train(variant, seed, args.steps, args.work, args.threads)
             row["trainable"] = vp.count_parameters(vp.load_adapter(pipe, run_dir / "last"))["trainable"]
-            prompts = image_prompts(pipe, encoder, [image for _, image in chosen], variant == "plus")
             drawn = [draw(pipe, GENERIC, s, embeds) for s, embeds in zip(seeds, prompts)]
             vp.detach(pipe)
             row["rates"].append(rates(judge, digits, drawn))

@@ -85,8 +85,7 @@ class FluxSampleGrids(SampleGrids):
         self.pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(train.seed)
         prompts = [p for p in VALIDATION_PROMPTS for _ in range(per_prompt)]
-        options = sampling_options(t5_tokens(self.cfg), train.guidance_scale, self.cfg.model.image_size)
-        options["negative_prompt"] = [""] * len(prompts)
+        options = sampling_options(t5_tokens(self.cfg), train.guidance_scale, self.cfg.model.image_size, len(prompts))
         return self.pipeline(prompts, num_inference_steps=train.validation_steps, generator=generator, **options).images
 
 

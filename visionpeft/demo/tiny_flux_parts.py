@@ -141,14 +141,15 @@ def flux_latent_normalisation(vae, pixels: torch.Tensor) -> dict[str, float]:
     return {"shift_factor": mean, "scaling_factor": 1.0 / std, "latent_std": std}
 
 
-def sampling_options(max_sequence_length: int, true_cfg_scale: float, size: int = 32) -> dict:
-    """What a call of the tiny Flux pipeline needs beside the prompt: the 32 px size (FluxPipeline's default is
-    ``128 * vae_scale_factor``), T5's trained sequence length (the default 512 pads with tokens the transformer never
-    attended to) and true classifier-free guidance against the empty prompt (no guidance embedding)."""
+def sampling_options(max_sequence_length: int, true_cfg_scale: float, size: int = 32, prompts: int = 1) -> dict:
+    """What a call of the tiny Flux pipeline with ``prompts`` prompts needs beside them: the 32 px size
+    (FluxPipeline's default is ``128 * vae_scale_factor``), T5's trained sequence length (the default 512 pads with
+    tokens the transformer never attended to) and true classifier-free guidance against the empty prompt, one per
+    prompt (no guidance embedding)."""
     return {
         "height": size,
         "width": size,
         "max_sequence_length": max_sequence_length,
         "true_cfg_scale": true_cfg_scale,
-        "negative_prompt": "",
+        "negative_prompt": [""] * prompts,
     }
