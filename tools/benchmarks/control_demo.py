@@ -170,7 +170,8 @@ def plot(curves: dict[str, dict], base: dict[str, float], path: Path) -> None:
 
 
 def write_readme(results: dict, out: Path) -> None:
-    base = results["base"]
+    base, vae = results["base"], results.get("vae")
+    own = " | own decoder: fill / shape IoU" if vae else ""
     lines = [
         "# Control on the embedded tiny pipeline",
         "",
@@ -182,28 +183,24 @@ def write_readme(results: dict, out: Path) -> None:
         "controlled: the fill IoU (the pixels of the caption's fill colour against the outlined disc), and apart, the "
         "shape IoU (the pixels that differ from the sample's own background against the disc) and the colour (% of "
         "samples whose disc is the caption's fill colour, nearest of the eight).",
+        *_decoder_paragraph(vae),
         "",
-        "| method | trainable params | fill IoU | pairs improved | shape IoU | pairs improved | fill colour right (%) "
-        "| minutes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| method | trainable params | fill IoU | pairs improved | shape IoU | pairs improved | fill colour right (%) "
+        f"| minutes{own} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if vae else ""),
         f"| base pipeline (no control) | 0 | {base['fill']:.3f} | | {base['shape']:.3f} | | "
-        f"{100 * base['colour']:.0f} | |",
+        f"{100 * base['colour']:.0f} | |{_own(base, vae)}",
     ]
     for method, row in results["methods"].items():
         lines.append(
             f"| {METHODS[method]} | {row['trainable']:,} | {row['fill']:.3f} | "
             f"{row['improved']}/{results['test_pairs']} | {row['shape']:.3f} | "
             f"{row['improved_shape']}/{results['test_pairs']} | {100 * row['colour']:.0f} | "
-            f"{row['minutes']:.1f} |"
+            f"{row['minutes']:.1f} |{_own(row, vae)}"
         )
     lines += [
         "",
-        "The tiny pipeline renders the palette's colours loosely: its backgrounds come out muted (grey, beige) "
-        "whatever the caption, and the disc it draws has the caption's fill colour in "
-        f"{100 * base['colour']:.0f}% of base "
-        "samples. The fill IoU counts only pixels within 60 (RGB distance) of the caption's fill, so it stays low for "
-        "every method; the shape IoU scores what a control adds, where the disc is, and the colour column what the "
-        "text still decides.",
+        *_colour_paragraph(results),
         *_peak_sentence(results),
         "",
         "![held-out fill and shape IoU over training](fill_iou.png)",
@@ -217,6 +214,43 @@ def write_readme(results: dict, out: Path) -> None:
             "",
         ]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def _own(row: dict, vae: dict | None) -> str:
+    return f" {row['own_fill']:.3f} / {row['own_shape']:.3f} |" if vae else ""
+
+
+def _decoder_paragraph(vae: dict | None) -> list[str]:
+    """With ``--vae``: which decoder draws the samples, and why."""
+    if not vae:
+        return []
+    return [
+        "",
+        f"The samples decode through `{vae['folder']}`: tiny_sd's VAE with its decoder fine-tuned alone "
+        "(`tools/finetune_vae_decoder.py`, Stability's sd-vae-ft-mse recipe). Its encoder is tiny_sd's, so the "
+        "latents, and everything trained on them, are the same; only the pixels they decode to change. tiny_sd's own "
+        "decoder renders the palette muted (red as grey, green as blue): decoding the encoded held-out targets "
+        f"themselves, it scores a fill IoU of {vae['ceiling']:.3f}, a ceiling under any control; the fine-tuned "
+        f"decoder scores {vae['tuned']:.3f}. The last column scores the same runs through tiny_sd's own decoder.",
+    ]
+
+
+def _colour_paragraph(results: dict) -> list[str]:
+    """What the colour column says (without ``--vae``: why the fill IoU stays low)."""
+    base = results["base"]
+    if results.get("vae"):
+        return [
+            f"The disc has the caption's fill colour in {100 * base['colour']:.0f}% of base samples: the text decides "
+            "the colours, the control where the disc is."
+        ]
+    return [
+        "The tiny pipeline renders the palette's colours loosely: its backgrounds come out muted (grey, beige) "
+        "whatever the caption, and the disc it draws has the caption's fill colour in "
+        f"{100 * base['colour']:.0f}% of base "
+        "samples. The fill IoU counts only pixels within 60 (RGB distance) of the caption's fill, so it stays low for "
+        "every method; the shape IoU scores what a control adds, where the disc is, and the colour column what the "
+        "text still decides."
+    ]
 
 
 def _peak_sentence(results: dict) -> list[str]:
@@ -255,10 +289,18 @@ image = pipe("red circle with blue background", image=outline, height=32, width=
 - **Held-out score** ({pairs} pairs of another generator seed, {sampling}): fill IoU {fill:.3f} (base pipeline
   {base_fill:.3f}), {improved}/{pairs} pairs improved; shape IoU {shape:.3f} (base {base_shape:.3f}),
   {improved_shape}/{pairs} pairs improved; fill colour right in {colour:.0f}% of samples (base {base_colour:.0f}%).
-  The tiny pipeline renders the palette's colours loosely (muted backgrounds), which caps the fill IoU; the shape
-  IoU is what the control adds. Pictures and the curve: `gallery/control/`.
+  {decoder} Pictures and the curve: `gallery/control/`.
 - **Command**: `{command}`
 """
+
+#: the card's sentence on the decoder the held-out samples went through
+DECODED = {
+    None: "The tiny pipeline renders the palette's colours loosely (muted backgrounds), which caps the fill IoU;\n  "
+    "the shape IoU is what the control adds.",
+    "tuned": "Samples decoded with `{folder}` (tiny_sd's VAE, decoder fine-tuned alone:\n  "
+    '`pipe.vae = AutoencoderKL.from_pretrained("{folder}")`); through tiny_sd\'s own decoder, which renders the\n  '
+    "palette muted, the same samples score fill IoU {own_fill:.3f}, shape IoU {own_shape:.3f}.",
+}
 
 
 def ship(run_dir: Path, row: dict, results: dict, folder: Path) -> None:
@@ -285,9 +327,45 @@ def ship(run_dir: Path, row: dict, results: dict, folder: Path) -> None:
             colour=100 * row["colour"],
             base_colour=100 * base["colour"],
             command=results["command"],
+            decoder=DECODED["tuned"].format(**results["vae"], **row) if results.get("vae") else DECODED[None],
         )
     )
     print(f"wrote {folder}")
+
+
+class OwnDecoder:
+    """With ``--vae``: the samples decode through that VAE (same latents as the pipeline's, its decoder fine-tuned),
+    and the final scores are also measured through the pipeline's own decoder, side by side."""
+
+    def __init__(self, pipe, vae: Path | None, test: Path) -> None:
+        self.pipe, self.vae, self.test, self.own = pipe, vae, test, pipe.vae
+        if vae is not None:
+            from visionpeft.cli.generate import swap_vae
+
+            swap_vae(pipe, vae)
+
+    def record(self) -> dict | None:
+        """The VAE folder and its card's reconstruction fill IoU of held-out targets, before and after."""
+        if self.vae is None:
+            return None
+        trained = json.loads((self.vae / "training.json").read_text())
+        return {
+            "folder": str(self.vae),
+            "ceiling": trained["before"]["fill_iou"],
+            "tuned": trained["after"]["fill_iou"],
+        }
+
+    def scores(self, adapter: Path | None) -> dict[str, float]:
+        """``{"own_fill", "own_shape"}``: the held-out means through the pipeline's own decoder (empty without
+        ``--vae``)."""
+        if self.vae is None:
+            return {}
+        tuned, self.pipe.vae = self.pipe.vae, self.own
+        try:
+            own = means(score(self.pipe, self.test, adapter)[0])
+        finally:
+            self.pipe.vae = tuned
+        return {"own_fill": own["fill"], "own_shape": own["shape"]}
 
 
 def means(scores: dict[str, list]) -> dict[str, float]:
@@ -305,6 +383,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "gallery" / "control")
     parser.add_argument("--ship", type=Path, help="also write the trained ControlNet here with its model card")
     parser.add_argument("--from-json", type=Path, help="rewrite README.md from a results.json")
+    parser.add_argument(
+        "--vae",
+        type=Path,
+        help="decode the samples with this VAE folder (the same latents, a fine-tuned decoder; training unchanged)",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_json:
@@ -319,14 +402,16 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(args.threads)
     train_data, test_data = make_data(args.work)
     pipe = load_pipe(ROOT / "checkpoints" / "tiny_sd")
+    own_decoder = OwnDecoder(pipe, args.vae, test_data)
     base_scores, base_images, _ = score(pipe, test_data, None)
     results = {
         "command": " ".join(["python tools/benchmark.py control-demo", *argv]),
         "steps": args.steps,
         "seed": args.seed,
+        "vae": own_decoder.record(),
         "train_pairs": 2000,
         "test_pairs": TEST_PAIRS,
-        "base": means(base_scores),
+        "base": means(base_scores) | own_decoder.scores(None),
         "methods": {},
     }
     curves = {}
@@ -343,6 +428,7 @@ def main(argv: list[str]) -> int:
         picture(test_data, {"base": base_images, "controlled": images}, args.out / f"samples_{method}.png")
         results["methods"][method] = {
             **means(scores),
+            **own_decoder.scores(run_dir / "last"),
             "improved": sum(s > b for s, b in zip(scores["fill"], base_scores["fill"])),
             "improved_shape": sum(s > b for s, b in zip(scores["shape"], base_scores["shape"])),
             "trainable": trainable,

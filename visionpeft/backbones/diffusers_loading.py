@@ -127,11 +127,22 @@ def pipeline_index(name_or_path: str) -> tuple[dict[str, Any], dict[str, Any] | 
 def load_vae(name_or_path: str):
     """An ``AutoencoderKL`` from a local folder or the hub (cache first), failing in one line like
     :func:`load_pipeline`."""
+    import json
+
     from diffusers import AutoencoderKL
 
     path = Path(name_or_path).expanduser()
     if path.exists() and not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a diffusers VAE folder (no config.json)")
+    if path.exists():
+        try:
+            kind = json.loads((path / "config.json").read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            kind = "unreadable config.json"
+        if kind != "AutoencoderKL":
+            raise ModelLoadError(
+                f"{path} holds a {kind}, not an AutoencoderKL; give a Stable Diffusion-style VAE folder"
+            )
     with warnings.catch_warnings(), quiet_loading_bars():
         warnings.simplefilter("ignore", FutureWarning)
         return _load(name_or_path, None, AutoencoderKL, "VAE")

@@ -13,7 +13,8 @@ drawing what ``FluxControlNetPipeline`` / ``StableDiffusion3ControlNetPipeline``
 --control-image a.png --control B --control-image b.png``). An IP-Adapter (``--ip-adapter RUN``: a run's
 ``ip_adapter/ip_adapter.safetensors``, or a released plain or plus IP-Adapter ``.safetensors``, with its image encoder
 in ``image_encoder/`` beside it or ``--ip-image-encoder``) takes ``--ip-image ref.png`` as the image prompt of every
-sample (``--ip-scale`` its weight).
+sample (``--ip-scale`` its weight). ``--vae FOLDER`` decodes with another ``AutoencoderKL`` of the same latent space (a
+decoder fine-tuned by ``tools/finetune_vae_decoder.py``, Stability's ``sd-vae-ft-mse``).
 
 A model trained with another prediction type than its scheduler says (``optim.change_prediction_type``) or with zero
 terminal SNR samples with ``--prediction-type`` / ``--zero-terminal-snr`` (rescaled betas, trailing timesteps; best
@@ -190,6 +191,30 @@ def check_image_prompt(args):
     return load_rgb(args.ip_image)
 
 
+def swap_vae(pipe, name_or_path: str | Path) -> None:
+    """Puts the ``AutoencoderKL`` of a folder or hub id in the pipeline's place (in its dtype).
+
+    Raises:
+        ConfigError: The folder's latents are not the pipeline's (latent channels or downsampling differ), so its
+            decoder cannot read what the pipeline's U-Net / transformer draws.
+    """
+    from visionpeft.backbones.diffusers_loading import load_vae
+    from visionpeft.errors import ConfigError
+
+    vae = load_vae(str(name_or_path))
+    own = pipe.vae.config
+    if (vae.config.latent_channels, len(vae.config.block_out_channels)) != (
+        own.latent_channels,
+        len(own.block_out_channels),
+    ):
+        raise ConfigError(
+            f"--vae {name_or_path}: its latents ({vae.config.latent_channels} channels, "
+            f"{2 ** (len(vae.config.block_out_channels) - 1)}x downsampling) are not the pipeline's "
+            f"({own.latent_channels} channels, {2 ** (len(own.block_out_channels) - 1)}x); give a VAE of this model"
+        )
+    pipe.vae = vae.to(pipe.vae.dtype)
+
+
 def check_out(out: Path) -> None:
     """Fails before any model loads when the grid could not be written to ``out``."""
     from PIL import Image
@@ -332,6 +357,11 @@ def main(argv: list[str]) -> int:
         "--ip-image-encoder", type=Path, help="its CLIP image encoder folder (default: image_encoder/ beside it)"
     )
     parser.add_argument("--ip-scale", type=float, default=1.0, help="weight of the image prompt (0: none)")
+    parser.add_argument(
+        "--vae",
+        help="decode with this AutoencoderKL (folder or hub id) instead of the pipeline's own (a fine-tuned decoder "
+        "such as tools/finetune_vae_decoder.py writes; it must share the pipeline's latent space)",
+    )
     add_base_check_argument(parser)
     args = parser.parse_args(argv)
     if args.control and not args.control_image:
@@ -348,7 +378,10 @@ def main(argv: list[str]) -> int:
     from visionpeft.trainers.diffusion_objective import sampling_scheduler
 
     device = check_device(args.device)
-    pipe = load_pipeline(args.model, getattr(torch, args.dtype)).to(device)
+    pipe = load_pipeline(args.model, getattr(torch, args.dtype))
+    if args.vae is not None:
+        swap_vae(pipe, args.vae)
+    pipe = pipe.to(device)
     pipe.scheduler = sampling_scheduler(pipe.scheduler, args.prediction_type, args.zero_terminal_snr)
     factor = int(getattr(pipe, "vae_scale_factor", 8))
     patched = getattr(pipe, "unet", None) is None  # a Flux / SD3 transformer reads 2 x 2 patches of latents

@@ -130,23 +130,34 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def train_vae(vae, images: np.ndarray, stage: DictConfig, seed: int, folder: Path) -> dict:
+def train_vae(vae, images: np.ndarray, stage: DictConfig, seed: int, folder: Path, decoder_only: bool = False) -> dict:
     """Trains ``vae`` on the images (pixel MSE + ``kl_weight`` x KL, AdamW with cosine decay), sets its
-    ``scaling_factor`` from the measured latent std, saves it into ``folder`` with ``training.json``."""
+    ``scaling_factor`` from the measured latent std, saves it into ``folder`` with ``training.json``.
+
+    ``decoder_only``: the encoder (and ``quant_conv``) stays frozen and only the decoder learns to reconstruct the
+    images from the encoder's latents, as Stability's ``sd-vae-ft-mse``: the latents, and so the ``scaling_factor``
+    and every U-Net trained on them, are unchanged, and the result is a drop-in decoder for the same pipeline.
+    """
     pixels = to_pixels(images)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=stage.lr)
+    if decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=stage.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, stage.steps) / stage.steps))
     )
     start, recent = time.time(), []
+    before = reconstruction_mse(vae, pixels)
     vae.train()
     for step in range(1, stage.steps + 1):
         batch = pixels[torch.randint(0, len(pixels), (stage.batch_size,), generator=generator)]
-        distribution = vae.encode(batch).latent_dist
+        with torch.set_grad_enabled(not decoder_only):
+            distribution = vae.encode(batch).latent_dist
         reconstruction = vae.decode(distribution.sample(generator)).sample
         mse = F.mse_loss(reconstruction, batch)
-        loss = mse + stage.kl_weight * distribution.kl().mean()
+        loss = mse if decoder_only else mse + stage.kl_weight * distribution.kl().mean()
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -157,23 +168,35 @@ def train_vae(vae, images: np.ndarray, stage: DictConfig, seed: int, folder: Pat
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mode() for i in range(0, len(pixels), 256)])
-        std = latents.std().item()
-        check = pixels[:: max(1, len(pixels) // 512)]
-        reconstruction_mse = F.mse_loss(vae.decode(vae.encode(check).latent_dist.mode()).sample, check).item()
-    vae.register_to_config(scaling_factor=1.0 / std)
+    std = latents.std().item()
+    if not decoder_only:
+        vae.register_to_config(scaling_factor=1.0 / std)
     vae.requires_grad_(False)
     record = {
         "steps": stage.steps,
         "final_train_mse": float(np.mean(recent)),
-        "reconstruction_mse": reconstruction_mse,
+        "reconstruction_mse": reconstruction_mse(vae, pixels),
         "latent_std": std,
-        "scaling_factor": 1.0 / std,
+        "scaling_factor": vae.config.scaling_factor,
         "minutes": (time.time() - start) / 60,
     }
+    if decoder_only:
+        record |= {"decoder_only": True, "lr": stage.lr, "batch_size": stage.batch_size, "mse_before": before}
     vae.save_pretrained(folder)
     (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")  # last: marks the stage complete
-    logger.info(f"vae: reconstruction mse {reconstruction_mse:.4f}, latent std {std:.3f} -> scaling {1 / std:.3f}")
+    logger.info(f"vae: reconstruction mse {record['reconstruction_mse']:.4f}, latent std {std:.3f}")
     return record
+
+
+def reconstruction_mse(vae, pixels: torch.Tensor) -> float:
+    """MSE (images in [-1, 1]) of ``vae``'s reconstructions (the latent mode) of up to 512 evenly spaced images."""
+    check = pixels[:: max(1, len(pixels) // 512)]
+    was_training = vae.training
+    vae.eval()
+    with torch.no_grad():
+        mse = F.mse_loss(vae.decode(vae.encode(check).latent_dist.mode()).sample, check).item()
+    vae.train(was_training)
+    return mse
 
 
 def vae_stage(model: DictConfig, stage: DictConfig, images: np.ndarray, seed: int, run_dir: Path):
