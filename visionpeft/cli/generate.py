@@ -195,8 +195,9 @@ def swap_vae(pipe, name_or_path: str | Path) -> None:
     """Puts the ``AutoencoderKL`` of a folder or hub id in the pipeline's place (in its dtype).
 
     Raises:
-        ConfigError: The folder's latents are not the pipeline's (latent channels or downsampling differ), so its
-            decoder cannot read what the pipeline's U-Net / transformer draws.
+        ConfigError: The folder's latents are not the pipeline's (latent channels, downsampling, or the
+            ``scaling_factor`` / ``shift_factor`` the pipeline divides them by differ), so its decoder cannot read
+            what the pipeline's U-Net / transformer draws.
     """
     from visionpeft.backbones.diffusers_loading import load_vae
     from visionpeft.errors import ConfigError
@@ -211,6 +212,12 @@ def swap_vae(pipe, name_or_path: str | Path) -> None:
             f"--vae {name_or_path}: its latents ({vae.config.latent_channels} channels, "
             f"{2 ** (len(vae.config.block_out_channels) - 1)}x downsampling) are not the pipeline's "
             f"({own.latent_channels} channels, {2 ** (len(own.block_out_channels) - 1)}x); give a VAE of this model"
+        )
+    scale = [(c.get("scaling_factor"), c.get("shift_factor")) for c in (vae.config, own)]
+    if scale[0] != scale[1]:
+        raise ConfigError(
+            f"--vae {name_or_path}: its latent scale (scaling_factor, shift_factor) {scale[0]} is not the pipeline's "
+            f"{scale[1]}, so the latents it decodes would be scaled wrong; give a VAE made for this model"
         )
     pipe.vae = vae.to(pipe.vae.dtype)
 
