@@ -16,6 +16,7 @@ reconstructed fill50k pairs in its eight colours: how faithfully the decoder dra
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -26,8 +27,9 @@ import numpy as np
 
 from ..errors import ConfigError, ModelLoadError
 
-#: what a written folder holds besides the ``AutoencoderKL`` weights and config: the model card and the record
-CARD, RECORD = "README.md", "training.json"
+#: what a written folder holds besides the ``AutoencoderKL`` weights and config: the model card, the record and
+#: the picture of reconstructions (original / base decoder / fine-tuned decoder)
+CARD, RECORD, SHEET = "README.md", "training.json", "reconstructions.png"
 
 
 def pipeline_vae(source: str | Path):
@@ -117,6 +119,7 @@ def finetune_decoder(
 
     pipeline, out = Path(pipeline), Path(out)
     vae = pipeline_vae(pipeline)
+    base = copy.deepcopy(vae).eval()
     size = vae.config.sample_size
     pixels, described = training_images(pipeline, Path(images) if images else None, size, seed)
     start = time.time()
@@ -144,11 +147,30 @@ def finetune_decoder(
         "wall_minutes": (time.time() - start) / 60,
     }
     (partial / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    reconstruction_sheet(base, vae, held if held is not None else to_pixels(pixels), partial / SHEET)
     (partial / CARD).write_text(card(record, vae, out))
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
     return record
+
+
+def reconstruction_sheet(base, tuned, pixels, path: Path, columns: int = 12) -> None:
+    """Rows original / ``base``'s reconstruction / ``tuned``'s of ``columns`` images evenly spaced over ``pixels``
+    (images in [-1, 1]), enlarged to at least 128 px a cell."""
+    import torch
+    from PIL import Image
+
+    from ..data.image_grid import image_grid, scale_for
+
+    chosen = pixels[torch.linspace(0, len(pixels) - 1, min(columns, len(pixels))).long()]
+    with torch.no_grad():
+        rows = [chosen] + [vae.decode(vae.encode(chosen).latent_dist.mode()).sample for vae in (base, tuned)]
+    pictures = [
+        [Image.fromarray(((image.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()) for image in row]
+        for row in rows
+    ]
+    image_grid(pictures, scale=scale_for(chosen.shape[-1]), gap=4, margin=4).save(path)
 
 
 def card(record: dict[str, Any], vae, out: Path) -> str:
@@ -194,4 +216,8 @@ or `visionpeft generate --model {base} --vae {out} --prompt ...`.
 - **Command**: `{record["command"]}`
 
 {chr(10).join(rows)}
+
+Rows: original (images no step saw, when there are) / the base decoder / the fine-tuned decoder, the same latents.
+
+![reconstructions]({SHEET})
 """
