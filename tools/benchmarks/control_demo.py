@@ -53,12 +53,21 @@ def train(method: str, data: Path, work: Path, steps: int, seed: int, every: int
     run_dir = work / run_name
     base = pipeline_digest()
     finished = (run_dir / "README.md").is_file() and (run_dir / "base.txt").is_file()  # the card is written last
-    if not finished or (run_dir / "base.txt").read_text().strip() != base:  # kept only on the same base weights
+    if not finished or (run_dir / "base.txt").read_text().strip() != base or not same_length(run_dir, steps, every):
         config = ROOT / "configs" / "control" / f"{method}_tiny_sd_fill.yaml"
         overrides = [f"data.root={data}", f"optim.steps={steps}", f"train.checkpoint_every={every}"]
         timed_training(config, overrides, run_dir, seed, threads)
         (run_dir / "base.txt").write_text(base + "\n")
     return run_dir, float((run_dir / "minutes.txt").read_text())
+
+
+def same_length(run_dir: Path, steps: int, every: int) -> bool:
+    """Whether the finished run in ``run_dir`` trained ``steps`` steps with a checkpoint every ``every`` (a run of
+    another length is trained again, not reused)."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(run_dir / "config.yaml")
+    return config.optim.steps == steps and config.train.checkpoint_every == every
 
 
 def timed_training(config: Path, overrides: list[str], run_dir: Path, seed: int, threads: int) -> None:
