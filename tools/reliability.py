@@ -31,6 +31,7 @@ SCENARIOS = [
     "test_sweep_executors.py",
     "test_eval_predict.py",
     "test_pipeline_loading.py",
+    "test_vae_decoder.py",
 ]
 
 

@@ -124,9 +124,9 @@ def pipeline_index(name_or_path: str) -> tuple[dict[str, Any], dict[str, Any] | 
     return None if index is None else (index, read("vae/config.json"))
 
 
-def load_vae(name_or_path: str):
-    """An ``AutoencoderKL`` from a local folder or the hub (cache first), failing in one line like
-    :func:`load_pipeline`."""
+def load_vae(name_or_path: str, torch_dtype: torch.dtype | None = None):
+    """An ``AutoencoderKL`` from a local folder or the hub (cache first), in ``torch_dtype`` (None: the file's),
+    failing in one line like :func:`load_pipeline`."""
     import json
 
     from diffusers import AutoencoderKL
@@ -145,7 +145,7 @@ def load_vae(name_or_path: str):
             )
     with warnings.catch_warnings(), quiet_loading_bars():
         warnings.simplefilter("ignore", FutureWarning)
-        return _load(name_or_path, None, AutoencoderKL, "VAE")
+        return _load(name_or_path, torch_dtype, AutoencoderKL, "VAE")
 
 
 def load_image_encoder(name_or_path: str, subfolder: str | None = None):

@@ -10,8 +10,9 @@ drops into the same pipeline::
 subjects left out, as its ``training.json`` records them) for the embedded pipeline, or any image folder, resized and
 centre-cropped to the VAE's ``sample_size``. The loop is :func:`~.tiny_sd_parts.train_vae` in its ``decoder_only``
 mode (the same loop that trained the embedded VAE). The card reports the reconstruction MSE before and after on
-images no step saw (the mix's test split, or none for a folder), and, for the embedded pipeline, the fill IoU of
-reconstructed fill50k pairs in its eight colours: how faithfully the decoder draws the colours the U-Net asks for.
+the training images and on images no step saw (the held-out subjects; none for a folder), and, for the embedded
+pipeline, the fill IoU of reconstructed fill50k pairs in its eight colours: how faithfully the decoder draws the
+colours the U-Net asks for.
 """
 
 from __future__ import annotations
@@ -46,12 +47,13 @@ def pipeline_vae(source: str | Path):
     folder = source / "vae" if (source / "vae" / "config.json").is_file() else source
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{source} is neither a pipeline folder with a vae/ nor a VAE folder (no config.json)")
-    return load_vae(str(folder)).to(torch.float32)
+    return load_vae(str(folder), torch.float32)
 
 
-def training_images(pipeline: Path, images: Path | None, size: int, seed: int) -> tuple[np.ndarray, str]:
-    """uint8 (N, size, size, 3) images to fine-tune on and a description: the folder's images (resized so the short
-    side is ``size``, centre-cropped), else the embedded pipeline's pretraining mix without its held-out subjects."""
+def training_images(pipeline: Path, images: Path | None, size: int, seed: int) -> tuple[np.ndarray, Any, str]:
+    """``(training images, unseen images, description)``, uint8 (N, size, size, 3) each: the folder's images (resized
+    so the short side is ``size``, centre-cropped; no unseen ones: None), else the embedded pipeline's pretraining
+    mix without its held-out subjects, and the images of those subjects (what no step sees)."""
     if images is not None:
         from PIL import Image, ImageOps
 
@@ -59,8 +61,8 @@ def training_images(pipeline: Path, images: Path | None, size: int, seed: int) -
 
         loaded = load_images(images)
         crops = [np.asarray(ImageOps.fit(image, (size, size), Image.BICUBIC)) for image in loaded]
-        return np.stack(crops), f"{len(crops)} images of {images} at {size} px"
-    from .captioned_mix import captioned_mix
+        return np.stack(crops), None, f"{len(crops)} images of {images} at {size} px"
+    from .captioned_mix import SUBJECTS, captioned_mix
 
     record = pipeline / RECORD
     if not record.is_file():
@@ -70,7 +72,10 @@ def training_images(pipeline: Path, images: Path | None, size: int, seed: int) -
         )
     held_out = json.loads(record.read_text()).get("held_out", [])
     mix = captioned_mix("all", size=size, seed=seed, exclude=held_out)
-    return mix.images, f"the captioned mix ({len(mix)} images at {size} px; held out: {', '.join(held_out)})"
+    others = [subject for subject in SUBJECTS if subject not in held_out]
+    unseen = captioned_mix("all", size=size, seed=seed, exclude=others).images if held_out else None
+    described = f"the captioned mix ({len(mix)} images at {size} px; held out: {', '.join(held_out) or 'none'})"
+    return mix.images, unseen, described
 
 
 def fill_colour_fidelity(vae, pairs: int = 64) -> float:
@@ -114,18 +119,17 @@ def finetune_decoder(
     import torch
     from omegaconf import OmegaConf
 
-    from .captioned_mix import captioned_mix
     from .tiny_sd_parts import reconstruction_mse, to_pixels, train_vae
 
     pipeline, out = Path(pipeline), Path(out)
     vae = pipeline_vae(pipeline)
     base = copy.deepcopy(vae).eval()
     size = vae.config.sample_size
-    pixels, described = training_images(pipeline, Path(images) if images else None, size, seed)
+    pixels, unseen, described = training_images(pipeline, Path(images) if images else None, size, seed)
     start = time.time()
     torch.manual_seed(seed)
-    held = None if images else to_pixels(captioned_mix("test", size=size, exclude=()).images)
-    before = {"test_mse": reconstruction_mse(vae, held) if held is not None else None}
+    held = None if unseen is None else to_pixels(unseen)
+    before = {"held_out_mse": reconstruction_mse(vae, held) if held is not None else None}
     if images is None:
         before["fill_iou"] = fill_colour_fidelity(vae)
     stage = OmegaConf.create({"steps": steps, "lr": lr, "batch_size": batch_size, "kl_weight": 0.0})
@@ -134,7 +138,7 @@ def finetune_decoder(
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     record = train_vae(vae, pixels, stage, seed, partial, decoder_only=True)
-    after = {"test_mse": reconstruction_mse(vae, held) if held is not None else None}
+    after = {"held_out_mse": reconstruction_mse(vae, held) if held is not None else None}
     if images is None:
         after["fill_iou"] = fill_colour_fidelity(vae)
     record |= {
@@ -147,7 +151,7 @@ def finetune_decoder(
         "wall_minutes": (time.time() - start) / 60,
     }
     (partial / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    reconstruction_sheet(base, vae, held if held is not None else to_pixels(pixels), partial / SHEET)
+    reconstruction_sheet(base, vae, to_pixels(pixels), held, partial / SHEET)
     (partial / CARD).write_text(card(record, vae, out))
     if out.exists():
         shutil.rmtree(out)
@@ -155,15 +159,20 @@ def finetune_decoder(
     return record
 
 
-def reconstruction_sheet(base, tuned, pixels, path: Path, columns: int = 12) -> None:
-    """Rows original / ``base``'s reconstruction / ``tuned``'s of ``columns`` images evenly spaced over ``pixels``
-    (images in [-1, 1]), enlarged to at least 128 px a cell."""
+def reconstruction_sheet(base, tuned, seen, unseen, path: Path, columns: int = 12) -> None:
+    """Rows original / ``base``'s reconstruction / ``tuned``'s (the same latents) of ``columns`` images: evenly
+    spaced over the training images ``seen``, the last third over ``unseen`` when given (images in [-1, 1]),
+    enlarged to at least 128 px a cell."""
     import torch
     from PIL import Image
 
     from ..data.image_grid import image_grid, scale_for
 
-    chosen = pixels[torch.linspace(0, len(pixels) - 1, min(columns, len(pixels))).long()]
+    def spaced(pixels, n: int):
+        return pixels[torch.linspace(0, len(pixels) - 1, min(n, len(pixels))).long()]
+
+    tail = columns // 3 if unseen is not None else 0
+    chosen = torch.cat([spaced(seen, columns - tail)] + ([spaced(unseen, tail)] if tail else []))
     with torch.no_grad():
         rows = [chosen] + [vae.decode(vae.encode(chosen).latent_dist.mode()).sample for vae in (base, tuned)]
     pictures = [
@@ -183,14 +192,14 @@ def card(record: dict[str, Any], vae, out: Path) -> str:
         f"| reconstruction MSE, training images (images in [-1, 1]) | {record['mse_before']:.4f} | "
         f"{record['reconstruction_mse']:.4f} |",
     ]
-    if before["test_mse"] is not None:
+    if before["held_out_mse"] is not None:
         rows.append(
-            f"| reconstruction MSE, the mix's test split (no step saw it) | {before['test_mse']:.4f} | "
-            f"{after['test_mse']:.4f} |"
+            f"| reconstruction MSE, the held-out subjects (no step saw them) | {before['held_out_mse']:.4f} | "
+            f"{after['held_out_mse']:.4f} |"
         )
     if "fill_iou" in before:
         rows.append(
-            "| fill IoU of reconstructed fill50k targets (64 pairs, eight colours) | "
+            "| fill IoU of reconstructed fill50k targets (64 pairs of generator seed 1, eight colours) | "
             f"{before['fill_iou']:.3f} | {after['fill_iou']:.3f} |"
         )
     return f"""# {out.name}
@@ -217,7 +226,8 @@ or `visionpeft generate --model {base} --vae {out} --prompt ...`.
 
 {chr(10).join(rows)}
 
-Rows: original (images no step saw, when there are) / the base decoder / the fine-tuned decoder, the same latents.
+Rows: original / the base decoder / the fine-tuned decoder (the same latents); the last third of the columns (when
+there are held-out subjects) are images no step saw.
 
 ![reconstructions]({SHEET})
 """
