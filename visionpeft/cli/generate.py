@@ -202,7 +202,7 @@ def swap_vae(pipe, name_or_path: str | Path) -> None:
     from visionpeft.backbones.diffusers_loading import load_vae
     from visionpeft.errors import ConfigError
 
-    vae = load_vae(str(name_or_path))
+    vae = load_vae(str(name_or_path), pipe.vae.dtype)
     own = pipe.vae.config
     if (vae.config.latent_channels, len(vae.config.block_out_channels)) != (
         own.latent_channels,
@@ -219,7 +219,7 @@ def swap_vae(pipe, name_or_path: str | Path) -> None:
             f"--vae {name_or_path}: its latent scale (scaling_factor, shift_factor) {scale[0]} is not the pipeline's "
             f"{scale[1]}, so the latents it decodes would be scaled wrong; give a VAE made for this model"
         )
-    pipe.vae = vae.to(pipe.vae.dtype)
+    pipe.vae = vae
 
 
 def check_out(out: Path) -> None:
