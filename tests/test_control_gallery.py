@@ -25,6 +25,13 @@ def test_the_control_gallery_is_what_the_command_writes_from_its_json(tmp_path):
     write_readme(results, tmp_path)
     assert (tmp_path / "README.md").read_text() == (GALLERY / "README.md").read_text()
     assert all((GALLERY / f"samples_{method}.png").is_file() for method in METHODS)
+    # the samples decode with the shipped fine-tuned decoder, and the README quotes that decoder's own record
+    decoder = json.loads((ROOT / results["vae"]["folder"] / "training.json").read_text())
+    assert (results["vae"]["ceiling"], results["vae"]["tuned"]) == (
+        decoder["before"]["fill_iou"],
+        decoder["after"]["fill_iou"],
+    )
+    assert f"--vae {results['vae']['folder']}" in results["command"]
 
 
 def test_the_ip_adapter_gallery_is_what_the_command_writes_from_its_json(tmp_path):
