@@ -175,3 +175,34 @@ def test_gallery_is_what_the_command_writes_from_its_json_and_meets_the_issue_ta
         assert len(runs) == 3
         assert statistics.mean(r["before"] for r in runs) <= 0.1
         assert statistics.mean(r["after"] for r in runs) >= 0.7
+
+
+def test_generate_draws_the_shipped_pipeline_as_its_card_does(tmp_path, capsys):
+    """``tools/generate.py --model checkpoints/tiny_flux --true-cfg 3``: 32 px (its VAE's sample_size, not Flux's
+    256 px default for this VAE), T5 at the tokenizer's 16 tokens, true CFG against "": each grid cell is the image
+    FluxPipeline draws with the card's keywords for that seed; --true-cfg on a U-Net pipeline is one line."""
+    import generate as generate_tool
+    import numpy as np
+    from diffusers import FluxPipeline
+    from PIL import Image
+
+    from visionpeft.cli.common import run
+
+    argv = ["--model", str(PIPELINE), "--prompt", "a handwritten digit three", "--seeds", "0", "1", "--steps", "4"]
+    assert run(generate_tool.main, [*argv, "--true-cfg", "3", "--out", str(tmp_path / "grid.png")]) == 0
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
+    cells = [grid[4 : 4 + 128 : 4, x : x + 128 : 4] for x in (4, 4 + 128 + 4)]  # 4x enlarged, 4 px gaps
+    pipe = FluxPipeline.from_pretrained(PIPELINE, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    for seed, cell in zip((0, 1), cells):
+        expected = pipe(
+            "a handwritten digit three",
+            num_inference_steps=4,
+            generator=torch.Generator().manual_seed(seed),
+            **sampling_options(16, 3.0),
+        ).images[0]
+        assert np.abs(cell.astype(int) - np.asarray(expected).astype(int)).max() <= 1
+    capsys.readouterr()
+    tiny_sd = ["--model", str(ROOT / "checkpoints" / "tiny_sd"), "--prompt", "x", "--seeds", "0", "--steps", "1"]
+    assert run(generate_tool.main, [*tiny_sd, "--true-cfg", "3", "--out", str(tmp_path / "sd.png")]) == 2
+    assert "has no true_cfg_scale" in capsys.readouterr().err

@@ -13,8 +13,11 @@ drawing what ``FluxControlNetPipeline`` / ``StableDiffusion3ControlNetPipeline``
 --control-image a.png --control B --control-image b.png``). An IP-Adapter (``--ip-adapter RUN``: a run's
 ``ip_adapter/ip_adapter.safetensors``, or a released plain or plus IP-Adapter ``.safetensors``, with its image encoder
 in ``image_encoder/`` beside it or ``--ip-image-encoder``) takes ``--ip-image ref.png`` as the image prompt of every
-sample (``--ip-scale`` its weight). ``--vae FOLDER`` decodes with another ``AutoencoderKL`` of the same latent space (a
-decoder fine-tuned by ``tools/finetune_vae_decoder.py``, Stability's ``sd-vae-ft-mse``).
+sample (``--ip-scale`` its weight). A Flux / SD3 pipeline encodes prompts with T5 at the T5 tokenizer's own length
+when that is shorter than the pipeline's default (``--max-sequence-length`` sets it) and draws at its VAE's
+``sample_size``; ``--true-cfg S`` gives Flux true classifier-free guidance (a transformer without a guidance
+embedding, such as ``checkpoints/tiny_flux``). ``--vae FOLDER`` decodes with another ``AutoencoderKL`` of the same
+latent space (a decoder fine-tuned by ``tools/finetune_vae_decoder.py``, Stability's ``sd-vae-ft-mse``).
 
 A model trained with another prediction type than its scheduler says (``optim.change_prediction_type``) or with zero
 terminal SNR samples with ``--prediction-type`` / ``--zero-terminal-snr`` (rescaled betas, trailing timesteps; best
@@ -222,6 +225,46 @@ def swap_vae(pipe, name_or_path: str | Path) -> None:
     pipe.vae = vae
 
 
+def default_side(pipe, patched: bool, factor: int) -> int:
+    """The image side the model was made for: a U-Net's ``sample_size`` latents; for a Flux / SD3 transformer (which
+    records none) its VAE's ``sample_size`` (1024 for FLUX.1-dev and SD3, 32 for the tiny Flux pipeline; the
+    pipeline's own default, ``default_sample_size`` x the VAE factor, would draw the tiny one at 256 px)."""
+    if not patched:
+        return pipe.unet.config.sample_size * factor
+    vae_side = getattr(getattr(pipe, "vae", None), "config", {}).get("sample_size")
+    return vae_side if isinstance(vae_side, int) else pipe.default_sample_size * factor
+
+
+def t5_options(pipe, max_sequence_length: int | None, true_cfg: float | None, negative_prompt: str | None) -> dict:
+    """The call keywords of a pipeline with a T5 encoder (Flux, SD3): ``max_sequence_length`` (by default the T5
+    tokenizer's ``model_max_length`` when shorter than the pipeline's default: what a small T5 was trained at) and
+    Flux's ``true_cfg_scale`` with its negative prompt.
+
+    Raises:
+        ConfigError: ``--max-sequence-length`` for a pipeline without T5, or ``--true-cfg`` for one without true
+            classifier-free guidance.
+    """
+    import inspect
+
+    from visionpeft.errors import ConfigError
+
+    accepted = inspect.signature(pipe.__call__).parameters
+    options: dict[str, Any] = {}
+    if "max_sequence_length" in accepted:
+        own = accepted["max_sequence_length"].default
+        tokenizer = getattr(pipe, "tokenizer_3", None) or getattr(pipe, "tokenizer_2", None)
+        trained = getattr(tokenizer, "model_max_length", own)
+        if max_sequence_length is not None or (isinstance(trained, int) and trained < own):
+            options["max_sequence_length"] = max_sequence_length or trained
+    elif max_sequence_length is not None:
+        raise ConfigError(f"--max-sequence-length: a {type(pipe).__name__} has no T5 encoder (Flux and SD3 do)")
+    if true_cfg is not None:
+        if "true_cfg_scale" not in accepted:
+            raise ConfigError(f"--true-cfg: a {type(pipe).__name__} has no true_cfg_scale (Flux pipelines do)")
+        options |= {"true_cfg_scale": true_cfg, "negative_prompt": negative_prompt or ""}
+    return options
+
+
 def check_out(out: Path) -> None:
     """Fails before any model loads when the grid could not be written to ``out``."""
     from PIL import Image
@@ -365,6 +408,18 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--ip-scale", type=float, default=1.0, help="weight of the image prompt (0: none)")
     parser.add_argument(
+        "--max-sequence-length",
+        type=positive_int,
+        help="T5 tokens of a Flux / SD3 prompt (default: the T5 tokenizer's model_max_length, at most the "
+        "pipeline's own 512 / 256)",
+    )
+    parser.add_argument(
+        "--true-cfg",
+        type=float,
+        help="Flux: true classifier-free guidance at this scale against --negative-prompt ('' when not given), for a "
+        "transformer without a guidance embedding (checkpoints/tiny_flux: 3)",
+    )
+    parser.add_argument(
         "--vae",
         help="decode with this AutoencoderKL (folder or hub id) instead of the pipeline's own (a fine-tuned decoder "
         "such as tools/finetune_vae_decoder.py writes; it must share the pipeline's latent space)",
@@ -402,7 +457,7 @@ def main(argv: list[str]) -> int:
     pipe.set_progress_bar_config(disable=True)
     for adapter in [*args.adapter, *args.control]:
         print(f"adapter {adapter}: {apply_adapter(pipe, adapter, not args.ignore_base_mismatch)}")
-    side = args.size or (pipe.default_sample_size if patched else pipe.unet.config.sample_size) * factor
+    side = args.size or default_side(pipe, patched, factor)
     inputs = control_inputs(pipe, conditions, side)
     if args.ip_adapter is not None:
         from visionpeft.trainers.ip_adapter import attach_released, reference_embeds
@@ -416,6 +471,7 @@ def main(argv: list[str]) -> int:
         options["guidance_scale"] = 7.5 if args.guidance is None else args.guidance
     if args.guidance_rescale:
         options["guidance_rescale"] = args.guidance_rescale
+    options |= t5_options(pipe, args.max_sequence_length, args.true_cfg, args.negative_prompt)
     rows = [sample(pipe, prompt, args.seeds, options, inputs, args.batch_size) for prompt in args.prompt]
     grid = image_grid(rows, scale=scale_for(side), gap=GAP, margin=GAP)
     try:
