@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
 def text_to_image(config, args: argparse.Namespace, command: str) -> int:
     """Pretrains the tiny text-to-image pipeline and copies it with its model card into ``<out>/<run name>``."""
     from visionpeft.cli.common import configure_logging
-    from visionpeft.demo.pretrain_sd import run as train
+    from visionpeft.demo.pretrain_text_to_image import run as train
     from visionpeft.demo.tiny_sd_card import export_pipeline
 
     configure_logging()
