@@ -21,7 +21,8 @@ from .tiny_sd_parts import TRAINING_RECORD, pretraining_images
 CARD_LIMITS = """\
 What it can draw: the families it saw, at 32 px - handwritten digits (blurry, as the 8 x 8 originals upsampled,
 but each of the nine clearly), grey textures, discs in some of the prompted colourings, faces as face-like blobs,
-photo crops as colour layouts (coins, the rocket and the clock come out best), all with washed-out colours.
+photo crops as colour layouts (coins, the rocket and the clock come out best), all with washed-out colours from
+its own VAE decoder: `checkpoints/tiny_sd_vae_ft` (the decoder fine-tuned alone) draws the same latents saturated.
 What it cannot draw: anything outside the 22 pretraining subjects - the held-out digit 7 and brick texture
 included (that is the point: personalization has to teach them), legible text, fine detail, compositions of
 several subjects, resolutions other than 32 px (the U-Net runs at other sizes, without having learned them)."""
