@@ -48,7 +48,9 @@ def make_data(work: Path) -> tuple[Path, Path]:
 
 
 def train(method: str, data: Path, work: Path, steps: int, seed: int, every: int, threads: int) -> tuple[Path, float]:
-    """One run through the training command (``threads`` CPU threads); returns its folder and minutes."""
+    """One run through the training command (``threads`` CPU threads); returns its folder and minutes. A finished
+    run in ``work`` is reused when it trained on the same base weights for the same steps and checkpoint interval
+    (an edited config file is not noticed: remove the run's folder to train it again)."""
     run_name = f"{method}-seed{seed}"
     run_dir = work / run_name
     base = pipeline_digest()
