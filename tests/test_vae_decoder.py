@@ -100,7 +100,8 @@ def test_the_tool_writes_a_vae_folder_the_pipeline_and_generate_take(setup, tmp_
 
 def test_bad_input_is_one_line_and_nothing_written_is_lost(setup, tmp_path, capsys):
     """``tools/finetune_vae_decoder.py`` refuses a non-empty ``--out`` (without ``--overwrite``: the folder's files are
-    kept), a pipeline with no record of its data and no ``--images``, and a folder that holds no VAE;
+    kept), a pipeline with no record of its data and no ``--images``, a folder that holds no VAE and a device name
+    that is none;
     ``generate --vae`` refuses a VAE of other latents (channels, downsampling, scaling factor) and a folder of another
     model class:
     one line each, no image written."""
@@ -115,6 +116,7 @@ def test_bad_input_is_one_line_and_nothing_written_is_lost(setup, tmp_path, caps
         (tool.main, ["--pipeline", pipe, "--images", str(setup / "fill" / "target"), "--out", str(kept)], "not empty"),
         (tool.main, ["--pipeline", pipe, "--out", str(tmp_path / "a")], "has no training.json"),
         (tool.main, ["--pipeline", str(tmp_path), "--out", str(tmp_path / "b")], "neither a pipeline folder"),
+        (tool.main, ["--pipeline", pipe, "--out", str(tmp_path / "c"), "--device", "gpu0"], "not a device name"),
     ]
     wide = AutoencoderKL(
         latent_channels=8,

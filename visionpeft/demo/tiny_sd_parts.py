@@ -152,7 +152,7 @@ def train_vae(vae, images: np.ndarray, stage: DictConfig, seed: int, folder: Pat
     before = reconstruction_mse(vae, pixels)
     vae.train()
     for step in range(1, stage.steps + 1):
-        batch = pixels[torch.randint(0, len(pixels), (stage.batch_size,), generator=generator)]
+        batch = pixels[torch.randint(0, len(pixels), (stage.batch_size,), generator=generator)].to(vae.device)
         with torch.set_grad_enabled(not decoder_only):
             distribution = vae.encode(batch).latent_dist
         reconstruction = vae.decode(distribution.sample(generator)).sample
@@ -167,7 +167,7 @@ def train_vae(vae, images: np.ndarray, stage: DictConfig, seed: int, folder: Pat
             logger.info(f"vae step {step}/{stage.steps}: reconstruction mse {np.mean(recent):.4f}")
     vae.eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mode() for i in range(0, len(pixels), 256)])
+        latents = torch.cat([vae.encode(chunk.to(vae.device)).latent_dist.mode().cpu() for chunk in pixels.split(64)])
     std = latents.std().item()
     if not decoder_only:
         vae.register_to_config(scaling_factor=1.0 / std)
@@ -188,15 +188,20 @@ def train_vae(vae, images: np.ndarray, stage: DictConfig, seed: int, folder: Pat
     return record
 
 
-def reconstruction_mse(vae, pixels: torch.Tensor) -> float:
-    """MSE (images in [-1, 1]) of ``vae``'s reconstructions (the latent mode) of up to 512 evenly spaced images."""
+def reconstruction_mse(vae, pixels: torch.Tensor, chunk: int = 64) -> float:
+    """MSE (images in [-1, 1]) of ``vae``'s reconstructions (the latent mode) of up to 512 evenly spaced images,
+    ``chunk`` images at a time on the VAE's device (a 512 px VAE would not decode 512 images at once)."""
     check = pixels[:: max(1, len(pixels) // 512)]
     was_training = vae.training
     vae.eval()
+    total = 0.0
     with torch.no_grad():
-        mse = F.mse_loss(vae.decode(vae.encode(check).latent_dist.mode()).sample, check).item()
+        for part in check.split(chunk):
+            part = part.to(vae.device)
+            decoded = vae.decode(vae.encode(part).latent_dist.mode()).sample
+            total += F.mse_loss(decoded, part, reduction="sum").item()
     vae.train(was_training)
-    return mse
+    return total / check.numel()
 
 
 def vae_stage(model: DictConfig, stage: DictConfig, images: np.ndarray, seed: int, run_dir: Path):

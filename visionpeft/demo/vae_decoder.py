@@ -96,7 +96,7 @@ def fill_colour_fidelity(vae, pairs: int = 64) -> float:
         records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
         targets = np.stack([np.asarray(load_rgb(folder / record["image"])) for record in records])
     with torch.no_grad():
-        decoded = vae.decode(vae.encode(to_pixels(targets)).latent_dist.mode()).sample
+        decoded = vae.decode(vae.encode(to_pixels(targets).to(vae.device)).latent_dist.mode()).sample.cpu()
     pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     from PIL import Image
 
@@ -112,17 +112,19 @@ def finetune_decoder(
     seed: int = 0,
     images: str | Path | None = None,
     command: str = "",
+    device: str | Any = "cpu",
 ) -> dict[str, Any]:
     """Fine-tunes the decoder of ``pipeline``'s VAE and writes ``out`` (``AutoencoderKL`` folder in fp32,
-    ``training.json``, model card ``README.md``); returns the training record. The folder is written beside ``out``
-    first and takes its place only when complete (an interrupted run leaves an existing ``out`` as it was)."""
+    ``training.json``, model card ``README.md``), training on ``device``; returns the training record. The folder is
+    written beside ``out`` first and takes its place only when complete (an interrupted run leaves an existing
+    ``out`` as it was)."""
     import torch
     from omegaconf import OmegaConf
 
     from .tiny_sd_parts import reconstruction_mse, to_pixels, train_vae
 
     pipeline, out = Path(pipeline), Path(out)
-    vae = pipeline_vae(pipeline)
+    vae = pipeline_vae(pipeline).to(device)
     base = copy.deepcopy(vae).eval()
     size = vae.config.sample_size
     pixels, unseen, described = training_images(pipeline, Path(images) if images else None, size, seed)
@@ -148,6 +150,7 @@ def finetune_decoder(
         "before": before,
         "after": after,
         "command": command,
+        "device": str(device),
         "wall_minutes": (time.time() - start) / 60,
     }
     (partial / RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -174,7 +177,9 @@ def reconstruction_sheet(base, tuned, seen, unseen, path: Path, columns: int = 1
     tail = columns // 3 if unseen is not None else 0
     chosen = torch.cat([spaced(seen, columns - tail)] + ([spaced(unseen, tail)] if tail else []))
     with torch.no_grad():
-        rows = [chosen] + [vae.decode(vae.encode(chosen).latent_dist.mode()).sample for vae in (base, tuned)]
+        rows = [chosen] + [
+            vae.decode(vae.encode(chosen.to(vae.device)).latent_dist.mode()).sample.cpu() for vae in (base, tuned)
+        ]
     pictures = [
         [Image.fromarray(((image.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()) for image in row]
         for row in rows
@@ -221,7 +226,7 @@ or `visionpeft generate --model {base} --vae {out} --prompt ...`.
 - **Data**: {record["data"]}.
 - **Training**: {record["steps"]:,} steps, batch {record["batch_size"]}, AdamW lr {record["lr"]} (cosine to 0), pixel
   MSE of the decoder's reconstruction of sampled latents, seed {record["seed"]}; {decoder:,} decoder parameters
-  trained; {record["wall_minutes"]:.1f} minutes on a shared 2-core CPU.
+  trained; {record["wall_minutes"]:.1f} minutes on {record["device"]}.
 - **Command**: `{record["command"]}`
 
 {chr(10).join(rows)}
