@@ -168,3 +168,25 @@ def test_the_shipped_decoder_shares_tiny_sd_s_latents_and_draws_its_colours_true
     assert record["after"]["held_out_mse"] < 0.5 * record["before"]["held_out_mse"]
     card = (SHIPPED / "README.md").read_text()
     assert f"{record['after']['fill_iou']:.3f}" in card and record["command"] in card
+
+
+def test_a_trainer_s_model_vae_gets_the_same_latent_checks(setup, tmp_path):
+    # the trainers' model.vae, the saved-run loader and generate --vae share one replace_vae
+    from diffusers import StableDiffusionPipeline
+
+    from visionpeft.backbones.diffusers_loading import replace_vae
+    from visionpeft.errors import ConfigError
+
+    pipe = StableDiffusionPipeline.from_pretrained(setup / "pipe")
+    rescaled = tiny_vae()
+    rescaled.register_to_config(scaling_factor=1.0)
+    rescaled.save_pretrained(tmp_path / "rescaled")
+    with pytest.raises(ConfigError, match=r"^model\.vae .*rescaled: its latent scale"):
+        replace_vae(pipe, tmp_path / "rescaled", "model.vae")
+    before = pipe.vae
+    torch.manual_seed(1)
+    other = tiny_vae()  # the same latents, other weights
+    other.save_pretrained(tmp_path / "same")
+    replace_vae(pipe, tmp_path / "same", "model.vae")
+    assert pipe.vae is not before and pipe.vae.dtype == torch.float32
+    assert torch.equal(pipe.vae.decoder.conv_out.weight, other.decoder.conv_out.weight)

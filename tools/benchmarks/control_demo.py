@@ -361,9 +361,9 @@ class OwnDecoder:
     def __init__(self, pipe, vae: Path | None, test: Path) -> None:
         self.pipe, self.vae, self.test, self.own = pipe, vae, test, pipe.vae
         if vae is not None:
-            from visionpeft.cli.generate import swap_vae
+            from visionpeft.backbones.diffusers_loading import replace_vae
 
-            swap_vae(pipe, vae)
+            replace_vae(pipe, vae)
 
     def record(self) -> dict | None:
         """The VAE folder and its card's reconstruction fill IoU of held-out targets, before and after."""

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 from .hub import offline_unless_reachable
 from .libraries import DataConfig
 
@@ -146,6 +146,35 @@ def load_vae(name_or_path: str, torch_dtype: torch.dtype | None = None):
     with warnings.catch_warnings(), quiet_loading_bars():
         warnings.simplefilter("ignore", FutureWarning)
         return _load(name_or_path, torch_dtype, AutoencoderKL, "VAE")
+
+
+def replace_vae(pipeline, name_or_path: str | Path, option: str = "--vae") -> None:
+    """Puts the ``AutoencoderKL`` of a folder or hub id (``option``: the argument or config key that named it) in
+    the pipeline's place, in the pipeline VAE's dtype.
+
+    Raises:
+        ConfigError: Its latents are not the pipeline's (latent channels, downsampling, or the ``scaling_factor`` /
+            ``shift_factor`` the pipeline divides them by differ), so its decoder cannot read what the pipeline's
+            U-Net / transformer draws (nor its encoder write what they learned).
+    """
+    vae = load_vae(str(name_or_path), pipeline.vae.dtype)
+    own = pipeline.vae.config
+    if (vae.config.latent_channels, len(vae.config.block_out_channels)) != (
+        own.latent_channels,
+        len(own.block_out_channels),
+    ):
+        raise ConfigError(
+            f"{option} {name_or_path}: its latents ({vae.config.latent_channels} channels, "
+            f"{2 ** (len(vae.config.block_out_channels) - 1)}x downsampling) are not the pipeline's "
+            f"({own.latent_channels} channels, {2 ** (len(own.block_out_channels) - 1)}x); give a VAE of this model"
+        )
+    scale = [(c.get("scaling_factor"), c.get("shift_factor")) for c in (vae.config, own)]
+    if scale[0] != scale[1]:
+        raise ConfigError(
+            f"{option} {name_or_path}: its latent scale (scaling_factor, shift_factor) {scale[0]} is not the "
+            f"pipeline's {scale[1]}, so the latents it decodes would be scaled wrong; give a VAE made for this model"
+        )
+    pipeline.vae = vae
 
 
 def load_image_encoder(name_or_path: str, subfolder: str | None = None):

@@ -194,37 +194,6 @@ def check_image_prompt(args):
     return load_rgb(args.ip_image)
 
 
-def swap_vae(pipe, name_or_path: str | Path) -> None:
-    """Puts the ``AutoencoderKL`` of a folder or hub id in the pipeline's place (in its dtype).
-
-    Raises:
-        ConfigError: The folder's latents are not the pipeline's (latent channels, downsampling, or the
-            ``scaling_factor`` / ``shift_factor`` the pipeline divides them by differ), so its decoder cannot read
-            what the pipeline's U-Net / transformer draws.
-    """
-    from visionpeft.backbones.diffusers_loading import load_vae
-    from visionpeft.errors import ConfigError
-
-    vae = load_vae(str(name_or_path), pipe.vae.dtype)
-    own = pipe.vae.config
-    if (vae.config.latent_channels, len(vae.config.block_out_channels)) != (
-        own.latent_channels,
-        len(own.block_out_channels),
-    ):
-        raise ConfigError(
-            f"--vae {name_or_path}: its latents ({vae.config.latent_channels} channels, "
-            f"{2 ** (len(vae.config.block_out_channels) - 1)}x downsampling) are not the pipeline's "
-            f"({own.latent_channels} channels, {2 ** (len(own.block_out_channels) - 1)}x); give a VAE of this model"
-        )
-    scale = [(c.get("scaling_factor"), c.get("shift_factor")) for c in (vae.config, own)]
-    if scale[0] != scale[1]:
-        raise ConfigError(
-            f"--vae {name_or_path}: its latent scale (scaling_factor, shift_factor) {scale[0]} is not the pipeline's "
-            f"{scale[1]}, so the latents it decodes would be scaled wrong; give a VAE made for this model"
-        )
-    pipe.vae = vae
-
-
 def default_side(pipe, patched: bool, factor: int) -> int:
     """The image side the model was made for: a U-Net's ``sample_size`` latents; for a Flux / SD3 transformer (which
     records none) its VAE's ``sample_size`` (1024 for FLUX.1-dev and SD3, 32 for the tiny Flux pipeline; the
@@ -246,13 +215,15 @@ def t5_options(pipe, max_sequence_length: int | None, true_cfg: float | None, ne
     """
     import inspect
 
+    from visionpeft.backbones.diffusers_loading import T5_COMPONENTS, family_of_class
     from visionpeft.errors import ConfigError
 
     accepted = inspect.signature(pipe.__call__).parameters
     options: dict[str, Any] = {}
     if "max_sequence_length" in accepted:
         own = accepted["max_sequence_length"].default
-        tokenizer = getattr(pipe, "tokenizer_3", None) or getattr(pipe, "tokenizer_2", None)
+        component = T5_COMPONENTS.get(family_of_class(type(pipe).__name__) or "", "")
+        tokenizer = getattr(pipe, component.replace("text_encoder", "tokenizer"), None)  # absent: SD3 without T5
         trained = getattr(tokenizer, "model_max_length", own)
         if max_sequence_length is not None or (isinstance(trained, int) and trained < own):
             options["max_sequence_length"] = max_sequence_length or trained
@@ -434,7 +405,7 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from visionpeft.backbones.diffusers_loading import load_pipeline
+    from visionpeft.backbones.diffusers_loading import load_pipeline, replace_vae
     from visionpeft.data.image_grid import image_grid, scale_for
     from visionpeft.errors import ConfigError
     from visionpeft.trainers.diffusion_objective import sampling_scheduler
@@ -442,7 +413,7 @@ def main(argv: list[str]) -> int:
     device = check_device(args.device)
     pipe = load_pipeline(args.model, getattr(torch, args.dtype))
     if args.vae is not None:
-        swap_vae(pipe, args.vae)
+        replace_vae(pipe, args.vae)
     pipe = pipe.to(device)
     pipe.scheduler = sampling_scheduler(pipe.scheduler, args.prediction_type, args.zero_terminal_snr)
     factor = int(getattr(pipe, "vae_scale_factor", 8))

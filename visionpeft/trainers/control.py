@@ -27,7 +27,7 @@ from torch import nn
 
 from ..adapter import attach, can_export, conditioning, methods_of
 from ..backbones import pipeline_modules
-from ..backbones.diffusers_loading import PATCHED_FAMILIES, family_of_class, load_pipeline, load_vae
+from ..backbones.diffusers_loading import PATCHED_FAMILIES, family_of_class, load_pipeline, replace_vae
 from ..checkpoint.folder import save_adapter
 from ..config import method_configs
 from ..config.diffusion_objective import DiffusionObjective, objective_of
@@ -155,7 +155,7 @@ class ControlTrainer:
         loaded = family_of_class(type(pipeline).__name__)
         check_family(config.model, loaded, type(pipeline).__name__)
         if config.model.vae is not None:
-            pipeline.vae = load_vae(config.model.vae)
+            replace_vae(pipeline, config.model.vae, "model.vae")
         patched = loaded in PATCHED_FAMILIES  # Flux / SD3: 2 x 2 latent patches
         vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
         check_size(data.size, vae_scale * (2 if patched else 1), config.model.name, patched)

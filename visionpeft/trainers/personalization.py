@@ -32,9 +32,9 @@ from ..backbones.diffusers_loading import (
     PATCHED_FAMILIES,
     family_of_class,
     load_pipeline,
-    load_vae,
     missing_t5,
     pipeline_index,
+    replace_vae,
 )
 from ..checkpoint.base_weights import frozen_weights_sha256
 from ..config import method_configs
@@ -418,7 +418,7 @@ class PersonalizationTrainer:
         loaded = family_of_class(type(pipeline).__name__)
         check_family(config.model, loaded, type(pipeline).__name__)  # a hub id first seen now
         if config.model.vae is not None:
-            pipeline.vae = load_vae(config.model.vae)
+            replace_vae(pipeline, config.model.vae, "model.vae")
         patched = loaded in PATCHED_FAMILIES
         vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
         check_size(data.size, vae_scale * (2 if patched else 1), config.model.name, patched)

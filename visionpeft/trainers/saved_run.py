@@ -251,12 +251,12 @@ def adapted_pipeline(model: Any, adapter: Path, cpu: bool, check_base: bool):
     """
     import visionpeft as vp
 
-    from ..backbones.diffusers_loading import load_pipeline, load_vae
+    from ..backbones.diffusers_loading import load_pipeline, replace_vae
     from .loop import LoopConfig, make_accelerator
 
     pipeline = load_pipeline(model.name)
     if model.get("vae") is not None:
-        pipeline.vae = load_vae(model.vae)
+        replace_vae(pipeline, model.vae, "model.vae")
     vp.load_adapter(pipeline, adapter, check_base=check_base)
     accelerator = make_accelerator(LoopConfig(), cpu=cpu)
     pipeline.to(accelerator.device)
