@@ -224,3 +224,23 @@ def test_a_library_logging_on_the_root_logger_does_not_repeat_our_lines():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert (result.stdout, result.stderr) == ("trainable: 5\n", "a library warning\n")
+
+
+def test_a_command_run_under_a_redirect_leaves_no_handler_on_a_closed_stream():
+    """A command run in-process while stdout / stderr are redirected (a test's capture, a caller's redirect) leaves
+    its log handlers on whatever the streams are later, not on the closed ones: a later record prints where the
+    streams then point, with no `--- Logging error ---` traceback (a test of generate failed that way, its stderr
+    holding diffusers' warning as a traceback)."""
+    probe = (
+        "import contextlib, io, logging, sys\n"
+        "from visionpeft.cli.common import configure_logging\n"
+        "gone, lost = io.StringIO(), io.StringIO()\n"
+        "with contextlib.redirect_stdout(gone), contextlib.redirect_stderr(lost):\n"
+        "    configure_logging()\n"
+        "gone.close(); lost.close()\n"
+        "logging.getLogger('visionpeft.trainers.run').info('trainable: 5')\n"
+        "logging.getLogger('diffusers.loaders').warning('a library warning')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert (result.stdout, result.stderr) == ("trainable: 5\n", "a library warning\n")

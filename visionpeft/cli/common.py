@@ -28,6 +28,25 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
         return 130
 
 
+class _CurrentStream(logging.StreamHandler):
+    """A ``StreamHandler`` that writes to whatever ``sys.stdout`` / ``sys.stderr`` is when a record comes, not the
+    stream object that was there when it was made: a command run in-process under a redirect (pytest's capture, a
+    caller's ``contextlib.redirect_stdout``) would otherwise leave a handler writing to a closed stream, and every later
+    record in the process prints a ``--- Logging error ---`` traceback instead."""
+
+    def __init__(self, name: str) -> None:
+        self.name_of_stream = name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self.name_of_stream)
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ / setStream assign it: the lookup above wins
+        pass
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """Sends the ``visionpeft`` loggers' records to stdout as plain lines (one handler, however often called).
 
@@ -40,12 +59,12 @@ def configure_logging(level: int = logging.INFO) -> None:
     for owner in (logger, root):
         for handler in [h for h in owner.handlers if getattr(h, _HANDLER, False)]:
             owner.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _CurrentStream("stdout")
     handler.setFormatter(logging.Formatter("%(message)s"))
     setattr(handler, _HANDLER, True)
     logger.addHandler(handler)
     if not root.handlers:
-        others = logging.StreamHandler(sys.stderr)
+        others = _CurrentStream("stderr")
         others.setLevel(logging.WARNING)
         others.addFilter(lambda record: not record.name.startswith("visionpeft"))
         setattr(others, _HANDLER, True)
