@@ -218,6 +218,8 @@ def test_what_a_flow_controlnet_cannot_do_is_one_line(saved):
         vp.attach(load_pipeline(str(saved / "sd3")), "controlnet", num_layers=1, num_single_layers=1)
     with pytest.raises(ConfigError, match="for U-Net ControlNets"):
         vp.attach(load_pipeline(str(saved / "flux")), "controlnet", guess_mode=True, **LAYERS["flux"])
+    with pytest.raises(ConfigError, match="a Flux / SD3 transformer has none"):
+        vp.attach(load_pipeline(str(saved / "flux")), "controlnet", sd_locked=False, **LAYERS["flux"])
     with pytest.raises(IncompatibleMethodError, match="UNet2DConditionModel"):
         vp.attach(load_pipeline(str(saved / "flux")), "controlnet_lora")
     flux = vp.attach(load_pipeline(str(saved / "flux")), "controlnet", **LAYERS["flux"])

@@ -32,6 +32,7 @@ SCENARIOS = [
     "test_eval_predict.py",
     "test_pipeline_loading.py",
     "test_vae_decoder.py",
+    "test_controlnet_unlocked.py",
 ]
 
 

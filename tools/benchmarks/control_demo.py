@@ -4,6 +4,8 @@ outlined circle.
     python tools/benchmark.py control-demo [--methods ...] [--steps 3000] [--checkpoint-every 500] [--seed 0]
     python tools/benchmark.py control-demo --from-json gallery/control/results.json   # rewrite README only
     python tools/benchmark.py control-demo --methods controlnet --ship checkpoints/tiny_sd_controlnet
+    python tools/benchmark.py control-demo --methods controlnet controlnet_unlocked \
+        --ship-unlocked checkpoints/tiny_sd_controlnet_unlocked
 
 The tiny pipeline (``checkpoints/tiny_sd``) was pretrained on 32 px circles of an eight-colour palette with captions
 ("red circle with blue background") but never saw where a circle should go. Each method trains with the project's
@@ -16,6 +18,8 @@ and the colour (whether the disc's median colour is the caption's fill among the
 ``results.json``, ``README.md``, ``fill_iou.png`` (held-out fill and shape IoU over training steps) and
 ``samples_<method>.png`` (condition | base | controlled | target). ``--ship FOLDER`` also writes the trained
 ControlNet's ``controlnet/`` folder there with a model card (how ``checkpoints/tiny_sd_controlnet`` was made).
+``controlnet_unlocked`` is a second stage of that ControlNet, trained on with the U-Net's decoder unlocked
+(:mod:`.control_unlocked`; ``--ship-unlocked FOLDER``: ``checkpoints/tiny_sd_controlnet_unlocked``).
 """
 
 from __future__ import annotations
@@ -24,15 +28,25 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .control_scores import GUIDANCE, STEPS, means, score
+from .control_unlocked import decoder_costs, paragraph
+from .control_unlocked import ship as ship_unlocked
+
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = {"controlnet": "ControlNet", "controlnet_lora": "ControlNet-LoRA", "t2i_adapter": "T2I-Adapter"}
-GUIDANCE, STEPS, TEST_PAIRS, SHOWN, BATCH = 3.0, 20, 64, 8, 16
+METHODS = {
+    "controlnet": "ControlNet",
+    "controlnet_lora": "ControlNet-LoRA",
+    "t2i_adapter": "T2I-Adapter",
+    "controlnet_unlocked": "ControlNet, then U-Net decoder unlocked",
+}
+#: method -> the method whose finished run's diffusers folder it starts from (``model.init_control``)
+STARTS = {"controlnet_unlocked": ("controlnet", "controlnet")}
+TEST_PAIRS, SHOWN = 64, 8
 
 
 def make_data(work: Path) -> tuple[Path, Path]:
@@ -53,11 +67,16 @@ def train(method: str, data: Path, work: Path, steps: int, seed: int, every: int
     (an edited config file is not noticed: remove the run's folder to train it again)."""
     run_name = f"{method}-seed{seed}"
     run_dir = work / run_name
-    base = pipeline_digest()
+    overrides = [f"data.root={data}", f"optim.steps={steps}", f"train.checkpoint_every={every}"]
+    weights = [ROOT / "checkpoints" / "tiny_sd"]
+    if method in STARTS:  # a second stage, trained again when the first stage's result changed
+        first, folder = STARTS[method]
+        weights.append(work / f"{first}-seed{seed}" / folder)
+        overrides.append(f"model.init_control={weights[-1]}")
+    base = weights_digest(weights)
     finished = (run_dir / "README.md").is_file() and (run_dir / "base.txt").is_file()  # the card is written last
     if not finished or (run_dir / "base.txt").read_text().strip() != base or not same_length(run_dir, steps, every):
         config = ROOT / "configs" / "control" / f"{method}_tiny_sd_fill.yaml"
-        overrides = [f"data.root={data}", f"optim.steps={steps}", f"train.checkpoint_every={every}"]
         timed_training(config, overrides, run_dir, seed, threads)
         (run_dir / "base.txt").write_text(base + "\n")
     return run_dir, float((run_dir / "minutes.txt").read_text())
@@ -83,61 +102,21 @@ def timed_training(config: Path, overrides: list[str], run_dir: Path, seed: int,
     (run_dir / "minutes.txt").write_text(f"{(time.time() - start) / 60:.2f}\n")
 
 
-def pipeline_digest() -> str:
-    """sha256 of the shipped pipeline's weight files: a finished run is reused only on the weights it trained on."""
+def weights_digest(folders: list[Path]) -> str:
+    """sha256 of the weight files in ``folders`` (the shipped pipeline; a second stage's start): a finished run is
+    reused only on the weights it trained on."""
     import hashlib
 
     digest = hashlib.sha256()
-    for path in sorted((ROOT / "checkpoints" / "tiny_sd").rglob("*.safetensors")):
-        digest.update(path.read_bytes())
+    for folder in folders:
+        for path in sorted(folder.rglob("*.safetensors")):
+            digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, adapter folder) of the run's step checkpoints, oldest first."""
     return [(int(p.name.split("-")[1]), p) for p in sorted((run_dir / "checkpoints").glob("step-*"))]
-
-
-def score(pipe, test: Path, adapter: Path | None) -> tuple[dict[str, list], list, int]:
-    """Every held-out pair's sample (seed = pair index) scored three ways (``fill``: fill IoU; ``shape``: shape IoU;
-    ``colour``: 1 if the disc's colour is the caption's fill), with the adapter loaded or the base pipeline; also the
-    samples and the adapter's trainable parameter count (0 for the base pipeline)."""
-    import contextlib
-
-    import numpy as np
-    import torch
-
-    import visionpeft as vp
-    from visionpeft.data.fill50k import fill_colour_named, fill_iou, shape_iou
-    from visionpeft.data.images import load_rgb
-    from visionpeft.demo.captioned_mix import CIRCLE_COLOURS
-
-    records = [json.loads(line) for line in (test / "metadata.jsonl").read_text().splitlines()]
-    trainable = vp.count_parameters(vp.load_adapter(pipe, adapter))["trainable"] if adapter is not None else 0
-    scores, images = {"fill": [], "shape": [], "colour": []}, []
-    for start in range(0, len(records), BATCH):  # a batch of pairs per call; each pair's noise from its own seed
-        batch = records[start : start + BATCH]
-        conditions = [np.asarray(load_rgb(test / record["conditioning_image"])) for record in batch]
-        tensor = torch.from_numpy(np.stack(conditions)).permute(0, 3, 1, 2).float() / 255
-        generators = [torch.Generator().manual_seed(start + i) for i in range(len(batch))]
-        control = vp.conditioning(pipe, control_image=tensor) if adapter is not None else contextlib.nullcontext()
-        with control:
-            drawn = pipe(
-                [record["text"] for record in batch],
-                num_inference_steps=STEPS,
-                guidance_scale=GUIDANCE,
-                generator=generators,
-                height=32,
-                width=32,
-            ).images
-        for image, record in zip(drawn, batch):
-            scores["fill"].append(fill_iou(image, record))
-            scores["shape"].append(shape_iou(image, record))
-            scores["colour"].append(float(fill_colour_named(image, record, CIRCLE_COLOURS)))
-            images.append(image)
-    if adapter is not None:
-        vp.detach(pipe)
-    return scores, images, trainable
 
 
 def picture(test: Path, rows: dict[str, list], path: Path) -> None:
@@ -170,8 +149,8 @@ def plot(curves: dict[str, dict], base: dict[str, float], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharex=True)
     for ax, measure, label in zip(axes, ("fill", "shape"), ("fill IoU", "shape IoU")):
         for method, points in curves.items():
-            steps = [0] + [step for step, _ in points]
-            ax.plot(steps, [base[measure]] + [v[measure] for _, v in points], marker="o", label=METHODS[method])
+            points = points if method in STARTS else [(0, base), *points]  # a second stage starts at the first's end
+            ax.plot([step for step, _ in points], [v[measure] for _, v in points], marker="o", label=METHODS[method])
         ax.axhline(base[measure], color="grey", linestyle=":", label="base pipeline (no control)")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"{label}, {TEST_PAIRS} held-out pairs")
@@ -213,6 +192,7 @@ def write_readme(results: dict, out: Path) -> None:
         "",
         *_colour_paragraph(results),
         *_peak_sentence(results),
+        *paragraph(results),
         "",
         "![held-out fill and shape IoU over training](fill_iou.png)",
         "",
@@ -389,16 +369,6 @@ class OwnDecoder:
         return {"own_fill": own["fill"], "own_shape": own["shape"]}
 
 
-def means(scores: dict[str, list]) -> dict[str, float]:
-    """The mean of each score, and ``fill_colour_right`` / ``fill_colour_wrong``: the mean fill IoU of the samples
-    whose disc has the caption's colour / has another (0 when there are none)."""
-    averages = {measure: statistics.mean(values) for measure, values in scores.items()}
-    for name, wanted in (("fill_colour_right", 1.0), ("fill_colour_wrong", 0.0)):
-        chosen = [fill for fill, colour in zip(scores["fill"], scores["colour"]) if colour == wanted]
-        averages[name] = statistics.mean(chosen) if chosen else 0.0
-    return averages
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
@@ -409,6 +379,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "control_demo")
     parser.add_argument("--out", type=Path, default=ROOT / "gallery" / "control")
     parser.add_argument("--ship", type=Path, help="also write the trained ControlNet here with its model card")
+    parser.add_argument(
+        "--ship-unlocked", type=Path, help="also write the second stage's controlnet/ and unet/ here with a card"
+    )
     parser.add_argument("--from-json", type=Path, help="rewrite README.md from a results.json")
     parser.add_argument(
         "--vae",
@@ -420,8 +393,10 @@ def main(argv: list[str]) -> int:
     if args.from_json:
         write_readme(json.loads(args.from_json.read_text()), args.out)
         return 0
-    if args.ship and "controlnet" not in args.methods:
-        parser.error("--ship writes the ControlNet: include controlnet in --methods")
+    if (args.ship or "controlnet_unlocked" in args.methods) and "controlnet" not in args.methods:
+        parser.error("--ship and controlnet_unlocked need the ControlNet: include controlnet in --methods")
+    if args.ship_unlocked and "controlnet_unlocked" not in args.methods:
+        parser.error("--ship-unlocked writes the second stage: include controlnet_unlocked in --methods")
     import torch
 
     from .diffusion_demo import load_pipe
@@ -445,15 +420,18 @@ def main(argv: list[str]) -> int:
     every = args.checkpoint_every or max(1, args.steps // 6)
     for method in args.methods:
         run_dir, minutes = train(method, train_data, args.work, args.steps, args.seed, every, args.threads)
-        curves[method] = [
-            (step, means(score(pipe, test_data, folder)[0]))
+        first = STARTS.get(method, (None,))[0]  # a second stage's curve goes on from where its first stage ended
+        offset = args.steps if first else 0
+        curves[method] = [results["methods"][first]["curve"][-1]] if first else []
+        curves[method] += [
+            (offset + step, means(score(pipe, test_data, folder)[0]))
             for step, folder in checkpoints(run_dir)
             if step < args.steps
         ]
         scores, images, trainable = score(pipe, test_data, run_dir / "last")
-        curves[method].append((args.steps, means(scores)))
+        curves[method].append((offset + args.steps, means(scores)))
         picture(test_data, {"base": base_images, "controlled": images}, args.out / f"samples_{method}.png")
-        results["methods"][method] = {
+        row = results["methods"][method] = {
             **means(scores),
             **own_decoder.scores(run_dir / "last"),
             "improved": sum(s > b for s, b in zip(scores["fill"], base_scores["fill"])),
@@ -462,9 +440,13 @@ def main(argv: list[str]) -> int:
             "minutes": minutes,
             "curve": curves[method],
         }
-        print(f"{method}: fill IoU {results['base']['fill']:.3f} -> {results['methods'][method]['fill']:.3f}")
+        if method == "controlnet_unlocked":
+            row |= decoder_costs(pipe, run_dir, test_data)
+        print(f"{method}: fill IoU {results['base']['fill']:.3f} -> {row['fill']:.3f}")
         if method == "controlnet" and args.ship:
-            ship(run_dir, results["methods"][method], results, args.ship)
+            ship(run_dir, row, results, args.ship)
+        if method == "controlnet_unlocked" and args.ship_unlocked:
+            ship_unlocked(run_dir, row, results["methods"]["controlnet"], results, args.ship_unlocked)
     plot(curves, results["base"], args.out / "fill_iou.png")
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_readme(results, args.out)

@@ -12,6 +12,18 @@ from .sections import SCHEDULES, TASK_HELP, TextToImageTrain
 
 
 @dataclass
+class ControlModel(PersonalizeModel):
+    """``model``: the pipeline (see :class:`PersonalizeModel`) and a trained control to start from."""
+
+    init_control: str | None = setting(
+        None,
+        "a diffusers ControlNet / T2I-Adapter folder the run's control starts from (a run's controlnet/ or a released "
+        "one: train_controlnet.py's --controlnet_model_name_or_path); null: a fresh one",
+        path="folder",
+    )
+
+
+@dataclass
 class ControlData:
     """``data``: (image, condition, caption) triples: ``metadata.jsonl`` or fill50k's ``prompt.json``; several
     controls may each read a condition column of their own (``conditioning_columns``)."""
@@ -64,7 +76,7 @@ class ControlConfig:
     """A control run on a Stable Diffusion 1.x / 2.x or XL pipeline."""
 
     task: str = setting("control", TASK_HELP)
-    model: PersonalizeModel = section(PersonalizeModel, "the Stable Diffusion (XL) pipeline")
+    model: ControlModel = section(ControlModel, "the Stable Diffusion (XL) pipeline")
     method: Any = setting("controlnet", "a method name, {name: ..., options}, or a list of those")
     data: ControlData = section(ControlData, "the (image, condition, caption) triples")
     optim: ControlOptim = section(ControlOptim, "optimizer and schedule")

@@ -271,6 +271,12 @@ class Method:
         """Numbers worth logging about the method's last forward (a control's residual norms); none by default."""
         return {}
 
+    @property
+    def exports_base_weights(self) -> bool:
+        """The ``diffusers`` export writes backbone weights (a whole U-Net), which a training copy stored in lower
+        precision holds rounded: the trainer then exports from a full-precision copy with the adapter loaded."""
+        return False
+
     def export_parts(self, format: str) -> ExportParts:
         """The method's part of a file in ``format`` (one of :attr:`export_formats`).
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..schema import setting
-from .base import ExportParts, Method, MethodConfig, register_method
+from .base import ExportParts, Method, MethodConfig, named_base_parameters, register_method
 from .control_calls import add_to_call, fit_control_image
 from .flow_controlnet import FLOW_CONTROL_PIPELINES, unbuilt_layout
 from .library_layers import library_layers
@@ -39,6 +39,9 @@ UNET_ARGUMENTS = (
     "cross_attention_kwargs",
     "added_cond_kwargs",
 )
+
+#: The U-Net parts ``sd_locked=False`` trains: the official code's ``output_blocks`` and ``out`` in diffusers' names.
+DECODER_PARTS = ("up_blocks", "conv_norm_out", "conv_out")
 
 
 def _in_dtype(conditions: dict[str, torch.Tensor] | None, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
@@ -58,6 +61,12 @@ class ControlNetConfig(MethodConfig):
             scale factor (8 for Stable Diffusion: four stages), so the hint lands on the latent grid.
         num_layers: On a Flux / SD3 transformer, the blocks its ControlNet copies (Flux: double-stream).
         num_single_layers: On a Flux transformer, the single-stream blocks its ControlNet copies.
+        sd_locked: False also trains the U-Net's decoder in place (diffusers' ``up_blocks``, ``conv_norm_out`` and
+            ``conv_out``: the official code's ``sd_locked=False``, which adds ``output_blocks`` and ``out`` to the
+            optimizer, ``cldm/cldm.py`` ``configure_optimizers``). Its ``docs/train.md`` ("Other options") calls it
+            dangerous on data that is not good enough, suggests a lower learning rate (2e-6 for SD 1.5 against
+            1e-5) and ending a long run with a few thousand steps so unlocked. The ``diffusers`` export then writes
+            the trained U-Net beside the ControlNet (``unet/``).
     """
 
     conditioning_scale: float = setting(1.0, "multiplier of the ControlNet residuals", min=0)
@@ -73,6 +82,11 @@ class ControlNetConfig(MethodConfig):
     )
     num_single_layers: int | None = setting(
         None, "Flux only: single-stream blocks the ControlNet copies (null: the script's 4)", min=0
+    )
+    sd_locked: bool = setting(
+        True,
+        "false: the U-Net's decoder (up blocks, output norm and conv) trains too, the official sd_locked=False "
+        "(a lower lr; the export adds unet/)",
     )
 
 
@@ -114,6 +128,15 @@ class ControlNet(Method):
         self.controlnet = self.add_tower(self.tower_name, controlnet)  # fp32 whatever the U-Net: it trains
         self.factor = 2 ** (len(cfg.hint_channels) - 1)
         self.hook_input(unet, self._add_residuals, with_kwargs=True)
+        if not cfg.sd_locked:
+            self._unlock_decoder(unet)
+
+    def _unlock_decoder(self, unet: nn.Module) -> None:
+        """``sd_locked=False``: the U-Net's decoder parameters train in place (restored on detach)."""
+        decoder = {id(p) for part in DECODER_PARTS for p in getattr(unet, part).parameters()}
+        for name, owner, attr in self.tower_parameters():
+            if id(getattr(owner, attr)) in decoder:
+                self.train_in_place(name, owner, attr)
 
     def _build_flow(self) -> None:
         """The Flux / SD3 ControlNet (:mod:`.flow_controlnet`): no hint encoder, the VAE encodes the condition."""
@@ -122,6 +145,10 @@ class ControlNet(Method):
 
         cfg = self.config
         defaults = ControlNetConfig()
+        if not cfg.sd_locked:
+            raise ConfigError(
+                "method.sd_locked=false unlocks a U-Net's decoder (its up blocks); a Flux / SD3 transformer has none"
+            )
         if cfg.guess_mode or tuple(cfg.hint_channels) != defaults.hint_channels or cfg.conditioning_channels != 3:
             raise ConfigError(
                 "method.guess_mode / hint_channels / conditioning_channels are for U-Net ControlNets: a Flux / SD3 "
@@ -136,8 +163,23 @@ class ControlNet(Method):
         self.flow = FlowControl(transformer, family, self.backbone.latent_encoder(), self.controlnet)
         self.hook_input(transformer, self._add_flow_residuals, with_kwargs=True)
 
+    @property
+    def exports_base_weights(self) -> bool:
+        return not self.config.sd_locked  # unet/
+
     def export_parts(self, format: str) -> ExportParts:
-        return ExportParts(models={self.tower_name: self.diffusers_controlnet})
+        models = {self.tower_name: self.diffusers_controlnet}
+        if not self.config.sd_locked:
+            models["unet"] = self.diffusers_unet
+        return ExportParts(models=models)
+
+    def diffusers_unet(self) -> nn.Module:
+        """With ``sd_locked=False``: the U-Net with its trained decoder as a plain ``UNet2DConditionModel`` (its own
+        weights only: another method's layers on it are left out, they export on their own)."""
+        unet = self.tower.stages["model"]
+        plain = type(unet).from_config(unet.config)  # fp32, whatever precision the frozen part is stored in
+        plain.load_state_dict({name: getattr(owner, attr) for name, owner, attr in named_base_parameters(unet)})
+        return plain
 
     @classmethod
     def options_from_folder(cls, folder_config: dict[str, Any]) -> dict[str, Any]:

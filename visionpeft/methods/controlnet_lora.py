@@ -67,6 +67,11 @@ class ControlNetLoRA(ControlNet):
         parts = [p for p in cfg.train_full if p not in FULL_PARTS]
         if parts:
             raise ConfigError(f"controlnet_lora train_full {parts} unknown; choose from {', '.join(FULL_PARTS)}")
+        if not cfg.sd_locked:
+            raise ConfigError(
+                "controlnet_lora keeps the U-Net locked (a few percent of a ControlNet); sd_locked=false is "
+                "controlnet's option"
+            )
         if "zero_convs" not in cfg.train_full:
             raise ConfigError(
                 "controlnet_lora must train its zero convolutions: a fresh ControlNet's zero convs block every "

@@ -28,7 +28,7 @@ from torch import nn
 from ..adapter import attach, can_export, conditioning, methods_of
 from ..backbones import pipeline_modules
 from ..backbones.diffusers_loading import PATCHED_FAMILIES, family_of_class, load_pipeline, replace_vae
-from ..checkpoint.folder import save_adapter
+from ..checkpoint.folder import load_adapter, save_adapter
 from ..config import method_configs
 from ..config.diffusion_objective import DiffusionObjective, objective_of
 from ..data.control_pairs import ControlPairs
@@ -36,7 +36,7 @@ from ..data.fill50k import fill_iou
 from .control_inputs import condition_columns, draw_conditions, per_control
 from .diffusion import DiffusionParts, denoiser_of, diffusion_loss, frozen_modules, prompt_encoder
 from .diffusion_objective import check_objective, use_trained_sampling
-from .personalization import check_family, check_size, expected_family, takes
+from .personalization import check_family, check_size, expected_family, stores_lowered, takes
 from .run import Setup, run_task
 
 
@@ -134,6 +134,29 @@ class ControlValidation:
             ).images[0]
 
 
+def start_control_from(pipeline, folder: Path) -> None:
+    """Loads a diffusers ControlNet / T2I-Adapter folder's weights into the run's one control of that method
+    (``model.init_control``: fine-tuning a trained control, as ``train_controlnet.py``'s
+    ``--controlnet_model_name_or_path``).
+
+    Raises:
+        ConfigError: No attached method reads that folder's class, or several do (which one would start from it).
+        CheckpointError: The folder does not load, or was built for a denoiser of other shapes.
+    """
+    from ..errors import ConfigError
+    from ..methods.folders import read_diffusers_folder
+
+    read = read_diffusers_folder(folder)
+    attached = methods_of(pipeline)
+    matching = [method for method in attached if method.name == read.method]
+    if len(matching) != 1:
+        trained = ", ".join(method.key for method in attached)
+        raise ConfigError(
+            f"model.init_control is a {read.class_name}, which starts one {read.method}; this run trains {trained}"
+        )
+    matching[0].load_folder_model(read.model)
+
+
 def _to_pil(tensor: torch.Tensor):
     from PIL import Image
 
@@ -163,6 +186,8 @@ class ControlTrainer:
         prompt_encoder(pipeline, knobs).check_pipeline(config.model.name)  # Flux / SD3: T5, guidance
         check_objective(knobs, pipeline.scheduler, config.model.name)
         attach(pipeline, method_configs(config))
+        if config.model.init_control:
+            start_control_from(pipeline, Path(config.model.init_control))
         adapted = pipeline_modules(pipeline)
         denoiser_net = denoiser_of(pipeline)  # a U-Net, or a Flux / SD3 transformer
         if config.train.gradient_checkpointing:
@@ -186,6 +211,9 @@ class ControlTrainer:
         pipeline = setup.state["pipeline"]
         outputs = [save_adapter(setup.adapted, run_dir / "adapter")]
         if can_export(pipeline, "diffusers"):  # controlnet/ (controlnet_1/ ...; the other methods' diffusers files)
+            if stores_lowered(config, loop.accelerator) and any(m.exports_base_weights for m in methods_of(pipeline)):
+                # unet/ of sd_locked=false: the frozen encoder from full-precision weights, not the rounded copy
+                pipeline = load_adapter(load_pipeline(config.model.name), run_dir / "adapter")
             outputs.append(save_adapter(pipeline, run_dir, format="diffusers"))
         return {"outputs": outputs}
 

@@ -484,10 +484,15 @@ class PersonalizationTrainer:
     def finish(self, config: DictConfig, loop, setup: Setup, run_dir: Path) -> dict[str, Any]:
         if not loop.accelerator.is_main_process:
             return {"outputs": []}
-        lowered = config.train.get("base_storage", "none") != "none" or loop.accelerator.mixed_precision != "no"
-        base = config.model.name if lowered else None
+        base = config.model.name if stores_lowered(config, loop.accelerator) else None
         outputs = save_outputs(setup.state["pipeline"], setup.adapted, run_dir, base)
         return {"outputs": outputs + write_exports(setup.state["pipeline"], run_dir, list(config.train.export))}
+
+
+def stores_lowered(config: DictConfig, accelerator) -> bool:
+    """Whether the run's training copy holds its frozen weights in lower precision (``train.base_storage``, or half
+    precision under mixed precision), so that exports of base weights come from a full-precision copy."""
+    return config.train.get("base_storage", "none") != "none" or accelerator.mixed_precision != "no"
 
 
 def text_encoder_multipliers(optim: DictConfig) -> dict[str, float]:
