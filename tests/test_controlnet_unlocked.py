@@ -173,3 +173,53 @@ def test_a_folder_that_cannot_start_the_run_s_control_is_one_line(runs, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: the ControlNetModel folder does not fit") and "\n" not in err
     assert not (runs / "runs" / "lora").exists() and not (runs / "runs" / "wide").exists()
+
+
+def test_generate_loads_an_unlocked_export_and_draws_what_diffusers_draws(tmp_path, capsys):
+    """``generate --control FOLDER`` with the ``controlnet/`` + ``unet/`` of an ``sd_locked=false`` export draws, pixel
+    for pixel, what ``StableDiffusionControlNetPipeline`` draws with those folders; a ``unet/`` trained from another
+    U-Net, or one beside a ControlNet that does not fit, is one line."""
+    import numpy as np
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
+    from PIL import Image
+
+    from visionpeft.backbones.diffusers_loading import load_pipeline
+    from visionpeft.cli.generate import main
+
+    base = tmp_path / "base"
+    tiny_sd_pipeline(tmp_path / "tok").save_pretrained(base)
+    pipe = vp.attach(load_pipeline(str(base)), "controlnet", **HINT, sd_locked=False)
+    with torch.no_grad():
+        for _, p in vp.trainable_parameters(pipe):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    vp.save_adapter(pipe, tmp_path / "out", format="diffusers")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "c.png")
+    args = ["--model", str(base), "--prompt", "a photo", "--seeds", "0", "--steps", "2", "--device", "cpu"]
+    args += ["--guidance", "3", "--control-image", str(tmp_path / "c.png")]
+    assert run(main, [*args, "--control", str(tmp_path / "out"), "--out", str(tmp_path / "ours.png")]) == 0
+    theirs = StableDiffusionControlNetPipeline.from_pretrained(
+        base,
+        unet=UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet"),
+        controlnet=ControlNetModel.from_pretrained(tmp_path / "out" / "controlnet"),
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    image = theirs(
+        "a photo",
+        image=Image.open(tmp_path / "c.png"),
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        height=16,
+        width=16,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    grid = np.asarray(Image.open(tmp_path / "ours.png").convert("RGB"))
+    cell = grid[4 : 4 + 128 : 8, 4 : 4 + 128 : 8]  # one cell, 8x enlarged to 128 px, 4 px margin
+    assert np.abs(cell.astype(int) - np.asarray(image).astype(int)).max() <= 1
+    other = tmp_path / "other"
+    tiny_sd_pipeline(tmp_path / "tok2", seed=1).unet.save_pretrained(other / "unet")
+    ControlNetModel.from_pretrained(tmp_path / "out" / "controlnet").save_pretrained(other / "controlnet")
+    capsys.readouterr()
+    assert run(main, [*args, "--control", str(other), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "differs from this pipeline's outside its decoder" in err and "\n" not in err

@@ -121,6 +121,9 @@ pipe = StableDiffusionControlNetPipeline.from_pretrained(
 image = pipe("red circle with blue background", image=outline, height=32, width=32, guidance_scale=3.0).images[0]
 ```
 
+or `python tools/generate.py --model checkpoints/tiny_sd --control {folder} --control-image outline.png --vae {vae}
+--prompt "red circle with blue background" --guidance 3` (the decoder goes into tiny_sd's U-Net while it draws).
+
 - **Training**: `configs/control/controlnet_unlocked_tiny_sd_fill.yaml` from the first stage's `controlnet/`
   (`model.init_control`), {steps:,} steps, batch 16, lr 1e-4 (constant), half the captions empty, seed {seed};
   {minutes:.1f} minutes on a shared 2-core CPU.
@@ -153,6 +156,7 @@ def ship(run_dir: Path, row: dict, first: dict, results: dict, folder: Path) -> 
             pairs=results["test_pairs"],
             sampling=f"{STEPS} DDIM steps, guidance {GUIDANCE}, sample seed = pair index",
             vae=results["vae"]["folder"] if results.get("vae") else "checkpoints/tiny_sd/vae",
+            folder=folder,
             fill=row["fill"],
             base_fill=results["base"]["fill"],
             first_fill=first["fill"],

@@ -10,7 +10,9 @@ folder / file in diffusers' formats:
 (``load_textual_inversion``), or a ``ControlNetModel`` (Flux / SD3: ``FluxControlNetModel`` / ``SD3ControlNetModel``,
 drawing what ``FluxControlNetPipeline`` / ``StableDiffusion3ControlNetPipeline`` draw) / ``T2IAdapter`` folder
 (``--control RUN/controlnet``, with ``--control-image edges.png``; several controls each take their own: ``--control A
---control-image a.png --control B --control-image b.png``). An IP-Adapter (``--ip-adapter RUN``: a run's
+--control-image a.png --control B --control-image b.png``), or the ``controlnet/`` + ``unet/`` folders of a
+ControlNet trained with ``sd_locked=false``, loaded together (``--control checkpoints/tiny_sd_controlnet_unlocked``:
+its U-Net's decoder replaces the pipeline's). An IP-Adapter (``--ip-adapter RUN``: a run's
 ``ip_adapter/ip_adapter.safetensors``, or a released plain or plus IP-Adapter ``.safetensors``, with its image encoder
 in ``image_encoder/`` beside it or ``--ip-image-encoder``) takes ``--ip-image ref.png`` as the image prompt of every
 sample (``--ip-scale`` its weight). A Flux / SD3 pipeline encodes prompts with T5 at the T5 tokenizer's own length
@@ -42,6 +44,8 @@ from .common import add_base_check_argument, positive_int, unit_float
 
 #: White pixels between the cells of the grid and around them.
 GAP = 4
+#: The folders of an ``sd_locked=false`` ControlNet export, loaded together (:func:`load_unlocked_controlnet`).
+UNLOCKED_PARTS = ("controlnet", "unet")
 #: The folder of a training run that holds its final adapter (``--adapter RUN`` loads it).
 RUN_ADAPTER = "adapter"
 #: The per-call input of an image prompt (the image encoder's embeddings of ``--ip-image``).
@@ -93,6 +97,8 @@ def apply_adapter(pipe, path: Path, check_base: bool = True) -> str:
         return "visionpeft"
     if path.is_dir() and (path / "config.json").is_file():
         return load_control_folder(pipe, path)
+    if path.is_dir() and all((path / part / "config.json").is_file() for part in UNLOCKED_PARTS):
+        return load_unlocked_controlnet(pipe, path)
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not files:
         raise CheckpointError(f"no adapter at {path}")
@@ -129,6 +135,39 @@ def load_control_folder(pipe, path: Path) -> str:
     vp.attach(pipe, folder.method, **folder.options)
     methods_of(pipe)[-1].load_folder_model(folder.model)
     return f"{folder.method} ({folder.class_name})"
+
+
+def load_unlocked_controlnet(pipe, path: Path) -> str:
+    """The ``controlnet/`` and ``unet/`` folders of an ``sd_locked=false`` ControlNet export
+    (``checkpoints/tiny_sd_controlnet_unlocked``, or such a run's folder without its ``adapter/``): the ControlNet
+    attached with its weights, the U-Net's trained decoder taken into the pipeline's U-Net (restored on detach)."""
+    import visionpeft as vp
+    from visionpeft.adapter import methods_of
+    from visionpeft.errors import CheckpointError
+    from visionpeft.methods.folders import read_diffusers_folder
+
+    folder = read_diffusers_folder(path / "controlnet")
+    if folder.method != "controlnet" or not hasattr(pipe, "unet"):
+        raise CheckpointError(f"{path} holds a {folder.class_name} and a unet/: a U-Net ControlNet export was expected")
+    unet = load_unet_folder(path / "unet")
+    vp.attach(pipe, "controlnet", **folder.options, sd_locked=False)
+    method = methods_of(pipe)[-1]
+    method.load_folder_model(folder.model)
+    method.load_decoder(unet)
+    return "controlnet (ControlNetModel) + its trained U-Net decoder"
+
+
+def load_unet_folder(path: Path):
+    """A ``UNet2DConditionModel`` folder read with diffusers (one line when it does not load)."""
+    from diffusers import UNet2DConditionModel
+
+    from visionpeft.errors import CheckpointError
+
+    try:
+        return UNet2DConditionModel.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise CheckpointError(f"{path} cannot be loaded as a UNet2DConditionModel: {reason}") from None
 
 
 def control_inputs(pipe, images: list, side: int) -> dict:

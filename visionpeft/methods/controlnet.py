@@ -225,6 +225,34 @@ class ControlNet(Method):
             )
         self.controlnet.load_state_dict(theirs)
 
+    def load_decoder(self, unet: nn.Module) -> None:
+        """Takes the trained decoder of a ``UNet2DConditionModel`` that an ``sd_locked=False`` run exported
+        (``unet/``) into the attached U-Net's decoder (restored on detach).
+
+        Raises:
+            CheckpointError: This ControlNet keeps the U-Net locked, or the folder's U-Net is another model: other
+                tensors or shapes, or other weights outside the decoder (trained from another base).
+        """
+        if self.config.sd_locked:
+            raise CheckpointError("a unet/ folder's decoder goes into a ControlNet attached with sd_locked=false")
+        theirs = dict(unet.named_parameters())
+        ours = list(named_base_parameters(self.tower.stages["model"]))
+        for name, owner, attr in ours:
+            tensor = getattr(owner, attr)
+            if name not in theirs or theirs[name].shape != tensor.shape:
+                raise CheckpointError(
+                    f"the unet/ folder does not fit this pipeline's U-Net: {name} is missing or of another shape"
+                )
+            if not name.startswith(DECODER_PARTS) and not torch.equal(theirs[name].to(tensor), tensor):
+                raise CheckpointError(
+                    f"the unet/ folder's U-Net differs from this pipeline's outside its decoder ({name}): it was "
+                    "trained from another base model"
+                )
+        with torch.no_grad():
+            for name, owner, attr in ours:
+                if name.startswith(DECODER_PARTS):
+                    getattr(owner, attr).copy_(theirs[name])
+
     def diagnostics(self) -> dict[str, float]:
         """The norms of the residuals the last U-Net call received, per down-block residual and mid block."""
         return {f"{self.key}/residual_norm/{key}": value for key, value in getattr(self, "_norms", {}).items()}
