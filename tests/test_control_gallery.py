@@ -58,21 +58,29 @@ def test_the_shipped_controlnet_loads_alone_and_its_card_quotes_the_gallery():
     assert re.search(r"`python tools/benchmark\.py control-demo [^`]*--ship checkpoints/tiny_sd_controlnet", card)
 
 
-def test_the_shipped_controlnet_puts_the_disc_where_the_outline_is():
-    """Eight pairs of a generator seed the ControlNet never trained on, each sampled with and without it (same
-    prompt and seed): the controlled samples' shape IoU beats the base pipeline's on average and on most pairs."""
+def _unseen_pairs(count: int) -> tuple[list[dict], list[Image.Image]]:
+    """``count`` fill50k pairs in the tiny pipeline's palette from a generator seed no run trained on (7): their
+    records and outline images."""
     import tempfile
 
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
-
-    from visionpeft.backbones.diffusers_loading import dtype_keyword
-    from visionpeft.data.fill50k import make_fill50k, shape_iou
+    from visionpeft.data.fill50k import make_fill50k
     from visionpeft.demo.captioned_mix import CIRCLE_COLOURS
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_fill50k(Path(tmp) / "pairs", n=8, size=32, seed=7, palette=CIRCLE_COLOURS)
+        folder = make_fill50k(Path(tmp) / "pairs", n=count, size=32, seed=7, palette=CIRCLE_COLOURS)
         records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
-        outlines = [Image.open(folder / r["conditioning_image"]).convert("RGB") for r in records]
+        return records, [Image.open(folder / r["conditioning_image"]).convert("RGB") for r in records]
+
+
+def test_the_shipped_controlnet_puts_the_disc_where_the_outline_is():
+    """Eight pairs of a generator seed the ControlNet never trained on, each sampled with and without it (same
+    prompt and seed): the controlled samples' shape IoU beats the base pipeline's on average and on most pairs."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    from visionpeft.backbones.diffusers_loading import dtype_keyword
+    from visionpeft.data.fill50k import shape_iou
+
+    records, outlines = _unseen_pairs(8)
     dtype = dtype_keyword(torch.float32)
     base = StableDiffusionPipeline.from_pretrained(ROOT / "checkpoints" / "tiny_sd", **dtype)
     controlnet = ControlNetModel.from_pretrained(SHIPPED, **dtype)
@@ -142,18 +150,13 @@ def test_the_shipped_second_stage_fills_the_disc_in_the_caption_s_colour_more_of
     """Sixteen pairs of a generator seed neither stage trained on, drawn through diffusers alone with the card's code
     (the fine-tuned decoder of the figures): the unlocked pair's fill IoU and colour beat the first stage's ControlNet
     on tiny_sd's own U-Net, same prompts and seeds."""
-    import tempfile
-
     from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
 
     from visionpeft.backbones.diffusers_loading import dtype_keyword
-    from visionpeft.data.fill50k import fill_colour_named, fill_iou, make_fill50k
+    from visionpeft.data.fill50k import fill_colour_named, fill_iou
     from visionpeft.demo.captioned_mix import CIRCLE_COLOURS
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = make_fill50k(Path(tmp) / "pairs", n=16, size=32, seed=7, palette=CIRCLE_COLOURS)
-        records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
-        outlines = [Image.open(folder / r["conditioning_image"]).convert("RGB") for r in records]
+    records, outlines = _unseen_pairs(16)
     fp32 = dtype_keyword(torch.float32)
     vae = AutoencoderKL.from_pretrained(ROOT / "checkpoints" / "tiny_sd_vae_ft", **fp32)
     first = StableDiffusionControlNetPipeline.from_pretrained(

@@ -75,6 +75,19 @@ def test_what_an_unlocked_decoder_cannot_be_is_one_line():
     assert "\n" not in str(err.value)
 
 
+def _trained_unlocked_pipeline(tmp_path, base):
+    """A tiny pipeline saved to ``base`` and loaded with an ``sd_locked=false`` ControlNet whose trained tensors (the
+    ControlNet's and the decoder's) moved away from their start."""
+    from visionpeft.backbones.diffusers_loading import load_pipeline
+
+    tiny_sd_pipeline(tmp_path / "tok").save_pretrained(base)
+    pipe = vp.attach(load_pipeline(str(base)), "controlnet", **HINT, sd_locked=False)
+    with torch.no_grad():
+        for _, p in vp.trainable_parameters(pipe):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return pipe
+
+
 SAMPLE = """
 import sys, numpy as np, torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
@@ -91,14 +104,8 @@ np.save(sys.argv[4], images)
 def test_the_export_adds_the_trained_unet_and_diffusers_draws_what_visionpeft_draws_in_a_new_process(tmp_path):
     import numpy as np
 
-    from visionpeft.backbones.diffusers_loading import load_pipeline
-
     base = tmp_path / "base"
-    tiny_sd_pipeline(tmp_path / "tok").save_pretrained(base)
-    pipe = vp.attach(load_pipeline(str(base)), "controlnet", **HINT, sd_locked=False)
-    with torch.no_grad():
-        for _, p in vp.trainable_parameters(pipe):
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    pipe = _trained_unlocked_pipeline(tmp_path, base)
     control = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     draw = {"num_inference_steps": 2, "height": 16, "width": 16, "output_type": "np"}
     with vp.conditioning(pipe, control_image=control):
@@ -183,15 +190,10 @@ def test_generate_loads_an_unlocked_export_and_draws_what_diffusers_draws(tmp_pa
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
     from PIL import Image
 
-    from visionpeft.backbones.diffusers_loading import load_pipeline
     from visionpeft.cli.generate import main
 
     base = tmp_path / "base"
-    tiny_sd_pipeline(tmp_path / "tok").save_pretrained(base)
-    pipe = vp.attach(load_pipeline(str(base)), "controlnet", **HINT, sd_locked=False)
-    with torch.no_grad():
-        for _, p in vp.trainable_parameters(pipe):
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    pipe = _trained_unlocked_pipeline(tmp_path, base)
     vp.save_adapter(pipe, tmp_path / "out", format="diffusers")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "c.png")
     args = ["--model", str(base), "--prompt", "a photo", "--seeds", "0", "--steps", "2", "--device", "cpu"]
