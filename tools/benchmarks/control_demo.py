@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from .control_scores import GUIDANCE, STEPS, means, score
-from .control_unlocked import decoder_costs, paragraph
+from .control_unlocked import decoder_costs, paragraph, seed_summary
 from .control_unlocked import ship as ship_unlocked
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,17 +61,20 @@ def make_data(work: Path) -> tuple[Path, Path]:
     return folders
 
 
-def train(method: str, data: Path, work: Path, steps: int, seed: int, every: int, threads: int) -> tuple[Path, float]:
+def train(
+    method: str, data: Path, work: Path, steps: int, seed: int, every: int, threads: int, start_seed: int | None = None
+) -> tuple[Path, float]:
     """One run through the training command (``threads`` CPU threads); returns its folder and minutes. A finished
     run in ``work`` is reused when it trained on the same base weights for the same steps and checkpoint interval
-    (an edited config file is not noticed: remove the run's folder to train it again)."""
+    (an edited config file is not noticed: remove the run's folder to train it again). A second stage starts from
+    its first stage's run of ``start_seed`` (default: ``seed``)."""
     run_name = f"{method}-seed{seed}"
     run_dir = work / run_name
     overrides = [f"data.root={data}", f"optim.steps={steps}", f"train.checkpoint_every={every}"]
     weights = [ROOT / "checkpoints" / "tiny_sd"]
     if method in STARTS:  # a second stage, trained again when the first stage's result changed
         first, folder = STARTS[method]
-        weights.append(work / f"{first}-seed{seed}" / folder)
+        weights.append(work / f"{first}-seed{seed if start_seed is None else start_seed}" / folder)
         overrides.append(f"model.init_control={weights[-1]}")
     base = weights_digest(weights)
     finished = (run_dir / "README.md").is_file() and (run_dir / "base.txt").is_file()  # the card is written last
@@ -382,6 +385,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--ship-unlocked", type=Path, help="also write the second stage's controlnet/ and unet/ here with a card"
     )
+    parser.add_argument(
+        "--unlocked-seeds",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="further training seeds of controlnet_unlocked from the same first stage (final scores only)",
+    )
     parser.add_argument("--from-json", type=Path, help="rewrite README.md from a results.json")
     parser.add_argument(
         "--vae",
@@ -442,6 +452,14 @@ def main(argv: list[str]) -> int:
         }
         if method == "controlnet_unlocked":
             row |= decoder_costs(pipe, run_dir, test_data)
+            row["seeds"] = [{"seed": args.seed, **seed_summary(scores, base_scores, minutes)}]
+            extra_seeds = [seed for seed in dict.fromkeys(args.unlocked_seeds) if seed != args.seed]
+            for seed in extra_seeds:  # more training seeds of the second stage, from the same first stage
+                extra, extra_minutes = train(
+                    method, train_data, args.work, args.steps, seed, args.steps, args.threads, start_seed=args.seed
+                )
+                extra_scores = score(pipe, test_data, extra / "last")[0]
+                row["seeds"].append({"seed": seed, **seed_summary(extra_scores, base_scores, extra_minutes)})
         print(f"{method}: fill IoU {results['base']['fill']:.3f} -> {row['fill']:.3f}")
         if method == "controlnet" and args.ship:
             ship(run_dir, row, results, args.ship)

@@ -83,7 +83,8 @@ def paragraph(results: dict) -> list[str]:
         f"first run's `controlnet/`). The trainable count adds the decoder's {row['trainable'] - first['trainable']:,} "
         f"parameters. The disc has the caption's colour in {100 * row['colour']:.0f}% of its samples (ControlNet alone "
         f"{100 * first['colour']:.0f}%), which lifts the fill IoU from {first['fill']:.3f} to {row['fill']:.3f} "
-        f"({row['improved']} of {results['test_pairs']} pairs improved). {_curve_sentence(row)} The two trained "
+        f"({row['improved']} of {results['test_pairs']} pairs improved). {_curve_sentence(row)}"
+        f"{_seeds_sentence(row, results['test_pairs'])} The two trained "
         f"together: without its ControlNet the U-Net scores fill IoU {alone['fill']:.3f}, shape IoU "
         f"{alone['shape']:.3f} and colour right {100 * alone['colour']:.0f}%, below tiny_sd's own "
         f"({results['base']['fill']:.3f}, {results['base']['shape']:.3f}, {100 * results['base']['colour']:.0f}%). "
@@ -92,6 +93,30 @@ def paragraph(results: dict) -> list[str]:
         f"{100 * judge['tiny_sd']:.0f}% of tiny_sd's samples and {100 * judge['unlocked']:.0f}% with the unlocked "
         "decoder.",
     ]
+
+
+def seed_summary(scores: dict[str, list], base: dict[str, list], minutes: float) -> dict:
+    """One training seed's final held-out fill IoU, colour share and pairs improved over the base pipeline."""
+    averages = means(scores)
+    improved = sum(s > b for s, b in zip(scores["fill"], base["fill"]))
+    return {"fill": averages["fill"], "colour": averages["colour"], "improved": improved, "minutes": minutes}
+
+
+def _seeds_sentence(row: dict, pairs: int) -> str:
+    """The second stage over its training seeds (all from the same first stage)."""
+    seeds = row.get("seeds", [])
+    if len(seeds) < 2:
+        return ""
+    fills = [entry["fill"] for entry in seeds]
+    each = "; ".join(
+        f"seed {e['seed']}: {e['fill']:.3f}, {e['improved']}/{pairs} pairs improved, colour right "
+        f"{100 * e['colour']:.0f}%"
+        for e in seeds
+    )
+    return (
+        f" Over {len(seeds)} training seeds of this stage from the same ControlNet, fill IoU "
+        f"{np.mean(fills):.3f} +- {np.std(fills):.3f} ({each})."
+    )
 
 
 def _curve_sentence(row: dict) -> str:
