@@ -44,8 +44,6 @@ from .common import add_base_check_argument, positive_int, unit_float
 
 #: White pixels between the cells of the grid and around them.
 GAP = 4
-#: The folders of an ``sd_locked=false`` ControlNet export, loaded together (:func:`load_unlocked_controlnet`).
-UNLOCKED_PARTS = ("controlnet", "unet")
 #: The folder of a training run that holds its final adapter (``--adapter RUN`` loads it).
 RUN_ADAPTER = "adapter"
 #: The per-call input of an image prompt (the image encoder's embeddings of ``--ip-image``).
@@ -97,7 +95,7 @@ def apply_adapter(pipe, path: Path, check_base: bool = True) -> str:
         return "visionpeft"
     if path.is_dir() and (path / "config.json").is_file():
         return load_control_folder(pipe, path)
-    if path.is_dir() and all((path / part / "config.json").is_file() for part in UNLOCKED_PARTS):
+    if path.is_dir() and (path / "unet" / "config.json").is_file():
         return load_unlocked_controlnet(pipe, path)
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not files:
@@ -138,23 +136,30 @@ def load_control_folder(pipe, path: Path) -> str:
 
 
 def load_unlocked_controlnet(pipe, path: Path) -> str:
-    """The ``controlnet/`` and ``unet/`` folders of an ``sd_locked=false`` ControlNet export
-    (``checkpoints/tiny_sd_controlnet_unlocked``, or such a run's folder without its ``adapter/``): the ControlNet
-    attached with its weights, the U-Net's trained decoder taken into the pipeline's U-Net (restored on detach)."""
+    """A folder holding ``unet/`` and one control folder beside it: an ``sd_locked=false`` ControlNet export
+    (``checkpoints/tiny_sd_controlnet_unlocked``: ``controlnet/`` + ``unet/``). The control is attached with its
+    weights and the U-Net's trained decoder taken into the pipeline's U-Net (restored on detach)."""
     import visionpeft as vp
     from visionpeft.adapter import methods_of
     from visionpeft.errors import CheckpointError
     from visionpeft.methods.folders import read_diffusers_folder
+    from visionpeft.registry import METHODS
 
-    folder = read_diffusers_folder(path / "controlnet")
-    if folder.method != "controlnet" or not hasattr(pipe, "unet"):
-        raise CheckpointError(f"{path} holds a {folder.class_name} and a unet/: a U-Net ControlNet export was expected")
+    beside = sorted(p for p in path.iterdir() if p.is_dir() and p.name != "unet" and (p / "config.json").is_file())
+    if len(beside) != 1:
+        raise CheckpointError(
+            f"{path} holds unet/ and {len(beside)} model folders beside it; an unlocked ControlNet export holds one "
+            "(controlnet/)"
+        )
+    folder = read_diffusers_folder(beside[0])
+    if not hasattr(METHODS.get(folder.method), "load_decoder") or not hasattr(pipe, "unet"):
+        raise CheckpointError(f"{path} holds a {folder.class_name} beside unet/, which no U-Net decoder comes with")
     unet = load_unet_folder(path / "unet")
-    vp.attach(pipe, "controlnet", **folder.options, sd_locked=False)
+    vp.attach(pipe, folder.method, **folder.options, sd_locked=False)
     method = methods_of(pipe)[-1]
     method.load_folder_model(folder.model)
     method.load_decoder(unet)
-    return "controlnet (ControlNetModel) + its trained U-Net decoder"
+    return f"{folder.method} ({folder.class_name}) + its trained U-Net decoder"
 
 
 def load_unet_folder(path: Path):
