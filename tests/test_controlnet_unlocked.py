@@ -73,6 +73,13 @@ def test_what_an_unlocked_decoder_cannot_be_is_one_line():
     with pytest.raises(ConfigError, match="sd_locked=false is controlnet's option") as err:
         vp.attach(tiny_unet(), "controlnet_lora", **HINT, sd_locked=False)
     assert "\n" not in str(err.value)
+    unet = vp.attach(tiny_unet(), "controlnet", **HINT, sd_locked=False)
+    with pytest.raises(ConfigError, match="controlnet already unlocks this U-Net's decoder") as err:
+        vp.attach(unet, "controlnet", **HINT, sd_locked=False)
+    assert "\n" not in str(err.value)
+    vp.attach(unet, "controlnet", **HINT)  # a second, locked ControlNet is fine
+    vp.detach(unet)
+    vp.attach(unet, "controlnet", **HINT, sd_locked=False)  # detached: the decoder can be unlocked again
 
 
 def _trained_unlocked_pipeline(tmp_path, base):

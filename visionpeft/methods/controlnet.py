@@ -42,6 +42,8 @@ UNET_ARGUMENTS = (
 
 #: The U-Net parts ``sd_locked=False`` trains: the official code's ``output_blocks`` and ``out`` in diffusers' names.
 DECODER_PARTS = ("up_blocks", "conv_norm_out", "conv_out")
+#: The U-Net attribute naming the ControlNet that unlocked its decoder.
+UNLOCKED_BY = "_vp_decoder_unlocked_by"
 
 
 def _in_dtype(conditions: dict[str, torch.Tensor] | None, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
@@ -132,7 +134,15 @@ class ControlNet(Method):
             self._unlock_decoder(unet)
 
     def _unlock_decoder(self, unet: nn.Module) -> None:
-        """``sd_locked=False``: the U-Net's decoder parameters train in place (restored on detach)."""
+        """``sd_locked=False``: the U-Net's decoder parameters train in place (restored on detach); one ControlNet
+        per U-Net may unlock it (two would train, restore and export the same tensors twice)."""
+        holder = getattr(unet, UNLOCKED_BY, None)
+        if holder is not None:
+            raise ConfigError(
+                f"{holder} already unlocks this U-Net's decoder; give sd_locked=false to one ControlNet only"
+            )
+        setattr(unet, UNLOCKED_BY, self.key)
+        self._unlocked = unet
         decoder = {id(p) for part in DECODER_PARTS for p in getattr(unet, part).parameters()}
         for name, owner, attr in self.tower_parameters():
             if id(getattr(owner, attr)) in decoder:
@@ -162,6 +172,13 @@ class ControlNet(Method):
         self.controlnet = self.add_tower(self.tower_name, built)
         self.flow = FlowControl(transformer, family, self.backbone.latent_encoder(), self.controlnet)
         self.hook_input(transformer, self._add_flow_residuals, with_kwargs=True)
+
+    def detach(self) -> None:
+        unlocked = getattr(self, "_unlocked", None)
+        if unlocked is not None:
+            delattr(unlocked, UNLOCKED_BY)
+            self._unlocked = None
+        super().detach()
 
     @property
     def exports_base_weights(self) -> bool:
