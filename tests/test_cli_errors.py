@@ -212,6 +212,13 @@ def test_fill50k_generator_arguments_are_one_line_before_anything_is_written(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "keep"
 
 
+def _printed(probe: str) -> tuple[str, str]:
+    """(stdout, stderr) of ``python -c probe``, which must exit 0."""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout, result.stderr
+
+
 def test_a_library_logging_on_the_root_logger_does_not_repeat_our_lines():
     """After a library's bare `logging.info(...)` (open_clip's, which runs `logging.basicConfig`), every line a
     command logs still prints once (a CLIP run printed each summary line twice, the second as `INFO:visionpeft...`);
@@ -221,9 +228,7 @@ def test_a_library_logging_on_the_root_logger_does_not_repeat_our_lines():
         "logging.info('open_clip parsing'); logging.getLogger('visionpeft.trainers.run').info('trainable: 5'); "
         "logging.getLogger('timm.models').warning('a library warning')"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0
-    assert (result.stdout, result.stderr) == ("trainable: 5\n", "a library warning\n")
+    assert _printed(probe) == ("trainable: 5\n", "a library warning\n")
 
 
 def test_a_command_run_under_a_redirect_leaves_no_handler_on_a_closed_stream():
@@ -241,6 +246,4 @@ def test_a_command_run_under_a_redirect_leaves_no_handler_on_a_closed_stream():
         "logging.getLogger('visionpeft.trainers.run').info('trainable: 5')\n"
         "logging.getLogger('diffusers.loaders').warning('a library warning')\n"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0
-    assert (result.stdout, result.stderr) == ("trainable: 5\n", "a library warning\n")
+    assert _printed(probe) == ("trainable: 5\n", "a library warning\n")

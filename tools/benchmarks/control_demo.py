@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from .control_scores import GUIDANCE, STEPS, means, score
+from .control_scores import GUIDANCE, STEPS, improved, means, score
 from .control_unlocked import decoder_costs, paragraph, seed_summary
 from .control_unlocked import ship as ship_unlocked
 
@@ -444,8 +444,8 @@ def main(argv: list[str]) -> int:
         row = results["methods"][method] = {
             **means(scores),
             **own_decoder.scores(run_dir / "last"),
-            "improved": sum(s > b for s, b in zip(scores["fill"], base_scores["fill"])),
-            "improved_shape": sum(s > b for s, b in zip(scores["shape"], base_scores["shape"])),
+            "improved": improved(scores, base_scores, "fill"),
+            "improved_shape": improved(scores, base_scores, "shape"),
             "trainable": trainable,
             "minutes": minutes,
             "curve": curves[method],

@@ -61,3 +61,9 @@ def means(scores: dict[str, list]) -> dict[str, float]:
         chosen = [fill for fill, colour in zip(scores["fill"], scores["colour"]) if colour == wanted]
         averages[name] = statistics.mean(chosen) if chosen else 0.0
     return averages
+
+
+def improved(scores: dict[str, list], base: dict[str, list], measure: str) -> int:
+    """How many held-out pairs score higher on ``measure`` (``fill``, ``shape``) than the base pipeline's sample of
+    the same pair."""
+    return sum(s > b for s, b in zip(scores[measure], base[measure]))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .control_scores import GUIDANCE, STEPS, means, score
+from .control_scores import GUIDANCE, STEPS, improved, means, score
 
 #: samples per prompt of the judge's rate on the mix's other subjects
 JUDGED = 8
@@ -52,13 +52,12 @@ def judge_rate(pipe, judge) -> float:
 def decoder_costs(pipe, run_dir: Path, test: Path) -> dict:
     """The run's U-Net without its ControlNet: ``decoder_alone`` (held-out means, no control) and ``judge`` (the
     other-subject rate with tiny_sd's U-Net and with the run's)."""
-    from diffusers import UNet2DConditionModel
-
+    from visionpeft.backbones.diffusers_loading import load_unet
     from visionpeft.demo.judge import Judge
 
     judge, own = Judge.load(), pipe.unet
     before = judge_rate(pipe, judge)
-    pipe.unet = UNet2DConditionModel.from_pretrained(run_dir / "unet")
+    pipe.unet = load_unet(run_dir / "unet")
     try:
         alone = means(score(pipe, test, None)[0])
         after = judge_rate(pipe, judge)
@@ -98,8 +97,12 @@ def paragraph(results: dict) -> list[str]:
 def seed_summary(scores: dict[str, list], base: dict[str, list], minutes: float) -> dict:
     """One training seed's final held-out fill IoU, colour share and pairs improved over the base pipeline."""
     averages = means(scores)
-    improved = sum(s > b for s, b in zip(scores["fill"], base["fill"]))
-    return {"fill": averages["fill"], "colour": averages["colour"], "improved": improved, "minutes": minutes}
+    return {
+        "fill": averages["fill"],
+        "colour": averages["colour"],
+        "improved": improved(scores, base, "fill"),
+        "minutes": minutes,
+    }
 
 
 def _seeds_sentence(row: dict, pairs: int) -> str:

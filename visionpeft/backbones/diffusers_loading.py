@@ -148,6 +148,14 @@ def load_vae(name_or_path: str, torch_dtype: torch.dtype | None = None):
         return _load(name_or_path, torch_dtype, AutoencoderKL, "VAE")
 
 
+def load_unet(name_or_path: str | Path):
+    """A ``UNet2DConditionModel`` from a local folder or the hub (cache first), failing in one line like
+    :func:`load_pipeline` (an ``sd_locked=false`` ControlNet export's ``unet/``)."""
+    from diffusers import UNet2DConditionModel
+
+    return _load(str(name_or_path), None, UNet2DConditionModel, "U-Net")
+
+
 def replace_vae(pipeline, name_or_path: str | Path, option: str = "--vae") -> None:
     """Puts the ``AutoencoderKL`` of a folder or hub id (``option``: the argument or config key that named it) in
     the pipeline's place, in the pipeline VAE's dtype.

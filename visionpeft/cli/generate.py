@@ -141,6 +141,7 @@ def load_unlocked_controlnet(pipe, path: Path) -> str:
     weights and the U-Net's trained decoder taken into the pipeline's U-Net (restored on detach)."""
     import visionpeft as vp
     from visionpeft.adapter import methods_of
+    from visionpeft.backbones.diffusers_loading import load_unet
     from visionpeft.errors import CheckpointError
     from visionpeft.methods.folders import read_diffusers_folder
     from visionpeft.registry import METHODS
@@ -154,25 +155,12 @@ def load_unlocked_controlnet(pipe, path: Path) -> str:
     folder = read_diffusers_folder(beside[0])
     if not hasattr(METHODS.get(folder.method), "load_decoder") or not hasattr(pipe, "unet"):
         raise CheckpointError(f"{path} holds a {folder.class_name} beside unet/, which no U-Net decoder comes with")
-    unet = load_unet_folder(path / "unet")
+    unet = load_unet(path / "unet")
     vp.attach(pipe, folder.method, **folder.options, sd_locked=False)
     method = methods_of(pipe)[-1]
     method.load_folder_model(folder.model)
     method.load_decoder(unet)
     return f"{folder.method} ({folder.class_name}) + its trained U-Net decoder"
-
-
-def load_unet_folder(path: Path):
-    """A ``UNet2DConditionModel`` folder read with diffusers (one line when it does not load)."""
-    from diffusers import UNet2DConditionModel
-
-    from visionpeft.errors import CheckpointError
-
-    try:
-        return UNet2DConditionModel.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise CheckpointError(f"{path} cannot be loaded as a UNet2DConditionModel: {reason}") from None
 
 
 def control_inputs(pipe, images: list, side: int) -> dict:
